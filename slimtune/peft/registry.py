@@ -1,0 +1,137 @@
+"""One switch over all PEFT methods: apply, save, load, merge, summarise."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtune import SlimtuneError
+from slimtune.peft import tuner
+from slimtune.peft.adapter import AdapterConfig, BottleneckAdapter
+from slimtune.peft.svfit import LAYER_TYPES, SVFitConfig, SVFitLinear
+
+PEFT_METHODS = ("none", "lora", "pissa", "adapter", "svfit")
+PISSA_INIT_DIR = "pissa_init"
+
+
+@dataclass
+class PeftSettings:
+    method: str = "lora"
+    r: int = 8  # LoRA/PiSSA rank, SVFit number of singular values, adapter bottleneck
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: a sensible default for the architecture
+    pissa_niter: int | None = None  # fast randomized-SVD PiSSA ("pissa_niter_K"); None: exact SVD
+    learn_scale: bool = False  # SVFit
+    extra: dict = field(default_factory=dict)
+
+
+def default_targets(model: nn.Module, method: str) -> list[str]:
+    names = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
+    if method in ("lora", "pissa"):
+        prefs = [["q_proj", "v_proj"], ["c_attn"]]
+    elif method == "adapter":
+        prefs = [["down_proj", "o_proj"], ["c_proj"]]
+    else:
+        prefs = [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ["c_attn", "c_proj",
+                                                                                                  "c_fc"]]
+    for pref in prefs:
+        chosen = [n for n in pref if n in names]
+        if chosen:
+            return chosen
+    raise SlimtuneError(f"--peft {method}: cannot guess target layers for this model; pass --target-modules")
+
+
+def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | None = None) -> nn.Module:
+    method = settings.method
+    if method not in PEFT_METHODS:
+        raise SlimtuneError(f"unknown --peft {method!r}: choose one of {', '.join(PEFT_METHODS)}")
+    if method == "none":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    targets = settings.target_modules or default_targets(model, method)
+    if method in ("lora", "pissa"):
+        return _apply_lora(model, settings, targets, work_dir)
+    if method == "svfit":
+        config = SVFitConfig(r=settings.r, target_modules=targets, learn_scale=settings.learn_scale)
+        return tuner.wrap(model, config, SVFitLinear, LAYER_TYPES)
+    config = AdapterConfig(bottleneck=settings.r, target_modules=targets)
+    return tuner.wrap(model, config, BottleneckAdapter, LAYER_TYPES)
+
+
+def _apply_lora(model, settings: PeftSettings, targets, work_dir):
+    from peft import LoraConfig, get_peft_model
+
+    init = True
+    if settings.method == "pissa":
+        init = f"pissa_niter_{settings.pissa_niter}" if settings.pissa_niter else "pissa"
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets, init_lora_weights=init, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    if settings.method == "pissa" and work_dir is not None:
+        # PiSSA changes the base weights; keep the initial adapter so the result converts to plain LoRA on save.
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(str(Path(work_dir) / PISSA_INIT_DIR))
+        peft_model.peft_config["default"].init_lora_weights = init
+    return peft_model
+
+
+def _tuner_class(model):
+    cfg = getattr(model, "slimtune_tuner", None)
+    if cfg is None:
+        return None
+    return SVFitLinear if cfg.method == "svfit" else BottleneckAdapter
+
+
+def save_peft(model: nn.Module, directory: str | Path, work_dir: str | Path | None = None) -> None:
+    """LoRA/PiSSA: peft's adapter_model.safetensors + adapter_config.json (PiSSA converted to LoRA so it loads on the
+    original base). SVFit/adapter: slimtune_adapter.safetensors + JSON. Full fine-tuning: a transformers checkpoint."""
+    from peft import PeftModel
+
+    directory = Path(directory)
+    if isinstance(model, PeftModel):
+        init_dir = Path(work_dir) / PISSA_INIT_DIR if work_dir else None
+        if init_dir is not None and init_dir.exists():
+            model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(init_dir))
+        else:
+            model.save_pretrained(str(directory))
+    elif (cls := _tuner_class(model)) is not None:
+        tuner.save(model, cls, directory)
+    else:
+        model.save_pretrained(str(directory))
+
+
+def load_peft(base_model: nn.Module, directory: str | Path) -> nn.Module:
+    directory = Path(directory)
+    if (directory / "adapter_config.json").exists():
+        from peft import PeftModel
+        return PeftModel.from_pretrained(base_model, str(directory))
+    if (directory / tuner.CONFIG).exists():
+        raw = json.loads((directory / tuner.CONFIG).read_text())
+        if raw["method"] == "svfit":
+            return tuner.load(base_model, SVFitConfig(**raw), SVFitLinear, LAYER_TYPES, directory)
+        return tuner.load(base_model, AdapterConfig(**raw), BottleneckAdapter, LAYER_TYPES, directory)
+    raise SlimtuneError(f"{directory}: no adapter_config.json or {tuner.CONFIG} (not a saved adapter)")
+
+
+def merge_peft(model: nn.Module) -> nn.Module:
+    """Fold the adapter into dense weights and return a plain transformers model."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    cls = _tuner_class(model)
+    return tuner.merge(model, cls) if cls else model
+
+
+def peft_summary(model: nn.Module) -> dict:
+    """Trainable parameter count, total count, and the trainable bytes (what a checkpoint of the adapter holds)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {"trainable_params": sum(p.numel() for p in trainable),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable)}

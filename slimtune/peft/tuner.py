@@ -1,0 +1,83 @@
+"""Shared machinery for slimtune's own tuners (SVFit, bottleneck adapters): wrap target layers, save, load, merge.
+
+A tuner wraps each targeted layer in a module exposing `merged()` (the dense layer to deploy) and
+`extra_state()`/`load_extra_state()` (the tensors needed to rebuild it on the base model). Saved as
+`slimtune_adapter.safetensors` + `slimtune_adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "slimtune_adapter.safetensors"
+CONFIG = "slimtune_adapter_config.json"
+
+
+def matching_modules(model: torch.nn.Module, targets: list[str], kinds: tuple) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) pairs whose last name component is in `targets` and whose type is one of `kinds`."""
+    return [(name, m) for name, m in model.named_modules() if name.split(".")[-1] in targets and isinstance(m, kinds)]
+
+
+def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def wrap(model, config, wrapper_cls, kinds) -> torch.nn.Module:
+    found = matching_modules(model, list(config.target_modules), kinds)
+    if not found:
+        raise ValueError(f"{config.method}: no layer named {list(config.target_modules)} in the model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in found:
+        replace_module(model, name, wrapper_cls(module, config))
+    model.slimtune_tuner = config
+    return model
+
+
+def wrappers(model, wrapper_cls) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, wrapper_cls)]
+
+
+def save(model, wrapper_cls, directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, m in wrappers(model, wrapper_cls):
+        for key, t in m.extra_state().items():
+            tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
+    _atomic(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    _atomic(directory / CONFIG, lambda p: p.write_text(json.dumps(asdict(model.slimtune_tuner), indent=2)))
+
+
+def load(model, config, wrapper_cls, kinds, directory: str | Path) -> torch.nn.Module:
+    state = load_file(str(Path(directory) / WEIGHTS))
+    found = matching_modules(model, list(config.target_modules), kinds)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in found:
+        prefix = name + "."
+        replace_module(model, name, wrapper_cls(module, config, {k[len(prefix):]: v for k, v in state.items()
+                                                                 if k.startswith(prefix)}))
+    model.slimtune_tuner = config
+    return model
+
+
+def merge(model, wrapper_cls) -> torch.nn.Module:
+    for name, m in wrappers(model, wrapper_cls):
+        replace_module(model, name, m.merged())
+    if hasattr(model, "slimtune_tuner"):
+        del model.slimtune_tuner
+    return model
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,6 @@
+"""Differential privacy: DPZero's private scalar estimator, the accountant and noise calibration, DP-SGD via Opacus."""
+
+from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, calibrate_noise
+from slimtune.privacy.dpzero import PrivateDifference
+
+__all__ = ["PrivacyAccountant", "PrivacySpec", "calibrate_noise", "PrivateDifference"]

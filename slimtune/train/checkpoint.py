@@ -1,0 +1,63 @@
+"""Atomic checkpoints: write everything into a temporary directory, then swap it in with renames.
+
+A crash at any moment leaves either the previous checkpoint or the new one, never a half-written mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from slimtune import SlimtuneError
+
+
+def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(directory: Path, model, optimizer) -> dict:
+    directory = Path(directory)
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and old.exists():  # crashed between the two renames: the old one is complete
+        os.replace(old, directory)
+    if not (directory / "trainer_state.json").exists():
+        raise SlimtuneError(f"{directory}: no checkpoint to resume from")
+    weights = load_file(str(directory / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise SlimtuneError(f"{directory}: checkpoint does not match the model (unknown parameter {missing[0]!r}); "
+                            "resume with the same --model/--peft settings")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(_to_device(torch.load(directory / "optimizer.pt", weights_only=False),
+                                         next(model.parameters()).device))
+    return json.loads((directory / "trainer_state.json").read_text())
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device) if obj.dtype != torch.uint8 else obj  # generator states stay on CPU
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj

@@ -1,0 +1,88 @@
+"""The training objective: cross-entropy over the label words' log-likelihood at the end of each prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from slimtune import SlimtuneError
+from slimtune.data.tasks import Example, Task
+
+
+def label_token_ids(tokenizer, task: Task) -> list[int]:
+    """First token of each label word; the words must start with distinct tokens."""
+    ids = []
+    for word in task.label_words:
+        tokens = tokenizer.encode(word, add_special_tokens=False)
+        if not tokens or tokens[0] == tokenizer.unk_token_id:
+            raise SlimtuneError(f"task {task.name}: label word {word!r} is not in the model's vocabulary")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise SlimtuneError(f"task {task.name}: label words {task.label_words} share their first token")
+    return ids
+
+
+@dataclass
+class EncodedBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device) -> "EncodedBatch":
+        return EncodedBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.labels)))
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+def encode(tokenizer, examples: list[Example], max_length: int = 256) -> EncodedBatch:
+    """Left-pad so every prompt ends at the last position (positions restart at each prompt's first real token)."""
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    enc = tokenizer([e.prompt for e in examples], return_tensors="pt", padding=True, truncation=True,
+                    max_length=max_length, add_special_tokens=False)
+    mask = enc["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return EncodedBatch(enc["input_ids"], mask, positions, labels)
+
+
+def label_logits(model, batch: EncodedBatch, label_ids: list[int]) -> torch.Tensor:
+    """Logits of the label words at the last position: [batch, num_labels]."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1, label_ids].float()
+
+
+def per_example_losses(model, batch: EncodedBatch, label_ids: list[int]) -> torch.Tensor:
+    """Cross-entropy of the true label word among the label words, one value per example."""
+    return F.cross_entropy(label_logits(model, batch, label_ids), batch.labels, reduction="none")
+
+
+@torch.inference_mode()
+def evaluate(model, tokenizer, examples: list[Example], label_ids: list[int], batch_size: int = 32,
+             device: str = "cpu") -> dict:
+    """Accuracy and mean loss over `examples` (dropout off)."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = encode(tokenizer, examples[i:i + batch_size]).to(device)
+        logits = label_logits(model, batch, label_ids)
+        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == batch.labels).sum().item()
+    model.train(was_training)
+    n = max(len(examples), 1)
+    return {"accuracy": correct / n, "loss": loss_sum / n}
+
+
+def per_example_eval_losses(model, tokenizer, examples, label_ids, batch_size=32, device="cpu") -> torch.Tensor:
+    """Per-example losses (for membership-inference checks)."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(examples), batch_size):
+            out.append(per_example_losses(model, encode(tokenizer, examples[i:i + batch_size]).to(device), label_ids))
+    return torch.cat(out)

@@ -1,0 +1,229 @@
+"""The training loop: sample, step, log, evaluate, checkpoint, stop early or when the privacy budget is spent."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from slimtune import SlimtuneError
+from slimtune.data import EpochSampler, PoissonSampler, get_task, k_shot, read_examples
+from slimtune.models import load_model_and_tokenizer
+from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
+from slimtune.optim.base import mix_seed
+from slimtune.peft import PeftSettings, apply_peft, peft_summary, save_peft
+from slimtune.privacy.accountant import PrivacySpec, plan
+from slimtune.train.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.train.metrics import MetricsLog, peak_memory_mb
+from slimtune.train.objective import encode, evaluate, label_token_ids, per_example_losses
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    train_data: str
+    eval_data: str | None = None
+    model: str = "smollm2"
+    task: str = "sst2"
+    text_column: str | None = None
+    label_column: str | None = None
+    template: str | None = None
+    label_words: str | None = None
+    optimizer: str = "mezo"
+    optim: OptimizerArgs = field(default_factory=OptimizerArgs)
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    privacy: PrivacySpec | None = None
+    steps: int = 100
+    batch_size: int = 16
+    eval_every: int = 50
+    eval_max: int = 0  # evaluate on at most this many examples (0: all)
+    checkpoint_every: int = 50
+    patience: int = 0  # early stopping: evaluations without improvement (0: off)
+    k_shot: int = 0
+    seed: int = 0
+    max_length: int = 256
+    device: str = "cpu"
+    dtype: str = "float32"
+    progress: bool = True
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; built by `prepare`, advanced by `train`."""
+
+    config: TrainConfig
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: object
+    train_examples: list
+    eval_examples: list
+    label_ids: list
+    sampler: object
+    accountant: object = None
+    start_step: int = 0
+    best_accuracy: float | None = None
+    evals_without_improvement: int = 0
+
+
+def prepare(config: TrainConfig, resume: bool = False) -> Run:
+    out = Path(config.out_dir)
+    if not resume and (out / "checkpoint").exists():
+        raise SlimtuneError(f"{out}: already holds a run (checkpoint/); pass --resume to continue it or choose "
+                            "another --out (nothing was overwritten)")
+    task = get_task(config.task, config.text_column, config.label_column, config.template, config.label_words)
+    train_examples = k_shot(read_examples(config.train_data, task, "train"), config.k_shot, config.seed,
+                            len(task.label_words))
+    eval_examples = read_examples(config.eval_data, task, "validation") if config.eval_data else []
+    if config.eval_max and len(eval_examples) > config.eval_max:
+        eval_examples = k_shot(eval_examples, config.eval_max // len(task.label_words), config.seed,
+                               len(task.label_words))
+    texts = [e.prompt for e in train_examples + eval_examples]
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model_and_tokenizer(config.model, getattr(torch, config.dtype), config.device, texts)
+    label_ids = label_token_ids(tokenizer, task)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model = apply_peft(model, config.peft, work_dir=out)
+    private, accountant = None, None
+    if config.optimizer in PRIVATE_OPTIMIZERS:
+        spec = config.privacy or PrivacySpec(target_epsilon=6.0)
+        accountant = plan(spec, len(train_examples), config.batch_size, config.steps)
+        private = (spec, accountant.noise, config.batch_size, mix_seed(config.seed, 0xD9))
+        sampler = (EpochSampler if spec.sampling == "shuffle" else PoissonSampler)(
+            len(train_examples), config.batch_size, config.seed)
+    else:
+        sampler = EpochSampler(len(train_examples), config.batch_size, config.seed)
+    optimizer = build_optimizer(config.optimizer, model, config.optim, private)
+    run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, label_ids, sampler, accountant)
+    if resume:
+        state = load_checkpoint(out / "checkpoint", model, optimizer)
+        run.start_step = state["step"]
+        run.best_accuracy = state.get("best_accuracy")
+        run.evals_without_improvement = state.get("evals_without_improvement", 0)
+        MetricsLog(out / "metrics.jsonl").truncate_after(run.start_step)
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    return run
+
+
+def train(run: Run) -> dict:
+    """Run from `run.start_step` to `config.steps`; returns the summary (also written to summary.json)."""
+    cfg, out = run.config, Path(run.config.out_dir)
+    log = MetricsLog(out / "metrics.jsonl")
+    run.model.train(not run.optimizer.zeroth_order)  # ZO: dropout off
+    step_times, stop_reason, step = [], "completed", run.start_step
+    progress = _progress(cfg)
+    task_id = progress.add_task(f"{cfg.optimizer}+{cfg.peft.method}", total=cfg.steps, completed=step) if progress else None
+    try:
+        if progress:
+            progress.start()
+        while step < cfg.steps:
+            if run.accountant and cfg.privacy and cfg.privacy.target_epsilon is not None \
+                    and run.accountant.epsilon(step + 1) > cfg.privacy.target_epsilon * 1.001:
+                stop_reason = "privacy budget exhausted"
+                break
+            record = _train_step(run, step)
+            step += 1
+            step_times.append(record["step_time_s"])
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and run.eval_examples:
+                record.update(_evaluate(run))
+                if _should_stop_early(run, record["eval_accuracy"]):
+                    stop_reason = "early stopping"
+            log.write(record)
+            if progress:
+                progress.update(task_id, advance=1, description=f"{cfg.optimizer}+{cfg.peft.method} "
+                                f"loss {record['loss']:.3f}" + (f" acc {record['eval_accuracy']:.3f}"
+                                                                if "eval_accuracy" in record else ""))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason != "completed":
+                _checkpoint(run, step)
+            if stop_reason != "completed":
+                break
+    finally:
+        if progress:
+            progress.stop()
+    _checkpoint(run, step)
+    save_peft(run.model, out / "adapter", work_dir=out)
+    return write_summary(run, step, step_times, stop_reason)
+
+
+def _train_step(run: Run, step: int) -> dict:
+    cfg = run.config
+    indices = run.sampler.indices(step)
+    batch = encode(run.tokenizer, [run.train_examples[i] for i in indices], cfg.max_length).to(cfg.device)
+    torch.manual_seed(mix_seed(cfg.seed, step, 0xD0))  # dropout noise (first-order) replays on resume
+
+    def closure() -> torch.Tensor:
+        if len(batch) == 0:
+            return torch.zeros(0, device=cfg.device)
+        return per_example_losses(run.model, batch, run.label_ids)
+
+    start = time.perf_counter()
+    result = run.optimizer.step(closure)
+    elapsed = time.perf_counter() - start
+    if len(batch) and not math.isfinite(result.loss):
+        raise SlimtuneError(f"training loss is {result.loss} at step {step + 1} ({cfg.optimizer}, lr={cfg.optim.lr}); "
+                            f"lower --lr or --eps; the last good checkpoint is in {cfg.out_dir}/checkpoint")
+    record = {"step": step + 1, "loss": result.loss, "step_time_s": elapsed, "batch_size": len(batch),
+              "peak_mem_mb": peak_memory_mb(cfg.device), **result.info}
+    if run.accountant:
+        record.update(epsilon=run.accountant.epsilon(step + 1), delta=run.accountant.spec.delta,
+                      noise_multiplier=run.accountant.noise)
+    return record
+
+
+def _evaluate(run: Run) -> dict:
+    res = evaluate(run.model, run.tokenizer, run.eval_examples, run.label_ids, device=run.config.device)
+    run.model.train(not run.optimizer.zeroth_order)
+    return {"eval_accuracy": res["accuracy"], "eval_loss": res["loss"]}
+
+
+def _should_stop_early(run: Run, accuracy: float) -> bool:
+    if run.best_accuracy is None or accuracy > run.best_accuracy:
+        run.best_accuracy, run.evals_without_improvement = accuracy, 0
+        return False
+    run.evals_without_improvement += 1
+    return bool(run.config.patience) and run.evals_without_improvement >= run.config.patience
+
+
+def _checkpoint(run: Run, step: int) -> None:
+    save_checkpoint(Path(run.config.out_dir) / "checkpoint", run.model, run.optimizer,
+                    {"step": step, "best_accuracy": run.best_accuracy,
+                     "evals_without_improvement": run.evals_without_improvement})
+
+
+def write_summary(run: Run, step: int, step_times: list[float], stop_reason: str) -> dict:
+    from slimtune.train.metrics import read_jsonl
+
+    cfg, out = run.config, Path(run.config.out_dir)
+    records = read_jsonl(out / "metrics.jsonl")
+    evals = [r for r in records if r.get("eval_accuracy") is not None]
+    times = [r["step_time_s"] for r in records if r.get("step_time_s")]
+    summary = {
+        "method": cfg.optimizer, "peft": cfg.peft.method, "model": cfg.model, "task": cfg.task,
+        **peft_summary(run.model),
+        "peak_mem_mb": max([r.get("peak_mem_mb") or 0 for r in records] or [peak_memory_mb(cfg.device)]),
+        "time_per_step_s": (sum(times) / len(times)) if times else None,
+        "steps": step, "stop_reason": stop_reason, "batch_size": cfg.batch_size,
+        "train_examples": len(run.train_examples), "eval_examples": len(run.eval_examples),
+        "final_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+        "best_accuracy": max(r["eval_accuracy"] for r in evals) if evals else None,
+        "epsilon": run.accountant.epsilon(step) if run.accountant else None,
+        "delta": run.accountant.spec.delta if run.accountant else None,
+        "noise_multiplier": run.accountant.noise if run.accountant else None,
+        "bytes_communicated": 0, "device": cfg.device,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _progress(cfg: TrainConfig):
+    if not cfg.progress:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), transient=False)
