@@ -13,7 +13,7 @@ from rich.console import Console
 from slimtune import SlimtuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune LLMs when memory and privacy are the constraints.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 
 

@@ -16,7 +16,7 @@ from slimtune.models import load_model_and_tokenizer
 from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.peft import PeftSettings, apply_peft, peft_summary, save_peft
-from slimtune.privacy.accountant import PrivacySpec, plan
+from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, plan
 from slimtune.train.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.train.metrics import MetricsLog, peak_memory_mb
 from slimtune.train.objective import encode, evaluate, label_token_ids, per_example_losses
@@ -91,7 +91,11 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     private, accountant = None, None
     if config.optimizer in PRIVATE_OPTIMIZERS:
         spec = config.privacy or PrivacySpec(target_epsilon=6.0)
-        accountant = plan(spec, len(train_examples), config.batch_size, config.steps)
+        saved_noise = _saved_state(out).get("noise_multiplier") if resume else None
+        if saved_noise is not None:  # a resumed run keeps its noise; the loop stops when the budget runs out
+            accountant = PrivacyAccountant(spec, len(train_examples), config.batch_size, saved_noise)
+        else:
+            accountant = plan(spec, len(train_examples), config.batch_size, config.steps)
         private = (spec, accountant.noise, config.batch_size, mix_seed(config.seed, 0xD9))
         sampler = (EpochSampler if spec.sampling == "shuffle" else PoissonSampler)(
             len(train_examples), config.batch_size, config.seed)
@@ -111,6 +115,11 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     return run
 
 
+def _saved_state(out: Path) -> dict:
+    path = out / "checkpoint" / "trainer_state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def train(run: Run) -> dict:
     """Run from `run.start_step` to `config.steps`; returns the summary (also written to summary.json)."""
     cfg, out = run.config, Path(run.config.out_dir)
@@ -122,6 +131,8 @@ def train(run: Run) -> dict:
     try:
         if progress:
             progress.start()
+        if step == 0 and run.eval_examples and cfg.eval_every:
+            log.write({"step": 0, **_evaluate(run)})  # the starting point (zero-shot accuracy)
         while step < cfg.steps:
             if run.accountant and cfg.privacy and cfg.privacy.target_epsilon is not None \
                     and run.accountant.epsilon(step + 1) > cfg.privacy.target_epsilon * 1.001:
@@ -193,7 +204,9 @@ def _should_stop_early(run: Run, accuracy: float) -> bool:
 def _checkpoint(run: Run, step: int) -> None:
     save_checkpoint(Path(run.config.out_dir) / "checkpoint", run.model, run.optimizer,
                     {"step": step, "best_accuracy": run.best_accuracy,
-                     "evals_without_improvement": run.evals_without_improvement})
+                     "evals_without_improvement": run.evals_without_improvement,
+                     "noise_multiplier": run.accountant.noise if run.accountant else None,
+                     "epsilon": run.accountant.epsilon(step) if run.accountant else None})
 
 
 def write_summary(run: Run, step: int, step_times: list[float], stop_reason: str) -> dict:

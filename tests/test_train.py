@@ -1,0 +1,99 @@
+"""Training loop: exact resume, early stopping, privacy budget stop, clear errors, nothing overwritten."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimtune import SlimtuneError
+from slimtune.optim import OptimizerArgs
+from slimtune.peft import PeftSettings
+from slimtune.privacy import PrivacySpec
+from slimtune.train import TrainConfig, prepare, train
+
+
+def config(tmp_path, demo_paths, name="run", **kw):
+    train_path, dev_path = demo_paths
+    base = dict(out_dir=str(tmp_path / name), train_data=train_path, eval_data=dev_path, model="tiny-llama",
+                optimizer="mezo", optim=OptimizerArgs(lr=1e-2, eps=1e-2), peft=PeftSettings("lora", r=2), steps=6,
+                batch_size=8, eval_every=3, checkpoint_every=3, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(run_dir):
+    return load_file(str(Path(run_dir) / "checkpoint" / "trainable.safetensors"))
+
+
+@pytest.mark.parametrize("optimizer,peft", [("mezo", "lora"), ("lozo-m", "svfit"), ("adamw", "lora"),
+                                            ("dpzero", "none"), ("lozo", "adapter")])
+def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, demo_paths, optimizer, peft):
+    kw = dict(optimizer=optimizer, peft=PeftSettings(peft, r=2),
+              optim=OptimizerArgs(lr=1e-2, eps=1e-2, rank=2, nu=2),
+              privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0) if optimizer == "dpzero" else None)
+    straight = train(prepare(config(tmp_path, demo_paths, "straight", **kw)))
+    half = config(tmp_path, demo_paths, "resumed", **{**kw, "steps": 3})
+    train(prepare(half))
+    resumed = train(prepare(config(tmp_path, demo_paths, "resumed", **kw), resume=True))
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["final_accuracy"] == resumed["final_accuracy"]
+    losses = lambda d: [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+
+def test_metrics_lines_have_loss_time_memory_and_privacy(tmp_path, demo_paths):
+    cfg = config(tmp_path, demo_paths, optimizer="dpzero", privacy=PrivacySpec(target_epsilon=4.0, delta=1e-3))
+    summary = train(prepare(cfg))
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [l for l in lines if l["step"] > 0]
+    assert len(steps) == 6
+    for line in steps:
+        assert line["step_time_s"] > 0 and line["peak_mem_mb"] > 0 and line["delta"] == 1e-3
+        assert 0 < line["epsilon"] <= 4.0 * 1.001
+    assert [l["epsilon"] for l in steps] == sorted(l["epsilon"] for l in steps)
+    assert lines[0]["step"] == 0 and "eval_accuracy" in lines[0]  # zero-shot starting point
+    assert summary["epsilon"] == pytest.approx(steps[-1]["epsilon"])
+
+
+def test_refuses_to_overwrite_an_existing_run(tmp_path, demo_paths):
+    train(prepare(config(tmp_path, demo_paths, steps=2)))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(SlimtuneError, match="already holds a run"):
+        prepare(config(tmp_path, demo_paths, steps=2))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_privacy_budget_exhaustion_stops_with_a_checkpoint(tmp_path, demo_paths):
+    kw = dict(optimizer="dpzero", privacy=PrivacySpec(target_epsilon=3.0, delta=1e-3))
+    train(prepare(config(tmp_path, demo_paths, steps=4, **kw)))  # noise calibrated for 4 steps
+    summary = train(prepare(config(tmp_path, demo_paths, steps=20, **kw), resume=True))
+    assert summary["stop_reason"] == "privacy budget exhausted"
+    assert summary["steps"] == 4 and summary["epsilon"] <= 3.0 * 1.001
+    assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_early_stopping(tmp_path, demo_paths):
+    cfg = config(tmp_path, demo_paths, steps=40, eval_every=1, patience=2, optim=OptimizerArgs(lr=0.0, eps=1e-2))
+    summary = train(prepare(cfg))  # lr 0: accuracy never improves, so it stops after 1 + patience evaluations
+    assert summary["stop_reason"] == "early stopping"
+    assert summary["steps"] == 3
+
+
+def test_nan_loss_is_a_clear_error(tmp_path, demo_paths):
+    cfg = config(tmp_path, demo_paths, optimizer="sgd", optim=OptimizerArgs(lr=1e30), peft=PeftSettings("none"),
+                 steps=10, checkpoint_every=1)
+    with pytest.raises(SlimtuneError, match="training loss is nan.*lower --lr"):
+        train(prepare(cfg))
+
+
+def test_k_shot_is_balanced_and_seeded(tmp_path, demo_paths):
+    a = prepare(config(tmp_path, demo_paths, "a", k_shot=4, seed=1))
+    b = prepare(config(tmp_path, demo_paths, "b", k_shot=4, seed=1))
+    c = prepare(config(tmp_path, demo_paths, "c", k_shot=4, seed=2))
+    assert sorted(e.label for e in a.train_examples) == [0] * 4 + [1] * 4
+    assert [e.prompt for e in a.train_examples] == [e.prompt for e in b.train_examples]
+    assert [e.prompt for e in a.train_examples] != [e.prompt for e in c.train_examples]
