@@ -1,0 +1,55 @@
+"""SST-2 with SmolLM2-135M on CPU at a small fixed budget: FO vs ZO vs DPZero x LoRA / PiSSA / SVFit.
+
+Runs `slimtune train` once per configuration (each its own process, so peak memory is its own), then renders the
+report. Needs ../shared/data/sst2. Usage: python benchmarks/sst2_grid.py [--out benchmarks/results/sst2] [--only NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "sst2"
+
+COMMON = ["--model", "smollm2", "--task", "sst2", "--batch-size", "16", "--eval-max", "200", "--quiet", "--seed", "0"]
+GRID = {
+    "fo-lora": ["--optimizer", "adamw", "--peft", "lora", "--lr", "1e-3", "--steps", "150"],
+    "fo-pissa": ["--optimizer", "adamw", "--peft", "pissa", "--lr", "1e-4", "--steps", "150"],
+    "fo-svfit": ["--optimizer", "adamw", "--peft", "svfit", "--lr", "2e-2", "--steps", "150"],
+    "fo-full": ["--optimizer", "adamw", "--peft", "none", "--lr", "1e-5", "--steps", "150"],
+    "dp-adamw-lora-eps6": ["--optimizer", "dp-adamw", "--peft", "lora", "--lr", "1e-3", "--steps", "150",
+                           "--epsilon", "6", "--delta", "1e-5", "--clip", "1"],
+    "zo-svfit": ["--optimizer", "mezo", "--peft", "svfit", "--lr", "5e-2", "--eps", "1e-2", "--steps", "300"],
+    "zo-pissa": ["--optimizer", "mezo", "--peft", "pissa", "--lr", "2e-4", "--eps", "1e-2", "--steps", "300"],
+    "zo-lora": ["--optimizer", "mezo", "--peft", "lora", "--lr", "2e-3", "--eps", "1e-2", "--steps", "300"],
+    "lozo-full": ["--optimizer", "lozo", "--peft", "none", "--lr", "1e-6", "--eps", "1e-3", "--steps", "300"],
+    "dpzero-lora-eps6": ["--optimizer", "dpzero", "--peft", "lora", "--lr", "2e-3", "--eps", "1e-2", "--steps", "300",
+                         "--epsilon", "6", "--delta", "1e-5", "--clip", "2"],
+    "dpzero-lora-eps2": ["--optimizer", "dpzero", "--peft", "lora", "--lr", "2e-3", "--eps", "1e-2", "--steps", "300",
+                         "--epsilon", "2", "--delta", "1e-5", "--clip", "2"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sst2"))
+    ap.add_argument("--only", nargs="*")
+    args = ap.parse_args()
+    if not DATA.exists():
+        raise SystemExit(f"needs GLUE SST-2 at {DATA}")
+    names = args.only or list(GRID)
+    for name in names:
+        steps = GRID[name][GRID[name].index("--steps") + 1]
+        cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(DATA / "train.tsv"), "--eval-data",
+               str(DATA / "dev.tsv"), "--out", f"{args.out}/{name}", "--eval-every", str(int(steps) // 5), *COMMON, *GRID[name]]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    runs = [f"{args.out}/{n}" for n in GRID if (Path(args.out) / n / "summary.json").exists()]
+    subprocess.run([sys.executable, "-m", "slimtune.cli", "report", *runs, "--out", f"{args.out}/report"], check=True)
+
+
+if __name__ == "__main__":
+    main()
