@@ -1,0 +1,71 @@
+"""The Flower ClientApp: train full-precision LoRA locally from the dequantized broadcast Q(theta)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from slimtune.data import EpochSampler, PoissonSampler
+from slimtune.federated.common import FederatedConfig, build_model, decode_state, encode_state, load_lora_state, lora_state
+from slimtune.federated.partition import dirichlet_partition
+from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
+from slimtune.optim.base import mix_seed
+from slimtune.privacy import PrivacySpec
+from slimtune.train.objective import encode, per_example_losses
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=2)
+def _setup(cfg_json: str):
+    cfg = FederatedConfig.from_json(cfg_json)
+    model, tok, train, _, label_ids = build_model(cfg)
+    parts = dirichlet_partition([e.label for e in train], cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)
+    return model, tok, train, parts, label_ids
+
+
+def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int) -> tuple[dict, dict]:
+    """One client's round: returns (arrays to upload, metrics)."""
+    model, tok, train, parts, label_ids = _setup(cfg.to_json())
+    examples = [train[i] for i in parts[partition_id]]
+    shapes = {k: tuple(v.shape) for k, v in lora_state(model).items()}
+    start = decode_state(payload, shapes, cfg.bits, cfg.block_size)
+    load_lora_state(model, start)
+    seed = mix_seed(cfg.seed, server_round, partition_id)
+    optimizer_name = "mezo" if cfg.mode == "zo-seeds" else cfg.local_optimizer
+    private = None
+    if optimizer_name in PRIVATE_OPTIMIZERS:
+        private = (PrivacySpec(noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip), cfg.local_dp_noise,
+                   cfg.batch_size, seed)
+    optimizer = build_optimizer(optimizer_name, model, OptimizerArgs(lr=cfg.lr, eps=cfg.eps, seed=seed), private)
+    sampler = (PoissonSampler if private else EpochSampler)(len(examples), cfg.batch_size, seed)
+    model.train(not optimizer.zeroth_order)
+    losses, seeds, grads = [], [], []
+    for step in range(cfg.local_steps):
+        batch = encode(tok, [examples[i] for i in sampler.indices(step)])
+        if optimizer.zeroth_order:
+            seeds.append(mix_seed(optimizer.config.seed, optimizer.step_count, 0))
+        out = optimizer.step(lambda: per_example_losses(model, batch, label_ids) if len(batch) else torch.zeros(0))
+        losses.append(out.loss)
+        grads.append(out.info.get("projected_grad", 0.0))
+    metrics = {"num-examples": len(examples), "train-loss": float(np.nanmean(losses))}
+    if cfg.mode == "zo-seeds":
+        return {"seeds": np.array(seeds, dtype=np.int64), "grads": np.array(grads, dtype=np.float32)}, metrics
+    trained = lora_state(model)
+    arrays, _ = encode_state({k: trained[k] - start[k] for k in shapes}, cfg.upload_bits, cfg.block_size)
+    return arrays, metrics
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    cfg = FederatedConfig.from_json(str(config["slimtune-config"]))
+    payload = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    arrays, metrics = local_train(cfg, int(context.node_config["partition-id"]), payload, int(config["server-round"]))
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+                          "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,137 @@
+"""What server and clients share: the run configuration, the model with its LoRA structure, the wire format."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from slimtune.data import get_task, read_examples
+from slimtune.federated.quantization import QuantizedTensor, dequantize, quantize
+from slimtune.models import load_model_and_tokenizer
+from slimtune.peft import PeftSettings, apply_peft
+from slimtune.train.objective import label_token_ids
+
+FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
+
+
+@dataclass
+class FederatedConfig:
+    data: str = ""
+    eval_data: str = ""
+    model: str = "tiny-llama"
+    task: str = "sst2"
+    num_clients: int = 4
+    rounds: int = 3
+    bits: int = 4  # 1..8, or 32 for full precision
+    block_size: int = 64
+    upload_bits: int = FP32  # quantize client deltas too (32: send fp32)
+    local_steps: int = 5
+    local_optimizer: str = "adamw"  # any slimtune optimizer
+    local_dp_noise: float = 1.0  # private local optimizers (dpzero, dp-adamw...): noise multiplier per local step
+    local_dp_clip: float = 1.0
+    lr: float = 1e-3
+    eps: float = 1e-3
+    batch_size: int = 8
+    lora_r: int = 4
+    dirichlet_alpha: float = 0.5
+    aggregation: str = "fedavg"  # fedavg (FedIT: average A and B) or ffa (FFA-LoRA: A frozen)
+    mode: str = "lora"  # lora (send deltas) or zo-seeds (FedKSeed-style: send (seed, scalar) pairs)
+    client_dp_clip: float = 0.0  # > 0: clip each client's delta to this L2 norm
+    client_dp_noise: float = 0.0  # Gaussian noise multiplier on the clipped sum
+    client_dp_delta: float = 1e-5
+    eval_max: int = 200
+    seed: int = 0
+    out_dir: str = "runs/federated"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "FederatedConfig":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "FederatedConfig":
+        """From `[tool.flwr.app.config]` (keys with dashes) or any mapping."""
+        known = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for key, value in dict(run_config).items():
+            name = key.replace("-", "_")
+            if name == "num_server_rounds":
+                name = "rounds"
+            if name in known:
+                values[name] = value
+        return cls(**values)
+
+
+def build_model(cfg: FederatedConfig):
+    """(model with LoRA, tokenizer, train examples, eval examples, label ids) — identical on server and clients."""
+    task = get_task(cfg.task)
+    train = read_examples(cfg.data, task, "train")
+    evals = read_examples(cfg.eval_data, task, "validation") if cfg.eval_data else []
+    if cfg.eval_max and len(evals) > cfg.eval_max:
+        evals = evals[:cfg.eval_max]
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model_and_tokenizer(cfg.model, texts=[e.prompt for e in train + evals])
+    torch.manual_seed(cfg.seed)
+    model = apply_peft(model, PeftSettings("lora", r=cfg.lora_r, alpha=2 * cfg.lora_r))
+    if cfg.aggregation == "ffa":
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+    return model, tok, train, evals, label_token_ids(tok, task)
+
+
+def lora_names(model) -> list[str]:
+    return [n for n, _ in model.named_parameters() if "lora_" in n]
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().clone() for n in lora_names(model)}
+
+
+def load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+# -- wire format: one ArrayRecord entry per piece ---------------------------------------------------------------
+def encode_state(state: dict[str, torch.Tensor], bits: int, block_size: int) -> tuple[dict, int]:
+    """Arrays to send for `state` (quantized unless bits == 32) and their byte count."""
+    arrays, nbytes = {}, 0
+    for name, tensor in state.items():
+        if bits == FP32:
+            arrays[name] = tensor.detach().float().cpu().numpy()
+            nbytes += arrays[name].nbytes
+            continue
+        q = quantize(tensor, bits, block_size)
+        arrays[f"{name}::codes"], arrays[f"{name}::scales"] = q.packed, q.scales
+        nbytes += q.nbytes
+    return arrays, nbytes
+
+
+def decode_state(arrays: dict, shapes: dict[str, tuple], bits: int, block_size: int) -> dict[str, torch.Tensor]:
+    """Inverse of encode_state; raises ValueError naming the entry when something is missing or mis-shaped."""
+    out = {}
+    for name, shape in shapes.items():
+        if bits == FP32:
+            if name not in arrays:
+                raise ValueError(f"missing array {name!r}")
+            value = torch.as_tensor(arrays[name]).float()
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"array {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+            out[name] = value
+            continue
+        codes, scales = arrays.get(f"{name}::codes"), arrays.get(f"{name}::scales")
+        if codes is None or scales is None:
+            raise ValueError(f"missing quantized array for {name!r}")
+        n = int(torch.tensor(shape).prod())
+        if codes.size * 8 < n * bits or scales.size != -(-n // block_size):
+            raise ValueError(f"quantized array {name!r} has the wrong size for shape {tuple(shape)}")
+        out[name] = dequantize(QuantizedTensor(codes, scales, tuple(shape), bits, block_size))
+    return out

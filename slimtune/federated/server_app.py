@@ -1,0 +1,101 @@
+"""The Flower ServerApp: FedLPP rounds, per-round accuracy of theta and of Q(theta), bytes, metrics JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from slimtune.federated.common import FP32, FederatedConfig, build_model, load_lora_state, lora_state
+from slimtune.federated.strategy import FedLPP
+from slimtune.peft import peft_summary, save_peft
+from slimtune.train.metrics import MetricsLog, peak_memory_mb
+from slimtune.train.objective import evaluate
+from slimtune.zo import MeZO, MeZOConfig
+
+app = ServerApp()
+
+
+def make_replay(model, cfg: FederatedConfig):
+    """Apply clients' (seed, scalar) pairs to theta with the very same z generator the clients used."""
+
+    def replay(theta, items):
+        load_lora_state(model, theta)
+        opt = MeZO(model.named_parameters(), MeZOConfig(lr=cfg.lr, eps=cfg.eps))
+        for seeds, grads, weight in items:
+            for seed, g in zip(seeds.tolist(), grads.tolist()):
+                opt._sweep(int(seed), "update", coef=g * weight)
+        return lora_state(model)
+
+    return replay
+
+
+def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    model, tok, _, evals, label_ids = build_model(cfg)
+    strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg),
+                      min_available_nodes=cfg.num_clients, min_train_nodes=cfg.num_clients)
+    log, started = MetricsLog(out / "metrics.jsonl"), time.perf_counter()
+    accountant = _client_dp_accountant(cfg)
+
+    def accuracy(state) -> float | None:
+        if not evals:
+            return None
+        load_lora_state(model, state)
+        return evaluate(model, tok, evals, label_ids)["accuracy"]
+
+    def evaluate_fn(server_round: int, _arrays) -> MetricRecord:
+        record = {**strategy.round_log.get(server_round, {"round": server_round}), "step": server_round,
+                  "server_accuracy": accuracy(strategy.theta), "client_visible_accuracy": accuracy(strategy.client_view()),
+                  "elapsed_s": time.perf_counter() - started, "peak_mem_mb": peak_memory_mb("cpu")}
+        record["eval_accuracy"] = record["server_accuracy"]
+        if accountant and server_round:
+            record.update(epsilon=accountant.epsilon(server_round), delta=cfg.client_dp_delta)
+        log.write(record)
+        return MetricRecord({k: float(v) for k, v in record.items() if isinstance(v, (int, float))})
+
+    strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, evaluate_fn=evaluate_fn)
+    load_lora_state(model, strategy.theta)
+    save_peft(model, out / "adapter")  # the private full-precision result stays with the server
+    return _write_summary(cfg, out, model, accountant, time.perf_counter() - started)
+
+
+def _client_dp_accountant(cfg: FederatedConfig):
+    if not (cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0):
+        return None
+    from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec
+    spec = PrivacySpec(delta=cfg.client_dp_delta, noise_multiplier=cfg.client_dp_noise, clip=cfg.client_dp_clip)
+    return PrivacyAccountant(spec, cfg.num_clients, cfg.num_clients, cfg.client_dp_noise)  # all clients every round
+
+
+def _write_summary(cfg, out, model, accountant, seconds) -> dict:
+    rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    last = rounds[-1]
+    bytes_total = sum((r.get("bytes_down_per_client", 0) + r.get("bytes_up_per_client", 0)) * cfg.num_clients
+                      for r in rounds)
+    summary = {"method": f"fedlpp-{cfg.mode}", "peft": f"lora ({'fp32' if cfg.bits == FP32 else f'{cfg.bits}-bit'})",
+               "name": Path(cfg.out_dir).name, **peft_summary(model), "peak_mem_mb": max(r["peak_mem_mb"] for r in rounds),
+               "time_per_step_s": seconds / max(cfg.rounds, 1), "steps": cfg.rounds, "rounds": cfg.rounds,
+               "clients": cfg.num_clients, "bits": cfg.bits, "aggregation": cfg.aggregation,
+               "final_accuracy": last["server_accuracy"], "client_visible_accuracy": last["client_visible_accuracy"],
+               "initial_accuracy": rounds[0]["server_accuracy"],
+               "bytes_down_per_client_per_round": last.get("bytes_down_per_client"),
+               "bytes_up_per_client_per_round": last.get("bytes_up_per_client"),
+               "bytes_communicated": bytes_total,
+               "epsilon": accountant.epsilon(cfg.rounds) if accountant else None,
+               "delta": cfg.client_dp_delta if accountant else None}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for `flwr run`: settings from [tool.flwr.app.config] in pyproject.toml."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run_server(grid, FederatedConfig.from_run_config(context.run_config))

@@ -1,0 +1,145 @@
+"""FedLPP on Flower: the server keeps full-precision LoRA theta and only ever broadcasts Q(theta).
+
+Round t: broadcast Q(theta) (block-wise NF quantization), clients train from dequantized Q(theta) and reply with
+delta_k = theta_k - Q(theta) (mode "lora") or with (seed, scalar) pairs (mode "zo-seeds"); the server sets
+theta <- theta + sum_k w_k delta_k / sum_k w_k, weights = local example counts. With client-level DP each delta is
+clipped to L2 norm S, the deltas are averaged uniformly and N(0, (sigma S / K)^2) noise is added to the mean.
+Malformed replies (wrong keys, shapes, non-finite values) are rejected with a log line; missing clients are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from slimtune.federated.common import FP32, FederatedConfig, decode_state, encode_state
+from slimtune.optim.base import mix_seed
+
+log = logging.getLogger("slimtune.federated")
+
+
+class FedLPP(FedAvg):
+    def __init__(self, cfg: FederatedConfig, theta: dict[str, torch.Tensor], replay=None, **kwargs):
+        kwargs.setdefault("fraction_evaluate", 0.0)
+        kwargs.setdefault("min_train_nodes", 1)
+        kwargs.setdefault("min_available_nodes", 1)
+        super().__init__(**kwargs)
+        self.cfg = cfg
+        self.theta = {k: v.detach().clone().float() for k, v in theta.items()}  # private: never leaves the server
+        self.shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
+        self.replay = replay  # mode zo-seeds: callable(theta, [(seeds, grads, weight)]) -> new theta
+        self.round_log: dict[int, dict] = {}
+        self.noise_generator = torch.Generator().manual_seed(mix_seed(cfg.seed, 0xC11E))
+
+    # -- what goes down ---------------------------------------------------------------------------------------
+    def broadcast(self) -> tuple[ArrayRecord, int]:
+        arrays, nbytes = encode_state(self.theta, self.cfg.bits, self.cfg.block_size)
+        return ArrayRecord({k: _as_array(v) for k, v in arrays.items()}), nbytes
+
+    def client_view(self) -> dict[str, torch.Tensor]:
+        """Q(theta) exactly as a client reconstructs it."""
+        arrays, _ = encode_state(self.theta, self.cfg.bits, self.cfg.block_size)
+        return decode_state(arrays, self.shapes, self.cfg.bits, self.cfg.block_size)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        payload, nbytes = self.broadcast()  # the `arrays` argument is ignored: theta itself is never sent
+        config = ConfigRecord({**dict(config), "server-round": server_round, "slimtune-config": self.cfg.to_json()})
+        self.round_log[server_round] = {"round": server_round, "bytes_down_per_client": nbytes}
+        return super().configure_train(server_round, payload, config, grid)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        payload, _ = self.broadcast()
+        return super().configure_evaluate(server_round, payload, config, grid)
+
+    # -- what comes up ----------------------------------------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        accepted, rejected = [], 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning("round %d: client %s failed (%s); skipped", server_round, node, msg.error.reason)
+                rejected += 1
+                continue
+            try:
+                accepted.append(self.parse_reply(msg.content))
+            except ValueError as exc:
+                log.warning("round %d: rejected reply from client %s: %s", server_round, node, exc)
+                rejected += 1
+        info = self.round_log.setdefault(server_round, {"round": server_round})
+        info.update(replies=len(accepted), rejected=rejected)
+        if accepted:
+            self.theta = self.apply_updates(accepted)
+            info["bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
+            info["train_loss"] = float(np.mean([a["loss"] for a in accepted]))
+        payload, _ = self.broadcast()
+        return payload, MetricRecord({"replies": len(accepted), "rejected": rejected})
+
+    def parse_reply(self, content: RecordDict) -> dict:
+        arrays = content.array_records.get("arrays")
+        metrics = content.metric_records.get("metrics")
+        if arrays is None or metrics is None:
+            raise ValueError("reply needs an ArrayRecord 'arrays' and a MetricRecord 'metrics'")
+        weight = float(metrics.get("num-examples", 0))
+        if not weight > 0:
+            raise ValueError(f"num-examples must be > 0, got {weight}")
+        raw = {k: arrays[k].numpy() for k in arrays.keys()}
+        parsed = {"weight": weight, "loss": float(metrics.get("train-loss", float("nan"))),
+                  "bytes_up": float(sum(v.nbytes for v in raw.values()))}
+        if self.cfg.mode == "zo-seeds":
+            seeds, grads = raw.get("seeds"), raw.get("grads")
+            if seeds is None or grads is None or seeds.shape != grads.shape or seeds.ndim != 1:
+                raise ValueError("zo-seeds reply needs 1-D 'seeds' and 'grads' of equal length")
+            if not np.isfinite(grads).all():
+                raise ValueError("non-finite projected gradient")
+            parsed.update(seeds=seeds.astype(np.int64), grads=grads.astype(np.float64))
+            return parsed
+        extra = set(raw) - {k for k in raw if k.split("::")[0] in self.shapes}
+        if extra:
+            raise ValueError(f"unexpected array {sorted(extra)[0]!r}")
+        delta = decode_state(raw, self.shapes, self.cfg.upload_bits, self.cfg.block_size)
+        if not all(torch.isfinite(d).all() for d in delta.values()):
+            raise ValueError("non-finite values in the update")
+        parsed["delta"] = delta
+        return parsed
+
+    def apply_updates(self, accepted: list[dict]) -> dict[str, torch.Tensor]:
+        if self.cfg.mode == "zo-seeds":
+            total = sum(a["weight"] for a in accepted)
+            return self.replay(self.theta, [(a["seeds"], a["grads"], a["weight"] / total) for a in accepted])
+        return add_mean_delta(self.theta, accepted, self.cfg, self.noise_generator)
+
+
+def add_mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, generator=None) -> dict:
+    """theta + weighted mean of deltas (FedAvg/FedIT, FFA) or, with client DP, + clipped uniform mean + noise."""
+    deltas = [a["delta"] for a in accepted]
+    if cfg.client_dp_clip > 0:
+        weights = [1.0 / len(deltas)] * len(deltas)
+        deltas = [clip_update(d, cfg.client_dp_clip) for d in deltas]
+    else:
+        total = sum(a["weight"] for a in accepted)
+        weights = [a["weight"] / total for a in accepted]
+    new = {}
+    for name, value in theta.items():
+        mean = sum(w * d[name] for w, d in zip(weights, deltas))
+        if cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0:
+            std = cfg.client_dp_noise * cfg.client_dp_clip / len(deltas)
+            mean = mean + std * torch.randn(value.shape, generator=generator)
+        new[name] = value + mean
+    return new
+
+
+def clip_update(delta: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
+    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())).item()
+    factor = min(1.0, max_norm / (norm + 1e-12))
+    return {k: v * factor for k, v in delta.items()}
+
+
+def _as_array(value):
+    from flwr.app import Array
+    return Array(np.ascontiguousarray(value))

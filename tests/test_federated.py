@@ -1,0 +1,190 @@
+"""FedLPP: quantization bounds, theta never leaves the server, aggregation math, dropout, malformed replies."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from slimtune.federated import FederatedConfig, dirichlet_partition
+from slimtune.federated.client_app import local_train
+from slimtune.federated.common import FP32, build_model, decode_state, encode_state, lora_state
+from slimtune.federated.quantization import dequantize, max_gap, nf_levels, quantize
+from slimtune.federated.server_app import make_replay
+from slimtune.federated.strategy import FedLPP
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_quantization_error_is_bounded_per_bit_width(bits):
+    torch.manual_seed(bits)
+    x = torch.randn(37, 29) * torch.rand(37, 1) * 3
+    q = quantize(x, bits, block_size=64)
+    err = (dequantize(q) - x).abs().flatten()
+    blocks = torch.cat([x.flatten(), torch.zeros((-x.numel()) % 64)]).view(-1, 64)
+    absmax = blocks.abs().amax(1).repeat_interleave(64)[:x.numel()]
+    assert bool((err <= absmax * max_gap(bits) / 2 * 1.002 + 1e-7).all())
+    assert q.packed.nbytes == -(-x.numel() * bits // 8)  # really b bits per value
+    assert len(nf_levels(bits)) == 2 ** bits
+
+
+def test_more_bits_less_error():
+    x = torch.randn(4096)
+    errors = [(dequantize(quantize(x, b)) - x).pow(2).mean().item() for b in (2, 4, 8)]
+    assert errors[0] > errors[1] > errors[2]
+    assert 0.0 in nf_levels(4).tolist()  # exact zero, as in NF4
+
+
+def test_dirichlet_partition_is_non_iid_and_complete():
+    labels = [i % 2 for i in range(400)]
+    parts = dirichlet_partition(labels, 4, alpha=0.1, seed=0)
+    assert sorted(i for p in parts for i in p) == list(range(400))
+    skew = [abs(np.mean([labels[i] for i in p]) - 0.5) for p in parts]
+    assert max(skew) > 0.3  # small alpha: some client sees mostly one label
+    iid = dirichlet_partition(labels, 4, alpha=1000.0, seed=0)
+    assert max(abs(np.mean([labels[i] for i in p]) - 0.5) for p in iid) < 0.1
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages built outside a running Flower app need a task identity (the runtime sets it in real runs)."""
+    from flwr.supercore.task_identity import TaskIdentity
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class FakeGrid:
+    def get_node_ids(self):
+        return [11, 12, 13]
+
+
+def make_cfg(demo_paths, **kw):
+    train_path, dev_path = demo_paths
+    return FederatedConfig(**{"data": train_path, "eval_data": dev_path, "num_clients": 3, "local_steps": 2, "lr": 1e-2,
+                              **kw})
+
+
+def theta_like(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"l.lora_A.weight": torch.randn(2, 6, generator=g), "l.lora_B.weight": torch.randn(5, 2, generator=g)}
+
+
+def reply(to: Message, arrays: dict, examples: int, node: int) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": examples, "train-loss": 0.5})})
+    msg = Message(content=content, reply_to=to)
+    msg.metadata.__dict__["_src_node_id"] = node  # what the transport would fill in
+    return msg
+
+
+def instructions(strategy):
+    return list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid()))
+
+
+def test_server_never_sends_theta(demo_paths):
+    cfg = make_cfg(demo_paths, bits=4)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    assert len(msgs) == 3
+    for msg in msgs:
+        arrays = msg.content["arrays"]
+        for key in arrays.keys():
+            value = arrays[key].numpy()
+            assert value.dtype in (np.uint8, np.float16), key  # packed codes and fp16 scales only
+            assert not any(value.size == t.numel() and value.dtype == np.float32 for t in theta.values())
+        sent = decode_state({k: arrays[k].numpy() for k in arrays.keys()}, strategy.shapes, 4, cfg.block_size)
+        assert all(not torch.equal(sent[k], theta[k]) for k in theta)  # clients only get Q(theta)
+        assert "slimtune-config" in msg.content["config"]
+
+
+def test_aggregation_matches_a_hand_computation(demo_paths):
+    cfg = make_cfg(demo_paths, bits=FP32)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    d1, d2 = theta_like(1), theta_like(2)
+    replies = [reply(msgs[0], {k: v.numpy() for k, v in d1.items()}, 10, 11),
+               reply(msgs[1], {k: v.numpy() for k, v in d2.items()}, 30, 12)]
+    strategy.aggregate_train(1, replies)
+    for k in theta:
+        assert torch.allclose(strategy.theta[k], theta[k] + (10 * d1[k] + 30 * d2[k]) / 40, atol=1e-6)
+
+
+def test_client_dp_clips_each_delta(demo_paths):
+    cfg = make_cfg(demo_paths, bits=FP32, client_dp_clip=0.5, client_dp_noise=0.0)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    big = {k: 100 * v for k, v in theta_like(1).items()}
+    strategy.aggregate_train(1, [reply(msgs[0], {k: v.numpy() for k, v in big.items()}, 10, 11)])
+    moved = torch.sqrt(sum(((strategy.theta[k] - theta[k]) ** 2).sum() for k in theta))
+    assert moved.item() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_dropout_and_malformed_replies_do_not_corrupt_theta(demo_paths, caplog):
+    cfg = make_cfg(demo_paths, bits=FP32)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    good = theta_like(3)
+    wrong_shape = {k: np.zeros((7, 7), dtype=np.float32) for k in theta}
+    nan = {k: np.full(v.shape, np.nan, dtype=np.float32) for k, v in theta.items()}
+    failed = Message(Error(code=1, reason="client crashed"), reply_to=msgs[2])
+    with caplog.at_level(logging.WARNING, logger="slimtune.federated"):
+        _, metrics = strategy.aggregate_train(1, [reply(msgs[0], {k: v.numpy() for k, v in good.items()}, 5, 11),
+                                                  reply(msgs[1], wrong_shape, 5, 12), reply(msgs[1], nan, 5, 12),
+                                                  failed])
+    assert metrics["replies"] == 1 and metrics["rejected"] == 3
+    assert "rejected reply from client 12" in caplog.text and "has shape (7, 7), expected (2, 6)" in caplog.text
+    assert "non-finite" in caplog.text and "client crashed" in caplog.text
+    for k in theta:
+        assert torch.allclose(strategy.theta[k], theta[k] + good[k], atol=1e-6)
+    strategy.aggregate_train(2, [failed])  # everyone dropped: theta unchanged
+    for k in theta:
+        assert torch.allclose(strategy.theta[k], theta[k] + good[k], atol=1e-6)
+
+
+def test_client_round_and_seed_mode_replay(demo_paths):
+    """A client trains from Q(theta); in zo-seeds mode the server replays its (seed, scalar) pairs exactly."""
+    cfg = make_cfg(demo_paths, bits=8, mode="zo-seeds", local_steps=3)
+    model, *_ = build_model(cfg)
+    theta = lora_state(model)
+    payload, down = encode_state(theta, cfg.bits, cfg.block_size)
+    arrays, metrics = local_train(cfg, 0, payload, server_round=1)
+    assert arrays["seeds"].shape == (3,) and arrays["seeds"].nbytes + arrays["grads"].nbytes == 36  # bytes, not MB
+    assert metrics["num-examples"] > 0
+    start = decode_state(payload, {k: tuple(v.shape) for k, v in theta.items()}, cfg.bits, cfg.block_size)
+    replayed = make_replay(build_model(cfg)[0], cfg)(start, [(arrays["seeds"], arrays["grads"].astype(np.float64), 1.0)])
+    from slimtune.federated.client_app import _setup
+    client_model = _setup(cfg.to_json())[0]
+    client_state = lora_state(client_model)
+    for k in theta:  # server replay from Q(theta) == the client's own local trajectory
+        assert torch.allclose(replayed[k], client_state[k], atol=1e-6)
+
+
+def test_ffa_lora_keeps_a_frozen(demo_paths):
+    cfg = make_cfg(demo_paths, bits=FP32, aggregation="ffa")
+    model, *_ = build_model(cfg)
+    theta = lora_state(model)
+    payload, _ = encode_state(theta, FP32, cfg.block_size)
+    arrays, _ = local_train(cfg, 1, payload, server_round=1)
+    for k, v in arrays.items():
+        if "lora_A" in k:
+            assert not np.any(v)
+    assert any(np.any(v) for k, v in arrays.items() if "lora_B" in k)
+
+
+def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, None)  # the simulation runtime sets its own
+    from slimtune.federated import simulate
+
+    cfg = make_cfg(demo_paths, bits=4, rounds=2, out_dir=str(tmp_path / "fed"))
+    summary = simulate(cfg)
+    assert summary["rounds"] == 2 and summary["bits"] == 4
+    assert summary["bytes_down_per_client_per_round"] < summary["trainable_bytes"] / 4  # ~4 bits + scales
+    lines = (tmp_path / "fed" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # round 0 (initial) + 2 rounds
+    assert (tmp_path / "fed" / "adapter" / "adapter_model.safetensors").exists()
