@@ -17,6 +17,7 @@ DATA = ROOT.parent / "shared" / "data" / "sst2"
 COMMON = ["--model", "smollm2", "--task", "sst2", "--batch-size", "16", "--eval-max", "200", "--quiet", "--seed", "0"]
 GRID = {
     "fo-lora": ["--optimizer", "adamw", "--peft", "lora", "--lr", "1e-3", "--steps", "150"],
+    "fo-lora-lr3e-4": ["--optimizer", "adamw", "--peft", "lora", "--lr", "3e-4", "--steps", "150"],
     "fo-pissa": ["--optimizer", "adamw", "--peft", "pissa", "--lr", "1e-4", "--steps", "150"],
     "fo-svfit": ["--optimizer", "adamw", "--peft", "svfit", "--lr", "2e-2", "--steps", "150"],
     "fo-full": ["--optimizer", "adamw", "--peft", "none", "--lr", "1e-5", "--steps", "150"],

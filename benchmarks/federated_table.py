@@ -1,0 +1,67 @@
+"""FedLPP on SST-2 (non-IID, 4 clients, SmolLM2 + LoRA): bits {2, 4, 8, fp32} vs centralized training.
+
+Per bit width: server accuracy (theta), client-visible accuracy (Q(theta) alone), bytes per round per client.
+Writes benchmarks/results/federated/<name>/ runs and benchmarks/results/federated.json. Needs ../shared/data/sst2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "sst2"
+
+
+def subset(n: int, work: Path, split: str = "train") -> Path:
+    """The first n rows of a split (the same pool for federated and centralized runs)."""
+    lines = (DATA / f"{split}.tsv").read_text().splitlines()
+    path = work / f"{split}_{n}.tsv"
+    path.write_text("\n".join(lines[:n + 1]) + "\n")
+    return path
+
+
+def main() -> None:
+    from slimtune.federated import FederatedConfig, simulate
+    from slimtune.optim import OptimizerArgs
+    from slimtune.peft import PeftSettings
+    from slimtune.train import TrainConfig, prepare, train
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", type=int, nargs="*", default=[2, 4, 8, 32])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--local-steps", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--train-size", type=int, default=2000)
+    ap.add_argument("--dev-size", type=int, default=200)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data, dev = subset(args.train_size, out), subset(args.dev_size, out, "dev")
+    results = {}
+    for bits in args.bits:
+        name = f"fedlpp-{'fp32' if bits == 32 else f'{bits}bit'}"
+        shutil.rmtree(out / name, ignore_errors=True)
+        cfg = FederatedConfig(data=str(data), eval_data=str(dev), model=args.model, eval_max=0,
+                              num_clients=args.clients, rounds=args.rounds, bits=bits, local_steps=args.local_steps,
+                              lr=1e-3, batch_size=16, lora_r=8, dirichlet_alpha=0.5, out_dir=str(out / name))
+        results[name] = simulate(cfg)
+        print(name, json.dumps({k: results[name][k] for k in ("final_accuracy", "client_visible_accuracy",
+                                                               "bytes_down_per_client_per_round")}), flush=True)
+    # centralized: same data, same number of total local steps, one party
+    steps = args.rounds * args.local_steps * args.clients
+    shutil.rmtree(out / "centralized", ignore_errors=True)
+    cfg = TrainConfig(out_dir=str(out / "centralized"), train_data=str(data), eval_data=str(dev),
+                      model=args.model, optimizer="adamw", optim=OptimizerArgs(lr=1e-3),
+                      peft=PeftSettings("lora", r=8, alpha=16), steps=steps, batch_size=16, eval_every=steps,
+                      eval_max=0, progress=False)
+    results["centralized"] = train(prepare(cfg))
+    (out.parent / "federated.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
