@@ -55,3 +55,36 @@ def test_report_table_and_plots(tmp_path):
         assert p.exists() and p.stat().st_size > 5000  # a real PNG with content, not an empty canvas
     res = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "no summary.json" in res.output
+
+
+def test_cli_eval_and_merge(tmp_path, demo_paths):
+    train_path, dev_path = demo_paths
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--data", train_path, "--model", "tiny-llama", "--optimizer", "adamw",
+                               "--peft", "svfit", "--steps", "2", "--out", str(out), "--quiet"]).exit_code == 0
+    res = runner.invoke(app, ["eval", "--data", dev_path, "--model", "tiny-llama", "--adapter", str(out / "adapter")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["examples"] == 24
+    merged = tmp_path / "merged"
+    res = runner.invoke(app, ["merge", str(out / "adapter"), "--out", str(merged), "--model", "tiny-llama"])
+    assert res.exit_code == 0, res.output
+    assert (merged / "config.json").exists() and (merged / "model.safetensors").exists()
+    res = runner.invoke(app, ["merge", str(out / "adapter"), "--out", str(merged), "--model", "tiny-llama"])
+    assert res.exit_code == 2 and "nothing was overwritten" in res.output
+
+
+def test_flower_app_is_declared_for_flwr_run():
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    from slimtune.federated import FederatedConfig
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    flwr = pyproject["tool"]["flwr"]["app"]
+    for ref in flwr["components"].values():
+        module, attr = ref.split(":")
+        assert getattr(importlib.import_module(module), attr) is not None
+    cfg = FederatedConfig.from_run_config(flwr["config"])
+    assert cfg.rounds == flwr["config"]["num-server-rounds"] and cfg.bits == flwr["config"]["bits"]
+    assert cfg.lora_r == flwr["config"]["lora-r"]

@@ -97,3 +97,16 @@ def test_k_shot_is_balanced_and_seeded(tmp_path, demo_paths):
     assert sorted(e.label for e in a.train_examples) == [0] * 4 + [1] * 4
     assert [e.prompt for e in a.train_examples] == [e.prompt for e in b.train_examples]
     assert [e.prompt for e in a.train_examples] != [e.prompt for e in c.train_examples]
+
+
+@pytest.mark.parametrize("optimizer,mechanism", [("dp-adamw", "gaussian"), ("dplozo", "gaussian"),
+                                                 ("dpzero", "laplace")])
+def test_private_variants_train_and_account(tmp_path, demo_paths, optimizer, mechanism):
+    cfg = config(tmp_path, demo_paths, optimizer=optimizer, steps=4, optim=OptimizerArgs(lr=1e-3, eps=1e-2),
+                 privacy=PrivacySpec(target_epsilon=5.0, delta=1e-3, mechanism=mechanism))
+    run = prepare(cfg)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    summary = train(run)
+    assert 0 < summary["epsilon"] <= 5.0 * 1.001 and summary["noise_multiplier"] > 0
+    after = dict(run.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # it trained

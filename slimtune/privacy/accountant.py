@@ -104,11 +104,12 @@ def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps
     def event(noise: float):
         return dp_accounting.SelfComposedDpEvent(step_event(spec, num_examples, batch_size, noise), steps)
 
+    low = 0.1 if spec.mechanism == "laplace" else 1e-3  # PLD overflows for Laplace scales far below 1/epsilon
     try:
         return float(dp_accounting.calibrate_dp_mechanism(
             lambda: make_accountant(spec), event, spec.target_epsilon, spec.delta,
-            bracket_interval=dp_accounting.ExplicitBracketInterval(1e-3, 1e4), tol=spec.target_epsilon * 1e-3))
-    except (ValueError, RuntimeError) as exc:
+            bracket_interval=dp_accounting.ExplicitBracketInterval(low, 1e4), tol=spec.target_epsilon * 1e-3))
+    except (ValueError, RuntimeError, OverflowError) as exc:
         raise SlimtuneError(f"privacy budget epsilon={spec.target_epsilon}, delta={spec.delta} cannot be met with "
                             f"{steps} steps at sampling rate {batch_size / num_examples:.4g} ({exc}); use fewer steps, "
                             "a smaller batch or a larger epsilon") from None
