@@ -20,6 +20,7 @@ COLUMNS = [
     ("time/step (s)", "time_per_step_s", lambda v: f"{v:.3f}"),
     ("steps", "steps", str),
     ("dev accuracy", "final_accuracy", lambda v: f"{v:.3f}"),
+    ("best dev acc", "best_accuracy", lambda v: f"{v:.3f}"),
     ("epsilon", "epsilon", lambda v: f"{v:.2f}"),
     ("delta", "delta", lambda v: f"{v:.0e}"),
     ("bytes communicated", "bytes_communicated", lambda v: _bytes(v)),
@@ -106,17 +107,25 @@ def _plots(runs: list[RunData], out: Path) -> list[Path]:
     _finish(ax, "step", "dev accuracy", "Accuracy vs steps")
     paths.append(_save(fig, out / "accuracy_vs_steps.png"))
 
-    for key, label, title, fname in [("peak_mem_mb", "peak memory (MB)", "Accuracy vs peak memory", "accuracy_vs_memory.png"),
-                                     ("epsilon", "epsilon (privacy spent)", "Accuracy vs epsilon", "accuracy_vs_epsilon.png")]:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        x, y = r.summary.get("peak_mem_mb"), r.summary.get("final_accuracy")
+        if x is not None and y is not None:
+            ax.scatter([x], [y], s=60, label=r.name)
+    _finish(ax, "peak memory (MB)", "dev accuracy", "Accuracy vs peak memory")
+    paths.append(_save(fig, out / "accuracy_vs_memory.png"))
+
+    if any(r.summary.get("epsilon") is not None for r in runs):  # only meaningful with at least one private run
         fig, ax = plt.subplots(figsize=(6, 4))
+        edge = _right_edge(runs)
         for r in runs:
-            x, y = r.summary.get(key), r.summary.get("final_accuracy")
-            if key == "epsilon" and x is None and y is not None:
-                x = float("inf")  # non-private runs: drawn at the right edge
-            if x is not None and y is not None:
-                ax.scatter([x if x != float("inf") else _right_edge(runs)], [y], s=60, label=r.name)
-        _finish(ax, label, "dev accuracy", title)
-        paths.append(_save(fig, out / fname))
+            x, y = r.summary.get("epsilon"), r.summary.get("final_accuracy")
+            if y is not None:
+                ax.scatter([edge if x is None else x], [y], s=60, label=r.name, marker="o" if x is not None else "s")
+        ticks = [t for t in ax.get_xticks() if 0 <= t < edge * 0.9]
+        ax.set_xticks(ticks + [edge], [f"{t:g}" for t in ticks] + ["non-private"])
+        _finish(ax, "epsilon (privacy spent)", "dev accuracy", "Accuracy vs epsilon")
+        paths.append(_save(fig, out / "accuracy_vs_epsilon.png"))
     return paths
 
 
