@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
 
-COMMON = ["--model", "smollm2", "--task", "sst2", "--batch-size", "16", "--eval-max", "200", "--quiet", "--seed", "0"]
+COMMON = ["--model", "smollm2", "--task", "sst2", "--quiet", "--seed", "0"]
 GRID = {
     "fo-lora": ["--optimizer", "adamw", "--peft", "lora", "--lr", "1e-3", "--steps", "150"],
     "fo-lora-lr3e-4": ["--optimizer", "adamw", "--peft", "lora", "--lr", "3e-4", "--steps", "150"],
@@ -38,14 +38,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sst2"))
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--gpu", action="store_true", help="GPU mode: batch 64, full dev set, 4x the steps")
     args = ap.parse_args()
+    scale = 4 if args.gpu else 1
+    common = [*COMMON, "--batch-size", "64" if args.gpu else "16", "--eval-max", "0" if args.gpu else "200",
+              "--device", "cuda" if args.gpu else "cpu"]
     if not DATA.exists():
         raise SystemExit(f"needs GLUE SST-2 at {DATA}")
     names = args.only or list(GRID)
     for name in names:
-        steps = GRID[name][GRID[name].index("--steps") + 1]
+        grid = list(GRID[name])
+        steps = str(int(grid[grid.index("--steps") + 1]) * scale)
+        grid[grid.index("--steps") + 1] = steps
         cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(DATA / "train.tsv"), "--eval-data",
-               str(DATA / "dev.tsv"), "--out", f"{args.out}/{name}", "--eval-every", str(int(steps) // 5), *COMMON, *GRID[name]]
+               str(DATA / "dev.tsv"), "--out", f"{args.out}/{name}", "--eval-every", str(int(steps) // 5), *common, *grid]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     runs = [f"{args.out}/{n}" for n in GRID if (Path(args.out) / n / "summary.json").exists()]

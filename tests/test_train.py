@@ -28,11 +28,12 @@ def weights(run_dir):
 
 
 @pytest.mark.parametrize("optimizer,peft", [("mezo", "lora"), ("lozo-m", "svfit"), ("adamw", "lora"),
-                                            ("dpzero", "none"), ("lozo", "adapter")])
+                                            ("dpzero", "none"), ("lozo", "adapter"),
+                                            ("dp-adamw", "lora")])
 def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, demo_paths, optimizer, peft):
     kw = dict(optimizer=optimizer, peft=PeftSettings(peft, r=2),
               optim=OptimizerArgs(lr=1e-2, eps=1e-2, rank=2, nu=2),
-              privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0) if optimizer == "dpzero" else None)
+              privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0) if optimizer.startswith("dp") else None)
     straight = train(prepare(config(tmp_path, demo_paths, "straight", **kw)))
     half = config(tmp_path, demo_paths, "resumed", **{**kw, "steps": 3})
     train(prepare(half))

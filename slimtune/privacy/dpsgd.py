@@ -20,10 +20,10 @@ class DPFirstOrder(SlimOptimizer):
         self.name = f"dp-{kind}"
         self.grad_sample_module = GradSampleModule(model, loss_reduction="mean")  # hooks live on model's layers
         self.inner = FirstOrder(model.named_parameters(), config, kind)
-        generator = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
+        self.generator = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
         self.torch_optimizer = DPOptimizer(self.inner.torch_optimizer, noise_multiplier=noise_multiplier,
                                            max_grad_norm=clip, expected_batch_size=expected_batch_size,
-                                           loss_reduction="mean", generator=generator)
+                                           loss_reduction="mean", generator=self.generator)
 
     def step(self, closure) -> StepOutput:
         self.torch_optimizer.zero_grad(set_to_none=True)
@@ -37,7 +37,12 @@ class DPFirstOrder(SlimOptimizer):
         return StepOutput(loss.item(), {"batch_size": int(losses.numel())})
 
     def state_dict(self) -> dict:
-        return self.torch_optimizer.original_optimizer.state_dict()
+        state = {"optimizer": self.torch_optimizer.original_optimizer.state_dict()}
+        if self.generator is not None:
+            state["noise_generator"] = self.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.torch_optimizer.original_optimizer.load_state_dict(state)
+        self.torch_optimizer.original_optimizer.load_state_dict(state["optimizer"])
+        if self.generator is not None and "noise_generator" in state:
+            self.generator.set_state(state["noise_generator"])

@@ -103,11 +103,12 @@ class ZOOptimizer(SlimOptimizer):
                 part.add_(z, alpha=-lr * coef)
 
     def _buffer(self, p: torch.Tensor, chunk: int) -> torch.Tensor:
+        """One reusable z buffer per (device, dtype), as large as the biggest chunk it must hold."""
         key = (p.device, p.dtype)
         buffers = self.__dict__.setdefault("_buffers", {})
-        size = min(chunk, max(p.numel() for _, q, _ in self.params if (q.device, q.dtype) == key))
-        if key not in buffers or buffers[key].numel() < size:
-            buffers[key] = torch.empty(size, device=p.device, dtype=p.dtype)
+        if key not in buffers:
+            largest = max(q.numel() for _, q, _ in self.params if (q.device, q.dtype) == key)
+            buffers[key] = torch.empty(min(chunk, largest), device=p.device, dtype=p.dtype)
         return buffers[key]
 
     # -- checkpointing ------------------------------------------------------------------------------------------
