@@ -1,7 +1,8 @@
-"""SST-2 with SmolLM2-135M on CPU at a small fixed budget: FO vs ZO vs DPZero x LoRA / PiSSA / SVFit.
+"""SST-2 or RTE with SmolLM2-135M on CPU at a small fixed budget: FO vs ZO vs DPZero x none / LoRA / PiSSA / SVFit.
 
 Runs `slimtune train` once per configuration (each its own process, so peak memory is its own), then renders the
-report. Needs ../shared/data/sst2. Usage: python benchmarks/sst2_grid.py [--out benchmarks/results/sst2] [--only NAME]
+report. Needs ../shared/data/<task>. Usage: python benchmarks/sst2_grid.py [--task rte] [--scale 0.5] [--only NAME...]
+[--gpu]
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "sst2"
+SHARED = ROOT.parent / "shared" / "data"
 
-COMMON = ["--model", "smollm2", "--task", "sst2", "--quiet", "--seed", "0"]
+COMMON = ["--model", "smollm2", "--quiet", "--seed", "0"]
 GRID = {
     "fo-lora": ["--optimizer", "adamw", "--peft", "lora", "--lr", "1e-3", "--steps", "150"],
     "fo-lora-lr3e-4": ["--optimizer", "adamw", "--peft", "lora", "--lr", "3e-4", "--steps", "150"],
@@ -36,19 +37,23 @@ GRID = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sst2"))
+    ap.add_argument("--task", default="sst2", choices=["sst2", "rte"])
+    ap.add_argument("--out", help="default: benchmarks/results/<task>")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps (RTE prompts are longer)")
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--gpu", action="store_true", help="GPU mode: batch 64, full dev set, 4x the steps")
     args = ap.parse_args()
-    scale = 4 if args.gpu else 1
-    common = [*COMMON, "--batch-size", "64" if args.gpu else "16", "--eval-max", "0" if args.gpu else "200",
+    scale = (4 if args.gpu else 1) * args.scale
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / args.task)
+    DATA = SHARED / args.task
+    common = [*COMMON, "--task", args.task, "--batch-size", "64" if args.gpu else "16", "--eval-max", "0" if args.gpu else "200",
               "--device", "cuda" if args.gpu else "cpu"]
     if not DATA.exists():
-        raise SystemExit(f"needs GLUE SST-2 at {DATA}")
+        raise SystemExit(f"needs GLUE {args.task} at {DATA}")
     names = args.only or list(GRID)
     for name in names:
         grid = list(GRID[name])
-        steps = str(int(grid[grid.index("--steps") + 1]) * scale)
+        steps = str(int(int(grid[grid.index("--steps") + 1]) * scale))
         grid[grid.index("--steps") + 1] = steps
         cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(DATA / "train.tsv"), "--eval-data",
                str(DATA / "dev.tsv"), "--out", f"{args.out}/{name}", "--eval-every", str(int(steps) // 5), *common, *grid]
