@@ -1,7 +1,7 @@
 """SST-2 or RTE with SmolLM2-135M on CPU at a small fixed budget: FO vs ZO vs DPZero x none / LoRA / PiSSA / SVFit.
 
 Runs `slimtune train` once per configuration (each its own process, so peak memory is its own), then renders the
-report. Needs ../shared/data/<task>. Usage: python benchmarks/sst2_grid.py [--task rte] [--scale 0.5] [--only NAME...]
+report. Needs ../shared/data/<task>. Usage: python benchmarks/glue_grid.py [--task rte] [--scale 0.5] [--only NAME...]
 [--gpu]
 """
 
