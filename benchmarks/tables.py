@@ -1,0 +1,95 @@
+"""Print the README's Markdown tables from benchmark results (so the README never drifts from the JSON)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def load(task: str, name: str):
+    d = RESULTS / task / name
+    if not (d / "summary.json").exists():
+        return None, []
+    metrics = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return json.loads((d / "summary.json").read_text()), metrics
+
+
+def time_to(metrics: list[dict], target: float) -> str:
+    """Wall-clock training seconds until the first evaluation at or above `target`."""
+    elapsed = 0.0
+    for m in metrics:
+        elapsed += m.get("step_time_s") or 0.0
+        if (m.get("eval_accuracy") or 0) >= target:
+            return f"{elapsed:.0f} s (step {m['step']})"
+    return "not reached"
+
+
+def fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def grid_table(task: str, names: list[str], target: float) -> str:
+    rows = ["| run | optimizer | PEFT | trainable params | peak memory (MB) | time/step (s) | steps | dev acc (final) "
+            f"| dev acc (best) | time to {target:.0%} | epsilon |", "|" + "---|" * 11]
+    zero = None
+    for name in names:
+        s, m = load(task, name)
+        if s is None:
+            continue
+        zero = next((x["eval_accuracy"] for x in m if x.get("step") == 0 and "eval_accuracy" in x), zero)
+        rows.append(f"| {name} | {s['method']} | {s['peft']} | {s['trainable_params']:,} | {s['peak_mem_mb']:,.0f} | "
+                    f"{s['time_per_step_s']:.2f} | {s['steps']} | {fmt(s['final_accuracy'])} | "
+                    f"{fmt(s['best_accuracy'])} | {time_to(m, target)} | {fmt(s['epsilon'], '.2f')} |")
+    return "\n".join(rows) + (f"\n\nZero-shot dev accuracy (step 0): {zero:.3f}." if zero is not None else "")
+
+
+def mia_table() -> str:
+    path = RESULTS / "membership_inference.json"
+    if not path.exists():
+        return "(not run)"
+    d = json.loads(path.read_text())
+    rows = [f"{d['members']} members, {d['steps']} steps, delta = {d['delta']}", "",
+            "| run | attack AUC | member loss | non-member loss | epsilon |", "|---|---|---|---|---|"]
+    for name, r in d["results"].items():
+        rows.append(f"| {name} | {r['auc']:.3f} | {r['member_loss']:.3f} | {r['nonmember_loss']:.3f} | "
+                    f"{fmt(r['epsilon'], '.2f')} |")
+    return "\n".join(rows)
+
+
+def federated_table() -> str:
+    path = RESULTS / "federated.json"
+    if not path.exists():
+        return "(not run)"
+    d = json.loads(path.read_text())
+    rows = ["| run | server acc (theta) | client-visible acc (Q(theta)) | start acc | bytes down / client / round "
+            "| bytes up / client / round | peak memory (MB) |", "|" + "---|" * 7]
+    for name, s in d.items():
+        if name == "centralized":
+            rows.append(f"| centralized (same data, same total steps) | {fmt(s['final_accuracy'])} | - | - | - | - | "
+                        f"{s['peak_mem_mb']:,.0f} |")
+            continue
+        rows.append(f"| {name} | {fmt(s['final_accuracy'])} | {fmt(s['client_visible_accuracy'])} | "
+                    f"{fmt(s['initial_accuracy'])} | {s['bytes_down_per_client_per_round']:,.0f} | "
+                    f"{s['bytes_up_per_client_per_round']:,.0f} | {s['peak_mem_mb']:,.0f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    which = sys.argv[1:] or ["sst2", "dp", "peft", "mia", "federated", "rte"]
+    main_runs = ["fo-lora", "fo-lora-lr3e-4", "zo-lora", "lozo-full"]
+    dp_runs = ["zo-lora", "dpzero-lora-eps6", "dpzero-lora-eps2", "dp-adamw-lora-eps6"]
+    peft_runs = ["fo-full", "fo-lora-lr3e-4", "fo-lora", "fo-pissa", "fo-svfit", "lozo-full", "zo-lora", "zo-pissa",
+                 "zo-svfit"]
+    for w in which:
+        print(f"\n<!-- {w} -->")
+        print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
+               "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
+               "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
+
+
+if __name__ == "__main__":
+    main()
