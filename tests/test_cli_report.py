@@ -90,3 +90,14 @@ def test_flower_app_is_declared_for_flwr_run():
     cfg = FederatedConfig.from_run_config(flwr["config"])
     assert cfg.rounds == flwr["config"]["num-server-rounds"] and cfg.bits == flwr["config"]["bits"]
     assert cfg.lora_r == flwr["config"]["lora-r"]
+
+
+def test_cli_federate_rejects_bad_settings_before_starting(tmp_path, demo_paths):
+    train_path, _ = demo_paths
+    res = runner.invoke(app, ["federate", "--data", train_path, "--model", "tiny-llama", "--bits", "12",
+                              "--out", str(tmp_path / "f")])
+    assert res.exit_code == 2 and "--bits/--upload-bits must be 1..8 or 32" in res.output
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\nok\t7\n")
+    res = runner.invoke(app, ["federate", "--data", str(bad), "--model", "tiny-llama", "--out", str(tmp_path / "f")])
+    assert res.exit_code == 2 and "bad.tsv:2: field 'label': unknown label '7'" in res.output
