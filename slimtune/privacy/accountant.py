@@ -96,7 +96,7 @@ def sensitivity(spec: PrivacySpec) -> float:
 
 
 def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int) -> float:
-    """Smallest noise multiplier whose epsilon after `steps` is <= target (within 0.1%); refuses impossible budgets."""
+    """Smallest noise multiplier whose epsilon after `steps` is <= target (bisection on sigma to 1e-5); refuses impossible budgets."""
     check_spec(spec, num_examples)
     if spec.target_epsilon is None:
         raise SlimtuneError("calibration needs a target epsilon")
@@ -108,7 +108,7 @@ def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps
     try:
         return float(dp_accounting.calibrate_dp_mechanism(
             lambda: make_accountant(spec), event, spec.target_epsilon, spec.delta,
-            bracket_interval=dp_accounting.ExplicitBracketInterval(low, 1e4), tol=spec.target_epsilon * 1e-3))
+            bracket_interval=dp_accounting.ExplicitBracketInterval(low, 1e4), tol=1e-5))  # tolerance on the noise; epsilon is steep in it
     except (ValueError, RuntimeError, OverflowError) as exc:
         raise SlimtuneError(f"privacy budget epsilon={spec.target_epsilon}, delta={spec.delta} cannot be met with "
                             f"{steps} steps at sampling rate {batch_size / num_examples:.4g} ({exc}); use fewer steps, "
