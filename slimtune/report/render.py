@@ -99,7 +99,9 @@ def _plots(runs: list[RunData], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = plt.cm.tab20.colors if len(runs) > 10 else plt.cm.tab10.colors
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=colors)  # one distinct colour per run
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for r in runs:
         evals = [m for m in r.metrics if m.get("eval_accuracy") is not None]
         if evals:
@@ -107,7 +109,7 @@ def _plots(runs: list[RunData], out: Path) -> list[Path]:
     _finish(ax, "step", "dev accuracy", "Accuracy vs steps")
     paths.append(_save(fig, out / "accuracy_vs_steps.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for r in runs:
         x, y = r.summary.get("peak_mem_mb"), r.summary.get("final_accuracy")
         if x is not None and y is not None:
@@ -116,7 +118,7 @@ def _plots(runs: list[RunData], out: Path) -> list[Path]:
     paths.append(_save(fig, out / "accuracy_vs_memory.png"))
 
     if any(r.summary.get("epsilon") is not None for r in runs):  # only meaningful with at least one private run
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
         edge = _right_edge(runs)
         for r in runs:
             x, y = r.summary.get("epsilon"), r.summary.get("final_accuracy")
@@ -140,7 +142,7 @@ def _finish(ax, xlabel, ylabel, title) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _save(fig, path: Path) -> Path:
