@@ -82,12 +82,7 @@ def run_one(name: str, batch_size: int, steps: int, device: str) -> dict:
         if step:
             times.append(time.perf_counter() - start)
     return {"config": name, "device": device, "batch_size": batch_size, "step_time_s": sum(times) / len(times),
-            "peak_mem_mb": peak_memory_mb(device), **peak_summary(model, peft_summary)}
-
-
-def peak_summary(model, peft_summary):
-    s = peft_summary(model)
-    return {"trainable_params": s["trainable_params"]}
+            "peak_mem_mb": peak_memory_mb(device), "trainable_params": peft_summary(model)["trainable_params"]}
 
 
 def main() -> None:

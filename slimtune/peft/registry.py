@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +27,6 @@ class PeftSettings:
     target_modules: list[str] | None = None  # None: a sensible default for the architecture
     pissa_niter: int | None = None  # fast randomized-SVD PiSSA ("pissa_niter_K"); None: exact SVD
     learn_scale: bool = False  # SVFit
-    extra: dict = field(default_factory=dict)
 
 
 def default_targets(model: nn.Module, method: str) -> list[str]:
