@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -49,7 +48,7 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
         batch = encode(tok, [examples[i] for i in sampler.indices(step)])
         if optimizer.zeroth_order:
             seeds.append(mix_seed(optimizer.config.seed, optimizer.step_count, 0))
-        out = optimizer.step(lambda: per_example_losses(model, batch, label_ids) if len(batch) else torch.zeros(0))
+        out = optimizer.step(lambda: per_example_losses(model, batch, label_ids))
         losses.append(out.loss)
         grads.append(out.info.get("projected_grad", 0.0))
     metrics = {"num-examples": len(examples), "train-loss": float(np.nanmean(losses))}

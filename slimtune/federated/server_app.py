@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -97,5 +96,4 @@ def _write_summary(cfg, out, model, accountant, seconds) -> dict:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run`: settings from [tool.flwr.app.config] in pyproject.toml."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run_server(grid, FederatedConfig.from_run_config(context.run_config))

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from slimtune.federated.common import FP32, FederatedConfig, decode_state, encode_state
+from slimtune.federated.common import FederatedConfig, decode_state, encode_state
 from slimtune.optim.base import mix_seed
 
 log = logging.getLogger("slimtune.federated")

@@ -10,6 +10,7 @@ The direction z is public (a seed), so the update theta -= lr * g_hat * z is pos
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -34,8 +35,8 @@ class PrivateDifference:
     def noise(self) -> float:
         scale = self.noise_multiplier * sensitivity(self.spec)
         if self.spec.mechanism == "laplace":
-            u = torch.rand((), generator=self.generator, dtype=torch.float64).item() - 0.5
-            return -scale * (1 if u >= 0 else -1) * torch.log1p(torch.tensor(-2 * abs(u), dtype=torch.float64)).item()
+            u = torch.rand((), generator=self.generator, dtype=torch.float64).item() - 0.5  # inverse CDF
+            return -scale * math.copysign(1.0, u) * math.log1p(-2 * abs(u))
         return scale * torch.randn((), generator=self.generator, dtype=torch.float64).item()
 
     def __call__(self, losses_plus, losses_minus, eps) -> tuple[float, dict]:

@@ -58,7 +58,12 @@ def label_logits(model, batch: EncodedBatch, label_ids: list[int]) -> torch.Tens
 
 
 def per_example_losses(model, batch: EncodedBatch, label_ids: list[int]) -> torch.Tensor:
-    """Cross-entropy of the true label word among the label words, one value per example."""
+    """Cross-entropy of the true label word among the label words, one value per example.
+
+    An empty batch (possible under Poisson sampling) gives an empty tensor without running the model.
+    """
+    if len(batch) == 0:
+        return torch.zeros(0, device=batch.input_ids.device)
     return F.cross_entropy(label_logits(model, batch, label_ids), batch.labels, reduction="none")
 
 

@@ -168,13 +168,8 @@ def _train_step(run: Run, step: int) -> dict:
     batch = encode(run.tokenizer, [run.train_examples[i] for i in indices], cfg.max_length).to(cfg.device)
     torch.manual_seed(mix_seed(cfg.seed, step, 0xD0))  # dropout noise (first-order) replays on resume
 
-    def closure() -> torch.Tensor:
-        if len(batch) == 0:
-            return torch.zeros(0, device=cfg.device)
-        return per_example_losses(run.model, batch, run.label_ids)
-
     start = time.perf_counter()
-    result = run.optimizer.step(closure)
+    result = run.optimizer.step(lambda: per_example_losses(run.model, batch, run.label_ids))
     elapsed = time.perf_counter() - start
     if len(batch) and not math.isfinite(result.loss):
         raise SlimtuneError(f"training loss is {result.loss} at step {step + 1} ({cfg.optimizer}, lr={cfg.optim.lr}); "
