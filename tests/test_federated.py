@@ -109,6 +109,10 @@ def test_aggregation_matches_a_hand_computation(demo_paths):
     strategy.aggregate_train(1, replies)
     for k in theta:
         assert torch.allclose(strategy.theta[k], theta[k] + (10 * d1[k] + 30 * d2[k]) / 40, atol=1e-6)
+    sent = instructions(strategy)[0].content["arrays"]  # the next broadcast carries the new theta, not a stale copy
+    sent = decode_state({k: sent[k].numpy() for k in sent.keys()}, strategy.shapes, FP32, cfg.block_size)
+    assert all(torch.equal(sent[k], strategy.theta[k]) for k in theta)
+    assert all(torch.equal(strategy.client_view()[k], strategy.theta[k]) for k in theta)
 
 
 def test_client_dp_clips_each_delta(demo_paths):

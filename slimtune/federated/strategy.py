@@ -35,16 +35,22 @@ class FedLPP(FedAvg):
         self.replay = replay  # mode zo-seeds: callable(theta, [(seeds, grads, weight)]) -> new theta
         self.round_log: dict[int, dict] = {}
         self.noise_generator = torch.Generator().manual_seed(mix_seed(cfg.seed, 0xC11E))
+        self._encoded = None  # (theta it encodes, arrays, bytes)
 
     # -- what goes down ---------------------------------------------------------------------------------------
+    def encoded(self) -> tuple[dict, int]:
+        """Q(theta) as packed arrays and its size in bytes; quantized once per version of theta."""
+        if self._encoded is None or self._encoded[0] is not self.theta:
+            self._encoded = (self.theta, *encode_state(self.theta, self.cfg.bits, self.cfg.block_size))
+        return self._encoded[1], self._encoded[2]
+
     def broadcast(self) -> tuple[ArrayRecord, int]:
-        arrays, nbytes = encode_state(self.theta, self.cfg.bits, self.cfg.block_size)
+        arrays, nbytes = self.encoded()
         return ArrayRecord({k: _as_array(v) for k, v in arrays.items()}), nbytes
 
     def client_view(self) -> dict[str, torch.Tensor]:
         """Q(theta) exactly as a client reconstructs it."""
-        arrays, _ = encode_state(self.theta, self.cfg.bits, self.cfg.block_size)
-        return decode_state(arrays, self.shapes, self.cfg.bits, self.cfg.block_size)
+        return decode_state(self.encoded()[0], self.shapes, self.cfg.bits, self.cfg.block_size)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         payload, nbytes = self.broadcast()  # the `arrays` argument is ignored: theta itself is never sent
