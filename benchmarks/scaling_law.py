@@ -1,58 +1,81 @@
-"""Fit L = A / (X^alpha * D_f^beta) + E jointly over two PEFT methods and four data sizes (SST-2, SmolLM2, FO).
+"""Fit L = A / (X^alpha * D_f^beta) + E per PEFT method over its size X and the data size D_f (SST-2, SmolLM2, FO).
 
-X = the method's trainable parameter count, D_f = number of fine-tuning examples (balanced k-shot subsets),
-L = dev loss after a fixed number of steps. Writes benchmarks/results/scaling/ (runs, scaling_law.json, plot).
+As in Zhang et al. (ICLR 2024, "PEFT parameter scaling"): X = the method's trainable parameter count, varied through
+its rank; D_f = number of fine-tuning examples (balanced k-shot subsets); L = the best dev loss reached while
+training for `--epochs` passes over D_f (clamped to [--min-steps, --max-steps] steps). One law per method.
+Writes benchmarks/results/scaling/ (runs, scaling_law.json, plot).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
-METHODS = {"lora": dict(r=8, lr=1e-3), "svfit": dict(r=8, lr=2e-2)}
+METHODS = {"lora": dict(ranks=[2, 16], lr=3e-4), "svfit": dict(ranks=[8, 64], lr=2e-2)}
+
+
+def steps_for(size: int, args) -> int:
+    return max(args.min_steps, min(args.max_steps, math.ceil(args.epochs * size / args.batch_size)))
+
+
+def best_dev_loss(run_dir: Path) -> float:
+    from slimtune.train.metrics import read_jsonl
+
+    losses = [r["eval_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("eval_loss") is not None
+              and r["step"] > 0]
+    return min(losses)
+
+
+def run_point(method: str, rank: int, size: int, args, out: Path) -> tuple[int, int, float]:
+    from slimtune.optim import OptimizerArgs
+    from slimtune.peft import PeftSettings
+    from slimtune.train import TrainConfig, prepare, train
+
+    run_dir = out / f"{method}-r{rank}-d{size}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    steps = steps_for(size, args)
+    cfg = TrainConfig(out_dir=str(run_dir), train_data=str(DATA / "train.tsv"), eval_data=str(DATA / "dev.tsv"),
+                      model=args.model, optimizer="adamw", optim=OptimizerArgs(lr=METHODS[method]["lr"]),
+                      peft=PeftSettings(method, r=rank), steps=steps, batch_size=args.batch_size,
+                      eval_every=max(1, steps // args.evals), checkpoint_every=10**9, eval_max=args.eval_max,
+                      k_shot=size // 2, progress=False)
+    summary = train(prepare(cfg))
+    return summary["trainable_params"], size, best_dev_loss(run_dir)
 
 
 def main() -> None:
-    from slimtune.optim import OptimizerArgs
-    from slimtune.peft import PeftSettings
     from slimtune.report.scaling import fit_scaling_law, plot_scaling
-    from slimtune.train import TrainConfig, prepare, train
-    from slimtune.train.metrics import read_jsonl
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="*", default=[16, 64, 256, 1024])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--min-steps", type=int, default=24)
+    ap.add_argument("--max-steps", type=int, default=128)
+    ap.add_argument("--evals", type=int, default=3, help="dev evaluations per run (the best one counts)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--eval-max", type=int, default=200)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling"))
     args = ap.parse_args()
     out = Path(args.out)
-    points = {m: [] for m in METHODS}
-    for method, hp in METHODS.items():
-        for size in args.sizes:
-            run_dir = out / f"{method}-d{size}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            cfg = TrainConfig(out_dir=str(run_dir), train_data=str(DATA / "train.tsv"), eval_data=str(DATA / "dev.tsv"),
-                              model=args.model, optimizer="adamw", optim=OptimizerArgs(lr=hp["lr"]),
-                              peft=PeftSettings(method, r=hp["r"]), steps=args.steps, batch_size=16,
-                              eval_every=args.steps, eval_max=200, k_shot=size // 2, progress=False)
-            summary = train(prepare(cfg))
-            loss = [r["eval_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("eval_loss") is not None][-1]
-            points[method].append((summary["trainable_params"], size, loss))
-            print(method, size, loss, flush=True)
-    # One joint law over both methods: X (trainable parameters) differs between them, D_f within each.
-    all_pts = [p for pts in points.values() for p in pts]
-    xs, ds, ls = map(list, zip(*all_pts))
-    fit = fit_scaling_law(xs, ds, ls)
-    fits = {m: (fit, *map(list, zip(*pts))) for m, pts in points.items()}
-    result = {"fit": fit.__dict__, "points": points}
+    points = {}
+    for method in args.methods:
+        points[method] = [run_point(method, rank, size, args, out)
+                          for rank in METHODS[method]["ranks"] for size in args.sizes]
+        print(method, points[method], flush=True)
+    fits = {m: (fit_scaling_law(*map(list, zip(*pts))), *map(list, zip(*pts))) for m, pts in points.items()}
+    result = {"setup": {k: v for k, v in vars(args).items() if k != "out"} | {"methods": {m: METHODS[m] for m in points}},
+              "fits": {m: f[0].__dict__ for m, f in fits.items()}, "points": points}
     out.mkdir(parents=True, exist_ok=True)
     plot_scaling(fits, out / "scaling_law.png")
     (out / "scaling_law.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result["fits"], indent=2))
 
 
 if __name__ == "__main__":

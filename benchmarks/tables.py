@@ -78,8 +78,27 @@ def federated_table() -> str:
     return "\n".join(rows)
 
 
+def scaling_table() -> str:
+    path = RESULTS / "scaling" / "scaling_law.json"
+    if not path.exists():
+        return "(not run)"
+    d = json.loads(path.read_text())
+    rows = ["| method | fit: L = A / (X^alpha D_f^beta) + E | RMSE (log L) |", "|---|---|---|"]
+    for m, f in d["fits"].items():
+        rows.append(f"| {m} | {f['A']:.3g} / (X^{f['alpha']:.3f} D_f^{f['beta']:.3f}) + {f['E']:.3f} | "
+                    f"{f['rmse_log']:.3f} |")
+    sizes = sorted({p[1] for pts in d["points"].values() for p in pts})
+    rows += ["", "| method | X (trainable params) | " + " | ".join(f"D_f={s}" for s in sizes) + " |",
+             "|" + "---|" * (2 + len(sizes))]
+    for m, pts in d["points"].items():
+        for x in sorted({p[0] for p in pts}):
+            loss = {dsz: l for xi, dsz, l in pts if xi == x}
+            rows.append(f"| {m} | {x:,} | " + " | ".join(fmt(loss.get(s)) for s in sizes) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
-    which = sys.argv[1:] or ["sst2", "dp", "peft", "mia", "federated", "rte"]
+    which = sys.argv[1:] or ["sst2", "dp", "peft", "mia", "federated", "rte", "scaling"]
     main_runs = ["fo-lora", "fo-lora-lr3e-4", "zo-lora", "lozo-full"]
     dp_runs = ["zo-lora", "dpzero-lora-eps6", "dpzero-lora-eps2", "dp-adamw-lora-eps6"]
     peft_runs = ["fo-full", "fo-lora-lr3e-4", "fo-lora", "fo-pissa", "fo-svfit", "lozo-full", "zo-lora", "zo-pissa",
@@ -87,7 +106,7 @@ def main() -> None:
     for w in which:
         print(f"\n<!-- {w} -->")
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
-               "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
+               "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table, "scaling": scaling_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slimtune.report.memory_model import ModelShape, predict_peak_mb
-from slimtune.report.scaling import fit_scaling_law
+from slimtune.report.scaling import fit_scaling_law, plot_scaling
 
 SMOL = ModelShape(total_params=134_515_008, hidden=576, intermediate=1536, layers=30, heads=9, vocab=49152)
 
@@ -29,3 +29,12 @@ def test_scaling_law_fit_recovers_known_parameters():
     assert fit.alpha == pytest.approx(0.2, abs=0.01) and fit.beta == pytest.approx(0.4, abs=0.01)
     assert fit.E == pytest.approx(0.3, abs=0.01)
     assert fit.predict(1e4, 100).item() == pytest.approx(5.0 / (1e4 ** 0.2 * 100 ** 0.4) + 0.3, rel=1e-3)
+
+
+def test_scaling_plot_draws_one_panel_per_method(tmp_path):
+    x = [1e3] * 3 + [1e5] * 3
+    d = [16, 64, 256] * 2
+    loss = [5.0 / (xi ** 0.2 * di ** 0.4) + 0.3 for xi, di in zip(x, d)]
+    fit = fit_scaling_law(x, d, loss)
+    plot_scaling({"lora": (fit, x, d, loss), "svfit": (fit, x, d, loss)}, tmp_path / "law.png")
+    assert (tmp_path / "law.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

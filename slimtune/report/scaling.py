@@ -55,23 +55,25 @@ def fit_scaling_law(x, d, loss, starts: int = 8) -> ScalingFit:
 
 
 def plot_scaling(fits: dict[str, tuple[ScalingFit, list, list, list]], path) -> None:
-    """fits: method -> (fit, X, D_f, L). One curve per method over D_f."""
+    """fits: method -> (fit, X, D_f, L). One panel per method, one fitted curve over D_f per X."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, (fit, xs, ds, ls) in fits.items():
-        line = ax.scatter(ds, ls, label=f"{method} (measured)")
+    fig, axes = plt.subplots(1, len(fits), figsize=(5 * len(fits), 4), squeeze=False, sharey=True)
+    for ax, (method, (fit, xs, ds, ls)) in zip(axes[0], fits.items()):
         grid = torch.logspace(torch.log10(torch.tensor(min(ds))), torch.log10(torch.tensor(max(ds))), 50)
-        ax.plot(grid, fit.predict(xs[0], grid), color=line.get_facecolor()[0],
-                label=f"{method}: A/(X^{fit.alpha:.2f} D^{fit.beta:.2f}) + {fit.E:.2f}")
-    ax.set_xscale("log")
-    ax.set_xlabel("fine-tuning examples D_f")
-    ax.set_ylabel("dev loss")
-    ax.set_title("Multiplicative joint scaling law")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        for x in sorted(set(xs)):
+            measured = [(d, loss) for xi, d, loss in zip(xs, ds, ls) if xi == x]
+            line = ax.scatter(*zip(*measured), label=f"X={x:,} (measured)")
+            ax.plot(grid, fit.predict(x, grid), color=line.get_facecolor()[0], label=f"X={x:,} (fit)")
+        ax.set_xscale("log")
+        ax.set_xlabel("fine-tuning examples D_f")
+        ax.set_title(f"{method}: L = {fit.A:.2f} / (X^{fit.alpha:.2f} D^{fit.beta:.2f}) + {fit.E:.2f}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("dev loss")
+    fig.suptitle("Multiplicative joint scaling law (Zhang et al., 2024)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
