@@ -53,8 +53,8 @@ def main() -> None:
     names = args.only or list(GRID)
     for name in names:
         grid = list(GRID[name])
-        steps = str(int(int(grid[grid.index("--steps") + 1]) * scale))
-        grid[grid.index("--steps") + 1] = steps
+        at = grid.index("--steps") + 1
+        grid[at] = steps = str(int(int(grid[at]) * scale))
         cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(DATA / "train.tsv"), "--eval-data",
                str(DATA / "dev.tsv"), "--out", f"{args.out}/{name}", "--eval-every", str(int(steps) // 5), *common, *grid]
         print("+", " ".join(cmd), flush=True)

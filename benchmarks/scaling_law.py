@@ -69,7 +69,8 @@ def main() -> None:
         points[method] = [run_point(method, rank, size, args, out)
                           for rank in METHODS[method]["ranks"] for size in args.sizes]
         print(method, points[method], flush=True)
-    fits = {m: (fit_scaling_law(*map(list, zip(*pts))), *map(list, zip(*pts))) for m, pts in points.items()}
+    columns = {m: [list(c) for c in zip(*pts)] for m, pts in points.items()}  # X, D_f, L
+    fits = {m: (fit_scaling_law(*cols), *cols) for m, cols in columns.items()}
     result = {"setup": {k: v for k, v in vars(args).items() if k != "out"} | {"methods": {m: METHODS[m] for m in points}},
               "fits": {m: f[0].__dict__ for m, f in fits.items()}, "points": points}
     out.mkdir(parents=True, exist_ok=True)

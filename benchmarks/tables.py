@@ -6,16 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+from slimtune.report.render import load_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def load(task: str, name: str):
-    d = RESULTS / task / name
-    if not (d / "summary.json").exists():
-        return None, []
-    metrics = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return json.loads((d / "summary.json").read_text()), metrics
 
 
 def time_to(metrics: list[dict], target: float) -> str:
@@ -36,12 +30,11 @@ def grid_table(task: str, names: list[str], target: float) -> str:
     rows = ["| run | optimizer | PEFT | trainable params | peak memory (MB) | time/step (s) | steps | dev acc (final) "
             f"| dev acc (best) | time to {target:.0%} | epsilon |", "|" + "---|" * 11]
     zero = None
-    for name in names:
-        s, m = load(task, name)
-        if s is None:
-            continue
+    finished = [RESULTS / task / n for n in names if (RESULTS / task / n / "summary.json").exists()]
+    for run in load_runs(finished):
+        s, m = run.summary, run.metrics
         zero = next((x["eval_accuracy"] for x in m if x.get("step") == 0 and "eval_accuracy" in x), zero)
-        rows.append(f"| {name} | {s['method']} | {s['peft']} | {s['trainable_params']:,} | {s['peak_mem_mb']:,.0f} | "
+        rows.append(f"| {run.name} | {s['method']} | {s['peft']} | {s['trainable_params']:,} | {s['peak_mem_mb']:,.0f} | "
                     f"{s['time_per_step_s']:.2f} | {s['steps']} | {fmt(s['final_accuracy'])} | "
                     f"{fmt(s['best_accuracy'])} | {time_to(m, target)} | {fmt(s['epsilon'], '.2f')} |")
     return "\n".join(rows) + (f"\n\nZero-shot dev accuracy (step 0): {zero:.3f}." if zero is not None else "")
@@ -106,7 +99,8 @@ def main() -> None:
     for w in which:
         print(f"\n<!-- {w} -->")
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
-               "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table, "scaling": scaling_table,
+               "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
+               "scaling": scaling_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
 
 
