@@ -12,13 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def time_to(metrics: list[dict], target: float) -> str:
-    """Wall-clock training seconds until the first evaluation at or above `target`."""
+def time_to(metrics: list[dict], target: float, mean_step_s: float | None = None) -> str:
+    """Wall-clock training seconds until the first evaluation at or above `target`.
+
+    Private runs log no per-step time (it depends on the private batch size): steps x the run's mean step time."""
+    per_step = any("step_time_s" in m for m in metrics)
     elapsed = 0.0
     for m in metrics:
-        elapsed += m.get("step_time_s") or 0.0
+        elapsed = elapsed + (m.get("step_time_s") or 0.0) if per_step else m["step"] * (mean_step_s or 0.0)
         if (m.get("eval_accuracy") or 0) >= target:
-            return f"{elapsed:.0f} s (step {m['step']})"
+            return f"{'' if per_step else '~'}{elapsed:.0f} s (step {m['step']})"
     return "not reached"
 
 
@@ -36,7 +39,7 @@ def grid_table(task: str, names: list[str], target: float) -> str:
         zero = next((x["eval_accuracy"] for x in m if x.get("step") == 0 and "eval_accuracy" in x), zero)
         rows.append(f"| {run.name} | {s['method']} | {s['peft']} | {s['trainable_params']:,} | {s['peak_mem_mb']:,.0f} | "
                     f"{s['time_per_step_s']:.2f} | {s['steps']} | {fmt(s['final_accuracy'])} | "
-                    f"{fmt(s['best_accuracy'])} | {time_to(m, target)} | {fmt(s['epsilon'], '.2f')} |")
+                    f"{fmt(s['best_accuracy'])} | {time_to(m, target, s.get('time_per_step_s'))} | {fmt(s['epsilon'], '.2f')} |")
     return "\n".join(rows) + (f"\n\nZero-shot dev accuracy (step 0): {zero:.3f}." if zero is not None else "")
 
 

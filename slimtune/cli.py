@@ -60,6 +60,9 @@ def train(
     clip: float = typer.Option(1.0, help="DP: clipping threshold C"),
     sampling: str = typer.Option("poisson", help="DP: poisson (default, exact) or shuffle"),
     mechanism: str = typer.Option("gaussian", help="DP: gaussian or laplace"),
+    accountant: str = typer.Option("rdp", help="DP: rdp (fast) or pld (tighter: less noise for the same epsilon)"),
+    log_private_stats: bool = typer.Option(False, help="DP: also log training loss, batch sizes and clipped fractions "
+                                           "of private batches (NOT covered by the guarantee)"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     dtype: str = typer.Option("float32"),
     resume: bool = typer.Option(False, help="continue the run in --out from its checkpoint"),
@@ -75,7 +78,7 @@ def train(
     privacy = None
     if optimizer in PRIVATE_OPTIMIZERS:
         privacy = PrivacySpec(epsilon if epsilon is not None or noise_multiplier is not None else 6.0, delta,
-                              noise_multiplier, clip, sampling, mechanism)
+                              noise_multiplier, clip, sampling, mechanism, accountant)
     config = TrainConfig(
         out_dir=out, train_data=data, eval_data=eval_data, model=model, task=task, text_column=text_column,
         label_column=label_column, template=template, label_words=label_words, optimizer=optimizer,
@@ -83,7 +86,7 @@ def train(
         peft=PeftSettings(peft, r, lora_alpha, lora_dropout, target_modules.split(",") if target_modules else None),
         privacy=privacy, steps=steps, batch_size=batch_size, eval_every=eval_every, eval_max=eval_max,
         checkpoint_every=checkpoint_every, patience=patience, k_shot=k_shot, seed=seed,
-        device=_resolve_device(device), dtype=dtype, progress=not quiet)
+        device=_resolve_device(device), dtype=dtype, progress=not quiet, log_private_stats=log_private_stats)
     try:
         summary = run_training(prepare(config, resume=resume))
     except SlimtuneError as exc:

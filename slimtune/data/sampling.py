@@ -1,4 +1,8 @@
-"""Batch samplers that are pure functions of (seed, step): resuming at step t replays exactly the same batches."""
+"""Batch samplers that are pure functions of (seed, step): resuming at step t replays exactly the same batches.
+
+Private runs pass a *secret* seed (privacy/secret.py): the subsampling amplification the accountant counts on holds
+only if nobody can recompute which examples were in which batch.
+"""
 
 from __future__ import annotations
 

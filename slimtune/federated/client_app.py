@@ -14,6 +14,7 @@ from slimtune.federated.partition import dirichlet_partition
 from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.privacy import PrivacySpec
+from slimtune.privacy.secret import fresh_secret
 from slimtune.train.objective import encode, per_example_losses
 
 app = ClientApp()
@@ -37,11 +38,12 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
     seed = mix_seed(cfg.seed, server_round, partition_id)
     optimizer_name = "mezo" if cfg.mode == "zo-seeds" else cfg.local_optimizer
     private = None
-    if optimizer_name in PRIVATE_OPTIMIZERS:
+    if optimizer_name in PRIVATE_OPTIMIZERS:  # noise and Poisson batches from OS entropy, never the public seed
         private = (PrivacySpec(noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip), cfg.local_dp_noise,
-                   cfg.batch_size, seed)
+                   cfg.batch_size, None)
     optimizer = build_optimizer(optimizer_name, model, OptimizerArgs(lr=cfg.lr, eps=cfg.eps, seed=seed), private)
-    sampler = (PoissonSampler if private else EpochSampler)(len(examples), cfg.batch_size, seed)
+    sampler = (PoissonSampler(len(examples), cfg.batch_size, fresh_secret()) if private
+               else EpochSampler(len(examples), cfg.batch_size, seed))
     model.train(not optimizer.zeroth_order)
     losses, seeds, grads = [], [], []
     for step in range(cfg.local_steps):

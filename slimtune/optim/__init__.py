@@ -30,7 +30,10 @@ PRIVATE_OPTIMIZERS = ("dpzero", "dplozo", "dp-adamw", "dp-sgd")
 
 
 def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> SlimOptimizer:
-    """`private`: (PrivacySpec, noise_multiplier, expected_batch_size, noise_seed) for the DP optimizers."""
+    """`private`: (PrivacySpec, noise_multiplier, expected_batch_size, noise_seed) for the DP optimizers.
+
+    noise_seed must be secret (None: drawn from OS entropy); see slimtune.privacy.secret.
+    """
     from slimtune.zo import LOZO, LOZOConfig, MeZO, MeZOConfig
 
     if name not in OPTIMIZERS:
@@ -43,7 +46,7 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
     if name in ("dp-adamw", "dp-sgd"):
         from slimtune.privacy.dpsgd import DPFirstOrder
         spec, noise, batch, noise_seed = private
-        return DPFirstOrder(model, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name[3:], spec.clip,
+        return DPFirstOrder(model, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name[3:], spec,
                             noise, batch, noise_seed)
     estimator = None
     if private is not None:

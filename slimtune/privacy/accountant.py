@@ -1,19 +1,25 @@
 """Privacy accounting with Google's dp-accounting (RDP or PLD): calibrate sigma, track epsilon per step.
 
-Each training step is one subsampled mechanism on the scalar (DPZero) or on the clipped gradient (DP-SGD):
+Each training step is one subsampled mechanism on the clipped sums (DPZero) or on the clipped gradient (DP-SGD):
 - sampling "poisson": PoissonSampledDpEvent(q, M) under add/remove-one neighbours (sensitivity C);
 - sampling "shuffle": fixed-size batches drawn without replacement, SampledWithoutReplacementDpEvent(N, B, M) under
   replace-one neighbours (sensitivity 2C). A reshuffled epoch is *not* this mechanism exactly; we account it as
   independent sampling without replacement per step, the usual approximation, and warn.
-M is GaussianDpEvent(sigma) or LaplaceDpEvent(b) with sigma/b the noise scale relative to the sensitivity.
+M is GaussianDpEvent(sigma / sqrt(k)) or LaplaceDpEvent(b), the noise scale relative to the sensitivity:
+- a step may release k noisy scalars computed on the same batch (n-SPSA with k = n directions). Each scalar is a
+  clipped sum with its own N(0, (sigma Delta)^2) noise, so the k-vector has L2 sensitivity Delta sqrt(k): one Gaussian
+  mechanism with noise multiplier sigma / sqrt(k). `noise_multiplier` is always sigma, the noise on *one* scalar.
+  Laplace noise with k > 1 is refused (its PLD under Poisson sampling is not supported by dp-accounting).
+A run is a list of segments (steps, N, B, sigma, k): a resumed run with another batch size or n-SPSA composes its
+past steps at their own sampling rate; `history(t)` is what the checkpoint stores.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
-
 import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, replace
 
 import dp_accounting
 from dp_accounting import pld, rdp
@@ -28,18 +34,39 @@ logging.getLogger("absl").setLevel(logging.ERROR)
 class PrivacySpec:
     target_epsilon: float | None = None  # calibrate noise to this budget (or pass noise_multiplier)
     delta: float = 1e-5
-    noise_multiplier: float | None = None
+    noise_multiplier: float | None = None  # sigma: noise std on one released scalar / gradient, relative to Delta
     clip: float = 1.0
     sampling: str = "poisson"  # or "shuffle"
     mechanism: str = "gaussian"  # or "laplace" (accounted with PLD)
-    accountant: str = "rdp"  # or "pld"
+    accountant: str = "rdp"  # or "pld" (tighter, slower)
+    pld_discretization: float = 1e-3  # PLD value discretisation; pessimistic, so coarser is still an upper bound
+
+
+@dataclass
+class Segment:
+    """`steps` consecutive steps with the same sampling rate, noise and releases per step."""
+
+    steps: int
+    num_examples: int
+    batch_size: int
+    noise_multiplier: float
+    releases: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Segment":
+        return cls(int(d["steps"]), int(d["num_examples"]), int(d["batch_size"]), float(d["noise_multiplier"]),
+                   int(d.get("releases", 1)))
 
 
 class PrivacyAccountant:
-    """Epsilon spent after t steps of one mechanism (fresh composition each query: exact, no drift)."""
+    """Epsilon spent after t steps: the `past` segments, then the current settings (fresh composition each query)."""
 
-    def __init__(self, spec: PrivacySpec, num_examples: int, batch_size: int, noise_multiplier: float):
-        self.spec, self.n, self.batch_size, self.noise = spec, num_examples, batch_size, noise_multiplier
+    def __init__(self, spec: PrivacySpec, num_examples: int, batch_size: int, noise_multiplier: float,
+                 releases: int = 1, past: list[Segment] | tuple = ()):
+        check_releases(spec, releases)
+        self.spec, self.n, self.batch_size, self.noise, self.releases = (spec, num_examples, batch_size,
+                                                                         noise_multiplier, releases)
+        self.past = list(past)
         if spec.sampling == "shuffle":
             warnings.warn("fixed-size shuffled batches: accounted as sampling without replacement per step "
                           "(replace-one neighbours, sensitivity 2C); Poisson sampling is the exact assumption",
@@ -47,30 +74,61 @@ class PrivacyAccountant:
         self._cache: dict[int, float] = {0: 0.0}
 
     @property
+    def past_steps(self) -> int:
+        return sum(s.steps for s in self.past)
+
+    @property
     def sample_rate(self) -> float:
         return min(1.0, self.batch_size / self.n)
 
-    def event(self) -> dp_accounting.DpEvent:
-        return step_event(self.spec, self.n, self.batch_size, self.noise)
+    def history(self, steps: int) -> list[Segment]:
+        """The segments that make up the first `steps` steps (what a checkpoint at `steps` stores)."""
+        out, left = [], steps
+        for seg in self.past + [Segment(max(steps - self.past_steps, 0), self.n, self.batch_size, self.noise,
+                                        self.releases)]:
+            take = min(seg.steps, left)
+            if take > 0:
+                out.append(Segment(take, seg.num_examples, seg.batch_size, seg.noise_multiplier, seg.releases))
+            left -= take
+        return out
 
     def epsilon(self, steps: int) -> float:
         if steps not in self._cache:
             acc = make_accountant(self.spec)
-            acc.compose(self.event(), steps)
-            self._cache[steps] = acc.get_epsilon(self.spec.delta)
+            for seg in self.history(steps):
+                acc.compose(step_event(self.spec, seg.num_examples, seg.batch_size, seg.noise_multiplier,
+                                       seg.releases), seg.steps)
+            self._cache[steps] = _epsilon_of(acc, self.spec.delta)
         return self._cache[steps]
 
 
-def base_mechanism(spec: PrivacySpec, noise: float) -> dp_accounting.DpEvent:
+def _epsilon_of(acc, delta: float) -> float:
+    try:
+        return float(acc.get_epsilon(delta))
+    except (MemoryError, OverflowError, ValueError):
+        return math.inf  # too little noise to represent: certainly over any budget
+
+
+def check_releases(spec: PrivacySpec, releases: int) -> None:
+    if releases < 1:
+        raise SlimtuneError(f"--n-spsa must be >= 1, got {releases}")
+    if releases > 1 and spec.mechanism == "laplace":
+        raise SlimtuneError(f"Laplace noise releases one scalar per step; --n-spsa {releases} would release "
+                            f"{releases} and cannot be accounted: use --mechanism gaussian or --n-spsa 1")
+
+
+def base_mechanism(spec: PrivacySpec, noise: float, releases: int = 1) -> dp_accounting.DpEvent:
+    """The per-step mechanism on the k released scalars: sensitivity Delta sqrt(k) against noise sigma Delta each."""
     if spec.mechanism == "laplace":
+        check_releases(spec, releases)
         return dp_accounting.LaplaceDpEvent(noise)
     if spec.mechanism == "gaussian":
-        return dp_accounting.GaussianDpEvent(noise)
+        return dp_accounting.GaussianDpEvent(noise / math.sqrt(releases))
     raise SlimtuneError(f"unknown DP mechanism {spec.mechanism!r} (gaussian or laplace)")
 
 
-def step_event(spec: PrivacySpec, n: int, batch_size: int, noise: float) -> dp_accounting.DpEvent:
-    mech = base_mechanism(spec, noise)
+def step_event(spec: PrivacySpec, n: int, batch_size: int, noise: float, releases: int = 1) -> dp_accounting.DpEvent:
+    mech = base_mechanism(spec, noise, releases)
     if spec.sampling == "poisson":
         return dp_accounting.PoissonSampledDpEvent(min(1.0, batch_size / n), mech)
     if spec.sampling == "shuffle":
@@ -84,7 +142,7 @@ def make_accountant(spec: PrivacySpec) -> dp_accounting.PrivacyAccountant:
     if spec.accountant == "pld" or spec.mechanism == "laplace":
         if spec.sampling == "shuffle":
             raise SlimtuneError("the PLD accountant (needed for Laplace noise) supports Poisson sampling only")
-        return pld.PLDAccountant(neighboring_relation=relation)
+        return pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=spec.pld_discretization)
     if spec.accountant != "rdp":
         raise SlimtuneError(f"unknown accountant {spec.accountant!r} (rdp or pld)")
     return rdp.RdpAccountant(neighboring_relation=relation)
@@ -95,24 +153,53 @@ def sensitivity(spec: PrivacySpec) -> float:
     return spec.clip * (2.0 if spec.sampling == "shuffle" else 1.0)
 
 
-def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int) -> float:
-    """Smallest noise multiplier whose epsilon after `steps` is <= target (bisection on sigma to 1e-5); refuses impossible budgets."""
+def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int, releases: int = 1) -> float:
+    """Smallest noise multiplier sigma (per released scalar) whose epsilon after `steps` is <= target.
+
+    Bisection on log sigma (to a relative 1e-5; 1e-4 with PLD, started from the RDP answer), between a floor where even one unsubsampled release would spend more
+    than the budget and a ceiling found by doubling. Each probe is a fresh dp-accounting composition; probes whose
+    privacy-loss distribution is too large to represent (PLD at tiny sigma) count as over budget instead of raising.
+    """
     check_spec(spec, num_examples)
+    check_releases(spec, releases)
     if spec.target_epsilon is None:
         raise SlimtuneError("calibration needs a target epsilon")
+    target = spec.target_epsilon
 
-    def event(noise: float):
-        return dp_accounting.SelfComposedDpEvent(step_event(spec, num_examples, batch_size, noise), steps)
+    def over(noise: float) -> bool:
+        return PrivacyAccountant(spec, num_examples, batch_size, noise, releases).epsilon(steps) > target
 
-    low = 0.1 if spec.mechanism == "laplace" else 1e-3  # PLD overflows for Laplace scales far below 1/epsilon
-    try:
-        return float(dp_accounting.calibrate_dp_mechanism(
-            lambda: make_accountant(spec), event, spec.target_epsilon, spec.delta,
-            bracket_interval=dp_accounting.ExplicitBracketInterval(low, 1e4), tol=1e-5))  # tolerance on the noise; epsilon is steep in it
-    except (ValueError, RuntimeError, OverflowError) as exc:
-        raise SlimtuneError(f"privacy budget epsilon={spec.target_epsilon}, delta={spec.delta} cannot be met with "
-                            f"{steps} steps at sampling rate {batch_size / num_examples:.4g} ({exc}); use fewer steps, "
-                            "a smaller batch or a larger epsilon") from None
+    floor = _noise_floor(spec, num_examples, batch_size, releases)
+    if spec.accountant == "pld" and spec.mechanism == "gaussian":  # RDP is looser: its sigma bounds PLD's from above
+        high = calibrate_noise(replace(spec, accountant="rdp"), num_examples, batch_size, steps, releases)
+        low = max(high / 2, floor)
+        while low > floor and not over(low):
+            high, low = low, max(low / 2, floor)
+        tol = 1e-4  # each PLD probe costs ~0.1 s
+    else:
+        low, high, tol = floor, 1.0, 1e-5
+        while over(high):
+            low, high = high, high * 2
+            if high > 1e4:
+                raise SlimtuneError(f"privacy budget epsilon={target}, delta={spec.delta} cannot be met with {steps} "
+                                    f"steps at sampling rate {batch_size / num_examples:.4g} (noise multiplier > 1e4 "
+                                    "needed); use fewer steps, a smaller batch or a larger epsilon")
+    if not over(low):
+        return low
+    while high / low > 1 + tol:
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if over(mid) else (low, mid)
+    return high
+
+
+def _noise_floor(spec: PrivacySpec, n: int, batch_size: int, releases: int) -> float:
+    """A sigma below every answer: a subsampled step can only amplify by log(1/q), so at this noise a single
+    release already spends more than the target (Gaussian: eps >= 1/(2 sigma^2) - ish; Laplace: eps = 1/b)."""
+    q = min(1.0, batch_size / n)
+    budget = spec.target_epsilon + math.log(1 / q) + 1.0
+    if spec.mechanism == "laplace":
+        return 0.25 / budget
+    return math.sqrt(releases) * 0.05 / math.sqrt(budget)
 
 
 def check_spec(spec: PrivacySpec, num_examples: int) -> None:
@@ -125,17 +212,25 @@ def check_spec(spec: PrivacySpec, num_examples: int) -> None:
         raise SlimtuneError(f"target epsilon must be > 0, got {spec.target_epsilon}")
     if spec.clip <= 0:
         raise SlimtuneError(f"clip threshold must be > 0, got {spec.clip}")
+    if spec.noise_multiplier is not None and spec.noise_multiplier <= 0:
+        raise SlimtuneError(f"noise multiplier must be > 0, got {spec.noise_multiplier}")
+    if not 0 < spec.pld_discretization <= 0.1:
+        raise SlimtuneError(f"PLD discretisation must be in (0, 0.1], got {spec.pld_discretization}")
 
 
-def plan(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int) -> PrivacyAccountant:
+def plan(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int, releases: int = 1) -> PrivacyAccountant:
     """Pick (or check) the noise for a run of `steps` and return its accountant; refuse budgets that cannot be met."""
     check_spec(spec, num_examples)
     noise = spec.noise_multiplier
     if noise is None:
-        noise = calibrate_noise(spec, num_examples, batch_size, steps)
-    accountant = PrivacyAccountant(spec, num_examples, batch_size, noise)
+        noise = calibrate_noise(spec, num_examples, batch_size, steps, releases)
+    accountant = PrivacyAccountant(spec, num_examples, batch_size, noise, releases)
     if spec.target_epsilon is not None and accountant.epsilon(steps) > spec.target_epsilon * 1.001:
         raise SlimtuneError(f"noise multiplier {noise} spends epsilon={accountant.epsilon(steps):.3g} in {steps} steps, "
                             f"over the requested budget epsilon={spec.target_epsilon}: refusing to start "
                             "(raise the noise, lower the steps, or omit --noise-multiplier to calibrate)")
     return accountant
+
+
+def spec_dict(spec: PrivacySpec) -> dict:
+    return asdict(spec)

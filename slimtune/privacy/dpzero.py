@@ -6,23 +6,27 @@ with noise ~ N(0, (sigma * Delta)^2) (or Laplace with scale b * Delta), Delta th
 Delta = C under Poisson sampling (add/remove one example), Delta = 2C for fixed-size batches (replace one example).
 Dividing by the *expected* batch size q*N keeps the realised batch size (which is private) out of the release.
 The direction z is public (a seed), so the update theta -= lr * g_hat * z is post-processing.
+An empty Poisson batch releases noise alone: the accounted mechanism runs on every step.
+
+The noise generator is seeded from OS entropy unless a seed is given (the trainer passes one derived from the run's
+secret, see privacy/secret.py); never pass a seed derived from public settings.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from slimtune.privacy.accountant import PrivacySpec, sensitivity
+from slimtune.privacy.secret import fresh_secret
 
 
 class PrivateDifference:
     def __init__(self, spec: PrivacySpec, noise_multiplier: float, expected_batch_size: float,
                  noise_seed: int | None = None):
         self.spec, self.noise_multiplier, self.expected_batch_size = spec, noise_multiplier, expected_batch_size
-        seed = noise_seed if noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        seed = noise_seed if noise_seed is not None else fresh_secret()
         self.generator = torch.Generator().manual_seed(seed)
 
     def clipped_sum(self, losses_plus: torch.Tensor, losses_minus: torch.Tensor, eps: float) -> tuple[float, float]:

@@ -16,11 +16,19 @@ from safetensors.torch import load_file, save_file
 from slimtune import SlimtuneError
 
 
-def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
+SECRET_FILE = "secret.json"
+
+
+def save_checkpoint(directory: Path, model, optimizer, state: dict, secret: dict | None = None) -> None:
+    """`secret`: a private run's secret randomness (privacy/secret.py), written owner-readable only."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if secret is not None:
+        fd = os.open(tmp / SECRET_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(secret, f)
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -32,11 +40,25 @@ def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(directory: Path, model, optimizer) -> dict:
+def recover(directory: Path) -> Path:
+    """Finish a swap interrupted between its two renames (the .old checkpoint is complete)."""
     directory = Path(directory)
     old = directory.with_name(directory.name + ".old")
-    if not directory.exists() and old.exists():  # crashed between the two renames: the old one is complete
+    if not directory.exists() and old.exists():
         os.replace(old, directory)
+    return directory
+
+
+def read_state(directory: Path) -> tuple[dict, dict | None]:
+    """(trainer_state, secret) of a checkpoint, without loading weights; ({}, None) when there is none."""
+    directory = recover(directory)
+    state_path, secret_path = directory / "trainer_state.json", directory / SECRET_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    return state, (json.loads(secret_path.read_text()) if secret_path.exists() else None)
+
+
+def load_checkpoint(directory: Path, model, optimizer) -> dict:
+    directory = recover(directory)
     if not (directory / "trainer_state.json").exists():
         raise SlimtuneError(f"{directory}: no checkpoint to resume from")
     weights = load_file(str(directory / "trainable.safetensors"))

@@ -39,7 +39,13 @@ class EncodedBatch:
 
 
 def encode(tokenizer, examples: list[Example], max_length: int = 256) -> EncodedBatch:
-    """Left-pad so every prompt ends at the last position (positions restart at each prompt's first real token)."""
+    """Left-pad so every prompt ends at the last position (positions restart at each prompt's first real token).
+
+    No examples (an empty Poisson batch) give an empty batch; the private optimizers then release noise alone.
+    """
+    if not examples:
+        empty = torch.zeros(0, 0, dtype=torch.long)
+        return EncodedBatch(empty, empty.clone(), empty.clone(), torch.zeros(0, dtype=torch.long))
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
     enc = tokenizer([e.prompt for e in examples], return_tensors="pt", padding=True, truncation=True,

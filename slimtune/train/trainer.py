@@ -1,10 +1,18 @@
-"""The training loop: sample, step, log, evaluate, checkpoint, stop early or when the privacy budget is spent."""
+"""The training loop: sample, step, log, evaluate, checkpoint, stop early or when the privacy budget is spent.
+
+Private runs (dpzero, dplozo, dp-sgd, dp-adamw) draw their noise and Poisson batches from a secret seed (OS entropy,
+kept only in checkpoint/secret.json) and log only what is released or post-processed: the noisy scalar
+(`projected_grad`, ZO), epsilon/delta/noise multiplier, and evaluations on the eval data. The training loss, realised
+batch sizes, clipped fractions and per-step timing/memory are functions of the private batch and are logged only
+with `log_private_stats` (not covered by the guarantee; a warning says so).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,8 +24,9 @@ from slimtune.models import load_model_and_tokenizer
 from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.peft import PeftSettings, apply_peft, peft_summary, save_peft
-from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, plan
-from slimtune.train.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, plan
+from slimtune.privacy.secret import NOISE, SAMPLING, fresh_secret, seed_for
+from slimtune.train.checkpoint import load_checkpoint, read_state, save_checkpoint
 from slimtune.train.metrics import MetricsLog, peak_memory_mb
 from slimtune.train.objective import encode, evaluate, label_token_ids, per_example_losses
 
@@ -49,6 +58,11 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     progress: bool = True
+    log_private_stats: bool = False  # private runs: also log loss, batch size, clipped fraction, step time (leaks)
+
+
+# What a private run's per-step record may contain: released or post-processed values only.
+RELEASED_KEYS = ("step", "projected_grad", "epsilon", "delta", "noise_multiplier")
 
 
 @dataclass
@@ -64,9 +78,11 @@ class Run:
     label_ids: list
     sampler: object
     accountant: object = None
+    secret: dict | None = None  # private runs: the secret seed of noise and sampling (checkpoint only)
     start_step: int = 0
     best_accuracy: float | None = None
     evals_without_improvement: int = 0
+    step_times: list = field(default_factory=list)  # private runs: kept in memory for the summary's mean only
 
 
 def prepare(config: TrainConfig, resume: bool = False) -> Run:
@@ -88,21 +104,21 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = apply_peft(model, config.peft, work_dir=out)
-    private, accountant = None, None
+    private, accountant, secret = None, None, None
     if config.optimizer in PRIVATE_OPTIMIZERS:
-        spec = config.privacy or PrivacySpec(target_epsilon=6.0)
-        saved_noise = _saved_state(out).get("noise_multiplier") if resume else None
-        if saved_noise is not None:  # a resumed run keeps its noise; the loop stops when the budget runs out
-            accountant = PrivacyAccountant(spec, len(train_examples), config.batch_size, saved_noise)
-        else:
-            accountant = plan(spec, len(train_examples), config.batch_size, config.steps)
-        private = (spec, accountant.noise, config.batch_size, mix_seed(config.seed, 0xD9))
-        sampler = (EpochSampler if spec.sampling == "shuffle" else PoissonSampler)(
-            len(train_examples), config.batch_size, config.seed)
+        config.privacy = config.privacy or PrivacySpec(target_epsilon=6.0)  # the default budget, enforced like any
+        accountant, secret = _private_setup(config, out, len(train_examples), resume)
+        private = (config.privacy, accountant.noise, config.batch_size, seed_for(secret["seed"], NOISE))
+        sampler = (EpochSampler if config.privacy.sampling == "shuffle" else PoissonSampler)(
+            len(train_examples), config.batch_size, seed_for(secret["seed"], SAMPLING))
+        if config.log_private_stats:
+            warnings.warn("--log-private-stats: metrics.jsonl will hold the training loss, realised batch sizes and "
+                          "clipped fractions of private batches; they are not noised or accounted, so the run's "
+                          "logs are NOT covered by its (epsilon, delta) guarantee", stacklevel=2)
     else:
         sampler = EpochSampler(len(train_examples), config.batch_size, config.seed)
     optimizer = build_optimizer(config.optimizer, model, config.optim, private)
-    run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, label_ids, sampler, accountant)
+    run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, label_ids, sampler, accountant, secret)
     if resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer)
         run.start_step = state["step"]
@@ -115,9 +131,30 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     return run
 
 
-def _saved_state(out: Path) -> dict:
-    path = out / "checkpoint" / "trainer_state.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+def releases_per_step(config: TrainConfig) -> int:
+    """Noisy scalars a private step releases on one batch: n-SPSA's n for the ZO optimizers, one gradient for DP-SGD."""
+    return config.optim.n_spsa if config.optimizer in ("dpzero", "dplozo") else 1
+
+
+def _private_setup(config: TrainConfig, out: Path, num_examples: int, resume: bool) -> tuple[PrivacyAccountant, dict]:
+    """The accountant (past segments composed at their own rates on resume) and the run's secret."""
+    spec, releases = config.privacy, releases_per_step(config)
+    state, secret = read_state(out / "checkpoint") if resume else ({}, None)
+    if not state:
+        return plan(spec, num_examples, config.batch_size, config.steps, releases), {"seed": fresh_secret()}
+    if secret is None:
+        raise SlimtuneError(f"{out}/checkpoint: no secret.json; this private run cannot be resumed with the same noise "
+                            "and batches (start a new run in another --out)")
+    saved = state.get("privacy") or {}
+    for key in ("sampling", "mechanism", "accountant"):
+        if key in saved and saved[key] != getattr(spec, key):
+            raise SlimtuneError(f"--{key} {getattr(spec, key)} differs from the run being resumed ({saved[key]}); "
+                                "its accounting cannot change mid-run")
+    noise = state["noise_multiplier"]  # a resumed run keeps its noise; the loop stops when the budget runs out
+    past = [Segment.from_dict(d) for d in state.get("privacy_history") or
+            [dict(steps=state["step"], num_examples=num_examples, batch_size=config.batch_size,
+                  noise_multiplier=noise)]]
+    return PrivacyAccountant(spec, num_examples, config.batch_size, noise, releases, past), secret
 
 
 def train(run: Run) -> dict:
@@ -125,7 +162,7 @@ def train(run: Run) -> dict:
     cfg, out = run.config, Path(run.config.out_dir)
     log = MetricsLog(out / "metrics.jsonl")
     run.model.train(not run.optimizer.zeroth_order)  # ZO: dropout off
-    step_times, stop_reason, step = [], "completed", run.start_step
+    stop_reason, step = "completed", run.start_step
     progress = _progress(cfg)
     task_id = progress.add_task(f"{cfg.optimizer}+{cfg.peft.method}", total=cfg.steps, completed=step) if progress else None
     try:
@@ -134,22 +171,19 @@ def train(run: Run) -> dict:
         if step == 0 and run.eval_examples and cfg.eval_every:
             log.write({"step": 0, **_evaluate(run)})  # the starting point (zero-shot accuracy)
         while step < cfg.steps:
-            if run.accountant and cfg.privacy and cfg.privacy.target_epsilon is not None \
-                    and run.accountant.epsilon(step + 1) > cfg.privacy.target_epsilon * 1.001:
+            if run.accountant and run.accountant.spec.target_epsilon is not None \
+                    and run.accountant.epsilon(step + 1) > run.accountant.spec.target_epsilon * 1.001:
                 stop_reason = "privacy budget exhausted"
                 break
             record = _train_step(run, step)
             step += 1
-            step_times.append(record["step_time_s"])
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and run.eval_examples:
                 record.update(_evaluate(run))
                 if _should_stop_early(run, record["eval_accuracy"]):
                     stop_reason = "early stopping"
             log.write(record)
             if progress:
-                progress.update(task_id, advance=1, description=f"{cfg.optimizer}+{cfg.peft.method} "
-                                f"loss {record['loss']:.3f}" + (f" acc {record['eval_accuracy']:.3f}"
-                                                                if "eval_accuracy" in record else ""))
+                progress.update(task_id, advance=1, description=_describe(cfg, record))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason != "completed":
                 _checkpoint(run, step)
             if stop_reason != "completed":
@@ -159,7 +193,7 @@ def train(run: Run) -> dict:
             progress.stop()
     _checkpoint(run, step)
     save_peft(run.model, out / "adapter", work_dir=out)
-    return write_summary(run, step, step_times, stop_reason)
+    return write_summary(run, step, stop_reason)
 
 
 def _train_step(run: Run, step: int) -> dict:
@@ -179,7 +213,16 @@ def _train_step(run: Run, step: int) -> dict:
     if run.accountant:
         record.update(epsilon=run.accountant.epsilon(step + 1), delta=run.accountant.spec.delta,
                       noise_multiplier=run.accountant.noise)
+        run.step_times.append(elapsed)
+        if not cfg.log_private_stats:
+            record = {k: v for k, v in record.items() if k in RELEASED_KEYS}
     return record
+
+
+def _describe(cfg: TrainConfig, record: dict) -> str:
+    shown = [f"{k.split('_')[-1]} {record[k]:.3f}" for k in ("loss", "epsilon", "eval_accuracy")
+             if isinstance(record.get(k), float)]
+    return " ".join([f"{cfg.optimizer}+{cfg.peft.method}", *shown])
 
 
 def _evaluate(run: Run) -> dict:
@@ -197,24 +240,27 @@ def _should_stop_early(run: Run, accuracy: float) -> bool:
 
 
 def _checkpoint(run: Run, step: int) -> None:
+    acc = run.accountant
+    privacy = {} if acc is None else {
+        "noise_multiplier": acc.noise, "epsilon": acc.epsilon(step),
+        "privacy": {k: getattr(acc.spec, k) for k in ("sampling", "mechanism", "accountant")},
+        "privacy_history": [asdict(seg) for seg in acc.history(step)]}
     save_checkpoint(Path(run.config.out_dir) / "checkpoint", run.model, run.optimizer,
                     {"step": step, "best_accuracy": run.best_accuracy,
-                     "evals_without_improvement": run.evals_without_improvement,
-                     "noise_multiplier": run.accountant.noise if run.accountant else None,
-                     "epsilon": run.accountant.epsilon(step) if run.accountant else None})
+                     "evals_without_improvement": run.evals_without_improvement, **privacy}, secret=run.secret)
 
 
-def write_summary(run: Run, step: int, step_times: list[float], stop_reason: str) -> dict:
+def write_summary(run: Run, step: int, stop_reason: str) -> dict:
     from slimtune.train.metrics import read_jsonl
 
     cfg, out = run.config, Path(run.config.out_dir)
     records = read_jsonl(out / "metrics.jsonl")
     evals = [r for r in records if r.get("eval_accuracy") is not None]
-    times = [r["step_time_s"] for r in records if r.get("step_time_s")]
+    times = [r["step_time_s"] for r in records if r.get("step_time_s")] or run.step_times  # private: run-level mean
     summary = {
         "method": cfg.optimizer, "peft": cfg.peft.method, "model": cfg.model, "task": cfg.task,
         **peft_summary(run.model),
-        "peak_mem_mb": max([r.get("peak_mem_mb") or 0 for r in records] or [peak_memory_mb(cfg.device)]),
+        "peak_mem_mb": max([r.get("peak_mem_mb") or 0 for r in records] + [peak_memory_mb(cfg.device)]),
         "time_per_step_s": (sum(times) / len(times)) if times else None,
         "steps": step, "stop_reason": stop_reason, "batch_size": cfg.batch_size,
         "train_examples": len(run.train_examples), "eval_examples": len(run.eval_examples),
@@ -223,6 +269,8 @@ def write_summary(run: Run, step: int, step_times: list[float], stop_reason: str
         "epsilon": run.accountant.epsilon(step) if run.accountant else None,
         "delta": run.accountant.spec.delta if run.accountant else None,
         "noise_multiplier": run.accountant.noise if run.accountant else None,
+        "accountant": run.accountant.spec.accountant if run.accountant else None,
+        "private_stats_logged": cfg.log_private_stats if run.accountant else None,
         "bytes_communicated": 0, "device": cfg.device,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

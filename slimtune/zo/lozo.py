@@ -72,7 +72,9 @@ class LOZO(ZOOptimizer):
         self.v_block = block
 
     @torch.no_grad()
-    def _sweep(self, seed, op, alpha=0.0, eps=0.0, coef=0.0, decay=False) -> None:
+    def _sweep(self, seed, op, alpha=0.0, eps=0.0, coef=0.0, decay=False, last=True) -> None:
+        """As ZOOptimizer._sweep. LOZO-M with n-SPSA: N <- beta N + sum_i (g_i / n) U_i / sqrt(r) over the step's update
+        sweeps (beta applied on the first), and W -= lr N V^T once, on the last."""
         cfg = self.config
         gen = None
         for idx, (name, p, p_decays) in enumerate(self.params):
@@ -104,7 +106,8 @@ class LOZO(ZOOptimizer):
                 m = self.momentum.get(idx)
                 m = torch.zeros_like(u) if m is None else (m.mul_(cfg.momentum) if decay else m)
                 self.momentum[idx] = m.add_(u, alpha=coef * scale)
-                add(m, -cfg.lr)
+                if last:
+                    add(m, -cfg.lr)
             else:
                 add(u, -cfg.lr * coef * scale)
 

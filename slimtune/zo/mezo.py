@@ -45,24 +45,28 @@ class ZOOptimizer(SlimOptimizer):
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, closure) -> StepOutput:
+        """n-SPSA: n two-sided estimates at the same theta, then one update with their mean, g = (1/n) sum_i g_i z_i."""
         eps, n = self.config.eps, self.config.n_spsa
         self._begin_step()
-        estimates, losses = [], []
+        estimates, losses, infos = [], [], []
         for i in range(n):
             seed = mix_seed(self.config.seed, self.step_count, i)
             lp = self._measure(closure, seed, eps)
             lm = self._measure(closure, seed, -2 * eps)
             g, info = self.estimator(lp, lm, eps)
+            infos.append(info)
             losses.append(((lp.float().mean() + lm.float().mean()) / 2).item() if lp.numel() else float("nan"))
             if n == 1:
-                self._sweep(seed, "restore_update", eps=eps, coef=g, decay=True)
+                self._sweep(seed, "restore_update", eps=eps, coef=g, decay=True, last=True)
             else:
                 self._sweep(seed, "add", alpha=eps)
-                estimates.append((seed, g))
-        for i, (seed, g) in enumerate(estimates):  # n-SPSA: all estimates taken at the same theta
-            self._sweep(seed, "update", coef=g / n, decay=i == 0)
+            estimates.append((seed, g))
+        if n > 1:
+            for i, (seed, g) in enumerate(estimates):
+                self._sweep(seed, "update", coef=g / n, decay=i == 0, last=i == n - 1)
         self.step_count += 1
-        return StepOutput(sum(losses) / n, {"projected_grad": g, **info})
+        info = {k: sum(d[k] for d in infos) / n for k in infos[0]}  # per-estimate diagnostics, averaged
+        return StepOutput(sum(losses) / n, {"projected_grad": sum(g for _, g in estimates) / n, **info})
 
     def _measure(self, closure, seed: int, alpha: float) -> torch.Tensor:
         self._sweep(seed, "add", alpha=alpha)
@@ -75,11 +79,12 @@ class ZOOptimizer(SlimOptimizer):
     # -- the direction z ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def _sweep(self, seed: int, op: str, alpha: float = 0.0, eps: float = 0.0, coef: float = 0.0,
-               decay: bool = False) -> None:
+               decay: bool = False, last: bool = True) -> None:
         """One pass over the weights regenerating z from `seed`.
 
         op "add": p += alpha z. op "update": p *= (1 - lr wd) if decay; p -= lr coef z.
         op "restore_update": p += eps z, then "update" (the fused last sweep of a step).
+        `last` marks the step's final update sweep (optimizers with state, e.g. LOZO-M, apply it once there).
         """
         lr, wd = self.config.lr, self.config.weight_decay
         chunk = self.config.chunk_size
