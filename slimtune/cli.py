@@ -47,6 +47,11 @@ def train(
     lozo_nu: int = typer.Option(50),
     momentum: float = typer.Option(0.0),
     steps: int = typer.Option(100),
+    lr_scheduler: str = typer.Option("constant", help="constant, constant_with_warmup, linear, cosine, "
+                                     "cosine_with_restarts, polynomial, inverse_sqrt (transformers' schedules)"),
+    warmup_steps: int = typer.Option(0, help="linear warm-up steps of the learning-rate schedule"),
+    save: str = typer.Option("best", help="adapter/ holds the best-evaluated adapter (best; needs --eval-data) "
+                             "or the last one (last)"),
     batch_size: int = typer.Option(16),
     eval_every: int = typer.Option(50),
     eval_max: int = typer.Option(0, help="evaluate on at most this many examples (0: all)"),
@@ -86,7 +91,8 @@ def train(
         peft=PeftSettings(peft, r, lora_alpha, lora_dropout, target_modules.split(",") if target_modules else None),
         privacy=privacy, steps=steps, batch_size=batch_size, eval_every=eval_every, eval_max=eval_max,
         checkpoint_every=checkpoint_every, patience=patience, k_shot=k_shot, seed=seed,
-        device=_resolve_device(device), dtype=dtype, progress=not quiet, log_private_stats=log_private_stats)
+        device=_resolve_device(device), dtype=dtype, progress=not quiet, log_private_stats=log_private_stats,
+        lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, save=save)
     try:
         summary = run_training(prepare(config, resume=resume))
     except SlimtuneError as exc:

@@ -91,7 +91,7 @@ def test_resume_replays_the_secret_noise_bit_for_bit(tmp_path, demo_paths, monke
 @pytest.mark.parametrize("optimizer", ["dpzero", "dp-sgd"])
 def test_private_metrics_hold_only_released_values(tmp_path, demo_paths, optimizer):
     summary = train(prepare(config(tmp_path, demo_paths, optimizer=optimizer)))
-    allowed = {"step", "projected_grad", "epsilon", "delta", "noise_multiplier", "eval_accuracy", "eval_loss"}
+    allowed = {"step", "lr", "projected_grad", "epsilon", "delta", "noise_multiplier", "eval_accuracy", "eval_loss"}
     lines = metrics(tmp_path / "run")
     assert len([r for r in lines if r["step"] > 0]) == 3
     for line in lines:

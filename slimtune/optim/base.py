@@ -25,6 +25,10 @@ class SlimOptimizer:
     def step(self, closure: Closure) -> StepOutput:
         raise NotImplementedError
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next step (schedules call this before each step)."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict:
         raise NotImplementedError
 

@@ -44,6 +44,10 @@ class FirstOrder(SlimOptimizer):
         self.torch_optimizer.step()
         return StepOutput(loss.item())
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.torch_optimizer.param_groups:
+            group["lr"] = lr
+
     def state_dict(self) -> dict:
         return self.torch_optimizer.state_dict()
 

@@ -49,6 +49,9 @@ class DPFirstOrder(SlimOptimizer):
         self.torch_optimizer.step()
         return StepOutput(loss, {"batch_size": int(losses.numel())})
 
+    def set_lr(self, lr: float) -> None:
+        self.inner.set_lr(lr)  # DPOptimizer shares the wrapped optimizer's param groups
+
     def state_dict(self) -> dict:
         return {"optimizer": self.torch_optimizer.original_optimizer.state_dict(),
                 "noise_generator": self.generator.get_state()}

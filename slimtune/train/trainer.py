@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,7 @@ from slimtune.data import EpochSampler, PoissonSampler, get_task, k_shot, read_e
 from slimtune.models import load_model_and_tokenizer
 from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
+from slimtune.optim.schedule import lr_multiplier
 from slimtune.peft import PeftSettings, apply_peft, peft_summary, save_peft
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, plan
 from slimtune.privacy.secret import NOISE, SAMPLING, fresh_secret, seed_for
@@ -58,11 +61,14 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     progress: bool = True
+    lr_scheduler: str = "constant"  # a transformers.get_scheduler name (see optim/schedule.py)
+    warmup_steps: int = 0
+    save: str = "best"  # adapter/ holds the best-evaluated adapter ("best", needs eval data) or the last ("last")
     log_private_stats: bool = False  # private runs: also log loss, batch size, clipped fraction, step time (leaks)
 
 
 # What a private run's per-step record may contain: released or post-processed values only.
-RELEASED_KEYS = ("step", "projected_grad", "epsilon", "delta", "noise_multiplier")
+RELEASED_KEYS = ("step", "lr", "projected_grad", "epsilon", "delta", "noise_multiplier")
 
 
 @dataclass
@@ -81,12 +87,18 @@ class Run:
     secret: dict | None = None  # private runs: the secret seed of noise and sampling (checkpoint only)
     start_step: int = 0
     best_accuracy: float | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
     evals_without_improvement: int = 0
+    lr_multiplier: object = None  # step -> factor on config.optim.lr
     step_times: list = field(default_factory=list)  # private runs: kept in memory for the summary's mean only
 
 
 def prepare(config: TrainConfig, resume: bool = False) -> Run:
     out = Path(config.out_dir)
+    if config.save not in ("best", "last"):
+        raise SlimtuneError(f"--save {config.save!r}: choose best or last")
+    multiplier = lr_multiplier(config.lr_scheduler, config.steps, config.warmup_steps)
     if not resume and (out / "checkpoint").exists():
         raise SlimtuneError(f"{out}: already holds a run (checkpoint/); pass --resume to continue it or choose "
                             "another --out (nothing was overwritten)")
@@ -118,11 +130,13 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     else:
         sampler = EpochSampler(len(train_examples), config.batch_size, config.seed)
     optimizer = build_optimizer(config.optimizer, model, config.optim, private)
-    run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, label_ids, sampler, accountant, secret)
+    run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, label_ids, sampler, accountant, secret,
+              lr_multiplier=multiplier)
     if resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer)
         run.start_step = state["step"]
-        run.best_accuracy = state.get("best_accuracy")
+        run.best_accuracy, run.best_loss, run.best_step = (state.get(k) for k in ("best_accuracy", "best_loss",
+                                                                                   "best_step"))
         run.evals_without_improvement = state.get("evals_without_improvement", 0)
         MetricsLog(out / "metrics.jsonl").truncate_after(run.start_step)
     else:
@@ -169,7 +183,9 @@ def train(run: Run) -> dict:
         if progress:
             progress.start()
         if step == 0 and run.eval_examples and cfg.eval_every:
-            log.write({"step": 0, **_evaluate(run)})  # the starting point (zero-shot accuracy)
+            record = {"step": 0, **_evaluate(run)}  # the starting point (zero-shot accuracy)
+            _track_best(run, 0, record)
+            log.write(record)
         while step < cfg.steps:
             if run.accountant and run.accountant.spec.target_epsilon is not None \
                     and run.accountant.epsilon(step + 1) > run.accountant.spec.target_epsilon * 1.001:
@@ -179,7 +195,7 @@ def train(run: Run) -> dict:
             step += 1
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and run.eval_examples:
                 record.update(_evaluate(run))
-                if _should_stop_early(run, record["eval_accuracy"]):
+                if _track_best(run, step, record):
                     stop_reason = "early stopping"
             log.write(record)
             if progress:
@@ -192,7 +208,8 @@ def train(run: Run) -> dict:
         if progress:
             progress.stop()
     _checkpoint(run, step)
-    save_peft(run.model, out / "adapter", work_dir=out)
+    if cfg.save == "last" or run.best_step is None:  # "best" without evaluations: the last is all there is
+        _save_adapter(run)
     return write_summary(run, step, stop_reason)
 
 
@@ -202,13 +219,15 @@ def _train_step(run: Run, step: int) -> dict:
     batch = encode(run.tokenizer, [run.train_examples[i] for i in indices], cfg.max_length).to(cfg.device)
     torch.manual_seed(mix_seed(cfg.seed, step, 0xD0))  # dropout noise (first-order) replays on resume
 
+    lr = cfg.optim.lr * run.lr_multiplier(step)
+    run.optimizer.set_lr(lr)
     start = time.perf_counter()
     result = run.optimizer.step(lambda: per_example_losses(run.model, batch, run.label_ids))
     elapsed = time.perf_counter() - start
     if len(batch) and not math.isfinite(result.loss):
         raise SlimtuneError(f"training loss is {result.loss} at step {step + 1} ({cfg.optimizer}, lr={cfg.optim.lr}); "
                             f"lower --lr or --eps; the last good checkpoint is in {cfg.out_dir}/checkpoint")
-    record = {"step": step + 1, "loss": result.loss, "step_time_s": elapsed, "batch_size": len(batch),
+    record = {"step": step + 1, "lr": lr, "loss": result.loss, "step_time_s": elapsed, "batch_size": len(batch),
               "peak_mem_mb": peak_memory_mb(cfg.device), **result.info}
     if run.accountant:
         record.update(epsilon=run.accountant.epsilon(step + 1), delta=run.accountant.spec.delta,
@@ -231,12 +250,29 @@ def _evaluate(run: Run) -> dict:
     return {"eval_accuracy": res["accuracy"], "eval_loss": res["loss"]}
 
 
-def _should_stop_early(run: Run, accuracy: float) -> bool:
-    if run.best_accuracy is None or accuracy > run.best_accuracy:
-        run.best_accuracy, run.evals_without_improvement = accuracy, 0
+def _track_best(run: Run, step: int, record: dict) -> bool:
+    """Keep the best evaluation (accuracy, then lower loss; the zero-shot model counts) and, with save="best", its
+    adapter. Returns True when early stopping should end the run."""
+    acc, loss = record["eval_accuracy"], record["eval_loss"]
+    if run.best_step is None or (acc, -loss) > (run.best_accuracy, -run.best_loss):
+        run.best_accuracy, run.best_loss, run.best_step, run.evals_without_improvement = acc, loss, step, 0
+        if run.config.save == "best":
+            _save_adapter(run)
         return False
     run.evals_without_improvement += 1
     return bool(run.config.patience) and run.evals_without_improvement >= run.config.patience
+
+
+def _save_adapter(run: Run) -> None:
+    """Write adapter/ through a temporary directory so a crash never leaves a half-written adapter."""
+    out = Path(run.config.out_dir)
+    tmp, final, old = out / "adapter.tmp", out / "adapter", out / "adapter.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_peft(run.model, tmp, work_dir=out)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _checkpoint(run: Run, step: int) -> None:
@@ -246,7 +282,8 @@ def _checkpoint(run: Run, step: int) -> None:
         "privacy": {k: getattr(acc.spec, k) for k in ("sampling", "mechanism", "accountant")},
         "privacy_history": [asdict(seg) for seg in acc.history(step)]}
     save_checkpoint(Path(run.config.out_dir) / "checkpoint", run.model, run.optimizer,
-                    {"step": step, "best_accuracy": run.best_accuracy,
+                    {"step": step, "best_accuracy": run.best_accuracy, "best_loss": run.best_loss,
+                     "best_step": run.best_step,
                      "evals_without_improvement": run.evals_without_improvement, **privacy}, secret=run.secret)
 
 
@@ -265,7 +302,10 @@ def write_summary(run: Run, step: int, stop_reason: str) -> dict:
         "steps": step, "stop_reason": stop_reason, "batch_size": cfg.batch_size,
         "train_examples": len(run.train_examples), "eval_examples": len(run.eval_examples),
         "final_accuracy": evals[-1]["eval_accuracy"] if evals else None,
-        "best_accuracy": max(r["eval_accuracy"] for r in evals) if evals else None,
+        "best_accuracy": run.best_accuracy, "best_step": run.best_step,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None, "best_eval_loss": run.best_loss,
+        "saved_adapter": "last" if cfg.save == "last" or run.best_step is None else f"best (step {run.best_step})",
+        "lr_scheduler": cfg.lr_scheduler,
         "epsilon": run.accountant.epsilon(step) if run.accountant else None,
         "delta": run.accountant.spec.delta if run.accountant else None,
         "noise_multiplier": run.accountant.noise if run.accountant else None,

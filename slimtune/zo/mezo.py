@@ -116,6 +116,9 @@ class ZOOptimizer(SlimOptimizer):
             buffers[key] = torch.empty(min(chunk, largest), device=p.device, dtype=p.dtype)
         return buffers[key]
 
+    def set_lr(self, lr: float) -> None:
+        self.config.lr = lr
+
     # -- checkpointing ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "estimator": self.estimator.state_dict()}
