@@ -62,7 +62,10 @@ def train(
     epsilon: Optional[float] = typer.Option(None, help="DP: target epsilon (noise is calibrated to it)"),
     delta: float = typer.Option(1e-5, help="DP: target delta"),
     noise_multiplier: Optional[float] = typer.Option(None, help="DP: fixed noise multiplier instead of calibrating"),
-    clip: float = typer.Option(1.0, help="DP: clipping threshold C"),
+    clip: float = typer.Option(1.0, help="DP: clipping threshold C (the starting C with adaptive clipping)"),
+    clipping: str = typer.Option("auto", help="DP: adaptive (C tracks --target-quantile of the per-example scalars, "
+                                 "privately and accounted), fixed, or auto (adaptive for dpzero/dplozo)"),
+    target_quantile: float = typer.Option(0.9, help="DP, adaptive clipping: fraction of scalars left unclipped"),
     sampling: str = typer.Option("poisson", help="DP: poisson (default, exact) or shuffle"),
     mechanism: str = typer.Option("gaussian", help="DP: gaussian or laplace"),
     accountant: str = typer.Option("rdp", help="DP: rdp (fast) or pld (tighter: less noise for the same epsilon)"),
@@ -83,7 +86,8 @@ def train(
     privacy = None
     if optimizer in PRIVATE_OPTIMIZERS:
         privacy = PrivacySpec(epsilon if epsilon is not None or noise_multiplier is not None else 6.0, delta,
-                              noise_multiplier, clip, sampling, mechanism, accountant)
+                              noise_multiplier, clip, sampling, mechanism, accountant, clipping=clipping,
+                              target_quantile=target_quantile)
     config = TrainConfig(
         out_dir=out, train_data=data, eval_data=eval_data, model=model, task=task, text_column=text_column,
         label_column=label_column, template=template, label_words=label_words, optimizer=optimizer,

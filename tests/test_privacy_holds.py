@@ -33,7 +33,7 @@ def config(tmp_path, demo_paths, name="run", **kw):
     base = dict(out_dir=str(tmp_path / name), train_data=train_path, eval_data=dev_path, model="tiny-llama",
                 optimizer="dpzero", optim=OptimizerArgs(lr=1e-2, eps=1e-2), peft=PeftSettings("lora", r=2), steps=3,
                 batch_size=8, eval_every=3, checkpoint_every=3, progress=False,
-                privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0))
+                privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0, clipping="fixed"))
     base.update(kw)
     return TrainConfig(**base)
 
@@ -91,7 +91,7 @@ def test_resume_replays_the_secret_noise_bit_for_bit(tmp_path, demo_paths, monke
 @pytest.mark.parametrize("optimizer", ["dpzero", "dp-sgd"])
 def test_private_metrics_hold_only_released_values(tmp_path, demo_paths, optimizer):
     summary = train(prepare(config(tmp_path, demo_paths, optimizer=optimizer)))
-    allowed = {"step", "lr", "projected_grad", "epsilon", "delta", "noise_multiplier", "eval_accuracy", "eval_loss"}
+    allowed = {"step", "lr", "projected_grad", "clip", "epsilon", "delta", "noise_multiplier", "eval_accuracy", "eval_loss"}
     lines = metrics(tmp_path / "run")
     assert len([r for r in lines if r["step"] > 0]) == 3
     for line in lines:
@@ -112,7 +112,7 @@ def test_private_stats_only_on_request_and_with_a_warning(tmp_path, demo_paths):
 def test_n_spsa_releases_are_all_accounted(tmp_path, demo_paths):
     sigma, n = 1.0, 4
     summary = train(prepare(config(tmp_path, demo_paths, optim=OptimizerArgs(lr=1e-2, eps=1e-2, n_spsa=n),
-                                   privacy=PrivacySpec(delta=1e-3, noise_multiplier=sigma))))
+                                   privacy=PrivacySpec(delta=1e-3, noise_multiplier=sigma, clipping="fixed"))))
     q = 8 / summary["train_examples"]
     # n scalars, each with noise sigma*C, on one Poisson batch: one Gaussian mechanism with L2 sensitivity C*sqrt(n)
     acc = rdp.RdpAccountant()
@@ -166,7 +166,8 @@ def test_resume_cannot_change_the_sampling_scheme(tmp_path, demo_paths):
     train(prepare(config(tmp_path, demo_paths, steps=3)))
     with pytest.raises(SlimtuneError, match="sampling"):
         prepare(config(tmp_path, demo_paths, steps=6, privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0,
-                                                                          sampling="shuffle")), resume=True)
+                                                                          sampling="shuffle", clipping="fixed")),
+                resume=True)
 
 
 def test_the_default_budget_is_enforced_on_resume(tmp_path, demo_paths):

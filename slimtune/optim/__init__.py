@@ -30,9 +30,9 @@ PRIVATE_OPTIMIZERS = ("dpzero", "dplozo", "dp-adamw", "dp-sgd")
 
 
 def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> SlimOptimizer:
-    """`private`: (PrivacySpec, noise_multiplier, expected_batch_size, noise_seed) for the DP optimizers.
-
-    noise_seed must be secret (None: drawn from OS entropy); see slimtune.privacy.secret.
+    """`private`: (PrivacySpec, noise_multiplier, expected_batch_size, noise_seed[, quantile_noise]) for the DP
+    optimizers. noise_seed must be secret (None: drawn from OS entropy); see slimtune.privacy.secret. quantile_noise
+    > 0 turns on DPZero's adaptive clipping (its count noise sigma_b, accounted by privacy.accountant.plan).
     """
     from slimtune.zo import LOZO, LOZOConfig, MeZO, MeZOConfig
 
@@ -45,14 +45,14 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
         return FirstOrder(params, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name)
     if name in ("dp-adamw", "dp-sgd"):
         from slimtune.privacy.dpsgd import DPFirstOrder
-        spec, noise, batch, noise_seed = private
+        spec, noise, batch, noise_seed = private[:4]
         return DPFirstOrder(model, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name[3:], spec,
                             noise, batch, noise_seed)
     estimator = None
     if private is not None:
         from slimtune.privacy.dpzero import PrivateDifference
-        spec, noise, batch, noise_seed = private
-        estimator = PrivateDifference(spec, noise, batch, noise_seed)
+        spec, noise, batch, noise_seed, *rest = private
+        estimator = PrivateDifference(spec, noise, batch, noise_seed, quantile_noise=rest[0] if rest else 0.0)
     mezo_cfg = dict(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, n_spsa=args.n_spsa, seed=args.seed)
     if name in ("mezo", "dpzero"):
         opt = MeZO(params, MeZOConfig(**mezo_cfg), estimator)

@@ -10,8 +10,11 @@ M is GaussianDpEvent(sigma / sqrt(k)) or LaplaceDpEvent(b), the noise scale rela
   clipped sum with its own N(0, (sigma Delta)^2) noise, so the k-vector has L2 sensitivity Delta sqrt(k): one Gaussian
   mechanism with noise multiplier sigma / sqrt(k). `noise_multiplier` is always sigma, the noise on *one* scalar.
   Laplace noise with k > 1 is refused (its PLD under Poisson sampling is not supported by dp-accounting).
-A run is a list of segments (steps, N, B, sigma, k): a resumed run with another batch size or n-SPSA composes its
-past steps at their own sampling rate; `history(t)` is what the checkpoint stores.
+- adaptive clipping (DPZero, Andrew et al. 2021): each released scalar comes with a noisy count of the examples it
+  did not clip (sensitivity 1, noise sigma_b), from which C follows a geometric quantile update. The pair (sum, count)
+  is one Gaussian mechanism with 1/sigma_pair^2 = 1/sigma^2 + 1/sigma_b^2; with k pairs a step, sigma_pair / sqrt(k).
+A run is a list of segments (steps, N, B, sigma, k, sigma_b): a resumed run with another batch size or n-SPSA
+composes its past steps at their own sampling rate; `history(t)` is what the checkpoint stores.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ class PrivacySpec:
     mechanism: str = "gaussian"  # or "laplace" (accounted with PLD)
     accountant: str = "rdp"  # or "pld" (tighter, slower)
     pld_discretization: float = 1e-3  # PLD value discretisation; pessimistic, so coarser is still an upper bound
+    clipping: str = "auto"  # "adaptive" (DPZero default: C tracks a quantile privately), "fixed", "auto"
+    target_quantile: float = 0.9  # adaptive: fraction of per-example scalars left unclipped
+    clip_lr: float = 0.2  # adaptive: C <- C exp(-clip_lr (unclipped_fraction - target_quantile))
 
 
 @dataclass
@@ -51,21 +57,23 @@ class Segment:
     batch_size: int
     noise_multiplier: float
     releases: int = 1
+    quantile_noise: float = 0.0  # sigma_b of the adaptive-clipping count released with each scalar (0: fixed C)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Segment":
         return cls(int(d["steps"]), int(d["num_examples"]), int(d["batch_size"]), float(d["noise_multiplier"]),
-                   int(d.get("releases", 1)))
+                   int(d.get("releases", 1)), float(d.get("quantile_noise", 0.0)))
 
 
 class PrivacyAccountant:
     """Epsilon spent after t steps: the `past` segments, then the current settings (fresh composition each query)."""
 
     def __init__(self, spec: PrivacySpec, num_examples: int, batch_size: int, noise_multiplier: float,
-                 releases: int = 1, past: list[Segment] | tuple = ()):
+                 releases: int = 1, past: list[Segment] | tuple = (), quantile_noise: float = 0.0):
         check_releases(spec, releases)
         self.spec, self.n, self.batch_size, self.noise, self.releases = (spec, num_examples, batch_size,
                                                                          noise_multiplier, releases)
+        self.quantile_noise = quantile_noise
         self.past = list(past)
         if spec.sampling == "shuffle":
             warnings.warn("fixed-size shuffled batches: accounted as sampling without replacement per step "
@@ -85,10 +93,10 @@ class PrivacyAccountant:
         """The segments that make up the first `steps` steps (what a checkpoint at `steps` stores)."""
         out, left = [], steps
         for seg in self.past + [Segment(max(steps - self.past_steps, 0), self.n, self.batch_size, self.noise,
-                                        self.releases)]:
+                                        self.releases, self.quantile_noise)]:
             take = min(seg.steps, left)
             if take > 0:
-                out.append(Segment(take, seg.num_examples, seg.batch_size, seg.noise_multiplier, seg.releases))
+                out.append(replace(seg, steps=take))
             left -= take
         return out
 
@@ -97,7 +105,7 @@ class PrivacyAccountant:
             acc = make_accountant(self.spec)
             for seg in self.history(steps):
                 acc.compose(step_event(self.spec, seg.num_examples, seg.batch_size, seg.noise_multiplier,
-                                       seg.releases), seg.steps)
+                                       seg.releases, seg.quantile_noise), seg.steps)
             self._cache[steps] = _epsilon_of(acc, self.spec.delta)
         return self._cache[steps]
 
@@ -117,18 +125,42 @@ def check_releases(spec: PrivacySpec, releases: int) -> None:
                             f"{releases} and cannot be accounted: use --mechanism gaussian or --n-spsa 1")
 
 
-def base_mechanism(spec: PrivacySpec, noise: float, releases: int = 1) -> dp_accounting.DpEvent:
-    """The per-step mechanism on the k released scalars: sensitivity Delta sqrt(k) against noise sigma Delta each."""
+def effective_noise(noise: float, releases: int = 1, quantile_noise: float = 0.0) -> float:
+    """Noise multiplier of the one Gaussian mechanism a step is: k scalars (sigma each), each with its count (sigma_b)."""
+    inverse_square = 1 / noise**2 + (1 / quantile_noise**2 if quantile_noise else 0.0)
+    return 1 / math.sqrt(releases * inverse_square)
+
+
+def split_noise(effective: float, releases: int, quantile_noise: float) -> float:
+    """The per-scalar sigma that, with the counts' sigma_b, makes a step's effective multiplier `effective`."""
+    rest = 1 / (releases * effective**2) - (1 / quantile_noise**2 if quantile_noise else 0.0)
+    return 1 / math.sqrt(rest)
+
+
+def default_quantile_noise(effective: float, releases: int, batch_size: int) -> float:
+    """sigma_b for adaptive clipping: Andrew et al.'s B/20, raised to 3x the per-pair noise so that the scalars'
+    noise grows by at most 6% (1/sqrt(1 - 1/9))."""
+    return max(batch_size / 20, 3 * effective * math.sqrt(releases))
+
+
+def base_mechanism(spec: PrivacySpec, noise: float, releases: int = 1,
+                   quantile_noise: float = 0.0) -> dp_accounting.DpEvent:
+    """The per-step mechanism on the k released scalars: sensitivity Delta sqrt(k) against noise sigma Delta each
+    (and, with adaptive clipping, k counts of sensitivity 1 against noise sigma_b)."""
     if spec.mechanism == "laplace":
         check_releases(spec, releases)
+        if quantile_noise:
+            raise SlimtuneError("adaptive clipping is accounted for Gaussian noise only: use --clipping fixed with "
+                                "--mechanism laplace")
         return dp_accounting.LaplaceDpEvent(noise)
     if spec.mechanism == "gaussian":
-        return dp_accounting.GaussianDpEvent(noise / math.sqrt(releases))
+        return dp_accounting.GaussianDpEvent(effective_noise(noise, releases, quantile_noise))
     raise SlimtuneError(f"unknown DP mechanism {spec.mechanism!r} (gaussian or laplace)")
 
 
-def step_event(spec: PrivacySpec, n: int, batch_size: int, noise: float, releases: int = 1) -> dp_accounting.DpEvent:
-    mech = base_mechanism(spec, noise, releases)
+def step_event(spec: PrivacySpec, n: int, batch_size: int, noise: float, releases: int = 1,
+               quantile_noise: float = 0.0) -> dp_accounting.DpEvent:
+    mech = base_mechanism(spec, noise, releases, quantile_noise)
     if spec.sampling == "poisson":
         return dp_accounting.PoissonSampledDpEvent(min(1.0, batch_size / n), mech)
     if spec.sampling == "shuffle":
@@ -148,9 +180,9 @@ def make_accountant(spec: PrivacySpec) -> dp_accounting.PrivacyAccountant:
     return rdp.RdpAccountant(neighboring_relation=relation)
 
 
-def sensitivity(spec: PrivacySpec) -> float:
+def sensitivity(spec: PrivacySpec, clip: float | None = None) -> float:
     """Of the clipped sum: C under add/remove (Poisson), 2C under replace-one (fixed-size batches)."""
-    return spec.clip * (2.0 if spec.sampling == "shuffle" else 1.0)
+    return (spec.clip if clip is None else clip) * (2.0 if spec.sampling == "shuffle" else 1.0)
 
 
 def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int, releases: int = 1) -> float:
@@ -216,15 +248,33 @@ def check_spec(spec: PrivacySpec, num_examples: int) -> None:
         raise SlimtuneError(f"noise multiplier must be > 0, got {spec.noise_multiplier}")
     if not 0 < spec.pld_discretization <= 0.1:
         raise SlimtuneError(f"PLD discretisation must be in (0, 0.1], got {spec.pld_discretization}")
+    if spec.clipping not in ("auto", "adaptive", "fixed"):
+        raise SlimtuneError(f"--clipping {spec.clipping!r}: choose adaptive, fixed or auto")
+    if not 0 < spec.target_quantile < 1 or spec.clip_lr <= 0:
+        raise SlimtuneError(f"adaptive clipping needs 0 < --target-quantile < 1 (got {spec.target_quantile}) and "
+                            f"--clip-lr > 0 (got {spec.clip_lr})")
 
 
-def plan(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int, releases: int = 1) -> PrivacyAccountant:
-    """Pick (or check) the noise for a run of `steps` and return its accountant; refuse budgets that cannot be met."""
+def plan(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int, releases: int = 1,
+         adaptive: bool = False) -> PrivacyAccountant:
+    """Pick (or check) the noise for a run of `steps` and return its accountant; refuse budgets that cannot be met.
+
+    adaptive: each scalar also releases a count for adaptive clipping; the budget covers both (the calibrated
+    effective multiplier is split between scalar noise sigma and count noise sigma_b)."""
     check_spec(spec, num_examples)
-    noise = spec.noise_multiplier
-    if noise is None:
+    noise, quantile_noise = spec.noise_multiplier, 0.0
+    if adaptive:
+        check_releases(spec, releases)
+        if spec.mechanism != "gaussian":
+            raise SlimtuneError("adaptive clipping is accounted for Gaussian noise only: use --clipping fixed with "
+                                "--mechanism laplace")
+        effective = (calibrate_noise(spec, num_examples, batch_size, steps, 1) if noise is None
+                     else effective_noise(noise, releases))
+        quantile_noise = default_quantile_noise(effective, releases, batch_size)
+        noise = split_noise(effective, releases, quantile_noise) if spec.noise_multiplier is None else noise
+    elif noise is None:
         noise = calibrate_noise(spec, num_examples, batch_size, steps, releases)
-    accountant = PrivacyAccountant(spec, num_examples, batch_size, noise, releases)
+    accountant = PrivacyAccountant(spec, num_examples, batch_size, noise, releases, quantile_noise=quantile_noise)
     if spec.target_epsilon is not None and accountant.epsilon(steps) > spec.target_epsilon * 1.001:
         raise SlimtuneError(f"noise multiplier {noise} spends epsilon={accountant.epsilon(steps):.3g} in {steps} steps, "
                             f"over the requested budget epsilon={spec.target_epsilon}: refusing to start "

@@ -8,6 +8,14 @@ Dividing by the *expected* batch size q*N keeps the realised batch size (which i
 The direction z is public (a seed), so the update theta -= lr * g_hat * z is post-processing.
 An empty Poisson batch releases noise alone: the accounted mechanism runs on every step.
 
+Adaptive clipping (default; Andrew et al., NeurIPS 2021, for a scalar per example): with each g_hat the estimator
+releases the noisy fraction of examples it left unclipped,
+    f = (sum_i 1[|g_i| <= C] + N(0, sigma_b^2)) / B_expected,
+and moves C geometrically toward the target quantile gamma of |g_i|: C <- C exp(-eta (f - gamma)). The count has
+sensitivity 1; the accountant composes it with the scalar (privacy/accountant.py). C is a function of released
+values only, so it is public and logged. With gamma = 0.9, C settles above most |g_i|: the step is then close to
+MeZO's, so MeZO's learning rate carries over, whatever the scale of the finite differences; a hand-set C does not.
+
 The noise generator is seeded from OS entropy unless a seed is given (the trainer passes one derived from the run's
 secret, see privacy/secret.py); never pass a seed derived from public settings.
 """
@@ -24,33 +32,51 @@ from slimtune.privacy.secret import fresh_secret
 
 class PrivateDifference:
     def __init__(self, spec: PrivacySpec, noise_multiplier: float, expected_batch_size: float,
-                 noise_seed: int | None = None):
+                 noise_seed: int | None = None, quantile_noise: float = 0.0):
         self.spec, self.noise_multiplier, self.expected_batch_size = spec, noise_multiplier, expected_batch_size
+        self.quantile_noise = quantile_noise  # sigma_b > 0: adaptive clipping
+        self.clip = spec.clip  # the current C (the initial one when adaptive)
         seed = noise_seed if noise_seed is not None else fresh_secret()
         self.generator = torch.Generator().manual_seed(seed)
 
+    @property
+    def adaptive(self) -> bool:
+        return self.quantile_noise > 0
+
+    def per_example(self, losses_plus: torch.Tensor, losses_minus: torch.Tensor, eps: float) -> torch.Tensor:
+        return (losses_plus.double() - losses_minus.double()) / (2 * eps)
+
     def clipped_sum(self, losses_plus: torch.Tensor, losses_minus: torch.Tensor, eps: float) -> tuple[float, float]:
         """Sum of per-example clipped differences, and the fraction of examples that were clipped."""
-        per_example = (losses_plus.double() - losses_minus.double()) / (2 * eps)
-        clipped = per_example.clamp(-self.spec.clip, self.spec.clip)
-        frac = (per_example.abs() > self.spec.clip).double().mean().item() if per_example.numel() else 0.0
-        return clipped.sum().item(), frac
+        g = self.per_example(losses_plus, losses_minus, eps)
+        frac = (g.abs() > self.clip).double().mean().item() if g.numel() else 0.0
+        return g.clamp(-self.clip, self.clip).sum().item(), frac
+
+    def _gaussian(self) -> float:
+        return torch.randn((), generator=self.generator, dtype=torch.float64).item()
 
     def noise(self) -> float:
-        scale = self.noise_multiplier * sensitivity(self.spec)
+        scale = self.noise_multiplier * sensitivity(self.spec, self.clip)
         if self.spec.mechanism == "laplace":
             u = torch.rand((), generator=self.generator, dtype=torch.float64).item() - 0.5  # inverse CDF
             return -scale * math.copysign(1.0, u) * math.log1p(-2 * abs(u))
-        return scale * torch.randn((), generator=self.generator, dtype=torch.float64).item()
+        return scale * self._gaussian()
 
     def __call__(self, losses_plus, losses_minus, eps) -> tuple[float, dict]:
+        """The released scalar and diagnostics: `clip` (public) and the private clipped_fraction/batch_size."""
+        clip = self.clip
         total, frac = self.clipped_sum(losses_plus, losses_minus, eps)
-        return (total + self.noise()) / self.expected_batch_size, {"clipped_fraction": frac,
-                                                                   "batch_size": int(losses_plus.numel())}
+        released = (total + self.noise()) / self.expected_batch_size
+        if self.adaptive:
+            unclipped = (self.per_example(losses_plus, losses_minus, eps).abs() <= clip).double().sum().item()
+            noisy_fraction = (unclipped + self.quantile_noise * self._gaussian()) / self.expected_batch_size
+            self.clip = clip * math.exp(-self.spec.clip_lr * (noisy_fraction - self.spec.target_quantile))
+        return released, {"clip": clip, "clipped_fraction": frac, "batch_size": int(losses_plus.numel())}
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "clip": self.clip}
 
     def load_state_dict(self, state: dict) -> None:
         if "generator" in state:
             self.generator.set_state(state["generator"])
+        self.clip = state.get("clip", self.clip)

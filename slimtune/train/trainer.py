@@ -68,7 +68,7 @@ class TrainConfig:
 
 
 # What a private run's per-step record may contain: released or post-processed values only.
-RELEASED_KEYS = ("step", "lr", "projected_grad", "epsilon", "delta", "noise_multiplier")
+RELEASED_KEYS = ("step", "lr", "projected_grad", "clip", "epsilon", "delta", "noise_multiplier")
 
 
 @dataclass
@@ -120,7 +120,8 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     if config.optimizer in PRIVATE_OPTIMIZERS:
         config.privacy = config.privacy or PrivacySpec(target_epsilon=6.0)  # the default budget, enforced like any
         accountant, secret = _private_setup(config, out, len(train_examples), resume)
-        private = (config.privacy, accountant.noise, config.batch_size, seed_for(secret["seed"], NOISE))
+        private = (config.privacy, accountant.noise, config.batch_size, seed_for(secret["seed"], NOISE),
+                   accountant.quantile_noise)
         sampler = (EpochSampler if config.privacy.sampling == "shuffle" else PoissonSampler)(
             len(train_examples), config.batch_size, seed_for(secret["seed"], SAMPLING))
         if config.log_private_stats:
@@ -150,12 +151,23 @@ def releases_per_step(config: TrainConfig) -> int:
     return config.optim.n_spsa if config.optimizer in ("dpzero", "dplozo") else 1
 
 
+def adaptive_clipping(config: TrainConfig) -> bool:
+    """DPZero/DPLOZO clip adaptively unless told --clipping fixed (or with Laplace noise); DP-SGD clips at a fixed C."""
+    spec, zo = config.privacy, config.optimizer in ("dpzero", "dplozo")
+    if spec.clipping == "adaptive" and not zo:
+        raise SlimtuneError(f"--clipping adaptive is implemented for dpzero and dplozo; {config.optimizer} clips at "
+                            "a fixed --clip (use --clipping fixed)")
+    return zo and (spec.clipping == "adaptive" or (spec.clipping == "auto" and spec.mechanism == "gaussian"))
+
+
 def _private_setup(config: TrainConfig, out: Path, num_examples: int, resume: bool) -> tuple[PrivacyAccountant, dict]:
     """The accountant (past segments composed at their own rates on resume) and the run's secret."""
     spec, releases = config.privacy, releases_per_step(config)
+    adaptive = adaptive_clipping(config)
     state, secret = read_state(out / "checkpoint") if resume else ({}, None)
     if not state:
-        return plan(spec, num_examples, config.batch_size, config.steps, releases), {"seed": fresh_secret()}
+        return (plan(spec, num_examples, config.batch_size, config.steps, releases, adaptive),
+                {"seed": fresh_secret()})
     if secret is None:
         raise SlimtuneError(f"{out}/checkpoint: no secret.json; this private run cannot be resumed with the same noise "
                             "and batches (start a new run in another --out)")
@@ -168,7 +180,10 @@ def _private_setup(config: TrainConfig, out: Path, num_examples: int, resume: bo
     past = [Segment.from_dict(d) for d in state.get("privacy_history") or
             [dict(steps=state["step"], num_examples=num_examples, batch_size=config.batch_size,
                   noise_multiplier=noise)]]
-    return PrivacyAccountant(spec, num_examples, config.batch_size, noise, releases, past), secret
+    quantile_noise = past[-1].quantile_noise if adaptive else 0.0
+    if adaptive and not quantile_noise:
+        raise SlimtuneError("the run being resumed clipped at a fixed C: resume it with --clipping fixed")
+    return PrivacyAccountant(spec, num_examples, config.batch_size, noise, releases, past, quantile_noise), secret
 
 
 def train(run: Run) -> dict:
@@ -310,6 +325,7 @@ def write_summary(run: Run, step: int, stop_reason: str) -> dict:
         "delta": run.accountant.spec.delta if run.accountant else None,
         "noise_multiplier": run.accountant.noise if run.accountant else None,
         "accountant": run.accountant.spec.accountant if run.accountant else None,
+        "quantile_noise": (run.accountant.quantile_noise or None) if run.accountant else None,
         "private_stats_logged": cfg.log_private_stats if run.accountant else None,
         "bytes_communicated": 0, "device": cfg.device,
     }
