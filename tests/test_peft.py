@@ -37,10 +37,11 @@ def test_svfit_trains_only_r_values_per_matrix():
     assert peft_summary(model)["trainable_params"] == 4 * n_matrices
 
 
-@pytest.mark.parametrize("method", ["svfit", "lora", "pissa", "adapter"])
+@pytest.mark.parametrize("method", ["svfit", "svfit-relative", "lora", "pissa", "adapter"])
 def test_save_load_gives_identical_logits(method, tmp_path):
     model, tok = fresh()
-    model = apply_peft(model, PeftSettings(method, r=4), work_dir=tmp_path)
+    relative = method == "svfit-relative"
+    model = apply_peft(model, PeftSettings(method.split("-")[0], r=4, svfit_relative=relative), work_dir=tmp_path)
     with torch.no_grad():  # move away from init so the test sees trained values
         for p in model.parameters():
             if p.requires_grad:
@@ -97,3 +98,36 @@ def test_gpt2_svfit_and_lora_work():
         model = apply_peft(model, PeftSettings(method, r=2))
         assert peft_summary(model)["trainable_params"] > 0
         assert model(ids(tok)).logits.shape[-1] == len(tok)
+
+
+def test_relative_svfit_trains_scales_of_the_singular_values():
+    model, _ = fresh()
+    model = apply_peft(model, PeftSettings("svfit", r=4, svfit_relative=True))
+    layer = next(m for m in model.modules() if isinstance(m, SVFitLinear))
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["scale"]
+    assert torch.equal(layer.scale, torch.ones(4))
+    with torch.no_grad():
+        layer.scale.mul_(1.1)  # a relative move: every singular value grows by 10%
+    assert torch.allclose(layer.values(), 1.1 * layer.S0)
+
+
+def test_zo_svfit_lowers_the_loss(tmp_path, demo_paths):
+    """ZO + SVFit (relative scales, the default under ZO) moves the model: the training loss goes down."""
+    from slimtune.optim import OptimizerArgs
+    from slimtune.train import TrainConfig, prepare
+    from slimtune.train.objective import encode, per_example_losses
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), train_data=demo_paths[0], model="tiny-llama", optimizer="mezo",
+                      optim=OptimizerArgs(lr=10.0, eps=1e-2), peft=PeftSettings("svfit", r=4), steps=60,
+                      batch_size=32, progress=False)
+    run = prepare(cfg)
+    assert cfg.peft.svfit_relative is True  # resolved for a ZO optimizer, so config.json records it
+    batch = encode(run.tokenizer, run.train_examples[:32])
+    loss = lambda: per_example_losses(run.model, batch, run.label_ids)
+    with torch.no_grad():
+        before = loss().mean().item()
+    for _ in range(60):
+        run.optimizer.step(loss)
+    with torch.no_grad():
+        after = loss().mean().item()
+    assert after < before - 0.004

@@ -4,6 +4,13 @@ W = U S V^T. Keep U_r, V_r (top-r singular vectors) and the residual R = W - U_r
 values s (initialised to S_r), optionally times a learnable per-value scale. Forward: y = x R^T + ((x V_r) * s) U_r^T.
 R overwrites the base weight in place, so the model holds no second dense copy. At init the layer computes exactly W
 up to fp32 rounding. Trainable parameters per matrix: r (2r with scales).
+
+Relative parametrisation (`relative=True`, the default under zeroth-order optimizers): s is frozen at S_r and only
+multiplicative scales m (initialised to 1) are trained, values = s * m. Singular values are O(1-10) while ZO moves a
+parameter by O(lr * eps)-sized steps whatever its magnitude, so under ZO the raw values barely move; on m every
+trainable number is O(1), a perturbation eps changes every singular value by the same *relative* amount, and the
+finite difference dL/dm_j = S_j dL/ds_j is scaled up by the value it moves. (A diagonal preconditioner diag(S_r^2) on
+the ZO update, in other words.) Trainable parameters per matrix: r.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ class SVFitConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                               "up_proj", "down_proj"])
     learn_scale: bool = False
+    relative: bool = False  # train only the scales m (values = S_r * m); implies learn_scale
     randomized_svd_above: int = 4096  # use torch.svd_lowrank when min(W.shape) exceeds this
     method: str = "svfit"
 
@@ -59,9 +67,9 @@ class SVFitLinear(nn.Module):
             w.sub_((self.U * self.S0) @ self.Vh)  # base weight becomes the frozen residual R
         for p in base.parameters():
             p.requires_grad_(False)
-        self.sv = nn.Parameter(values.to(w.dtype).clone())
+        self.sv = nn.Parameter(values.to(w.dtype).clone(), requires_grad=not config.relative)
         self.scale = None
-        if config.learn_scale:
+        if config.learn_scale or config.relative:
             self.scale = nn.Parameter(state["scale"].to(w.dtype) if state and "scale" in state
                                       else torch.ones(r, dtype=w.dtype))
 

@@ -23,7 +23,7 @@ import torch
 from slimtune import SlimtuneError
 from slimtune.data import EpochSampler, PoissonSampler, get_task, k_shot, read_examples
 from slimtune.models import load_model_and_tokenizer
-from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
+from slimtune.optim import PRIVATE_OPTIMIZERS, ZO_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.optim.schedule import lr_multiplier
 from slimtune.peft import PeftSettings, apply_peft, peft_summary, save_peft
@@ -115,6 +115,8 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     label_ids = label_token_ids(tokenizer, task)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    if config.peft.method == "svfit" and config.peft.svfit_relative is None:  # resolved, so config.json records it
+        config.peft.svfit_relative = config.optimizer in ZO_OPTIMIZERS
     model = apply_peft(model, config.peft, work_dir=out)
     private, accountant, secret = None, None, None
     if config.optimizer in PRIVATE_OPTIMIZERS:
