@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from slimtune import SlimtuneError
 
+# Deprecation notices from the libraries underneath are for their developers, not for slimtune's users.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|opacus|torch|flwr)\b")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft|opacus|torch|flwr)\b")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune LLMs when memory and privacy are the constraints.")
 console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    """One line on stderr, exit code 2."""
+    errors.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -158,7 +166,7 @@ def eval_cmd(
         t = get_task(task, text_column, label_column)
         examples = read_examples(data, t, "validation")
         dev = _resolve_device(device)
-        m, tok = load_model_and_tokenizer(model, device=dev, texts=[e.prompt for e in examples])
+        m, tok = load_model_and_tokenizer(model, device=dev, texts=[e.prompt for e in examples], tokenizer_dir=adapter)
         if adapter:
             m = load_peft(m, adapter)
         res = evaluate(m, tok, examples, label_token_ids(tok, t), batch_size, dev)
@@ -177,7 +185,7 @@ def merge(adapter: str = typer.Argument(..., help="adapter directory"), out: str
     if Path(out).exists() and any(Path(out).iterdir()):
         _fail(SlimtuneError(f"{out}: exists and is not empty (nothing was overwritten)"))
     try:
-        base, tok = load_model_and_tokenizer(model)
+        base, tok = load_model_and_tokenizer(model, tokenizer_dir=adapter)
         merged = merge_peft(load_peft(base, adapter))
     except SlimtuneError as exc:
         _fail(exc)
@@ -274,7 +282,7 @@ def main() -> None:  # pragma: no cover
     try:
         app()
     except SlimtuneError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        errors.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", soft_wrap=True, highlight=False)
         sys.exit(2)
 
 

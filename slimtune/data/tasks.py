@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 
 from slimtune import SlimtuneError
@@ -67,6 +69,10 @@ def get_task(name: str, text_column: str | None = None, label_column: str | None
         if any(len(p) != 2 for p in pairs):
             raise SlimtuneError(f"--label-words {label_words!r}: expected 'value=word,value=word'")
         cols = tuple(_template_fields(template))
+        if template != template.rstrip():  # the label word carries its own leading space
+            warnings.warn(f"--template ends with whitespace; removed (label words are scored as ' word', so a "
+                          f"trailing space would leave a bare space token before them)", stacklevel=2)
+            template = template.rstrip()
         return Task("custom", template, cols, label_column or "label", tuple(v.strip() for v, _ in pairs),
                     tuple(" " + w.strip() for _, w in pairs))
     if name not in TASKS:

@@ -21,26 +21,28 @@ def cache_dir() -> Path:
 
 
 def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-                             device: str = "cpu", texts: list[str] | None = None):
+                             device: str = "cpu", texts: list[str] | None = None, tokenizer_dir: str | None = None):
     """Return (model, tokenizer).
 
     `name_or_path` is "smollm2" (the embedded default), "tiny-llama"/"tiny-gpt2" (random weights, a word-level
-    tokenizer fitted to `texts`), or a local directory holding a transformers checkpoint. Never touches a hub.
+    tokenizer fitted to `texts`, or the one saved in `tokenizer_dir`, e.g. a run's adapter/, so that evaluation
+    rebuilds the very base the run trained), or a local directory holding a transformers checkpoint. Never touches a hub.
     """
     if name_or_path in TINY_MODELS:
-        tokenizer = tiny_tokenizer(texts or [])
+        saved = tokenizer_dir and (Path(tokenizer_dir) / "tokenizer.json").exists()
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if saved else tiny_tokenizer(texts or [])
         model = tiny_model(name_or_path, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     elif name_or_path == DEFAULT_MODEL:
         model, tokenizer = _load_smollm2(dtype)
     else:
-        model, tokenizer = _load_local(name_or_path, dtype)
+        model, tokenizer = load_local(name_or_path, dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device=device, dtype=dtype), tokenizer
 
 
-def _load_local(path: str, dtype: torch.dtype):
+def load_local(path: str, dtype: torch.dtype):
     p = Path(path)
     if not p.is_dir():
         raise SlimtuneError(f"model {path!r}: not a directory, and not one of {DEFAULT_MODEL!r}, {', '.join(TINY_MODELS)} "
@@ -70,7 +72,7 @@ def _load_smollm2(dtype: torch.dtype):
     """Load SmolLM2-135M-Instruct from the GGUF once, then from a cached safetensors copy (~25 s -> ~1 s)."""
     cached = cache_dir() / "smollm2-135m-instruct"
     if (cached / "config.json").exists():
-        return _load_local(str(cached), dtype)
+        return load_local(str(cached), dtype)
     model, tokenizer = _from_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, dtype)
     _save_atomically(model, tokenizer, cached)
     return model, tokenizer

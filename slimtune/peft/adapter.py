@@ -1,7 +1,7 @@
 """Bottleneck adapters (Houlsby et al., 2019) after each targeted layer: y + W_up act(W_down y).
 
 peft has no bottleneck adapter tuner, so this one is ours. W_up starts at zero: the model is unchanged at init.
-Merging is impossible in general (the adapter is non-linear), so `merged()` keeps the adapter in place.
+Merging is impossible in general (the adapter is non-linear): `slimtune merge` refuses it with a clear message.
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU()}[config.activation]
-        if state is not None:
-            self.load_state_dict({k: v for k, v in state.items()}, strict=False)
+        if state is not None:  # strict: every adapter tensor, and nothing else (the base stays as loaded)
+            self.down.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("down.")})
+            self.up.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("up.")})
+            if any(not k.startswith(("down.", "up.")) for k in state):
+                raise KeyError(f"unexpected adapter tensor {next(k for k in state if not k.startswith(('down.', 'up.')))}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

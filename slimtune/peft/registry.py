@@ -14,6 +14,7 @@ from slimtune.peft.adapter import AdapterConfig, BottleneckAdapter
 from slimtune.peft.svfit import LAYER_TYPES, SVFitConfig, SVFitLinear
 
 PEFT_METHODS = ("none", "lora", "pissa", "adapter", "svfit")
+LORA_LAYER_TYPES = (*LAYER_TYPES, nn.Embedding, nn.Conv2d)  # what peft's LoRA can wrap
 PISSA_INIT_DIR = "pissa_init"
 
 
@@ -45,16 +46,32 @@ def default_targets(model: nn.Module, method: str) -> list[str]:
     raise SlimtuneError(f"--peft {method}: cannot guess target layers for this model; pass --target-modules")
 
 
-def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | None = None) -> nn.Module:
+def check_settings(settings: PeftSettings) -> None:
+    """One-line errors for settings no method can use (before any third-party code sees them)."""
     method = settings.method
     if method not in PEFT_METHODS:
         raise SlimtuneError(f"unknown --peft {method!r}: choose one of {', '.join(PEFT_METHODS)}")
+    if method != "none" and settings.r < 1:
+        what = {"lora": "rank", "pissa": "rank", "svfit": "number of singular values", "adapter": "bottleneck size"}
+        raise SlimtuneError(f"--r {settings.r}: the {what[method]} of --peft {method} must be >= 1")
+    if method in ("lora", "pissa") and (settings.alpha <= 0 or not 0 <= settings.dropout < 1):
+        raise SlimtuneError(f"--lora-alpha must be > 0 (got {settings.alpha}) and --lora-dropout in [0, 1) "
+                            f"(got {settings.dropout})")
+    if settings.target_modules is not None and not [t for t in settings.target_modules if t.strip()]:
+        raise SlimtuneError("--target-modules is empty: name at least one layer (or leave it out for the default)")
+
+
+def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | None = None) -> nn.Module:
+    check_settings(settings)
+    method = settings.method
     if method == "none":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     targets = settings.target_modules or default_targets(model, method)
     if method in ("lora", "pissa"):
+        tuner.check_targets(model, method, targets, LORA_LAYER_TYPES,
+                            tuner.matching_modules(model, targets, LORA_LAYER_TYPES))
         return _apply_lora(model, settings, targets, work_dir)
     if method == "svfit":
         config = SVFitConfig(r=settings.r, target_modules=targets, learn_scale=settings.learn_scale,
@@ -96,7 +113,8 @@ def save_peft(model: nn.Module, directory: str | Path, work_dir: str | Path | No
     directory = Path(directory)
     if isinstance(model, PeftModel):
         init_dir = Path(work_dir) / PISSA_INIT_DIR if work_dir else None
-        if init_dir is not None and init_dir.exists():
+        pissa = str(model.peft_config["default"].init_lora_weights).startswith("pissa")
+        if pissa and init_dir is not None and init_dir.exists():  # never convert a plain LoRA with a stale init
             model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(init_dir))
         else:
             model.save_pretrained(str(directory))
@@ -107,16 +125,37 @@ def save_peft(model: nn.Module, directory: str | Path, work_dir: str | Path | No
 
 
 def load_peft(base_model: nn.Module, directory: str | Path) -> nn.Module:
+    """The adapted model from a saved adapter directory (or the full model saved by a --peft none run)."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise SlimtuneError(f"{directory}: not a directory (expected a saved adapter, e.g. RUN/adapter)")
     if (directory / "adapter_config.json").exists():
-        from peft import PeftModel
-        return PeftModel.from_pretrained(base_model, str(directory))
+        return _load_lora(base_model, directory)
     if (directory / tuner.CONFIG).exists():
-        raw = json.loads((directory / tuner.CONFIG).read_text())
-        if raw["method"] == "svfit":
-            return tuner.load(base_model, SVFitConfig(**raw), SVFitLinear, LAYER_TYPES, directory)
-        return tuner.load(base_model, AdapterConfig(**raw), BottleneckAdapter, LAYER_TYPES, directory)
-    raise SlimtuneError(f"{directory}: no adapter_config.json or {tuner.CONFIG} (not a saved adapter)")
+        try:
+            raw = json.loads((directory / tuner.CONFIG).read_text())
+            config = (SVFitConfig if raw["method"] == "svfit" else AdapterConfig)(**raw)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise SlimtuneError(f"{directory / tuner.CONFIG}: not a valid slimtune adapter config ({exc})") from None
+        cls = SVFitLinear if config.method == "svfit" else BottleneckAdapter
+        return tuner.load(base_model, config, cls, LAYER_TYPES, directory)
+    if (directory / "config.json").exists():  # --peft none: the whole fine-tuned model
+        from slimtune.models.loading import load_local
+        return load_local(str(directory), next(base_model.parameters()).dtype)[0]
+    raise SlimtuneError(f"{directory}: no adapter_config.json, {tuner.CONFIG} or config.json (not a saved adapter)")
+
+
+def _load_lora(base_model: nn.Module, directory: Path) -> nn.Module:
+    from peft import PeftModel
+    if not any((directory / f).exists() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise SlimtuneError(f"{directory}: adapter_config.json but no adapter_model.safetensors (an incomplete "
+                            "adapter directory)")
+    try:
+        model = PeftModel.from_pretrained(base_model, str(directory))
+    except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
+        raise SlimtuneError(f"{directory}: this LoRA adapter does not fit the model "
+                            f"({str(exc).strip().splitlines()[0][:200]}); use the base model it was trained on") from None
+    return model
 
 
 def merge_peft(model: nn.Module) -> nn.Module:
@@ -126,6 +165,9 @@ def merge_peft(model: nn.Module) -> nn.Module:
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     cls = _tuner_class(model)
+    if cls is BottleneckAdapter:
+        raise SlimtuneError("bottleneck adapters are non-linear (y + W_up act(W_down y)) and cannot be folded into the "
+                            "base weights; use the adapter unmerged (slimtune eval --adapter DIR)")
     return tuner.merge(model, cls) if cls else model
 
 
@@ -134,4 +176,16 @@ def peft_summary(model: nn.Module) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     return {"trainable_params": sum(p.numel() for p in trainable),
             "total_params": sum(p.numel() for p in model.parameters()),
-            "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable)}
+            "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
+            "adapter_bytes": adapter_bytes(model)}
+
+
+def adapter_bytes(model: nn.Module) -> int:
+    """Tensor bytes that save_peft writes: LoRA weights; SVFit's U, S, V and values; adapters; the whole model."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    if (cls := _tuner_class(model)) is not None:
+        return sum(t.numel() * t.element_size() for _, m in tuner.wrappers(model, cls) for t in m.extra_state().values())
+    return sum(p.numel() * p.element_size() for p in model.parameters())

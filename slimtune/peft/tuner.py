@@ -13,7 +13,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from slimtune import SlimtuneError
 
 WEIGHTS = "slimtune_adapter.safetensors"
 CONFIG = "slimtune_adapter_config.json"
@@ -31,14 +34,26 @@ def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> N
 
 def wrap(model, config, wrapper_cls, kinds) -> torch.nn.Module:
     found = matching_modules(model, list(config.target_modules), kinds)
-    if not found:
-        raise ValueError(f"{config.method}: no layer named {list(config.target_modules)} in the model")
+    check_targets(model, config.method, list(config.target_modules), kinds, found)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in found:
         replace_module(model, name, wrapper_cls(module, config))
     model.slimtune_tuner = config
     return model
+
+
+def layer_names(model: torch.nn.Module, kinds: tuple) -> list[str]:
+    return sorted({name.split(".")[-1] for name, m in model.named_modules() if name and isinstance(m, kinds)})
+
+
+def check_targets(model, method: str, targets: list[str], kinds: tuple, found: list) -> None:
+    """Every named target must be a layer of the model: a typo must not silently train less than asked."""
+    present = {name.split(".")[-1] for name, _ in found}
+    missing = [t for t in targets if t not in present]
+    if missing or not found:
+        raise SlimtuneError(f"--target-modules {','.join(missing or targets)}: no such layer for --peft {method} in "
+                            f"this model (its layers: {', '.join(layer_names(model, kinds))})")
 
 
 def wrappers(model, wrapper_cls) -> list[tuple[str, torch.nn.Module]]:
@@ -57,14 +72,30 @@ def save(model, wrapper_cls, directory: str | Path) -> None:
 
 
 def load(model, config, wrapper_cls, kinds, directory: str | Path) -> torch.nn.Module:
-    state = load_file(str(Path(directory) / WEIGHTS))
+    """Rebuild the wrapped layers from a saved adapter; every saved tensor must find its layer and vice versa."""
+    weights = Path(directory) / WEIGHTS
+    if not weights.exists():
+        raise SlimtuneError(f"{directory}: {CONFIG} but no {WEIGHTS} (an incomplete adapter directory)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise SlimtuneError(f"{weights}: not a readable safetensors file ({exc})") from None
     found = matching_modules(model, list(config.target_modules), kinds)
+    used = {k for name, _ in found for k in state if k.startswith(name + ".")}
+    if not found or len(used) != len(state) or any(not any(k.startswith(n + ".") for k in state) for n, _ in found):
+        unmatched = sorted(set(state) - used)[:1] or [n for n, _ in found][:1] or list(config.target_modules)[:1]
+        raise SlimtuneError(f"{directory}: adapter does not match this model (e.g. {unmatched[0]!r}); evaluate it on "
+                            "the base model it was trained on")
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in found:
         prefix = name + "."
-        replace_module(model, name, wrapper_cls(module, config, {k[len(prefix):]: v for k, v in state.items()
-                                                                 if k.startswith(prefix)}))
+        try:
+            new = wrapper_cls(module, config, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        except (KeyError, RuntimeError) as exc:
+            raise SlimtuneError(f"{directory}: adapter tensors for {name} do not fit this model "
+                                f"({str(exc).splitlines()[0]})") from None
+        replace_module(model, name, new)
     model.slimtune_tuner = config
     return model
 

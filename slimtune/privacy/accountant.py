@@ -234,6 +234,16 @@ def _noise_floor(spec: PrivacySpec, n: int, batch_size: int, releases: int) -> f
     return math.sqrt(releases) * 0.05 / math.sqrt(budget)
 
 
+def check_names(spec: PrivacySpec) -> None:
+    """The categorical settings, checked before anything is loaded."""
+    for flag, value, allowed in (("--sampling", spec.sampling, ("poisson", "shuffle")),
+                                 ("--mechanism", spec.mechanism, ("gaussian", "laplace")),
+                                 ("--accountant", spec.accountant, ("rdp", "pld")),
+                                 ("--clipping", spec.clipping, ("auto", "adaptive", "fixed"))):
+        if value not in allowed:
+            raise SlimtuneError(f"{flag} {value!r}: choose {' or '.join(allowed)}")
+
+
 def check_spec(spec: PrivacySpec, num_examples: int) -> None:
     if not 0 < spec.delta < 1:
         raise SlimtuneError(f"delta must be in (0, 1), got {spec.delta}")

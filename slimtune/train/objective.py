@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,10 @@ def label_token_ids(tokenizer, task: Task) -> list[int]:
         tokens = tokenizer.encode(word, add_special_tokens=False)
         if not tokens or tokens[0] == tokenizer.unk_token_id:
             raise SlimtuneError(f"task {task.name}: label word {word!r} is not in the model's vocabulary")
+        if len(tokens) > 1:
+            warnings.warn(f"label word {word!r} is {len(tokens)} tokens; it is scored by its first token "
+                          f"{tokenizer.convert_ids_to_tokens(tokens[0])!r} only (choose single-token label words "
+                          "to score the whole word)", stacklevel=2)
         ids.append(tokens[0])
     if len(set(ids)) != len(ids):
         raise SlimtuneError(f"task {task.name}: label words {task.label_words} share their first token")

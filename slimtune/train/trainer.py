@@ -96,8 +96,7 @@ class Run:
 
 def prepare(config: TrainConfig, resume: bool = False) -> Run:
     out = Path(config.out_dir)
-    if config.save not in ("best", "last"):
-        raise SlimtuneError(f"--save {config.save!r}: choose best or last")
+    validate(config)
     multiplier = lr_multiplier(config.lr_scheduler, config.steps, config.warmup_steps)
     if not resume and (out / "checkpoint").exists():
         raise SlimtuneError(f"{out}: already holds a run (checkpoint/); pass --resume to continue it or choose "
@@ -118,6 +117,8 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     if config.peft.method == "svfit" and config.peft.svfit_relative is None:  # resolved, so config.json records it
         config.peft.svfit_relative = config.optimizer in ZO_OPTIMIZERS
     model = apply_peft(model, config.peft, work_dir=out)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise SlimtuneError(f"--peft {config.peft.method}: the model has no trainable parameters (nothing to train)")
     private, accountant, secret = None, None, None
     if config.optimizer in PRIVATE_OPTIMIZERS:
         config.privacy = config.privacy or PrivacySpec(target_epsilon=6.0)  # the default budget, enforced like any
@@ -146,6 +147,26 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     return run
+
+
+def validate(config: TrainConfig) -> None:
+    """Settings errors before any data or model is loaded: one line naming the flag and what it accepts."""
+    from slimtune.optim import OPTIMIZERS
+    from slimtune.peft.registry import check_settings
+    from slimtune.privacy.accountant import check_names
+
+    if config.optimizer not in OPTIMIZERS:
+        raise SlimtuneError(f"unknown --optimizer {config.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    for flag, value, low in (("--steps", config.steps, 1), ("--batch-size", config.batch_size, 1),
+                             ("--eval-every", config.eval_every, 0), ("--checkpoint-every", config.checkpoint_every, 1),
+                             ("--n-spsa", config.optim.n_spsa, 1), ("--max-length", config.max_length, 1)):
+        if value < low:
+            raise SlimtuneError(f"{flag} must be >= {low}, got {value}")
+    if config.save not in ("best", "last"):
+        raise SlimtuneError(f"--save {config.save!r}: choose best or last")
+    check_settings(config.peft)
+    if config.privacy is not None:
+        check_names(config.privacy)
 
 
 def releases_per_step(config: TrainConfig) -> int:
@@ -286,6 +307,7 @@ def _save_adapter(run: Run) -> None:
     tmp, final, old = out / "adapter.tmp", out / "adapter", out / "adapter.old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_peft(run.model, tmp, work_dir=out)
+    run.tokenizer.save_pretrained(tmp)  # eval/merge rebuild exactly this base (tiny models fit their vocabulary)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
