@@ -28,6 +28,9 @@ RUNS = {
     "dpzero-adaptive-q0.9-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.9"],
     "dpzero-adaptive-q0.5-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.5"],
     "dpzero-adaptive-q0.9-eps2": [*PRIVATE, *ZO, "--epsilon", "2", "--target-quantile", "0.9"],
+    "dpzero-adaptive-q0.9-clr1-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.9", "--clip-lr", "1"],
+    "dpzero-adaptive-q0.95-clr1-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.95", "--clip-lr",
+                                        "1"],
 }
 
 

@@ -77,6 +77,7 @@ def train(
     clipping: str = typer.Option("auto", help="DP: adaptive (C tracks --target-quantile of the per-example scalars, "
                                  "privately and accounted), fixed, or auto (adaptive for dpzero/dplozo)"),
     target_quantile: float = typer.Option(0.9, help="DP, adaptive clipping: fraction of scalars left unclipped"),
+    clip_lr: float = typer.Option(0.2, help="DP, adaptive clipping: C <- C exp(-clip_lr (unclipped - target))"),
     sampling: str = typer.Option("poisson", help="DP: poisson (default, exact) or shuffle"),
     mechanism: str = typer.Option("gaussian", help="DP: gaussian or laplace"),
     accountant: str = typer.Option("rdp", help="DP: rdp (fast) or pld (tighter: less noise for the same epsilon)"),
@@ -98,7 +99,7 @@ def train(
     if optimizer in PRIVATE_OPTIMIZERS:
         privacy = PrivacySpec(epsilon if epsilon is not None or noise_multiplier is not None else 6.0, delta,
                               noise_multiplier, clip, sampling, mechanism, accountant, clipping=clipping,
-                              target_quantile=target_quantile)
+                              target_quantile=target_quantile, clip_lr=clip_lr)
     config = TrainConfig(
         out_dir=out, train_data=data, eval_data=eval_data, model=model, task=task, text_column=text_column,
         label_column=label_column, template=template, label_words=label_words, optimizer=optimizer,
