@@ -260,6 +260,7 @@ def federate(
 
 def _validate_federated(cfg) -> None:
     from slimtune.data import get_task, read_examples
+    cfg.validate()
     if not (1 <= cfg.bits <= 8 or cfg.bits == 32) or not (1 <= cfg.upload_bits <= 8 or cfg.upload_bits == 32):
         raise SlimtuneError("--bits/--upload-bits must be 1..8 or 32")
     if cfg.aggregation not in ("fedavg", "ffa") or cfg.mode not in ("lora", "zo-seeds"):

@@ -192,3 +192,62 @@ def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
     lines = (tmp_path / "fed" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # round 0 (initial) + 2 rounds
     assert (tmp_path / "fed" / "adapter" / "adapter_model.safetensors").exists()
+
+
+# -- issue 15, items 1-3: what a client receives, secret server randomness, DP only where it is applied ------------
+def test_clients_receive_no_server_settings_and_cannot_rebuild_theta0(demo_paths, monkeypatch):
+    import json
+
+    import slimtune.federated.server_app as server_app
+    from slimtune.federated.common import SERVER_ONLY
+
+    cfg = make_cfg(demo_paths, bits=4, client_dp_clip=1.0, client_dp_noise=0.5, out_dir="/private/server/path")
+    sent = json.loads(str(instructions(FedLPP(cfg, theta_like()))[0].content["config"]["slimtune-config"]))
+    assert not set(SERVER_ONLY) & set(sent) and "/private/server/path" not in json.dumps(sent)
+    # theta_0 comes from a secret seed: what the client can build from the public settings is not the server's
+    captured = []
+    monkeypatch.setattr(server_app, "fresh_secret", lambda: captured.append(1) or 987654321)
+    server_theta = lora_state(build_model(cfg, lora_seed=server_app.fresh_secret())[0])
+    client_guess = lora_state(build_model(FederatedConfig.from_json(json.dumps(sent)))[0])
+    assert captured and any(not torch.equal(server_theta[k], client_guess[k]) for k in server_theta if "lora_A" in k)
+
+
+def test_client_dp_noise_is_not_a_function_of_the_config(demo_paths):
+    cfg = make_cfg(demo_paths, bits=FP32, client_dp_clip=1.0, client_dp_noise=1.0)
+    moved = []
+    for _ in range(2):
+        strategy = FedLPP(cfg, theta_like())
+        msgs = instructions(strategy)
+        strategy.aggregate_train(1, [reply(msgs[0], {k: 0 * v.numpy() for k, v in theta_like(1).items()}, 10, 11)])
+        moved.append(strategy.theta)
+    assert any(not torch.equal(moved[0][k], moved[1][k]) for k in moved[0])  # same settings, different noise
+
+
+def test_ffa_client_dp_noises_only_what_is_trained(demo_paths):
+    cfg = make_cfg(demo_paths, bits=FP32, aggregation="ffa", client_dp_clip=1.0, client_dp_noise=1.0)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    delta = {k: (0 * v if "lora_A" in k else v).numpy() for k, v in theta_like(1).items()}
+    strategy.aggregate_train(1, [reply(msgs[0], delta, 10, 11)])
+    for k in theta:
+        assert torch.equal(strategy.theta[k], theta[k]) == ("lora_A" in k)  # A untouched, B moved (and noised)
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(client_dp_noise=1.0), "--client-dp-clip"),
+                                       (dict(mode="zo-seeds", client_dp_clip=1.0, client_dp_noise=1.0), "zo-seeds")])
+def test_dp_settings_that_would_not_apply_are_refused(demo_paths, kw, needle):
+    from slimtune import SlimtuneError
+    with pytest.raises(SlimtuneError, match=needle):
+        make_cfg(demo_paths, **kw).validate()
+
+
+def test_local_dp_epsilon_is_reported(demo_paths):
+    from slimtune.data import get_task, read_examples
+    from slimtune.federated.server_app import local_dp_epsilon
+
+    cfg = make_cfg(demo_paths, local_optimizer="dp-adamw", local_dp_noise=1.0, rounds=3, client_dp_delta=1e-3)
+    labels = [e.label for e in read_examples(demo_paths[0], get_task("sst2"))]
+    eps = local_dp_epsilon(cfg, labels)
+    assert eps is not None and eps > 0
+    assert local_dp_epsilon(make_cfg(demo_paths), labels) is None  # non-private local optimizer: nothing to report

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from slimtune import SlimtuneError
 from slimtune.data import get_task, read_examples
 from slimtune.federated.quantization import QuantizedTensor, dequantize, quantize
 from slimtune.models import load_model_and_tokenizer
@@ -14,6 +15,8 @@ from slimtune.peft import PeftSettings, apply_peft
 from slimtune.train.objective import label_token_ids
 
 FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
+# Settings only the server reads: never sent to clients.
+SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta")
 
 
 @dataclass
@@ -48,6 +51,21 @@ class FederatedConfig:
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
+    def client_json(self) -> str:
+        """What a client is sent: how to train, never the server's settings (output, evaluation, rounds, its DP)."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k not in SERVER_ONLY})
+
+    def validate(self) -> None:
+        """One-line errors for combinations that would claim privacy they do not give, or do nothing."""
+        if self.client_dp_noise > 0 and not self.client_dp_clip > 0:
+            raise SlimtuneError("--client-dp-noise needs --client-dp-clip > 0 (noise is calibrated to the clip; "
+                                "without it there is no client-level DP)")
+        if self.client_dp_clip > 0 and self.mode == "zo-seeds":
+            raise SlimtuneError("client-level DP clips and noises LoRA deltas; --mode zo-seeds replies are (seed, "
+                                "scalar) pairs that it does not cover: use --mode lora, or drop --client-dp-*")
+        if self.client_dp_noise < 0 or self.client_dp_clip < 0:
+            raise SlimtuneError("--client-dp-clip and --client-dp-noise must be >= 0")
+
     @classmethod
     def from_json(cls, text: str) -> "FederatedConfig":
         return cls(**json.loads(text))
@@ -66,8 +84,12 @@ class FederatedConfig:
         return cls(**values)
 
 
-def build_model(cfg: FederatedConfig):
-    """(model with LoRA, tokenizer, train examples, eval examples, label ids) — identical on server and clients."""
+def build_model(cfg: FederatedConfig, lora_seed: int | None = None):
+    """(model with LoRA, tokenizer, train examples, eval examples, label ids): the same base on server and clients.
+
+    `lora_seed` seeds the LoRA initialisation theta_0. The server passes a secret one (OS entropy): clients only ever
+    hold Q(theta), so they cannot rebuild theta_0 (with FFA, the frozen A) from the public settings.
+    """
     task = get_task(cfg.task)
     train = read_examples(cfg.data, task, "train")
     evals = read_examples(cfg.eval_data, task, "validation") if cfg.eval_data else []
@@ -75,7 +97,7 @@ def build_model(cfg: FederatedConfig):
         evals = evals[:cfg.eval_max]
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg.model, texts=[e.prompt for e in train + evals])
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed if lora_seed is None else lora_seed)
     model = apply_peft(model, PeftSettings("lora", r=cfg.lora_r, alpha=2 * cfg.lora_r))
     if cfg.aggregation == "ffa":
         for name, p in model.named_parameters():

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from slimtune.federated.common import FP32, FederatedConfig, build_model, load_lora_state, lora_state
 from slimtune.federated.strategy import FedLPP
 from slimtune.peft import peft_summary, save_peft
+from slimtune.privacy.secret import fresh_secret
 from slimtune.train.metrics import MetricsLog, peak_memory_mb
 from slimtune.train.objective import evaluate
 from slimtune.zo import MeZO, MeZOConfig
@@ -37,7 +38,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    model, tok, _, evals, label_ids = build_model(cfg)
+    cfg.validate()
+    model, tok, train, evals, label_ids = build_model(cfg, lora_seed=fresh_secret())
     strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg),
                       min_available_nodes=cfg.num_clients, min_train_nodes=cfg.num_clients)
     log, started = MetricsLog(out / "metrics.jsonl"), time.perf_counter()
@@ -62,7 +64,25 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, evaluate_fn=evaluate_fn)
     load_lora_state(model, strategy.theta)
     save_peft(model, out / "adapter")  # the private full-precision result stays with the server
-    return _write_summary(cfg, out, model, accountant, time.perf_counter() - started)
+    local = local_dp_epsilon(cfg, [e.label for e in train])
+    return _write_summary(cfg, out, model, accountant, time.perf_counter() - started, local)
+
+
+def local_dp_epsilon(cfg: FederatedConfig, labels: list[int]) -> float | None:
+    """Example-level epsilon of a private local optimizer (dpzero, dp-adamw...) for the most exposed client.
+
+    Client k runs `local_steps` Poisson-sampled steps (rate B/n_k, noise `local_dp_noise`) in each of `rounds` rounds
+    on its own shard: rounds x local_steps composed steps. The smallest shard has the largest rate, hence the max."""
+    from slimtune.federated.partition import dirichlet_partition
+    from slimtune.optim import PRIVATE_OPTIMIZERS
+    from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec
+
+    if cfg.mode == "zo-seeds" or cfg.local_optimizer not in PRIVATE_OPTIMIZERS:
+        return None
+    sizes = [len(p) for p in dirichlet_partition(labels, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed) if p]
+    spec = PrivacySpec(delta=cfg.client_dp_delta, noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip)
+    return max(PrivacyAccountant(spec, n, min(cfg.batch_size, n), cfg.local_dp_noise).epsilon(cfg.rounds * cfg.local_steps)
+               for n in sizes)
 
 
 def _client_dp_accountant(cfg: FederatedConfig):
@@ -73,7 +93,7 @@ def _client_dp_accountant(cfg: FederatedConfig):
     return PrivacyAccountant(spec, cfg.num_clients, cfg.num_clients, cfg.client_dp_noise)  # all clients every round
 
 
-def _write_summary(cfg, out, model, accountant, seconds) -> dict:
+def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None) -> dict:
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     last = rounds[-1]
     bytes_total = sum((r.get("bytes_down_per_client", 0) + r.get("bytes_up_per_client", 0)) * cfg.num_clients
@@ -88,7 +108,8 @@ def _write_summary(cfg, out, model, accountant, seconds) -> dict:
                "bytes_up_per_client_per_round": last.get("bytes_up_per_client"),
                "bytes_communicated": bytes_total,
                "epsilon": accountant.epsilon(cfg.rounds) if accountant else None,
-               "delta": cfg.client_dp_delta if accountant else None}
+               "delta": cfg.client_dp_delta if accountant else None,
+               "local_epsilon": local_epsilon, "local_delta": cfg.client_dp_delta if local_epsilon else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

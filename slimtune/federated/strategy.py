@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAvg
 
 from slimtune.federated.common import FederatedConfig, decode_state, encode_state
-from slimtune.optim.base import mix_seed
+from slimtune.privacy.secret import fresh_secret
 
 log = logging.getLogger("slimtune.federated")
 
@@ -34,7 +34,7 @@ class FedLPP(FedAvg):
         self.shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
         self.replay = replay  # mode zo-seeds: callable(theta, [(seeds, grads, weight)]) -> new theta
         self.round_log: dict[int, dict] = {}
-        self.noise_generator = torch.Generator().manual_seed(mix_seed(cfg.seed, 0xC11E))
+        self.noise_generator = torch.Generator().manual_seed(fresh_secret())  # client-DP noise: secret, never seeded
         self._encoded = None  # (theta it encodes, arrays, bytes)
 
     # -- what goes down ---------------------------------------------------------------------------------------
@@ -54,7 +54,8 @@ class FedLPP(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         payload, nbytes = self.broadcast()  # the `arrays` argument is ignored: theta itself is never sent
-        config = ConfigRecord({**dict(config), "server-round": server_round, "slimtune-config": self.cfg.to_json()})
+        config = ConfigRecord({**dict(config), "server-round": server_round,
+                               "slimtune-config": self.cfg.client_json()})
         self.round_log[server_round] = {"round": server_round, "bytes_down_per_client": nbytes}
         return super().configure_train(server_round, payload, config, grid)
 
@@ -122,8 +123,13 @@ class FedLPP(FedAvg):
 
 
 def add_mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, generator=None) -> dict:
-    """theta + weighted mean of deltas (FedAvg/FedIT, FFA) or, with client DP, + clipped uniform mean + noise."""
+    """theta + weighted mean of deltas (FedAvg/FedIT, FFA) or, with client DP, + clipped uniform mean + noise.
+
+    Under FFA only B is trained: A's deltas are dropped before clipping and A gets no noise (it is never released
+    changed, so noising it would only damage the model)."""
     deltas = [a["delta"] for a in accepted]
+    if cfg.aggregation == "ffa":
+        deltas = [{k: (torch.zeros_like(v) if "lora_A" in k else v) for k, v in d.items()} for d in deltas]
     if cfg.client_dp_clip > 0:
         weights = [1.0 / len(deltas)] * len(deltas)
         deltas = [clip_update(d, cfg.client_dp_clip) for d in deltas]
@@ -133,7 +139,7 @@ def add_mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, gene
     new = {}
     for name, value in theta.items():
         mean = sum(w * d[name] for w, d in zip(weights, deltas))
-        if cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0:
+        if cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0 and not (cfg.aggregation == "ffa" and "lora_A" in name):
             std = cfg.client_dp_noise * cfg.client_dp_clip / len(deltas)
             mean = mean + std * torch.randn(value.shape, generator=generator)
         new[name] = value + mean
