@@ -234,6 +234,7 @@ def federate(
     client_dp_clip: float = typer.Option(0.0, help="client-level DP: L2 clip of each delta (0: off)"),
     client_dp_noise: float = typer.Option(0.0, help="client-level DP: noise multiplier"),
     eval_max: int = typer.Option(200),
+    max_update_norm: float = typer.Option(1e3, help="server: reject client updates with a larger L2 norm"),
     seed: int = typer.Option(0),
 ):
     """Federated LoRA fine-tuning with model privacy (FedLPP) simulated on this machine with Flower."""
@@ -247,7 +248,7 @@ def federate(
                           local_steps=local_steps, local_optimizer=local_optimizer, lr=lr, eps=eps,
                           batch_size=batch_size, lora_r=lora_r, dirichlet_alpha=alpha, aggregation=aggregation,
                           mode=mode, client_dp_clip=client_dp_clip, client_dp_noise=client_dp_noise,
-                          eval_max=eval_max, seed=seed, out_dir=out)
+                          eval_max=eval_max, max_update_norm=max_update_norm, seed=seed, out_dir=out)
     try:
         _validate_federated(cfg)
         summary = simulate(cfg)

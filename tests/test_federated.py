@@ -1,5 +1,6 @@
 """FedLPP: quantization bounds, theta never leaves the server, aggregation math, dropout, malformed replies."""
 
+import json
 import logging
 
 import numpy as np
@@ -251,3 +252,90 @@ def test_local_dp_epsilon_is_reported(demo_paths):
     eps = local_dp_epsilon(cfg, labels)
     assert eps is not None and eps > 0
     assert local_dp_epsilon(make_cfg(demo_paths), labels) is None  # non-private local optimizer: nothing to report
+
+
+# -- issue 15, items 4-5: hostile or broken replies are rejected and the run still trains; a run that trained nothing fails
+def _hostile(theta, msgs):
+    good = {k: 0.01 * v.numpy() for k, v in theta_like(3).items()}
+    huge = {k: 1e5 * np.ones(v.shape, dtype=np.float32) for k, v in theta.items()}
+    as_f64 = {k: v.astype(np.float64) for k, v in good.items()}
+
+    def with_metrics(arrays, **metrics):
+        msg = reply(msgs[1], arrays, 5, 12)
+        msg.content["metrics"] = MetricRecord({"num-examples": 5, "train-loss": 0.5, **metrics})
+        return msg
+
+    return good, {
+        "inf examples": with_metrics(good, **{"num-examples": float("inf")}),
+        "1e300 examples": with_metrics(good, **{"num-examples": 1e300}),
+        "list examples": with_metrics(good, **{"num-examples": [1.0, 2.0]}),
+        "list loss": with_metrics(good, **{"train-loss": [0.5, 0.5]}),
+        "huge delta": with_metrics(huge),
+        "float64 delta": with_metrics(as_f64),
+        "extra key": with_metrics({**good, "l.lora_A.weight::junk": np.zeros(3, dtype=np.float32)}),
+    }
+
+
+def test_hostile_replies_are_rejected_and_the_round_still_trains(demo_paths, caplog):
+    cfg = make_cfg(demo_paths, bits=FP32)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    good, hostile = _hostile(theta, msgs)
+    with caplog.at_level(logging.WARNING, logger="slimtune.federated"):
+        _, metrics = strategy.aggregate_train(1, [reply(msgs[0], good, 5, 11), *hostile.values()])
+    assert metrics["replies"] == 1 and metrics["rejected"] == len(hostile)
+    assert caplog.text.count("rejected reply from client 12") == len(hostile)
+    for k in theta:
+        assert torch.allclose(strategy.theta[k], theta[k] + torch.as_tensor(good[k]), atol=1e-6)
+    assert all(torch.isfinite(v).all() for v in strategy.client_view().values())  # the next broadcast is sound
+
+
+def test_quantized_uploads_must_have_the_wire_dtypes(demo_paths):
+    cfg = make_cfg(demo_paths, bits=4, upload_bits=4)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    arrays, _ = encode_state(theta_like(1), 4, cfg.block_size)
+    as_float = {k: v.astype(np.float32) if k.endswith("::codes") else v for k, v in arrays.items()}
+    _, metrics = strategy.aggregate_train(1, [reply(msgs[0], arrays, 5, 11), reply(msgs[1], as_float, 5, 12)])
+    assert metrics["replies"] == 1 and metrics["rejected"] == 1
+
+
+def test_zo_seed_replies_are_bounded(demo_paths):
+    cfg = make_cfg(demo_paths, bits=FP32, mode="zo-seeds", local_steps=3)
+    strategy = FedLPP(cfg, theta_like(), replay=lambda theta, items: theta)
+    msgs = instructions(strategy)
+    ok = {"seeds": np.arange(3, dtype=np.int64), "grads": np.ones(3, dtype=np.float32)}
+    flood = {"seeds": np.arange(10**6, dtype=np.int64), "grads": np.ones(10**6, dtype=np.float32)}
+    wild = {"seeds": np.arange(3, dtype=np.int64), "grads": np.full(3, 1e30, dtype=np.float32)}
+    _, metrics = strategy.aggregate_train(1, [reply(msgs[0], ok, 5, 11), reply(msgs[1], flood, 5, 12),
+                                              reply(msgs[1], wild, 5, 12)])
+    assert metrics["replies"] == 1 and metrics["rejected"] == 2
+
+
+def test_a_run_where_every_client_fails_is_an_error(demo_paths, tmp_path):
+    from slimtune.federated.server_app import _write_summary
+
+    out = tmp_path / "fed"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "replies": 0, "rejected": 4, "peak_mem_mb": 1.0,
+                                                           "server_accuracy": 0.5, "client_visible_accuracy": 0.5})
+                                               + "\n" for r in range(3)))
+    model, *_ = build_model(make_cfg(demo_paths))
+    summary = _write_summary(make_cfg(demo_paths, rounds=2), out, model, None, 1.0)
+    assert summary["stop_reason"] != "completed" and summary["accepted_updates"] == 0
+    import flwr.simulation
+
+    from slimtune import SlimtuneError
+    from slimtune.federated import simulate
+
+    def fake_run_simulation(**kwargs):  # what the server leaves when every client failed
+        (out / "summary.json").write_text(json.dumps(summary))
+
+    flwr.simulation.run_simulation, original = fake_run_simulation, flwr.simulation.run_simulation
+    try:
+        with pytest.raises(SlimtuneError, match="trained nothing"):
+            simulate(make_cfg(demo_paths, out_dir=str(out)))
+    finally:
+        flwr.simulation.run_simulation = original

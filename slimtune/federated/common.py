@@ -16,7 +16,8 @@ from slimtune.train.objective import label_token_ids
 
 FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
 # Settings only the server reads: never sent to clients.
-SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta")
+SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
+               "max_update_norm")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class FederatedConfig:
     client_dp_noise: float = 0.0  # Gaussian noise multiplier on the clipped sum
     client_dp_delta: float = 1e-5
     eval_max: int = 200
+    max_update_norm: float = 1e3  # server: replies whose delta has a larger L2 norm are rejected
     seed: int = 0
     out_dir: str = "runs/federated"
 

@@ -95,6 +95,7 @@ def _client_dp_accountant(cfg: FederatedConfig):
 
 def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None) -> dict:
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = sum(r.get("replies", 0) for r in rounds)
     last = rounds[-1]
     bytes_total = sum((r.get("bytes_down_per_client", 0) + r.get("bytes_up_per_client", 0)) * cfg.num_clients
                       for r in rounds)
@@ -109,6 +110,8 @@ def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None) -> 
                "bytes_communicated": bytes_total,
                "epsilon": accountant.epsilon(cfg.rounds) if accountant else None,
                "delta": cfg.client_dp_delta if accountant else None,
+               "stop_reason": "completed" if trained else "no client update was accepted in any round",
+               "accepted_updates": trained,
                "local_epsilon": local_epsilon, "local_delta": cfg.client_dp_delta if local_epsilon else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

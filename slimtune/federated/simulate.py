@@ -29,4 +29,9 @@ def simulate(cfg: FederatedConfig, cpus_per_client: float = 1.0) -> dict:
     if not path.exists():
         from slimtune import SlimtuneError
         raise SlimtuneError(f"federated run did not finish (no {path}); see the log above")
-    return json.loads(path.read_text())
+    summary = json.loads(path.read_text())
+    if summary.get("stop_reason", "completed") != "completed":
+        from slimtune import SlimtuneError
+        raise SlimtuneError(f"federated run trained nothing: {summary['stop_reason']} (see the client errors above); "
+                            f"theta is still its initial value in {cfg.out_dir}")
+    return summary

@@ -17,10 +17,33 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from slimtune.federated.common import FederatedConfig, decode_state, encode_state
+from slimtune.federated.common import FP32, FederatedConfig, decode_state, encode_state
 from slimtune.privacy.secret import fresh_secret
 
 log = logging.getLogger("slimtune.federated")
+
+MAX_EXAMPLES = 1e9  # a client claiming more examples than this is lying or broken
+MAX_PROJECTED_GRAD = 1e6
+FP16_MAX = 6.0e4  # just under float16's 65504: Q(theta)'s scales are fp16
+
+
+def _scalar(metrics: MetricRecord, key: str, required: bool) -> float:
+    """One finite number from a MetricRecord (lists, NaN and infinities are rejected)."""
+    if key not in metrics:
+        if required:
+            raise ValueError(f"metric {key!r} is missing")
+        return float("nan")
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ValueError(f"metric {key!r} must be one finite number, got {value!r}")
+    return float(value)
+
+
+def expected_keys(shapes: dict, bits: int) -> dict[str, type]:
+    """The exact arrays an upload of `bits` carries, with their dtypes."""
+    if bits == FP32:
+        return {name: np.float32 for name in shapes}
+    return {f"{name}::{part}": dtype for name in shapes for part, dtype in (("codes", np.uint8), ("scales", np.float16))}
 
 
 class FedLPP(FedAvg):
@@ -88,30 +111,49 @@ class FedLPP(FedAvg):
         return payload, MetricRecord({"replies": len(accepted), "rejected": rejected})
 
     def parse_reply(self, content: RecordDict) -> dict:
+        """Validate every field of a reply; raise ValueError (the reply is rejected) on anything unexpected.
+
+        num-examples: a finite whole number in [1, MAX_EXAMPLES]; train-loss: one finite number (or absent); arrays:
+        exactly the expected keys with the expected dtypes and sizes; a delta must be finite, of L2 norm at most
+        `max_update_norm`, and keep every entry of theta + delta within fp16 range (Q(theta) stores fp16 scales);
+        zo-seeds: at most local_steps pairs, |g| <= MAX_PROJECTED_GRAD."""
         arrays = content.array_records.get("arrays")
         metrics = content.metric_records.get("metrics")
         if arrays is None or metrics is None:
             raise ValueError("reply needs an ArrayRecord 'arrays' and a MetricRecord 'metrics'")
-        weight = float(metrics.get("num-examples", 0))
-        if not weight > 0:
-            raise ValueError(f"num-examples must be > 0, got {weight}")
+        weight = _scalar(metrics, "num-examples", required=True)
+        if not (1 <= weight <= MAX_EXAMPLES and weight == int(weight)):
+            raise ValueError(f"num-examples must be a whole number in [1, {MAX_EXAMPLES:.0e}], got {weight}")
+        loss = _scalar(metrics, "train-loss", required=False)
         raw = {k: arrays[k].numpy() for k in arrays.keys()}
-        parsed = {"weight": weight, "loss": float(metrics.get("train-loss", float("nan"))),
-                  "bytes_up": float(sum(v.nbytes for v in raw.values()))}
+        parsed = {"weight": weight, "loss": loss, "bytes_up": float(sum(v.nbytes for v in raw.values()))}
         if self.cfg.mode == "zo-seeds":
             seeds, grads = raw.get("seeds"), raw.get("grads")
-            if seeds is None or grads is None or seeds.shape != grads.shape or seeds.ndim != 1:
-                raise ValueError("zo-seeds reply needs 1-D 'seeds' and 'grads' of equal length")
-            if not np.isfinite(grads).all():
-                raise ValueError("non-finite projected gradient")
+            if set(raw) != {"seeds", "grads"} or seeds.shape != grads.shape or seeds.ndim != 1:
+                raise ValueError("zo-seeds reply needs exactly 1-D 'seeds' and 'grads' of equal length")
+            if seeds.dtype != np.int64 or grads.dtype not in (np.float32, np.float64):
+                raise ValueError(f"zo-seeds reply has dtypes {seeds.dtype}/{grads.dtype}, expected int64/float")
+            if len(seeds) > self.cfg.local_steps:
+                raise ValueError(f"{len(seeds)} (seed, scalar) pairs for {self.cfg.local_steps} local steps")
+            if not np.isfinite(grads).all() or np.abs(grads).max(initial=0) > MAX_PROJECTED_GRAD:
+                raise ValueError(f"non-finite or out-of-range projected gradient (|g| > {MAX_PROJECTED_GRAD:g})")
             parsed.update(seeds=seeds.astype(np.int64), grads=grads.astype(np.float64))
             return parsed
-        extra = set(raw) - {k for k in raw if k.split("::")[0] in self.shapes}
-        if extra:
-            raise ValueError(f"unexpected array {sorted(extra)[0]!r}")
+        expected = expected_keys(self.shapes, self.cfg.upload_bits)
+        if set(raw) != set(expected):
+            extra, missing = sorted(set(raw) - set(expected)), sorted(set(expected) - set(raw))
+            raise ValueError(f"unexpected array {extra[0]!r}" if extra else f"missing array {missing[0]!r}")
+        for key, dtype in expected.items():
+            if raw[key].dtype != dtype:
+                raise ValueError(f"array {key!r} has dtype {raw[key].dtype}, expected {np.dtype(dtype)}")
         delta = decode_state(raw, self.shapes, self.cfg.upload_bits, self.cfg.block_size)
         if not all(torch.isfinite(d).all() for d in delta.values()):
             raise ValueError("non-finite values in the update")
+        norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())).item()
+        if norm > self.cfg.max_update_norm:
+            raise ValueError(f"update norm {norm:.3g} exceeds --max-update-norm {self.cfg.max_update_norm:g}")
+        if any((self.theta[k] + d).abs().max() > FP16_MAX for k, d in delta.items()):
+            raise ValueError("update would push theta out of fp16 range (the broadcast Q(theta) could not hold it)")
         parsed["delta"] = delta
         return parsed
 
