@@ -339,3 +339,20 @@ def test_a_run_where_every_client_fails_is_an_error(demo_paths, tmp_path):
             simulate(make_cfg(demo_paths, out_dir=str(out)))
     finally:
         flwr.simulation.run_simulation = original
+
+
+def test_bytes_are_bytes_on_the_wire(demo_paths):
+    from flwr.common.serde import recorddict_to_proto
+
+    cfg = make_cfg(demo_paths, bits=4)
+    strategy = FedLPP(cfg, theta_like())
+    msgs = instructions(strategy)
+    serialised = recorddict_to_proto(msgs[0].content).SerializeToString()
+    log = strategy.round_log[1]
+    assert log["bytes_down_per_client"] == len(serialised) > log["payload_bytes_down_per_client"]
+    assert log["bytes_down_total"] == 3 * len(serialised)
+    failed = Message(Error(code=1, reason="client crashed"), reply_to=msgs[2])
+    up = {k: v.numpy() for k, v in theta_like(1).items()}
+    good = reply(msgs[0], {k: v.astype(np.float32) for k, v in up.items()}, 5, 11)
+    strategy.aggregate_train(1, [good, failed])
+    assert log["bytes_up_total"] == len(recorddict_to_proto(good.content).SerializeToString())  # failed: nothing

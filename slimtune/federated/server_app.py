@@ -97,8 +97,7 @@ def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None) -> 
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     trained = sum(r.get("replies", 0) for r in rounds)
     last = rounds[-1]
-    bytes_total = sum((r.get("bytes_down_per_client", 0) + r.get("bytes_up_per_client", 0)) * cfg.num_clients
-                      for r in rounds)
+    bytes_total = sum(r.get("bytes_down_total", 0) + r.get("bytes_up_total", 0) for r in rounds)  # serialised, as sent
     summary = {"method": f"fedlpp-{cfg.mode}", "peft": f"lora ({'fp32' if cfg.bits == FP32 else f'{cfg.bits}-bit'})",
                "name": Path(cfg.out_dir).name, **peft_summary(model), "peak_mem_mb": max(r["peak_mem_mb"] for r in rounds),
                "time_per_step_s": seconds / max(cfg.rounds, 1), "steps": cfg.rounds, "rounds": cfg.rounds,

@@ -27,6 +27,12 @@ MAX_PROJECTED_GRAD = 1e6
 FP16_MAX = 6.0e4  # just under float16's 65504: Q(theta)'s scales are fp16
 
 
+def wire_bytes(message: Message) -> int:
+    """Bytes of a message's content as Flower serialises it (protobuf RecordDict: arrays, configs, metrics)."""
+    from flwr.common.serde import recorddict_to_proto
+    return int(recorddict_to_proto(message.content).ByteSize())
+
+
 def _scalar(metrics: MetricRecord, key: str, required: bool) -> float:
     """One finite number from a MetricRecord (lists, NaN and infinities are rejected)."""
     if key not in metrics:
@@ -79,8 +85,11 @@ class FedLPP(FedAvg):
         payload, nbytes = self.broadcast()  # the `arrays` argument is ignored: theta itself is never sent
         config = ConfigRecord({**dict(config), "server-round": server_round,
                                "slimtune-config": self.cfg.client_json()})
-        self.round_log[server_round] = {"round": server_round, "bytes_down_per_client": nbytes}
-        return super().configure_train(server_round, payload, config, grid)
+        messages = list(super().configure_train(server_round, payload, config, grid))
+        down = wire_bytes(messages[0]) if messages else 0
+        self.round_log[server_round] = {"round": server_round, "payload_bytes_down_per_client": nbytes,
+                                        "bytes_down_per_client": down, "bytes_down_total": down * len(messages)}
+        return messages
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         payload, _ = self.broadcast()
@@ -97,15 +106,17 @@ class FedLPP(FedAvg):
                 rejected += 1
                 continue
             try:
-                accepted.append(self.parse_reply(msg.content))
+                accepted.append({**self.parse_reply(msg.content), "wire_bytes": wire_bytes(msg)})
             except ValueError as exc:
                 log.warning("round %d: rejected reply from client %s: %s", server_round, node, exc)
                 rejected += 1
         info = self.round_log.setdefault(server_round, {"round": server_round})
-        info.update(replies=len(accepted), rejected=rejected)
+        info.update(replies=len(accepted), rejected=rejected,
+                    bytes_up_total=sum(wire_bytes(m) for m in replies if not m.has_error()))
         if accepted:
             self.theta = self.apply_updates(accepted)
-            info["bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
+            info["payload_bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
+            info["bytes_up_per_client"] = float(np.mean([a["wire_bytes"] for a in accepted]))
             info["train_loss"] = float(np.mean([a["loss"] for a in accepted]))
         payload, _ = self.broadcast()
         return payload, MetricRecord({"replies": len(accepted), "rejected": rejected})
