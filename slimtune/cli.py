@@ -32,7 +32,11 @@ def _fail(exc: Exception) -> None:
 
 @app.command()
 def train(
-    data: str = typer.Option(..., help="training data: .tsv/.csv/.jsonl file or hf:DIR (save_to_disk dataset)"),
+    ctx: typer.Context,
+    config_file: Optional[str] = typer.Option(None, "--config", help="YAML/JSON file of settings (flag names, or a "
+                                              "run's config.json); flags given here override it"),
+    data: Optional[str] = typer.Option(None, help="training data: .tsv/.csv/.jsonl file or hf:DIR (save_to_disk "
+                                       "dataset); required, here or in --config"),
     out: str = typer.Option("runs/latest", help="run directory (metrics, checkpoint, adapter, summary)"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="evaluation data (same formats)"),
     model: str = typer.Option("smollm2", help="smollm2 (embedded default), tiny-llama, tiny-gpt2, or a local checkpoint dir"),
@@ -50,6 +54,8 @@ def train(
     svfit_relative: Optional[bool] = typer.Option(None, "--svfit-relative/--svfit-absolute",
                                                   help="SVFit: train multiplicative scales of the singular values "
                                                   "(default under ZO optimizers) or the values themselves"),
+    learn_scale: bool = typer.Option(False, help="SVFit: also learn a scale per singular value"),
+    pissa_niter: Optional[int] = typer.Option(None, help="PiSSA: randomized SVD with this many iterations (fast)"),
     lr: float = typer.Option(1e-4),
     eps: float = typer.Option(1e-3, help="ZO perturbation scale"),
     weight_decay: float = typer.Option(0.0),
@@ -81,42 +87,64 @@ def train(
     sampling: str = typer.Option("poisson", help="DP: poisson (default, exact) or shuffle"),
     mechanism: str = typer.Option("gaussian", help="DP: gaussian or laplace"),
     accountant: str = typer.Option("rdp", help="DP: rdp (fast) or pld (tighter: less noise for the same epsilon)"),
+    pld_discretization: float = typer.Option(1e-3, help="DP, PLD accountant: value discretisation (pessimistic)"),
     log_private_stats: bool = typer.Option(False, help="DP: also log training loss, batch sizes and clipped fractions "
                                            "of private batches (NOT covered by the guarantee)"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     dtype: str = typer.Option("float32"),
+    max_length: int = typer.Option(256, help="truncate prompts to this many tokens (from the left)"),
     resume: bool = typer.Option(False, help="continue the run in --out from its checkpoint"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ):
     """Fine-tune a causal LM on labelled text; writes metrics.jsonl, summary.json, checkpoint/ and adapter/."""
-    from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs
-    from slimtune.peft import PeftSettings
-    from slimtune.privacy import PrivacySpec
-    from slimtune.train import TrainConfig, prepare
+    from slimtune.config_file import TRAIN_FIELDS, apply_config
+    from slimtune.train import prepare
     from slimtune.train import train as run_training
 
-    privacy = None
-    if optimizer in PRIVATE_OPTIMIZERS:
-        privacy = PrivacySpec(epsilon if epsilon is not None or noise_multiplier is not None else 6.0, delta,
-                              noise_multiplier, clip, sampling, mechanism, accountant, clipping=clipping,
-                              target_quantile=target_quantile, clip_lr=clip_lr)
-    config = TrainConfig(
-        out_dir=out, train_data=data, eval_data=eval_data, model=model, task=task, text_column=text_column,
-        label_column=label_column, template=template, label_words=label_words, optimizer=optimizer,
-        optim=OptimizerArgs(lr, weight_decay, eps, n_spsa, seed, lozo_rank, lozo_nu, momentum),
-        peft=PeftSettings(peft, r, lora_alpha, lora_dropout, target_modules.split(",") if target_modules else None,
-                          svfit_relative=svfit_relative),
-        privacy=privacy, steps=steps, batch_size=batch_size, eval_every=eval_every, eval_max=eval_max,
-        checkpoint_every=checkpoint_every, patience=patience, k_shot=k_shot, seed=seed,
-        device=_resolve_device(device), dtype=dtype, progress=not quiet, log_private_stats=log_private_stats,
-        lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, save=save)
+    try:
+        p = apply_config(ctx, dict(ctx.params), config_file, TRAIN_FIELDS)
+        config = _train_config(p)
+    except SlimtuneError as exc:
+        _fail(exc)
+    resume = p["resume"]
     try:
         summary = run_training(prepare(config, resume=resume))
     except SlimtuneError as exc:
         _fail(exc)
     from slimtune.report import print_summary
     print_summary([summary], console)
-    console.print(f"run written to [bold]{out}[/] (summary.json, metrics.jsonl, adapter/)")
+    console.print(f"run written to [bold]{config.out_dir}[/] (summary.json, metrics.jsonl, adapter/)")
+
+
+def _train_config(p: dict):
+    """TrainConfig from the train command's (flag or file) values."""
+    from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs
+    from slimtune.peft import PeftSettings
+    from slimtune.privacy import PrivacySpec
+    from slimtune.train import TrainConfig
+
+    if not p["data"]:
+        raise SlimtuneError("--data is required (on the command line or in --config)")
+    privacy = None
+    if p["optimizer"] in PRIVATE_OPTIMIZERS:
+        target = p["epsilon"] if p["epsilon"] is not None or p["noise_multiplier"] is not None else 6.0
+        privacy = PrivacySpec(target, p["delta"], p["noise_multiplier"], p["clip"], p["sampling"], p["mechanism"],
+                              p["accountant"], p["pld_discretization"], p["clipping"], p["target_quantile"],
+                              p["clip_lr"])
+    targets = p["target_modules"].split(",") if p["target_modules"] else None
+    return TrainConfig(
+        out_dir=p["out"], train_data=p["data"], eval_data=p["eval_data"], model=p["model"], task=p["task"],
+        text_column=p["text_column"], label_column=p["label_column"], template=p["template"],
+        label_words=p["label_words"], optimizer=p["optimizer"],
+        optim=OptimizerArgs(p["lr"], p["weight_decay"], p["eps"], p["n_spsa"], p["seed"], p["lozo_rank"], p["lozo_nu"],
+                            p["momentum"]),
+        peft=PeftSettings(p["peft"], p["r"], p["lora_alpha"], p["lora_dropout"], targets, p["pissa_niter"],
+                          p["learn_scale"], p["svfit_relative"]),
+        privacy=privacy, steps=p["steps"], batch_size=p["batch_size"], eval_every=p["eval_every"],
+        eval_max=p["eval_max"], checkpoint_every=p["checkpoint_every"], patience=p["patience"], k_shot=p["k_shot"],
+        seed=p["seed"], max_length=p["max_length"], device=_resolve_device(p["device"]), dtype=p["dtype"],
+        progress=not p["quiet"], log_private_stats=p["log_private_stats"], lr_scheduler=p["lr_scheduler"],
+        warmup_steps=p["warmup_steps"], save=p["save"])
 
 
 @app.command()
@@ -148,7 +176,9 @@ def _invoke_train(**kwargs):
 
 @app.command("eval")
 def eval_cmd(
-    data: str = typer.Option(..., help="evaluation data"),
+    ctx: typer.Context,
+    config_file: Optional[str] = typer.Option(None, "--config", help="YAML/JSON file of settings; flags override it"),
+    data: Optional[str] = typer.Option(None, help="evaluation data (required, here or in --config)"),
     model: str = typer.Option("smollm2"),
     adapter: Optional[str] = typer.Option(None, help="a saved adapter directory (run_dir/adapter)"),
     task: str = typer.Option("sst2"),
@@ -161,9 +191,15 @@ def eval_cmd(
     from slimtune.data import get_task, read_examples
     from slimtune.models import load_model_and_tokenizer
     from slimtune.peft import load_peft
+    from slimtune.config_file import apply_config
     from slimtune.train.objective import evaluate, label_token_ids
 
     try:
+        p = apply_config(ctx, dict(ctx.params), config_file, {})
+        data, model, adapter, task, text_column, label_column, batch_size, device = (
+            p[k] for k in ("data", "model", "adapter", "task", "text_column", "label_column", "batch_size", "device"))
+        if not data:
+            raise SlimtuneError("--data is required (on the command line or in --config)")
         t = get_task(task, text_column, label_column)
         examples = read_examples(data, t, "validation")
         dev = _resolve_device(device)
@@ -212,7 +248,11 @@ def report(runs: list[str] = typer.Argument(..., help="run directories (each wit
 
 @app.command()
 def federate(
-    data: str = typer.Option(..., help="training data, split across clients"),
+    ctx: typer.Context,
+    config_file: Optional[str] = typer.Option(None, "--config", help="YAML/JSON file of settings (flag names or "
+                                              "FederatedConfig fields); flags override it"),
+    data: Optional[str] = typer.Option(None, help="training data, split across clients (required, here or in "
+                                       "--config)"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="server-side evaluation data"),
     out: str = typer.Option("runs/federated"),
     model: str = typer.Option("smollm2"),
@@ -241,15 +281,23 @@ def federate(
     from slimtune.federated import FederatedConfig, simulate
     from slimtune.report import print_summary
 
-    if Path(out, "summary.json").exists():
-        _fail(SlimtuneError(f"{out}: already holds a federated run (nothing was overwritten); choose another --out"))
-    cfg = FederatedConfig(data=data, eval_data=eval_data or "", model=model, task=task, num_clients=clients,
-                          rounds=rounds, bits=bits, block_size=block_size, upload_bits=upload_bits,
-                          local_steps=local_steps, local_optimizer=local_optimizer, lr=lr, eps=eps,
-                          batch_size=batch_size, lora_r=lora_r, dirichlet_alpha=alpha, aggregation=aggregation,
-                          mode=mode, client_dp_clip=client_dp_clip, client_dp_noise=client_dp_noise,
-                          eval_max=eval_max, max_update_norm=max_update_norm, seed=seed, out_dir=out)
+    from slimtune.config_file import FEDERATED_FIELDS, apply_config
+
     try:
+        p = apply_config(ctx, dict(ctx.params), config_file, FEDERATED_FIELDS)
+        if not p["data"]:
+            raise SlimtuneError("--data is required (on the command line or in --config)")
+        out = p["out"]
+        if Path(out, "summary.json").exists():
+            raise SlimtuneError(f"{out}: already holds a federated run (nothing was overwritten); choose another --out")
+        cfg = FederatedConfig(
+            data=p["data"], eval_data=p["eval_data"] or "", model=p["model"], task=p["task"],
+            num_clients=p["clients"], rounds=p["rounds"], bits=p["bits"], block_size=p["block_size"],
+            upload_bits=p["upload_bits"], local_steps=p["local_steps"], local_optimizer=p["local_optimizer"],
+            lr=p["lr"], eps=p["eps"], batch_size=p["batch_size"], lora_r=p["lora_r"], dirichlet_alpha=p["alpha"],
+            aggregation=p["aggregation"], mode=p["mode"], client_dp_clip=p["client_dp_clip"],
+            client_dp_noise=p["client_dp_noise"], eval_max=p["eval_max"], max_update_norm=p["max_update_norm"],
+            seed=p["seed"], out_dir=out)
         _validate_federated(cfg)
         summary = simulate(cfg)
     except SlimtuneError as exc:
