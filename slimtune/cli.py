@@ -93,6 +93,7 @@ def train(
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     dtype: str = typer.Option("float32"),
     max_length: int = typer.Option(256, help="truncate prompts to this many tokens (from the left)"),
+    force: bool = typer.Option(False, help="train even if the memory model predicts the run will not fit"),
     resume: bool = typer.Option(False, help="continue the run in --out from its checkpoint"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ):
@@ -144,7 +145,7 @@ def _train_config(p: dict):
         eval_max=p["eval_max"], checkpoint_every=p["checkpoint_every"], patience=p["patience"], k_shot=p["k_shot"],
         seed=p["seed"], max_length=p["max_length"], device=_resolve_device(p["device"]), dtype=p["dtype"],
         progress=not p["quiet"], log_private_stats=p["log_private_stats"], lr_scheduler=p["lr_scheduler"],
-        warmup_steps=p["warmup_steps"], save=p["save"])
+        warmup_steps=p["warmup_steps"], save=p["save"], force=p["force"])
 
 
 @app.command()
@@ -229,6 +230,35 @@ def merge(adapter: str = typer.Argument(..., help="adapter directory"), out: str
     merged.save_pretrained(out)
     tok.save_pretrained(out)
     console.print(f"merged checkpoint written to [bold]{out}[/]")
+
+
+@app.command()
+def plan(model: str = typer.Option("smollm2", help="the model to plan for"),
+         batch_size: int = typer.Option(16), max_length: int = typer.Option(128, help="tokens per example"),
+         r: int = typer.Option(8, help="LoRA/PiSSA rank, SVFit values, adapter bottleneck"),
+         device: str = typer.Option("auto", help="cpu, cuda or auto")):
+    """Predicted peak memory of every optimizer x PEFT pair against the memory available here (what fits)."""
+    from rich.table import Table
+
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.report.memory_model import plan_rows
+
+    try:
+        if batch_size < 1 or max_length < 1 or r < 1:
+            raise SlimtuneError("--batch-size, --max-length and --r must be >= 1")
+        dev = _resolve_device(device)
+        m, _ = load_model_and_tokenizer(model, texts=["plan"])
+        rows = plan_rows(m, batch_size, max_length, dev, r)
+    except SlimtuneError as exc:
+        _fail(exc)
+    table = Table(title=f"{model}: batch {batch_size} x {max_length} tokens on {dev} "
+                        f"(budget {rows[0]['budget_mb']:,.0f} MB = 90% of available)")
+    for col in ("optimizer", "PEFT", "trainable", "peak MB", "fits"):
+        table.add_column(col, justify="right" if col in ("trainable", "peak MB") else "left")
+    for row in rows:
+        table.add_row(row["optimizer"], row["peft"], f"{row['trainable_params']:,}", f"{row['peak_mb']:,.0f}",
+                      "yes" if row["fits"] else "[red]no[/]")
+    console.print(table)
 
 
 @app.command()

@@ -184,7 +184,7 @@ def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
     for attr in ("_run_id", "_task_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, None)  # the simulation runtime sets its own
-    from slimtune.federated import simulate
+    from slimtune.federated.simulate import simulate
 
     cfg = make_cfg(demo_paths, bits=4, rounds=2, out_dir=str(tmp_path / "fed"))
     summary = simulate(cfg)
@@ -328,7 +328,7 @@ def test_a_run_where_every_client_fails_is_an_error(demo_paths, tmp_path):
     import flwr.simulation
 
     from slimtune import SlimtuneError
-    from slimtune.federated import simulate
+    from slimtune.federated.simulate import simulate
 
     def fake_run_simulation(**kwargs):  # what the server leaves when every client failed
         (out / "summary.json").write_text(json.dumps(summary))

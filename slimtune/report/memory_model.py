@@ -62,3 +62,54 @@ def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, ba
             parts["per_example_grads"] = batch * trainable_params * b
     parts_mb = {k: v / MB for k, v in parts.items()}
     return {"peak_mb": sum(parts_mb.values()), "parts_mb": parts_mb}
+
+
+# -- planning: what fits here ---------------------------------------------------------------------------------------
+RUNTIME_MB_CPU = 420.0  # measured process baseline (interpreter + torch + transformers): benchmarks/memory_model.py
+PLAN_OPTIMIZERS = ("adamw", "dp-adamw", "mezo", "lozo", "dpzero")
+PLAN_PEFT = ("none", "lora", "pissa", "svfit", "adapter")
+HEADROOM = 0.9  # plan to use at most 90% of what is available
+
+
+def trainable_count(model, method: str, r: int, targets: list[str] | None = None) -> int:
+    """Trainable parameters `method` would give `model` (default target layers unless given; nothing is applied)."""
+    from slimtune.peft import tuner
+    from slimtune.peft.registry import LAYER_TYPES, default_targets
+    from slimtune.peft.svfit import dense_weight
+
+    if method == "none":
+        return sum(p.numel() for p in model.parameters())
+    layers = tuner.matching_modules(model, targets or default_targets(model, method), LAYER_TYPES)
+    shapes = [tuple(dense_weight(m).shape) for _, m in layers]
+    if method in ("lora", "pissa"):
+        return sum(r * (out + inp) for out, inp in shapes)
+    if method == "svfit":
+        return sum(min(r, out, inp) for out, inp in shapes)
+    return sum(2 * out * r + r + out for out, _ in shapes)  # adapter: down (out->r) and up (r->out) with biases
+
+
+def available_mb(device: str) -> float:
+    """Memory this process may still use plus what it already holds: free GPU memory, or MemAvailable + own RSS."""
+    import torch
+    if str(device).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()
+        return (free + torch.cuda.memory_allocated()) / MB
+    import resource
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (int(meminfo["MemAvailable"].split()[0]) + rss_kb) / 1024
+
+
+def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8) -> list[dict]:
+    """Predicted peak (MB) for every optimizer x PEFT pair of the planner, and whether it fits here."""
+    shape = ModelShape.from_model(model)
+    runtime = 0.0 if str(device).startswith("cuda") else RUNTIME_MB_CPU
+    budget = available_mb(device) * HEADROOM
+    rows = []
+    for method in PLAN_PEFT:
+        trainable = trainable_count(model, method, r)
+        for optimizer in PLAN_OPTIMIZERS:
+            peak = predict_peak_mb(shape, optimizer, trainable, batch, seq_len, runtime)["peak_mb"]
+            rows.append({"optimizer": optimizer, "peft": method, "trainable_params": trainable, "peak_mb": peak,
+                         "fits": peak <= budget, "budget_mb": budget})
+    return rows

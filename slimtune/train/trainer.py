@@ -63,6 +63,7 @@ class TrainConfig:
     progress: bool = True
     lr_scheduler: str = "constant"  # a transformers.get_scheduler name (see optim/schedule.py)
     warmup_steps: int = 0
+    force: bool = False  # train even when the memory model predicts the run will not fit
     save: str = "best"  # adapter/ holds the best-evaluated adapter ("best", needs eval data) or the last ("last")
     log_private_stats: bool = False  # private runs: also log loss, batch size, clipped fraction, step time (leaks)
 
@@ -112,6 +113,8 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config.model, getattr(torch, config.dtype), config.device, texts)
     label_ids = label_token_ids(tokenizer, task)
+    if not config.force:
+        check_memory(config, model, tokenizer, train_examples)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     if config.peft.method == "svfit" and config.peft.svfit_relative is None:  # resolved, so config.json records it
@@ -167,6 +170,29 @@ def validate(config: TrainConfig) -> None:
     check_settings(config.peft)
     if config.privacy is not None:
         check_names(config.privacy)
+
+
+def check_memory(config: TrainConfig, model, tokenizer, examples: list) -> None:
+    """Refuse a run the memory model predicts will not fit here (before PEFT and any step), naming the pairs that
+    would. `model` is the base model, before PEFT."""
+    from slimtune.report.memory_model import (HEADROOM, RUNTIME_MB_CPU, ModelShape, available_mb, plan_rows,
+                                             predict_peak_mb, trainable_count)
+
+    sample = [e.prompt for e in examples[:2000]]
+    seq_len = min(config.max_length, max((len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"]),
+                                         default=1))
+    runtime = 0.0 if config.device.startswith("cuda") else RUNTIME_MB_CPU
+    trainable = trainable_count(model, config.peft.method, config.peft.r, config.peft.target_modules)
+    peak = predict_peak_mb(ModelShape.from_model(model), config.optimizer, trainable, config.batch_size, seq_len, runtime)["peak_mb"]
+    budget = available_mb(config.device) * HEADROOM
+    if peak <= budget:
+        return
+    fitting = [f"{r['optimizer']}+{r['peft']} ({r['peak_mb']:,.0f} MB)" for r in
+               plan_rows(model, config.batch_size, seq_len, config.device, config.peft.r) if r["fits"]]
+    raise SlimtuneError(f"{config.optimizer}+{config.peft.method} at batch {config.batch_size} x {seq_len} tokens is "
+                        f"predicted to peak at {peak:,.0f} MB, over the {budget:,.0f} MB available here; "
+                        f"what fits: {', '.join(fitting) or 'nothing (lower --batch-size or --max-length)'}; "
+                        "--force to try anyway")
 
 
 def releases_per_step(config: TrainConfig) -> int:
