@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,12 +15,13 @@ from rich.markup import escape
 
 from slimtune import SlimtuneError
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slimtune never downloads: no library may try to reach the Hub
 # Deprecation notices from the libraries underneath are for their developers, not for slimtune's users.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|opacus|torch|flwr)\b")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft|opacus|torch|flwr)\b")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune LLMs when memory and privacy are the constraints.")
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 100)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 

@@ -117,3 +117,13 @@ def test_private_variants_train_and_account(tmp_path, demo_paths, optimizer, mec
     assert 0 < summary["epsilon"] <= 5.0 * 1.001 and summary["noise_multiplier"] > 0
     after = dict(run.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)  # it trained
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path, demo_paths, capsys):
+    cfg = config(tmp_path, demo_paths, steps=40, eval_every=20, progress=True, optimizer="adamw",
+                 optim=OptimizerArgs(lr=1e-3))
+    train(prepare(cfg))
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    assert len(lines) == 20  # every 2 steps (5% of 40), evaluations included
+    assert lines[-1].startswith("step 40/40 | loss ") and "accuracy" in lines[-1] and "s/step" in lines[-1]
+    assert "ETA 0m00s" in lines[-1]

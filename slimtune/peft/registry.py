@@ -115,9 +115,10 @@ def save_peft(model: nn.Module, directory: str | Path, work_dir: str | Path | No
         init_dir = Path(work_dir) / PISSA_INIT_DIR if work_dir else None
         pissa = str(model.peft_config["default"].init_lora_weights).startswith("pissa")
         if pissa and init_dir is not None and init_dir.exists():  # never convert a plain LoRA with a stale init
-            model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(init_dir))
-        else:
-            model.save_pretrained(str(directory))
+            model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(init_dir),
+                                  save_embedding_layers=False)
+        else:  # embeddings are never LoRA targets here; "auto" would look the base model up on the Hub
+            model.save_pretrained(str(directory), save_embedding_layers=False)
     elif (cls := _tuner_class(model)) is not None:
         tuner.save(model, cls, directory)
     else:

@@ -70,14 +70,25 @@ def _bytes(v) -> str:
         v /= 1024
 
 
+TERMINAL_HEADERS = {"trainable params": "trainable", "peak memory (MB)": "peak MB", "time/step (s)": "s/step",
+                    "dev accuracy": "acc", "best dev acc": "best acc", "epsilon": "ε", "delta": "δ",
+                    "bytes communicated": "bytes"}
+
+
 def print_summary(summaries: list[dict], console) -> None:
+    """The runs as a terminal table: short headers, and no column that is empty for every run (fits 100 columns)."""
     from rich.table import Table
 
+    rows = table_rows([{"name": s.get("name", s.get("method")), **s} for s in summaries])
+    empty = {"-", "0 B"}
+    keep = [i for i, (header, _, _) in enumerate(COLUMNS)
+            if header in ("run", "method", "PEFT") or any(row[i] not in empty for row in rows)]
     table = Table(title="slimtune runs")
-    for header, _, _ in COLUMNS:
-        table.add_column(header, justify="left" if header in ("run", "method", "PEFT") else "right")
-    for s, row in zip(summaries, table_rows([{"name": s.get("name", s.get("method")), **s} for s in summaries])):
-        table.add_row(*row)
+    for i in keep:
+        header = COLUMNS[i][0]
+        table.add_column(TERMINAL_HEADERS.get(header, header), justify="left" if i < 3 else "right")
+    for row in rows:
+        table.add_row(*(row[i] for i in keep))
     console.print(table)
 
 
