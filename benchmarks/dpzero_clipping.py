@@ -1,4 +1,5 @@
-"""DPZero clipping on SST-2 with SmolLM2-135M + LoRA: hand-set C vs adaptive clipping, selected on a split of *train*.
+"""Selection runs on a split of SST-2 *train* with SmolLM2-135M: DPZero clipping (hand-set C vs adaptive) and
+ZO + SVFit (relative parametrisation), against MeZO + LoRA with the same lr/eps.
 
 Carves a validation split (500 examples, seed 0) from GLUE SST-2 train, trains on the rest, evaluates on the split
 (never the dev set: this is for choosing the clipping rule). MeZO with the same lr/eps is the non-private reference.
@@ -31,6 +32,11 @@ RUNS = {
     "dpzero-adaptive-q0.9-clr1-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.9", "--clip-lr", "1"],
     "dpzero-adaptive-q0.95-clr1-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.95", "--clip-lr",
                                         "1"],
+    "dpzero-adaptive-q0.98-c10-clr1-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.98", "--clip",
+                                            "10", "--clip-lr", "1"],
+    "dpzero-fixed-c10-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--clipping", "fixed", "--clip", "10"],
+    "mezo-svfit-relative": ["--optimizer", "mezo", "--peft", "svfit", "--svfit-relative", "--lr", "2e-3", "--eps",
+                            "1e-2"],
 }
 
 

@@ -93,6 +93,22 @@ def scaling_table() -> str:
     return "\n".join(rows)
 
 
+def dpzero_clipping_table(split: str = "val") -> str:
+    path = RESULTS / "dpzero_clipping" / f"{split}.json"
+    if not path.exists():
+        return "(not run)"
+    d = json.loads(path.read_text())
+    rows = ["| run | acc at steps 0/40/80/120/160/200 | final acc | eval loss (final) | final C | epsilon | s/step |",
+            "|" + "---|" * 7]
+    for name, r in d.items():
+        curve = " / ".join(f"{a:.3f}" for _, a in r["eval_curve"])
+        metrics_path = RESULTS / "dpzero_clipping" / split / name / "summary.json"
+        loss = json.loads(metrics_path.read_text()).get("final_eval_loss") if metrics_path.exists() else None
+        rows.append(f"| {name} | {curve} | {fmt(r['final_accuracy'])} | {fmt(loss)} | "
+                    f"{fmt(r['clip_final'], '.2f')} | {fmt(r['epsilon'], '.2f')} | {fmt(r['time_per_step_s'], '.2f')} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     which = sys.argv[1:] or ["sst2", "dp", "peft", "mia", "federated", "rte", "scaling"]
     main_runs = ["fo-lora", "fo-lora-lr3e-4", "zo-lora", "lozo-full"]
@@ -103,7 +119,7 @@ def main() -> None:
         print(f"\n<!-- {w} -->")
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
                "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
-               "scaling": scaling_table,
+               "scaling": scaling_table, "dpzero-clipping": dpzero_clipping_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
 
 

@@ -189,7 +189,8 @@ def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
     cfg = make_cfg(demo_paths, bits=4, rounds=2, out_dir=str(tmp_path / "fed"))
     summary = simulate(cfg)
     assert summary["rounds"] == 2 and summary["bits"] == 4
-    assert summary["bytes_down_per_client_per_round"] < summary["trainable_bytes"] / 4  # ~4 bits + scales
+    assert summary["payload_bytes_down_per_client_per_round"] < summary["trainable_bytes"] / 4  # ~4 bits + scales
+    assert summary["bytes_down_per_client_per_round"] > summary["payload_bytes_down_per_client_per_round"]  # + framing
     lines = (tmp_path / "fed" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # round 0 (initial) + 2 rounds
     assert (tmp_path / "fed" / "adapter" / "adapter_model.safetensors").exists()
