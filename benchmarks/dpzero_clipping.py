@@ -34,6 +34,8 @@ RUNS = {
                                         "1"],
     "dpzero-adaptive-q0.98-c10-clr1-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.98", "--clip",
                                             "10", "--clip-lr", "1"],
+    "dpzero-adaptive-q0.9-m2-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.9", "--clip-multiplier",
+                                     "2"],
     "dpzero-fixed-c10-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--clipping", "fixed", "--clip", "10"],
     "mezo-svfit-relative": ["--optimizer", "mezo", "--peft", "svfit", "--svfit-relative", "--lr", "2e-3", "--eps",
                             "1e-2"],

@@ -85,7 +85,8 @@ def train(
     clipping: str = typer.Option("auto", help="DP: adaptive (C tracks --target-quantile of the per-example scalars, "
                                  "privately and accounted), fixed, or auto (adaptive for dpzero/dplozo)"),
     target_quantile: float = typer.Option(0.9, help="DP, adaptive clipping: fraction of scalars left unclipped"),
-    clip_lr: float = typer.Option(0.2, help="DP, adaptive clipping: C <- C exp(-clip_lr (unclipped - target))"),
+    clip_lr: float = typer.Option(0.2, help="DP, adaptive clipping: Q <- Q exp(-clip_lr (fraction below Q - target))"),
+    clip_multiplier: float = typer.Option(1.0, help="DP, adaptive clipping: clip at C = clip_multiplier x Q"),
     sampling: str = typer.Option("poisson", help="DP: poisson (default, exact) or shuffle"),
     mechanism: str = typer.Option("gaussian", help="DP: gaussian or laplace"),
     accountant: str = typer.Option("rdp", help="DP: rdp (fast) or pld (tighter: less noise for the same epsilon)"),
@@ -133,7 +134,7 @@ def _train_config(p: dict):
         target = p["epsilon"] if p["epsilon"] is not None or p["noise_multiplier"] is not None else 6.0
         privacy = PrivacySpec(target, p["delta"], p["noise_multiplier"], p["clip"], p["sampling"], p["mechanism"],
                               p["accountant"], p["pld_discretization"], p["clipping"], p["target_quantile"],
-                              p["clip_lr"])
+                              p["clip_lr"], p["clip_multiplier"])
     targets = p["target_modules"].split(",") if p["target_modules"] else None
     return TrainConfig(
         out_dir=p["out"], train_data=p["data"], eval_data=p["eval_data"], model=p["model"], task=p["task"],

@@ -78,3 +78,13 @@ def test_adaptive_clipping_is_refused_where_it_is_not_implemented(tmp_path, demo
         prepare(cfg)
     with pytest.raises(SlimtuneError, match="Gaussian"):
         plan(PrivacySpec(target_epsilon=3.0, mechanism="laplace"), 1000, 10, 10, adaptive=True)
+
+
+def test_clip_multiplier_clips_above_the_tracked_quantile():
+    torch.manual_seed(0)
+    spec = PrivacySpec(clip=1.0, target_quantile=0.9, clip_multiplier=2.0)
+    est = PrivateDifference(spec, noise_multiplier=1.0, expected_batch_size=200, noise_seed=1, quantile_noise=10.0)
+    for _ in range(400):
+        est(5.0 * torch.randn(200), torch.zeros(200), eps=0.5)
+    assert est.quantile == pytest.approx(5.0 * 1.6449, rel=0.15)  # still the 0.9 quantile
+    assert est.clip == pytest.approx(2 * est.quantile)  # the scalar is clipped at twice that

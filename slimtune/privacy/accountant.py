@@ -45,7 +45,8 @@ class PrivacySpec:
     pld_discretization: float = 1e-3  # PLD value discretisation; pessimistic, so coarser is still an upper bound
     clipping: str = "auto"  # "adaptive" (DPZero default: C tracks a quantile privately), "fixed", "auto"
     target_quantile: float = 0.9  # adaptive: fraction of per-example scalars left unclipped
-    clip_lr: float = 0.2  # adaptive: C <- C exp(-clip_lr (unclipped_fraction - target_quantile))
+    clip_lr: float = 0.2  # adaptive: Q <- Q exp(-clip_lr (fraction_below_Q - target_quantile))
+    clip_multiplier: float = 1.0  # adaptive: clip at C = clip_multiplier * Q
 
 
 @dataclass
@@ -260,9 +261,9 @@ def check_spec(spec: PrivacySpec, num_examples: int) -> None:
         raise SlimtuneError(f"PLD discretisation must be in (0, 0.1], got {spec.pld_discretization}")
     if spec.clipping not in ("auto", "adaptive", "fixed"):
         raise SlimtuneError(f"--clipping {spec.clipping!r}: choose adaptive, fixed or auto")
-    if not 0 < spec.target_quantile < 1 or spec.clip_lr <= 0:
+    if not 0 < spec.target_quantile < 1 or spec.clip_lr <= 0 or spec.clip_multiplier <= 0:
         raise SlimtuneError(f"adaptive clipping needs 0 < --target-quantile < 1 (got {spec.target_quantile}) and "
-                            f"--clip-lr > 0 (got {spec.clip_lr})")
+                            f"--clip-lr > 0 (got {spec.clip_lr}) and --clip-multiplier > 0 (got {spec.clip_multiplier})")
 
 
 def plan(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int, releases: int = 1,
