@@ -26,14 +26,15 @@ PRIVATE = ["--optimizer", "dpzero", "--delta", "1e-5"]
 RUNS = {
     "mezo-lora": ["--optimizer", "mezo", *ZO],
     "dpzero-fixed-c2-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--clipping", "fixed", "--clip", "2"],
-    "dpzero-adaptive-q0.9-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.9"],
-    "dpzero-adaptive-q0.5-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.5"],
-    "dpzero-adaptive-q0.9-eps2": [*PRIVATE, *ZO, "--epsilon", "2", "--target-quantile", "0.9"],
-    "dpzero-adaptive-q0.9-clr1-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.9", "--clip-lr", "1"],
-    "dpzero-adaptive-q0.95-clr1-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.95", "--clip-lr",
-                                        "1"],
+    # clip at the tracked quantile itself (m = 1), the first design
+    "dpzero-adaptive-q0.9-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.9",
+                                  "--clip-multiplier", "1"],
+    "dpzero-adaptive-q0.9-clr1-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.9", "--clip-lr", "1",
+                                       "--clip-multiplier", "1"],
     "dpzero-adaptive-q0.98-c10-clr1-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.98", "--clip",
-                                            "10", "--clip-lr", "1"],
+                                            "10", "--clip-lr", "1", "--clip-multiplier", "1"],
+    # the default since: clip at 2 x the tracked 0.9 quantile
+    "dpzero-adaptive-eps2": [*PRIVATE, *ZO, "--epsilon", "2"],
     "dpzero-adaptive-q0.9-m2-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--target-quantile", "0.9", "--clip-multiplier",
                                      "2"],
     "dpzero-fixed-c10-eps6": [*PRIVATE, *ZO, "--epsilon", "6", "--clipping", "fixed", "--clip", "10"],

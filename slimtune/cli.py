@@ -86,7 +86,7 @@ def train(
                                  "privately and accounted), fixed, or auto (adaptive for dpzero/dplozo)"),
     target_quantile: float = typer.Option(0.9, help="DP, adaptive clipping: fraction of scalars left unclipped"),
     clip_lr: float = typer.Option(0.2, help="DP, adaptive clipping: Q <- Q exp(-clip_lr (fraction below Q - target))"),
-    clip_multiplier: float = typer.Option(1.0, help="DP, adaptive clipping: clip at C = clip_multiplier x Q"),
+    clip_multiplier: float = typer.Option(2.0, help="DP, adaptive clipping: clip at C = clip_multiplier x Q"),
     sampling: str = typer.Option("poisson", help="DP: poisson (default, exact) or shuffle"),
     mechanism: str = typer.Option("gaussian", help="DP: gaussian or laplace"),
     accountant: str = typer.Option("rdp", help="DP: rdp (fast) or pld (tighter: less noise for the same epsilon)"),

@@ -18,7 +18,7 @@ from slimtune.train import TrainConfig, prepare, train
 
 def test_clip_converges_to_the_target_quantile_of_the_scalars():
     torch.manual_seed(0)
-    spec = PrivacySpec(clip=0.1, target_quantile=0.9, clip_lr=0.2)
+    spec = PrivacySpec(clip=0.1, target_quantile=0.9, clip_lr=0.2, clip_multiplier=1.0)
     est = PrivateDifference(spec, noise_multiplier=1.0, expected_batch_size=200, noise_seed=1, quantile_noise=10.0)
     for _ in range(400):
         g = 5.0 * torch.randn(200)  # per-example finite differences with eps = 0.5
@@ -31,7 +31,7 @@ def test_clip_is_scale_free():
     """Whatever the scale of the finite differences, the fraction clipped ends near 1 - target: no C to hand-tune."""
     for scale in (0.01, 1.0, 100.0):
         torch.manual_seed(0)
-        est = PrivateDifference(PrivacySpec(clip=1.0, target_quantile=0.9), 1.0, 100, noise_seed=1,
+        est = PrivateDifference(PrivacySpec(clip=1.0, target_quantile=0.9, clip_multiplier=1.0), 1.0, 100, noise_seed=1,
                                 quantile_noise=5.0)
         for _ in range(300):
             est(scale * torch.randn(100), torch.zeros(100), eps=0.5)
@@ -57,7 +57,7 @@ def test_adaptive_clipping_costs_are_in_the_reported_epsilon(tmp_path, demo_path
     assert summary["epsilon"] == pytest.approx(both.get_epsilon(1e-3), rel=1e-6)
     assert scalar_only.get_epsilon(1e-3) < summary["epsilon"] <= 3.0 * 1.001
     clips = [json.loads(l)["clip"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert clips[0] == 1.0 and len(set(clips)) == 5  # C starts at --clip and moves every step (public, logged)
+    assert clips[0] == 2.0 and len(set(clips)) == 5  # C starts at 2 x --clip and moves every step (public, logged)
 
 
 def test_adaptive_noise_split_costs_a_few_percent_of_scalar_noise():
