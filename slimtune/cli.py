@@ -26,9 +26,14 @@ errors = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 
 
+def _print_error(exc: Exception) -> None:
+    """One line on stderr."""
+    errors.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", soft_wrap=True, highlight=False)
+
+
 def _fail(exc: Exception) -> None:
     """One line on stderr, exit code 2."""
-    errors.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", soft_wrap=True, highlight=False)
+    _print_error(exc)
     raise typer.Exit(2)
 
 
@@ -366,7 +371,7 @@ def main() -> None:  # pragma: no cover
     try:
         app()
     except SlimtuneError as exc:
-        errors.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", soft_wrap=True, highlight=False)
+        _print_error(exc)
         sys.exit(2)
 
 

@@ -98,21 +98,22 @@ class FedLPP(FedAvg):
     # -- what comes up ----------------------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        accepted, rejected = [], 0
+        accepted, rejected, bytes_up = [], 0, 0
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log.warning("round %d: client %s failed (%s); skipped", server_round, node, msg.error.reason)
                 rejected += 1
                 continue
+            size = wire_bytes(msg)  # on the wire whether or not it is accepted
+            bytes_up += size
             try:
-                accepted.append({**self.parse_reply(msg.content), "wire_bytes": wire_bytes(msg)})
+                accepted.append({**self.parse_reply(msg.content), "wire_bytes": size})
             except ValueError as exc:
                 log.warning("round %d: rejected reply from client %s: %s", server_round, node, exc)
                 rejected += 1
         info = self.round_log.setdefault(server_round, {"round": server_round})
-        info.update(replies=len(accepted), rejected=rejected,
-                    bytes_up_total=sum(wire_bytes(m) for m in replies if not m.has_error()))
+        info.update(replies=len(accepted), rejected=rejected, bytes_up_total=bytes_up)
         if accepted:
             self.theta = self.apply_updates(accepted)
             info["payload_bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
@@ -180,9 +181,10 @@ def add_mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, gene
 
     Under FFA only B is trained: A's deltas are dropped before clipping and A gets no noise (it is never released
     changed, so noising it would only damage the model)."""
-    deltas = [a["delta"] for a in accepted]
-    if cfg.aggregation == "ffa":
-        deltas = [{k: (torch.zeros_like(v) if "lora_A" in k else v) for k, v in d.items()} for d in deltas]
+    def trained(name: str) -> bool:
+        return not (cfg.aggregation == "ffa" and "lora_A" in name)
+
+    deltas = [{k: (v if trained(k) else torch.zeros_like(v)) for k, v in a["delta"].items()} for a in accepted]
     if cfg.client_dp_clip > 0:
         weights = [1.0 / len(deltas)] * len(deltas)
         deltas = [clip_update(d, cfg.client_dp_clip) for d in deltas]
@@ -192,7 +194,7 @@ def add_mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, gene
     new = {}
     for name, value in theta.items():
         mean = sum(w * d[name] for w, d in zip(weights, deltas))
-        if cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0 and not (cfg.aggregation == "ffa" and "lora_A" in name):
+        if cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0 and trained(name):
             std = cfg.client_dp_noise * cfg.client_dp_clip / len(deltas)
             mean = mean + std * torch.randn(value.shape, generator=generator)
         new[name] = value + mean

@@ -39,8 +39,9 @@ class BottleneckAdapter(nn.Module):
         if state is not None:  # strict: every adapter tensor, and nothing else (the base stays as loaded)
             self.down.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("down.")})
             self.up.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("up.")})
-            if any(not k.startswith(("down.", "up.")) for k in state):
-                raise KeyError(f"unexpected adapter tensor {next(k for k in state if not k.startswith(('down.', 'up.')))}")
+            unexpected = [k for k in state if not k.startswith(("down.", "up."))]
+            if unexpected:
+                raise KeyError(f"unexpected adapter tensor {unexpected[0]}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

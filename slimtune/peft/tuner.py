@@ -81,10 +81,12 @@ def load(model, config, wrapper_cls, kinds, directory: str | Path) -> torch.nn.M
     except (SafetensorError, OSError) as exc:
         raise SlimtuneError(f"{weights}: not a readable safetensors file ({exc})") from None
     found = matching_modules(model, list(config.target_modules), kinds)
-    used = {k for name, _ in found for k in state if k.startswith(name + ".")}
-    if not found or len(used) != len(state) or any(not any(k.startswith(n + ".") for k in state) for n, _ in found):
-        unmatched = sorted(set(state) - used)[:1] or [n for n, _ in found][:1] or list(config.target_modules)[:1]
-        raise SlimtuneError(f"{directory}: adapter does not match this model (e.g. {unmatched[0]!r}); evaluate it on "
+    per_layer = {name: {k for k in state if k.startswith(name + ".")} for name, _ in found}
+    unused = sorted(set(state) - set().union(*per_layer.values()))  # tensors no layer of this model takes
+    bare = [name for name, keys in per_layer.items() if not keys]  # layers the file has nothing for
+    if not found or unused or bare:
+        example = (unused or bare or list(config.target_modules))[0]
+        raise SlimtuneError(f"{directory}: adapter does not match this model (e.g. {example!r}); evaluate it on "
                             "the base model it was trained on")
     for p in model.parameters():
         p.requires_grad_(False)

@@ -100,16 +100,26 @@ def available_mb(device: str) -> float:
     return (int(meminfo["MemAvailable"].split()[0]) + rss_kb) / 1024
 
 
+def budget_mb(device: str) -> float:
+    return available_mb(device) * HEADROOM
+
+
+def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_len: int, device: str,
+                   targets: list[str] | None = None) -> tuple[float, int]:
+    """(predicted peak MB, trainable params) of `optimizer` + `method` on `model` (the base model, before PEFT)."""
+    trainable = trainable_count(model, method, r, targets)
+    runtime = 0.0 if str(device).startswith("cuda") else RUNTIME_MB_CPU
+    peak = predict_peak_mb(ModelShape.from_model(model), optimizer, trainable, batch, seq_len, runtime)["peak_mb"]
+    return peak, trainable
+
+
 def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8) -> list[dict]:
     """Predicted peak (MB) for every optimizer x PEFT pair of the planner, and whether it fits here."""
-    shape = ModelShape.from_model(model)
-    runtime = 0.0 if str(device).startswith("cuda") else RUNTIME_MB_CPU
-    budget = available_mb(device) * HEADROOM
+    budget = budget_mb(device)
     rows = []
     for method in PLAN_PEFT:
-        trainable = trainable_count(model, method, r)
         for optimizer in PLAN_OPTIMIZERS:
-            peak = predict_peak_mb(shape, optimizer, trainable, batch, seq_len, runtime)["peak_mb"]
+            peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device)
             rows.append({"optimizer": optimizer, "peft": method, "trainable_params": trainable, "peak_mb": peak,
                          "fits": peak <= budget, "budget_mb": budget})
     return rows

@@ -176,16 +176,14 @@ def validate(config: TrainConfig) -> None:
 def check_memory(config: TrainConfig, model, tokenizer, examples: list) -> None:
     """Refuse a run the memory model predicts will not fit here (before PEFT and any step), naming the pairs that
     would. `model` is the base model, before PEFT."""
-    from slimtune.report.memory_model import (HEADROOM, RUNTIME_MB_CPU, ModelShape, available_mb, plan_rows,
-                                             predict_peak_mb, trainable_count)
+    from slimtune.report.memory_model import budget_mb, plan_rows, predict_run_mb
 
     sample = [e.prompt for e in examples[:2000]]
     seq_len = min(config.max_length, max((len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"]),
                                          default=1))
-    runtime = 0.0 if config.device.startswith("cuda") else RUNTIME_MB_CPU
-    trainable = trainable_count(model, config.peft.method, config.peft.r, config.peft.target_modules)
-    peak = predict_peak_mb(ModelShape.from_model(model), config.optimizer, trainable, config.batch_size, seq_len, runtime)["peak_mb"]
-    budget = available_mb(config.device) * HEADROOM
+    peak, _ = predict_run_mb(model, config.optimizer, config.peft.method, config.peft.r, config.batch_size, seq_len,
+                             config.device, config.peft.target_modules)
+    budget = budget_mb(config.device)
     if peak <= budget:
         return
     fitting = [f"{r['optimizer']}+{r['peft']} ({r['peak_mb']:,.0f} MB)" for r in
@@ -430,7 +428,8 @@ class LineProgress:
             return
         rate = (time.perf_counter() - self.started) / max(step - self.start_step, 1)
         eta = int(rate * (self.cfg.steps - step))
-        fields = [f"step {step}/{self.cfg.steps}", *_shown(record), f"{rate:.2f} s/step", f"ETA {eta // 60}m{eta % 60:02d}s"]
+        fields = [f"step {step}/{self.cfg.steps}", *_shown(record), f"{rate:.2f} s/step",
+                  f"ETA {eta // 60}m{eta % 60:02d}s"]
         print(" | ".join(fields), flush=True)
 
     def stop(self):
