@@ -63,17 +63,18 @@ def train(
                                                   "(default under ZO optimizers) or the values themselves"),
     learn_scale: bool = typer.Option(False, help="SVFit: also learn a scale per singular value"),
     pissa_niter: Optional[int] = typer.Option(None, help="PiSSA: randomized SVD with this many iterations (fast)"),
-    lr: float = typer.Option(1e-4),
-    eps: float = typer.Option(1e-3, help="ZO perturbation scale"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: per optimizer x PEFT, printed at start)"),
+    eps: Optional[float] = typer.Option(None, help="ZO perturbation scale (default: per optimizer x PEFT)"),
     weight_decay: float = typer.Option(0.0),
     n_spsa: int = typer.Option(1),
     lozo_rank: int = typer.Option(2),
     lozo_nu: int = typer.Option(50),
     momentum: float = typer.Option(0.0),
-    steps: int = typer.Option(100),
-    lr_scheduler: str = typer.Option("constant", help="constant, constant_with_warmup, linear, cosine, "
+    steps: Optional[int] = typer.Option(None, help="training steps (default: 300 backprop, 2,000 zeroth-order)"),
+    lr_scheduler: Optional[str] = typer.Option(None, help="default linear; constant, constant_with_warmup, linear, cosine, "
                                      "cosine_with_restarts, polynomial, inverse_sqrt (transformers' schedules)"),
-    warmup_steps: int = typer.Option(0, help="linear warm-up steps of the learning-rate schedule"),
+    warmup_steps: Optional[int] = typer.Option(None, help="linear warm-up steps of the learning-rate schedule "
+                                               "(default: 5% of the steps with backprop, none with ZO)"),
     save: str = typer.Option("best", help="adapter/ holds the best-evaluated adapter (best; needs --eval-data) "
                              "or the last one (last)"),
     batch_size: int = typer.Option(16),
@@ -116,8 +117,11 @@ def train(
     except SlimtuneError as exc:
         _fail(exc)
     resume = p["resume"]
+    from slimtune.optim.defaults import describe
     try:
-        summary = run_training(prepare(config, resume=resume))
+        run = prepare(config, resume=resume)
+        console.print(f"hyper-parameters: {escape(describe(config, run.defaults_origin))}", highlight=False)
+        summary = run_training(run)
     except SlimtuneError as exc:
         _fail(exc)
     from slimtune.report import print_summary
@@ -167,7 +171,7 @@ def demo(out: str = typer.Option("runs/demo"), steps: int = typer.Option(60), mo
     console.rule("zeroth-order (MeZO) + LoRA")
     _invoke_train(out=f"{out}/zo-lora", optimizer="mezo", lr=5e-3, eps=1e-2, **common)
     console.rule("first-order (AdamW) + LoRA, for comparison")
-    _invoke_train(out=f"{out}/fo-lora", optimizer="adamw", lr=1e-3, **common)
+    _invoke_train(out=f"{out}/fo-lora", optimizer="adamw", **common)  # the adamw+lora defaults
     report(runs=[f"{out}/zo-lora", f"{out}/fo-lora"], out=f"{out}/report")
 
 

@@ -49,6 +49,8 @@ def flatten(values: dict, fields: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in values.items():
         name = prefix + str(key).replace("-", "_")
+        if name in fields and fields[name] is None:
+            continue  # bookkeeping or a duplicate of another setting
         if isinstance(value, dict) and not prefix:  # a nested settings dataclass (optim, peft, privacy)
             flat.update(flatten(value, fields, name + "."))
         elif name == "progress":

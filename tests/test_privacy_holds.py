@@ -78,7 +78,7 @@ def test_the_secret_lives_only_in_the_checkpoint(tmp_path, demo_paths):
 def test_resume_replays_the_secret_noise_bit_for_bit(tmp_path, demo_paths, monkeypatch, optimizer):
     import slimtune.train.trainer as trainer
     monkeypatch.setattr(trainer, "fresh_secret", lambda: 1234567)
-    kw = dict(optimizer=optimizer, steps=6)
+    kw = dict(optimizer=optimizer, steps=6, lr_scheduler="constant")  # the two runs differ in --steps
     train(prepare(config(tmp_path, demo_paths, "straight", **kw)))
     train(prepare(config(tmp_path, demo_paths, "resumed", **{**kw, "steps": 3})))
     monkeypatch.setattr(trainer, "fresh_secret", lambda: 7654321)  # a resumed run must not draw a new secret

@@ -34,7 +34,7 @@ def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, demo_paths, mo
     import slimtune.train.trainer as trainer
     monkeypatch.setattr(trainer, "fresh_secret", lambda: 42)  # both private runs share their (normally OS) secret
     kw = dict(optimizer=optimizer, peft=PeftSettings(peft, r=2),
-              optim=OptimizerArgs(lr=1e-2, eps=1e-2, rank=2, nu=2),
+              optim=OptimizerArgs(lr=1e-2, eps=1e-2, rank=2, nu=2), lr_scheduler="constant",  # steps differ below
               privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0) if optimizer.startswith("dp") else None)
     straight = train(prepare(config(tmp_path, demo_paths, "straight", **kw)))
     half = config(tmp_path, demo_paths, "resumed", **{**kw, "steps": 3})

@@ -13,9 +13,9 @@ from slimtune.optim.first_order import FirstOrder, FirstOrderConfig
 class OptimizerArgs:
     """Everything an optimizer may read; each optimizer takes the fields it knows."""
 
-    lr: float = 1e-4
+    lr: float | None = None  # None: the per-method default (optim/defaults.py)
     weight_decay: float = 0.0
-    eps: float = 1e-3  # ZO perturbation scale
+    eps: float | None = None  # ZO perturbation scale; None: the per-method default
     n_spsa: int = 1
     seed: int = 0
     rank: int = 2  # LOZO
@@ -40,6 +40,12 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
         raise SlimtuneError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if (name in PRIVATE_OPTIMIZERS) != (private is not None):
         raise SlimtuneError(f"optimizer {name}: privacy settings are {'required' if private is None else 'not used'}")
+    if args.lr is None or args.eps is None:  # the Python API without a TrainConfig: the method's LoRA defaults
+        from dataclasses import replace
+        from slimtune.optim.defaults import defaults_for
+        d = defaults_for(name, "lora")
+        args = replace(args, lr=d.lr if args.lr is None else args.lr,
+                       eps=(d.eps or 1e-3) if args.eps is None else args.eps)
     params = list(model.named_parameters())
     if name in ("adamw", "sgd"):
         return FirstOrder(params, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name)

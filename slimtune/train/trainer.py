@@ -26,6 +26,7 @@ from slimtune.data import EpochSampler, PoissonSampler, get_task, k_shot, read_e
 from slimtune.models import load_model_and_tokenizer
 from slimtune.optim import PRIVATE_OPTIMIZERS, ZO_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
+from slimtune.optim.defaults import resolve as resolve_defaults
 from slimtune.optim.schedule import lr_multiplier
 from slimtune.peft import PeftSettings, apply_peft, peft_summary, save_peft
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, plan
@@ -50,7 +51,7 @@ class TrainConfig:
     optim: OptimizerArgs = field(default_factory=OptimizerArgs)
     peft: PeftSettings = field(default_factory=PeftSettings)
     privacy: PrivacySpec | None = None
-    steps: int = 100
+    steps: int | None = None  # None: the per-method default (optim/defaults.py), like lr, eps and the schedule
     batch_size: int = 16
     eval_every: int = 50
     eval_max: int = 0  # evaluate on at most this many examples (0: all)
@@ -62,8 +63,8 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     progress: bool = True
-    lr_scheduler: str = "constant"  # a transformers.get_scheduler name (see optim/schedule.py)
-    warmup_steps: int = 0
+    lr_scheduler: str | None = None  # a transformers.get_scheduler name (see optim/schedule.py); None: default
+    warmup_steps: int | None = None
     force: bool = False  # train even when the memory model predicts the run will not fit
     save: str = "best"  # adapter/ holds the best-evaluated adapter ("best", needs eval data) or the last ("last")
     log_private_stats: bool = False  # private runs: also log loss, batch size, clipped fraction, step time (leaks)
@@ -94,10 +95,12 @@ class Run:
     evals_without_improvement: int = 0
     lr_multiplier: object = None  # step -> factor on config.optim.lr
     step_times: list = field(default_factory=list)  # private runs: kept in memory for the summary's mean only
+    defaults_origin: dict = field(default_factory=dict)  # setting -> "default" (from optim/defaults.py) or "given"
 
 
 def prepare(config: TrainConfig, resume: bool = False) -> Run:
     out = Path(config.out_dir)
+    origin = resolve_defaults(config)  # config.json stores the resolved values
     validate(config)
     multiplier = lr_multiplier(config.lr_scheduler, config.steps, config.warmup_steps)
     if not resume and (out / "checkpoint").exists():
@@ -139,7 +142,7 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
         sampler = EpochSampler(len(train_examples), config.batch_size, config.seed)
     optimizer = build_optimizer(config.optimizer, model, config.optim, private)
     run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, label_ids, sampler, accountant, secret,
-              lr_multiplier=multiplier)
+              lr_multiplier=multiplier, defaults_origin=origin)
     if resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer)
         run.start_step = state["step"]

@@ -1,0 +1,81 @@
+"""The selection sweep behind slimtune's per-method defaults (slimtune/optim/defaults.py), on SST-2 *train* only.
+
+Carves a 500-example validation split (seed 0) from GLUE SST-2 train, trains on the rest and evaluates on the split —
+never on the dev set that `benchmarks/defaults.py` reports on. Each candidate is one `slimtune train` process with
+explicit hyper-parameters at a short budget (backprop 150 steps, ZO 200 steps, batch 16, SmolLM2-135M); the
+candidate with the best validation accuracy (ties: lower loss) becomes the table entry. Finished runs are kept and
+skipped, an unfinished one resumes from its checkpoint, so the sweep can be stopped and restarted at will.
+Results: benchmarks/results/defaults_sweep/<name>/ and benchmarks/results/defaults_sweep.json.
+Usage: python benchmarks/defaults_sweep.py [--only NAME...] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dpzero_clipping import carve_split
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
+OUT = ROOT / "benchmarks" / "results" / "defaults_sweep"
+
+FO = ["--steps", "150", "--lr-scheduler", "linear", "--warmup-steps", "8"]
+ZO = ["--steps", "200", "--lr-scheduler", "linear"]
+# pair -> {candidate name: flags}; the MeZO/DPZero + LoRA candidates were selected in benchmarks/dpzero_clipping.py
+CANDIDATES = {
+    "adamw+lora": {f"adamw-lora-lr{lr}": ["--optimizer", "adamw", "--peft", "lora", "--lr", lr, *FO]
+                   for lr in ("1e-4", "3e-4", "1e-3")},
+    "adamw+svfit": {f"adamw-svfit-lr{lr}": ["--optimizer", "adamw", "--peft", "svfit", "--lr", lr, *FO]
+                    for lr in ("5e-3", "2e-2")},
+    "mezo+svfit": {f"mezo-svfit-lr{lr}": ["--optimizer", "mezo", "--peft", "svfit", "--lr", lr, "--eps", "1e-2", *ZO]
+                   for lr in ("2e-3", "2e-2")},
+    "lozo+none": {f"lozo-full-lr{lr}": ["--optimizer", "lozo", "--peft", "none", "--lr", lr, "--eps", "1e-3", *ZO]
+                  for lr in ("1e-6", "1e-5")},
+}
+
+
+def run(name: str, flags: list[str], train: Path, val: Path, threads: int) -> dict:
+    run_dir = OUT / name
+    if not (run_dir / "summary.json").exists():
+        resume = ["--resume"] if (run_dir / "checkpoint").exists() else []
+        steps = int(flags[flags.index("--steps") + 1])
+        cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(train), "--eval-data", str(val),
+               "--out", str(run_dir), "--model", "smollm2", "--batch-size", "16", "--eval-every", str(steps // 5),
+               "--checkpoint-every", "25", "--seed", "0", "--quiet", *flags, *resume]
+        print("+", " ".join(cmd), flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        subprocess.run(cmd, check=True, env=env)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    keep = ("best_accuracy", "best_eval_loss", "best_step", "final_accuracy", "steps", "time_per_step_s")
+    return {"flags": flags, **{k: summary.get(k) for k in keep}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", help="pairs (e.g. mezo+svfit) or candidate names")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if not SST2.exists():
+        raise SystemExit(f"needs GLUE SST-2 at {SST2}")
+    train, val = carve_split(OUT / "data")
+    path = OUT.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for pair, candidates in CANDIDATES.items():
+        for name, flags in candidates.items():
+            if args.only and pair not in args.only and name not in args.only:
+                continue
+            results.setdefault(pair, {"candidates": {}})["candidates"][name] = run(name, flags, train, val,
+                                                                                    args.threads)
+            done = results[pair]["candidates"]
+            results[pair]["selected"] = max(done, key=lambda n: (done[n]["best_accuracy"], -done[n]["best_eval_loss"]))
+            path.write_text(json.dumps(results, indent=2))  # after every run: a stopped sweep keeps what it has
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
