@@ -109,6 +109,39 @@ def dpzero_clipping_table(split: str = "val") -> str:
     return "\n".join(rows)
 
 
+def defaults_table() -> str:
+    """benchmarks/defaults.py: every method at its defaults on the full SST-2 dev set, with its target."""
+    import defaults as bench
+
+    path = RESULTS / "defaults.json"
+    d = json.loads(path.read_text()) if path.exists() else {}
+    rows = ["| run | trainable params | steps | dev acc (best = saved) | best step | final acc | epsilon | peak MB "
+            "| wall time | target |", "|" + "---|" * 10]
+    for name, (_, target) in bench.RUNS.items():
+        r = d.get(name)
+        if r is None:
+            rows.append(f"| {name} | - | - | not run yet | - | - | - | - | - | {target} |")
+            continue
+        rows.append(f"| {name} | {r['trainable_params']:,} | {r['steps']} | {fmt(r['best_accuracy'])} | "
+                    f"{r['best_step']} | {fmt(r['final_accuracy'])} | {fmt(r['epsilon'], '.2f')} | "
+                    f"{r['peak_mem_mb']:,.0f} | {r['wall_time_s'] / 60:.0f} min | {target} |")
+    zero = next((r["zero_shot_accuracy"] for r in d.values() if r.get("zero_shot_accuracy") is not None), None)
+    return "\n".join(rows) + (f"\n\nZero-shot dev accuracy: {zero:.3f}." if zero is not None else "")
+
+
+def sweep_table() -> str:
+    """benchmarks/defaults_sweep.py: the candidates per pair on the train split, and the one selected."""
+    path = RESULTS / "defaults_sweep.json"
+    if not path.exists():
+        return "(not run)"
+    rows = ["| pair | candidate | val acc (best) | val loss (best) | steps | s/step | selected |", "|" + "---|" * 7]
+    for pair, r in json.loads(path.read_text()).items():
+        for name, c in r["candidates"].items():
+            rows.append(f"| {pair} | {name} | {fmt(c['best_accuracy'])} | {fmt(c['best_eval_loss'])} | {c['steps']} | "
+                        f"{fmt(c['time_per_step_s'], '.2f')} | {'yes' if name == r['selected'] else ''} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     which = sys.argv[1:] or ["sst2", "dp", "peft", "mia", "federated", "rte", "scaling"]
     main_runs = ["fo-lora", "fo-lora-lr3e-4", "zo-lora", "lozo-full"]
@@ -119,7 +152,8 @@ def main() -> None:
         print(f"\n<!-- {w} -->")
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
                "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
-               "scaling": scaling_table, "dpzero-clipping": dpzero_clipping_table,
+               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table,
+               "dpzero-clipping": dpzero_clipping_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
 
 

@@ -1,0 +1,77 @@
+"""Every method at its defaults: SST-2 (all of train) -> the full 872-example dev set, SmolLM2-135M, no hyper-parameter
+flags — only --optimizer/--peft/--steps (and --epsilon for private runs); lr, eps, schedule, warm-up and clipping come
+from slimtune/optim/defaults.py. Budgets: backprop 300 steps, ZO 2,000 steps (the table's own step counts).
+
+Each run is one `slimtune train` process; a finished run is skipped and an unfinished one resumes from its checkpoint,
+so the script can be stopped and restarted (ZO runs take ~1-2 h each on 2 CPU cores). Results:
+benchmarks/results/defaults/<name>/ and benchmarks/results/defaults.json; README table: `python benchmarks/tables.py
+defaults`. Usage: python benchmarks/defaults.py [--only NAME...] [--threads N] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
+OUT = ROOT / "benchmarks" / "results" / "defaults"
+
+# name -> (flags, target as text); the targets are the issue's (SST-2 dev, default hyper-parameters)
+RUNS = {
+    "adamw-lora": (["--optimizer", "adamw", "--peft", "lora", "--steps", "300"], ">= 88%"),
+    "adamw-svfit": (["--optimizer", "adamw", "--peft", "svfit", "--steps", "300"], "AdamW+LoRA - 2 pts, >= 10x fewer params"),
+    "mezo-lora": (["--optimizer", "mezo", "--peft", "lora", "--steps", "2000"], ">= AdamW+LoRA - 4 pts"),
+    "dpzero-lora-eps6": (["--optimizer", "dpzero", "--peft", "lora", "--steps", "2000", "--epsilon", "6"],
+                         ">= MeZO+LoRA - 2 pts"),
+    "dpzero-lora-eps2": (["--optimizer", "dpzero", "--peft", "lora", "--steps", "2000", "--epsilon", "2"],
+                         ">= MeZO+LoRA - 5 pts"),
+    "mezo-svfit": (["--optimizer", "mezo", "--peft", "svfit", "--steps", "2000"], ">= 80%"),
+    "lozo-full": (["--optimizer", "lozo", "--peft", "none", "--steps", "2000"], ">= 80%"),
+}
+
+
+def run(name: str, flags: list[str], threads: int, gpu: bool) -> dict:
+    run_dir = OUT / name
+    if not (run_dir / "summary.json").exists():
+        steps = int(flags[flags.index("--steps") + 1])
+        resume = ["--resume"] if (run_dir / "checkpoint").exists() else []
+        cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(SST2 / "train.tsv"), "--eval-data",
+               str(SST2 / "dev.tsv"), "--out", str(run_dir), "--model", "smollm2", "--eval-every", str(steps // 8),
+               "--checkpoint-every", "50", "--quiet", "--device", "cuda" if gpu else "cpu", *flags, *resume]
+        print("+", " ".join(cmd), flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        subprocess.run(cmd, check=True, env=env)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "eval_accuracy" in m]
+    keep = ("method", "peft", "trainable_params", "steps", "final_accuracy", "best_accuracy", "best_step",
+            "best_eval_loss", "saved_adapter", "epsilon", "peak_mem_mb", "time_per_step_s")
+    return {**{k: summary.get(k) for k in keep}, "zero_shot_accuracy": evals[0]["eval_accuracy"] if evals else None,
+            "wall_time_s": (summary.get("time_per_step_s") or 0) * summary["steps"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gpu", action="store_true", help="run on CUDA (same budgets; minutes instead of hours)")
+    args = ap.parse_args()
+    if not SST2.exists():
+        raise SystemExit(f"needs GLUE SST-2 at {SST2}")
+    path = OUT.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for name, (flags, target) in RUNS.items():
+        if args.only and name not in args.only:
+            continue
+        results[name] = {**run(name, flags, args.threads, args.gpu), "target": target}
+        path.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
