@@ -47,11 +47,21 @@ def train(
     out: str = typer.Option("runs/latest", help="run directory (metrics, checkpoint, adapter, summary)"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="evaluation data (same formats)"),
     model: str = typer.Option("smollm2", help="smollm2 (embedded default), tiny-llama, tiny-gpt2, or a local checkpoint dir"),
-    task: str = typer.Option("sst2", help="sst2, rte or custom"),
+    task: str = typer.Option("sst2", help="sst2, rte, custom (classification) or generation (prompt -> completion)"),
     text_column: Optional[str] = typer.Option(None, help="text column (single-text tasks)"),
     label_column: Optional[str] = typer.Option(None, help="label column"),
-    template: Optional[str] = typer.Option(None, help="custom task prompt, e.g. '{text} It was'"),
+    template: Optional[str] = typer.Option(None, help="prompt template: custom task '{text} It was'; generation "
+                                           "'{input}\n' over the input column"),
     label_words: Optional[str] = typer.Option(None, help="custom task label words, e.g. '0=terrible,1=great'"),
+    input_column: Optional[str] = typer.Option(None, help="generation, tables: prompt column (default input)"),
+    target_column: Optional[str] = typer.Option(None, help="generation, tables: completion column (default target)"),
+    max_new_tokens: int = typer.Option(64, help="generation: tokens generated per prompt at evaluation"),
+    num_beams: int = typer.Option(1, help="generation: beam search width at evaluation (1: greedy)"),
+    eval_generate: bool = typer.Option(True, "--eval-generate/--no-eval-generate",
+                                       help="generation: decode at each evaluation (BLEU, ROUGE-L, EM, F1) or only "
+                                       "compute loss/perplexity"),
+    best_metric: Optional[str] = typer.Option(None, help="what --save best keeps: accuracy (default, classification), "
+                                              "loss (default, generation), perplexity, bleu, rougeL, exact_match, f1"),
     optimizer: str = typer.Option("mezo", help="adamw, sgd, mezo, lozo, lozo-m, dpzero, dplozo, dp-adamw, dp-sgd"),
     peft: str = typer.Option("lora", help="none, lora, pissa, adapter, svfit"),
     r: int = typer.Option(8, help="LoRA/PiSSA rank, SVFit singular values, adapter bottleneck"),
@@ -135,6 +145,7 @@ def _train_config(p: dict):
     from slimtune.peft import PeftSettings
     from slimtune.privacy import PrivacySpec
     from slimtune.train import TrainConfig
+    from slimtune.train.objectives import GenerationSettings
 
     if not p["data"]:
         raise SlimtuneError("--data is required (on the command line or in --config)")
@@ -153,7 +164,9 @@ def _train_config(p: dict):
                             p["momentum"]),
         peft=PeftSettings(p["peft"], p["r"], p["lora_alpha"], p["lora_dropout"], targets, p["pissa_niter"],
                           p["learn_scale"], p["svfit_relative"]),
-        privacy=privacy, steps=p["steps"], batch_size=p["batch_size"], eval_every=p["eval_every"],
+        generation=GenerationSettings(p["input_column"], p["target_column"], p["max_new_tokens"], p["num_beams"],
+                                      p["eval_generate"]),
+        best_metric=p["best_metric"], privacy=privacy, steps=p["steps"], batch_size=p["batch_size"], eval_every=p["eval_every"],
         eval_max=p["eval_max"], checkpoint_every=p["checkpoint_every"], patience=p["patience"], k_shot=p["k_shot"],
         seed=p["seed"], max_length=p["max_length"], device=_resolve_device(p["device"]), dtype=p["dtype"],
         progress=not p["quiet"], log_private_stats=p["log_private_stats"], lr_scheduler=p["lr_scheduler"],
@@ -194,35 +207,112 @@ def eval_cmd(
     data: Optional[str] = typer.Option(None, help="evaluation data (required, here or in --config)"),
     model: str = typer.Option("smollm2"),
     adapter: Optional[str] = typer.Option(None, help="a saved adapter directory (run_dir/adapter)"),
-    task: str = typer.Option("sst2"),
+    task: str = typer.Option("sst2", help="sst2, rte, custom or generation"),
     text_column: Optional[str] = typer.Option(None),
     label_column: Optional[str] = typer.Option(None),
+    template: Optional[str] = typer.Option(None, help="prompt template (custom task or generation)"),
+    label_words: Optional[str] = typer.Option(None, help="custom task label words"),
+    input_column: Optional[str] = typer.Option(None, help="generation, tables: prompt column"),
+    target_column: Optional[str] = typer.Option(None, help="generation, tables: reference column"),
+    max_new_tokens: int = typer.Option(64, help="generation: tokens generated per prompt"),
+    num_beams: int = typer.Option(1, help="generation: beam search width (1: greedy)"),
+    max_length: int = typer.Option(256, help="prompt (+ target) tokens kept"),
+    predictions: Optional[str] = typer.Option(None, help="generation: write each prompt's output and references "
+                                              "to this JSONL file"),
     batch_size: int = typer.Option(32),
     device: str = typer.Option("auto"),
 ):
-    """Accuracy of a model (optionally with a trained adapter) on labelled data."""
-    from slimtune.data import get_task, read_examples
+    """Accuracy (classification) or loss, perplexity, BLEU, ROUGE-L, EM, F1 (generation) of a model, optionally with
+    a trained adapter."""
     from slimtune.models import load_model_and_tokenizer
     from slimtune.peft import load_peft
     from slimtune.config_file import apply_config
-    from slimtune.train.objective import evaluate, label_token_ids
+    from slimtune.train.objectives import GenerationSettings, make_objective
 
     try:
         p = apply_config(ctx, dict(ctx.params), config_file, {})
-        data, model, adapter, task, text_column, label_column, batch_size, device = (
-            p[k] for k in ("data", "model", "adapter", "task", "text_column", "label_column", "batch_size", "device"))
-        if not data:
+        if not p["data"]:
             raise SlimtuneError("--data is required (on the command line or in --config)")
-        t = get_task(task, text_column, label_column)
-        examples = read_examples(data, t, "validation")
-        dev = _resolve_device(device)
-        m, tok = load_model_and_tokenizer(model, device=dev, texts=[e.prompt for e in examples], tokenizer_dir=adapter)
-        if adapter:
-            m = load_peft(m, adapter)
-        res = evaluate(m, tok, examples, label_token_ids(tok, t), batch_size, dev)
+        if p["predictions"] and (p["task"] != "generation" or Path(p["predictions"]).exists()):
+            raise SlimtuneError(f"--predictions {p['predictions']}: " + ("only for --task generation"
+                                if p["task"] != "generation" else "exists (nothing was overwritten)"))
+        objective = make_objective(p["task"], p["text_column"], p["label_column"], p["template"], p["label_words"],
+                                   GenerationSettings(p["input_column"], p["target_column"], p["max_new_tokens"],
+                                                      p["num_beams"], True, p["batch_size"]), p["max_length"])
+        raw, texts = objective.load(p["data"], "validation")
+        dev = _resolve_device(p["device"])
+        m, tok = load_model_and_tokenizer(p["model"], device=dev, texts=texts, tokenizer_dir=p["adapter"])
+        if p["adapter"]:
+            m = load_peft(m, p["adapter"])
+        objective.bind(tok)
+        examples = objective.examples(raw, tok)
+        outputs = [] if p["predictions"] else None
+        if objective.kind == "generation":
+            res = objective.evaluate(m, examples, dev, predictions=outputs)
+        else:
+            from slimtune.train.objective import evaluate
+            res = evaluate(m, tok, examples, objective.label_ids, p["batch_size"], dev)
     except SlimtuneError as exc:
         _fail(exc)
+    if outputs is not None:
+        Path(p["predictions"]).write_text("".join(json.dumps(o) + "\n" for o in outputs))
     console.print_json(json.dumps({"examples": len(examples), **res}))
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Option(None, help="one prompt; the completion streams to the terminal"),
+    input: Optional[str] = typer.Option(None, "--input", help="a file of prompts (.jsonl with prompt or messages, "
+                                        ".tsv/.csv with --input-column, .txt one per line)"),
+    output: Optional[str] = typer.Option(None, "--output", help="with --input: write {prompt, completion} JSONL here "
+                                         "(default: print)"),
+    model: str = typer.Option("smollm2", help="the base model the adapter was trained on"),
+    adapter: Optional[str] = typer.Option(None, help="a saved adapter directory (run_dir/adapter)"),
+    chat: bool = typer.Option(False, help="wrap each prompt as a user message in the model's chat template"),
+    template: Optional[str] = typer.Option(None, help="prompt template over the input column, e.g. '{input}\n'"),
+    input_column: Optional[str] = typer.Option(None, help="tables: the prompt column (default input)"),
+    max_new_tokens: int = typer.Option(128),
+    num_beams: int = typer.Option(1, help="beam search width (1: greedy; streaming needs 1)"),
+    max_length: int = typer.Option(1024, help="prompt tokens kept (from the left)"),
+    batch_size: int = typer.Option(8),
+    device: str = typer.Option("auto"),
+):
+    """Generate completions with a model and (optionally) a trained adapter."""
+    from slimtune.generation.decode import DecodeSettings, generate_texts, stream_generate
+    from slimtune.generation.prompts import read_prompts
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.peft import load_peft
+
+    try:
+        if (prompt is None) == (input is None):
+            raise SlimtuneError("give exactly one of --prompt or --input")
+        if output and Path(output).exists():
+            raise SlimtuneError(f"--output {output}: exists (nothing was overwritten)")
+        if max_new_tokens < 1 or num_beams < 1 or batch_size < 1:
+            raise SlimtuneError("--max-new-tokens, --num-beams and --batch-size must be >= 1")
+        raw = [prompt] if prompt is not None else None
+        dev = _resolve_device(device)
+        texts = raw or [v for v in read_prompts(input, None, template, input_column, raw_only=True)]
+        m, tok = load_model_and_tokenizer(model, device=dev, texts=texts, tokenizer_dir=adapter)
+        if adapter:
+            m = load_peft(m, adapter)
+        prompts = read_prompts(input, tok, template, input_column, chat=chat) if input else \
+            read_prompts(None, tok, template, input_column, chat=chat, given=raw)
+        settings = DecodeSettings(max_new_tokens, num_beams, batch_size, max_length)
+        if prompt is not None and num_beams == 1:
+            stream_generate(m, tok, prompts[0], settings, dev)
+            console.print()
+            return
+        outputs = generate_texts(m, tok, prompts, settings, dev)
+    except SlimtuneError as exc:
+        _fail(exc)
+    if output:
+        Path(output).write_text("".join(json.dumps({"prompt": p, "completion": o}) + "\n"
+                                        for p, o in zip(prompts, outputs)))
+        console.print(f"{len(outputs)} completions written to [bold]{output}[/]")
+    else:
+        for o in outputs:
+            print(o, flush=True)
 
 
 @app.command()

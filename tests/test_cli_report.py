@@ -47,8 +47,9 @@ def test_report_table_and_plots(tmp_path):
     runs = [fixture_run(tmp_path, "zo", "mezo", 0.81), fixture_run(tmp_path, "dp", "dpzero", 0.74, eps=2.0)]
     paths = render_report(load_runs(runs), tmp_path / "report")
     md = paths["markdown"].read_text()
-    assert "| zo | mezo | lora | 1,234 | 512 | 0.250 | 20 | 0.810 | - | - | - | 2.0 KB |" in md
-    assert "| dp | dpzero | lora | 1,234 | 512 | 0.250 | 20 | 0.740 | - | 2.00 | 1e-05 | 2.0 KB |" in md
+    assert "| zo | mezo | lora | 1,234 | 512 | 0.250 | 20 | 0.810 | - | - | 2.0 KB |" in md  # empty columns dropped
+    assert "| dp | dpzero | lora | 1,234 | 512 | 0.250 | 20 | 0.740 | 2.00 | 1e-05 | 2.0 KB |" in md
+    assert "best dev acc" not in md and "BLEU" not in md
     html = paths["html"].read_text()
     assert html.count("<tr>") == 3 and "accuracy_vs_epsilon.png" in html
     assert [p.name for p in paths["plots"]] == ["accuracy_vs_steps.png", "accuracy_vs_memory.png",

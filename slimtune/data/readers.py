@@ -12,19 +12,23 @@ from slimtune.data.tasks import Example, Task
 
 def read_examples(source: str, task: Task, split: str = "train") -> list[Example]:
     """Examples from `source`: a .tsv/.csv/.jsonl/.json file, or `hf:DIR` (a dataset saved with `save_to_disk`)."""
+    rows, name = read_rows(source, split)
+    return _to_examples(rows, task, name)
+
+
+def read_rows(source: str, split: str = "train") -> tuple[list[tuple[int, dict]], str]:
+    """(line number, row) pairs and the name errors should use ("file" or "hf:DIR[split]")."""
     if source.startswith("hf:"):
-        return _from_hf(source[3:], task, split)
+        return _hf_rows(source[3:], split)
     path = Path(source)
     if not path.exists():
         raise SlimtuneError(f"{source}: file not found")
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".csv"):
-        rows = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
-    elif suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
-    else:
-        raise SlimtuneError(f"{source}: unsupported file type {suffix!r} (use .tsv, .csv, .jsonl or hf:DIR)")
-    return _to_examples(rows, task, str(path))
+        return _read_delimited(path, "\t" if suffix == ".tsv" else ","), str(path)
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path), str(path)
+    raise SlimtuneError(f"{source}: unsupported file type {suffix!r} (use .tsv, .csv, .jsonl or hf:DIR)")
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
@@ -52,7 +56,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _from_hf(directory: str, task: Task, split: str) -> list[Example]:
+def _hf_rows(directory: str, split: str) -> tuple[list[tuple[int, dict]], str]:
     import datasets
 
     try:
@@ -63,7 +67,7 @@ def _from_hf(directory: str, task: Task, split: str) -> list[Example]:
         if split not in ds:
             raise SlimtuneError(f"hf:{directory}: no split {split!r} (has {', '.join(ds)})")
         ds = ds[split]
-    return _to_examples([(i + 1, row) for i, row in enumerate(ds)], task, f"hf:{directory}[{split}]")
+    return [(i + 1, row) for i, row in enumerate(ds)], f"hf:{directory}[{split}]"
 
 
 def _to_examples(rows: list[tuple[int, dict]], task: Task, name: str) -> list[Example]:

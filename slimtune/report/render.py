@@ -21,6 +21,9 @@ COLUMNS = [
     ("steps", "steps", str),
     ("dev accuracy", "final_accuracy", lambda v: f"{v:.3f}"),
     ("best dev acc", "best_accuracy", lambda v: f"{v:.3f}"),
+    ("eval loss (best)", "best_eval_loss", lambda v: f"{v:.3f}"),
+    ("BLEU (best)", "best_bleu", lambda v: f"{v:.1f}"),
+    ("ROUGE-L (best)", "best_rougeL", lambda v: f"{v:.1f}"),
     ("epsilon", "epsilon", lambda v: f"{v:.2f}"),
     ("delta", "delta", lambda v: f"{v:.0e}"),
     ("bytes communicated", "bytes_communicated", lambda v: _bytes(v)),
@@ -72,6 +75,7 @@ def _bytes(v) -> str:
 
 TERMINAL_HEADERS = {"trainable params": "trainable", "peak memory (MB)": "peak MB", "time/step (s)": "s/step",
                     "dev accuracy": "acc", "best dev acc": "best acc", "epsilon": "ε", "delta": "δ",
+                    "eval loss (best)": "loss", "BLEU (best)": "BLEU", "ROUGE-L (best)": "ROUGE-L",
                     "bytes communicated": "bytes"}
 
 
@@ -80,9 +84,9 @@ def print_summary(summaries: list[dict], console) -> None:
     from rich.table import Table
 
     rows = table_rows([{"name": s.get("name", s.get("method")), **s} for s in summaries])
-    empty = {"-", "0 B"}
-    keep = [i for i, (header, _, _) in enumerate(COLUMNS)
-            if header in ("run", "method", "PEFT") or any(row[i] not in empty for row in rows)]
+    keep = _kept_columns(rows)
+    if not any(s.get("best_accuracy") is None for s in summaries):  # classification only: accuracy says it
+        keep = [i for i in keep if COLUMNS[i][1] != "best_eval_loss"]
     table = Table(title="slimtune runs")
     for i in keep:
         header = COLUMNS[i][0]
@@ -90,6 +94,13 @@ def print_summary(summaries: list[dict], console) -> None:
     for row in rows:
         table.add_row(*(row[i] for i in keep))
     console.print(table)
+
+
+def _kept_columns(rows: list[list[str]]) -> list[int]:
+    """Column indices to show: the run's identity and every column some run has a value in."""
+    empty = {"-", "0 B"}
+    return [i for i, (header, _, _) in enumerate(COLUMNS)
+            if header in ("run", "method", "PEFT") or any(row[i] not in empty for row in rows)]
 
 
 def render_report(runs: list[RunData], out_dir: str | Path) -> dict:
@@ -119,6 +130,16 @@ def _plots(runs: list[RunData], out: Path) -> list[Path]:
             ax.plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], marker="o", label=r.name)
     _finish(ax, "step", "dev accuracy", "Accuracy vs steps")
     paths.append(_save(fig, out / "accuracy_vs_steps.png"))
+
+    for key, label in (("eval_loss", "eval loss"), ("eval_bleu", "BLEU")):  # generation runs: their metrics
+        if all(m.get("eval_accuracy") is None for r in runs for m in r.metrics) and \
+                any(m.get(key) is not None for r in runs for m in r.metrics):
+            fig, ax = plt.subplots(figsize=(7.5, 4))
+            for r in runs:
+                evals = [m for m in r.metrics if m.get(key) is not None]
+                ax.plot([m["step"] for m in evals], [m[key] for m in evals], marker="o", label=r.name)
+            _finish(ax, "step", label, f"{label} vs steps")
+            paths.append(_save(fig, out / f"{key[5:]}_vs_steps.png"))
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
     for r in runs:
@@ -165,16 +186,18 @@ def _save(fig, path: Path) -> Path:
 
 
 def _markdown(rows, plots) -> str:
-    headers = [h for h, _, _ in COLUMNS]
+    keep = _kept_columns(rows)
+    headers = [COLUMNS[i][0] for i in keep]
     lines = ["# slimtune report", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(row[i] for i in keep) + " |" for row in rows]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
 def _html(rows, plots) -> str:
-    headers = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    keep = _kept_columns(rows)
+    headers = "".join(f"<th>{html.escape(COLUMNS[i][0])}</th>" for i in keep)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(row[i])}</td>" for i in keep) + "</tr>" for row in rows)
     images = "".join(f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem.replace("_", " ")}'
                      "</figcaption></figure>" for p in plots)
     return f"""<!doctype html>

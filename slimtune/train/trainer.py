@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from slimtune import SlimtuneError
-from slimtune.data import EpochSampler, PoissonSampler, get_task, k_shot, read_examples
+from slimtune.data import EpochSampler, PoissonSampler, k_shot
 from slimtune.models import load_model_and_tokenizer
 from slimtune.optim import PRIVATE_OPTIMIZERS, ZO_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
@@ -33,7 +33,7 @@ from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment,
 from slimtune.privacy.secret import NOISE, SAMPLING, fresh_secret, seed_for
 from slimtune.train.checkpoint import load_checkpoint, read_state, save_checkpoint
 from slimtune.train.metrics import MetricsLog, peak_memory_mb
-from slimtune.train.objective import encode, evaluate, label_token_ids, per_example_losses
+from slimtune.train.objectives import GenerationSettings, build_objective, check_best_metric, is_better
 
 
 @dataclass
@@ -42,7 +42,7 @@ class TrainConfig:
     train_data: str
     eval_data: str | None = None
     model: str = "smollm2"
-    task: str = "sst2"
+    task: str = "sst2"  # sst2, rte, custom (classification) or generation
     text_column: str | None = None
     label_column: str | None = None
     template: str | None = None
@@ -68,6 +68,8 @@ class TrainConfig:
     force: bool = False  # train even when the memory model predicts the run will not fit
     save: str = "best"  # adapter/ holds the best-evaluated adapter ("best", needs eval data) or the last ("last")
     log_private_stats: bool = False  # private runs: also log loss, batch size, clipped fraction, step time (leaks)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # task "generation" only
+    best_metric: str | None = None  # what "best" means for --save best / early stopping (None: accuracy or loss)
 
 
 # What a private run's per-step record may contain: released or post-processed values only.
@@ -84,18 +86,25 @@ class Run:
     optimizer: object
     train_examples: list
     eval_examples: list
-    label_ids: list
+    objective: object  # train/objectives.py: encode, per-example losses, evaluation
     sampler: object
     accountant: object = None
     secret: dict | None = None  # private runs: the secret seed of noise and sampling (checkpoint only)
     start_step: int = 0
-    best_accuracy: float | None = None
-    best_loss: float | None = None
+    best_eval: dict | None = None  # the best evaluation's metrics (names without the eval_ prefix)
     best_step: int | None = None
     evals_without_improvement: int = 0
     lr_multiplier: object = None  # step -> factor on config.optim.lr
     step_times: list = field(default_factory=list)  # private runs: kept in memory for the summary's mean only
     defaults_origin: dict = field(default_factory=dict)  # setting -> "default" (from optim/defaults.py) or "given"
+
+    @property
+    def label_ids(self) -> list:  # classification: the label words' token ids
+        return self.objective.label_ids
+
+    @property
+    def best_accuracy(self) -> float | None:
+        return (self.best_eval or {}).get("accuracy")
 
 
 def prepare(config: TrainConfig, resume: bool = False) -> Run:
@@ -106,19 +115,21 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     if not resume and (out / "checkpoint").exists():
         raise SlimtuneError(f"{out}: already holds a run (checkpoint/); pass --resume to continue it or choose "
                             "another --out (nothing was overwritten)")
-    task = get_task(config.task, config.text_column, config.label_column, config.template, config.label_words)
-    train_examples = k_shot(read_examples(config.train_data, task, "train"), config.k_shot, config.seed,
-                            len(task.label_words))
-    eval_examples = read_examples(config.eval_data, task, "validation") if config.eval_data else []
-    if config.eval_max and len(eval_examples) > config.eval_max:
-        eval_examples = k_shot(eval_examples, config.eval_max // len(task.label_words), config.seed,
-                               len(task.label_words))
-    texts = [e.prompt for e in train_examples + eval_examples]
+    objective = build_objective(config)
+    config.best_metric = check_best_metric(objective, config.best_metric)
+    raw_train, texts = objective.load(config.train_data, "train")
+    raw_eval, eval_texts = objective.load(config.eval_data, "validation") if config.eval_data else (None, [])
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(config.model, getattr(torch, config.dtype), config.device, texts)
-    label_ids = label_token_ids(tokenizer, task)
+    model, tokenizer = load_model_and_tokenizer(config.model, getattr(torch, config.dtype), config.device,
+                                                texts + eval_texts)
+    objective.bind(tokenizer)
+    classes = len(objective.task.label_words)
+    train_examples = k_shot(objective.examples(raw_train, tokenizer), config.k_shot, config.seed, classes)
+    eval_examples = objective.examples(raw_eval, tokenizer) if raw_eval is not None else []
+    if config.eval_max and len(eval_examples) > config.eval_max:
+        eval_examples = k_shot(eval_examples, config.eval_max // classes, config.seed, classes)
     if not config.force:
-        check_memory(config, model, tokenizer, train_examples)
+        check_memory(config, model, tokenizer, objective.texts(train_examples))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     if config.peft.method == "svfit" and config.peft.svfit_relative is None:  # resolved, so config.json records it
@@ -141,13 +152,12 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     else:
         sampler = EpochSampler(len(train_examples), config.batch_size, config.seed)
     optimizer = build_optimizer(config.optimizer, model, config.optim, private)
-    run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, label_ids, sampler, accountant, secret,
+    run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, objective, sampler, accountant, secret,
               lr_multiplier=multiplier, defaults_origin=origin)
     if resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer)
         run.start_step = state["step"]
-        run.best_accuracy, run.best_loss, run.best_step = (state.get(k) for k in ("best_accuracy", "best_loss",
-                                                                                   "best_step"))
+        run.best_eval, run.best_step = state.get("best_eval"), state.get("best_step")
         run.evals_without_improvement = state.get("evals_without_improvement", 0)
         MetricsLog(out / "metrics.jsonl").truncate_after(run.start_step)
     else:
@@ -176,12 +186,12 @@ def validate(config: TrainConfig) -> None:
         check_names(config.privacy)
 
 
-def check_memory(config: TrainConfig, model, tokenizer, examples: list) -> None:
+def check_memory(config: TrainConfig, model, tokenizer, texts: list[str]) -> None:
     """Refuse a run the memory model predicts will not fit here (before PEFT and any step), naming the pairs that
-    would. `model` is the base model, before PEFT."""
+    would. `model` is the base model, before PEFT; `texts` what one example feeds the model."""
     from slimtune.report.memory_model import budget_mb, plan_rows, predict_run_mb
 
-    sample = [e.prompt for e in examples[:2000]]
+    sample = texts[:2000]
     seq_len = min(config.max_length, max((len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"]),
                                          default=1))
     peak, _ = predict_run_mb(model, config.optimizer, config.peft.method, config.peft.r, config.batch_size, seq_len,
@@ -281,13 +291,13 @@ def train(run: Run) -> dict:
 def _train_step(run: Run, step: int) -> dict:
     cfg = run.config
     indices = run.sampler.indices(step)
-    batch = encode(run.tokenizer, [run.train_examples[i] for i in indices], cfg.max_length).to(cfg.device)
+    batch = run.objective.encode([run.train_examples[i] for i in indices], cfg.max_length).to(cfg.device)
     torch.manual_seed(mix_seed(cfg.seed, step, 0xD0))  # dropout noise (first-order) replays on resume
 
     lr = cfg.optim.lr * run.lr_multiplier(step)
     run.optimizer.set_lr(lr)
     start = time.perf_counter()
-    result = run.optimizer.step(lambda: per_example_losses(run.model, batch, run.label_ids))
+    result = run.optimizer.step(lambda: run.objective.losses(run.model, batch))
     elapsed = time.perf_counter() - start
     if len(batch) and not math.isfinite(result.loss):
         raise SlimtuneError(f"training loss is {result.loss} at step {step + 1} ({cfg.optimizer}, lr={cfg.optim.lr}); "
@@ -303,9 +313,12 @@ def _train_step(run: Run, step: int) -> dict:
     return record
 
 
+SHOWN = {"loss": "loss", "epsilon": "epsilon", "eval_accuracy": "accuracy", "eval_loss": "eval loss",
+         "eval_bleu": "BLEU"}
+
+
 def _shown(record: dict) -> list[str]:
-    return [f"{k.split('_')[-1]} {record[k]:.3f}" for k in ("loss", "epsilon", "eval_accuracy")
-            if isinstance(record.get(k), float)]
+    return [f"{label} {record[k]:.3f}" for k, label in SHOWN.items() if isinstance(record.get(k), float)]
 
 
 def _describe(cfg: TrainConfig, record: dict) -> str:
@@ -313,17 +326,17 @@ def _describe(cfg: TrainConfig, record: dict) -> str:
 
 
 def _evaluate(run: Run) -> dict:
-    res = evaluate(run.model, run.tokenizer, run.eval_examples, run.label_ids, device=run.config.device)
+    res = run.objective.evaluate(run.model, run.eval_examples, run.config.device)
     run.model.train(not run.optimizer.zeroth_order)
-    return {"eval_accuracy": res["accuracy"], "eval_loss": res["loss"]}
+    return {f"eval_{k}": v for k, v in res.items()}
 
 
 def _track_best(run: Run, step: int, record: dict) -> bool:
-    """Keep the best evaluation (accuracy, then lower loss; the zero-shot model counts) and, with save="best", its
-    adapter. Returns True when early stopping should end the run."""
-    acc, loss = record["eval_accuracy"], record["eval_loss"]
-    if run.best_step is None or (acc, -loss) > (run.best_accuracy, -run.best_loss):
-        run.best_accuracy, run.best_loss, run.best_step, run.evals_without_improvement = acc, loss, step, 0
+    """Keep the best evaluation (config.best_metric, ties to the lower loss; the zero-shot model counts) and, with
+    save="best", its adapter. Returns True when early stopping should end the run."""
+    current = {k[5:]: v for k, v in record.items() if k.startswith("eval_")}
+    if is_better(run.config.best_metric, current, run.best_eval):
+        run.best_eval, run.best_step, run.evals_without_improvement = current, step, 0
         if run.config.save == "best":
             _save_adapter(run)
         return False
@@ -351,8 +364,7 @@ def _checkpoint(run: Run, step: int) -> None:
         "privacy": {k: getattr(acc.spec, k) for k in ("sampling", "mechanism", "accountant")},
         "privacy_history": [asdict(seg) for seg in acc.history(step)]}
     save_checkpoint(Path(run.config.out_dir) / "checkpoint", run.model, run.optimizer,
-                    {"step": step, "best_accuracy": run.best_accuracy, "best_loss": run.best_loss,
-                     "best_step": run.best_step,
+                    {"step": step, "best_eval": run.best_eval, "best_step": run.best_step,
                      "evals_without_improvement": run.evals_without_improvement, **privacy}, secret=run.secret)
 
 
@@ -361,7 +373,9 @@ def write_summary(run: Run, step: int, stop_reason: str) -> dict:
 
     cfg, out = run.config, Path(run.config.out_dir)
     records = read_jsonl(out / "metrics.jsonl")
-    evals = [r for r in records if r.get("eval_accuracy") is not None]
+    evals = [r for r in records if r.get("eval_loss") is not None]
+    final = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
+    best = run.best_eval or {}
     times = [r["step_time_s"] for r in records if r.get("step_time_s")] or run.step_times  # private: run-level mean
     summary = {
         "method": cfg.optimizer, "peft": cfg.peft.method, "model": cfg.model, "task": cfg.task,
@@ -370,9 +384,11 @@ def write_summary(run: Run, step: int, stop_reason: str) -> dict:
         "time_per_step_s": (sum(times) / len(times)) if times else None,
         "steps": step, "stop_reason": stop_reason, "batch_size": cfg.batch_size,
         "train_examples": len(run.train_examples), "eval_examples": len(run.eval_examples),
-        "final_accuracy": evals[-1]["eval_accuracy"] if evals else None,
-        "best_accuracy": run.best_accuracy, "best_step": run.best_step,
-        "final_eval_loss": evals[-1]["eval_loss"] if evals else None, "best_eval_loss": run.best_loss,
+        "final_accuracy": final.get("accuracy"), "best_accuracy": best.get("accuracy"), "best_step": run.best_step,
+        "final_eval_loss": final.get("loss"), "best_eval_loss": best.get("loss"),
+        "best_metric": cfg.best_metric, "final_eval": final or None, "best_eval": best or None,
+        **{f"{which}_{k}": v for which, d in (("final", final), ("best", best)) for k, v in d.items()
+           if k not in ("accuracy", "loss")},  # generation: best_bleu, final_rougeL, ...
         "saved_adapter": "last" if cfg.save == "last" or run.best_step is None else f"best (step {run.best_step})",
         "lr_scheduler": cfg.lr_scheduler,
         "epsilon": run.accountant.epsilon(step) if run.accountant else None,

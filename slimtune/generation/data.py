@@ -1,0 +1,120 @@
+"""Generation data: prompt -> completion pairs from JSONL (`prompt`/`completion`), chat JSONL (`messages`, rendered
+with the tokenizer's own chat template) or TSV/CSV columns (`--input-column/--target-column`, default `input`/`target`,
+with an optional `--template` such as 'Describe: {input}\n').
+
+Rows that share a prompt are kept as separate training examples (one target each) and, for evaluation, grouped
+into one input scored against all of its references (`group_references`), as E2E NLG and SQuAD are scored.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from slimtune import SlimtuneError
+
+ROLES = ("system", "user", "assistant", "tool")
+# ChatML, for tokenizers without a chat template of their own (tiny test models); a warning says so.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@dataclass(frozen=True)
+class GenerationExample:
+    prompt: str  # what the model is given (already rendered: template or chat template applied)
+    completion: str  # the target the model learns to produce (EOS is appended at encoding)
+    references: tuple[str, ...] = ()  # evaluation: every reference of this prompt (grouped rows)
+    source: str = ""  # "file:line"
+    label: int = 0  # unused (lets class-balanced helpers treat every example alike)
+
+
+@dataclass(frozen=True)
+class GenerationTask:
+    """How rows become (prompt, completion): columns and template for plain rows; chat rows carry `messages`."""
+
+    name: str = "generation"
+    input_column: str = "input"
+    target_column: str = "target"
+    template: str = "{input}"
+
+    @property
+    def label_words(self) -> tuple[str, ...]:  # k-shot sampling treats generation as a single class
+        return ("",)
+
+
+def generation_task(input_column: str | None = None, target_column: str | None = None,
+                    template: str | None = None) -> GenerationTask:
+    inp = input_column or "input"
+    tpl = template or "{" + inp + "}"
+    if "{" + inp + "}" not in tpl:
+        raise SlimtuneError(f"--template {tpl!r} must contain {{{inp}}} (the input column)")
+    try:
+        tpl.format(**{inp: ""})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise SlimtuneError(f"--template {tpl!r}: only {{{inp}}} can be filled in ({exc})") from None
+    return GenerationTask("generation", inp, target_column or "target", tpl)
+
+
+def rows_to_examples(rows: list[tuple[int, dict]], task: GenerationTask, name: str, tokenizer=None) -> list:
+    """One GenerationExample per row. JSONL rows may be {prompt, completion} or {messages: [...]}; delimited rows use
+    the task's columns. Chat rows need the tokenizer (its chat template)."""
+    if not rows:
+        raise SlimtuneError(f"{name}: no examples (file is empty)")
+    first = rows[0][1]
+    if "messages" in first:
+        return [_chat_example(row, f"{name}:{line}", tokenizer) for line, row in rows]
+    if "prompt" in first and "completion" in first and task.input_column == "input":
+        return [_pair(row, "prompt", "completion", f"{name}:{line}", "{prompt}") for line, row in rows]
+    missing = [c for c in (task.input_column, task.target_column) if c not in first]
+    if missing:
+        raise SlimtuneError(f"{name}: missing column(s) {', '.join(map(repr, missing))} (found "
+                            f"{', '.join(map(repr, sorted(first)))}; JSONL rows need prompt/completion or messages, "
+                            "tables need --input-column/--target-column)")
+    return [_pair(row, task.input_column, task.target_column, f"{name}:{line}", task.template) for line, row in rows]
+
+
+def _text(row: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise SlimtuneError(f"{where}: field {key!r} is {'missing' if value is None else 'empty or not text'}")
+    return value
+
+
+def _pair(row: dict, inp: str, target: str, where: str, template: str) -> GenerationExample:
+    prompt = template.format(**{inp: _text(row, inp, where).strip()}) if template != "{prompt}" else \
+        _text(row, inp, where)
+    return GenerationExample(prompt, _text(row, target, where).strip(), source=where)
+
+
+def _chat_example(row: dict, where: str, tokenizer) -> GenerationExample:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise SlimtuneError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise SlimtuneError(f"{where}: field 'messages[{i}]' needs a role ({', '.join(ROLES)}) and text content")
+    if messages[-1]["role"] != "assistant":
+        raise SlimtuneError(f"{where}: field 'messages': the last message must be the assistant's (the target)")
+    if tokenizer is None:
+        raise SlimtuneError(f"{where}: chat rows need the model's tokenizer to render")
+    prompt = render_chat(tokenizer, messages[:-1])
+    return GenerationExample(prompt, messages[-1]["content"].strip(), source=where)
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The conversation so far plus the assistant's turn header, in the model's own chat format."""
+    template = tokenizer.chat_template
+    if not template:
+        warnings.warn("the tokenizer has no chat template; rendering chat data as ChatML", stacklevel=2)
+        template = CHATML
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def group_references(examples: list[GenerationExample]) -> list[GenerationExample]:
+    """One example per distinct prompt (first occurrence order), with every row's target as a reference."""
+    groups: dict[str, list[GenerationExample]] = {}
+    for e in examples:
+        groups.setdefault(e.prompt, []).append(e)
+    return [GenerationExample(p, rows[0].completion, tuple(r.completion for r in rows), rows[0].source)
+            for p, rows in groups.items()]

@@ -1,0 +1,59 @@
+"""Prompts for `slimtune generate`: one given on the command line or a file of them (.txt one per line; .jsonl with
+`prompt`, `messages` or the input column; .tsv/.csv with the input column), optionally through a template or the
+model's chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimtune import SlimtuneError
+
+
+def read_prompts(source: str | None, tokenizer, template: str | None = None, input_column: str | None = None,
+                 chat: bool = False, raw_only: bool = False, given: list[str] | None = None) -> list[str]:
+    """Rendered prompts (or, with raw_only, the raw texts: for fitting a tiny model's tokenizer before it exists)."""
+    from slimtune.generation.data import render_chat
+
+    items = given if given is not None else _read(source, input_column or "input")
+    if raw_only:
+        return [t for item in items for t in ([m["content"] for m in item] if isinstance(item, list) else [item])]
+    column = input_column or "input"
+    out = []
+    for item in items:
+        if isinstance(item, list):  # a conversation: everything up to the assistant's next turn
+            out.append(render_chat(tokenizer, item[:-1] if item[-1]["role"] == "assistant" else item))
+            continue
+        text = template.format(**{column: item}) if template else item
+        out.append(render_chat(tokenizer, [{"role": "user", "content": text}]) if chat else text)
+    return out
+
+
+def _read(source: str, column: str) -> list:
+    from slimtune.data.readers import read_rows
+
+    path = Path(source)
+    if path.suffix.lower() == ".txt":
+        if not path.exists():
+            raise SlimtuneError(f"{source}: file not found")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise SlimtuneError(f"{source}: no prompts (file is empty)")
+        return lines
+    rows, name = read_rows(source, "test")
+    if not rows:
+        raise SlimtuneError(f"{name}: no prompts (file is empty)")
+    items = []
+    for line, row in rows:
+        where = f"{name}:{line}"
+        if isinstance(row.get("messages"), list) and row["messages"]:
+            if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
+                       for m in row["messages"]):
+                raise SlimtuneError(f"{where}: field 'messages' needs {{role, content}} objects")
+            items.append(row["messages"])
+            continue
+        key = "prompt" if "prompt" in row and column == "input" else column
+        value = row.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise SlimtuneError(f"{where}: field {key!r} is missing or empty (choose the column with --input-column)")
+        items.append(value)
+    return items

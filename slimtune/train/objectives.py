@@ -1,0 +1,174 @@
+"""What a run optimises and how it is evaluated, behind one interface the trainer uses for every optimizer:
+
+- `classification`: cross-entropy of the label word at the end of a prompt (train/objective.py); accuracy, loss.
+- `generation`: mean token cross-entropy of the completion (generation/objective.py); loss, perplexity and, when
+  decoding is on, BLEU, ROUGE-L, exact match and token F1 of greedy/beam outputs (generation/metrics.py).
+
+Reading is two-phase because chat rows are rendered with the tokenizer, while tiny test models fit their tokenizer
+to the data: `load` gives raw rows and their texts, `examples` turns them into examples once the tokenizer exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimtune import SlimtuneError
+
+
+@dataclass
+class GenerationSettings:
+    input_column: str | None = None  # tables: the prompt column (default "input"); JSONL uses prompt/messages
+    target_column: str | None = None  # tables: the completion column (default "target")
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    eval_generate: bool = True  # decode during evaluation (BLEU/ROUGE-L/EM/F1); off: loss and perplexity only
+    eval_batch_size: int = 16
+
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+class ClassificationObjective:
+    kind = "classification"
+    default_best = "accuracy"
+
+    def __init__(self, task):
+        self.task, self.tokenizer, self.label_ids = task, None, None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return ("accuracy", "loss")
+
+    def load(self, source: str, split: str):
+        from slimtune.data import read_examples
+        examples = read_examples(source, self.task, split)
+        return examples, [e.prompt for e in examples]
+
+    def examples(self, raw, tokenizer) -> list:
+        return raw
+
+    def bind(self, tokenizer) -> None:
+        from slimtune.train.objective import label_token_ids
+        self.tokenizer, self.label_ids = tokenizer, label_token_ids(tokenizer, self.task)
+
+    def texts(self, examples: list) -> list[str]:
+        return [e.prompt for e in examples]
+
+    def encode(self, examples: list, max_length: int):
+        from slimtune.train.objective import encode
+        return encode(self.tokenizer, examples, max_length)
+
+    def losses(self, model, batch):
+        from slimtune.train.objective import per_example_losses
+        return per_example_losses(model, batch, self.label_ids)
+
+    def evaluate(self, model, examples: list, device: str) -> dict:
+        from slimtune.train.objective import evaluate
+        return evaluate(model, self.tokenizer, examples, self.label_ids, device=device)
+
+
+class GenerationObjective:
+    kind = "generation"
+    default_best = "loss"
+
+    def __init__(self, task, settings: GenerationSettings, max_length: int):
+        self.task, self.settings, self.max_length, self.tokenizer = task, settings, max_length, None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        from slimtune.generation.metrics import METRICS
+        return ("loss", "perplexity", *(METRICS if self.settings.eval_generate else ()))
+
+    def load(self, source: str, split: str):
+        from slimtune.data.readers import read_rows
+        rows, name = read_rows(source, split)
+        texts = [v for _, row in rows for v in _strings(row)]
+        return (rows, name), texts
+
+    def examples(self, raw, tokenizer) -> list:
+        from slimtune.generation.data import rows_to_examples
+        rows, name = raw
+        return rows_to_examples(rows, self.task, name, tokenizer)
+
+    def bind(self, tokenizer) -> None:
+        if tokenizer.eos_token_id is None:
+            raise SlimtuneError("generation needs a tokenizer with an end-of-sequence token (eos_token)")
+        self.tokenizer = tokenizer
+
+    def texts(self, examples: list) -> list[str]:
+        return [e.prompt + " " + e.completion for e in examples]
+
+    def encode(self, examples: list, max_length: int):
+        from slimtune.generation.objective import encode_generation
+        return encode_generation(self.tokenizer, examples, max_length)
+
+    def losses(self, model, batch):
+        from slimtune.generation.objective import per_example_generation_losses
+        return per_example_generation_losses(model, batch)
+
+    def evaluate(self, model, examples: list, device: str, predictions: list | None = None) -> dict:
+        """Loss/perplexity over every row; decoding metrics over the distinct prompts (all references each).
+        `predictions`, when a list, receives {"prompt", "prediction", "references"} per distinct prompt."""
+        from slimtune.generation.data import group_references
+        from slimtune.generation.decode import DecodeSettings, generate_texts
+        from slimtune.generation.metrics import generation_metrics
+        from slimtune.generation.objective import generation_loss
+
+        s = self.settings
+        result = generation_loss(model, self.tokenizer, examples, self.max_length, s.eval_batch_size, device)
+        if s.eval_generate or predictions is not None:
+            grouped = group_references(examples)
+            outputs = generate_texts(model, self.tokenizer, [e.prompt for e in grouped],
+                                     DecodeSettings(s.max_new_tokens, s.num_beams, s.eval_batch_size, self.max_length),
+                                     device)
+            result.update(generation_metrics(outputs, [e.references for e in grouped]))
+            if predictions is not None:
+                predictions += [{"prompt": e.prompt, "prediction": o, "references": list(e.references)}
+                                for e, o in zip(grouped, outputs)]
+        return result
+
+
+def _strings(row: dict) -> list[str]:
+    out = []
+    for value in row.values():
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, list):
+            out += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return out
+
+
+def build_objective(config):
+    """The objective of a TrainConfig."""
+    return make_objective(config.task, config.text_column, config.label_column, config.template, config.label_words,
+                          config.generation, config.max_length)
+
+
+def make_objective(task: str, text_column=None, label_column=None, template=None, label_words=None,
+                   generation: GenerationSettings | None = None, max_length: int = 256):
+    """Task "generation" or a classification task (sst2, rte, custom)."""
+    from slimtune.data import get_task
+    from slimtune.generation.data import generation_task
+
+    if task == "generation":
+        g = generation or GenerationSettings()
+        if g.max_new_tokens < 1 or g.num_beams < 1:
+            raise SlimtuneError("--max-new-tokens and --num-beams must be >= 1")
+        return GenerationObjective(generation_task(g.input_column, g.target_column, template), g, max_length)
+    return ClassificationObjective(get_task(task, text_column, label_column, template, label_words))
+
+
+def check_best_metric(objective, name: str | None) -> str:
+    name = name or objective.default_best
+    if name not in objective.metrics:
+        raise SlimtuneError(f"--best-metric {name!r}: a {objective.kind} run evaluates "
+                            f"{', '.join(objective.metrics)}")
+    return name
+
+
+def is_better(metric: str, new: dict, old: dict | None) -> bool:
+    """new beats old on `metric` (ties: lower loss wins); None (nothing yet) is always beaten."""
+    if old is None:
+        return True
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    return (sign * new[metric], -new["loss"]) > (sign * old[metric], -old["loss"])
