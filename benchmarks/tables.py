@@ -142,6 +142,27 @@ def sweep_table() -> str:
     return "\n".join(rows)
 
 
+def e2e_table() -> str:
+    """benchmarks/e2e_generation.py: E2E NLG validation.csv (67 MRs, 556 references), each saved model scored once."""
+    import e2e_generation as bench
+
+    path = RESULTS / "e2e.json"
+    d = json.loads(path.read_text()) if path.exists() else {}
+    rows = ["| run | trainable params | steps | BLEU | ROUGE-L | loss | peak MB (train) | train time | epsilon |",
+            "|" + "---|" * 9]
+    for name in bench.RUNS:
+        r = d.get(name)
+        if r is None:
+            rows.append(f"| {name} | - | - | not run yet | - | - | - | - | - |")
+            continue
+        v = r["validation"]
+        train_time = f"{r['train_time_s'] / 60:.0f} min" if r.get("train_time_s") else "-"
+        rows.append(f"| {name} | {fmt(r.get('trainable_params'), ',')} | {r.get('steps') or 0} | {v['bleu']:.1f} | "
+                    f"{v['rougeL']:.1f} | {v['loss']:.3f} | {fmt(r.get('peak_mem_mb'), ',.0f')} | {train_time} | "
+                    f"{fmt(r.get('epsilon'), '.2f')} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     which = sys.argv[1:] or ["sst2", "dp", "peft", "mia", "federated", "rte", "scaling"]
     main_runs = ["fo-lora", "fo-lora-lr3e-4", "zo-lora", "lozo-full"]
@@ -152,7 +173,7 @@ def main() -> None:
         print(f"\n<!-- {w} -->")
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
                "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
-               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table,
+               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
                "dpzero-clipping": dpzero_clipping_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
 
