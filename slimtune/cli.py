@@ -388,7 +388,12 @@ def federate(
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="server-side evaluation data"),
     out: str = typer.Option("runs/federated"),
     model: str = typer.Option("smollm2"),
-    task: str = typer.Option("sst2"),
+    task: str = typer.Option("sst2", help="sst2, rte or generation (clients train on the completion loss; the server "
+                             "reports the loss of theta and Q(theta))"),
+    input_column: Optional[str] = typer.Option(None, help="generation, tables: prompt column"),
+    target_column: Optional[str] = typer.Option(None, help="generation, tables: completion column"),
+    template: Optional[str] = typer.Option(None, help="generation: prompt template over the input column"),
+    max_length: int = typer.Option(256, help="tokens per example (prompt + completion)"),
     clients: int = typer.Option(4),
     rounds: int = typer.Option(5),
     bits: int = typer.Option(4, help="broadcast precision: 1..8 bits (NF levels), or 32 for no quantization"),
@@ -424,6 +429,8 @@ def federate(
             raise SlimtuneError(f"{out}: already holds a federated run (nothing was overwritten); choose another --out")
         cfg = FederatedConfig(
             data=p["data"], eval_data=p["eval_data"] or "", model=p["model"], task=p["task"],
+            input_column=p["input_column"], target_column=p["target_column"], template=p["template"],
+            max_length=p["max_length"],
             num_clients=p["clients"], rounds=p["rounds"], bits=p["bits"], block_size=p["block_size"],
             upload_bits=p["upload_bits"], local_steps=p["local_steps"], local_optimizer=p["local_optimizer"],
             lr=p["lr"], eps=p["eps"], batch_size=p["batch_size"], lora_r=p["lora_r"], dirichlet_alpha=p["alpha"],
@@ -440,16 +447,18 @@ def federate(
 
 
 def _validate_federated(cfg) -> None:
-    from slimtune.data import get_task, read_examples
+    from slimtune.federated.common import federated_objective
     cfg.validate()
     if not (1 <= cfg.bits <= 8 or cfg.bits == 32) or not (1 <= cfg.upload_bits <= 8 or cfg.upload_bits == 32):
         raise SlimtuneError("--bits/--upload-bits must be 1..8 or 32")
     if cfg.aggregation not in ("fedavg", "ffa") or cfg.mode not in ("lora", "zo-seeds"):
         raise SlimtuneError("--aggregation is fedavg or ffa; --mode is lora or zo-seeds")
-    task = get_task(cfg.task)
-    read_examples(cfg.data, task)  # fail here, with file/line, not inside a Ray worker
-    if cfg.eval_data:
-        read_examples(cfg.eval_data, task)
+    objective = federated_objective(cfg)  # fail here, with file/line, not inside a Ray worker
+    for path in (cfg.data, cfg.eval_data):
+        if path:
+            raw, _ = objective.load(path, "train")
+            if objective.kind == "generation" and "messages" not in raw[0][0][1]:
+                objective.examples(raw, None)  # chat rows are checked once the tokenizer is loaded
 
 
 def _cuda() -> bool:

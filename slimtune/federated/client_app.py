@@ -15,7 +15,6 @@ from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.privacy import PrivacySpec
 from slimtune.privacy.secret import fresh_secret
-from slimtune.train.objective import encode, per_example_losses
 
 app = ClientApp()
 
@@ -23,14 +22,14 @@ app = ClientApp()
 @lru_cache(maxsize=2)
 def _setup(cfg_json: str):
     cfg = FederatedConfig.from_json(cfg_json)
-    model, tok, train, _, label_ids = build_model(cfg)
+    model, tok, train, _, objective = build_model(cfg)
     parts = dirichlet_partition([e.label for e in train], cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)
-    return model, tok, train, parts, label_ids
+    return model, tok, train, parts, objective
 
 
 def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int) -> tuple[dict, dict]:
     """One client's round: returns (arrays to upload, metrics)."""
-    model, tok, train, parts, label_ids = _setup(cfg.to_json())
+    model, tok, train, parts, objective = _setup(cfg.to_json())
     examples = [train[i] for i in parts[partition_id]]
     shapes = {k: tuple(v.shape) for k, v in lora_state(model).items()}
     start = decode_state(payload, shapes, cfg.bits, cfg.block_size)
@@ -47,10 +46,10 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
     model.train(not optimizer.zeroth_order)
     losses, seeds, grads = [], [], []
     for step in range(cfg.local_steps):
-        batch = encode(tok, [examples[i] for i in sampler.indices(step)])
+        batch = objective.encode([examples[i] for i in sampler.indices(step)], cfg.max_length)
         if optimizer.zeroth_order:
             seeds.append(mix_seed(optimizer.config.seed, optimizer.step_count, 0))
-        out = optimizer.step(lambda: per_example_losses(model, batch, label_ids))
+        out = optimizer.step(lambda: objective.losses(model, batch))
         losses.append(out.loss)
         grads.append(out.info.get("projected_grad", 0.0))
     metrics = {"num-examples": len(examples), "train-loss": float(np.nanmean(losses))}

@@ -8,11 +8,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from slimtune import SlimtuneError
-from slimtune.data import get_task, read_examples
 from slimtune.federated.quantization import QuantizedTensor, dequantize, quantize
 from slimtune.models import load_model_and_tokenizer
 from slimtune.peft import PeftSettings, apply_peft
-from slimtune.train.objective import label_token_ids
 
 FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
 # Settings only the server reads: never sent to clients.
@@ -25,7 +23,11 @@ class FederatedConfig:
     data: str = ""
     eval_data: str = ""
     model: str = "tiny-llama"
-    task: str = "sst2"
+    task: str = "sst2"  # a classification task, or "generation" (prompt -> completion; see train/objectives.py)
+    input_column: str | None = None  # generation tables: prompt / completion columns, template
+    target_column: str | None = None
+    template: str | None = None
+    max_length: int = 256
     num_clients: int = 4
     rounds: int = 3
     bits: int = 4  # 1..8, or 32 for full precision
@@ -92,20 +94,31 @@ def build_model(cfg: FederatedConfig, lora_seed: int | None = None):
     `lora_seed` seeds the LoRA initialisation theta_0. The server passes a secret one (OS entropy): clients only ever
     hold Q(theta), so they cannot rebuild theta_0 (with FFA, the frozen A) from the public settings.
     """
-    task = get_task(cfg.task)
-    train = read_examples(cfg.data, task, "train")
-    evals = read_examples(cfg.eval_data, task, "validation") if cfg.eval_data else []
+    objective = federated_objective(cfg)
+    raw_train, texts = objective.load(cfg.data, "train")
+    raw_evals, eval_texts = objective.load(cfg.eval_data, "validation") if cfg.eval_data else (None, [])
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model_and_tokenizer(cfg.model, texts=texts + eval_texts)
+    objective.bind(tok)
+    train = objective.examples(raw_train, tok)
+    evals = objective.examples(raw_evals, tok) if raw_evals is not None else []
     if cfg.eval_max and len(evals) > cfg.eval_max:
         evals = evals[:cfg.eval_max]
-    torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(cfg.model, texts=[e.prompt for e in train + evals])
     torch.manual_seed(cfg.seed if lora_seed is None else lora_seed)
     model = apply_peft(model, PeftSettings("lora", r=cfg.lora_r, alpha=2 * cfg.lora_r))
     if cfg.aggregation == "ffa":
         for name, p in model.named_parameters():
             if "lora_A" in name:
                 p.requires_grad_(False)
-    return model, tok, train, evals, label_token_ids(tok, task)
+    return model, tok, train, evals, objective
+
+
+def federated_objective(cfg: FederatedConfig):
+    """The clients' local objective (and the server's evaluation): the same as a centralized run's. Generation
+    servers evaluate loss and perplexity of theta and Q(theta) (no decoding: it is the slow part)."""
+    from slimtune.train.objectives import GenerationSettings, make_objective
+    return make_objective(cfg.task, template=cfg.template, max_length=cfg.max_length,
+                          generation=GenerationSettings(cfg.input_column, cfg.target_column, eval_generate=False))
 
 
 def lora_names(model) -> list[str]:

@@ -14,7 +14,6 @@ from slimtune.federated.strategy import FedLPP
 from slimtune.peft import peft_summary, save_peft
 from slimtune.privacy.secret import fresh_secret
 from slimtune.train.metrics import MetricsLog, peak_memory_mb
-from slimtune.train.objective import evaluate
 from slimtune.zo import MeZO, MeZOConfig
 
 app = ServerApp()
@@ -39,23 +38,25 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     cfg.validate()
-    model, tok, train, evals, label_ids = build_model(cfg, lora_seed=fresh_secret())
+    model, tok, train, evals, objective = build_model(cfg, lora_seed=fresh_secret())
+    metric = "accuracy" if objective.kind == "classification" else "loss"
     strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg),
                       min_available_nodes=cfg.num_clients, min_train_nodes=cfg.num_clients)
     log, started = MetricsLog(out / "metrics.jsonl"), time.perf_counter()
     accountant = _client_dp_accountant(cfg)
 
-    def accuracy(state) -> float | None:
+    def score(state) -> float | None:
+        """Accuracy (classification) or completion loss (generation) of a LoRA state on the eval data."""
         if not evals:
             return None
         load_lora_state(model, state)
-        return evaluate(model, tok, evals, label_ids)["accuracy"]
+        return objective.evaluate(model, evals, "cpu")[metric]
 
     def evaluate_fn(server_round: int, _arrays) -> MetricRecord:
         record = {**strategy.round_log.get(server_round, {"round": server_round}), "step": server_round,
-                  "server_accuracy": accuracy(strategy.theta), "client_visible_accuracy": accuracy(strategy.client_view()),
+                  f"server_{metric}": score(strategy.theta), f"client_visible_{metric}": score(strategy.client_view()),
                   "elapsed_s": time.perf_counter() - started, "peak_mem_mb": peak_memory_mb("cpu")}
-        record["eval_accuracy"] = record["server_accuracy"]
+        record[f"eval_{metric}"] = record[f"server_{metric}"]
         if accountant and server_round:
             record.update(epsilon=accountant.epsilon(server_round), delta=cfg.client_dp_delta)
         log.write(record)
@@ -102,8 +103,11 @@ def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None) -> 
                "name": Path(cfg.out_dir).name, **peft_summary(model), "peak_mem_mb": max(r["peak_mem_mb"] for r in rounds),
                "time_per_step_s": seconds / max(cfg.rounds, 1), "steps": cfg.rounds, "rounds": cfg.rounds,
                "clients": cfg.num_clients, "bits": cfg.bits, "aggregation": cfg.aggregation,
-               "final_accuracy": last["server_accuracy"], "client_visible_accuracy": last["client_visible_accuracy"],
-               "initial_accuracy": rounds[0]["server_accuracy"],
+               "task": cfg.task, "final_accuracy": last.get("server_accuracy"),
+               "client_visible_accuracy": last.get("client_visible_accuracy"),
+               "initial_accuracy": rounds[0].get("server_accuracy"),
+               "final_eval_loss": last.get("server_loss"), "client_visible_loss": last.get("client_visible_loss"),
+               "initial_eval_loss": rounds[0].get("server_loss"),
                "bytes_down_per_client_per_round": last.get("bytes_down_per_client"),
                "bytes_up_per_client_per_round": last.get("bytes_up_per_client"),
                "payload_bytes_down_per_client_per_round": last.get("payload_bytes_down_per_client"),
