@@ -131,3 +131,34 @@ def test_zo_svfit_lowers_the_loss(tmp_path, demo_paths):
     with torch.no_grad():
         after = loss().mean().item()
     assert after < before - 0.004
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_dp_sgd_per_example_gradients_of_svfit_are_exact(tiny, relative):
+    """SVFit's Opacus grad sampler gives each example's own gradient (checked one example at a time)."""
+    from opacus import GradSampleModule
+    from opacus.grad_sample.utils import register_grad_sampler
+
+    from slimtune.peft.svfit import SVFitLinear
+    from slimtune.privacy.dpsgd import _check_opacus_support, svfit_grad_sample
+    from slimtune.train.objective import encode, label_token_ids, per_example_losses
+    from slimtune.data import get_task
+
+    model, tok, examples = tiny
+    model = apply_peft(model, PeftSettings("svfit", r=3, learn_scale=True, svfit_relative=relative))
+    register_grad_sampler(SVFitLinear)(svfit_grad_sample)
+    _check_opacus_support(model)
+    labels = label_token_ids(tok, get_task("sst2"))
+    batch = encode(tok, examples[:4])
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = []
+    for i in range(4):
+        one = type(batch)(*(t[i:i + 1] for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
+                                                  batch.labels)))
+        expected.append(torch.autograd.grad(per_example_losses(model, one, labels).sum(), params))
+    gsm = GradSampleModule(model, loss_reduction="sum", strict=False)
+    per_example_losses(model, batch, labels).sum().backward()
+    for j, p in enumerate(params):
+        for i in range(4):
+            assert torch.allclose(p.grad_sample[i], expected[i][j], atol=1e-5, rtol=1e-4)
+    gsm._close()

@@ -6,26 +6,60 @@ is relative to the sensitivity Delta of that sum (C under Poisson / add-remove, 
 replace-one), so Opacus is given noise_multiplier = sigma * Delta / C: the std is sigma * Delta in both cases.
 The noise generator is seeded from the run's secret (OS entropy), never from public settings. An empty Poisson batch
 still takes a step: zero clipped sum plus noise, as the accounted mechanism requires.
+
+SVFit layers get their own per-example gradient (`svfit_grad_sample`): with h = x V_r^T and g the gradient at the
+layer's output, dL_i/dvalues = sum_t h_it * (g_it U_r), then the chain rule through values = sv * scale. Their
+buffers (U_r, V_r, S_0: the SVD of the pretrained weight) hold no training data, so Opacus' "trainable layer with
+buffers" check is waived for them only.
 """
 
 from __future__ import annotations
 
 import torch
 
+from slimtune import SlimtuneError
 from slimtune.optim.base import SlimOptimizer, StepOutput
 from slimtune.optim.first_order import FirstOrder, FirstOrderConfig
 from slimtune.privacy.accountant import PrivacySpec, sensitivity
 from slimtune.privacy.secret import fresh_secret
+from slimtune.peft.svfit import SVFitLinear
+
+
+def svfit_grad_sample(layer: SVFitLinear, activations: list, backprops: torch.Tensor) -> dict:
+    """Per-example gradients of an SVFit layer's trainable values (Opacus grad-sampler signature)."""
+    x = activations[0]
+    h = x @ layer.Vh.T  # [B, ..., r]
+    gu = backprops @ layer.U  # [B, ..., r]
+    per_value = (h * gu).reshape(h.shape[0], -1, h.shape[-1]).sum(1)  # [B, r]
+    grads = {}
+    if layer.sv.requires_grad:
+        grads[layer.sv] = per_value * layer.scale if layer.scale is not None else per_value
+    if layer.scale is not None and layer.scale.requires_grad:
+        grads[layer.scale] = per_value * layer.sv
+    return grads
+
+
+def _check_opacus_support(model: torch.nn.Module) -> None:
+    """Opacus refuses trainable layers with buffers; SVFit's are data-free (its own grad sampler is registered)."""
+    from opacus.utils.module_utils import trainable_modules
+
+    for name, m in trainable_modules(model):
+        if list(m.buffers()) and not isinstance(m, SVFitLinear):
+            raise SlimtuneError(f"DP-SGD: layer {name} ({type(m).__name__}) is trainable and holds buffers, which "
+                                "Opacus cannot make private; choose another --peft")
 
 
 class DPFirstOrder(SlimOptimizer):
     def __init__(self, model: torch.nn.Module, config: FirstOrderConfig, kind: str, spec: PrivacySpec,
                  noise_multiplier: float, expected_batch_size: int, noise_seed: int | None = None):
         from opacus import GradSampleModule
+        from opacus.grad_sample.utils import register_grad_sampler
         from opacus.optimizers import DPOptimizer
 
         self.name = f"dp-{kind}"
-        self.grad_sample_module = GradSampleModule(model, loss_reduction="mean")  # hooks live on model's layers
+        register_grad_sampler(SVFitLinear)(svfit_grad_sample)
+        _check_opacus_support(model)
+        self.grad_sample_module = GradSampleModule(model, loss_reduction="mean", strict=False)  # hooks on the layers
         self.inner = FirstOrder(model.named_parameters(), config, kind)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.generator = torch.Generator().manual_seed(noise_seed if noise_seed is not None else fresh_secret())
