@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = ["inference", "inference_lora", "adamw_full", "naive_mezo_full", "mezo_full", "lozo_full", "mezo_lora", "lozo_lora"]
+CONFIGS = ["inference", "inference_lora", "adamw_full", "naive_mezo_full", "mezo_full", "mezo-pool_full",
+           "mezo-rademacher_full", "lozo_full", "mezo_lora", "lozo_lora"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,7 +62,9 @@ def run_one(name: str, batch_size: int, steps: int, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     optimizer = None
     if name.startswith(("mezo", "lozo", "adamw")):
-        optimizer = build_optimizer(name.split("_")[0], model, OptimizerArgs(lr=1e-6, eps=1e-3, rank=2, nu=50))
+        method, _, source = name.split("_")[0].partition("-")  # mezo-pool_full: MeZO with the pool source
+        optimizer = build_optimizer(method, model, OptimizerArgs(lr=1e-6, eps=1e-3, rank=2, nu=50,
+                                                                 perturbation=source or "gaussian"))
     model.train(name.startswith("adamw"))
     times = []
     for step in range(steps + 1):  # first step is warm-up
@@ -113,6 +116,8 @@ def main() -> None:
     targets = {"zo_memory_le_1.05x_inference": all(ratios[n]["memory_vs_inference"] <= 1.05 for n in
                                                    ("mezo_full", "lozo_full", "mezo_lora", "lozo_lora")),
                "mezo_time_le_1.3x_two_forwards": ratios["mezo_full"]["time_vs_two_forwards"] <= 1.3,
+               "mezo_pool_time_le_1.5x_two_forwards": ratios["mezo-pool_full"]["time_vs_two_forwards"] <= 1.5,
+               "zo_memory_with_pool_le_1.05x_inference": ratios["mezo-pool_full"]["memory_vs_inference"] <= 1.05,
                "lozo_and_zo_lora_time_le_1.1x": all(ratios[n]["time_vs_two_forwards"] <= 1.1 for n in
                                                     ("lozo_full", "mezo_lora", "lozo_lora"))}
     out = {"results": results, "ratios": ratios, "targets_met": targets,

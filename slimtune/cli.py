@@ -80,6 +80,8 @@ def train(
     lozo_rank: int = typer.Option(2),
     lozo_nu: int = typer.Option(50),
     momentum: float = typer.Option(0.0),
+    perturbation: str = typer.Option("gaussian", help="MeZO/DPZero direction z: gaussian, rademacher, or pool (slices "
+                                     "of a seeded Gaussian pool: faster full-parameter ZO on CPU; see README)"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: 300 backprop, 2,000 zeroth-order)"),
     lr_scheduler: Optional[str] = typer.Option(None, help="default linear; constant, constant_with_warmup, linear, cosine, "
                                      "cosine_with_restarts, polynomial, inverse_sqrt (transformers' schedules)"),
@@ -161,7 +163,7 @@ def _train_config(p: dict):
         text_column=p["text_column"], label_column=p["label_column"], template=p["template"],
         label_words=p["label_words"], optimizer=p["optimizer"],
         optim=OptimizerArgs(p["lr"], p["weight_decay"], p["eps"], p["n_spsa"], p["seed"], p["lozo_rank"], p["lozo_nu"],
-                            p["momentum"]),
+                            p["momentum"], p["perturbation"]),
         peft=PeftSettings(p["peft"], p["r"], p["lora_alpha"], p["lora_dropout"], targets, p["pissa_niter"],
                           p["learn_scale"], p["svfit_relative"]),
         generation=GenerationSettings(p["input_column"], p["target_column"], p["max_new_tokens"], p["num_beams"],

@@ -21,6 +21,7 @@ class OptimizerArgs:
     rank: int = 2  # LOZO
     nu: int = 50  # LOZO
     momentum: float = 0.0  # LOZO-M, SGD
+    perturbation: str = "gaussian"  # MeZO/DPZero: gaussian, rademacher or pool (zo/perturbation.py)
 
 
 ZO_OPTIMIZERS = ("mezo", "lozo", "lozo-m", "dpzero", "dplozo")
@@ -61,8 +62,11 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
         estimator = PrivateDifference(spec, noise, batch, noise_seed, quantile_noise=rest[0] if rest else 0.0)
     mezo_cfg = dict(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, n_spsa=args.n_spsa, seed=args.seed)
     if name in ("mezo", "dpzero"):
-        opt = MeZO(params, MeZOConfig(**mezo_cfg), estimator)
+        opt = MeZO(params, MeZOConfig(**mezo_cfg, perturbation=args.perturbation), estimator)
     else:
+        if args.perturbation != "gaussian":
+            raise SlimtuneError(f"--perturbation {args.perturbation} is for mezo and dpzero; {name} perturbs with "
+                                "low-rank Gaussian factors (U V^T), which cost little to draw")
         momentum = args.momentum if name == "lozo-m" else 0.0
         if name == "lozo-m" and not momentum:
             momentum = 0.9

@@ -179,6 +179,12 @@ def validate(config: TrainConfig) -> None:
                              ("--n-spsa", config.optim.n_spsa, 1), ("--max-length", config.max_length, 1)):
         if value < low:
             raise SlimtuneError(f"{flag} must be >= {low}, got {value}")
+    from slimtune.zo.perturbation import SOURCES
+    if config.optim.perturbation not in SOURCES:
+        raise SlimtuneError(f"--perturbation {config.optim.perturbation!r}: choose one of {', '.join(SOURCES)}")
+    if config.optim.perturbation != "gaussian" and config.optimizer not in ("mezo", "dpzero"):
+        raise SlimtuneError(f"--perturbation {config.optim.perturbation} is for mezo and dpzero, not "
+                            f"{config.optimizer}")
     if config.save not in ("best", "last"):
         raise SlimtuneError(f"--save {config.save!r}: choose best or last")
     check_settings(config.peft)

@@ -18,6 +18,7 @@ import torch
 
 from slimtune.optim.base import SlimOptimizer, StepOutput, decays, mix_seed, trainable
 from slimtune.zo.estimators import MeanDifference
+from slimtune.zo.perturbation import make_source
 
 
 @dataclass
@@ -28,6 +29,8 @@ class MeZOConfig:
     n_spsa: int = 1  # perturbations averaged per step
     seed: int = 0
     chunk_size: int = 1 << 20  # elements of z generated at once (bounds the temporary memory)
+    perturbation: str = "gaussian"  # gaussian, rademacher or pool (zo/perturbation.py)
+    pool_size: int = 1 << 22  # pool: Gaussian values kept per (device, dtype); at least chunk_size
 
 
 class ZOOptimizer(SlimOptimizer):
@@ -42,6 +45,8 @@ class ZOOptimizer(SlimOptimizer):
             raise ValueError("no trainable parameters to optimize")
         self.estimator = estimator or MeanDifference()
         self.step_count = 0
+        self.source = make_source(getattr(config, "perturbation", "gaussian"), config.seed,
+                                  getattr(config, "pool_size", 1 << 22))
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, closure) -> StepOutput:
@@ -92,20 +97,20 @@ class ZOOptimizer(SlimOptimizer):
         for name, p, p_decays in self.params:
             gen = generators.get(p.device)
             if gen is None:
-                gen = generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+                gen = generators[p.device] = self.source.generator(seed, p.device)
             buf = self._buffer(p, chunk)
             flat = p.data.view(-1)
             for start in range(0, flat.numel(), chunk):
                 part = flat[start:start + chunk]
-                z = buf[:part.numel()].normal_(generator=gen)
+                z, sign = self.source.draw(gen, buf, part.numel())
                 if op == "add":
-                    part.add_(z, alpha=alpha)
+                    part.add_(z, alpha=alpha * sign)
                     continue
                 if op == "restore_update":
-                    part.add_(z, alpha=eps)
+                    part.add_(z, alpha=eps * sign)
                 if decay and p_decays and wd:
                     part.mul_(1 - lr * wd)
-                part.add_(z, alpha=-lr * coef)
+                part.add_(z, alpha=-lr * coef * sign)
 
     def _buffer(self, p: torch.Tensor, chunk: int) -> torch.Tensor:
         """One reusable z buffer per (device, dtype), as large as the biggest chunk it must hold."""
