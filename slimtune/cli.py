@@ -64,7 +64,8 @@ def train(
                                               "loss (default, generation), perplexity, bleu, rougeL, exact_match, f1"),
     optimizer: str = typer.Option("mezo", help="adamw, sgd, mezo, lozo, lozo-m, dpzero, dplozo, dp-adamw, dp-sgd"),
     peft: str = typer.Option("lora", help="none, lora, pissa, adapter, svfit"),
-    r: int = typer.Option(8, help="LoRA/PiSSA rank, SVFit singular values, adapter bottleneck"),
+    r: int = typer.Option(8, "--r", "--peft-r", help="LoRA/PiSSA rank, SVFit singular values, adapter bottleneck "
+                          "(--peft-r under torchrun, which takes --r as its own --rdzv-* options)"),
     lora_alpha: float = typer.Option(16.0),
     lora_dropout: float = typer.Option(0.0),
     target_modules: Optional[str] = typer.Option(None, help="comma-separated layer names (default per architecture)"),

@@ -19,9 +19,11 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import tempfile
+
 import torch
 
-from slimtune import SlimtuneError
+from slimtune import SlimtuneError, distributed
 from slimtune.data import EpochSampler, PoissonSampler, k_shot
 from slimtune.models import load_model_and_tokenizer
 from slimtune.optim import PRIVATE_OPTIMIZERS, ZO_OPTIMIZERS, OptimizerArgs, build_optimizer
@@ -97,6 +99,7 @@ class Run:
     lr_multiplier: object = None  # step -> factor on config.optim.lr
     step_times: list = field(default_factory=list)  # private runs: kept in memory for the summary's mean only
     defaults_origin: dict = field(default_factory=dict)  # setting -> "default" (from optim/defaults.py) or "given"
+    world: distributed.World = field(default_factory=distributed.World)  # torchrun data-parallel ZO: rank, size
 
     @property
     def label_ids(self) -> list:  # classification: the label words' token ids
@@ -112,9 +115,12 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     origin = resolve_defaults(config)  # config.json stores the resolved values
     validate(config)
     multiplier = lr_multiplier(config.lr_scheduler, config.steps, config.warmup_steps)
+    world = distributed.setup(config.device)
+    distributed.check_supported(config.optimizer, world)
     if not resume and (out / "checkpoint").exists():
         raise SlimtuneError(f"{out}: already holds a run (checkpoint/); pass --resume to continue it or choose "
                             "another --out (nothing was overwritten)")
+    distributed.barrier(world)  # every rank has checked before rank 0 writes anything
     objective = build_objective(config)
     config.best_metric = check_best_metric(objective, config.best_metric)
     raw_train, texts = objective.load(config.train_data, "train")
@@ -134,13 +140,14 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     torch.manual_seed(config.seed)
     if config.peft.method == "svfit" and config.peft.svfit_relative is None:  # resolved, so config.json records it
         config.peft.svfit_relative = config.optimizer in ZO_OPTIMIZERS
-    model = apply_peft(model, config.peft, work_dir=out)
+    model = apply_peft(model, config.peft, work_dir=out if world.main else Path(tempfile.mkdtemp()))
     if not any(p.requires_grad for p in model.parameters()):
         raise SlimtuneError(f"--peft {config.peft.method}: the model has no trainable parameters (nothing to train)")
     private, accountant, secret = None, None, None
     if config.optimizer in PRIVATE_OPTIMIZERS:
         config.privacy = config.privacy or PrivacySpec(target_epsilon=6.0)  # the default budget, enforced like any
         accountant, secret = _private_setup(config, out, len(train_examples), resume)
+        secret = distributed.broadcast(secret, world)  # one secret: the same noise and batches on every rank
         private = (config.privacy, accountant.noise, config.batch_size, seed_for(secret["seed"], NOISE),
                    accountant.quantile_noise)
         sampler = (EpochSampler if config.privacy.sampling == "shuffle" else PoissonSampler)(
@@ -153,14 +160,15 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
         sampler = EpochSampler(len(train_examples), config.batch_size, config.seed)
     optimizer = build_optimizer(config.optimizer, model, config.optim, private)
     run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, objective, sampler, accountant, secret,
-              lr_multiplier=multiplier, defaults_origin=origin)
+              lr_multiplier=multiplier, defaults_origin=origin, world=world)
     if resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer)
         run.start_step = state["step"]
         run.best_eval, run.best_step = state.get("best_eval"), state.get("best_step")
         run.evals_without_improvement = state.get("evals_without_improvement", 0)
-        MetricsLog(out / "metrics.jsonl").truncate_after(run.start_step)
-    else:
+        if world.main:
+            MetricsLog(out / "metrics.jsonl").truncate_after(run.start_step)
+    elif world.main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     return run
@@ -256,10 +264,10 @@ def _private_setup(config: TrainConfig, out: Path, num_examples: int, resume: bo
 def train(run: Run) -> dict:
     """Run from `run.start_step` to `config.steps`; returns the summary (also written to summary.json)."""
     cfg, out = run.config, Path(run.config.out_dir)
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl") if run.world.main else _NoLog()
     run.model.train(not run.optimizer.zeroth_order)  # ZO: dropout off
     stop_reason, step = "completed", run.start_step
-    progress = _progress(cfg, step)
+    progress = _progress(cfg, step) if run.world.main else None
     try:
         if progress:
             progress.start()
@@ -296,19 +304,21 @@ def train(run: Run) -> dict:
 
 def _train_step(run: Run, step: int) -> dict:
     cfg = run.config
-    indices = run.sampler.indices(step)
-    batch = run.objective.encode([run.train_examples[i] for i in indices], cfg.max_length).to(cfg.device)
+    indices = list(run.sampler.indices(step))  # the global batch; a data-parallel rank encodes its shard of it
+    local = distributed.shard(indices, run.world)
+    batch = run.objective.encode([run.train_examples[i] for i in local], cfg.max_length).to(cfg.device)
     torch.manual_seed(mix_seed(cfg.seed, step, 0xD0))  # dropout noise (first-order) replays on resume
 
     lr = cfg.optim.lr * run.lr_multiplier(step)
     run.optimizer.set_lr(lr)
     start = time.perf_counter()
-    result = run.optimizer.step(lambda: run.objective.losses(run.model, batch))
+    result = run.optimizer.step(lambda: distributed.gather_losses(run.objective.losses(run.model, batch),
+                                                                  len(indices), run.world))
     elapsed = time.perf_counter() - start
-    if len(batch) and not math.isfinite(result.loss):
+    if indices and not math.isfinite(result.loss):
         raise SlimtuneError(f"training loss is {result.loss} at step {step + 1} ({cfg.optimizer}, lr={cfg.optim.lr}); "
                             f"lower --lr or --eps; the last good checkpoint is in {cfg.out_dir}/checkpoint")
-    record = {"step": step + 1, "lr": lr, "loss": result.loss, "step_time_s": elapsed, "batch_size": len(batch),
+    record = {"step": step + 1, "lr": lr, "loss": result.loss, "step_time_s": elapsed, "batch_size": len(indices),
               "peak_mem_mb": peak_memory_mb(cfg.device), **result.info}
     if run.accountant:
         record.update(epsilon=run.accountant.epsilon(step + 1), delta=run.accountant.spec.delta,
@@ -332,7 +342,9 @@ def _describe(cfg: TrainConfig, record: dict) -> str:
 
 
 def _evaluate(run: Run) -> dict:
-    res = run.objective.evaluate(run.model, run.eval_examples, run.config.device)
+    """Metrics on the eval data; data-parallel runs evaluate on rank 0 and share the result (same decisions)."""
+    res = run.objective.evaluate(run.model, run.eval_examples, run.config.device) if run.world.main else None
+    res = distributed.broadcast(res, run.world)
     run.model.train(not run.optimizer.zeroth_order)
     return {f"eval_{k}": v for k, v in res.items()}
 
@@ -352,6 +364,8 @@ def _track_best(run: Run, step: int, record: dict) -> bool:
 
 def _save_adapter(run: Run) -> None:
     """Write adapter/ through a temporary directory so a crash never leaves a half-written adapter."""
+    if not run.world.main:
+        return
     out = Path(run.config.out_dir)
     tmp, final, old = out / "adapter.tmp", out / "adapter", out / "adapter.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -364,6 +378,8 @@ def _save_adapter(run: Run) -> None:
 
 
 def _checkpoint(run: Run, step: int) -> None:
+    if not run.world.main:
+        return
     acc = run.accountant
     privacy = {} if acc is None else {
         "noise_multiplier": acc.noise, "epsilon": acc.epsilon(step),
@@ -378,6 +394,8 @@ def write_summary(run: Run, step: int, stop_reason: str) -> dict:
     from slimtune.train.metrics import read_jsonl
 
     cfg, out = run.config, Path(run.config.out_dir)
+    if not run.world.main:
+        return {}
     records = read_jsonl(out / "metrics.jsonl")
     evals = [r for r in records if r.get("eval_loss") is not None]
     final = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
@@ -403,10 +421,25 @@ def write_summary(run: Run, step: int, stop_reason: str) -> dict:
         "accountant": run.accountant.spec.accountant if run.accountant else None,
         "quantile_noise": (run.accountant.quantile_noise or None) if run.accountant else None,
         "private_stats_logged": cfg.log_private_stats if run.accountant else None,
-        "bytes_communicated": 0, "device": cfg.device,
+        "bytes_communicated": _gather_bytes(run, step), "device": cfg.device,
+        "data_parallel_ranks": run.world.size,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class _NoLog:
+    def write(self, record: dict) -> None:
+        pass
+
+
+def _gather_bytes(run: Run, steps: int) -> int:
+    """Data-parallel runs: bytes all ranks sent in the loss all-gathers (two measurements per estimate per step)."""
+    if not run.world.parallel:
+        return 0
+    per_step = 2 * releases_per_step(run.config) if run.config.optimizer in ("dpzero", "dplozo") else \
+        2 * run.config.optim.n_spsa
+    return per_step * steps * run.world.size * distributed.bytes_per_gather(run.config.batch_size, run.world)
 
 
 def _progress(cfg: TrainConfig, start: int):

@@ -1,0 +1,105 @@
+"""Data-parallel zeroth-order training on torch.distributed (gloo on CPU, nccl on GPU), launched with torchrun.
+
+Every rank holds the whole model and draws the same z from the shared step seed, so the ranks' weights never
+diverge and nothing weight-sized is ever sent. Each step the global batch (the same sampler on every rank) is split
+round-robin, rank r evaluating examples r, r + W, r + 2W, ...; after each of the two measurements the ranks
+all-gather their per-example losses (a few floats each) and put them back in global order, so the estimator — MeZO's
+mean difference or DPZero's per-example clipping, noise and adaptive clip — sees exactly what one process would.
+DPZero's noise comes from the run's secret, drawn on rank 0 and broadcast, so every rank adds the same noise: it is
+added once to the update, and the privacy accounting is the one-process accounting.
+Rank 0 alone evaluates (and broadcasts the result, so early stopping and best-model decisions agree) and writes
+metrics, checkpoints, the adapter and the summary. Resuming needs the run directory on a filesystem every rank sees.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from slimtune import SlimtuneError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+
+def setup(device: str) -> World:
+    """The process group torchrun describes in the environment (WORLD_SIZE > 1), or a world of one."""
+    import torch.distributed as dist
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def shard(indices: list[int], world: World) -> list[int]:
+    """This rank's examples of the global batch: positions rank, rank + W, ..."""
+    return list(indices)[world.rank::world.size]
+
+
+def gather_losses(local: torch.Tensor, global_size: int, world: World) -> torch.Tensor:
+    """The global batch's per-example losses in sampler order, from every rank's shard (one all_gather)."""
+    import torch.distributed as dist
+
+    if not world.parallel:
+        return local
+    if global_size == 0:
+        return local
+    width = -(-global_size // world.size)
+    padded = torch.zeros(width, dtype=torch.float32, device=local.device)
+    padded[:local.numel()] = local.float()
+    parts = [torch.empty_like(padded) for _ in range(world.size)]
+    dist.all_gather(parts, padded)
+    out = torch.empty(global_size, dtype=torch.float32, device=local.device)
+    for r, part in enumerate(parts):
+        count = len(range(r, global_size, world.size))
+        out[r::world.size] = part[:count]
+    return out
+
+
+def bytes_per_gather(global_size: int, world: World) -> int:
+    """Bytes each rank sends per measurement (its padded shard of fp32 losses)."""
+    return 4 * -(-global_size // world.size) if world.parallel and global_size else 0
+
+
+def broadcast(obj, world: World):
+    """Rank 0's object on every rank."""
+    import torch.distributed as dist
+
+    if not world.parallel:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    import torch.distributed as dist
+
+    if world.parallel:
+        dist.barrier()
+
+
+def check_supported(optimizer: str, world: World) -> None:
+    from slimtune.optim import ZO_OPTIMIZERS
+
+    if world.parallel and optimizer not in ZO_OPTIMIZERS:
+        raise SlimtuneError(f"data-parallel runs (torchrun, {world.size} processes) are for zeroth-order optimizers "
+                            f"({', '.join(ZO_OPTIMIZERS)}); run {optimizer} in one process")
