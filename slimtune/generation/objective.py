@@ -7,6 +7,9 @@ For example i with prompt tokens p and completion tokens c (EOS appended),
 prompt and padding positions are masked out (label -100). One scalar per example, so DPZero's per-example clipping,
 DP-SGD's per-example gradients and every ZO optimizer use it unchanged.
 
+Logits are computed only from the shortest prompt's last position on (`logits_to_keep`): the vocabulary projection
+over prompt tokens is neither computed nor stored.
+
 Length budget (`max_length`): the completion keeps up to max_length - min(|p|, max_length // 2) tokens (truncated from
 the right, with a warning: the model would never learn to end those targets), the prompt keeps its last tokens.
 """
@@ -29,10 +32,11 @@ class GenerationBatch:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor  # input_ids with prompt and padding set to -100
+    keep: int = 0  # logits needed: the last `keep` positions (from the shortest prompt's last token on); 0: all
 
     def to(self, device) -> "GenerationBatch":
         return GenerationBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
-                                                         self.labels)))
+                                                         self.labels)), self.keep)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -73,14 +77,17 @@ def encode_generation(tokenizer, examples: list, max_length: int = 256, warn: bo
         labels[i, len(p):n] = torch.tensor(c)
         mask[i, :n] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return GenerationBatch(ids, mask, positions, labels)
+    keep = width - max(min(len(p) for p, _ in seqs), 1) + 1  # no logits over the prompts (memory and time)
+    return GenerationBatch(ids, mask, positions, labels, keep)
 
 
 def token_nll(model, batch: GenerationBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL of the completion tokens, number of completion tokens), one of each per example."""
+    width = batch.input_ids.shape[1]
+    keep = batch.keep or width
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                   use_cache=False).logits
-    shift_logits, shift_labels = logits[:, :-1].float(), batch.labels[:, 1:]
+                   use_cache=False, logits_to_keep=keep).logits  # positions width - keep .. width - 1
+    shift_logits, shift_labels = logits[:, :-1].float(), batch.labels[:, width - keep + 1:]
     nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none")
     counts = (shift_labels != IGNORE).sum(-1)
     return nll.sum(-1), counts
