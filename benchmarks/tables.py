@@ -163,6 +163,29 @@ def e2e_table() -> str:
     return "\n".join(rows)
 
 
+ZO_STEP_LABELS = {
+    "inference": "inference (2 forwards)", "inference_lora": "inference + LoRA (2 forwards)",
+    "adamw_full": "AdamW, full backprop", "naive_mezo_full": "naive MeZO (out-of-place, 4 sweeps)",
+    "mezo_full": "slimtune `mezo`, full (gaussian z)", "mezo-pool_full": "slimtune `mezo`, full, `--perturbation pool`",
+    "mezo-rademacher_full": "slimtune `mezo`, full, `--perturbation rademacher`",
+    "lozo_full": "slimtune `lozo`, full (r=2)", "mezo_lora": "slimtune `mezo` + LoRA r=8",
+    "lozo_lora": "slimtune `lozo` + LoRA r=8"}
+
+
+def zo_step_table() -> str:
+    d = json.loads((RESULTS / "zo_step.json").read_text())
+    rows = ["| configuration | trainable params | step time (s) | time / two forwards | peak memory (MB) | "
+            "memory / inference |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in d["results"].items():
+        q = d["ratios"][name]
+        n = r["trainable_params"]
+        params = f"{n / 1e6:.1f}M" if n >= 1e6 else (f"{n / 1e3:.1f}K" if n else "0")
+        rows.append(f"| {ZO_STEP_LABELS.get(name, name)} | {params} | {r['step_time_s']:.2f} | "
+                    f"{q['time_vs_two_forwards']:.2f} | {r['peak_mem_mb']:,.0f} | {q['memory_vs_inference']:.3f} |")
+    met = ", ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in d["targets_met"].items())
+    return "\n".join(rows) + f"\n\nTargets in the script: {met}. torch {d['torch']}, {d['threads']} threads."
+
+
 def main() -> None:
     which = sys.argv[1:] or ["sst2", "dp", "peft", "mia", "federated", "rte", "scaling"]
     main_runs = ["fo-lora", "fo-lora-lr3e-4", "zo-lora", "lozo-full"]
@@ -173,7 +196,7 @@ def main() -> None:
         print(f"\n<!-- {w} -->")
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
                "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
-               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
+               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table, "zo-step": zo_step_table,
                "dpzero-clipping": dpzero_clipping_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
 
