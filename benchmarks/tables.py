@@ -186,6 +186,16 @@ def zo_step_table() -> str:
     return "\n".join(rows) + f"\n\nTargets in the script: {met}. torch {d['torch']}, {d['threads']} threads."
 
 
+def gguf_table() -> str:
+    d = json.loads((RESULTS / "gguf_export.json").read_text())
+    rows = ["| output type | file size (MB) | max \\|logit diff\\| / std | top-1 agreement | verified | time (s) |",
+            "|---|---:|---:|---:|---|---:|"]
+    for q, r in d["results"].items():
+        rows.append(f"| {q} | {r['bytes'] / 2**20:,.0f} | {r['max_abs_diff_over_std']:.4f} | {r['top1_agreement']:.3f} | "
+                    f"{'yes' if r['verified'] else 'no'} | {r['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     which = sys.argv[1:] or ["sst2", "dp", "peft", "mia", "federated", "rte", "scaling"]
     main_runs = ["fo-lora", "fo-lora-lr3e-4", "zo-lora", "lozo-full"]
@@ -196,7 +206,7 @@ def main() -> None:
         print(f"\n<!-- {w} -->")
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
                "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
-               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table, "zo-step": zo_step_table,
+               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table, "zo-step": zo_step_table, "gguf": gguf_table,
                "dpzero-clipping": dpzero_clipping_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
 

@@ -338,6 +338,38 @@ def merge(adapter: str = typer.Argument(..., help="adapter directory"), out: str
 
 
 @app.command()
+def export(adapter: str = typer.Argument(..., help="an adapter directory (run_dir/adapter) or a merged checkpoint"),
+           out: str = typer.Option(..., help="the .gguf file to write (never overwritten)"),
+           format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama)"),
+           quant: str = typer.Option("f16", help="f32, f16, bf16 or q8_0"),
+           model: str = typer.Option("smollm2", help="the base model the adapter was trained on"),
+           verify: bool = typer.Option(True, "--verify/--no-verify", help="reload the file with transformers and "
+                                       "compare logits with the merged model")):
+    """Merge an adapter into its base model and write one GGUF file (verified by reloading it)."""
+    from slimtune.export import export_gguf
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.models.loading import load_local
+    from slimtune.peft import load_peft, merge_peft
+
+    try:
+        if format != "gguf":
+            raise SlimtuneError(f"--format {format!r}: only gguf is supported")
+        if Path(out).exists():
+            raise SlimtuneError(f"--out {out}: exists (nothing was overwritten)")
+        if not Path(adapter).is_dir():
+            raise SlimtuneError(f"{adapter}: not a directory (an adapter directory or a merged checkpoint)")
+        if (Path(adapter) / "config.json").exists():  # already a plain transformers checkpoint
+            merged, tok = load_local(adapter, __import__("torch").float32)
+        else:
+            base, tok = load_model_and_tokenizer(model, tokenizer_dir=adapter)
+            merged = merge_peft(load_peft(base, adapter))
+        report = export_gguf(merged, tok, Path(out), quant, verify)
+    except SlimtuneError as exc:
+        _fail(exc)
+    console.print_json(json.dumps(report))
+
+
+@app.command()
 def plan(model: str = typer.Option("smollm2", help="the model to plan for"),
          batch_size: int = typer.Option(16), max_length: int = typer.Option(128, help="tokens per example"),
          r: int = typer.Option(8, help="LoRA/PiSSA rank, SVFit values, adapter bottleneck"),
