@@ -266,3 +266,24 @@ def test_federated_simulation_on_generation_data(tmp_path, gen_files, monkeypatc
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "fed" / "summary.json").read_text())
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] and summary["client_visible_loss"] is not None
+
+
+def test_models_that_expect_bos_get_it_once_at_the_start_of_prompts():
+    """Gemma-style tokenizers add BOS; slimtune puts it before prompts itself (and never before completions)."""
+    from tokenizers.processors import TemplateProcessing
+    from slimtune.models import bos_prefix, tiny_tokenizer
+    from slimtune.train.objective import encode
+    from slimtune.data.tasks import Example
+
+    plain = tiny_tokenizer(["food pizza place"])
+    assert bos_prefix(plain) == ""
+    tok = tiny_tokenizer(["food pizza place"], extra_words=("<bos>",))
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    tok._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    assert bos_prefix(tok) == "<bos>"
+    batch = encode(tok, [Example("food pizza", 0), Example("food", 1)])
+    assert batch.input_ids[0, 0] == tok.bos_token_id and (batch.input_ids == tok.bos_token_id).sum() == 2
+    from slimtune.generation.objective import token_ids
+    from slimtune.generation.data import GenerationExample
+    p, c, _ = token_ids(tok, GenerationExample("food", "pizza place"), 32)
+    assert p[0] == tok.bos_token_id and tok.bos_token_id not in c

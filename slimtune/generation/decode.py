@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from slimtune.models.loading import bos_prefix
+
 
 @dataclass
 class DecodeSettings:
@@ -26,7 +28,7 @@ def generate_texts(model, tokenizer, prompts: list[str], settings: DecodeSetting
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs = []
     for i in range(0, len(prompts), settings.batch_size):
-        enc = tokenizer(prompts[i:i + settings.batch_size], return_tensors="pt", padding=True, truncation=True,
+        enc = tokenizer([bos_prefix(tokenizer) + p for p in prompts[i:i + settings.batch_size]], return_tensors="pt", padding=True, truncation=True,
                         max_length=settings.max_length, add_special_tokens=False).to(device)
         out = model.generate(**enc, max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
@@ -42,7 +44,7 @@ def stream_generate(model, tokenizer, prompt: str, settings: DecodeSettings, dev
     from transformers import TextStreamer
 
     model.eval()
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+    enc = tokenizer(bos_prefix(tokenizer) + prompt, return_tensors="pt", add_special_tokens=False).to(device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():

