@@ -3,7 +3,9 @@
 Carves a 500-example validation split (seed 0) from GLUE SST-2 train, trains on the rest and evaluates on the split —
 never on the dev set that `benchmarks/defaults.py` reports on. Each candidate is one `slimtune train` process with
 explicit hyper-parameters at a short budget (backprop 150 steps, ZO 200 steps, batch 16, SmolLM2-135M); the
-candidate with the best validation accuracy (ties: lower loss) becomes the table entry. Finished runs are kept and
+candidate with the best validation accuracy *at the end of its budget* (ties: lower loss) becomes the table entry —
+the defaults run 10x longer, so a learning rate that peaks early and then diverges must not win (one did: MeZO +
+SVFit at lr 2e-2 reached 0.674 at step 40 and 0.472 at step 200). Finished runs are kept and
 skipped, an unfinished one resumes from its checkpoint, so the sweep can be stopped and restarted at will.
 Results: benchmarks/results/defaults_sweep/<name>/ and benchmarks/results/defaults_sweep.json.
 Usage: python benchmarks/defaults_sweep.py [--only NAME...] [--threads 1]
@@ -51,7 +53,8 @@ def run(name: str, flags: list[str], train: Path, val: Path, threads: int) -> di
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         subprocess.run(cmd, check=True, env=env)
     summary = json.loads((run_dir / "summary.json").read_text())
-    keep = ("best_accuracy", "best_eval_loss", "best_step", "final_accuracy", "steps", "time_per_step_s")
+    keep = ("best_accuracy", "best_eval_loss", "best_step", "final_accuracy", "final_eval_loss", "steps",
+            "time_per_step_s")
     return {"flags": flags, **{k: summary.get(k) for k in keep}}
 
 
@@ -72,7 +75,8 @@ def main() -> None:
             results.setdefault(pair, {"candidates": {}})["candidates"][name] = run(name, flags, train, val,
                                                                                     args.threads)
             done = results[pair]["candidates"]
-            results[pair]["selected"] = max(done, key=lambda n: (done[n]["best_accuracy"], -done[n]["best_eval_loss"]))
+            results[pair]["selected"] = max(done, key=lambda n: (done[n]["final_accuracy"],
+                                                                 -(done[n].get("final_eval_loss") or 0)))
             path.write_text(json.dumps(results, indent=2))  # after every run: a stopped sweep keeps what it has
     print(json.dumps(results, indent=2))
 

@@ -134,10 +134,12 @@ def sweep_table() -> str:
     path = RESULTS / "defaults_sweep.json"
     if not path.exists():
         return "(not run)"
-    rows = ["| pair | candidate | val acc (best) | val loss (best) | steps | s/step | selected |", "|" + "---|" * 7]
+    rows = ["| pair | candidate | val acc (final) | val loss (final) | val acc (best, step) | steps | s/step | selected |",
+            "|" + "---|" * 8]
     for pair, r in json.loads(path.read_text()).items():
         for name, c in r["candidates"].items():
-            rows.append(f"| {pair} | {name} | {fmt(c['best_accuracy'])} | {fmt(c['best_eval_loss'])} | {c['steps']} | "
+            rows.append(f"| {pair} | {name} | {fmt(c['final_accuracy'])} | {fmt(c.get('final_eval_loss'))} | "
+                        f"{fmt(c['best_accuracy'])} ({c['best_step']}) | {c['steps']} | "
                         f"{fmt(c['time_per_step_s'], '.2f')} | {'yes' if name == r['selected'] else ''} |")
     return "\n".join(rows)
 
