@@ -357,3 +357,51 @@ def test_bytes_are_bytes_on_the_wire(demo_paths):
     good = reply(msgs[0], {k: v.astype(np.float32) for k, v in up.items()}, 5, 11)
     strategy.aggregate_train(1, [good, failed])
     assert log["bytes_up_total"] == len(recorddict_to_proto(good.content).SerializeToString())  # failed: nothing
+
+
+# -- issue 15, items 7-8: `flwr run .` with the default local federation, node-local data, deployment engine ------
+def test_run_config_declares_what_the_server_needs_and_nothing_unknown():
+    import tomllib
+    from pathlib import Path
+    from dataclasses import fields as dc_fields
+    app_config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["flwr"][
+        "app"]["config"]
+    known = {f.name for f in dc_fields(FederatedConfig)} | {"num_server_rounds"}
+    assert {k.replace("-", "_") for k in app_config} <= known  # every declared key means something
+    cfg = FederatedConfig.from_run_config(app_config)
+    assert cfg.num_clients == 2  # Flower's default local federation runs 2 SuperNodes
+    assert cfg.round_timeout < 3600 and cfg.node_timeout < 3600  # not Flower's hour-long default wait
+
+
+def test_the_server_gives_up_on_missing_nodes_with_a_clear_error():
+    from slimtune import SlimtuneError
+    from slimtune.federated.server_app import wait_for_nodes
+
+    class TwoNodes:
+        def get_node_ids(self):
+            return [1, 2]
+
+    wait_for_nodes(TwoNodes(), 2, timeout=1)
+    with pytest.raises(SlimtuneError, match="only 2 of num-clients=4 SuperNodes connected.*num-clients=2"):
+        wait_for_nodes(TwoNodes(), 4, timeout=0.2, poll=0.05)
+
+
+def test_a_node_with_its_own_data_trains_on_that_file_only(demo_paths, tmp_path):
+    own = tmp_path / "node0.tsv"
+    lines = open(demo_paths[0]).read().splitlines()
+    own.write_text("\n".join(lines[:21]) + "\n")  # header + 20 rows
+    cfg = make_cfg(demo_paths, bits=8, local_steps=2)
+    model, *_ = build_model(cfg)
+    payload, _ = encode_state(lora_state(model), cfg.bits, cfg.block_size)
+    from dataclasses import replace
+    _, metrics = local_train(replace(cfg, data=str(own)), 5, payload, server_round=1, own_data=True)
+    assert metrics["num-examples"] == 20
+
+
+@pytest.mark.slow
+def test_deployment_engine_with_two_supernodes(tmp_path):
+    from slimtune.federated.deployment import run
+    from slimtune.federated.deployment import DEMO
+    summary = run(2, DEMO / "sst2_demo_train.tsv", DEMO / "sst2_demo_dev.tsv", 2, tmp_path / "deploy", "tiny-llama",
+                  900)
+    assert summary["accepted_updates"] == 4 and summary["stop_reason"] == "completed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -20,16 +21,23 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=2)
-def _setup(cfg_json: str):
+def _setup(cfg_json: str, num_partitions: int | None = None):
+    """Model and data of this client. num_partitions None: the node reads only its own data file (deployment,
+    `--node-config data-path=...`), all of which it trains on; otherwise the shared file is split (simulation)."""
     cfg = FederatedConfig.from_json(cfg_json)
     model, tok, train, _, objective = build_model(cfg)
-    parts = dirichlet_partition([e.label for e in train], cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)
+    if num_partitions is None:
+        return model, tok, train, [list(range(len(train)))], objective
+    parts = dirichlet_partition([e.label for e in train], num_partitions, cfg.dirichlet_alpha, cfg.seed)
     return model, tok, train, parts, objective
 
 
-def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int) -> tuple[dict, dict]:
-    """One client's round: returns (arrays to upload, metrics)."""
-    model, tok, train, parts, objective = _setup(cfg.to_json())
+def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int,
+                own_data: bool = False, num_partitions: int | None = None) -> tuple[dict, dict]:
+    """One client's round: returns (arrays to upload, metrics). own_data: cfg.data is this node's own file."""
+    model, tok, train, parts, objective = _setup(cfg.to_json(), None if own_data else
+                                                  (num_partitions or cfg.num_clients))
+    partition_id = 0 if own_data else partition_id
     examples = [train[i] for i in parts[partition_id]]
     shapes = {k: tuple(v.shape) for k, v in lora_state(model).items()}
     start = decode_state(payload, shapes, cfg.bits, cfg.block_size)
@@ -65,7 +73,13 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = FederatedConfig.from_json(str(config["slimtune-config"]))
     payload = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    arrays, metrics = local_train(cfg, int(context.node_config["partition-id"]), payload, int(config["server-round"]))
+    node = context.node_config
+    own = node.get("data-path")  # deployment: each SuperNode reads only its own data (--node-config data-path=...)
+    if own:
+        cfg = replace(cfg, data=str(own))
+    arrays, metrics = local_train(cfg, int(node.get("partition-id", 0)), payload, int(config["server-round"]),
+                                  own_data=bool(own), num_partitions=int(node["num-partitions"]) if
+                                  "num-partitions" in node else None)
     content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

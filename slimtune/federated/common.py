@@ -15,7 +15,7 @@ from slimtune.peft import PeftSettings, apply_peft
 FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
 # Settings only the server reads: never sent to clients.
 SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
-               "max_update_norm")
+               "max_update_norm", "round_timeout", "node_timeout")
 
 
 @dataclass
@@ -51,6 +51,8 @@ class FederatedConfig:
     max_update_norm: float = 1e3  # server: replies whose delta has a larger L2 norm are rejected
     seed: int = 0
     out_dir: str = "runs/federated"
+    round_timeout: float = 600.0  # server: seconds to wait for a round's replies (late clients are dropped)
+    node_timeout: float = 300.0  # server: seconds to wait for num_clients SuperNodes to connect before giving up
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -9,6 +9,7 @@ from pathlib import Path
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from slimtune import SlimtuneError
 from slimtune.federated.common import FP32, FederatedConfig, build_model, load_lora_state, lora_state
 from slimtune.federated.strategy import FedLPP
 from slimtune.peft import peft_summary, save_peft
@@ -62,11 +63,28 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         log.write(record)
         return MetricRecord({k: float(v) for k, v in record.items() if isinstance(v, (int, float))})
 
-    strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, evaluate_fn=evaluate_fn)
+    wait_for_nodes(grid, cfg.num_clients, cfg.node_timeout)
+    strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, timeout=cfg.round_timeout,
+                   evaluate_fn=evaluate_fn)
     load_lora_state(model, strategy.theta)
     save_peft(model, out / "adapter")  # the private full-precision result stays with the server
     local = local_dp_epsilon(cfg, [e.label for e in train])
     return _write_summary(cfg, out, model, accountant, time.perf_counter() - started, local)
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> None:
+    """Wait until `wanted` SuperNodes are connected; give up with a clear error after `timeout` seconds (instead of
+    Flower's wait without end)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= wanted:
+            return
+        if time.monotonic() >= deadline:
+            raise SlimtuneError(f"only {connected} of num-clients={wanted} SuperNodes connected within {timeout:.0f} "
+                                f"s: start more SuperNodes or lower it (flwr run . --run-config "
+                                f"'num-clients={connected}')")
+        time.sleep(poll)
 
 
 def local_dp_epsilon(cfg: FederatedConfig, labels: list[int]) -> float | None:
