@@ -62,7 +62,7 @@ def train(
                                        "compute loss/perplexity"),
     best_metric: Optional[str] = typer.Option(None, help="what --save best keeps: accuracy (default, classification), "
                                               "loss (default, generation), perplexity, bleu, rougeL, exact_match, f1"),
-    optimizer: str = typer.Option("mezo", help="adamw, sgd, mezo, lozo, lozo-m, dpzero, dplozo, dp-adamw, dp-sgd"),
+    optimizer: str = typer.Option("mezo", help="adamw, sgd, mezo, lozo, lozo-m, fzoo, dpzero, dplozo, dp-adamw, dp-sgd"),
     peft: str = typer.Option("lora", help="none, lora, pissa, adapter, svfit"),
     r: int = typer.Option(8, "--r", "--peft-r", help="LoRA/PiSSA rank, SVFit singular values, adapter bottleneck "
                           "(--peft-r under torchrun, which takes --r as its own --rdzv-* options)"),

@@ -24,7 +24,7 @@ def test_every_optimizer_and_peft_pair_has_defaults():
     assert defaults_for("dpzero", "lora") == defaults_for("mezo", "lora")  # DP variants share their base's entry
     with pytest.raises(SlimtuneError, match="no default"):
         defaults_for("mezo", "prefix")
-    assert len(TABLE) == 4 * len(PEFT_METHODS)
+    assert len(TABLE) == 5 * len(PEFT_METHODS)
 
 
 def _train(tmp_path, demo_paths, name, *flags):

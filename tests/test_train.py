@@ -27,7 +27,7 @@ def weights(run_dir):
     return load_file(str(Path(run_dir) / "checkpoint" / "trainable.safetensors"))
 
 
-@pytest.mark.parametrize("optimizer,peft", [("mezo", "lora"), ("lozo-m", "svfit"), ("adamw", "lora"),
+@pytest.mark.parametrize("optimizer,peft", [("mezo", "lora"), ("lozo-m", "svfit"), ("adamw", "lora"), ("fzoo", "lora"),
                                             ("dpzero", "none"), ("lozo", "adapter"),
                                             ("dp-adamw", "lora")])
 def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, demo_paths, monkeypatch, optimizer, peft):

@@ -168,3 +168,21 @@ def test_lozo_state_round_trip_reproduces_the_trajectory():
     for _ in range(3):
         o3.step(lambda: (w3 ** 2).sum().reshape(1))
     assert torch.equal(w1.detach(), w3.detach())
+
+
+def test_fzoo_step_follows_the_gradient_normalised_by_the_loss_spread():
+    from slimtune.zo import FZOO, FZOOConfig
+    model = Quadratic((6, 4))
+    total = torch.zeros(6, 4)
+    for s in range(400):
+        total += estimate_direction(FZOO, FZOOConfig(lr=1e-3, eps=1e-4, seed=3, n_perturbations=8), model, s)
+    true = model.grad()
+    cos = torch.nn.functional.cosine_similarity(total.flatten(), true.flatten(), dim=0)
+    assert cos > 0.9  # E[step] is along the gradient
+    # sigma ~ eps |grad|: a step's size does not scale with the gradient's magnitude (normalised SGD)
+    small = Quadratic((6, 4))
+    with torch.no_grad():
+        small.w.copy_(small.target + 1e-3 * (model.w - model.target))  # 1000x smaller gradient
+    big_step = estimate_direction(FZOO, FZOOConfig(lr=1e-3, eps=1e-6, seed=3), model, 0).norm()
+    small_step = estimate_direction(FZOO, FZOOConfig(lr=1e-3, eps=1e-6, seed=3), small, 0).norm()
+    assert 0.2 < (small_step / big_step).item() < 5

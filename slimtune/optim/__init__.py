@@ -24,7 +24,7 @@ class OptimizerArgs:
     perturbation: str = "gaussian"  # MeZO/DPZero: gaussian, rademacher or pool (zo/perturbation.py)
 
 
-ZO_OPTIMIZERS = ("mezo", "lozo", "lozo-m", "dpzero", "dplozo")
+ZO_OPTIMIZERS = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo")
 FO_OPTIMIZERS = ("adamw", "sgd", "dp-adamw", "dp-sgd")
 OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
 PRIVATE_OPTIMIZERS = ("dpzero", "dplozo", "dp-adamw", "dp-sgd")
@@ -35,7 +35,8 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
     optimizers. noise_seed must be secret (None: drawn from OS entropy); see slimtune.privacy.secret. quantile_noise
     > 0 turns on DPZero's adaptive clipping (its count noise sigma_b, accounted by privacy.accountant.plan).
     """
-    from slimtune.zo import LOZO, LOZOConfig, MeZO, MeZOConfig
+    from slimtune.zo import FZOO, LOZO, LOZOConfig, MeZO, MeZOConfig
+    from slimtune.zo.fzoo import FZOOConfig
 
     if name not in OPTIMIZERS:
         raise SlimtuneError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -61,7 +62,11 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
         spec, noise, batch, noise_seed, *rest = private
         estimator = PrivateDifference(spec, noise, batch, noise_seed, quantile_noise=rest[0] if rest else 0.0)
     mezo_cfg = dict(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, n_spsa=args.n_spsa, seed=args.seed)
-    if name in ("mezo", "dpzero"):
+    if name == "fzoo":
+        n = args.n_spsa if args.n_spsa > 1 else 8  # --n-spsa: FZOO's N one-sided directions per step
+        source = "rademacher" if args.perturbation == "gaussian" else args.perturbation  # FZOO's own choice
+        opt = FZOO(params, FZOOConfig(**{**mezo_cfg, "n_spsa": 1}, n_perturbations=n, perturbation=source))
+    elif name in ("mezo", "dpzero"):
         opt = MeZO(params, MeZOConfig(**mezo_cfg, perturbation=args.perturbation), estimator)
     else:
         if args.perturbation != "gaussian":

@@ -69,8 +69,12 @@ TABLE: dict[tuple[str, str], MethodDefaults] = {
     ("lozo", "svfit"): _zo(2e-3, 1e-2, "as mezo+svfit (not swept)"),
     ("lozo", "none"): _zo(1e-6, 1e-3, "defaults_sweep lozo+none"),
 }
+# FZOO divides its step by the loss spread (~ eps |grad|): lr chosen so a step moves LoRA weights about as far as
+# MeZO's at lr 2e-3, eps 1e-2 with N = 8 (not swept).
+for _peft, _lr in (("lora", 1e-4), ("pissa", 1e-5), ("adapter", 1e-4), ("svfit", 1e-4), ("none", 1e-7)):
+    TABLE[("fzoo", _peft)] = _zo(_lr, 1e-2 if _peft != "none" else 1e-3, "scaled from mezo (not swept)")
 FAMILY = {"adamw": "adamw", "dp-adamw": "adamw", "sgd": "sgd", "dp-sgd": "sgd", "mezo": "mezo", "dpzero": "mezo",
-          "lozo": "lozo", "lozo-m": "lozo", "dplozo": "lozo"}
+          "lozo": "lozo", "lozo-m": "lozo", "dplozo": "lozo", "fzoo": "fzoo"}
 
 
 def defaults_for(optimizer: str, peft: str) -> MethodDefaults:

@@ -45,9 +45,9 @@ def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, ba
     logits = batch * shape.vocab * b  # only the last position is materialised (logits_to_keep=1)
     attn = batch * shape.heads * seq_len * seq_len * b
     parts = {"runtime": runtime_mb * MB, "weights": weights}
-    if optimizer in ("mezo", "lozo", "lozo-m", "dpzero", "dplozo"):
+    if optimizer in ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo"):
         parts["activations"] = tokens * (ACT_HIDDEN_ZO * shape.hidden + ACT_INTER_ZO * shape.intermediate) * b + attn + logits
-        parts["zo_buffer"] = min(zo_chunk, trainable_params) * b if optimizer in ("mezo", "dpzero") else 0
+        parts["zo_buffer"] = min(zo_chunk, trainable_params) * b if optimizer in ("mezo", "dpzero", "fzoo") else 0
         if optimizer == "lozo-m":
             parts["momentum"] = trainable_params * b * lozo_rank / max(shape.hidden, 1)
     elif optimizer in ("inference",):

@@ -190,8 +190,8 @@ def validate(config: TrainConfig) -> None:
     from slimtune.zo.perturbation import SOURCES
     if config.optim.perturbation not in SOURCES:
         raise SlimtuneError(f"--perturbation {config.optim.perturbation!r}: choose one of {', '.join(SOURCES)}")
-    if config.optim.perturbation != "gaussian" and config.optimizer not in ("mezo", "dpzero"):
-        raise SlimtuneError(f"--perturbation {config.optim.perturbation} is for mezo and dpzero, not "
+    if config.optim.perturbation != "gaussian" and config.optimizer not in ("mezo", "dpzero", "fzoo"):
+        raise SlimtuneError(f"--perturbation {config.optim.perturbation} is for mezo, dpzero and fzoo, not "
                             f"{config.optimizer}")
     if config.save not in ("best", "last"):
         raise SlimtuneError(f"--save {config.save!r}: choose best or last")
