@@ -442,6 +442,11 @@ def federate(
     lora_r: int = typer.Option(8),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration over labels (small: non-IID)"),
     aggregation: str = typer.Option("fedavg", help="fedavg (FedIT) or ffa (FFA-LoRA, A frozen)"),
+    server_optimizer: str = typer.Option("fedavg", help="server step on the aggregated update: fedavg, fedavgm, "
+                                         "fedadam, fedyogi (Flower's semantics)"),
+    server_lr: Optional[float] = typer.Option(None, help="server learning rate (default: 1 for fedavg/fedavgm, "
+                                              "0.1 fedadam, 0.01 fedyogi)"),
+    server_momentum: float = typer.Option(0.9, help="fedavgm: server momentum"),
     mode: str = typer.Option("lora", help="lora (deltas) or zo-seeds (FedKSeed-style seed/scalar pairs)"),
     client_dp_clip: float = typer.Option(0.0, help="client-level DP: L2 clip of each delta (0: off)"),
     client_dp_noise: float = typer.Option(0.0, help="client-level DP: noise multiplier"),
@@ -469,7 +474,8 @@ def federate(
             num_clients=p["clients"], rounds=p["rounds"], bits=p["bits"], block_size=p["block_size"],
             upload_bits=p["upload_bits"], local_steps=p["local_steps"], local_optimizer=p["local_optimizer"],
             lr=p["lr"], eps=p["eps"], batch_size=p["batch_size"], lora_r=p["lora_r"], dirichlet_alpha=p["alpha"],
-            aggregation=p["aggregation"], mode=p["mode"], client_dp_clip=p["client_dp_clip"],
+            aggregation=p["aggregation"], server_optimizer=p["server_optimizer"], server_lr=p["server_lr"],
+            server_momentum=p["server_momentum"], mode=p["mode"], client_dp_clip=p["client_dp_clip"],
             client_dp_noise=p["client_dp_noise"], eval_max=p["eval_max"], max_update_norm=p["max_update_norm"],
             seed=p["seed"], out_dir=out)
         _validate_federated(cfg)

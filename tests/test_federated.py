@@ -162,7 +162,7 @@ def test_client_round_and_seed_mode_replay(demo_paths):
     start = decode_state(payload, {k: tuple(v.shape) for k, v in theta.items()}, cfg.bits, cfg.block_size)
     replayed = make_replay(build_model(cfg)[0], cfg)(start, [(arrays["seeds"], arrays["grads"].astype(np.float64), 1.0)])
     from slimtune.federated.client_app import _setup
-    client_model = _setup(cfg.to_json())[0]
+    client_model = _setup(cfg.to_json(), cfg.num_clients)[0]  # the cached model the client trained
     client_state = lora_state(client_model)
     for k in theta:  # server replay from Q(theta) == the client's own local trajectory
         assert torch.allclose(replayed[k], client_state[k], atol=1e-6)
@@ -405,3 +405,40 @@ def test_deployment_engine_with_two_supernodes(tmp_path):
     summary = run(2, DEMO / "sst2_demo_train.tsv", DEMO / "sst2_demo_dev.tsv", 2, tmp_path / "deploy", "tiny-llama",
                   900)
     assert summary["accepted_updates"] == 4 and summary["stop_reason"] == "completed"
+
+
+# -- issue 14, item 1: server-side optimizers on the aggregated LoRA update -----------------------------------------
+def test_server_optimizers_follow_their_update_rules(demo_paths):
+    from slimtune.federated.server_opt import ServerOptimizer
+    theta = {"w": torch.zeros(3), "a": torch.ones(2)}
+    deltas = [{"w": torch.tensor([1.0, -2.0, 0.5]), "a": torch.zeros(2)},
+              {"w": torch.tensor([0.5, 1.0, -1.0]), "a": torch.zeros(2)}]
+    adam = ServerOptimizer("fedadam", lr=0.1)
+    m, v, t = torch.zeros(3), torch.zeros(3), theta
+    for d in deltas:
+        t = adam.apply(t, d)
+        m = 0.9 * m + 0.1 * d["w"]
+        v = 0.99 * v + 0.01 * d["w"] ** 2
+    assert torch.allclose(t["w"], 0.1 * (0.1 * deltas[0]["w"] / (0.1 * deltas[0]["w"].abs() + 1e-9))
+                          + 0.1 * m / (v.sqrt() + 1e-9), atol=1e-5)
+    assert torch.equal(t["a"], theta["a"])  # a never-updated tensor (A under FFA) stays put
+    avgm = ServerOptimizer("fedavgm", momentum=0.5)
+    t = avgm.apply(avgm.apply(theta, deltas[0]), deltas[1])
+    assert torch.allclose(t["w"], deltas[0]["w"] + (0.5 * deltas[0]["w"] + deltas[1]["w"]))
+    assert torch.equal(ServerOptimizer("fedavg").apply(theta, deltas[0])["w"], deltas[0]["w"])
+    yogi = ServerOptimizer("fedyogi")
+    assert all(torch.isfinite(v).all() for v in yogi.apply(theta, deltas[0]).values())
+    with pytest.raises(Exception, match="--server-optimizer 'sgd'"):
+        make_cfg(demo_paths, server_optimizer="sgd").validate()
+
+
+def test_strategy_applies_the_server_optimizer_to_the_weighted_mean(demo_paths):
+    cfg = make_cfg(demo_paths, bits=FP32, server_optimizer="fedavgm", server_lr=0.5, server_momentum=0.0)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    d1, d2 = theta_like(1), theta_like(2)
+    strategy.aggregate_train(1, [reply(msgs[0], {k: v.numpy() for k, v in d1.items()}, 10, 11),
+                                 reply(msgs[1], {k: v.numpy() for k, v in d2.items()}, 30, 12)])
+    for k in theta:
+        assert torch.allclose(strategy.theta[k], theta[k] + 0.5 * (10 * d1[k] + 30 * d2[k]) / 40, atol=1e-6)

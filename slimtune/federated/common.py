@@ -15,7 +15,8 @@ from slimtune.peft import PeftSettings, apply_peft
 FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
 # Settings only the server reads: never sent to clients.
 SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
-               "max_update_norm", "round_timeout", "node_timeout")
+               "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
+               "server_momentum")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class FederatedConfig:
     max_update_norm: float = 1e3  # server: replies whose delta has a larger L2 norm are rejected
     seed: int = 0
     out_dir: str = "runs/federated"
+    server_optimizer: str = "fedavg"  # fedavg, fedavgm, fedadam, fedyogi (federated/server_opt.py)
+    server_lr: float | None = None  # None: Flower's default for the server optimizer
+    server_momentum: float = 0.9  # fedavgm
     round_timeout: float = 600.0  # server: seconds to wait for a round's replies (late clients are dropped)
     node_timeout: float = 300.0  # server: seconds to wait for num_clients SuperNodes to connect before giving up
 
@@ -69,6 +73,8 @@ class FederatedConfig:
         if self.client_dp_clip > 0 and self.mode == "zo-seeds":
             raise SlimtuneError("client-level DP clips and noises LoRA deltas; --mode zo-seeds replies are (seed, "
                                 "scalar) pairs that it does not cover: use --mode lora, or drop --client-dp-*")
+        from slimtune.federated.server_opt import ServerOptimizer
+        ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum)  # one-line errors for bad settings
         if self.client_dp_noise < 0 or self.client_dp_clip < 0:
             raise SlimtuneError("--client-dp-clip and --client-dp-noise must be >= 0")
 

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from slimtune.federated.server_opt import ServerOptimizer
 from slimtune.federated.common import FP32, FederatedConfig, decode_state, encode_state
 from slimtune.privacy.secret import fresh_secret
 
@@ -65,6 +66,7 @@ class FedLPP(FedAvg):
         self.round_log: dict[int, dict] = {}
         self.noise_generator = torch.Generator().manual_seed(fresh_secret())  # client-DP noise: secret, never seeded
         self._encoded = None  # (theta it encodes, arrays, bytes)
+        self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
 
     # -- what goes down ---------------------------------------------------------------------------------------
     def encoded(self) -> tuple[dict, int]:
@@ -173,11 +175,13 @@ class FedLPP(FedAvg):
         if self.cfg.mode == "zo-seeds":
             total = sum(a["weight"] for a in accepted)
             return self.replay(self.theta, [(a["seeds"], a["grads"], a["weight"] / total) for a in accepted])
-        return add_mean_delta(self.theta, accepted, self.cfg, self.noise_generator)
+        update = mean_delta(self.theta, accepted, self.cfg, self.noise_generator)
+        return self.server_opt.apply(self.theta, update)
 
 
-def add_mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, generator=None) -> dict:
-    """theta + weighted mean of deltas (FedAvg/FedIT, FFA) or, with client DP, + clipped uniform mean + noise.
+def mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, generator=None) -> dict:
+    """The round's update: weighted mean of deltas (FedAvg/FedIT, FFA) or, with client DP, clipped uniform mean +
+    noise (the server optimizer then post-processes it).
 
     Under FFA only B is trained: A's deltas are dropped before clipping and A gets no noise (it is never released
     changed, so noising it would only damage the model)."""
@@ -197,7 +201,7 @@ def add_mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, gene
         if cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0 and trained(name):
             std = cfg.client_dp_noise * cfg.client_dp_clip / len(deltas)
             mean = mean + std * torch.randn(value.shape, generator=generator)
-        new[name] = value + mean
+        new[name] = mean
     return new
 
 

@@ -1,0 +1,58 @@
+"""Server-side optimizers on the aggregated LoRA update (Reddi et al., "Adaptive Federated Optimization", 2021;
+Flower's FedAvgM / FedAdam / FedYogi semantics and defaults).
+
+The round's aggregate Delta_t (weighted mean of client deltas, or the clipped and noised mean under client-level DP:
+the optimizer only post-processes what DP released) is treated as a pseudo-gradient step:
+
+    fedavg:   theta <- theta + eta Delta                               (eta = 1: plain FedAvg / FedIT)
+    fedavgm:  m <- beta m + Delta;                theta <- theta + eta m
+    fedadam:  m <- b1 m + (1 - b1) Delta;  v <- b2 v + (1 - b2) Delta^2;                theta <- theta + eta m / (sqrt(v) + tau)
+    fedyogi:  m as fedadam;  v <- v - (1 - b2) Delta^2 sign(v - Delta^2);              theta <- theta + eta m / (sqrt(v) + tau)
+
+Tensors whose update is identically zero (A under FFA-LoRA) stay unchanged under every rule. The state (m, v) stays
+on the server; only Q(theta) is ever broadcast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimtune import SlimtuneError
+
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+DEFAULT_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-1, "fedyogi": 1e-2}  # Flower's defaults
+DEFAULT_TAU = {"fedadam": 1e-9, "fedyogi": 1e-3}
+
+
+class ServerOptimizer:
+    def __init__(self, name: str = "fedavg", lr: float | None = None, momentum: float = 0.9, beta1: float = 0.9,
+                 beta2: float = 0.99, tau: float | None = None):
+        if name not in SERVER_OPTIMIZERS:
+            raise SlimtuneError(f"--server-optimizer {name!r}: choose one of {', '.join(SERVER_OPTIMIZERS)}")
+        self.name, self.lr = name, DEFAULT_LR[name] if lr is None else lr
+        if not self.lr > 0:
+            raise SlimtuneError(f"--server-lr must be > 0, got {self.lr}")
+        self.momentum, self.beta1, self.beta2 = momentum, beta1, beta2
+        self.tau = DEFAULT_TAU.get(name, 0.0) if tau is None else tau
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+
+    def apply(self, theta: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        new = {}
+        for k, value in theta.items():
+            d = delta[k].float()
+            if self.name == "fedavg":
+                step = d
+            elif self.name == "fedavgm":
+                self.m[k] = self.momentum * self.m.get(k, torch.zeros_like(d)) + d
+                step = self.m[k]
+            else:
+                m = self.m[k] = self.beta1 * self.m.get(k, torch.zeros_like(d)) + (1 - self.beta1) * d
+                v, d2 = self.v.get(k, torch.zeros_like(d)), d * d
+                v = self.beta2 * v + (1 - self.beta2) * d2 if self.name == "fedadam" else \
+                    v - (1 - self.beta2) * d2 * torch.sign(v - d2)
+                self.v[k] = v
+                step = m / (v.sqrt() + self.tau)
+                step = torch.where(v > 0, step, torch.zeros_like(step))  # never-updated tensors stay put
+            new[k] = value + self.lr * step
+        return new
