@@ -20,10 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dpzero_clipping import carve_split
+from dpzero_clipping import ROOT, SST2, carve_split
 
-ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "data" / "sst2"
 OUT = ROOT / "benchmarks" / "results" / "defaults_sweep"
 
 FO = ["--steps", "150", "--lr-scheduler", "linear", "--warmup-steps", "8"]
