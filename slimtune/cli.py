@@ -452,6 +452,8 @@ def federate(
     client_dp_noise: float = typer.Option(0.0, help="client-level DP: noise multiplier"),
     eval_max: int = typer.Option(200),
     max_update_norm: float = typer.Option(1e3, help="server: reject client updates with a larger L2 norm"),
+    robust: str = typer.Option("none", help="robust aggregation: none (weighted mean), median (coordinate-wise), "
+                               "clip (each update clipped to the round's median norm)"),
     seed: int = typer.Option(0),
 ):
     """Federated LoRA fine-tuning with model privacy (FedLPP) simulated on this machine with Flower."""
@@ -476,7 +478,7 @@ def federate(
             lr=p["lr"], eps=p["eps"], batch_size=p["batch_size"], lora_r=p["lora_r"], dirichlet_alpha=p["alpha"],
             aggregation=p["aggregation"], server_optimizer=p["server_optimizer"], server_lr=p["server_lr"],
             server_momentum=p["server_momentum"], mode=p["mode"], client_dp_clip=p["client_dp_clip"],
-            client_dp_noise=p["client_dp_noise"], eval_max=p["eval_max"], max_update_norm=p["max_update_norm"],
+            client_dp_noise=p["client_dp_noise"], eval_max=p["eval_max"], max_update_norm=p["max_update_norm"], robust=p["robust"],
             seed=p["seed"], out_dir=out)
         _validate_federated(cfg)
         summary = simulate(cfg)

@@ -442,3 +442,20 @@ def test_strategy_applies_the_server_optimizer_to_the_weighted_mean(demo_paths):
                                  reply(msgs[1], {k: v.numpy() for k, v in d2.items()}, 30, 12)])
     for k in theta:
         assert torch.allclose(strategy.theta[k], theta[k] + 0.5 * (10 * d1[k] + 30 * d2[k]) / 40, atol=1e-6)
+
+
+def test_robust_aggregation_bounds_one_hostile_client(demo_paths):
+    theta = theta_like()
+    honest = [theta_like(s) for s in (1, 2)]
+    hostile = {k: 100 * torch.ones_like(v) for k, v in theta.items()}
+    for robust in ("median", "clip"):
+        cfg = make_cfg(demo_paths, bits=FP32, robust=robust, max_update_norm=1e6)
+        strategy = FedLPP(cfg, theta)
+        msgs = instructions(strategy)
+        strategy.aggregate_train(1, [reply(m, {k: v.numpy() for k, v in d.items()}, 10, 11 + i)
+                                     for i, (m, d) in enumerate(zip(msgs, [*honest, hostile]))])
+        moved = max((strategy.theta[k] - theta[k]).abs().max().item() for k in theta)
+        biggest_honest = max(d[k].abs().max().item() for d in honest for k in d)
+        assert moved <= biggest_honest + 1e-5, robust  # the 100s never get through
+    with pytest.raises(Exception, match="--robust"):
+        make_cfg(demo_paths, robust="median", client_dp_clip=1.0).validate()

@@ -16,7 +16,7 @@ FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
 # Settings only the server reads: never sent to clients.
 SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
                "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
-               "server_momentum")
+               "server_momentum", "robust")
 
 
 @dataclass
@@ -50,6 +50,7 @@ class FederatedConfig:
     client_dp_delta: float = 1e-5
     eval_max: int = 200
     max_update_norm: float = 1e3  # server: replies whose delta has a larger L2 norm are rejected
+    robust: str = "none"  # robust aggregation: none (weighted mean), median (coordinate-wise), clip (to the median norm)
     seed: int = 0
     out_dir: str = "runs/federated"
     server_optimizer: str = "fedavg"  # fedavg, fedavgm, fedadam, fedyogi (federated/server_opt.py)
@@ -73,6 +74,11 @@ class FederatedConfig:
         if self.client_dp_clip > 0 and self.mode == "zo-seeds":
             raise SlimtuneError("client-level DP clips and noises LoRA deltas; --mode zo-seeds replies are (seed, "
                                 "scalar) pairs that it does not cover: use --mode lora, or drop --client-dp-*")
+        if self.robust not in ("none", "median", "clip"):
+            raise SlimtuneError(f"--robust {self.robust!r}: choose none, median or clip")
+        if self.robust != "none" and self.client_dp_clip > 0:
+            raise SlimtuneError("--robust changes what one client can move the aggregate by, which the client-level DP "
+                                "accounting does not cover: use one of --robust or --client-dp-clip")
         from slimtune.federated.server_opt import ServerOptimizer
         ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum)  # one-line errors for bad settings
         if self.client_dp_noise < 0 or self.client_dp_clip < 0:

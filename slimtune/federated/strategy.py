@@ -189,6 +189,11 @@ def mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, generato
         return not (cfg.aggregation == "ffa" and "lora_A" in name)
 
     deltas = [{k: (v if trained(k) else torch.zeros_like(v)) for k, v in a["delta"].items()} for a in accepted]
+    if cfg.robust == "median":  # coordinate-wise median: no client moves a coordinate past the honest majority
+        return {name: torch.stack([d[name] for d in deltas]).median(dim=0).values for name in theta}
+    if cfg.robust == "clip":  # each delta clipped to the round's median norm, then the weighted mean
+        norms = sorted(update_norm(d) for d in deltas)
+        deltas = [clip_update(d, norms[(len(norms) - 1) // 2]) for d in deltas]
     if cfg.client_dp_clip > 0:
         weights = [1.0 / len(deltas)] * len(deltas)
         deltas = [clip_update(d, cfg.client_dp_clip) for d in deltas]
@@ -205,8 +210,12 @@ def mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, generato
     return new
 
 
+def update_norm(delta: dict[str, torch.Tensor]) -> float:
+    return torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())).item()
+
+
 def clip_update(delta: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
-    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())).item()
+    norm = update_norm(delta)
     factor = min(1.0, max_norm / (norm + 1e-12))
     return {k: v * factor for k, v in delta.items()}
 
