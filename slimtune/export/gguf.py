@@ -120,7 +120,3 @@ def export_gguf(model, tokenizer, out: Path, out_type: str = "f16", verify: bool
                                 f"{report['top1_agreement']:.2f} (tolerance {min_agree}); nothing was written")
     os.replace(partial, out)
     return report
-
-
-if __name__ == "__main__":  # `python -m slimtune.export.gguf --install`: fetch the converter ahead of time
-    print(ensure_converter())
