@@ -8,8 +8,10 @@ the dev set the results are reported on — see benchmarks/defaults_sweep.py and
 - MeZO/DPZero + LoRA: lr 2e-3, eps 1e-2 (dpzero_clipping: MeZO 0.670 on the split in 200 steps; DPZero's adaptive
   clipping at 2x the 0.9 quantile matches it at epsilon 6 and 2).
 - ZO + SVFit trains the relative scales (peft/svfit.py), which are O(1); lr from defaults_sweep (mezo+svfit).
-- Full-parameter ZO: MeZO's recipe (eps 1e-3, lr 1e-6 .. 1e-5); lr from defaults_sweep (lozo+none).
-- AdamW: lr from defaults_sweep (adamw+lora, adamw+svfit); full fine-tuning 1e-5, PiSSA 1e-4 (PiSSA's own recipe
+- Full-parameter ZO: MeZO's recipe (eps 1e-3, lr 1e-6); defaults_sweep lozo+none compares 1e-6 (0.600 -> 0.610 on
+  the split in 200 steps: too slow) with 1e-5 (running).
+- AdamW: LoRA 3e-4 and SVFit 2e-2 from the earlier glue_grid runs (lr 1e-3 made LoRA collapse to one class); the
+  train-split sweep (defaults_sweep adamw+lora, adamw+svfit) is queued; full fine-tuning 1e-5, PiSSA 1e-4 (PiSSA's own recipe
   scale: its adapter holds the principal components, so it moves the model faster than LoRA at the same lr).
 - Schedules: linear decay (transformers' default) everywhere; backprop warms up over the first 5% of steps. Under ZO
   the decay makes late steps small, so the last model stays close to the best one.
@@ -48,10 +50,10 @@ def _zo(lr: float, eps: float, source: str) -> MethodDefaults:
 # (optimizer family, PEFT method) -> defaults. Families: the private variants share their base optimizer's entry
 # (DPZero/DP-LOZO clip adaptively by default, see privacy/accountant.py; DP-AdamW/DP-SGD clip at a fixed C = 1).
 TABLE: dict[tuple[str, str], MethodDefaults] = {
-    ("adamw", "lora"): _fo(3e-4, "defaults_sweep adamw+lora"),
+    ("adamw", "lora"): _fo(3e-4, "glue_grid: lr 1e-3 collapsed, 3e-4 held; defaults_sweep adamw+lora queued"),
     ("adamw", "pissa"): _fo(1e-4, "PiSSA recipe scale (not swept)"),
     ("adamw", "adapter"): _fo(3e-4, "as adamw+lora (not swept)"),
-    ("adamw", "svfit"): _fo(2e-2, "defaults_sweep adamw+svfit"),
+    ("adamw", "svfit"): _fo(2e-2, "glue_grid (0.830); defaults_sweep adamw+svfit queued"),
     ("adamw", "none"): _fo(1e-5, "full fine-tuning recipe scale (not swept)"),
     ("sgd", "lora"): _fo(1e-2, "not swept"),
     ("sgd", "pissa"): _fo(3e-3, "not swept"),
@@ -67,7 +69,7 @@ TABLE: dict[tuple[str, str], MethodDefaults] = {
     ("lozo", "pissa"): _zo(2e-4, 1e-2, "as mezo+pissa (not swept)"),
     ("lozo", "adapter"): _zo(2e-3, 1e-2, "as mezo+lora (not swept)"),
     ("lozo", "svfit"): _zo(2e-3, 1e-2, "as mezo+svfit (not swept)"),
-    ("lozo", "none"): _zo(1e-6, 1e-3, "defaults_sweep lozo+none"),
+    ("lozo", "none"): _zo(1e-6, 1e-3, "MeZO/LOZO papers' scale; defaults_sweep lozo+none: 0.61 at 1e-6, 1e-5 running"),
 }
 # FZOO divides its step by the loss spread (~ eps |grad|): lr chosen so a step moves LoRA weights about as far as
 # MeZO's at lr 2e-3, eps 1e-2 with N = 8 (not swept).
