@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--dev-size", type=int, default=200)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--server-optimizer", default="fedavg", help="fedavg, fedavgm, fedadam, fedyogi")
+    ap.add_argument("--server-lr", type=float)
+    ap.add_argument("--no-centralized", action="store_true", help="skip the centralized reference run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -45,22 +48,30 @@ def main() -> None:
     results = {}
     for bits in args.bits:
         name = f"fedlpp-{'fp32' if bits == 32 else f'{bits}bit'}"
+        if args.server_optimizer != "fedavg":
+            name += f"-{args.server_optimizer}"
         shutil.rmtree(out / name, ignore_errors=True)
         cfg = FederatedConfig(data=str(data), eval_data=str(dev), model=args.model, eval_max=0,
                               num_clients=args.clients, rounds=args.rounds, bits=bits, local_steps=args.local_steps,
-                              lr=1e-3, batch_size=16, lora_r=8, dirichlet_alpha=0.5, out_dir=str(out / name))
+                              lr=1e-3, batch_size=16, lora_r=8, dirichlet_alpha=0.5, out_dir=str(out / name),
+                              server_optimizer=args.server_optimizer, server_lr=args.server_lr)
         results[name] = simulate(cfg)
         print(name, json.dumps({k: results[name][k] for k in ("final_accuracy", "client_visible_accuracy",
                                                                "bytes_down_per_client_per_round")}), flush=True)
+    path = out.parent / "federated.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if args.no_centralized:
+        path.write_text(json.dumps({**previous, **results}, indent=2))
+        return
     # centralized: same data, same number of total local steps, one party
     steps = args.rounds * args.local_steps * args.clients
     shutil.rmtree(out / "centralized", ignore_errors=True)
     cfg = TrainConfig(out_dir=str(out / "centralized"), train_data=str(data), eval_data=str(dev),
                       model=args.model, optimizer="adamw", optim=OptimizerArgs(lr=1e-3),
                       peft=PeftSettings("lora", r=8, alpha=16), steps=steps, batch_size=16, eval_every=steps,
-                      eval_max=0, progress=False)
+                      eval_max=0, progress=False, lr_scheduler="constant", warmup_steps=0)
     results["centralized"] = train(prepare(cfg))
-    (out.parent / "federated.json").write_text(json.dumps(results, indent=2))
+    path.write_text(json.dumps({**previous, **results}, indent=2))
 
 
 if __name__ == "__main__":
