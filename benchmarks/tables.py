@@ -61,16 +61,17 @@ def federated_table() -> str:
     if not path.exists():
         return "(not run)"
     d = json.loads(path.read_text())
-    rows = ["| run | server acc (theta) | client-visible acc (Q(theta)) | start acc | bytes down / client / round "
-            "| bytes up / client / round | peak memory (MB) |", "|" + "---|" * 7]
+    rows = ["| run | server acc (theta) | client-visible acc (Q(theta)) | start acc | payload bytes down / client / "
+            "round | payload bytes up / client / round | peak memory (MB) |", "|" + "---|" * 7]
     for name, s in d.items():
         if name == "centralized":
             rows.append(f"| centralized (same data, same total steps) | {fmt(s['final_accuracy'])} | - | - | - | - | "
                         f"{s['peak_mem_mb']:,.0f} |")
             continue
+        down = s.get("payload_bytes_down_per_client_per_round") or s["bytes_down_per_client_per_round"]
+        up = s.get("payload_bytes_up_per_client_per_round") or s["bytes_up_per_client_per_round"]
         rows.append(f"| {name} | {fmt(s['final_accuracy'])} | {fmt(s['client_visible_accuracy'])} | "
-                    f"{fmt(s['initial_accuracy'])} | {s['bytes_down_per_client_per_round']:,.0f} | "
-                    f"{s['bytes_up_per_client_per_round']:,.0f} | {s['peak_mem_mb']:,.0f} |")
+                    f"{fmt(s['initial_accuracy'])} | {down:,.0f} | {up:,.0f} | {s['peak_mem_mb']:,.0f} |")
     return "\n".join(rows)
 
 

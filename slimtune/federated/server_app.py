@@ -129,6 +129,7 @@ def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None) -> 
                "bytes_down_per_client_per_round": last.get("bytes_down_per_client"),
                "bytes_up_per_client_per_round": last.get("bytes_up_per_client"),
                "payload_bytes_down_per_client_per_round": last.get("payload_bytes_down_per_client"),
+               "payload_bytes_up_per_client_per_round": last.get("payload_bytes_up_per_client"),
                "bytes_communicated": bytes_total,
                "epsilon": accountant.epsilon(cfg.rounds) if accountant else None,
                "delta": cfg.client_dp_delta if accountant else None,
