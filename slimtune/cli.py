@@ -241,7 +241,8 @@ def eval_cmd(
                                 if p["task"] != "generation" else "exists (nothing was overwritten)"))
         objective = make_objective(p["task"], p["text_column"], p["label_column"], p["template"], p["label_words"],
                                    GenerationSettings(p["input_column"], p["target_column"], p["max_new_tokens"],
-                                                      p["num_beams"], True, p["batch_size"]), p["max_length"])
+                                                      p["num_beams"], True, p["batch_size"]), p["max_length"],
+                                   p["batch_size"])
         raw, texts = objective.load(p["data"], "validation")
         dev = _resolve_device(p["device"])
         m, tok = load_model_and_tokenizer(p["model"], device=dev, texts=texts, tokenizer_dir=p["adapter"])
@@ -250,11 +251,7 @@ def eval_cmd(
         objective.bind(tok)
         examples = objective.examples(raw, tok)
         outputs = [] if p["predictions"] else None
-        if objective.kind == "generation":
-            res = objective.evaluate(m, examples, dev, predictions=outputs)
-        else:
-            from slimtune.train.objective import evaluate
-            res = evaluate(m, tok, examples, objective.label_ids, p["batch_size"], dev)
+        res = objective.evaluate(m, examples, dev, predictions=outputs)
     except SlimtuneError as exc:
         _fail(exc)
     if outputs is not None:
@@ -282,7 +279,7 @@ def generate(
 ):
     """Generate completions with a model and (optionally) a trained adapter."""
     from slimtune.generation.decode import DecodeSettings, generate_texts, stream_generate
-    from slimtune.generation.prompts import read_prompts
+    from slimtune.generation.prompts import prompt_texts, read_prompt_items, render_prompts
     from slimtune.models import load_model_and_tokenizer
     from slimtune.peft import load_peft
 
@@ -293,14 +290,12 @@ def generate(
             raise SlimtuneError(f"--output {output}: exists (nothing was overwritten)")
         if max_new_tokens < 1 or num_beams < 1 or batch_size < 1:
             raise SlimtuneError("--max-new-tokens, --num-beams and --batch-size must be >= 1")
-        raw = [prompt] if prompt is not None else None
+        items = [prompt] if prompt is not None else read_prompt_items(input, input_column)
         dev = _resolve_device(device)
-        texts = raw or [v for v in read_prompts(input, None, template, input_column, raw_only=True)]
-        m, tok = load_model_and_tokenizer(model, device=dev, texts=texts, tokenizer_dir=adapter)
+        m, tok = load_model_and_tokenizer(model, device=dev, texts=prompt_texts(items), tokenizer_dir=adapter)
         if adapter:
             m = load_peft(m, adapter)
-        prompts = read_prompts(input, tok, template, input_column, chat=chat) if input else \
-            read_prompts(None, tok, template, input_column, chat=chat, given=raw)
+        prompts = render_prompts(items, tok, template, input_column, chat)
         settings = DecodeSettings(max_new_tokens, num_beams, batch_size, max_length)
         if prompt is not None and num_beams == 1:
             stream_generate(m, tok, prompts[0], settings, dev)
@@ -346,6 +341,8 @@ def export(adapter: str = typer.Argument(..., help="an adapter directory (run_di
            verify: bool = typer.Option(True, "--verify/--no-verify", help="reload the file with transformers and "
                                        "compare logits with the merged model")):
     """Merge an adapter into its base model and write one GGUF file (verified by reloading it)."""
+    import torch
+
     from slimtune.export import export_gguf
     from slimtune.models import load_model_and_tokenizer
     from slimtune.models.loading import load_local
@@ -359,7 +356,7 @@ def export(adapter: str = typer.Argument(..., help="an adapter directory (run_di
         if not Path(adapter).is_dir():
             raise SlimtuneError(f"{adapter}: not a directory (an adapter directory or a merged checkpoint)")
         if (Path(adapter) / "config.json").exists():  # already a plain transformers checkpoint
-            merged, tok = load_local(adapter, __import__("torch").float32)
+            merged, tok = load_local(adapter, torch.float32)
         else:
             base, tok = load_model_and_tokenizer(model, tokenizer_dir=adapter)
             merged = merge_peft(load_peft(base, adapter))

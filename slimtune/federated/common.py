@@ -9,7 +9,6 @@ import torch
 
 from slimtune import SlimtuneError
 from slimtune.federated.quantization import QuantizedTensor, dequantize, quantize
-from slimtune.models import load_model_and_tokenizer
 from slimtune.peft import PeftSettings, apply_peft
 
 FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
@@ -103,19 +102,15 @@ class FederatedConfig:
 
 
 def build_model(cfg: FederatedConfig, lora_seed: int | None = None):
-    """(model with LoRA, tokenizer, train examples, eval examples, label ids): the same base on server and clients.
+    """(model with LoRA, tokenizer, train examples, eval examples, objective): the same base on server and clients.
 
     `lora_seed` seeds the LoRA initialisation theta_0. The server passes a secret one (OS entropy): clients only ever
     hold Q(theta), so they cannot rebuild theta_0 (with FFA, the frozen A) from the public settings.
     """
+    from slimtune.train.objectives import load_model_and_data
+
     objective = federated_objective(cfg)
-    raw_train, texts = objective.load(cfg.data, "train")
-    raw_evals, eval_texts = objective.load(cfg.eval_data, "validation") if cfg.eval_data else (None, [])
-    torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(cfg.model, texts=texts + eval_texts)
-    objective.bind(tok)
-    train = objective.examples(raw_train, tok)
-    evals = objective.examples(raw_evals, tok) if raw_evals is not None else []
+    model, tok, train, evals = load_model_and_data(objective, cfg.model, cfg.data, cfg.eval_data or None, cfg.seed)
     if cfg.eval_max and len(evals) > cfg.eval_max:
         evals = evals[:cfg.eval_max]
     torch.manual_seed(cfg.seed if lora_seed is None else lora_seed)

@@ -68,7 +68,8 @@ def encode_generation(tokenizer, examples: list, max_length: int = 256, warn: bo
         warnings.warn(f"{truncated} of {len(examples)} targets in a batch were truncated to fit --max-length "
                       f"{max_length}; raise --max-length to train on whole targets", stacklevel=2)
     width = max(len(p) + len(c) for p, c in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from slimtune.generation.decode import pad_id
+    pad = pad_id(tokenizer)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

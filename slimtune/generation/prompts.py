@@ -9,14 +9,21 @@ from pathlib import Path
 from slimtune import SlimtuneError
 
 
-def read_prompts(source: str | None, tokenizer, template: str | None = None, input_column: str | None = None,
-                 chat: bool = False, raw_only: bool = False, given: list[str] | None = None) -> list[str]:
-    """Rendered prompts (or, with raw_only, the raw texts: for fitting a tiny model's tokenizer before it exists)."""
+def read_prompt_items(source: str, input_column: str | None = None) -> list:
+    """The prompts of a file, unrendered: a string per plain prompt, a message list per conversation."""
+    return _read(source, input_column or "input")
+
+
+def prompt_texts(items: list) -> list[str]:
+    """Every text in the items (for fitting a tiny model's tokenizer before it exists)."""
+    return [t for item in items for t in ([m["content"] for m in item] if isinstance(item, list) else [item])]
+
+
+def render_prompts(items: list, tokenizer, template: str | None = None, input_column: str | None = None,
+                   chat: bool = False) -> list[str]:
+    """Prompts as the model sees them: through the template, and the chat template for conversations or `chat`."""
     from slimtune.generation.data import render_chat
 
-    items = given if given is not None else _read(source, input_column or "input")
-    if raw_only:
-        return [t for item in items for t in ([m["content"] for m in item] if isinstance(item, list) else [item])]
     column = input_column or "input"
     out = []
     for item in items:

@@ -48,6 +48,8 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
         d = defaults_for(name, "lora")
         args = replace(args, lr=d.lr if args.lr is None else args.lr,
                        eps=(d.eps or 1e-3) if args.eps is None else args.eps)
+    from slimtune.zo.perturbation import check_perturbation
+    check_perturbation(args.perturbation, name)
     params = list(model.named_parameters())
     if name in ("adamw", "sgd"):
         return FirstOrder(params, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name)
@@ -69,9 +71,6 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
     elif name in ("mezo", "dpzero"):
         opt = MeZO(params, MeZOConfig(**mezo_cfg, perturbation=args.perturbation), estimator)
     else:
-        if args.perturbation != "gaussian":
-            raise SlimtuneError(f"--perturbation {args.perturbation} is for mezo and dpzero; {name} perturbs with "
-                                "low-rank Gaussian factors (U V^T), which cost little to draw")
         momentum = args.momentum if name == "lozo-m" else 0.0
         if name == "lozo-m" and not momentum:
             momentum = 0.9

@@ -32,8 +32,8 @@ class ClassificationObjective:
     kind = "classification"
     default_best = "accuracy"
 
-    def __init__(self, task):
-        self.task, self.tokenizer, self.label_ids = task, None, None
+    def __init__(self, task, eval_batch_size: int = 32):
+        self.task, self.eval_batch_size, self.tokenizer, self.label_ids = task, eval_batch_size, None, None
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -62,9 +62,10 @@ class ClassificationObjective:
         from slimtune.train.objective import per_example_losses
         return per_example_losses(model, batch, self.label_ids)
 
-    def evaluate(self, model, examples: list, device: str) -> dict:
+    def evaluate(self, model, examples: list, device: str, predictions: list | None = None) -> dict:
+        """Accuracy and loss (`predictions`: generation only; the CLI refuses it for classification)."""
         from slimtune.train.objective import evaluate
-        return evaluate(model, self.tokenizer, examples, self.label_ids, device=device)
+        return evaluate(model, self.tokenizer, examples, self.label_ids, self.eval_batch_size, device)
 
 
 class GenerationObjective:
@@ -138,6 +139,24 @@ def _strings(row: dict) -> list[str]:
     return out
 
 
+def load_model_and_data(objective, model_name: str, train_path: str, eval_path: str | None, seed: int,
+                        dtype=None, device: str = "cpu"):
+    """(model, tokenizer, train examples, eval examples): read the data, load the model (tiny test models fit their
+    tokenizer to these texts; the model is initialised under `seed`), bind the objective to the tokenizer, then turn
+    the rows into examples (chat rows need the tokenizer's template)."""
+    import torch
+
+    from slimtune.models import load_model_and_tokenizer
+
+    raw_train, texts = objective.load(train_path, "train")
+    raw_eval, eval_texts = objective.load(eval_path, "validation") if eval_path else (None, [])
+    torch.manual_seed(seed)
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype or torch.float32, device, texts + eval_texts)
+    objective.bind(tokenizer)
+    evals = objective.examples(raw_eval, tokenizer) if raw_eval is not None else []
+    return model, tokenizer, objective.examples(raw_train, tokenizer), evals
+
+
 def build_objective(config):
     """The objective of a TrainConfig."""
     return make_objective(config.task, config.text_column, config.label_column, config.template, config.label_words,
@@ -145,8 +164,9 @@ def build_objective(config):
 
 
 def make_objective(task: str, text_column=None, label_column=None, template=None, label_words=None,
-                   generation: GenerationSettings | None = None, max_length: int = 256):
-    """Task "generation" or a classification task (sst2, rte, custom)."""
+                   generation: GenerationSettings | None = None, max_length: int = 256,
+                   eval_batch_size: int = 32):
+    """Task "generation" (its eval batch size is in `generation`) or a classification task (sst2, rte, custom)."""
     from slimtune.data import get_task
     from slimtune.generation.data import generation_task
 
@@ -155,7 +175,7 @@ def make_objective(task: str, text_column=None, label_column=None, template=None
         if g.max_new_tokens < 1 or g.num_beams < 1:
             raise SlimtuneError("--max-new-tokens and --num-beams must be >= 1")
         return GenerationObjective(generation_task(g.input_column, g.target_column, template), g, max_length)
-    return ClassificationObjective(get_task(task, text_column, label_column, template, label_words))
+    return ClassificationObjective(get_task(task, text_column, label_column, template, label_words), eval_batch_size)
 
 
 def check_best_metric(objective, name: str | None) -> str:

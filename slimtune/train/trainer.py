@@ -17,15 +17,13 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
 import tempfile
+from pathlib import Path
 
 import torch
 
 from slimtune import SlimtuneError, distributed
 from slimtune.data import EpochSampler, PoissonSampler, k_shot
-from slimtune.models import load_model_and_tokenizer
 from slimtune.optim import PRIVATE_OPTIMIZERS, ZO_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.optim.defaults import resolve as resolve_defaults
@@ -35,7 +33,8 @@ from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment,
 from slimtune.privacy.secret import NOISE, SAMPLING, fresh_secret, seed_for
 from slimtune.train.checkpoint import load_checkpoint, read_state, save_checkpoint
 from slimtune.train.metrics import MetricsLog, peak_memory_mb
-from slimtune.train.objectives import GenerationSettings, build_objective, check_best_metric, is_better
+from slimtune.train.objectives import (GenerationSettings, build_objective, check_best_metric, is_better,
+                                       load_model_and_data)
 
 
 @dataclass
@@ -123,15 +122,11 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     distributed.barrier(world)  # every rank has checked before rank 0 writes anything
     objective = build_objective(config)
     config.best_metric = check_best_metric(objective, config.best_metric)
-    raw_train, texts = objective.load(config.train_data, "train")
-    raw_eval, eval_texts = objective.load(config.eval_data, "validation") if config.eval_data else (None, [])
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(config.model, getattr(torch, config.dtype), config.device,
-                                                texts + eval_texts)
-    objective.bind(tokenizer)
+    model, tokenizer, train_examples, eval_examples = load_model_and_data(
+        objective, config.model, config.train_data, config.eval_data, config.seed, getattr(torch, config.dtype),
+        config.device)
     classes = len(objective.task.label_words)
-    train_examples = k_shot(objective.examples(raw_train, tokenizer), config.k_shot, config.seed, classes)
-    eval_examples = objective.examples(raw_eval, tokenizer) if raw_eval is not None else []
+    train_examples = k_shot(train_examples, config.k_shot, config.seed, classes)
     if config.eval_max and len(eval_examples) > config.eval_max:
         eval_examples = k_shot(eval_examples, config.eval_max // classes, config.seed, classes)
     if not config.force:
@@ -187,12 +182,8 @@ def validate(config: TrainConfig) -> None:
                              ("--n-spsa", config.optim.n_spsa, 1), ("--max-length", config.max_length, 1)):
         if value < low:
             raise SlimtuneError(f"{flag} must be >= {low}, got {value}")
-    from slimtune.zo.perturbation import SOURCES
-    if config.optim.perturbation not in SOURCES:
-        raise SlimtuneError(f"--perturbation {config.optim.perturbation!r}: choose one of {', '.join(SOURCES)}")
-    if config.optim.perturbation != "gaussian" and config.optimizer not in ("mezo", "dpzero", "fzoo"):
-        raise SlimtuneError(f"--perturbation {config.optim.perturbation} is for mezo, dpzero and fzoo, not "
-                            f"{config.optimizer}")
+    from slimtune.zo.perturbation import check_perturbation
+    check_perturbation(config.optim.perturbation, config.optimizer)
     if config.save not in ("best", "last"):
         raise SlimtuneError(f"--save {config.save!r}: choose best or last")
     check_settings(config.peft)
@@ -434,12 +425,12 @@ class _NoLog:
 
 
 def _gather_bytes(run: Run, steps: int) -> int:
-    """Data-parallel runs: bytes all ranks sent in the loss all-gathers (two measurements per estimate per step)."""
+    """Data-parallel runs: bytes all ranks sent in the loss all-gathers, one per forward pass, at the expected batch
+    size (the realised sizes of private Poisson batches are not released)."""
     if not run.world.parallel:
         return 0
-    per_step = 2 * releases_per_step(run.config) if run.config.optimizer in ("dpzero", "dplozo") else \
-        2 * run.config.optim.n_spsa
-    return per_step * steps * run.world.size * distributed.bytes_per_gather(run.config.batch_size, run.world)
+    return (run.optimizer.forwards_per_step * steps * run.world.size
+            * distributed.bytes_per_gather(run.config.batch_size, run.world))
 
 
 def _progress(cfg: TrainConfig, start: int):

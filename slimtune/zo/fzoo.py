@@ -38,6 +38,10 @@ class FZOO(ZOOptimizer):
             raise ValueError("FZOO needs at least 2 perturbations per step (sigma is their losses' spread)")
         super().__init__(named_params, config, estimator)
 
+    @property
+    def forwards_per_step(self) -> int:
+        return self.config.n_perturbations + 1  # l_0 and one per direction
+
     def step(self, closure) -> StepOutput:
         eps, n = self.config.eps, self.config.n_perturbations
         with torch.inference_mode():

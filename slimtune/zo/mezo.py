@@ -78,6 +78,11 @@ class ZOOptimizer(SlimOptimizer):
         with torch.inference_mode():
             return closure().detach()
 
+    @property
+    def forwards_per_step(self) -> int:
+        """Closure calls (forward passes over the batch) one step makes: two per SPSA estimate."""
+        return 2 * self.config.n_spsa
+
     def _begin_step(self) -> None:
         """Hook run before a step's first perturbation (LOZO resamples V here)."""
 

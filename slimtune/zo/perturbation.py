@@ -22,6 +22,7 @@ from slimtune import SlimtuneError
 from slimtune.optim.base import mix_seed
 
 SOURCES = ("gaussian", "rademacher", "pool")
+OPTIMIZERS_WITH_SOURCES = ("mezo", "dpzero", "fzoo")  # LOZO draws low-rank factors, cheap whatever the source
 POOL_STREAM = 0x9001
 
 
@@ -67,6 +68,14 @@ class PoolSource:
         offset = int(torch.randint(0, self.size - n + 1, (1,), generator=gen))
         sign = 1.0 if int(torch.randint(0, 2, (1,), generator=gen)) else -1.0
         return pool[offset:offset + n], sign
+
+
+def check_perturbation(name: str, optimizer: str) -> None:
+    """One-line errors for a source that does not exist or that `optimizer` would silently ignore."""
+    if name not in SOURCES:
+        raise SlimtuneError(f"--perturbation {name!r}: choose one of {', '.join(SOURCES)}")
+    if name != "gaussian" and optimizer not in OPTIMIZERS_WITH_SOURCES:
+        raise SlimtuneError(f"--perturbation {name} is for {', '.join(OPTIMIZERS_WITH_SOURCES)}, not {optimizer}")
 
 
 def make_source(name: str, seed: int, pool_size: int = 1 << 22):
