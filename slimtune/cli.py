@@ -451,6 +451,11 @@ def federate(
     max_update_norm: float = typer.Option(1e3, help="server: reject client updates with a larger L2 norm"),
     robust: str = typer.Option("none", help="robust aggregation: none (weighted mean), median (coordinate-wise), "
                                "clip (each update clipped to the round's median norm)"),
+    clients_per_round: int = typer.Option(0, help="clients sampled to train each round (0: all)"),
+    attack_coalition: int = typer.Option(0, help="measurement: score what k colluding clients rebuild of theta from "
+                                         "the broadcasts (multi-round average, then fine-tuning on their pooled data); "
+                                         "0: off"),
+    attack_window: int = typer.Option(5, help="broadcasts the multi-round attack averages"),
     seed: int = typer.Option(0),
 ):
     """Federated LoRA fine-tuning with model privacy (FedLPP) simulated on this machine with Flower."""
@@ -476,7 +481,8 @@ def federate(
             aggregation=p["aggregation"], server_optimizer=p["server_optimizer"], server_lr=p["server_lr"],
             server_momentum=p["server_momentum"], mode=p["mode"], client_dp_clip=p["client_dp_clip"],
             client_dp_noise=p["client_dp_noise"], eval_max=p["eval_max"], max_update_norm=p["max_update_norm"], robust=p["robust"],
-            seed=p["seed"], out_dir=out)
+            clients_per_round=p["clients_per_round"], attack_coalition=p["attack_coalition"],
+            attack_window=p["attack_window"], seed=p["seed"], out_dir=out)
         _validate_federated(cfg)
         summary = simulate(cfg)
     except SlimtuneError as exc:
@@ -484,6 +490,11 @@ def federate(
     print_summary([summary], console)
     console.print(f"server accuracy (theta) {summary['final_accuracy']}, client-visible accuracy (Q(theta)) "
                   f"{summary['client_visible_accuracy']}; run written to [bold]{out}[/]")
+    if summary.get("attack_best_score") is not None:
+        console.print(f"best reconstruction by {summary['attack_coalition_clients']} colluding clients: "
+                      f"{summary['attack_best_score']:.4g} (theta {summary['attack_theta_score']:.4g}, received "
+                      f"{summary['attack_received_score']:.4g}, multi-round mean {summary['attack_multi_round_score']:.4g}"
+                      f", coalition fine-tune {summary['attack_coalition_score']:.4g})")
 
 
 def _validate_federated(cfg) -> None:

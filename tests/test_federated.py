@@ -186,13 +186,26 @@ def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, None)  # the simulation runtime sets its own
     from slimtune.federated.simulate import simulate
 
-    cfg = make_cfg(demo_paths, bits=4, rounds=2, out_dir=str(tmp_path / "fed"))
+    # one Ray start for everything end to end: 2 of 3 clients sampled per round (issue 14) and the model-IP attacks
+    cfg = make_cfg(demo_paths, bits=4, rounds=2, out_dir=str(tmp_path / "fed"), clients_per_round=2,
+                   attack_coalition=2, attack_window=2)
     summary = simulate(cfg)
     assert summary["rounds"] == 2 and summary["bits"] == 4
     assert summary["payload_bytes_down_per_client_per_round"] < summary["trainable_bytes"] / 4  # ~4 bits + scales
     assert summary["bytes_down_per_client_per_round"] > summary["payload_bytes_down_per_client_per_round"]  # + framing
     lines = (tmp_path / "fed" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # round 0 (initial) + 2 rounds
+    rounds = [json.loads(line) for line in lines]
+    assert [r.get("replies") for r in rounds[1:]] == [2, 2] and summary["clients_per_round"] == 2
+    assert all("multi_round_accuracy" in r for r in rounds[1:])
+    for key in ("attack_theta_score", "attack_received_score", "attack_multi_round_score", "attack_coalition_score",
+                "attack_coalition_from_scratch_score"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["attack_theta_score"] == pytest.approx(summary["final_accuracy"])
+    assert summary["attack_received_score"] == pytest.approx(summary["client_visible_accuracy"])
+    assert summary["attack_best_score"] == max(summary["attack_received_score"], summary["attack_multi_round_score"],
+                                               summary["attack_coalition_score"])
+    assert summary["attack_coalition_steps"] == 4
     assert (tmp_path / "fed" / "adapter" / "adapter_model.safetensors").exists()
 
 

@@ -15,7 +15,7 @@ FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
 # Settings only the server reads: never sent to clients.
 SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
                "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
-               "server_momentum", "robust")
+               "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window")
 
 
 @dataclass
@@ -57,6 +57,9 @@ class FederatedConfig:
     server_momentum: float = 0.9  # fedavgm
     round_timeout: float = 600.0  # server: seconds to wait for a round's replies (late clients are dropped)
     node_timeout: float = 300.0  # server: seconds to wait for num_clients SuperNodes to connect before giving up
+    clients_per_round: int = 0  # server: clients sampled to train each round (0: all num_clients)
+    attack_coalition: int = 0  # server, measurement only: k > 0 scores what k pooled clients rebuild (attacks.py)
+    attack_window: int = 5  # the multi-round attack averages this many of the latest broadcasts
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -80,6 +83,17 @@ class FederatedConfig:
                                 "accounting does not cover: use one of --robust or --client-dp-clip")
         from slimtune.federated.server_opt import ServerOptimizer
         ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum)  # one-line errors for bad settings
+        if not 0 <= self.clients_per_round <= self.num_clients:
+            raise SlimtuneError(f"--clients-per-round {self.clients_per_round}: must be in 1..--clients "
+                                f"({self.num_clients}), or 0 for all")
+        if self.clients_per_round and self.client_dp_clip > 0:
+            raise SlimtuneError("client-level DP accounting assumes every client takes part in every round: drop "
+                                "--clients-per-round or --client-dp-*")
+        if not 0 <= self.attack_coalition <= self.num_clients or self.attack_window < 1:
+            raise SlimtuneError(f"--attack-coalition must be in 0..--clients ({self.num_clients}) and --attack-window "
+                                f">= 1")
+        if self.attack_coalition and self.mode == "zo-seeds":
+            raise SlimtuneError("--attack-coalition measures LoRA broadcasts; --mode zo-seeds is not covered")
         if self.client_dp_noise < 0 or self.client_dp_clip < 0:
             raise SlimtuneError("--client-dp-clip and --client-dp-noise must be >= 0")
 

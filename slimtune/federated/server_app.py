@@ -10,6 +10,7 @@ from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from slimtune import SlimtuneError
+from slimtune.federated.attacks import BroadcastHistory, attack_report, coalition_data
 from slimtune.federated.common import FP32, FederatedConfig, build_model, load_lora_state, lora_state
 from slimtune.federated.strategy import FedLPP
 from slimtune.peft import peft_summary, save_peft
@@ -41,8 +42,10 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     cfg.validate()
     model, tok, train, evals, objective = build_model(cfg, lora_seed=fresh_secret())
     metric = "accuracy" if objective.kind == "classification" else "loss"
-    strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg),
-                      min_available_nodes=cfg.num_clients, min_train_nodes=cfg.num_clients)
+    per_round = cfg.clients_per_round or cfg.num_clients
+    strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg), min_available_nodes=cfg.num_clients,
+                      min_train_nodes=per_round, fraction_train=per_round / cfg.num_clients)
+    history = BroadcastHistory(cfg.attack_window) if cfg.attack_coalition else None
     log, started = MetricsLog(out / "metrics.jsonl"), time.perf_counter()
     accountant = _client_dp_accountant(cfg)
 
@@ -58,6 +61,9 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                   f"server_{metric}": score(strategy.theta), f"client_visible_{metric}": score(strategy.client_view()),
                   "elapsed_s": time.perf_counter() - started, "peak_mem_mb": peak_memory_mb("cpu")}
         record[f"eval_{metric}"] = record[f"server_{metric}"]
+        if history is not None and server_round:  # what colluding clients have received so far
+            history.add(strategy.client_view())
+            record[f"multi_round_{metric}"] = score(history.mean())
         if accountant and server_round:
             record.update(epsilon=accountant.epsilon(server_round), delta=cfg.client_dp_delta)
         log.write(record)
@@ -69,7 +75,12 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     load_lora_state(model, strategy.theta)
     save_peft(model, out / "adapter")  # the private full-precision result stays with the server
     local = local_dp_epsilon(cfg, [e.label for e in train])
-    return _write_summary(cfg, out, model, accountant, time.perf_counter() - started, local)
+    attacks = None
+    if history is not None and history.items and evals:
+        scratch = lora_state(build_model(cfg)[0])  # a fresh LoRA the coalition can build from the public settings
+        attacks = attack_report(score, metric == "accuracy", strategy.theta, history, model, objective,
+                                coalition_data(cfg, train), cfg, scratch)
+    return _write_summary(cfg, out, model, accountant, time.perf_counter() - started, local, attacks)
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> None:
@@ -112,7 +123,7 @@ def _client_dp_accountant(cfg: FederatedConfig):
     return PrivacyAccountant(spec, cfg.num_clients, cfg.num_clients, cfg.client_dp_noise)  # all clients every round
 
 
-def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None) -> dict:
+def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None, attacks=None) -> dict:
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     trained = sum(r.get("replies", 0) for r in rounds)
     last = rounds[-1]
@@ -135,7 +146,8 @@ def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None) -> 
                "delta": cfg.client_dp_delta if accountant else None,
                "stop_reason": "completed" if trained else "no client update was accepted in any round",
                "accepted_updates": trained,
-               "local_epsilon": local_epsilon, "local_delta": cfg.client_dp_delta if local_epsilon else None}
+               "local_epsilon": local_epsilon, "local_delta": cfg.client_dp_delta if local_epsilon else None,
+               "clients_per_round": cfg.clients_per_round or cfg.num_clients, **(attacks or {})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -1,0 +1,136 @@
+"""FedLPP at scale with its model-IP measured: 8 non-IID clients (Dirichlet 0.5), client sampling, many rounds, and
+what colluding clients rebuild of the server's theta, per bit width (slimtune/federated/attacks.py).
+
+Per bit width: server accuracy (theta), what a client receives (Q(theta)), the multi-round attack (mean of the last W
+broadcasts), the coalition attack (k clients pool their data and fine-tune the best received estimate for the compute
+one client gets) — per round where it is cheap, at the end for the coalition — plus a centralized run on the same
+examples with the same total number of local steps. SST-2 dev (first --dev-size rows).
+
+Results: benchmarks/results/federated_attacks.json, runs under benchmarks/results/federated_attacks/, plot
+federated_attacks.png; README table: `python benchmarks/readme_tables.py federated-attacks`.
+A finished run is kept (delete its directory to re-run it); `--threads` sets torch threads per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "sst2"
+OUT = ROOT / "benchmarks" / "results" / "federated_attacks"  # --out moves it (smoke runs)
+
+
+def subset(n: int, split: str) -> Path:  # the first n rows: the same pool for federated and centralized runs
+    lines = (DATA / f"{split}.tsv").read_text().splitlines()
+    path = OUT / f"{split}_{n}.tsv"
+    path.write_text("\n".join(lines[:n + 1]) + "\n")
+    return path
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {k: v for k, v in results.items() if k.startswith("fedlpp")}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in runs.items():
+        rounds = [m for m in r["rounds"] if m["round"] > 0]
+        x = [m["round"] for m in rounds]
+        line, = axes[0].plot(x, [m["server_accuracy"] for m in rounds], label=f"{r['bits']}-bit theta")
+        axes[0].plot(x, [m["client_visible_accuracy"] for m in rounds], "--", color=line.get_color(),
+                     label=f"{r['bits']}-bit Q(theta)")
+        axes[0].plot(x, [m["multi_round_accuracy"] for m in rounds], ":", color=line.get_color(),
+                     label=f"{r['bits']}-bit mean of last {r['attack_window']}")
+    if "centralized" in results:
+        axes[0].axhline(results["centralized"]["final_accuracy"], color="k", lw=0.8, label="centralized")
+    axes[0].set(xlabel="round", ylabel="SST-2 dev accuracy", title="server model vs what clients hold")
+    axes[0].legend(fontsize=7)
+    names = list(runs)
+    xs = range(len(names))
+    for shift, key, label in ((-0.27, "attack_theta_score", "theta (server)"), (0, "attack_best_score", "best attack"),
+                              (0.27, "attack_coalition_from_scratch_score", "coalition alone (fresh LoRA)")):
+        axes[1].bar([i + shift for i in xs], [runs[n][key] for n in names], 0.27, label=label)
+    axes[1].set_xticks(list(xs), [f"{runs[n]['bits']}-bit" for n in names])
+    axes[1].set(ylim=(0.4, 1.0), ylabel="accuracy", title="theta vs best reconstruction")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    global OUT
+    from slimtune.federated import FederatedConfig, simulate
+    from slimtune.optim import OptimizerArgs
+    from slimtune.peft import PeftSettings
+    from slimtune.train import TrainConfig, prepare, train
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", type=int, nargs="*", default=[2, 4])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--clients-per-round", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--local-steps", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--server-optimizer", default="fedavgm")
+    ap.add_argument("--server-lr", type=float)
+    ap.add_argument("--attack-coalition", type=int, default=2)
+    ap.add_argument("--attack-window", type=int, default=5)
+    ap.add_argument("--train-size", type=int, default=2000)
+    ap.add_argument("--dev-size", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-centralized", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    OUT = args.out
+    if not DATA.exists():
+        raise SystemExit(f"needs GLUE SST-2 at {DATA}")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+    torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    data, dev = subset(args.train_size, "train"), subset(args.dev_size, "dev")
+    path = OUT.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    setup = {k: getattr(args, k) for k in ("clients", "clients_per_round", "rounds", "local_steps", "lr",
+                                           "server_optimizer", "server_lr", "attack_coalition", "attack_window",
+                                           "train_size", "dev_size")}
+    for bits in args.bits:
+        name = f"fedlpp-{bits}bit"
+        run_dir = OUT / name
+        if not (run_dir / "summary.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            cfg = FederatedConfig(data=str(data), eval_data=str(dev), model="smollm2", eval_max=0,
+                                  num_clients=args.clients, clients_per_round=args.clients_per_round,
+                                  rounds=args.rounds, bits=bits, local_steps=args.local_steps, lr=args.lr,
+                                  batch_size=16, lora_r=8, dirichlet_alpha=0.5, out_dir=str(run_dir),
+                                  server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+                                  attack_coalition=args.attack_coalition, attack_window=args.attack_window)
+            simulate(cfg, cpus_per_client=float(os.cpu_count() or 1))  # one client at a time: no oversubscription
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        results[name] = {**summary, "rounds": rounds, "setup": setup}
+        path.write_text(json.dumps(results, indent=2))
+        print(name, {k: summary[k] for k in ("final_accuracy", "client_visible_accuracy", "attack_multi_round_score",
+                                             "attack_coalition_score", "attack_best_score",
+                                             "attack_coalition_from_scratch_score")}, flush=True)
+    if not args.no_centralized and not (OUT / "centralized" / "summary.json").exists():
+        steps = args.rounds * args.local_steps * args.clients_per_round  # the same total local steps
+        shutil.rmtree(OUT / "centralized", ignore_errors=True)
+        cfg = TrainConfig(out_dir=str(OUT / "centralized"), train_data=str(data), eval_data=str(dev), model="smollm2",
+                          optimizer="adamw", optim=OptimizerArgs(lr=args.lr), peft=PeftSettings("lora", r=8, alpha=16),
+                          steps=steps, batch_size=16, eval_every=steps // 4, eval_max=0, progress=False,
+                          lr_scheduler="constant", warmup_steps=0)
+        train(prepare(cfg))
+    if (OUT / "centralized" / "summary.json").exists():
+        results["centralized"] = {**json.loads((OUT / "centralized" / "summary.json").read_text()), "setup": setup}
+    path.write_text(json.dumps(results, indent=2))
+    plot(results, OUT.parent / "federated_attacks.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Issue 14: client sampling per round and the model-IP attacks (what colluding clients rebuild of theta)."""
+
+import json
+
+import pytest
+import torch
+
+from slimtune import SlimtuneError
+from slimtune.federated import FederatedConfig, dirichlet_partition
+from slimtune.federated.attacks import BroadcastHistory, coalition_data, coalition_finetune, recovered
+from slimtune.federated.common import build_model, decode_state, encode_state, lora_state
+
+
+def make_cfg(demo_paths, **kw):
+    train_path, dev_path = demo_paths
+    return FederatedConfig(**{"data": train_path, "eval_data": dev_path, "num_clients": 3, "local_steps": 2, "lr": 1e-2,
+                              **kw})
+
+
+def received(state, bits=2, block=64):
+    arrays, _ = encode_state(state, bits, block)
+    return decode_state(arrays, {k: tuple(v.shape) for k, v in state.items()}, bits, block)
+
+
+def test_history_keeps_the_last_window_and_averages_it():
+    history = BroadcastHistory(window=2)
+    for value in (1.0, 2.0, 4.0):
+        history.add({"w": torch.full((3,), value)})
+    assert len(history.items) == 2
+    assert torch.equal(history.mean()["w"], torch.full((3,), 3.0))  # (2 + 4) / 2: round 1 dropped
+    with pytest.raises(ValueError):
+        BroadcastHistory(window=2).mean()
+
+
+def test_deterministic_quantizer_gives_averaging_nothing_while_theta_stays_within_a_step():
+    """Q is a fixed function of theta: broadcasts of a theta that moves less than a quantization step are identical,
+    so their mean is Q(theta_T) and the multi-round attack learns nothing more; crossing level boundaries is what
+    lets averaging beat a single broadcast."""
+    g = torch.Generator().manual_seed(0)
+    theta = {"w": torch.randn(4096, generator=g)}
+    history = BroadcastHistory(window=8)
+    for t in range(8):
+        history.add(received({"w": theta["w"] + 1e-6 * t}))
+    assert torch.allclose(history.mean()["w"], history.items[-1]["w"], rtol=0, atol=1e-5)
+    # theta drifting by a full step per round dithers the rounding: the mean is closer to the mean theta
+    history = BroadcastHistory(window=8)
+    drifts = [theta["w"] + 0.1 * t for t in range(8)]
+    for d in drifts:
+        history.add(received({"w": d}))
+    target = torch.stack(drifts).mean(0)
+    assert (history.mean()["w"] - target).norm() < (history.items[-1]["w"] - drifts[-1]).norm()
+
+
+def test_coalition_pools_exactly_its_clients_data(demo_paths):
+    cfg = make_cfg(demo_paths, attack_coalition=2)
+    _, _, train, _, _ = build_model(cfg)
+    parts = dirichlet_partition([e.label for e in train], 3, cfg.dirichlet_alpha, cfg.seed)
+    pooled = coalition_data(cfg, train)
+    assert len(pooled) == len(parts[0]) + len(parts[1]) < len(train)
+    assert [e.prompt for e in pooled] == [train[i].prompt for i in parts[0] + parts[1]]
+
+
+def test_coalition_finetune_moves_the_received_model_toward_its_data(demo_paths):
+    cfg = make_cfg(demo_paths, attack_coalition=3, bits=2, lr=3e-2, batch_size=8)
+    model, _, train, _, objective = build_model(cfg)
+    start = received(lora_state(model))
+    examples = coalition_data(cfg, train)[:16]
+
+    def loss(state):
+        from slimtune.federated.common import load_lora_state
+        load_lora_state(model, state)
+        with torch.no_grad():
+            return objective.losses(model, objective.encode(examples, cfg.max_length)).mean().item()
+
+    before = loss(start)
+    attacked = coalition_finetune(model, objective, start, examples, cfg, steps=10, seed=1)
+    assert any(not torch.equal(attacked[k], start[k]) for k in start)
+    assert loss(attacked) < before
+    with pytest.raises(ValueError):
+        coalition_finetune(model, objective, start, [], cfg, steps=1, seed=1)
+
+
+def test_recovered_fraction():
+    assert recovered(0.8, 0.6, 1.0) == pytest.approx(0.5)
+    assert recovered(0.6, 0.6, 0.6) is None and recovered(None, 0.5, 0.7) is None
+
+
+@pytest.mark.parametrize("kw, needle", [({"clients_per_round": 4}, "--clients-per-round"),
+                                        ({"clients_per_round": 2, "client_dp_clip": 1.0}, "every client"),
+                                        ({"attack_coalition": 5}, "--attack-coalition"),
+                                        ({"attack_window": 0}, "--attack-window"),
+                                        ({"attack_coalition": 1, "mode": "zo-seeds"}, "zo-seeds")])
+def test_bad_sampling_and_attack_settings_are_refused(demo_paths, kw, needle):
+    with pytest.raises(SlimtuneError, match=needle):
+        make_cfg(demo_paths, **kw).validate()
+
+
+def test_attack_and_sampling_settings_stay_on_the_server(demo_paths):
+    from slimtune.federated.common import SERVER_ONLY
+    cfg = make_cfg(demo_paths, clients_per_round=2, attack_coalition=1)
+    sent = json.loads(cfg.client_json())
+    assert {"clients_per_round", "attack_coalition", "attack_window"} <= set(SERVER_ONLY)
+    assert not {"clients_per_round", "attack_coalition", "attack_window"} & set(sent)
+
