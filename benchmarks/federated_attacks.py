@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--dev-size", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-centralized", action="store_true")
+    ap.add_argument("--centralized-only", action="store_true", help="only the centralized reference (to run it "
+                    "beside the federated runs)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     OUT = args.out
@@ -99,7 +101,7 @@ def main() -> None:
     setup = {k: getattr(args, k) for k in ("clients", "clients_per_round", "rounds", "local_steps", "lr",
                                            "server_optimizer", "server_lr", "attack_coalition", "attack_window",
                                            "train_size", "dev_size")}
-    for bits in args.bits:
+    for bits in [] if args.centralized_only else args.bits:
         name = f"fedlpp-{bits}bit"
         run_dir = OUT / name
         if not (run_dir / "summary.json").exists():

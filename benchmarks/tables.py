@@ -75,6 +75,31 @@ def federated_table() -> str:
     return "\n".join(rows)
 
 
+def federated_attacks_table() -> str:
+    path = RESULTS / "federated_attacks.json"
+    if not path.exists():
+        return "(not run yet: `python benchmarks/federated_attacks.py`)"
+    d = json.loads(path.read_text())
+    central = d.get("centralized", {}).get("final_accuracy")
+    rows = ["| run | server acc (theta) | theta - centralized | Q(theta) as received | theta - Q(theta) | "
+            "mean of last W broadcasts | coalition fine-tune | best attack | theta - best attack | coalition alone "
+            "(fresh LoRA) | payload bytes down / client / round |", "|" + "---|" * 11]
+    for name, s in d.items():
+        if name == "centralized":
+            continue
+        theta, q, best = s["final_accuracy"], s["client_visible_accuracy"], s["attack_best_score"]
+        rows.append(f"| {name} ({s['rounds']} rounds) | {fmt(theta)} | "
+                    f"{fmt(None if central is None else (theta - central) * 100, '+.1f')} pts | {fmt(q)} | "
+                    f"{(theta - q) * 100:+.1f} pts | {fmt(s['attack_multi_round_score'])} | "
+                    f"{fmt(s['attack_coalition_score'])} | {fmt(best)} | {(theta - best) * 100:+.1f} pts | "
+                    f"{fmt(s.get('attack_coalition_from_scratch_score'))} | "
+                    f"{s['payload_bytes_down_per_client_per_round']:,.0f} |")
+    if central is not None:
+        rows.append(f"| centralized (same examples, same total local steps) | {fmt(central)} | - | - | - | - | - | - | "
+                    f"- | - | - |")
+    return "\n".join(rows)
+
+
 def scaling_table() -> str:
     path = RESULTS / "scaling" / "scaling_law.json"
     if not path.exists():
@@ -209,6 +234,7 @@ def main() -> None:
         print(f"\n<!-- {w} -->")
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
                "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
+               "federated-attacks": federated_attacks_table,
                "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table, "zo-step": zo_step_table, "gguf": gguf_table,
                "dpzero-clipping": dpzero_clipping_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
