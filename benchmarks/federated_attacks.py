@@ -31,21 +31,26 @@ def subset(n: int, split: str) -> Path:  # the first n rows: the same pool for f
     return path
 
 
+def label(run: dict) -> str:
+    dither = (run.get("setup") or {}).get("dither")
+    return f"{run['bits']}-bit" + (f" dither {dither:g}" if dither else "")
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = {k: v for k, v in results.items() if k.startswith("fedlpp")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in runs.items():
         rounds = [m for m in r["rounds"] if m["round"] > 0]
         x = [m["round"] for m in rounds]
-        line, = axes[0].plot(x, [m["server_accuracy"] for m in rounds], label=f"{r['bits']}-bit theta")
+        line, = axes[0].plot(x, [m["server_accuracy"] for m in rounds], label=f"{label(r)} theta")
         axes[0].plot(x, [m["client_visible_accuracy"] for m in rounds], "--", color=line.get_color(),
-                     label=f"{r['bits']}-bit Q(theta)")
+                     label=f"{label(r)} Q(theta)")
         axes[0].plot(x, [m["multi_round_accuracy"] for m in rounds], ":", color=line.get_color(),
-                     label=f"{r['bits']}-bit mean of last {r['attack_window']}")
+                     label=f"{label(r)} mean of last {r['attack_window']}")
     if "centralized" in results:
         axes[0].axhline(results["centralized"]["final_accuracy"], color="k", lw=0.8, label="centralized")
     axes[0].set(xlabel="round", ylabel="SST-2 dev accuracy", title="server model vs what clients hold")
@@ -55,7 +60,7 @@ def plot(results: dict, path: Path) -> None:
     for shift, key, label in ((-0.27, "attack_theta_score", "theta (server)"), (0, "attack_best_score", "best attack"),
                               (0.27, "attack_coalition_from_scratch_score", "coalition alone (fresh LoRA)")):
         axes[1].bar([i + shift for i in xs], [runs[n][key] for n in names], 0.27, label=label)
-    axes[1].set_xticks(list(xs), [f"{runs[n]['bits']}-bit" for n in names])
+    axes[1].set_xticks(list(xs), [label(runs[n]) for n in names])
     axes[1].set(ylim=(0.4, 1.0), ylabel="accuracy", title="theta vs best reconstruction")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -78,6 +83,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--server-optimizer", default="fedavgm")
     ap.add_argument("--server-lr", type=float)
+    ap.add_argument("--dither", type=float, default=0.0, help="fixed secret broadcast dither (units of the largest step)")
     ap.add_argument("--attack-coalition", type=int, default=2)
     ap.add_argument("--attack-window", type=int, default=5)
     ap.add_argument("--train-size", type=int, default=2000)
@@ -100,9 +106,9 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     setup = {k: getattr(args, k) for k in ("clients", "clients_per_round", "rounds", "local_steps", "lr",
                                            "server_optimizer", "server_lr", "attack_coalition", "attack_window",
-                                           "train_size", "dev_size")}
+                                           "train_size", "dev_size", "dither")}
     for bits in [] if args.centralized_only else args.bits:
-        name = f"fedlpp-{bits}bit"
+        name = f"fedlpp-{bits}bit" + (f"-dither{args.dither:g}" if args.dither else "")
         run_dir = OUT / name
         if not (run_dir / "summary.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -111,7 +117,8 @@ def main() -> None:
                                   rounds=args.rounds, bits=bits, local_steps=args.local_steps, lr=args.lr,
                                   batch_size=16, lora_r=8, dirichlet_alpha=0.5, out_dir=str(run_dir),
                                   server_optimizer=args.server_optimizer, server_lr=args.server_lr,
-                                  attack_coalition=args.attack_coalition, attack_window=args.attack_window)
+                                  attack_coalition=args.attack_coalition, attack_window=args.attack_window,
+                                  dither=args.dither)
             simulate(cfg, cpus_per_client=float(os.cpu_count() or 1))  # one client at a time: no oversubscription
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -451,6 +451,8 @@ def federate(
     max_update_norm: float = typer.Option(1e3, help="server: reject client updates with a larger L2 norm"),
     robust: str = typer.Option("none", help="robust aggregation: none (weighted mean), median (coordinate-wise), "
                                "clip (each update clipped to the round's median norm)"),
+    dither: float = typer.Option(0.0, help="fixed secret dither on the broadcast, in units of the largest "
+                                 "quantization step (0: off; clients cannot subtract or average it away)"),
     clients_per_round: int = typer.Option(0, help="clients sampled to train each round (0: all)"),
     attack_coalition: int = typer.Option(0, help="measurement: score what k colluding clients rebuild of theta from "
                                          "the broadcasts (multi-round average, then fine-tuning on their pooled data); "
@@ -481,7 +483,7 @@ def federate(
             aggregation=p["aggregation"], server_optimizer=p["server_optimizer"], server_lr=p["server_lr"],
             server_momentum=p["server_momentum"], mode=p["mode"], client_dp_clip=p["client_dp_clip"],
             client_dp_noise=p["client_dp_noise"], eval_max=p["eval_max"], max_update_norm=p["max_update_norm"], robust=p["robust"],
-            clients_per_round=p["clients_per_round"], attack_coalition=p["attack_coalition"],
+            dither=p["dither"], clients_per_round=p["clients_per_round"], attack_coalition=p["attack_coalition"],
             attack_window=p["attack_window"], seed=p["seed"], out_dir=out)
         _validate_federated(cfg)
         summary = simulate(cfg)

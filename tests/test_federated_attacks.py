@@ -102,3 +102,49 @@ def test_attack_and_sampling_settings_stay_on_the_server(demo_paths):
     assert {"clients_per_round", "attack_coalition", "attack_window"} <= set(SERVER_ONLY)
     assert not {"clients_per_round", "attack_coalition", "attack_window"} & set(sent)
 
+
+
+def test_dither_is_bounded_secret_and_fixed_across_rounds(demo_paths):
+    from slimtune.federated.quantization import dequantize, max_gap, quantize
+    from slimtune.federated.strategy import FedLPP
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64 * 8, generator=g)
+    u = (torch.rand(x.shape, generator=g) - 0.5) * max_gap(2)
+    plain, dithered = dequantize(quantize(x, 2)), dequantize(quantize(x, 2, dither=u))
+    absmax = x.view(-1, 64).abs().amax(1).repeat_interleave(64)
+    assert not torch.equal(plain, dithered)
+    assert bool(((dithered - x).abs() <= absmax * max_gap(2) * 1.002 + 1e-6).all())  # gap/2 rounding + gap/2 dither
+    assert (dithered - x).pow(2).mean() > (plain - x).pow(2).mean()  # the client's copy is further from theta
+
+    cfg = make_cfg(demo_paths, bits=2, dither=1.0)
+    theta = {"l.lora_A.weight": torch.randn(4, 64, generator=g), "l.lora_B.weight": torch.randn(64, 4, generator=g)}
+    first, second = FedLPP(cfg, theta), FedLPP(cfg, theta)
+    view = first.client_view()
+    assert any(not torch.equal(view[k], second.client_view()[k]) for k in theta)  # secret: not from the config
+    first._encoded = None  # re-encode the same theta in a later round: the same dither, the same broadcast
+    assert all(torch.equal(view[k], first.client_view()[k]) for k in theta)
+    plain_view = FedLPP(make_cfg(demo_paths, bits=2), theta).client_view()
+    err = lambda v: sum((v[k] - theta[k]).pow(2).sum() for k in theta)
+    assert err(view) > err(plain_view)
+
+
+def test_a_fixed_dither_survives_multi_round_averaging():
+    """theta drifting across level boundaries dithers a deterministic quantizer and lets the mean of the broadcasts
+    approach the mean theta; a fixed secret dither is a bias the mean keeps."""
+    from slimtune.federated.quantization import dequantize, max_gap, quantize
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(4096, generator=g)
+    u = (torch.rand(base.shape, generator=g) - 0.5) * max_gap(2)
+    drifts = [base + 0.05 * t * torch.randn(4096, generator=g) for t in range(10)]
+    target = torch.stack(drifts).mean(0)
+    plain = torch.stack([dequantize(quantize(d, 2)) for d in drifts]).mean(0)
+    dithered = torch.stack([dequantize(quantize(d, 2, dither=u)) for d in drifts]).mean(0)
+    assert (dithered - target).norm() > 1.2 * (plain - target).norm()
+
+
+@pytest.mark.parametrize("kw", [{"dither": 3.0}, {"dither": -0.1}, {"dither": 1.0, "bits": 32}])
+def test_bad_dither_is_refused(demo_paths, kw):
+    with pytest.raises(SlimtuneError, match="--dither"):
+        make_cfg(demo_paths, **kw).validate()

@@ -15,7 +15,7 @@ FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
 # Settings only the server reads: never sent to clients.
 SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
                "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
-               "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window")
+               "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window", "dither")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class FederatedConfig:
     server_momentum: float = 0.9  # fedavgm
     round_timeout: float = 600.0  # server: seconds to wait for a round's replies (late clients are dropped)
     node_timeout: float = 300.0  # server: seconds to wait for num_clients SuperNodes to connect before giving up
+    dither: float = 0.0  # server: fixed secret dither on the broadcast, in units of the largest level gap (0: off)
     clients_per_round: int = 0  # server: clients sampled to train each round (0: all num_clients)
     attack_coalition: int = 0  # server, measurement only: k > 0 scores what k pooled clients rebuild (attacks.py)
     attack_window: int = 5  # the multi-round attack averages this many of the latest broadcasts
@@ -94,6 +95,9 @@ class FederatedConfig:
                                 f">= 1")
         if self.attack_coalition and self.mode == "zo-seeds":
             raise SlimtuneError("--attack-coalition measures LoRA broadcasts; --mode zo-seeds is not covered")
+        if not 0 <= self.dither <= 2 or (self.dither and self.bits == FP32):
+            raise SlimtuneError(f"--dither {self.dither:g}: must be in [0, 2] (units of the largest quantization step) "
+                                f"and needs a quantized broadcast (--bits 1..8)")
         if self.client_dp_noise < 0 or self.client_dp_clip < 0:
             raise SlimtuneError("--client-dp-clip and --client-dp-noise must be >= 0")
 
@@ -161,15 +165,17 @@ def load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
 
 
 # -- wire format: one ArrayRecord entry per piece ---------------------------------------------------------------
-def encode_state(state: dict[str, torch.Tensor], bits: int, block_size: int) -> tuple[dict, int]:
-    """Arrays to send for `state` (quantized unless bits == 32) and their byte count."""
+def encode_state(state: dict[str, torch.Tensor], bits: int, block_size: int,
+                 dither: dict[str, torch.Tensor] | None = None) -> tuple[dict, int]:
+    """Arrays to send for `state` (quantized unless bits == 32; `dither`: a per-entry offset in normalised units
+    added before rounding, see quantize) and their byte count."""
     arrays, nbytes = {}, 0
     for name, tensor in state.items():
         if bits == FP32:
             arrays[name] = tensor.detach().float().cpu().numpy()
             nbytes += arrays[name].nbytes
             continue
-        q = quantize(tensor, bits, block_size)
+        q = quantize(tensor, bits, block_size, None if dither is None else dither[name])
         arrays[f"{name}::codes"], arrays[f"{name}::scales"] = q.packed, q.scales
         nbytes += q.nbytes
     return arrays, nbytes

@@ -47,7 +47,10 @@ class QuantizedTensor:
         return int(self.packed.nbytes + self.scales.nbytes)
 
 
-def quantize(x: torch.Tensor, bits: int, block_size: int = 64) -> QuantizedTensor:
+def quantize(x: torch.Tensor, bits: int, block_size: int = 64, dither: torch.Tensor | None = None) -> QuantizedTensor:
+    """dither (same shape as x, in the normalised units of [-1, 1]): an offset added before rounding that the receiver
+    does not know, so it dequantizes Q(x/s + dither) * s; a fixed secret dither is a bias that averaging copies
+    cannot remove (see FedLPP's broadcast)."""
     levels = nf_levels(bits)
     flat = x.detach().float().flatten().cpu()
     pad = (-flat.numel()) % block_size
@@ -55,7 +58,11 @@ def quantize(x: torch.Tensor, bits: int, block_size: int = 64) -> QuantizedTenso
     scales = blocks.abs().amax(dim=1).clamp(min=1e-12)
     scales16 = scales.half()
     scales16 = torch.where(scales16.float() < scales, torch.nextafter(scales16, torch.tensor(float("inf"), dtype=torch.float16)), scales16)
-    normalized = (blocks / scales16.float()[:, None]).clamp(-1, 1)
+    normalized = blocks / scales16.float()[:, None]
+    if dither is not None:
+        offset = dither.detach().float().flatten().cpu()
+        normalized = normalized + torch.cat([offset, offset.new_zeros(pad)]).view(-1, block_size)
+    normalized = normalized.clamp(-1, 1)
     midpoints = (levels[1:] + levels[:-1]) / 2
     codes = torch.bucketize(normalized, midpoints).to(torch.uint8).flatten()[:flat.numel()]
     return QuantizedTensor(pack_bits(codes.numpy(), bits), scales16.numpy(), tuple(x.shape), bits, block_size)

@@ -66,13 +66,14 @@ class FedLPP(FedAvg):
         self.round_log: dict[int, dict] = {}
         self.noise_generator = torch.Generator().manual_seed(fresh_secret())  # client-DP noise: secret, never seeded
         self._encoded = None  # (theta it encodes, arrays, bytes)
+        self.dither = secret_dither(self.shapes, cfg)  # fixed for the run, never sent, never seeded from the config
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
 
     # -- what goes down ---------------------------------------------------------------------------------------
     def encoded(self) -> tuple[dict, int]:
         """Q(theta) as packed arrays and its size in bytes; quantized once per version of theta."""
         if self._encoded is None or self._encoded[0] is not self.theta:
-            self._encoded = (self.theta, *encode_state(self.theta, self.cfg.bits, self.cfg.block_size))
+            self._encoded = (self.theta, *encode_state(self.theta, self.cfg.bits, self.cfg.block_size, self.dither))
         return self._encoded[1], self._encoded[2]
 
     def broadcast(self) -> tuple[ArrayRecord, int]:
@@ -177,6 +178,18 @@ class FedLPP(FedAvg):
             return self.replay(self.theta, [(a["seeds"], a["grads"], a["weight"] / total) for a in accepted])
         update = mean_delta(self.theta, accepted, self.cfg, self.noise_generator)
         return self.server_opt.apply(self.theta, update)
+
+
+def secret_dither(shapes: dict[str, tuple], cfg: FederatedConfig) -> dict[str, torch.Tensor] | None:
+    """u ~ U(-a/2, a/2) * g per coordinate (a = cfg.dither, g = the largest gap between quantization levels), drawn
+    once per run from OS entropy. Clients receive Q(theta/s + u) * s: an error they cannot subtract (they never see
+    u) and, being the same every round, cannot average away over rounds — unlike the rounding error of a moving
+    theta. Clients' deltas are taken against what they received, so the server's update is unchanged in form."""
+    if not cfg.dither or cfg.bits == FP32:
+        return None
+    from slimtune.federated.quantization import max_gap
+    g = torch.Generator().manual_seed(fresh_secret())
+    return {k: (torch.rand(shape, generator=g) - 0.5) * cfg.dither * max_gap(cfg.bits) for k, shape in shapes.items()}
 
 
 def mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, generator=None) -> dict:
