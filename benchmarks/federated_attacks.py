@@ -31,6 +31,15 @@ def subset(n: int, split: str) -> Path:  # the first n rows: the same pool for f
     return path
 
 
+def merged(path: Path, entries: dict) -> dict:
+    """Read the results file again, add `entries`, write it: runs of this script beside each other keep each
+    other's rows."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update(entries)
+    path.write_text(json.dumps(results, indent=2))
+    return results
+
+
 def label(run: dict) -> str:
     dither = (run.get("setup") or {}).get("dither")
     return f"{run['bits']}-bit" + (f" dither {dither:g}" if dither else "")
@@ -103,7 +112,6 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     data, dev = subset(args.train_size, "train"), subset(args.dev_size, "dev")
     path = OUT.with_suffix(".json")
-    results = json.loads(path.read_text()) if path.exists() else {}
     setup = {k: getattr(args, k) for k in ("clients", "clients_per_round", "rounds", "local_steps", "lr",
                                            "server_optimizer", "server_lr", "attack_coalition", "attack_window",
                                            "train_size", "dev_size", "dither")}
@@ -122,8 +130,7 @@ def main() -> None:
             simulate(cfg, cpus_per_client=float(os.cpu_count() or 1))  # one client at a time: no oversubscription
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        results[name] = {**summary, "rounds": rounds, "setup": setup}
-        path.write_text(json.dumps(results, indent=2))
+        results = merged(path, {name: {**summary, "rounds": rounds, "setup": setup}})
         print(name, {k: summary[k] for k in ("final_accuracy", "client_visible_accuracy", "attack_multi_round_score",
                                              "attack_coalition_score", "attack_best_score",
                                              "attack_coalition_from_scratch_score")}, flush=True)
@@ -136,8 +143,9 @@ def main() -> None:
                           lr_scheduler="constant", warmup_steps=0)
         train(prepare(cfg))
     if (OUT / "centralized" / "summary.json").exists():
-        results["centralized"] = {**json.loads((OUT / "centralized" / "summary.json").read_text()), "setup": setup}
-    path.write_text(json.dumps(results, indent=2))
+        central = {**json.loads((OUT / "centralized" / "summary.json").read_text()), "setup": setup}
+        results = merged(path, {"centralized": central})
+    results = merged(path, {})
     plot(results, OUT.parent / "federated_attacks.png")
 
 
