@@ -100,6 +100,20 @@ def federated_attacks_table() -> str:
     return "\n".join(rows)
 
 
+def broadcast_table() -> str:
+    path = RESULTS / "broadcast_accuracy.json"
+    if not path.exists():
+        return "(not run yet: `python benchmarks/broadcast_accuracy.py`)"
+    d = json.loads(path.read_text())
+    rows = [f"theta ({d['adapter']}): {fmt(d['theta'])} on the first {d['dev_size']} dev examples.", "",
+            "| bits | dither (largest steps) | accuracy of Q(theta) | theta - Q(theta) | relative L2 error | payload bytes |",
+            "|---|---|---|---|---|---|"]
+    for r in d["received"].values():
+        rows.append(f"| {r['bits']} | {r['dither']:g} | {fmt(r['accuracy'])} | {(d['theta'] - r['accuracy']) * 100:+.1f} pts | "
+                    f"{r['relative_error']:.3f} | {r['payload_bytes']:,} |")
+    return "\n".join(rows)
+
+
 def scaling_table() -> str:
     path = RESULTS / "scaling" / "scaling_law.json"
     if not path.exists():
@@ -234,7 +248,7 @@ def main() -> None:
         print(f"\n<!-- {w} -->")
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
                "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
-               "federated-attacks": federated_attacks_table,
+               "federated-attacks": federated_attacks_table, "broadcast": broadcast_table,
                "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table, "zo-step": zo_step_table, "gguf": gguf_table,
                "dpzero-clipping": dpzero_clipping_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
