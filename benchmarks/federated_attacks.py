@@ -53,7 +53,7 @@ def plot(results: dict, path: Path) -> None:
     runs = {k: v for k, v in results.items() if k.startswith("fedlpp")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in runs.items():
-        rounds = [m for m in r["rounds"] if m["round"] > 0]
+        rounds = [m for m in r["round_metrics"] if m["round"] > 0]
         x = [m["round"] for m in rounds]
         line, = axes[0].plot(x, [m["server_accuracy"] for m in rounds], label=f"{label(r)} theta")
         axes[0].plot(x, [m["client_visible_accuracy"] for m in rounds], "--", color=line.get_color(),
@@ -66,9 +66,9 @@ def plot(results: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     names = list(runs)
     xs = range(len(names))
-    for shift, key, label in ((-0.27, "attack_theta_score", "theta (server)"), (0, "attack_best_score", "best attack"),
-                              (0.27, "attack_coalition_from_scratch_score", "coalition alone (fresh LoRA)")):
-        axes[1].bar([i + shift for i in xs], [runs[n][key] for n in names], 0.27, label=label)
+    for shift, key, text in ((-0.27, "attack_theta_score", "theta (server)"), (0, "attack_best_score", "best attack"),
+                             (0.27, "attack_coalition_from_scratch_score", "coalition alone (fresh LoRA)")):
+        axes[1].bar([i + shift for i in xs], [runs[n][key] for n in names], 0.27, label=text)
     axes[1].set_xticks(list(xs), [label(runs[n]) for n in names])
     axes[1].set(ylim=(0.4, 1.0), ylabel="accuracy", title="theta vs best reconstruction")
     axes[1].legend(fontsize=8)
@@ -130,7 +130,7 @@ def main() -> None:
             simulate(cfg, cpus_per_client=float(os.cpu_count() or 1))  # one client at a time: no oversubscription
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        results = merged(path, {name: {**summary, "rounds": rounds, "setup": setup}})
+        results = merged(path, {name: {**summary, "round_metrics": rounds, "setup": setup}})
         print(name, {k: summary[k] for k in ("final_accuracy", "client_visible_accuracy", "attack_multi_round_score",
                                              "attack_coalition_score", "attack_best_score",
                                              "attack_coalition_from_scratch_score")}, flush=True)
