@@ -19,16 +19,9 @@ import os
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "sst2"
+from federated_table import DATA, ROOT, subset
+
 OUT = ROOT / "benchmarks" / "results" / "federated_attacks"  # --out moves it (smoke runs)
-
-
-def subset(n: int, split: str) -> Path:  # the first n rows: the same pool for federated and centralized runs
-    lines = (DATA / f"{split}.tsv").read_text().splitlines()
-    path = OUT / f"{split}_{n}.tsv"
-    path.write_text("\n".join(lines[:n + 1]) + "\n")
-    return path
 
 
 def merged(path: Path, entries: dict) -> dict:
@@ -110,7 +103,7 @@ def main() -> None:
     import torch
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
-    data, dev = subset(args.train_size, "train"), subset(args.dev_size, "dev")
+    data, dev = subset(args.train_size, OUT), subset(args.dev_size, OUT, "dev")
     path = OUT.with_suffix(".json")
     setup = {k: getattr(args, k) for k in ("clients", "clients_per_round", "rounds", "local_steps", "lr",
                                            "server_optimizer", "server_lr", "attack_coalition", "attack_window",
@@ -142,10 +135,9 @@ def main() -> None:
                           steps=steps, batch_size=16, eval_every=steps // 4, eval_max=0, progress=False,
                           lr_scheduler="constant", warmup_steps=0)
         train(prepare(cfg))
-    if (OUT / "centralized" / "summary.json").exists():
-        central = {**json.loads((OUT / "centralized" / "summary.json").read_text()), "setup": setup}
-        results = merged(path, {"centralized": central})
-    results = merged(path, {})
+    central = OUT / "centralized" / "summary.json"
+    results = merged(path, {"centralized": {**json.loads(central.read_text()), "setup": setup}} if central.exists()
+                     else {})
     plot(results, OUT.parent / "federated_attacks.png")
 
 

@@ -57,12 +57,13 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         return objective.evaluate(model, evals, "cpu")[metric]
 
     def evaluate_fn(server_round: int, _arrays) -> MetricRecord:
+        received = strategy.client_view()
         record = {**strategy.round_log.get(server_round, {"round": server_round}), "step": server_round,
-                  f"server_{metric}": score(strategy.theta), f"client_visible_{metric}": score(strategy.client_view()),
+                  f"server_{metric}": score(strategy.theta), f"client_visible_{metric}": score(received),
                   "elapsed_s": time.perf_counter() - started, "peak_mem_mb": peak_memory_mb("cpu")}
         record[f"eval_{metric}"] = record[f"server_{metric}"]
         if history is not None and server_round:  # what colluding clients have received so far
-            history.add(strategy.client_view())
+            history.add(received)
             record[f"multi_round_{metric}"] = score(history.mean())
         if accountant and server_round:
             record.update(epsilon=accountant.epsilon(server_round), delta=cfg.client_dp_delta)
