@@ -64,11 +64,14 @@ def main() -> None:
     if not SST2.exists():
         raise SystemExit(f"needs GLUE SST-2 at {SST2}")
     path = OUT.with_suffix(".json")
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = {}
     for name, (flags, target) in RUNS.items():
         if args.only and name not in args.only:
             continue
-        results[name] = {**run(name, flags, args.threads, args.gpu), "target": target}
+        row = {**run(name, flags, args.threads, args.gpu), "target": target}
+        # re-read before writing: runs started beside each other (one per core) each add their own row
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results[name] = row
         path.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

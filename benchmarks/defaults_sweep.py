@@ -29,7 +29,7 @@ ZO = ["--steps", "200", "--lr-scheduler", "linear"]
 # pair -> {candidate name: flags}; the MeZO/DPZero + LoRA candidates were selected in benchmarks/dpzero_clipping.py
 CANDIDATES = {
     "adamw+lora": {f"adamw-lora-lr{lr}": ["--optimizer", "adamw", "--peft", "lora", "--lr", lr, *FO]
-                   for lr in ("1e-4", "3e-4", "1e-3")},
+                   for lr in ("3e-4", "6e-4", "1e-3")},
     "adamw+svfit": {f"adamw-svfit-lr{lr}": ["--optimizer", "adamw", "--peft", "svfit", "--lr", lr, *FO]
                     for lr in ("5e-3", "2e-2")},
     "mezo+svfit": {f"mezo-svfit-lr{lr}": ["--optimizer", "mezo", "--peft", "svfit", "--lr", lr, "--eps", "1e-2", *ZO]

@@ -205,6 +205,37 @@ def e2e_table() -> str:
     return "\n".join(rows)
 
 
+def zo_convergence_table() -> str:
+    """benchmarks/zo_convergence.py: dev accuracy against training forward passes, pool vs Gaussian z, FZOO vs MeZO."""
+    import zo_convergence as bench
+
+    path = RESULTS / "zo_convergence.json"
+    d = json.loads(path.read_text()) if path.exists() else {"runs": {}, "targets": {}}
+    rows = ["| run | forwards / step | dev acc at each evaluation (every ~500 forwards, from 0) | final acc "
+            "| forwards to 80% | s/step | status |", "|" + "---|" * 7]
+    for name, (flags, fps) in bench.RUNS.items():
+        r = d["runs"].get(name)
+        if r is None:
+            rows.append(f"| {name} | {fps} | not run yet | - | - | - | - |")
+            continue
+        to = r["forwards_to_target"]
+        budget = flags[flags.index("--steps") + 1]
+        status = "finished" if r["finished"] else f"running (evaluated to step {r['steps'][-1]} of {budget})"
+        rows.append(f"| {name} | {fps} | {' / '.join(f'{a:.3f}' for a in r['accuracy'])} | {fmt(r['final_accuracy'])} "
+                    f"| {'not reached' if to is None else f'{to:,}'} | {fmt(r['time_per_step_s'], '.2f')} | {status} |")
+    notes = []
+    for key, t in d["targets"].items():
+        if "gap_at_last_common_step" in t and t["gap_at_last_common_step"] is not None:
+            verdict = {True: "met", False: "**not met**", None: "runs not finished"}[t["within_1_point"]]
+            notes.append(f"{key}: gap {100 * t['gap_at_last_common_step']:+.1f} pts at step {t['common_steps'][-1]} "
+                         f"(target within 1 point: {verdict})")
+        elif "le_half" in t:
+            ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+            notes.append(f"{key}: forwards to 80% {t['forwards_to_target']} ({ratio}; target <= 0.5x: "
+                         f"{'met' if t['le_half'] else '**not met**'})")
+    return "\n".join(rows) + ("\n\n" + "; ".join(notes) + "." if notes else "")
+
+
 ZO_STEP_LABELS = {
     "inference": "inference (2 forwards)", "inference_lora": "inference + LoRA (2 forwards)",
     "adamw_full": "AdamW, full backprop", "naive_mezo_full": "naive MeZO (out-of-place, 4 sweeps)",
@@ -250,7 +281,7 @@ def main() -> None:
                "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
                "federated-attacks": federated_attacks_table, "broadcast": broadcast_table,
                "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table, "zo-step": zo_step_table, "gguf": gguf_table,
-               "dpzero-clipping": dpzero_clipping_table,
+               "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
 
 

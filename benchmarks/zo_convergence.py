@@ -1,0 +1,166 @@
+"""Accuracy per forward pass for the ZO estimators and perturbation sources (issue 13, items 1 and 4).
+
+SST-2 (all of train) -> the full 872-example dev set, SmolLM2-135M, batch 16, seed 0, every run at its per-method
+defaults (slimtune/optim/defaults.py) plus only the flag that names what is compared:
+
+- `mezo-lora-gaussian` is the `mezo-lora` row of benchmarks/defaults.py (same command, same directory: it is run or
+  resumed there, never twice), against `mezo-lora-pool` (`--perturbation pool`): the shared Gaussian pool must give
+  the accuracy of fresh Gaussian z at the same steps (target: within 1 point).
+- `mezo-full-gaussian` against `mezo-full-pool`: the same comparison on all 134M parameters, where the pool is what
+  brings the step to ~1x two forwards on CPU (benchmarks/zo_step.py).
+- `fzoo-lora`: FZOO (N = 8 one-sided Rademacher directions, N + 1 = 9 forwards per step) for the same number of
+  training forward passes as MeZO's 2,000 steps x 2; target: 80% dev accuracy in <= 0.5x MeZO's forward passes.
+
+Every run evaluates every ~500 training forward passes (250 MeZO steps, 56 FZOO steps), so the curves share an
+x-axis: training forward passes (evaluation passes not counted). A finished run is skipped, an unfinished one resumes
+from its checkpoint (ZO runs take hours on 2 CPU cores; `--gpu` makes them minutes).
+Results: benchmarks/results/zo_convergence.json, runs under benchmarks/results/zo_convergence/, plot
+benchmarks/results/zo_convergence.png, README table: `python benchmarks/readme_tables.py zo-convergence`.
+Usage: python benchmarks/zo_convergence.py [--only NAME...] [--threads N] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import defaults
+
+ROOT = defaults.ROOT
+OUT = ROOT / "benchmarks" / "results" / "zo_convergence"
+EVAL_FORWARDS = 500  # evaluate every ~500 training forward passes
+MEZO_FORWARDS = 2000 * 2  # MeZO's budget: 2,000 steps of two forwards
+TARGET_ACC = 0.80
+
+# name -> (flags, forward passes per training step); mezo-lora-gaussian is defaults.py's mezo-lora run
+RUNS = {
+    "mezo-lora-gaussian": (defaults.RUNS["mezo-lora"][0], 2),
+    "mezo-lora-pool": (["--optimizer", "mezo", "--peft", "lora", "--steps", "2000", "--perturbation", "pool"], 2),
+    "fzoo-lora": (["--optimizer", "fzoo", "--peft", "lora", "--steps", str(MEZO_FORWARDS // 9)], 9),
+    "mezo-full-gaussian": (["--optimizer", "mezo", "--peft", "none", "--steps", "2000"], 2),
+    "mezo-full-pool": (["--optimizer", "mezo", "--peft", "none", "--steps", "2000", "--perturbation", "pool"], 2),
+}
+# (run, reference): the pool must match Gaussian z at equal steps; FZOO must reach TARGET_ACC in half MeZO's passes
+POOL_PAIRS = (("mezo-lora-pool", "mezo-lora-gaussian"), ("mezo-full-pool", "mezo-full-gaussian"))
+FASTER = ("fzoo-lora", "mezo-lora-gaussian")
+
+
+def run_dir(name: str) -> Path:
+    return defaults.OUT / "mezo-lora" if name == "mezo-lora-gaussian" else OUT / name
+
+
+def train(name: str, threads: int, gpu: bool) -> None:
+    """Run (or resume) one configuration; a finished one is left alone."""
+    if name == "mezo-lora-gaussian":
+        defaults.run("mezo-lora", defaults.RUNS["mezo-lora"][0], threads, gpu)
+        return
+    flags, fps = RUNS[name]
+    out = run_dir(name)
+    if (out / "summary.json").exists():
+        return
+    cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(defaults.SST2 / "train.tsv"), "--eval-data",
+           str(defaults.SST2 / "dev.tsv"), "--out", str(out), "--model", "smollm2",
+           "--eval-every", str(round(EVAL_FORWARDS / fps)), "--checkpoint-every", "25", "--quiet",
+           "--device", "cuda" if gpu else "cpu", *flags, *(["--resume"] if (out / "checkpoint").exists() else [])]
+    print("+", " ".join(cmd), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    subprocess.run(cmd, check=True, env=env)
+
+
+def curve(name: str) -> dict | None:
+    """The evaluations of a run (finished or not) on the forward-pass axis; None if it has not started."""
+    path = run_dir(name) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    fps = RUNS[name][1]
+    metrics = [json.loads(line) for line in path.read_text().splitlines()]
+    evals = {m["step"]: m["eval_accuracy"] for m in metrics if "eval_accuracy" in m}  # a resume may re-log a step
+    summary_path = run_dir(name) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    times = [m["step_time_s"] for m in metrics if "step_time_s" in m]
+    first = next((s for s in sorted(evals) if evals[s] >= TARGET_ACC), None)
+    return {"forwards_per_step": fps, "finished": bool(summary), "steps": sorted(evals),
+            "forward_passes": [s * fps for s in sorted(evals)], "accuracy": [evals[s] for s in sorted(evals)],
+            "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
+            "time_per_step_s": sum(times) / len(times) if times else None,
+            "forwards_to_target": None if first is None else first * fps, "flags": RUNS[name][0]}
+
+
+def compare(results: dict) -> dict:
+    """The issue's two accuracy targets from whatever has been evaluated so far (None: not measurable yet)."""
+    out = {}
+    for run, ref in POOL_PAIRS:
+        a, b = results.get(run), results.get(ref)
+        if not (a and b):
+            continue
+        common = sorted(set(a["steps"]) & set(b["steps"]) - {0})
+        acc = lambda r, s: r["accuracy"][r["steps"].index(s)]
+        gaps = [acc(a, s) - acc(b, s) for s in common]
+        out[f"{run}_vs_{ref}"] = {
+            "common_steps": common, "gap_at_each_step": gaps,
+            "gap_at_last_common_step": gaps[-1] if gaps else None,
+            "within_1_point": (abs(gaps[-1]) <= 0.01) if gaps and a["finished"] and b["finished"] else None}
+    run, ref = FASTER
+    a, b = results.get(run), results.get(ref)
+    if a and b and a["finished"] and b["finished"]:
+        fa, fb = a["forwards_to_target"], b["forwards_to_target"]
+        out[f"{run}_vs_{ref}"] = {"forwards_to_target": [fa, fb],
+                                  "ratio": (fa / fb) if fa is not None and fb else None,
+                                  "le_half": (fa is not None and (fb is None or fa <= 0.5 * fb))}
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        ax.plot(r["forward_passes"], r["accuracy"], marker="o", ms=3,
+                label=name + ("" if r["finished"] else " (running)"))
+    ax.axhline(TARGET_ACC, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("training forward passes")
+    ax.set_ylabel("SST-2 dev accuracy (872)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def collect() -> dict:
+    """Read every run's curve into zo_convergence.json and the plot (also while runs are still going)."""
+    results = {name: c for name in RUNS if (c := curve(name)) is not None}
+    doc = {"target_accuracy": TARGET_ACC, "eval_every_forwards": EVAL_FORWARDS, "runs": results,
+           "targets": compare(results)}
+    path = OUT.with_suffix(".json")
+    path.write_text(json.dumps(doc, indent=2))
+    if results:
+        plot(results, OUT.with_suffix(".png"))
+    return doc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", choices=list(RUNS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gpu", action="store_true", help="run on CUDA (minutes instead of hours)")
+    ap.add_argument("--collect", action="store_true", help="only gather what the runs have logged so far")
+    args = ap.parse_args()
+    if not defaults.SST2.exists():
+        raise SystemExit(f"needs GLUE SST-2 at {defaults.SST2}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not args.collect:
+        for name in RUNS:
+            if not args.only or name in args.only:
+                train(name, args.threads, args.gpu)
+                collect()
+    print(json.dumps(collect()["targets"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
