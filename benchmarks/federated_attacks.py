@@ -33,9 +33,30 @@ def merged(path: Path, entries: dict) -> dict:
     return results
 
 
+# the settings of the first recorded run; a run that differs from them gets a name (and label) that says how
+BASE = {"server_optimizer": "fedavgm", "server_lr": None, "server_momentum": 0.9, "aggregation": "fedavg",
+        "dither": 0.0}
+
+
+def variant(setup: dict) -> str:
+    """'-fedadam-slr0.003', '-m0.5', '-ffa', '-dither2' ... for the settings that differ from BASE ('' if none)."""
+    get = lambda k: setup.get(k, BASE[k])
+    out = ""
+    if get("server_optimizer") != BASE["server_optimizer"]:
+        out += f"-{get('server_optimizer')}"
+    if get("server_lr") is not None:
+        out += f"-slr{get('server_lr'):g}"
+    if get("server_optimizer") == "fedavgm" and get("server_momentum") != BASE["server_momentum"]:
+        out += f"-m{get('server_momentum'):g}"
+    if get("aggregation") != BASE["aggregation"]:
+        out += f"-{get('aggregation')}"
+    if get("dither"):
+        out += f"-dither{get('dither'):g}"
+    return out
+
+
 def label(run: dict) -> str:
-    dither = (run.get("setup") or {}).get("dither")
-    return f"{run['bits']}-bit" + (f" dither {dither:g}" if dither else "")
+    return f"{run['bits']}-bit" + variant(run.get("setup") or {}).replace("-", " ")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -81,10 +102,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--clients-per-round", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--local-steps", type=int, default=5)
+    ap.add_argument("--local-steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--server-optimizer", default="fedavgm")
     ap.add_argument("--server-lr", type=float)
+    ap.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm's momentum")
+    ap.add_argument("--aggregation", default="fedavg", choices=["fedavg", "ffa"], help="FedIT (fedavg) or FFA-LoRA")
     ap.add_argument("--dither", type=float, default=0.0, help="fixed secret broadcast dither (units of the largest step)")
     ap.add_argument("--attack-coalition", type=int, default=2)
     ap.add_argument("--attack-window", type=int, default=5)
@@ -106,10 +129,10 @@ def main() -> None:
     data, dev = subset(args.train_size, OUT), subset(args.dev_size, OUT, "dev")
     path = OUT.with_suffix(".json")
     setup = {k: getattr(args, k) for k in ("clients", "clients_per_round", "rounds", "local_steps", "lr",
-                                           "server_optimizer", "server_lr", "attack_coalition", "attack_window",
-                                           "train_size", "dev_size", "dither")}
+                                           "server_optimizer", "server_lr", "server_momentum", "aggregation",
+                                           "attack_coalition", "attack_window", "train_size", "dev_size", "dither")}
     for bits in [] if args.centralized_only else args.bits:
-        name = f"fedlpp-{bits}bit" + (f"-dither{args.dither:g}" if args.dither else "")
+        name = f"fedlpp-{bits}bit" + variant(setup)
         run_dir = OUT / name
         if not (run_dir / "summary.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -118,6 +141,7 @@ def main() -> None:
                                   rounds=args.rounds, bits=bits, local_steps=args.local_steps, lr=args.lr,
                                   batch_size=16, lora_r=8, dirichlet_alpha=0.5, out_dir=str(run_dir),
                                   server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+                                  server_momentum=args.server_momentum, aggregation=args.aggregation,
                                   attack_coalition=args.attack_coalition, attack_window=args.attack_window,
                                   dither=args.dither)
             simulate(cfg, cpus_per_client=float(os.cpu_count() or 1))  # one client at a time: no oversubscription

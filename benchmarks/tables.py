@@ -81,14 +81,15 @@ def federated_attacks_table() -> str:
         return "(not run yet: `python benchmarks/federated_attacks.py`)"
     d = json.loads(path.read_text())
     central = d.get("centralized", {}).get("final_accuracy")
-    rows = ["| run | server acc (theta) | theta - centralized | Q(theta) as received | theta - Q(theta) | "
-            "mean of last W broadcasts | coalition fine-tune | best attack | theta - best attack | coalition alone "
-            "(fresh LoRA) | payload bytes down / client / round |", "|" + "---|" * 11]
+    rows = ["| run | server acc (theta) | theta, mean of last 10 rounds | theta - centralized | Q(theta) as received | "
+            "theta - Q(theta) | mean of last W broadcasts | coalition fine-tune | best attack | theta - best attack | "
+            "coalition alone (fresh LoRA) | payload bytes down / client / round |", "|" + "---|" * 12]
     for name, s in d.items():
         if name == "centralized":
             continue
         theta, q, best = s["final_accuracy"], s["client_visible_accuracy"], s["attack_best_score"]
-        rows.append(f"| {name} ({s['rounds']} rounds) | {fmt(theta)} | "
+        last = [m["server_accuracy"] for m in s.get("round_metrics", []) if m["round"] > 0][-10:]
+        rows.append(f"| {name} ({s['rounds']} rounds) | {fmt(theta)} | {fmt(sum(last) / len(last) if last else None)} | "
                     f"{fmt(None if central is None else (theta - central) * 100, '+.1f')} pts | {fmt(q)} | "
                     f"{(theta - q) * 100:+.1f} pts | {fmt(s['attack_multi_round_score'])} | "
                     f"{fmt(s['attack_coalition_score'])} | {fmt(best)} | {(theta - best) * 100:+.1f} pts | "
@@ -96,7 +97,7 @@ def federated_attacks_table() -> str:
                     f"{s['payload_bytes_down_per_client_per_round']:,.0f} |")
     if central is not None:
         rows.append(f"| centralized (same examples, same total local steps) | {fmt(central)} | - | - | - | - | - | - | "
-                    f"- | - | - |")
+                    f"- | - | - | - |")
     return "\n".join(rows)
 
 
