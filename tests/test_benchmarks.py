@@ -1,0 +1,86 @@
+"""The benchmark scripts: they compile under the supported Python, and the logic that turns their runs into the
+README's verdicts (targets met or not) says what the numbers say."""
+
+from __future__ import annotations
+
+import py_compile
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def bench_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_every_benchmark_compiles(script, tmp_path):
+    py_compile.compile(str(BENCH / script), cfile=str(tmp_path / "x.pyc"), doraise=True)
+
+
+def _run(steps, acc, fps=2, finished=True):
+    return {"steps": steps, "accuracy": acc, "forward_passes": [s * fps for s in steps], "finished": finished,
+            "forwards_to_target": next((s * fps for s, a in zip(steps, acc) if a >= 0.8), None)}
+
+
+def test_pool_target_compares_equal_steps_and_waits_for_finished_runs():
+    import zo_convergence as z
+
+    gauss = _run([0, 250, 500], [0.5, 0.75, 0.80])
+    pool = _run([0, 250, 500], [0.5, 0.70, 0.795])
+    t = z.compare({"mezo-lora-gaussian": gauss, "mezo-lora-pool": pool})["mezo-lora-pool_vs_mezo-lora-gaussian"]
+    assert t["common_steps"] == [250, 500] and t["gap_at_last_common_step"] == pytest.approx(-0.005)
+    assert t["within_1_point"] is True
+    pool_far = _run([0, 250, 500], [0.5, 0.75, 0.78])
+    t = z.compare({"mezo-lora-gaussian": gauss, "mezo-lora-pool": pool_far})["mezo-lora-pool_vs_mezo-lora-gaussian"]
+    assert t["within_1_point"] is False
+    running = _run([0, 250], [0.5, 0.75], finished=False)
+    t = z.compare({"mezo-lora-gaussian": gauss, "mezo-lora-pool": running})["mezo-lora-pool_vs_mezo-lora-gaussian"]
+    assert t["within_1_point"] is None and t["common_steps"] == [250]  # no verdict on a run that has not finished
+
+
+def test_fzoo_target_is_half_of_mezos_forward_passes():
+    import zo_convergence as z
+
+    mezo = _run([0, 250, 500, 750], [0.5, 0.7, 0.79, 0.81])  # 80% at 1,500 forward passes
+    fast = _run([0, 56, 112], [0.5, 0.7, 0.82], fps=9)  # 80% at 1,008
+    t = z.compare({"mezo-lora-gaussian": mezo, "fzoo-lora": fast})["fzoo-lora_vs_mezo-lora-gaussian"]
+    assert t["forwards_to_target"] == [1008, 1500] and t["le_half"] is False
+    faster = _run([0, 56], [0.5, 0.81], fps=9)  # 504 <= 750
+    assert z.compare({"mezo-lora-gaussian": mezo, "fzoo-lora": faster})["fzoo-lora_vs_mezo-lora-gaussian"]["le_half"]
+    never = _run([0, 56, 112], [0.5, 0.6, 0.7], fps=9)
+    t = z.compare({"mezo-lora-gaussian": mezo, "fzoo-lora": never})["fzoo-lora_vs_mezo-lora-gaussian"]
+    assert t["le_half"] is False and t["ratio"] is None
+
+
+def test_zo_convergence_reads_a_run_that_is_still_going(tmp_path, monkeypatch):
+    import json
+
+    import zo_convergence as z
+
+    monkeypatch.setattr(z, "run_dir", lambda name: tmp_path / name)
+    (tmp_path / "fzoo-lora").mkdir()
+    lines = [{"step": 0, "eval_accuracy": 0.5}, {"step": 1, "loss": 1.0, "step_time_s": 2.0},
+             {"step": 56, "loss": 0.9, "step_time_s": 4.0, "eval_accuracy": 0.81},
+             {"step": 56, "eval_accuracy": 0.81}]  # a resumed run may log an evaluation twice
+    (tmp_path / "fzoo-lora" / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    c = z.curve("fzoo-lora")
+    assert c["steps"] == [0, 56] and c["forward_passes"] == [0, 504] and c["forwards_to_target"] == 504
+    assert c["finished"] is False and c["time_per_step_s"] == pytest.approx(3.0)
+    assert z.curve("mezo-full-pool") is None
+
+
+def test_federated_run_names_say_how_they_differ_from_the_first_run():
+    import federated_attacks as f
+
+    assert f.variant({"server_optimizer": "fedavgm", "server_lr": None, "server_momentum": 0.9,
+                      "aggregation": "fedavg", "dither": 0.0}) == ""
+    assert f.variant({"server_optimizer": "fedadam", "server_lr": 3e-3}) == "-fedadam-slr0.003"
+    assert f.variant({"server_momentum": 0.5}) == "-m0.5"
+    assert f.variant({"server_optimizer": "fedadam", "server_momentum": 0.5}) == "-fedadam"  # momentum: fedavgm's
+    assert f.variant({"aggregation": "ffa", "dither": 2.0}) == "-ffa-dither2"
+    assert len({f.variant(s) for s in ({}, {"server_momentum": 0.5}, {"aggregation": "ffa"}, {"dither": 1.0})}) == 4
+
