@@ -30,8 +30,11 @@ ZO = ["--steps", "200", "--lr-scheduler", "linear"]
 CANDIDATES = {
     "adamw+lora": {f"adamw-lora-lr{lr}": ["--optimizer", "adamw", "--peft", "lora", "--lr", lr, *FO]
                    for lr in ("3e-4", "6e-4", "1e-3")},
-    "adamw+svfit": {f"adamw-svfit-lr{lr}": ["--optimizer", "adamw", "--peft", "svfit", "--lr", lr, *FO]
-                    for lr in ("5e-3", "2e-2")},
+    "adamw+svfit": {**{f"adamw-svfit-lr{lr}": ["--optimizer", "adamw", "--peft", "svfit", "--lr", lr, *FO]
+                       for lr in ("5e-3", "2e-2")},
+                    # relative scales (values = S_r * m): AdamW moves every singular value by ~lr of itself
+                    **{f"adamw-svfit-rel-lr{lr}": ["--optimizer", "adamw", "--peft", "svfit", "--svfit-relative",
+                                                   "--lr", lr, *FO] for lr in ("1e-2", "3e-2")}},
     "mezo+svfit": {f"mezo-svfit-lr{lr}": ["--optimizer", "mezo", "--peft", "svfit", "--lr", lr, "--eps", "1e-2", *ZO]
                    for lr in ("2e-3", "2e-2")},
     "lozo+none": {f"lozo-full-lr{lr}": ["--optimizer", "lozo", "--peft", "none", "--lr", lr, "--eps", "1e-3", *ZO]
