@@ -35,6 +35,13 @@ CANDIDATES = {
                     # relative scales (values = S_r * m): AdamW moves every singular value by ~lr of itself
                     **{f"adamw-svfit-rel-lr{lr}": ["--optimizer", "adamw", "--peft", "svfit", "--svfit-relative",
                                                    "--lr", lr, *FO] for lr in ("1e-2", "3e-2")}},
+    # MeZO + LoRA at the dpzero_clipping choice (lr 2e-3) learned for 200 steps and diverged at ~step 350 of the
+    # 2,000-step defaults run (train loss 0.56 -> 1.2, |projected grad| 1.7 -> 13; results/
+    # defaults_diverged_mezo-lora-lr2e-3): candidates run 600 steps at a constant lr, harsher than the defaults'
+    # linear decay, so that an lr which only blows up later cannot win.
+    "mezo+lora": {f"mezo-lora-lr{lr}-const600": ["--optimizer", "mezo", "--peft", "lora", "--lr", lr, "--eps", "1e-2",
+                                                 "--steps", "600", "--lr-scheduler", "constant"]
+                  for lr in ("5e-4", "1e-3")},
     "mezo+svfit": {f"mezo-svfit-lr{lr}": ["--optimizer", "mezo", "--peft", "svfit", "--lr", lr, "--eps", "1e-2", *ZO]
                    for lr in ("2e-3", "2e-2")},
     "lozo+none": {f"lozo-full-lr{lr}": ["--optimizer", "lozo", "--peft", "none", "--lr", lr, "--eps", "1e-3", *ZO]
@@ -73,8 +80,10 @@ def main() -> None:
         for name, flags in candidates.items():
             if args.only and pair not in args.only and name not in args.only:
                 continue
-            results.setdefault(pair, {"candidates": {}})["candidates"][name] = run(name, flags, train, val,
-                                                                                    args.threads)
+            row = run(name, flags, train, val, args.threads)
+            # re-read before writing: sweeps started beside each other (one per core) each add their own rows
+            results = json.loads(path.read_text()) if path.exists() else {}
+            results.setdefault(pair, {"candidates": {}})["candidates"][name] = row
             done = results[pair]["candidates"]
             results[pair]["selected"] = max(done, key=lambda n: (done[n]["final_accuracy"],
                                                                  -(done[n].get("final_eval_loss") or 0)))
