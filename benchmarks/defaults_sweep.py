@@ -34,7 +34,10 @@ CANDIDATES = {
                        for lr in ("5e-3", "2e-2")},
                     # relative scales (values = S_r * m): AdamW moves every singular value by ~lr of itself
                     **{f"adamw-svfit-rel-lr{lr}": ["--optimizer", "adamw", "--peft", "svfit", "--svfit-relative",
-                                                   "--lr", lr, *FO] for lr in ("1e-2", "3e-2")}},
+                                                   "--lr", lr, *FO] for lr in ("1e-2", "3e-2")},
+                    # more values: r = 32 is 6,720 trainable values, still 69x fewer than LoRA r = 8
+                    "adamw-svfit-rel-r32-lr3e-2": ["--optimizer", "adamw", "--peft", "svfit", "--svfit-relative",
+                                                   "--r", "32", "--lr", "3e-2", *FO]},
     # MeZO + LoRA at the dpzero_clipping choice (lr 2e-3) learned for 200 steps and diverged at ~step 350 of the
     # 2,000-step defaults run (train loss 0.56 -> 1.2, |projected grad| 1.7 -> 13; results/
     # defaults_diverged_mezo-lora-lr2e-3): candidates run 600 steps at a constant lr, harsher than the defaults'
