@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from launch import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -37,15 +36,9 @@ RUNS = {
 
 def run(name: str, flags: list[str], threads: int, gpu: bool) -> dict:
     run_dir = OUT / name
-    if not (run_dir / "summary.json").exists():
-        steps = int(flags[flags.index("--steps") + 1])
-        resume = ["--resume"] if (run_dir / "checkpoint").exists() else []
-        cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(SST2 / "train.tsv"), "--eval-data",
-               str(SST2 / "dev.tsv"), "--out", str(run_dir), "--model", "smollm2", "--eval-every", str(steps // 8),
-               "--checkpoint-every", "50", "--quiet", "--device", "cuda" if gpu else "cpu", *flags, *resume]
-        print("+", " ".join(cmd), flush=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        subprocess.run(cmd, check=True, env=env)
+    steps = int(flags[flags.index("--steps") + 1])
+    train_run(run_dir, SST2 / "train.tsv", SST2 / "dev.tsv", ["--model", "smollm2", "--eval-every", str(steps // 8),
+              "--checkpoint-every", "50", "--device", "cuda" if gpu else "cpu", *flags], threads)
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "eval_accuracy" in m]

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from dpzero_clipping import ROOT, SST2, carve_split
+from launch import train_run
 
 OUT = ROOT / "benchmarks" / "results" / "defaults_sweep"
 
@@ -54,15 +52,9 @@ CANDIDATES = {
 
 def run(name: str, flags: list[str], train: Path, val: Path, threads: int) -> dict:
     run_dir = OUT / name
-    if not (run_dir / "summary.json").exists():
-        resume = ["--resume"] if (run_dir / "checkpoint").exists() else []
-        steps = int(flags[flags.index("--steps") + 1])
-        cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(train), "--eval-data", str(val),
-               "--out", str(run_dir), "--model", "smollm2", "--batch-size", "16", "--eval-every", str(steps // 5),
-               "--checkpoint-every", "25", "--seed", "0", "--quiet", *flags, *resume]
-        print("+", " ".join(cmd), flush=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        subprocess.run(cmd, check=True, env=env)
+    steps = int(flags[flags.index("--steps") + 1])
+    train_run(run_dir, train, val, ["--model", "smollm2", "--batch-size", "16", "--eval-every", str(steps // 5),
+                                    "--checkpoint-every", "25", "--seed", "0", *flags], threads)
     summary = json.loads((run_dir / "summary.json").read_text())
     keep = ("best_accuracy", "best_eval_loss", "best_step", "final_accuracy", "final_eval_loss", "steps",
             "time_per_step_s")

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from launch import thread_env, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E = ROOT.parent / "shared" / "data" / "e2e"
@@ -53,20 +54,11 @@ def split_by_mr(held_out: int = 40) -> tuple[Path, Path]:
     return paths
 
 
-def env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-
-
 def train(name: str, flags: list[str], train_csv: Path, select_csv: Path, threads: int, device: str) -> dict:
     run_dir = OUT / name
-    if not (run_dir / "summary.json").exists():
-        steps = int(flags[flags.index("--steps") + 1])
-        resume = ["--resume"] if (run_dir / "checkpoint").exists() else []
-        cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(train_csv), "--eval-data", str(select_csv),
-               "--out", str(run_dir), "--eval-every", str(steps // 6), "--no-eval-generate", "--checkpoint-every",
-               "50", "--quiet", "--device", device, *TASK, *flags, *resume]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, env=env(threads))
+    steps = int(flags[flags.index("--steps") + 1])
+    train_run(run_dir, train_csv, select_csv, ["--eval-every", str(steps // 6), "--no-eval-generate",
+                                               "--checkpoint-every", "50", "--device", device, *TASK, *flags], threads)
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -79,7 +71,7 @@ def score(name: str, adapter: Path | None, threads: int, device: str) -> dict:
     if adapter is not None:
         cmd += ["--adapter", str(adapter)]
     start = time.perf_counter()
-    out = subprocess.run(cmd, check=True, env=env(threads), capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, env=thread_env(threads), capture_output=True, text=True).stdout
     return {**json.loads(out[out.index("{"):]), "eval_time_s": time.perf_counter() - start}
 
 

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import defaults
+from launch import train_run
 
 ROOT = defaults.ROOT
 OUT = ROOT / "benchmarks" / "results" / "zo_convergence"
@@ -59,16 +57,9 @@ def train(name: str, threads: int, gpu: bool) -> None:
         defaults.run("mezo-lora", defaults.RUNS["mezo-lora"][0], threads, gpu)
         return
     flags, fps = RUNS[name]
-    out = run_dir(name)
-    if (out / "summary.json").exists():
-        return
-    cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(defaults.SST2 / "train.tsv"), "--eval-data",
-           str(defaults.SST2 / "dev.tsv"), "--out", str(out), "--model", "smollm2",
-           "--eval-every", str(round(EVAL_FORWARDS / fps)), "--checkpoint-every", "25", "--quiet",
-           "--device", "cuda" if gpu else "cpu", *flags, *(["--resume"] if (out / "checkpoint").exists() else [])]
-    print("+", " ".join(cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    subprocess.run(cmd, check=True, env=env)
+    train_run(run_dir(name), defaults.SST2 / "train.tsv", defaults.SST2 / "dev.tsv",
+              ["--model", "smollm2", "--eval-every", str(round(EVAL_FORWARDS / fps)), "--checkpoint-every", "25",
+               "--device", "cuda" if gpu else "cpu", *flags], threads)
 
 
 def curve(name: str) -> dict | None:
@@ -82,9 +73,10 @@ def curve(name: str) -> dict | None:
     summary_path = run_dir(name) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     times = [m["step_time_s"] for m in metrics if "step_time_s" in m]
-    first = next((s for s in sorted(evals) if evals[s] >= TARGET_ACC), None)
-    return {"forwards_per_step": fps, "finished": bool(summary), "steps": sorted(evals),
-            "forward_passes": [s * fps for s in sorted(evals)], "accuracy": [evals[s] for s in sorted(evals)],
+    steps = sorted(evals)
+    first = next((s for s in steps if evals[s] >= TARGET_ACC), None)
+    return {"forwards_per_step": fps, "finished": bool(summary), "steps": steps,
+            "forward_passes": [s * fps for s in steps], "accuracy": [evals[s] for s in steps],
             "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
             "time_per_step_s": sum(times) / len(times) if times else None,
             "forwards_to_target": None if first is None else first * fps, "flags": RUNS[name][0]}

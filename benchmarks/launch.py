@@ -1,0 +1,25 @@
+"""Run `slimtune train` for a benchmark: a finished run (summary.json) is left alone, an unfinished one resumes from
+its checkpoint, and the process gets `threads` torch threads (runs side by side, one per core, do not oversubscribe)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def thread_env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def train_run(run_dir: Path, data: Path, eval_data: Path, flags: list[str], threads: int) -> None:
+    """`slimtune train --data data --eval-data eval_data --out run_dir --quiet *flags` (+ --resume when a checkpoint
+    is there); nothing if the run has finished."""
+    if (run_dir / "summary.json").exists():
+        return
+    resume = ["--resume"] if (run_dir / "checkpoint").exists() else []
+    cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(data), "--eval-data", str(eval_data),
+           "--out", str(run_dir), "--quiet", *flags, *resume]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=thread_env(threads))
