@@ -25,6 +25,12 @@ def time_to(metrics: list[dict], target: float, mean_step_s: float | None = None
     return "not reached"
 
 
+def read_results(relative: str) -> dict | None:
+    """A benchmark's JSON under benchmarks/results/, or None before that benchmark has run."""
+    path = RESULTS / relative
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
@@ -44,10 +50,9 @@ def grid_table(task: str, names: list[str], target: float) -> str:
 
 
 def mia_table() -> str:
-    path = RESULTS / "membership_inference.json"
-    if not path.exists():
+    d = read_results("membership_inference.json")
+    if d is None:
         return "(not run)"
-    d = json.loads(path.read_text())
     rows = [f"{d['members']} members, {d['steps']} steps, delta = {d['delta']}", "",
             "| run | attack AUC | member loss | non-member loss | epsilon |", "|---|---|---|---|---|"]
     for name, r in d["results"].items():
@@ -57,10 +62,9 @@ def mia_table() -> str:
 
 
 def federated_table() -> str:
-    path = RESULTS / "federated.json"
-    if not path.exists():
+    d = read_results("federated.json")
+    if d is None:
         return "(not run)"
-    d = json.loads(path.read_text())
     rows = ["| run | server acc (theta) | client-visible acc (Q(theta)) | start acc | payload bytes down / client / "
             "round | payload bytes up / client / round | peak memory (MB) |", "|" + "---|" * 7]
     for name, s in d.items():
@@ -76,10 +80,9 @@ def federated_table() -> str:
 
 
 def federated_attacks_table() -> str:
-    path = RESULTS / "federated_attacks.json"
-    if not path.exists():
+    d = read_results("federated_attacks.json")
+    if d is None:
         return "(not run yet: `python benchmarks/federated_attacks.py`)"
-    d = json.loads(path.read_text())
     central = d.get("centralized", {}).get("final_accuracy")
     rows = ["| run | server acc (theta) | theta, mean of last 10 rounds | theta - centralized | Q(theta) as received | "
             "theta - Q(theta) | mean of last W broadcasts | coalition fine-tune | best attack | theta - best attack | "
@@ -102,10 +105,9 @@ def federated_attacks_table() -> str:
 
 
 def broadcast_table() -> str:
-    path = RESULTS / "broadcast_accuracy.json"
-    if not path.exists():
+    d = read_results("broadcast_accuracy.json")
+    if d is None:
         return "(not run yet: `python benchmarks/broadcast_accuracy.py`)"
-    d = json.loads(path.read_text())
     rows = [f"theta ({d['adapter']}): {fmt(d['theta'])} on the first {d['dev_size']} dev examples.", "",
             "| bits | dither (largest steps) | accuracy of Q(theta) | theta - Q(theta) | relative L2 error | payload bytes |",
             "|---|---|---|---|---|---|"]
@@ -116,10 +118,9 @@ def broadcast_table() -> str:
 
 
 def scaling_table() -> str:
-    path = RESULTS / "scaling" / "scaling_law.json"
-    if not path.exists():
+    d = read_results("scaling/scaling_law.json")
+    if d is None:
         return "(not run)"
-    d = json.loads(path.read_text())
     rows = ["| method | fit: L = A / (X^alpha D_f^beta) + E | RMSE (log L) |", "|---|---|---|"]
     for m, f in d["fits"].items():
         rows.append(f"| {m} | {f['A']:.3g} / (X^{f['alpha']:.3f} D_f^{f['beta']:.3f}) + {f['E']:.3f} | "
@@ -135,16 +136,14 @@ def scaling_table() -> str:
 
 
 def dpzero_clipping_table(split: str = "val") -> str:
-    path = RESULTS / "dpzero_clipping" / f"{split}.json"
-    if not path.exists():
+    d = read_results(f"dpzero_clipping/{split}.json")
+    if d is None:
         return "(not run)"
-    d = json.loads(path.read_text())
     rows = ["| run | acc at steps 0/40/80/120/160/200 | final acc | eval loss (final) | final C | epsilon | s/step |",
             "|" + "---|" * 7]
     for name, r in d.items():
         curve = " / ".join(f"{a:.3f}" for _, a in r["eval_curve"])
-        metrics_path = RESULTS / "dpzero_clipping" / split / name / "summary.json"
-        loss = json.loads(metrics_path.read_text()).get("final_eval_loss") if metrics_path.exists() else None
+        loss = (read_results(f"dpzero_clipping/{split}/{name}/summary.json") or {}).get("final_eval_loss")
         rows.append(f"| {name} | {curve} | {fmt(r['final_accuracy'])} | {fmt(loss)} | "
                     f"{fmt(r['clip_final'], '.2f')} | {fmt(r['epsilon'], '.2f')} | {fmt(r['time_per_step_s'], '.2f')} |")
     return "\n".join(rows)
@@ -154,8 +153,7 @@ def defaults_table() -> str:
     """benchmarks/defaults.py: every method at its defaults on the full SST-2 dev set, with its target."""
     import defaults as bench
 
-    path = RESULTS / "defaults.json"
-    d = json.loads(path.read_text()) if path.exists() else {}
+    d = read_results("defaults.json") or {}
     rows = ["| run | trainable params | steps | dev acc (best = saved) | best step | final acc | epsilon | peak MB "
             "| wall time | target |", "|" + "---|" * 10]
     for name, (_, target) in bench.RUNS.items():
@@ -172,12 +170,12 @@ def defaults_table() -> str:
 
 def sweep_table() -> str:
     """benchmarks/defaults_sweep.py: the candidates per pair on the train split, and the one selected."""
-    path = RESULTS / "defaults_sweep.json"
-    if not path.exists():
+    d = read_results("defaults_sweep.json")
+    if d is None:
         return "(not run)"
     rows = ["| pair | candidate | val acc (final) | val loss (final) | val acc (best, step) | steps | s/step | selected |",
             "|" + "---|" * 8]
-    for pair, r in json.loads(path.read_text()).items():
+    for pair, r in d.items():
         for name, c in r["candidates"].items():
             rows.append(f"| {pair} | {name} | {fmt(c['final_accuracy'])} | {fmt(c.get('final_eval_loss'))} | "
                         f"{fmt(c['best_accuracy'])} ({c['best_step']}) | {c['steps']} | "
@@ -189,8 +187,7 @@ def e2e_table() -> str:
     """benchmarks/e2e_generation.py: E2E NLG validation.csv (67 MRs, 556 references), each saved model scored once."""
     import e2e_generation as bench
 
-    path = RESULTS / "e2e.json"
-    d = json.loads(path.read_text()) if path.exists() else {}
+    d = read_results("e2e.json") or {}
     rows = ["| run | trainable params | steps | BLEU | ROUGE-L | loss | peak MB (train) | train time | epsilon |",
             "|" + "---|" * 9]
     for name in bench.RUNS:
@@ -210,8 +207,7 @@ def zo_convergence_table() -> str:
     """benchmarks/zo_convergence.py: dev accuracy against training forward passes, pool vs Gaussian z, FZOO vs MeZO."""
     import zo_convergence as bench
 
-    path = RESULTS / "zo_convergence.json"
-    d = json.loads(path.read_text()) if path.exists() else {"runs": {}, "targets": {}}
+    d = read_results("zo_convergence.json") or {"runs": {}, "targets": {}}
     rows = ["| run | forwards / step | dev acc at each evaluation (every ~500 forwards, from 0) | final acc "
             "| forwards to 80% | s/step | status |", "|" + "---|" * 7]
     for name, (flags, fps) in bench.RUNS.items():
