@@ -266,6 +266,20 @@ def gguf_table() -> str:
     return "\n".join(rows)
 
 
+def generation_speed_table() -> str:
+    """benchmarks/generation_speed.py: greedy decoding of the 67 E2E validation MRs (issue 12: under 60 s)."""
+    d = read_results("generation_speed.json")
+    if d is None:
+        return "not run yet"
+    rows = ["| model | prompts | batch | new tokens | time (s) | tokens/s | under 60 s |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    for name, r in d["rows"].items():
+        rows.append(f"| {name} | {r['prompts']} | {r['batch_size']} | {r['generated_tokens']:,} | {r['seconds']:.1f} | "
+                    f"{r['tokens_per_s']:.0f} | {'yes' if r['under_target'] else '**no**'} |")
+    return "\n".join(rows) + (f"\n\nGreedy, at most {d['max_new_tokens']} new tokens, fastest of the timed passes; "
+                              f"{d['device']}, {d['threads']} threads, torch {d['torch']}.")
+
+
 def main() -> None:
     which = sys.argv[1:] or ["sst2", "dp", "peft", "mia", "federated", "rte", "scaling"]
     main_runs = ["fo-lora", "fo-lora-lr3e-4", "zo-lora", "lozo-full"]
@@ -277,7 +291,8 @@ def main() -> None:
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
                "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
                "federated-attacks": federated_attacks_table, "broadcast": broadcast_table,
-               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table, "zo-step": zo_step_table, "gguf": gguf_table,
+               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table, "generation-speed": generation_speed_table,
+               "zo-step": zo_step_table, "gguf": gguf_table,
                "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
 
