@@ -71,7 +71,7 @@ def train(
     target_modules: Optional[str] = typer.Option(None, help="comma-separated layer names (default per architecture)"),
     svfit_relative: Optional[bool] = typer.Option(None, "--svfit-relative/--svfit-absolute",
                                                   help="SVFit: train multiplicative scales of the singular values "
-                                                  "(default under ZO optimizers) or the values themselves"),
+                                                  "(default) or the values themselves"),
     learn_scale: bool = typer.Option(False, help="SVFit: also learn a scale per singular value"),
     pissa_niter: Optional[int] = typer.Option(None, help="PiSSA: randomized SVD with this many iterations (fast)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: per optimizer x PEFT, printed at start)"),

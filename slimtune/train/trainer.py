@@ -24,7 +24,7 @@ import torch
 
 from slimtune import SlimtuneError, distributed
 from slimtune.data import EpochSampler, PoissonSampler, k_shot
-from slimtune.optim import PRIVATE_OPTIMIZERS, ZO_OPTIMIZERS, OptimizerArgs, build_optimizer
+from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.optim.defaults import resolve as resolve_defaults
 from slimtune.optim.schedule import lr_multiplier
@@ -134,7 +134,7 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     if config.peft.method == "svfit" and config.peft.svfit_relative is None:  # resolved, so config.json records it
-        config.peft.svfit_relative = config.optimizer in ZO_OPTIMIZERS
+        config.peft.svfit_relative = True
     model = apply_peft(model, config.peft, work_dir=out if world.main else Path(tempfile.mkdtemp()))
     if not any(p.requires_grad for p in model.parameters()):
         raise SlimtuneError(f"--peft {config.peft.method}: the model has no trainable parameters (nothing to train)")
