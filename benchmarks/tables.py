@@ -291,8 +291,8 @@ def main() -> None:
         print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
                "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
                "federated-attacks": federated_attacks_table, "broadcast": broadcast_table,
-               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table, "generation-speed": generation_speed_table,
-               "zo-step": zo_step_table, "gguf": gguf_table,
+               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
+               "generation-speed": generation_speed_table, "zo-step": zo_step_table, "gguf": gguf_table,
                "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
                "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
 

@@ -69,9 +69,9 @@ def train(
     lora_alpha: float = typer.Option(16.0),
     lora_dropout: float = typer.Option(0.0),
     target_modules: Optional[str] = typer.Option(None, help="comma-separated layer names (default per architecture)"),
-    svfit_relative: Optional[bool] = typer.Option(None, "--svfit-relative/--svfit-absolute",
-                                                  help="SVFit: train multiplicative scales of the singular values "
-                                                  "(default) or the values themselves"),
+    svfit_relative: bool = typer.Option(True, "--svfit-relative/--svfit-absolute",
+                                        help="SVFit: train multiplicative scales of the singular values "
+                                        "or the values themselves"),
     learn_scale: bool = typer.Option(False, help="SVFit: also learn a scale per singular value"),
     pissa_niter: Optional[int] = typer.Option(None, help="PiSSA: randomized SVD with this many iterations (fast)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: per optimizer x PEFT, printed at start)"),

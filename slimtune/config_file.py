@@ -72,6 +72,8 @@ def apply_config(ctx: click.Context, params: dict, path: str | None, fields: dic
         if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
             continue  # the flag wins
         param = by_name[name]
+        if value is None and param.default is not None:
+            continue  # null: not set (e.g. an older run's config.json), so the flag's default holds
         try:
             params[name] = None if value is None else param.type.convert(value, param, ctx)
         except click.BadParameter as exc:

@@ -36,6 +36,18 @@ def test_a_runs_config_json_reproduces_it(tmp_path, demo_paths):
     assert {**a, "out_dir": None} == {**b, "out_dir": None}
 
 
+def test_null_in_a_config_file_leaves_the_flag_default(tmp_path, demo_paths):
+    """Older runs' config.json hold null for settings that now have a default (svfit_relative): null means unset,
+    not False — SVFit must still train relative scales, not silently switch to the values."""
+    cfg = tmp_path / "old.json"
+    cfg.write_text(json.dumps({"data": demo_paths[0], "model": "tiny-llama", "optimizer": "mezo", "peft": "svfit",
+                               "r": 2, "steps": 1, "batch_size": 4, "eval_every": 0, "quiet": True,
+                               "svfit_relative": None}))
+    res = run("train", "--config", cfg, "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["peft"]["svfit_relative"] is True
+
+
 def test_unknown_keys_and_bad_values_are_one_line_errors(tmp_path, demo_paths):
     cases = {"unknown.yaml": ("learning_rate: 0.1\n", "unknown setting 'learning_rate'"),
              "badvalue.yaml": ("steps: many\n", "setting 'steps'"),

@@ -121,7 +121,7 @@ def test_zo_svfit_lowers_the_loss(tmp_path, demo_paths):
                       optim=OptimizerArgs(lr=10.0, eps=1e-2), peft=PeftSettings("svfit", r=4), steps=60,
                       batch_size=32, progress=False)
     run = prepare(cfg)
-    assert cfg.peft.svfit_relative is True  # resolved for a ZO optimizer, so config.json records it
+    assert cfg.peft.svfit_relative is True  # the default, recorded in config.json
     batch = encode(run.tokenizer, run.train_examples[:32])
     loss = lambda: per_example_losses(run.model, batch, run.label_ids)
     with torch.no_grad():
@@ -133,21 +133,19 @@ def test_zo_svfit_lowers_the_loss(tmp_path, demo_paths):
     assert after < before - 0.004
 
 
-
 @pytest.mark.parametrize("optimizer,given,expected", [("adamw", None, True), ("dp-adamw", None, True),
                                                        ("adamw", False, False), ("mezo", None, True)])
 def test_svfit_trains_relative_scales_unless_told_otherwise(tmp_path, demo_paths, optimizer, given, expected):
     """Relative scales are the default for every optimizer (AdamW: 0.81 against 0.73 on the values in the sweep);
     --svfit-absolute keeps the values themselves, and config.json records which."""
     from slimtune.optim import OptimizerArgs
+    from slimtune.privacy.accountant import PrivacySpec
     from slimtune.train import TrainConfig, prepare
 
-    from slimtune.privacy.accountant import PrivacySpec
-
     privacy = PrivacySpec(target_epsilon=6.0) if optimizer.startswith("dp") else None
+    peft = PeftSettings("svfit", r=4, **({} if given is None else {"svfit_relative": given}))  # None: not given
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), train_data=demo_paths[0], model="tiny-llama", optimizer=optimizer,
-                      optim=OptimizerArgs(lr=1e-2), peft=PeftSettings("svfit", r=4, svfit_relative=given), steps=2,
-                      progress=False, privacy=privacy)
+                      optim=OptimizerArgs(lr=1e-2), peft=peft, steps=2, progress=False, privacy=privacy)
     run = prepare(cfg)
     assert cfg.peft.svfit_relative is expected
     trainable = {n.rsplit(".", 1)[-1] for n, p in run.model.named_parameters() if p.requires_grad}

@@ -27,7 +27,7 @@ class PeftSettings:
     target_modules: list[str] | None = None  # None: a sensible default for the architecture
     pissa_niter: int | None = None  # fast randomized-SVD PiSSA ("pissa_niter_K"); None: exact SVD
     learn_scale: bool = False  # SVFit
-    svfit_relative: bool | None = None  # SVFit: train multiplicative scales (None: yes; False: the values)
+    svfit_relative: bool = True  # SVFit: train multiplicative scales of the singular values (False: the values)
 
 
 def default_targets(model: nn.Module, method: str) -> list[str]:
@@ -75,7 +75,7 @@ def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | 
         return _apply_lora(model, settings, targets, work_dir)
     if method == "svfit":
         config = SVFitConfig(r=settings.r, target_modules=targets, learn_scale=settings.learn_scale,
-                             relative=settings.svfit_relative is not False)
+                             relative=settings.svfit_relative)
         return tuner.wrap(model, config, SVFitLinear, LAYER_TYPES)
     config = AdapterConfig(bottleneck=settings.r, target_modules=targets)
     return tuner.wrap(model, config, BottleneckAdapter, LAYER_TYPES)

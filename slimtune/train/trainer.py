@@ -133,8 +133,6 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
         check_memory(config, model, tokenizer, objective.texts(train_examples))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    if config.peft.method == "svfit" and config.peft.svfit_relative is None:  # resolved, so config.json records it
-        config.peft.svfit_relative = True
     model = apply_peft(model, config.peft, work_dir=out if world.main else Path(tempfile.mkdtemp()))
     if not any(p.requires_grad for p in model.parameters()):
         raise SlimtuneError(f"--peft {config.peft.method}: the model has no trainable parameters (nothing to train)")
