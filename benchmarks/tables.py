@@ -228,8 +228,13 @@ def zo_convergence_table() -> str:
                          f"(target within 1 point: {verdict})")
         elif "le_half" in t:
             ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
-            notes.append(f"{key}: forwards to 80% {t['forwards_to_target']} ({ratio}; target <= 0.5x: "
-                         f"{'met' if t['le_half'] else '**not met**'})")
+            verdict = {True: "met", False: "**not met**", None: "**not shown**: MeZO never reached 80%, so its "
+                       "forwards to 80% are only known to exceed its budget"}[t["le_half"]]
+            notes.append(f"{key}: forwards to 80% {t['forwards_to_target']} ({ratio}; target <= 0.5x: {verdict})")
+            if t.get("reached_level") is not None:
+                at = t["ratio_at_reached_level"]
+                notes.append(f"forwards to {100 * t['reached_level']:.0f}% (the highest 5-point level MeZO reached) "
+                             f"{t['forwards_to_reached_level']} ({'-' if at is None else f'{at:.2f}x'})")
     return "\n".join(rows) + ("\n\n" + "; ".join(notes) + "." if notes else "")
 
 

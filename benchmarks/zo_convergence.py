@@ -10,6 +10,9 @@ defaults (slimtune/optim/defaults.py) plus only the flag that names what is comp
   brings the step to ~1x two forwards on CPU (benchmarks/zo_step.py).
 - `fzoo-lora`: FZOO (N = 8 one-sided Rademacher directions, N + 1 = 9 forwards per step) for the same number of
   training forward passes as MeZO's 2,000 steps x 2; target: 80% dev accuracy in <= 0.5x MeZO's forward passes.
+  MeZO + LoRA ends at 78% at its defaults, so its forwards to 80% are only known to exceed 4,000: the target then
+  holds only if FZOO gets there in <= 2,000, and is reported as not shown otherwise. Both runs' forwards to the
+  highest 5-point level MeZO does reach (75%) are reported next to it, a ratio that can be measured.
 
 Every run evaluates every ~500 training forward passes (250 MeZO steps, 56 FZOO steps), so the curves share an
 x-axis: training forward passes (evaluation passes not counted). A finished run is skipped, an unfinished one resumes
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import defaults
@@ -100,10 +104,29 @@ def compare(results: dict) -> dict:
     a, b = results.get(run), results.get(ref)
     if a and b and a["finished"] and b["finished"]:
         fa, fb = a["forwards_to_target"], b["forwards_to_target"]
+        level = math.floor(max(b["accuracy"]) * 20) / 20  # the highest 5-point level MeZO reaches
+        la, lb = forwards_to(a, level), forwards_to(b, level)
         out[f"{run}_vs_{ref}"] = {"forwards_to_target": [fa, fb],
                                   "ratio": (fa / fb) if fa is not None and fb else None,
-                                  "le_half": (fa is not None and (fb is None or fa <= 0.5 * fb))}
+                                  "le_half": half_or_less(fa, fb, b["forward_passes"][-1]),
+                                  "reached_level": level, "forwards_to_reached_level": [la, lb],
+                                  "ratio_at_reached_level": (la / lb) if la is not None and lb else None}
     return out
+
+
+def forwards_to(run: dict, level: float) -> int | None:
+    """Training forward passes at the first evaluation with accuracy >= level (None: never)."""
+    return next((f for f, a in zip(run["forward_passes"], run["accuracy"]) if a >= level), None)
+
+
+def half_or_less(fa: int | None, fb: int | None, ref_budget: int) -> bool | None:
+    """Whether fa <= 0.5 fb. A reference that never reached the target needed more than its budget, so only
+    fa <= 0.5 budget proves the claim; anything else is unknown (None), never "met" by default."""
+    if fb is not None:
+        return fa is not None and fa <= 0.5 * fb
+    if fa is not None and fa <= 0.5 * ref_budget:
+        return True
+    return None
 
 
 def plot(results: dict, path: Path) -> None:

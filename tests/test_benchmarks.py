@@ -56,6 +56,22 @@ def test_fzoo_target_is_half_of_mezos_forward_passes():
     assert t["le_half"] is False and t["ratio"] is None
 
 
+def test_fzoo_target_is_not_met_by_default_when_mezo_never_reaches_80():
+    """MeZO + LoRA ends at 0.78 on SST-2 dev, so its forwards to 80% are unknown (> its 4,000): FZOO reaching 80% at
+    3,000 forwards proves nothing (None, not met), at <= 2,000 it proves <= 0.5x. The comparison also reports the
+    forwards to the highest 5-point level MeZO did reach (75%)."""
+    import zo_convergence as z
+
+    mezo = _run([0, 500, 1000, 1500, 2000], [0.5, 0.65, 0.757, 0.773, 0.781])  # 75% at 2,000 forwards
+    late = _run([0, 111, 222, 333, 444], [0.5, 0.7, 0.76, 0.79, 0.81], fps=9)  # 80% at 3,996, 75% at 1,998
+    t = z.compare({"mezo-lora-gaussian": mezo, "fzoo-lora": late})["fzoo-lora_vs_mezo-lora-gaussian"]
+    assert t["forwards_to_target"] == [3996, None] and t["le_half"] is None
+    assert t["reached_level"] == 0.75 and t["forwards_to_reached_level"] == [1998, 2000]
+    assert t["ratio_at_reached_level"] == pytest.approx(0.999)
+    early = _run([0, 111, 222], [0.5, 0.78, 0.81], fps=9)  # 80% at 1,998 <= 0.5 x 4,000
+    assert z.compare({"mezo-lora-gaussian": mezo, "fzoo-lora": early})["fzoo-lora_vs_mezo-lora-gaussian"]["le_half"]
+
+
 def test_zo_convergence_reads_a_run_that_is_still_going(tmp_path, monkeypatch):
     import json
 
