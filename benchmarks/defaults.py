@@ -34,6 +34,37 @@ RUNS = {
 }
 
 
+def verdict(name: str, results: dict) -> tuple[bool | None, str]:
+    """Whether a row meets its target, from the final dev accuracy (the best one is chosen on the same dev set, so
+    it is not used to judge), plus the issue's rule for every run: the saved adapter is the best-evaluated one and
+    the run ends no lower than zero-shot. None: a row it is compared with has not run."""
+    r = results[name]
+    acc = lambda other: results[other]["final_accuracy"] if other in results else None
+    own = r["final_accuracy"]
+    if name == "adamw-lora":
+        met, why = own >= 0.88, f"{own:.3f} vs 0.880"
+    elif name in ("mezo-svfit", "lozo-full"):
+        met, why = own >= 0.80, f"{own:.3f} vs 0.800"
+    else:
+        ref, margin = {"adamw-svfit": ("adamw-lora", 0.02), "mezo-lora": ("adamw-lora", 0.04),
+                       "dpzero-lora-eps6": ("mezo-lora", 0.02), "dpzero-lora-eps2": ("mezo-lora", 0.05)}[name]
+        if acc(ref) is None:
+            return None, f"{ref} has not run"
+        met, why = own >= acc(ref) - margin - 1e-9, f"{own:.3f} vs {acc(ref) - margin:.3f} ({ref} - {100 * margin:g})"
+        if name == "adamw-svfit":
+            fewer = results[ref]["trainable_params"] / r["trainable_params"]
+            met, why = met and fewer >= 10, f"{why}, {fewer:.0f}x fewer values"
+        if name.startswith("dpzero"):
+            budget = float(name.rsplit("eps", 1)[1])
+            met, why = met and r["epsilon"] <= budget + 1e-6, f"{why}, epsilon {r['epsilon']:.2f} <= {budget:g}"
+    if not str(r.get("saved_adapter", "")).startswith("best"):
+        met, why = False, f"{why}; saved adapter is {r.get('saved_adapter')}, not the best"
+    zero = r.get("zero_shot_accuracy")
+    if zero is not None and own < zero:
+        met, why = False, f"{why}; below zero-shot ({zero:.3f})"
+    return met, why
+
+
 def run(name: str, flags: list[str], threads: int, gpu: bool) -> dict:
     run_dir = OUT / name
     steps = int(flags[flags.index("--steps") + 1])

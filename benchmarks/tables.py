@@ -155,17 +155,20 @@ def defaults_table() -> str:
 
     d = read_results("defaults.json") or {}
     rows = ["| run | trainable params | steps | dev acc (best = saved) | best step | final acc | epsilon | peak MB "
-            "| wall time | target |", "|" + "---|" * 10]
+            "| wall time | target | met (final acc) |", "|" + "---|" * 11]
     for name, (_, target) in bench.RUNS.items():
         r = d.get(name)
         if r is None:
-            rows.append(f"| {name} | - | - | not run yet | - | - | - | - | - | {target} |")
+            rows.append(f"| {name} | - | - | not run yet | - | - | - | - | - | {target} | - |")
             continue
+        met, why = bench.verdict(name, d)
         rows.append(f"| {name} | {r['trainable_params']:,} | {r['steps']} | {fmt(r['best_accuracy'])} | "
                     f"{r['best_step']} | {fmt(r['final_accuracy'])} | {fmt(r['epsilon'], '.2f')} | "
-                    f"{r['peak_mem_mb']:,.0f} | {r['wall_time_s'] / 60:.0f} min | {target} |")
+                    f"{r['peak_mem_mb']:,.0f} | {r['wall_time_s'] / 60:.0f} min | {target} | "
+                    f"{({True: 'yes', False: '**no**', None: 'not yet'}[met])}: {why} |")
     zero = next((r["zero_shot_accuracy"] for r in d.values() if r.get("zero_shot_accuracy") is not None), None)
-    return "\n".join(rows) + (f"\n\nZero-shot dev accuracy: {zero:.3f}." if zero is not None else "")
+    return "\n".join(rows) + ("\n\nVerdicts use the final accuracy: the best one is chosen on this dev set." +
+                              (f" Zero-shot dev accuracy: {zero:.3f}." if zero is not None else ""))
 
 
 def sweep_table() -> str:

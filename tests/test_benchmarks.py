@@ -100,3 +100,25 @@ def test_federated_run_names_say_how_they_differ_from_the_first_run():
     assert f.variant({"aggregation": "ffa", "dither": 2.0}) == "-ffa-dither2"
     assert len({f.variant(s) for s in ({}, {"server_momentum": 0.5}, {"aggregation": "ffa"}, {"dither": 1.0})}) == 4
 
+
+
+def test_defaults_verdicts_follow_the_issue_targets_on_final_accuracy():
+    import defaults as d
+
+    row = lambda final, **kw: {"final_accuracy": final, "best_accuracy": final + 0.01, "saved_adapter": "best (step 9)",
+                               "zero_shot_accuracy": 0.516, "trainable_params": 460_800, "epsilon": None, **kw}
+    res = {"adamw-lora": row(0.859), "mezo-lora": row(0.830), "dpzero-lora-eps6": row(0.815, epsilon=5.99),
+           "dpzero-lora-eps2": row(0.79, epsilon=2.3), "adamw-svfit": row(0.85, trainable_params=1680),
+           "mezo-svfit": row(0.80, saved_adapter="last"), "lozo-full": row(0.50)}
+    assert d.verdict("adamw-lora", res)[0] is False  # 0.859 < 0.88
+    assert d.verdict("mezo-lora", res)[0] is True  # 0.830 >= 0.859 - 0.04
+    assert d.verdict("dpzero-lora-eps6", res)[0] is True  # 0.815 >= 0.830 - 0.02, epsilon within budget
+    assert d.verdict("dpzero-lora-eps2", res)[0] is False  # accuracy fine, epsilon 2.3 over its budget of 2
+    assert d.verdict("adamw-svfit", res)[0] is True
+    res["adamw-svfit"]["trainable_params"] = 460_800 // 5
+    assert d.verdict("adamw-svfit", res)[0] is False  # only 5x fewer trainable values
+    assert d.verdict("mezo-svfit", res)[0] is False  # the saved adapter is not the best one
+    met, why = d.verdict("lozo-full", res)
+    assert met is False and "below zero-shot" in why
+    del res["mezo-lora"]
+    assert d.verdict("dpzero-lora-eps6", res) == (None, "mezo-lora has not run")
