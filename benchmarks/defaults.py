@@ -32,6 +32,10 @@ RUNS = {
     "mezo-svfit": (["--optimizer", "mezo", "--peft", "svfit", "--steps", "2000"], ">= 80%"),
     "lozo-full": (["--optimizer", "lozo", "--peft", "none", "--steps", "2000"], ">= 80%"),
 }
+# the same targets as numbers, for `verdict`: name -> (row compared with or None, margin below it or the threshold)
+TARGETS = {"adamw-lora": (None, 0.88), "adamw-svfit": ("adamw-lora", 0.02), "mezo-lora": ("adamw-lora", 0.04),
+           "dpzero-lora-eps6": ("mezo-lora", 0.02), "dpzero-lora-eps2": ("mezo-lora", 0.05),
+           "mezo-svfit": (None, 0.80), "lozo-full": (None, 0.80)}
 
 
 def verdict(name: str, results: dict) -> tuple[bool | None, str]:
@@ -39,18 +43,15 @@ def verdict(name: str, results: dict) -> tuple[bool | None, str]:
     it is not used to judge), plus the issue's rule for every run: the saved adapter is the best-evaluated one and
     the run ends no lower than zero-shot. None: a row it is compared with has not run."""
     r = results[name]
-    acc = lambda other: results[other]["final_accuracy"] if other in results else None
     own = r["final_accuracy"]
-    if name == "adamw-lora":
-        met, why = own >= 0.88, f"{own:.3f} vs 0.880"
-    elif name in ("mezo-svfit", "lozo-full"):
-        met, why = own >= 0.80, f"{own:.3f} vs 0.800"
+    ref, value = TARGETS[name]
+    if ref is None:
+        met, why = own >= value, f"{own:.3f} vs {value:.3f}"
     else:
-        ref, margin = {"adamw-svfit": ("adamw-lora", 0.02), "mezo-lora": ("adamw-lora", 0.04),
-                       "dpzero-lora-eps6": ("mezo-lora", 0.02), "dpzero-lora-eps2": ("mezo-lora", 0.05)}[name]
-        if acc(ref) is None:
+        if ref not in results:
             return None, f"{ref} has not run"
-        met, why = own >= acc(ref) - margin - 1e-9, f"{own:.3f} vs {acc(ref) - margin:.3f} ({ref} - {100 * margin:g})"
+        bar = results[ref]["final_accuracy"] - value
+        met, why = own >= bar - 1e-9, f"{own:.3f} vs {bar:.3f} ({ref} - {100 * value:g})"
         if name == "adamw-svfit":
             fewer = results[ref]["trainable_params"] / r["trainable_params"]
             met, why = met and fewer >= 10, f"{why}, {fewer:.0f}x fewer values"

@@ -78,12 +78,11 @@ def curve(name: str) -> dict | None:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     times = [m["step_time_s"] for m in metrics if "step_time_s" in m]
     steps = sorted(evals)
-    first = next((s for s in steps if evals[s] >= TARGET_ACC), None)
-    return {"forwards_per_step": fps, "finished": bool(summary), "steps": steps,
-            "forward_passes": [s * fps for s in steps], "accuracy": [evals[s] for s in steps],
-            "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
-            "time_per_step_s": sum(times) / len(times) if times else None,
-            "forwards_to_target": None if first is None else first * fps, "flags": RUNS[name][0]}
+    result = {"forwards_per_step": fps, "finished": bool(summary), "steps": steps,
+              "forward_passes": [s * fps for s in steps], "accuracy": [evals[s] for s in steps],
+              "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
+              "time_per_step_s": sum(times) / len(times) if times else None, "flags": RUNS[name][0]}
+    return {**result, "forwards_to_target": forwards_to(result, TARGET_ACC)}
 
 
 def compare(results: dict) -> dict:

@@ -101,7 +101,6 @@ def test_federated_run_names_say_how_they_differ_from_the_first_run():
     assert len({f.variant(s) for s in ({}, {"server_momentum": 0.5}, {"aggregation": "ffa"}, {"dither": 1.0})}) == 4
 
 
-
 def test_defaults_verdicts_follow_the_issue_targets_on_final_accuracy():
     import defaults as d
 
