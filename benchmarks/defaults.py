@@ -66,6 +66,19 @@ def verdict(name: str, results: dict) -> tuple[bool | None, str]:
     return met, why
 
 
+def progress(run_dir: Path) -> str:
+    """What an unfinished run has shown so far, from its metrics.jsonl: "not run yet", or the last step and the
+    latest dev evaluation (a row stopped mid-way is shown as such, never as a result)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    metrics = [json.loads(line) for line in lines if line.strip()]
+    if not metrics:
+        return "not run yet"
+    evals = [m for m in metrics if "eval_accuracy" in m]
+    seen = f", dev acc {evals[-1]['eval_accuracy']:.3f} at step {evals[-1]['step']}" if evals else ""
+    return f"unfinished: step {metrics[-1]['step']}{seen}"
+
+
 def run(name: str, flags: list[str], threads: int, gpu: bool) -> dict:
     run_dir = OUT / name
     steps = int(flags[flags.index("--steps") + 1])

@@ -159,7 +159,7 @@ def defaults_table() -> str:
     for name, (_, target) in bench.RUNS.items():
         r = d.get(name)
         if r is None:
-            rows.append(f"| {name} | - | - | not run yet | - | - | - | - | - | {target} | - |")
+            rows.append(f"| {name} | - | - | {bench.progress(bench.OUT / name)} | - | - | - | - | - | {target} | - |")
             continue
         met, why = bench.verdict(name, d)
         rows.append(f"| {name} | {r['trainable_params']:,} | {r['steps']} | {fmt(r['best_accuracy'])} | "

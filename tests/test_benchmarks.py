@@ -101,6 +101,17 @@ def test_federated_run_names_say_how_they_differ_from_the_first_run():
     assert len({f.variant(s) for s in ({}, {"server_momentum": 0.5}, {"aggregation": "ffa"}, {"dither": 1.0})}) == 4
 
 
+def test_defaults_rows_still_running_show_their_progress_not_a_result(tmp_path):
+    import defaults as d
+
+    assert d.progress(tmp_path / "absent") == "not run yet"
+    run_dir = tmp_path / "mezo-svfit"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "eval_accuracy": 0.516}\n{"step": 1, "loss": 0.7}\n'
+                                           '{"step": 250, "loss": 0.6, "eval_accuracy": 0.659}\n{"step": 285}\n')
+    assert d.progress(run_dir) == "unfinished: step 285, dev acc 0.659 at step 250"
+
+
 def test_defaults_verdicts_follow_the_issue_targets_on_final_accuracy():
     import defaults as d
 
