@@ -1,5 +1,6 @@
 """Write the generated tables into README.md between their `<!-- NAME:start -->` / `<!-- NAME:end -->` markers.
-Usage: python benchmarks/readme_tables.py [NAME ...]   (default: every marked table)"""
+Usage: python benchmarks/readme_tables.py [NAME ...]   (default: every marked table that tables.py generates; a
+marked block no table function renders, such as the hand-written `results` section, is left alone)"""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ import tables
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def marked_tables(text: str) -> list[str]:
+    """The README's marked blocks that a table function in tables.py generates, in README order."""
+    return [name for name in re.findall(r"<!-- ([\w-]+):start -->", text) if name in tables.TABLES]
+
+
 def main() -> None:
     text = README.read_text()
-    names = sys.argv[1:] or re.findall(r"<!-- ([\w-]+):start -->", text)
+    names = sys.argv[1:] or marked_tables(text)
     for name in names:
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):

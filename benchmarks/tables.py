@@ -288,21 +288,28 @@ def generation_speed_table() -> str:
                               f"{d['device']}, {d['threads']} threads, torch {d['torch']}.")
 
 
+MAIN_RUNS = ["fo-lora", "fo-lora-lr3e-4", "zo-lora", "lozo-full"]
+DP_RUNS = ["zo-lora", "dpzero-lora-eps6", "dpzero-lora-eps2", "dp-adamw-lora-eps6"]
+PEFT_RUNS = ["fo-full", "fo-lora-lr3e-4", "fo-lora", "fo-pissa", "fo-svfit", "lozo-full", "zo-lora", "zo-pissa",
+             "zo-svfit"]
+# table name (as in README's <!-- NAME:start --> markers and on the command line) -> what prints it
+TABLES = {"sst2": lambda: grid_table("sst2", MAIN_RUNS, 0.8), "dp": lambda: grid_table("sst2", DP_RUNS, 0.8),
+          "peft": lambda: grid_table("sst2", PEFT_RUNS, 0.8), "mia": mia_table, "federated": federated_table,
+          "federated-attacks": federated_attacks_table, "broadcast": broadcast_table,
+          "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
+          "generation-speed": generation_speed_table, "zo-step": zo_step_table, "gguf": gguf_table,
+          "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
+          "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}
+
+
 def main() -> None:
     which = sys.argv[1:] or ["sst2", "dp", "peft", "mia", "federated", "rte", "scaling"]
-    main_runs = ["fo-lora", "fo-lora-lr3e-4", "zo-lora", "lozo-full"]
-    dp_runs = ["zo-lora", "dpzero-lora-eps6", "dpzero-lora-eps2", "dp-adamw-lora-eps6"]
-    peft_runs = ["fo-full", "fo-lora-lr3e-4", "fo-lora", "fo-pissa", "fo-svfit", "lozo-full", "zo-lora", "zo-pissa",
-                 "zo-svfit"]
+    unknown = [w for w in which if w not in TABLES]
+    if unknown:
+        sys.exit(f"error: unknown table {', '.join(unknown)}; known: {', '.join(TABLES)}")
     for w in which:
         print(f"\n<!-- {w} -->")
-        print({"sst2": lambda: grid_table("sst2", main_runs, 0.8), "dp": lambda: grid_table("sst2", dp_runs, 0.8),
-               "peft": lambda: grid_table("sst2", peft_runs, 0.8), "mia": mia_table, "federated": federated_table,
-               "federated-attacks": federated_attacks_table, "broadcast": broadcast_table,
-               "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
-               "generation-speed": generation_speed_table, "zo-step": zo_step_table, "gguf": gguf_table,
-               "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
-               "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}[w]())
+        print(TABLES[w]())
 
 
 if __name__ == "__main__":

@@ -132,3 +132,25 @@ def test_defaults_verdicts_follow_the_issue_targets_on_final_accuracy():
     assert met is False and "below zero-shot" in why
     del res["mezo-lora"]
     assert d.verdict("dpzero-lora-eps6", res) == (None, "mezo-lora has not run")
+
+
+def test_readme_tables_default_skips_hand_written_blocks_and_knows_every_generated_one():
+    """`python benchmarks/readme_tables.py` with no names used to stop with a KeyError on the hand-written
+    `results` block; by default it now renders exactly the marked blocks that tables.py generates."""
+    import readme_tables
+    import tables
+
+    text = (BENCH.parent / "README.md").read_text()
+    marked = readme_tables.marked_tables(text)
+    assert "results" not in marked and "defaults" in marked and "zo-convergence" in marked
+    assert set(marked) <= set(tables.TABLES)
+
+
+def test_tables_refuses_an_unknown_name(monkeypatch):
+    import sys
+
+    import tables
+
+    monkeypatch.setattr(sys, "argv", ["tables.py", "results"])
+    with pytest.raises(SystemExit, match="unknown table results"):
+        tables.main()
