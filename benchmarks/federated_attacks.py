@@ -35,11 +35,11 @@ def merged(path: Path, entries: dict) -> dict:
 
 # the settings of the first recorded run; a run that differs from them gets a name (and label) that says how
 BASE = {"server_optimizer": "fedavgm", "server_lr": None, "server_momentum": 0.9, "aggregation": "fedavg",
-        "dither": 0.0}
+        "dither": 0.0, "server_average": 0.0}
 
 
 def variant(setup: dict) -> str:
-    """'-fedadam-slr0.003', '-m0.5', '-ffa', '-dither2' ... for the settings that differ from BASE ('' if none)."""
+    """'-fedadam-slr0.003', '-m0.5', '-ffa', '-dither2', '-avg0.8' ... for the settings that differ from BASE ('' if none)."""
     get = lambda k: setup.get(k, BASE[k])
     out = ""
     if get("server_optimizer") != BASE["server_optimizer"]:
@@ -52,6 +52,8 @@ def variant(setup: dict) -> str:
         out += f"-{get('aggregation')}"
     if get("dither"):
         out += f"-dither{get('dither'):g}"
+    if get("server_average"):
+        out += f"-avg{get('server_average'):g}"
     return out
 
 
@@ -109,6 +111,8 @@ def main() -> None:
     ap.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm's momentum")
     ap.add_argument("--aggregation", default="fedavg", choices=["fedavg", "ffa"], help="FedIT (fedavg) or FFA-LoRA")
     ap.add_argument("--dither", type=float, default=0.0, help="fixed secret broadcast dither (units of the largest step)")
+    ap.add_argument("--server-average", type=float, default=0.0, help="EMA decay of the server's model over its "
+                    "iterates (0: off)")
     ap.add_argument("--attack-coalition", type=int, default=2)
     ap.add_argument("--attack-window", type=int, default=5)
     ap.add_argument("--train-size", type=int, default=2000)
@@ -130,7 +134,8 @@ def main() -> None:
     path = OUT.with_suffix(".json")
     setup = {k: getattr(args, k) for k in ("clients", "clients_per_round", "rounds", "local_steps", "lr",
                                            "server_optimizer", "server_lr", "server_momentum", "aggregation",
-                                           "attack_coalition", "attack_window", "train_size", "dev_size", "dither")}
+                                           "attack_coalition", "attack_window", "train_size", "dev_size", "dither",
+                                           "server_average")}
     for bits in [] if args.centralized_only else args.bits:
         name = f"fedlpp-{bits}bit" + variant(setup)
         run_dir = OUT / name
@@ -143,7 +148,7 @@ def main() -> None:
                                   server_optimizer=args.server_optimizer, server_lr=args.server_lr,
                                   server_momentum=args.server_momentum, aggregation=args.aggregation,
                                   attack_coalition=args.attack_coalition, attack_window=args.attack_window,
-                                  dither=args.dither)
+                                  dither=args.dither, server_average=args.server_average)
             simulate(cfg, cpus_per_client=float(os.cpu_count() or 1))  # one client at a time: no oversubscription
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

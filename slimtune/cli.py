@@ -444,6 +444,9 @@ def federate(
     server_lr: Optional[float] = typer.Option(None, help="server learning rate (default: 1 for fedavg/fedavgm, "
                                               "0.1 fedadam, 0.01 fedyogi)"),
     server_momentum: float = typer.Option(0.9, help="fedavgm: server momentum"),
+    server_average: float = typer.Option(0.0, help="the server keeps an exponential moving average of its iterates "
+                                         "with this decay as its model (0: off; 0.8 ~ the last 5 rounds); clients "
+                                         "still receive Q(theta) of the current iterate"),
     mode: str = typer.Option("lora", help="lora (deltas) or zo-seeds (FedKSeed-style seed/scalar pairs)"),
     client_dp_clip: float = typer.Option(0.0, help="client-level DP: L2 clip of each delta (0: off)"),
     client_dp_noise: float = typer.Option(0.0, help="client-level DP: noise multiplier"),
@@ -481,7 +484,7 @@ def federate(
             upload_bits=p["upload_bits"], local_steps=p["local_steps"], local_optimizer=p["local_optimizer"],
             lr=p["lr"], eps=p["eps"], batch_size=p["batch_size"], lora_r=p["lora_r"], dirichlet_alpha=p["alpha"],
             aggregation=p["aggregation"], server_optimizer=p["server_optimizer"], server_lr=p["server_lr"],
-            server_momentum=p["server_momentum"], mode=p["mode"], client_dp_clip=p["client_dp_clip"],
+            server_momentum=p["server_momentum"], server_average=p["server_average"], mode=p["mode"], client_dp_clip=p["client_dp_clip"],
             client_dp_noise=p["client_dp_noise"], eval_max=p["eval_max"], max_update_norm=p["max_update_norm"], robust=p["robust"],
             dither=p["dither"], clients_per_round=p["clients_per_round"], attack_coalition=p["attack_coalition"],
             attack_window=p["attack_window"], seed=p["seed"], out_dir=out)

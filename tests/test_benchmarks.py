@@ -98,6 +98,8 @@ def test_federated_run_names_say_how_they_differ_from_the_first_run():
     assert f.variant({"server_momentum": 0.5}) == "-m0.5"
     assert f.variant({"server_optimizer": "fedadam", "server_momentum": 0.5}) == "-fedadam"  # momentum: fedavgm's
     assert f.variant({"aggregation": "ffa", "dither": 2.0}) == "-ffa-dither2"
+    assert f.variant({"server_optimizer": "fedadam", "server_lr": 3e-3, "server_average": 0.8}) == \
+        "-fedadam-slr0.003-avg0.8"
     assert len({f.variant(s) for s in ({}, {"server_momentum": 0.5}, {"aggregation": "ffa"}, {"dither": 1.0})}) == 4
 
 

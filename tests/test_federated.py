@@ -188,7 +188,7 @@ def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
 
     # one Ray start for everything end to end: 2 of 3 clients sampled per round (issue 14) and the model-IP attacks
     cfg = make_cfg(demo_paths, bits=4, rounds=2, out_dir=str(tmp_path / "fed"), clients_per_round=2,
-                   attack_coalition=2, attack_window=2)
+                   attack_coalition=2, attack_window=2, server_average=0.5)
     summary = simulate(cfg)
     assert summary["rounds"] == 2 and summary["bits"] == 4
     assert summary["payload_bytes_down_per_client_per_round"] < summary["trainable_bytes"] / 4  # ~4 bits + scales
@@ -197,7 +197,8 @@ def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
     assert len(lines) == 3  # round 0 (initial) + 2 rounds
     rounds = [json.loads(line) for line in lines]
     assert [r.get("replies") for r in rounds[1:]] == [2, 2] and summary["clients_per_round"] == 2
-    assert all("multi_round_accuracy" in r for r in rounds[1:])
+    assert all("multi_round_accuracy" in r and "iterate_accuracy" in r for r in rounds[1:])
+    assert summary["server_average"] == 0.5 and summary["final_iterate_accuracy"] == rounds[-1]["iterate_accuracy"]
     for key in ("attack_theta_score", "attack_received_score", "attack_multi_round_score", "attack_coalition_score",
                 "attack_coalition_from_scratch_score"):
         assert 0.0 <= summary[key] <= 1.0, key
@@ -455,6 +456,43 @@ def test_strategy_applies_the_server_optimizer_to_the_weighted_mean(demo_paths):
                                  reply(msgs[1], {k: v.numpy() for k, v in d2.items()}, 30, 12)])
     for k in theta:
         assert torch.allclose(strategy.theta[k], theta[k] + 0.5 * (10 * d1[k] + 30 * d2[k]) / 40, atol=1e-6)
+
+
+def test_iterate_average_is_the_ema_of_the_server_iterates(demo_paths):
+    from slimtune.federated.server_opt import IterateAverage
+    avg = IterateAverage(0.75)
+    iterates = [{"w": torch.tensor([float(t), -2.0 * t])} for t in (1, 2, 3)]
+    for it in iterates:
+        avg.update(it)
+    expected = 0.75 * (0.75 * iterates[0]["w"] + 0.25 * iterates[1]["w"]) + 0.25 * iterates[2]["w"]
+    assert torch.allclose(avg.value["w"], expected)
+    off = IterateAverage(0.0)
+    for it in iterates:
+        off.update(it)
+    assert torch.equal(off.value["w"], iterates[-1]["w"])
+    for bad in (1.0, -0.1):
+        with pytest.raises(Exception, match="--server-average"):
+            make_cfg(demo_paths, server_average=bad).validate()
+
+
+def test_server_keeps_the_average_and_broadcasts_only_the_iterate(demo_paths):
+    """--server-average: the server's model (evaluated, saved) is the EMA of its iterates; clients still receive
+    Q(theta_t) of the current iterate, and the decay is a server-only setting they are not told."""
+    cfg = make_cfg(demo_paths, bits=FP32, server_average=0.5)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    assert strategy.server_model() is strategy.theta  # before any update: theta_0
+    iterates = []
+    for rnd, d in ((1, theta_like(1)), (2, theta_like(2))):
+        msgs = instructions(strategy)
+        assert "server_average" not in json.loads(str(msgs[0].content["config"]["slimtune-config"]))
+        strategy.aggregate_train(rnd, [reply(msgs[0], {k: v.numpy() for k, v in d.items()}, 10, 11)])
+        iterates.append({k: v.clone() for k, v in strategy.theta.items()})
+    for k in theta:
+        assert torch.allclose(strategy.theta[k], theta[k] + theta_like(1)[k] + theta_like(2)[k], atol=1e-6)
+        assert torch.allclose(strategy.server_model()[k], 0.5 * iterates[0][k] + 0.5 * iterates[1][k], atol=1e-6)
+        assert torch.allclose(strategy.client_view()[k], strategy.theta[k])  # fp32 broadcast: the iterate itself
+        assert not torch.allclose(strategy.client_view()[k], strategy.server_model()[k])
 
 
 def test_robust_aggregation_bounds_one_hostile_client(demo_paths):

@@ -15,7 +15,8 @@ FP32 = 32  # "bits" value meaning: no quantization (the non-private baseline)
 # Settings only the server reads: never sent to clients.
 SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
                "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
-               "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window", "dither")
+               "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window", "dither",
+               "server_average")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class FederatedConfig:
     server_optimizer: str = "fedavg"  # fedavg, fedavgm, fedadam, fedyogi (federated/server_opt.py)
     server_lr: float | None = None  # None: Flower's default for the server optimizer
     server_momentum: float = 0.9  # fedavgm
+    server_average: float = 0.0  # EMA decay of the server's model over its iterates (server_opt.py; 0: off)
     round_timeout: float = 600.0  # server: seconds to wait for a round's replies (late clients are dropped)
     node_timeout: float = 300.0  # server: seconds to wait for num_clients SuperNodes to connect before giving up
     dither: float = 0.0  # server: fixed secret dither on the broadcast, in units of the largest level gap (0: off)
@@ -82,8 +84,9 @@ class FederatedConfig:
         if self.robust != "none" and self.client_dp_clip > 0:
             raise SlimtuneError("--robust changes what one client can move the aggregate by, which the client-level DP "
                                 "accounting does not cover: use one of --robust or --client-dp-clip")
-        from slimtune.federated.server_opt import ServerOptimizer
+        from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
         ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum)  # one-line errors for bad settings
+        IterateAverage(self.server_average)
         if not 0 <= self.clients_per_round <= self.num_clients:
             raise SlimtuneError(f"--clients-per-round {self.clients_per_round}: must be in 1..--clients "
                                 f"({self.num_clients}), or 0 for all")

@@ -59,8 +59,10 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     def evaluate_fn(server_round: int, _arrays) -> MetricRecord:
         received = strategy.client_view()
         record = {**strategy.round_log.get(server_round, {"round": server_round}), "step": server_round,
-                  f"server_{metric}": score(strategy.theta), f"client_visible_{metric}": score(received),
+                  f"server_{metric}": score(strategy.server_model()), f"client_visible_{metric}": score(received),
                   "elapsed_s": time.perf_counter() - started, "peak_mem_mb": peak_memory_mb("cpu")}
+        if cfg.server_average:  # the iterate clients train from, next to the average the server keeps
+            record[f"iterate_{metric}"] = score(strategy.theta)
         record[f"eval_{metric}"] = record[f"server_{metric}"]
         if history is not None and server_round:  # what colluding clients have received so far
             history.add(received)
@@ -73,13 +75,13 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     wait_for_nodes(grid, cfg.num_clients, cfg.node_timeout)
     strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    evaluate_fn=evaluate_fn)
-    load_lora_state(model, strategy.theta)
+    load_lora_state(model, strategy.server_model())
     save_peft(model, out / "adapter")  # the private full-precision result stays with the server
     local = local_dp_epsilon(cfg, [e.label for e in train])
     attacks = None
     if history is not None and history.items and evals:
         scratch = lora_state(build_model(cfg)[0])  # a fresh LoRA the coalition can build from the public settings
-        attacks = attack_report(score, metric == "accuracy", strategy.theta, history, model, objective,
+        attacks = attack_report(score, metric == "accuracy", strategy.server_model(), history, model, objective,
                                 coalition_data(cfg, train), cfg, scratch)
     return _write_summary(cfg, out, model, accountant, time.perf_counter() - started, local, attacks)
 
@@ -133,6 +135,8 @@ def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None, att
                "name": Path(cfg.out_dir).name, **peft_summary(model), "peak_mem_mb": max(r["peak_mem_mb"] for r in rounds),
                "time_per_step_s": seconds / max(cfg.rounds, 1), "steps": cfg.rounds, "rounds": cfg.rounds,
                "clients": cfg.num_clients, "bits": cfg.bits, "aggregation": cfg.aggregation,
+               "server_optimizer": cfg.server_optimizer, "server_average": cfg.server_average,
+               "final_iterate_accuracy": last.get("iterate_accuracy"),
                "task": cfg.task, "final_accuracy": last.get("server_accuracy"),
                "client_visible_accuracy": last.get("client_visible_accuracy"),
                "initial_accuracy": rounds[0].get("server_accuracy"),

@@ -11,6 +11,16 @@ the optimizer only post-processes what DP released) is treated as a pseudo-gradi
 
 Tensors whose update is identically zero (A under FFA-LoRA) stay unchanged under every rule. The state (m, v) stays
 on the server; only Q(theta) is ever broadcast.
+
+Optionally the server also keeps an exponential moving average of its iterates (`--server-average beta`):
+
+    theta_bar_1 = theta_1;   theta_bar_t = beta theta_bar_{t-1} + (1 - beta) theta_t
+
+Clients keep training from (and receiving) Q(theta_t); theta_bar is the server's model: the one it evaluates, saves
+and measures the attacks against. Averaging the iterates of a noisy trajectory (client sampling, non-IID shards,
+server momentum) is Polyak-Ruppert averaging: it damps round-to-round oscillation, and it takes for the server the
+gain that clients could otherwise get by averaging the broadcasts they kept (attacks.py, estimate (c)).
+theta_bar is a function of the released theta_t only, so client-level DP covers it as post-processing.
 """
 
 from __future__ import annotations
@@ -56,3 +66,19 @@ class ServerOptimizer:
                 step = torch.where(v > 0, step, torch.zeros_like(step))  # never-updated tensors stay put
             new[k] = value + self.lr * step
         return new
+
+
+class IterateAverage:
+    """theta_bar_t = beta theta_bar_{t-1} + (1 - beta) theta_t, started at the first update (beta = 0: theta_t)."""
+
+    def __init__(self, beta: float = 0.0):
+        if not 0 <= beta < 1:
+            raise SlimtuneError(f"--server-average {beta:g}: must be in [0, 1) (0: off; 0.8 averages ~5 rounds)")
+        self.beta = beta
+        self.value: dict[str, torch.Tensor] | None = None
+
+    def update(self, theta: dict[str, torch.Tensor]) -> None:
+        if self.value is None or self.beta == 0:
+            self.value = {k: v.detach().clone() for k, v in theta.items()}
+            return
+        self.value = {k: self.beta * self.value[k] + (1 - self.beta) * v for k, v in theta.items()}

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from slimtune.federated.server_opt import ServerOptimizer
+from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
 from slimtune.federated.common import FP32, FederatedConfig, decode_state, encode_state
 from slimtune.privacy.secret import fresh_secret
 
@@ -68,6 +68,14 @@ class FedLPP(FedAvg):
         self._encoded = None  # (theta it encodes, arrays, bytes)
         self.dither = secret_dither(self.shapes, cfg)  # fixed for the run, never sent, never seeded from the config
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
+        self.average = IterateAverage(cfg.server_average) if cfg.server_average else None
+
+    def server_model(self) -> dict[str, torch.Tensor]:
+        """The model the server keeps: the average of its iterates with --server-average, else theta itself.
+        Never broadcast: clients receive Q(theta) of the current iterate."""
+        if self.average is None or self.average.value is None:
+            return self.theta
+        return self.average.value
 
     # -- what goes down ---------------------------------------------------------------------------------------
     def encoded(self) -> tuple[dict, int]:
@@ -119,6 +127,8 @@ class FedLPP(FedAvg):
         info.update(replies=len(accepted), rejected=rejected, bytes_up_total=bytes_up)
         if accepted:
             self.theta = self.apply_updates(accepted)
+            if self.average is not None:
+                self.average.update(self.theta)
             info["payload_bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
             info["bytes_up_per_client"] = float(np.mean([a["wire_bytes"] for a in accepted]))
             info["train_loss"] = float(np.mean([a["loss"] for a in accepted]))
