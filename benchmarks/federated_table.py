@@ -23,6 +23,13 @@ def subset(n: int, work: Path, split: str = "train") -> Path:
     return path
 
 
+def run_suffix(server_optimizer: str, aggregation: str, server_average: float) -> str:
+    """'-fedadam', '-fedadam-ffa', '-avg0.8' ...: what differs from plain FedAvg/FedIT with no averaging."""
+    out = f"-{server_optimizer}" if server_optimizer != "fedavg" else ""
+    out += "-ffa" if aggregation == "ffa" else ""
+    return out + (f"-avg{server_average:g}" if server_average else "")
+
+
 def main() -> None:
     from slimtune.federated import FederatedConfig, simulate
     from slimtune.optim import OptimizerArgs
@@ -39,22 +46,28 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--server-optimizer", default="fedavg", help="fedavg, fedavgm, fedadam, fedyogi")
     ap.add_argument("--server-lr", type=float)
+    ap.add_argument("--aggregation", default="fedavg", choices=["fedavg", "ffa"], help="FedIT (fedavg) or FFA-LoRA")
+    ap.add_argument("--server-average", type=float, default=0.0, help="EMA decay of the server's model (0: off)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-centralized", action="store_true", help="skip the centralized reference run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated"))
     args = ap.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data, dev = subset(args.train_size, out), subset(args.dev_size, out, "dev")
     results = {}
     for bits in args.bits:
         name = f"fedlpp-{'fp32' if bits == 32 else f'{bits}bit'}"
-        if args.server_optimizer != "fedavg":
-            name += f"-{args.server_optimizer}"
+        name += run_suffix(args.server_optimizer, args.aggregation, args.server_average)
         shutil.rmtree(out / name, ignore_errors=True)
         cfg = FederatedConfig(data=str(data), eval_data=str(dev), model=args.model, eval_max=0,
                               num_clients=args.clients, rounds=args.rounds, bits=bits, local_steps=args.local_steps,
                               lr=1e-3, batch_size=16, lora_r=8, dirichlet_alpha=0.5, out_dir=str(out / name),
-                              server_optimizer=args.server_optimizer, server_lr=args.server_lr)
+                              server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+                              aggregation=args.aggregation, server_average=args.server_average)
         results[name] = simulate(cfg)
         print(name, json.dumps({k: results[name][k] for k in ("final_accuracy", "client_visible_accuracy",
                                                                "bytes_down_per_client_per_round")}), flush=True)

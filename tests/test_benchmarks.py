@@ -156,3 +156,11 @@ def test_tables_refuses_an_unknown_name(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["tables.py", "results"])
     with pytest.raises(SystemExit, match="unknown table results"):
         tables.main()
+
+
+def test_federated_table_names_say_what_differs_from_fedavg():
+    import federated_table as f
+
+    assert f.run_suffix("fedavg", "fedavg", 0.0) == ""
+    assert f.run_suffix("fedadam", "fedavg", 0.0) == "-fedadam"  # the names of the recorded runs stay valid
+    assert f.run_suffix("fedadam", "ffa", 0.8) == "-fedadam-ffa-avg0.8"
