@@ -148,7 +148,8 @@ def main() -> None:
                                   server_optimizer=args.server_optimizer, server_lr=args.server_lr,
                                   server_momentum=args.server_momentum, aggregation=args.aggregation,
                                   attack_coalition=args.attack_coalition, attack_window=args.attack_window,
-                                  dither=args.dither, server_average=args.server_average)
+                                  dither=args.dither, server_average=args.server_average,
+                                  round_timeout=7200)  # a shared CPU must not turn slow rounds into lost ones
             simulate(cfg, cpus_per_client=float(os.cpu_count() or 1))  # one client at a time: no oversubscription
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

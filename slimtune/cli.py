@@ -461,6 +461,8 @@ def federate(
                                          "the broadcasts (multi-round average, then fine-tuning on their pooled data); "
                                          "0: off"),
     attack_window: int = typer.Option(5, help="broadcasts the multi-round attack averages"),
+    round_timeout: float = typer.Option(3600.0, help="seconds the server waits for a round's replies; simulated "
+                                        "clients share this machine's CPUs, so a slow round would lose its updates"),
     seed: int = typer.Option(0),
 ):
     """Federated LoRA fine-tuning with model privacy (FedLPP) simulated on this machine with Flower."""
@@ -487,7 +489,7 @@ def federate(
             server_momentum=p["server_momentum"], server_average=p["server_average"], mode=p["mode"], client_dp_clip=p["client_dp_clip"],
             client_dp_noise=p["client_dp_noise"], eval_max=p["eval_max"], max_update_norm=p["max_update_norm"], robust=p["robust"],
             dither=p["dither"], clients_per_round=p["clients_per_round"], attack_coalition=p["attack_coalition"],
-            attack_window=p["attack_window"], seed=p["seed"], out_dir=out)
+            attack_window=p["attack_window"], round_timeout=p["round_timeout"], seed=p["seed"], out_dir=out)
         _validate_federated(cfg)
         summary = simulate(cfg)
     except SlimtuneError as exc:
@@ -495,6 +497,9 @@ def federate(
     print_summary([summary], console)
     console.print(f"server accuracy (theta) {summary['final_accuracy']}, client-visible accuracy (Q(theta)) "
                   f"{summary['client_visible_accuracy']}; run written to [bold]{out}[/]")
+    if summary.get("rounds_with_lost_updates"):
+        console.print(f"[yellow]warning:[/] rounds {summary['rounds_with_lost_updates']} lost client updates "
+                      f"(rejected, failed or later than --round-timeout {cfg.round_timeout:g} s); see the log above")
     if summary.get("attack_best_score") is not None:
         console.print(f"best reconstruction by {summary['attack_coalition_clients']} colluding clients: "
                       f"{summary['attack_best_score']:.4g} (theta {summary['attack_theta_score']:.4g}, received "

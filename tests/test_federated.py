@@ -150,6 +150,29 @@ def test_dropout_and_malformed_replies_do_not_corrupt_theta(demo_paths, caplog):
         assert torch.allclose(strategy.theta[k], theta[k] + good[k], atol=1e-6)
 
 
+def test_clients_that_miss_the_round_timeout_are_reported_not_silently_dropped(demo_paths, caplog, tmp_path):
+    """A sampled client whose reply never arrives (slower than the round timeout) used to leave only 'replies: 0'
+    in the log while the run went on; now the round says so, and summary.json and the CLI name the rounds."""
+    from slimtune.federated.server_app import _write_summary
+
+    cfg = make_cfg(demo_paths, bits=FP32, round_timeout=60)
+    strategy = FedLPP(cfg, theta_like())
+    msgs = instructions(strategy)
+    with caplog.at_level(logging.WARNING, logger="slimtune.federated"):
+        strategy.aggregate_train(1, [reply(msgs[0], {k: v.numpy() for k, v in theta_like(3).items()}, 5, 11)])
+    assert strategy.round_log[1]["sampled"] == 3 and strategy.round_log[1]["replies"] == 1
+    assert "2 of 3 sampled clients did not reply within the round timeout (60 s)" in caplog.text
+    out = tmp_path / "fed"
+    out.mkdir()
+    rounds = [{"round": 0, "peak_mem_mb": 1.0}, {**strategy.round_log[1], "peak_mem_mb": 1.0},
+              {"round": 2, "sampled": 3, "replies": 3, "peak_mem_mb": 1.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    model, *_ = build_model(cfg)
+    assert _write_summary(cfg, out, model, None, 1.0)["rounds_with_lost_updates"] == [1]
+    with pytest.raises(Exception, match="--round-timeout"):
+        make_cfg(demo_paths, round_timeout=0).validate()
+
+
 def test_client_round_and_seed_mode_replay(demo_paths):
     """A client trains from Q(theta); in zo-seeds mode the server replays its (seed, scalar) pairs exactly."""
     cfg = make_cfg(demo_paths, bits=8, mode="zo-seeds", local_steps=3)

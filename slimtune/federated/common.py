@@ -101,6 +101,8 @@ class FederatedConfig:
         if not 0 <= self.dither <= 2 or (self.dither and self.bits == FP32):
             raise SlimtuneError(f"--dither {self.dither:g}: must be in [0, 2] (units of the largest quantization step) "
                                 f"and needs a quantized broadcast (--bits 1..8)")
+        if not self.round_timeout > 0:
+            raise SlimtuneError(f"--round-timeout {self.round_timeout:g}: must be > 0 seconds")
         if self.client_dp_noise < 0 or self.client_dp_clip < 0:
             raise SlimtuneError("--client-dp-clip and --client-dp-noise must be >= 0")
 

@@ -129,6 +129,7 @@ def _client_dp_accountant(cfg: FederatedConfig):
 def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None, attacks=None) -> dict:
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     trained = sum(r.get("replies", 0) for r in rounds)
+    short = [r["round"] for r in rounds if r.get("sampled") and r.get("replies", 0) < r["sampled"]]
     last = rounds[-1]
     bytes_total = sum(r.get("bytes_down_total", 0) + r.get("bytes_up_total", 0) for r in rounds)  # serialised, as sent
     summary = {"method": f"fedlpp-{cfg.mode}", "peft": f"lora ({'fp32' if cfg.bits == FP32 else f'{cfg.bits}-bit'})",
@@ -151,6 +152,7 @@ def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None, att
                "delta": cfg.client_dp_delta if accountant else None,
                "stop_reason": "completed" if trained else "no client update was accepted in any round",
                "accepted_updates": trained,
+               "rounds_with_lost_updates": short,  # a sampled client's update was rejected, failed or came too late
                "local_epsilon": local_epsilon, "local_delta": cfg.client_dp_delta if local_epsilon else None,
                "clients_per_round": cfg.clients_per_round or cfg.num_clients, **(attacks or {})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -98,7 +98,8 @@ class FedLPP(FedAvg):
                                "slimtune-config": self.cfg.client_json()})
         messages = list(super().configure_train(server_round, payload, config, grid))
         down = wire_bytes(messages[0]) if messages else 0
-        self.round_log[server_round] = {"round": server_round, "payload_bytes_down_per_client": nbytes,
+        self.round_log[server_round] = {"round": server_round, "sampled": len(messages),
+                                        "payload_bytes_down_per_client": nbytes,
                                         "bytes_down_per_client": down, "bytes_down_total": down * len(messages)}
         return messages
 
@@ -125,6 +126,10 @@ class FedLPP(FedAvg):
                 rejected += 1
         info = self.round_log.setdefault(server_round, {"round": server_round})
         info.update(replies=len(accepted), rejected=rejected, bytes_up_total=bytes_up)
+        missing = info.get("sampled", len(replies)) - len(replies)  # no reply within the round timeout
+        if missing > 0:
+            log.warning("round %d: %d of %d sampled clients did not reply within the round timeout (%.0f s); their "
+                        "work is lost", server_round, missing, info["sampled"], self.cfg.round_timeout)
         if accepted:
             self.theta = self.apply_updates(accepted)
             if self.average is not None:
