@@ -227,18 +227,29 @@ def zo_convergence_table() -> str:
     for key, t in d["targets"].items():
         if "gap_at_last_common_step" in t and t["gap_at_last_common_step"] is not None:
             verdict = {True: "met", False: "**not met**", None: "runs not finished"}[t["within_1_point"]]
-            notes.append(f"{key}: gap {100 * t['gap_at_last_common_step']:+.1f} pts at step {t['common_steps'][-1]} "
+            notes.append(f"{key.replace('_vs_', ' vs ')}: gap {100 * t['gap_at_last_common_step']:+.1f} pts at step "
+                         f"{t['common_steps'][-1]}; at each evaluation: "
+                         + " / ".join(f"{100 * g:+.1f}" for g in t["gap_at_each_step"]) + " pts "
                          f"(target within 1 point: {verdict})")
         elif "le_half" in t:
-            ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+            run, ref = key.split("_vs_")
+            reached = lambda f: "not reached" if f is None else f"{f:,}"
+            fa, fb = t["forwards_to_target"]
+            ratio = "" if t["ratio"] is None else f", {t['ratio']:.2f}x"
             verdict = {True: "met", False: "**not met**", None: "**not shown**: MeZO never reached 80%, so its "
                        "forwards to 80% are only known to exceed its budget"}[t["le_half"]]
-            notes.append(f"{key}: forwards to 80% {t['forwards_to_target']} ({ratio}; target <= 0.5x: {verdict})")
+            notes.append(f"{run} vs {ref}, training forwards to 80%: {reached(fa)} vs {reached(fb)}{ratio} "
+                         f"(target <= 0.5x: {verdict})")
             if t.get("reached_level") is not None:
-                at = t["ratio_at_reached_level"]
-                notes.append(f"forwards to {100 * t['reached_level']:.0f}% (the highest 5-point level MeZO reached) "
-                             f"{t['forwards_to_reached_level']} ({'-' if at is None else f'{at:.2f}x'})")
-    return "\n".join(rows) + ("\n\n" + "; ".join(notes) + "." if notes else "")
+                la, lb = t["forwards_to_reached_level"]
+                at, above = t["ratio_at_reached_level"], t.get("ratio_at_reached_level_above")
+                ratio = f"{at:.2f}x" if at is not None else f"more than {above:.1f}x" if above else "-"
+                notes.append(f"to {100 * t['reached_level']:.0f}% (the highest 5-point level MeZO reached): "
+                             f"{reached(la)} vs {reached(lb)} ({ratio})")
+            if t.get("gap_at_equal_forwards"):
+                notes.append(f"{run} - {ref} at equal forwards (each ~500): "
+                             + " / ".join(f"{100 * g:+.1f}" for g in t["gap_at_equal_forwards"]) + " pts")
+    return "\n".join(rows) + ("\n\n" + "\n".join(f"- {n}." for n in notes) if notes else "")
 
 
 ZO_STEP_LABELS = {

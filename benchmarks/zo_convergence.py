@@ -105,11 +105,16 @@ def compare(results: dict) -> dict:
         fa, fb = a["forwards_to_target"], b["forwards_to_target"]
         level = math.floor(max(b["accuracy"]) * 20) / 20  # the highest 5-point level MeZO reaches
         la, lb = forwards_to(a, level), forwards_to(b, level)
+        n = min(len(a["accuracy"]), len(b["accuracy"]))  # both evaluate every ~EVAL_FORWARDS: pair by index
         out[f"{run}_vs_{ref}"] = {"forwards_to_target": [fa, fb],
                                   "ratio": (fa / fb) if fa is not None and fb else None,
                                   "le_half": half_or_less(fa, fb, b["forward_passes"][-1]),
                                   "reached_level": level, "forwards_to_reached_level": [la, lb],
-                                  "ratio_at_reached_level": (la / lb) if la is not None and lb else None}
+                                  "ratio_at_reached_level": (la / lb) if la is not None and lb else None,
+                                  # the run never got there: it needed more than its whole budget, i.e. > this ratio
+                                  "ratio_at_reached_level_above": (a["forward_passes"][-1] / lb)
+                                  if la is None and lb else None,
+                                  "gap_at_equal_forwards": [a["accuracy"][i] - b["accuracy"][i] for i in range(1, n)]}
     return out
 
 

@@ -68,6 +68,12 @@ def test_fzoo_target_is_not_met_by_default_when_mezo_never_reaches_80():
     assert t["forwards_to_target"] == [3996, None] and t["le_half"] is None
     assert t["reached_level"] == 0.75 and t["forwards_to_reached_level"] == [1998, 2000]
     assert t["ratio_at_reached_level"] == pytest.approx(0.999)
+    assert t["ratio_at_reached_level_above"] is None
+    assert t["gap_at_equal_forwards"] == pytest.approx([0.05, 0.003, 0.017, 0.029])
+    slow = _run([0, 111, 222, 333, 444], [0.5, 0.6, 0.7, 0.74, 0.749], fps=9)  # never 75% in 3,996 forwards
+    t = z.compare({"mezo-lora-gaussian": mezo, "fzoo-lora": slow})["fzoo-lora_vs_mezo-lora-gaussian"]
+    assert t["forwards_to_reached_level"] == [None, 2000] and t["ratio_at_reached_level"] is None
+    assert t["ratio_at_reached_level_above"] == pytest.approx(3996 / 2000)  # needed more than its whole budget
     early = _run([0, 111, 222], [0.5, 0.78, 0.81], fps=9)  # 80% at 1,998 <= 0.5 x 4,000
     assert z.compare({"mezo-lora-gaussian": mezo, "fzoo-lora": early})["fzoo-lora_vs_mezo-lora-gaussian"]["le_half"]
 
