@@ -7,13 +7,16 @@ validation.csv with `slimtune eval --task generation`: multi-reference BLEU (sac
 decoding, 64 new tokens. Hyper-parameters: the per-method defaults (no lr/eps flags); steps: backprop 300, ZO 2,000.
 Finished runs are skipped and unfinished ones resume, so the script can be stopped and restarted.
 Results: benchmarks/results/e2e/<name>/ and benchmarks/results/e2e.json; README table: tables.py e2e.
-Usage: python benchmarks/e2e_generation.py [--only NAME...] [--threads N] [--gpu]
+The "inference" entry is the floor the issue's memory target refers to: peak memory (and time) of a process that
+only runs two forward passes of the loss on training batches (SmolLM2 + an untrained LoRA, no gradient).
+Usage: python benchmarks/e2e_generation.py [--only NAME... | inference] [--threads N] [--gpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import random
 import subprocess
@@ -37,8 +40,18 @@ RUNS = {
 }
 
 
+def merged(path: Path, entries: dict) -> dict:
+    """Re-read the results file, add `entries`, write it: runs of this script beside each other keep each other's
+    rows (each process read the file when it started, hours earlier)."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update(entries)
+    path.write_text(json.dumps(results, indent=2))
+    return results
+
+
 def split_by_mr(held_out: int = 40) -> tuple[Path, Path]:
-    """train.csv minus `held_out` MRs, and those MRs' rows (the selection split)."""
+    """train.csv minus `held_out` MRs, and those MRs' rows (the selection split); files already holding
+    exactly this are not rewritten (a run beside this one may be reading them)."""
     with (E2E / "train.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     mrs = sorted({r["mr"] for r in rows})
@@ -47,10 +60,12 @@ def split_by_mr(held_out: int = 40) -> tuple[Path, Path]:
     OUT.mkdir(parents=True, exist_ok=True)
     paths = OUT / "train_rest.csv", OUT / "select.csv"
     for path, keep in zip(paths, (lambda r: r["mr"] not in chosen, lambda r: r["mr"] in chosen)):
-        with path.open("w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=["mr", "ref"])
-            w.writeheader()
-            w.writerows(r for r in rows if keep(r))
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=["mr", "ref"])
+        w.writeheader()
+        w.writerows(r for r in rows if keep(r))
+        if not path.exists() or path.read_text(encoding="utf-8", newline="") != text.getvalue():
+            path.write_text(text.getvalue(), encoding="utf-8", newline="")
     return paths
 
 
@@ -75,18 +90,80 @@ def score(name: str, adapter: Path | None, threads: int, device: str) -> dict:
     return {**json.loads(out[out.index("{"):]), "eval_time_s": time.perf_counter() - start}
 
 
+INFERENCE_BATCHES = 20
+
+
+def verdicts(results: dict) -> dict:
+    """Issue 12's targets per row, from whatever has run (None: its reference has not run): AdamW + LoRA BLEU >= 60;
+    MeZO + LoRA BLEU >= 0.75 x AdamW's and peak memory <= 1.2 x the inference floor; DPZero (eps 6) BLEU >= 0.9 x
+    MeZO's."""
+    bleu = lambda name: (results.get(name) or {}).get("validation", {}).get("bleu")
+    out = {}
+    if bleu("adamw-lora") is not None:
+        out["adamw-lora"] = {"target": "BLEU >= 60", "met": bleu("adamw-lora") >= 60}
+    if bleu("mezo-lora") is not None:
+        floor = (results.get("inference") or {}).get("peak_mem_mb")
+        ratio = results["mezo-lora"]["peak_mem_mb"] / floor if floor else None
+        ref = bleu("adamw-lora")
+        out["mezo-lora"] = {"target": ">= 0.75 x AdamW BLEU, peak <= 1.2 x inference", "memory_ratio": ratio,
+                            "met": None if ref is None or ratio is None
+                            else bleu("mezo-lora") >= 0.75 * ref and ratio <= 1.2}
+    if bleu("dpzero-lora-eps6") is not None:
+        ref = bleu("mezo-lora")
+        out["dpzero-lora-eps6"] = {"target": ">= 0.9 x MeZO BLEU",
+                                   "met": None if ref is None else bleu("dpzero-lora-eps6") >= 0.9 * ref}
+    return out
+
+
+def inference_worker(train_csv: Path, device: str) -> None:
+    """Print the floor a ZO step on E2E is compared with: peak memory and time of two forward passes (the loss, no
+    gradient) of SmolLM2 + an untrained LoRA r=8 on batches of 16 training rows drawn as training draws them."""
+    import torch
+
+    from slimtune.peft.registry import PeftSettings, apply_peft
+    from slimtune.train.metrics import peak_memory_mb
+    from slimtune.train.objectives import GenerationSettings, load_model_and_data, make_objective
+
+    objective = make_objective("generation", template=TEMPLATE, generation=GenerationSettings("mr", "ref"))
+    model, _, examples, _ = load_model_and_data(objective, "smollm2", str(train_csv), None, seed=0, device=device)
+    model = apply_peft(model, PeftSettings(method="lora")).eval()
+    rng, times = random.Random(0), []
+    with torch.inference_mode():
+        for _ in range(INFERENCE_BATCHES):
+            batch = objective.encode(rng.sample(examples, 16), objective.max_length).to(device)
+            start = time.perf_counter()
+            for _ in range(2):
+                objective.losses(model, batch)
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"peak_mem_mb": peak_memory_mb(device), "two_forwards_s": sum(times) / len(times),
+                      "batches": INFERENCE_BATCHES, "batch_size": 16}))
+
+
+def inference_floor(train_csv: Path, threads: int, device: str) -> dict:
+    """inference_worker in a fresh process, so that its peak memory is its own."""
+    cmd = [sys.executable, __file__, "--inference-worker", str(train_csv), "--device", device]
+    out = subprocess.run(cmd, check=True, env=thread_env(threads), capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--inference-worker", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gpu", action="store_true")
     args = ap.parse_args()
+    if args.inference_worker:
+        return inference_worker(args.inference_worker, args.device)
     if not E2E.exists():
         raise SystemExit(f"needs E2E NLG at {E2E}")
     device = "cuda" if args.gpu else "cpu"
     train_csv, select_csv = split_by_mr()
     path = OUT.with_suffix(".json")
     results = json.loads(path.read_text()) if path.exists() else {}
+    if (args.only and "inference" in args.only) or (not args.only and "inference" not in results):
+        results = merged(path, {"inference": inference_floor(train_csv, args.threads, device)})
     for name, flags in RUNS.items():
         if args.only and name not in args.only:
             continue
@@ -99,8 +176,7 @@ def main() -> None:
                                          "epsilon", "peak_mem_mb", "time_per_step_s", "saved_adapter")}
             row["train_time_s"] = (s.get("time_per_step_s") or 0) * s["steps"]
         row["validation"] = score(name, None if flags is None else OUT / name / "adapter", args.threads, device)
-        results[name] = row
-        path.write_text(json.dumps(results, indent=2))
+        results = merged(path, {name: row})
     print(json.dumps(results, indent=2))
 
 

@@ -191,18 +191,25 @@ def e2e_table() -> str:
     import e2e_generation as bench
 
     d = read_results("e2e.json") or {}
-    rows = ["| run | trainable params | steps | BLEU | ROUGE-L | loss | peak MB (train) | train time | epsilon |",
-            "|" + "---|" * 9]
+    floor, verdict = d.get("inference") or {}, bench.verdicts(d)
+    rows = ["| run | trainable params | steps | BLEU | ROUGE-L | loss | peak MB (train) | peak / inference | train time "
+            "| epsilon | target | met |", "|" + "---|" * 12]
     for name in bench.RUNS:
         r = d.get(name)
         if r is None:
-            rows.append(f"| {name} | - | - | not run yet | - | - | - | - | - |")
+            rows.append(f"| {name} | - | - | not run yet | - | - | - | - | - | - | - | - |")
             continue
-        v = r["validation"]
+        v, t = r["validation"], verdict.get(name, {})
         train_time = f"{r['train_time_s'] / 60:.0f} min" if r.get("train_time_s") else "-"
+        ratio = f"{r['peak_mem_mb'] / floor['peak_mem_mb']:.2f}" if r.get("peak_mem_mb") and floor else "-"
+        met = {True: "yes", False: "**no**", None: "reference not run"}[t["met"]] if t else "-"
         rows.append(f"| {name} | {fmt(r.get('trainable_params'), ',')} | {r.get('steps') or 0} | {v['bleu']:.1f} | "
-                    f"{v['rougeL']:.1f} | {v['loss']:.3f} | {fmt(r.get('peak_mem_mb'), ',.0f')} | {train_time} | "
-                    f"{fmt(r.get('epsilon'), '.2f')} |")
+                    f"{v['rougeL']:.1f} | {v['loss']:.3f} | {fmt(r.get('peak_mem_mb'), ',.0f')} | {ratio} | "
+                    f"{train_time} | {fmt(r.get('epsilon'), '.2f')} | {t.get('target', '-')} | {met} |")
+    if floor:
+        rows += ["", f"Inference floor (`inference`): two forward passes of the loss on {floor['batches']} training "
+                     f"batches of {floor['batch_size']}, SmolLM2 + untrained LoRA, no gradient: peak "
+                     f"{floor['peak_mem_mb']:,.0f} MB, {floor['two_forwards_s']:.1f} s per two forwards."]
     return "\n".join(rows)
 
 

@@ -170,3 +170,38 @@ def test_federated_table_names_say_what_differs_from_fedavg():
     assert f.run_suffix("fedavg", "fedavg", 0.0) == ""
     assert f.run_suffix("fedadam", "fedavg", 0.0) == "-fedadam"  # the names of the recorded runs stay valid
     assert f.run_suffix("fedadam", "ffa", 0.8) == "-fedadam-ffa-avg0.8"
+
+
+def _e2e_row(bleu: float, peak: float | None = None) -> dict:
+    return {"peak_mem_mb": peak, "steps": 10, "validation": {"bleu": bleu, "rougeL": 50.0, "loss": 1.5}}
+
+
+def test_e2e_verdicts_follow_issue_12_targets():
+    """AdamW BLEU >= 60; MeZO >= 0.75 x AdamW at <= 1.2 x the inference floor's peak memory (both must hold);
+    DPZero >= 0.9 x MeZO; a row whose reference has not run gets no verdict."""
+    import e2e_generation as e
+
+    d = {"inference": {"peak_mem_mb": 1500.0}, "adamw-lora": _e2e_row(65.0, 5000.0),
+         "mezo-lora": _e2e_row(49.0, 1790.0), "dpzero-lora-eps6": _e2e_row(44.0, 1800.0)}
+    v = e.verdicts(d)
+    assert v["adamw-lora"]["met"] and v["mezo-lora"]["met"] and not v["dpzero-lora-eps6"]["met"]  # 44 < 44.1
+    assert v["mezo-lora"]["memory_ratio"] == pytest.approx(1790 / 1500)
+    d["mezo-lora"] = _e2e_row(60.0, 1900.0)  # accurate enough, but 1.27x the floor
+    assert e.verdicts(d)["mezo-lora"]["met"] is False
+    del d["inference"]
+    assert e.verdicts(d)["mezo-lora"]["met"] is None
+    assert e.verdicts({"adamw-lora": _e2e_row(59.9)})["adamw-lora"]["met"] is False
+    assert e.verdicts({"dpzero-lora-eps6": _e2e_row(40.0)})["dpzero-lora-eps6"]["met"] is None
+
+
+def test_e2e_table_shows_the_memory_ratio_and_verdicts(monkeypatch):
+    import tables
+
+    d = {"inference": {"peak_mem_mb": 1500.0, "two_forwards_s": 8.0, "batches": 20, "batch_size": 16},
+         "zero-shot": {"validation": {"bleu": 12.5, "rougeL": 35.0, "loss": 2.4}},
+         "adamw-lora": _e2e_row(65.0, 5000.0), "mezo-lora": _e2e_row(40.0, 1650.0)}
+    monkeypatch.setattr(tables, "read_results", lambda name: d)
+    text = tables.e2e_table()
+    mezo = next(line for line in text.splitlines() if line.startswith("| mezo-lora"))
+    assert "| 1.10 |" in mezo and "**no**" in mezo  # 40 < 0.75 x 65
+    assert "| dpzero-lora-eps6 | - | - | not run yet |" in text and "peak 1,500 MB" in text
