@@ -64,8 +64,9 @@ def split_by_mr(held_out: int = 40) -> tuple[Path, Path]:
         w = csv.DictWriter(text, fieldnames=["mr", "ref"])
         w.writeheader()
         w.writerows(r for r in rows if keep(r))
-        if not path.exists() or path.read_text(encoding="utf-8", newline="") != text.getvalue():
-            path.write_text(text.getvalue(), encoding="utf-8", newline="")
+        if not path.exists() or path.open(encoding="utf-8", newline="").read() != text.getvalue():
+            with path.open("w", encoding="utf-8", newline="") as f:
+                f.write(text.getvalue())
     return paths
 
 
