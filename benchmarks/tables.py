@@ -213,6 +213,24 @@ def e2e_table() -> str:
     return "\n".join(rows)
 
 
+def federated_sweep_table() -> str:
+    """benchmarks/federated_sweep.py: FedLPP settings scored on 200 held-out *training* rows (never dev)."""
+    import federated_sweep as bench
+
+    d = read_results("federated_sweep.json") or {}
+    rows = [f"| candidate | differs from FedAvgM 0.9, 3 local steps, lr 1e-3 | server acc per round | final "
+            f"| mean of last {bench.LAST} | chosen |", "|" + "---|" * 6]
+    for name, change in bench.CANDIDATES.items():
+        r = d.get(name)
+        what = ", ".join(f"{k} {v}" for k, v in change.items()) or "-"
+        if r is None:
+            rows.append(f"| {name} | {what} | not run yet | - | - | - |")
+            continue
+        rows.append(f"| {name} | {what} | {' / '.join(f'{a:.2f}' for a in r['accuracy'])} | {fmt(r['final'])} | "
+                    f"{fmt(r['mean_last'])} | {'**yes**' if d.get('chosen') == name else ''} |")
+    return "\n".join(rows)
+
+
 def zo_convergence_table() -> str:
     """benchmarks/zo_convergence.py: dev accuracy against training forward passes, pool vs Gaussian z, FZOO vs MeZO."""
     import zo_convergence as bench
@@ -317,6 +335,7 @@ TABLES = {"sst2": lambda: grid_table("sst2", MAIN_RUNS, 0.8), "dp": lambda: grid
           "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
           "generation-speed": generation_speed_table, "zo-step": zo_step_table, "gguf": gguf_table,
           "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
+          "federated-sweep": federated_sweep_table,
           "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}
 
 

@@ -205,3 +205,28 @@ def test_e2e_table_shows_the_memory_ratio_and_verdicts(monkeypatch):
     mezo = next(line for line in text.splitlines() if line.startswith("| mezo-lora"))
     assert "| 1.10 |" in mezo and "**no**" in mezo  # 40 < 0.75 x 65
     assert "| dpzero-lora-eps6 | - | - | not run yet |" in text and "peak 1,500 MB" in text
+
+
+def test_federated_sweep_scores_the_last_rounds_and_never_round_zero():
+    import federated_sweep as f
+
+    metrics = [{"round": 0, "server_accuracy": 0.9}, {"round": 1, "server_accuracy": 0.6},
+               {"round": 2, "server_accuracy": 0.8}, {"round": 3, "server_accuracy": 0.5},
+               {"round": 4, "server_accuracy": 0.9}]
+    s = f.score(metrics)
+    assert s["accuracy"] == [0.6, 0.8, 0.5, 0.9] and s["final"] == 0.9
+    assert s["mean_last"] == pytest.approx((0.8 + 0.5 + 0.9) / 3)
+    assert f.score([{"round": 0, "server_accuracy": 0.5}])["mean_last"] is None
+
+
+def test_federated_sweep_chooses_the_steadiest_good_candidate():
+    import federated_sweep as f
+
+    results = {"fedavgm-m0.9": {"final": 0.86, "mean_last": 0.70},  # a lucky last round of an oscillating run
+               "fedadam-slr3e-3": {"final": 0.83, "mean_last": 0.82},
+               "fedadam-slr1e-2": {"final": 0.84, "mean_last": 0.82},  # tie: the earlier-listed one wins
+               "fedadam-slr1e-3": {"final": None, "mean_last": None}}  # not finished
+    assert f.choose(results) == "fedadam-slr3e-3"
+    assert f.choose({"x": {"mean_last": None}}) is None
+    assert set(f.CANDIDATES["fedadam-slr3e-3-local5"]) <= set(f.BASE)  # every candidate changes known settings
+    assert all(set(c) <= set(f.BASE) for c in f.CANDIDATES.values())
