@@ -197,10 +197,19 @@ def test_ffa_lora_keeps_a_frozen(demo_paths):
     theta = lora_state(model)
     payload, _ = encode_state(theta, FP32, cfg.block_size)
     arrays, _ = local_train(cfg, 1, payload, server_round=1)
-    for k, v in arrays.items():
-        if "lora_A" in k:
-            assert not np.any(v)
-    assert any(np.any(v) for k, v in arrays.items() if "lora_B" in k)
+    # A never changes, so its (zero) delta is not uploaded: FFA-LoRA halves the upload of FedIT
+    assert set(arrays) == {k for k in theta if "lora_B" in k}
+    assert sum(v.nbytes for v in arrays.values()) == sum(v.numel() * 4 for k, v in theta.items() if "lora_B" in k)
+    assert any(np.any(v) for v in arrays.values())
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    strategy.aggregate_train(1, [reply(msgs[0], arrays, 10, 11)])  # the server accepts the B-only reply
+    assert strategy.round_log[1]["replies"] == 1
+    for k in theta:
+        assert torch.equal(strategy.theta[k], theta[k]) == ("lora_A" in k)
+    full = {k: np.zeros(tuple(v.shape), np.float32) for k, v in theta.items()}  # a FedIT-shaped reply is refused
+    strategy.aggregate_train(2, [reply(msgs[0], full, 10, 11)])
+    assert strategy.round_log[2]["rejected"] == 1
 
 
 def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
@@ -267,7 +276,7 @@ def test_ffa_client_dp_noises_only_what_is_trained(demo_paths):
     theta = theta_like()
     strategy = FedLPP(cfg, theta)
     msgs = instructions(strategy)
-    delta = {k: (0 * v if "lora_A" in k else v).numpy() for k, v in theta_like(1).items()}
+    delta = {k: v.numpy() for k, v in theta_like(1).items() if "lora_B" in k}  # clients upload B only
     strategy.aggregate_train(1, [reply(msgs[0], delta, 10, 11)])
     for k in theta:
         assert torch.equal(strategy.theta[k], theta[k]) == ("lora_A" in k)  # A untouched, B moved (and noised)

@@ -10,7 +10,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from slimtune.data import EpochSampler, PoissonSampler
-from slimtune.federated.common import FederatedConfig, build_model, decode_state, encode_state, load_lora_state, lora_state
+from slimtune.federated.common import (FederatedConfig, build_model, decode_state, encode_state, load_lora_state,
+                                       lora_state, uploaded)
 from slimtune.federated.partition import dirichlet_partition
 from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
@@ -64,7 +65,8 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
     if cfg.mode == "zo-seeds":
         return {"seeds": np.array(seeds, dtype=np.int64), "grads": np.array(grads, dtype=np.float32)}, metrics
     trained = lora_state(model)
-    arrays, _ = encode_state({k: trained[k] - start[k] for k in shapes}, cfg.upload_bits, cfg.block_size)
+    arrays, _ = encode_state({k: trained[k] - start[k] for k in uploaded(shapes, cfg)}, cfg.upload_bits,
+                             cfg.block_size)
     return arrays, metrics
 
 

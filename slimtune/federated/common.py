@@ -153,6 +153,12 @@ def federated_objective(cfg: FederatedConfig):
                           generation=GenerationSettings(cfg.input_column, cfg.target_column, eval_generate=False))
 
 
+def uploaded(shapes: dict, cfg: FederatedConfig) -> dict:
+    """The entries a client trains and uploads deltas of: every LoRA matrix (FedIT), or B only under FFA-LoRA, whose A
+    stays frozen at its (secret) initialisation; its all-zero delta is never sent, which halves the upload."""
+    return {k: v for k, v in shapes.items() if not (cfg.aggregation == "ffa" and "lora_A" in k)}
+
+
 def lora_names(model) -> list[str]:
     return [n for n, _ in model.named_parameters() if "lora_" in n]
 

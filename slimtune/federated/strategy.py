@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAvg
 
 from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
-from slimtune.federated.common import FP32, FederatedConfig, decode_state, encode_state
+from slimtune.federated.common import FP32, FederatedConfig, decode_state, encode_state, uploaded
 from slimtune.privacy.secret import fresh_secret
 
 log = logging.getLogger("slimtune.federated")
@@ -169,14 +169,16 @@ class FedLPP(FedAvg):
                 raise ValueError(f"non-finite or out-of-range projected gradient (|g| > {MAX_PROJECTED_GRAD:g})")
             parsed.update(seeds=seeds.astype(np.int64), grads=grads.astype(np.float64))
             return parsed
-        expected = expected_keys(self.shapes, self.cfg.upload_bits)
+        shapes = uploaded(self.shapes, self.cfg)  # FFA: B only
+        expected = expected_keys(shapes, self.cfg.upload_bits)
         if set(raw) != set(expected):
             extra, missing = sorted(set(raw) - set(expected)), sorted(set(expected) - set(raw))
             raise ValueError(f"unexpected array {extra[0]!r}" if extra else f"missing array {missing[0]!r}")
         for key, dtype in expected.items():
             if raw[key].dtype != dtype:
                 raise ValueError(f"array {key!r} has dtype {raw[key].dtype}, expected {np.dtype(dtype)}")
-        delta = decode_state(raw, self.shapes, self.cfg.upload_bits, self.cfg.block_size)
+        delta = decode_state(raw, shapes, self.cfg.upload_bits, self.cfg.block_size)
+        delta.update({k: torch.zeros(shape) for k, shape in self.shapes.items() if k not in shapes})  # frozen: 0
         if not all(torch.isfinite(d).all() for d in delta.values()):
             raise ValueError("non-finite values in the update")
         norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())).item()
