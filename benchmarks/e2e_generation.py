@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import thread_env, train_run
+from launch import merged, thread_env, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E = ROOT.parent / "shared" / "data" / "e2e"
@@ -38,15 +38,6 @@ RUNS = {
     "mezo-lora": ["--optimizer", "mezo", "--peft", "lora", "--steps", "2000"],
     "dpzero-lora-eps6": ["--optimizer", "dpzero", "--peft", "lora", "--steps", "2000", "--epsilon", "6"],
 }
-
-
-def merged(path: Path, entries: dict) -> dict:
-    """Re-read the results file, add `entries`, write it: runs of this script beside each other keep each other's
-    rows (each process read the file when it started, hours earlier)."""
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results.update(entries)
-    path.write_text(json.dumps(results, indent=2))
-    return results
 
 
 def split_by_mr(held_out: int = 40) -> tuple[Path, Path]:

@@ -20,17 +20,9 @@ import shutil
 from pathlib import Path
 
 from federated_table import DATA, ROOT, subset
+from launch import merged
 
 OUT = ROOT / "benchmarks" / "results" / "federated_attacks"  # --out moves it (smoke runs)
-
-
-def merged(path: Path, entries: dict) -> dict:
-    """Read the results file again, add `entries`, write it: runs of this script beside each other keep each
-    other's rows."""
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results.update(entries)
-    path.write_text(json.dumps(results, indent=2))
-    return results
 
 
 # the settings of the first recorded run; a run that differs from them gets a name (and label) that says how

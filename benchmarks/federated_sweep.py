@@ -20,8 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
-from federated_attacks import merged
 from federated_table import DATA, ROOT
+from launch import merged
 
 OUT = ROOT / "benchmarks" / "results" / "federated_sweep"
 TRAIN_ROWS, SELECT_ROWS, LAST = 2000, 200, 3

@@ -1,8 +1,10 @@
 """Run `slimtune train` for a benchmark: a finished run (summary.json) is left alone, an unfinished one resumes from
-its checkpoint, and the process gets `threads` torch threads (runs side by side, one per core, do not oversubscribe)."""
+its checkpoint, and the process gets `threads` torch threads (runs side by side, one per core, do not oversubscribe).
+Results files are merged on write, so such runs keep each other's rows."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,3 +25,12 @@ def train_run(run_dir: Path, data: Path, eval_data: Path, flags: list[str], thre
            "--out", str(run_dir), "--quiet", *flags, *resume]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=thread_env(threads))
+
+
+def merged(path: Path, entries: dict) -> dict:
+    """Re-read the results file, add `entries`, write it: runs beside each other keep each other's rows (each process
+    read the file when it started, possibly hours earlier)."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update(entries)
+    path.write_text(json.dumps(results, indent=2))
+    return results

@@ -138,10 +138,9 @@ def build_model(cfg: FederatedConfig, lora_seed: int | None = None):
         evals = evals[:cfg.eval_max]
     torch.manual_seed(cfg.seed if lora_seed is None else lora_seed)
     model = apply_peft(model, PeftSettings("lora", r=cfg.lora_r, alpha=2 * cfg.lora_r))
-    if cfg.aggregation == "ffa":
-        for name, p in model.named_parameters():
-            if "lora_A" in name:
-                p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if "lora_" in name and not is_trained(name, cfg):
+            p.requires_grad_(False)
     return model, tok, train, evals, objective
 
 
@@ -153,10 +152,16 @@ def federated_objective(cfg: FederatedConfig):
                           generation=GenerationSettings(cfg.input_column, cfg.target_column, eval_generate=False))
 
 
+def is_trained(name: str, cfg: FederatedConfig) -> bool:
+    """Whether clients train this LoRA entry: all of them (FedIT), or B only under FFA-LoRA, whose A stays frozen at
+    its (secret) initialisation."""
+    return not (cfg.aggregation == "ffa" and "lora_A" in name)
+
+
 def uploaded(shapes: dict, cfg: FederatedConfig) -> dict:
-    """The entries a client trains and uploads deltas of: every LoRA matrix (FedIT), or B only under FFA-LoRA, whose A
-    stays frozen at its (secret) initialisation; its all-zero delta is never sent, which halves the upload."""
-    return {k: v for k, v in shapes.items() if not (cfg.aggregation == "ffa" and "lora_A" in k)}
+    """The entries a client uploads deltas of: the trained ones. A frozen A's delta is all zeros and is never sent,
+    which under FFA-LoRA cuts the upload to B's share."""
+    return {k: v for k, v in shapes.items() if is_trained(k, cfg)}
 
 
 def lora_names(model) -> list[str]:

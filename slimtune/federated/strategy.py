@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAvg
 
 from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
-from slimtune.federated.common import FP32, FederatedConfig, decode_state, encode_state, uploaded
+from slimtune.federated.common import FP32, FederatedConfig, decode_state, encode_state, is_trained, uploaded
 from slimtune.privacy.secret import fresh_secret
 
 log = logging.getLogger("slimtune.federated")
@@ -215,10 +215,7 @@ def mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, generato
 
     Under FFA only B is trained: A's deltas are dropped before clipping and A gets no noise (it is never released
     changed, so noising it would only damage the model)."""
-    def trained(name: str) -> bool:
-        return not (cfg.aggregation == "ffa" and "lora_A" in name)
-
-    deltas = [{k: (v if trained(k) else torch.zeros_like(v)) for k, v in a["delta"].items()} for a in accepted]
+    deltas = [{k: (v if is_trained(k, cfg) else torch.zeros_like(v)) for k, v in a["delta"].items()} for a in accepted]
     if cfg.robust == "median":  # coordinate-wise median: no client moves a coordinate past the honest majority
         return {name: torch.stack([d[name] for d in deltas]).median(dim=0).values for name in theta}
     if cfg.robust == "clip":  # each delta clipped to the round's median norm, then the weighted mean
@@ -233,7 +230,7 @@ def mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, generato
     new = {}
     for name, value in theta.items():
         mean = sum(w * d[name] for w, d in zip(weights, deltas))
-        if cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0 and trained(name):
+        if cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0 and is_trained(name, cfg):
             std = cfg.client_dp_noise * cfg.client_dp_clip / len(deltas)
             mean = mean + std * torch.randn(value.shape, generator=generator)
         new[name] = mean
