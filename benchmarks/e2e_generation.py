@@ -8,7 +8,8 @@ decoding, 64 new tokens. Hyper-parameters: the per-method defaults (no lr/eps fl
 Finished runs are skipped and unfinished ones resume, so the script can be stopped and restarted.
 Results: benchmarks/results/e2e/<name>/ and benchmarks/results/e2e.json; README table: tables.py e2e.
 The "inference" entry is the floor the issue's memory target refers to: peak memory (and time) of a process that
-only runs two forward passes of the loss on training batches (SmolLM2 + an untrained LoRA, no gradient).
+only runs two forward passes of the loss on training batches (SmolLM2 + an untrained LoRA, no gradient), plus the
+worst-case batch (15 longest rows + the shortest prompt): a 2,000-step run's peak is set by the largest batch it draws.
 Usage: python benchmarks/e2e_generation.py [--only NAME... | inference] [--threads N] [--gpu]
 """
 
@@ -112,6 +113,7 @@ def inference_worker(train_csv: Path, device: str) -> None:
     gradient) of SmolLM2 + an untrained LoRA r=8 on batches of 16 training rows drawn as training draws them."""
     import torch
 
+    from slimtune.generation.objective import token_ids
     from slimtune.peft.registry import PeftSettings, apply_peft
     from slimtune.train.metrics import peak_memory_mb
     from slimtune.train.objectives import GenerationSettings, load_model_and_data, make_objective
@@ -127,8 +129,18 @@ def inference_worker(train_csv: Path, device: str) -> None:
             for _ in range(2):
                 objective.losses(model, batch)
             times.append(time.perf_counter() - start)
-    print(json.dumps({"peak_mem_mb": peak_memory_mb(device), "two_forwards_s": sum(times) / len(times),
-                      "batches": INFERENCE_BATCHES, "batch_size": 16}))
+        typical_peak = peak_memory_mb(device)
+        # A ZO run draws thousands of batches, so its peak is set by the largest one it meets; the floor has to be
+        # inference on that worst case too. Activations grow with the padded width, logits with width minus the
+        # shortest prompt: the 15 longest rows plus the row with the shortest prompt bound every batch of 16.
+        lengths = [token_ids(objective.tokenizer, ex, objective.max_length)[:2] for ex in examples]
+        by_total = sorted(range(len(examples)), key=lambda i: len(lengths[i][0]) + len(lengths[i][1]))
+        shortest_prompt = min(range(len(examples)), key=lambda i: len(lengths[i][0]))
+        worst = [examples[i] for i in by_total[-15:]] + [examples[shortest_prompt]]
+        objective.losses(model, objective.encode(worst, objective.max_length).to(device))
+    print(json.dumps({"peak_mem_mb": peak_memory_mb(device), "typical_batches_peak_mem_mb": typical_peak,
+                      "two_forwards_s": sum(times) / len(times), "batches": INFERENCE_BATCHES, "batch_size": 16,
+                      "worst_case_batch": "15 longest rows + the shortest prompt"}))
 
 
 def inference_floor(train_csv: Path, threads: int, device: str) -> dict:
