@@ -110,7 +110,8 @@ def verdicts(results: dict) -> dict:
 
 def inference_worker(train_csv: Path, device: str) -> None:
     """Print the floor a ZO step on E2E is compared with: peak memory and time of two forward passes (the loss, no
-    gradient) of SmolLM2 + an untrained LoRA r=8 on batches of 16 training rows drawn as training draws them."""
+    gradient) of SmolLM2 + an untrained LoRA r=8 on batches of 16 training rows drawn as training draws them, then
+    on the worst-case batch (the peak reported)."""
     import torch
 
     from slimtune.generation.objective import token_ids

@@ -197,7 +197,8 @@ def test_e2e_verdicts_follow_issue_12_targets():
 def test_e2e_table_shows_the_memory_ratio_and_verdicts(monkeypatch):
     import tables
 
-    d = {"inference": {"peak_mem_mb": 1500.0, "two_forwards_s": 8.0, "batches": 20, "batch_size": 16},
+    d = {"inference": {"peak_mem_mb": 1500.0, "typical_batches_peak_mem_mb": 1300.0, "two_forwards_s": 8.0,
+                       "batches": 20, "batch_size": 16, "worst_case_batch": "15 longest rows + the shortest prompt"},
          "zero-shot": {"validation": {"bleu": 12.5, "rougeL": 35.0, "loss": 2.4}},
          "adamw-lora": _e2e_row(65.0, 5000.0), "mezo-lora": _e2e_row(40.0, 1650.0)}
     monkeypatch.setattr(tables, "read_results", lambda name: d)
@@ -205,6 +206,7 @@ def test_e2e_table_shows_the_memory_ratio_and_verdicts(monkeypatch):
     mezo = next(line for line in text.splitlines() if line.startswith("| mezo-lora"))
     assert "| 1.10 |" in mezo and "**no**" in mezo  # 40 < 0.75 x 65
     assert "| dpzero-lora-eps6 | - | - | not run yet |" in text and "peak 1,500 MB" in text
+    assert "(1,300 MB over the typical batches alone)" in text  # the ratio divides by the worst case, not this
 
 
 def test_federated_sweep_scores_the_last_rounds_and_never_round_zero():
