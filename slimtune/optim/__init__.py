@@ -74,7 +74,8 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
         momentum = args.momentum if name == "lozo-m" else 0.0
         if name == "lozo-m" and not momentum:
             momentum = 0.9
-        opt = LOZO(params, LOZOConfig(**mezo_cfg, rank=args.rank, nu=args.nu, momentum=momentum), estimator)
+        opt = LOZO(params, LOZOConfig(**mezo_cfg, rank=args.rank, nu=args.nu, momentum=momentum), estimator,
+                   model=model)
     opt.name = name
     return opt
 

@@ -5,6 +5,15 @@ V (n x r) is resampled only every `nu` steps and kept in memory; U (m x r) is dr
 seed. 1-D parameters get a dense Gaussian z as in MeZO. The 1/sqrt(r) keeps E[Z_ij^2] = 1, so eps and lr mean the
 same as in MeZO. Z is never materialised: W.addmm_(U, V^T) applies it in place.
 
+Perturbing through the forward pass (given the model, `forward_perturbation`): a low-rank Z need not be written into
+W to be measured. For a matrix used only as the weight of nn.Linear (y = x W^T + b) or nn.Embedding (y = W[ids]),
+    x (W + c Z)^T = y + c (x V) U^T / sqrt(r),      (W + c Z)[ids] = y + c U[ids] V^T / sqrt(r),
+so a forward hook adds the rank-r term to the output and W moves once per step (the update) instead of four times
+(+eps Z, -2 eps Z, +eps Z, -lr g Z): on full-parameter LOZO the weight sweeps, not the RNG, are what a step costs
+beyond its two forwards. Restoring is then exact (W is never perturbed), and the directions are the same draws from
+the same generators, so the trajectory equals the in-place one up to float rounding. Matrices used any other way
+(or through subclasses that may redefine forward) keep the in-place sweeps.
+
 U and V come from separate generators (V from a seed derived from the resample block), so regenerating U for the
 update reproduces exactly the U used for the measurement, resample step or not.
 
@@ -15,9 +24,13 @@ W -= lr N V^T. When V changes, N is projected onto the new V by least squares: N
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from slimtune.optim.base import mix_seed
 from slimtune.zo.mezo import MeZOConfig, ZOOptimizer
@@ -30,12 +43,13 @@ class LOZOConfig(MeZOConfig):
     rank: int = 2
     nu: int = 50  # resample V every nu steps
     momentum: float = 0.0  # > 0 gives LOZO-M
+    forward_perturbation: bool = True  # perturb nn.Linear / nn.Embedding weights through forward hooks (see above)
 
 
 class LOZO(ZOOptimizer):
     name = "lozo"
 
-    def __init__(self, named_params, config: LOZOConfig, estimator=None):
+    def __init__(self, named_params, config: LOZOConfig, estimator=None, model: nn.Module | None = None):
         super().__init__(named_params, config, estimator)
         if config.rank < 1 or config.nu < 1:
             raise ValueError("LOZO needs rank >= 1 and nu >= 1")
@@ -43,6 +57,70 @@ class LOZO(ZOOptimizer):
         self.v_block: int | None = None
         self.V: dict[int, torch.Tensor] = {}
         self.momentum: dict[int, torch.Tensor] = {}
+        self._draws: tuple[int, list[torch.Tensor]] | None = None  # (seed, U or z per parameter) of the current step
+        self._shift = 0.0  # c: the multiple of Z the hooks add to their outputs (hooked matrices are never moved)
+        self._shift_seed: int | None = None
+        self._hooks: list = []
+        self.hooked: set[int] = set()  # indices into self.params perturbed through forward hooks
+        if model is not None and config.forward_perturbation:
+            self._attach(model)
+
+    # -- perturbing through the forward pass ------------------------------------------------------------------------
+    def _attach(self, model: nn.Module) -> None:
+        """Hook every 2-D parameter whose only users are nn.Linear / nn.Embedding modules holding it as `weight`."""
+        users: dict[int, list[tuple[nn.Module, str]]] = {}
+        for module in model.modules():
+            for pname, q in module._parameters.items():
+                if q is not None:
+                    users.setdefault(id(q), []).append((module, pname))
+        for idx, (_, p, _) in enumerate(self.params):
+            found = users.get(id(p), [])
+            if p.ndim != 2 or not found or any(pname != "weight" or type(m) not in (nn.Linear, nn.Embedding)
+                                               or getattr(m, "max_norm", None) is not None for m, pname in found):
+                continue
+            for module, _ in found:
+                self._hooks.append(module.register_forward_hook(partial(_hook, weakref.ref(self), idx)))
+            self.hooked.add(idx)
+        # the hooks hold the optimizer weakly and leave with it (a client builds one optimizer per round on one model)
+        weakref.finalize(self, _remove, self._hooks)
+
+    def remove_hooks(self) -> None:
+        _remove(self._hooks)
+        self.hooked = set()
+
+    def _linear_hook(self, idx: int, x: torch.Tensor, out: torch.Tensor):
+        """y + c (x V) U^T / sqrt(r)."""
+        if not self._shift:
+            return None
+        u, v = self._draws[1][idx], self.V[idx]
+        left = x.reshape(-1, x.shape[-1]) @ v.to(x.dtype)
+        return _add_low_rank(out, left, u.T, self._shift / math.sqrt(u.shape[1]))
+
+    def _embedding_hook(self, idx: int, ids: torch.Tensor, out: torch.Tensor):
+        """y + c U[ids] V^T / sqrt(r)."""
+        if not self._shift:
+            return None
+        u, v = self._draws[1][idx], self.V[idx]
+        return _add_low_rank(out, F.embedding(ids.reshape(-1), u), v.T, self._shift / math.sqrt(u.shape[1]))
+
+    def _move_shift(self, seed: int, alpha: float) -> None:
+        if self._shift and self._shift_seed != seed:
+            raise RuntimeError("LOZO: a new direction was applied before the previous one was removed")
+        shift = self._shift + alpha
+        self._shift = 0.0 if abs(shift) <= 1e-9 * abs(alpha) else shift  # +eps, -2 eps, +eps returns exactly to 0
+        self._shift_seed = seed
+
+    def _directions(self, seed: int) -> list[torch.Tensor]:
+        """U (m x r) per matrix and dense z per other parameter, drawn in parameter order from one generator seeded by
+        `seed`; kept for the step, so every sweep of the step (and the hooks) uses the very same draws."""
+        if self._draws is None or self._draws[0] != seed:
+            gen = torch.Generator(device=self.params[0][1].device).manual_seed(seed)
+            draws = []
+            for _, p, _ in self.params:
+                shape = (p.shape[0], self._rank(p)) if self.is_matrix(p) else p.shape
+                draws.append(torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype))
+            self._draws = (seed, draws)
+        return self._draws[1]
 
     @staticmethod
     def is_matrix(p: torch.Tensor) -> bool:
@@ -76,17 +154,14 @@ class LOZO(ZOOptimizer):
         """As ZOOptimizer._sweep. LOZO-M with n-SPSA: N <- beta N + sum_i (g_i / n) U_i / sqrt(r) over the step's update
         sweeps (beta applied on the first), and W -= lr N V^T once, on the last."""
         cfg = self.config
-        gen = None
+        draws = self._directions(seed)
+        if self.hooked and op in ("add", "restore_update"):
+            self._move_shift(seed, alpha if op == "add" else eps)  # hooked matrices: the forward adds the shift
         for idx, (name, p, p_decays) in enumerate(self.params):
-            if gen is None:
-                gen = torch.Generator(device=p.device).manual_seed(seed)
-            matrix = self.is_matrix(p)
+            matrix, hooked, u = self.is_matrix(p), idx in self.hooked, draws[idx]
             if matrix:
-                r = self._rank(p)
-                u = torch.randn(p.shape[0], r, generator=gen, device=p.device, dtype=p.dtype)
-                w, vt, scale = p.data.view(p.shape[0], -1), self.V[idx].T, 1 / math.sqrt(r)
+                w, vt, scale = p.data.view(p.shape[0], -1), self.V[idx].T, 1 / math.sqrt(u.shape[1])
             else:
-                u = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
                 w, scale = p.data, 1.0
 
             def add(direction, a):
@@ -96,9 +171,10 @@ class LOZO(ZOOptimizer):
                     w.add_(direction, alpha=a)
 
             if op == "add":
-                add(u, alpha * scale)
+                if not hooked:
+                    add(u, alpha * scale)
                 continue
-            if op == "restore_update":
+            if op == "restore_update" and not hooked:
                 add(u, eps * scale)
             if decay and p_decays and cfg.weight_decay:
                 w.mul_(1 - cfg.lr * cfg.weight_decay)
@@ -122,3 +198,26 @@ class LOZO(ZOOptimizer):
         if self.v_block is not None:
             self.V = {idx: self._draw_v(idx, p, self.v_block) for idx, (_, p, _) in enumerate(self.params)
                       if self.is_matrix(p)}
+
+
+def _hook(optimizer_ref, idx: int, module: nn.Module, args: tuple, out: torch.Tensor):
+    optimizer = optimizer_ref()
+    if optimizer is None or not optimizer._shift:
+        return None
+    hook = optimizer._linear_hook if type(module) is nn.Linear else optimizer._embedding_hook
+    return hook(idx, args[0], out)
+
+
+def _remove(handles: list) -> None:
+    while handles:
+        handles.pop().remove()
+
+
+def _add_low_rank(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float):
+    """out + alpha left @ right (left: N x r, right: r x d, out: (..., d) with N rows): in place when no autograd
+    graph is being recorded (ZO measures under inference mode), so no output-sized temporary (the logits) is made."""
+    left, right = left.to(out.dtype), right.to(out.dtype)
+    if not torch.is_grad_enabled() and out.is_contiguous():
+        out.view(-1, out.shape[-1]).addmm_(left, right, alpha=alpha)
+        return None
+    return out + alpha * (left @ right).view(out.shape)
