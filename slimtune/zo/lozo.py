@@ -62,6 +62,7 @@ class LOZO(ZOOptimizer):
         self._shift_seed: int | None = None
         self._hooks: list = []
         self.hooked: set[int] = set()  # indices into self.params perturbed through forward hooks
+        self._scale: dict[int, float] = {}  # 1 / sqrt(r) per hooked matrix
         if model is not None and config.forward_perturbation:
             self._attach(model)
 
@@ -78,6 +79,7 @@ class LOZO(ZOOptimizer):
             if p.ndim != 2 or not found or any(pname != "weight" or type(m) not in (nn.Linear, nn.Embedding)
                                                or getattr(m, "max_norm", None) is not None for m, pname in found):
                 continue
+            self._scale[idx] = 1 / math.sqrt(self._rank(p))
             for module, _ in found:
                 self._hooks.append(module.register_forward_hook(partial(_hook, weakref.ref(self), idx)))
             self.hooked.add(idx)
@@ -90,18 +92,14 @@ class LOZO(ZOOptimizer):
 
     def _linear_hook(self, idx: int, x: torch.Tensor, out: torch.Tensor):
         """y + c (x V) U^T / sqrt(r)."""
-        if not self._shift:
-            return None
         u, v = self._draws[1][idx], self.V[idx]
-        left = x.reshape(-1, x.shape[-1]) @ v.to(x.dtype)
-        return _add_low_rank(out, left, u.T, self._shift / math.sqrt(u.shape[1]))
+        left = x.reshape(-1, x.shape[-1]) @ (v if v.dtype == x.dtype else v.to(x.dtype))
+        return _add_low_rank(out, left, u.T, self._shift * self._scale[idx])
 
     def _embedding_hook(self, idx: int, ids: torch.Tensor, out: torch.Tensor):
         """y + c U[ids] V^T / sqrt(r)."""
-        if not self._shift:
-            return None
-        u, v = self._draws[1][idx], self.V[idx]
-        return _add_low_rank(out, F.embedding(ids.reshape(-1), u), v.T, self._shift / math.sqrt(u.shape[1]))
+        left = F.embedding(ids.reshape(-1), self._draws[1][idx])
+        return _add_low_rank(out, left, self.V[idx].T, self._shift * self._scale[idx])
 
     def _move_shift(self, seed: int, alpha: float) -> None:
         if self._shift and self._shift_seed != seed:
@@ -215,8 +213,9 @@ def _remove(handles: list) -> None:
 
 def _add_low_rank(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float):
     """out + alpha left @ right (left: N x r, right: r x d, out: (..., d) with N rows): in place when no autograd
-    graph is being recorded (ZO measures under inference mode), so no output-sized temporary (the logits) is made."""
-    left, right = left.to(out.dtype), right.to(out.dtype)
+    graph is being recorded (ZO measures under inference mode), so no output-sized temporary is made."""
+    if left.dtype != out.dtype:  # autocast: the layer's output dtype wins
+        left, right = left.to(out.dtype), right.to(out.dtype)
     if not torch.is_grad_enabled() and out.is_contiguous():
         out.view(-1, out.shape[-1]).addmm_(left, right, alpha=alpha)
         return None
