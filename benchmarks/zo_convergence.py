@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 import defaults
@@ -81,7 +82,7 @@ def curve(name: str) -> dict | None:
     result = {"forwards_per_step": fps, "finished": bool(summary), "steps": steps,
               "forward_passes": [s * fps for s in steps], "accuracy": [evals[s] for s in steps],
               "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
-              "time_per_step_s": sum(times) / len(times) if times else None, "flags": RUNS[name][0]}
+              "time_per_step_s": statistics.median(times) if times else None, "flags": RUNS[name][0]}
     return {**result, "forwards_to_target": forwards_to(result, TARGET_ACC)}
 
 

@@ -232,3 +232,27 @@ def test_federated_sweep_chooses_the_steadiest_good_candidate():
     assert f.choose({"x": {"mean_last": None}}) is None
     assert set(f.CANDIDATES["fedadam-slr3e-3-local5"]) <= set(f.BASE)  # every candidate changes known settings
     assert all(set(c) <= set(f.BASE) for c in f.CANDIDATES.values())
+
+
+def test_zo_step_ratio_divides_by_the_forwards_timed_in_the_same_process(monkeypatch):
+    """Issue 13's step-time targets use two forwards timed alternately in the step's own process, not the separate
+    inference process (whose drift once put MeZO + LoRA anywhere in 0.98-1.21x)."""
+    import tables
+    import zo_step
+
+    def row(step, floor, mem=1000.0, n=10):
+        return {"step_time_s": step, "two_forwards_s": floor, "time_vs_two_forwards_in_process": step / floor,
+                "peak_mem_mb": mem, "trainable_params": n}
+
+    results = {"inference": row(0.42, 0.42, n=0), "inference_lora": row(0.45, 0.45, n=0),
+               "mezo-pool_full": row(0.50, 0.36), "lozo_full": row(0.44, 0.36), "mezo_lora": row(0.46, 0.45),
+               "lozo_lora": row(0.46, 0.45), "mezo_full": row(2.0, 0.36)}
+    ratios = zo_step.ratios_from(results)
+    met = zo_step.targets_met(ratios)
+    assert not met["lozo_full_le_1.2x_two_forwards"]  # 0.44 / 0.36 = 1.22, though 0.44 / 0.42 would pass
+    assert met["mezo_full_pool_le_1.5x_two_forwards"] and met["mezo_lora_le_1.05x_two_forwards"]
+    d = {"results": results, "ratios": ratios, "targets_met": met, "torch": "x", "threads": 2, "steps": 6}
+    monkeypatch.setattr(tables, "read_results", lambda name: d)
+    text = tables.zo_step_table()
+    lozo = next(line for line in text.splitlines() if "`lozo`, full" in line)
+    assert "| 1.22 | 1.05 |" in lozo and "lozo_full_le_1.2x_two_forwards: **not met**" in text
