@@ -62,7 +62,6 @@ class LOZO(ZOOptimizer):
         self._shift_seed: int | None = None
         self._hooks: list = []
         self.hooked: set[int] = set()  # indices into self.params perturbed through forward hooks
-        self._scale: dict[int, float] = {}  # 1 / sqrt(r) per hooked matrix
         if model is not None and config.forward_perturbation:
             self._attach(model)
 
@@ -79,9 +78,9 @@ class LOZO(ZOOptimizer):
             if p.ndim != 2 or not found or any(pname != "weight" or type(m) not in (nn.Linear, nn.Embedding)
                                                or getattr(m, "max_norm", None) is not None for m, pname in found):
                 continue
-            self._scale[idx] = 1 / math.sqrt(self._rank(p))
             for module, _ in found:
-                self._hooks.append(module.register_forward_hook(partial(_hook, weakref.ref(self), idx)))
+                method = LOZO._linear_hook if type(module) is nn.Linear else LOZO._embedding_hook
+                self._hooks.append(module.register_forward_hook(partial(_hook, weakref.ref(self), method, idx)))
             self.hooked.add(idx)
         # the hooks hold the optimizer weakly and leave with it (a client builds one optimizer per round on one model)
         weakref.finalize(self, _remove, self._hooks)
@@ -94,12 +93,12 @@ class LOZO(ZOOptimizer):
         """y + c (x V) U^T / sqrt(r)."""
         u, v = self._draws[1][idx], self.V[idx]
         left = x.reshape(-1, x.shape[-1]) @ (v if v.dtype == x.dtype else v.to(x.dtype))
-        return _add_low_rank(out, left, u.T, self._shift * self._scale[idx])
+        return _add_low_rank(out, left, u.T, self._shift / math.sqrt(u.shape[1]))
 
     def _embedding_hook(self, idx: int, ids: torch.Tensor, out: torch.Tensor):
         """y + c U[ids] V^T / sqrt(r)."""
-        left = F.embedding(ids.reshape(-1), self._draws[1][idx])
-        return _add_low_rank(out, left, self.V[idx].T, self._shift * self._scale[idx])
+        u = self._draws[1][idx]
+        return _add_low_rank(out, F.embedding(ids.reshape(-1), u), self.V[idx].T, self._shift / math.sqrt(u.shape[1]))
 
     def _move_shift(self, seed: int, alpha: float) -> None:
         if self._shift and self._shift_seed != seed:
@@ -198,12 +197,12 @@ class LOZO(ZOOptimizer):
                       if self.is_matrix(p)}
 
 
-def _hook(optimizer_ref, idx: int, module: nn.Module, args: tuple, out: torch.Tensor):
+def _hook(optimizer_ref, method, idx: int, module: nn.Module, args: tuple, out: torch.Tensor):
+    """The registered forward hook: `method` (LOZO._linear_hook or _embedding_hook) while a perturbation is applied."""
     optimizer = optimizer_ref()
     if optimizer is None or not optimizer._shift:
         return None
-    hook = optimizer._linear_hook if type(module) is nn.Linear else optimizer._embedding_hook
-    return hook(idx, args[0], out)
+    return method(optimizer, idx, args[0], out)
 
 
 def _remove(handles: list) -> None:
