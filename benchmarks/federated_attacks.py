@@ -27,11 +27,12 @@ OUT = ROOT / "benchmarks" / "results" / "federated_attacks"  # --out moves it (s
 
 # the settings of the first recorded run; a run that differs from them gets a name (and label) that says how
 BASE = {"server_optimizer": "fedavgm", "server_lr": None, "server_momentum": 0.9, "aggregation": "fedavg",
-        "dither": 0.0, "server_average": 0.0}
+        "dither": 0.0, "server_average": 0.0, "local_steps": 3, "lr": 1e-3}
 
 
 def variant(setup: dict) -> str:
-    """'-fedadam-slr0.003', '-m0.5', '-ffa', '-dither2', '-avg0.8' ... for the settings that differ from BASE ('' if none)."""
+    """'-fedadam-slr0.003', '-m0.5', '-ffa', '-dither2', '-avg0.8', '-local5', '-lr0.002' ... for the settings that
+    differ from BASE ('' if none)."""
     get = lambda k: setup.get(k, BASE[k])
     out = ""
     if get("server_optimizer") != BASE["server_optimizer"]:
@@ -46,7 +47,20 @@ def variant(setup: dict) -> str:
         out += f"-dither{get('dither'):g}"
     if get("server_average"):
         out += f"-avg{get('server_average'):g}"
+    if get("local_steps") != BASE["local_steps"]:
+        out += f"-local{get('local_steps')}"
+    if get("lr") != BASE["lr"]:
+        out += f"-lr{get('lr'):g}"
     return out
+
+
+def central_name(setup: dict) -> str:
+    """The centralized reference of a run: the same LoRA trained on the same examples for the run's total number of
+    local steps (rounds x clients per round x local steps) at the clients' lr. 'centralized' is the first recorded
+    one (360 steps at lr 1e-3); any other gets its steps and lr in its name."""
+    steps = setup["rounds"] * setup["clients_per_round"] * setup.get("local_steps", BASE["local_steps"])
+    lr = setup.get("lr", BASE["lr"])
+    return "centralized" if (steps, lr) == (360, 1e-3) else f"centralized-{steps}steps-lr{lr:g}"
 
 
 def label(run: dict) -> str:
@@ -59,6 +73,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = {k: v for k, v in results.items() if k.startswith("fedlpp")}
+    centrals = {k: v for k, v in results.items() if k.startswith("centralized")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in runs.items():
         rounds = [m for m in r["round_metrics"] if m["round"] > 0]
@@ -68,8 +83,8 @@ def plot(results: dict, path: Path) -> None:
                      label=f"{label(r)} Q(theta)")
         axes[0].plot(x, [m["multi_round_accuracy"] for m in rounds], ":", color=line.get_color(),
                      label=f"{label(r)} mean of last {r['attack_window']}")
-    if "centralized" in results:
-        axes[0].axhline(results["centralized"]["final_accuracy"], color="k", lw=0.8, label="centralized")
+    for (name, c), style in zip(centrals.items(), ("-", "-.", "--", ":")):
+        axes[0].axhline(c["final_accuracy"], color="k", lw=0.8, ls=style, label=f"{name} ({c['steps']} steps)")
     axes[0].set(xlabel="round", ylabel="SST-2 dev accuracy", title="server model vs what clients hold")
     axes[0].legend(fontsize=7)
     names = list(runs)
@@ -149,16 +164,17 @@ def main() -> None:
         print(name, {k: summary[k] for k in ("final_accuracy", "client_visible_accuracy", "attack_multi_round_score",
                                              "attack_coalition_score", "attack_best_score",
                                              "attack_coalition_from_scratch_score")}, flush=True)
-    if not args.no_centralized and not (OUT / "centralized" / "summary.json").exists():
+    central_dir = OUT / central_name(setup)
+    if not args.no_centralized and not (central_dir / "summary.json").exists():
         steps = args.rounds * args.local_steps * args.clients_per_round  # the same total local steps
-        shutil.rmtree(OUT / "centralized", ignore_errors=True)
-        cfg = TrainConfig(out_dir=str(OUT / "centralized"), train_data=str(data), eval_data=str(dev), model="smollm2",
+        shutil.rmtree(central_dir, ignore_errors=True)
+        cfg = TrainConfig(out_dir=str(central_dir), train_data=str(data), eval_data=str(dev), model="smollm2",
                           optimizer="adamw", optim=OptimizerArgs(lr=args.lr), peft=PeftSettings("lora", r=8, alpha=16),
                           steps=steps, batch_size=16, eval_every=steps // 4, eval_max=0, progress=False,
                           lr_scheduler="constant", warmup_steps=0)
         train(prepare(cfg))
-    central = OUT / "centralized" / "summary.json"
-    results = merged(path, {"centralized": {**json.loads(central.read_text()), "setup": setup}} if central.exists()
+    central = central_dir / "summary.json"
+    results = merged(path, {central_dir.name: {**json.loads(central.read_text()), "setup": setup}} if central.exists()
                      else {})
     plot(results, OUT.parent / "federated_attacks.png")
 

@@ -80,16 +80,18 @@ def federated_table() -> str:
 
 
 def federated_attacks_table() -> str:
+    from federated_attacks import central_name
+
     d = read_results("federated_attacks.json")
     if d is None:
         return "(not run yet: `python benchmarks/federated_attacks.py`)"
-    central = d.get("centralized", {}).get("final_accuracy")
     rows = ["| run | server acc (theta) | theta, mean of last 10 rounds | theta - centralized | Q(theta) as received | "
             "theta - Q(theta) | mean of last W broadcasts | coalition fine-tune | best attack | theta - best attack | "
             "coalition alone (fresh LoRA) | payload bytes down / client / round |", "|" + "---|" * 12]
     for name, s in d.items():
-        if name == "centralized":
+        if name.startswith("centralized"):
             continue
+        central = d.get(central_name(s["setup"]), {}).get("final_accuracy")
         theta, q, best = s["final_accuracy"], s["client_visible_accuracy"], s["attack_best_score"]
         last = [m["server_accuracy"] for m in s.get("round_metrics", []) if m["round"] > 0][-10:]
         rows.append(f"| {name} ({s['rounds']} rounds) | {fmt(theta)} | {fmt(sum(last) / len(last) if last else None)} | "
@@ -98,9 +100,10 @@ def federated_attacks_table() -> str:
                     f"{fmt(s['attack_coalition_score'])} | {fmt(best)} | {(theta - best) * 100:+.1f} pts | "
                     f"{fmt(s.get('attack_coalition_from_scratch_score'))} | "
                     f"{s['payload_bytes_down_per_client_per_round']:,.0f} |")
-    if central is not None:
-        rows.append(f"| centralized (same examples, same total local steps) | {fmt(central)} | - | - | - | - | - | - | "
-                    f"- | - | - | - |")
+    for name, c in d.items():
+        if name.startswith("centralized"):
+            rows.append(f"| {name} (same examples, same total local steps: {c['steps']}) | {fmt(c['final_accuracy'])} | "
+                        f"- | - | - | - | - | - | - | - | - | - |")
     return "\n".join(rows)
 
 

@@ -106,7 +106,18 @@ def test_federated_run_names_say_how_they_differ_from_the_first_run():
     assert f.variant({"aggregation": "ffa", "dither": 2.0}) == "-ffa-dither2"
     assert f.variant({"server_optimizer": "fedadam", "server_lr": 3e-3, "server_average": 0.8}) == \
         "-fedadam-slr0.003-avg0.8"
+    assert f.variant({"local_steps": 5, "lr": 2e-3}) == "-local5-lr0.002"
+    assert f.variant({"local_steps": 3, "lr": 1e-3}) == ""
     assert len({f.variant(s) for s in ({}, {"server_momentum": 0.5}, {"aggregation": "ffa"}, {"dither": 1.0})}) == 4
+
+
+def test_federated_runs_are_compared_with_a_centralized_run_of_their_own_total_steps_and_lr():
+    import federated_attacks as f
+
+    first = {"rounds": 30, "clients_per_round": 4, "local_steps": 3, "lr": 1e-3}
+    assert f.central_name(first) == "centralized"
+    assert f.central_name({**first, "local_steps": 5}) == "centralized-600steps-lr0.001"
+    assert f.central_name({**first, "lr": 2e-3}) == "centralized-360steps-lr0.002"
 
 
 def test_defaults_rows_still_running_show_their_progress_not_a_result(tmp_path):
