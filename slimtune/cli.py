@@ -431,7 +431,7 @@ def federate(
     bits: int = typer.Option(4, help="broadcast precision: 1..8 bits (NF levels), or 32 for no quantization"),
     block_size: int = typer.Option(64),
     upload_bits: int = typer.Option(32, help="quantize client deltas too (32: fp32 uploads)"),
-    local_steps: int = typer.Option(10),
+    local_steps: int = typer.Option(3, help="local steps per round (3: benchmarks/federated_sweep.py)"),
     local_optimizer: str = typer.Option("adamw", help="any slimtune optimizer"),
     lr: float = typer.Option(1e-3),
     eps: float = typer.Option(1e-3),
@@ -439,14 +439,18 @@ def federate(
     lora_r: int = typer.Option(8),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration over labels (small: non-IID)"),
     aggregation: str = typer.Option("fedavg", help="fedavg (FedIT) or ffa (FFA-LoRA, A frozen)"),
-    server_optimizer: str = typer.Option("fedavg", help="server step on the aggregated update: fedavg, fedavgm, "
-                                         "fedadam, fedyogi (Flower's semantics)"),
-    server_lr: Optional[float] = typer.Option(None, help="server learning rate (default: 1 for fedavg/fedavgm, "
-                                              "0.1 fedadam, 0.01 fedyogi)"),
+    server_optimizer: Optional[str] = typer.Option(None, help="server step on the aggregated update: fedavg, "
+                                                   "fedavgm, fedadam, fedyogi (Flower's semantics); default: for "
+                                                   "AdamW clients fedadam at server lr 3e-3 with --server-average 0.8 "
+                                                   "(benchmarks/federated_sweep.py), else fedavg"),
+    server_lr: Optional[float] = typer.Option(None, help="server learning rate (default: the swept one without "
+                                              "--server-optimizer; else Flower's: 1 fedavg/fedavgm, 0.1 fedadam, "
+                                              "0.01 fedyogi)"),
     server_momentum: float = typer.Option(0.9, help="fedavgm: server momentum"),
-    server_average: float = typer.Option(0.0, help="the server keeps an exponential moving average of its iterates "
-                                         "with this decay as its model (0: off; 0.8 ~ the last 5 rounds); clients "
-                                         "still receive Q(theta) of the current iterate"),
+    server_average: Optional[float] = typer.Option(None, help="the server keeps an exponential moving average of its "
+                                                   "iterates with this decay as its model (0: off; 0.8 ~ the last 5 "
+                                                   "rounds; default: the swept one without --server-optimizer, else "
+                                                   "0); clients still receive Q(theta) of the current iterate"),
     mode: str = typer.Option("lora", help="lora (deltas) or zo-seeds (FedKSeed-style seed/scalar pairs)"),
     client_dp_clip: float = typer.Option(0.0, help="client-level DP: L2 clip of each delta (0: off)"),
     client_dp_noise: float = typer.Option(0.0, help="client-level DP: noise multiplier"),

@@ -60,9 +60,10 @@ class FakeGrid:
 
 
 def make_cfg(demo_paths, **kw):
+    """Plain FedAvg unless a test asks otherwise (server_optimizer=None: the swept default)."""
     train_path, dev_path = demo_paths
     return FederatedConfig(**{"data": train_path, "eval_data": dev_path, "num_clients": 3, "local_steps": 2, "lr": 1e-2,
-                              **kw})
+                              "server_optimizer": "fedavg", **kw})
 
 
 def theta_like(seed=0):
@@ -218,9 +219,10 @@ def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, None)  # the simulation runtime sets its own
     from slimtune.federated.simulate import simulate
 
-    # one Ray start for everything end to end: 2 of 3 clients sampled per round (issue 14) and the model-IP attacks
+    # one Ray start for everything end to end: 2 of 3 clients sampled per round (issue 14), the model-IP attacks, and
+    # the swept server step when none is given (its averaging decay overridden)
     cfg = make_cfg(demo_paths, bits=4, rounds=2, out_dir=str(tmp_path / "fed"), clients_per_round=2,
-                   attack_coalition=2, attack_window=2, server_average=0.5)
+                   attack_coalition=2, attack_window=2, server_average=0.5, server_optimizer=None)
     summary = simulate(cfg)
     assert summary["rounds"] == 2 and summary["bits"] == 4
     assert summary["payload_bytes_down_per_client_per_round"] < summary["trainable_bytes"] / 4  # ~4 bits + scales
@@ -230,6 +232,7 @@ def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
     rounds = [json.loads(line) for line in lines]
     assert [r.get("replies") for r in rounds[1:]] == [2, 2] and summary["clients_per_round"] == 2
     assert all("multi_round_accuracy" in r and "iterate_accuracy" in r for r in rounds[1:])
+    assert (summary["server_optimizer"], summary["server_lr"]) == ("fedadam", 3e-3)
     assert summary["server_average"] == 0.5 and summary["final_iterate_accuracy"] == rounds[-1]["iterate_accuracy"]
     for key in ("attack_theta_score", "attack_received_score", "attack_multi_round_score", "attack_coalition_score",
                 "attack_coalition_from_scratch_score"):
@@ -488,6 +491,24 @@ def test_strategy_applies_the_server_optimizer_to_the_weighted_mean(demo_paths):
                                  reply(msgs[1], {k: v.numpy() for k, v in d2.items()}, 30, 12)])
     for k in theta:
         assert torch.allclose(strategy.theta[k], theta[k] + 0.5 * (10 * d1[k] + 30 * d2[k]) / 40, atol=1e-6)
+
+
+def test_server_step_defaults_to_the_swept_one_for_adamw_clients_and_fedavg_otherwise(demo_paths):
+    """benchmarks/federated_sweep.py chose FedAdam, server lr 3e-3, averaging 0.8 for AdamW clients; a setting the
+    user gives always wins, and a chosen optimizer gets Flower's lr and no averaging, not the swept trio."""
+    unset = {"server_optimizer": None}
+    r = make_cfg(demo_paths, **unset).resolved()
+    assert (r.server_optimizer, r.server_lr, r.server_average) == ("fedadam", 3e-3, 0.8)
+    r = make_cfg(demo_paths, **unset, server_lr=1e-3, server_average=0.0).resolved()
+    assert (r.server_optimizer, r.server_lr, r.server_average) == ("fedadam", 1e-3, 0.0)
+    r = make_cfg(demo_paths, server_optimizer="fedavgm").resolved()
+    assert (r.server_optimizer, r.server_lr, r.server_average) == ("fedavgm", None, 0.0)
+    for other in ({"local_optimizer": "mezo"}, {"local_optimizer": "sgd"}, {"mode": "zo-seeds"}):
+        r = make_cfg(demo_paths, **unset, **other).resolved()
+        assert (r.server_optimizer, r.server_lr, r.server_average) == ("fedavg", None, 0.0), other
+    assert FederatedConfig().resolved().server_optimizer == "fedadam"  # the dataclass default: AdamW clients
+    strategy = FedLPP(make_cfg(demo_paths, **unset, bits=FP32), theta_like())
+    assert (strategy.server_opt.name, strategy.server_opt.lr, strategy.average.beta) == ("fedadam", 3e-3, 0.8)
 
 
 def test_iterate_average_is_the_ema_of_the_server_iterates(demo_paths):

@@ -39,6 +39,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
+    cfg = cfg.resolved()  # the server step the run uses, recorded in summary.json
     cfg.validate()
     model, tok, train, evals, objective = build_model(cfg, lora_seed=fresh_secret())
     metric = "accuracy" if objective.kind == "classification" else "loss"
@@ -136,7 +137,8 @@ def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None, att
                "name": Path(cfg.out_dir).name, **peft_summary(model), "peak_mem_mb": max(r["peak_mem_mb"] for r in rounds),
                "time_per_step_s": seconds / max(cfg.rounds, 1), "steps": cfg.rounds, "rounds": cfg.rounds,
                "clients": cfg.num_clients, "bits": cfg.bits, "aggregation": cfg.aggregation,
-               "server_optimizer": cfg.server_optimizer, "server_average": cfg.server_average,
+               "server_optimizer": cfg.server_optimizer, "server_lr": cfg.server_lr,
+               "server_average": cfg.server_average,
                "final_iterate_accuracy": last.get("iterate_accuracy"),
                "task": cfg.task, "final_accuracy": last.get("server_accuracy"),
                "client_visible_accuracy": last.get("client_visible_accuracy"),

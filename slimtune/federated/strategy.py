@@ -59,7 +59,7 @@ class FedLPP(FedAvg):
         kwargs.setdefault("min_train_nodes", 1)
         kwargs.setdefault("min_available_nodes", 1)
         super().__init__(**kwargs)
-        self.cfg = cfg
+        self.cfg = cfg = cfg.resolved()
         self.theta = {k: v.detach().clone().float() for k, v in theta.items()}  # private: never leaves the server
         self.shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
         self.replay = replay  # mode zo-seeds: callable(theta, [(seeds, grads, weight)]) -> new theta
