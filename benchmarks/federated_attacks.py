@@ -64,7 +64,7 @@ def central_name(setup: dict) -> str:
 
 
 def label(run: dict) -> str:
-    return f"{run['bits']}-bit" + variant(run.get("setup") or {}).replace("-", " ")
+    return f"{run['bits']}-bit" + (variant(run.get("setup") or {}) or "-fedavgm-m0.9").replace("-", " ")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -92,7 +92,7 @@ def plot(results: dict, path: Path) -> None:
     for shift, key, text in ((-0.27, "attack_theta_score", "theta (server)"), (0, "attack_best_score", "best attack"),
                              (0.27, "attack_coalition_from_scratch_score", "coalition alone (fresh LoRA)")):
         axes[1].bar([i + shift for i in xs], [runs[n][key] for n in names], 0.27, label=text)
-    axes[1].set_xticks(list(xs), [label(runs[n]) for n in names])
+    axes[1].set_xticks(list(xs), [label(runs[n]).replace(" ", "\n", 1) for n in names], fontsize=7)
     axes[1].set(ylim=(0.4, 1.0), ylabel="accuracy", title="theta vs best reconstruction")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
