@@ -350,6 +350,8 @@ def test_quantized_uploads_must_have_the_wire_dtypes(demo_paths):
     as_float = {k: v.astype(np.float32) if k.endswith("::codes") else v for k, v in arrays.items()}
     _, metrics = strategy.aggregate_train(1, [reply(msgs[0], arrays, 5, 11), reply(msgs[1], as_float, 5, 12)])
     assert metrics["replies"] == 1 and metrics["rejected"] == 1
+    # a 4-bit upload has the broadcast's shapes, so its payload is the 4-bit broadcast's (issue 14's bytes-up row)
+    assert strategy.round_log[1]["payload_bytes_up_per_client"] == strategy.encoded()[1]
 
 
 def test_zo_seed_replies_are_bounded(demo_paths):
