@@ -19,15 +19,16 @@ import os
 import shutil
 from pathlib import Path
 
+from federated_sweep import BASE as SWEEP_BASE
 from federated_table import DATA, ROOT, subset
 from launch import merged
 
 OUT = ROOT / "benchmarks" / "results" / "federated_attacks"  # --out moves it (smoke runs)
 
 
-# the settings of the first recorded run; a run that differs from them gets a name (and label) that says how
-BASE = {"server_optimizer": "fedavgm", "server_lr": None, "server_momentum": 0.9, "aggregation": "fedavg",
-        "dither": 0.0, "server_average": 0.0, "local_steps": 3, "lr": 1e-3}
+# the settings of the first recorded run (the sweep's base, FedIT, no dither); a run that differs from them gets a
+# name (and label) that says how
+BASE = {**SWEEP_BASE, "aggregation": "fedavg", "dither": 0.0}
 
 
 def variant(setup: dict) -> str:

@@ -30,6 +30,9 @@ import torch
 from slimtune import SlimtuneError
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+DEFAULT_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-1, "fedyogi": 1e-2}  # Flower's defaults
+DEFAULT_TAU = {"fedadam": 1e-9, "fedyogi": 1e-3}
+
 # The server step a run gets when --server-optimizer is not given, by the clients' local optimizer family:
 # (optimizer, server lr, iterate-average decay), applied as a unit. benchmarks/federated_sweep.py (SST-2, 8 non-IID
 # clients, 4 per round, 4-bit broadcast, 10 rounds, scored on 200 held-out *training* rows by the mean of the last 3
@@ -45,8 +48,6 @@ def server_defaults(local_optimizer: str, mode: str = "lora") -> tuple[str, floa
     """(server optimizer, server lr, iterate-average decay) for a run that does not choose its server step."""
     clients_run = "mezo" if mode == "zo-seeds" else local_optimizer  # zo-seeds clients always run MeZO
     return SWEPT_DEFAULTS.get(clients_run, UNSWEPT_DEFAULT)
-DEFAULT_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-1, "fedyogi": 1e-2}  # Flower's defaults
-DEFAULT_TAU = {"fedadam": 1e-9, "fedyogi": 1e-3}
 
 
 class ServerOptimizer:
