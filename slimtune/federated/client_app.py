@@ -16,7 +16,7 @@ from slimtune.federated.partition import dirichlet_partition
 from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.privacy import PrivacySpec
-from slimtune.privacy.secret import fresh_secret
+from slimtune.privacy.secret import RunKey
 
 app = ClientApp()
 
@@ -50,7 +50,7 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
         private = (PrivacySpec(noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip), cfg.local_dp_noise,
                    cfg.batch_size, None)
     optimizer = build_optimizer(optimizer_name, model, OptimizerArgs(lr=cfg.lr, eps=cfg.eps, seed=seed), private)
-    sampler = (PoissonSampler(len(examples), cfg.batch_size, fresh_secret()) if private
+    sampler = (PoissonSampler(len(examples), cfg.batch_size, key=RunKey.fresh()) if private
                else EpochSampler(len(examples), cfg.batch_size, seed))
     model.train(not optimizer.zeroth_order)
     losses, seeds, grads = [], [], []

@@ -6,15 +6,17 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from slimtune import SlimtuneError
 from slimtune.federated.attacks import BroadcastHistory, attack_report, coalition_data
-from slimtune.federated.common import FP32, FederatedConfig, build_model, load_lora_state, lora_state
+from slimtune.federated.config import FederatedConfig
+from slimtune.federated.model import build_model, load_lora_state, lora_state, secret_seed
+from slimtune.federated.wire import FP32
 from slimtune.federated.strategy import FedLPP
 from slimtune.peft import peft_summary, save_peft
-from slimtune.privacy.secret import fresh_secret
 from slimtune.train.metrics import MetricsLog, peak_memory_mb
 from slimtune.zo import MeZO, MeZOConfig
 
@@ -22,14 +24,14 @@ app = ServerApp()
 
 
 def make_replay(model, cfg: FederatedConfig):
-    """Apply clients' (seed, scalar) pairs to theta with the very same z generator the clients used."""
+    """The delta a client's (seed, scalar) pairs make, -lr sum_s g_s z(seed_s), with the very same z generator the
+    clients used (replayed onto zero: the update is linear in the pairs and does not depend on where it starts)."""
 
-    def replay(theta, items):
-        load_lora_state(model, theta)
+    def replay(seeds, grads) -> dict:
+        load_lora_state(model, {k: torch.zeros_like(v) for k, v in lora_state(model).items()})
         opt = MeZO(model.named_parameters(), MeZOConfig(lr=cfg.lr, eps=cfg.eps))
-        for seeds, grads, weight in items:
-            for seed, g in zip(seeds.tolist(), grads.tolist()):
-                opt._sweep(int(seed), "update", coef=g * weight)
+        for seed, g in zip(seeds.tolist(), grads.tolist()):
+            opt._sweep(int(seed), "update", coef=g)
         return lora_state(model)
 
     return replay
@@ -41,7 +43,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     (out / "metrics.jsonl").unlink(missing_ok=True)
     cfg = cfg.resolved()  # the server step the run uses, recorded in summary.json
     cfg.validate()
-    model, tok, train, evals, objective = build_model(cfg, lora_seed=fresh_secret())
+    model, tok, train, evals, objective = build_model(cfg, lora_seed=secret_seed())
     metric = "accuracy" if objective.kind == "classification" else "loss"
     per_round = cfg.clients_per_round or cfg.num_clients
     strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg), min_available_nodes=cfg.num_clients,

@@ -63,6 +63,13 @@ class ServerOptimizer:
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
 
+    def reset(self) -> None:
+        """Forget the moments (after a step the server refused to take)."""
+        self.m, self.v = {}, {}
+
+    def finite(self) -> bool:
+        return all(torch.isfinite(t).all() for state in (self.m, self.v) for t in state.values())
+
     def apply(self, theta: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         new = {}
         for k, value in theta.items():

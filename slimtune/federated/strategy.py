@@ -1,10 +1,11 @@
 """FedLPP on Flower: the server keeps full-precision LoRA theta and only ever broadcasts Q(theta).
 
 Round t: broadcast Q(theta) (block-wise NF quantization), clients train from dequantized Q(theta) and reply with
-delta_k = theta_k - Q(theta) (mode "lora") or with (seed, scalar) pairs (mode "zo-seeds"); the server sets
-theta <- theta + sum_k w_k delta_k / sum_k w_k, weights = local example counts. With client-level DP each delta is
-clipped to L2 norm S, the deltas are averaged uniformly and N(0, (sigma S / K)^2) noise is added to the mean.
-Malformed replies (wrong keys, shapes, non-finite values) are rejected with a log line; missing clients are skipped.
+delta_k = theta_k - Q(theta) (mode "lora") or with (seed, scalar) pairs (mode "zo-seeds", replayed by the server into
+the same delta). Each reply is checked field by field (replies.py: a malformed one is rejected with a log line), the
+accepted deltas are bounded and aggregated (bounds.py: one rule for every mode), and the server optimizer turns the
+aggregate into a step (server_opt.py). A step that would leave theta non-finite or outside fp16 range (Q(theta)'s
+scales are fp16) is not taken and the optimizer state is reset: no reply can lock out the rounds after it.
 """
 
 from __future__ import annotations
@@ -14,43 +15,19 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from slimtune.federated.bounds import InfluenceBound, aggregate, client_weights
+from slimtune.federated.config import FederatedConfig
+from slimtune.federated.model import secret_seed
+from slimtune.federated.replies import parse_reply
 from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
-from slimtune.federated.common import FP32, FederatedConfig, decode_state, encode_state, is_trained, uploaded
-from slimtune.privacy.secret import fresh_secret
+from slimtune.federated.wire import FP32, as_array, decode_state, encode_state, wire_bytes
 
 log = logging.getLogger("slimtune.federated")
 
-MAX_EXAMPLES = 1e9  # a client claiming more examples than this is lying or broken
-MAX_PROJECTED_GRAD = 1e6
 FP16_MAX = 6.0e4  # just under float16's 65504: Q(theta)'s scales are fp16
-
-
-def wire_bytes(message: Message) -> int:
-    """Bytes of a message's content as Flower serialises it (protobuf RecordDict: arrays, configs, metrics)."""
-    from flwr.common.serde import recorddict_to_proto
-    return int(recorddict_to_proto(message.content).ByteSize())
-
-
-def _scalar(metrics: MetricRecord, key: str, required: bool) -> float:
-    """One finite number from a MetricRecord (lists, NaN and infinities are rejected)."""
-    if key not in metrics:
-        if required:
-            raise ValueError(f"metric {key!r} is missing")
-        return float("nan")
-    value = metrics[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise ValueError(f"metric {key!r} must be one finite number, got {value!r}")
-    return float(value)
-
-
-def expected_keys(shapes: dict, bits: int) -> dict[str, type]:
-    """The exact arrays an upload of `bits` carries, with their dtypes."""
-    if bits == FP32:
-        return {name: np.float32 for name in shapes}
-    return {f"{name}::{part}": dtype for name in shapes for part, dtype in (("codes", np.uint8), ("scales", np.float16))}
 
 
 class FedLPP(FedAvg):
@@ -62,13 +39,14 @@ class FedLPP(FedAvg):
         self.cfg = cfg = cfg.resolved()
         self.theta = {k: v.detach().clone().float() for k, v in theta.items()}  # private: never leaves the server
         self.shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
-        self.replay = replay  # mode zo-seeds: callable(theta, [(seeds, grads, weight)]) -> new theta
+        self.replay = replay  # mode zo-seeds: callable(seeds, grads) -> the delta those pairs make
         self.round_log: dict[int, dict] = {}
-        self.noise_generator = torch.Generator().manual_seed(fresh_secret())  # client-DP noise: secret, never seeded
+        self.noise_generator = torch.Generator().manual_seed(secret_seed())  # client-DP noise: secret, never seeded
         self._encoded = None  # (theta it encodes, arrays, bytes)
         self.dither = secret_dither(self.shapes, cfg)  # fixed for the run, never sent, never seeded from the config
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
         self.average = IterateAverage(cfg.server_average) if cfg.server_average else None
+        self.bound = InfluenceBound(cfg.norm_bound)
 
     def server_model(self) -> dict[str, torch.Tensor]:
         """The model the server keeps: the average of its iterates with --server-average, else theta itself.
@@ -86,7 +64,7 @@ class FedLPP(FedAvg):
 
     def broadcast(self) -> tuple[ArrayRecord, int]:
         arrays, nbytes = self.encoded()
-        return ArrayRecord({k: _as_array(v) for k, v in arrays.items()}), nbytes
+        return ArrayRecord({k: as_array(v) for k, v in arrays.items()}), nbytes
 
     def client_view(self) -> dict[str, torch.Tensor]:
         """Q(theta) exactly as a client reconstructs it."""
@@ -120,7 +98,7 @@ class FedLPP(FedAvg):
             size = wire_bytes(msg)  # on the wire whether or not it is accepted
             bytes_up += size
             try:
-                accepted.append({**self.parse_reply(msg.content), "wire_bytes": size})
+                accepted.append({**parse_reply(msg.content, self.cfg, self.shapes), "wire_bytes": size})
             except ValueError as exc:
                 log.warning("round %d: rejected reply from client %s: %s", server_round, node, exc)
                 rejected += 1
@@ -131,70 +109,51 @@ class FedLPP(FedAvg):
             log.warning("round %d: %d of %d sampled clients did not reply within the round timeout (%.0f s); their "
                         "work is lost", server_round, missing, info["sampled"], self.cfg.round_timeout)
         if accepted:
-            self.theta = self.apply_updates(accepted)
+            self.theta = self.apply_updates(accepted, info)
             if self.average is not None:
                 self.average.update(self.theta)
             info["payload_bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
             info["bytes_up_per_client"] = float(np.mean([a["wire_bytes"] for a in accepted]))
-            info["train_loss"] = float(np.mean([a["loss"] for a in accepted]))
+            losses = [a["loss"] for a in accepted if a["loss"] is not None]  # private clients send none
+            if losses:
+                info["train_loss"] = float(np.mean(losses))
+            epsilons = [a["local_epsilon"] for a in accepted if a["local_epsilon"] is not None]
+            if epsilons:
+                info["local_epsilon"] = max(epsilons)
         payload, _ = self.broadcast()
         return payload, MetricRecord({"replies": len(accepted), "rejected": rejected})
 
-    def parse_reply(self, content: RecordDict) -> dict:
-        """Validate every field of a reply; raise ValueError (the reply is rejected) on anything unexpected.
+    def deltas(self, accepted: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Each accepted reply as a delta; zo-seeds scalars are clipped per seed (bounds.py) before the replay."""
+        if self.cfg.mode != "zo-seeds":
+            return [a["delta"] for a in accepted]
+        cap = self.bound.scalar_cap([a["grads"] for a in accepted])
+        return [self.replay(a["seeds"], np.clip(a["grads"], -cap, cap)) for a in accepted]
 
-        num-examples: a finite whole number in [1, MAX_EXAMPLES]; train-loss: one finite number (or absent); arrays:
-        exactly the expected keys with the expected dtypes and sizes; a delta must be finite, of L2 norm at most
-        `max_update_norm`, and keep every entry of theta + delta within fp16 range (Q(theta) stores fp16 scales);
-        zo-seeds: at most local_steps pairs, |g| <= MAX_PROJECTED_GRAD."""
-        arrays = content.array_records.get("arrays")
-        metrics = content.metric_records.get("metrics")
-        if arrays is None or metrics is None:
-            raise ValueError("reply needs an ArrayRecord 'arrays' and a MetricRecord 'metrics'")
-        weight = _scalar(metrics, "num-examples", required=True)
-        if not (1 <= weight <= MAX_EXAMPLES and weight == int(weight)):
-            raise ValueError(f"num-examples must be a whole number in [1, {MAX_EXAMPLES:.0e}], got {weight}")
-        loss = _scalar(metrics, "train-loss", required=False)
-        raw = {k: arrays[k].numpy() for k in arrays.keys()}
-        parsed = {"weight": weight, "loss": loss, "bytes_up": float(sum(v.nbytes for v in raw.values()))}
-        if self.cfg.mode == "zo-seeds":
-            seeds, grads = raw.get("seeds"), raw.get("grads")
-            if set(raw) != {"seeds", "grads"} or seeds.shape != grads.shape or seeds.ndim != 1:
-                raise ValueError("zo-seeds reply needs exactly 1-D 'seeds' and 'grads' of equal length")
-            if seeds.dtype != np.int64 or grads.dtype not in (np.float32, np.float64):
-                raise ValueError(f"zo-seeds reply has dtypes {seeds.dtype}/{grads.dtype}, expected int64/float")
-            if len(seeds) > self.cfg.local_steps:
-                raise ValueError(f"{len(seeds)} (seed, scalar) pairs for {self.cfg.local_steps} local steps")
-            if not np.isfinite(grads).all() or np.abs(grads).max(initial=0) > MAX_PROJECTED_GRAD:
-                raise ValueError(f"non-finite or out-of-range projected gradient (|g| > {MAX_PROJECTED_GRAD:g})")
-            parsed.update(seeds=seeds.astype(np.int64), grads=grads.astype(np.float64))
-            return parsed
-        shapes = uploaded(self.shapes, self.cfg)  # FFA: B only
-        expected = expected_keys(shapes, self.cfg.upload_bits)
-        if set(raw) != set(expected):
-            extra, missing = sorted(set(raw) - set(expected)), sorted(set(expected) - set(raw))
-            raise ValueError(f"unexpected array {extra[0]!r}" if extra else f"missing array {missing[0]!r}")
-        for key, dtype in expected.items():
-            if raw[key].dtype != dtype:
-                raise ValueError(f"array {key!r} has dtype {raw[key].dtype}, expected {np.dtype(dtype)}")
-        delta = decode_state(raw, shapes, self.cfg.upload_bits, self.cfg.block_size)
-        delta.update({k: torch.zeros(shape) for k, shape in self.shapes.items() if k not in shapes})  # frozen: 0
-        if not all(torch.isfinite(d).all() for d in delta.values()):
-            raise ValueError("non-finite values in the update")
-        norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())).item()
-        if norm > self.cfg.max_update_norm:
-            raise ValueError(f"update norm {norm:.3g} exceeds --max-update-norm {self.cfg.max_update_norm:g}")
-        if any((self.theta[k] + d).abs().max() > FP16_MAX for k, d in delta.items()):
-            raise ValueError("update would push theta out of fp16 range (the broadcast Q(theta) could not hold it)")
-        parsed["delta"] = delta
-        return parsed
+    def apply_updates(self, accepted: list[dict], info: dict | None = None) -> dict[str, torch.Tensor]:
+        deltas = self.deltas(accepted)
+        if self.cfg.client_dp_clip > 0:  # the fixed clip S the client-level accounting is calibrated to
+            from slimtune.federated.bounds import clip_update
+            deltas, cap = [clip_update(d, self.cfg.client_dp_clip) for d in deltas], self.cfg.client_dp_clip
+        else:
+            deltas, cap = self.bound.bound_deltas(deltas)
+        weights = client_weights([a["claimed"] for a in accepted], self.cfg.weighting)
+        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise_generator)
+        if info is not None:
+            info["update_bound"] = cap
+        return self.server_step(update)
 
-    def apply_updates(self, accepted: list[dict]) -> dict[str, torch.Tensor]:
-        if self.cfg.mode == "zo-seeds":
-            total = sum(a["weight"] for a in accepted)
-            return self.replay(self.theta, [(a["seeds"], a["grads"], a["weight"] / total) for a in accepted])
-        update = mean_delta(self.theta, accepted, self.cfg, self.noise_generator)
-        return self.server_opt.apply(self.theta, update)
+    def server_step(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """theta after the server optimizer's step, or theta unchanged (and the optimizer reset) if the step would
+        leave it non-finite or outside fp16 range."""
+        new = self.server_opt.apply(self.theta, update)
+        if self.server_opt.finite() and all(torch.isfinite(v).all() and v.abs().max() <= FP16_MAX
+                                            for v in new.values()):
+            return new
+        log.warning("server step not taken: it would make theta or the optimizer state non-finite, or push theta out "
+                    "of fp16 range (optimizer state reset)")
+        self.server_opt.reset()
+        return self.theta
 
 
 def secret_dither(shapes: dict[str, tuple], cfg: FederatedConfig) -> dict[str, torch.Tensor] | None:
@@ -205,48 +164,5 @@ def secret_dither(shapes: dict[str, tuple], cfg: FederatedConfig) -> dict[str, t
     if not cfg.dither or cfg.bits == FP32:
         return None
     from slimtune.federated.quantization import max_gap
-    g = torch.Generator().manual_seed(fresh_secret())
+    g = torch.Generator().manual_seed(secret_seed())
     return {k: (torch.rand(shape, generator=g) - 0.5) * cfg.dither * max_gap(cfg.bits) for k, shape in shapes.items()}
-
-
-def mean_delta(theta: dict, accepted: list[dict], cfg: FederatedConfig, generator=None) -> dict:
-    """The round's update: weighted mean of deltas (FedAvg/FedIT, FFA) or, with client DP, clipped uniform mean +
-    noise (the server optimizer then post-processes it).
-
-    Under FFA only B is trained: A's deltas are dropped before clipping and A gets no noise (it is never released
-    changed, so noising it would only damage the model)."""
-    deltas = [{k: (v if is_trained(k, cfg) else torch.zeros_like(v)) for k, v in a["delta"].items()} for a in accepted]
-    if cfg.robust == "median":  # coordinate-wise median: no client moves a coordinate past the honest majority
-        return {name: torch.stack([d[name] for d in deltas]).median(dim=0).values for name in theta}
-    if cfg.robust == "clip":  # each delta clipped to the round's median norm, then the weighted mean
-        norms = sorted(update_norm(d) for d in deltas)
-        deltas = [clip_update(d, norms[(len(norms) - 1) // 2]) for d in deltas]
-    if cfg.client_dp_clip > 0:
-        weights = [1.0 / len(deltas)] * len(deltas)
-        deltas = [clip_update(d, cfg.client_dp_clip) for d in deltas]
-    else:
-        total = sum(a["weight"] for a in accepted)
-        weights = [a["weight"] / total for a in accepted]
-    new = {}
-    for name, value in theta.items():
-        mean = sum(w * d[name] for w, d in zip(weights, deltas))
-        if cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0 and is_trained(name, cfg):
-            std = cfg.client_dp_noise * cfg.client_dp_clip / len(deltas)
-            mean = mean + std * torch.randn(value.shape, generator=generator)
-        new[name] = mean
-    return new
-
-
-def update_norm(delta: dict[str, torch.Tensor]) -> float:
-    return torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())).item()
-
-
-def clip_update(delta: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
-    norm = update_norm(delta)
-    factor = min(1.0, max_norm / (norm + 1e-12))
-    return {k: v * factor for k, v in delta.items()}
-
-
-def _as_array(value):
-    from flwr.app import Array
-    return Array(np.ascontiguousarray(value))

@@ -1,0 +1,99 @@
+"""The server's bound on what one client can do to theta: one rule, applied to every accepted reply of every mode.
+
+A round's accepted replies become deltas Delta_k: a LoRA reply is its decoded upload; a zo-seeds reply is its
+(seed, scalar) pairs replayed onto zero, Delta_k = -lr sum_s g_{k,s} z_s, after each scalar is clipped to
+|g| <= c * median|g| (the median over this round's scalars and those of the last W - 1 rounds). Then:
+
+    weights     w_k = 1/K ("equal", the default), or w_k proportional to min(n_k, median_j n_j) ("examples"): a
+                claimed example count never buys more weight than the round's median claim;
+    norm bound  B_t = c * median_j ||Delta_j||, the median over this round's replies and those of the last W - 1
+                rounds (c = `norm_bound`, default 1); every Delta_k is scaled to norm <= B_t. One reply then moves
+                the weighted mean by at most w_k B_t however large it was sent, and while fewer than half of the
+                replies are hostile, B_t is set by honest ones. The window W keeps a lone reply (everyone else
+                dropped out) from setting its own bound. Under client-level DP the bound is the fixed clip S instead
+                (the accounting needs a bound that does not depend on other clients' data);
+    aggregate   sum_k w_k Delta_k, or the coordinate-wise median of the Delta_k (--robust median); with client-level
+                DP the uniform mean plus N(0, (sigma S / K)^2) on the trained entries.
+
+The server optimizer then post-processes the aggregate (server_opt.py), and a step whose result is non-finite or
+outside fp16 range is not taken (strategy.py), so no accepted reply can lock out the rounds after it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from slimtune.federated.model import is_trained
+
+WINDOW = 3  # rounds of norms (and zo-seeds scalars) the median is taken over
+
+
+def lower_median(values: list[float]) -> float:
+    """The lower median: with K values, the ceil(K/2)-th smallest, so fewer than half can move it past an honest one."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def update_norm(delta: dict[str, torch.Tensor]) -> float:
+    return torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())).item()
+
+
+def clip_update(delta: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
+    """Delta scaled to L2 norm <= max_norm (unchanged if already within)."""
+    norm = update_norm(delta)
+    factor = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return {k: v * factor for k, v in delta.items()}
+
+
+class InfluenceBound:
+    """Per-round bounds from the replies themselves: B_t for update norms, and the zo-seeds scalar clip."""
+
+    def __init__(self, multiple: float, window: int = WINDOW):
+        self.multiple = multiple
+        self.norms: deque[list[float]] = deque(maxlen=window)
+        self.scalars: deque[list[float]] = deque(maxlen=window)
+
+    @staticmethod
+    def _cap(history: deque, current: list[float], multiple: float) -> float:
+        history.append(current)
+        return multiple * lower_median([v for round_values in history for v in round_values])
+
+    def scalar_cap(self, grads: list[torch.Tensor]) -> float:
+        """c * median |g| over this round's scalars and the window's (zo-seeds)."""
+        return self._cap(self.scalars, [abs(float(g)) for gs in grads for g in gs], self.multiple)
+
+    def bound_deltas(self, deltas: list[dict]) -> tuple[list[dict], float]:
+        """Every delta clipped to B_t; returns (clipped deltas, B_t)."""
+        cap = self._cap(self.norms, [update_norm(d) for d in deltas], self.multiple)
+        return [clip_update(d, cap) for d in deltas], cap
+
+
+def client_weights(claims: list[float | None], weighting: str) -> list[float]:
+    """Normalised weights: equal, or each claimed example count capped at the round's median claim."""
+    if weighting == "equal" or not claims:
+        return [1.0 / len(claims)] * len(claims)
+    cap = lower_median([float(c) for c in claims])
+    capped = [min(float(c), cap) for c in claims]
+    return [c / sum(capped) for c in capped]
+
+
+def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, generator=None) -> dict:
+    """The round's update from bounded deltas: weighted mean, coordinate-wise median, or (client-level DP) the
+    uniform mean plus Gaussian noise on what is trained. Under FFA, A's (zero) deltas are dropped and A gets no
+    noise: it is never released changed, so noising it would only damage the model."""
+    deltas = [{k: (v if is_trained(k, cfg) else torch.zeros_like(v)) for k, v in d.items()} for d in deltas]
+    if cfg.robust == "median":
+        return {name: torch.stack([d[name] for d in deltas]).median(dim=0).values for name in theta}
+    private = cfg.client_dp_clip > 0
+    if private:
+        weights = [1.0 / len(deltas)] * len(deltas)
+    update = {}
+    for name, value in theta.items():
+        mean = sum(w * d[name] for w, d in zip(weights, deltas))
+        if private and cfg.client_dp_noise > 0 and is_trained(name, cfg):
+            std = cfg.client_dp_noise * cfg.client_dp_clip / len(deltas)
+            mean = mean + std * torch.randn(value.shape, generator=generator)
+        update[name] = mean
+    return update

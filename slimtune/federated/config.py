@@ -1,0 +1,145 @@
+"""The run's settings (FederatedConfig): what each one means, which ones clients are sent, and the checks that refuse
+a combination before any work starts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+from slimtune import SlimtuneError
+from slimtune.federated.wire import FP32
+
+# Settings only the server reads: never sent to clients.
+SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
+               "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
+               "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window", "dither",
+               "server_average", "weighting", "norm_bound")
+
+
+@dataclass
+class FederatedConfig:
+    data: str = ""
+    eval_data: str = ""
+    model: str = "tiny-llama"
+    task: str = "sst2"  # a classification task, or "generation" (prompt -> completion; see train/objectives.py)
+    input_column: str | None = None  # generation tables: prompt / completion columns, template
+    target_column: str | None = None
+    template: str | None = None
+    max_length: int = 256
+    num_clients: int = 4
+    rounds: int = 3
+    bits: int = 4  # 1..8, or 32 for full precision
+    block_size: int = 64
+    upload_bits: int = FP32  # quantize client deltas too (32: send fp32)
+    local_steps: int = 3  # benchmarks/federated_sweep.py: 3 (0.725) against 5 (0.722) under FedAdam 3e-3
+    local_optimizer: str = "adamw"  # any slimtune optimizer
+    local_dp_noise: float = 1.0  # private local optimizers (dpzero, dp-adamw...): noise multiplier per local step
+    local_dp_clip: float = 1.0
+    lr: float = 1e-3
+    eps: float = 1e-3
+    batch_size: int = 8
+    lora_r: int = 4
+    dirichlet_alpha: float = 0.5
+    aggregation: str = "fedavg"  # fedavg (FedIT: average A and B) or ffa (FFA-LoRA: A frozen)
+    mode: str = "lora"  # lora (send deltas) or zo-seeds (FedKSeed-style: send (seed, scalar) pairs)
+    client_dp_clip: float = 0.0  # > 0: clip each client's delta to this L2 norm
+    client_dp_noise: float = 0.0  # Gaussian noise multiplier on the clipped sum
+    client_dp_delta: float = 1e-5
+    eval_max: int = 200
+    max_update_norm: float = 0.0  # server: replies whose delta has a larger L2 norm are rejected (0: no fixed cap;
+    # the adaptive bound below applies either way)
+    norm_bound: float = 1.0  # server: every update is clipped to this multiple of the median update norm of the
+    # round's (and the last rounds') replies (bounds.py); zo-seeds scalars likewise per seed
+    weighting: str = "equal"  # server: equal (every accepted reply the same weight) or examples (claimed example
+    # counts, each capped at the round's median claim); a claim never buys more than that
+    robust: str = "none"  # robust aggregation of the bounded updates: none (weighted mean), median (coordinate-wise);
+    # clip: kept for old configs, the same as none now that every update is clipped
+    seed: int = 0
+    out_dir: str = "runs/federated"
+    # fedavg, fedavgm, fedadam, fedyogi; None: the swept default for the local optimizer (server_opt.server_defaults),
+    # which then also sets server_lr and server_average where they are None
+    server_optimizer: str | None = None
+    server_lr: float | None = None  # None: Flower's default for the server optimizer
+    server_momentum: float = 0.9  # fedavgm
+    server_average: float | None = None  # EMA decay of the server's model over its iterates (server_opt.py; 0: off)
+    round_timeout: float = 600.0  # server: seconds to wait for a round's replies (late clients are dropped)
+    node_timeout: float = 300.0  # server: seconds to wait for num_clients SuperNodes to connect before giving up
+    dither: float = 0.0  # server: fixed secret dither on the broadcast, in units of the largest level gap (0: off)
+    clients_per_round: int = 0  # server: clients sampled to train each round (0: all num_clients)
+    attack_coalition: int = 0  # server, measurement only: k > 0 scores what k pooled clients rebuild (attacks.py)
+    attack_window: int = 5  # the multi-round attack averages this many of the latest broadcasts
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def client_json(self) -> str:
+        """What a client is sent: how to train, never the server's settings (output, evaluation, rounds, its DP)."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k not in SERVER_ONLY})
+
+    def resolved(self) -> "FederatedConfig":
+        """This config with the server step filled in where it was left unset (None): without --server-optimizer,
+        the swept (optimizer, lr, averaging) for the local optimizer; with it, Flower's lr and no averaging."""
+        from slimtune.federated.server_opt import server_defaults
+        if self.server_optimizer is None:
+            name, lr, average = server_defaults(self.local_optimizer, self.mode)
+            return replace(self, server_optimizer=name, server_lr=lr if self.server_lr is None else self.server_lr,
+                           server_average=average if self.server_average is None else self.server_average)
+        return replace(self, server_average=0.0) if self.server_average is None else self
+
+    def validate(self) -> None:
+        """One-line errors for combinations that would claim privacy they do not give, or do nothing."""
+        if self.client_dp_noise > 0 and not self.client_dp_clip > 0:
+            raise SlimtuneError("--client-dp-noise needs --client-dp-clip > 0 (noise is calibrated to the clip; "
+                                "without it there is no client-level DP)")
+        if self.client_dp_clip > 0 and self.mode == "zo-seeds":
+            raise SlimtuneError("client-level DP clips and noises LoRA deltas; --mode zo-seeds replies are (seed, "
+                                "scalar) pairs that it does not cover: use --mode lora, or drop --client-dp-*")
+        if self.robust not in ("none", "median", "clip"):
+            raise SlimtuneError(f"--robust {self.robust!r}: choose none or median (clip: the same as none)")
+        if self.weighting not in ("equal", "examples"):
+            raise SlimtuneError(f"--weighting {self.weighting!r}: choose equal or examples")
+        if not self.norm_bound > 0 or self.max_update_norm < 0:
+            raise SlimtuneError(f"--norm-bound {self.norm_bound:g} must be > 0 (a multiple of the round's median update "
+                                f"norm) and --max-update-norm >= 0 (0: no fixed cap)")
+        if self.robust != "none" and self.client_dp_clip > 0:
+            raise SlimtuneError("--robust changes what one client can move the aggregate by, which the client-level DP "
+                                "accounting does not cover: use one of --robust or --client-dp-clip")
+        from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
+        server = self.resolved()
+        ServerOptimizer(server.server_optimizer, server.server_lr, server.server_momentum)  # one-line errors
+        IterateAverage(server.server_average)
+        if not 0 <= self.clients_per_round <= self.num_clients:
+            raise SlimtuneError(f"--clients-per-round {self.clients_per_round}: must be in 1..--clients "
+                                f"({self.num_clients}), or 0 for all")
+        if self.clients_per_round and self.client_dp_clip > 0:
+            raise SlimtuneError("client-level DP accounting assumes every client takes part in every round: drop "
+                                "--clients-per-round or --client-dp-*")
+        if not 0 <= self.attack_coalition <= self.num_clients or self.attack_window < 1:
+            raise SlimtuneError(f"--attack-coalition must be in 0..--clients ({self.num_clients}) and --attack-window "
+                                f">= 1")
+        if self.attack_coalition and self.mode == "zo-seeds":
+            raise SlimtuneError("--attack-coalition measures LoRA broadcasts; --mode zo-seeds is not covered")
+        if not 0 <= self.dither <= 2 or (self.dither and self.bits == FP32):
+            raise SlimtuneError(f"--dither {self.dither:g}: must be in [0, 2] (units of the largest quantization step) "
+                                f"and needs a quantized broadcast (--bits 1..8)")
+        if not self.round_timeout > 0:
+            raise SlimtuneError(f"--round-timeout {self.round_timeout:g}: must be > 0 seconds")
+        if self.client_dp_noise < 0 or self.client_dp_clip < 0:
+            raise SlimtuneError("--client-dp-clip and --client-dp-noise must be >= 0")
+
+    @classmethod
+    def from_json(cls, text: str) -> "FederatedConfig":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "FederatedConfig":
+        """From `[tool.flwr.app.config]` (keys with dashes) or any mapping."""
+        known = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for key, value in dict(run_config).items():
+            name = key.replace("-", "_")
+            if name == "num_server_rounds":
+                name = "rounds"
+            if name in known:
+                values[name] = value
+        return cls(**values)

@@ -1,0 +1,176 @@
+"""Issue 35, item 1: one hostile client cannot control the model under the defaults (bounded influence, server side).
+
+Every test builds replies by hand and feeds them to the strategy; the defaults are the ones a run gets (only the
+server optimizer is named where a test is about one)."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import MetricRecord
+
+from test_federated import instructions, make_cfg, reply, task_identity, theta_like  # noqa: F401 (fixture)
+from slimtune.federated.strategy import FedLPP
+
+FP32 = 32
+
+
+def norm(state):
+    return torch.sqrt(sum((v.double() ** 2).sum() for v in state.values())).item()
+
+
+def as_arrays(state):
+    return {k: v.numpy().astype(np.float32) for k, v in state.items()}
+
+
+def moved(strategy, theta):
+    return {k: strategy.theta[k] - theta[k] for k in theta}
+
+
+def honest_deltas(n=3, scale=0.1):
+    return [{k: scale * v for k, v in theta_like(10 + s).items()} for s in range(n)]
+
+
+def test_a_client_claiming_a_huge_dataset_gets_no_more_weight_than_an_honest_one(demo_paths):
+    """num-examples up to 1e9 used to give the liar the whole weight, even with --robust clip."""
+    for robust in ("none", "clip"):
+        cfg = make_cfg(demo_paths, bits=FP32, robust=robust)
+        theta = theta_like()
+        strategy = FedLPP(cfg, theta)
+        msgs = instructions(strategy)
+        honest = honest_deltas(2)
+        liar = {k: -v for k, v in honest[0].items()}  # an honest-sized update, pointing the other way
+        replies = [reply(msgs[0], as_arrays(honest[0]), 10, 11), reply(msgs[1], as_arrays(honest[1]), 10, 12),
+                   reply(msgs[2], as_arrays(liar), int(1e9), 13)]
+        strategy.aggregate_train(1, replies)
+        step = moved(strategy, theta)
+        liar_share = sum((step[k] * liar[k]).sum() for k in theta) / sum((liar[k] ** 2).sum() for k in theta)
+        assert liar_share <= 1 / 3 + 1e-4, robust  # at most an equal share (it was ~1.0)
+
+
+def test_a_norm_999_update_moves_theta_no_further_than_an_honest_one(demo_paths):
+    cfg = make_cfg(demo_paths, bits=FP32)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    honest = honest_deltas(2)
+    huge = {k: torch.ones_like(v) for k, v in theta.items()}
+    huge = {k: v * 999 / norm(huge) for k, v in huge.items()}
+    strategy.aggregate_train(1, [reply(msgs[0], as_arrays(honest[0]), 10, 11),
+                                 reply(msgs[1], as_arrays(honest[1]), 10, 12), reply(msgs[2], as_arrays(huge), 10, 13)])
+    assert norm(moved(strategy, theta)) <= max(norm(d) for d in honest) + 1e-5
+
+
+def test_fedadam_keeps_learning_after_one_norm_999_reply(demo_paths):
+    """One accepted norm-999 reply used to fill FedAdam's second moment and stall it (progress 2.61 -> 0.028)."""
+
+    def progress(poisoned: bool) -> float:
+        cfg = make_cfg(demo_paths, bits=FP32, server_optimizer="fedadam", server_lr=1e-2)
+        theta = theta_like()
+        strategy = FedLPP(cfg, theta)
+        direction = honest_deltas(1, scale=0.01)[0]
+        for rnd in range(1, 12):
+            msgs = instructions(strategy)
+            replies = [reply(msgs[i], as_arrays(direction), 10, 11 + i) for i in range(2)]
+            if poisoned and rnd == 1:
+                replies.append(reply(msgs[2], as_arrays({k: 1e4 * v for k, v in direction.items()}), 10, 13))
+            strategy.aggregate_train(rnd, replies)
+        return norm(moved(strategy, theta))
+
+    assert progress(poisoned=True) >= 0.5 * progress(poisoned=False)
+
+
+def test_fedavgm_never_locks_out_honest_clients(demo_paths):
+    """FedAvgM momentum used to push theta past the fp16 guard, after which every honest reply was rejected."""
+    cfg = make_cfg(demo_paths, bits=FP32, server_optimizer="fedavgm", server_momentum=0.9)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    push = {k: 500 * torch.ones_like(v) for k, v in theta.items()}
+    for rnd in range(1, 31):
+        msgs = instructions(strategy)
+        honest = honest_deltas(2)
+        _, metrics = strategy.aggregate_train(rnd, [reply(msgs[0], as_arrays(honest[0]), 10, 11),
+                                                    reply(msgs[1], as_arrays(honest[1]), 10, 12),
+                                                    reply(msgs[2], as_arrays(push), 10, 13)])
+        assert metrics["replies"] == 3, rnd
+    assert all(torch.isfinite(v).all() and v.abs().max() < 6e4 for v in strategy.theta.values())
+    assert all(torch.isfinite(v).all() for v in strategy.client_view().values())
+
+
+def test_the_server_step_keeps_theta_finite_under_any_accepted_reply(demo_paths):
+    for name in ("fedavg", "fedavgm", "fedadam", "fedyogi"):
+        cfg = make_cfg(demo_paths, bits=FP32, server_optimizer=name)
+        theta = theta_like()
+        strategy = FedLPP(cfg, theta)
+        msgs = instructions(strategy)
+        big = {k: torch.full_like(v, 3e38) for k, v in theta.items()}  # finite in fp32, overflows any square
+        strategy.aggregate_train(1, [reply(msgs[0], as_arrays(big), 10, 11)])
+        assert all(torch.isfinite(v).all() and v.abs().max() <= 6e4 for v in strategy.theta.values()), name
+
+
+# -- zo-seeds ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zo_setup(demo_paths_module):
+    from slimtune.federated.server_app import make_replay
+    from slimtune.federated.common import build_model, lora_state
+    cfg = make_cfg(demo_paths_module, bits=FP32, mode="zo-seeds", local_steps=3, lr=1e-2)
+    model = build_model(cfg)[0]
+    return cfg, lora_state(model), make_replay(model, cfg)
+
+
+@pytest.fixture(scope="module")
+def demo_paths_module():
+    from conftest import DEMO
+    return str(DEMO / "sst2_demo_train.tsv"), str(DEMO / "sst2_demo_dev.tsv")
+
+
+def zo_reply(msg, grads, node, seeds=None):
+    grads = np.asarray(grads, dtype=np.float32)
+    seeds = np.arange(len(grads), dtype=np.int64) + 100 * node if seeds is None else seeds
+    return reply(msg, {"seeds": seeds, "grads": grads}, 10, node)
+
+
+def test_zo_seed_replies_are_bounded_per_scalar(zo_setup):
+    """A reply of finite but huge scalars used to move theta by 17x the update cap."""
+    from dataclasses import replace
+    cfg, theta, replay = zo_setup
+    honest_only = FedLPP(cfg, theta, replay=replay)
+    msgs = instructions(honest_only)
+    honest = [zo_reply(msgs[0], [0.5, -0.3, 0.2], 11), zo_reply(msgs[1], [-0.4, 0.6, 0.1], 12)]
+    honest_only.aggregate_train(1, honest)
+    attacked = FedLPP(cfg, theta, replay=replay)
+    msgs = instructions(attacked)
+    attacked.aggregate_train(1, [zo_reply(msgs[0], [0.5, -0.3, 0.2], 11), zo_reply(msgs[1], [-0.4, 0.6, 0.1], 12),
+                                 zo_reply(msgs[2], [9e5, -9e5, 9e5], 13)])
+    assert attacked.round_log[1]["replies"] == 3
+    assert norm(moved(attacked, theta)) <= 2 * norm(moved(honest_only, theta)) + 1e-6
+    inf = FedLPP(cfg, theta, replay=replay)
+    msgs = instructions(inf)
+    _, metrics = inf.aggregate_train(1, [zo_reply(msgs[0], [0.5, -0.3, 0.2], 11),
+                                         zo_reply(msgs[1], [float("inf"), 0.1, 0.1], 12)])
+    assert metrics["replies"] == 1 and metrics["rejected"] == 1
+
+
+def test_zo_seeds_honours_the_server_optimizer_and_robust_aggregation(zo_setup):
+    """zo-seeds used to ignore --server-optimizer and --robust."""
+    from dataclasses import replace
+    cfg, theta, replay = zo_setup
+    steps = {}
+    for name, kw in (("fedavg", {}), ("half", {"server_optimizer": "fedavgm", "server_lr": 0.5,
+                                              "server_momentum": 0.0})):
+        strategy = FedLPP(replace(cfg, **kw), theta, replay=replay)
+        msgs = instructions(strategy)
+        strategy.aggregate_train(1, [zo_reply(msgs[0], [0.5, -0.3, 0.2], 11), zo_reply(msgs[1], [-0.4, 0.6, 0.1], 12)])
+        steps[name] = moved(strategy, theta)
+    for k in theta:
+        assert torch.allclose(steps["half"][k], 0.5 * steps["fedavg"][k], atol=1e-7)
+    median = FedLPP(replace(cfg, robust="median"), theta, replay=replay)
+    msgs = instructions(median)
+    same = [0.5, -0.3, 0.2]
+    median.aggregate_train(1, [zo_reply(msgs[0], same, 11, seeds=np.arange(3)),
+                               zo_reply(msgs[1], same, 12, seeds=np.arange(3)),
+                               zo_reply(msgs[2], [-0.5, 0.3, -0.2], 13, seeds=np.arange(3))])
+    alone = FedLPP(cfg, theta, replay=replay)
+    msgs = instructions(alone)
+    alone.aggregate_train(1, [zo_reply(msgs[0], same, 11, seeds=np.arange(3))])
+    for k in theta:  # the coordinate-wise median of two equal updates and their negation is that update
+        assert torch.allclose(median.theta[k], alone.theta[k], atol=1e-7)
