@@ -19,7 +19,7 @@ from slimtune import SlimtuneError
 TRAIN_FIELDS = {
     "out_dir": "out", "train_data": "data", "optim.seed": None, "optim.rank": "lozo_rank", "optim.nu": "lozo_nu",
     "peft.method": "peft", "peft.alpha": "lora_alpha", "peft.dropout": "lora_dropout",
-    "privacy.target_epsilon": "epsilon", "generation.eval_batch_size": None,
+    "privacy.target_epsilon": "epsilon", "generation.eval_batch_size": None, "secret_key_file": None, "resumed": None,
 }
 FEDERATED_FIELDS = {"out_dir": "out", "num_clients": "clients", "dirichlet_alpha": "alpha"}
 

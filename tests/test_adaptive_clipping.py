@@ -8,6 +8,7 @@ import pytest
 import torch
 from dp_accounting import rdp
 
+from slimtune.privacy.secret import KeyedNoise, RunKey
 from slimtune import SlimtuneError
 from slimtune.optim import OptimizerArgs
 from slimtune.peft import PeftSettings
@@ -19,7 +20,7 @@ from slimtune.train import TrainConfig, prepare, train
 def test_clip_converges_to_the_target_quantile_of_the_scalars():
     torch.manual_seed(0)
     spec = PrivacySpec(clip=0.1, target_quantile=0.9, clip_lr=0.2, clip_multiplier=1.0)
-    est = PrivateDifference(spec, noise_multiplier=1.0, expected_batch_size=200, noise_seed=1, quantile_noise=10.0)
+    est = PrivateDifference(spec, noise_multiplier=1.0, expected_batch_size=200, noise=KeyedNoise(RunKey(bytes([1]) * 32)), quantile_noise=10.0)
     for _ in range(400):
         g = 5.0 * torch.randn(200)  # per-example finite differences with eps = 0.5
         est(g, torch.zeros(200), eps=0.5)
@@ -31,7 +32,7 @@ def test_clip_is_scale_free():
     """Whatever the scale of the finite differences, the fraction clipped ends near 1 - target: no C to hand-tune."""
     for scale in (0.01, 1.0, 100.0):
         torch.manual_seed(0)
-        est = PrivateDifference(PrivacySpec(clip=1.0, target_quantile=0.9, clip_multiplier=1.0), 1.0, 100, noise_seed=1,
+        est = PrivateDifference(PrivacySpec(clip=1.0, target_quantile=0.9, clip_multiplier=1.0), 1.0, 100, noise=KeyedNoise(RunKey(bytes([1]) * 32)),
                                 quantile_noise=5.0)
         for _ in range(300):
             est(scale * torch.randn(100), torch.zeros(100), eps=0.5)
@@ -83,7 +84,7 @@ def test_adaptive_clipping_is_refused_where_it_is_not_implemented(tmp_path, demo
 def test_clip_multiplier_clips_above_the_tracked_quantile():
     torch.manual_seed(0)
     spec = PrivacySpec(clip=1.0, target_quantile=0.9, clip_multiplier=2.0)
-    est = PrivateDifference(spec, noise_multiplier=1.0, expected_batch_size=200, noise_seed=1, quantile_noise=10.0)
+    est = PrivateDifference(spec, noise_multiplier=1.0, expected_batch_size=200, noise=KeyedNoise(RunKey(bytes([1]) * 32)), quantile_noise=10.0)
     for _ in range(400):
         est(5.0 * torch.randn(200), torch.zeros(200), eps=0.5)
     assert est.quantile == pytest.approx(5.0 * 1.6449, rel=0.15)  # still the 0.9 quantile

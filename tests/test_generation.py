@@ -157,8 +157,11 @@ def test_adamw_lora_learns_the_completions(tmp_path, gen_files):
                                             ("dp-adamw", "lora"), ("sgd", "none")])
 def test_every_optimizer_trains_on_generation_data(tmp_path, gen_files, optimizer, peft):
     privacy = PrivacySpec(target_epsilon=6.0, delta=1e-3) if optimizer.startswith("dp") else None
+    held_out = tmp_path / "held_out.jsonl"  # private runs refuse evaluation rows that are training rows
+    held_out.write_text("".join(json.dumps({"prompt": r["prompt"] + " (dev)", "completion": r["completion"]}) + "\n"
+                                for r in pairs()[:6]))
     summary = train(prepare(gen_config(tmp_path, gen_files[1], optimizer=optimizer, peft=PeftSettings(peft, r=2),
-                                       privacy=privacy, steps=4, eval_every=2,
+                                       eval_data=str(held_out), privacy=privacy, steps=4, eval_every=2,
                                        generation=GenerationSettings(max_new_tokens=4))))
     assert summary["steps"] == 4 and math.isfinite(summary["best_eval"]["loss"])
     assert (summary["epsilon"] is not None) == optimizer.startswith("dp")

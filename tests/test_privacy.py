@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from slimtune.privacy.secret import KeyedNoise, RunKey
 from slimtune import SlimtuneError
 from slimtune.data import PoissonSampler
 from slimtune.privacy import PrivacySpec, PrivateDifference, calibrate_noise
@@ -11,7 +12,7 @@ from slimtune.privacy.accountant import PrivacyAccountant, plan
 
 def test_clipping_bounds_one_examples_influence_on_the_pre_noise_update():
     spec = PrivacySpec(clip=0.5)
-    est = PrivateDifference(spec, noise_multiplier=1.0, expected_batch_size=8, noise_seed=0)
+    est = PrivateDifference(spec, noise_multiplier=1.0, expected_batch_size=8, noise=KeyedNoise(RunKey(bytes([0]) * 32)))
     torch.manual_seed(0)
     lp, lm = torch.randn(8), torch.randn(8)
     base, _ = est.clipped_sum(lp, lm, eps=1e-3)
@@ -26,7 +27,7 @@ def test_clipping_bounds_one_examples_influence_on_the_pre_noise_update():
 
 def test_noise_has_the_calibrated_scale():
     spec = PrivacySpec(clip=2.0)
-    est = PrivateDifference(spec, noise_multiplier=1.5, expected_batch_size=1, noise_seed=1)
+    est = PrivateDifference(spec, noise_multiplier=1.5, expected_batch_size=1, noise=KeyedNoise(RunKey(bytes([1]) * 32)))
     draws = torch.tensor([est.noise() for _ in range(20000)])
     assert abs(draws.std().item() - 3.0) < 0.1
     assert abs(draws.mean().item()) < 0.1
@@ -34,7 +35,7 @@ def test_noise_has_the_calibrated_scale():
 
 def test_laplace_noise_scale():
     spec = PrivacySpec(clip=1.0, mechanism="laplace")
-    est = PrivateDifference(spec, noise_multiplier=2.0, expected_batch_size=1, noise_seed=1)
+    est = PrivateDifference(spec, noise_multiplier=2.0, expected_batch_size=1, noise=KeyedNoise(RunKey(bytes([1]) * 32)))
     draws = torch.tensor([est.noise() for _ in range(20000)])
     assert abs(draws.abs().mean().item() - 2.0) < 0.1  # E|Laplace(b)| = b
 

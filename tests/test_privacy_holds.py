@@ -63,25 +63,25 @@ def test_identical_private_runs_draw_different_noise_and_batches(tmp_path, demo_
                [r["projected_grad"] for r in metrics(tmp_path / "b") if r["step"] > 0]
 
 
-def test_the_secret_lives_only_in_the_checkpoint(tmp_path, demo_paths):
+def test_the_key_lives_only_in_its_key_file(tmp_path, demo_paths):
     train(prepare(config(tmp_path, demo_paths)))
     run = tmp_path / "run"
-    secret_file = run / "checkpoint" / "secret.json"
-    secret = json.loads(secret_file.read_text())["seed"]
-    assert secret_file.stat().st_mode & 0o077 == 0  # owner-only
-    for public in ("config.json", "metrics.jsonl", "summary.json", "checkpoint/trainer_state.json"):
-        assert str(secret) not in (run / public).read_text()
-    assert not any(p.name == "secret.json" for p in (run / "adapter").rglob("*"))
+    key_file = run / "secret.key"
+    key = json.loads(key_file.read_text())["key"]
+    assert key_file.stat().st_mode & 0o077 == 0 and len(bytes.fromhex(key)) == 32  # owner-only, 256 bits
+    for path in run.rglob("*"):
+        if path.is_file() and path != key_file:
+            assert key.encode() not in path.read_bytes(), path
+    assert not (run / "checkpoint" / "secret.json").exists()
 
 
 @pytest.mark.parametrize("optimizer", ["dpzero", "dp-sgd"])
-def test_resume_replays_the_secret_noise_bit_for_bit(tmp_path, demo_paths, monkeypatch, optimizer):
-    import slimtune.train.trainer as trainer
-    monkeypatch.setattr(trainer, "fresh_secret", lambda: 1234567)
-    kw = dict(optimizer=optimizer, steps=6, lr_scheduler="constant")  # the two runs differ in --steps
+def test_resume_replays_the_secret_noise_bit_for_bit(tmp_path, demo_paths, optimizer):
+    from slimtune.privacy.secret import create_key_file
+    create_key_file(tmp_path / "shared.key")  # both runs use one key, as data-parallel ranks do
+    kw = dict(optimizer=optimizer, steps=6, lr_scheduler="constant", secret_key_file=str(tmp_path / "shared.key"))
     train(prepare(config(tmp_path, demo_paths, "straight", **kw)))
     train(prepare(config(tmp_path, demo_paths, "resumed", **{**kw, "steps": 3})))
-    monkeypatch.setattr(trainer, "fresh_secret", lambda: 7654321)  # a resumed run must not draw a new secret
     train(prepare(config(tmp_path, demo_paths, "resumed", **kw), resume=True))
     a, b = trained_weights(tmp_path / "straight"), trained_weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -143,7 +143,7 @@ def test_dp_sgd_noise_matches_the_accounted_sensitivity(sampling, factor):
     model = Linear()
     sigma, clip, batch = 0.7, 0.5, 4
     spec = PrivacySpec(noise_multiplier=sigma, clip=clip, sampling=sampling)
-    opt = build_optimizer("dp-sgd", model, OptimizerArgs(lr=1.0), (spec, sigma, batch, 0))
+    opt = build_optimizer("dp-sgd", model, OptimizerArgs(lr=1.0), (spec, sigma, batch, None))
     before = model.layer.weight.detach().clone()
     x = torch.randn(batch, 100)
     opt.step(lambda: (model.layer(x) * 0).sum(-1))  # zero gradients: the update is the noise alone
@@ -151,15 +151,22 @@ def test_dp_sgd_noise_matches_the_accounted_sensitivity(sampling, factor):
     assert noise_std == pytest.approx(sigma * factor * clip, rel=0.05)
 
 
-def test_resume_with_another_batch_size_accounts_past_steps_at_their_rate(tmp_path, demo_paths):
+def test_resume_with_another_batch_size_is_refused(tmp_path, demo_paths):
     train(prepare(config(tmp_path, demo_paths, steps=3, batch_size=8)))
-    summary = train(prepare(config(tmp_path, demo_paths, steps=6, batch_size=4), resume=True))
-    n = summary["train_examples"]
-    acc = rdp.RdpAccountant()
-    acc.compose(dp_accounting.PoissonSampledDpEvent(8 / n, dp_accounting.GaussianDpEvent(1.0)), 3)
-    acc.compose(dp_accounting.PoissonSampledDpEvent(4 / n, dp_accounting.GaussianDpEvent(1.0)), 3)
-    assert summary["steps"] == 6
-    assert summary["epsilon"] == pytest.approx(acc.get_epsilon(1e-3), rel=1e-6)
+    with pytest.raises(SlimtuneError, match="batch_size: 8 -> 4"):
+        prepare(config(tmp_path, demo_paths, steps=6, batch_size=4), resume=True)
+
+
+def test_segments_at_other_rates_compose_at_their_own_rate():
+    """The accountant composes past segments (a run trained before issue 34 made resume exact) at their rates."""
+    from slimtune.privacy.accountant import Segment
+    n = 1000
+    spec = PrivacySpec(delta=1e-3, noise_multiplier=1.0, clipping="fixed")
+    acc = PrivacyAccountant(spec, n, 4, 1.0, past=[Segment(3, n, 8, 1.0)])
+    ref = rdp.RdpAccountant()
+    ref.compose(dp_accounting.PoissonSampledDpEvent(8 / n, dp_accounting.GaussianDpEvent(1.0)), 3)
+    ref.compose(dp_accounting.PoissonSampledDpEvent(4 / n, dp_accounting.GaussianDpEvent(1.0)), 3)
+    assert acc.epsilon(6) == pytest.approx(ref.get_epsilon(1e-3), rel=1e-6)
 
 
 def test_resume_cannot_change_the_sampling_scheme(tmp_path, demo_paths):

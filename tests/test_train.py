@@ -31,11 +31,14 @@ def weights(run_dir):
                                             ("dpzero", "none"), ("lozo", "adapter"),
                                             ("dp-adamw", "lora")])
 def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, demo_paths, monkeypatch, optimizer, peft):
-    import slimtune.train.trainer as trainer
-    monkeypatch.setattr(trainer, "fresh_secret", lambda: 42)  # both private runs share their (normally OS) secret
+    from slimtune.privacy.secret import create_key_file
+    private = optimizer.startswith("dp")
+    if private:  # both private runs share one key file (as data-parallel ranks would), so their noise is the same
+        create_key_file(tmp_path / "shared.key")
     kw = dict(optimizer=optimizer, peft=PeftSettings(peft, r=2),
               optim=OptimizerArgs(lr=1e-2, eps=1e-2, rank=2, nu=2), lr_scheduler="constant",  # steps differ below
-              privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0) if optimizer.startswith("dp") else None)
+              privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0) if private else None,
+              secret_key_file=str(tmp_path / "shared.key") if private else None)
     straight = train(prepare(config(tmp_path, demo_paths, "straight", **kw)))
     half = config(tmp_path, demo_paths, "resumed", **{**kw, "steps": 3})
     train(prepare(half))

@@ -31,9 +31,10 @@ PRIVATE_OPTIMIZERS = ("dpzero", "dplozo", "dp-adamw", "dp-sgd")
 
 
 def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> SlimOptimizer:
-    """`private`: (PrivacySpec, noise_multiplier, expected_batch_size, noise_seed[, quantile_noise]) for the DP
-    optimizers. noise_seed must be secret (None: drawn from OS entropy); see slimtune.privacy.secret. quantile_noise
-    > 0 turns on DPZero's adaptive clipping (its count noise sigma_b, accounted by privacy.accountant.plan).
+    """`private`: (PrivacySpec, noise_multiplier, expected_batch_size, noise[, quantile_noise]) for the DP
+    optimizers. noise: the run's `KeyedNoise` (slimtune.privacy.secret; None: a fresh in-memory key from the OS).
+    quantile_noise > 0 turns on DPZero's adaptive clipping (its count noise sigma_b, accounted by
+    privacy.accountant.plan).
     """
     from slimtune.zo import FZOO, LOZO, LOZOConfig, MeZO, MeZOConfig
     from slimtune.zo.fzoo import FZOOConfig
@@ -55,14 +56,14 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
         return FirstOrder(params, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name)
     if name in ("dp-adamw", "dp-sgd"):
         from slimtune.privacy.dpsgd import DPFirstOrder
-        spec, noise, batch, noise_seed = private[:4]
+        spec, sigma, batch, keyed_noise = private[:4]
         return DPFirstOrder(model, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name[3:], spec,
-                            noise, batch, noise_seed)
+                            sigma, batch, keyed_noise)
     estimator = None
     if private is not None:
         from slimtune.privacy.dpzero import PrivateDifference
-        spec, noise, batch, noise_seed, *rest = private
-        estimator = PrivateDifference(spec, noise, batch, noise_seed, quantile_noise=rest[0] if rest else 0.0)
+        spec, sigma, batch, keyed_noise, *rest = private
+        estimator = PrivateDifference(spec, sigma, batch, keyed_noise, quantile_noise=rest[0] if rest else 0.0)
     mezo_cfg = dict(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, n_spsa=args.n_spsa, seed=args.seed)
     if name == "fzoo":
         n = args.n_spsa if args.n_spsa > 1 else 8  # --n-spsa: FZOO's N one-sided directions per step

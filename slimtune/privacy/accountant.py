@@ -70,12 +70,15 @@ class PrivacyAccountant:
     """Epsilon spent after t steps: the `past` segments, then the current settings (fresh composition each query)."""
 
     def __init__(self, spec: PrivacySpec, num_examples: int, batch_size: int, noise_multiplier: float,
-                 releases: int = 1, past: list[Segment] | tuple = (), quantile_noise: float = 0.0):
+                 releases: int = 1, past: list[Segment] | tuple = (), quantile_noise: float = 0.0,
+                 extra: list[Segment] | tuple = ()):
+        """`past`: the trajectory's earlier segments (resume); `extra`: releases off the trajectory (steps released,
+        then recomputed with fresh noise after a resume from an earlier checkpoint), composed into every epsilon."""
         check_releases(spec, releases)
         self.spec, self.n, self.batch_size, self.noise, self.releases = (spec, num_examples, batch_size,
                                                                          noise_multiplier, releases)
         self.quantile_noise = quantile_noise
-        self.past = list(past)
+        self.past, self.extra = list(past), list(extra)
         if spec.sampling == "shuffle":
             warnings.warn("fixed-size shuffled batches: accounted as sampling without replacement per step "
                           "(replace-one neighbours, sensitivity 2C); Poisson sampling is the exact assumption",
@@ -104,7 +107,7 @@ class PrivacyAccountant:
     def epsilon(self, steps: int) -> float:
         if steps not in self._cache:
             acc = make_accountant(self.spec)
-            for seg in self.history(steps):
+            for seg in self.extra + self.history(steps):
                 acc.compose(step_event(self.spec, seg.num_examples, seg.batch_size, seg.noise_multiplier,
                                        seg.releases, seg.quantile_noise), seg.steps)
             self._cache[steps] = _epsilon_of(acc, self.spec.delta)

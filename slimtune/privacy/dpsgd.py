@@ -4,7 +4,9 @@ Uses the same sampler and the same dp-accounting accountant as DPZero, so epsilo
 std `noise_multiplier * max_grad_norm` to the sum of per-example gradients clipped to norm C. The accountant's sigma
 is relative to the sensitivity Delta of that sum (C under Poisson / add-remove, 2C for fixed-size batches /
 replace-one), so Opacus is given noise_multiplier = sigma * Delta / C: the std is sigma * Delta in both cases.
-The noise generator is seeded from the run's secret (OS entropy), never from public settings. An empty Poisson batch
+The noise comes from the run's `KeyedNoise` (privacy/secret.py: HMAC of the 256-bit run key -> Philox, per step and
+parameter), never from torch's generator (whose CPU state is keyed by 32 bits) or public settings; no generator state
+is kept or saved. An empty Poisson batch
 still takes a step: zero clipped sum plus noise, as the accounted mechanism requires.
 
 SVFit layers get their own per-example gradient (`svfit_grad_sample`): with h = x V_r^T and g the gradient at the
@@ -21,7 +23,7 @@ from slimtune import SlimtuneError
 from slimtune.optim.base import SlimOptimizer, StepOutput
 from slimtune.optim.first_order import FirstOrder, FirstOrderConfig
 from slimtune.privacy.accountant import PrivacySpec, sensitivity
-from slimtune.privacy.secret import fresh_secret
+from slimtune.privacy.secret import KeyedNoise, RunKey
 from slimtune.peft.svfit import SVFitLinear
 
 
@@ -49,12 +51,28 @@ def _check_opacus_support(model: torch.nn.Module) -> None:
                                 "Opacus cannot make private; choose another --peft")
 
 
+def keyed_dp_optimizer(noise: KeyedNoise):
+    """Opacus' DPOptimizer with its noise drawn from `noise` (std noise_multiplier * max_grad_norm per coordinate)."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class KeyedDPOptimizer(DPOptimizer):
+        def add_noise(self):
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                draw = torch.from_numpy(noise.normal(tuple(p.summed_grad.shape)))
+                p.grad = (p.summed_grad + std * draw.to(p.summed_grad)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return KeyedDPOptimizer
+
+
 class DPFirstOrder(SlimOptimizer):
     def __init__(self, model: torch.nn.Module, config: FirstOrderConfig, kind: str, spec: PrivacySpec,
-                 noise_multiplier: float, expected_batch_size: int, noise_seed: int | None = None):
+                 noise_multiplier: float, expected_batch_size: int, noise: KeyedNoise | None = None):
         from opacus import GradSampleModule
         from opacus.grad_sample.utils import register_grad_sampler
-        from opacus.optimizers import DPOptimizer
 
         self.name = f"dp-{kind}"
         register_grad_sampler(SVFitLinear)(svfit_grad_sample)
@@ -62,11 +80,10 @@ class DPFirstOrder(SlimOptimizer):
         self.grad_sample_module = GradSampleModule(model, loss_reduction="mean", strict=False)  # hooks on the layers
         self.inner = FirstOrder(model.named_parameters(), config, kind)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.generator = torch.Generator().manual_seed(noise_seed if noise_seed is not None else fresh_secret())
-        self.torch_optimizer = DPOptimizer(self.inner.torch_optimizer,
-                                           noise_multiplier=noise_multiplier * sensitivity(spec) / spec.clip,
-                                           max_grad_norm=spec.clip, expected_batch_size=expected_batch_size,
-                                           loss_reduction="mean", generator=self.generator)
+        self.keyed_noise = noise if noise is not None else KeyedNoise(RunKey.fresh())
+        self.torch_optimizer = keyed_dp_optimizer(self.keyed_noise)(
+            self.inner.torch_optimizer, noise_multiplier=noise_multiplier * sensitivity(spec) / spec.clip,
+            max_grad_norm=spec.clip, expected_batch_size=expected_batch_size, loss_reduction="mean")
 
     def step(self, closure) -> StepOutput:
         self.torch_optimizer.zero_grad(set_to_none=True)
@@ -81,16 +98,15 @@ class DPFirstOrder(SlimOptimizer):
                 mean.backward()
                 loss = mean.item()
         self.torch_optimizer.step()
+        self.keyed_noise.end_step()
         return StepOutput(loss, {"batch_size": int(losses.numel())})
 
     def set_lr(self, lr: float) -> None:
         self.inner.set_lr(lr)  # DPOptimizer shares the wrapped optimizer's param groups
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.torch_optimizer.original_optimizer.state_dict(),
-                "noise_generator": self.generator.get_state()}
+        """The inner optimizer's state (a function of noised gradients: post-processing); no noise state exists."""
+        return {"optimizer": self.torch_optimizer.original_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.torch_optimizer.original_optimizer.load_state_dict(state["optimizer"])
-        if "noise_generator" in state:
-            self.generator.set_state(state["noise_generator"])

@@ -18,8 +18,8 @@ unstable (the counts are too noisy near 1, C runs away and the noise sigma C / B
 the accountant composes it with the scalar (privacy/accountant.py). Q and C are functions of released values only, so
 they are public and logged. The scale of the finite differences never needs to be known: a hand-set C does.
 
-The noise generator is seeded from OS entropy unless a seed is given (the trainer passes one derived from the run's
-secret, see privacy/secret.py); never pass a seed derived from public settings.
+The noise comes from a `KeyedNoise` (privacy/secret.py): the trainer passes the run's, keyed by its 256-bit secret key
+and the step; without one, a fresh in-memory key is drawn from the OS. No generator state is kept or saved.
 """
 
 from __future__ import annotations
@@ -29,18 +29,17 @@ import math
 import torch
 
 from slimtune.privacy.accountant import PrivacySpec, sensitivity
-from slimtune.privacy.secret import fresh_secret
+from slimtune.privacy.secret import KeyedNoise, RunKey
 
 
 class PrivateDifference:
     def __init__(self, spec: PrivacySpec, noise_multiplier: float, expected_batch_size: float,
-                 noise_seed: int | None = None, quantile_noise: float = 0.0):
+                 noise: KeyedNoise | None = None, quantile_noise: float = 0.0):
         self.spec, self.noise_multiplier, self.expected_batch_size = spec, noise_multiplier, expected_batch_size
         self.quantile_noise = quantile_noise  # sigma_b > 0: adaptive clipping
         self.quantile = spec.clip  # adaptive: the tracked quantile Q of |g_i| (starts at --clip)
         self.clip = spec.clip * (spec.clip_multiplier if quantile_noise > 0 else 1.0)  # the C the scalar is clipped at
-        seed = noise_seed if noise_seed is not None else fresh_secret()
-        self.generator = torch.Generator().manual_seed(seed)
+        self.keyed_noise = noise if noise is not None else KeyedNoise(RunKey.fresh())
 
     @property
     def adaptive(self) -> bool:
@@ -56,12 +55,12 @@ class PrivateDifference:
         return g.clamp(-self.clip, self.clip).sum().item(), frac
 
     def _gaussian(self) -> float:
-        return torch.randn((), generator=self.generator, dtype=torch.float64).item()
+        return self.keyed_noise.normal()
 
     def noise(self) -> float:
         scale = self.noise_multiplier * sensitivity(self.spec, self.clip)
         if self.spec.mechanism == "laplace":
-            u = torch.rand((), generator=self.generator, dtype=torch.float64).item() - 0.5  # inverse CDF
+            u = self.keyed_noise.uniform() - 0.5  # inverse CDF
             return -scale * math.copysign(1.0, u) * math.log1p(-2 * abs(u))
         return scale * self._gaussian()
 
@@ -77,11 +76,14 @@ class PrivateDifference:
             self.clip = self.quantile * self.spec.clip_multiplier
         return released, {"clip": clip, "clipped_fraction": frac, "batch_size": int(losses_plus.numel())}
 
+    def end_step(self) -> None:
+        """Called by the optimizer after each step (a user's own loop numbers its steps this way)."""
+        self.keyed_noise.end_step()
+
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "clip": self.clip, "quantile": self.quantile}
+        """Public values only (C and Q follow from released counts); the noise has no state to save."""
+        return {"clip": self.clip, "quantile": self.quantile}
 
     def load_state_dict(self, state: dict) -> None:
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
         self.clip = state.get("clip", self.clip)
         self.quantile = state.get("quantile", self.quantile)

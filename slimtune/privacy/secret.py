@@ -1,30 +1,131 @@
-"""Secret randomness for private runs: what the DP guarantee depends on must not be derivable from public settings.
+"""Secret randomness for private runs: the DP guarantee holds only if nobody can recompute the noise or the batches.
 
 Public: the model, `--seed` and everything derived from it (initialisation, ZO directions z, data order of
-non-private runs). Secret: the DP noise and the Poisson batches. Both come from one 63-bit seed drawn from the
-operating system's entropy (`os.urandom`) when a private run starts; it is stored only in the run's checkpoint
-(`checkpoint/secret.json`, mode 0600), never in config.json, metrics.jsonl or summary.json, so a resumed run replays
-the same noise and batches bit for bit while two runs with the same settings draw different ones.
+non-private runs). Secret: the DP noise and the Poisson batches. Both come from one 256-bit key drawn from the
+operating system (`os.urandom`) when a private run starts, and nothing else:
 
-Each consumer gets an independent stream: seed_for(secret, NOISE) seeds torch's generator for the noise,
-seed_for(secret, SAMPLING) the Poisson sampler. (torch's Mersenne Twister is not a cryptographic generator; its
-outputs never leave the process except through the noised releases, which is the standard DP-library assumption.)
+    K(purpose, attempt, step, i) = HMAC-SHA256(key, "slimtune/<purpose>" || attempt || step || i)      (256 bits)
+    draws = numpy's Philox-4x64 generator with key = K[:16] (128 bits) and counter = K[16:] (256 bits)
+
+so every noise value and every batch is a function of the whole key, reached through a PRF: no 32- or 64-bit value
+(a seed, a generator state) determines any of them, and no generator state exists between steps. `attempt` counts
+how often the run was (re)started: a step recomputed after a resume (its first computation was written to the log,
+then the process died before the checkpoint) gets fresh noise and a fresh batch, and the accountant charges it again
+(train/trainer.py); the same noise is never used on two different computations.
+
+Where the key lives: exactly one file, `RUN/secret.key` (JSON {"key": hex}), created with mode 0600 before any byte
+is written to it (O_CREAT | O_EXCL). The checkpoint, the optimizer state, the logs, the adapter, reports and federated
+app bundles hold neither the key nor anything computed from it except the accounted, noised releases. Data-parallel
+ranks read the key from that file (same machine) or from `secret_key_file` given to each rank out of band; the key
+never crosses the network.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
+import struct
+from pathlib import Path
 
-from slimtune.optim.base import mix_seed
+import numpy as np
 
-NOISE = 0xD9
-SAMPLING = 0x5A
+from slimtune import SlimtuneError
 
-
-def fresh_secret() -> int:
-    """A new 63-bit secret from OS entropy."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
+KEY_FILE = "secret.key"
+KEY_BYTES = 32
 
 
-def seed_for(secret: int, stream: int) -> int:
-    return mix_seed(secret, stream)
+def create_key_file(path: Path) -> "RunKey":
+    """A fresh key, written to `path` owner-readable only; refuses to replace an existing file."""
+    key = os.urandom(KEY_BYTES)
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise SlimtuneError(f"{path}: a key file is already there (nothing was overwritten)") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"key": key.hex(), "bits": 8 * KEY_BYTES}, f)
+    return RunKey(key)
+
+
+def read_key_file(path: Path) -> "RunKey":
+    path = Path(path)
+    if not path.is_file():
+        raise SlimtuneError(f"{path}: no key file; a private run's noise cannot be continued without it")
+    if path.stat().st_mode & 0o077:
+        raise SlimtuneError(f"{path}: readable by other users (mode {oct(path.stat().st_mode & 0o777)}); "
+                            f"run `chmod 600 {path}` first")
+    try:
+        key = bytes.fromhex(json.loads(path.read_text())["key"])
+    except (ValueError, KeyError, TypeError):
+        raise SlimtuneError(f"{path}: not a slimtune key file") from None
+    if len(key) < 16:
+        raise SlimtuneError(f"{path}: the key has {8 * len(key)} bits; at least 128 are needed")
+    return RunKey(key)
+
+
+class RunKey:
+    """The run's secret key; hands out independent generators by (purpose, indices)."""
+
+    def __init__(self, key: bytes):
+        self._key = bytes(key)
+
+    @classmethod
+    def fresh(cls) -> "RunKey":
+        """An in-memory key (Python API use without a run directory: nothing to resume)."""
+        return cls(os.urandom(KEY_BYTES))
+
+    def generator(self, purpose: str, *indices: int) -> np.random.Generator:
+        message = b"slimtune/" + purpose.encode() + b"".join(struct.pack("<q", int(i)) for i in indices)
+        digest = hmac.new(self._key, message, hashlib.sha256).digest()
+        key = int.from_bytes(digest[:16], "little")
+        counter = int.from_bytes(digest[16:], "little")
+        return np.random.Generator(np.random.Philox(key=key, counter=counter))
+
+    def __repr__(self) -> str:  # never print the key
+        return "RunKey(<secret>)"
+
+    def __reduce__(self):  # never pickle it (into a checkpoint, a message, a Ray task)
+        raise TypeError("the run key is never serialised; read it from its key file")
+
+
+class KeyedNoise:
+    """The noise of a private run: draw i of step t of attempt a comes from K("noise", a, t, i).
+
+    `begin_step(t)` is called before each training step; draws within a step are numbered in call order. Without
+    calls to begin_step (a user's own loop) steps count up from 0 on their own."""
+
+    def __init__(self, key: RunKey, attempt: int = 0):
+        self.key, self.attempt = key, attempt
+        self.step, self._draws, self._auto = 0, 0, True
+
+    def begin_step(self, step: int) -> None:
+        self.step, self._draws, self._auto = step, 0, False
+
+    def end_step(self) -> None:
+        if self._auto:
+            self.step, self._draws = self.step + 1, 0
+
+    def _next(self) -> np.random.Generator:
+        gen = self.key.generator("noise", self.attempt, self.step, self._draws)
+        self._draws += 1
+        return gen
+
+    def normal(self, shape: tuple = ()) -> np.ndarray | float:
+        """Standard normal values (float64)."""
+        values = self._next().standard_normal(shape)
+        return float(values) if shape == () else values
+
+    def uniform(self) -> float:
+        return float(self._next().random())
+
+
+def sampling_generator(key: RunKey, attempt: int, step: int) -> np.random.Generator:
+    """The Poisson batch of step t (attempt a): K("sampling", a, t)."""
+    return key.generator("sampling", attempt, step)
+
+
+def shuffle_generator(key: RunKey, attempt: int, epoch: int) -> np.random.Generator:
+    return key.generator("shuffle", attempt, epoch)

@@ -16,19 +16,16 @@ from safetensors.torch import load_file, save_file
 from slimtune import SlimtuneError
 
 
-SECRET_FILE = "secret.json"
+LEGACY_SECRET_FILE = "secret.json"  # checkpoints before issue 33 kept a 63-bit noise seed here; never written now
 
 
-def save_checkpoint(directory: Path, model, optimizer, state: dict, secret: dict | None = None) -> None:
-    """`secret`: a private run's secret randomness (privacy/secret.py), written owner-readable only."""
+def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
+    """Trainable weights, optimizer state and trainer state. Never anything secret: a private run's key lives only in
+    RUN/secret.key (privacy/secret.py), and no optimizer holds a generator state."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if secret is not None:
-        fd = os.open(tmp / SECRET_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(secret, f)
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -50,9 +47,10 @@ def recover(directory: Path) -> Path:
 
 
 def read_state(directory: Path) -> tuple[dict, dict | None]:
-    """(trainer_state, secret) of a checkpoint, without loading weights; ({}, None) when there is none."""
+    """(trainer_state, legacy secret) of a checkpoint, without loading weights; ({}, None) when there is none. A
+    legacy secret (a pre-issue-33 private run) makes the run impossible to continue safely."""
     directory = recover(directory)
-    state_path, secret_path = directory / "trainer_state.json", directory / SECRET_FILE
+    state_path, secret_path = directory / "trainer_state.json", directory / LEGACY_SECRET_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     return state, (json.loads(secret_path.read_text()) if secret_path.exists() else None)
 

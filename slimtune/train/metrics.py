@@ -29,18 +29,34 @@ class MetricsLog:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint so the log matches the replayed trajectory."""
+        """On resume: drop lines logged after the checkpoint (and a partial last line, as a kill leaves it) so the
+        log matches the replayed trajectory."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        keep = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a line that does not parse (a partial last line after a kill) is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out
+
+
+def last_logged_step(path: Path, key: str) -> int:
+    """The last step of a record carrying `key` (0 if none)."""
+    return max((int(r.get("step", 0)) for r in read_jsonl(path) if key in r), default=0)
 
 
 def _clean(v):

@@ -31,6 +31,7 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 class ClassificationObjective:
     kind = "classification"
     default_best = "accuracy"
+    warn_per_batch = True  # nothing to warn about per batch
 
     def __init__(self, task, eval_batch_size: int = 32):
         self.task, self.eval_batch_size, self.tokenizer, self.label_ids = task, eval_batch_size, None, None
@@ -71,6 +72,7 @@ class ClassificationObjective:
 class GenerationObjective:
     kind = "generation"
     default_best = "loss"
+    warn_per_batch = True  # per-batch truncation warnings (the trainer turns them off and says it once instead)
 
     def __init__(self, task, settings: GenerationSettings, max_length: int):
         self.task, self.settings, self.max_length, self.tokenizer = task, settings, max_length, None
@@ -101,7 +103,7 @@ class GenerationObjective:
 
     def encode(self, examples: list, max_length: int):
         from slimtune.generation.objective import encode_generation
-        return encode_generation(self.tokenizer, examples, max_length)
+        return encode_generation(self.tokenizer, examples, max_length, warn=self.warn_per_batch)
 
     def losses(self, model, batch):
         from slimtune.generation.objective import per_example_generation_losses
@@ -140,10 +142,11 @@ def _strings(row: dict) -> list[str]:
 
 
 def load_model_and_data(objective, model_name: str, train_path: str, eval_path: str | None, seed: int,
-                        dtype=None, device: str = "cpu"):
+                        dtype=None, device: str = "cpu", fit_tokenizer_to_training_data: bool = True):
     """(model, tokenizer, train examples, eval examples): read the data, load the model (tiny test models fit their
-    tokenizer to these texts; the model is initialised under `seed`), bind the objective to the tokenizer, then turn
-    the rows into examples (chat rows need the tokenizer's template)."""
+    tokenizer to these texts — to the evaluation texts only when `fit_tokenizer_to_training_data` is False, as in
+    private runs, whose saved tokenizer must not list training words; the model is initialised under `seed`), bind the
+    objective to the tokenizer, then turn the rows into examples (chat rows need the tokenizer's template)."""
     import torch
 
     from slimtune.models import load_model_and_tokenizer
@@ -151,7 +154,8 @@ def load_model_and_data(objective, model_name: str, train_path: str, eval_path: 
     raw_train, texts = objective.load(train_path, "train")
     raw_eval, eval_texts = objective.load(eval_path, "validation") if eval_path else (None, [])
     torch.manual_seed(seed)
-    model, tokenizer = load_model_and_tokenizer(model_name, dtype or torch.float32, device, texts + eval_texts)
+    fitted = (texts if fit_tokenizer_to_training_data else []) + eval_texts
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype or torch.float32, device, fitted)
     objective.bind(tokenizer)
     evals = objective.examples(raw_eval, tokenizer) if raw_eval is not None else []
     return model, tokenizer, objective.examples(raw_train, tokenizer), evals

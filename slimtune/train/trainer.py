@@ -1,10 +1,16 @@
 """The training loop: sample, step, log, evaluate, checkpoint, stop early or when the privacy budget is spent.
 
-Private runs (dpzero, dplozo, dp-sgd, dp-adamw) draw their noise and Poisson batches from a secret seed (OS entropy,
-kept only in checkpoint/secret.json) and log only what is released or post-processed: the noisy scalar
-(`projected_grad`, ZO), epsilon/delta/noise multiplier, and evaluations on the eval data. The training loss, realised
-batch sizes, clipped fractions and per-step timing/memory are functions of the private batch and are logged only
-with `log_private_stats` (not covered by the guarantee; a warning says so).
+Private runs (dpzero, dplozo, dp-sgd, dp-adamw) draw their noise and Poisson batches from the run's 256-bit key
+(privacy/secret.py, kept only in RUN/secret.key, mode 0600) and log only what is released or post-processed: the
+noisy scalar (`projected_grad`, ZO), epsilon/delta/noise multiplier, and evaluations on the eval data (which may not
+overlap the training data). The training loss, realised batch sizes, clipped fractions and per-step timing/memory
+are functions of the private batch and are logged only with `log_private_stats` (not covered by the guarantee; a
+warning says so). Nothing else depends on individual training rows: warnings raised while a private batch is
+processed are suppressed, the memory check uses --max-length rather than the longest row, tiny test models do not
+fit their vocabulary to the training text, and errors during private steps name released values only.
+
+Resume (train/resume.py, train/run_dir.py): the settings must be the run's own; a step whose release was written
+before the process died is recomputed under a new `attempt` (fresh noise and batch) and accounted twice.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from slimtune.optim.base import mix_seed
 from slimtune.optim.defaults import resolve as resolve_defaults
 from slimtune.optim.schedule import lr_multiplier
 from slimtune.peft import PeftSettings, apply_peft, peft_summary, save_peft
-from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, plan
-from slimtune.privacy.secret import NOISE, SAMPLING, fresh_secret, seed_for
-from slimtune.train.checkpoint import load_checkpoint, read_state, save_checkpoint
-from slimtune.train.metrics import MetricsLog, peak_memory_mb
+from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, check_spec, plan
+from slimtune.privacy.secret import KEY_FILE, KeyedNoise, RunKey, create_key_file, read_key_file
+from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, read_state, save_checkpoint
+from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb
+from slimtune.train.resume import adopt_unset, check_resume, read_stored
+from slimtune.train.run_dir import RunDirectory
 from slimtune.train.objectives import (GenerationSettings, build_objective, check_best_metric, is_better,
                                        load_model_and_data)
 
@@ -71,6 +79,7 @@ class TrainConfig:
     log_private_stats: bool = False  # private runs: also log loss, batch size, clipped fraction, step time (leaks)
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # task "generation" only
     best_metric: str | None = None  # what "best" means for --save best / early stopping (None: accuracy or loss)
+    secret_key_file: str | None = None  # private runs: the key file (None: RUN/secret.key, created by the run)
 
 
 # What a private run's per-step record may contain: released or post-processed values only.
@@ -90,7 +99,10 @@ class Run:
     objective: object  # train/objectives.py: encode, per-example losses, evaluation
     sampler: object
     accountant: object = None
-    secret: dict | None = None  # private runs: the secret seed of noise and sampling (checkpoint only)
+    key: RunKey | None = None  # private runs: the secret key of noise and sampling (RUN/secret.key only)
+    attempt: int = 0  # private runs: how often steps were recomputed after a resume (fresh noise each time)
+    run_dir: RunDirectory | None = None  # rank 0: the directory this process owns (lock, status, release ledger)
+    noise: KeyedNoise | None = None  # private runs: the noise source; step t draws from K("noise", attempt, t, i)
     start_step: int = 0
     best_eval: dict | None = None  # the best evaluation's metrics (names without the eval_ prefix)
     best_step: int | None = None
@@ -109,42 +121,105 @@ class Run:
         return (self.best_eval or {}).get("accuracy")
 
 
-def prepare(config: TrainConfig, resume: bool = False) -> Run:
+def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) -> Run:
+    """Check everything, claim the run directory, load model and data, build optimizer and sampler.
+
+    Order: settings (no file touched), the output directory (lock, no silent overwrite, resume checked against
+    config.json), then data and model, then checks that need the data (overlap, sizes, memory), then the run."""
     out = Path(config.out_dir)
+    world = distributed.setup(config.device)
+    stored = read_stored(out) if resume else None
+    if stored:
+        adopt_unset(config, stored, {"privacy": PrivacySpec})  # settings left unset keep the run's values
     origin = resolve_defaults(config)  # config.json stores the resolved values
     validate(config)
     multiplier = lr_multiplier(config.lr_scheduler, config.steps, config.warmup_steps)
-    world = distributed.setup(config.device)
     distributed.check_supported(config.optimizer, world)
-    if not resume and (out / "checkpoint").exists():
-        raise SlimtuneError(f"{out}: already holds a run (checkpoint/); pass --resume to continue it or choose "
-                            "another --out (nothing was overwritten)")
+    run_dir, resumed = (_claim_or_release(config, resume, restart) if world.main else (None, {}))
     distributed.barrier(world)  # every rank has checked before rank 0 writes anything
+    try:
+        return _build(config, world, run_dir, resume, resumed, origin, multiplier)
+    except BaseException:
+        if run_dir is not None:
+            run_dir.update(state="failed")
+            run_dir.release()
+        raise
+
+
+def _claim_or_release(config: TrainConfig, resume: bool, restart: bool) -> tuple[RunDirectory, dict]:
+    holder = []
+    try:
+        return _claim(config, resume, restart, holder)
+    except BaseException:
+        for run_dir in holder:
+            run_dir.release()
+        raise
+
+
+def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list) -> tuple[RunDirectory, dict]:
+    """Own the output directory: refuse a second process, an existing run (without --resume or --restart) and a
+    resume whose settings differ; returns the directory and the settings a resume changes."""
+    run_dir = RunDirectory(config.out_dir)
+    out = run_dir.path
+    run_dir.check_writable()
+    if resume and restart:
+        raise SlimtuneError("--resume and --restart exclude each other")
+    run_dir.acquire()
+    holder.append(run_dir)
+    state = run_dir.status().get("state")
+    holds_run = any((out / name).exists() for name in ("checkpoint", "config.json", "summary.json", "metrics.jsonl"))
+    if restart and holds_run:
+        if state == "completed" or (out / "summary.json").exists() and state is None:
+            raise SlimtuneError(f"--restart {out}: the run there completed; --restart only replaces a failed or "
+                                "interrupted run (choose another --out)")
+        moved = run_dir.move_aside()
+        run_dir.release()
+        run_dir = RunDirectory(out)
+        run_dir.acquire()
+        holder.append(run_dir)
+        print(f"--restart: the previous run was moved to {moved}", file=sys.stderr)
+    elif resume:
+        if not (out / "checkpoint").exists() and not (out / "checkpoint.old").exists():
+            raise SlimtuneError(f"--resume {out}: no checkpoint there to resume from")
+        resumed = check_resume(config, out)
+        run_dir.update(state="running", pid=os.getpid())
+        return run_dir, resumed
+    elif holds_run:
+        raise SlimtuneError(f"{out}: already holds a run ({state or 'files of a run'}); pass --resume to continue "
+                            "it, --restart to start over (a failed or interrupted run is moved aside), or choose "
+                            "another --out (nothing was overwritten)")
+    run_dir.update(state="running", pid=os.getpid(), step=0)
+    return run_dir, {}
+
+
+def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, origin: dict, multiplier) -> Run:
+    out = Path(config.out_dir)
+    private_run = config.optimizer in PRIVATE_OPTIMIZERS
     objective = build_objective(config)
     config.best_metric = check_best_metric(objective, config.best_metric)
     model, tokenizer, train_examples, eval_examples = load_model_and_data(
         objective, config.model, config.train_data, config.eval_data, config.seed, getattr(torch, config.dtype),
-        config.device)
+        config.device, fit_tokenizer_to_training_data=not private_run)
     classes = len(objective.task.label_words)
     train_examples = k_shot(train_examples, config.k_shot, config.seed, classes)
     if config.eval_max and len(eval_examples) > config.eval_max:
         eval_examples = k_shot(eval_examples, config.eval_max // classes, config.seed, classes)
+    check_data(config, objective, train_examples, eval_examples)
     if not config.force:
-        check_memory(config, model, tokenizer, objective.texts(train_examples))
-    out.mkdir(parents=True, exist_ok=True)
+        check_memory(config, model, tokenizer, None if private_run else objective.texts(train_examples))
     torch.manual_seed(config.seed)
     model = apply_peft(model, config.peft, work_dir=out if world.main else Path(tempfile.mkdtemp()))
     if not any(p.requires_grad for p in model.parameters()):
         raise SlimtuneError(f"--peft {config.peft.method}: the model has no trainable parameters (nothing to train)")
-    private, accountant, secret = None, None, None
-    if config.optimizer in PRIVATE_OPTIMIZERS:
+    private, accountant, key, attempt, keyed_noise = None, None, None, 0, None
+    if private_run:
         config.privacy = config.privacy or PrivacySpec(target_epsilon=6.0)  # the default budget, enforced like any
-        accountant, secret = _private_setup(config, out, len(train_examples), resume)
-        secret = distributed.broadcast(secret, world)  # one secret: the same noise and batches on every rank
-        private = (config.privacy, accountant.noise, config.batch_size, seed_for(secret["seed"], NOISE),
-                   accountant.quantile_noise)
+        accountant, key, attempt = _private_setup(config, run_dir, len(train_examples), resume, world)
+        objective.warn_per_batch = False  # nothing said per private batch (see check_data for the one notice)
+        keyed_noise = KeyedNoise(key, attempt)
+        private = (config.privacy, accountant.noise, config.batch_size, keyed_noise, accountant.quantile_noise)
         sampler = (EpochSampler if config.privacy.sampling == "shuffle" else PoissonSampler)(
-            len(train_examples), config.batch_size, seed_for(secret["seed"], SAMPLING))
+            len(train_examples), config.batch_size, key=key, attempt=attempt)
         if config.log_private_stats:
             warnings.warn("--log-private-stats: metrics.jsonl will hold the training loss, realised batch sizes and "
                           "clipped fractions of private batches; they are not noised or accounted, so the run's "
@@ -152,8 +227,8 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
     else:
         sampler = EpochSampler(len(train_examples), config.batch_size, config.seed)
     optimizer = build_optimizer(config.optimizer, model, config.optim, private)
-    run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, objective, sampler, accountant, secret,
-              lr_multiplier=multiplier, defaults_origin=origin, world=world)
+    run = Run(config, model, tokenizer, optimizer, train_examples, eval_examples, objective, sampler, accountant,
+              key, attempt, run_dir, keyed_noise, lr_multiplier=multiplier, defaults_origin=origin, world=world)
     if resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer)
         run.start_step = state["step"]
@@ -161,10 +236,59 @@ def prepare(config: TrainConfig, resume: bool = False) -> Run:
         run.evals_without_improvement = state.get("evals_without_improvement", 0)
         if world.main:
             MetricsLog(out / "metrics.jsonl").truncate_after(run.start_step)
+            _write_config(config, out, resumed, run.start_step)
     elif world.main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+        _write_config(config, out, {}, 0)
     return run
+
+
+def _write_config(config: TrainConfig, out: Path, changed: dict, step: int) -> None:
+    """config.json: the settings being trained, and each resume's allowed changes (train/resume.py)."""
+    history = (read_stored(out) or {}).get("resumed", []) if step else []
+    if step:
+        history.append({"at_step": step, "changed": changed})
+    doc = {**asdict(config), **({"resumed": history} if history else {})}
+    (out / "config.json").write_text(json.dumps(doc, indent=2, default=str))
+
+
+def check_data(config: TrainConfig, objective, train_examples: list, eval_examples: list) -> None:
+    """Checks that need the data, before any training: sizes the sampler cannot honour, evaluation data that
+    overlaps the training data (refused for private runs: best-model selection would use training rows), and the
+    generation truncation notice (once, before training; private runs never count rows)."""
+    private = config.optimizer in PRIVATE_OPTIMIZERS
+    n = len(train_examples)
+    sampling = config.privacy.sampling if private and config.privacy else "shuffle"
+    if sampling == "shuffle" and config.batch_size > n:
+        raise SlimtuneError(f"--batch-size {config.batch_size} is larger than the {n} training examples")
+    if private and config.privacy is not None:
+        check_spec(config.privacy, n)
+    if config.eval_data and config.eval_data == config.train_data or (
+            config.eval_data and Path(config.eval_data).exists() and Path(config.train_data).exists()
+            and Path(config.eval_data).resolve() == Path(config.train_data).resolve()):
+        if private:
+            raise SlimtuneError("--eval-data is the training data: a private run's evaluations (and the best-model "
+                                "choice) would be computed on training rows without noise; give held-out data")
+        warnings.warn("--eval-data is the training data: evaluations measure fit, not generalisation", stacklevel=2)
+    elif eval_examples:
+        shared = set(objective.texts(train_examples)) & set(objective.texts(eval_examples))
+        if shared and private:
+            raise SlimtuneError("--eval-data shares rows with the training data: a private run's evaluations (and the "
+                                "best-model choice) would use training rows without noise; remove them from the "
+                                "evaluation data")
+        if shared:
+            warnings.warn(f"{len(shared)} evaluation rows also appear in the training data", stacklevel=2)
+    if objective.kind == "generation":
+        objective.warn_per_batch = False
+        if private:
+            print(f"note: training targets longer than --max-length {config.max_length} tokens are truncated "
+                  "(private run: rows are not counted)", file=sys.stderr)
+        else:
+            from slimtune.generation.objective import token_ids
+            cut = sum(token_ids(objective.tokenizer, e, config.max_length)[2] for e in train_examples)
+            if cut:
+                warnings.warn(f"{cut} of {n} training targets are truncated to fit --max-length "
+                              f"{config.max_length}; raise --max-length to train on whole targets", stacklevel=2)
 
 
 def validate(config: TrainConfig) -> None:
@@ -189,14 +313,18 @@ def validate(config: TrainConfig) -> None:
         check_names(config.privacy)
 
 
-def check_memory(config: TrainConfig, model, tokenizer, texts: list[str]) -> None:
+def check_memory(config: TrainConfig, model, tokenizer, texts: list[str] | None) -> None:
     """Refuse a run the memory model predicts will not fit here (before PEFT and any step), naming the pairs that
-    would. `model` is the base model, before PEFT; `texts` what one example feeds the model."""
+    would. `model` is the base model, before PEFT; `texts` what one example feeds the model (None: assume
+    --max-length tokens, as private runs do)."""
     from slimtune.report.memory_model import budget_mb, plan_rows, predict_run_mb
 
-    sample = texts[:2000]
-    seq_len = min(config.max_length, max((len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"]),
-                                         default=1))
+    if texts is None:  # private runs: what the user configured, never a measurement of the training rows
+        seq_len = config.max_length
+    else:
+        sample = texts[:2000]
+        seq_len = min(config.max_length, max((len(ids) for ids in tokenizer(sample, add_special_tokens=False)
+                                              ["input_ids"]), default=1))
     peak, _ = predict_run_mb(model, config.optimizer, config.peft.method, config.peft.r, config.batch_size, seq_len,
                              config.device, config.peft.target_modules)
     budget = budget_mb(config.device)
@@ -224,75 +352,172 @@ def adaptive_clipping(config: TrainConfig) -> bool:
     return zo and (spec.clipping == "adaptive" or (spec.clipping == "auto" and spec.mechanism == "gaussian"))
 
 
-def _private_setup(config: TrainConfig, out: Path, num_examples: int, resume: bool) -> tuple[PrivacyAccountant, dict]:
-    """The accountant (past segments composed at their own rates on resume) and the run's secret."""
+def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_examples: int, resume: bool,
+                   world) -> tuple[PrivacyAccountant, RunKey, int]:
+    """The accountant, the run's key and the attempt number.
+
+    New run: a fresh key in RUN/secret.key (or the given key file). Resume: the same key; steps released after the
+    checkpoint (the release ledger in status.json, or metrics.jsonl) are recomputed under attempt + 1, i.e. with fresh
+    noise and batches, and accounted as extra releases (kept in status.json and the checkpoint, composed forever)."""
     spec, releases = config.privacy, releases_per_step(config)
     adaptive = adaptive_clipping(config)
-    state, secret = read_state(out / "checkpoint") if resume else ({}, None)
+    out = Path(config.out_dir)
+    key_path = Path(config.secret_key_file) if config.secret_key_file else out / KEY_FILE
+    if not resume:
+        accountant = plan(spec, num_examples, config.batch_size, config.steps, releases, adaptive)
+        if world.main and not config.secret_key_file:
+            create_key_file(key_path)
+        distributed.barrier(world)  # the key file exists before any rank reads it (never sent over the network)
+        if run_dir is not None:
+            run_dir.update(attempt=0, released_through=0, abandoned=[])
+        return accountant, read_key_file(key_path), 0
+    state, legacy = read_state(out / "checkpoint")
+    if legacy is not None and not key_path.exists():
+        raise SlimtuneError(f"{out}: this private run was made by an older slimtune whose noise came from a 63-bit "
+                            f"seed ({LEGACY_SECRET_FILE}); it cannot be continued safely: start a new run")
+    key = read_key_file(key_path)
     if not state:
-        return (plan(spec, num_examples, config.batch_size, config.steps, releases, adaptive),
-                {"seed": fresh_secret()})
-    if secret is None:
-        raise SlimtuneError(f"{out}/checkpoint: no secret.json; this private run cannot be resumed with the same noise "
-                            "and batches (start a new run in another --out)")
-    saved = state.get("privacy") or {}
-    for key in ("sampling", "mechanism", "accountant"):
-        if key in saved and saved[key] != getattr(spec, key):
-            raise SlimtuneError(f"--{key} {getattr(spec, key)} differs from the run being resumed ({saved[key]}); "
-                                "its accounting cannot change mid-run")
+        raise SlimtuneError(f"{out}/checkpoint: no trainer state; this private run cannot be resumed")
     noise = state["noise_multiplier"]  # a resumed run keeps its noise; the loop stops when the budget runs out
     past = [Segment.from_dict(d) for d in state.get("privacy_history") or
             [dict(steps=state["step"], num_examples=num_examples, batch_size=config.batch_size,
                   noise_multiplier=noise)]]
     quantile_noise = past[-1].quantile_noise if adaptive else 0.0
-    if adaptive and not quantile_noise:
-        raise SlimtuneError("the run being resumed clipped at a fixed C: resume it with --clipping fixed")
-    return PrivacyAccountant(spec, num_examples, config.batch_size, noise, releases, past, quantile_noise), secret
+    status = run_dir.status() if run_dir is not None else {}
+    abandoned = {(d["attempt"], d["from_step"]): d for d in state.get("abandoned", []) + status.get("abandoned", [])}
+    attempt = max(int(status.get("attempt", 0)), int(state.get("attempt", 0)))
+    released = max(int(status.get("released_through", 0)), last_logged_step(out / "metrics.jsonl", "epsilon"))
+    if released > state["step"]:  # written, then the process died before the checkpoint: those releases count
+        seg = Segment(released - state["step"], num_examples, past[-1].batch_size, noise, past[-1].releases,
+                      past[-1].quantile_noise)
+        abandoned[(attempt, state["step"])] = {**asdict(seg), "attempt": attempt, "from_step": state["step"]}
+        attempt += 1
+    extra = [Segment.from_dict(d) for d in abandoned.values()]
+    if run_dir is not None:  # durable before anything new is released
+        run_dir.update(attempt=attempt, released_through=state["step"], abandoned=list(abandoned.values()))
+    distributed.barrier(world)
+    accountant = PrivacyAccountant(spec, num_examples, config.batch_size, noise, releases, past, quantile_noise,
+                                   extra=extra)
+    return accountant, key, attempt
+
+
+class TrainingInterrupted(SlimtuneError):
+    """Ctrl-C: the run stopped after a whole step and saved its checkpoint (exit code 130)."""
 
 
 def train(run: Run) -> dict:
-    """Run from `run.start_step` to `config.steps`; returns the summary (also written to summary.json)."""
+    """Run from `run.start_step` to `config.steps`; returns the summary (also written to summary.json).
+
+    Ctrl-C stops after the current step, checkpoints, and raises TrainingInterrupted with the command that resumes;
+    a second Ctrl-C stops at once (the last checkpoint is kept). Any failure marks the run failed in status.json."""
     cfg, out = run.config, Path(run.config.out_dir)
     log = MetricsLog(out / "metrics.jsonl") if run.world.main else _NoLog()
     run.model.train(not run.optimizer.zeroth_order)  # ZO: dropout off
     stop_reason, step = "completed", run.start_step
     progress = _progress(cfg, step) if run.world.main else None
     try:
-        if progress:
-            progress.start()
-        if step == 0 and run.eval_examples and cfg.eval_every:
-            record = {"step": 0, **_evaluate(run)}  # the starting point (zero-shot accuracy)
-            _track_best(run, 0, record)
-            log.write(record)
-        while step < cfg.steps:
-            if run.accountant and run.accountant.spec.target_epsilon is not None \
-                    and run.accountant.epsilon(step + 1) > run.accountant.spec.target_epsilon * 1.001:
-                stop_reason = "privacy budget exhausted"
-                break
-            record = _train_step(run, step)
-            step += 1
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and run.eval_examples:
-                record.update(_evaluate(run))
-                if _track_best(run, step, record):
-                    stop_reason = "early stopping"
-            log.write(record)
+        with _stop_on_interrupt() as interrupted:
             if progress:
-                progress.update(step, record)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason != "completed":
-                _checkpoint(run, step)
-            if stop_reason != "completed":
-                break
-    finally:
+                progress.start()
+            if step == 0 and run.eval_examples and cfg.eval_every:
+                record = {"step": 0, **_evaluate(run)}  # the starting point (zero-shot accuracy)
+                _track_best(run, 0, record)
+                log.write(record)
+            while step < cfg.steps:
+                if run.accountant and run.accountant.spec.target_epsilon is not None \
+                        and run.accountant.epsilon(step + 1) > run.accountant.spec.target_epsilon * 1.001:
+                    stop_reason = "privacy budget exhausted"
+                    break
+                if interrupted():
+                    stop_reason = "interrupted"
+                    break
+                record = _train_step(run, step)
+                step += 1
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and run.eval_examples:
+                    record.update(_evaluate(run))
+                    if _track_best(run, step, record):
+                        stop_reason = "early stopping"
+                if run.key is not None and run.run_dir is not None:
+                    run.run_dir.update(released_through=step)  # the ledger first, then the release
+                log.write(record)
+                if progress:
+                    progress.update(step, record)
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason != "completed":
+                    _checkpoint(run, step)
+                if stop_reason != "completed":
+                    break
+    except BaseException as exc:
         if progress:
             progress.stop()
+        if run.run_dir is not None:
+            run.run_dir.update(state="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            run.run_dir.release()
+        raise
+    if progress:
+        progress.stop()
     _checkpoint(run, step)
+    if stop_reason == "interrupted":
+        if run.run_dir is not None:
+            run.run_dir.update(state="interrupted", step=step)
+            run.run_dir.release()
+        raise TrainingInterrupted(f"interrupted after step {step}; checkpoint in {out / 'checkpoint'}; resume with: "
+                                  f"slimtune train --out {out} --resume")
     if cfg.save == "last" or run.best_step is None:  # "best" without evaluations: the last is all there is
         _save_adapter(run)
-    return write_summary(run, step, stop_reason)
+    summary = write_summary(run, step, stop_reason)
+    if run.run_dir is not None:
+        run.run_dir.update(state="completed", step=step, stop_reason=stop_reason)
+        run.run_dir.release()
+    return summary
+
+
+class _stop_on_interrupt:
+    """Within the block, the first SIGINT only sets a flag (the loop stops after the current step, whose in-place
+    perturbations must be undone before anything is saved); the second one interrupts at once."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.hits, self.previous = 0, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return lambda: self.hits > 0
+
+    def _handle(self, signum, frame):
+        self.hits += 1
+        if self.hits > 1:
+            raise KeyboardInterrupt
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        import signal
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def _train_step(run: Run, step: int) -> dict:
+    """One step. In a private run nothing about the batch may leave the process except the released values: warnings
+    raised while the batch is processed are dropped, and a failure is reported without its (row-dependent) details
+    unless the user opted out of the guarantee with --log-private-stats."""
+    if run.key is None or run.config.log_private_stats:
+        return _step(run, step)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _step(run, step)
+    except SlimtuneError:
+        raise
+    except Exception:
+        raise SlimtuneError(f"a private training step failed at step {step + 1}; its details are withheld (they may "
+                            "depend on individual training rows): rerun a copy with --log-private-stats, which is not "
+                            "covered by the privacy guarantee, to see them") from None
+
+
+def _step(run: Run, step: int) -> dict:
     cfg = run.config
+    if run.noise is not None:
+        run.noise.begin_step(step)
     indices = list(run.sampler.indices(step))  # the global batch; a data-parallel rank encodes its shard of it
     local = distributed.shard(indices, run.world)
     batch = run.objective.encode([run.train_examples[i] for i in local], cfg.max_length).to(cfg.device)
@@ -304,7 +529,9 @@ def _train_step(run: Run, step: int) -> dict:
     result = run.optimizer.step(lambda: distributed.gather_losses(run.objective.losses(run.model, batch),
                                                                   len(indices), run.world))
     elapsed = time.perf_counter() - start
-    if indices and not math.isfinite(result.loss):
+    if run.key is not None:
+        _check_released(run, step, result)
+    elif indices and not math.isfinite(result.loss):
         raise SlimtuneError(f"training loss is {result.loss} at step {step + 1} ({cfg.optimizer}, lr={cfg.optim.lr}); "
                             f"lower --lr or --eps; the last good checkpoint is in {cfg.out_dir}/checkpoint")
     record = {"step": step + 1, "lr": lr, "loss": result.loss, "step_time_s": elapsed, "batch_size": len(indices),
@@ -316,6 +543,20 @@ def _train_step(run: Run, step: int) -> dict:
         if not cfg.log_private_stats:
             record = {k: v for k, v in record.items() if k in RELEASED_KEYS}
     return record
+
+
+def _check_released(run: Run, step: int, result) -> None:
+    """A private step that produced a non-finite update, named by released values only (the noisy scalar, or the
+    trained weights, which are post-processing of the releases)."""
+    g = result.info.get("projected_grad")
+    if g is not None:
+        bad = not math.isfinite(g)
+    else:
+        bad = not all(torch.isfinite(p).all() for p in run.model.parameters() if p.requires_grad)
+    if bad:
+        raise SlimtuneError(f"the released update of step {step + 1} is not finite ({run.config.optimizer}, "
+                            f"lr={run.config.optim.lr}); lower --lr or --eps; the last good checkpoint is in "
+                            f"{run.config.out_dir}/checkpoint")
 
 
 SHOWN = {"loss": "loss", "epsilon": "epsilon", "eval_accuracy": "accuracy", "eval_loss": "eval loss",
@@ -373,10 +614,11 @@ def _checkpoint(run: Run, step: int) -> None:
     privacy = {} if acc is None else {
         "noise_multiplier": acc.noise, "epsilon": acc.epsilon(step),
         "privacy": {k: getattr(acc.spec, k) for k in ("sampling", "mechanism", "accountant")},
-        "privacy_history": [asdict(seg) for seg in acc.history(step)]}
+        "privacy_history": [asdict(seg) for seg in acc.history(step)], "attempt": run.attempt,
+        "abandoned": (run.run_dir.status().get("abandoned", []) if run.run_dir is not None else [])}
     save_checkpoint(Path(run.config.out_dir) / "checkpoint", run.model, run.optimizer,
                     {"step": step, "best_eval": run.best_eval, "best_step": run.best_step,
-                     "evals_without_improvement": run.evals_without_improvement, **privacy}, secret=run.secret)
+                     "evals_without_improvement": run.evals_without_improvement, **privacy})
 
 
 def write_summary(run: Run, step: int, stop_reason: str) -> dict:

@@ -70,6 +70,7 @@ class ZOOptimizer(SlimOptimizer):
             for i, (seed, g) in enumerate(estimates):
                 self._sweep(seed, "update", coef=g / n, decay=i == 0, last=i == n - 1)
         self.step_count += 1
+        getattr(self.estimator, "end_step", lambda: None)()  # a private estimator's noise moves to the next step
         info = infos[0] if n == 1 else {k: sum(d[k] for d in infos) / n for k in infos[0]}  # averaged over estimates
         return StepOutput(sum(losses) / n, {"projected_grad": sum(g for _, g in estimates) / n, **info})
 

@@ -1,0 +1,109 @@
+"""Resume is exact or refused: a resumed run trains what its config.json says, nothing else.
+
+`prepare(config, resume=True)` first fills every setting the caller left unset (None) from the run's config.json, then
+compares every setting with it. A difference in anything that shapes the trajectory (model, data, task, optimizer and
+its hyper-parameters, PEFT, privacy, batch size, seed, lengths, dtype, ...) is refused with the list of differences.
+Only these may change, and each change is recorded in config.json under "resumed" (step, old -> new):
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+
+from slimtune import SlimtuneError
+
+# settings a resume may change: they decide how long to train, when to evaluate/checkpoint and what is printed, never
+# what one training step computes
+MAY_CHANGE = ("steps", "eval_every", "checkpoint_every", "patience", "progress", "force", "out_dir")
+__doc__ += "".join(f"\n- `{name}`" for name in MAY_CHANGE)
+
+
+def flat(values: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1} (the keys of a stored config.json)."""
+    out = {}
+    for key, value in values.items():
+        name = prefix + key
+        if isinstance(value, dict) and key in ("optim", "peft", "privacy", "generation"):
+            out.update(flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def as_json(config) -> dict:
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def read_stored(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise SlimtuneError(f"{path}: not valid JSON; cannot check what the run was trained with") from None
+
+
+def adopt_unset(config, stored: dict, groups: dict | None = None) -> None:
+    """Every setting left None in `config` (nested dataclasses included) takes the stored value; `groups` maps a
+    nested group left None (e.g. "privacy") to the dataclass that rebuilds it from its stored dict."""
+    for name, cls in (groups or {}).items():
+        if getattr(config, name, None) is None and isinstance(stored.get(name), dict):
+            known = {f.name for f in fields(cls)}
+            setattr(config, name, cls(**{k: v for k, v in stored[name].items() if k in known}))
+    _adopt(config, stored)
+
+
+def _adopt(obj, stored: dict) -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value) and isinstance(stored.get(f.name), dict):
+            _adopt(value, stored[f.name])
+        elif value is None and stored.get(f.name) is not None and not isinstance(stored[f.name], dict):
+            setattr(obj, f.name, stored[f.name])
+
+
+def differences(config, stored: dict) -> tuple[list[str], dict]:
+    """(refused differences as 'name: stored -> new', allowed changes {name: [old, new]})."""
+    new_nested = as_json(config)
+    refused, allowed = [], {}
+    for group in ("privacy", "generation"):  # a whole group present in one and None in the other
+        if (stored.get(group) is None) != (new_nested.get(group) is None) and group in stored:
+            refused.append(f"{group}: {'none' if stored.get(group) is None else 'set'} -> "
+                           f"{'none' if new_nested.get(group) is None else 'set'}")
+    new, old = flat(new_nested), flat(stored)
+    for name in sorted(set(new) | set(old)):
+        if name not in old:  # a setting newer than the run: it trained with the field's default
+            continue
+        a, b = old.get(name), new.get(name)
+        if _same(a, b):
+            continue
+        if name in MAY_CHANGE:
+            allowed[name] = [a, b]
+        else:
+            refused.append(f"{name}: {a!r} -> {b!r}")
+    return refused, allowed
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def check_resume(config, run_dir: Path) -> dict:
+    """Refuse a resume whose settings differ from the run's; returns the allowed changes (to record)."""
+    stored = read_stored(run_dir)
+    if stored is None:
+        raise SlimtuneError(f"{run_dir}: no config.json, so the settings of the run cannot be checked; it cannot be "
+                            "resumed")
+    refused, allowed = differences(config, stored)
+    if refused:
+        shown = "; ".join(refused[:6]) + (f"; and {len(refused) - 6} more" if len(refused) > 6 else "")
+        raise SlimtuneError(f"--resume {run_dir}: settings differ from the run's config.json ({shown}); a resumed "
+                            f"run trains exactly what it started with (only {', '.join(MAY_CHANGE[:-1])} may change)")
+    return allowed

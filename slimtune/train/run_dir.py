@@ -1,0 +1,112 @@
+"""A run directory has one owner and says what state it is in.
+
+- `.lock`: an exclusive `fcntl.flock` held by the process that trains into the directory, from before anything is
+  written until it exits. A second process is refused with one line instead of interleaving metrics.jsonl and mixing
+  config.json/summary.json of two runs. The lock dies with its process (no stale locks after a kill).
+- `status.json`: {"state": running | completed | failed | interrupted, "pid", "step", "stop_reason" or "error",
+  and for private runs "attempt" and "released_through"}. Written atomically (temporary file + rename).
+  `slimtune report` skips runs whose state is not completed; a new run may replace a failed or interrupted one only
+  with `--restart`, which moves the old directory aside (RUN.failed-1, ...): nothing the user had is deleted.
+
+Private runs keep their release ledger here: `released_through` is the last step whose released values were written
+(to metrics.jsonl or a progress line), updated *before* they are written. A resume from an earlier checkpoint
+recomputes those steps, so it must use fresh noise and account them again (train/trainer.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from slimtune import SlimtuneError
+
+STATUS_FILE = "status.json"
+LOCK_FILE = ".lock"
+UNFINISHED = ("failed", "interrupted", "running")
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # -- checks before anything is written ------------------------------------------------------------------------
+    def check_writable(self, flag: str = "--out") -> None:
+        """One-line errors for a path that can never hold a run (a file, a parent that is missing or read-only)."""
+        check_output_dir(self.path, flag)
+
+    # -- ownership --------------------------------------------------------------------------------------------------
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            owner = self.status().get("pid")
+            raise SlimtuneError(f"{self.path}: another slimtune process{f' (pid {owner})' if owner else ''} is "
+                                "training into this directory; wait for it or choose another --out") from None
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    # -- status -------------------------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        return read_status(self.path)
+
+    def update(self, **fields) -> dict:
+        status = {**self.status(), **fields, "updated": time.time()}
+        tmp = self.path / (STATUS_FILE + ".tmp")
+        tmp.write_text(json.dumps(status, indent=2))
+        os.replace(tmp, self.path / STATUS_FILE)
+        return status
+
+    def move_aside(self) -> Path:
+        """`--restart`: rename a failed/interrupted run's directory to RUN.failed-N (never deleted)."""
+        n = 1
+        while (target := self.path.with_name(f"{self.path.name}.failed-{n}")).exists():
+            n += 1
+        os.replace(self.path, target)
+        return target
+
+
+def read_status(path: str | Path) -> dict:
+    file = Path(path) / STATUS_FILE
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return {"state": "unknown"}
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SlimtuneError(f"{flag} {path}: is a file, not a directory")
+    parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SlimtuneError(f"{flag} {path}: {parent} is not writable")
+
+
+def check_output_file(path: str | Path, flag: str, overwrite: bool = False) -> Path:
+    """An output file the command will write at the end: checked before any work (parent exists and is writable,
+    not a directory, not an existing file unless `overwrite`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SlimtuneError(f"{flag} {path}: is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise SlimtuneError(f"{flag} {path}: exists (nothing was overwritten); choose another name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SlimtuneError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SlimtuneError(f"{flag} {path}: directory {parent} is not writable")
+    return path
