@@ -59,6 +59,35 @@ class FakeGrid:
         return [11, 12, 13]
 
 
+class InProcessGrid:
+    """A Flower Grid whose nodes run a ClientApp train function in this process, one message at a time: run_server
+    end to end in seconds, without Ray or processes. A handler that raises makes an error reply, as Flower does."""
+
+    def __init__(self, nodes: int, handler=None):
+        from flwr.app import Context
+        from slimtune.federated.client_app import train
+        self.handler = handler or train
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i,
+                                                                                   "num-partitions": nodes},
+                                          state=RecordDict(), run_config={}) for i in range(nodes)}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            try:
+                out = self.handler(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as exc:  # noqa: BLE001 - what Flower turns into an error reply
+                out = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            out.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+            replies.append(out)
+        return replies
+
+
 def make_cfg(demo_paths, **kw):
     """Plain FedAvg unless a test asks otherwise (server_optimizer=None: the swept default)."""
     train_path, dev_path = demo_paths
@@ -317,17 +346,6 @@ def test_dp_settings_that_would_not_apply_are_refused(demo_paths, kw, needle):
     from slimtune import SlimtuneError
     with pytest.raises(SlimtuneError, match=needle):
         make_cfg(demo_paths, **kw).validate()
-
-
-def test_local_dp_epsilon_is_reported(demo_paths):
-    from slimtune.data import get_task, read_examples
-    from slimtune.federated.server_app import local_dp_epsilon
-
-    cfg = make_cfg(demo_paths, local_optimizer="dp-adamw", local_dp_noise=1.0, rounds=3, client_dp_delta=1e-3)
-    labels = [e.label for e in read_examples(demo_paths[0], get_task("sst2"))]
-    eps = local_dp_epsilon(cfg, labels)
-    assert eps is not None and eps > 0
-    assert local_dp_epsilon(make_cfg(demo_paths), labels) is None  # non-private local optimizer: nothing to report
 
 
 # -- issue 15, items 4-5: hostile or broken replies are rejected and the run still trains; a run that trained nothing fails

@@ -1,4 +1,12 @@
-"""The Flower ClientApp: train full-precision LoRA locally from the dequantized broadcast Q(theta)."""
+"""The Flower ClientApp: train full-precision LoRA locally from the dequantized broadcast Q(theta).
+
+What a client releases per round: its update (a delta, or (seed, scalar) pairs) and
+  - non-private local optimizers: num-examples and the mean training loss (metrics the server may log or weigh by);
+  - private ones (dpzero, dplozo, dp-adamw, dp-sgd): only `local-epsilon`, the example-level epsilon it has spent so
+    far, computed here from its own data size rounded down to a power of two (a valid upper bound, since fewer
+    examples mean a larger sampling rate; the exact count and the loss, both functions of every example, are not
+    sent). Its noise and Poisson batches come from a fresh in-memory key each round (OS entropy), never the seed.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +14,19 @@ from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from slimtune.data import EpochSampler, PoissonSampler
-from slimtune.federated.common import (FederatedConfig, build_model, decode_state, encode_state, load_lora_state,
-                                       lora_state, uploaded)
+from slimtune.federated.config import FederatedConfig
+from slimtune.federated.model import build_model, load_lora_state, lora_state, uploaded
 from slimtune.federated.partition import dirichlet_partition
+from slimtune.federated.wire import decode_state, encode_state
 from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
-from slimtune.privacy import PrivacySpec
-from slimtune.privacy.secret import RunKey
 
 app = ClientApp()
+STATE = "slimtune"  # this node's record in Context.state: private steps taken so far in the run
 
 
 @lru_cache(maxsize=2)
@@ -33,25 +41,60 @@ def _setup(cfg_json: str, num_partitions: int | None = None):
     return model, tok, train, parts, objective
 
 
+def is_private(cfg: FederatedConfig) -> bool:
+    return cfg.mode != "zo-seeds" and cfg.local_optimizer in PRIVATE_OPTIMIZERS
+
+
+def local_epsilon(cfg: FederatedConfig, num_examples: int, steps: int) -> float:
+    """Example-level epsilon after `steps` Poisson-sampled steps (rate B/n, noise local_dp_noise) on this client's
+    data, with n rounded down to a power of two: an upper bound on the true one that reveals only floor(log2 n)."""
+    from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec
+
+    n = 2 ** int(np.floor(np.log2(max(num_examples, 1))))
+    spec = PrivacySpec(delta=cfg.local_dp_delta, noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip)
+    return float(PrivacyAccountant(spec, n, min(cfg.batch_size, n), cfg.local_dp_noise).epsilon(steps))
+
+
 def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int,
-                own_data: bool = False, num_partitions: int | None = None) -> tuple[dict, dict]:
-    """One client's round: returns (arrays to upload, metrics). own_data: cfg.data is this node's own file."""
+                own_data: bool = False, num_partitions: int | None = None, steps_before: int = 0) -> tuple[dict, dict]:
+    """One client's round: returns (arrays to upload, metrics to release). own_data: cfg.data is this node's own
+    file; steps_before: private steps this client took in earlier rounds (for its local epsilon)."""
     model, tok, train, parts, objective = _setup(cfg.to_json(), None if own_data else
                                                   (num_partitions or cfg.num_clients))
-    partition_id = 0 if own_data else partition_id
-    examples = [train[i] for i in parts[partition_id]]
+    examples = [train[i] for i in parts[0 if own_data else partition_id]]
     shapes = {k: tuple(v.shape) for k, v in lora_state(model).items()}
     start = decode_state(payload, shapes, cfg.bits, cfg.block_size)
     load_lora_state(model, start)
     seed = mix_seed(cfg.seed, server_round, partition_id)
     optimizer_name = "mezo" if cfg.mode == "zo-seeds" else cfg.local_optimizer
     private = None
-    if optimizer_name in PRIVATE_OPTIMIZERS:  # noise and Poisson batches from OS entropy, never the public seed
+    if is_private(cfg):  # noise and Poisson batches from a fresh in-memory key, never the public seed
+        from slimtune.privacy.accountant import PrivacySpec
         private = (PrivacySpec(noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip), cfg.local_dp_noise,
                    cfg.batch_size, None)
     optimizer = build_optimizer(optimizer_name, model, OptimizerArgs(lr=cfg.lr, eps=cfg.eps, seed=seed), private)
-    sampler = (PoissonSampler(len(examples), cfg.batch_size, key=RunKey.fresh()) if private
-               else EpochSampler(len(examples), cfg.batch_size, seed))
+    try:
+        losses, seeds, grads = _run_steps(cfg, model, objective, optimizer, examples, seed, private is not None)
+    finally:
+        release_hooks(optimizer)
+    if private is not None:
+        metrics = {"local-epsilon": local_epsilon(cfg, len(examples), steps_before + cfg.local_steps)}
+    else:
+        metrics = {"num-examples": len(examples), "train-loss": float(np.nanmean(losses))}
+    if cfg.mode == "zo-seeds":
+        return {"seeds": np.array(seeds, dtype=np.int64), "grads": np.array(grads, dtype=np.float32)}, metrics
+    trained = lora_state(model)
+    arrays, _ = encode_state({k: trained[k] - start[k] for k in uploaded(shapes, cfg)}, cfg.upload_bits,
+                             cfg.block_size)
+    return arrays, metrics
+
+
+def _run_steps(cfg, model, objective, optimizer, examples, seed, private):
+    if private:
+        from slimtune.privacy.secret import RunKey
+        sampler = PoissonSampler(len(examples), cfg.batch_size, key=RunKey.fresh())
+    else:
+        sampler = EpochSampler(len(examples), cfg.batch_size, seed)
     model.train(not optimizer.zeroth_order)
     losses, seeds, grads = [], [], []
     for step in range(cfg.local_steps):
@@ -61,13 +104,16 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
         out = optimizer.step(lambda: objective.losses(model, batch))
         losses.append(out.loss)
         grads.append(out.info.get("projected_grad", 0.0))
-    metrics = {"num-examples": len(examples), "train-loss": float(np.nanmean(losses))}
-    if cfg.mode == "zo-seeds":
-        return {"seeds": np.array(seeds, dtype=np.int64), "grads": np.array(grads, dtype=np.float32)}, metrics
-    trained = lora_state(model)
-    arrays, _ = encode_state({k: trained[k] - start[k] for k in uploaded(shapes, cfg)}, cfg.upload_bits,
-                             cfg.block_size)
-    return arrays, metrics
+    return losses, seeds, grads
+
+
+def release_hooks(optimizer) -> None:
+    """Opacus' per-example gradient hooks leave with the round's optimizer: the cached model gets a fresh privacy
+    engine next round (it refused a second one: 'Trying to add hooks twice to the same model')."""
+    module = getattr(optimizer, "grad_sample_module", None)
+    if module is not None:
+        module.remove_hooks()
+        module.cleanup()
 
 
 @app.train()
@@ -79,9 +125,13 @@ def train(msg: Message, context: Context) -> Message:
     own = node.get("data-path")  # deployment: each SuperNode reads only its own data (--node-config data-path=...)
     if own:
         cfg = replace(cfg, data=str(own))
+    state = context.state.config_records.setdefault(STATE, ConfigRecord({"private-steps": 0}))
+    steps_before = int(state["private-steps"])
     arrays, metrics = local_train(cfg, int(node.get("partition-id", 0)), payload, int(config["server-round"]),
                                   own_data=bool(own), num_partitions=int(node["num-partitions"]) if
-                                  "num-partitions" in node else None)
+                                  "num-partitions" in node else None, steps_before=steps_before)
+    if is_private(cfg):
+        state["private-steps"] = steps_before + cfg.local_steps
     content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -35,6 +35,7 @@ class FederatedConfig:
     local_optimizer: str = "adamw"  # any slimtune optimizer
     local_dp_noise: float = 1.0  # private local optimizers (dpzero, dp-adamw...): noise multiplier per local step
     local_dp_clip: float = 1.0
+    local_dp_delta: float = 1e-5  # the delta of the local epsilon each private client reports
     lr: float = 1e-3
     eps: float = 1e-3
     batch_size: int = 8
@@ -91,6 +92,14 @@ class FederatedConfig:
         if self.client_dp_noise > 0 and not self.client_dp_clip > 0:
             raise SlimtuneError("--client-dp-noise needs --client-dp-clip > 0 (noise is calibrated to the clip; "
                                 "without it there is no client-level DP)")
+        from slimtune.optim import PRIVATE_OPTIMIZERS
+        if self.mode == "zo-seeds" and self.local_optimizer not in ("mezo", "adamw"):  # adamw: the default, unused
+            raise SlimtuneError(f"--mode zo-seeds clients run MeZO and release (seed, scalar) pairs: --local-optimizer "
+                                f"{self.local_optimizer} would not be used (no local DP there); use --mode lora, or "
+                                f"drop --local-optimizer")
+        if self.weighting == "examples" and self.local_optimizer in PRIVATE_OPTIMIZERS:
+            raise SlimtuneError(f"--weighting examples needs clients' example counts, which private local optimizers "
+                                f"({self.local_optimizer}) do not send: use --weighting equal")
         if self.client_dp_clip > 0 and self.mode == "zo-seeds":
             raise SlimtuneError("client-level DP clips and noises LoRA deltas; --mode zo-seeds replies are (seed, "
                                 "scalar) pairs that it does not cover: use --mode lora, or drop --client-dp-*")

@@ -78,15 +78,18 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     wait_for_nodes(grid, cfg.num_clients, cfg.node_timeout)
     strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    evaluate_fn=evaluate_fn)
+    if not sum(r.get("replies", 0) for r in strategy.round_log.values()):
+        _write_summary(cfg, out, model, accountant, time.perf_counter() - started)
+        raise SlimtuneError(f"federated run trained nothing: no client update was accepted in any round (see the "
+                            f"client errors in the log); no adapter was saved (summary in {out})")
     load_lora_state(model, strategy.server_model())
     save_peft(model, out / "adapter")  # the private full-precision result stays with the server
-    local = local_dp_epsilon(cfg, [e.label for e in train])
     attacks = None
     if history is not None and history.items and evals:
         scratch = lora_state(build_model(cfg)[0])  # a fresh LoRA the coalition can build from the public settings
         attacks = attack_report(score, metric == "accuracy", strategy.server_model(), history, model, objective,
                                 coalition_data(cfg, train), cfg, scratch)
-    return _write_summary(cfg, out, model, accountant, time.perf_counter() - started, local, attacks)
+    return _write_summary(cfg, out, model, accountant, time.perf_counter() - started, attacks)
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> None:
@@ -104,23 +107,6 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -
         time.sleep(poll)
 
 
-def local_dp_epsilon(cfg: FederatedConfig, labels: list[int]) -> float | None:
-    """Example-level epsilon of a private local optimizer (dpzero, dp-adamw...) for the most exposed client.
-
-    Client k runs `local_steps` Poisson-sampled steps (rate B/n_k, noise `local_dp_noise`) in each of `rounds` rounds
-    on its own shard: rounds x local_steps composed steps. The smallest shard has the largest rate, hence the max."""
-    from slimtune.federated.partition import dirichlet_partition
-    from slimtune.optim import PRIVATE_OPTIMIZERS
-    from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec
-
-    if cfg.mode == "zo-seeds" or cfg.local_optimizer not in PRIVATE_OPTIMIZERS:
-        return None
-    sizes = [len(p) for p in dirichlet_partition(labels, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed) if p]
-    spec = PrivacySpec(delta=cfg.client_dp_delta, noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip)
-    return max(PrivacyAccountant(spec, n, min(cfg.batch_size, n), cfg.local_dp_noise).epsilon(cfg.rounds * cfg.local_steps)
-               for n in sizes)
-
-
 def _client_dp_accountant(cfg: FederatedConfig):
     if not (cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0):
         return None
@@ -129,9 +115,11 @@ def _client_dp_accountant(cfg: FederatedConfig):
     return PrivacyAccountant(spec, cfg.num_clients, cfg.num_clients, cfg.client_dp_noise)  # all clients every round
 
 
-def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None, attacks=None) -> dict:
+def _write_summary(cfg, out, model, accountant, seconds, attacks=None) -> dict:
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     trained = sum(r.get("replies", 0) for r in rounds)
+    reported = [r["local_epsilon"] for r in rounds if r.get("local_epsilon") is not None]  # each client's own
+    local_epsilon = max(reported) if reported else None
     short = [r["round"] for r in rounds if r.get("sampled") and r.get("replies", 0) < r["sampled"]]
     last = rounds[-1]
     bytes_total = sum(r.get("bytes_down_total", 0) + r.get("bytes_up_total", 0) for r in rounds)  # serialised, as sent
@@ -152,12 +140,12 @@ def _write_summary(cfg, out, model, accountant, seconds, local_epsilon=None, att
                "payload_bytes_down_per_client_per_round": last.get("payload_bytes_down_per_client"),
                "payload_bytes_up_per_client_per_round": last.get("payload_bytes_up_per_client"),
                "bytes_communicated": bytes_total,
-               "epsilon": accountant.epsilon(cfg.rounds) if accountant else None,
-               "delta": cfg.client_dp_delta if accountant else None,
+               "epsilon": accountant.epsilon(cfg.rounds) if accountant and trained else None,
+               "delta": cfg.client_dp_delta if accountant and trained else None,
                "stop_reason": "completed" if trained else "no client update was accepted in any round",
                "accepted_updates": trained,
                "rounds_with_lost_updates": short,  # a sampled client's update was rejected, failed or came too late
-               "local_epsilon": local_epsilon, "local_delta": cfg.client_dp_delta if local_epsilon else None,
+               "local_epsilon": local_epsilon, "local_delta": cfg.local_dp_delta if local_epsilon else None,
                "clients_per_round": cfg.clients_per_round or cfg.num_clients, **(attacks or {})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
