@@ -22,12 +22,19 @@ class OptimizerArgs:
     nu: int = 50  # LOZO
     momentum: float = 0.0  # LOZO-M, SGD
     perturbation: str = "gaussian"  # MeZO/DPZero: gaussian, rademacher or pool (zo/perturbation.py)
+    # issue 36 (optim/builders.py); None: the defaults table's value or the method's own default
+    hessian_smooth: float | None = None  # HiZOO/HiZOO-L/DP-HiZOO: alpha of the diagonal Hessian's moving average
+    sparsity: float | None = None  # sparse-mezo: fraction of each tensor left unperturbed (its largest |w|; 0.75)
+    mask_every: int | None = None  # sparse-mezo: masks recomputed from the weights every this many steps (50)
+    fo_layers: int | None = None  # hybrid: top transformer blocks trained by backprop, with the head (2)
+    fo_lr: float | None = None  # hybrid: AdamW lr of the top part
 
 
-ZO_OPTIMIZERS = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo")
+ZO_OPTIMIZERS = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo")
 FO_OPTIMIZERS = ("adamw", "sgd", "dp-adamw", "dp-sgd")
-OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
-PRIVATE_OPTIMIZERS = ("dpzero", "dplozo", "dp-adamw", "dp-sgd")
+HYBRID_OPTIMIZERS = ("hybrid",)  # backprop on the top blocks, ZO below (optim/hybrid.py)
+OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS + HYBRID_OPTIMIZERS
+PRIVATE_OPTIMIZERS = ("dpzero", "dplozo", "dphizoo", "dp-adamw", "dp-sgd")
 
 
 def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> SlimOptimizer:
@@ -49,8 +56,10 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
         d = defaults_for(name, "lora")
         args = replace(args, lr=d.lr if args.lr is None else args.lr,
                        eps=(d.eps or 1e-3) if args.eps is None else args.eps)
+    from slimtune.optim import builders
     from slimtune.zo.perturbation import check_perturbation
     check_perturbation(args.perturbation, name)
+    builders.check_optimizer_args(name, args)
     params = list(model.named_parameters())
     if name in ("adamw", "sgd"):
         return FirstOrder(params, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name)
@@ -59,12 +68,16 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
         spec, sigma, batch, keyed_noise = private[:4]
         return DPFirstOrder(model, FirstOrderConfig(args.lr, args.weight_decay, args.momentum), name[3:], spec,
                             sigma, batch, keyed_noise)
+    mezo_cfg = dict(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, n_spsa=args.n_spsa, seed=args.seed)
+    if name in builders.BUILT_HERE:
+        opt = builders.build(name, params, model, args, private, mezo_cfg)
+        opt.name = name
+        return opt
     estimator = None
     if private is not None:
         from slimtune.privacy.dpzero import PrivateDifference
         spec, sigma, batch, keyed_noise, *rest = private
         estimator = PrivateDifference(spec, sigma, batch, keyed_noise, quantile_noise=rest[0] if rest else 0.0)
-    mezo_cfg = dict(lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, n_spsa=args.n_spsa, seed=args.seed)
     if name == "fzoo":
         n = args.n_spsa if args.n_spsa > 1 else 8  # --n-spsa: FZOO's N one-sided directions per step
         source = "rademacher" if args.perturbation == "gaussian" else args.perturbation  # FZOO's own choice
@@ -81,5 +94,5 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> Slim
     return opt
 
 
-__all__ = ["OptimizerArgs", "OPTIMIZERS", "ZO_OPTIMIZERS", "PRIVATE_OPTIMIZERS", "build_optimizer", "SlimOptimizer",
-           "StepOutput"]
+__all__ = ["OptimizerArgs", "OPTIMIZERS", "ZO_OPTIMIZERS", "HYBRID_OPTIMIZERS", "PRIVATE_OPTIMIZERS", "build_optimizer",
+           "SlimOptimizer", "StepOutput"]

@@ -39,6 +39,10 @@ class MethodDefaults:
     warmup_ratio: float
     steps: int
     source: str  # where the numbers come from
+    extra: tuple = ()  # (OptimizerArgs field, value) pairs of method-specific settings (HiZOO's alpha, hybrid's fo_lr)
+
+    def setting(self, name: str, fallback=None):
+        return dict(self.extra).get(name, fallback)
 
 
 FO_STEPS, ZO_STEPS = 300, 2000
@@ -80,8 +84,31 @@ TABLE: dict[tuple[str, str], MethodDefaults] = {
 # MeZO's at lr 1e-3, eps 1e-2 with N = 8 (not swept).
 for _peft, _lr in (("lora", 5e-5), ("pissa", 5e-6), ("adapter", 5e-5), ("svfit", 1e-4), ("none", 1e-7)):
     TABLE[("fzoo", _peft)] = _zo(_lr, 1e-2 if _peft != "none" else 1e-3, "scaled from mezo (not swept)")
+# Issue 36's optimizers, none swept yet (benchmarks/defaults_sweep.py has their candidates):
+# - HiZOO / HiZOO-L (zo/hizoo.py): H starts at 1 and grows at ~alpha kappa per step; kappa measured at the start on
+#   SST-2 (SmolLM2, 6 batches of 16): 5..50 on LoRA (eps 1e-2), 15..2,300 on all 134M weights (eps 1e-3). alpha 1e-4
+#   on LoRA lets H reach that scale within ~1,000 steps (the step shrinks by H as it grows, hence lr 2x MeZO's);
+#   alpha 1e-6 on full weights (alpha kappa ~ 1e-3 per step). dphizoo shares hizoo's entry.
+# - sparse-mezo (zo/sparse.py): perturbs 25% of each tensor (sparsity 0.75), a 4x smaller problem: lr 3x MeZO's on
+#   full weights.
+# - hybrid (optim/hybrid.py): lr and eps are the ZO part's (MeZO's values), fo_lr the top blocks' AdamW lr (AdamW's
+#   values), warm-up 5% as backprop, 2,000 steps as ZO.
+_MEZO_LR = {"lora": 1e-3, "pissa": 1e-4, "adapter": 1e-3, "svfit": 2e-3, "none": 1e-6}
+_ADAMW_LR = {"lora": 1e-3, "pissa": 1e-4, "adapter": 3e-4, "svfit": 1e-2, "none": 1e-5}
+for _peft, _lr in _MEZO_LR.items():
+    _eps = 1e-3 if _peft == "none" else 1e-2
+    _alpha = (("hessian_smooth", 1e-6 if _peft == "none" else 1e-4),)
+    for _family in ("hizoo", "hizoo-l"):
+        TABLE[(_family, _peft)] = MethodDefaults(2 * _lr, _eps, "linear", 0.0, ZO_STEPS,
+                                                 "2x mezo's lr, alpha from measured curvature (not swept)", _alpha)
+    TABLE[("sparse-mezo", _peft)] = _zo(3 * _lr if _peft == "none" else _lr, _eps,
+                                        "mezo's lr, 3x on full weights (sparsity 0.75, not swept)")
+    TABLE[("hybrid", _peft)] = MethodDefaults(_lr, _eps, "linear", 0.05, ZO_STEPS,
+                                              "mezo's lr and eps, adamw's lr on top (not swept)",
+                                              (("fo_lr", _ADAMW_LR[_peft]),))
 FAMILY = {"adamw": "adamw", "dp-adamw": "adamw", "sgd": "sgd", "dp-sgd": "sgd", "mezo": "mezo", "dpzero": "mezo",
-          "lozo": "lozo", "lozo-m": "lozo", "dplozo": "lozo", "fzoo": "fzoo"}
+          "lozo": "lozo", "lozo-m": "lozo", "dplozo": "lozo", "fzoo": "fzoo", "hizoo": "hizoo", "dphizoo": "hizoo",
+          "hizoo-l": "hizoo-l", "sparse-mezo": "sparse-mezo", "hybrid": "hybrid"}
 
 
 def defaults_for(optimizer: str, peft: str) -> MethodDefaults:
@@ -101,10 +128,14 @@ def resolve(config) -> dict:
         if name != "eps" or d.eps is not None:  # eps means nothing to a first-order run
             origin[name] = "given" if getattr(obj, name) is not None else "default"
         if getattr(obj, name) is None:
-            setattr(obj, name, value if value is not None else 1e-3)  # eps of a first-order run: unused
+            setattr(obj, name, value)  # eps of a first-order run stays None (unused)
     origin["warmup_steps"] = "given" if config.warmup_steps is not None else "default"
     if config.warmup_steps is None:
         config.warmup_steps = int(d.warmup_ratio * config.steps)
+    for name, value in d.extra:  # method-specific settings (HiZOO's alpha, hybrid's fo_lr)
+        origin[name] = "given" if getattr(config.optim, name) is not None else "default"
+        if getattr(config.optim, name) is None:
+            setattr(config.optim, name, value)
     return origin
 
 
@@ -114,6 +145,7 @@ def describe(config, origin: dict) -> str:
     parts = [f"lr {config.optim.lr:g}"]
     if d.eps is not None:
         parts.append(f"eps {config.optim.eps:g}")
+    parts += [f"{name.replace('_', ' ')} {getattr(config.optim, name):g}" for name, _ in d.extra]
     parts += [f"schedule {config.lr_scheduler}", f"warm-up {config.warmup_steps}", f"steps {config.steps}"]
     if config.privacy is not None:
         spec = config.privacy

@@ -304,8 +304,10 @@ def validate(config: TrainConfig) -> None:
                              ("--n-spsa", config.optim.n_spsa, 1), ("--max-length", config.max_length, 1)):
         if value < low:
             raise SlimtuneError(f"{flag} must be >= {low}, got {value}")
+    from slimtune.optim.builders import check_optimizer_args
     from slimtune.zo.perturbation import check_perturbation
     check_perturbation(config.optim.perturbation, config.optimizer)
+    check_optimizer_args(config.optimizer, config.optim)
     if config.save not in ("best", "last"):
         raise SlimtuneError(f"--save {config.save!r}: choose best or last")
     check_settings(config.peft)
@@ -326,7 +328,7 @@ def check_memory(config: TrainConfig, model, tokenizer, texts: list[str] | None)
         seq_len = min(config.max_length, max((len(ids) for ids in tokenizer(sample, add_special_tokens=False)
                                               ["input_ids"]), default=1))
     peak, _ = predict_run_mb(model, config.optimizer, config.peft.method, config.peft.r, config.batch_size, seq_len,
-                             config.device, config.peft.target_modules)
+                             config.device, config.peft.target_modules, fo_layers=config.optim.fo_layers or 2)
     budget = budget_mb(config.device)
     if peak <= budget:
         return
@@ -339,16 +341,18 @@ def check_memory(config: TrainConfig, model, tokenizer, texts: list[str] | None)
 
 
 def releases_per_step(config: TrainConfig) -> int:
-    """Noisy scalars a private step releases on one batch: n-SPSA's n for the ZO optimizers, one gradient for DP-SGD."""
-    return config.optim.n_spsa if config.optimizer in ("dpzero", "dplozo") else 1
+    """Noisy scalars a private step releases on one batch: n-SPSA's n for the ZO optimizers (2 per direction for
+    DP-HiZOO: gradient and curvature), one gradient for DP-SGD."""
+    from slimtune.optim.builders import private_releases
+    return private_releases(config.optimizer, config.optim.n_spsa)
 
 
 def adaptive_clipping(config: TrainConfig) -> bool:
     """DPZero/DPLOZO clip adaptively unless told --clipping fixed (or with Laplace noise); DP-SGD clips at a fixed C."""
-    spec, zo = config.privacy, config.optimizer in ("dpzero", "dplozo")
+    spec, zo = config.privacy, config.optimizer in ("dpzero", "dplozo", "dphizoo")
     if spec.clipping == "adaptive" and not zo:
-        raise SlimtuneError(f"--clipping adaptive is implemented for dpzero and dplozo; {config.optimizer} clips at "
-                            "a fixed --clip (use --clipping fixed)")
+        raise SlimtuneError(f"--clipping adaptive is implemented for dpzero, dplozo and dphizoo; {config.optimizer} "
+                            "clips at a fixed --clip (use --clipping fixed)")
     return zo and (spec.clipping == "adaptive" or (spec.clipping == "auto" and spec.mechanism == "gaussian"))
 
 

@@ -100,7 +100,7 @@ class ZOOptimizer(SlimOptimizer):
         lr, wd = self.config.lr, self.config.weight_decay
         chunk = self.config.chunk_size
         generators: dict = {}
-        for name, p, p_decays in self.params:
+        for index, (name, p, p_decays) in enumerate(self.params):
             gen = generators.get(p.device)
             if gen is None:
                 gen = generators[p.device] = self.source.generator(seed, p.device)
@@ -109,6 +109,7 @@ class ZOOptimizer(SlimOptimizer):
             for start in range(0, flat.numel(), chunk):
                 part = flat[start:start + chunk]
                 z, sign = self.source.draw(gen, buf, part.numel())
+                z = self._direction(index, start, z)
                 if op == "add":
                     part.add_(z, alpha=alpha * sign)
                     continue
@@ -117,6 +118,11 @@ class ZOOptimizer(SlimOptimizer):
                 if decay and p_decays and wd:
                     part.mul_(1 - lr * wd)
                 part.add_(z, alpha=-lr * coef * sign)
+
+    def _direction(self, index: int, start: int, z: torch.Tensor) -> torch.Tensor:
+        """The direction's values for elements start.. of parameter `index`, given the drawn z there (a view that
+        must not be written: it may be the pool). Sparse MeZO masks it here; MeZO uses z as drawn."""
+        return z
 
     def _buffer(self, p: torch.Tensor, chunk: int) -> torch.Tensor:
         """One reusable z buffer per (device, dtype), as large as the biggest chunk it must hold."""

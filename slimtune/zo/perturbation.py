@@ -22,7 +22,8 @@ from slimtune import SlimtuneError
 from slimtune.optim.base import mix_seed
 
 SOURCES = ("gaussian", "rademacher", "pool")
-OPTIMIZERS_WITH_SOURCES = ("mezo", "dpzero", "fzoo")  # LOZO draws low-rank factors, cheap whatever the source
+# not LOZO: it draws low-rank factors, cheap whatever the source
+OPTIMIZERS_WITH_SOURCES = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid")
 POOL_STREAM = 0x9001
 
 

@@ -1,0 +1,96 @@
+"""Construction and settings checks of the curvature, sparse and hybrid optimizers (issue 36): `hizoo`, `hizoo-l`,
+`dphizoo` (zo/hizoo.py), `sparse-mezo` (zo/sparse.py) and `hybrid` (optim/hybrid.py). The registry
+(optim/__init__.py) dispatches here."""
+
+from __future__ import annotations
+
+from slimtune import SlimtuneError
+
+HIZOO_OPTIMIZERS = ("hizoo", "hizoo-l", "dphizoo")
+BUILT_HERE = (*HIZOO_OPTIMIZERS, "sparse-mezo", "hybrid")
+HESSIAN_SMOOTH = 1e-4  # HiZOO's alpha when neither the flag nor the defaults table gives one
+SPARSITY, MASK_EVERY, FO_LAYERS = 0.75, 50, 2
+
+# setting -> (flag, optimizers that read it)
+SETTING_USERS = {
+    "hessian_smooth": ("--hessian-smooth", HIZOO_OPTIMIZERS),
+    "sparsity": ("--sparsity", ("sparse-mezo",)),
+    "mask_every": ("--mask-every", ("sparse-mezo",)),
+    "fo_layers": ("--fo-layers", ("hybrid",)),
+    "fo_lr": ("--fo-lr", ("hybrid",)),
+}
+
+
+def private_releases(optimizer: str, n_spsa: int) -> int:
+    """Noisy scalars one private step releases on its batch (each with its own clipped sum and Gaussian noise; with
+    adaptive clipping each comes with its noisy count): DPZero / DP-LOZO one per SPSA direction; DP-HiZOO two, the
+    projected gradient and the curvature; DP-SGD / DP-AdamW one gradient."""
+    if optimizer == "dphizoo":
+        return 2 * n_spsa
+    return n_spsa if optimizer in ("dpzero", "dplozo") else 1
+
+
+def check_optimizer_args(optimizer: str, args) -> None:
+    """One-line errors for settings `optimizer` cannot use or values out of range (before any model is loaded)."""
+    for field, (flag, users) in SETTING_USERS.items():
+        value = getattr(args, field, None)
+        if value is not None and optimizer not in users:
+            raise SlimtuneError(f"{flag} is a setting of {', '.join(users)}, not of --optimizer {optimizer}")
+    if args.hessian_smooth is not None and not 0 < args.hessian_smooth < 1:
+        raise SlimtuneError(f"--hessian-smooth {args.hessian_smooth}: must be in (0, 1)")
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
+        raise SlimtuneError(f"--sparsity {args.sparsity}: the fraction of each tensor left unperturbed must be in "
+                            "[0, 1)")
+    for flag, value in (("--mask-every", args.mask_every), ("--fo-layers", args.fo_layers)):
+        if value is not None and value < 1:
+            raise SlimtuneError(f"{flag} must be >= 1, got {value}")
+    if args.fo_lr is not None and args.fo_lr < 0:
+        raise SlimtuneError(f"--fo-lr must be >= 0, got {args.fo_lr}")
+    if optimizer in HIZOO_OPTIMIZERS and args.n_spsa != 1:
+        raise SlimtuneError(f"--n-spsa {args.n_spsa}: {optimizer} takes one direction per step (its Hessian update "
+                            "follows each one); leave --n-spsa at 1")
+    if optimizer == "hybrid" and args.n_spsa != 1:
+        raise SlimtuneError(f"--n-spsa {args.n_spsa}: hybrid takes one ZO direction per step; leave --n-spsa at 1")
+
+
+def build(name: str, params: list, model, args, private, mezo_cfg: dict):
+    """The optimizer `name` (one of BUILT_HERE) over `params`; `private` as in optim.build_optimizer."""
+    from slimtune.optim.defaults import defaults_for
+
+    if name in HIZOO_OPTIMIZERS:
+        from slimtune.zo.hizoo import HiZOO, HiZOOConfig
+        estimator = curvature = None
+        if private is not None:
+            estimator, curvature = private_pair(private)
+        alpha = args.hessian_smooth or defaults_for(name, "lora").setting("hessian_smooth", HESSIAN_SMOOTH)
+        config = HiZOOConfig(**mezo_cfg, perturbation=args.perturbation, hessian_smooth=alpha,
+                             factored=name == "hizoo-l")
+        return HiZOO(params, config, estimator, curvature)
+    if name == "sparse-mezo":
+        from slimtune.zo.sparse import SparseMeZO, SparseMeZOConfig
+        config = SparseMeZOConfig(**mezo_cfg, perturbation=args.perturbation,
+                                  sparsity=SPARSITY if args.sparsity is None else args.sparsity,
+                                  mask_every=args.mask_every or MASK_EVERY)
+        return SparseMeZO(params, config)
+    if name == "hybrid":
+        from slimtune.optim.hybrid import Hybrid, HybridConfig
+        fo_lr = args.fo_lr if args.fo_lr is not None else defaults_for(name, "lora").setting("fo_lr", 1e-3)
+        config = HybridConfig(**mezo_cfg, perturbation=args.perturbation, fo_layers=args.fo_layers or FO_LAYERS,
+                              fo_lr=fo_lr)
+        return Hybrid(params, config, model)
+    raise SlimtuneError(f"unknown optimizer {name!r}")
+
+
+def private_pair(private):
+    """DP-HiZOO's two DPZero mechanisms: the projected gradient's and the curvature's. Both draw from the run's one
+    KeyedNoise (draws are numbered within a step, so the four values of a step — two scalars, two counts when
+    adaptive — are distinct PRF outputs); the curvature has its own clip (adaptive when the gradient's is)."""
+    from slimtune.privacy.dpzero import PrivateDifference
+    from slimtune.privacy.secret import KeyedNoise, RunKey
+    from slimtune.zo.hizoo import PrivateCurvature
+
+    spec, sigma, batch, keyed_noise, *rest = private
+    keyed_noise = keyed_noise if keyed_noise is not None else KeyedNoise(RunKey.fresh())
+    quantile_noise = rest[0] if rest else 0.0
+    return (PrivateDifference(spec, sigma, batch, keyed_noise, quantile_noise=quantile_noise),
+            PrivateCurvature(PrivateDifference(spec, sigma, batch, keyed_noise, quantile_noise=quantile_noise)))
