@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 from slimtune import SlimtuneError
 from slimtune.cli import app
-from slimtune.optim import FO_OPTIMIZERS, ZO_OPTIMIZERS
-from slimtune.optim.defaults import TABLE, defaults_for
+from slimtune.optim import FO_OPTIMIZERS, HYBRID_OPTIMIZERS, ZO_OPTIMIZERS
+from slimtune.optim.defaults import FAMILY, TABLE, defaults_for
 from slimtune.peft.registry import PEFT_METHODS
 from slimtune.optim.schedule import SCHEDULES
 
@@ -16,15 +16,17 @@ runner = CliRunner()
 
 
 def test_every_optimizer_and_peft_pair_has_defaults():
-    for optimizer in FO_OPTIMIZERS + ZO_OPTIMIZERS:
+    for optimizer in FO_OPTIMIZERS + ZO_OPTIMIZERS + HYBRID_OPTIMIZERS:
         for peft in PEFT_METHODS:
             d = defaults_for(optimizer, peft)
             assert d.lr > 0 and d.lr_scheduler in SCHEDULES and d.steps > 0 and d.source
-            assert (d.eps is not None) == (optimizer in ZO_OPTIMIZERS)
+            assert (d.eps is not None) == (optimizer not in FO_OPTIMIZERS)
     assert defaults_for("dpzero", "lora") == defaults_for("mezo", "lora")  # DP variants share their base's entry
     with pytest.raises(SlimtuneError, match="no default"):
         defaults_for("mezo", "prefix")
-    assert len(TABLE) == 5 * len(PEFT_METHODS)
+    assert len(TABLE) == len(set(FAMILY.values())) * len(PEFT_METHODS)
+    assert defaults_for("dphizoo", "none") == defaults_for("hizoo", "none")
+    assert defaults_for("hybrid", "lora").setting("fo_lr") == defaults_for("adamw", "lora").lr
 
 
 def _train(tmp_path, demo_paths, name, *flags):
