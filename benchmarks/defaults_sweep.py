@@ -7,6 +7,7 @@ candidate with the best validation accuracy *at the end of its budget* (ties: lo
 the defaults run 10x longer, so a learning rate that peaks early and then diverges must not win (one did: MeZO +
 SVFit at lr 2e-2 reached 0.674 at step 40 and 0.472 at step 200). Finished runs are kept and
 skipped, an unfinished one resumes from its checkpoint, so the sweep can be stopped and restarted at will.
+Issue 36 adds FZOO's and the new methods' candidates (600 steps each, see below).
 Results: benchmarks/results/defaults_sweep/<name>/ and benchmarks/results/defaults_sweep.json.
 Usage: python benchmarks/defaults_sweep.py [--only NAME...] [--threads 1]
 """
@@ -48,6 +49,36 @@ CANDIDATES = {
     "lozo+none": {f"lozo-full-lr{lr}": ["--optimizer", "lozo", "--peft", "none", "--lr", lr, "--eps", "1e-3", *ZO]
                   for lr in ("1e-6", "1e-5")},
 }
+# Issue 36: FZOO and the new methods, each at >= 3 learning rates, 600 steps at a constant lr as mezo+lora above (an lr
+# that only blows up later must not win), selected on the same train split. Measured CPU cost per step (SmolLM2, batch
+# 16 of SST-2 train, 1 thread, the machine's 2 cores shared with other runs): mezo+lora 4.4 s, hizoo+lora 6.6 s,
+# hybrid+lora 6.0 s, fzoo+lora 22.9 s, hizoo-l+none 5.6 s, sparse-mezo+none 4.1 s (pool z not measured; gaussian
+# shown), so a candidate takes ~45 min (sparse) to ~70 min (hizoo), FZOO ~3.9 h, plus 6 evaluations of the 500-example
+# split (~7 min). Flags beyond --lr/--eps are the new settings (--hessian-smooth, --fo-lr; slimtune/settings).
+LONG = ["--steps", "600", "--lr-scheduler", "constant"]
+CANDIDATES.update({
+    "fzoo+lora": {f"fzoo-lora-lr{lr}-const600": ["--optimizer", "fzoo", "--peft", "lora", "--lr", lr, "--eps", "1e-2",
+                                                 *LONG] for lr in ("2e-5", "5e-5", "1e-4")},
+    # HiZOO's step is lr H^{-1} g z with H growing from 1 (zo/hizoo.py): lrs from MeZO's to 5x it; alpha either side
+    # of the table's 1e-4 at the middle lr
+    "hizoo+lora": {**{f"hizoo-lora-lr{lr}-const600": ["--optimizer", "hizoo", "--peft", "lora", "--lr", lr, "--eps",
+                                                      "1e-2", *LONG] for lr in ("1e-3", "2e-3", "5e-3")},
+                   **{f"hizoo-lora-lr2e-3-alpha{a}-const600": ["--optimizer", "hizoo", "--peft", "lora", "--lr", "2e-3",
+                                                               "--eps", "1e-2", "--hessian-smooth", a, *LONG]
+                      for a in ("1e-5", "1e-3")}},
+    "hizoo-l+none": {f"hizoo-l-full-lr{lr}-const600": ["--optimizer", "hizoo-l", "--peft", "none", "--lr", lr,
+                                                       "--eps", "1e-3", *LONG] for lr in ("1e-6", "2e-6", "5e-6")},
+    "sparse-mezo+none": {f"sparse-mezo-full-lr{lr}-const600": ["--optimizer", "sparse-mezo", "--peft", "none", "--lr",
+                                                               lr, "--eps", "1e-3", "--perturbation", "pool", *LONG]
+                         for lr in ("1e-6", "3e-6", "1e-5")},
+    # hybrid: the ZO part keeps MeZO + LoRA's selected lr 1e-3; the top blocks' AdamW lr is swept (warm-up 5%, as the
+    # defaults), plus the ZO lr at 2x with AdamW's default
+    "hybrid+lora": {**{f"hybrid-lora-folr{lr}-const600": ["--optimizer", "hybrid", "--peft", "lora", "--lr", "1e-3",
+                                                          "--eps", "1e-2", "--fo-lr", lr, "--warmup-steps", "30", *LONG]
+                       for lr in ("3e-4", "1e-3", "3e-3")},
+                    "hybrid-lora-lr2e-3-const600": ["--optimizer", "hybrid", "--peft", "lora", "--lr", "2e-3", "--eps",
+                                                    "1e-2", "--fo-lr", "1e-3", "--warmup-steps", "30", *LONG]},
+})
 
 
 def run(name: str, flags: list[str], train: Path, val: Path, threads: int) -> dict:

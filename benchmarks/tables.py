@@ -242,19 +242,29 @@ def zo_convergence_table() -> str:
     import zo_convergence as bench
 
     d = read_results("zo_convergence.json") or {"runs": {}, "targets": {}}
+    clock = d.get("wall_clock_to_target") or {}
     rows = ["| run | forwards / step | dev acc at each evaluation (every ~500 forwards, from 0) | final acc "
-            "| forwards to 80% | s/step | status |", "|" + "---|" * 7]
+            "| forwards to 80% | seconds to 80% (x AdamW + LoRA) | s/step | status |", "|" + "---|" * 8]
     for name, (flags, fps) in bench.RUNS.items():
         r = d["runs"].get(name)
         if r is None:
-            rows.append(f"| {name} | {fps} | not run yet | - | - | - | - |")
+            rows.append(f"| {name} | {fps} | not run yet | - | - | - | - | - |")
             continue
         to = r["forwards_to_target"]
         budget = flags[flags.index("--steps") + 1]
         status = "finished" if r["finished"] else f"running (evaluated to step {r['steps'][-1]} of {budget})"
+        seconds = r.get("seconds_to_target")
+        ratio = (clock.get(name) or {}).get("ratio")
+        seconds = "not reached" if seconds is None else f"{seconds:,.0f}" + (f" ({ratio:.2f}x)" if ratio else "")
         rows.append(f"| {name} | {fps} | {' / '.join(f'{a:.3f}' for a in r['accuracy'])} | {fmt(r['final_accuracy'])} "
-                    f"| {'not reached' if to is None else f'{to:,}'} | {fmt(r['time_per_step_s'], '.2f')} | {status} |")
+                    f"| {'not reached' if to is None else f'{to:,}'} | {seconds} | {fmt(r['time_per_step_s'], '.2f')} "
+                    f"| {status} |")
     notes = []
+    for name, c in clock.items():
+        if c.get("le_2x") is not None:
+            verdict = "met" if c["le_2x"] else "**not met**"
+            notes.append(f"{name}: wall-clock to 80% {verdict} (target <= {bench.WALL_CLOCK_RATIO:g}x "
+                         f"{bench.REFERENCE})")
     for key, t in d["targets"].items():
         if "gap_at_last_common_step" in t and t["gap_at_last_common_step"] is not None:
             verdict = {True: "met", False: "**not met**", None: "runs not finished"}[t["within_1_point"]]

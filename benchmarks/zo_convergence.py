@@ -1,4 +1,5 @@
-"""Accuracy per forward pass for the ZO estimators and perturbation sources (issue 13, items 1 and 4).
+"""Accuracy per forward pass and per second for the ZO estimators, perturbation sources and issue 36's methods
+(issue 13, items 1 and 4; issue 36, item 7).
 
 SST-2 (all of train) -> the full 872-example dev set, SmolLM2-135M, batch 16, seed 0, every run at its per-method
 defaults (slimtune/optim/defaults.py) plus only the flag that names what is compared:
@@ -13,12 +14,20 @@ defaults (slimtune/optim/defaults.py) plus only the flag that names what is comp
   MeZO + LoRA ends at 78% at its defaults, so its forwards to 80% are only known to exceed 4,000: the target then
   holds only if FZOO gets there in <= 2,000, and is reported as not shown otherwise. Both runs' forwards to the
   highest 5-point level MeZO does reach (75%) are reported next to it, a ratio that can be measured.
+- issue 36: `hizoo-lora` (3 forwards a step), `hybrid-lora` (backprop through the top 2 blocks, 2 forwards),
+  `hizoo-l-full` and `sparse-mezo-full` (pool z), each 2,000 steps at its defaults; `adamw-lora` is the reference
+  row, the `adamw-lora` run of benchmarks/defaults.py (300 steps, evaluated every 37). Target: wall-clock seconds to
+  80% dev at most 2x AdamW + LoRA's.
 
-Every run evaluates every ~500 training forward passes (250 MeZO steps, 56 FZOO steps), so the curves share an
-x-axis: training forward passes (evaluation passes not counted). A finished run is skipped, an unfinished one resumes
-from its checkpoint (ZO runs take hours on 2 CPU cores; `--gpu` makes them minutes).
+Two x-axes: training forward passes (evaluation passes not counted; a backward pass is not counted either, so AdamW's
+1 and the hybrid's 2 per step understate their compute) and training wall-clock seconds (the sum of logged step
+times up to the evaluation: evaluations excluded). Seconds compare only runs made with the same threads on the same
+machine with the same load: say which in the README. ZO runs evaluate every ~500 training forward passes (250 MeZO
+steps, 56 FZOO, 167 HiZOO). A finished run is skipped, an unfinished one resumes from its checkpoint (ZO runs take
+hours on 2 CPU cores; `--gpu` makes them minutes).
 Results: benchmarks/results/zo_convergence.json, runs under benchmarks/results/zo_convergence/, plot
-benchmarks/results/zo_convergence.png, README table: `python benchmarks/readme_tables.py zo-convergence`.
+benchmarks/results/zo_convergence.png (accuracy against forwards and against seconds), README table:
+`python benchmarks/readme_tables.py zo-convergence`.
 Usage: python benchmarks/zo_convergence.py [--only NAME...] [--threads N] [--gpu]
 """
 
@@ -41,25 +50,34 @@ TARGET_ACC = 0.80
 
 # name -> (flags, forward passes per training step); mezo-lora-gaussian is defaults.py's mezo-lora run
 RUNS = {
+    "adamw-lora": (defaults.RUNS["adamw-lora"][0], 1),  # the reference row: defaults.py's run
     "mezo-lora-gaussian": (defaults.RUNS["mezo-lora"][0], 2),
     "mezo-lora-pool": (["--optimizer", "mezo", "--peft", "lora", "--steps", "2000", "--perturbation", "pool"], 2),
     "fzoo-lora": (["--optimizer", "fzoo", "--peft", "lora", "--steps", str(MEZO_FORWARDS // 9)], 9),
     "mezo-full-gaussian": (["--optimizer", "mezo", "--peft", "none", "--steps", "2000"], 2),
     "mezo-full-pool": (["--optimizer", "mezo", "--peft", "none", "--steps", "2000", "--perturbation", "pool"], 2),
+    "hizoo-lora": (["--optimizer", "hizoo", "--peft", "lora", "--steps", "2000"], 3),
+    "hybrid-lora": (["--optimizer", "hybrid", "--peft", "lora", "--steps", "2000"], 2),
+    "hizoo-l-full": (["--optimizer", "hizoo-l", "--peft", "none", "--steps", "2000"], 3),
+    "sparse-mezo-full": (["--optimizer", "sparse-mezo", "--peft", "none", "--steps", "2000", "--perturbation", "pool"],
+                         2),
 }
+REFERENCE = "adamw-lora"  # wall-clock to TARGET_ACC of every other run is compared with this run's
+SHARED = {"mezo-lora-gaussian": "mezo-lora", "adamw-lora": "adamw-lora"}  # rows that are benchmarks/defaults.py runs
+WALL_CLOCK_RATIO = 2.0  # target: seconds to TARGET_ACC <= 2x AdamW + LoRA's
 # (run, reference): the pool must match Gaussian z at equal steps; FZOO must reach TARGET_ACC in half MeZO's passes
 POOL_PAIRS = (("mezo-lora-pool", "mezo-lora-gaussian"), ("mezo-full-pool", "mezo-full-gaussian"))
 FASTER = ("fzoo-lora", "mezo-lora-gaussian")
 
 
 def run_dir(name: str) -> Path:
-    return defaults.OUT / "mezo-lora" if name == "mezo-lora-gaussian" else OUT / name
+    return defaults.OUT / SHARED[name] if name in SHARED else OUT / name
 
 
 def train(name: str, threads: int, gpu: bool) -> None:
     """Run (or resume) one configuration; a finished one is left alone."""
-    if name == "mezo-lora-gaussian":
-        defaults.run("mezo-lora", defaults.RUNS["mezo-lora"][0], threads, gpu)
+    if name in SHARED:
+        defaults.run(SHARED[name], defaults.RUNS[SHARED[name]][0], threads, gpu)
         return
     flags, fps = RUNS[name]
     train_run(run_dir(name), defaults.SST2 / "train.tsv", defaults.SST2 / "dev.tsv",
@@ -77,13 +95,16 @@ def curve(name: str) -> dict | None:
     evals = {m["step"]: m["eval_accuracy"] for m in metrics if "eval_accuracy" in m}  # a resume may re-log a step
     summary_path = run_dir(name) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    times = [m["step_time_s"] for m in metrics if "step_time_s" in m]
+    step_time = {m["step"]: m["step_time_s"] for m in metrics if "step_time_s" in m}  # a resume re-logs a step
+    times = list(step_time.values())
     steps = sorted(evals)
     result = {"forwards_per_step": fps, "finished": bool(summary), "steps": steps,
               "forward_passes": [s * fps for s in steps], "accuracy": [evals[s] for s in steps],
+              "seconds": [sum(t for k, t in step_time.items() if k <= s) for s in steps],
               "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
               "time_per_step_s": statistics.median(times) if times else None, "flags": RUNS[name][0]}
-    return {**result, "forwards_to_target": forwards_to(result, TARGET_ACC)}
+    return {**result, "forwards_to_target": forwards_to(result, TARGET_ACC),
+            "seconds_to_target": seconds_to(result, TARGET_ACC)}
 
 
 def compare(results: dict) -> dict:
@@ -119,6 +140,30 @@ def compare(results: dict) -> dict:
     return out
 
 
+def wall_clock(results: dict) -> dict:
+    """Seconds to TARGET_ACC of every run against the reference's (issue 36: <= 2x AdamW + LoRA). A run that never
+    got there is None (not met once it has finished); so is every ratio while the reference has not got there."""
+    ref = results.get(REFERENCE)
+    ref_s = ref.get("seconds_to_target") if ref else None
+    out = {}
+    for name, r in results.items():
+        if name == REFERENCE:
+            continue
+        s = r.get("seconds_to_target")
+        ratio = s / ref_s if s is not None and ref_s else None
+        if ratio is not None:
+            met = ratio <= WALL_CLOCK_RATIO
+        else:  # never got there: not met once finished (if the reference did); unknown while running
+            met = False if r["finished"] and ref_s is not None else None
+        out[name] = {"seconds_to_target": s, "reference_seconds": ref_s, "ratio": ratio, "le_2x": met}
+    return out
+
+
+def seconds_to(run: dict, level: float) -> float | None:
+    """Training seconds at the first evaluation with accuracy >= level (None: never)."""
+    return next((t for t, a in zip(run.get("seconds", []), run["accuracy"]) if a >= level), None)
+
+
 def forwards_to(run: dict, level: float) -> int | None:
     """Training forward passes at the first evaluation with accuracy >= level (None: never)."""
     return next((f for f, a in zip(run["forward_passes"], run["accuracy"]) if a >= level), None)
@@ -139,14 +184,19 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (by_forwards, by_seconds) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name, r in results.items():
-        ax.plot(r["forward_passes"], r["accuracy"], marker="o", ms=3,
-                label=name + ("" if r["finished"] else " (running)"))
-    ax.axhline(TARGET_ACC, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("training forward passes")
-    ax.set_ylabel("SST-2 dev accuracy (872)")
-    ax.legend(fontsize=8)
+        label = name + ("" if r["finished"] else " (running)")
+        style = dict(color="black", ls="--") if name == REFERENCE else {}
+        by_forwards.plot(r["forward_passes"], r["accuracy"], marker="o", ms=3, label=label, **style)
+        if r.get("seconds"):
+            by_seconds.plot(r["seconds"], r["accuracy"], marker="o", ms=3, label=label, **style)
+    for ax in (by_forwards, by_seconds):
+        ax.axhline(TARGET_ACC, color="grey", lw=0.8, ls="--")
+    by_forwards.set_xlabel("training forward passes (backward passes not counted)")
+    by_seconds.set_xlabel("training wall-clock seconds (evaluations excluded)")
+    by_forwards.set_ylabel("SST-2 dev accuracy (872)")
+    by_forwards.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -156,7 +206,7 @@ def collect() -> dict:
     """Read every run's curve into zo_convergence.json and the plot (also while runs are still going)."""
     results = {name: c for name in RUNS if (c := curve(name)) is not None}
     doc = {"target_accuracy": TARGET_ACC, "eval_every_forwards": EVAL_FORWARDS, "runs": results,
-           "targets": compare(results)}
+           "targets": compare(results), "wall_clock_to_target": wall_clock(results)}
     path = OUT.with_suffix(".json")
     path.write_text(json.dumps(doc, indent=2))
     if results:
@@ -179,7 +229,8 @@ def main() -> None:
             if not args.only or name in args.only:
                 train(name, args.threads, args.gpu)
                 collect()
-    print(json.dumps(collect()["targets"], indent=2))
+    doc = collect()
+    print(json.dumps({**doc["targets"], "wall_clock_to_target": doc["wall_clock_to_target"]}, indent=2))
 
 
 if __name__ == "__main__":

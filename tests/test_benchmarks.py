@@ -266,3 +266,24 @@ def test_zo_step_ratio_divides_by_the_forwards_timed_in_the_same_process(monkeyp
     text = tables.zo_step_table()
     lozo = next(line for line in text.splitlines() if "`lozo`, full" in line)
     assert "| 1.22 | 1.05 |" in lozo and "lozo_full_le_1.2x_two_forwards: **not met**" in text
+
+
+def test_wall_clock_to_80_is_compared_with_adamw_and_unknown_while_running():
+    import zo_convergence as z
+
+    def run(acc, seconds, finished=True):
+        return {"accuracy": acc, "seconds": seconds, "finished": finished,
+                "seconds_to_target": z.seconds_to({"accuracy": acc, "seconds": seconds}, 0.8)}
+
+    adamw = run([0.5, 0.83, 0.88], [0.0, 220.0, 1700.0])
+    fast = run([0.5, 0.7, 0.81], [0.0, 200.0, 400.0])  # 400 s <= 2 x 220 s
+    slow = run([0.5, 0.7, 0.81], [0.0, 300.0, 600.0])
+    never = run([0.5, 0.7, 0.78], [0.0, 300.0, 600.0])
+    going = run([0.5, 0.7], [0.0, 300.0], finished=False)
+    t = z.wall_clock({"adamw-lora": adamw, "hybrid-lora": fast, "hizoo-lora": slow, "mezo-lora-pool": never,
+                      "sparse-mezo-full": going})
+    assert t["hybrid-lora"]["ratio"] == pytest.approx(400 / 220) and t["hybrid-lora"]["le_2x"] is True
+    assert t["hizoo-lora"]["le_2x"] is False and t["mezo-lora-pool"] == {
+        "seconds_to_target": None, "reference_seconds": 220.0, "ratio": None, "le_2x": False}
+    assert t["sparse-mezo-full"]["le_2x"] is None and "adamw-lora" not in t
+    assert z.wall_clock({"hybrid-lora": fast})["hybrid-lora"]["le_2x"] is None  # no reference yet: no verdict
