@@ -127,3 +127,19 @@ def test_hizoo_data_parallel_follows_the_one_process_trajectory(tmp_path, demo_p
     assert curvature(tmp_path / "one") == pytest.approx(curvature(tmp_path / "two"), rel=1e-3)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["bytes_communicated"] == 4 * 3 * 2 * 16  # 3 gathers a step, 4 losses x 4 B per rank
+
+
+def test_federated_local_epsilon_counts_dphizoos_two_releases():
+    """A federated dphizoo client releases two noisy scalars a step: its local epsilon is DP-SGD's with two releases,
+    never dpzero's one."""
+    from dataclasses import replace
+
+    from slimtune.federated.client_app import local_epsilon
+    from slimtune.federated.config import FederatedConfig
+    from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec
+
+    cfg = FederatedConfig(data="unused.tsv", local_dp_noise=1.0)
+    one, two = (local_epsilon(replace(cfg, local_optimizer=o), 1000, 100) for o in ("dpzero", "dphizoo"))
+    spec = PrivacySpec(delta=cfg.local_dp_delta, noise_multiplier=1.0, clip=cfg.local_dp_clip)
+    assert two == pytest.approx(PrivacyAccountant(spec, 512, min(cfg.batch_size, 512), 1.0, 2).epsilon(100))
+    assert two > one

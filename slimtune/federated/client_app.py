@@ -48,11 +48,13 @@ def is_private(cfg: FederatedConfig) -> bool:
 def local_epsilon(cfg: FederatedConfig, num_examples: int, steps: int) -> float:
     """Example-level epsilon after `steps` Poisson-sampled steps (rate B/n, noise local_dp_noise) on this client's
     data, with n rounded down to a power of two: an upper bound on the true one that reveals only floor(log2 n)."""
+    from slimtune.optim.builders import private_releases
     from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec
 
     n = 2 ** int(np.floor(np.log2(max(num_examples, 1))))
     spec = PrivacySpec(delta=cfg.local_dp_delta, noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip)
-    return float(PrivacyAccountant(spec, n, min(cfg.batch_size, n), cfg.local_dp_noise).epsilon(steps))
+    releases = private_releases(cfg.local_optimizer, 1)  # dphizoo: the gradient and the curvature scalar per step
+    return float(PrivacyAccountant(spec, n, min(cfg.batch_size, n), cfg.local_dp_noise, releases).epsilon(steps))
 
 
 def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int,
