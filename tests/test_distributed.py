@@ -19,8 +19,9 @@ def free_port() -> int:
 
 
 def args(demo_paths, out, optimizer, steps, *extra):
+    eps = ["--eps", "1e-2"] if optimizer not in ("adamw", "sgd") else []  # a ZO setting
     return ["train", "--data", demo_paths[0], "--eval-data", demo_paths[1], "--model", "tiny-llama", "--optimizer",
-            optimizer, "--peft", "lora", "--peft-r", "2", "--lr", "1e-2", "--eps", "1e-2", "--steps", str(steps),
+            optimizer, "--peft", "lora", "--peft-r", "2", "--lr", "1e-2", *eps, "--steps", str(steps),
             "--batch-size", "8", "--eval-every", "3", "--eval-max", "40", "--checkpoint-every", "3",
             "--lr-scheduler", "constant", "--quiet", "--out", str(out), *extra]
 

@@ -227,11 +227,11 @@ def test_cli_train_eval_generate_merge(tmp_path, gen_files):
 @pytest.mark.parametrize("args,message", [
     (["generate", "--model", "tiny-llama"], "exactly one of --prompt or --input"),
     (["train", "--task", "generation", "--best-metric", "accuracy"], "--best-metric 'accuracy'"),
-    (["train", "--task", "generation", "--num-beams", "0"], "--num-beams must be >= 1"),
+    (["train", "--task", "generation", "--num-beams", "0"], "--num-beams 0: must be >= 1"),
 ])
 def test_generation_cli_errors_are_one_line(tmp_path, gen_files, args, message):
-    extra = ["--data", str(gen_files[0]), "--out", str(tmp_path / "x"), "--model", "tiny-llama"] \
-        if args[0] == "train" else []
+    extra = ["--data", str(gen_files[0]), "--eval-data", str(gen_files[0]), "--out", str(tmp_path / "x"),
+             "--model", "tiny-llama"] if args[0] == "train" else []
     res = runner.invoke(app, [*args, *extra])
     assert res.exit_code == 2 and message in " ".join(res.output.split())
 

@@ -43,18 +43,19 @@ def adapters(tmp_path_factory):
     paths = (str(demo / "sst2_demo_train.tsv"), str(demo / "sst2_demo_dev.tsv"))
     out = {}
     for method in ("lora", "pissa", "svfit", "adapter", "none"):
-        res, run = train_cli(root, paths, method, "--peft", method, "--r", "2", "--save", "last")
+        rank = () if method == "none" else ("--r", "2")  # a rank does not apply to full fine-tuning
+        res, run = train_cli(root, paths, method, "--peft", method, *rank, "--save", "last")
         assert res.exit_code == 0, res.output
         out[method] = run
     return out
 
 
 BAD_TRAIN = [
-    (["--peft", "lora", "--r", "0"], ["--r 0", "lora"]),
-    (["--peft", "pissa", "--r", "-1"], ["--r -1", "pissa"]),
-    (["--peft", "adapter", "--r", "-1"], ["--r -1", "adapter"]),
+    (["--peft", "lora", "--r", "0"], ["--r 0", ">= 1"]),
+    (["--peft", "pissa", "--r", "-1"], ["--r -1", ">= 1"]),
+    (["--peft", "adapter", "--r", "-1"], ["--r -1", ">= 1"]),
     (["--peft", "adapter", "--r", "0"], ["--r 0"]),
-    (["--peft", "svfit", "--r", "0"], ["--r 0", "svfit"]),
+    (["--peft", "svfit", "--r", "0"], ["--r 0", ">= 1"]),
     (["--peft", "svfit", "--r", "-1"], ["--r -1"]),
     (["--peft", "lora", "--target-modules", "nope"], ["--target-modules nope", "q_proj"]),
     (["--peft", "svfit", "--target-modules", "q_proj,nope"], ["--target-modules nope"]),

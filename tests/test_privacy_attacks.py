@@ -302,8 +302,10 @@ def test_the_memory_refusal_does_not_measure_the_training_rows(tmp_path):
                              batch_size=10**7, max_length=512)
         with pytest.raises(SlimtuneError) as exc:
             prepare(cfg)
-        messages.append(str(exc.value).replace(str(tmp_path), ""))
-    assert messages[0] == messages[1]
+        import re  # the machine's free memory changes between the two calls; the data may not change anything else
+        messages.append(re.sub(r"the [\d,]+ MB available", "the N MB available", str(exc.value)
+                               .replace(str(tmp_path), "")))
+    assert "N MB available" in messages[0] and messages[0] == messages[1]
 
 
 def test_a_tiny_models_saved_tokenizer_holds_no_training_words(tmp_path):

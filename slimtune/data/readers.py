@@ -23,11 +23,17 @@ def read_rows(source: str, split: str = "train") -> tuple[list[tuple[int, dict]]
     path = Path(source)
     if not path.exists():
         raise SlimtuneError(f"{source}: file not found")
+    if path.is_dir():
+        raise SlimtuneError(f"{source}: is a directory (a dataset saved with save_to_disk is read as hf:{source})")
     suffix = path.suffix.lower()
-    if suffix in (".tsv", ".csv"):
-        return _read_delimited(path, "\t" if suffix == ".tsv" else ","), str(path)
-    if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path), str(path)
+    try:
+        if suffix in (".tsv", ".csv"):
+            return _read_delimited(path, "\t" if suffix == ".tsv" else ","), str(path)
+        if suffix in (".jsonl", ".json"):
+            return _read_jsonl(path), str(path)
+    except UnicodeDecodeError as exc:
+        raise SlimtuneError(f"{source}: not UTF-8 text (byte {exc.start} of its first undecodable line's block); "
+                            "save it as UTF-8") from None
     raise SlimtuneError(f"{source}: unsupported file type {suffix!r} (use .tsv, .csv, .jsonl or hf:DIR)")
 
 
@@ -36,8 +42,14 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         if reader.fieldnames is None:
             raise SlimtuneError(f"{path}: file is empty (no header line)")
-        rows = [(reader.line_num, row) for row in reader]
-    return [(line, {k: v for k, v in row.items() if k is not None}) for line, row in rows]
+        rows = []
+        for row in reader:
+            if None in row:  # more fields than the header names: csv puts the rest under None
+                raise SlimtuneError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields, "
+                                    f"the header has {len(reader.fieldnames)} (a stray "
+                                    f"{'tab' if delimiter == chr(9) else 'comma'} in the text?)")
+            rows.append((reader.line_num, row))
+    return rows
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:

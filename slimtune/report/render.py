@@ -48,6 +48,10 @@ def load_runs(directories: list[str]) -> list[RunData]:
         except json.JSONDecodeError as exc:
             raise SlimtuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         name = summary.get("name") or Path(d).name
+        from slimtune.train.run_dir import read_status
+        state = read_status(d).get("state")
+        if state not in (None, "completed"):  # e.g. a resumed run that failed: its summary is the earlier one
+            name = f"{name} ({state}; summary of an earlier completion)"
         runs.append(RunData(name, {**summary, "name": name}, read_jsonl(Path(d) / "metrics.jsonl")))
     return runs
 

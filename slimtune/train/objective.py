@@ -82,13 +82,13 @@ def per_example_losses(model, batch: EncodedBatch, label_ids: list[int]) -> torc
 
 @torch.inference_mode()
 def evaluate(model, tokenizer, examples: list[Example], label_ids: list[int], batch_size: int = 32,
-             device: str = "cpu") -> dict:
-    """Accuracy and mean loss over `examples` (dropout off)."""
+             device: str = "cpu", max_length: int = 256) -> dict:
+    """Accuracy and mean loss over `examples` (dropout off), prompts truncated to `max_length` tokens as in training."""
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
     for i in range(0, len(examples), batch_size):
-        batch = encode(tokenizer, examples[i:i + batch_size]).to(device)
+        batch = encode(tokenizer, examples[i:i + batch_size], max_length).to(device)
         logits = label_logits(model, batch, label_ids)
         loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
         correct += (logits.argmax(-1) == batch.labels).sum().item()

@@ -33,8 +33,9 @@ class ClassificationObjective:
     default_best = "accuracy"
     warn_per_batch = True  # nothing to warn about per batch
 
-    def __init__(self, task, eval_batch_size: int = 32):
+    def __init__(self, task, eval_batch_size: int = 32, max_length: int = 256):
         self.task, self.eval_batch_size, self.tokenizer, self.label_ids = task, eval_batch_size, None, None
+        self.max_length = max_length
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -66,7 +67,7 @@ class ClassificationObjective:
     def evaluate(self, model, examples: list, device: str, predictions: list | None = None) -> dict:
         """Accuracy and loss (`predictions`: generation only; the CLI refuses it for classification)."""
         from slimtune.train.objective import evaluate
-        return evaluate(model, self.tokenizer, examples, self.label_ids, self.eval_batch_size, device)
+        return evaluate(model, self.tokenizer, examples, self.label_ids, self.eval_batch_size, device, self.max_length)
 
 
 class GenerationObjective:
@@ -179,7 +180,8 @@ def make_objective(task: str, text_column=None, label_column=None, template=None
         if g.max_new_tokens < 1 or g.num_beams < 1:
             raise SlimtuneError("--max-new-tokens and --num-beams must be >= 1")
         return GenerationObjective(generation_task(g.input_column, g.target_column, template), g, max_length)
-    return ClassificationObjective(get_task(task, text_column, label_column, template, label_words), eval_batch_size)
+    return ClassificationObjective(get_task(task, text_column, label_column, template, label_words), eval_batch_size,
+                                   max_length)
 
 
 def check_best_metric(objective, name: str | None) -> str:

@@ -122,10 +122,11 @@ class Run:
 
 
 def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) -> Run:
-    """Check everything, claim the run directory, load model and data, build optimizer and sampler.
+    """Check everything, load model and data, claim the run directory, build optimizer and sampler.
 
-    Order: settings (no file touched), the output directory (lock, no silent overwrite, resume checked against
-    config.json), then data and model, then checks that need the data (overlap, sizes, memory), then the run."""
+    Order: settings and the output directory, read-only (no silent overwrite, resume checked against config.json);
+    then data and model, and the checks that need them (overlap, sizes, memory) — nothing is written before these
+    pass; then the directory is claimed (lock, status.json) and the run is built."""
     out = Path(config.out_dir)
     world = distributed.setup(config.device)
     stored = read_stored(out) if resume else None
@@ -135,15 +136,36 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     validate(config)
     multiplier = lr_multiplier(config.lr_scheduler, config.steps, config.warmup_steps)
     distributed.check_supported(config.optimizer, world)
+    if world.main:
+        _claim(config, resume, restart, [], dry=True)  # the same checks, before any work
+    loaded = _load(config)
     run_dir, resumed = (_claim_or_release(config, resume, restart) if world.main else (None, {}))
     distributed.barrier(world)  # every rank has checked before rank 0 writes anything
     try:
-        return _build(config, world, run_dir, resume, resumed, origin, multiplier)
+        return _build(config, world, run_dir, resume, resumed, origin, multiplier, *loaded)
     except BaseException:
         if run_dir is not None:
             run_dir.update(state="failed")
             run_dir.release()
         raise
+
+
+def _load(config: TrainConfig) -> tuple:
+    """(objective, model, tokenizer, train examples, eval examples), checked against the settings."""
+    private_run = config.optimizer in PRIVATE_OPTIMIZERS
+    objective = build_objective(config)
+    config.best_metric = check_best_metric(objective, config.best_metric)
+    model, tokenizer, train_examples, eval_examples = load_model_and_data(
+        objective, config.model, config.train_data, config.eval_data, config.seed, getattr(torch, config.dtype),
+        config.device, fit_tokenizer_to_training_data=not private_run)
+    classes = len(objective.task.label_words)
+    train_examples = k_shot(train_examples, config.k_shot, config.seed, classes)
+    if config.eval_max and len(eval_examples) > config.eval_max:  # exactly eval_max, balanced over the classes
+        eval_examples = k_shot(eval_examples, -(-config.eval_max // classes), config.seed, classes)[:config.eval_max]
+    check_data(config, objective, train_examples, eval_examples)
+    if not config.force:
+        check_memory(config, model, tokenizer, None if private_run else objective.texts(train_examples))
+    return objective, model, tokenizer, train_examples, eval_examples
 
 
 def _claim_or_release(config: TrainConfig, resume: bool, restart: bool) -> tuple[RunDirectory, dict]:
@@ -156,22 +178,27 @@ def _claim_or_release(config: TrainConfig, resume: bool, restart: bool) -> tuple
         raise
 
 
-def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list) -> tuple[RunDirectory, dict]:
+def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list,
+           dry: bool = False) -> tuple[RunDirectory, dict]:
     """Own the output directory: refuse a second process, an existing run (without --resume or --restart) and a
-    resume whose settings differ; returns the directory and the settings a resume changes."""
+    resume whose settings differ; returns the directory and the settings a resume changes. `dry`: the same checks,
+    nothing locked, moved or written."""
     run_dir = RunDirectory(config.out_dir)
     out = run_dir.path
     run_dir.check_writable()
     if resume and restart:
         raise SlimtuneError("--resume and --restart exclude each other")
-    run_dir.acquire()
-    holder.append(run_dir)
+    if not dry:
+        run_dir.acquire()
+        holder.append(run_dir)
     state = run_dir.status().get("state")
     holds_run = any((out / name).exists() for name in ("checkpoint", "config.json", "summary.json", "metrics.jsonl"))
     if restart and holds_run:
         if state == "completed" or (out / "summary.json").exists() and state is None:
             raise SlimtuneError(f"--restart {out}: the run there completed; --restart only replaces a failed or "
                                 "interrupted run (choose another --out)")
+        if dry:
+            return run_dir, {}
         moved = run_dir.move_aside()
         run_dir.release()
         run_dir = RunDirectory(out)
@@ -182,31 +209,22 @@ def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list) -> tu
         if not (out / "checkpoint").exists() and not (out / "checkpoint.old").exists():
             raise SlimtuneError(f"--resume {out}: no checkpoint there to resume from")
         resumed = check_resume(config, out)
-        run_dir.update(state="running", pid=os.getpid())
+        if not dry:
+            run_dir.update(state="running", pid=os.getpid())
         return run_dir, resumed
     elif holds_run:
         raise SlimtuneError(f"{out}: already holds a run ({state or 'files of a run'}); pass --resume to continue "
                             "it, --restart to start over (a failed or interrupted run is moved aside), or choose "
                             "another --out (nothing was overwritten)")
-    run_dir.update(state="running", pid=os.getpid(), step=0)
+    if not dry:
+        run_dir.update(state="running", pid=os.getpid(), step=0)
     return run_dir, {}
 
 
-def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, origin: dict, multiplier) -> Run:
+def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, origin: dict, multiplier, objective,
+           model, tokenizer, train_examples: list, eval_examples: list) -> Run:
     out = Path(config.out_dir)
     private_run = config.optimizer in PRIVATE_OPTIMIZERS
-    objective = build_objective(config)
-    config.best_metric = check_best_metric(objective, config.best_metric)
-    model, tokenizer, train_examples, eval_examples = load_model_and_data(
-        objective, config.model, config.train_data, config.eval_data, config.seed, getattr(torch, config.dtype),
-        config.device, fit_tokenizer_to_training_data=not private_run)
-    classes = len(objective.task.label_words)
-    train_examples = k_shot(train_examples, config.k_shot, config.seed, classes)
-    if config.eval_max and len(eval_examples) > config.eval_max:
-        eval_examples = k_shot(eval_examples, config.eval_max // classes, config.seed, classes)
-    check_data(config, objective, train_examples, eval_examples)
-    if not config.force:
-        check_memory(config, model, tokenizer, None if private_run else objective.texts(train_examples))
     torch.manual_seed(config.seed)
     model = apply_peft(model, config.peft, work_dir=out if world.main else Path(tempfile.mkdtemp()))
     if not any(p.requires_grad for p in model.parameters()):

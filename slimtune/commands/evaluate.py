@@ -1,0 +1,87 @@
+"""`slimtune eval` and `slimtune generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slimtune import SlimtuneError
+from slimtune.settings.cli import command
+from slimtune.settings.commands import EvalSettings, GenerateSettings
+from slimtune.settings.train import resolve_device
+
+
+def register(app) -> None:
+    command(app, EvalSettings, run_eval, name="eval")
+    command(app, GenerateSettings, run_generate, with_config=False)
+
+
+def run_eval(s: EvalSettings):
+    """Accuracy (classification) or loss, perplexity, BLEU, ROUGE-L, EM, F1 (generation) of a model, optionally with
+    a trained adapter."""
+    from slimtune.cli import console, fail
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.peft import load_peft
+    from slimtune.train.objectives import GenerationSettings, make_objective
+
+    try:
+        objective = make_objective(s.task, s.text_column, s.label_column, s.template, s.label_words,
+                                   GenerationSettings(s.input_column, s.target_column, s.max_new_tokens, s.num_beams,
+                                                      True, s.batch_size), s.max_length, s.batch_size)
+        raw, texts = objective.load(s.data, "validation")
+        dev = resolve_device(s.device)
+        m, tok = load_model_and_tokenizer(s.model, device=dev, texts=texts, tokenizer_dir=s.adapter)
+        if s.adapter:
+            m = load_peft(m, s.adapter)
+        objective.bind(tok)
+        examples = objective.examples(raw, tok)
+        outputs = [] if s.predictions else None
+        res = objective.evaluate(m, examples, dev, predictions=outputs)
+        if outputs is not None:
+            write_jsonl(s.predictions, outputs, "--predictions")
+    except SlimtuneError as exc:
+        fail(exc)
+    console.print_json(json.dumps({"examples": len(examples), **res}))
+
+
+def run_generate(s: GenerateSettings):
+    """Generate completions with a model and (optionally) a trained adapter."""
+    from slimtune.cli import console, fail
+    from slimtune.generation.decode import DecodeSettings, generate_texts, stream_generate
+    from slimtune.generation.prompts import prompt_texts, read_prompt_items, render_prompts
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.peft import load_peft
+
+    try:
+        items = [s.prompt] if s.prompt is not None else read_prompt_items(s.input, s.input_column)
+        dev = resolve_device(s.device)
+        m, tok = load_model_and_tokenizer(s.model, device=dev, texts=prompt_texts(items), tokenizer_dir=s.adapter)
+        if s.adapter:
+            m = load_peft(m, s.adapter)
+        prompts = render_prompts(items, tok, s.template, s.input_column, s.chat)
+        settings = DecodeSettings(s.max_new_tokens, s.num_beams, s.batch_size, s.max_length)
+        if s.prompt is not None and s.num_beams == 1 and not s.output:
+            stream_generate(m, tok, prompts[0], settings, dev)
+            console.print()
+            return
+        outputs = generate_texts(m, tok, prompts, settings, dev)
+        if s.output:
+            write_jsonl(s.output, [{"prompt": p, "completion": o} for p, o in zip(prompts, outputs)], "--output")
+    except SlimtuneError as exc:
+        fail(exc)
+    if s.output:
+        console.print(f"{len(outputs)} completions written to [bold]{s.output}[/]")
+    else:
+        for o in outputs:
+            print(o, flush=True)
+
+
+def write_jsonl(path: str, rows: list[dict], flag: str) -> None:
+    """Write through a temporary file (checked before any work; a failure here still names the flag)."""
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(target)
+    except OSError as exc:
+        raise SlimtuneError(f"{flag} {path}: could not write ({exc.strerror})") from None

@@ -1,0 +1,76 @@
+"""`slimtune merge` and `slimtune export`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import typer
+
+from slimtune import SlimtuneError
+from slimtune.settings.cli import command
+from slimtune.settings.commands import ExportSettings, MergeSettings
+
+ADAPTER = inspect.Parameter("adapter", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                            default=typer.Argument(..., help="adapter directory (run_dir/adapter), or for export a "
+                                                   "merged checkpoint"))
+
+
+def register(app) -> None:
+    command(app, MergeSettings, run_merge, arguments=[ADAPTER], with_config=False)
+    command(app, ExportSettings, run_export, arguments=[ADAPTER], with_config=False)
+
+
+def run_merge(s: MergeSettings):
+    """Fold an adapter into the base weights and save a plain transformers checkpoint."""
+    from slimtune.cli import console, fail
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.peft import load_peft, merge_peft
+
+    try:
+        base, tok = load_model_and_tokenizer(s.model, tokenizer_dir=s.adapter)
+        merged = merge_peft(load_peft(base, s.adapter))
+        save_checkpoint_dir(merged, tok, s.out)
+    except SlimtuneError as exc:
+        fail(exc)
+    console.print(f"merged checkpoint written to [bold]{s.out}[/]")
+
+
+def save_checkpoint_dir(model, tokenizer, out: str) -> None:
+    """Save into a temporary sibling, then rename: a failure leaves no half-written checkpoint."""
+    import shutil
+    target = Path(out)
+    tmp = target.with_name(target.name + ".tmp-merge")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            target.rmdir()  # checked empty before any work
+        tmp.replace(target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SlimtuneError(f"--out {out}: could not write ({exc.strerror})") from None
+
+
+def run_export(s: ExportSettings):
+    """Merge an adapter into its base model and write one GGUF file (verified by reloading it)."""
+    import torch
+
+    from slimtune.cli import console, fail
+    from slimtune.export import export_gguf
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.models.loading import load_local
+    from slimtune.peft import load_peft, merge_peft
+
+    try:
+        if (Path(s.adapter) / "config.json").exists():  # already a plain transformers checkpoint
+            merged, tok = load_local(s.adapter, torch.float32)
+        else:
+            base, tok = load_model_and_tokenizer(s.model, tokenizer_dir=s.adapter)
+            merged = merge_peft(load_peft(base, s.adapter))
+        report = export_gguf(merged, tok, Path(s.out), s.quant, s.verify)
+    except SlimtuneError as exc:
+        fail(exc)
+    console.print_json(json.dumps(report))

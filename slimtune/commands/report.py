@@ -1,0 +1,37 @@
+"""`slimtune report`: an HTML + Markdown report comparing runs."""
+
+from __future__ import annotations
+
+import inspect
+
+import typer
+
+from slimtune import SlimtuneError
+from slimtune.settings.cli import command
+from slimtune.settings.commands import ReportSettings
+
+RUNS = inspect.Parameter("runs", inspect.Parameter.KEYWORD_ONLY, annotation=list[str],
+                         default=typer.Argument(..., help="run directories (each with summary.json)"))
+
+
+def register(app) -> None:
+    command(app, ReportSettings, run_report, arguments=[RUNS], with_config=False)
+
+
+def run_report(s: ReportSettings):
+    """Render an HTML + Markdown report comparing runs (table and plots)."""
+    from slimtune.cli import fail
+    try:
+        make_report(list(s.runs), s.out)
+    except SlimtuneError as exc:
+        fail(exc)
+
+
+def make_report(runs: list[str], out: str) -> None:
+    from slimtune.cli import console
+    from slimtune.report import load_runs, print_summary, render_report
+
+    loaded = load_runs(runs)
+    paths = render_report(loaded, out)
+    print_summary([r.summary for r in loaded], console)
+    console.print(f"report: [bold]{paths['html']}[/] and {paths['markdown']}")

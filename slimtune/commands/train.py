@@ -1,0 +1,108 @@
+"""`slimtune train` and `slimtune demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimtune import SlimtuneError
+from slimtune.settings.cli import command, file_values
+from slimtune.settings.commands import DemoSettings
+from slimtune.settings.train import TrainSettings, from_run_config
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+def register(app) -> None:
+    command(app, TrainSettings, run_train, prepare=resumed_settings,
+            help="Fine-tune a causal LM on labelled text or prompt/completion pairs; writes metrics.jsonl, "
+                 "summary.json, checkpoint/ and adapter/.")
+    command(app, DemoSettings, run_demo, with_config=False)
+
+
+def resumed_settings(values: dict, ctx, config_path: str | None):
+    """--resume: the run's config.json is the base (settings not given keep the run's values)."""
+    from click.core import ParameterSource
+
+    def chosen(name):  # command line first, then the config file
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            return values[name]
+        if config_path:
+            fv, _ = file_values(TrainSettings, config_path)
+            if name in fv:
+                return fv[name]
+        return values[name]
+
+    if not chosen("resume"):
+        return None, None
+    from slimtune.train.resume import read_stored
+    out = chosen("out")
+    stored = read_stored(Path(out))
+    if stored is None:
+        raise SlimtuneError(f"--resume {out}: no run there (no config.json)")
+    return from_run_config(stored), set()
+
+
+def run_train(s: TrainSettings):
+    from slimtune.cli import console, fail
+    from slimtune.optim.defaults import describe, resolve
+    from slimtune.train import prepare, train
+    from slimtune.train.trainer import TrainingInterrupted
+
+    try:
+        config = s.to_config()
+        if s.dry_run:
+            dry_run(s, config)
+            return
+        run = prepare(config, resume=s.resume, restart=s.restart)
+        console.print(f"hyper-parameters: {describe(config, run.defaults_origin)}", highlight=False, markup=False)
+        summary = train(run)
+    except TrainingInterrupted as exc:
+        fail(exc, 130)
+    except SlimtuneError as exc:
+        fail(exc)
+    from slimtune.report import print_summary
+    print_summary([summary], console)
+    console.print(f"run written to [bold]{config.out_dir}[/] (summary.json, metrics.jsonl, adapter/)")
+
+
+def dry_run(s: TrainSettings, config) -> None:
+    """Resolve the defaults and check what can be checked without loading anything; print the settings."""
+    import json
+    from dataclasses import asdict
+
+    from slimtune.cli import console
+    from slimtune.optim.defaults import describe, resolve
+    from slimtune.train.resume import check_resume
+    from slimtune.train.run_dir import check_output_dir
+    from slimtune.train.trainer import validate
+
+    origin = resolve(config)
+    validate(config)
+    check_output_dir(Path(config.out_dir), "--out")
+    if s.resume:
+        check_resume(config, Path(config.out_dir))
+    console.print(f"hyper-parameters: {describe(config, origin)}", highlight=False, markup=False)
+    console.print_json(json.dumps(asdict(config), default=str))
+
+
+def run_demo(s: DemoSettings):
+    """Fine-tune the embedded SmolLM2 with ZO (MeZO) + LoRA and with AdamW + LoRA on the bundled demo set, then
+    write and print the report."""
+    from slimtune.cli import console, fail
+    from slimtune.commands.report import make_report
+
+    common = dict(data=str(DEMO_DIR / "sst2_demo_train.tsv"), eval_data=str(DEMO_DIR / "sst2_demo_dev.tsv"),
+                  model=s.model, peft="lora", steps=s.steps, batch_size=16, eval_every=max(s.steps // 3, 1))
+    try:
+        runs = []
+        for name, title, extra in (("zo-lora", "zeroth-order (MeZO) + LoRA", dict(optimizer="mezo", lr=5e-3,
+                                                                                    eps=1e-2)),
+                                   ("fo-lora", "first-order (AdamW) + LoRA, for comparison",
+                                    dict(optimizer="adamw"))):  # the adamw+lora defaults
+            console.rule(title)
+            settings = TrainSettings.build({**common, **extra, "out": f"{s.out}/{name}"})
+            run_train(settings)
+            runs.append(f"{s.out}/{name}")
+        make_report(runs, f"{s.out}/report")
+    except SlimtuneError as exc:
+        fail(exc)

@@ -1,0 +1,159 @@
+"""Commands generated from settings classes: every field becomes a typer option (same name, help, default), and
+`--config FILE` fills the same fields from a file. Precedence: defaults < config file < command line.
+
+Config files (YAML or JSON, UTF-8) hold flat keys — flag names with dashes or underscores (`lr: 2e-3`). A nested
+section is refused with the flat form it should have been written in, except a run's own `config.json` (the nested
+TrainConfig a run stores), which `slimtune train --config RUN/config.json` reads back. Values keep their exact type
+(settings/base.py `coerce`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+import typer
+from click.core import ParameterSource
+
+from slimtune import SlimtuneError
+from slimtune.settings.base import Settings, flag, kind_of, spec_of
+
+PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SlimtuneError(f"--config {path}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SlimtuneError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except ValueError as exc:
+        raise SlimtuneError(f"{path}: not valid JSON ({exc})") from None
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise SlimtuneError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SlimtuneError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def file_values(cls: type[Settings], path: str) -> tuple[dict, set[str]]:
+    """({field: value}, the fields the file sets as user choices) from a config file for settings `cls`."""
+    data = read_config_file(path)
+    names = {f.name for f in fields(cls)}
+    if cls.command == "train":
+        from slimtune.settings.train import from_run_config, is_run_config
+        if is_run_config(data):  # a run's own config.json: what it was trained with
+            values = from_run_config(data)
+            values.pop("resume", None)
+            values.pop("restart", None)
+            return values, set()  # filled by the run itself: applicability is not the user's doing
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        name = cls.ALIASES.get(name, name)
+        if isinstance(value, dict):
+            example = next(iter(value), "key")
+            raise SlimtuneError(f"{path}: {key!r} is a nested section; settings are flat keys (write "
+                                f"`{example}: ...` at the top level, not under `{key}:`)")
+        if name in ("config", "config_file"):
+            raise SlimtuneError(f"{path}: setting {key!r}: a config file cannot include another one")
+        if name not in names or not spec_of(_field(cls, name)).cli and name not in ("adapter", "runs"):
+            known = ", ".join(sorted(n for n in names if spec_of(_field(cls, n)).cli))
+            raise SlimtuneError(f"{path}: unknown setting {key!r} for `slimtune {cls.command}` (known: {known})")
+        if value is None and not kind_of(_field(cls, name))[1]:
+            continue  # null: not set (older runs' files), so the default holds
+        out[name] = value
+    return out, set(out)
+
+
+def _field(cls, name):
+    return next(f for f in fields(cls) if f.name == name)
+
+
+def build_settings(cls: type[Settings], ctx: click.Context | None, values: dict, config_path: str | None = None,
+                   base: dict | None = None, base_given: set[str] | None = None) -> Settings:
+    """Settings from command-line values (the typer callback's kwargs), a config file, and `base` (e.g. a resumed
+    run's stored settings). Precedence: defaults < base < file < command line."""
+    typed = {k: v for k, v in values.items() if k in {f.name for f in fields(cls)}}
+    on_command_line = {k for k in typed if ctx is None or ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    merged, given, origin = {}, set(), {}
+    if base:
+        merged.update(base)
+        given |= set(base_given or ())
+    if config_path:
+        fv, fgiven = file_values(cls, config_path)
+        merged.update(fv)
+        given |= fgiven
+        origin = {k: config_path for k in fv}
+    for k in on_command_line:
+        merged[k] = typed[k]
+        given.add(k)
+        origin.pop(k, None)
+    for k, v in typed.items():  # flags left at their defaults fill what nothing else set
+        merged.setdefault(k, v)
+    return cls.build(merged, given=given, origin=origin)
+
+
+def options(cls: type[Settings]) -> list[inspect.Parameter]:
+    """typer options for every command-line field of `cls`."""
+    params = []
+    for f in fields(cls):
+        spec = spec_of(f)
+        if not spec.cli:
+            continue
+        base, optional = kind_of(f)
+        typ = PY_TYPES.get(base, str)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        names = [spec.bool_flags] if spec.bool_flags else list(spec.flags or (flag(f.name),))
+        if base == "bool" and not spec.bool_flags:
+            names = [flag(f.name)]
+            option = typer.Option(default, *names, help=spec.help, is_flag=True)
+        else:
+            option = typer.Option(default, *names, help=spec.help)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[typ] if optional else typ))
+    return params
+
+
+def command(app: typer.Typer, cls: type[Settings], run: Callable[[Settings], Any], *, name: str | None = None,
+            arguments: list[inspect.Parameter] = (), with_config: bool = True, help: str | None = None,
+            prepare: Callable | None = None) -> None:
+    """Register `slimtune <name>`: options from `cls`, then `run(settings)`. `arguments`: positional typer arguments
+    (their values are passed into the settings under the same names); `prepare(values) -> (base, base_given)` may
+    supply base values (e.g. a resumed run's settings)."""
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context), *arguments]
+    if with_config:
+        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                        default=typer.Option(None, "--config", help="YAML/JSON file of settings "
+                                                             "(flat keys: flag names); flags given here override it")))
+    params += options(cls)
+
+    def callback(ctx: typer.Context, **kwargs):
+        from slimtune.cli import fail
+        try:
+            config_path = kwargs.pop("config", None)
+            base, base_given = prepare(kwargs, ctx, config_path) if prepare else (None, None)
+            settings = build_settings(cls, ctx, kwargs, config_path, base, base_given)
+        except SlimtuneError as exc:
+            fail(exc)
+        return run(settings)
+
+    callback.__signature__ = inspect.Signature(params)
+    callback.__annotations__ = {p.name: p.annotation for p in params}
+    callback.__name__ = (name or cls.command).replace("-", "_")
+    callback.__doc__ = help or run.__doc__
+    app.command(name or cls.command)(callback)

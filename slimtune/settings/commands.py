@@ -1,0 +1,182 @@
+"""Settings of `slimtune eval | generate | merge | export | plan | report | demo` (train: settings/train.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimtune import SlimtuneError
+from slimtune.settings.base import Settings, setting, when
+from slimtune.settings.rules import (check_device, check_label_words, check_new_directory, check_output_file,
+                                     check_template, require_directory, require_input_file)
+from slimtune.settings.train import CLASSIFICATION, TASKS
+
+generation = when(task=("generation",))
+
+
+@dataclass
+class EvalSettings(Settings):
+    command = "eval"
+
+    data: str | None = setting(None, "evaluation data (required, here or in --config)")
+    model: str = setting("smollm2", "the base model (smollm2, gemma3-270m, tiny-llama, tiny-gpt2 or a directory)")
+    adapter: str | None = setting(None, "a saved adapter directory (run_dir/adapter)")
+    task: str = setting("sst2", "sst2, rte, custom or generation", choices=TASKS)
+    text_column: str | None = setting(None, "sst2: the text column", applies=when(task=("sst2",)))
+    label_column: str | None = setting(None, "classification: the label column", applies=when(task=CLASSIFICATION))
+    template: str | None = setting(None, "prompt template (custom task or generation)",
+                                   applies=when(task=("custom", "generation")))
+    label_words: str | None = setting(None, "custom task label words", applies=when(task=("custom",)))
+    input_column: str | None = setting(None, "generation, tables: prompt column", applies=generation)
+    target_column: str | None = setting(None, "generation, tables: reference column", applies=generation)
+    max_new_tokens: int = setting(64, "generation: tokens generated per prompt", low=1, applies=generation)
+    num_beams: int = setting(1, "generation: beam search width (1: greedy)", low=1, applies=generation)
+    max_length: int = setting(256, "tokens kept per example (prompts truncated from the left)", low=8)
+    predictions: str | None = setting(None, "generation: write each prompt's output and references to this JSONL "
+                                      "file", applies=generation)
+    batch_size: int = setting(32, "examples per forward pass", low=1)
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto")
+
+    def check(self) -> None:
+        if not self.data:
+            raise SlimtuneError("--data is required (on the command line or in --config)")
+        require_input_file(self.data, "--data")
+        if self.adapter:
+            require_directory(self.adapter, "--adapter", "adapter directory")
+        check_device(self.device)
+        _check_task_text(self)
+        if self.predictions:
+            check_output_file(self.predictions, "--predictions")
+
+
+@dataclass
+class GenerateSettings(Settings):
+    command = "generate"
+
+    prompt: str | None = setting(None, "one prompt; the completion streams to the terminal (or goes to --output)")
+    input: str | None = setting(None, "a file of prompts (.jsonl with prompt or messages, .tsv/.csv with "
+                                "--input-column, .txt one per line)")
+    output: str | None = setting(None, "write {prompt, completion} JSONL here (default: print)")
+    model: str = setting("smollm2", "the base model the adapter was trained on")
+    adapter: str | None = setting(None, "a saved adapter directory (run_dir/adapter)")
+    chat: bool = setting(False, "wrap each prompt as a user message in the model's chat template")
+    template: str | None = setting(None, "prompt template over the input column, e.g. '{input}\\n'")
+    input_column: str | None = setting(None, "tables: the prompt column (default input)")
+    max_new_tokens: int = setting(128, "tokens generated per prompt", low=1)
+    num_beams: int = setting(1, "beam search width (1: greedy; streaming needs 1)", low=1)
+    max_length: int = setting(1024, "prompt tokens kept (from the left)", low=1)
+    batch_size: int = setting(8, "prompts per batch", low=1)
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto")
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.input is None):
+            raise SlimtuneError("give exactly one of --prompt or --input")
+        if self.input is not None:
+            require_input_file(self.input, "--input")
+        if self.given("input_column") and self.input is None:
+            raise SlimtuneError("--input-column applies to --input files (tables), not to --prompt")
+        if self.template is not None:
+            check_template(self.template, (self.input_column or "input",), "--template",
+                           hint="" if self.input_column else " (name another column with --input-column)")
+        if self.adapter:
+            require_directory(self.adapter, "--adapter", "adapter directory")
+        if self.output:
+            check_output_file(self.output, "--output")
+        check_device(self.device)
+
+
+@dataclass
+class MergeSettings(Settings):
+    command = "merge"
+
+    adapter: str = setting("", "adapter directory (run_dir/adapter)", cli=False)
+    out: str = setting("", "directory for the merged checkpoint (new or empty)")
+    model: str = setting("smollm2", "the base model the adapter was trained on")
+
+    def check(self) -> None:
+        if not self.out:
+            raise SlimtuneError("--out is required: the directory for the merged checkpoint")
+        require_directory(self.adapter, "ADAPTER", "adapter directory")
+        check_new_directory(self.out, "--out")
+
+
+@dataclass
+class ExportSettings(Settings):
+    command = "export"
+
+    adapter: str = setting("", "an adapter directory (run_dir/adapter) or a merged checkpoint", cli=False)
+    out: str = setting("", "the .gguf file to write (never overwritten)")
+    format: str = setting("gguf", "gguf (llama.cpp, Ollama)", choices=("gguf",))
+    quant: str = setting("f16", "f32, f16, bf16 or q8_0", choices=("f32", "f16", "bf16", "q8_0"))
+    model: str = setting("smollm2", "the base model the adapter was trained on")
+    verify: bool = setting(True, "reload the file with transformers and compare logits with the merged model",
+                           bool_flags="--verify/--no-verify")
+
+    def check(self) -> None:
+        if not self.out:
+            raise SlimtuneError("--out is required: the .gguf file to write")
+        require_directory(self.adapter, "ADAPTER", "directory (an adapter directory or a merged checkpoint)")
+        check_output_file(self.out, "--out")
+        if Path(self.out).suffix.lower() != ".gguf":
+            raise SlimtuneError(f"--out {self.out}: name the file .gguf")
+
+
+@dataclass
+class PlanSettings(Settings):
+    command = "plan"
+
+    model: str = setting("smollm2", "the model to plan for: a name, a checkpoint directory, or a config.json")
+    batch_size: int = setting(16, "examples per step", low=1)
+    max_length: int = setting(128, "tokens per example", low=1)
+    r: int = setting(8, "LoRA/PiSSA rank, SVFit values, adapter bottleneck", low=1)
+    dtype: str = setting("float32", "weights' dtype: float32, bfloat16 (bf16) or float16 (fp16)",
+                         choices=("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto")
+
+    def check(self) -> None:
+        from slimtune.settings.rules import normalise_dtype
+        self.dtype = normalise_dtype(self.dtype)
+        check_device(self.device, self.dtype if self.device != "auto" else "float32")
+
+
+@dataclass
+class ReportSettings(Settings):
+    command = "report"
+
+    runs: list = setting(help="run directories (each with summary.json)", factory=list, cli=False)
+    out: str = setting("report", "output directory for report.html, report.md and plots (new or empty)")
+
+    def check(self) -> None:
+        if not self.runs:
+            raise SlimtuneError("give at least one run directory")
+        check_new_directory(self.out, "--out")
+
+
+@dataclass
+class DemoSettings(Settings):
+    command = "demo"
+
+    out: str = setting("runs/demo", "directory for the demo's two runs and report (new or empty; without --out, the "
+                       "first free one of runs/demo, runs/demo-2, ...)")
+    steps: int = setting(60, "training steps of each run", low=1)
+    model: str = setting("smollm2", "the model to fine-tune")
+
+    def check(self) -> None:
+        if not self.given("out"):  # `make demo` twice: a new directory, the first demo's results stay
+            base, n = self.out, 1
+            while Path(self.out).exists() and any(Path(self.out).iterdir()):
+                n += 1
+                self.out = f"{base}-{n}"
+        check_new_directory(self.out, "--out")
+
+
+def _check_task_text(s) -> None:
+    if s.task == "custom":
+        if not (s.template and s.label_words):
+            raise SlimtuneError("--task custom needs --template (e.g. '{text} It was') and --label-words "
+                                "(e.g. '0=terrible,1=great')")
+        check_template(s.template, None, "--template")
+        check_label_words(s.label_words)
+    if s.task == "generation" and s.template is not None:
+        check_template(s.template, (s.input_column or "input",), "--template",
+                       hint="" if s.input_column else " (name another column with --input-column)")

@@ -1,0 +1,114 @@
+"""Checks shared by several commands' settings: devices and dtypes, templates, label words, input and output paths."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+from slimtune import SlimtuneError
+
+DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+                 "fp16": "float16", "float16": "float16"}
+DTYPES = tuple(DTYPE_ALIASES)
+
+
+def normalise_dtype(dtype: str) -> str:
+    if dtype not in DTYPE_ALIASES:
+        raise SlimtuneError(f"--dtype {dtype!r}: choose float32, bfloat16 (bf16) or float16 (fp16)")
+    return DTYPE_ALIASES[dtype]
+
+
+def check_device(device: str, dtype: str = "float32") -> None:
+    """cpu, cuda, cuda:N or auto; CUDA only where there is one; fp16 only on CUDA (CPU kernels are bf16/fp32)."""
+    import torch
+
+    if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
+        raise SlimtuneError(f"--device {device!r}: choose cpu, cuda, cuda:N or auto")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SlimtuneError(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
+        if ":" in device:
+            index = device.split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise SlimtuneError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if DTYPE_ALIASES.get(dtype, dtype) == "float16" and not on_cuda:
+        raise SlimtuneError("--dtype float16 needs a CUDA device (CPU training uses float32 or bfloat16)")
+
+
+def template_fields(template: str, flag: str) -> list[str]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise SlimtuneError(f"{flag} {template!r}: not a valid template ({exc}); write literal braces as {{{{ }}}}") \
+            from None
+    names = [f for _, f, _, _ in parsed if f is not None]
+    for name in names:
+        if name == "" or name.isdigit():
+            raise SlimtuneError(f"{flag} {template!r}: placeholders need a column name, e.g. {{text}} (not {{}})")
+        if not name.isidentifier():
+            raise SlimtuneError(f"{flag} {template!r}: {{{name}}} is not a column name")
+    return names
+
+
+def check_template(template: str, allowed: tuple[str, ...] | None, flag: str, hint: str = "") -> None:
+    """At least one placeholder, each a plain column name (and one of `allowed` when given)."""
+    names = template_fields(template, flag)
+    if not names:
+        raise SlimtuneError(f"{flag} {template!r} has no placeholder: every prompt would be the same text; put the "
+                            f"text column in braces, e.g. {{{allowed[0] if allowed else 'text'}}}")
+    if allowed is not None:
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise SlimtuneError(f"{flag} {template!r}: only {', '.join('{' + a + '}' for a in allowed)} can be filled "
+                                f"in, not {{{unknown[0]}}}{hint}")
+
+
+def check_label_words(label_words: str) -> list[tuple[str, str]]:
+    pairs = [p.split("=", 1) for p in label_words.split(",")]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise SlimtuneError(f"--label-words {label_words!r}: expected 'value=word,value=word'")
+    values = [v.strip() for v, _ in pairs]
+    words = [w.strip() for _, w in pairs]
+    for kind, items in (("label value", values), ("label word", words)):
+        repeated = sorted({x for x in items if items.count(x) > 1})
+        if repeated:
+            raise SlimtuneError(f"--label-words {label_words!r}: {kind} {repeated[0]!r} appears twice (one word per "
+                                "class, one class per word)")
+    if len(pairs) < 2:
+        raise SlimtuneError(f"--label-words {label_words!r}: at least two classes are needed")
+    return list(zip(values, words))
+
+
+def require_input_file(path: str, flag: str) -> None:
+    """An input that must exist (files, or hf:DIR datasets saved with save_to_disk)."""
+    target = Path(path[3:]) if path.startswith("hf:") else Path(path)
+    if not target.exists():
+        raise SlimtuneError(f"{flag} {path}: no such file")
+    if not path.startswith("hf:") and target.is_dir():
+        raise SlimtuneError(f"{flag} {path}: is a directory (for a saved dataset write hf:{path})")
+    if not os.access(target, os.R_OK):
+        raise SlimtuneError(f"{flag} {path}: not readable")
+
+
+def require_directory(path: str, flag: str, what: str = "directory") -> None:
+    if not Path(path).is_dir():
+        raise SlimtuneError(f"{flag} {path}: no such {what}")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    from slimtune.train.run_dir import check_output_file as check
+    check(path, flag)
+
+
+def check_new_directory(path: str, flag: str) -> None:
+    """An output directory the command creates: may exist only if empty; its parent must be writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SlimtuneError(f"{flag} {path}: is a file, not a directory")
+    if p.is_dir() and any(p.iterdir()):
+        raise SlimtuneError(f"{flag} {path}: exists and is not empty (nothing was overwritten)")
+    parent = next((q for q in (p, *p.parents) if q.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SlimtuneError(f"{flag} {path}: {parent} is not writable")

@@ -1,0 +1,291 @@
+"""`slimtune train` settings: every flag, its rules, and what it applies to (one place; the CLI is generated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimtune import SlimtuneError
+from slimtune.settings.base import Settings, condition, setting, unless, when
+from slimtune.settings.rules import (DTYPES, check_device, check_label_words, check_template, normalise_dtype,
+                                     require_input_file)
+
+# what each optimizer is (kept here as plain names; slimtune.optim's registry is checked against these in tests)
+FIRST_ORDER = ("adamw", "sgd", "dp-adamw", "dp-sgd")
+ZEROTH_ORDER = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo")
+HYBRID = ("hybrid",)
+OPTIMIZERS = FIRST_ORDER + ZEROTH_ORDER + HYBRID
+PRIVATE = ("dpzero", "dplozo", "dphizoo", "dp-adamw", "dp-sgd")
+ADAPTIVE_CLIPPING = ("dpzero", "dplozo", "dphizoo")  # private ZO: the clip can track a quantile
+N_SPSA = ("mezo", "dpzero", "lozo", "lozo-m", "dplozo", "fzoo")
+LOZO = ("lozo", "lozo-m", "dplozo")
+WITH_SOURCES = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid")
+PEFT = ("none", "lora", "pissa", "adapter", "svfit")
+TASKS = ("sst2", "rte", "custom", "generation")
+CLASSIFICATION = ("sst2", "rte", "custom")
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+             "inverse_sqrt")
+BEST_METRICS = ("accuracy", "loss", "perplexity", "bleu", "rougeL", "exact_match", "f1")
+
+private = when(optimizer=PRIVATE)
+generation = when(task=("generation",))
+adaptive = condition(lambda s: s.optimizer in ADAPTIVE_CLIPPING and s.clipping != "fixed",
+                     "adaptive clipping (--optimizer dpzero, dplozo or dphizoo without --clipping fixed)",
+                     lambda s: f"--optimizer {s.optimizer}, --clipping {s.clipping}")
+evaluates = condition(lambda s: bool(s.eval_data), "runs with --eval-data", lambda s: "no --eval-data")
+
+
+@dataclass
+class TrainSettings(Settings):
+    command = "train"
+
+    # -- data and task -------------------------------------------------------------------------------------------
+    data: str | None = setting(None, "training data: .tsv/.csv/.jsonl file or hf:DIR (save_to_disk dataset); "
+                               "required, here or in --config")
+    eval_data: str | None = setting(None, "evaluation data (same formats); held out from the training data")
+    out: str = setting("runs/latest", "run directory (metrics, checkpoint, adapter, summary)")
+    model: str = setting("smollm2", "smollm2 (embedded default), gemma3-270m, tiny-llama, tiny-gpt2, or a local "
+                         "checkpoint directory")
+    task: str = setting("sst2", "sst2, rte, custom (classification) or generation (prompt -> completion)",
+                        choices=TASKS)
+    text_column: str | None = setting(None, "sst2: the text column (default sentence)", applies=when(task=("sst2",)))
+    label_column: str | None = setting(None, "classification: the label column (default label)",
+                                       applies=when(task=CLASSIFICATION))
+    template: str | None = setting(None, "prompt template: custom task '{text} It was'; generation '{input}\\n' "
+                                   "over the input column", applies=when(task=("custom", "generation")))
+    label_words: str | None = setting(None, "custom task: label words, e.g. '0=terrible,1=great'",
+                                      applies=when(task=("custom",)))
+    input_column: str | None = setting(None, "generation, tables: prompt column (default input)", applies=generation)
+    target_column: str | None = setting(None, "generation, tables: completion column (default target)",
+                                        applies=generation)
+    max_new_tokens: int = setting(64, "generation: tokens generated per prompt at evaluation", low=1,
+                                  applies=generation)
+    num_beams: int = setting(1, "generation: beam search width at evaluation (1: greedy)", low=1, applies=generation)
+    eval_generate: bool = setting(True, "generation: decode at each evaluation (BLEU, ROUGE-L, EM, F1) or only "
+                                  "compute loss/perplexity", bool_flags="--eval-generate/--no-eval-generate",
+                                  applies=generation)
+    best_metric: str | None = setting(None, "what --save best keeps: accuracy (default, classification), loss "
+                                      "(default, generation), perplexity, bleu, rougeL, exact_match, f1",
+                                      choices=BEST_METRICS, applies=evaluates)
+    max_length: int = setting(256, "tokens per example: prompts are truncated from the left", low=8)
+    k_shot: int = setting(0, "classification: k examples per class (0: all)", low=0, applies=when(task=CLASSIFICATION))
+
+    # -- method ----------------------------------------------------------------------------------------------------
+    optimizer: str = setting("mezo", ", ".join(OPTIMIZERS), choices=OPTIMIZERS)
+    peft: str = setting("lora", "none, lora, pissa, adapter, svfit", choices=PEFT)
+    r: int = setting(8, "LoRA/PiSSA rank, SVFit singular values, adapter bottleneck (--peft-r under torchrun, which "
+                     "takes --r as its own option)", flags=("--r", "--peft-r"), low=1, applies=unless(peft=("none",)))
+    lora_alpha: float = setting(16.0, "LoRA/PiSSA alpha", low=0, low_open=True, applies=when(peft=("lora", "pissa")))
+    lora_dropout: float = setting(0.0, "LoRA/PiSSA dropout", low=0, high=1, high_open=True,
+                                  applies=when(peft=("lora", "pissa")))
+    target_modules: str | None = setting(None, "comma-separated layer names (default per architecture)",
+                                         applies=unless(peft=("none",)), list_of_str=True)
+    svfit_relative: bool = setting(True, "SVFit: train multiplicative scales of the singular values or the values "
+                                   "themselves", bool_flags="--svfit-relative/--svfit-absolute",
+                                   applies=when(peft=("svfit",)))
+    learn_scale: bool = setting(False, "SVFit: also learn a scale per singular value", applies=when(peft=("svfit",)))
+    pissa_niter: int | None = setting(None, "PiSSA: randomized SVD with this many iterations (fast)", low=1,
+                                      applies=when(peft=("pissa",)))
+    lr: float | None = setting(None, "learning rate (default: per optimizer x PEFT, printed at start)", low=0,
+                               low_open=True)
+    eps: float | None = setting(None, "ZO perturbation scale (default: per optimizer x PEFT)", low=0, low_open=True,
+                                applies=when(optimizer=ZEROTH_ORDER + HYBRID))
+    weight_decay: float = setting(0.0, "decoupled weight decay on matrices", low=0)
+    n_spsa: int = setting(1, "ZO: perturbations averaged per step (FZOO: its N directions)", low=1,
+                          applies=when(optimizer=N_SPSA))
+    lozo_rank: int = setting(2, "LOZO: rank of the perturbation", low=1, applies=when(optimizer=LOZO))
+    lozo_nu: int = setting(50, "LOZO: steps between resampling V", low=1, applies=when(optimizer=LOZO))
+    momentum: float = setting(0.0, "LOZO-M, SGD: momentum", low=0, high=1, high_open=True,
+                              applies=when(optimizer=("lozo-m", "sgd", "dp-sgd")))
+    perturbation: str = setting("gaussian", "ZO direction z: gaussian, rademacher, or pool (slices of a seeded "
+                                "Gaussian pool: faster full-parameter ZO on CPU)",
+                                choices=("gaussian", "rademacher", "pool"), applies=when(optimizer=WITH_SOURCES))
+    hessian_smooth: float | None = setting(None, "HiZOO: moving-average weight of the diagonal Hessian estimate",
+                                           low=0, high=1, low_open=True, high_open=True,
+                                           applies=when(optimizer=("hizoo", "hizoo-l", "dphizoo")))
+    sparsity: float | None = setting(None, "sparse-mezo: fraction of each tensor left unperturbed (its largest |w|)",
+                                     low=0, high=1, high_open=True, applies=when(optimizer=("sparse-mezo",)))
+    mask_every: int | None = setting(None, "sparse-mezo: steps between recomputing the masks", low=1,
+                                     applies=when(optimizer=("sparse-mezo",)))
+    fo_layers: int | None = setting(None, "hybrid: top transformer blocks trained by backprop (with the head)", low=1,
+                                    applies=when(optimizer=HYBRID))
+    fo_lr: float | None = setting(None, "hybrid: AdamW learning rate of the backprop part", low=0,
+                                  applies=when(optimizer=HYBRID))
+
+    # -- schedule and bookkeeping ----------------------------------------------------------------------------------
+    steps: int | None = setting(None, "training steps (default: 300 backprop, 2,000 zeroth-order)", low=1)
+    lr_scheduler: str | None = setting(None, "transformers' schedules: constant, constant_with_warmup, linear "
+                                       "(default), cosine, cosine_with_restarts, polynomial, inverse_sqrt",
+                                       choices=SCHEDULES)
+    warmup_steps: int | None = setting(None, "linear warm-up steps (default: 5% of the steps with backprop, none with "
+                                       "ZO)", low=0)
+    save: str = setting("best", "adapter/ holds the best-evaluated adapter (best; needs --eval-data) or the last "
+                        "(last)", choices=("best", "last"))
+    batch_size: int = setting(16, "examples per step (private runs: the expected Poisson batch size)", low=1)
+    eval_every: int = setting(50, "steps between evaluations (0: none)", low=0,
+                              applies=condition(lambda s: bool(s.eval_data) or s.eval_every == 0,
+                                                "runs with --eval-data", lambda s: "no --eval-data"))
+    eval_max: int = setting(0, "evaluate on at most this many examples (0: all)", low=0, applies=evaluates)
+    checkpoint_every: int = setting(50, "steps between checkpoints", low=1)
+    patience: int = setting(0, "early stopping after this many evaluations without improvement (0: off)", low=0,
+                            applies=evaluates)
+    seed: int = setting(0, "public seed: initialisation, ZO directions, data order of non-private runs", low=0)
+
+    # -- privacy -----------------------------------------------------------------------------------------------------
+    epsilon: float | None = setting(None, "DP: target epsilon (noise is calibrated to it; default 6)", low=0,
+                                    low_open=True, applies=private)
+    delta: float = setting(1e-5, "DP: target delta (< 1/N)", low=0, high=1, low_open=True, high_open=True,
+                           applies=private)
+    noise_multiplier: float | None = setting(None, "DP: fixed noise multiplier instead of calibrating", low=0,
+                                             low_open=True, applies=private)
+    clip: float = setting(1.0, "DP: clipping threshold C (the starting C with adaptive clipping)", low=0,
+                          low_open=True, applies=private)
+    clipping: str = setting("auto", "DP: adaptive (C tracks --target-quantile of the per-example scalars, privately "
+                            "and accounted), fixed, or auto (adaptive for dpzero/dplozo/dphizoo)",
+                            choices=("auto", "adaptive", "fixed"), applies=private)
+    target_quantile: float = setting(0.9, "DP, adaptive clipping: fraction of scalars left unclipped", low=0, high=1,
+                                     low_open=True, high_open=True, applies=adaptive)
+    clip_lr: float = setting(0.2, "DP, adaptive clipping: Q <- Q exp(-clip_lr (fraction below Q - target))", low=0,
+                             low_open=True, applies=adaptive)
+    clip_multiplier: float = setting(2.0, "DP, adaptive clipping: clip at C = clip_multiplier x Q", low=0,
+                                     low_open=True, applies=adaptive)
+    sampling: str = setting("poisson", "DP: poisson (default, exact) or shuffle", choices=("poisson", "shuffle"),
+                            applies=private)
+    mechanism: str = setting("gaussian", "DP: gaussian or laplace", choices=("gaussian", "laplace"), applies=private)
+    accountant: str = setting("rdp", "DP: rdp (fast) or pld (tighter: less noise for the same epsilon)",
+                              choices=("rdp", "pld"), applies=private)
+    pld_discretization: float = setting(1e-3, "DP, PLD accountant: value discretisation (pessimistic)", low=0,
+                                        high=0.1, low_open=True, applies=when(accountant=("pld",)))
+    log_private_stats: bool = setting(False, "DP: also log training loss, batch sizes and clipped fractions of "
+                                      "private batches (NOT covered by the guarantee)", applies=private)
+    secret_key_file: str | None = setting(None, "DP: the run's key file, given to every data-parallel rank out of "
+                                          "band (default: RUN/secret.key, created by the run)", applies=private)
+
+    # -- runtime -------------------------------------------------------------------------------------------------------
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = setting("float32", "float32, bfloat16 (bf16) or float16 (fp16, CUDA only)", choices=DTYPES)
+    force: bool = setting(False, "train even if the memory model predicts the run will not fit")
+    resume: bool = setting(False, "continue the run in --out from its checkpoint (settings come from its config.json; "
+                           "only --steps, --eval-every, --checkpoint-every, --patience may change)")
+    restart: bool = setting(False, "start over in an --out whose run failed or was interrupted (the old directory "
+                            "is moved to OUT.failed-N)")
+    quiet: bool = setting(False, "no progress bar")
+    dry_run: bool = setting(False, "check every setting and print them resolved, then stop (nothing is written)")
+
+    # -- cross-field rules -------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        self.dtype = normalise_dtype(self.dtype)
+        if not self.data:
+            raise SlimtuneError("--data is required (on the command line or in --config)")
+        if not self.resume:
+            require_input_file(self.data, "--data")
+            if self.eval_data:
+                require_input_file(self.eval_data, "--eval-data")
+        if self.resume and self.restart:
+            raise SlimtuneError("--resume and --restart exclude each other")
+        check_device(self.device, self.dtype)
+        if self.task == "custom":
+            if not (self.template and self.label_words):
+                raise SlimtuneError("--task custom needs --template (e.g. '{text} It was') and --label-words "
+                                    "(e.g. '0=terrible,1=great')")
+            check_template(self.template, None, "--template")
+            check_label_words(self.label_words)
+        if self.task == "generation" and self.template is not None:
+            check_template(self.template, (self.input_column or "input",), "--template",
+                           hint="" if self.input_column else " (name another column with --input-column)")
+        if self.steps is not None and self.warmup_steps is not None and self.warmup_steps >= self.steps:
+            raise SlimtuneError(f"--warmup-steps {self.warmup_steps}: must be below --steps ({self.steps})")
+        if self.given("save") and self.save == "best" and not self.eval_data:
+            raise SlimtuneError("--save best keeps the best-evaluated adapter and needs --eval-data")
+        if self.best_metric:
+            allowed = ("accuracy", "loss") if self.task in CLASSIFICATION else \
+                ("loss", "perplexity", *(("bleu", "rougeL", "exact_match", "f1") if self.eval_generate else ()))
+            if self.best_metric not in allowed:
+                raise SlimtuneError(f"--best-metric {self.best_metric!r}: a {self.task} run evaluates "
+                                    f"{', '.join(allowed)}")
+        if self.optimizer in PRIVATE and self.eval_data and self.data and \
+                Path(self.eval_data).resolve() == Path(self.data).resolve():
+            raise SlimtuneError("--eval-data is the training data: a private run's evaluations (and the best-model "
+                                "choice) would be computed on training rows without noise; give held-out data")
+
+    # -- to the trainer ----------------------------------------------------------------------------------------------
+    def to_config(self):
+        """The TrainConfig the trainer runs (nested: optimizer, PEFT, privacy and generation groups)."""
+        from slimtune.optim import OptimizerArgs
+        from slimtune.peft import PeftSettings
+        from slimtune.privacy import PrivacySpec
+        from slimtune.train import TrainConfig
+        from slimtune.train.objectives import GenerationSettings
+
+        privacy = None
+        if self.optimizer in PRIVATE:
+            target = self.epsilon if self.epsilon is not None or self.noise_multiplier is not None else 6.0
+            privacy = PrivacySpec(target, self.delta, self.noise_multiplier, self.clip, self.sampling, self.mechanism,
+                                  self.accountant, self.pld_discretization, self.clipping, self.target_quantile,
+                                  self.clip_lr, self.clip_multiplier)
+        targets = [t.strip() for t in self.target_modules.split(",")] if self.target_modules else None
+        optim = OptimizerArgs(self.lr, self.weight_decay, self.eps, self.n_spsa, self.seed, self.lozo_rank,
+                              self.lozo_nu, self.momentum, self.perturbation)
+        for name in ("hessian_smooth", "sparsity", "mask_every", "fo_layers", "fo_lr"):
+            if hasattr(optim, name):
+                setattr(optim, name, getattr(self, name))
+        return TrainConfig(
+            out_dir=self.out, train_data=self.data, eval_data=self.eval_data, model=self.model, task=self.task,
+            text_column=self.text_column, label_column=self.label_column, template=self.template,
+            label_words=self.label_words, optimizer=self.optimizer, optim=optim,
+            peft=PeftSettings(self.peft, self.r, self.lora_alpha, self.lora_dropout, targets, self.pissa_niter,
+                              self.learn_scale, self.svfit_relative),
+            generation=GenerationSettings(self.input_column, self.target_column, self.max_new_tokens, self.num_beams,
+                                          self.eval_generate),
+            best_metric=self.best_metric, privacy=privacy, steps=self.steps, batch_size=self.batch_size,
+            eval_every=self.eval_every, eval_max=self.eval_max, checkpoint_every=self.checkpoint_every,
+            patience=self.patience, k_shot=self.k_shot, seed=self.seed, max_length=self.max_length,
+            device=resolve_device(self.device), dtype=self.dtype, progress=not self.quiet,
+            log_private_stats=self.log_private_stats, lr_scheduler=self.lr_scheduler,
+            warmup_steps=self.warmup_steps, save=self.save, force=self.force, secret_key_file=self.secret_key_file)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# A run's config.json (the nested TrainConfig) -> flat settings: field -> setting name (None: not a setting)
+RUN_CONFIG_NAMES = {
+    "out_dir": "out", "train_data": "data", "optim.seed": None, "optim.rank": "lozo_rank", "optim.nu": "lozo_nu",
+    "peft.method": "peft", "peft.alpha": "lora_alpha", "peft.dropout": "lora_dropout",
+    "privacy.target_epsilon": "epsilon", "generation.eval_batch_size": None, "progress": None, "resumed": None,
+    "privacy": None, "generation": None,
+}
+
+
+def from_run_config(stored: dict) -> dict:
+    """A run's config.json as flat train settings (what `--resume` and `--config RUN/config.json` start from)."""
+    flat = {}
+    for key, value in stored.items():
+        if isinstance(value, dict) and key in ("optim", "peft", "privacy", "generation"):
+            for sub, v in value.items():
+                name = RUN_CONFIG_NAMES.get(f"{key}.{sub}", sub)
+                if name:
+                    flat[name] = v
+        else:
+            name = RUN_CONFIG_NAMES.get(key, key)
+            if name:
+                flat[name] = value
+    if "progress" in stored:
+        flat["quiet"] = not stored["progress"]
+    if isinstance(flat.get("target_modules"), list):
+        flat["target_modules"] = ",".join(flat["target_modules"])
+    if stored.get("privacy") is None:  # a non-private run: the DP settings stay at their defaults
+        for name in ("epsilon", "delta", "noise_multiplier", "clip", "clipping", "target_quantile", "clip_lr",
+                     "clip_multiplier", "sampling", "mechanism", "accountant", "pld_discretization"):
+            flat.pop(name, None)
+    known = set(TrainSettings.defaults())
+    return {k: v for k, v in flat.items() if k in known}
+
+
+def is_run_config(values: dict) -> bool:
+    """A run's own config.json (nested groups) rather than a flat settings file."""
+    return isinstance(values.get("optim"), dict) and isinstance(values.get("peft"), dict) and "out_dir" in values
