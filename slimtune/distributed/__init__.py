@@ -5,8 +5,10 @@ diverge and nothing weight-sized is ever sent. Each step the global batch (the s
 round-robin, rank r evaluating examples r, r + W, r + 2W, ...; after each of the two measurements the ranks
 all-gather their per-example losses (a few floats each) and put them back in global order, so the estimator — MeZO's
 mean difference or DPZero's per-example clipping, noise and adaptive clip — sees exactly what one process would.
-DPZero's noise comes from the run's secret, drawn on rank 0 and broadcast, so every rank adds the same noise: it is
-added once to the update, and the privacy accounting is the one-process accounting.
+DPZero's noise comes from the run's key file (RUN/secret.key, created by rank 0 before a barrier, or a key file given
+to every rank out of band with --secret-key-file): every rank reads the same key from disk and adds the same noise,
+so it is added once to the update and the privacy accounting is the one-process accounting. The key never crosses
+the network; the per-example losses do (gloo, unencrypted): run multi-machine private jobs on a private network.
 Rank 0 alone evaluates (and broadcasts the result, so early stopping and best-model decisions agree) and writes
 metrics, checkpoints, the adapter and the summary. Resuming needs the run directory on a filesystem every rank sees.
 """

@@ -40,7 +40,7 @@ from slimtune.privacy.secret import KEY_FILE, KeyedNoise, RunKey, create_key_fil
 from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, read_state, save_checkpoint
 from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb
 from slimtune.train.resume import adopt_unset, check_resume, read_stored
-from slimtune.train.run_dir import RunDirectory
+from slimtune.train.run_dir import RunDirectory, read_status
 from slimtune.train.objectives import (GenerationSettings, build_objective, check_best_metric, is_better,
                                        load_model_and_data)
 
@@ -405,19 +405,22 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
             [dict(steps=state["step"], num_examples=num_examples, batch_size=config.batch_size,
                   noise_multiplier=noise)]]
     quantile_noise = past[-1].quantile_noise if adaptive else 0.0
-    status = run_dir.status() if run_dir is not None else {}
-    abandoned = {(d["attempt"], d["from_step"]): d for d in state.get("abandoned", []) + status.get("abandoned", [])}
-    attempt = max(int(status.get("attempt", 0)), int(state.get("attempt", 0)))
-    released = max(int(status.get("released_through", 0)), last_logged_step(out / "metrics.jsonl", "epsilon"))
-    if released > state["step"]:  # written, then the process died before the checkpoint: those releases count
-        seg = Segment(released - state["step"], num_examples, past[-1].batch_size, noise, past[-1].releases,
-                      past[-1].quantile_noise)
-        abandoned[(attempt, state["step"])] = {**asdict(seg), "attempt": attempt, "from_step": state["step"]}
-        attempt += 1
-    extra = [Segment.from_dict(d) for d in abandoned.values()]
-    if run_dir is not None:  # durable before anything new is released
+    if run_dir is not None:  # rank 0 decides the attempt and the extra releases, durably, before anything new
+        status = run_dir.status()
+        abandoned = {(d["attempt"], d["from_step"]): d
+                     for d in state.get("abandoned", []) + status.get("abandoned", [])}
+        attempt = max(int(status.get("attempt", 0)), int(state.get("attempt", 0)))
+        released = max(int(status.get("released_through", 0)), last_logged_step(out / "metrics.jsonl", "epsilon"))
+        if released > state["step"]:  # written, then the process died before the checkpoint: those releases count
+            seg = Segment(released - state["step"], num_examples, past[-1].batch_size, noise, past[-1].releases,
+                          past[-1].quantile_noise)
+            abandoned[(attempt, state["step"])] = {**asdict(seg), "attempt": attempt, "from_step": state["step"]}
+            attempt += 1
         run_dir.update(attempt=attempt, released_through=state["step"], abandoned=list(abandoned.values()))
     distributed.barrier(world)
+    status = read_status(out)  # every rank: the same attempt and extra releases (a shared run directory)
+    attempt = int(status.get("attempt", 0))
+    extra = [Segment.from_dict(d) for d in status.get("abandoned", [])]
     accountant = PrivacyAccountant(spec, num_examples, config.batch_size, noise, releases, past, quantile_noise,
                                    extra=extra)
     return accountant, key, attempt
