@@ -78,6 +78,8 @@ ROWS = [
     ("classification-num-beams", [*TRAIN_BASE, "--num-beams", "2"], "--num-beams applies only"),
     ("eval-every-without-eval", [*TRAIN_BASE, "--eval-every", "5"], "--eval-every applies only"),
     ("patience-without-eval", [*TRAIN_BASE, "--patience", "2"], "--patience applies only"),
+    ("dphizoo-laplace", [*TRAIN_BASE, "--optimizer", "dphizoo", "--mechanism", "laplace", "--clipping", "fixed"],
+     "dphizoo releases two scalars per step"),
     ("adaptive-flag-fixed", [*TRAIN_BASE, "--optimizer", "dpzero", "--clipping", "fixed", "--clip-lr", "0.3"],
      "--clip-lr applies only to adaptive clipping"),
     # ranges

@@ -181,6 +181,13 @@ class TrainSettings(Settings):
             require_input_file(self.data, "--data")
             if self.eval_data:
                 require_input_file(self.eval_data, "--eval-data")
+        if self.optimizer in PRIVATE and self.mechanism == "laplace":
+            if self.optimizer == "dphizoo":
+                raise SlimtuneError("--mechanism laplace: dphizoo releases two scalars per step (gradient and "
+                                    "curvature) and Laplace noise is accounted for one; use --mechanism gaussian")
+            if self.n_spsa > 1:
+                raise SlimtuneError(f"--mechanism laplace releases one scalar per step; --n-spsa {self.n_spsa} would "
+                                    f"release {self.n_spsa}: use --mechanism gaussian or --n-spsa 1")
         if self.resume and self.restart:
             raise SlimtuneError("--resume and --restart exclude each other")
         check_device(self.device, self.dtype)

@@ -83,7 +83,8 @@ class TrainConfig:
 
 
 # What a private run's per-step record may contain: released or post-processed values only.
-RELEASED_KEYS = ("step", "lr", "projected_grad", "clip", "epsilon", "delta", "noise_multiplier")
+RELEASED_KEYS = ("step", "lr", "projected_grad", "clip", "epsilon", "delta", "noise_multiplier",
+                 "curvature", "curvature_clip")  # dphizoo releases its curvature scalar too
 
 
 @dataclass
