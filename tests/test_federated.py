@@ -424,13 +424,16 @@ def test_a_run_where_every_client_fails_is_an_error(demo_paths, tmp_path):
     from slimtune import SlimtuneError
     from slimtune.federated.simulate import simulate
 
+    fresh = tmp_path / "fresh"
+
     def fake_run_simulation(**kwargs):  # what the server leaves when every client failed
-        (out / "summary.json").write_text(json.dumps(summary))
+        fresh.mkdir()
+        (fresh / "summary.json").write_text(json.dumps(summary))
 
     flwr.simulation.run_simulation, original = fake_run_simulation, flwr.simulation.run_simulation
     try:
         with pytest.raises(SlimtuneError, match="trained nothing"):
-            simulate(make_cfg(demo_paths, out_dir=str(out)))
+            simulate(make_cfg(demo_paths, out_dir=str(fresh)))
     finally:
         flwr.simulation.run_simulation = original
 
@@ -457,7 +460,7 @@ def test_bytes_are_bytes_on_the_wire(demo_paths):
 
 
 # -- issue 15, items 7-8: `flwr run .` with the default local federation, node-local data, deployment engine ------
-def test_run_config_declares_what_the_server_needs_and_nothing_unknown():
+def test_run_config_declares_what_the_clients_train_with_and_nothing_unknown():
     import tomllib
     from pathlib import Path
     from dataclasses import fields as dc_fields
@@ -465,7 +468,7 @@ def test_run_config_declares_what_the_server_needs_and_nothing_unknown():
         "app"]["config"]
     known = {f.name for f in dc_fields(FederatedConfig)} | {"num_server_rounds"}
     assert {k.replace("-", "_") for k in app_config} <= known  # every declared key means something
-    cfg = FederatedConfig.from_run_config(app_config)
+    cfg = FederatedConfig.from_flower(app_config, settings=None)
     assert cfg.num_clients == 2  # Flower's default local federation runs 2 SuperNodes
     assert cfg.round_timeout < 3600 and cfg.node_timeout < 3600  # not Flower's hour-long default wait
 

@@ -127,11 +127,16 @@ def train(msg: Message, context: Context) -> Message:
     own = node.get("data-path")  # deployment: each SuperNode reads only its own data (--node-config data-path=...)
     if own:
         cfg = replace(cfg, data=str(own))
+    elif "partition-id" not in node:
+        raise ValueError("this SuperNode has neither --node-config data-path=... (its own data) nor partition-id / "
+                         "num-partitions (its share of a shared file)")
     state = context.state.config_records.setdefault(STATE, ConfigRecord({"private-steps": 0}))
     steps_before = int(state["private-steps"])
-    arrays, metrics = local_train(cfg, int(node.get("partition-id", 0)), payload, int(config["server-round"]),
-                                  own_data=bool(own), num_partitions=int(node["num-partitions"]) if
-                                  "num-partitions" in node else None, steps_before=steps_before)
+    # a node's own seeds: its partition id, or (a deployment node started without one) its Flower node id
+    identity = int(node.get("partition-id", context.node_id))
+    arrays, metrics = local_train(cfg, identity, payload, int(config["server-round"]), own_data=bool(own),
+                                  num_partitions=int(node["num-partitions"]) if "num-partitions" in node else None,
+                                  steps_before=steps_before)
     if is_private(cfg):
         state["private-steps"] = steps_before + cfg.local_steps
     content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),

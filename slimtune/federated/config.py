@@ -4,10 +4,18 @@ a combination before any work starts."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import tomllib
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 from slimtune import SlimtuneError
 from slimtune.federated.wire import FP32
+
+log = logging.getLogger("slimtune.federated")
+SETTINGS_ENV = "SLIMTUNE_SERVER_SETTINGS"  # path of the server's settings file (TOML or JSON)
+SETTINGS_FILE = "slimtune-server.toml"  # its default place: $FLWR_HOME (the SuperLink's, default ~/.flwr)
 
 # Settings only the server reads: never sent to clients.
 SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
@@ -88,7 +96,22 @@ class FederatedConfig:
         return replace(self, server_average=0.0) if self.server_average is None else self
 
     def validate(self) -> None:
-        """One-line errors for combinations that would claim privacy they do not give, or do nothing."""
+        """One-line errors for values out of range and for combinations that would claim privacy they do not give,
+        or do nothing. Every path runs it (check_run) before any work."""
+        from slimtune.optim import OPTIMIZERS
+        if not (1 <= self.bits <= 8 or self.bits == FP32) or not (1 <= self.upload_bits <= 8 or self.upload_bits == FP32):
+            raise SlimtuneError(f"--bits {self.bits} / --upload-bits {self.upload_bits}: each must be 1..8 or 32")
+        if self.aggregation not in ("fedavg", "ffa"):
+            raise SlimtuneError(f"--aggregation {self.aggregation!r}: choose fedavg or ffa")
+        if self.mode not in ("lora", "zo-seeds"):
+            raise SlimtuneError(f"--mode {self.mode!r}: choose lora or zo-seeds")
+        if self.local_optimizer not in OPTIMIZERS:
+            raise SlimtuneError(f"--local-optimizer {self.local_optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        for flag, value in (("--clients", self.num_clients), ("--rounds", self.rounds),
+                            ("--local-steps", self.local_steps), ("--batch-size", self.batch_size),
+                            ("--lora-r", self.lora_r), ("--block-size", self.block_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SlimtuneError(f"{flag} {value!r}: must be a whole number >= 1")
         if self.client_dp_noise > 0 and not self.client_dp_clip > 0:
             raise SlimtuneError("--client-dp-noise needs --client-dp-clip > 0 (noise is calibrated to the clip; "
                                 "without it there is no client-level DP)")
@@ -141,14 +164,97 @@ class FederatedConfig:
         return cls(**json.loads(text))
 
     @classmethod
-    def from_run_config(cls, run_config: dict) -> "FederatedConfig":
-        """From `[tool.flwr.app.config]` (keys with dashes) or any mapping."""
-        known = {f.name: f.type for f in fields(cls)}
+    def from_flower(cls, run_config: dict, settings: Path | None) -> "FederatedConfig":
+        """The ServerApp's settings under `flwr run`: the training settings from the run config
+        ([tool.flwr.app.config] fused with --run-config), the server's own from its settings file.
+
+        Flower hands every ClientApp the same run config (Context.run_config), so a server setting found there is
+        refused instead of used. The settings file lives on the server only (settings_path()); for a key it sets, it
+        wins over the run config (logged when they differ)."""
         values = {}
         for key, value in dict(run_config).items():
-            name = key.replace("-", "_")
-            if name == "num_server_rounds":
-                name = "rounds"
-            if name in known:
+            name = _field_name(key)
+            if name in SERVER_ONLY:
+                raise SlimtuneError(f"run config key {key!r} is a server setting: every ClientApp receives the run "
+                                    f"config, so it belongs in the server's settings file ({SETTINGS_ENV} or "
+                                    f"$FLWR_HOME/{SETTINGS_FILE}), not in [tool.flwr.app.config] or --run-config")
+            if name not in _FIELDS:
+                raise SlimtuneError(f"run config key {key!r}: not a slimtune federated setting")
+            values[name] = value
+        if settings is not None:
+            for name, value in read_settings(settings).items():
+                if name in values and values[name] != value:
+                    log.warning("%s sets %s = %r over the run config's %r", settings, name, value, values[name])
                 values[name] = value
         return cls(**values)
+
+
+_FIELDS = {f.name: f for f in fields(FederatedConfig)}
+CLIENT_SETTINGS = tuple(name for name in _FIELDS if name not in SERVER_ONLY)  # what each client is sent
+
+
+def _field_name(key: str) -> str:
+    name = key.replace("-", "_")
+    return "rounds" if name == "num_server_rounds" else name
+
+
+def settings_path() -> Path | None:
+    """The server's settings file: $SLIMTUNE_SERVER_SETTINGS, else $FLWR_HOME/slimtune-server.toml if present."""
+    if os.environ.get(SETTINGS_ENV):
+        return Path(os.environ[SETTINGS_ENV])
+    from flwr.supercore.utils import get_flwr_home
+    default = get_flwr_home() / SETTINGS_FILE
+    return default if default.is_file() else None
+
+
+def read_settings(path: Path) -> dict:
+    """A TOML or JSON file of FederatedConfig settings (flag-style keys with dashes, or field names); one-line
+    errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlimtuneError(f"{path}: no such server settings file")
+    try:
+        raw = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise SlimtuneError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({exc})") from None
+    values = {}
+    for key, value in raw.items():
+        name = _field_name(key)
+        if name not in _FIELDS:
+            raise SlimtuneError(f"{path}: key {key!r}: not a slimtune federated setting")
+        default = _FIELDS[name].default
+        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None else None
+        if kinds and not (isinstance(value, kinds) and not isinstance(value, bool) or value is None):
+            raise SlimtuneError(f"{path}: key {key!r}: expected {kinds[0].__name__}, got {value!r}")
+        values[name] = value
+    return values
+
+
+def check_inputs(cfg: FederatedConfig) -> None:
+    """Read the data files the server was given through the objective: a bad file stops here with its file, line
+    and field, not inside a client."""
+    from slimtune.federated.model import federated_objective
+    objective = federated_objective(cfg)
+    for path in (cfg.data, cfg.eval_data):
+        if path:
+            raw, _ = objective.load(path, "train")
+            if objective.kind == "generation" and raw and "messages" not in raw[0][0][1]:
+                objective.examples(raw, None)  # chat rows are checked once the tokenizer is loaded
+
+
+def check_output(out_dir: str) -> None:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SlimtuneError(f"{out}: already holds a run or other files (nothing was overwritten); choose another "
+                            f"output directory")
+
+
+def check_run(cfg: FederatedConfig) -> FederatedConfig:
+    """Everything refused before any work, on every path (`slimtune federate`, `flwr run .`, the deployment
+    script): settings, data files, an output directory that already holds something. Returns the resolved
+    config (the server step filled in)."""
+    cfg = cfg.resolved()
+    cfg.validate()
+    check_inputs(cfg)
+    check_output(cfg.out_dir)
+    return cfg

@@ -20,7 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+from slimtune import SlimtuneError
+from slimtune.federated.config import SETTINGS_ENV, FederatedConfig, check_run
 
 ROOT = Path(__file__).resolve().parents[2]  # the Flower app directory (pyproject.toml with [tool.flwr.app])
 DEMO = ROOT / "slimtune" / "data" / "demo"
@@ -75,7 +79,27 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def flower_executable(name: str) -> str:
+    """Flower's executables from the environment that runs this script (next to sys.executable), not whatever
+    `PATH` finds first."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise SlimtuneError(f"{path}: not found; install flwr into this environment ({sys.executable})")
+    return str(path)
+
+
+def deployment_config(nodes: int, data: Path, eval_data: Path | None, rounds: int, out: Path,
+                      model: str) -> FederatedConfig:
+    """The run's settings, checked as every path checks them (config.check_run)."""
+    cfg = FederatedConfig(data=str(data), eval_data=str(eval_data or ""), model=model, num_clients=nodes,
+                          rounds=rounds, out_dir=str(Path(out).resolve()), node_timeout=120.0, round_timeout=300.0)
+    check_run(cfg)
+    return cfg
+
+
 def run(nodes: int, data: Path, eval_data: Path | None, rounds: int, out: Path, model: str, timeout: float) -> dict:
+    """Start the SuperLink and `nodes` SuperNodes, submit the app with `flwr run`, stop everything; the summary."""
+    cfg = deployment_config(nodes, data, eval_data, rounds, out, model)
     work = Path(tempfile.mkdtemp(prefix="slimtune-deploy."))
     home = work / "flwr-home"
     home.mkdir()
@@ -83,39 +107,50 @@ def run(nodes: int, data: Path, eval_data: Path | None, rounds: int, out: Path, 
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "slimtune-local"\n\n[superlink.slimtune-local]\n'
         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    settings = work / "server-settings.json"  # the server's settings: only the SuperLink's environment points here
+    settings.write_text(json.dumps(asdict(cfg)))
+    # Flower's processes start more of Flower's executables by name (flower-superexec, flwr-serverapp...): the
+    # environment's own come first on their PATH
+    env = {**os.environ, "FLWR_HOME": str(home),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env.pop(SETTINGS_ENV, None)
     logs = work / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen] = []
 
-    def start(name: str, cmd: list[str]) -> subprocess.Popen:
+    def start(name: str, cmd: list[str], extra_env: dict | None = None) -> subprocess.Popen:
         log = open(logs / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work,
-                                start_new_session=True)  # its own process group: stopped with everything it spawns
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, **(extra_env or {})},
+                                cwd=work, start_new_session=True)  # own process group: stopped with its children
         procs.append(proc)
         return proc
 
     try:
-        link = start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port)])
+        link = start("superlink", [flower_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                   "--port", str(link_port)], {SETTINGS_ENV: str(settings)})
         wait_for_port(link_port, link)
         for k, path in enumerate(shard(data, nodes, work)):
-            start(f"supernode{k}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                                    "--host", "127.0.0.1", "--port", str(node_ports[k]), "--node-config",
-                                    f'partition-id={k} num-partitions={nodes} data-path="{path}"'])
-        config = {"num-clients": nodes, "num-server-rounds": rounds, "model": model, "data": str(data),
-                  "eval-data": str(eval_data or ""), "out-dir": str(out.resolve()), "node-timeout": 120.0,
-                  "round-timeout": 300.0}
-        run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
-        submit = subprocess.run(["flwr", "run", str(ROOT), "slimtune-local", "--run-config", run_config, "--stream"],
+            start(f"supernode{k}", [flower_executable("flower-supernode"), "--insecure", "--superlink",
+                                    f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(node_ports[k]),
+                                    "--node-config", f'partition-id={k} data-path="{path}"'])
+        submit = subprocess.run([flower_executable("flwr"), "run", str(ROOT), "slimtune-local", "--stream"],
                                 env=env, cwd=work, capture_output=True, text=True, timeout=timeout)
         (logs / "flwr-run.log").write_text(submit.stdout + submit.stderr)
-        summary_path = out / "summary.json"
-        if not summary_path.exists():
-            raise RuntimeError(f"the run wrote no summary (logs in {logs}): "
-                               f"{(submit.stderr or submit.stdout).strip().splitlines()[-1:]}")
-        return json.loads(summary_path.read_text())
+        return finished_summary(out, logs, submit)
     finally:
         stop(procs)
+
+
+def finished_summary(out: Path, logs: Path, submit: subprocess.CompletedProcess) -> dict:
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        raise SlimtuneError(f"the run wrote no summary (logs in {logs}): "
+                            f"{(submit.stderr or submit.stdout).strip().splitlines()[-1:]}")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("stop_reason") != "completed":
+        raise SlimtuneError(f"federated run trained nothing: {summary.get('stop_reason')}; no adapter was saved "
+                            f"(logs in {logs})")
+    return summary
 
 
 def main() -> None:
@@ -128,12 +163,16 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--timeout", type=float, default=900.0)
     args = ap.parse_args()
-    if (args.out / "summary.json").exists():
-        raise SystemExit(f"{args.out}: already holds a run (nothing was overwritten)")
-    summary = run(args.nodes, args.data, args.eval_data, args.rounds, args.out, args.model, args.timeout)
+    try:
+        if args.nodes < 1:
+            raise SlimtuneError(f"--nodes {args.nodes}: must be >= 1")
+        deployment_config(args.nodes, args.data, args.eval_data, args.rounds, args.out, args.model)
+        summary = run(args.nodes, args.data, args.eval_data, args.rounds, args.out, args.model, args.timeout)
+    except SlimtuneError as exc:  # the CLI's convention: one line, exit code 2
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps({k: summary.get(k) for k in ("rounds", "clients", "accepted_updates", "final_accuracy",
                                                   "client_visible_accuracy", "bytes_communicated", "stop_reason")}))
-    sys.exit(0 if summary.get("accepted_updates") else 1)
 
 
 if __name__ == "__main__":

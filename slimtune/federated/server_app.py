@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from slimtune import SlimtuneError
 from slimtune.federated.attacks import BroadcastHistory, attack_report, coalition_data
-from slimtune.federated.config import FederatedConfig
+from slimtune.federated.config import FederatedConfig, check_run, settings_path
 from slimtune.federated.model import build_model, load_lora_state, lora_state, secret_seed
 from slimtune.federated.wire import FP32
 from slimtune.federated.strategy import FedLPP
@@ -38,11 +38,11 @@ def make_replay(model, cfg: FederatedConfig):
 
 
 def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
+    """The one code path of every federated run (simulation, `flwr run .`, deployment): checks, rounds, summary.
+    Raises SlimtuneError on bad settings (before any work) and when no client update was accepted."""
+    cfg = check_run(cfg)  # the server step the run uses is filled in and recorded in summary.json
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    cfg = cfg.resolved()  # the server step the run uses, recorded in summary.json
-    cfg.validate()
     model, tok, train, evals, objective = build_model(cfg, lora_seed=secret_seed())
     metric = "accuracy" if objective.kind == "classification" else "loss"
     per_round = cfg.clients_per_round or cfg.num_clients
@@ -153,5 +153,6 @@ def _write_summary(cfg, out, model, accountant, seconds, attacks=None) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for `flwr run`: settings from [tool.flwr.app.config] in pyproject.toml."""
-    run_server(grid, FederatedConfig.from_run_config(context.run_config))
+    """Entry point for `flwr run`: training settings from the run config ([tool.flwr.app.config], --run-config),
+    server settings from the server's own file (config.settings_path)."""
+    run_server(grid, FederatedConfig.from_flower(context.run_config, settings_path()))

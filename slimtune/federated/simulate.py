@@ -6,15 +6,20 @@ import json
 import os
 from pathlib import Path
 
-from slimtune.federated.common import FederatedConfig
+from slimtune import SlimtuneError
+from slimtune.federated.config import FederatedConfig, check_run
 
 
-def simulate(cfg: FederatedConfig, cpus_per_client: float = 1.0) -> dict:
+def simulate(cfg: FederatedConfig, cpus_per_client: float = 1.0, client_app=None) -> dict:
+    """Run on Flower's simulation engine with `num_clients` virtual SuperNodes; the server is run_server, as under
+    `flwr run` and in deployment. `client_app`: another ClientApp (measurements with hostile clients)."""
+    import flwr.simulation
     from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
 
-    from slimtune.federated.client_app import app as client_app
+    from slimtune.federated.client_app import app as honest_app
     from slimtune.federated.server_app import run_server
+
+    check_run(cfg)  # the checks run_server makes, before Ray starts
 
     server = ServerApp()
 
@@ -23,15 +28,14 @@ def simulate(cfg: FederatedConfig, cpus_per_client: float = 1.0) -> dict:
         run_server(grid, cfg)
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(server_app=server, client_app=client_app, num_supernodes=cfg.num_clients,
-                   backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}})
+    flwr.simulation.run_simulation(server_app=server, client_app=client_app or honest_app,
+                                   num_supernodes=cfg.num_clients,
+                                   backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}})
     path = Path(cfg.out_dir) / "summary.json"
     if not path.exists():
-        from slimtune import SlimtuneError
         raise SlimtuneError(f"federated run did not finish (no {path}); see the log above")
     summary = json.loads(path.read_text())
     if summary.get("stop_reason", "completed") != "completed":
-        from slimtune import SlimtuneError
         raise SlimtuneError(f"federated run trained nothing: {summary['stop_reason']} (see the client errors above); "
-                            f"theta is still its initial value in {cfg.out_dir}")
+                            f"no adapter was saved in {cfg.out_dir}")
     return summary
