@@ -1,17 +1,24 @@
 """Run slimtune's Flower app on the real Deployment Engine on this machine: one `flower-superlink` and N
-`flower-supernode` processes on 127.0.0.1 (insecure local mode: testing only; real deployments use TLS), each node
-reading only its own shard of the data through `--node-config data-path=...`, then `flwr run . <connection>`.
+`flower-supernode` processes on 127.0.0.1, each node reading only its own shard of the data through
+`--node-config data-path=...`, then `flwr run . <connection>`.
 
-Every process it starts is stopped by PID when it ends (normally, on error or on Ctrl-C). Flower's state lives in a
-temporary FLWR_HOME, so the user's ~/.flwr is never touched.
+Secure by default: TLS with a CA and a SuperLink certificate made for this run, and SuperNode authentication (each
+node's key registered with `flwr supernode register` before it starts; an unregistered node is refused). See
+credentials.py. `--insecure` turns both off, with a warning: for debugging only.
+
+The server's settings (rounds, output, evaluation data...) go to a file only the SuperLink's environment points at
+($SLIMTUNE_SERVER_SETTINGS); clients receive the app's run config (training settings) and, per round, the training
+settings in the message. Every process it starts is stopped by PID when it ends (normally, on error or on Ctrl-C).
+Flower's state lives in a temporary FLWR_HOME, so the user's ~/.flwr is never touched.
 Usage: python -m slimtune.federated.deployment [--nodes 2] [--data FILE] [--eval-data FILE] [--rounds 2]
-       [--out runs/deployment] [--model tiny-llama] [--timeout 900]
+       [--out runs/deployment] [--model tiny-llama] [--timeout 900] [--insecure]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import signal
@@ -25,9 +32,12 @@ from pathlib import Path
 
 from slimtune import SlimtuneError
 from slimtune.federated.config import SETTINGS_ENV, FederatedConfig, check_run
+from slimtune.federated.credentials import make_certificates, make_node_key
 
 ROOT = Path(__file__).resolve().parents[2]  # the Flower app directory (pyproject.toml with [tool.flwr.app])
 DEMO = ROOT / "slimtune" / "data" / "demo"
+CONNECTION = "slimtune-local"
+log = logging.getLogger("slimtune.federated")
 
 
 def free_ports(n: int) -> list[int]:
@@ -57,12 +67,12 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before listening on {port}")
+            raise SlimtuneError(f"process {proc.pid} exited with {proc.returncode} before listening on {port}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.5)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+    raise SlimtuneError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -88,57 +98,93 @@ def flower_executable(name: str) -> str:
     return str(path)
 
 
-def deployment_config(nodes: int, data: Path, eval_data: Path | None, rounds: int, out: Path,
-                      model: str) -> FederatedConfig:
-    """The run's settings, checked as every path checks them (config.check_run)."""
-    cfg = FederatedConfig(data=str(data), eval_data=str(eval_data or ""), model=model, num_clients=nodes,
-                          rounds=rounds, out_dir=str(Path(out).resolve()), node_timeout=120.0, round_timeout=300.0)
-    check_run(cfg)
-    return cfg
+def app_bundle_bytes() -> int:
+    """Size of the app bundle (FAB) `flwr run .` builds and every SuperNode pulls once per run."""
+    from flwr.cli.build import build_fab_from_disk
+    return len(build_fab_from_disk(ROOT))
 
 
-def run(nodes: int, data: Path, eval_data: Path | None, rounds: int, out: Path, model: str, timeout: float) -> dict:
-    """Start the SuperLink and `nodes` SuperNodes, submit the app with `flwr run`, stop everything; the summary."""
-    cfg = deployment_config(nodes, data, eval_data, rounds, out, model)
-    work = Path(tempfile.mkdtemp(prefix="slimtune-deploy."))
-    home = work / "flwr-home"
-    home.mkdir()
-    link_port, *node_ports = free_ports(1 + nodes)  # Flower 1.41: the SuperLink serves every API on one HTTP port
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "slimtune-local"\n\n[superlink.slimtune-local]\n'
-        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    settings = work / "server-settings.json"  # the server's settings: only the SuperLink's environment points here
-    settings.write_text(json.dumps(asdict(cfg)))
-    # Flower's processes start more of Flower's executables by name (flower-superexec, flwr-serverapp...): the
-    # environment's own come first on their PATH
-    env = {**os.environ, "FLWR_HOME": str(home),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    env.pop(SETTINGS_ENV, None)
-    logs = work / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen] = []
+class LocalFederation:
+    """A SuperLink and SuperNodes on 127.0.0.1, started and stopped as one (a context manager).
 
-    def start(name: str, cmd: list[str], extra_env: dict | None = None) -> subprocess.Popen:
-        log = open(logs / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, **(extra_env or {})},
-                                cwd=work, start_new_session=True)  # own process group: stopped with its children
-        procs.append(proc)
+    Secure unless `insecure`: TLS with the run's own certificates and SuperNode authentication (add_node registers
+    the node's key first unless register=False)."""
+
+    def __init__(self, work: Path, cfg: FederatedConfig, insecure: bool = False):
+        self.work, self.cfg, self.insecure = Path(work), cfg, insecure
+        self.home, self.logs, self.keys = self.work / "flwr-home", self.work / "logs", self.work / "keys"
+        for d in (self.home, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+        self.node_logs: dict[str, Path] = {}
+        self.link_port = free_ports(1)[0]  # Flower 1.41: the SuperLink serves every API on one HTTP port
+        self.tls = None if insecure else make_certificates(self.work / "tls")
+        security = "insecure = true" if insecure else f'root-certificates = "{self.tls.ca.resolve()}"'
+        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                                               f'address = "127.0.0.1:{self.link_port}"\n{security}\n')
+        self.settings = self.work / "server-settings.json"  # only the SuperLink's environment points here
+        self.settings.write_text(json.dumps(asdict(cfg)))
+        # Flower's processes start more of Flower's executables by name (flower-superexec, flwr-serverapp...): the
+        # environment's own come first on their PATH
+        self.env = {**os.environ, "FLWR_HOME": str(self.home),
+                    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        self.env.pop(SETTINGS_ENV, None)
+
+    def __enter__(self) -> "LocalFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop(self.procs)
+
+    def _start(self, name: str, cmd: list[str], extra_env: dict | None = None) -> subprocess.Popen:
+        out = open(self.logs / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**self.env, **(extra_env or {})},
+                                cwd=self.work, start_new_session=True)  # own process group: stopped with children
+        self.procs.append(proc)
         return proc
 
-    try:
-        link = start("superlink", [flower_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                   "--port", str(link_port)], {SETTINGS_ENV: str(settings)})
-        wait_for_port(link_port, link)
-        for k, path in enumerate(shard(data, nodes, work)):
-            start(f"supernode{k}", [flower_executable("flower-supernode"), "--insecure", "--superlink",
-                                    f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(node_ports[k]),
-                                    "--node-config", f'partition-id={k} data-path="{path}"'])
-        submit = subprocess.run([flower_executable("flwr"), "run", str(ROOT), "slimtune-local", "--stream"],
-                                env=env, cwd=work, capture_output=True, text=True, timeout=timeout)
-        (logs / "flwr-run.log").write_text(submit.stdout + submit.stderr)
-        return finished_summary(out, logs, submit)
-    finally:
-        stop(procs)
+    def superlink_command(self) -> list[str]:
+        cmd = [flower_executable("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.link_port)]
+        if self.insecure:
+            return cmd + ["--insecure"]
+        return cmd + ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
+                      "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth"]
+
+    def start_superlink(self) -> None:
+        link = self._start("superlink", self.superlink_command(), {SETTINGS_ENV: str(self.settings)})
+        wait_for_port(self.link_port, link)
+
+    def node_command(self, node_config: str, private_key: Path | None) -> list[str]:
+        cmd = [flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}", "--host",
+               "127.0.0.1", "--port", str(free_ports(1)[0]), "--node-config", node_config]
+        if self.insecure:
+            return cmd + ["--insecure"]
+        return cmd + ["--root-certificates", str(self.tls.ca), "--auth-supernode-private-key", str(private_key)]
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([flower_executable("flwr"), *args], env=self.env, cwd=self.work, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def add_node(self, name: str, node_config: str, register: bool = True) -> Path:
+        """Start a SuperNode with a key of its own, registered with the SuperLink first unless register=False.
+        Returns its log file."""
+        private = None
+        if not self.insecure:
+            private, public = make_node_key(self.keys, name)
+            if register:
+                done = self.flwr("supernode", "register", str(public), CONNECTION)
+                if done.returncode:
+                    raise SlimtuneError(f"flwr supernode register failed for {name}: "
+                                        f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        self._start(name, self.node_command(node_config, private))
+        self.node_logs[name] = self.logs / f"{name}.log"
+        return self.node_logs[name]
+
+    def submit(self, timeout: float) -> dict:
+        """`flwr run .` on this federation, streamed to its end; the run's summary."""
+        done = self.flwr("run", str(ROOT), CONNECTION, "--stream", timeout=timeout)
+        (self.logs / "flwr-run.log").write_text(done.stdout + done.stderr)
+        return finished_summary(Path(self.cfg.out_dir), self.logs, done)
 
 
 def finished_summary(out: Path, logs: Path, submit: subprocess.CompletedProcess) -> dict:
@@ -153,6 +199,40 @@ def finished_summary(out: Path, logs: Path, submit: subprocess.CompletedProcess)
     return summary
 
 
+def deployment_config(nodes: int, data: Path, eval_data: Path | None, rounds: int, out: Path,
+                      model: str) -> FederatedConfig:
+    """The run's settings, checked as every path checks them (config.check_run)."""
+    cfg = FederatedConfig(data=str(data), eval_data=str(eval_data or ""), model=model, num_clients=nodes,
+                          rounds=rounds, out_dir=str(Path(out).resolve()), node_timeout=120.0, round_timeout=300.0)
+    check_run(cfg)
+    return cfg
+
+
+def with_bundle_bytes(summary: dict, nodes: int, out: Path) -> dict:
+    """The app bundle each node pulled once, added to the summary (and to bytes_communicated_with_bundle)."""
+    bundle = app_bundle_bytes()
+    summary.update(app_bundle_bytes=bundle, app_bundle_bytes_total=bundle * nodes,
+                   bytes_communicated_with_bundle=summary.get("bytes_communicated", 0) + bundle * nodes)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run(nodes: int, data: Path, eval_data: Path | None, rounds: int, out: Path, model: str, timeout: float,
+        insecure: bool = False) -> dict:
+    """Start the SuperLink and `nodes` SuperNodes, submit the app with `flwr run`, stop everything; the summary."""
+    cfg = deployment_config(nodes, data, eval_data, rounds, out, model)
+    if insecure:
+        log.warning("--insecure: no TLS and no SuperNode authentication; anyone who reaches the port can read the "
+                    "broadcasts and join the federation as a client")
+    work = Path(tempfile.mkdtemp(prefix="slimtune-deploy."))
+    with LocalFederation(work, cfg, insecure) as federation:
+        federation.start_superlink()
+        for k, path in enumerate(shard(data, nodes, work)):
+            federation.add_node(f"supernode{k}", f'partition-id={k} data-path="{path}"')
+        summary = federation.submit(timeout)
+    return with_bundle_bytes(summary, nodes, Path(cfg.out_dir))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=2)
@@ -162,17 +242,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/deployment"))
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (debugging only)")
     args = ap.parse_args()
+    logging.basicConfig(format="%(levelname)s: %(message)s")
     try:
         if args.nodes < 1:
             raise SlimtuneError(f"--nodes {args.nodes}: must be >= 1")
         deployment_config(args.nodes, args.data, args.eval_data, args.rounds, args.out, args.model)
-        summary = run(args.nodes, args.data, args.eval_data, args.rounds, args.out, args.model, args.timeout)
+        summary = run(args.nodes, args.data, args.eval_data, args.rounds, args.out, args.model, args.timeout,
+                      args.insecure)
     except SlimtuneError as exc:  # the CLI's convention: one line, exit code 2
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({k: summary.get(k) for k in ("rounds", "clients", "accepted_updates", "final_accuracy",
-                                                  "client_visible_accuracy", "bytes_communicated", "stop_reason")}))
+                                                  "client_visible_accuracy", "bytes_communicated",
+                                                  "app_bundle_bytes_total", "stop_reason")}))
 
 
 if __name__ == "__main__":
