@@ -1,7 +1,55 @@
-"""slimtune: fine-tune language models when memory and privacy are the constraints."""
+"""slimtune: fine-tune language models when memory and privacy are the constraints.
+
+    import slimtune
+    model = slimtune.apply_peft(model, "lora", r=8)
+    opt = slimtune.MeZO(model)                          # lr, eps: the defaults table's values for LoRA
+    out = opt.step(lambda: model(**batch).loss)         # forward passes only
+
+The names below are imported on first use, so `import slimtune` stays cheap (no torch until you touch them).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 
 class SlimtuneError(Exception):
     """A user-facing error: the message says what is wrong and where (file, line, field)."""
+
+
+# public name -> the module that defines it
+_LAZY = {
+    **{name: "slimtune.optimizers" for name in ("MeZO", "LOZO", "FZOO", "HiZOO", "HiZOOL", "SparseMeZO", "Hybrid",
+                                                  "DPZero", "DPLOZO", "DPHiZOO", "ZerothOrderOptimizer",
+                                                  "PrivateOptimizer", "StepOutput")},
+    "apply_peft": "slimtune.api",
+}
+_SUBMODULES = ("privacy", "hf", "train", "optimizers", "api", "peft", "models", "data", "optim", "zo", "settings")
+
+__all__ = ["SlimtuneError", "__version__", "MeZO", "LOZO", "FZOO", "HiZOO", "HiZOOL", "SparseMeZO", "Hybrid",
+           "DPZero", "DPLOZO", "DPHiZOO", "ZerothOrderOptimizer", "PrivateOptimizer", "StepOutput", "apply_peft",
+           "train", "privacy", "hf"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:  # slimtune.train is a module you can call: slimtune.train(data=..., out=...)
+        return importlib.import_module(f"slimtune.{name}")
+    raise AttributeError(f"module 'slimtune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
+    from slimtune import hf, privacy, train
+    from slimtune.api import apply_peft
+    from slimtune.optimizers import (DPHiZOO, DPLOZO, DPZero, FZOO, HiZOO, HiZOOL, LOZO, Hybrid, MeZO,
+                                     PrivateOptimizer, SparseMeZO, StepOutput, ZerothOrderOptimizer)

@@ -1,0 +1,95 @@
+"""The one-call functions of the Python API: `slimtune.apply_peft` and `slimtune.train`.
+
+Both take the keyword names of `slimtune train`'s flags (`--lora-alpha` is `lora_alpha`) and check them with the same
+rules (settings/train.py): a value out of range, a setting that does not apply, or an unknown name is a one-line
+`SlimtuneError`, raised before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slimtune import SlimtuneError
+
+
+def apply_peft(model: torch.nn.Module, method: str = "lora", *, r: int = 8, lora_alpha: float = 16.0,
+               lora_dropout: float = 0.0, target_modules: str | list[str] | None = None,
+               pissa_niter: int | None = None, learn_scale: bool = False,
+               svfit_relative: bool = True) -> torch.nn.Module:
+    """Make `model` parameter-efficient; returns the model to train (only the new parameters are trainable).
+
+    Methods: `lora` and `pissa` (Hugging Face peft; PiSSA initialises the adapter from the principal singular
+    vectors), `adapter` (bottleneck adapters after the targeted layers), `svfit` (train only the top-r singular values
+    of each targeted matrix: W = U diag(s * m) V^T with m trainable), `none` (every parameter trainable).
+
+    Args:
+        model: a transformers causal LM (or any module with nn.Linear layers).
+        method: `lora`, `pissa`, `adapter`, `svfit` or `none`.
+        r: LoRA/PiSSA rank, SVFit's number of singular values, the adapter's bottleneck.
+        lora_alpha, lora_dropout: LoRA/PiSSA scaling and dropout.
+        target_modules: layer names (a list or "q_proj,v_proj"); None: a default per architecture.
+        pissa_niter: PiSSA by randomized SVD with this many iterations (None: exact SVD).
+        learn_scale: SVFit: also learn a scale per singular value.
+        svfit_relative: SVFit: train multiplicative scales of the singular values (True) or the values themselves.
+    """
+    from slimtune.peft import PeftSettings
+    from slimtune.peft import apply_peft as apply
+    from slimtune.settings.python import check_keywords
+
+    given = dict(peft=method, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+                 pissa_niter=pissa_niter, learn_scale=learn_scale, svfit_relative=svfit_relative)
+    checked = check_keywords("slimtune.apply_peft", given, {"peft": method})
+    targets = [t.strip() for t in checked["target_modules"].split(",")] if checked["target_modules"] else None
+    return apply(model, PeftSettings(method, checked["r"], checked["lora_alpha"], checked["lora_dropout"], targets,
+                                     checked["pissa_niter"], checked["learn_scale"], checked["svfit_relative"]))
+
+
+def train(config: str | None = None, **settings: Any) -> dict:
+    """Run `slimtune train` from Python: the same settings (flag names with underscores), the same checks and the
+    same run directory (`out`: metrics.jsonl, summary.json, checkpoint/, adapter/). Returns the run's summary.
+
+        slimtune.train(data="train.tsv", eval_data="dev.tsv", optimizer="mezo", peft="lora", steps=500,
+                       out="runs/zo")
+
+    Args:
+        config: a settings file (YAML/JSON with flag names as keys, or a run's config.json), as `--config`; keyword
+            arguments override it.
+        **settings: any `slimtune train` setting (`slimtune train --help` lists them): data, eval_data, out, model,
+            task, optimizer, peft, r, lr, eps, steps, batch_size, epsilon, delta, resume, ...; `dry_run=True`
+            resolves and checks them and returns the resolved configuration without training.
+    """
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from slimtune.settings.train import TrainSettings
+    from slimtune.train import prepare
+    from slimtune.train import train as run_training
+
+    values, given, origin = dict(settings), set(settings), {}
+    if config is not None:
+        from slimtune.settings.cli import file_values
+        file_settings, file_given = file_values(TrainSettings, config)
+        values = {**file_settings, **settings}
+        given |= file_given
+        origin = {k: config for k in file_settings if k not in settings}
+    if values.get("resume") and "out" in values and config is None:
+        from slimtune.settings.train import from_run_config
+        from slimtune.train.resume import read_stored
+        stored = read_stored(Path(values["out"]))
+        if stored is None:
+            raise SlimtuneError(f"resume: no run in {values['out']} (no config.json)")
+        values = {**from_run_config(stored), **settings}
+    s = TrainSettings.build(values, given, origin)
+    run_config = s.to_config()
+    if s.dry_run:
+        from slimtune.optim.defaults import resolve
+        from slimtune.train.trainer import validate
+        resolve(run_config)
+        validate(run_config)
+        return asdict(run_config)
+    return run_training(prepare(run_config, resume=s.resume, restart=s.restart))
+
+
+__all__ = ["apply_peft", "train"]

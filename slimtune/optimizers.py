@@ -1,0 +1,446 @@
+"""Optimizers you construct from a model and drive from your own loop (or from `slimtune.hf.ZOTrainer`).
+
+    opt = slimtune.MeZO(model, lr=1e-3, eps=1e-2)
+    for batch in loader:
+        out = opt.step(lambda: model(**batch).loss)      # two forward passes, no backward, no graph
+        print(out.loss, out.info["projected_grad"])
+
+Each class is a `torch.optim.Optimizer` over the model's trainable parameters, so torch and transformers learning-
+rate schedulers drive `param_groups[0]["lr"]`, and `state_dict()` / `load_state_dict()` save and restore everything a
+step depends on (the step counter the perturbation seeds come from, LOZO's factors, HiZOO's curvature, ...). The work
+is done by the same code as `slimtune train --optimizer NAME` (`slimtune.optim.build_optimizer`), and arguments left
+out come from the same defaults table (`slimtune.optim.defaults`), looked up for the kind of model you pass: a peft
+LoRA/PiSSA model, a `slimtune.apply_peft` SVFit/adapter model, or a plain model (full-parameter values). Arguments
+are checked by the rules of the matching `slimtune train` flags.
+
+`step(closure)`: the closure runs the model on one batch and returns its loss, either the mean (a 0-d tensor or a
+float) or one loss per example (a 1-D tensor). The optimizer calls it under `torch.inference_mode()` (two or more times
+per step, at perturbed weights) and never calls `backward`; the model should be in `eval()` mode, so that every call
+sees the same function (no dropout). The private optimizers (`DPZero`, `DPLOZO`, `DPHiZOO`) need per-example losses:
+each example's contribution is clipped before noise is added, so a closure returning a mean is refused.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable, ClassVar, Union
+
+import torch
+
+from slimtune import SlimtuneError
+from slimtune.optim.base import StepOutput
+from slimtune.settings.python import check_keywords, default
+
+Loss = Union[torch.Tensor, float]
+Closure = Callable[[], Loss]
+
+PEFT_KINDS = ("lora", "pissa", "adapter", "svfit", "none")
+
+
+def peft_kind(model: torch.nn.Module) -> str:
+    """Which row of the defaults table a model uses: `lora` or `pissa` (a peft model), `svfit` or `adapter` (a model
+    from `slimtune.apply_peft`), or `none` (every other model: full-parameter values)."""
+    tuner = getattr(model, "slimtune_tuner", None)
+    if tuner is not None:
+        return tuner.method
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and configs:
+        config = configs.get(getattr(model, "active_adapter", None)) or next(iter(configs.values()))
+        return "pissa" if str(getattr(config, "init_lora_weights", "")).startswith("pissa") else "lora"
+    return "none"
+
+
+class ZerothOrderOptimizer(torch.optim.Optimizer):
+    """Base class of the public optimizers: a `torch.optim.Optimizer` whose `step(closure)` is a slimtune step.
+
+    Attributes: `method` (the `--optimizer` name), `defaults_used` (the defaults-table entry for this model),
+    `settings` (every value the step uses, given or from the table)."""
+
+    method: ClassVar[str] = ""
+    private: ClassVar[bool] = False
+    aliases: ClassVar[dict] = {}  # keyword -> train setting, where the names differ
+
+    def __init__(self, model: torch.nn.Module, given: dict, private: tuple | None = None):
+        from slimtune.optim import OptimizerArgs, build_optimizer
+        from slimtune.optim.defaults import defaults_for
+
+        owner = f"slimtune.{type(self).__name__}"
+        kind = peft_kind(model)
+        checked = check_keywords(owner, given, {"optimizer": self.method, "peft": kind}, self.aliases)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise SlimtuneError(f"{owner}: the model has no trainable parameters (apply PEFT, or set requires_grad)")
+        table = defaults_for(self.method, kind)
+        values = {k: v for k, v in checked.items() if v is not None}
+        values.setdefault("lr", table.lr)
+        if table.eps is not None:
+            values.setdefault("eps", table.eps)
+        for name, value in table.extra:  # method-specific values of the table (HiZOO's alpha, hybrid's fo_lr)
+            values.setdefault(name, value)
+        args = OptimizerArgs(**{k: v for k, v in values.items() if k in OPTIMIZER_ARGS})
+        self.defaults_used, self.settings = table, {**values, "peft": kind}
+        self.impl = build_optimizer(self.method, model, args, private)
+        super().__init__(params, {"lr": values["lr"]})
+        self._trainer_step_taken = False
+
+    # -- the step ---------------------------------------------------------------------------------------------------
+    def step(self, closure: Closure | None = None) -> StepOutput | None:  # type: ignore[override]
+        """One optimizer step on the batch the closure evaluates; returns the measured loss and the step's scalars
+        (`info`: `projected_grad`, and for private optimizers `clip` and the private diagnostics)."""
+        if closure is None:
+            if self._trainer_step_taken:  # slimtune.hf.ZOTrainer took this step in training_step
+                self._trainer_step_taken = False
+                return None
+            raise SlimtuneError(f"slimtune.{type(self).__name__}.step needs a closure that returns the batch's loss "
+                                "(a zeroth-order step evaluates the model several times)")
+        self.impl.set_lr(self.param_groups[0]["lr"])
+        return self.impl.step(self._checked(closure))
+
+    def _checked(self, closure: Closure) -> Callable[[], torch.Tensor]:
+        name = type(self).__name__
+
+        def call() -> torch.Tensor:
+            loss = closure()
+            if not isinstance(loss, torch.Tensor):
+                if not isinstance(loss, (int, float)):
+                    raise SlimtuneError(f"slimtune.{name}: the closure returned {type(loss).__name__}; return the "
+                                        "loss as a tensor (0-d mean or 1-D per example) or a float")
+                loss = torch.tensor(float(loss))
+            if self.private and loss.ndim != 1:
+                raise SlimtuneError(f"slimtune.{name} needs per-example losses: the closure must return a 1-D tensor "
+                                    f"with one loss per example (got shape {tuple(loss.shape)}); each example's "
+                                    "difference is clipped before the noise is added")
+            if loss.ndim > 1:
+                raise SlimtuneError(f"slimtune.{name}: the closure returned shape {tuple(loss.shape)}; return the "
+                                    "mean loss (0-d) or one loss per example (1-D)")
+            return loss
+        return call
+
+    @property
+    def forwards_per_step(self) -> int:
+        """Closure calls (forward passes over the batch) one step makes."""
+        return self.impl.forwards_per_step
+
+    @property
+    def steps_taken(self) -> int:
+        return self.impl.step_count
+
+    # -- checkpointing ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's param_groups (learning rates) and slimtune's state: tensors and plain values only, so that
+        `torch.load(..., weights_only=True)` reads it back (transformers' checkpoints do)."""
+        state = super().state_dict()
+        state["slimtune"] = {"method": self.impl.name, "optimizer": self.impl.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        own = state_dict.get("slimtune") if isinstance(state_dict, dict) else None
+        if own is None:
+            raise SlimtuneError(f"slimtune.{type(self).__name__}.load_state_dict: not a slimtune optimizer state")
+        if own["method"] != self.impl.name:
+            raise SlimtuneError(f"slimtune.{type(self).__name__}.load_state_dict: the state is {own['method']!r}'s, "
+                                f"this optimizer is {self.impl.name!r}")
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        self.impl.load_state_dict(own["optimizer"])
+
+
+OPTIMIZER_ARGS = ("lr", "eps", "weight_decay", "n_spsa", "seed", "rank", "nu", "momentum", "perturbation",
+                  "hessian_smooth", "sparsity", "mask_every", "fo_layers", "fo_lr")  # OptimizerArgs' fields
+
+
+class MeZO(ZerothOrderOptimizer):
+    """MeZO (Malladi et al., 2023): ZO-SGD with two-sided SPSA and the seed trick.
+
+    g = (L(theta + eps z) - L(theta - eps z)) / (2 eps),  theta <- theta - lr g z,  z ~ N(0, I) regenerated from a
+    seed (never stored). Two forward passes per step (2 n_spsa with n_spsa directions averaged).
+
+    Args:
+        model: the model to train; only parameters with `requires_grad` are perturbed and updated.
+        lr: learning rate (None: the defaults table for this model).
+        eps: perturbation scale (None: the table's).
+        weight_decay: decoupled weight decay on matrices.
+        n_spsa: directions averaged per step.
+        perturbation: `gaussian`, `rademacher` or `pool` (slices of a seeded Gaussian pool).
+        seed: the public seed the directions z are drawn from.
+    """
+
+    method = "mezo"
+
+    def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
+                 weight_decay: float = 0.0, n_spsa: int = 1, perturbation: str = "gaussian", seed: int = 0):
+        super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, n_spsa=n_spsa,
+                                     perturbation=perturbation, seed=seed))
+
+
+class LOZO(ZerothOrderOptimizer):
+    """LOZO (Chen et al., 2024): MeZO with low-rank perturbations U V^T per matrix, V kept for `nu` steps; with
+    `momentum` > 0 it is LOZO-M (momentum kept as m x rank factors). Arguments as `MeZO`, plus:
+
+    Args:
+        rank: rank of the perturbation (`--lozo-rank`).
+        nu: steps between resampling V (`--lozo-nu`).
+        momentum: LOZO-M's momentum (0: plain LOZO).
+    """
+
+    method = "lozo"
+    aliases = {"rank": "lozo_rank", "nu": "lozo_nu"}
+
+    def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
+                 weight_decay: float = 0.0, n_spsa: int = 1, rank: int = 2, nu: int = 50, momentum: float = 0.0,
+                 seed: int = 0):
+        if momentum:
+            self.method = "lozo-m"
+        super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, n_spsa=n_spsa, rank=rank, nu=nu,
+                                     momentum=momentum, seed=seed))
+
+
+class FZOO(ZerothOrderOptimizer):
+    """FZOO (Dang et al., 2025): N one-sided Rademacher directions per step on one batch, the step divided by the
+    standard deviation of their losses (N + 1 forward passes per step).
+
+    Args:
+        n_perturbations: N directions per step (>= 2: their losses' spread scales the step).
+        lr, eps, weight_decay, perturbation, seed: as `MeZO` (FZOO's lr is on its own, normalised scale).
+    """
+
+    method = "fzoo"
+
+    def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
+                 weight_decay: float = 0.0, n_perturbations: int = 8, perturbation: str = "gaussian",
+                 seed: int = 0):
+        if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 2:
+            raise SlimtuneError(f"slimtune.FZOO: n_perturbations={n_perturbations!r}: must be an integer >= 2 (the "
+                                "step is divided by the spread of their losses)")
+        super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, n_spsa=n_perturbations,
+                                     perturbation=perturbation, seed=seed))
+
+
+class HiZOO(ZerothOrderOptimizer):
+    """HiZOO: MeZO preconditioned by a diagonal Hessian estimate H (one extra forward L(theta) per step, 3 in all):
+    theta <- theta - lr g H^{-1/2} z, H a moving average of the curvature along z.
+
+    Args:
+        hessian_smooth: the moving average's weight alpha (None: the table's).
+        lr, eps, weight_decay, perturbation, seed: as `MeZO`.
+    """
+
+    method = "hizoo"
+
+    def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
+                 weight_decay: float = 0.0, hessian_smooth: float | None = None, perturbation: str = "gaussian",
+                 seed: int = 0):
+        super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, hessian_smooth=hessian_smooth,
+                                     perturbation=perturbation, seed=seed))
+
+
+class HiZOOL(HiZOO):
+    """HiZOO-L: HiZOO with H kept as rank-1 row x column factors per matrix (~2/hidden of the trainable values)."""
+
+    method = "hizoo-l"
+
+
+class SparseMeZO(ZerothOrderOptimizer):
+    """Sparse MeZO: perturb only the `1 - sparsity` smallest-magnitude values of each tensor (bit-packed masks,
+    recomputed every `mask_every` steps).
+
+    Args:
+        sparsity: fraction of each tensor left unperturbed (None: 0.75).
+        mask_every: steps between recomputing the masks (None: 50).
+        lr, eps, weight_decay, perturbation, seed: as `MeZO`.
+    """
+
+    method = "sparse-mezo"
+
+    def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
+                 weight_decay: float = 0.0, sparsity: float | None = None, mask_every: int | None = None,
+                 perturbation: str = "gaussian", seed: int = 0):
+        super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, sparsity=sparsity,
+                                     mask_every=mask_every, perturbation=perturbation, seed=seed))
+
+
+class Hybrid(ZerothOrderOptimizer):
+    """AdamW (backprop) on the top `fo_layers` transformer blocks and the head, MeZO on everything below, in one step:
+    the closure is called once with autograd on (through the top only) and once in inference mode.
+
+    Args:
+        fo_layers: top blocks trained by backprop (None: 2).
+        fo_lr: their AdamW learning rate (None: the table's); it follows the schedule of `lr` proportionally.
+        lr, eps, weight_decay, perturbation, seed: the ZO part's, as `MeZO`.
+    """
+
+    method = "hybrid"
+
+    def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
+                 weight_decay: float = 0.0, fo_layers: int | None = None, fo_lr: float | None = None,
+                 perturbation: str = "gaussian", seed: int = 0):
+        super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, fo_layers=fo_layers, fo_lr=fo_lr,
+                                     perturbation=perturbation, seed=seed))
+
+
+# -- private ----------------------------------------------------------------------------------------------------------
+class PrivateOptimizer(ZerothOrderOptimizer):
+    """Base of the differentially private ZO optimizers (DPZero's mechanism on the projected gradient).
+
+    Private training needs Poisson sampling: draw each step's batch with `sample_batch()` (each example joins
+    independently with probability batch_size / dataset_size, decided by a 256-bit key that exists only in this
+    object's memory) and return one loss per example from the closure. The noise is calibrated when the optimizer is
+    built, for `steps` steps of Poisson batches of expected size `batch_size` out of `dataset_size` examples, so that
+    the whole run spends (epsilon, delta); a step beyond `steps` is refused. `epsilon_spent` is the accountant's
+    epsilon after the steps taken. The state_dict holds public values only (step count, the clip), never the key: a
+    restored optimizer continues with a fresh key (fresh noise and batches). An empty batch is a valid Poisson draw:
+    the closure then returns `torch.zeros(0)` and the step releases noise alone, as the accounted mechanism requires.
+    """
+
+    private = True
+
+    def __init__(self, model: torch.nn.Module, given: dict, privacy: dict, dataset_size: int, batch_size: int,
+                 steps: int | None):
+        from slimtune.optim.builders import private_releases
+        from slimtune.optim.defaults import defaults_for
+        from slimtune.privacy.accountant import PrivacySpec, plan
+        from slimtune.privacy.secret import KeyedNoise, RunKey
+        from slimtune.train.trainer import adaptive_clipping
+
+        owner = f"slimtune.{type(self).__name__}"
+        for name, value in (("dataset_size", dataset_size), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SlimtuneError(f"{owner}: {name}={value!r}: must be an integer >= 1 (the number of training "
+                                    "examples and the expected Poisson batch size)")
+        checked = check_keywords(owner, {**privacy, "steps": steps},
+                                 {"optimizer": self.method, "peft": peft_kind(model), "accountant": privacy.get(
+                                     "accountant", "rdp"), "clipping": privacy.get("clipping", "auto")})
+        steps = checked["steps"] or defaults_for(self.method, peft_kind(model)).steps
+        target = checked["epsilon"]
+        if target is None and checked["noise_multiplier"] is None:
+            target = 6.0  # the CLI's default budget
+        spec = PrivacySpec(target, checked["delta"], checked["noise_multiplier"], checked["clip"], "poisson",
+                           checked["mechanism"], checked["accountant"], checked["pld_discretization"],
+                           checked["clipping"], checked["target_quantile"], checked["clip_lr"],
+                           checked["clip_multiplier"])
+        releases = private_releases(self.method, given.get("n_spsa", 1))
+        adaptive = adaptive_clipping(SimpleNamespace(privacy=spec, optimizer=self.method))
+        self.accountant = plan(spec, dataset_size, batch_size, steps, releases, adaptive)
+        self._key = RunKey.fresh()
+        self.dataset_size, self.batch_size, self.steps = dataset_size, batch_size, steps
+        noise = KeyedNoise(self._key)
+        super().__init__(model, given, (spec, self.accountant.noise, batch_size, noise,
+                                        self.accountant.quantile_noise))
+        self.settings.update(privacy, steps=steps, noise_multiplier=self.accountant.noise)
+
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma: the noise on one released scalar, relative to the clipped sum's sensitivity."""
+        return self.accountant.noise
+
+    @property
+    def epsilon_spent(self) -> float:
+        """Epsilon after the steps taken so far (at the accountant's delta)."""
+        return self.accountant.epsilon(self.impl.step_count)
+
+    @property
+    def delta(self) -> float:
+        return self.accountant.spec.delta
+
+    def sample_batch(self) -> list[int]:
+        """Indices (into the dataset of `dataset_size` examples) of the next step's Poisson batch, drawn from the
+        secret key: possibly empty, of random size; the closure must evaluate exactly these examples."""
+        from slimtune.data import PoissonSampler
+        return PoissonSampler(self.dataset_size, self.batch_size, key=self._key).indices(self.impl.step_count)
+
+    def step(self, closure: Closure | None = None) -> StepOutput | None:  # type: ignore[override]
+        if closure is not None and self.impl.step_count >= self.steps:
+            raise SlimtuneError(f"slimtune.{type(self).__name__}: the noise was calibrated for {self.steps} steps "
+                                f"(epsilon {self.accountant.spec.target_epsilon}); a further step would spend more "
+                                "than the budget (build it with a larger `steps`)")
+        return super().step(closure)
+
+
+def _privacy(epsilon, delta, noise_multiplier, clip, clipping, target_quantile, clip_lr, clip_multiplier, mechanism,
+             accountant) -> dict:
+    return dict(epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, clipping=clipping,
+                target_quantile=target_quantile, clip_lr=clip_lr, clip_multiplier=clip_multiplier,
+                mechanism=mechanism, accountant=accountant, pld_discretization=default("pld_discretization"))
+
+
+class DPZero(PrivateOptimizer):
+    """DPZero (Zhang et al., 2024): MeZO whose projected gradient is released privately.
+
+    Per example i: g_i = (l_i(theta + eps z) - l_i(theta - eps z)) / (2 eps), clipped to [-C, C]; released
+    g = (sum_i clip(g_i) + N(0, (sigma C)^2)) / batch_size; theta <- theta - lr g z. sigma is calibrated so that `steps`
+    Poisson-sampled steps spend (epsilon, delta); with adaptive clipping (the default) C tracks the `target_quantile`
+    of |g_i| through a noisy, accounted count. See `PrivateOptimizer` for sampling, the key and the state.
+
+    Args:
+        model: the model; only trainable parameters are perturbed.
+        epsilon: the budget of the whole run (None: 6, unless `noise_multiplier` is given).
+        delta: the budget's delta (< 1 / dataset_size).
+        dataset_size: N, the number of training examples batches are sampled from.
+        batch_size: the expected Poisson batch size B (sampling rate B / N).
+        steps: the steps the budget covers (None: the defaults table's, 2,000).
+        noise_multiplier: a fixed sigma instead of calibrating to epsilon.
+        clip: the clipping threshold C (the starting C with adaptive clipping).
+        clipping: `auto` (adaptive with Gaussian noise), `adaptive` or `fixed`.
+        target_quantile, clip_lr, clip_multiplier: adaptive clipping (C = clip_multiplier x the tracked quantile).
+        mechanism: `gaussian` or `laplace`.
+        accountant: `rdp` or `pld` (tighter).
+        lr, eps, weight_decay, n_spsa, perturbation, seed: as `MeZO` (each SPSA direction is one more release).
+    """
+
+    method = "dpzero"
+
+    def __init__(self, model: torch.nn.Module, *, dataset_size: int, batch_size: int, epsilon: float | None = None,
+                 delta: float = 1e-5, steps: int | None = None, noise_multiplier: float | None = None,
+                 clip: float = 1.0, clipping: str = "auto", target_quantile: float = 0.9, clip_lr: float = 0.2,
+                 clip_multiplier: float = 2.0, mechanism: str = "gaussian", accountant: str = "rdp",
+                 lr: float | None = None, eps: float | None = None, weight_decay: float = 0.0, n_spsa: int = 1,
+                 perturbation: str = "gaussian", seed: int = 0):
+        super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, n_spsa=n_spsa,
+                                     perturbation=perturbation, seed=seed),
+                         _privacy(epsilon, delta, noise_multiplier, clip, clipping, target_quantile, clip_lr,
+                                  clip_multiplier, mechanism, accountant), dataset_size, batch_size, steps)
+
+
+class DPLOZO(PrivateOptimizer):
+    """DP-LOZO: LOZO's low-rank directions with DPZero's private scalar. Arguments as `DPZero`, plus LOZO's `rank`
+    and `nu`."""
+
+    method = "dplozo"
+    aliases = {"rank": "lozo_rank", "nu": "lozo_nu"}
+
+    def __init__(self, model: torch.nn.Module, *, dataset_size: int, batch_size: int, epsilon: float | None = None,
+                 delta: float = 1e-5, steps: int | None = None, noise_multiplier: float | None = None,
+                 clip: float = 1.0, clipping: str = "auto", target_quantile: float = 0.9, clip_lr: float = 0.2,
+                 clip_multiplier: float = 2.0, mechanism: str = "gaussian", accountant: str = "rdp",
+                 lr: float | None = None, eps: float | None = None, weight_decay: float = 0.0, n_spsa: int = 1,
+                 rank: int = 2, nu: int = 50, seed: int = 0):
+        super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, n_spsa=n_spsa, rank=rank, nu=nu,
+                                     seed=seed),
+                         _privacy(epsilon, delta, noise_multiplier, clip, clipping, target_quantile, clip_lr,
+                                  clip_multiplier, mechanism, accountant), dataset_size, batch_size, steps)
+
+
+class DPHiZOO(PrivateOptimizer):
+    """DP-HiZOO: HiZOO whose projected gradient and curvature scalar are both DPZero releases (2 per step in the
+    accountant). Arguments as `DPZero`, plus HiZOO's `hessian_smooth`."""
+
+    method = "dphizoo"
+
+    def __init__(self, model: torch.nn.Module, *, dataset_size: int, batch_size: int, epsilon: float | None = None,
+                 delta: float = 1e-5, steps: int | None = None, noise_multiplier: float | None = None,
+                 clip: float = 1.0, clipping: str = "auto", target_quantile: float = 0.9, clip_lr: float = 0.2,
+                 clip_multiplier: float = 2.0, mechanism: str = "gaussian", accountant: str = "rdp",
+                 lr: float | None = None, eps: float | None = None, weight_decay: float = 0.0,
+                 hessian_smooth: float | None = None, perturbation: str = "gaussian", seed: int = 0):
+        super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, hessian_smooth=hessian_smooth,
+                                     perturbation=perturbation, seed=seed),
+                         _privacy(epsilon, delta, noise_multiplier, clip, clipping, target_quantile, clip_lr,
+                                  clip_multiplier, mechanism, accountant), dataset_size, batch_size, steps)
+
+
+# name (as `--optimizer`) -> class; what slimtune.hf.ZOArguments(optimizer=...) builds
+OPTIMIZERS: dict[str, type[ZerothOrderOptimizer]] = {
+    "mezo": MeZO, "lozo": LOZO, "lozo-m": LOZO, "fzoo": FZOO, "hizoo": HiZOO, "hizoo-l": HiZOOL,
+    "sparse-mezo": SparseMeZO, "hybrid": Hybrid, "dpzero": DPZero, "dplozo": DPLOZO, "dphizoo": DPHiZOO}
+
+__all__ = ["ZerothOrderOptimizer", "PrivateOptimizer", "MeZO", "LOZO", "FZOO", "HiZOO", "HiZOOL", "SparseMeZO",
+           "Hybrid", "DPZero", "DPLOZO", "DPHiZOO", "OPTIMIZERS", "StepOutput", "peft_kind"]

@@ -1,0 +1,55 @@
+"""Keyword arguments of the Python API checked by the rules of `slimtune train`'s settings (settings/train.py).
+
+`slimtune.MeZO(model, lr=...)`, `slimtune.apply_peft(model, "lora", r=...)` and `slimtune.hf.ZOArguments` take the
+same names as the flags (or say which flag a name stands for) and go through the same checks: the field's type,
+its choices and range, and whether it applies to the rest of the settings. Nothing here duplicates a rule: each one
+is read from the `TrainSettings` field that declares it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from types import SimpleNamespace
+
+from slimtune import SlimtuneError
+from slimtune.settings.base import _check_range, coerce, spec_of
+from slimtune.settings.train import TrainSettings
+
+FIELDS = {f.name: f for f in fields(TrainSettings)}
+DEFAULTS = TrainSettings.defaults()
+
+
+def default(name: str):
+    """The default of train setting `name` (what a Python keyword left out means)."""
+    return DEFAULTS[name]
+
+
+def check_keywords(owner: str, values: dict, context: dict, aliases: dict | None = None) -> dict:
+    """`values` ({keyword: value}) checked as the train settings they stand for; returns them coerced.
+
+    owner: how to name the caller in messages ("slimtune.MeZO"); context: the other settings the applicability rules
+    read (optimizer=..., peft=..., clipping=...); aliases: keyword -> setting name where they differ (LOZO's `rank`
+    is `lozo_rank`). A value equal to the setting's default counts as not given (nothing to apply)."""
+    aliases = aliases or {}
+    checked, names = {}, {}
+    for keyword, value in values.items():
+        name = aliases.get(keyword, keyword)
+        if name not in FIELDS:
+            raise SlimtuneError(f"{owner}: unknown argument {keyword!r}")
+        f, spec = FIELDS[name], spec_of(FIELDS[name])
+        value = coerce(f, value, owner)
+        where = f"{owner}: {keyword}"
+        if value is not None:
+            if spec.choices is not None and value not in spec.choices:
+                raise SlimtuneError(f"{where}={value!r}: choose one of {', '.join(map(str, spec.choices))}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                _check_range(where, value, spec)
+        checked[keyword], names[keyword] = value, name
+    state = SimpleNamespace(**{**DEFAULTS, **context, **{names[k]: v for k, v in checked.items()}})
+    for keyword, value in checked.items():
+        spec = spec_of(FIELDS[names[keyword]])
+        if spec.applies is not None and value != DEFAULTS[names[keyword]] and not spec.applies.test(state):
+            now = spec.applies.current(state)
+            raise SlimtuneError(f"{owner}: {keyword} applies only to {spec.applies.describe}"
+                                f"{f' (here: {now})' if now else ''}")
+    return checked
