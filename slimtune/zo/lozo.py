@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.optim.base import mix_seed
+from slimtune.zo import precision
 from slimtune.zo.mezo import MeZOConfig, ZOOptimizer
 
 V_STREAM = 0x5EED_0F_5
@@ -154,8 +155,12 @@ class LOZO(ZOOptimizer):
         draws = self._directions(seed)
         if self.hooked and op in ("add", "restore_update"):
             self._move_shift(seed, alpha if op == "add" else eps)  # hooked matrices: the forward adds the shift
+        offset, new_offset = self._begin_sweep(op, alpha)
         for idx, (name, p, p_decays) in enumerate(self.params):
             matrix, hooked, u = self.is_matrix(p), idx in self.hooked, draws[idx]
+            if precision.is_low_precision(p):
+                self._low_precision_param(seed, idx, p, p_decays, u, op, offset, new_offset, coef, decay, last)
+                continue
             if matrix:
                 w, vt, scale = p.data.view(p.shape[0], -1), self.V[idx].T, 1 / math.sqrt(u.shape[1])
             else:
@@ -183,6 +188,52 @@ class LOZO(ZOOptimizer):
                     add(m, -cfg.lr)
             else:
                 add(u, -cfg.lr * coef * scale)
+
+        self._offset = new_offset
+
+    def _low_precision_param(self, seed, idx, p, p_decays, u, op, offset, new_offset, coef, decay, last) -> None:
+        """bf16 / fp16 weights (zo/precision.py): the direction U V^T / sqrt(r) (or z) in blocks of whole rows of at
+        most ~chunk_size values, in fp32; perturbed states one rounding from theta, the update stochastically rounded.
+        Hooked matrices are never perturbed (their offset is 0)."""
+        cfg = self.config
+        scratch = self.__dict__.setdefault("_scratch", precision.Scratch())
+        if idx in self.hooked:
+            offset = new_offset = 0.0
+            if op == "add":
+                return
+        matrix = self.is_matrix(p)
+        w = p.data.view(p.shape[0], -1) if matrix else p.data.view(1, -1)
+        scale = 1 / math.sqrt(u.shape[1]) if matrix else 1.0
+        plain = op != "add" and not cfg.momentum  # LOZO: restore and step along the same direction
+        momentum_step = None  # LOZO-M: M V^T, applied on the step's last update sweep
+        if op != "add" and cfg.momentum:
+            m = self.momentum.get(idx)
+            m = torch.zeros_like(u) if m is None else (m.mul_(cfg.momentum) if decay else m)
+            self.momentum[idx] = m.add_(u, alpha=coef * scale)
+            momentum_step = m if last else None
+        shrink = 1 - cfg.lr * cfg.weight_decay if op != "add" and decay and p_decays and cfg.weight_decay else 1.0
+        if op != "add" and not plain and momentum_step is None and shrink == 1.0:
+            if not offset:
+                return
+            op, new_offset = "add", 0.0  # LOZO-M between its update sweeps: restore only
+        rows = max(1, cfg.chunk_size // max(w.shape[1], 1))
+        gen = None if op == "add" else precision.rounding_generator(mix_seed(seed, idx), p.device)
+        vt = self.V[idx].T.float() if matrix else None
+        for r0 in range(0, w.shape[0], rows):
+            part = w[r0:r0 + rows]
+            d = u[r0:r0 + rows].float() @ vt * scale if matrix else u.float().view(1, -1)
+            if op == "add":
+                precision.move_(part, d, offset, new_offset, scratch)
+            elif plain:
+                precision.update_(part, d, offset, shrink, -cfg.lr * coef, gen, scratch)
+            else:
+                if offset:
+                    precision.move_(part, d, offset, 0.0, scratch)
+                if momentum_step is None:
+                    precision.update_(part, d, 0.0, shrink, 0.0, gen, scratch)
+                else:
+                    ms = momentum_step[r0:r0 + rows].float() @ vt if matrix else momentum_step.float().view(1, -1)
+                    precision.update_(part, ms, 0.0, shrink, -cfg.lr, gen, scratch)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "v_block": self.v_block,

@@ -6,8 +6,10 @@ small reusable buffer, and added to the weights in place. One step makes three s
 four and holds weight-sized temporaries).
 
 Restore exactness (fp32): (theta + eps z) - 2 eps z + eps z is not bit-identical in floating point; each element
-drifts by at most a few ulp of |theta| + 2 eps |z| (tests bound it by 4 ulp). With bf16 weights the same holds in bf16
-ulps, i.e. ~1e-2 relative per step for tiny weights: keep the master weights in fp32 when training for long.
+drifts by at most a few ulp of |theta| + 2 eps |z| (tests bound it by 4 ulp). bf16 / fp16 weights (`--dtype bf16`)
+take slimtune/zo/precision.py's sweeps instead: every perturbed state is one rounding away from theta, theta is
+recovered exactly (except where a perturbation crossed into a coarser binade: within one ulp there), and the update is
+rounded stochastically (unbiased), with its random bits from the step seed; z is drawn in the weights' dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from slimtune.optim.base import SlimOptimizer, StepOutput, decays, mix_seed, trainable
+from slimtune.zo import precision
 from slimtune.zo.estimators import MeanDifference
 from slimtune.zo.perturbation import make_source
 
@@ -100,16 +103,22 @@ class ZOOptimizer(SlimOptimizer):
         lr, wd = self.config.lr, self.config.weight_decay
         chunk = self.config.chunk_size
         generators: dict = {}
+        offset, new_offset = self._begin_sweep(op, alpha)
         for index, (name, p, p_decays) in enumerate(self.params):
             gen = generators.get(p.device)
             if gen is None:
                 gen = generators[p.device] = self.source.generator(seed, p.device)
             buf = self._buffer(p, chunk)
             flat = p.data.view(-1)
+            low = precision.is_low_precision(p)
             for start in range(0, flat.numel(), chunk):
                 part = flat[start:start + chunk]
                 z, sign = self.source.draw(gen, buf, part.numel())
                 z = self._direction(index, start, z)
+                if low:  # bf16 / fp16: one rounding from theta, stochastic rounding of the update (precision.py)
+                    self._low_precision_chunk(seed, part, z, sign, op, offset, new_offset, coef,
+                                              decay and p_decays and wd)
+                    continue
                 if op == "add":
                     part.add_(z, alpha=alpha * sign)
                     continue
@@ -118,6 +127,35 @@ class ZOOptimizer(SlimOptimizer):
                 if decay and p_decays and wd:
                     part.mul_(1 - lr * wd)
                 part.add_(z, alpha=-lr * coef * sign)
+        self._offset = new_offset
+
+    def _begin_sweep(self, op: str, alpha: float) -> tuple[float, float]:
+        """(offset before, offset after): the multiple of z the weights hold, i.e. rd(theta + offset z) in 16-bit
+        weights ("add" moves it by alpha; "restore_update" and "update" end at theta)."""
+        offset = getattr(self, "_offset", 0.0)
+        if op == "update" and offset:
+            raise RuntimeError("ZO: an update sweep while a perturbation is applied")
+        if op != "add":
+            return offset, 0.0
+        new = offset + alpha
+        return offset, (0.0 if abs(new) <= 1e-9 * abs(alpha) else new)  # +eps, -2 eps, +eps returns exactly to 0
+
+    def _low_precision_chunk(self, seed: int, part, z, sign: float, op: str, offset: float, new_offset: float,
+                             coef: float, decays_here: bool) -> None:
+        scratch = self.__dict__.setdefault("_scratch", precision.Scratch())
+        if op == "add":
+            precision.move_(part, z, offset * sign, new_offset * sign, scratch)
+            return
+        rounding_seed, generators = self.__dict__.get("_rounding", (None, {}))
+        if rounding_seed != seed:  # one stochastic-rounding stream per direction seed, consumed in sweep order
+            generators = {}
+            self._rounding = (seed, generators)
+        gen = generators.get(part.device)
+        if gen is None:
+            gen = generators[part.device] = precision.rounding_generator(seed, part.device)
+        lr = self.config.lr
+        decay = 1 - lr * self.config.weight_decay if decays_here else 1.0
+        precision.update_(part, z, offset * sign, decay, -lr * coef * sign, gen, scratch)
 
     def _direction(self, index: int, start: int, z: torch.Tensor) -> torch.Tensor:
         """The direction's values for elements start.. of parameter `index`, given the drawn z there (a view that
