@@ -1,0 +1,349 @@
+"""Zeroth-order training inside Hugging Face's `Trainer` and TRL's trainers: swap the class, pass `zo_args`.
+
+    from slimtune.hf import ZOArguments, ZOTrainer
+    trainer = ZOTrainer(model=model, args=TrainingArguments(...), train_dataset=ds, data_collator=collator,
+                        zo_args=ZOArguments(optimizer="mezo"))          # lr, eps: slimtune's defaults table
+    trainer.train()
+
+    from trl import SFTTrainer
+    class ZOSFTTrainer(ZOTrainerMixin, SFTTrainer): ...                  # TRL gets the same
+
+What changes: `training_step` takes one slimtune optimizer step on the batch instead of forward + backward. The
+model is put in `eval()` mode for the step (every forward of a step must see the same function: no dropout, as in
+MeZO's reference trainer) and back in training mode after it, the closure evaluates the batch's loss with the trainer's own `compute_loss` under
+`torch.inference_mode()`, and the optimizer perturbs, measures and updates the trainable weights in place (no
+autograd graph, no gradients). The optimizer is a `torch.optim.Optimizer` (slimtune/optimizers.py), so transformers'
+learning-rate schedule drives it, its state goes into every checkpoint's optimizer.pt, and `resume_from_checkpoint`
+continues the same trajectory (the perturbation seeds follow the step counter it restores).
+
+What stays Hugging Face's: datasets, collators, PEFT models (peft or TRL's `peft_config`), evaluation, callbacks,
+`report_to`, `save_model`, checkpoints and their rotation.
+
+Settings (`ZOArguments`): the optimizer's name and its settings, with `slimtune train`'s names and checks; a setting
+left at None takes the optimizer's default from slimtune's table for the model's kind. The learning rate is
+`zo_args.lr`, else `TrainingArguments.learning_rate` when you changed it from its default, else the table's;
+weight decay is `TrainingArguments.weight_decay`; the seed of the perturbations is `zo_args.seed`, else
+`TrainingArguments.seed`. Gradient accumulation, several processes, DeepSpeed and FSDP are refused (a ZO step uses
+one batch's losses; data-parallel ZO is `slimtune train` under torchrun).
+
+Private training (`optimizer="dpzero"`, `"dplozo"` or `"dphizoo"`): batches are Poisson samples drawn from a key that
+exists only in the optimizer's memory (each example joins each step with probability batch_size / N; batch sizes are
+random, possibly 0), the closure returns one loss per example (each example's mean token cross-entropy over its
+labels, `ZOTrainerMixin.per_example_losses`), and the noise is calibrated at the start of `train()` for its
+`max_steps`. The training loss of private batches is not released: it is left out of the logs (which carry
+`epsilon` and the noisy `projected_grad` instead). Resuming a private run from a checkpoint is refused (the key
+is not saved anywhere, so its noise and batches cannot be continued); run `slimtune train` for resumable private runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import Trainer
+
+from slimtune import SlimtuneError
+from slimtune.optimizers import OPTIMIZERS, PrivateOptimizer, ZerothOrderOptimizer, peft_kind
+
+EMPTY_BATCH = "slimtune_empty_batch"  # the collated form of an empty Poisson batch
+
+
+@dataclass
+class ZOArguments:
+    """The zeroth-order optimizer a `ZOTrainer` uses. None: the optimizer's default (slimtune's defaults table for
+    the model's kind, or the method's own default). Names and rules as `slimtune train`'s flags and the
+    `slimtune.MeZO` / `slimtune.DPZero` / ... keyword arguments."""
+
+    optimizer: str = "mezo"  # mezo, lozo, lozo-m, fzoo, hizoo, hizoo-l, sparse-mezo, hybrid, dpzero, dplozo, dphizoo
+    lr: float | None = None
+    eps: float | None = None
+    n_spsa: int | None = None  # mezo, lozo, dpzero, dplozo: directions averaged per step
+    perturbation: str | None = None  # gaussian, rademacher, pool
+    rank: int | None = None  # lozo, dplozo
+    nu: int | None = None  # lozo, dplozo
+    momentum: float | None = None  # lozo-m
+    n_perturbations: int | None = None  # fzoo
+    hessian_smooth: float | None = None  # hizoo, hizoo-l, dphizoo
+    sparsity: float | None = None  # sparse-mezo
+    mask_every: int | None = None  # sparse-mezo
+    fo_layers: int | None = None  # hybrid
+    fo_lr: float | None = None  # hybrid
+    seed: int | None = None  # None: TrainingArguments.seed
+    # private optimizers (dpzero, dplozo, dphizoo)
+    epsilon: float | None = None  # the budget of the whole run (None: 6 unless noise_multiplier is given)
+    delta: float | None = None  # None: 1e-5
+    noise_multiplier: float | None = None
+    clip: float | None = None
+    clipping: str | None = None  # auto, adaptive, fixed
+    target_quantile: float | None = None
+    clip_lr: float | None = None
+    clip_multiplier: float | None = None
+    mechanism: str | None = None  # gaussian, laplace
+    accountant: str | None = None  # rdp, pld
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise SlimtuneError(f"ZOArguments: optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)} "
+                                "(first-order optimizers are transformers' own: use Trainer)")
+        accepted = self.accepted()
+        for name, value in self.given().items():
+            if name not in accepted:
+                raise SlimtuneError(f"ZOArguments: {name} is not a setting of optimizer {self.optimizer} (its "
+                                    f"settings: {', '.join(sorted(accepted))})")
+
+    @property
+    def cls(self) -> type[ZerothOrderOptimizer]:
+        return OPTIMIZERS[self.optimizer]
+
+    @property
+    def private(self) -> bool:
+        return issubclass(self.cls, PrivateOptimizer)
+
+    def accepted(self) -> set[str]:
+        params = inspect.signature(self.cls.__init__).parameters
+        return {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY} - {"dataset_size", "batch_size", "steps"}
+
+    def given(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "optimizer" and getattr(self, f.name) is not None}
+
+    def build(self, model: torch.nn.Module, *, lr: float | None, weight_decay: float, seed: int,
+              dataset_size: int | None = None, batch_size: int | None = None,
+              steps: int | None = None) -> ZerothOrderOptimizer:
+        """The optimizer over `model`'s trainable parameters (private ones calibrated for `steps` Poisson batches of
+        expected size `batch_size` out of `dataset_size`)."""
+        kwargs = {"weight_decay": weight_decay, "seed": seed, **self.given()}
+        if lr is not None and self.lr is None:
+            kwargs["lr"] = lr
+        if self.optimizer == "lozo-m" and self.momentum is None:
+            kwargs["momentum"] = 0.9  # as --optimizer lozo-m
+        if self.private:
+            kwargs.update(dataset_size=dataset_size, batch_size=batch_size, steps=steps)
+        return self.cls(model, **kwargs)
+
+
+class ZOTrainerMixin:
+    """Turns a `transformers.Trainer` (or a subclass such as TRL's `SFTTrainer`) into a zeroth-order trainer:
+    put it first in the bases, `class ZOSFTTrainer(ZOTrainerMixin, SFTTrainer)`, and pass `zo_args=ZOArguments(...)`
+    to the constructor (default: MeZO with the table's defaults)."""
+
+    def __init__(self, *args, zo_args: ZOArguments | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.zo_args = zo_args if zo_args is not None else ZOArguments()
+        if not isinstance(self.zo_args, ZOArguments):
+            raise SlimtuneError(f"zo_args must be a slimtune.hf.ZOArguments, got {type(self.zo_args).__name__}")
+        self._zo_last: dict = {}
+        self._check_zo_setup()
+
+    # -- settings ---------------------------------------------------------------------------------------------------
+    def _check_zo_setup(self) -> None:
+        """One-line errors for trainer settings a zeroth-order step cannot honour (before any training)."""
+        from slimtune.settings.python import check_keywords
+
+        args, zo = self.args, self.zo_args
+        if args.gradient_accumulation_steps != 1:
+            raise SlimtuneError(f"gradient_accumulation_steps={args.gradient_accumulation_steps}: a zeroth-order step "
+                                "uses one batch's losses (raise per_device_train_batch_size instead)")
+        if args.world_size > 1 or getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled",
+                                                                                             False):
+            raise SlimtuneError("ZOTrainer runs in one process (no DDP, DeepSpeed or FSDP); for data-parallel "
+                                "zeroth-order training use `torchrun -m slimtune.cli train`")
+        if zo.lr is not None and self._lr_was_set() and args.learning_rate != zo.lr:
+            raise SlimtuneError(f"two learning rates: TrainingArguments.learning_rate={args.learning_rate} and "
+                                f"ZOArguments.lr={zo.lr}; set one")
+        given = {k: v for k, v in zo.given().items() if k != "n_perturbations"}
+        aliases = {"rank": "lozo_rank", "nu": "lozo_nu"}
+        check_keywords("ZOArguments", given, {"optimizer": zo.optimizer, "peft": peft_kind(self.model),
+                                              "clipping": zo.clipping or "auto", "accountant": zo.accountant or "rdp"},
+                       aliases)
+        if zo.private:
+            if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
+                raise SlimtuneError(f"ZOArguments(optimizer={zo.optimizer!r}): private training samples Poisson "
+                                    "batches from a dataset of known size; an iterable dataset cannot be sampled")
+            if args.include_num_input_tokens_seen not in ("no", False):
+                raise SlimtuneError("include_num_input_tokens_seen counts the tokens of private batches, which is "
+                                    "not released by a private run: leave it off")
+
+    def _lr_was_set(self) -> bool:
+        field = next(f for f in fields(type(self.args)) if f.name == "learning_rate")
+        return self.args.learning_rate != field.default
+
+    # -- optimizer --------------------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """The slimtune optimizer (instead of AdamW). Private optimizers are calibrated here, for the run's
+        max_steps, which transformers has computed by now."""
+        if self.optimizer is None:
+            target = self.model if model is None else model
+            size = len(self.train_dataset) if self.zo_args.private else None
+            self.optimizer = self.zo_args.build(
+                target, lr=self.args.learning_rate if self._lr_was_set() else None,
+                weight_decay=self.args.weight_decay, seed=self.args.seed if self.zo_args.seed is None else
+                self.zo_args.seed, dataset_size=size, batch_size=self._train_batch_size,
+                steps=self.state.max_steps if self.zo_args.private else None)
+        return self.optimizer
+
+    def zo_optimizer(self) -> ZerothOrderOptimizer:
+        """The slimtune optimizer inside accelerate's wrapper."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        if not isinstance(opt, ZerothOrderOptimizer):
+            raise SlimtuneError("ZOTrainer's optimizer is not a slimtune optimizer (do not pass `optimizers=` to a "
+                                "ZOTrainer: zo_args chooses it)")
+        return opt
+
+    # -- the step ---------------------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One zeroth-order step on `inputs`: returns the loss it measured (NaN for private runs: not released)."""
+        opt = self.zo_optimizer()
+        model.eval()
+        inputs = self._prepare_inputs(inputs) if EMPTY_BATCH not in inputs else inputs
+        with self._metrics_count_as_training():
+            out = opt.step(self._zo_closure(model, inputs, opt.private))
+        model.train()  # between steps the model is in training mode, as transformers' own training_step leaves it
+        opt._trainer_step_taken = True  # transformers' optimizer.step() that follows is this step
+        self._zo_last = {"projected_grad": out.info.get("projected_grad")}
+        loss = float("nan") if opt.private else out.loss
+        return torch.tensor(loss, device=self.args.device)
+
+    def _zo_closure(self, model, inputs, private: bool):
+        if private:
+            if EMPTY_BATCH in inputs:
+                return lambda: torch.zeros(0, device=self.args.device)
+            return lambda: self.per_example_losses(model, inputs)
+
+        def mean_loss():
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, dict(inputs))
+            return loss.mean() if self.args.n_gpu > 1 else loss
+        return mean_loss
+
+    def per_example_losses(self, model, inputs) -> torch.Tensor:
+        """One loss per example for the private optimizers: each example's mean token cross-entropy over its labels
+        (positions labelled -100 are ignored; causal LMs compare logits at t with labels at t + 1), or the
+        cross-entropy of a sequence classifier. Override for another per-example objective."""
+        labels = inputs.get("labels")
+        if labels is None:
+            raise SlimtuneError("private training needs `labels` in each batch to compute one loss per example "
+                                "(use a collator that sets them, e.g. DataCollatorForLanguageModeling)")
+        with self.compute_loss_context_manager():
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+        if logits.ndim == 2:  # sequence classification: one label per example
+            return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        logits, target = logits[:, :-1], labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        mask = target != -100
+        return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+    def _metrics_count_as_training(self):
+        """TRL's trainers file compute_loss's metrics under `train` or `eval` by `model.training`; a ZO step runs the
+        model in eval mode, so the entries it adds to `eval` are moved to `train`."""
+        return _TrainingMetrics(getattr(self, "_metrics", None))
+
+    # -- data -------------------------------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        """Private optimizers: Poisson batches drawn from the optimizer's secret key (DPZero's accounting assumes
+        them); otherwise transformers' own loader."""
+        if not self.zo_args.private:
+            return super().get_train_dataloader()
+        import datasets
+
+        dataset, collator = self.train_dataset, self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        batches = PoissonBatches(len(dataset), self._train_batch_size, self)
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=EmptyAware(collator),
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.zo_args.private and resume_from_checkpoint:
+            raise SlimtuneError("a private ZOTrainer run cannot be resumed: its noise and batches come from a key "
+                                "that is kept in memory only; start a new run, or use `slimtune train --resume`")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # -- logs -------------------------------------------------------------------------------------------------------
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Training logs get the step's `projected_grad`; private runs add `epsilon`/`delta` and drop the training
+        loss (a function of the private batch); ZO runs drop `grad_norm` (there is no gradient)."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        if isinstance(opt, ZerothOrderOptimizer) and not any(k.startswith("eval_") for k in logs):
+            if self._zo_last.get("projected_grad") is not None:
+                logs["projected_grad"] = self._zo_last["projected_grad"]
+            if opt.method != "hybrid":
+                logs.pop("grad_norm", None)
+            if opt.private:
+                for key in ("loss", "train_loss"):
+                    logs.pop(key, None)
+                logs.update(epsilon=opt.epsilon_spent, delta=opt.delta)
+        super().log(logs, start_time)
+
+
+class ZOTrainer(ZOTrainerMixin, Trainer):
+    """`transformers.Trainer` with a slimtune zeroth-order optimizer (see the module's description and
+    `ZOArguments`)."""
+
+
+class PoissonBatches:
+    """A batch sampler of Poisson batches: the batch of global step t holds each example independently with
+    probability batch_size / n, drawn from K("sampling", 0, t) of the private optimizer's key. Its length (batches
+    per epoch) is round(n / batch_size); steps are numbered across epochs (`set_epoch`), so a loader that reads
+    ahead never shifts them."""
+
+    def __init__(self, n: int, batch_size: int, trainer):
+        self.n, self.batch_size, self.trainer, self.epoch = n, batch_size, trainer, 0
+        self.batches_per_epoch = max(1, round(n / batch_size))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        from slimtune.data import PoissonSampler
+
+        opt = self.trainer.zo_optimizer()
+        sampler = PoissonSampler(self.n, self.batch_size, key=opt._key)
+        for i in range(self.batches_per_epoch):
+            yield sampler.indices(self.epoch * self.batches_per_epoch + i)
+
+
+class EmptyAware:
+    """A collator that passes an empty Poisson batch on as {EMPTY_BATCH: tensor([])} (collators fail on [])."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list):
+        if not examples:
+            return {EMPTY_BATCH: torch.zeros(0)}
+        return self.collator(examples)
+
+
+class _TrainingMetrics:
+    def __init__(self, metrics):
+        self.metrics = metrics if isinstance(metrics, dict) and {"train", "eval"} <= set(metrics) else None
+
+    def __enter__(self):
+        if self.metrics is not None:
+            self.before = {k: len(v) for k, v in self.metrics["eval"].items() if isinstance(v, list)}
+        return self
+
+    def __exit__(self, *exc):
+        if self.metrics is None:
+            return False
+        for key, values in list(self.metrics["eval"].items()):
+            if key == "num_tokens" or not isinstance(values, list):
+                continue
+            start = self.before.get(key, 0)
+            self.metrics["train"][key].extend(values[start:])
+            del values[start:]
+            if not values:
+                del self.metrics["eval"][key]  # TRL averages every list it holds
+        return False
+
+
+__all__ = ["ZOArguments", "ZOTrainerMixin", "ZOTrainer", "PoissonBatches"]
