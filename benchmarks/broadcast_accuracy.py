@@ -23,7 +23,9 @@ OUT = ROOT / "benchmarks" / "results" / "broadcast_accuracy.json"
 def main() -> None:
     from safetensors.torch import load_file
 
-    from slimtune.federated.common import FederatedConfig, build_model, decode_state, encode_state, load_lora_state, lora_state
+    from slimtune.federated.config import FederatedConfig
+    from slimtune.federated.model import build_model, load_lora_state, lora_state
+    from slimtune.federated.wire import decode_state, encode_state
     from slimtune.federated.strategy import secret_dither
 
     ap = argparse.ArgumentParser()

@@ -10,7 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from slimtune.federated import FederatedConfig, dirichlet_partition
 from slimtune.federated.client_app import local_train
-from slimtune.federated.common import FP32, build_model, decode_state, encode_state, lora_state
+from slimtune.federated.model import build_model, lora_state
+from slimtune.federated.wire import FP32, decode_state, encode_state
 from slimtune.federated.quantization import dequantize, max_gap, nf_levels, quantize
 from slimtune.federated.server_app import make_replay
 from slimtune.federated.strategy import FedLPP
@@ -305,7 +306,7 @@ def test_clients_receive_no_server_settings_and_cannot_rebuild_theta0(demo_paths
     import json
 
     import slimtune.federated.server_app as server_app
-    from slimtune.federated.common import SERVER_ONLY
+    from slimtune.federated.config import SERVER_ONLY
 
     cfg = make_cfg(demo_paths, bits=4, client_dp_clip=1.0, client_dp_noise=0.5, out_dir="/private/server/path")
     sent = json.loads(str(instructions(FedLPP(cfg, theta_like()))[0].content["config"]["slimtune-config"]))

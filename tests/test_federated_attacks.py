@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
+from test_federated import InProcessGrid, task_identity  # noqa: F401 (fixture: messages outside a Flower runtime)
 from slimtune import SlimtuneError
 from slimtune.federated import FederatedConfig, dirichlet_partition
 from slimtune.federated.attacks import BroadcastHistory, coalition_data, coalition_finetune, recovered
-from slimtune.federated.common import build_model, decode_state, encode_state, lora_state
+from slimtune.federated.model import build_model, lora_state
+from slimtune.federated.wire import decode_state, encode_state
 
 
 def make_cfg(demo_paths, **kw):
@@ -67,7 +69,7 @@ def test_coalition_finetune_moves_the_received_model_toward_its_data(demo_paths)
     examples = coalition_data(cfg, train)[:16]
 
     def loss(state):
-        from slimtune.federated.common import load_lora_state
+        from slimtune.federated.model import load_lora_state
         load_lora_state(model, state)
         with torch.no_grad():
             return objective.losses(model, objective.encode(examples, cfg.max_length)).mean().item()
@@ -96,7 +98,7 @@ def test_bad_sampling_and_attack_settings_are_refused(demo_paths, kw, needle):
 
 
 def test_attack_and_sampling_settings_stay_on_the_server(demo_paths):
-    from slimtune.federated.common import SERVER_ONLY
+    from slimtune.federated.config import SERVER_ONLY
     cfg = make_cfg(demo_paths, clients_per_round=2, attack_coalition=1)
     sent = json.loads(cfg.client_json())
     assert {"clients_per_round", "attack_coalition", "attack_window"} <= set(SERVER_ONLY)
@@ -148,3 +150,51 @@ def test_a_fixed_dither_survives_multi_round_averaging():
 def test_bad_dither_is_refused(demo_paths, kw):
     with pytest.raises(SlimtuneError, match="--dither"):
         make_cfg(demo_paths, **kw).validate()
+
+
+# -- issue 35, item 7: hostile-client rows of benchmarks/federated_attacks.py (tiny model, in-process grid) ----------
+def _dev_subset(demo_paths, tmp_path, rows=24):
+    lines = open(demo_paths[1]).read().splitlines()
+    path = tmp_path / "dev.tsv"
+    path.write_text("\n".join(lines[:rows + 1]) + "\n")
+    return path
+
+
+def test_hostile_rows_run_every_attack_and_render_a_verdict(demo_paths, tmp_path, monkeypatch):
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from slimtune.federated.hostile import ATTACKS, hostile_train
+    from slimtune.federated.server_app import run_server
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import federated_attacks as bench
+
+    def in_process(cfg, attack, hostile):
+        return run_server(InProcessGrid(cfg.num_clients, hostile_train(attack, hostile) if attack else None), cfg)
+
+    args = argparse.Namespace(hostile=list(ATTACKS), hostile_clients=[1, 2], clients=4, clients_per_round=0,
+                              rounds=2, local_steps=2, lr=1e-2, hostile_out=tmp_path / "hostile")
+    results = bench.run_hostile(args, Path(demo_paths[0]), _dev_subset(demo_paths, tmp_path), model="tiny-llama",
+                                runner=in_process)
+    assert set(results) == {"honest", "honest-zo-seeds"} | {f"{a}-{k}of4" for a in ATTACKS for k in (1, 2)}
+    assert results["inf-scalar-2of4"]["accepted_updates"] == 2 * 2  # the two hostile replies refused each round
+    assert sum(m.get("rejected", 0) for m in results["inf-scalar-2of4"]["round_metrics"]) == 2 * 2
+    assert results["norm-999-1of4"]["accepted_updates"] == 4 * 2  # accepted, clipped to the round's bound
+    table = bench.hostile_table(json.loads((tmp_path / "hostile.json").read_text()))
+    assert table.count("| reference |") == 2 and len(table.splitlines()) == 2 + len(results)
+    assert all(("met" in line or "missed" in line) for line in table.splitlines()[2:] if "reference" not in line)
+
+
+@pytest.mark.slow
+def test_a_hostile_client_runs_in_flowers_simulation(demo_paths, tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, None)  # the simulation runtime sets its own
+    from slimtune.federated import simulate
+    from slimtune.federated.hostile import hostile_app
+    cfg = make_cfg(demo_paths, eval_data=str(_dev_subset(demo_paths, tmp_path)), bits=4, rounds=2,
+                   out_dir=str(tmp_path / "run"))
+    summary = simulate(cfg, client_app=hostile_app("norm-999", {0}))
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["accepted_updates"] == 6 and all(r["update_bound"] < 999 for r in rounds[1:])

@@ -111,7 +111,7 @@ def test_the_server_step_keeps_theta_finite_under_any_accepted_reply(demo_paths)
 @pytest.fixture(scope="module")
 def zo_setup(demo_paths_module):
     from slimtune.federated.server_app import make_replay
-    from slimtune.federated.common import build_model, lora_state
+    from slimtune.federated.model import build_model, lora_state
     cfg = make_cfg(demo_paths_module, bits=FP32, mode="zo-seeds", local_steps=3, lr=1e-2)
     model = build_model(cfg)[0]
     return cfg, lora_state(model), make_replay(model, cfg)

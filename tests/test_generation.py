@@ -240,7 +240,8 @@ def test_generation_cli_errors_are_one_line(tmp_path, gen_files, args, message):
 def test_federated_clients_train_on_generation_data_and_the_server_scores_loss(tmp_path, gen_files):
     from slimtune.federated import FederatedConfig
     from slimtune.federated.client_app import local_train
-    from slimtune.federated.common import build_model, decode_state, encode_state, lora_state
+    from slimtune.federated.model import build_model, lora_state
+    from slimtune.federated.wire import decode_state, encode_state
 
     cfg = FederatedConfig(data=str(gen_files[2]), eval_data=str(gen_files[2]), task="generation", input_column="mr",
                           target_column="ref", template="{mr}\n", num_clients=2, local_steps=3, lr=2e-2, bits=4)
@@ -253,7 +254,7 @@ def test_federated_clients_train_on_generation_data_and_the_server_scores_loss(t
     delta = decode_state(arrays, {k: tuple(v.shape) for k, v in theta.items()}, cfg.upload_bits, cfg.block_size)
     assert any(v.abs().sum() > 0 for k, v in delta.items() if "lora_B" in k)  # the completion loss moved B
     before = objective.evaluate(model, evals, "cpu")["loss"]
-    from slimtune.federated.common import load_lora_state
+    from slimtune.federated.model import load_lora_state
     load_lora_state(model, {k: theta[k] + delta[k] for k in theta})
     assert objective.evaluate(model, evals, "cpu")["loss"] < before
 

@@ -23,7 +23,8 @@ from collections import deque
 import torch
 
 from slimtune.data import EpochSampler
-from slimtune.federated.common import FederatedConfig, load_lora_state, lora_state
+from slimtune.federated.config import FederatedConfig
+from slimtune.federated.model import load_lora_state, lora_state
 from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 
 # a private local optimizer's non-private counterpart: attackers fine-tune their own pooled data without DP
