@@ -9,6 +9,14 @@ examples with the same total number of local steps. SST-2 dev (first --dev-size 
 Results: benchmarks/results/federated_attacks.json, runs under benchmarks/results/federated_attacks/, plot
 federated_attacks.png; README table: `python benchmarks/readme_tables.py federated-attacks`.
 A finished run is kept (delete its directory to re-run it); `--threads` sets torch threads per process.
+
+Hostile clients (issue 35), `--hostile all` (or some of size-lie norm-999 sign-flip inf-scalar): the same 8 clients,
+4 sampled per round, 30 rounds, 4-bit broadcast, under the defaults a run gets (the swept server step, the server's
+bound on every update), with 1 and 2 of the 8 clients hostile (partitions 0 and 1; slimtune/federated/hostile.py),
+each compared with an all-honest run of the same settings: LoRA/AdamW clients for size-lie, norm-999 and sign-flip,
+zo-seeds/MeZO clients for inf-scalar. Targets: theta's dev accuracy after the last round within 3 points of the
+all-honest run with 1 hostile client, within 5 with 2. Results: benchmarks/results/federated_hostile.json, runs under
+benchmarks/results/federated_hostile/; README table: `python benchmarks/readme_tables.py federated-hostile`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from federated_table import DATA, ROOT, subset
 from launch import merged
 
 OUT = ROOT / "benchmarks" / "results" / "federated_attacks"  # --out moves it (smoke runs)
+HOSTILE_OUT = ROOT / "benchmarks" / "results" / "federated_hostile"
+HOSTILE_TARGET = {1: 3.0, 2: 5.0}  # points of dev accuracy theta may lose against the all-honest run, by hostile count
 
 
 # the settings of the first recorded run (the sweep's base, FedIT, no dither); a run that differs from them gets a
@@ -100,6 +110,90 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# -- hostile clients (issue 35) -----------------------------------------------------------------------------------
+def hostile_grid(attacks: list[str], counts: list[int], clients: int) -> list[tuple[str, str | None, int]]:
+    """(run name, attack or None, hostile clients): each mode's all-honest reference first, then every attack x
+    count."""
+    from slimtune.federated.hostile import LORA_ATTACKS
+    rows = []
+    if any(a in LORA_ATTACKS for a in attacks):
+        rows.append(("honest", None, 0))
+    if "inf-scalar" in attacks:
+        rows.append(("honest-zo-seeds", None, 0))
+    return rows + [(f"{attack}-{k}of{clients}", attack, k) for attack in attacks for k in counts]
+
+
+def reference_of(name: str, attack: str | None) -> str:
+    return "honest-zo-seeds" if attack == "inf-scalar" or name == "honest-zo-seeds" else "honest"
+
+
+def hostile_config(name: str, attack: str | None, data: Path, dev: Path, run_dir: Path, args, model: str):
+    """A run's settings: the defaults a run gets (server step, bounds) on the benchmark's data and clients; zo-seeds
+    rows run MeZO clients (lr 1e-3, eps 1e-2: the MeZO + LoRA defaults)."""
+    from slimtune.federated import FederatedConfig
+    zo = reference_of(name, attack) == "honest-zo-seeds"
+    return FederatedConfig(data=str(data), eval_data=str(dev), model=model, eval_max=0, num_clients=args.clients,
+                           clients_per_round=args.clients_per_round, rounds=args.rounds, bits=4,
+                           local_steps=args.local_steps, lr=args.lr, eps=1e-2 if zo else 1e-3, batch_size=16,
+                           lora_r=8, dirichlet_alpha=0.5, out_dir=str(run_dir), mode="zo-seeds" if zo else "lora",
+                           local_optimizer="mezo" if zo else "adamw", round_timeout=7200)
+
+
+def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None) -> dict:
+    """Every row of the hostile grid that has no summary yet; `runner(cfg, attack, hostile_partitions)` runs one
+    (default: Flower's simulation with hostile_app). Returns the results file's content."""
+    from slimtune.federated import simulate
+    from slimtune.federated.hostile import hostile_app
+
+    def simulated(cfg, attack, hostile):
+        client_app = hostile_app(attack, hostile) if attack else None
+        return simulate(cfg, cpus_per_client=float(os.cpu_count() or 1), client_app=client_app)
+
+    runner = runner or simulated
+    out = args.hostile_out
+    out.mkdir(parents=True, exist_ok=True)
+    path, results = out.with_suffix(".json"), {}
+    for name, attack, k in hostile_grid(args.hostile, args.hostile_clients, args.clients):
+        run_dir = out / name
+        if not (run_dir / "summary.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            runner(hostile_config(name, attack, data, dev, run_dir, args, model), attack, set(range(k)))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        setup = {"attack": attack, "hostile_clients": k, "clients": args.clients,
+                 "clients_per_round": args.clients_per_round, "reference": reference_of(name, attack)}
+        results = merged(path, {name: {**summary, "round_metrics": rounds, "setup": setup}})
+        print(name, {k: summary[k] for k in ("final_accuracy", "accepted_updates")}, flush=True)
+    return results
+
+
+def hostile_table(results: dict | None) -> str:
+    """README rows: theta after the last round against the all-honest run of the same mode, with the verdict."""
+    if not results:
+        return "(not run yet: `python benchmarks/federated_attacks.py --hostile all`)"
+    rows = ["| run | attack | hostile clients | theta acc (last round) | theta, mean of last 5 rounds | "
+            "vs all-honest (last round) | target | verdict | replies rejected | updates accepted |",
+            "|" + "---|" * 10]
+    for name, r in results.items():
+        setup = r["setup"]
+        theta = r["final_accuracy"]
+        last = [m["server_accuracy"] for m in r["round_metrics"] if m.get("round", 0) > 0][-5:]
+        rejected = sum(m.get("rejected", 0) for m in r["round_metrics"])
+        honest = results.get(setup["reference"], {}).get("final_accuracy")
+        gap = None if honest is None or theta is None else (theta - honest) * 100
+        target = HOSTILE_TARGET.get(setup["hostile_clients"])
+        if not setup["attack"]:
+            verdict, target_text = "reference", "-"
+        else:
+            target_text = f"within {target:g} pts"
+            verdict = "-" if gap is None else "met" if gap >= -target else f"**missed** ({gap:+.1f} pts)"
+        rows.append(f"| {name} ({r['rounds']} rounds) | {setup['attack'] or 'none'} | {setup['hostile_clients']} of "
+                    f"{setup['clients']} | {theta:.3f} | {sum(last) / len(last):.3f} | "
+                    f"{'-' if gap is None or not setup['attack'] else f'{gap:+.1f} pts'} | {target_text} | {verdict} | "
+                    f"{rejected} | {r['accepted_updates']} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     global OUT
     from slimtune.federated import FederatedConfig, simulate
@@ -130,6 +224,10 @@ def main() -> None:
     ap.add_argument("--centralized-only", action="store_true", help="only the centralized reference (to run it "
                     "beside the federated runs)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--hostile", nargs="*", default=None, help="hostile-client rows instead of the bit-width runs: "
+                    "all, or some of size-lie norm-999 sign-flip inf-scalar")
+    ap.add_argument("--hostile-clients", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--hostile-out", type=Path, default=HOSTILE_OUT)
     args = ap.parse_args()
     OUT = args.out
     if not DATA.exists():
@@ -139,6 +237,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     data, dev = subset(args.train_size, OUT), subset(args.dev_size, OUT, "dev")
+    if args.hostile is not None:
+        from slimtune.federated.hostile import ATTACKS
+        args.hostile = list(ATTACKS) if args.hostile in ([], ["all"]) else args.hostile
+        unknown = set(args.hostile) - set(ATTACKS)
+        if unknown or not set(args.hostile_clients) <= set(HOSTILE_TARGET):
+            raise SystemExit(f"--hostile: choose from {', '.join(ATTACKS)} (got {sorted(unknown)}); "
+                             f"--hostile-clients: 1 and/or 2")
+        run_hostile(args, data, dev)
+        return
     path = OUT.with_suffix(".json")
     setup = {k: getattr(args, k) for k in ("clients", "clients_per_round", "rounds", "local_steps", "lr",
                                            "server_optimizer", "server_lr", "server_momentum", "aggregation",

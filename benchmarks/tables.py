@@ -107,6 +107,11 @@ def federated_attacks_table() -> str:
     return "\n".join(rows)
 
 
+def federated_hostile_table() -> str:
+    from federated_attacks import hostile_table
+    return hostile_table(read_results("federated_hostile.json"))
+
+
 def broadcast_table() -> str:
     d = read_results("broadcast_accuracy.json")
     if d is None:
@@ -354,6 +359,7 @@ PEFT_RUNS = ["fo-full", "fo-lora-lr3e-4", "fo-lora", "fo-pissa", "fo-svfit", "lo
 TABLES = {"sst2": lambda: grid_table("sst2", MAIN_RUNS, 0.8), "dp": lambda: grid_table("sst2", DP_RUNS, 0.8),
           "peft": lambda: grid_table("sst2", PEFT_RUNS, 0.8), "mia": mia_table, "federated": federated_table,
           "federated-attacks": federated_attacks_table, "broadcast": broadcast_table,
+          "federated-hostile": federated_hostile_table,
           "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
           "generation-speed": generation_speed_table, "zo-step": zo_step_table, "gguf": gguf_table,
           "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
