@@ -44,3 +44,56 @@ def test_train_refuses_a_run_predicted_not_to_fit(tmp_path, demo_paths, monkeypa
         prepare(TrainConfig(**cfg))
     assert not (tmp_path / "run" / "checkpoint").exists()
     prepare(TrainConfig(**cfg, force=True))  # --force: try anyway
+
+
+# -- issue 38: the planner decides (dtype, quantized base, configs of any size) ----------------------------------------
+def llama_7b_config(tmp_path):
+    from transformers import LlamaConfig
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False).save_pretrained(tmp_path / "7b")
+    return tmp_path / "7b" / "config.json"
+
+
+def test_a_7b_config_is_planned_on_the_meta_device(tmp_path):
+    """Llama-2-7B's shape: AdamW full predicted far over 24 GB in any dtype, MeZO full in bf16 near the bf16 weights
+    (13.5 GB), MeZO + LoRA on an int4 base under 6 GB."""
+    model = memory_model.model_for_planning(str(llama_7b_config(tmp_path)))
+    assert next(model.parameters()).device.type == "meta"
+    peak = lambda opt, peft, dtype="float32", quant=None: memory_model.predict_run_mb(
+        model, opt, peft, 8, 2, 64, "cpu", dtype=dtype, base_quant=quant)[0]
+    assert peak("adamw", "none", "bfloat16") > 24 * 1024 and peak("adamw", "none") > 2 * 24 * 1024
+    weights_bf16 = memory_model.ModelShape.from_model(model).total_params * 2 / 2**20
+    assert weights_bf16 < peak("mezo", "none", "bfloat16") < 1.1 * (weights_bf16 + memory_model.RUNTIME_MB_CPU)
+    assert peak("mezo", "lora", "bfloat16", "int4") < 6 * 1024 < peak("mezo", "lora", "bfloat16", "int8")
+
+
+def test_plan_ranks_what_fits_by_expected_quality(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory_model, "available_mb", lambda device: 16 * 1024 / memory_model.HEADROOM)
+    res = CliRunner().invoke(app, ["plan", "--model", str(llama_7b_config(tmp_path)), "--batch-size", "2",
+                                   "--max-length", "64"])
+    assert res.exit_code == 0, res.output
+    ranked = res.stdout[res.stdout.index("what fits, best"):].splitlines()
+    methods = [line for line in ranked if "--optimizer" in line]
+    assert "--optimizer adamw --peft lora --dtype bfloat16" in methods[0]  # 14 GB: the best that fits in 16 GB
+    assert not any("--peft none" in line and "adamw" in line for line in methods)
+    assert any("--base-quant int4" in line for line in methods)
+
+
+def test_plan_refuses_a_missing_config_file(tmp_path):
+    res = CliRunner().invoke(app, ["plan", "--model", str(tmp_path / "nope.json")])
+    assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_train_suggests_the_best_method_that_fits(tmp_path, demo_paths, monkeypatch):
+    """Refused runs name the first method of the quality order that fits, as train flags, and it does fit."""
+    between_zo_and_backprop(monkeypatch, 8, 12)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), train_data=demo_paths[0], model="tiny-llama", optimizer="adamw",
+                      optim=OptimizerArgs(lr=1e-3), peft=PeftSettings("lora", r=2), steps=1, batch_size=8,
+                      progress=False)
+    with pytest.raises(SlimtuneError, match=r"best that fits: --optimizer \S+ --peft \S+.*MB\); what fits") as err:
+        prepare(cfg)
+    model, _ = load_model_and_tokenizer("tiny-llama", texts=["a b c"])
+    rows = memory_model.ranked_methods(model, 8, 12, "cpu", 2)
+    best = next(r for r in rows if r["fits"])
+    assert memory_model.as_flags(best) in str(err.value)
+    assert all(not r["fits"] for r in rows[:rows.index(best)])

@@ -1,4 +1,4 @@
-"""`slimtune plan`: which optimizer x PEFT pairs fit this machine."""
+"""`slimtune plan`: which optimizer x PEFT pairs fit this machine, and the best method that does."""
 
 from __future__ import annotations
 
@@ -13,20 +13,22 @@ def register(app) -> None:
 
 
 def run_plan(s: PlanSettings):
-    """Predicted peak memory of every optimizer x PEFT pair against the memory available here (what fits)."""
+    """Predicted peak memory of every optimizer x PEFT pair (at --dtype, on a --base-quant base) against the memory
+    available here, then the methods that fit ranked by expected quality (report/memory_model.py, QUALITY_ORDER)."""
     from rich.table import Table
 
     from slimtune.cli import console, fail
-    from slimtune.models import load_model_and_tokenizer
-    from slimtune.report.memory_model import plan_rows
+    from slimtune.report.memory_model import as_flags, model_for_planning, plan_rows, ranked_methods
 
     try:
         dev = resolve_device(s.device)
-        m, _ = load_model_and_tokenizer(s.model, texts=["plan"])
-        rows = plan_rows(m, s.batch_size, s.max_length, dev, s.r)
+        m = model_for_planning(s.model)
+        rows = plan_rows(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.base_quant)
+        ranked = [r for r in ranked_methods(m, s.batch_size, s.max_length, dev, s.r, s.dtype) if r["fits"]]
     except SlimtuneError as exc:
         fail(exc)
-    table = Table(title=f"{s.model}: batch {s.batch_size} x {s.max_length} tokens on {dev} "
+    base = f", {s.base_quant} base" if s.base_quant else ""
+    table = Table(title=f"{s.model}: batch {s.batch_size} x {s.max_length} tokens on {dev}, {s.dtype}{base} "
                         f"(budget {rows[0]['budget_mb']:,.0f} MB = 90% of available)")
     for col in ("optimizer", "PEFT", "trainable", "peak MB", "fits"):
         table.add_column(col, justify="right" if col in ("trainable", "peak MB") else "left")
@@ -34,3 +36,12 @@ def run_plan(s: PlanSettings):
         table.add_row(row["optimizer"], row["peft"], f"{row['trainable_params']:,}", f"{row['peak_mb']:,.0f}",
                       "yes" if row["fits"] else "[red]no[/]")
     console.print(table)
+    if not ranked:
+        console.print("[red]nothing fits[/]: lower --batch-size or --max-length")
+        return
+    best = Table(title="what fits, best expected quality first (slimtune train flags)")
+    for col in ("rank", "method", "peak MB"):
+        best.add_column(col, justify="right" if col != "method" else "left")
+    for i, row in enumerate(ranked, 1):
+        best.add_row(str(i), as_flags(row), f"{row['peak_mb']:,.0f}")
+    console.print(best)

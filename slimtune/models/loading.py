@@ -22,8 +22,12 @@ def cache_dir() -> Path:
 
 
 def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-                             device: str = "cpu", texts: list[str] | None = None, tokenizer_dir: str | None = None):
+                             device: str = "cpu", texts: list[str] | None = None, tokenizer_dir: str | None = None,
+                             base_quant: str | None = None):
     """Return (model, tokenizer).
+
+    `base_quant` ("int8" / "int4", models/quantize.py): the blocks' linear layers are then quantized (bitsandbytes),
+    layer by layer after loading, and the whole model is frozen (train LoRA on top).
 
     `name_or_path` is "smollm2" (the embedded default), "tiny-llama"/"tiny-gpt2" (random weights, a word-level
     tokenizer fitted to `texts`, or the one saved in `tokenizer_dir`, e.g. a run's adapter/, so that evaluation
@@ -42,7 +46,11 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device=device, dtype=dtype), tokenizer
+    model = model.to(device=device, dtype=dtype)
+    if base_quant is not None:
+        from slimtune.models.quantize import quantize_base
+        model = quantize_base(model, base_quant, dtype)
+    return model, tokenizer
 
 
 def bos_prefix(tokenizer) -> str:

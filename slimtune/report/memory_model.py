@@ -12,6 +12,12 @@ peak = runtime + weights + optimizer-specific terms:
   only (their activations, as first order's per layer, and the head's logits) and the gradients and AdamW moments of
   the trainable parameters there (`fo_trainable`).
 `runtime` is the process baseline (interpreter + libraries: RSS on CPU) or 0 for CUDA allocated memory.
+
+Precision (issue 38): `dtype` sets the bytes of the weights, activations, gradients and optimizer state (bf16: 2);
+LoRA / PiSSA adapters stay fp32 on a bf16 base (peft casts adapters up), and the bf16 ZO sweeps add two fp32-sized
+chunk buffers (zo/precision.py). A quantized base (`base_quant` int8 / int4, models/quantize.py) stores the blocks'
+linear weights in 1 or 0.5 + 1/16 bytes each (the LM head and embeddings stay in `dtype`) and adds one dequantized
+layer of transient memory (its largest linear weight in `dtype`).
 """
 
 from __future__ import annotations
@@ -31,13 +37,21 @@ class ModelShape:
     layers: int
     heads: int
     vocab: int
+    quantizable: int = 0  # weights of the linear layers a quantized base stores in int8 / int4 (all but the LM head)
+    largest_linear: int = 0  # the largest of those layers (its dequantized copy is transient memory)
 
     @classmethod
     def from_model(cls, model) -> "ModelShape":
-        c = model.config
-        return cls(sum(p.numel() for p in model.parameters()), c.hidden_size,
-                   getattr(c, "intermediate_size", None) or 4 * c.hidden_size, c.num_hidden_layers,
-                   c.num_attention_heads, c.vocab_size)
+        """From a model (dense, quantized, or on the meta device): values counted as the dense model has them."""
+        from slimtune.models.quantize import layer_shape, quantized_layers
+
+        c = getattr(model, "config", None)
+        c = c.get_text_config() if hasattr(c, "get_text_config") else c
+        sizes = [a * b for a, b in (layer_shape(m) for _, m in quantized_layers(model))]
+        packed = {id(m.weight) for _, m in quantized_layers(model)}
+        total = sum(p.numel() for p in model.parameters() if id(p) not in packed) + sum(sizes)
+        return cls(total, c.hidden_size, getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
+                   c.num_hidden_layers, c.num_attention_heads, c.vocab_size, sum(sizes), max(sizes, default=0))
 
 
 ZO_PLANNED = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo")
@@ -46,19 +60,35 @@ CHUNKED_Z = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-me
 
 def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, batch: int, seq_len: int,
                     runtime_mb: float = 0.0, bytes_per_value: int = 4, zo_chunk: int = 1 << 20,
-                    lozo_rank: int = 2, fo_layers: int = 2, fo_trainable: int | None = None) -> dict:
+                    lozo_rank: int = 2, fo_layers: int = 2, fo_trainable: int | None = None,
+                    base_quant: str | None = None, trainable_bytes: int | None = None) -> dict:
     """Predicted peak memory (MB) and its parts. Hybrid: `fo_layers` blocks by backprop holding `fo_trainable` of
-    the trainable values (None: the top blocks' share, fo_layers / layers)."""
+    the trainable values (None: the top blocks' share, fo_layers / layers). `bytes_per_value`: the dtype's bytes;
+    `trainable_bytes`: the trainable values' (default: the same; LoRA on a bf16 base: 4); `base_quant`: int8 / int4
+    linear weights (frozen)."""
+    from slimtune.models.quantize import bytes_per_weight
+
     b = bytes_per_value
-    weights = shape.total_params * b
+    tb = trainable_bytes or b
+    if base_quant is None:
+        weights = shape.total_params * b
+    else:
+        weights = (shape.total_params - shape.quantizable) * b + shape.quantizable * bytes_per_weight(base_quant, b)
+    if tb != b:  # adapters kept at another precision than the base (not counted in total_params' dtype)
+        weights += trainable_params * (tb - b) if optimizer != "inference" else 0
     tokens = batch * seq_len
     logits = batch * shape.vocab * b  # only the last position is materialised (logits_to_keep=1)
     attn = batch * shape.heads * seq_len * seq_len * b
     zo_activations = tokens * (ACT_HIDDEN_ZO * shape.hidden + ACT_INTER_ZO * shape.intermediate) * b + attn + logits
     parts = {"runtime": runtime_mb * MB, "weights": weights}
+    if base_quant is not None:
+        parts["dequantized_layer"] = shape.largest_linear * b
+    b_act, b = b, tb  # below: activations in the dtype, gradients / state / z in the trainable values' precision
     if optimizer in ZO_PLANNED:
         parts["activations"] = zo_activations
         parts["zo_buffer"] = min(zo_chunk, trainable_params) * b if optimizer in CHUNKED_Z else 0
+        if b < 4:  # bf16 / fp16 sweeps: an fp32 chunk and its stochastic-rounding bits (zo/precision.py)
+            parts["zo_buffer"] += min(zo_chunk, trainable_params) * 8
         if optimizer == "lozo-m":
             parts["momentum"] = trainable_params * b * lozo_rank / max(shape.hidden, 1)
         if optimizer in ("hizoo", "dphizoo"):
@@ -72,18 +102,18 @@ def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, ba
         top = fo_trainable if fo_trainable is not None else trainable_params * fo_layers / max(shape.layers, 1)
         parts["activations"] = zo_activations
         parts["fo_activations"] = fo_layers * (tokens * (ACT_HIDDEN_FO * shape.hidden + ACT_INTER_FO * shape.intermediate)
-                                               * b + attn) + tokens * shape.hidden * b + 2 * logits
+                                               * b_act + attn) + tokens * shape.hidden * b_act + 2 * logits
         parts["zo_buffer"] = min(zo_chunk, max(trainable_params - top, 0)) * b
         parts["gradients"] = top * b
         parts["optimizer_state"] = 2 * top * b
     elif optimizer in ("inference",):
-        parts["activations"] = tokens * (ACT_HIDDEN_ZO * shape.hidden + ACT_INTER_ZO * shape.intermediate) * b + attn + logits
+        parts["activations"] = zo_activations
     else:
         state = {"adamw": 2, "dp-adamw": 2, "sgd": 0, "dp-sgd": 0}[optimizer]
         parts["gradients"] = trainable_params * b
         parts["optimizer_state"] = state * trainable_params * b
         parts["activations"] = shape.layers * (tokens * (ACT_HIDDEN_FO * shape.hidden + ACT_INTER_FO * shape.intermediate)
-                                               * b + attn) + tokens * shape.hidden * b + 2 * logits
+                                               * b_act + attn) + tokens * shape.hidden * b_act + 2 * logits
         if optimizer.startswith("dp-"):
             parts["per_example_grads"] = batch * trainable_params * b
     parts_mb = {k: v / MB for k, v in parts.items()}
@@ -99,14 +129,14 @@ HEADROOM = 0.9  # plan to use at most 90% of what is available
 
 def trainable_count(model, method: str, r: int, targets: list[str] | None = None) -> int:
     """Trainable parameters `method` would give `model` (default target layers unless given; nothing is applied)."""
+    from slimtune.models.quantize import layer_shape
     from slimtune.peft import tuner
     from slimtune.peft.registry import LAYER_TYPES, default_targets
-    from slimtune.peft.svfit import dense_weight
 
     if method == "none":
-        return sum(p.numel() for p in model.parameters())
+        return ModelShape.from_model(model).total_params
     layers = tuner.matching_modules(model, targets or default_targets(model, method), LAYER_TYPES)
-    return peft_values(method, r, [tuple(dense_weight(m).shape) for _, m in layers])
+    return peft_values(method, r, [layer_shape(m) for _, m in layers])
 
 
 def peft_values(method: str, r: int, shapes: list[tuple[int, int]]) -> int:
@@ -120,10 +150,10 @@ def peft_values(method: str, r: int, shapes: list[tuple[int, int]]) -> int:
 
 def top_trainable_count(model, method: str, r: int, targets: list[str] | None = None, fo_layers: int = 2) -> int:
     """Trainable values `method` would put in the top `fo_layers` blocks and after them (the hybrid's backprop part)."""
+    from slimtune.models.quantize import layer_shape
     from slimtune.optim.hybrid import modules_after, parameter_users
     from slimtune.peft import tuner
     from slimtune.peft.registry import LAYER_TYPES, default_targets
-    from slimtune.peft.svfit import dense_weight
 
     if method == "none":
         users = parameter_users(model)
@@ -131,7 +161,7 @@ def top_trainable_count(model, method: str, r: int, targets: list[str] | None = 
         return sum(p.numel() for p in model.parameters() if all(id(m) in after for m in users[id(p)]))
     layers = tuner.matching_modules(model, targets or default_targets(model, method), LAYER_TYPES)
     after = modules_after(model, fo_layers, [m for _, m in layers])
-    return peft_values(method, r, [tuple(dense_weight(m).shape) for _, m in layers if id(m) in after])
+    return peft_values(method, r, [layer_shape(m) for _, m in layers if id(m) in after])
 
 
 def available_mb(device: str) -> float:
@@ -150,25 +180,124 @@ def budget_mb(device: str) -> float:
     return available_mb(device) * HEADROOM
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RUNTIME_MB_BNB = 60.0  # bitsandbytes' import on top of RUNTIME_MB_CPU (its CPU library and ops)
+
+
+def trainable_bytes(method: str, dtype: str) -> int:
+    """Bytes per trainable value: LoRA / PiSSA adapters are fp32 on any base (peft casts them up), the rest in dtype."""
+    return 4 if method in ("lora", "pissa") else DTYPE_BYTES[dtype]
+
+
 def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_len: int, device: str,
-                   targets: list[str] | None = None, fo_layers: int = 2) -> tuple[float, int]:
-    """(predicted peak MB, trainable params) of `optimizer` + `method` on `model` (the base model, before PEFT);
+                   targets: list[str] | None = None, fo_layers: int = 2, dtype: str = "float32",
+                   base_quant: str | None = None) -> tuple[float, int]:
+    """(predicted peak MB, trainable params) of `optimizer` + `method` on `model` (the base model, before PEFT: dense,
+    quantized or on the meta device) with weights in `dtype` and the linear layers in `base_quant`;
     `fo_layers`: the hybrid's blocks trained by backprop."""
     trainable = trainable_count(model, method, r, targets)
-    runtime = 0.0 if str(device).startswith("cuda") else RUNTIME_MB_CPU
-    top = top_trainable_count(model, method, r, targets, fo_layers) if optimizer == "hybrid" else None
+    cuda = str(device).startswith("cuda")
+    runtime = 0.0 if cuda else RUNTIME_MB_CPU + (RUNTIME_MB_BNB if base_quant else 0.0)
+    top = None
+    if optimizer == "hybrid":
+        try:
+            top = top_trainable_count(model, method, r, targets, fo_layers)
+        except Exception:  # a model on the meta device cannot run the call-order probe: the blocks' share
+            top = None
     peak = predict_peak_mb(ModelShape.from_model(model), optimizer, trainable, batch, seq_len, runtime,
-                           fo_layers=fo_layers, fo_trainable=top)["peak_mb"]
+                           bytes_per_value=DTYPE_BYTES[dtype], fo_layers=fo_layers, fo_trainable=top,
+                           base_quant=base_quant, trainable_bytes=trainable_bytes(method, dtype))["peak_mb"]
     return peak, trainable
 
 
-def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8) -> list[dict]:
-    """Predicted peak (MB) for every optimizer x PEFT pair of the planner, and whether it fits here."""
+def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: str = "float32",
+              base_quant: str | None = None) -> list[dict]:
+    """Predicted peak (MB) for every optimizer x PEFT pair of the planner, and whether it fits here (a quantized base
+    takes LoRA only: the other PEFT methods are left out then)."""
     budget = budget_mb(device)
     rows = []
-    for method in PLAN_PEFT:
+    for method in PLAN_PEFT if base_quant is None else ("lora",):
         for optimizer in PLAN_OPTIMIZERS:
-            peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device)
+            peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, dtype=dtype,
+                                             base_quant=base_quant)
             rows.append({"optimizer": optimizer, "peft": method, "trainable_params": trainable, "peak_mb": peak,
-                         "fits": peak <= budget, "budget_mb": budget})
+                         "fits": peak <= budget, "budget_mb": budget, "dtype": dtype, "base_quant": base_quant})
     return rows
+
+
+# Methods in the order of the quality they are expected to reach (best first): backprop before forward-only
+# (MeZO trails fine-tuning by a few points in its paper and in this repo's Defaults table), full-parameter before
+# LoRA within a family, the hybrid between them, a dense base before int8 before int4 (QLoRA-style bases lose a little
+# with each halving). Each is tried in the run's dtype, then (from fp32) in bf16.
+QUALITY_ORDER = (("adamw", "none", None), ("adamw", "lora", None), ("hybrid", "lora", None), ("mezo", "none", None),
+                 ("mezo", "lora", None), ("adamw", "lora", "int8"), ("mezo", "lora", "int8"),
+                 ("adamw", "lora", "int4"), ("mezo", "lora", "int4"))
+
+
+def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: str = "float32") -> list[dict]:
+    """Every candidate of QUALITY_ORDER x {dtype, bf16}, in quality order, with its predicted peak and whether it
+    fits; the first that fits is the planner's choice. fp16 is a CUDA dtype: never proposed on CPU."""
+    budget = budget_mb(device)
+    dtypes = [dtype] + (["bfloat16"] if dtype == "float32" else [])
+    rows = []
+    for optimizer, method, quant in QUALITY_ORDER:
+        for dt in dtypes:
+            peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, dtype=dt,
+                                             base_quant=quant)
+            rows.append({"optimizer": optimizer, "peft": method, "dtype": dt, "base_quant": quant, "peak_mb": peak,
+                         "trainable_params": trainable, "fits": peak <= budget, "budget_mb": budget})
+    return rows
+
+
+def as_flags(row: dict) -> str:
+    """The `slimtune train` flags of a planner row."""
+    flags = f"--optimizer {row['optimizer']} --peft {row['peft']}"
+    if row.get("dtype", "float32") != "float32":
+        flags += f" --dtype {row['dtype']}"
+    if row.get("base_quant"):
+        flags += f" --base-quant {row['base_quant']}"
+    return flags
+
+
+def model_for_planning(name_or_path: str):
+    """The model `slimtune plan` sizes: a config.json file or a checkpoint directory is built on the meta device from
+    its config (no weights read, any size); names (smollm2, gemma3-270m, tiny models) are loaded as for training."""
+    from pathlib import Path
+
+    p = Path(name_or_path)
+    config_file = p if p.is_file() else p / "config.json"
+    if p.exists() and config_file.is_file():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from slimtune import SlimtuneError
+        try:
+            config = AutoConfig.from_pretrained(str(config_file))
+        except (OSError, ValueError) as exc:
+            raise SlimtuneError(f"--model {name_or_path}: not a transformers config ({exc})") from None
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    from slimtune.models import load_model_and_tokenizer
+    return load_model_and_tokenizer(name_or_path, texts=["plan"])[0]
+
+
+def check_fits(model, optimizer: str, method: str, r: int, batch: int, seq_len: int, device: str,
+               targets: list[str] | None = None, fo_layers: int = 2, dtype: str = "float32",
+               base_quant: str | None = None) -> None:
+    """Raise a one-line SlimtuneError when the run is predicted not to fit here, naming the best method that does
+    (ranked_methods: expected quality first, with its dtype and base) and the optimizer x PEFT pairs that fit at the
+    run's own dtype and base."""
+    from slimtune import SlimtuneError
+
+    peak, _ = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, targets, fo_layers, dtype, base_quant)
+    budget = budget_mb(device)
+    if peak <= budget:
+        return
+    best = next((row for row in ranked_methods(model, batch, seq_len, device, r, dtype) if row["fits"]), None)
+    fitting = [f"{row['optimizer']}+{row['peft']} ({row['peak_mb']:,.0f} MB)"
+               for row in plan_rows(model, batch, seq_len, device, r, dtype, base_quant) if row["fits"]]
+    suggestion = f"best that fits: {as_flags(best)} ({best['peak_mb']:,.0f} MB); " if best else ""
+    raise SlimtuneError(f"{optimizer}+{method} at batch {batch} x {seq_len} tokens is predicted to peak at "
+                        f"{peak:,.0f} MB, over the {budget:,.0f} MB available here; {suggestion}"
+                        f"what fits: {', '.join(fitting) or 'nothing (lower --batch-size or --max-length)'}; "
+                        "--force to try anyway")

@@ -131,12 +131,16 @@ class PlanSettings(Settings):
     r: int = setting(8, "LoRA/PiSSA rank, SVFit values, adapter bottleneck", low=1)
     dtype: str = setting("float32", "weights' dtype: float32, bfloat16 (bf16) or float16 (fp16)",
                          choices=("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+    base_quant: str | None = setting(None, "the table for LoRA on a frozen int8 or int4 base (bitsandbytes); the "
+                                     "ranking tries both anyway", choices=("int8", "int4"))
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
 
     def check(self) -> None:
         from slimtune.settings.rules import normalise_dtype
         self.dtype = normalise_dtype(self.dtype)
         check_device(self.device, self.dtype if self.device != "auto" else "float32")
+        if self.model.endswith(".json") and not Path(self.model).is_file():
+            raise SlimtuneError(f"--model {self.model}: no such file")
 
 
 @dataclass

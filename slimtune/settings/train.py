@@ -163,7 +163,11 @@ class TrainSettings(Settings):
 
     # -- runtime -------------------------------------------------------------------------------------------------------
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = setting("float32", "float32, bfloat16 (bf16) or float16 (fp16, CUDA only)", choices=DTYPES)
+    dtype: str = setting("float32", "float32, bfloat16 (bf16) or float16 (fp16, CUDA only): weights, activations and "
+                         "ZO perturbations (LoRA adapters stay fp32)", choices=DTYPES)
+    base_quant: str | None = setting(None, "LoRA on a frozen base whose linear layers are int8 or int4 (NF4), via "
+                                     'bitsandbytes (pip install "slimtune[quant]")', choices=("int8", "int4"),
+                                     applies=when(peft=("lora",)))
     force: bool = setting(False, "train even if the memory model predicts the run will not fit")
     resume: bool = setting(False, "continue the run in --out from its checkpoint (settings come from its config.json; "
                            "only --steps, --eval-every, --checkpoint-every, --patience may change)")
@@ -249,7 +253,8 @@ class TrainSettings(Settings):
             patience=self.patience, k_shot=self.k_shot, seed=self.seed, max_length=self.max_length,
             device=resolve_device(self.device), dtype=self.dtype, progress=not self.quiet,
             log_private_stats=self.log_private_stats, lr_scheduler=self.lr_scheduler,
-            warmup_steps=self.warmup_steps, save=self.save, force=self.force, secret_key_file=self.secret_key_file)
+            warmup_steps=self.warmup_steps, save=self.save, force=self.force, secret_key_file=self.secret_key_file,
+            base_quant=self.base_quant)
 
 
 def resolve_device(device: str) -> str:

@@ -143,7 +143,8 @@ def _strings(row: dict) -> list[str]:
 
 
 def load_model_and_data(objective, model_name: str, train_path: str, eval_path: str | None, seed: int,
-                        dtype=None, device: str = "cpu", fit_tokenizer_to_training_data: bool = True):
+                        dtype=None, device: str = "cpu", fit_tokenizer_to_training_data: bool = True,
+                        base_quant: str | None = None):
     """(model, tokenizer, train examples, eval examples): read the data, load the model (tiny test models fit their
     tokenizer to these texts — to the evaluation texts only when `fit_tokenizer_to_training_data` is False, as in
     private runs, whose saved tokenizer must not list training words; the model is initialised under `seed`), bind the
@@ -156,7 +157,8 @@ def load_model_and_data(objective, model_name: str, train_path: str, eval_path: 
     raw_eval, eval_texts = objective.load(eval_path, "validation") if eval_path else (None, [])
     torch.manual_seed(seed)
     fitted = (texts if fit_tokenizer_to_training_data else []) + eval_texts
-    model, tokenizer = load_model_and_tokenizer(model_name, dtype or torch.float32, device, fitted)
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype or torch.float32, device, fitted,
+                                                base_quant=base_quant)
     objective.bind(tokenizer)
     evals = objective.examples(raw_eval, tokenizer) if raw_eval is not None else []
     return model, tokenizer, objective.examples(raw_train, tokenizer), evals

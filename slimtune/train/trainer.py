@@ -80,6 +80,7 @@ class TrainConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # task "generation" only
     best_metric: str | None = None  # what "best" means for --save best / early stopping (None: accuracy or loss)
     secret_key_file: str | None = None  # private runs: the key file (None: RUN/secret.key, created by the run)
+    base_quant: str | None = None  # "int8" / "int4": LoRA on a frozen quantized base (models/quantize.py)
 
 
 # What a private run's per-step record may contain: released or post-processed values only.
@@ -158,7 +159,7 @@ def _load(config: TrainConfig) -> tuple:
     config.best_metric = check_best_metric(objective, config.best_metric)
     model, tokenizer, train_examples, eval_examples = load_model_and_data(
         objective, config.model, config.train_data, config.eval_data, config.seed, getattr(torch, config.dtype),
-        config.device, fit_tokenizer_to_training_data=not private_run)
+        config.device, fit_tokenizer_to_training_data=not private_run, base_quant=config.base_quant)
     classes = len(objective.task.label_words)
     train_examples = k_shot(train_examples, config.k_shot, config.seed, classes)
     if config.eval_max and len(eval_examples) > config.eval_max:  # exactly eval_max, balanced over the classes
@@ -330,6 +331,8 @@ def validate(config: TrainConfig) -> None:
     if config.save not in ("best", "last"):
         raise SlimtuneError(f"--save {config.save!r}: choose best or last")
     check_settings(config.peft)
+    from slimtune.models.quantize import check_base_quant
+    check_base_quant(config.base_quant, config.peft.method)
     if config.privacy is not None:
         check_names(config.privacy)
 
@@ -338,7 +341,7 @@ def check_memory(config: TrainConfig, model, tokenizer, texts: list[str] | None)
     """Refuse a run the memory model predicts will not fit here (before PEFT and any step), naming the pairs that
     would. `model` is the base model, before PEFT; `texts` what one example feeds the model (None: assume
     --max-length tokens, as private runs do)."""
-    from slimtune.report.memory_model import budget_mb, plan_rows, predict_run_mb
+    from slimtune.report.memory_model import check_fits
 
     if texts is None:  # private runs: what the user configured, never a measurement of the training rows
         seq_len = config.max_length
@@ -346,17 +349,8 @@ def check_memory(config: TrainConfig, model, tokenizer, texts: list[str] | None)
         sample = texts[:2000]
         seq_len = min(config.max_length, max((len(ids) for ids in tokenizer(sample, add_special_tokens=False)
                                               ["input_ids"]), default=1))
-    peak, _ = predict_run_mb(model, config.optimizer, config.peft.method, config.peft.r, config.batch_size, seq_len,
-                             config.device, config.peft.target_modules, fo_layers=config.optim.fo_layers or 2)
-    budget = budget_mb(config.device)
-    if peak <= budget:
-        return
-    fitting = [f"{r['optimizer']}+{r['peft']} ({r['peak_mb']:,.0f} MB)" for r in
-               plan_rows(model, config.batch_size, seq_len, config.device, config.peft.r) if r["fits"]]
-    raise SlimtuneError(f"{config.optimizer}+{config.peft.method} at batch {config.batch_size} x {seq_len} tokens is "
-                        f"predicted to peak at {peak:,.0f} MB, over the {budget:,.0f} MB available here; "
-                        f"what fits: {', '.join(fitting) or 'nothing (lower --batch-size or --max-length)'}; "
-                        "--force to try anyway")
+    check_fits(model, config.optimizer, config.peft.method, config.peft.r, config.batch_size, seq_len, config.device,
+               config.peft.target_modules, config.optim.fo_layers or 2, config.dtype, config.base_quant)
 
 
 def releases_per_step(config: TrainConfig) -> int:
