@@ -201,6 +201,8 @@ class ZOTrainerMixin:
         with self._metrics_count_as_training():
             out = opt.step(self._zo_closure(model, inputs, opt.private))
         model.train()  # between steps the model is in training mode, as transformers' own training_step leaves it
+        if not opt.private:
+            self._count_trl_tokens(inputs)
         opt._trainer_step_taken = True  # transformers' optimizer.step() that follows is this step
         self._zo_last = {"projected_grad": out.info.get("projected_grad")}
         loss = float("nan") if opt.private else out.loss
@@ -234,6 +236,13 @@ class ZOTrainerMixin:
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
         mask = target != -100
         return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+    def _count_trl_tokens(self, inputs) -> None:
+        """TRL's `num_tokens` metric counts training tokens only in training mode; count this step's here."""
+        metrics = getattr(self, "_metrics", None)
+        if hasattr(self, "_total_train_tokens") and isinstance(metrics, dict) and "attention_mask" in inputs:
+            self._total_train_tokens += int(inputs["attention_mask"].sum())
+            metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     def _metrics_count_as_training(self):
         """TRL's trainers file compute_loss's metrics under `train` or `eval` by `model.training`; a ZO step runs the
