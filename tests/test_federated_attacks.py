@@ -162,7 +162,6 @@ def _dev_subset(demo_paths, tmp_path, rows=24):
 
 def test_hostile_rows_run_every_attack_and_render_a_verdict(demo_paths, tmp_path, monkeypatch):
     import argparse
-    import sys
     from pathlib import Path
 
     from slimtune.federated.hostile import ATTACKS, hostile_train

@@ -6,7 +6,6 @@ server optimizer is named where a test is about one)."""
 import numpy as np
 import pytest
 import torch
-from flwr.app import MetricRecord
 
 from test_federated import instructions, make_cfg, reply, task_identity, theta_like  # noqa: F401 (fixture)
 from slimtune.federated.strategy import FedLPP
@@ -131,7 +130,6 @@ def zo_reply(msg, grads, node, seeds=None):
 
 def test_zo_seed_replies_are_bounded_per_scalar(zo_setup):
     """A reply of finite but huge scalars used to move theta by 17x the update cap."""
-    from dataclasses import replace
     cfg, theta, replay = zo_setup
     honest_only = FedLPP(cfg, theta, replay=replay)
     msgs = instructions(honest_only)

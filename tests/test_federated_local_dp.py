@@ -62,7 +62,7 @@ def test_a_private_run_reports_what_its_clients_computed(demo_paths, tmp_path):
     cfg = make_cfg(demo_paths, bits=8, local_optimizer="dp-adamw", rounds=2, out_dir=str(tmp_path / "run"),
                    eval_max=20)
     summary = run_server(InProcessGrid(3), cfg)
-    assert summary["accepted_updates"] == 6 and summary["stop_reason"] == "completed"
+    assert summary["accepted_updates"] == 6 and summary["stop_reason"] == "completed" and summary["nodes_replied"] == 3
     assert summary["local_epsilon"] > 0 and math.isfinite(summary["local_epsilon"])
 
 

@@ -2,14 +2,12 @@
 same checks and exit codes, no run overwritten, nodes that draw their own seeds, clients that get only what training
 needs."""
 
-import json
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from test_federated import InProcessGrid, make_cfg, task_identity  # noqa: F401 (fixture)
 from slimtune import SlimtuneError
@@ -85,8 +83,7 @@ def _seeds_of_a_node(demo_paths, node_id, node_config, own_file):
     from slimtune.federated.wire import encode_state
     cfg = make_cfg(demo_paths, mode="zo-seeds", bits=8, local_steps=2, local_optimizer="mezo")
     payload, _ = encode_state(lora_state(build_model(cfg)[0]), 8, cfg.block_size)
-    content = RecordDict({"arrays": ArrayRecord({k: __import__("flwr.app").app.Array(np.ascontiguousarray(v))
-                                                 for k, v in payload.items()}),
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.items()}),
                           "config": ConfigRecord({"server-round": 1, "slimtune-config": cfg.client_json()})})
     msg = Message(content, dst_node_id=node_id, message_type="train")
     context = Context(run_id=1, node_id=node_id, node_config={"data-path": str(own_file), **node_config},

@@ -79,7 +79,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    evaluate_fn=evaluate_fn)
     if not sum(r.get("replies", 0) for r in strategy.round_log.values()):
-        _write_summary(cfg, out, model, accountant, time.perf_counter() - started)
+        _write_summary(cfg, out, model, accountant, time.perf_counter() - started, nodes=len(strategy.nodes_replied))
         raise SlimtuneError(f"federated run trained nothing: no client update was accepted in any round (see the "
                             f"client errors in the log); no adapter was saved (summary in {out})")
     load_lora_state(model, strategy.server_model())
@@ -89,7 +89,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         scratch = lora_state(build_model(cfg)[0])  # a fresh LoRA the coalition can build from the public settings
         attacks = attack_report(score, metric == "accuracy", strategy.server_model(), history, model, objective,
                                 coalition_data(cfg, train), cfg, scratch)
-    return _write_summary(cfg, out, model, accountant, time.perf_counter() - started, attacks)
+    return _write_summary(cfg, out, model, accountant, time.perf_counter() - started, attacks,
+                          nodes=len(strategy.nodes_replied))
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> None:
@@ -115,7 +116,7 @@ def _client_dp_accountant(cfg: FederatedConfig):
     return PrivacyAccountant(spec, cfg.num_clients, cfg.num_clients, cfg.client_dp_noise)  # all clients every round
 
 
-def _write_summary(cfg, out, model, accountant, seconds, attacks=None) -> dict:
+def _write_summary(cfg, out, model, accountant, seconds, attacks=None, nodes=None) -> dict:
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     trained = sum(r.get("replies", 0) for r in rounds)
     reported = [r["local_epsilon"] for r in rounds if r.get("local_epsilon") is not None]  # each client's own
@@ -126,7 +127,8 @@ def _write_summary(cfg, out, model, accountant, seconds, attacks=None) -> dict:
     summary = {"method": f"fedlpp-{cfg.mode}", "peft": f"lora ({'fp32' if cfg.bits == FP32 else f'{cfg.bits}-bit'})",
                "name": Path(cfg.out_dir).name, **peft_summary(model), "peak_mem_mb": max(r["peak_mem_mb"] for r in rounds),
                "time_per_step_s": seconds / max(cfg.rounds, 1), "steps": cfg.rounds, "rounds": cfg.rounds,
-               "clients": cfg.num_clients, "bits": cfg.bits, "aggregation": cfg.aggregation,
+               "clients": cfg.num_clients, "nodes_replied": nodes, "bits": cfg.bits, "aggregation": cfg.aggregation,
+               "weighting": cfg.weighting, "norm_bound": cfg.norm_bound, "robust": cfg.robust,
                "server_optimizer": cfg.server_optimizer, "server_lr": cfg.server_lr,
                "server_average": cfg.server_average,
                "final_iterate_accuracy": last.get("iterate_accuracy"),

@@ -47,6 +47,7 @@ class FedLPP(FedAvg):
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
         self.average = IterateAverage(cfg.server_average) if cfg.server_average else None
         self.bound = InfluenceBound(cfg.norm_bound)
+        self.nodes_replied: set[int] = set()  # every node a reply came from (the summary says how many)
 
     def server_model(self) -> dict[str, torch.Tensor]:
         """The model the server keeps: the average of its iterates with --server-average, else theta itself.
@@ -91,6 +92,7 @@ class FedLPP(FedAvg):
         accepted, rejected, bytes_up = [], 0, 0
         for msg in replies:
             node = msg.metadata.src_node_id
+            self.nodes_replied.add(node)
             if msg.has_error():
                 log.warning("round %d: client %s failed (%s); skipped", server_round, node, msg.error.reason)
                 rejected += 1
