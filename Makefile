@@ -40,8 +40,10 @@ lock:
 	.venv-lock/bin/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
 		--upgrade -o requirements.lock requirements/lock.in
 
+# The site (site/): benchmark pages regenerated from benchmarks/results/ first, then MkDocs with --strict.
 docs: install
-	$(VPY) -m mkdocs build --strict
+	$(VPY) benchmarks/docs_tables.py
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict
 
 bench: install
 	$(VPY) -m pytest -q -m slow

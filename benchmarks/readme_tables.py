@@ -1,6 +1,7 @@
 """Write the generated tables into README.md between their `<!-- NAME:start -->` / `<!-- NAME:end -->` markers.
 Usage: python benchmarks/readme_tables.py [NAME ...]   (default: every marked table that tables.py generates; a
-marked block no table function renders, such as the hand-written `results` section, is left alone)"""
+marked block no table function renders, such as the hand-written `results` section, is left alone)
+The docs' benchmark pages are filled the same way by benchmarks/docs_tables.py."""
 
 from __future__ import annotations
 
@@ -16,22 +17,34 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def marked_tables(text: str) -> list[str]:
-    """The README's marked blocks that a table function in tables.py generates, in README order."""
+    """The marked blocks of `text` that a table function in tables.py generates, in order."""
     return [name for name in re.findall(r"<!-- ([\w-]+):start -->", text) if name in tables.TABLES]
 
 
-def main() -> None:
-    text = README.read_text()
-    names = sys.argv[1:] or marked_tables(text)
-    for name in names:
-        buf = io.StringIO()
+def render(name: str) -> str:
+    """Table `name` as tables.py prints it (Markdown, from benchmarks/results/)."""
+    buf = io.StringIO()
+    argv = sys.argv
+    try:
         with contextlib.redirect_stdout(buf):
             sys.argv = ["tables.py", name]
             tables.main()
-        body = buf.getvalue().split(f"<!-- {name} -->", 1)[1].strip()
+    finally:
+        sys.argv = argv
+    return buf.getvalue().split(f"<!-- {name} -->", 1)[1].strip()
+
+
+def fill(text: str, names: list[str] | None = None) -> str:
+    """`text` with each marked block in `names` (default: all generated ones) replaced by its current table."""
+    for name in names if names is not None else marked_tables(text):
+        body = render(name)
         text = re.sub(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)",
                       lambda m: m.group(1) + body + "\n" + m.group(2), text, flags=re.S)
-    README.write_text(text)
+    return text
+
+
+def main() -> None:
+    README.write_text(fill(README.read_text(), sys.argv[1:] or None))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def apply_peft(model: torch.nn.Module, method: str = "lora", *, r: int = 8, lora
         model: a transformers causal LM (or any module with nn.Linear layers).
         method: `lora`, `pissa`, `adapter`, `svfit` or `none`.
         r: LoRA/PiSSA rank, SVFit's number of singular values, the adapter's bottleneck.
-        lora_alpha, lora_dropout: LoRA/PiSSA scaling and dropout.
+        lora_alpha: LoRA/PiSSA scaling (the update is lora_alpha / r x B A).
+        lora_dropout: LoRA/PiSSA dropout.
         target_modules: layer names (a list or "q_proj,v_proj"); None: a default per architecture.
         pissa_niter: PiSSA by randomized SVD with this many iterations (None: exact SVD).
         learn_scale: SVFit: also learn a scale per singular value.

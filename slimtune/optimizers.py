@@ -198,9 +198,10 @@ class FZOO(ZerothOrderOptimizer):
     """FZOO (Dang et al., 2025): N one-sided Rademacher directions per step on one batch, the step divided by the
     standard deviation of their losses (N + 1 forward passes per step).
 
+    The other arguments are `MeZO`'s (FZOO's lr is on its own, normalised scale).
+
     Args:
         n_perturbations: N directions per step (>= 2: their losses' spread scales the step).
-        lr, eps, weight_decay, perturbation, seed: as `MeZO` (FZOO's lr is on its own, normalised scale).
     """
 
     method = "fzoo"
@@ -219,9 +220,10 @@ class HiZOO(ZerothOrderOptimizer):
     """HiZOO: MeZO preconditioned by a diagonal Hessian estimate H (one extra forward L(theta) per step, 3 in all):
     theta <- theta - lr g H^{-1/2} z, H a moving average of the curvature along z.
 
+    The other arguments are `MeZO`'s.
+
     Args:
         hessian_smooth: the moving average's weight alpha (None: the table's).
-        lr, eps, weight_decay, perturbation, seed: as `MeZO`.
     """
 
     method = "hizoo"
@@ -243,10 +245,11 @@ class SparseMeZO(ZerothOrderOptimizer):
     """Sparse MeZO: perturb only the `1 - sparsity` smallest-magnitude values of each tensor (bit-packed masks,
     recomputed every `mask_every` steps).
 
+    The other arguments are `MeZO`'s.
+
     Args:
         sparsity: fraction of each tensor left unperturbed (None: 0.75).
         mask_every: steps between recomputing the masks (None: 50).
-        lr, eps, weight_decay, perturbation, seed: as `MeZO`.
     """
 
     method = "sparse-mezo"
@@ -262,10 +265,11 @@ class Hybrid(ZerothOrderOptimizer):
     """AdamW (backprop) on the top `fo_layers` transformer blocks and the head, MeZO on everything below, in one step:
     the closure is called once with autograd on (through the top only) and once in inference mode.
 
+    The other arguments are `MeZO`'s, for the ZO part.
+
     Args:
         fo_layers: top blocks trained by backprop (None: 2).
         fo_lr: their AdamW learning rate (None: the table's); it follows the schedule of `lr` proportionally.
-        lr, eps, weight_decay, perturbation, seed: the ZO part's, as `MeZO`.
     """
 
     method = "hybrid"
@@ -380,10 +384,17 @@ class DPZero(PrivateOptimizer):
         noise_multiplier: a fixed sigma instead of calibrating to epsilon.
         clip: the clipping threshold C (the starting C with adaptive clipping).
         clipping: `auto` (adaptive with Gaussian noise), `adaptive` or `fixed`.
-        target_quantile, clip_lr, clip_multiplier: adaptive clipping (C = clip_multiplier x the tracked quantile).
+        target_quantile: adaptive clipping: the quantile of |g_i| tracked.
+        clip_lr: adaptive clipping: Q <- Q exp(-clip_lr (fraction below Q - target_quantile)).
+        clip_multiplier: adaptive clipping: C = clip_multiplier x the tracked quantile.
         mechanism: `gaussian` or `laplace`.
         accountant: `rdp` or `pld` (tighter).
-        lr, eps, weight_decay, n_spsa, perturbation, seed: as `MeZO` (each SPSA direction is one more release).
+        lr: as `MeZO`.
+        eps: as `MeZO`.
+        weight_decay: as `MeZO`.
+        n_spsa: directions per step; each is one more release in the accountant.
+        perturbation: as `MeZO`.
+        seed: as `MeZO` (public: it decides the directions, not the noise or the batches).
     """
 
     method = "dpzero"
