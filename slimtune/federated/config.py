@@ -100,7 +100,7 @@ class FederatedConfig:
         or do nothing. Every path runs it (check_run) before any work."""
         from slimtune.optim import OPTIMIZERS
         if not (1 <= self.bits <= 8 or self.bits == FP32) or not (1 <= self.upload_bits <= 8 or self.upload_bits == FP32):
-            raise SlimtuneError(f"--bits {self.bits} / --upload-bits {self.upload_bits}: each must be 1..8 or 32")
+            raise SlimtuneError(f"--bits/--upload-bits must be 1..8 or 32 (got {self.bits} / {self.upload_bits})")
         if self.aggregation not in ("fedavg", "ffa"):
             raise SlimtuneError(f"--aggregation {self.aggregation!r}: choose fedavg or ffa")
         if self.mode not in ("lora", "zo-seeds"):
