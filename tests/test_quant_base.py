@@ -113,3 +113,17 @@ def test_base_quant_flag_applies_to_lora_only(tmp_path, demo_paths):
     res = CliRunner().invoke(app, ["train", "--data", demo_paths[0], "--model", "tiny-llama", "--peft", "svfit",
                                    "--base-quant", "int8", "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "--base-quant" in res.output and "lora" in res.output
+
+
+def test_a_frozen_head_multiplies_one_matrix_not_a_copy_per_example(demo_paths):
+    """logits_to_keep=1 hands the head a [B, 1, d] slice; with a frozen head (LoRA, quantized bases) torch.matmul would
+    multiply by a [B, d, vocab] expanded copy of the weight unless the slice has plain strides (models/loading.py)."""
+    model, losses = quantized_tiny(demo_paths, None)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].stride()))
+    with torch.inference_mode():
+        losses(model)
+    hidden = model.config.hidden_size
+    assert seen and seen[0][0] == hidden and seen[0][1:] == (hidden, 1)

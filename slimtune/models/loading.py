@@ -47,10 +47,30 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     model = model.to(device=device, dtype=dtype)
+    fold_head_inputs(model)
     if base_quant is not None:
         from slimtune.models.quantize import quantize_base
         model = quantize_base(model, base_quant, dtype)
     return model, tokenizer
+
+
+def fold_head_inputs(model) -> None:
+    """Give the LM head inputs with plain strides. Scoring keeps only the last position (logits_to_keep=1), a
+    [B, 1, d] slice with strides (T d, d, 1); when the head's weight does not require a gradient (LoRA, a frozen or
+    quantized base) torch.matmul then cannot fold the batch into one matrix product and multiplies by a
+    [B, d, vocab] expanded *copy* of the weight instead: B x the head's size in memory and ~7x the time (SmolLM2,
+    batch 16: 1.8 GB, 0.26 s against 0.04 s). A clone of the [B, 1, d] slice costs B x d values."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not getattr(head, "_slimtune_folds", False):
+        head.register_forward_pre_hook(_plain_strides)
+        head._slimtune_folds = True
+
+
+def _plain_strides(module, args):
+    x = args[0]
+    if x.dim() == 3 and x.shape[1] == 1 and x.stride(0) != x.shape[2]:
+        return (x.clone(memory_format=torch.contiguous_format), *args[1:])
+    return None
 
 
 def bos_prefix(tokenizer) -> str:
