@@ -132,6 +132,14 @@ ROWS = [
     ("report-out-is-file", ["report", "{tmp}", "--out", "{tmp}/exists.txt"], "is a file"),
     ("train-out-is-file", [*TRAIN_BASE[:-2], "--out", "{tmp}/exists.txt"], "is a file"),
     ("export-out-exists", ["export", "{tmp}", *TINY, "--out", "{tmp}/exists.gguf"], "exists"),
+    # federate: checked before Flower or Ray start
+    ("federate-clients-0", ["federate", "--data", TRAIN, *TINY, "--clients", "0", "--out", "{tmp}/out"],
+     "--clients 0: must be >= 1"),
+    ("federate-eps-adamw", ["federate", "--data", TRAIN, *TINY, "--eps", "1e-2", "--out", "{tmp}/out"],
+     "--eps applies only to zeroth-order clients"),
+    ("federate-local-dp-without-dp", ["federate", "--data", TRAIN, *TINY, "--local-dp-noise", "2", "--out",
+                                      "{tmp}/out"], "--local-dp-noise applies only"),
+    ("federate-out-holds-a-file", ["federate", "--data", TRAIN, *TINY, "--out", "{tmp}"], "{tmp}"),
     # data
     ("batch-over-dataset", [*TRAIN_BASE, "--batch-size", "1000"], "larger than the 72 training examples"),
     ("data-missing", ["train", "--data", "{tmp}/nope.tsv", *TINY, "--out", "{tmp}/out"], "no such file"),
@@ -145,7 +153,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, argv, needle):
     (tmp_path / "exists.txt").write_text("keep me")
     (tmp_path / "exists.gguf").write_text("keep me")
     res = cli(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
-    assert_one_line(res, needle)
+    assert_one_line(res, needle.replace("{tmp}", str(tmp_path)))
     assert not (tmp_path / "out").exists()  # refused before anything was written
     assert (tmp_path / "exists.txt").read_text() == "keep me"
 

@@ -97,9 +97,9 @@ def test_cli_federate_rejects_bad_settings_before_starting(tmp_path, demo_paths)
     train_path, _ = demo_paths
     res = runner.invoke(app, ["federate", "--data", train_path, "--model", "tiny-llama", "--bits", "12",
                               "--out", str(tmp_path / "f")])
-    assert res.exit_code == 2 and "--bits/--upload-bits must be 1..8 or 32" in res.output
+    assert res.exit_code == 2 and "--bits 12 / --upload-bits 32: each must be 1..8 or 32" in res.output
     for flag, value, message in (("--round-timeout", "0", "--round-timeout 0: must be > 0"),
-                                 ("--server-average", "1", "--server-average 1: must be in [0, 1)")):
+                                 ("--server-average", "1", "--server-average 1: must be >= 0 and < 1")):
         res = runner.invoke(app, ["federate", "--data", train_path, "--model", "tiny-llama", flag, value,
                                   "--out", str(tmp_path / "f")])
         assert res.exit_code == 2 and message in res.output, flag

@@ -1,0 +1,121 @@
+"""`slimtune federate` settings: the flags of a simulated FedLPP run (the run itself is federated/config.py's
+FederatedConfig, which every path — this command, `flwr run .`, the deployment script — checks with check_run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimtune import SlimtuneError
+from slimtune.settings.base import Settings, condition, setting, when
+from slimtune.settings.train import OPTIMIZERS, PRIVATE, ZEROTH_ORDER
+
+generation = when(task=("generation",))
+private_clients = when(local_optimizer=PRIVATE)
+zo_clients = condition(lambda s: s.local_optimizer in ZEROTH_ORDER or s.mode == "zo-seeds",
+                       "zeroth-order clients (--local-optimizer mezo, ... or --mode zo-seeds)",
+                       lambda s: f"--local-optimizer {s.local_optimizer}, --mode {s.mode}")
+client_dp = condition(lambda s: s.client_dp_clip > 0, "client-level DP (--client-dp-clip > 0)",
+                      lambda s: "--client-dp-clip 0")
+quantized = condition(lambda s: s.bits != 32 or s.upload_bits != 32, "quantized broadcasts or uploads (--bits or "
+                      "--upload-bits 1..8)", lambda s: "--bits 32 --upload-bits 32")
+
+
+@dataclass
+class FederateSettings(Settings):
+    command = "federate"
+    ALIASES = {"num_clients": "clients", "dirichlet_alpha": "alpha", "out_dir": "out"}  # FederatedConfig names
+
+    data: str | None = setting(None, "training data, split across clients (required, here or in --config)")
+    eval_data: str | None = setting(None, "server-side evaluation data")
+    out: str = setting("runs/federated", "run directory (new or empty)")
+    model: str = setting("smollm2", "the base model")
+    task: str = setting("sst2", "sst2, rte or generation (clients train on the completion loss; the server reports "
+                        "the loss of theta and Q(theta))", choices=("sst2", "rte", "generation"))
+    input_column: str | None = setting(None, "generation, tables: prompt column", applies=generation)
+    target_column: str | None = setting(None, "generation, tables: completion column", applies=generation)
+    template: str | None = setting(None, "generation: prompt template over the input column", applies=generation)
+    max_length: int = setting(256, "tokens per example (prompt + completion)", low=8)
+    clients: int = setting(4, "simulated clients (SuperNodes)", low=1)
+    rounds: int = setting(5, "server rounds", low=1)
+    bits: int = setting(4, "broadcast precision: 1..8 bits (NF levels), or 32 for no quantization", low=1, high=32)
+    block_size: int = setting(64, "quantization block size", low=1, applies=quantized)
+    upload_bits: int = setting(32, "quantize client deltas too (32: fp32 uploads)", low=1, high=32)
+    local_steps: int = setting(3, "local steps per round (3: benchmarks/federated_sweep.py)", low=1)
+    local_optimizer: str = setting("adamw", "any slimtune optimizer", choices=OPTIMIZERS)
+    local_dp_noise: float = setting(1.0, "private local optimizers: noise multiplier per local step", low=0,
+                                    low_open=True, applies=private_clients)
+    local_dp_clip: float = setting(1.0, "private local optimizers: clipping threshold", low=0, low_open=True,
+                                   applies=private_clients)
+    local_dp_delta: float = setting(1e-5, "private local optimizers: the delta of the local epsilon each client "
+                                    "reports", low=0, high=1, low_open=True, high_open=True, applies=private_clients)
+    lr: float = setting(1e-3, "clients' learning rate", low=0, low_open=True)
+    eps: float = setting(1e-3, "ZO clients' perturbation scale", low=0, low_open=True, applies=zo_clients)
+    batch_size: int = setting(8, "clients' batch size", low=1)
+    lora_r: int = setting(8, "LoRA rank", low=1)
+    alpha: float = setting(0.5, "Dirichlet concentration over labels (small: non-IID)", low=0, low_open=True)
+    aggregation: str = setting("fedavg", "fedavg (FedIT) or ffa (FFA-LoRA, A frozen)", choices=("fedavg", "ffa"))
+    server_optimizer: str | None = setting(None, "server step on the aggregated update: fedavg, fedavgm, fedadam, "
+                                           "fedyogi (Flower's semantics); default: for AdamW clients fedadam at server "
+                                           "lr 3e-3 with --server-average 0.8, else fedavg",
+                                           choices=("fedavg", "fedavgm", "fedadam", "fedyogi"))
+    server_lr: float | None = setting(None, "server learning rate (default: the swept one without --server-optimizer; "
+                                      "else Flower's)", low=0, low_open=True)
+    server_momentum: float = setting(0.9, "fedavgm: server momentum", low=0, high=1, high_open=True,
+                                     applies=when(server_optimizer=("fedavgm",)))
+    server_average: float | None = setting(None, "the server keeps an EMA of its iterates with this decay as its "
+                                           "model (0: off)", low=0, high=1, high_open=True)
+    mode: str = setting("lora", "lora (deltas) or zo-seeds (FedKSeed-style seed/scalar pairs)",
+                        choices=("lora", "zo-seeds"))
+    client_dp_clip: float = setting(0.0, "client-level DP: L2 clip of each delta (0: off)", low=0)
+    client_dp_noise: float = setting(0.0, "client-level DP: noise multiplier", low=0, applies=client_dp)
+    client_dp_delta: float = setting(1e-5, "client-level DP: delta", low=0, high=1, low_open=True, high_open=True,
+                                     applies=client_dp)
+    eval_max: int = setting(200, "server evaluation: at most this many examples", low=0)
+    norm_bound: float = setting(1.0, "server: every update is clipped to this multiple of the median update norm of "
+                                "the round's (and the last rounds') replies", low=0, low_open=True)
+    max_update_norm: float = setting(0.0, "server: also reject replies above this fixed L2 norm (0: no fixed cap; "
+                                     "the adaptive bound applies either way)", low=0)
+    weighting: str = setting("equal", "server: equal weights, or examples (claimed counts, each capped at the round's "
+                             "median claim)", choices=("equal", "examples"))
+    robust: str = setting("none", "robust aggregation of the bounded updates: none (mean) or median (coordinate-wise)",
+                          choices=("none", "median", "clip"))
+    dither: float = setting(0.0, "fixed secret dither on the broadcast, in units of the largest quantization step "
+                            "(0: off)", low=0, high=2)
+    clients_per_round: int = setting(0, "clients sampled to train each round (0: all)", low=0)
+    attack_coalition: int = setting(0, "measurement: score what k colluding clients rebuild of theta (0: off)",
+                                    low=0)
+    attack_window: int = setting(5, "broadcasts the multi-round attack averages", low=1,
+                                 applies=condition(lambda s: s.attack_coalition > 0, "--attack-coalition > 0",
+                                                   lambda s: "--attack-coalition 0"))
+    round_timeout: float = setting(3600.0, "seconds the server waits for a round's replies (simulated clients share "
+                                   "this machine's CPUs)", low=0, low_open=True)
+    seed: int = setting(0, "public seed (partition, initial LoRA A of non-secret runs)", low=0)
+
+    def check(self) -> None:
+        from slimtune.settings.rules import require_input_file
+        if not self.data:
+            raise SlimtuneError("--data is required (on the command line or in --config)")
+        require_input_file(self.data, "--data")
+        if self.eval_data:
+            require_input_file(self.eval_data, "--eval-data")
+        if self.bits not in (*range(1, 9), 32) or self.upload_bits not in (*range(1, 9), 32):
+            raise SlimtuneError(f"--bits {self.bits} / --upload-bits {self.upload_bits}: each must be 1..8 or 32")
+        self.to_config().validate()
+
+    def to_config(self):
+        from slimtune.federated import FederatedConfig
+        return FederatedConfig(
+            data=self.data, eval_data=self.eval_data or "", model=self.model, task=self.task,
+            input_column=self.input_column, target_column=self.target_column, template=self.template,
+            max_length=self.max_length, num_clients=self.clients, rounds=self.rounds, bits=self.bits,
+            block_size=self.block_size, upload_bits=self.upload_bits, local_steps=self.local_steps,
+            local_optimizer=self.local_optimizer, local_dp_noise=self.local_dp_noise,
+            local_dp_clip=self.local_dp_clip, local_dp_delta=self.local_dp_delta, lr=self.lr, eps=self.eps,
+            batch_size=self.batch_size, lora_r=self.lora_r, dirichlet_alpha=self.alpha,
+            aggregation=self.aggregation, mode=self.mode, client_dp_clip=self.client_dp_clip,
+            client_dp_noise=self.client_dp_noise, client_dp_delta=self.client_dp_delta, eval_max=self.eval_max,
+            max_update_norm=self.max_update_norm, norm_bound=self.norm_bound, weighting=self.weighting,
+            robust=self.robust, seed=self.seed, out_dir=self.out, server_optimizer=self.server_optimizer,
+            server_lr=self.server_lr, server_momentum=self.server_momentum, server_average=self.server_average,
+            round_timeout=self.round_timeout, dither=self.dither, clients_per_round=self.clients_per_round,
+            attack_coalition=self.attack_coalition, attack_window=self.attack_window)
