@@ -162,7 +162,7 @@ class ZOTrainerMixin:
             if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
                 raise SlimtuneError(f"ZOArguments(optimizer={zo.optimizer!r}): private training samples Poisson "
                                     "batches from a dataset of known size; an iterable dataset cannot be sampled")
-            if args.include_num_input_tokens_seen not in ("no", False):
+            if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
                 raise SlimtuneError("include_num_input_tokens_seen counts the tokens of private batches, which is "
                                     "not released by a private run: leave it off")
 
