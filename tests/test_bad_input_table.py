@@ -392,3 +392,12 @@ def test_ctrl_c_stops_after_a_step_with_the_resume_command(tmp_path):
     assert step >= 2 and step == status["step"]
     res = cli("train", "--out", out, "--resume", "--steps", str(step + 2))
     assert res.exit_code == 0, res.output
+
+
+def test_a_run_resumed_twice_keeps_its_history(runs, tmp_path):
+    run = copy_run(runs, "lora", tmp_path)
+    for steps in ("3", "4"):
+        res = cli("train", "--out", run, "--resume", "--steps", steps)
+        assert res.exit_code == 0, res.output
+    history = json.loads((run / "config.json").read_text())["resumed"]
+    assert [h["at_step"] for h in history] == [2, 3]

@@ -24,6 +24,8 @@ def flat(values: dict, prefix: str = "") -> dict:
     """{"optim": {"lr": 1}} -> {"optim.lr": 1} (the keys of a stored config.json)."""
     out = {}
     for key, value in values.items():
+        if key == "resumed" and not prefix:  # config.json's own history of resumes, not a setting
+            continue
         name = prefix + key
         if isinstance(value, dict) and key in ("optim", "peft", "privacy", "generation"):
             out.update(flat(value, name + "."))
