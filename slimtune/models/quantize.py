@@ -78,6 +78,7 @@ def quantize_base(model: nn.Module, kind: str, compute_dtype: torch.dtype | None
     for name, layer in quantizable(model):
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         setattr(parent, name.rpartition(".")[2], quantized_linear(bnb, layer, kind, compute_dtype))
+        release_freed_memory()
     for p in model.parameters():
         p.requires_grad_(False)
     model.slimtune_base_quant = kind
@@ -108,6 +109,19 @@ def quantized_linear(bnb, layer: nn.Linear, kind: str, compute_dtype: torch.dtyp
     q = q.to(device)  # bitsandbytes quantizes on the move to a real device
     layer.weight = None
     return q
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free memory back to the OS (glibc's malloc_trim). Freed dense layers of a few MB are otherwise
+    kept by the allocator (its mmap threshold rises after the first frees), and a quantized model built layer by
+    layer would keep the dense model's high-water mark as resident memory."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def block_size(layer: nn.Linear) -> int:
