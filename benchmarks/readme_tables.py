@@ -43,6 +43,15 @@ def fill(text: str, names: list[str] | None = None) -> str:
     return text
 
 
+def write_block(name: str, body: str, path: Path = README) -> None:
+    """One marked block of `path` set to `body`: for tables a benchmark renders itself (benchmarks/scale.py)."""
+    text = path.read_text()
+    if f"<!-- {name}:start -->" not in text:
+        raise SystemExit(f"{path.name} has no <!-- {name}:start --> / <!-- {name}:end --> markers")
+    path.write_text(re.sub(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)",
+                           lambda m: m.group(1) + body.strip() + "\n" + m.group(2), text, flags=re.S))
+
+
 def main() -> None:
     README.write_text(fill(README.read_text(), sys.argv[1:] or None))
 
