@@ -11,9 +11,14 @@ The names below are imported on first use, so `import slimtune` stays cheap (no 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# `import peft` imports bitsandbytes whenever it is installed (the extra "quant"), and bitsandbytes' CPU backend then
+# logs that an optional kernels-hub package is missing; slimtune never downloads kernels: keep runs quiet
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 class SlimtuneError(Exception):

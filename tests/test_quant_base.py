@@ -84,17 +84,19 @@ def test_the_planner_sizes_a_quantized_model_as_its_dense_self(demo_paths):
 
 
 @needs_bnb
-def test_a_run_on_an_int4_base_records_it_and_prints_nothing_of_bitsandbytes(tmp_path, demo_paths):
+@pytest.mark.parametrize("quant", [["--base-quant", "int8", "--dtype", "bf16"], []])
+def test_runs_print_nothing_of_bitsandbytes(tmp_path, demo_paths, quant):
+    """With the extra installed, `import peft` imports bitsandbytes in every LoRA run, quantized or not."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "slimtune.cli", "train", "--data", demo_paths[0], "--model",
-                          "tiny-llama", "--optimizer", "mezo", "--peft", "lora", "--base-quant", "int8", "--dtype",
-                          "bf16", "--steps", "2", "--batch-size", "4", "--save", "last", "--quiet", "--out", str(out)],
+                          "tiny-llama", "--optimizer", "mezo", "--peft", "lora", *quant, "--steps", "2",
+                          "--batch-size", "4", "--save", "last", "--quiet", "--out", str(out)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
     for noise in ("bitsandbytes", "kernels", "MatMul8bitLt", "Failed to load"):
         assert noise not in res.stderr + res.stdout
-    assert json.loads((out / "config.json").read_text())["base_quant"] == "int8"
+    assert json.loads((out / "config.json").read_text())["base_quant"] == (quant[1] if quant else None)
 
 
 def test_base_quant_is_refused_without_lora_before_loading(tmp_path, demo_paths, monkeypatch):
