@@ -84,3 +84,6 @@ def test_gemma_defaults_rows_run_gemma_and_are_judged_against_their_own_rows(mon
     assert d.verdict("gemma-adamw-lora", res)[0] is True  # 0.85 >= 0.86 - 0.02
     assert d.verdict("gemma-mezo-lora", res)[0] is False  # 0.80 < 0.85 - 0.04
     assert d.verdict("gemma-dpzero-lora-eps6", res)[0] is True
+    res.update({"mezo-lora": row(0.83), "mezo-lora-bf16": row(0.815)})
+    assert d.RUNS["mezo-lora-bf16"][0][-2:] == ["--dtype", "bf16"]
+    assert d.verdict("mezo-lora-bf16", res)[0] is False  # 0.815 < 0.83 - 0.01: bf16 costs more than a point
