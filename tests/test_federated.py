@@ -273,7 +273,7 @@ def test_simulation_end_to_end(demo_paths, tmp_path, monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
     for attr in ("_run_id", "_task_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, None)  # the simulation runtime sets its own
-    from slimtune.federated.simulate import simulate
+    from slimtune.federated.simulation import simulate
 
     # one Ray start for everything end to end: 2 of 3 clients sampled per round (issue 14), the model-IP attacks, and
     # the swept server step when none is given (its averaging decay overridden)
@@ -423,7 +423,7 @@ def test_a_run_where_every_client_fails_is_an_error(demo_paths, tmp_path):
     import flwr.simulation
 
     from slimtune import SlimtuneError
-    from slimtune.federated.simulate import simulate
+    from slimtune.federated.simulation import simulate
 
     fresh = tmp_path / "fresh"
 

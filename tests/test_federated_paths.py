@@ -29,7 +29,7 @@ def test_run_server_refuses_bad_settings_before_any_work(demo_paths, tmp_path, k
 
 def test_simulate_runs_the_same_checks_before_starting_anything(demo_paths, tmp_path, monkeypatch):
     import flwr.simulation
-    from slimtune.federated.simulate import simulate
+    from slimtune.federated.simulation import simulate
     monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: pytest.fail("started a simulation"))
     with pytest.raises(SlimtuneError, match="--aggregation"):
         simulate(make_cfg(demo_paths, aggregation="FFA", out_dir=str(tmp_path / "run")))

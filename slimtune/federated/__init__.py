@@ -3,7 +3,7 @@
 The server keeps full-precision LoRA private and broadcasts only a block-wise quantized copy; clients train from it
 and return deltas (or seed/scalar pairs); `simulate` runs everything on one machine, `flwr run` deploys it.
 
-One code path, whichever way a run starts (`slimtune federate` -> simulate.py; `flwr run .` -> server_app.main;
+One code path, whichever way a run starts (`slimtune federate` -> simulation.py; `flwr run .` -> server_app.main;
 `python -m slimtune.federated.deployment` -> `flwr run` on local processes):
 
     config.py       FederatedConfig: every setting, which ones clients are sent, check_run (the checks every path
@@ -28,5 +28,5 @@ __all__ = ["FederatedConfig", "dirichlet_partition", "dequantize", "nf_levels", 
 
 
 def simulate(cfg, cpus_per_client: float = 1.0, client_app=None):
-    from slimtune.federated.simulate import simulate as _simulate
+    from slimtune.federated.simulation import simulate as _simulate
     return _simulate(cfg, cpus_per_client, client_app)
