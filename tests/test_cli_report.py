@@ -106,4 +106,4 @@ def test_cli_federate_rejects_bad_settings_before_starting(tmp_path, demo_paths)
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\nok\t7\n")
     res = runner.invoke(app, ["federate", "--data", str(bad), "--model", "tiny-llama", "--out", str(tmp_path / "f")])
-    assert res.exit_code == 2 and "bad.tsv:2: field 'label': unknown label '7'" in res.output
+    assert res.exit_code == 2 and "bad.tsv:2: field 'label': unknown label '7'" in res.output, res.output
