@@ -43,17 +43,30 @@ def fill(text: str, names: list[str] | None = None) -> str:
     return text
 
 
-def write_block(name: str, body: str, path: Path = README) -> None:
-    """One marked block of `path` set to `body`: for tables a benchmark renders itself (benchmarks/scale.py)."""
-    text = path.read_text()
-    if f"<!-- {name}:start -->" not in text:
-        raise SystemExit(f"{path.name} has no <!-- {name}:start --> / <!-- {name}:end --> markers")
-    path.write_text(re.sub(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)",
-                           lambda m: m.group(1) + body.strip() + "\n" + m.group(2), text, flags=re.S))
+def pages() -> list[Path]:
+    """Where generated blocks live: README.md and the docs' benchmark pages."""
+    return [README, *sorted((README.parent / "docs" / "benchmarks").glob("*.md"))]
+
+
+def write_block(name: str, body: str, path: Path | None = None) -> None:
+    """Every marked block `name` (in `path`, or in README.md and the docs' benchmark pages) set to `body`: for tables
+    a benchmark renders itself (benchmarks/scale.py)."""
+    targets = [path] if path else [p for p in pages() if f"<!-- {name}:start -->" in p.read_text()]
+    if not targets or f"<!-- {name}:start -->" not in targets[0].read_text():
+        raise SystemExit(f"no page has <!-- {name}:start --> / <!-- {name}:end --> markers")
+    for target in targets:
+        target.write_text(re.sub(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)",
+                                 lambda m: m.group(1) + body.strip() + "\n" + m.group(2), target.read_text(),
+                                 flags=re.S))
 
 
 def main() -> None:
-    README.write_text(fill(README.read_text(), sys.argv[1:] or None))
+    """Fill the named tables (default: all) wherever they are marked: README.md and docs/benchmarks/*.md."""
+    for page in pages():
+        text = page.read_text()
+        new = fill(text, sys.argv[1:] or None)
+        if new != text:
+            page.write_text(new)
 
 
 if __name__ == "__main__":

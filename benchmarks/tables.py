@@ -363,7 +363,8 @@ TABLES = {"sst2": lambda: grid_table("sst2", MAIN_RUNS, 0.8), "dp": lambda: grid
           "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
           "generation-speed": generation_speed_table, "zo-step": zo_step_table, "gguf": gguf_table,
           "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
-          "federated-sweep": federated_sweep_table,
+          "federated-sweep": federated_sweep_table, "targets": lambda: __import__("targets").targets_table(),
+          "scale": lambda: __import__("scale").scale_table(),
           "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}
 
 
