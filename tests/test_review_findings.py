@@ -1,0 +1,196 @@
+"""Findings of an independent adversarial review (after f23d015). Each test reproduces one bug and FAILS on the code
+it was written against; its docstring states the finding and the behaviour expected instead. Tiny models only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slimtune import SlimtuneError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "slimtune" / "data" / "demo"
+TRAIN, DEV = str(DEMO / "sst2_demo_train.tsv"), str(DEMO / "sst2_demo_dev.tsv")
+runner = CliRunner()
+
+
+def cli(*args):
+    from slimtune.cli import app
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def private_config(out: Path, **kw):
+    from slimtune.optim import OptimizerArgs
+    from slimtune.peft import PeftSettings
+    from slimtune.privacy import PrivacySpec
+    from slimtune.train import TrainConfig
+    base = dict(out_dir=str(out), train_data=TRAIN, eval_data=DEV, model="tiny-llama", optimizer="dpzero",
+                optim=OptimizerArgs(lr=1e-2, eps=1e-2), peft=PeftSettings("lora", r=2), steps=2, batch_size=8,
+                eval_every=0, checkpoint_every=2, progress=False, lr_scheduler="constant",
+                privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def released(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["projected_grad"] for r in rows if "projected_grad" in r}
+
+
+# -- privacy ---------------------------------------------------------------------------------------------------------
+def test_a_key_file_reused_by_a_second_run_gives_it_fresh_noise(tmp_path):
+    """HIGH. `--secret-key-file` (documented for data-parallel ranks) is read as is and the noise/batches are
+    HMAC(key, purpose || attempt || step || draw) with nothing run-specific in the message: two private runs given the
+    same key file (a sweep, a re-run after `--restart`, a user who keeps "their" key) draw the *same* noise and the
+    same Poisson batches at every step. The threat model says "Two runs with identical settings draw different noise
+    and batches"; here their releases are identical, and with any setting changed (lr, seed) the difference of two
+    releases of one step cancels the noise exactly (a noise-free function of the private data).
+    Expected: a key file already used by another run is refused, or every run binds its noise and batches to a fresh
+    per-run nonce (recorded in the run directory, kept across --resume), so two runs never share noise."""
+    from slimtune.privacy.secret import create_key_file
+    from slimtune.train import prepare, train
+
+    create_key_file(tmp_path / "my.key")
+    runs = []
+    for name in ("a", "b"):
+        try:
+            train(prepare(private_config(tmp_path / name, secret_key_file=str(tmp_path / "my.key"))))
+        except SlimtuneError:
+            return  # refusing to reuse a key for a second run is a fix
+        runs.append(released(tmp_path / name))
+    assert runs[0][1] != runs[1][1], "two runs with one key file released the same noisy scalar (same noise)"
+
+
+def test_federated_server_secrets_have_more_than_32_bits(tmp_path):
+    """HIGH. The federated server's secret randomness — theta_0 (with FFA the frozen LoRA A that must stay secret
+    from clients), the fixed secret dither of the broadcast, and the client-level DP noise — comes from
+    `torch.Generator().manual_seed(secrets.randbits(63))` / `torch.manual_seed(...)`. torch's CPU generator (mt19937)
+    keeps only the low 32 bits of the seed (issue 33's finding 2), so each of these secrets is one of 2^32 values a
+    client can search offline against the Q(theta) it receives.
+    Expected: seeds that differ only above bit 32 give different secrets (use the 256-bit key / Philox path of
+    privacy/secret.py, or OS randomness directly)."""
+    from slimtune.federated import model as fed_model
+    from slimtune.federated.config import FederatedConfig
+    from slimtune.federated.strategy import secret_dither
+
+    shapes = {"l.lora_A.weight": (4, 8), "l.lora_B.weight": (8, 4)}
+    cfg = FederatedConfig(data=TRAIN, bits=4, dither=1.0)
+    seeds = iter([12345, 12345 + (1 << 40)])
+    original = fed_model.secret_seed
+    fed_model.secret_seed = lambda: next(seeds)
+    import slimtune.federated.strategy as strategy_module
+    strategy_module.secret_seed = fed_model.secret_seed
+    try:
+        first, second = secret_dither(shapes, cfg), secret_dither(shapes, cfg)
+    finally:
+        fed_model.secret_seed = strategy_module.secret_seed = original
+    assert any(not torch.equal(first[k], second[k]) for k in shapes), \
+        "the secret dither is a function of the seed's low 32 bits only"
+
+
+# -- Hugging Face trainer ----------------------------------------------------------------------------------------
+def _hf_private_trainer(tmp_path, eval_same_as_train=False, **kwargs):
+    datasets = pytest.importorskip("datasets")
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    import slimtune
+    from slimtune.hf import ZOArguments, ZOTrainer
+    from slimtune.models.loading import tiny_model, tiny_tokenizer
+
+    rows = [line.split("\t")[0] for line in (DEMO / "sst2_demo_train.tsv").read_text().splitlines()[1:]]
+    tok = tiny_tokenizer(rows)
+    model = tiny_model("tiny-llama", len(tok), tok.pad_token_id, tok.eos_token_id, seed=0)
+    torch.manual_seed(0)
+    model = slimtune.apply_peft(model, "lora", r=2)
+    data = datasets.Dataset.from_dict({"text": rows}).map(lambda b: tok(b["text"]), batched=True,
+                                                         remove_columns=["text"])
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, report_to=[],
+                             logging_steps=2, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=7, **kwargs)
+    return ZOTrainer(model=model, args=args, train_dataset=data, eval_dataset=data if eval_same_as_train else None,
+                     data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                     zo_args=ZOArguments(optimizer="dpzero", epsilon=8.0, delta=1e-3, lr=1e-2, eps=1e-2))
+
+
+def test_private_zotrainer_does_not_release_total_flos_of_private_batches(tmp_path, monkeypatch):
+    """MEDIUM. transformers' Trainer adds `floating_point_ops(inputs)` = 6 x params x numel(input_ids) of every
+    training batch to `state.total_flos`, which is logged at the end of `train()` (log_history, report_to) and saved
+    in every checkpoint's trainer_state.json. In a private ZOTrainer run the batches are the secret Poisson batches
+    (random size, padded to their longest row), so total_flos reveals the sum over steps of realised batch size x
+    longest row — per-example information (a long canary row shows) outside the accounted releases. ZOTrainerMixin.log
+    drops the loss but keeps total_flos.
+    Expected: a private run's logs and state carry no quantity computed from the realised batches (total_flos absent
+    or 0, or computed from the expected batch size and --max-length)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    trainer = _hf_private_trainer(tmp_path, max_steps=4)
+    trainer.train()
+    logged = [r["total_flos"] for r in trainer.state.log_history if r.get("total_flos")]
+    assert not logged and not trainer.state.total_flos, \
+        f"total_flos {trainer.state.total_flos:.6g} counts the tokens of the private Poisson batches"
+
+
+def test_private_zotrainer_refuses_evaluation_on_the_training_data(tmp_path, monkeypatch):
+    """MEDIUM. `slimtune train` refuses --eval-data that overlaps the training data for private runs (issue 33,
+    item 4: evaluations and best-model choice would be computed on training rows without noise), but a private
+    ZOTrainer accepts eval_dataset == train_dataset (the project's own tests build it that way) and logs eval_loss of
+    the private rows, un-noised, in its log_history.
+    Expected: a one-line SlimtuneError when a private ZOTrainer's eval_dataset shares rows with train_dataset."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SlimtuneError):
+        _hf_private_trainer(tmp_path, eval_same_as_train=True, max_steps=2)
+
+
+# -- federation: one code path, one validation ------------------------------------------------------------------
+@pytest.mark.parametrize("run_config", [
+    {"lr": -1.0},
+    {"local-optimizer": "dp-sgd", "local-dp-noise": 0.0},
+    {"local-optimizer": "dpzero", "local-dp-delta": 1.5},
+    {"lr": "abc"},
+    {"max-length": 0},
+], ids=["negative-lr", "dp-noise-0", "dp-delta-1.5", "lr-string", "max-length-0"])
+def test_flwr_run_path_refuses_what_slimtune_federate_refuses(tmp_path, run_config):
+    """MEDIUM. Issue 35 item 3 ("one code path ... the same validation"): `slimtune federate` checks types and ranges
+    through FederateSettings, but `flwr run .` and the deployment script build FederatedConfig.from_flower(run_config)
+    and call check_run, whose FederatedConfig.validate checks neither types nor the ranges of lr, eps, max_length,
+    dirichlet_alpha or the local-DP settings. A run config with local-dp-noise = 0 (private clients with no noise), a
+    local-dp-delta of 1.5, a negative or string lr, max-length 0 passes check_run and starts Flower.
+    Expected: check_run refuses each with a one-line SlimtuneError, as `slimtune federate` does."""
+    from slimtune.federated.config import FederatedConfig, check_run
+
+    cfg = FederatedConfig.from_flower({"data": TRAIN, **run_config}, None)
+    with pytest.raises(SlimtuneError):
+        check_run(replace(cfg, out_dir=str(tmp_path / "out")))
+
+
+# -- settings: internal errors on bad input ---------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", TRAIN, "--model", "tiny-llama", "--steps", "1", "--batch-size", "4", "--quiet", "--r", "2",
+     "--seed", str(2 ** 70), "--out", "{tmp}/out"],
+    ["train", "--data", TRAIN, "--model", "tiny-llama", "--steps", "1", "--batch-size", "4", "--quiet", "--r", "2",
+     "--optimizer", "dpzero", "--delta", "1e-3", "--noise-multiplier", "1e-300", "--out", "{tmp}/out"],
+    ["federate", "--data", TRAIN, "--model", "tiny-llama", "--seed", str(2 ** 70), "--rounds", "1", "--clients", "1",
+     "--out", "{tmp}/out"],
+], ids=["train-seed-2^70", "train-noise-multiplier-1e-300", "federate-seed-2^70"])
+def test_out_of_range_numbers_are_one_line_errors_not_internal_errors(tmp_path, argv):
+    """LOW. `--seed 2**70` (train, federate) ends in "internal error (ValueError: Overflow when unpacking long long)"
+    with exit 1 (torch.manual_seed), `--noise-multiplier 1e-300` in "internal error (ZeroDivisionError)"; the settings
+    model has no upper bound for the seed and no lower bound away from 0 for the noise.
+    Expected: exit 2 with one line naming the flag, before any work."""
+    res = cli(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert res.exit_code == 2, res.output[-400:]
+    assert "internal error" not in res.output
+
+
+def test_report_on_a_summary_that_is_not_an_object_is_a_one_line_error(tmp_path):
+    """LOW. `slimtune report RUN` where RUN/summary.json is valid JSON but not an object (e.g. `[1, 2]`, a truncated or
+    foreign file) ends in "internal error (AttributeError: 'list' object has no attribute 'get')", exit 1.
+    Expected: exit 2, one line naming the file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("[1, 2]")
+    res = cli("report", run, "--out", tmp_path / "report")
+    assert res.exit_code == 2 and "internal error" not in res.output, res.output[-400:]
