@@ -194,3 +194,43 @@ def test_report_on_a_summary_that_is_not_an_object_is_a_one_line_error(tmp_path)
     (run / "summary.json").write_text("[1, 2]")
     res = cli("report", run, "--out", tmp_path / "report")
     assert res.exit_code == 2 and "internal error" not in res.output, res.output[-400:]
+
+
+def test_fzoo_trains_with_the_n_its_config_records(tmp_path):
+    """LOW-MEDIUM (setting silently replaced). `train --optimizer fzoo --n-spsa 1` trains FZOO with N = 8 directions
+    (optim/__init__.py: `args.n_spsa if args.n_spsa > 1 else 8`) while config.json records n_spsa 1; slimtune.FZOO
+    refuses n_perturbations < 2. A user asking for N = 1 (or reading config.json to reproduce a run) is misled.
+    Expected: --n-spsa 1 with fzoo is a one-line error (FZOO needs N >= 2), or FZOO's N has its own setting whose
+    default 8 is what config.json records."""
+    from slimtune.settings.train import TrainSettings
+    from slimtune.train import prepare
+
+    settings = TrainSettings.build({"data": TRAIN, "model": "tiny-llama", "optimizer": "fzoo", "n_spsa": 1,
+                                    "steps": 1, "batch_size": 4, "r": 2, "quiet": True, "out": str(tmp_path / "run")})
+    try:
+        run = prepare(settings.to_config())
+    except SlimtuneError:
+        return
+    run.run_dir.release()
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["n_spsa"]
+    assert run.optimizer.config.n_perturbations == recorded, \
+        f"config.json says n_spsa {recorded}, FZOO runs {run.optimizer.config.n_perturbations} directions"
+
+
+def test_dpzero_clipping_bounds_a_nan_per_example_difference():
+    """MEDIUM. DPZero's sensitivity bound (each example moves the clipped sum by at most C) fails for a non-finite
+    per-example difference: `g.clamp(-C, C)` keeps NaN (l+ = l- = inf, e.g. a bf16/fp16 overflow on one row), so the
+    released scalar is NaN and the run stops at the first step that sampled that row — a certain, per-example signal
+    (which step, whether at all) outside the accounted release. (+inf is clipped correctly; NaN is not.)
+    Expected: a non-finite per-example value contributes at most C (e.g. clipped to 0 or +-C) and the release stays
+    finite; the mechanism's bound holds for any input."""
+    import math
+
+    from slimtune.privacy import PrivacySpec
+    from slimtune.privacy.dpzero import PrivateDifference
+
+    mechanism = PrivateDifference(PrivacySpec(delta=1e-3, noise_multiplier=1.0, clip=1.0), 1.0, 4.0)
+    plus = torch.tensor([0.5, float("inf"), 0.7])
+    minus = torch.tensor([0.4, float("inf"), 0.6])
+    value, _ = mechanism(plus, minus, 1e-2)
+    assert math.isfinite(value), "one row's non-finite loss made the private release NaN"
