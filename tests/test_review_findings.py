@@ -234,3 +234,26 @@ def test_dpzero_clipping_bounds_a_nan_per_example_difference():
     minus = torch.tensor([0.4, float("inf"), 0.6])
     value, _ = mechanism(plus, minus, 1e-2)
     assert math.isfinite(value), "one row's non-finite loss made the private release NaN"
+
+
+def test_eval_of_a_quantized_base_adapter_reproduces_the_runs_evaluation(tmp_path):
+    """LOW-MEDIUM (exactness). A LoRA adapter trained with --base-quant int4 was evaluated during training (summary's
+    final_eval_loss, best-model choice) on the int4 base, but nothing in adapter/ records the quantization and
+    `slimtune eval` / `generate` / `merge` have no --base-quant: they apply it to the dense base, silently another
+    model (loss 0.697444 in the run, 0.697552 from `slimtune eval` on the tiny model; for a plain LoRA run the two
+    agree to the last digit). Expected: the adapter records its base quantization and eval/generate/merge use it (or
+    refuse / say so), so `slimtune eval` reproduces the run's own evaluation."""
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "q"
+    res = cli("train", "--data", TRAIN, "--eval-data", DEV, "--model", "tiny-llama", "--base-quant", "int4",
+              "--steps", "2", "--eval-every", "2", "--save", "last", "--batch-size", "4", "--r", "2", "--quiet",
+              "--out", run)
+    assert res.exit_code == 0, res.output[-400:]
+    summary = json.loads((run / "summary.json").read_text())
+    res = cli("eval", "--data", DEV, "--model", "tiny-llama", "--adapter", run / "adapter")
+    if res.exit_code == 2:
+        return  # refusing to evaluate on a different base is a fix
+    out = res.stdout
+    measured = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    assert measured["loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-7), \
+        "slimtune eval scored the adapter on the dense base, not the int4 base it was trained and evaluated on"
