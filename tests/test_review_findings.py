@@ -257,3 +257,24 @@ def test_eval_of_a_quantized_base_adapter_reproduces_the_runs_evaluation(tmp_pat
     measured = json.loads(out[out.index("{"):out.rindex("}") + 1])
     assert measured["loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-7), \
         "slimtune eval scored the adapter on the dense base, not the int4 base it was trained and evaluated on"
+
+
+@pytest.mark.parametrize("line", ['server-lr = "fast"', 'server-average = "x"', "norm-bound = inf",
+                                  "server-momentum = 5.0", "eval-max = -5", "node-timeout = -1.0"],
+                         ids=["server-lr-string", "server-average-string", "norm-bound-inf", "momentum-5",
+                              "eval-max-negative", "node-timeout-negative"])
+def test_server_settings_file_is_checked_like_the_flags(tmp_path, line):
+    """MEDIUM. The server's settings file ($SLIMTUNE_SERVER_SETTINGS / $FLWR_HOME/slimtune-server.toml, the only
+    place `flwr run` and deployment take server settings from) is type-checked only for fields whose default is not
+    None, and FederatedConfig.validate has no ranges for most fields: `server-lr = "fast"` and `server-average = "x"`
+    end in a TypeError traceback inside check_run; `norm-bound = inf` is accepted (B_t = inf: the bound on one
+    client's influence is off, while --norm-bound inf is refused by `slimtune federate`), as are server-momentum 5.0
+    (FedAvgM diverges), eval-max -5 and node-timeout -1.
+    Expected: a one-line SlimtuneError naming the file and key, as FederateSettings gives for the same values."""
+    from slimtune.federated.config import FederatedConfig, check_run
+
+    settings = tmp_path / "slimtune-server.toml"
+    settings.write_text(line + "\n")
+    with pytest.raises(SlimtuneError):
+        cfg = FederatedConfig.from_flower({"data": TRAIN}, settings)
+        check_run(replace(cfg, out_dir=str(tmp_path / "out")))
