@@ -278,3 +278,29 @@ def test_server_settings_file_is_checked_like_the_flags(tmp_path, line):
     with pytest.raises(SlimtuneError):
         cfg = FederatedConfig.from_flower({"data": TRAIN}, settings)
         check_run(replace(cfg, out_dir=str(tmp_path / "out")))
+
+
+def test_the_release_ledger_records_a_step_before_its_adapter_is_written(tmp_path, monkeypatch):
+    """MEDIUM. A private run's ledger (status.json `released_through`) must record a step before anything holding
+    that step's release is written, so that a resume after a crash recomputes it under a fresh attempt *and accounts
+    it*. With --save best the adapter of an evaluation step s (theta_s: post-processing of step s's noisy scalar, a
+    file the threat model lets the user publish) is written in _track_best *before*
+    `run_dir.update(released_through=s)`. A crash or second Ctrl-C in between (or a kill during the adapter swap)
+    leaves adapter/ at step s with the ledger at s - 1; a resume from an earlier checkpoint then abandons steps up to
+    s - 1 only, and step s's published release is never accounted.
+    Expected: released_through >= s whenever adapter/ (or the checkpoint) holds step s's weights."""
+    from slimtune.train import prepare, train
+    from slimtune.train import trainer as trainer_module
+
+    seen = []
+    real_save = trainer_module._save_adapter
+
+    def recording_save(run):
+        seen.append((run.run_dir.status().get("released_through"), run.best_step))
+        real_save(run)
+
+    monkeypatch.setattr(trainer_module, "_save_adapter", recording_save)
+    monkeypatch.setattr(trainer_module, "is_better", lambda *a: True)  # every evaluation saves the adapter
+    train(prepare(private_config(tmp_path / "run", steps=2, eval_every=2, checkpoint_every=2)))
+    late = [(ledger, step) for ledger, step in seen if step and (ledger or 0) < step]
+    assert not late, f"adapter of step {late[0][1]} written while the ledger said released_through={late[0][0]}"
