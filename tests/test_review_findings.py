@@ -304,3 +304,23 @@ def test_the_release_ledger_records_a_step_before_its_adapter_is_written(tmp_pat
     train(prepare(private_config(tmp_path / "run", steps=2, eval_every=2, checkpoint_every=2)))
     late = [(ledger, step) for ledger, step in seen if step and (ledger or 0) < step]
     assert not late, f"adapter of step {late[0][1]} written while the ledger said released_through={late[0][0]}"
+
+
+def test_resume_compares_a_setting_the_older_run_did_not_record_with_its_default(tmp_path):
+    """MEDIUM (resume changes what is trained). train/resume.py `differences` skips every setting absent from the
+    run's config.json ("a setting newer than the run: it trained with the field's default") instead of comparing the
+    new value with that default. Runs made before this round (f23d015) have no `base_quant`, `secret_key_file`,
+    `optim.fo_layers`, ... in config.json, so `--resume --base-quant int4` on such a run is accepted and continues
+    training its LoRA on a quantized base it never saw. (Simulated here by removing the key from a fresh run's
+    config.json, which is what an f23d015 run holds.)
+    Expected: a missing key is compared as the field's default (None here), so the change is refused."""
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "old"
+    res = cli("train", "--data", TRAIN, "--model", "tiny-llama", "--steps", "2", "--batch-size", "4", "--r", "2",
+              "--quiet", "--out", run)
+    assert res.exit_code == 0, res.output[-400:]
+    stored = json.loads((run / "config.json").read_text())
+    del stored["base_quant"]
+    (run / "config.json").write_text(json.dumps(stored))
+    res = cli("train", "--out", run, "--resume", "--steps", "3", "--base-quant", "int4")
+    assert res.exit_code == 2, "resume with --base-quant int4 accepted for a run trained on a dense base"
