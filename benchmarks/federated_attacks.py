@@ -87,7 +87,7 @@ def plot(results: dict, path: Path) -> None:
     centrals = {k: v for k, v in results.items() if k.startswith("centralized")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in runs.items():
-        rounds = [m for m in r["round_metrics"] if m["round"] > 0]
+        rounds = [m for m in r["round_metrics"] if m["round"] > 0 and m.get("server_accuracy") is not None]
         x = [m["round"] for m in rounds]
         line, = axes[0].plot(x, [m["server_accuracy"] for m in rounds], label=f"{label(r)} theta")
         axes[0].plot(x, [m["client_visible_accuracy"] for m in rounds], "--", color=line.get_color(),
@@ -136,7 +136,8 @@ def hostile_config(name: str, attack: str | None, data: Path, dev: Path, run_dir
                            clients_per_round=args.clients_per_round, rounds=args.rounds, bits=4,
                            local_steps=args.local_steps, lr=args.lr, eps=1e-2 if zo else 1e-3, batch_size=16,
                            lora_r=8, dirichlet_alpha=0.5, out_dir=str(run_dir), mode="zo-seeds" if zo else "lora",
-                           local_optimizer="mezo" if zo else "adamw", round_timeout=7200)
+                           local_optimizer="mezo" if zo else "adamw", round_timeout=7200,
+                           eval_every=5)  # the full dev set 3x per round dominated the run; rounds 0, 5, ... and 26-30
 
 
 def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None) -> dict:
@@ -177,7 +178,8 @@ def hostile_table(results: dict | None) -> str:
     for name, r in results.items():
         setup = r["setup"]
         theta = r["final_accuracy"]
-        last = [m["server_accuracy"] for m in r["round_metrics"] if m.get("round", 0) > 0][-5:]
+        last = [m["server_accuracy"] for m in r["round_metrics"]
+                if m.get("round", 0) > 0 and m.get("server_accuracy") is not None][-5:]  # evaluated rounds only
         rejected = sum(m.get("rejected", 0) for m in r["round_metrics"])
         honest = results.get(setup["reference"], {}).get("final_accuracy")
         gap = None if honest is None or theta is None else (theta - honest) * 100

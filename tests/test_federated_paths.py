@@ -113,3 +113,10 @@ def test_the_deployment_script_exits_2_on_bad_input_without_touching_a_previous_
         assert exit_info.value.code == 2, argv
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert (out / "summary.json").read_text() == "{}"
+
+
+def test_eval_every_scores_round_zero_every_kth_and_the_last_five():
+    from slimtune.federated import FederatedConfig
+    cfg = FederatedConfig(rounds=30, eval_every=5)
+    assert [r for r in range(31) if cfg.evaluates(r)] == [0, 5, 10, 15, 20, 25, 26, 27, 28, 29, 30]
+    assert all(FederatedConfig(rounds=7).evaluates(r) for r in range(8))  # default: every round

@@ -18,7 +18,7 @@ SETTINGS_ENV = "SLIMTUNE_SERVER_SETTINGS"  # path of the server's settings file 
 SETTINGS_FILE = "slimtune-server.toml"  # its default place: $FLWR_HOME (the SuperLink's, default ~/.flwr)
 
 # Settings only the server reads: never sent to clients.
-SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
+SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "eval_every", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
                "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
                "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window", "dither",
                "server_average", "weighting", "norm_bound")
@@ -55,6 +55,7 @@ class FederatedConfig:
     client_dp_noise: float = 0.0  # Gaussian noise multiplier on the clipped sum
     client_dp_delta: float = 1e-5
     eval_max: int = 200
+    eval_every: int = 1  # server: evaluate at round 0, every this many rounds, and in each of the last 5 rounds
     max_update_norm: float = 0.0  # server: replies whose delta has a larger L2 norm are rejected (0: no fixed cap;
     # the adaptive bound below applies either way)
     norm_bound: float = 1.0  # server: every update is clipped to this multiple of the median update norm of the
@@ -77,6 +78,11 @@ class FederatedConfig:
     clients_per_round: int = 0  # server: clients sampled to train each round (0: all num_clients)
     attack_coalition: int = 0  # server, measurement only: k > 0 scores what k pooled clients rebuild (attacks.py)
     attack_window: int = 5  # the multi-round attack averages this many of the latest broadcasts
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the server scores round `server_round`: round 0, every eval_every-th, and the last five (whose mean
+        the reports show)."""
+        return server_round % self.eval_every == 0 or server_round > self.rounds - 5
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -107,7 +113,7 @@ class FederatedConfig:
             raise SlimtuneError(f"--mode {self.mode!r}: choose lora or zo-seeds")
         if self.local_optimizer not in OPTIMIZERS:
             raise SlimtuneError(f"--local-optimizer {self.local_optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        for flag, value in (("--clients", self.num_clients), ("--rounds", self.rounds),
+        for flag, value in (("--clients", self.num_clients), ("--rounds", self.rounds), ("--eval-every", self.eval_every),
                             ("--local-steps", self.local_steps), ("--batch-size", self.batch_size),
                             ("--lora-r", self.lora_r), ("--block-size", self.block_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

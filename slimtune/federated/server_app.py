@@ -61,6 +61,15 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
 
     def evaluate_fn(server_round: int, _arrays) -> MetricRecord:
         received = strategy.client_view()
+        if not cfg.evaluates(server_round):  # --eval-every: the round is logged, not scored
+            if history is not None and server_round:
+                history.add(received)
+            record = {**strategy.round_log.get(server_round, {"round": server_round}), "step": server_round,
+                      "elapsed_s": time.perf_counter() - started, "peak_mem_mb": peak_memory_mb("cpu")}
+            if accountant and server_round:
+                record.update(epsilon=accountant.epsilon(server_round), delta=cfg.client_dp_delta)
+            log.write(record)
+            return MetricRecord({k: float(v) for k, v in record.items() if isinstance(v, (int, float))})
         record = {**strategy.round_log.get(server_round, {"round": server_round}), "step": server_round,
                   f"server_{metric}": score(strategy.server_model()), f"client_visible_{metric}": score(received),
                   "elapsed_s": time.perf_counter() - started, "peak_mem_mb": peak_memory_mb("cpu")}

@@ -71,6 +71,8 @@ class FederateSettings(Settings):
     client_dp_delta: float = setting(1e-5, "client-level DP: delta", low=0, high=1, low_open=True, high_open=True,
                                      applies=client_dp)
     eval_max: int = setting(200, "server evaluation: at most this many examples", low=0)
+    eval_every: int = setting(1, "server evaluation at round 0, every this many rounds, and in each of the last 5",
+                              low=1)
     norm_bound: float = setting(1.0, "server: every update is clipped to this multiple of the median update norm of "
                                 "the round's (and the last rounds') replies", low=0, low_open=True)
     max_update_norm: float = setting(0.0, "server: also reject replies above this fixed L2 norm (0: no fixed cap; "
@@ -113,7 +115,7 @@ class FederateSettings(Settings):
             local_dp_clip=self.local_dp_clip, local_dp_delta=self.local_dp_delta, lr=self.lr, eps=self.eps,
             batch_size=self.batch_size, lora_r=self.lora_r, dirichlet_alpha=self.alpha,
             aggregation=self.aggregation, mode=self.mode, client_dp_clip=self.client_dp_clip,
-            client_dp_noise=self.client_dp_noise, client_dp_delta=self.client_dp_delta, eval_max=self.eval_max,
+            client_dp_noise=self.client_dp_noise, client_dp_delta=self.client_dp_delta, eval_max=self.eval_max, eval_every=self.eval_every,
             max_update_norm=self.max_update_norm, norm_bound=self.norm_bound, weighting=self.weighting,
             robust=self.robust, seed=self.seed, out_dir=self.out, server_optimizer=self.server_optimizer,
             server_lr=self.server_lr, server_momentum=self.server_momentum, server_average=self.server_average,
