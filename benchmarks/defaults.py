@@ -44,13 +44,20 @@ RUNS = {
                         ">= gemma-adamw-lora - 4 pts"),
     "gemma-dpzero-lora-eps6": (["--model", "gemma3-270m", "--optimizer", "dpzero", "--peft", "lora", "--steps",
                                 "2000", "--epsilon", "6"], ">= gemma-mezo-lora - 2 pts"),
+    # issue 36, item 6: the private backprop alternative beside DPZero (Opacus, the same Poisson sampler and
+    # accountant, the backprop budget of 300 steps): what DPZero's memory saving costs or buys in accuracy
+    "dp-adamw-lora-eps6": (["--optimizer", "dp-adamw", "--peft", "lora", "--steps", "300", "--epsilon", "6"],
+                           "beside dpzero-lora-eps6 (accuracy, peak memory)"),
+    "dp-adamw-lora-eps2": (["--optimizer", "dp-adamw", "--peft", "lora", "--steps", "300", "--epsilon", "2"],
+                           "beside dpzero-lora-eps2 (accuracy, peak memory)"),
 }
 # the same targets as numbers, for `verdict`: name -> (row compared with or None, margin below it or the threshold)
 TARGETS = {"adamw-lora": (None, 0.88), "adamw-svfit": ("adamw-lora", 0.02), "mezo-lora": ("adamw-lora", 0.04),
            "dpzero-lora-eps6": ("mezo-lora", 0.02), "dpzero-lora-eps2": ("mezo-lora", 0.05),
            "mezo-svfit": (None, 0.80), "lozo-full": (None, 0.80), "mezo-lora-bf16": ("mezo-lora", 0.01),
            "gemma-adamw-lora": ("adamw-lora", 0.02),
-           "gemma-mezo-lora": ("gemma-adamw-lora", 0.04), "gemma-dpzero-lora-eps6": ("gemma-mezo-lora", 0.02)}
+           "gemma-mezo-lora": ("gemma-adamw-lora", 0.04), "gemma-dpzero-lora-eps6": ("gemma-mezo-lora", 0.02),
+           "dp-adamw-lora-eps6": ("compare", "dpzero-lora-eps6"), "dp-adamw-lora-eps2": ("compare", "dpzero-lora-eps2")}
 
 
 def verdict(name: str, results: dict) -> tuple[bool | None, str]:
@@ -60,6 +67,12 @@ def verdict(name: str, results: dict) -> tuple[bool | None, str]:
     r = results[name]
     own = r["final_accuracy"]
     ref, value = TARGETS[name]
+    if ref == "compare":  # a comparison row: no target, the numbers side by side
+        other = results.get(value)
+        if other is None:
+            return None, f"{value} has not run"
+        return None, (f"{own:.3f} vs {other['final_accuracy']:.3f} ({value}), peak {r['peak_mem_mb']:,.0f} vs "
+                      f"{other['peak_mem_mb']:,.0f} MB, epsilon {r['epsilon']:.2f}")
     if ref is None:
         met, why = own >= value, f"{own:.3f} vs {value:.3f}"
     else:

@@ -78,6 +78,10 @@ CANDIDATES.update({
                        for lr in ("3e-4", "1e-3", "3e-3")},
                     "hybrid-lora-lr2e-3-const600": ["--optimizer", "hybrid", "--peft", "lora", "--lr", "2e-3", "--eps",
                                                     "1e-2", "--fo-lr", "1e-3", "--warmup-steps", "30", *LONG]},
+    # issue 36, item 6: DP-AdamW + LoRA's lr (the dp-adamw defaults were AdamW's 1e-3, never swept) at epsilon 6 for
+    # the sweep's backprop budget; private runs refuse evaluation rows shared with training (the split is disjoint)
+    "dp-adamw+lora": {f"dp-adamw-lora-eps6-lr{lr}": ["--optimizer", "dp-adamw", "--peft", "lora", "--lr", lr,
+                                                     "--epsilon", "6", *FO] for lr in ("1e-3", "3e-3", "1e-2")},
 })
 
 

@@ -173,7 +173,7 @@ def defaults_table() -> str:
         rows.append(f"| {name} | {r['trainable_params']:,} | {r['steps']} | {fmt(r['best_accuracy'])} | "
                     f"{r['best_step']} | {fmt(r['final_accuracy'])} | {fmt(r['epsilon'], '.2f')} | "
                     f"{r['peak_mem_mb']:,.0f} | {r['wall_time_s'] / 60:.0f} min | {target} | "
-                    f"{({True: 'yes', False: '**no**', None: 'not yet'}[met])}: {why} |")
+                    f"{({True: 'yes', False: '**no**', None: 'comparison' if bench.TARGETS[name][0] == 'compare' else 'not yet'}[met])}: {why} |")
     zero = next((r["zero_shot_accuracy"] for r in d.values() if r.get("zero_shot_accuracy") is not None), None)
     return "\n".join(rows) + ("\n\nVerdicts use the final accuracy: the best one is chosen on this dev set." +
                               (f" Zero-shot dev accuracy: {zero:.3f}." if zero is not None else ""))
