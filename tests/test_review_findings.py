@@ -324,3 +324,19 @@ def test_resume_compares_a_setting_the_older_run_did_not_record_with_its_default
     (run / "config.json").write_text(json.dumps(stored))
     res = cli("train", "--out", run, "--resume", "--steps", "3", "--base-quant", "int4")
     assert res.exit_code == 2, "resume with --base-quant int4 accepted for a run trained on a dense base"
+
+
+def test_client_level_dp_does_not_drop_replies_by_their_norm(tmp_path):
+    """MEDIUM. Under client-level DP (--client-dp-clip S, --client-dp-noise sigma) every update is clipped to S and
+    the mean is taken over the *accepted* replies with noise sigma S / K'. --max-update-norm is still allowed with it:
+    a reply whose norm exceeds the cap is rejected, so whether a client is counted (K', logged per round as
+    replies/rejected, and the divisor of the released mean) depends on that client's data — an un-noised,
+    unaccounted bit, the federated twin of dividing by the realised batch size (which DPZero avoids).
+    Expected: check_run refuses --max-update-norm together with client-level DP (or over-norm replies are clipped,
+    not dropped, and the mean divides by the fixed number of clients)."""
+    from slimtune.federated.config import FederatedConfig, check_run
+
+    cfg = FederatedConfig(data=TRAIN, bits=32, client_dp_clip=1.0, client_dp_noise=1.0, max_update_norm=0.5,
+                          out_dir=str(tmp_path / "out"))
+    with pytest.raises(SlimtuneError):
+        check_run(cfg)
