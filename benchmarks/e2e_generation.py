@@ -38,6 +38,8 @@ RUNS = {
     "adamw-lora": ["--optimizer", "adamw", "--peft", "lora", "--steps", "300"],
     "mezo-lora": ["--optimizer", "mezo", "--peft", "lora", "--steps", "2000"],
     "dpzero-lora-eps6": ["--optimizer", "dpzero", "--peft", "lora", "--steps", "2000", "--epsilon", "6"],
+    # issue 36: the hybrid (AdamW on the top 2 blocks' LoRA, MeZO below) at its defaults, the ZO step budget
+    "hybrid-lora": ["--optimizer", "hybrid", "--peft", "lora", "--steps", "2000"],
 }
 
 
