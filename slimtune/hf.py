@@ -165,6 +165,9 @@ class ZOTrainerMixin:
             if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
                 raise SlimtuneError("include_num_input_tokens_seen counts the tokens of private batches, which is "
                                     "not released by a private run: leave it off")
+            if self.eval_dataset is not None and shares_rows(self.train_dataset, self.eval_dataset):
+                raise SlimtuneError("eval_dataset shares rows with train_dataset: a private run's evaluations would "
+                                    "be computed on training rows without noise; give held-out data")
 
     def _lr_was_set(self) -> bool:
         field = next(f for f in fields(type(self.args)) if f.name == "learning_rate")
@@ -273,6 +276,13 @@ class ZOTrainerMixin:
                                 "that is kept in memory only; start a new run, or use `slimtune train --resume`")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def floating_point_ops(self, inputs) -> int:
+        """transformers sums this over the training batches into `total_flos` (logged and checkpointed); a private
+        run's batches are secret Poisson batches, so it counts nothing there."""
+        if self.zo_args.private:
+            return 0
+        return super().floating_point_ops(inputs)
+
     # -- logs -------------------------------------------------------------------------------------------------------
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Training logs get the step's `projected_grad`; private runs add `epsilon`/`delta` and drop the training
@@ -288,6 +298,25 @@ class ZOTrainerMixin:
                     logs.pop(key, None)
                 logs.update(epsilon=opt.epsilon_spent, delta=opt.delta)
         super().log(logs, start_time)
+
+
+def shares_rows(train, evaluation) -> bool:
+    """Whether two datasets hold a common row (the same object, or equal rows by content; eval datasets of several
+    splits, a dict, are each checked)."""
+    if isinstance(evaluation, dict):
+        return any(shares_rows(train, d) for d in evaluation.values())
+    if evaluation is train:
+        return True
+    try:
+        seen = {_row_key(train[i]) for i in range(len(train))}
+        return any(_row_key(evaluation[i]) in seen for i in range(len(evaluation)))
+    except (TypeError, KeyError, IndexError, NotImplementedError):
+        return False  # not indexable: nothing to compare
+
+
+def _row_key(row) -> str:
+    import json
+    return json.dumps(row, sort_keys=True, default=str)
 
 
 class ZOTrainer(ZOTrainerMixin, Trainer):

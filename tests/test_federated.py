@@ -311,12 +311,13 @@ def test_clients_receive_no_server_settings_and_cannot_rebuild_theta0(demo_paths
     cfg = make_cfg(demo_paths, bits=4, client_dp_clip=1.0, client_dp_noise=0.5, out_dir="/private/server/path")
     sent = json.loads(str(instructions(FedLPP(cfg, theta_like()))[0].content["config"]["slimtune-config"]))
     assert not set(SERVER_ONLY) & set(sent) and "/private/server/path" not in json.dumps(sent)
-    # theta_0 comes from a secret seed: what the client can build from the public settings is not the server's
-    captured = []
-    monkeypatch.setattr(server_app, "secret_seed", lambda: captured.append(1) or 987654321)
-    server_theta = lora_state(build_model(cfg, lora_seed=server_app.secret_seed())[0])
+    # theta_0 comes from a secret key: what the client can build from the public settings is not the server's
+    from slimtune.privacy.secret import RunKey
+    server_theta = lora_state(build_model(cfg, secret_key=RunKey.fresh())[0])
     client_guess = lora_state(build_model(FederatedConfig.from_json(json.dumps(sent)))[0])
-    assert captured and any(not torch.equal(server_theta[k], client_guess[k]) for k in server_theta if "lora_A" in k)
+    assert all(not torch.equal(server_theta[k], client_guess[k]) for k in server_theta if "lora_A" in k)
+    bound = max(v.abs().max().item() for k, v in server_theta.items() if "lora_A" in k)
+    assert 0 < bound <= 1 / min(v.shape[1] for k, v in server_theta.items() if "lora_A" in k) ** 0.5  # peft's init
 
 
 def test_client_dp_noise_is_not_a_function_of_the_config(demo_paths):

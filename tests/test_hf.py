@@ -43,6 +43,13 @@ def lm_dataset(tok):
                                                             remove_columns=["text"])
 
 
+def held_out_dataset(tok):
+    """Evaluation rows that are not training rows (private runs refuse shared rows)."""
+    rows = [line.split("\t")[0] for line in (DEMO / "sst2_demo_dev.tsv").read_text().splitlines()[1:]]
+    return datasets.Dataset.from_dict({"text": rows}).map(lambda b: tok(b["text"]), batched=True,
+                                                          remove_columns=["text"])
+
+
 def hf_args(tmp_path, **kwargs):
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, report_to=[], logging_steps=5,
                 save_strategy="no", use_cpu=True, disable_tqdm=True, seed=7)
@@ -51,8 +58,8 @@ def hf_args(tmp_path, **kwargs):
 
 def trainer_for(tmp_path, model, tok, zo_args, cls=ZOTrainer, **kwargs):
     return cls(model=model, args=hf_args(tmp_path, **kwargs), train_dataset=lm_dataset(tok),
-               eval_dataset=lm_dataset(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-               zo_args=zo_args)
+               eval_dataset=held_out_dataset(tok) if zo_args.private else lm_dataset(tok),  # fit on training rows
+               data_collator=DataCollatorForLanguageModeling(tok, mlm=False), zo_args=zo_args)
 
 
 def trainable(model):

@@ -173,7 +173,7 @@ def test_private_curvature_shares_the_runs_noise_without_reusing_a_draw():
 
     def releases(key):
         grad, curvature = private_pair((PrivacySpec(noise_multiplier=1.0, clipping="fixed"), 1.0, 4,
-                                        KeyedNoise(key)))
+                                        KeyedNoise(key, run=0)))  # one run: the same nonce
         zeros = torch.zeros(4)
         return grad(zeros, zeros, 1e-2)[0], curvature(zeros, zeros, zeros, 1e-2)[0]
 

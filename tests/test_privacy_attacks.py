@@ -354,3 +354,30 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_restart_composes_the_releases_of_the_run_it_replaces(tmp_path, monkeypatch):
+    """--restart moves a failed private run aside and starts over on the same data: the replaced run's releases were
+    published, so the new run's epsilon composes them (no fresh budget)."""
+    from slimtune.privacy.accountant import PrivacyAccountant
+    run = tmp_path / "run"
+    crash_after_logging_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(prepare(private_config(run, checkpoint_every=3)))  # dies at step 3's checkpoint
+    monkeypatch.undo()
+    assert json.loads((run / "status.json").read_text())["released_through"] == 3
+    summary = train(prepare(private_config(run, steps=2, checkpoint_every=10), restart=True))
+    assert (tmp_path / "run.failed-1" / "metrics.jsonl").exists()
+    spec = PrivacySpec(delta=1e-3, noise_multiplier=1.0)
+    reference = PrivacyAccountant(spec, summary["train_examples"], 8, 1.0, 1, quantile_noise=summary["quantile_noise"])
+    assert summary["epsilon"] == pytest.approx(reference.epsilon(2 + 3), rel=1e-6)  # 2 new steps + 3 published
+
+
+def test_two_runs_sharing_a_key_file_draw_different_noise(tmp_path):
+    from slimtune.privacy.secret import create_key_file
+    create_key_file(tmp_path / "shared.key")
+    released = []
+    for name in ("a", "b"):
+        train(prepare(private_config(tmp_path / name, steps=2, secret_key_file=str(tmp_path / "shared.key"))))
+        released.append(step_records(tmp_path / name)[1]["projected_grad"])
+    assert released[0] != released[1]

@@ -76,9 +76,10 @@ def test_the_key_lives_only_in_its_key_file(tmp_path, demo_paths):
 
 
 @pytest.mark.parametrize("optimizer", ["dpzero", "dp-sgd"])
-def test_resume_replays_the_secret_noise_bit_for_bit(tmp_path, demo_paths, optimizer):
+def test_resume_replays_the_secret_noise_bit_for_bit(tmp_path, demo_paths, optimizer, monkeypatch):
     from slimtune.privacy.secret import create_key_file
-    create_key_file(tmp_path / "shared.key")  # both runs use one key, as data-parallel ranks do
+    create_key_file(tmp_path / "shared.key")  # both runs use one key and (patched) run nonce: the same noise
+    monkeypatch.setattr("slimtune.train.trainer.fresh_nonce", lambda: 12345)
     kw = dict(optimizer=optimizer, steps=6, lr_scheduler="constant", secret_key_file=str(tmp_path / "shared.key"))
     train(prepare(config(tmp_path, demo_paths, "straight", **kw)))
     train(prepare(config(tmp_path, demo_paths, "resumed", **{**kw, "steps": 3})))

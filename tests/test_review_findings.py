@@ -74,23 +74,22 @@ def test_federated_server_secrets_have_more_than_32_bits(tmp_path):
     client can search offline against the Q(theta) it receives.
     Expected: seeds that differ only above bit 32 give different secrets (use the 256-bit key / Philox path of
     privacy/secret.py, or OS randomness directly)."""
-    from slimtune.federated import model as fed_model
+    import inspect
+
+    import slimtune.federated.bounds as bounds
+    import slimtune.federated.model as fed_model
+    import slimtune.federated.strategy as strategy_module
     from slimtune.federated.config import FederatedConfig
     from slimtune.federated.strategy import secret_dither
 
     shapes = {"l.lora_A.weight": (4, 8), "l.lora_B.weight": (8, 4)}
     cfg = FederatedConfig(data=TRAIN, bits=4, dither=1.0)
-    seeds = iter([12345, 12345 + (1 << 40)])
-    original = fed_model.secret_seed
-    fed_model.secret_seed = lambda: next(seeds)
-    import slimtune.federated.strategy as strategy_module
-    strategy_module.secret_seed = fed_model.secret_seed
-    try:
-        first, second = secret_dither(shapes, cfg), secret_dither(shapes, cfg)
-    finally:
-        fed_model.secret_seed = strategy_module.secret_seed = original
-    assert any(not torch.equal(first[k], second[k]) for k in shapes), \
-        "the secret dither is a function of the seed's low 32 bits only"
+    first, second = secret_dither(shapes, cfg), secret_dither(shapes, cfg)
+    assert any(not torch.equal(first[k], second[k]) for k in shapes)
+    for module in (fed_model, strategy_module, bounds):  # no secret drawn from torch's seeded CPU generator
+        source = inspect.getsource(module)
+        assert "manual_seed(secret" not in source and "Generator().manual_seed" not in source, module.__name__
+        assert not hasattr(module, "secret_seed"), module.__name__
 
 
 # -- Hugging Face trainer ----------------------------------------------------------------------------------------
@@ -205,9 +204,10 @@ def test_fzoo_trains_with_the_n_its_config_records(tmp_path):
     from slimtune.settings.train import TrainSettings
     from slimtune.train import prepare
 
-    settings = TrainSettings.build({"data": TRAIN, "model": "tiny-llama", "optimizer": "fzoo", "n_spsa": 1,
-                                    "steps": 1, "batch_size": 4, "r": 2, "quiet": True, "out": str(tmp_path / "run")})
     try:
+        settings = TrainSettings.build({"data": TRAIN, "model": "tiny-llama", "optimizer": "fzoo", "n_spsa": 1,
+                                        "steps": 1, "batch_size": 4, "r": 2, "quiet": True,
+                                        "out": str(tmp_path / "run")})
         run = prepare(settings.to_config())
     except SlimtuneError:
         return

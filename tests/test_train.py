@@ -33,8 +33,9 @@ def weights(run_dir):
 def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, demo_paths, monkeypatch, optimizer, peft):
     from slimtune.privacy.secret import create_key_file
     private = optimizer.startswith("dp")
-    if private:  # both private runs share one key file (as data-parallel ranks would), so their noise is the same
+    if private:  # both private runs share one key file and (patched) nonce, so their noise is the same
         create_key_file(tmp_path / "shared.key")
+        monkeypatch.setattr("slimtune.train.trainer.fresh_nonce", lambda: 12345)
     kw = dict(optimizer=optimizer, peft=PeftSettings(peft, r=2),
               optim=OptimizerArgs(lr=1e-2, eps=1e-2, rank=2, nu=2), lr_scheduler="constant",  # steps differ below
               privacy=PrivacySpec(delta=1e-3, noise_multiplier=1.0) if private else None,

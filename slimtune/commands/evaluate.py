@@ -30,7 +30,8 @@ def run_eval(s: EvalSettings):
                                                       True, s.batch_size), s.max_length, s.batch_size)
         raw, texts = objective.load(s.data, "validation")
         dev = resolve_device(s.device)
-        m, tok = load_model_and_tokenizer(s.model, device=dev, texts=texts, tokenizer_dir=s.adapter)
+        m, tok = load_model_and_tokenizer(s.model, device=dev, texts=texts, tokenizer_dir=s.adapter,
+                                          base_quant=adapter_base_quant(s.adapter))
         if s.adapter:
             m = load_peft(m, s.adapter)
         objective.bind(tok)
@@ -55,7 +56,8 @@ def run_generate(s: GenerateSettings):
     try:
         items = [s.prompt] if s.prompt is not None else read_prompt_items(s.input, s.input_column)
         dev = resolve_device(s.device)
-        m, tok = load_model_and_tokenizer(s.model, device=dev, texts=prompt_texts(items), tokenizer_dir=s.adapter)
+        m, tok = load_model_and_tokenizer(s.model, device=dev, texts=prompt_texts(items), tokenizer_dir=s.adapter,
+                                          base_quant=adapter_base_quant(s.adapter))
         if s.adapter:
             m = load_peft(m, s.adapter)
         prompts = render_prompts(items, tok, s.template, s.input_column, s.chat)
@@ -74,6 +76,18 @@ def run_generate(s: GenerateSettings):
     else:
         for o in outputs:
             print(o, flush=True)
+
+
+def adapter_base_quant(adapter: str | None) -> str | None:
+    """The base quantization an adapter was trained on (adapter/slimtune.json), so that the model is the run's."""
+    from slimtune.train.trainer import ADAPTER_META
+    meta = Path(adapter) / ADAPTER_META if adapter else None
+    if meta is None or not meta.exists():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("base_quant")
+    except ValueError:
+        raise SlimtuneError(f"{meta}: not valid JSON") from None
 
 
 def write_jsonl(path: str, rows: list[dict], flag: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -22,9 +23,19 @@ def register(app) -> None:
     command(app, ExportSettings, run_export, arguments=[ADAPTER], with_config=False)
 
 
+def note_quantized_base(adapter: str) -> None:
+    """Merging folds the adapter into the dense base weights; one trained on a quantized base differs slightly."""
+    from slimtune.commands.evaluate import adapter_base_quant
+    kind = adapter_base_quant(adapter)
+    if kind:
+        print(f"note: {adapter} was trained on an {kind} base; it is merged into the dense base, whose outputs "
+              "differ slightly from the run's evaluation", file=sys.stderr)
+
+
 def run_merge(s: MergeSettings):
     """Fold an adapter into the base weights and save a plain transformers checkpoint."""
     from slimtune.cli import console, fail
+    note_quantized_base(s.adapter)
     from slimtune.models import load_model_and_tokenizer
     from slimtune.peft import load_peft, merge_peft
 
@@ -64,6 +75,7 @@ def run_export(s: ExportSettings):
     from slimtune.models.loading import load_local
     from slimtune.peft import load_peft, merge_peft
 
+    note_quantized_base(s.adapter)
     try:
         if (Path(s.adapter) / "config.json").exists():  # already a plain transformers checkpoint
             merged, tok = load_local(s.adapter, torch.float32)

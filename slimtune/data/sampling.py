@@ -34,18 +34,18 @@ class EpochSampler:
 
     poisson = False
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int = 0, key=None, attempt: int = 0):
+    def __init__(self, num_examples: int, batch_size: int, seed: int = 0, key=None, attempt: int = 0, run: int = 0):
         if num_examples <= 0:
             raise ValueError("no examples to sample from")
         self.n, self.batch_size, self.seed = num_examples, min(batch_size, num_examples), seed
-        self.key, self.attempt = key, attempt  # key: a private run's RunKey (the seed is then unused)
+        self.key, self.attempt, self.run = key, attempt, run  # key: a private run's RunKey (the seed is then unused)
         self.batches_per_epoch = self.n // self.batch_size
 
     def indices(self, step: int) -> list[int]:
         epoch, pos = divmod(step, self.batches_per_epoch)
         if self.key is not None:
             from slimtune.privacy.secret import shuffle_generator
-            perm = shuffle_generator(self.key, self.attempt, epoch).permutation(self.n).tolist()
+            perm = shuffle_generator(self.key, self.attempt, epoch, self.run).permutation(self.n).tolist()
             return perm[pos * self.batch_size:(pos + 1) * self.batch_size]
         perm = torch.randperm(self.n, generator=_generator(self.seed, epoch))
         return perm[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
@@ -59,18 +59,19 @@ class PoissonSampler:
 
     poisson = True
 
-    def __init__(self, num_examples: int, expected_batch_size: int, seed: int = 0, key=None, attempt: int = 0):
+    def __init__(self, num_examples: int, expected_batch_size: int, seed: int = 0, key=None, attempt: int = 0,
+                 run: int = 0):
         if num_examples <= 0:
             raise ValueError("no examples to sample from")
         self.n, self.seed = num_examples, seed
-        self.key, self.attempt = key, attempt  # key: a private run's RunKey (the seed is then unused)
+        self.key, self.attempt, self.run = key, attempt, run  # key: a private run's RunKey (the seed is then unused)
         self.sample_rate = min(1.0, expected_batch_size / num_examples)
         self.batch_size = expected_batch_size
 
     def indices(self, step: int) -> list[int]:
         if self.key is not None:
             from slimtune.privacy.secret import sampling_generator
-            mask = sampling_generator(self.key, self.attempt, step).random(self.n) < self.sample_rate
+            mask = sampling_generator(self.key, self.attempt, step, self.run).random(self.n) < self.sample_rate
             return mask.nonzero()[0].tolist()
         mask = torch.rand(self.n, generator=_generator(self.seed, step)) < self.sample_rate
         return mask.nonzero().flatten().tolist()

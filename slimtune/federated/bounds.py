@@ -79,7 +79,7 @@ def client_weights(claims: list[float | None], weighting: str) -> list[float]:
     return [c / sum(capped) for c in capped]
 
 
-def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, generator=None) -> dict:
+def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=None) -> dict:
     """The round's update from bounded deltas: weighted mean, coordinate-wise median, or (client-level DP) the
     uniform mean plus Gaussian noise on what is trained. Under FFA, A's (zero) deltas are dropped and A gets no
     noise: it is never released changed, so noising it would only damage the model."""
@@ -94,6 +94,9 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, genera
         mean = sum(w * d[name] for w, d in zip(weights, deltas))
         if private and cfg.client_dp_noise > 0 and is_trained(name, cfg):
             std = cfg.client_dp_noise * cfg.client_dp_clip / len(deltas)
-            mean = mean + std * torch.randn(value.shape, generator=generator)
+            if noise is None:  # a fresh secret key: the noise is never a function of a seed
+                from slimtune.privacy.secret import KeyedNoise, RunKey
+                noise = KeyedNoise(RunKey.fresh())
+            mean = mean + std * torch.from_numpy(noise.normal(tuple(value.shape))).to(mean)
         update[name] = mean
     return update

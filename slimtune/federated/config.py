@@ -105,8 +105,8 @@ class FederatedConfig:
         """One-line errors for values out of range and for combinations that would claim privacy they do not give,
         or do nothing. Every path runs it (check_run) before any work."""
         from slimtune.optim import OPTIMIZERS
-        if not (1 <= self.bits <= 8 or self.bits == FP32) or not (1 <= self.upload_bits <= 8 or self.upload_bits == FP32):
-            raise SlimtuneError(f"--bits/--upload-bits must be 1..8 or 32 (got {self.bits} / {self.upload_bits})")
+        from slimtune.settings.federate import check_config_values
+        check_config_values(self)  # types, choices and ranges: the rules of `slimtune federate`
         if self.aggregation not in ("fedavg", "ffa"):
             raise SlimtuneError(f"--aggregation {self.aggregation!r}: choose fedavg or ffa")
         if self.mode not in ("lora", "zo-seeds"):
@@ -139,6 +139,10 @@ class FederatedConfig:
         if not self.norm_bound > 0 or self.max_update_norm < 0:
             raise SlimtuneError(f"--norm-bound {self.norm_bound:g} must be > 0 (a multiple of the round's median update "
                                 f"norm) and --max-update-norm >= 0 (0: no fixed cap)")
+        if self.max_update_norm > 0 and self.client_dp_clip > 0:
+            raise SlimtuneError("--max-update-norm drops replies by their norm, so whether a client is counted would "
+                                "depend on its data, outside the client-level DP accounting; --client-dp-clip already "
+                                "bounds every update: drop --max-update-norm")
         if self.robust != "none" and self.client_dp_clip > 0:
             raise SlimtuneError("--robust changes what one client can move the aggregate by, which the client-level DP "
                                 "accounting does not cover: use one of --robust or --client-dp-clip")

@@ -3,24 +3,20 @@ LoRA state as a dict of tensors."""
 
 from __future__ import annotations
 
-import secrets
+import math
 
 import torch
 
 from slimtune.peft import PeftSettings, apply_peft
 
 
-def secret_seed() -> int:
-    """A seed from OS entropy for the server's secret randomness (theta_0, the dither, client-DP noise): never derived
-    from the public settings, never sent."""
-    return secrets.randbits(63)
-
-
-def build_model(cfg, lora_seed: int | None = None):
+def build_model(cfg, secret_key=None):
     """(model with LoRA, tokenizer, train examples, eval examples, objective): the same base on server and clients.
 
-    `lora_seed` seeds the LoRA initialisation theta_0. The server passes a secret one (OS entropy): clients only ever
-    hold Q(theta), so they cannot rebuild theta_0 (with FFA, the frozen A) from the public settings.
+    Clients initialise LoRA from the public seed (they overwrite it with what they receive). The server passes its
+    `secret_key` (a privacy.secret.RunKey from the OS, never stored or sent) and draws theta_0's A from it through
+    HMAC -> Philox, as peft would (uniform in +-1/sqrt(fan_in), B = 0): clients only ever hold Q(theta), so they cannot
+    rebuild theta_0 (with FFA, the frozen A) from the public settings, nor search 2^32 seeds of torch's generator.
     """
     from slimtune.train.objectives import load_model_and_data
 
@@ -28,12 +24,24 @@ def build_model(cfg, lora_seed: int | None = None):
     model, tok, train, evals = load_model_and_data(objective, cfg.model, cfg.data, cfg.eval_data or None, cfg.seed)
     if cfg.eval_max and len(evals) > cfg.eval_max:
         evals = evals[:cfg.eval_max]
-    torch.manual_seed(cfg.seed if lora_seed is None else lora_seed)
+    torch.manual_seed(cfg.seed)
     model = apply_peft(model, PeftSettings("lora", r=cfg.lora_r, alpha=2 * cfg.lora_r))
+    if secret_key is not None:
+        secret_lora_init(model, secret_key)
     for name, p in model.named_parameters():
         if "lora_" in name and not is_trained(name, cfg):
             p.requires_grad_(False)
     return model, tok, train, evals, objective
+
+
+def secret_lora_init(model, key) -> None:
+    """Every LoRA A from the secret key: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), peft's kaiming-uniform(a=sqrt(5))."""
+    from slimtune.privacy.secret import secret_tensor
+    with torch.no_grad():
+        for index, (name, p) in enumerate(model.named_parameters()):
+            if "lora_A" in name:
+                bound = 1 / math.sqrt(p.shape[1])
+                p.copy_(secret_tensor(key, "uniform", tuple(p.shape), index, low=-bound, high=bound).to(p))
 
 
 def federated_objective(cfg):

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from slimtune import SlimtuneError
 from slimtune.federated.attacks import BroadcastHistory, attack_report, coalition_data
 from slimtune.federated.config import FederatedConfig, check_run, settings_path
-from slimtune.federated.model import build_model, load_lora_state, lora_state, secret_seed
+from slimtune.federated.model import build_model, load_lora_state, lora_state
 from slimtune.federated.wire import FP32
 from slimtune.federated.strategy import FedLPP
 from slimtune.peft import peft_summary, save_peft
@@ -43,7 +43,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     cfg = check_run(cfg)  # the server step the run uses is filled in and recorded in summary.json
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok, train, evals, objective = build_model(cfg, lora_seed=secret_seed())
+    from slimtune.privacy.secret import RunKey
+    model, tok, train, evals, objective = build_model(cfg, secret_key=RunKey.fresh())  # theta_0: secret
     metric = "accuracy" if objective.kind == "classification" else "loss"
     per_round = cfg.clients_per_round or cfg.num_clients
     strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg), min_available_nodes=cfg.num_clients,

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from slimtune.federated.bounds import InfluenceBound, aggregate, client_weights
 from slimtune.federated.config import FederatedConfig
-from slimtune.federated.model import secret_seed
+from slimtune.privacy.secret import KeyedNoise, RunKey, secret_tensor
 from slimtune.federated.replies import parse_reply
 from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
 from slimtune.federated.wire import FP32, as_array, decode_state, encode_state, wire_bytes
@@ -41,7 +41,7 @@ class FedLPP(FedAvg):
         self.shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
         self.replay = replay  # mode zo-seeds: callable(seeds, grads) -> the delta those pairs make
         self.round_log: dict[int, dict] = {}
-        self.noise_generator = torch.Generator().manual_seed(secret_seed())  # client-DP noise: secret, never seeded
+        self.noise = KeyedNoise(RunKey.fresh())  # client-DP noise: a fresh 256-bit key, never stored or sent
         self._encoded = None  # (theta it encodes, arrays, bytes)
         self.dither = secret_dither(self.shapes, cfg)  # fixed for the run, never sent, never seeded from the config
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
@@ -140,7 +140,7 @@ class FedLPP(FedAvg):
         else:
             deltas, cap = self.bound.bound_deltas(deltas)
         weights = client_weights([a["claimed"] for a in accepted], self.cfg.weighting)
-        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise_generator)
+        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise)
         if info is not None:
             info["update_bound"] = cap
         return self.server_step(update)
@@ -166,5 +166,6 @@ def secret_dither(shapes: dict[str, tuple], cfg: FederatedConfig) -> dict[str, t
     if not cfg.dither or cfg.bits == FP32:
         return None
     from slimtune.federated.quantization import max_gap
-    g = torch.Generator().manual_seed(secret_seed())
-    return {k: (torch.rand(shape, generator=g) - 0.5) * cfg.dither * max_gap(cfg.bits) for k, shape in shapes.items()}
+    key = RunKey.fresh()  # never stored or sent
+    return {k: (secret_tensor(key, "uniform", tuple(shape), i) - 0.5) * cfg.dither * max_gap(cfg.bits)
+            for i, (k, shape) in enumerate(shapes.items())}

@@ -129,6 +129,8 @@ def resolve(config) -> dict:
             origin[name] = "given" if getattr(obj, name) is not None else "default"
         if getattr(obj, name) is None:
             setattr(obj, name, value)  # eps of a first-order run stays None (unused)
+    if config.optimizer == "fzoo" and config.optim.n_spsa == 1:
+        config.optim.n_spsa = 8  # FZOO's N one-sided directions (>= 2): recorded as trained, never 1
     origin["warmup_steps"] = "given" if config.warmup_steps is not None else "default"
     if config.warmup_steps is None:
         config.warmup_steps = int(d.warmup_ratio * config.steps)

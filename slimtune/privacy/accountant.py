@@ -105,6 +105,13 @@ class PrivacyAccountant:
         return out
 
     def epsilon(self, steps: int) -> float:
+        try:
+            return self._epsilon(steps)
+        except (ZeroDivisionError, OverflowError, FloatingPointError):
+            raise SlimtuneError(f"noise multiplier {self.noise:g}: too small to account (epsilon overflows); use a "
+                                "larger --noise-multiplier or a target --epsilon") from None
+
+    def _epsilon(self, steps: int) -> float:
         if steps not in self._cache:
             acc = make_accountant(self.spec)
             for seg in self.extra + self.history(steps):
@@ -189,8 +196,10 @@ def sensitivity(spec: PrivacySpec, clip: float | None = None) -> float:
     return (spec.clip if clip is None else clip) * (2.0 if spec.sampling == "shuffle" else 1.0)
 
 
-def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int, releases: int = 1) -> float:
-    """Smallest noise multiplier sigma (per released scalar) whose epsilon after `steps` is <= target.
+def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int, releases: int = 1,
+                    extra: list[Segment] | tuple = ()) -> float:
+    """Smallest noise multiplier sigma (per released scalar) whose epsilon after `steps` (plus the `extra` releases
+    already made on this data, e.g. by a failed run that --restart replaced) is <= target.
 
     Bisection on log sigma (to a relative 1e-5; 1e-4 with PLD, started from the RDP answer), between a floor where even one unsubsampled release would spend more
     than the budget and a ceiling found by doubling. Each probe is a fresh dp-accounting composition; probes whose
@@ -203,11 +212,11 @@ def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps
     target = spec.target_epsilon
 
     def over(noise: float) -> bool:
-        return PrivacyAccountant(spec, num_examples, batch_size, noise, releases).epsilon(steps) > target
+        return PrivacyAccountant(spec, num_examples, batch_size, noise, releases, extra=extra).epsilon(steps) > target
 
     floor = _noise_floor(spec, num_examples, batch_size, releases)
     if spec.accountant == "pld" and spec.mechanism == "gaussian":  # RDP is looser: its sigma bounds PLD's from above
-        high = calibrate_noise(replace(spec, accountant="rdp"), num_examples, batch_size, steps, releases)
+        high = calibrate_noise(replace(spec, accountant="rdp"), num_examples, batch_size, steps, releases, extra)
         low = max(high / 2, floor)
         while low > floor and not over(low):
             high, low = low, max(low / 2, floor)
@@ -270,7 +279,7 @@ def check_spec(spec: PrivacySpec, num_examples: int) -> None:
 
 
 def plan(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int, releases: int = 1,
-         adaptive: bool = False) -> PrivacyAccountant:
+         adaptive: bool = False, extra: list[Segment] | tuple = ()) -> PrivacyAccountant:
     """Pick (or check) the noise for a run of `steps` and return its accountant; refuse budgets that cannot be met.
 
     adaptive: each scalar also releases a count for adaptive clipping; the budget covers both (the calibrated
@@ -282,13 +291,14 @@ def plan(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int, rele
         if spec.mechanism != "gaussian":
             raise SlimtuneError("adaptive clipping is accounted for Gaussian noise only: use --clipping fixed with "
                                 "--mechanism laplace")
-        effective = (calibrate_noise(spec, num_examples, batch_size, steps, 1) if noise is None
+        effective = (calibrate_noise(spec, num_examples, batch_size, steps, 1, extra) if noise is None
                      else effective_noise(noise, releases))
         quantile_noise = default_quantile_noise(effective, releases, batch_size)
         noise = split_noise(effective, releases, quantile_noise) if spec.noise_multiplier is None else noise
     elif noise is None:
-        noise = calibrate_noise(spec, num_examples, batch_size, steps, releases)
-    accountant = PrivacyAccountant(spec, num_examples, batch_size, noise, releases, quantile_noise=quantile_noise)
+        noise = calibrate_noise(spec, num_examples, batch_size, steps, releases, extra)
+    accountant = PrivacyAccountant(spec, num_examples, batch_size, noise, releases, quantile_noise=quantile_noise,
+                                   extra=extra)
     if spec.target_epsilon is not None and accountant.epsilon(steps) > spec.target_epsilon * 1.001:
         raise SlimtuneError(f"noise multiplier {noise} spends epsilon={accountant.epsilon(steps):.3g} in {steps} steps, "
                             f"over the requested budget epsilon={spec.target_epsilon}: refusing to start "

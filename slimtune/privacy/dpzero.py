@@ -46,7 +46,10 @@ class PrivateDifference:
         return self.quantile_noise > 0
 
     def per_example(self, losses_plus: torch.Tensor, losses_minus: torch.Tensor, eps: float) -> torch.Tensor:
-        return (losses_plus.double() - losses_minus.double()) / (2 * eps)
+        """g_i; a non-finite difference (both losses overflowed, nan) counts as 0 and +-inf as +-C's side, so one row
+        can never make the release non-finite (clamp keeps nan: that would be a per-example signal)."""
+        g = (losses_plus.double() - losses_minus.double()) / (2 * eps)
+        return torch.nan_to_num(g, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
 
     def clipped_sum(self, losses_plus: torch.Tensor, losses_minus: torch.Tensor, eps: float) -> tuple[float, float]:
         """Sum of per-example clipped differences, and the fraction of examples that were clipped."""

@@ -4,14 +4,16 @@ Public: the model, `--seed` and everything derived from it (initialisation, ZO d
 non-private runs). Secret: the DP noise and the Poisson batches. Both come from one 256-bit key drawn from the
 operating system (`os.urandom`) when a private run starts, and nothing else:
 
-    K(purpose, attempt, step, i) = HMAC-SHA256(key, "slimtune/<purpose>" || attempt || step || i)      (256 bits)
+    K(purpose, run, attempt, step, i) = HMAC-SHA256(key, "slimtune/<purpose>" || run || attempt || step || i)
     draws = numpy's Philox-4x64 generator with key = K[:16] (128 bits) and counter = K[16:] (256 bits)
 
 so every noise value and every batch is a function of the whole key, reached through a PRF: no 32- or 64-bit value
 (a seed, a generator state) determines any of them, and no generator state exists between steps. `attempt` counts
 how often the run was (re)started: a step recomputed after a resume (its first computation was written to the log,
 then the process died before the checkpoint) gets fresh noise and a fresh batch, and the accountant charges it again
-(train/trainer.py); the same noise is never used on two different computations.
+(train/trainer.py); `run` is a random nonce drawn when the run starts (public, in status.json, kept across --resume),
+so two runs never share noise or batches even when they share a key file. The same noise is never used on two
+different computations.
 
 Where the key lives: exactly one file, `RUN/secret.key` (JSON {"key": hex}), created with mode 0600 before any byte
 is written to it (O_CREAT | O_EXCL). The checkpoint, the optimizer state, the logs, the adapter, reports and federated
@@ -91,14 +93,20 @@ class RunKey:
         raise TypeError("the run key is never serialised; read it from its key file")
 
 
+def fresh_nonce() -> int:
+    """A new run's nonce (63 random bits; public: it only keeps two runs' noise apart)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
 class KeyedNoise:
-    """The noise of a private run: draw i of step t of attempt a comes from K("noise", a, t, i).
+    """The noise of a private run: draw i of step t of attempt a of run r comes from K("noise", r, a, t, i).
 
     `begin_step(t)` is called before each training step; draws within a step are numbered in call order. Without
     calls to begin_step (a user's own loop) steps count up from 0 on their own."""
 
-    def __init__(self, key: RunKey, attempt: int = 0):
+    def __init__(self, key: RunKey, attempt: int = 0, run: int | None = None):
         self.key, self.attempt = key, attempt
+        self.run = fresh_nonce() if run is None else run
         self.step, self._draws, self._auto = 0, 0, True
 
     def begin_step(self, step: int) -> None:
@@ -109,7 +117,7 @@ class KeyedNoise:
             self.step, self._draws = self.step + 1, 0
 
     def _next(self) -> np.random.Generator:
-        gen = self.key.generator("noise", self.attempt, self.step, self._draws)
+        gen = self.key.generator("noise", self.run, self.attempt, self.step, self._draws)
         self._draws += 1
         return gen
 
@@ -122,10 +130,21 @@ class KeyedNoise:
         return float(self._next().random())
 
 
-def sampling_generator(key: RunKey, attempt: int, step: int) -> np.random.Generator:
-    """The Poisson batch of step t (attempt a): K("sampling", a, t)."""
-    return key.generator("sampling", attempt, step)
+def secret_tensor(key: RunKey, kind: str, shape: tuple, *indices: int, low: float = 0.0,
+                  high: float = 1.0):
+    """A float32 tensor of secret draws: "normal" (standard) or "uniform" in [low, high), from K(kind, *indices).
+    For secrets that are tensors (federated theta_0, dither, client-level DP noise): never torch's 32-bit-keyed CPU
+    generator."""
+    gen = key.generator(kind, *indices)
+    values = gen.standard_normal(shape) if kind == "normal" else gen.uniform(low, high, shape)
+    import torch
+    return torch.from_numpy(values.astype("float32"))
 
 
-def shuffle_generator(key: RunKey, attempt: int, epoch: int) -> np.random.Generator:
-    return key.generator("shuffle", attempt, epoch)
+def sampling_generator(key: RunKey, attempt: int, step: int, run: int = 0) -> np.random.Generator:
+    """The Poisson batch of step t (attempt a of run r): K("sampling", r, a, t)."""
+    return key.generator("sampling", run, attempt, step)
+
+
+def shuffle_generator(key: RunKey, attempt: int, epoch: int, run: int = 0) -> np.random.Generator:
+    return key.generator("shuffle", run, attempt, epoch)

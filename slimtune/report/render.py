@@ -47,6 +47,8 @@ def load_runs(directories: list[str]) -> list[RunData]:
             summary = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise SlimtuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(summary, dict):
+            raise SlimtuneError(f"{path}: not a slimtune summary (expected a JSON object)")
         name = summary.get("name") or Path(d).name
         from slimtune.train.run_dir import read_status
         state = read_status(d).get("state")

@@ -134,6 +134,29 @@ class Settings:
                 else f.default
         return out
 
+    @classmethod
+    def check_values(cls, values: dict, origin: str | None = None) -> dict:
+        """Exact types, choices and ranges of `values` ({field: value}) read from somewhere other than flags or a
+        config file (e.g. Flower's run config or a server settings file): the same rules; messages name `origin`
+        and the key, or the flag when origin is None. Returns the coerced values."""
+        by_name = {f.name: f for f in fields(cls)}
+        out = {}
+        for name, value in values.items():
+            f = by_name.get(name)
+            if f is None:
+                raise SlimtuneError(f"{origin}: unknown setting {name!r}")
+            value = coerce(f, value, origin)
+            out[name] = value
+            spec = spec_of(f)
+            if value is None:
+                continue
+            where = f"{origin}: setting {name!r}" if origin else flag(name)
+            if spec.choices is not None and value not in spec.choices:
+                raise SlimtuneError(f"{where} {value!r}: choose one of {', '.join(map(str, spec.choices))}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                _check_range(where, value, spec)
+        return out
+
     # -- validation --------------------------------------------------------------------------------------------
     def given(self, name: str) -> bool:
         return name in getattr(self, "_given", set())
@@ -168,9 +191,14 @@ class Settings:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+INT64 = 2**63 - 1  # torch and numpy take no larger integer
+
+
 def _check_range(where: str, value: float, spec: Spec) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise SlimtuneError(f"{where} {value}: must be a finite number")
+    if isinstance(value, int) and not -INT64 <= value <= INT64:
+        raise SlimtuneError(f"{where} {value}: out of range (at most {INT64:,} in magnitude)")
     low_bad = spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low)
     high_bad = spec.high is not None and (value >= spec.high if spec.high_open else value > spec.high)
     if low_bad or high_bad:

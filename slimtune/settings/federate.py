@@ -20,6 +20,22 @@ quantized = condition(lambda s: s.bits != 32 or s.upload_bits != 32, "quantized 
                       "--upload-bits 1..8)", lambda s: "--bits 32 --upload-bits 32")
 
 
+CONFIG_NAMES = {"num_clients": "clients", "dirichlet_alpha": "alpha", "out_dir": "out"}  # FederatedConfig -> setting
+
+
+def check_config_values(cfg, origin: str | None = None) -> None:
+    """Every FederatedConfig value through the settings' rules (exact types, choices, ranges): the one validation of
+    `slimtune federate`, `flwr run .` (run config and server settings file) and the deployment script."""
+    from dataclasses import fields as dc_fields
+    values = {CONFIG_NAMES.get(f.name, f.name): getattr(cfg, f.name) for f in dc_fields(cfg)}
+    values["eval_data"] = values["eval_data"] or None
+    if values.get("data") == "":
+        values["data"] = None
+    FederateSettings.check_values(values, origin)
+    if cfg.bits not in (*range(1, 9), 32) or cfg.upload_bits not in (*range(1, 9), 32):
+        raise SlimtuneError(f"--bits {cfg.bits} / --upload-bits {cfg.upload_bits}: each must be 1..8 or 32")
+
+
 @dataclass
 class FederateSettings(Settings):
     command = "federate"
@@ -91,7 +107,9 @@ class FederateSettings(Settings):
                                                    lambda s: "--attack-coalition 0"))
     round_timeout: float = setting(3600.0, "seconds the server waits for a round's replies (simulated clients share "
                                    "this machine's CPUs)", low=0, low_open=True)
-    seed: int = setting(0, "public seed (partition, initial LoRA A of non-secret runs)", low=0)
+    seed: int = setting(0, "public seed (data partition, clients' local sampling)", low=0, high=2**63 - 1)
+    node_timeout: float = setting(300.0, "deployment: seconds to wait for the SuperNodes to connect", low=0,
+                                  low_open=True, cli=False)
 
     def check(self) -> None:
         from slimtune.settings.rules import require_input_file
@@ -100,8 +118,6 @@ class FederateSettings(Settings):
         require_input_file(self.data, "--data")
         if self.eval_data:
             require_input_file(self.eval_data, "--eval-data")
-        if self.bits not in (*range(1, 9), 32) or self.upload_bits not in (*range(1, 9), 32):
-            raise SlimtuneError(f"--bits {self.bits} / --upload-bits {self.upload_bits}: each must be 1..8 or 32")
         self.to_config().validate()
 
     def to_config(self):
@@ -119,5 +135,5 @@ class FederateSettings(Settings):
             max_update_norm=self.max_update_norm, norm_bound=self.norm_bound, weighting=self.weighting,
             robust=self.robust, seed=self.seed, out_dir=self.out, server_optimizer=self.server_optimizer,
             server_lr=self.server_lr, server_momentum=self.server_momentum, server_average=self.server_average,
-            round_timeout=self.round_timeout, dither=self.dither, clients_per_round=self.clients_per_round,
+            round_timeout=self.round_timeout, node_timeout=self.node_timeout, dither=self.dither, clients_per_round=self.clients_per_round,
             attack_coalition=self.attack_coalition, attack_window=self.attack_window)

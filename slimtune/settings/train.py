@@ -87,12 +87,12 @@ class TrainSettings(Settings):
     pissa_niter: int | None = setting(None, "PiSSA: randomized SVD with this many iterations (fast)", low=1,
                                       applies=when(peft=("pissa",)))
     lr: float | None = setting(None, "learning rate (default: per optimizer x PEFT, printed at start)", low=0,
-                               low_open=True)
+                               low_open=True, high=100)
     eps: float | None = setting(None, "ZO perturbation scale (default: per optimizer x PEFT)", low=0, low_open=True,
                                 applies=when(optimizer=ZEROTH_ORDER + HYBRID))
     weight_decay: float = setting(0.0, "decoupled weight decay on matrices", low=0)
-    n_spsa: int = setting(1, "ZO: perturbations averaged per step (FZOO: its N directions)", low=1,
-                          applies=when(optimizer=N_SPSA))
+    n_spsa: int | None = setting(None, "ZO: perturbations averaged per step (default 1; FZOO: its N >= 2 one-sided "
+                                 "directions, default 8)", low=1, applies=when(optimizer=N_SPSA))
     lozo_rank: int = setting(2, "LOZO: rank of the perturbation", low=1, applies=when(optimizer=LOZO))
     lozo_nu: int = setting(50, "LOZO: steps between resampling V", low=1, applies=when(optimizer=LOZO))
     momentum: float = setting(0.0, "LOZO-M, SGD: momentum", low=0, high=1, high_open=True,
@@ -129,15 +129,16 @@ class TrainSettings(Settings):
     checkpoint_every: int = setting(50, "steps between checkpoints", low=1)
     patience: int = setting(0, "early stopping after this many evaluations without improvement (0: off)", low=0,
                             applies=evaluates)
-    seed: int = setting(0, "public seed: initialisation, ZO directions, data order of non-private runs", low=0)
+    seed: int = setting(0, "public seed: initialisation, ZO directions, data order of non-private runs", low=0,
+                        high=2**63 - 1)
 
     # -- privacy -----------------------------------------------------------------------------------------------------
     epsilon: float | None = setting(None, "DP: target epsilon (noise is calibrated to it; default 6)", low=0,
                                     low_open=True, applies=private)
     delta: float = setting(1e-5, "DP: target delta (< 1/N)", low=0, high=1, low_open=True, high_open=True,
                            applies=private)
-    noise_multiplier: float | None = setting(None, "DP: fixed noise multiplier instead of calibrating", low=0,
-                                             low_open=True, applies=private)
+    noise_multiplier: float | None = setting(None, "DP: fixed noise multiplier instead of calibrating", low=1e-3,
+                                             applies=private)
     clip: float = setting(1.0, "DP: clipping threshold C (the starting C with adaptive clipping)", low=0,
                           low_open=True, applies=private)
     clipping: str = setting("auto", "DP: adaptive (C tracks --target-quantile of the per-example scalars, privately "
@@ -185,11 +186,13 @@ class TrainSettings(Settings):
             require_input_file(self.data, "--data")
             if self.eval_data:
                 require_input_file(self.eval_data, "--eval-data")
+        if self.optimizer == "fzoo" and self.n_spsa is not None and self.n_spsa < 2:
+            raise SlimtuneError(f"--n-spsa {self.n_spsa}: FZOO estimates from N >= 2 one-sided directions (default 8)")
         if self.optimizer in PRIVATE and self.mechanism == "laplace":
             if self.optimizer == "dphizoo":
                 raise SlimtuneError("--mechanism laplace: dphizoo releases two scalars per step (gradient and "
                                     "curvature) and Laplace noise is accounted for one; use --mechanism gaussian")
-            if self.n_spsa > 1:
+            if (self.n_spsa or 1) > 1:
                 raise SlimtuneError(f"--mechanism laplace releases one scalar per step; --n-spsa {self.n_spsa} would "
                                     f"release {self.n_spsa}: use --mechanism gaussian or --n-spsa 1")
         if self.resume and self.restart:
@@ -235,7 +238,8 @@ class TrainSettings(Settings):
                                   self.accountant, self.pld_discretization, self.clipping, self.target_quantile,
                                   self.clip_lr, self.clip_multiplier)
         targets = [t.strip() for t in self.target_modules.split(",")] if self.target_modules else None
-        optim = OptimizerArgs(self.lr, self.weight_decay, self.eps, self.n_spsa, self.seed, self.lozo_rank,
+        n_spsa = self.n_spsa if self.n_spsa is not None else (8 if self.optimizer == "fzoo" else 1)
+        optim = OptimizerArgs(self.lr, self.weight_decay, self.eps, n_spsa, self.seed, self.lozo_rank,
                               self.lozo_nu, self.momentum, self.perturbation)
         for name in ("hessian_smooth", "sparsity", "mask_every", "fo_layers", "fo_lr"):
             if hasattr(optim, name):

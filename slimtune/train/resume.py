@@ -3,7 +3,10 @@
 `prepare(config, resume=True)` first fills every setting the caller left unset (None) from the run's config.json, then
 compares every setting with it. A difference in anything that shapes the trajectory (model, data, task, optimizer and
 its hyper-parameters, PEFT, privacy, batch size, seed, lengths, dtype, ...) is refused with the list of differences.
-Only these may change, and each change is recorded in config.json under "resumed" (step, old -> new):
+A setting the run did not record (it predates the setting) counts as its default. Only these may change, and each
+change is recorded in config.json under "resumed" (step, old -> new); a longer or shorter `steps` also stretches the
+learning-rate schedule from the checkpoint on (a decaying schedule's later steps use other rates than the first run
+would have: that is what extending a run means):
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from pathlib import Path
 
 from slimtune import SlimtuneError
 
-# settings a resume may change: they decide how long to train, when to evaluate/checkpoint and what is printed, never
-# what one training step computes
+# settings a resume may change: how long to train (and so the schedule's length), when to evaluate/checkpoint and what
+# is printed
 MAY_CHANGE = ("steps", "eval_every", "checkpoint_every", "patience", "progress", "force", "out_dir")
 __doc__ += "".join(f"\n- `{name}`" for name in MAY_CHANGE)
 
@@ -76,8 +79,11 @@ def differences(config, stored: dict) -> tuple[list[str], dict]:
             refused.append(f"{group}: {'none' if stored.get(group) is None else 'set'} -> "
                            f"{'none' if new_nested.get(group) is None else 'set'}")
     new, old = flat(new_nested), flat(stored)
+    defaults = flat(as_json(type(config)(out_dir="", train_data="")))  # what a run that did not record a setting used
     for name in sorted(set(new) | set(old)):
         if name not in old:  # a setting newer than the run: it trained with the field's default
+            if name in defaults and not _same(defaults[name], new.get(name)) and name not in MAY_CHANGE:
+                refused.append(f"{name}: not recorded by the run (so {defaults[name]!r}) -> {new.get(name)!r}")
             continue
         a, b = old.get(name), new.get(name)
         if _same(a, b):

@@ -31,6 +31,7 @@ class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self.replaced: Path | None = None  # --restart: where the failed run it replaced was moved
 
     # -- checks before anything is written ------------------------------------------------------------------------
     def check_writable(self, flag: str = "--out") -> None:

@@ -36,7 +36,7 @@ from slimtune.optim.defaults import resolve as resolve_defaults
 from slimtune.optim.schedule import lr_multiplier
 from slimtune.peft import PeftSettings, apply_peft, peft_summary, save_peft
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, check_spec, plan
-from slimtune.privacy.secret import KEY_FILE, KeyedNoise, RunKey, create_key_file, read_key_file
+from slimtune.privacy.secret import KEY_FILE, KeyedNoise, RunKey, create_key_file, fresh_nonce, read_key_file
 from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, read_state, save_checkpoint
 from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb
 from slimtune.train.resume import adopt_unset, check_resume, read_stored
@@ -82,6 +82,8 @@ class TrainConfig:
     secret_key_file: str | None = None  # private runs: the key file (None: RUN/secret.key, created by the run)
     base_quant: str | None = None  # "int8" / "int4": LoRA on a frozen quantized base (models/quantize.py)
 
+
+ADAPTER_META = "slimtune.json"  # in adapter/: what the base must be to reproduce the run (quantization)
 
 # What a private run's per-step record may contain: released or post-processed values only.
 RELEASED_KEYS = ("step", "lr", "projected_grad", "clip", "epsilon", "delta", "noise_multiplier",
@@ -205,6 +207,7 @@ def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list,
         run_dir.release()
         run_dir = RunDirectory(out)
         run_dir.acquire()
+        run_dir.replaced = moved  # a private run composes the releases the replaced run made
         holder.append(run_dir)
         print(f"--restart: the previous run was moved to {moved}", file=sys.stderr)
     elif resume:
@@ -236,10 +239,11 @@ def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, ori
         config.privacy = config.privacy or PrivacySpec(target_epsilon=6.0)  # the default budget, enforced like any
         accountant, key, attempt = _private_setup(config, run_dir, len(train_examples), resume, world)
         objective.warn_per_batch = False  # nothing said per private batch (see check_data for the one notice)
-        keyed_noise = KeyedNoise(key, attempt)
+        nonce = int(read_status(out)["nonce"])  # every rank the same (status.json, written before the barrier)
+        keyed_noise = KeyedNoise(key, attempt, nonce)
         private = (config.privacy, accountant.noise, config.batch_size, keyed_noise, accountant.quantile_noise)
         sampler = (EpochSampler if config.privacy.sampling == "shuffle" else PoissonSampler)(
-            len(train_examples), config.batch_size, key=key, attempt=attempt)
+            len(train_examples), config.batch_size, key=key, attempt=attempt, run=nonce)
         if config.log_private_stats:
             warnings.warn("--log-private-stats: metrics.jsonl will hold the training loss, realised batch sizes and "
                           "clipped fractions of private batches; they are not noised or accounted, so the run's "
@@ -381,12 +385,15 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
     out = Path(config.out_dir)
     key_path = Path(config.secret_key_file) if config.secret_key_file else out / KEY_FILE
     if not resume:
-        accountant = plan(spec, num_examples, config.batch_size, config.steps, releases, adaptive)
+        carried = _carried_releases(run_dir) if run_dir is not None else read_status(out).get("abandoned", [])
+        accountant = plan(spec, num_examples, config.batch_size, config.steps, releases, adaptive,
+                          extra=[Segment.from_dict(d) for d in carried])
         if world.main and not config.secret_key_file:
             create_key_file(key_path)
-        distributed.barrier(world)  # the key file exists before any rank reads it (never sent over the network)
-        if run_dir is not None:
-            run_dir.update(attempt=0, released_through=0, abandoned=[])
+        if run_dir is not None:  # a fresh nonce: this run's noise and batches are its own, whatever key it shares
+            run_dir.update(attempt=0, released_through=0, abandoned=carried, nonce=fresh_nonce(),
+                           privacy_segment=asdict(accountant.history(1)[0]))
+        distributed.barrier(world)  # the key file and nonce exist before any rank reads them (never sent over a network)
         return accountant, read_key_file(key_path), 0
     state, legacy = read_state(out / "checkpoint")
     if legacy is not None and not key_path.exists():
@@ -415,10 +422,28 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
     distributed.barrier(world)
     status = read_status(out)  # every rank: the same attempt and extra releases (a shared run directory)
     attempt = int(status.get("attempt", 0))
+    if "nonce" not in status:
+        raise SlimtuneError(f"{out}/status.json: no run nonce; this private run cannot be continued safely (start a new "
+                            "run)")
     extra = [Segment.from_dict(d) for d in status.get("abandoned", [])]
     accountant = PrivacyAccountant(spec, num_examples, config.batch_size, noise, releases, past, quantile_noise,
                                    extra=extra)
     return accountant, key, attempt
+
+
+def _carried_releases(run_dir: RunDirectory) -> list[dict]:
+    """Releases a failed or interrupted private run made before --restart moved it aside (its ledger in status.json:
+    the steps it released at its own settings, and what it had itself carried or abandoned). They were published on
+    the same data, so the new run's accountant composes them: --restart never starts a fresh budget."""
+    replaced = getattr(run_dir, "replaced", None)
+    if replaced is None:
+        return []
+    status = read_status(replaced)
+    carried = list(status.get("abandoned", []))
+    if status.get("released_through") and status.get("privacy_segment"):
+        seg = {**status["privacy_segment"], "steps": int(status["released_through"])}
+        carried.append({**seg, "attempt": f"replaced:{replaced.name}", "from_step": 0})
+    return carried
 
 
 class TrainingInterrupted(SlimtuneError):
@@ -453,12 +478,12 @@ def train(run: Run) -> dict:
                     break
                 record = _train_step(run, step)
                 step += 1
+                if run.key is not None and run.run_dir is not None:  # the ledger first, then anything holding the
+                    run.run_dir.update(released_through=step)  # step's release (its log line, the best adapter)
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and run.eval_examples:
                     record.update(_evaluate(run))
                     if _track_best(run, step, record):
                         stop_reason = "early stopping"
-                if run.key is not None and run.run_dir is not None:
-                    run.run_dir.update(released_through=step)  # the ledger first, then the release
                 log.write(record)
                 if progress:
                     progress.update(step, record)
@@ -621,6 +646,8 @@ def _save_adapter(run: Run) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     save_peft(run.model, tmp, work_dir=out)
     run.tokenizer.save_pretrained(tmp)  # eval/merge rebuild exactly this base (tiny models fit their vocabulary)
+    if run.config.base_quant:  # eval/generate rebuild the quantized base it was trained and evaluated on
+        (tmp / ADAPTER_META).write_text(json.dumps({"base_quant": run.config.base_quant, "dtype": run.config.dtype}))
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)

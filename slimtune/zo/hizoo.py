@@ -49,7 +49,6 @@ import torch
 from slimtune.optim.base import StepOutput, mix_seed
 from slimtune.zo.mezo import MeZOConfig, ZOOptimizer
 
-CURVATURE_STREAM = 0xC0FFEE  # the private curvature estimator's noise stream, derived from the run's noise seed
 
 
 @dataclass
@@ -261,15 +260,4 @@ class HiZOO(ZOOptimizer):
             h.load(state["hessian"][i])
 
 
-def private_curvature(spec, noise_multiplier: float, expected_batch_size: float, noise_seed: int | None,
-                      quantile_noise: float = 0.0) -> PrivateCurvature:
-    """The curvature release of `dphizoo`: a second DPZero scalar mechanism with its own noise stream (derived from
-    the secret noise seed, so still secret) and, when adaptive, its own tracked quantile."""
-    from slimtune.privacy.dpzero import PrivateDifference
-
-    seed = None if noise_seed is None else mix_seed(noise_seed, CURVATURE_STREAM)
-    return PrivateCurvature(PrivateDifference(spec, noise_multiplier, expected_batch_size, seed,
-                                              quantile_noise=quantile_noise))
-
-
-__all__ = ["HiZOO", "HiZOOConfig", "MeanCurvature", "PrivateCurvature", "private_curvature"]
+__all__ = ["HiZOO", "HiZOOConfig", "MeanCurvature", "PrivateCurvature"]
