@@ -61,6 +61,9 @@ RUNS = {
     "hizoo-l-full": (["--optimizer", "hizoo-l", "--peft", "none", "--steps", "2000"], 3),
     "sparse-mezo-full": (["--optimizer", "sparse-mezo", "--peft", "none", "--steps", "2000", "--perturbation", "pool"],
                          2),
+    # issue 36, item 5: where MeZO + LoRA plateaus, at its defaults over 10,000 steps (the schedule decays over all of
+    # them); resumable over several sessions
+    "mezo-lora-10k": (["--optimizer", "mezo", "--peft", "lora", "--steps", "10000"], 2),
 }
 REFERENCE = "adamw-lora"  # wall-clock to TARGET_ACC of every other run is compared with this run's
 SHARED = {"mezo-lora-gaussian": "mezo-lora", "adamw-lora": "adamw-lora"}  # rows that are benchmarks/defaults.py runs
