@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar on stderr says nothing a user needs
 
 from slimtune import SlimtuneError
 
