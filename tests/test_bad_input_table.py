@@ -401,3 +401,14 @@ def test_a_run_resumed_twice_keeps_its_history(runs, tmp_path):
         assert res.exit_code == 0, res.output
     history = json.loads((run / "config.json").read_text())["resumed"]
     assert [h["at_step"] for h in history] == [2, 3]
+
+
+def test_the_settings_know_the_optimizer_registry():
+    """settings/train.py lists optimizers by kind (for its applicability rules): the same names as slimtune.optim."""
+    from slimtune import optim
+    from slimtune.settings import train as settings
+    assert set(settings.OPTIMIZERS) == set(optim.OPTIMIZERS)
+    assert set(settings.PRIVATE) == set(optim.PRIVATE_OPTIMIZERS)
+    assert set(settings.ZEROTH_ORDER) == set(optim.ZO_OPTIMIZERS) and set(settings.HYBRID) == set(optim.HYBRID_OPTIMIZERS)
+    from slimtune.zo.perturbation import OPTIMIZERS_WITH_SOURCES
+    assert set(settings.WITH_SOURCES) == set(OPTIMIZERS_WITH_SOURCES)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from slimtune import SlimtuneError
 from slimtune.settings.base import Settings, setting, when
-from slimtune.settings.rules import (check_device, check_label_words, check_new_directory, check_output_file,
+from slimtune.settings.rules import (check_device, check_new_directory, check_output_file, check_task_text,
                                      check_template, require_directory, require_input_file)
 from slimtune.settings.train import CLASSIFICATION, TASKS
 
@@ -44,7 +44,7 @@ class EvalSettings(Settings):
         if self.adapter:
             require_directory(self.adapter, "--adapter", "adapter directory")
         check_device(self.device)
-        _check_task_text(self)
+        check_task_text(self)
         if self.predictions:
             check_output_file(self.predictions, "--predictions")
 
@@ -172,15 +172,3 @@ class DemoSettings(Settings):
                 n += 1
                 self.out = f"{base}-{n}"
         check_new_directory(self.out, "--out")
-
-
-def _check_task_text(s) -> None:
-    if s.task == "custom":
-        if not (s.template and s.label_words):
-            raise SlimtuneError("--task custom needs --template (e.g. '{text} It was') and --label-words "
-                                "(e.g. '0=terrible,1=great')")
-        check_template(s.template, None, "--template")
-        check_label_words(s.label_words)
-    if s.task == "generation" and s.template is not None:
-        check_template(s.template, (s.input_column or "input",), "--template",
-                       hint="" if s.input_column else " (name another column with --input-column)")

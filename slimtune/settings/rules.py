@@ -81,6 +81,19 @@ def check_label_words(label_words: str) -> list[tuple[str, str]]:
     return list(zip(values, words))
 
 
+def check_task_text(s) -> None:
+    """The prompt settings of a command with `task`, `template`, `label_words` and `input_column` (train, eval)."""
+    if s.task == "custom":
+        if not (s.template and s.label_words):
+            raise SlimtuneError("--task custom needs --template (e.g. '{text} It was') and --label-words "
+                                "(e.g. '0=terrible,1=great')")
+        check_template(s.template, None, "--template")
+        check_label_words(s.label_words)
+    if s.task == "generation" and s.template is not None:
+        check_template(s.template, (s.input_column or "input",), "--template",
+                       hint="" if s.input_column else " (name another column with --input-column)")
+
+
 def require_input_file(path: str, flag: str) -> None:
     """An input that must exist (files, or hf:DIR datasets saved with save_to_disk)."""
     target = Path(path[3:]) if path.startswith("hf:") else Path(path)

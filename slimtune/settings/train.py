@@ -7,8 +7,7 @@ from pathlib import Path
 
 from slimtune import SlimtuneError
 from slimtune.settings.base import Settings, condition, setting, unless, when
-from slimtune.settings.rules import (DTYPES, check_device, check_label_words, check_template, normalise_dtype,
-                                     require_input_file)
+from slimtune.settings.rules import DTYPES, check_device, check_task_text, normalise_dtype, require_input_file
 
 # what each optimizer is (kept here as plain names; slimtune.optim's registry is checked against these in tests)
 FIRST_ORDER = ("adamw", "sgd", "dp-adamw", "dp-sgd")
@@ -198,15 +197,7 @@ class TrainSettings(Settings):
         if self.resume and self.restart:
             raise SlimtuneError("--resume and --restart exclude each other")
         check_device(self.device, self.dtype)
-        if self.task == "custom":
-            if not (self.template and self.label_words):
-                raise SlimtuneError("--task custom needs --template (e.g. '{text} It was') and --label-words "
-                                    "(e.g. '0=terrible,1=great')")
-            check_template(self.template, None, "--template")
-            check_label_words(self.label_words)
-        if self.task == "generation" and self.template is not None:
-            check_template(self.template, (self.input_column or "input",), "--template",
-                           hint="" if self.input_column else " (name another column with --input-column)")
+        check_task_text(self)
         if self.steps is not None and self.warmup_steps is not None and self.warmup_steps >= self.steps:
             raise SlimtuneError(f"--warmup-steps {self.warmup_steps}: must be below --steps ({self.steps})")
         if self.given("save") and self.save == "best" and not self.eval_data:
