@@ -14,6 +14,7 @@ from slimtune.train import TrainConfig, prepare, train
 from slimtune.train.objective import encode, label_token_ids, per_example_losses
 from slimtune.zo import MeZO, MeZOConfig, precision
 from slimtune.zo.fzoo import FZOO, FZOOConfig
+from slimtune.zo.hizoo import HiZOO, HiZOOConfig
 
 EPS = 1e-3
 
@@ -40,7 +41,7 @@ def may_lose_a_bit(theta: torch.Tensor) -> torch.Tensor:
     return (torch.floor(torch.log2(t + EPS)) > exponent) | (t == torch.exp2(exponent))
 
 
-@pytest.mark.parametrize("kind", ["mezo", "fzoo"])
+@pytest.mark.parametrize("kind", ["mezo", "fzoo", "hizoo", "hizoo-l"])
 def test_restore_is_exact_to_bf16_rounding(demo_paths, kind):
     """A step at lr 0 (+eps z, -2 eps z, restore; FZOO: +eps, -eps per direction): every weight whose perturbed
     magnitude stays on a grid no coarser than the one below it comes back bit-identical; the others within one ulp
@@ -50,9 +51,12 @@ def test_restore_is_exact_to_bf16_rounding(demo_paths, kind):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     if kind == "mezo":
         opt = MeZO(model.named_parameters(), MeZOConfig(lr=0.0, eps=EPS, perturbation="rademacher"))
-    else:
+    elif kind == "fzoo":
         opt = FZOO(model.named_parameters(), FZOOConfig(lr=0.0, eps=EPS, n_perturbations=2))
-    for _ in range(3):
+    else:  # one step: the direction is z H^-1/2 with H = 1 at the start, so |eps d| = eps as the bound assumes
+        opt = HiZOO(model.named_parameters(), HiZOOConfig(lr=0.0, eps=EPS, perturbation="rademacher",
+                                                          factored=kind == "hizoo-l"))
+    for _ in range(1 if kind.startswith("hizoo") else 3):
         opt.step(closure)
     identical = total = 0
     for name, p in model.named_parameters():

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from slimtune.optim.base import StepOutput, mix_seed
+from slimtune.zo import precision
 from slimtune.zo.mezo import MeZOConfig, ZOOptimizer
 
 
@@ -213,6 +214,7 @@ class HiZOO(ZOOptimizer):
         HiZOO-L: of the step's start). Blocks of whole rows, at most ~chunk_size values (one row if longer)."""
         cfg = self.config
         generators: dict = {}
+        offset, new_offset = self._begin_sweep(op, alpha)
         for (name, p, p_decays), hess, rows in zip(self.params, self.hessian, self._block_rows):
             gen = generators.get(p.device)
             if gen is None:
@@ -221,11 +223,16 @@ class HiZOO(ZOOptimizer):
             buf = self._block_buffer(p)
             if op != "add":
                 hess.begin_update()
+            low = precision.is_low_precision(p)
             for r0 in range(0, hess.rows, rows):
                 r1 = min(r0 + rows, hess.rows)
                 part = w[r0:r1]
                 z, sign = self.source.draw(gen, buf, part.numel())
                 z = z.view(part.shape)
+                if low:
+                    self._low_precision_block(seed, p, part, z, sign, hess, r0, r1, op, offset, new_offset, coef,
+                                              kappa, decay and p_decays and cfg.weight_decay)
+                    continue
                 step = z * hess.block(r0, r1).rsqrt().to(part.dtype)
                 if op == "add":
                     part.add_(step, alpha=alpha * sign)
@@ -237,6 +244,31 @@ class HiZOO(ZOOptimizer):
                 part.add_(z * new_h.rsqrt().to(part.dtype), alpha=-cfg.lr * coef * sign)
             if op != "add":
                 hess.finish_update(cfg.hessian_smooth)
+        self._offset = new_offset
+
+    def _low_precision_block(self, seed, p, part, z, sign, hess, r0, r1, op, offset, new_offset, coef, kappa,
+                             decays_here) -> None:
+        """bf16 / fp16 weights (zo/precision.py): `part` holds rd(theta + offset d), d = sign z H^-1/2 with H of the
+        step's start. "add": rd(theta + new_offset d). "restore_update": theta recovered from d, H updated, then
+        theta' = SR(theta (1 - lr wd) - lr coef sign z H'^-1/2) (H': after its update; HiZOO-L: of the step's
+        start), with the stochastic-rounding bits from the step seed (per parameter, in sweep order)."""
+        scratch = self.__dict__.setdefault("_scratch", precision.Scratch())
+        direction = z.float() * hess.block(r0, r1).rsqrt()
+        if op == "add":
+            precision.move_(part, direction, offset * sign, new_offset * sign, scratch)
+            return
+        precision.move_(part, direction, offset * sign, 0.0, scratch)  # theta, exactly (see precision.py)
+        new_h = hess.update(r0, r1, z.float(), kappa, self.config.hessian_smooth)
+        rounding_seed, generators = self.__dict__.get("_rounding", (None, {}))
+        if rounding_seed != seed:
+            generators = {}
+            self._rounding = (seed, generators)
+        gen = generators.get(p.device)
+        if gen is None:
+            gen = generators[p.device] = precision.rounding_generator(seed, p.device)
+        lr = self.config.lr
+        decay = 1 - lr * self.config.weight_decay if decays_here else 1.0
+        precision.update_(part, z.float() * new_h.rsqrt(), 0.0, decay, -lr * coef * sign, gen, scratch)
 
     def _block_buffer(self, p: torch.Tensor) -> torch.Tensor:
         """One reusable z buffer per (device, dtype), as large as the largest block drawn."""
