@@ -31,8 +31,11 @@ WINDOW = 3  # rounds of norms (and zo-seeds scalars) the median is taken over
 
 
 def lower_median(values: list[float]) -> float:
-    """The lower median: with K values, the ceil(K/2)-th smallest, so fewer than half can move it past an honest one."""
+    """The lower median: with K values, the ceil(K/2)-th smallest, so fewer than half can move it past an honest one.
+    No values (zo-seeds replies that hold no pair, in every round of the window): 0, a bound that lets nothing in."""
     ordered = sorted(values)
+    if not ordered:
+        return 0.0
     return ordered[(len(ordered) - 1) // 2]
 
 

@@ -101,8 +101,9 @@ class FedLPP(FedAvg):
             bytes_up += size
             try:
                 accepted.append({**parse_reply(msg.content, self.cfg, self.shapes), "wire_bytes": size})
-            except ValueError as exc:
-                log.warning("round %d: rejected reply from client %s: %s", server_round, node, exc)
+            except Exception as exc:  # noqa: BLE001 - whatever a reply holds, it can only be rejected
+                log.warning("round %d: rejected reply from client %s: %s", server_round, node,
+                            exc if isinstance(exc, ValueError) else f"malformed ({type(exc).__name__})")
                 rejected += 1
         info = self.round_log.setdefault(server_round, {"round": server_round})
         info.update(replies=len(accepted), rejected=rejected, bytes_up_total=bytes_up)

@@ -42,9 +42,12 @@ def decode_state(arrays: dict, shapes: dict[str, tuple], bits: int, block_size: 
         codes, scales = arrays.get(f"{name}::codes"), arrays.get(f"{name}::scales")
         if codes is None or scales is None:
             raise ValueError(f"missing quantized array for {name!r}")
-        n = int(torch.tensor(shape).prod())
-        if codes.size * 8 < n * bits or scales.size != -(-n // block_size):
-            raise ValueError(f"quantized array {name!r} has the wrong size for shape {tuple(shape)}")
+        n = int(np.prod(shape, dtype=np.int64))
+        want = {"codes": (-(-n * bits // 8),), "scales": (-(-n // block_size),)}  # 1-D, exactly what encode makes
+        for part, value in (("codes", codes), ("scales", scales)):
+            if tuple(np.shape(value)) != want[part]:
+                raise ValueError(f"quantized array {name!r}::{part} has shape {tuple(np.shape(value))}, expected "
+                                 f"{want[part]} for shape {tuple(shape)}")
         out[name] = dequantize(QuantizedTensor(codes, scales, tuple(shape), bits, block_size))
     return out
 

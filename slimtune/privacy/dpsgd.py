@@ -68,6 +68,25 @@ def keyed_dp_optimizer(noise: KeyedNoise):
     return KeyedDPOptimizer
 
 
+def drop_non_finite_examples(params: list) -> None:
+    """An example whose per-example gradient holds inf or NaN contributes 0 to the clipped sum (as DPZero maps a
+    non-finite difference to 0): Opacus would clip it by C / (inf + 1e-6) = 0 and 0 * inf = NaN, making the released
+    sum, and every weight, NaN; whether a run failed would then reveal one row. A zero gradient keeps the bound C."""
+    samples = [s for p in params for s in _as_list(getattr(p, "grad_sample", None))]
+    if not samples:
+        return
+    finite = torch.stack([s.reshape(s.shape[0], -1).isfinite().all(dim=1) for s in samples]).all(dim=0)
+    if not bool(finite.all()):
+        for s in samples:
+            s[~finite] = 0
+
+
+def _as_list(grad_sample) -> list:
+    if grad_sample is None:
+        return []
+    return list(grad_sample) if isinstance(grad_sample, (list, tuple)) else [grad_sample]
+
+
 class DPFirstOrder(SlimOptimizer):
     def __init__(self, model: torch.nn.Module, config: FirstOrderConfig, kind: str, spec: PrivacySpec,
                  noise_multiplier: float, expected_batch_size: int, noise: KeyedNoise | None = None):
@@ -96,6 +115,7 @@ class DPFirstOrder(SlimOptimizer):
             else:
                 mean = losses.mean()
                 mean.backward()
+                drop_non_finite_examples(self.params)
                 loss = mean.item()
         self.torch_optimizer.step()
         self.keyed_noise.end_step()

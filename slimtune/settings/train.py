@@ -27,11 +27,15 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 BEST_METRICS = ("accuracy", "loss", "perplexity", "bleu", "rougeL", "exact_match", "f1")
 
 private = when(optimizer=PRIVATE)
+K_SHOT_PRIVATE = ("--k-shot with a private optimizer: the k rows per class are drawn by the public seed from the whole "
+                  "file, so one row more or less changes which rows are trained on and the guarantee would hold for "
+                  "the subset only, not for the file; write the subset you want to train on to a file instead")
 generation = when(task=("generation",))
 adaptive = condition(lambda s: s.optimizer in ADAPTIVE_CLIPPING and s.clipping != "fixed",
                      "adaptive clipping (--optimizer dpzero, dplozo or dphizoo without --clipping fixed)",
                      lambda s: f"--optimizer {s.optimizer}, --clipping {s.clipping}")
-evaluates = condition(lambda s: bool(s.eval_data), "runs with --eval-data", lambda s: "no --eval-data")
+evaluates = condition(lambda s: bool(s.eval_data) and s.eval_every > 0, "runs that evaluate (--eval-data with "
+                      "--eval-every > 0)", lambda s: "--eval-every 0" if s.eval_data else "no --eval-data")
 
 
 @dataclass
@@ -75,8 +79,9 @@ class TrainSettings(Settings):
     r: int = setting(8, "LoRA/PiSSA rank, SVFit singular values, adapter bottleneck (--peft-r under torchrun, which "
                      "takes --r as its own option)", flags=("--r", "--peft-r"), low=1, applies=unless(peft=("none",)))
     lora_alpha: float = setting(16.0, "LoRA/PiSSA alpha", low=0, low_open=True, applies=when(peft=("lora", "pissa")))
-    lora_dropout: float = setting(0.0, "LoRA/PiSSA dropout", low=0, high=1, high_open=True,
-                                  applies=when(peft=("lora", "pissa")))
+    lora_dropout: float = setting(0.0, "LoRA/PiSSA dropout (first-order optimizers: zeroth-order and hybrid steps run "
+                                  "with dropout off)", low=0, high=1, high_open=True,
+                                  applies=when(peft=("lora", "pissa"), optimizer=FIRST_ORDER))
     target_modules: str | None = setting(None, "comma-separated layer names (default per architecture)",
                                          applies=unless(peft=("none",)), list_of_str=True)
     svfit_relative: bool = setting(True, "SVFit: train multiplicative scales of the singular values or the values "
@@ -200,8 +205,11 @@ class TrainSettings(Settings):
         check_task_text(self)
         if self.steps is not None and self.warmup_steps is not None and self.warmup_steps >= self.steps:
             raise SlimtuneError(f"--warmup-steps {self.warmup_steps}: must be below --steps ({self.steps})")
-        if self.given("save") and self.save == "best" and not self.eval_data:
-            raise SlimtuneError("--save best keeps the best-evaluated adapter and needs --eval-data")
+        if self.given("save") and self.save == "best" and not (self.eval_data and self.eval_every > 0):
+            raise SlimtuneError("--save best keeps the best-evaluated adapter and needs --eval-data with "
+                                "--eval-every > 0")
+        if self.k_shot and self.optimizer in PRIVATE:
+            raise SlimtuneError(K_SHOT_PRIVATE)
         if self.best_metric:
             allowed = ("accuracy", "loss") if self.task in CLASSIFICATION else \
                 ("loss", "perplexity", *(("bleu", "rougeL", "exact_match", "f1") if self.eval_generate else ()))

@@ -339,6 +339,9 @@ def validate(config: TrainConfig) -> None:
     check_base_quant(config.base_quant, config.peft.method)
     if config.privacy is not None:
         check_names(config.privacy)
+    if config.k_shot and config.optimizer in PRIVATE_OPTIMIZERS:
+        from slimtune.settings.train import K_SHOT_PRIVATE
+        raise SlimtuneError(K_SHOT_PRIVATE)
 
 
 def check_memory(config: TrainConfig, model, tokenizer, texts: list[str] | None) -> None:
