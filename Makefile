@@ -29,7 +29,7 @@ test-latest:
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --disable-pip-version-check --upgrade "pip>=24" wheel
-	.venv-latest/bin/python -m pip install -q --disable-pip-version-check --upgrade torch==2.13.0 -e ".[test,hf,docs]"
+	.venv-latest/bin/python -m pip install -q --disable-pip-version-check --upgrade torch==2.13.0 -e ".[test,hf,docs,quant]"
 	.venv-latest/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/no-deps.txt
 	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
 
