@@ -168,3 +168,17 @@ def test_lora_dropout_with_a_zeroth_order_optimizer_is_refused(optimizer):
     `--lora-dropout 0.1` with mezo, dpzero, ..., hybrid was accepted and had no effect. Expected: one-line error."""
     one_line_error(cli("train", "--data", TRAIN, "--model", "tiny-llama", "--optimizer", optimizer,
                        "--lora-dropout", "0.1", "--dry-run", "--out", "unused-run"), "--lora-dropout")
+
+
+@pytest.mark.parametrize("name,text", [("dup.yaml", "lr: 1.0e-3\nsteps: 3\nlr: 0.5\n"),
+                                       ("dup.json", '{"lr": 0.001, "steps": 3, "lr": 0.5}'),
+                                       ("alias.yaml", "batch-size: 4\nbatch_size: 8\n")])
+def test_a_config_file_key_given_twice_is_refused(tmp_path, name, text):
+    """LOW-MEDIUM (config-file key silently ignored). PyYAML's safe_load and json.loads keep the *last* of two equal
+    keys without a word, and `batch-size` / `batch_size` (both accepted spellings) were folded into one setting
+    the same way: a config file that sets `lr` twice (an edit appended below an old line) trained with whichever
+    came last, and the first value was silently dropped. Expected: one-line error naming the file and the key."""
+    config = tmp_path / name
+    config.write_text(text)
+    one_line_error(cli("train", "--config", config, "--data", TRAIN, "--model", "tiny-llama", "--dry-run", "--out",
+                       tmp_path / "run"), "twice")

@@ -35,10 +35,11 @@ def read_config_file(path: str) -> dict:
         raise SlimtuneError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
         if p.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_keys)
         else:
-            import yaml
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
+    except DuplicateKey as exc:
+        raise SlimtuneError(f"{path}: {exc}: a setting given twice would silently take its last value") from None
     except ValueError as exc:
         raise SlimtuneError(f"{path}: not valid JSON ({exc})") from None
     except Exception as exc:  # yaml.YAMLError and friends
@@ -48,6 +49,35 @@ def read_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise SlimtuneError(f"{path}: expected a mapping of settings at the top level")
     return data
+
+
+class DuplicateKey(Exception):
+    """A mapping in a config file names one key twice (JSON and YAML parsers keep the last one without a word)."""
+
+
+def _unique_json_keys(pairs: list) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _load_yaml(text: str):
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise DuplicateKey(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def file_values(cls: type[Settings], path: str) -> tuple[dict, set[str]]:
@@ -69,6 +99,9 @@ def file_values(cls: type[Settings], path: str) -> tuple[dict, set[str]]:
             example = next(iter(value), "key")
             raise SlimtuneError(f"{path}: {key!r} is a nested section; settings are flat keys (write "
                                 f"`{example}: ...` at the top level, not under `{key}:`)")
+        if name in out:
+            raise SlimtuneError(f"{path}: setting {key!r} is given twice (dashes and underscores name the same "
+                                "setting); keep one")
         if name in ("config", "config_file"):
             raise SlimtuneError(f"{path}: setting {key!r}: a config file cannot include another one")
         if name not in names or not spec_of(_field(cls, name)).cli and name not in ("adapter", "runs"):
