@@ -39,9 +39,42 @@ def fail(exc: Exception | str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def refuse_repeated_options(cmd: click.Command, args: list[str]) -> None:
+    """A flag given twice (`--lr 1e-3 --lr 0.5`, `--quiet --no-quiet`) is a usage error: click would keep the last
+    value silently. Options that take several values (multiple=True) may repeat."""
+    by_name = {opt: p for p in cmd.params if isinstance(p, click.Option)
+               for opt in (*p.opts, *p.secondary_opts)}
+    seen: dict[str, str] = {}
+    tokens = iter(args)
+    for token in tokens:
+        if token == "--":
+            break
+        if not token.startswith("-") or token == "-":
+            continue
+        name = token.split("=", 1)[0]
+        param = by_name.get(name)
+        if param is None:
+            continue
+        if not (param.is_flag or param.count or "=" in token):
+            for _ in range(max(param.nargs, 1)):
+                next(tokens, None)  # the option's value(s), whatever they look like
+        if param.multiple or param.count:
+            continue
+        if param.name in seen:
+            also = "" if seen[param.name] == name else f" (also as {seen[param.name]})"
+            raise click.UsageError(f"{name} given twice{also}: give it once", ctx=None)
+        seen[param.name] = name
+
+
 class OneLineErrors(TyperGroup):
     """Usage errors (unknown flag, a value click cannot convert, a missing argument) as one line with exit code 2,
     and no traceback for anything else either (SLIMTUNE_DEBUG=1 shows it)."""
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None and not isinstance(cmd, click.Group):
+            refuse_repeated_options(cmd, rest)
+        return name, cmd, rest
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
