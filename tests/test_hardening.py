@@ -20,8 +20,9 @@ runner = CliRunner()
 
 def train_cli(tmp_path, demo_paths, name, *extra, steps="2"):
     out = tmp_path / name
+    optimizer = [] if "--optimizer" in extra else ["--optimizer", "adamw"]  # a flag may be given once
     res = runner.invoke(app, ["train", "--data", demo_paths[0], "--eval-data", demo_paths[1], "--model", "tiny-llama",
-                              "--optimizer", "adamw", "--lr", "1e-2", "--steps", steps, "--eval-every", "1",
+                              *optimizer, "--lr", "1e-2", "--steps", steps, "--eval-every", "1",
                               "--batch-size", "4", "--out", str(out), "--quiet", *extra])
     return res, out
 
