@@ -26,7 +26,8 @@ def test_every_optimizer_and_peft_pair_has_defaults():
         defaults_for("mezo", "prefix")
     assert len(TABLE) == len(set(FAMILY.values())) * len(PEFT_METHODS)
     assert defaults_for("dphizoo", "none") == defaults_for("hizoo", "none")
-    assert defaults_for("hybrid", "lora").setting("fo_lr") == defaults_for("adamw", "lora").lr
+    assert defaults_for("hybrid", "pissa").setting("fo_lr") == defaults_for("adamw", "pissa").lr  # not swept
+    assert defaults_for("hybrid", "lora").setting("fo_lr") == 3e-3  # defaults_sweep hybrid+lora's selection
 
 
 def _train(tmp_path, demo_paths, name, *flags):
