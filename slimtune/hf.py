@@ -165,9 +165,25 @@ class ZOTrainerMixin:
             if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
                 raise SlimtuneError("include_num_input_tokens_seen counts the tokens of private batches, which is "
                                     "not released by a private run: leave it off")
-            if self.eval_dataset is not None and shares_rows(self.train_dataset, self.eval_dataset):
-                raise SlimtuneError("eval_dataset shares rows with train_dataset: a private run's evaluations would "
-                                    "be computed on training rows without noise; give held-out data")
+            if self.eval_dataset is not None:
+                self._check_held_out(self.eval_dataset)
+
+    def _check_held_out(self, evaluation) -> None:
+        """A private run evaluates only on rows shown to be held out (its metrics are logged un-noised)."""
+        shared = shares_rows(self.train_dataset, evaluation)
+        if shared:
+            raise SlimtuneError("eval_dataset shares rows with train_dataset: a private run's evaluations would "
+                                "be computed on training rows without noise; give held-out data")
+        if shared is None:
+            raise SlimtuneError("eval_dataset cannot be compared with train_dataset row by row (not indexable): a "
+                                "private run evaluates only on data shown to be held out; give a map-style dataset")
+
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        """Trainer.evaluate; a private run checks a dataset given here as the constructor's (a name selects one of
+        the constructor's eval datasets, already checked)."""
+        if self.zo_args.private and eval_dataset is not None and not isinstance(eval_dataset, str):
+            self._check_held_out(eval_dataset)
+        return super().evaluate(eval_dataset, *args, **kwargs)
 
     def _lr_was_set(self) -> bool:
         field = next(f for f in fields(type(self.args)) if f.name == "learning_rate")
@@ -300,18 +316,19 @@ class ZOTrainerMixin:
         super().log(logs, start_time)
 
 
-def shares_rows(train, evaluation) -> bool:
+def shares_rows(train, evaluation) -> bool | None:
     """Whether two datasets hold a common row (the same object, or equal rows by content; eval datasets of several
-    splits, a dict, are each checked)."""
+    splits, a dict, are each checked). None: they cannot be compared row by row (not indexable)."""
     if isinstance(evaluation, dict):
-        return any(shares_rows(train, d) for d in evaluation.values())
+        answers = [shares_rows(train, d) for d in evaluation.values()]
+        return True if any(answers) else (None if None in answers else False)
     if evaluation is train:
         return True
     try:
         seen = {_row_key(train[i]) for i in range(len(train))}
         return any(_row_key(evaluation[i]) in seen for i in range(len(evaluation)))
-    except (TypeError, KeyError, IndexError, NotImplementedError):
-        return False  # not indexable: nothing to compare
+    except (TypeError, KeyError, IndexError, NotImplementedError, AttributeError):
+        return None  # not indexable: unknown
 
 
 def _row_key(row) -> str:

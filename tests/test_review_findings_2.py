@@ -10,6 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from slimtune import SlimtuneError
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "slimtune" / "data" / "demo"
 TRAIN, DEV = str(DEMO / "sst2_demo_train.tsv"), str(DEMO / "sst2_demo_dev.tsv")
@@ -205,3 +207,30 @@ def test_an_option_value_that_looks_like_the_flag_is_not_a_repeat(tmp_path):
     refuse_repeated_options(train, ["--out", "--lr", "--lr", "1e-3"])  # --out's value is "--lr": one --lr
     with pytest.raises(Exception, match="--lr given twice"):
         refuse_repeated_options(train, ["--lr", "1e-3", "--lr", "2e-3"])
+
+
+# -- Hugging Face trainer: held-out evaluation, whichever way it is given ------------------------------------------
+def test_private_zotrainer_refuses_evaluate_on_the_training_rows(tmp_path, monkeypatch):
+    """MEDIUM (reported by the second review, fixed after it). The held-out check ran only on the constructor's
+    eval_dataset: `trainer.evaluate(eval_dataset=train_ds)` on a private ZOTrainer computed and logged the un-noised
+    loss of the private rows. Expected: the same one-line SlimtuneError as in the constructor."""
+    from test_review_findings import _hf_private_trainer
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    trainer = _hf_private_trainer(tmp_path, max_steps=2)
+    with pytest.raises(SlimtuneError, match="shares rows"):
+        trainer.evaluate(eval_dataset=trainer.train_dataset)
+    with pytest.raises(SlimtuneError, match="shares rows"):
+        trainer.evaluate(eval_dataset=trainer.train_dataset.select(range(3)))
+
+
+def test_private_zotrainer_refuses_an_eval_dataset_it_cannot_compare():
+    """A dataset that cannot be indexed row by row was taken as "no common row": a private run then evaluated on
+    data nobody checked. Expected: refused (unknown = not shown to be held out)."""
+    from slimtune.hf import shares_rows
+
+    class Stream:
+        def __iter__(self):
+            yield {"input_ids": [1, 2]}
+
+    assert shares_rows([{"input_ids": [1, 2]}], Stream()) is None
+    assert shares_rows([{"input_ids": [1, 2]}], [{"input_ids": [3]}]) is False
