@@ -3,24 +3,12 @@ written against; its docstring states the finding and the behaviour expected ins
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from slimtune import SlimtuneError
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "slimtune" / "data" / "demo"
-TRAIN, DEV = str(DEMO / "sst2_demo_train.tsv"), str(DEMO / "sst2_demo_dev.tsv")
-runner = CliRunner()
-
-
-def cli(*args):
-    from slimtune.cli import app
-    return runner.invoke(app, [str(a) for a in args])
+from test_review_findings import DEV, TRAIN, cli  # noqa: F401  (the first review's helpers)
 
 
 def one_line_error(res, needle: str) -> None:

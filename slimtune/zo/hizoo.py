@@ -259,13 +259,7 @@ class HiZOO(ZOOptimizer):
             return
         precision.move_(part, direction, offset * sign, 0.0, scratch)  # theta, exactly (see precision.py)
         new_h = hess.update(r0, r1, z.float(), kappa, self.config.hessian_smooth)
-        rounding_seed, generators = self.__dict__.get("_rounding", (None, {}))
-        if rounding_seed != seed:
-            generators = {}
-            self._rounding = (seed, generators)
-        gen = generators.get(p.device)
-        if gen is None:
-            gen = generators[p.device] = precision.rounding_generator(seed, p.device)
+        gen = self.__dict__.setdefault("_rounding", precision.RoundingStreams()).get(seed, p.device)
         lr = self.config.lr
         decay = 1 - lr * self.config.weight_decay if decays_here else 1.0
         precision.update_(part, z.float() * new_h.rsqrt(), 0.0, decay, -lr * coef * sign, gen, scratch)

@@ -146,13 +146,7 @@ class ZOOptimizer(SlimOptimizer):
         if op == "add":
             precision.move_(part, z, offset * sign, new_offset * sign, scratch)
             return
-        rounding_seed, generators = self.__dict__.get("_rounding", (None, {}))
-        if rounding_seed != seed:  # one stochastic-rounding stream per direction seed, consumed in sweep order
-            generators = {}
-            self._rounding = (seed, generators)
-        gen = generators.get(part.device)
-        if gen is None:
-            gen = generators[part.device] = precision.rounding_generator(seed, part.device)
+        gen = self.__dict__.setdefault("_rounding", precision.RoundingStreams()).get(seed, part.device)
         lr = self.config.lr
         decay = 1 - lr * self.config.weight_decay if decays_here else 1.0
         precision.update_(part, z, offset * sign, decay, -lr * coef * sign, gen, scratch)

@@ -49,6 +49,22 @@ def rounding_generator(seed: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(mix_seed(seed, ROUNDING_STREAM))
 
 
+class RoundingStreams:
+    """The stochastic-rounding generator of the current direction seed, per device: one stream per seed, consumed in
+    sweep order (a new seed starts fresh streams), so a step replays bit-identically."""
+
+    def __init__(self):
+        self.seed, self.generators = None, {}
+
+    def get(self, seed: int, device) -> torch.Generator:
+        if seed != self.seed:
+            self.seed, self.generators = seed, {}
+        gen = self.generators.get(device)
+        if gen is None:
+            gen = self.generators[device] = rounding_generator(seed, device)
+        return gen
+
+
 class Scratch:
     """fp32 (and int32) work buffers per device, grown to the largest chunk seen."""
 
