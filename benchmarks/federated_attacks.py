@@ -193,7 +193,20 @@ def hostile_table(results: dict | None) -> str:
                     f"{setup['clients']} | {theta:.3f} | {sum(last) / len(last):.3f} | "
                     f"{'-' if gap is None or not setup['attack'] else f'{gap:+.1f} pts'} | {target_text} | {verdict} | "
                     f"{rejected} | {r['accepted_updates']} |")
-    return "\n".join(rows)
+    notes = []
+    for name, r in results.items():
+        if not r["setup"]["attack"] and r.get("initial_accuracy") is not None \
+                and abs(r["final_accuracy"] - r["initial_accuracy"]) < 0.02:
+            notes.append(f"{name} ends where it started ({r['initial_accuracy']:.3f} at round 0): that mode does not "
+                         f"learn in {r['rounds']} rounds at its defaults, so its attack rows can show only that theta "
+                         "stays finite and where it was, not that learning survives the attack.")
+    ran = {r["setup"]["attack"] for r in results.values() if r["setup"]["attack"]}
+    from slimtune.federated.hostile import ATTACKS
+    if set(ATTACKS) - ran:
+        notes.append(f"Not run yet: {', '.join(a for a in ATTACKS if a not in ran)} "
+                     "(`python benchmarks/federated_attacks.py --hostile <attack> --hostile-clients 1 2`); "
+                     "each LoRA row is ~1 h of one core.")
+    return "\n".join(rows) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
 def main() -> None:
