@@ -129,3 +129,23 @@ def test_a_frozen_head_multiplies_one_matrix_not_a_copy_per_example(demo_paths):
         losses(model)
     hidden = model.config.hidden_size
     assert seen and seen[0][0] == hidden and seen[0][1:] == (hidden, 1)
+
+
+@needs_bnb
+def test_int4_layers_trim_the_heap_once_after_their_first_forward(demo_paths, monkeypatch):
+    """bitsandbytes repacks a CPU NF4 weight on its first no-grad forward through int32 temporaries; the heap keeps
+    them unless trimmed (scale.py measured 1.12x / 1.23x the planner's peak at 1B / 3B before, 1.00x after).
+    Each int4 layer trims once, after its first forward, and then drops the hook."""
+    from slimtune.models import quantize
+    trims = []
+    monkeypatch.setattr(quantize, "release_freed_memory", lambda: trims.append(1))
+    model, losses = quantized_tiny(demo_paths, "int4")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    built = len(trims)  # one per layer while building
+    with torch.no_grad():
+        losses(model)
+    assert len(trims) - built == len(layers)
+    assert all(not m._forward_hooks for m in layers)
+    with torch.no_grad():
+        losses(model)
+    assert len(trims) - built == len(layers)
