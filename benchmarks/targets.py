@@ -97,7 +97,7 @@ def scale_rows() -> list[list[str]]:
     else:
         out.append("not run yet")
     adamw = seven.get("adamw-full")
-    out.append(verdict(None if adamw is None else adamw.get("status") == "refused"
+    out.append(verdict(None if adamw is None else str(adamw.get("status", "")).startswith("refused")
                        and adamw.get("predicted_mb", 0) > 24 * 1024,
                        "" if adamw is None else f"predicted {adamw.get('predicted_mb', 0) / 1024:.0f} GB, "
                                                 f"{adamw.get('status')}"))

@@ -286,3 +286,26 @@ def test_wall_clock_to_80_is_compared_with_adamw_and_unknown_while_running():
         "seconds_to_target": None, "reference_seconds": 220.0, "ratio": None, "le_2x": False}
     assert t["sparse-mezo-full"]["le_2x"] is None and "adamw-lora" not in t
     assert z.wall_clock({"hybrid-lora": fast})["hybrid-lora"]["le_2x"] is None  # no reference yet: no verdict
+
+
+def test_scale_targets_read_the_rows_scale_py_writes(monkeypatch):
+    """The 7B verdicts come from the rows benchmarks/scale.py writes (its refusal status is 'refused by the planner';
+    a check for the bare word 'refused' once printed a met target as missed)."""
+    import inspect
+
+    import scale
+    import targets
+
+    assert '"status": "refused by the planner"' in inspect.getsource(scale.run_one)  # the status used below
+    row = lambda method, **kw: {"arch": "llama", "size": "7b", "method": method, **kw}
+    rows = {"a": row("inference-bf16", peak_rss_mb=13_305.0, measured_over_predicted=1.0),
+            "b": row("mezo-full-bf16", peak_rss_mb=13_322.0, measured_over_predicted=1.0),
+            "c": row("adamw-full", predicted_mb=104_815.0, status="refused by the planner"),
+            "d": row("mezo-lora-int4", peak_rss_mb=4_608.0, step_over_two_forwards=1.0, measured_over_predicted=1.0)}
+    monkeypatch.setattr(targets, "read_results", lambda name: {"rows": rows} if name == "scale.json" else None)
+    verdicts = targets.scale_rows()
+    cells = [r[-1] for r in verdicts]
+    assert cells[0].startswith("met") and cells[1].startswith("met") and cells[2].startswith("met"), cells
+    assert cells[3].startswith("met") and cells[4] == "not run yet", cells
+    rows["c"]["predicted_mb"] = 20_000.0  # under 24 GB: the planner refusing it is not the target
+    assert targets.scale_rows()[1][-1].startswith("**missed**")
