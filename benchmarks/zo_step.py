@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 CONFIGS = ["inference", "inference_lora", "adamw_full", "naive_mezo_full", "mezo_full", "mezo-pool_full",
-           "mezo-rademacher_full", "lozo_full", "mezo_lora", "lozo_lora"]
+           "mezo-rademacher_full", "lozo_full", "mezo_lora", "lozo_lora", "hybrid_lora"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,6 +69,8 @@ def run_one(name: str, batch_size: int, steps: int, device: str) -> dict:
         method, _, source = name.split("_")[0].partition("-")  # mezo-pool_full: MeZO with the pool source
         optimizer = build_optimizer(method, model, OptimizerArgs(lr=1e-6, eps=1e-3, rank=2, nu=50,
                                                                  perturbation=source or "gaussian"))
+    elif name == "hybrid_lora":  # issue 36: AdamW through the top 2 blocks' LoRA and the head, MeZO below
+        optimizer = build_optimizer("hybrid", model, OptimizerArgs(lr=1e-3, eps=1e-2, fo_lr=3e-3))
     model.train(name.startswith("adamw"))
 
     def two_forwards() -> None:  # the cost floor of any two-sided ZO step, on this very model
@@ -134,12 +136,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/zo_step.json"))
+    ap.add_argument("--only", nargs="+", choices=CONFIGS,
+                    help="run these configurations and merge them into --out (with their floor, e.g. inference_lora)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.batch, args.steps, args.device)))
         return
-    results = {}
-    for name in CONFIGS:
+    previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).exists() else {}
+    results = dict(previous.get("results", {}))
+    for name in args.only or CONFIGS:
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--steps",
                                str(args.steps), "--device", args.device], capture_output=True, text=True)
         if proc.returncode:
