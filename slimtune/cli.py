@@ -18,6 +18,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from slimtune import SlimtuneError
+from slimtune.settings.cli import refuse_repeated_options
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slimtune never downloads: no library may try to reach the Hub
 # Deprecation notices from the libraries underneath are for their developers, not for slimtune's users.
@@ -37,33 +38,6 @@ def fail(exc: Exception | str, code: int = 2) -> None:
     """One line on stderr, then exit (2: bad input)."""
     print_error(exc)
     raise typer.Exit(code)
-
-
-def refuse_repeated_options(cmd: click.Command, args: list[str]) -> None:
-    """A flag given twice (`--lr 1e-3 --lr 0.5`, `--quiet --no-quiet`) is a usage error: click would keep the last
-    value silently. Options that take several values (multiple=True) may repeat."""
-    by_name = {opt: p for p in cmd.params if isinstance(p, click.Option)
-               for opt in (*p.opts, *p.secondary_opts)}
-    seen: dict[str, str] = {}
-    tokens = iter(args)
-    for token in tokens:
-        if token == "--":
-            break
-        if not token.startswith("-") or token == "-":
-            continue
-        name = token.split("=", 1)[0]
-        param = by_name.get(name)
-        if param is None:
-            continue
-        if not (param.is_flag or param.count or "=" in token):
-            for _ in range(max(param.nargs, 1)):
-                next(tokens, None)  # the option's value(s), whatever they look like
-        if param.multiple or param.count:
-            continue
-        if param.name in seen:
-            also = "" if seen[param.name] == name else f" (also as {seen[param.name]})"
-            raise click.UsageError(f"{name} given twice{also}: give it once", ctx=None)
-        seen[param.name] = name
 
 
 class OneLineErrors(TyperGroup):

@@ -188,7 +188,7 @@ def test_a_flag_given_twice_is_refused(flags, named):
 
 def test_an_option_value_that_looks_like_the_flag_is_not_a_repeat(tmp_path):
     """The scan skips each option's value: `--template '--lr {text}'`-like values are not counted as flags."""
-    from slimtune.cli import refuse_repeated_options
+    from slimtune.settings.cli import refuse_repeated_options
     from typer.main import get_command
     from slimtune.cli import app
     train = get_command(app).commands["train"]

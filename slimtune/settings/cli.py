@@ -113,6 +113,33 @@ def file_values(cls: type[Settings], path: str) -> tuple[dict, set[str]]:
     return out, set(out)
 
 
+def refuse_repeated_options(cmd: click.Command, args: list[str]) -> None:
+    """A flag given twice (`--lr 1e-3 --lr 0.5`, `--quiet --no-quiet`) is a usage error: click would keep the last
+    value silently. Options that take several values (multiple=True) may repeat."""
+    by_name = {opt: p for p in cmd.params if isinstance(p, click.Option)
+               for opt in (*p.opts, *p.secondary_opts)}
+    seen: dict[str, str] = {}
+    tokens = iter(args)
+    for token in tokens:
+        if token == "--":
+            break
+        if not token.startswith("-") or token == "-":
+            continue
+        name = token.split("=", 1)[0]
+        param = by_name.get(name)
+        if param is None:
+            continue
+        if not (param.is_flag or param.count or "=" in token):
+            for _ in range(max(param.nargs, 1)):
+                next(tokens, None)  # the option's value(s), whatever they look like
+        if param.multiple or param.count:
+            continue
+        if param.name in seen:
+            also = "" if seen[param.name] == name else f" (also as {seen[param.name]})"
+            raise click.UsageError(f"{name} given twice{also}: give it once", ctx=None)
+        seen[param.name] = name
+
+
 def _field(cls, name):
     return next(f for f in fields(cls) if f.name == name)
 
