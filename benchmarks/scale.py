@@ -18,7 +18,8 @@ Methods (dtype / base / optimizer / trainable):
 Times: the fastest of 3 forward passes (after a warm-up) and of the steps after the first (the machine is shared:
 noise only adds). A configuration the planner predicts over the budget (default: 90% of what this machine has available, as `train`)
 is not run: its row says so, with the prediction. Results merge into benchmarks/results/scale.json (so sizes can be
-run in separate sessions); `--readme` writes the table into README.md between <!-- scale:start/end -->.
+run in separate sessions); `--readme` writes the table into the pages marked <!-- scale:start/end --> (the docs'
+memory-scaling page; the README's targets table reads the 7B rows through benchmarks/targets.py).
 
 Usage: python benchmarks/scale.py --arch llama --sizes 1b 3b 7b [--methods ...] [--steps 3] [--threads 1]
        python benchmarks/scale.py --arch llama --sizes 0.4b          (the end-to-end check, ~5 min)
@@ -275,7 +276,7 @@ def main() -> None:
     ap.add_argument("--budget-gb", type=float, default=None, help="planner budget (default: 90%% of available, as train)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--table", action="store_true", help="print the README table from scale.json")
-    ap.add_argument("--readme", action="store_true", help="write the table into README.md")
+    ap.add_argument("--readme", action="store_true", help="write the table into the marked pages (docs/benchmarks/memory-scaling.md)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
