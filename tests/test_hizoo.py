@@ -1,12 +1,12 @@
 """HiZOO / HiZOO-L (zo/hizoo.py): preconditioned direction, curvature learning, convergence, exact restore and resume,
 perturbation sources, and DP-HiZOO's private curvature release."""
 
-import io
 import math
 
 import pytest
 import torch
 from torch import nn
+from zo_resume import resumed
 
 from slimtune.zo.hizoo import HiZOO, HiZOOConfig, MeanCurvature, PrivateCurvature
 
@@ -89,20 +89,7 @@ def test_state_round_trip_reproduces_the_trajectory_bit_for_bit(factored):
     w1, b1, o1 = make()
     for _ in range(7):
         o1.step(lambda: loss(w1, b1))
-    w2, b2, o2 = make()
-    for _ in range(4):
-        o2.step(lambda: loss(w2, b2))
-    buffer = io.BytesIO()
-    torch.save({"opt": o2.state_dict(), "w": w2.detach(), "b": b2.detach()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    w3, b3, o3 = make()
-    with torch.no_grad():
-        w3.copy_(saved["w"])
-        b3.copy_(saved["b"])
-    o3.load_state_dict(saved["opt"])
-    for _ in range(3):
-        o3.step(lambda: loss(w3, b3))
+    w3, b3, o3 = resumed(make, loss, 4, 3)
     assert torch.equal(w1.detach(), w3.detach()) and torch.equal(b1.detach(), b3.detach())
     assert all(torch.equal(x, y) for h1, h3 in zip(o1.hessian, o3.hessian)
                for x, y in zip(h1.state().values(), h3.state().values()))

@@ -1,11 +1,11 @@
 """Sparse MeZO (zo/sparse.py): only small-magnitude weights move, masks bit-packed and fixed within a step, exact
 restore with every perturbation source, convergence, and exact resume across a mask refresh."""
 
-import io
 
 import pytest
 import torch
 from torch import nn
+from zo_resume import resumed
 
 from slimtune.zo import MeZO, MeZOConfig
 from slimtune.zo.sparse import SparseMeZO, SparseMeZOConfig, pack_mask, threshold, unpack_mask
@@ -82,20 +82,7 @@ def test_fewer_values_are_perturbed_than_mezo_and_resume_across_a_mask_refresh_i
     for _ in range(8):
         o1.step(lambda: loss(w1, b1))
     assert 0.18 < o1.perturbed_fraction < 0.22
-    w2, b2, o2 = make()
-    for _ in range(4):  # stops between refreshes (masks from step 3), resumes, refreshes at step 6
-        o2.step(lambda: loss(w2, b2))
-    buffer = io.BytesIO()
-    torch.save({"opt": o2.state_dict(), "w": w2.detach(), "b": b2.detach()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    w3, b3, o3 = make()
-    with torch.no_grad():
-        w3.copy_(saved["w"])
-        b3.copy_(saved["b"])
-    o3.load_state_dict(saved["opt"])
-    for _ in range(4):
-        o3.step(lambda: loss(w3, b3))
+    w3, b3, o3 = resumed(make, loss, 4, 4)  # stops between refreshes (masks from step 3), resumes, refreshes at step 6
     assert torch.equal(w1.detach(), w3.detach()) and torch.equal(b1.detach(), b3.detach())
 
 
