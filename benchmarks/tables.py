@@ -257,7 +257,7 @@ def zo_convergence_table() -> str:
             continue
         to = r["forwards_to_target"]
         budget = flags[flags.index("--steps") + 1]
-        status = "finished" if r["finished"] else f"running (evaluated to step {r['steps'][-1]} of {budget})"
+        status = "finished" if r["finished"] else f"unfinished, resumable (evaluated to step {r['steps'][-1]} of {budget})"
         seconds = r.get("seconds_to_target")
         ratio = (clock.get(name) or {}).get("ratio")
         seconds = "not reached" if seconds is None else f"{seconds:,.0f}" + (f" ({ratio:.2f}x)" if ratio else "")
