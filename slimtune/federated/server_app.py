@@ -62,24 +62,20 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
 
     def evaluate_fn(server_round: int, _arrays) -> MetricRecord:
         received = strategy.client_view()
-        if not cfg.evaluates(server_round):  # --eval-every: the round is logged, not scored
-            if history is not None and server_round:
-                history.add(received)
-            record = {**strategy.round_log.get(server_round, {"round": server_round}), "step": server_round,
-                      "elapsed_s": time.perf_counter() - started, "peak_mem_mb": peak_memory_mb("cpu")}
-            if accountant and server_round:
-                record.update(epsilon=accountant.epsilon(server_round), delta=cfg.client_dp_delta)
-            log.write(record)
-            return MetricRecord({k: float(v) for k, v in record.items() if isinstance(v, (int, float))})
-        record = {**strategy.round_log.get(server_round, {"round": server_round}), "step": server_round,
-                  f"server_{metric}": score(strategy.server_model()), f"client_visible_{metric}": score(received),
-                  "elapsed_s": time.perf_counter() - started, "peak_mem_mb": peak_memory_mb("cpu")}
-        if cfg.server_average:  # the iterate clients train from, next to the average the server keeps
-            record[f"iterate_{metric}"] = score(strategy.theta)
-        record[f"eval_{metric}"] = record[f"server_{metric}"]
+        scored = cfg.evaluates(server_round)  # --eval-every: the other rounds are logged, not scored
+        record = {**strategy.round_log.get(server_round, {"round": server_round}), "step": server_round}
+        if scored:
+            record.update({f"server_{metric}": score(strategy.server_model()),
+                           f"client_visible_{metric}": score(received)})
+        record.update(elapsed_s=time.perf_counter() - started, peak_mem_mb=peak_memory_mb("cpu"))
+        if scored:
+            if cfg.server_average:  # the iterate clients train from, next to the average the server keeps
+                record[f"iterate_{metric}"] = score(strategy.theta)
+            record[f"eval_{metric}"] = record[f"server_{metric}"]
         if history is not None and server_round:  # what colluding clients have received so far
             history.add(received)
-            record[f"multi_round_{metric}"] = score(history.mean())
+            if scored:
+                record[f"multi_round_{metric}"] = score(history.mean())
         if accountant and server_round:
             record.update(epsilon=accountant.epsilon(server_round), delta=cfg.client_dp_delta)
         log.write(record)

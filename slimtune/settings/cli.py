@@ -114,7 +114,7 @@ def file_values(cls: type[Settings], path: str) -> tuple[dict, set[str]]:
 
 
 def refuse_repeated_options(cmd: click.Command, args: list[str]) -> None:
-    """A flag given twice (`--lr 1e-3 --lr 0.5`, `--quiet --no-quiet`) is a usage error: click would keep the last
+    """A flag given twice (`--lr 1e-3 --lr 0.5`, `--svfit-relative --svfit-absolute`) is a usage error: click would keep the last
     value silently. Options that take several values (multiple=True) may repeat."""
     by_name = {opt: p for p in cmd.params if isinstance(p, click.Option)
                for opt in (*p.opts, *p.secondary_opts)}

@@ -205,7 +205,7 @@ class TrainSettings(Settings):
         check_task_text(self)
         if self.steps is not None and self.warmup_steps is not None and self.warmup_steps >= self.steps:
             raise SlimtuneError(f"--warmup-steps {self.warmup_steps}: must be below --steps ({self.steps})")
-        if self.given("save") and self.save == "best" and not (self.eval_data and self.eval_every > 0):
+        if self.given("save") and self.save == "best" and not evaluates.test(self):
             raise SlimtuneError("--save best keeps the best-evaluated adapter and needs --eval-data with "
                                 "--eval-every > 0")
         if self.k_shot and self.optimizer in PRIVATE:
