@@ -18,8 +18,8 @@ SETTINGS_ENV = "SLIMTUNE_SERVER_SETTINGS"  # path of the server's settings file 
 SETTINGS_FILE = "slimtune-server.toml"  # its default place: $FLWR_HOME (the SuperLink's, default ~/.flwr)
 
 # Settings only the server reads: never sent to clients.
-SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "eval_every", "rounds", "client_dp_clip", "client_dp_noise", "client_dp_delta",
-               "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
+SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "eval_every", "rounds", "client_dp_clip", "client_dp_noise",
+               "client_dp_delta", "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
                "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window", "dither",
                "server_average", "weighting", "norm_bound")
 
@@ -113,8 +113,8 @@ class FederatedConfig:
             raise SlimtuneError(f"--mode {self.mode!r}: choose lora or zo-seeds")
         if self.local_optimizer not in OPTIMIZERS:
             raise SlimtuneError(f"--local-optimizer {self.local_optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        for flag, value in (("--clients", self.num_clients), ("--rounds", self.rounds), ("--eval-every", self.eval_every),
-                            ("--local-steps", self.local_steps), ("--batch-size", self.batch_size),
+        for flag, value in (("--clients", self.num_clients), ("--rounds", self.rounds),
+                            ("--eval-every", self.eval_every), ("--local-steps", self.local_steps), ("--batch-size", self.batch_size),
                             ("--lora-r", self.lora_r), ("--block-size", self.block_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SlimtuneError(f"{flag} {value!r}: must be a whole number >= 1")

@@ -121,19 +121,10 @@ class FederateSettings(Settings):
         self.to_config().validate()
 
     def to_config(self):
+        """The FederatedConfig of these settings: every config field from its setting (CONFIG_NAMES renames)."""
+        from dataclasses import fields as dc_fields
+
         from slimtune.federated import FederatedConfig
-        return FederatedConfig(
-            data=self.data, eval_data=self.eval_data or "", model=self.model, task=self.task,
-            input_column=self.input_column, target_column=self.target_column, template=self.template,
-            max_length=self.max_length, num_clients=self.clients, rounds=self.rounds, bits=self.bits,
-            block_size=self.block_size, upload_bits=self.upload_bits, local_steps=self.local_steps,
-            local_optimizer=self.local_optimizer, local_dp_noise=self.local_dp_noise,
-            local_dp_clip=self.local_dp_clip, local_dp_delta=self.local_dp_delta, lr=self.lr, eps=self.eps,
-            batch_size=self.batch_size, lora_r=self.lora_r, dirichlet_alpha=self.alpha,
-            aggregation=self.aggregation, mode=self.mode, client_dp_clip=self.client_dp_clip,
-            client_dp_noise=self.client_dp_noise, client_dp_delta=self.client_dp_delta, eval_max=self.eval_max, eval_every=self.eval_every,
-            max_update_norm=self.max_update_norm, norm_bound=self.norm_bound, weighting=self.weighting,
-            robust=self.robust, seed=self.seed, out_dir=self.out, server_optimizer=self.server_optimizer,
-            server_lr=self.server_lr, server_momentum=self.server_momentum, server_average=self.server_average,
-            round_timeout=self.round_timeout, node_timeout=self.node_timeout, dither=self.dither, clients_per_round=self.clients_per_round,
-            attack_coalition=self.attack_coalition, attack_window=self.attack_window)
+        values = {f.name: getattr(self, CONFIG_NAMES.get(f.name, f.name)) for f in dc_fields(FederatedConfig)}
+        values["eval_data"] = values["eval_data"] or ""  # the config's "no eval data"
+        return FederatedConfig(**values)
