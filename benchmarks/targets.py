@@ -19,6 +19,7 @@ def verdict(ok: bool | None, value: str) -> str:
 
 
 def federated_rows() -> list[list[str]]:
+    from slimtune.federated.hostile import ATTACKS
     results = read_results("federated_hostile.json") or {}
     rows = []
     for count, margin in ((1, 3.0), (2, 5.0)):
@@ -30,7 +31,6 @@ def federated_rows() -> list[list[str]]:
                 if honest is not None and r.get("final_accuracy") is not None:
                     gaps.append(((r["final_accuracy"] - honest) * 100, setup["attack"]))
         worst = min(gaps) if gaps else None
-        from slimtune.federated.hostile import ATTACKS
         missing = [a for a in ATTACKS if a not in {name for _, name in gaps}]
         value = "" if worst is None else (f"worst {worst[0]:+.1f} pts ({worst[1]}) over {len(gaps)} of {len(ATTACKS)} "
                                           f"attacks" + (f"; not run: {', '.join(missing)}" if missing else ""))

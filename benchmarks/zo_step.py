@@ -106,7 +106,8 @@ def run_one(name: str, batch_size: int, steps: int, device: str) -> dict:
             floors.append(floor)
     return {"config": name, "device": device, "batch_size": batch_size, "step_time_s": statistics.median(times),
             "two_forwards_s": statistics.median(floors),
-            "peak_mem_mb": peak_memory_mb(device), "trainable_params": peft_summary(model)["trainable_params"]}
+            "peak_mem_mb": peak_memory_mb(device), "trainable_params": peft_summary(model)["trainable_params"],
+            "threads": torch.get_num_threads()}
 
 
 def ratios_from(results: dict) -> dict:
@@ -137,7 +138,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/zo_step.json"))
     ap.add_argument("--only", nargs="+", choices=CONFIGS,
-                    help="run these configurations and merge them into --out (with their floor, e.g. inference_lora)")
+                    help="run these configurations and merge them into --out (the other rows and the file's thread "
+                         "setting are kept; each row records its own threads)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.batch, args.steps, args.device)))
@@ -155,7 +157,7 @@ def main() -> None:
     ratios = ratios_from(results)
     targets = targets_met(ratios)
     out = {"results": results, "ratios": ratios, "targets_met": targets,
-           "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "threads": previous.get("threads", torch.get_num_threads()),
            "steps": args.steps}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
