@@ -111,32 +111,41 @@ def plot(results: dict, path: Path) -> None:
 
 
 # -- hostile clients (issue 35) -----------------------------------------------------------------------------------
-def hostile_grid(attacks: list[str], counts: list[int], clients: int) -> list[tuple[str, str | None, int]]:
-    """(run name, attack or None, hostile clients): each mode's all-honest reference first, then every attack x
-    count."""
+def robust_suffix(robust: str) -> str:
+    """'' under the server's default aggregation (the weighted mean), '-median' for --robust median."""
+    return "" if robust in ("none", "clip") else f"-{robust}"
+
+
+def hostile_grid(attacks: list[str], counts: list[int], clients: int,
+                 robust: str = "none") -> list[tuple[str, str | None, int]]:
+    """(run name, attack or None, hostile clients): every attack x count, then each mode's all-honest reference
+    (last, so a stopped grid has its attack rows, comparable with an earlier reference); names end in
+    robust_suffix(robust)."""
     from slimtune.federated.hostile import LORA_ATTACKS
-    rows = []
+    rows = [(f"{attack}-{k}of{clients}", attack, k) for attack in attacks for k in counts]
     if any(a in LORA_ATTACKS for a in attacks):
         rows.append(("honest", None, 0))
     if "inf-scalar" in attacks:
         rows.append(("honest-zo-seeds", None, 0))
-    return rows + [(f"{attack}-{k}of{clients}", attack, k) for attack in attacks for k in counts]
+    return [(name + robust_suffix(robust), attack, k) for name, attack, k in rows]
 
 
-def reference_of(name: str, attack: str | None) -> str:
-    return "honest-zo-seeds" if attack == "inf-scalar" or name == "honest-zo-seeds" else "honest"
+def reference_of(name: str, attack: str | None, robust: str = "none") -> str:
+    """The all-honest run an attack row is compared with: same mode, same aggregation."""
+    zo = attack == "inf-scalar" or name.startswith("honest-zo-seeds")
+    return ("honest-zo-seeds" if zo else "honest") + robust_suffix(robust)
 
 
 def hostile_config(name: str, attack: str | None, data: Path, dev: Path, run_dir: Path, args, model: str):
     """A run's settings: the defaults a run gets (server step, bounds) on the benchmark's data and clients; zo-seeds
     rows run MeZO clients (lr 1e-3, eps 1e-2: the MeZO + LoRA defaults)."""
     from slimtune.federated import FederatedConfig
-    zo = reference_of(name, attack) == "honest-zo-seeds"
+    zo = reference_of(name, attack).startswith("honest-zo-seeds")
     return FederatedConfig(data=str(data), eval_data=str(dev), model=model, eval_max=0, num_clients=args.clients,
                            clients_per_round=args.clients_per_round, rounds=args.rounds, bits=4,
                            local_steps=args.local_steps, lr=args.lr, eps=1e-2 if zo else 1e-3, batch_size=16,
                            lora_r=8, dirichlet_alpha=0.5, out_dir=str(run_dir), mode="zo-seeds" if zo else "lora",
-                           local_optimizer="mezo" if zo else "adamw", round_timeout=7200,
+                           local_optimizer="mezo" if zo else "adamw", round_timeout=7200, robust=args.robust,
                            eval_every=5)  # the full dev set 3x per round dominated the run; rounds 0, 5, ... and 26-30
 
 
@@ -154,7 +163,7 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
     out = args.hostile_out
     out.mkdir(parents=True, exist_ok=True)
     path, results = out.with_suffix(".json"), {}
-    for name, attack, k in hostile_grid(args.hostile, args.hostile_clients, args.clients):
+    for name, attack, k in hostile_grid(args.hostile, args.hostile_clients, args.clients, args.robust):
         run_dir = out / name
         if not (run_dir / "summary.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -162,7 +171,8 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         setup = {"attack": attack, "hostile_clients": k, "clients": args.clients,
-                 "clients_per_round": args.clients_per_round, "reference": reference_of(name, attack)}
+                 "clients_per_round": args.clients_per_round, "robust": args.robust,
+                 "reference": reference_of(name, attack, args.robust)}
         results = merged(path, {name: {**summary, "round_metrics": rounds, "setup": setup}})
         print(name, {k: summary[k] for k in ("final_accuracy", "accepted_updates")}, flush=True)
     return results
@@ -175,7 +185,10 @@ def hostile_table(results: dict | None) -> str:
     rows = ["| run | attack | hostile clients | theta acc (last round) | theta, mean of last 5 rounds | "
             "vs all-honest (last round) | target | verdict | replies rejected | updates accepted |",
             "|" + "---|" * 10]
-    for name, r in results.items():
+    # per aggregation (the default mean first), its all-honest references above its attack rows
+    ordered = sorted(results.items(), key=lambda item: (item[1]["setup"].get("robust", "none") not in ("none", "clip"),
+                                                        item[1]["setup"]["attack"] is not None))
+    for name, r in ordered:
         setup = r["setup"]
         theta = r["final_accuracy"]
         last = [m["server_accuracy"] for m in r["round_metrics"]
@@ -243,6 +256,9 @@ def main() -> None:
                     "all, or some of size-lie norm-999 sign-flip inf-scalar")
     ap.add_argument("--hostile-clients", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--hostile-out", type=Path, default=HOSTILE_OUT)
+    ap.add_argument("--robust", default="none", choices=["none", "median"], help="hostile rows: the server's "
+                    "aggregation (median: coordinate-wise median; rows named '<row>-median', compared with "
+                    "'honest-median')")
     args = ap.parse_args()
     OUT = args.out
     if not DATA.exists():

@@ -173,7 +173,7 @@ def test_hostile_rows_run_every_attack_and_render_a_verdict(demo_paths, tmp_path
         return run_server(InProcessGrid(cfg.num_clients, hostile_train(attack, hostile) if attack else None), cfg)
 
     args = argparse.Namespace(hostile=list(ATTACKS), hostile_clients=[1, 2], clients=4, clients_per_round=0,
-                              rounds=2, local_steps=2, lr=1e-2, hostile_out=tmp_path / "hostile")
+                              rounds=2, local_steps=2, lr=1e-2, hostile_out=tmp_path / "hostile", robust="none")
     results = bench.run_hostile(args, Path(demo_paths[0]), _dev_subset(demo_paths, tmp_path), model="tiny-llama",
                                 runner=in_process)
     assert set(results) == {"honest", "honest-zo-seeds"} | {f"{a}-{k}of4" for a in ATTACKS for k in (1, 2)}
@@ -184,6 +184,14 @@ def test_hostile_rows_run_every_attack_and_render_a_verdict(demo_paths, tmp_path
     rows = [line for line in table.splitlines() if line.startswith("|")]
     assert table.count("| reference |") == 2 and len(rows) == 2 + len(results)
     assert all(("met" in line or "missed" in line) for line in rows[2:] if "reference" not in line)
+    # --robust median: its own rows, each compared with the all-honest run under the same aggregation
+    args.hostile, args.hostile_clients, args.robust = ["sign-flip"], [1], "median"
+    results = bench.run_hostile(args, Path(demo_paths[0]), _dev_subset(demo_paths, tmp_path), model="tiny-llama",
+                                runner=in_process)
+    assert {"honest-median", "sign-flip-1of4-median"} <= set(results)
+    assert results["sign-flip-1of4-median"]["setup"]["reference"] == "honest-median"
+    assert results["sign-flip-1of4-median"]["robust"] == results["honest-median"]["robust"] == "median"
+    assert results["honest"]["robust"] == "none"
 
 
 @pytest.mark.slow

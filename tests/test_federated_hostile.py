@@ -172,3 +172,24 @@ def test_zo_seeds_honours_the_server_optimizer_and_robust_aggregation(zo_setup):
     alone.aggregate_train(1, [zo_reply(msgs[0], same, 11, seeds=np.arange(3))])
     for k in theta:  # the coordinate-wise median of two equal updates and their negation is that update
         assert torch.allclose(median.theta[k], alone.theta[k], atol=1e-7)
+
+
+def test_the_coordinate_wise_median_of_an_even_number_of_updates_is_unbiased(demo_paths):
+    """--robust median took torch's lower median: with 4 replies (the benchmark's clients per round) every coordinate
+    got the 2nd smallest value, a push towards -inf on every coordinate that no client sent. With an even count the
+    median is the mean of the two middle values, so updates symmetric around u aggregate to u."""
+    from dataclasses import replace
+    from slimtune.federated.bounds import aggregate
+    cfg = replace(make_cfg(demo_paths, bits=FP32), robust="median")
+    theta = theta_like()
+    u = {k: 0.1 * v for k, v in theta_like(3).items()}
+    spread = [-3.0, -1.0, 1.0, 3.0]
+    deltas = [{k: v + s * 0.01 for k, v in u.items()} for s in spread]
+    update = aggregate(theta, deltas, [0.25] * 4, cfg)
+    for k in theta:
+        assert torch.allclose(update[k], u[k], atol=1e-6), k
+    # one hostile reply among four cannot move a coordinate past the honest values
+    hostile = [{k: v + s * 0.01 for k, v in u.items()} for s in (-1.0, 0.0, 1.0)] + [{k: -50 * v for k, v in u.items()}]
+    update = aggregate(theta, hostile, [0.25] * 4, cfg)
+    for k in theta:  # the honest values of a coordinate lie in u +- 0.01; the hostile one is -50 u
+        assert ((update[k] - u[k]).abs() <= 0.01 + 1e-6).all(), k

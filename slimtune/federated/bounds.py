@@ -73,6 +73,15 @@ class InfluenceBound:
         return [clip_update(d, cap) for d in deltas], cap
 
 
+def coordinate_median(values: list[torch.Tensor]) -> torch.Tensor:
+    """The coordinate-wise median; with an even count K, the mean of the (K/2)-th and (K/2 + 1)-th values (torch's
+    median is the lower one, which would push every coordinate down). Either middle value lies between honest ones
+    while fewer than half of the K are hostile, so their mean does too."""
+    ordered = torch.stack(values).sort(dim=0).values
+    k = len(values)
+    return ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+
+
 def client_weights(claims: list[float | None], weighting: str) -> list[float]:
     """Normalised weights: equal, or each claimed example count capped at the round's median claim."""
     if weighting == "equal" or not claims:
@@ -88,7 +97,7 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
     noise: it is never released changed, so noising it would only damage the model."""
     deltas = [{k: (v if is_trained(k, cfg) else torch.zeros_like(v)) for k, v in d.items()} for d in deltas]
     if cfg.robust == "median":
-        return {name: torch.stack([d[name] for d in deltas]).median(dim=0).values for name in theta}
+        return {name: coordinate_median([d[name] for d in deltas]) for name in theta}
     private = cfg.client_dp_clip > 0
     if private:
         weights = [1.0 / len(deltas)] * len(deltas)
