@@ -28,14 +28,15 @@ class SlimtuneError(Exception):
 # public name -> the module that defines it
 _LAZY = {
     **{name: "slimtune.optimizers" for name in ("MeZO", "LOZO", "FZOO", "HiZOO", "HiZOOL", "SparseMeZO", "Hybrid",
-                                                  "DPZero", "DPLOZO", "DPHiZOO", "ZerothOrderOptimizer",
-                                                  "PrivateOptimizer", "StepOutput")},
+                                                  "DPZero", "DPLOZO", "DPHiZOO", "DPHybrid",
+                                                  "ZerothOrderOptimizer", "PrivateOptimizer", "StepOutput")},
     "apply_peft": "slimtune.api",
 }
 _SUBMODULES = ("privacy", "hf", "train", "optimizers", "api", "peft", "models", "data", "optim", "zo", "settings")
 
 __all__ = ["SlimtuneError", "__version__", "MeZO", "LOZO", "FZOO", "HiZOO", "HiZOOL", "SparseMeZO", "Hybrid",
-           "DPZero", "DPLOZO", "DPHiZOO", "ZerothOrderOptimizer", "PrivateOptimizer", "StepOutput", "apply_peft",
+           "DPZero", "DPLOZO", "DPHiZOO", "DPHybrid", "ZerothOrderOptimizer", "PrivateOptimizer", "StepOutput",
+           "apply_peft",
            "train", "privacy", "hf"]
 
 
@@ -56,5 +57,5 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from slimtune import hf, privacy, train
     from slimtune.api import apply_peft
-    from slimtune.optimizers import (DPHiZOO, DPLOZO, DPZero, FZOO, HiZOO, HiZOOL, LOZO, Hybrid, MeZO,
+    from slimtune.optimizers import (DPHiZOO, DPHybrid, DPLOZO, DPZero, FZOO, HiZOO, HiZOOL, LOZO, Hybrid, MeZO,
                                      PrivateOptimizer, SparseMeZO, StepOutput, ZerothOrderOptimizer)

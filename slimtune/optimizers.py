@@ -448,10 +448,32 @@ class DPHiZOO(PrivateOptimizer):
                                   clip_multiplier, mechanism, accountant), dataset_size, batch_size, steps)
 
 
+class DPHybrid(PrivateOptimizer):
+    """DP-hybrid: `Hybrid` made private. The ZO scalar of the low part is DPZero's release; the top blocks' gradient is
+    DP-AdamW's (each example's gradient clipped to L2 norm `fo_clip`, summed, Gaussian noise of the same sigma
+    relative to its sensitivity, divided by batch_size). Two releases per step in the accountant. Arguments as
+    `DPZero`, plus `Hybrid`'s `fo_layers` and `fo_lr`, and `fo_clip` (default 1)."""
+
+    method = "dphybrid"
+
+    def __init__(self, model: torch.nn.Module, *, dataset_size: int, batch_size: int, epsilon: float | None = None,
+                 delta: float = 1e-5, steps: int | None = None, noise_multiplier: float | None = None,
+                 clip: float = 1.0, clipping: str = "auto", target_quantile: float = 0.9, clip_lr: float = 0.2,
+                 clip_multiplier: float = 2.0, accountant: str = "rdp", lr: float | None = None,
+                 eps: float | None = None, weight_decay: float = 0.0, fo_layers: int | None = None,
+                 fo_lr: float | None = None, fo_clip: float | None = None, perturbation: str = "gaussian",
+                 seed: int = 0):
+        super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, fo_layers=fo_layers, fo_lr=fo_lr,
+                                     fo_clip=fo_clip, perturbation=perturbation, seed=seed),
+                         _privacy(epsilon, delta, noise_multiplier, clip, clipping, target_quantile, clip_lr,
+                                  clip_multiplier, "gaussian", accountant), dataset_size, batch_size, steps)
+
+
 # name (as `--optimizer`) -> class; what slimtune.hf.ZOArguments(optimizer=...) builds
 OPTIMIZERS: dict[str, type[ZerothOrderOptimizer]] = {
     "mezo": MeZO, "lozo": LOZO, "lozo-m": LOZO, "fzoo": FZOO, "hizoo": HiZOO, "hizoo-l": HiZOOL,
-    "sparse-mezo": SparseMeZO, "hybrid": Hybrid, "dpzero": DPZero, "dplozo": DPLOZO, "dphizoo": DPHiZOO}
+    "sparse-mezo": SparseMeZO, "hybrid": Hybrid, "dpzero": DPZero, "dplozo": DPLOZO, "dphizoo": DPHiZOO,
+    "dphybrid": DPHybrid}
 
 __all__ = ["ZerothOrderOptimizer", "PrivateOptimizer", "MeZO", "LOZO", "FZOO", "HiZOO", "HiZOOL", "SparseMeZO",
-           "Hybrid", "DPZero", "DPLOZO", "DPHiZOO", "OPTIMIZERS", "StepOutput", "peft_kind"]
+           "Hybrid", "DPZero", "DPLOZO", "DPHiZOO", "DPHybrid", "OPTIMIZERS", "StepOutput", "peft_kind"]

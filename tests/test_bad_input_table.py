@@ -79,7 +79,10 @@ ROWS = [
     ("eval-every-without-eval", [*TRAIN_BASE, "--eval-every", "5"], "--eval-every applies only"),
     ("patience-without-eval", [*TRAIN_BASE, "--patience", "2"], "--patience applies only"),
     ("dphizoo-laplace", [*TRAIN_BASE, "--optimizer", "dphizoo", "--mechanism", "laplace", "--clipping", "fixed"],
-     "dphizoo releases two scalars per step"),
+     "dphizoo releases two values per step"),
+    ("dphybrid-laplace", [*TRAIN_BASE, "--optimizer", "dphybrid", "--mechanism", "laplace", "--clipping", "fixed"],
+     "dphybrid releases two values per step"),
+    ("fo-clip-without-dphybrid", [*TRAIN_BASE, "--optimizer", "hybrid", "--fo-clip", "0.5"], "--fo-clip"),
     ("adaptive-flag-fixed", [*TRAIN_BASE, "--optimizer", "dpzero", "--clipping", "fixed", "--clip-lr", "0.3"],
      "--clip-lr applies only to adaptive clipping"),
     # ranges

@@ -260,3 +260,20 @@ def test_train_reads_a_config_file_under_keyword_overrides(tmp_path, demo_paths)
     config.write_text(f"data: {demo_paths[0]}\nmodel: tiny-llama\noptimizer: lozo\nsteps: 7\n")
     resolved = slimtune.train(config=str(config), steps=5, out=str(tmp_path / "run"), dry_run=True)
     assert resolved["optimizer"] == "lozo" and resolved["steps"] == 5
+
+
+def test_dphybrid_from_python_spends_its_budget_over_poisson_batches():
+    """slimtune.DPHybrid: the hybrid's two releases a step calibrated to the budget; empty batches take a step."""
+    model = tiny_lm("lora")
+    dp = slimtune.DPHybrid(model, epsilon=3.0, delta=1e-5, dataset_size=400, batch_size=8, steps=3, fo_layers=1)
+    one = slimtune.DPZero(tiny_lm("lora"), epsilon=3.0, delta=1e-5, dataset_size=400, batch_size=8, steps=3)
+    assert dp.accountant.releases == 2 and dp.noise_multiplier > one.noise_multiplier
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for _ in range(3):
+        idx = dp.sample_batch()
+        dp.step(per_example(model, batch(len(idx), n=len(idx))) if idx else (lambda: torch.zeros(0)))
+    assert 0 < dp.epsilon_spent <= 3.0 * 1.001
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert all(torch.isfinite(a).all() for a in after) and any(not torch.equal(a, b) for a, b in zip(after, before))
+    with pytest.raises(SlimtuneError, match="calibrated for 3 steps"):
+        dp.step(per_example(model, batch()))

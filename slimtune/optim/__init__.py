@@ -28,13 +28,14 @@ class OptimizerArgs:
     mask_every: int | None = None  # sparse-mezo: masks recomputed from the weights every this many steps (50)
     fo_layers: int | None = None  # hybrid: top transformer blocks trained by backprop, with the head (2)
     fo_lr: float | None = None  # hybrid: AdamW lr of the top part
+    fo_clip: float | None = None  # dphybrid: per-example L2 clip of the top part's gradient (1.0)
 
 
 ZO_OPTIMIZERS = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo")
 FO_OPTIMIZERS = ("adamw", "sgd", "dp-adamw", "dp-sgd")
-HYBRID_OPTIMIZERS = ("hybrid",)  # backprop on the top blocks, ZO below (optim/hybrid.py)
+HYBRID_OPTIMIZERS = ("hybrid", "dphybrid")  # backprop on the top blocks, ZO below (optim/hybrid.py)
 OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS + HYBRID_OPTIMIZERS
-PRIVATE_OPTIMIZERS = ("dpzero", "dplozo", "dphizoo", "dp-adamw", "dp-sgd")
+PRIVATE_OPTIMIZERS = ("dpzero", "dplozo", "dphizoo", "dphybrid", "dp-adamw", "dp-sgd")
 
 
 def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> SlimOptimizer:

@@ -1,5 +1,5 @@
 """Construction and settings checks of the curvature, sparse and hybrid optimizers (issue 36): `hizoo`, `hizoo-l`,
-`dphizoo` (zo/hizoo.py), `sparse-mezo` (zo/sparse.py) and `hybrid` (optim/hybrid.py). The registry
+`dphizoo` (zo/hizoo.py), `sparse-mezo` (zo/sparse.py), `hybrid` and `dphybrid` (optim/hybrid.py). The registry
 (optim/__init__.py) dispatches here."""
 
 from __future__ import annotations
@@ -7,25 +7,29 @@ from __future__ import annotations
 from slimtune import SlimtuneError
 
 HIZOO_OPTIMIZERS = ("hizoo", "hizoo-l", "dphizoo")
-BUILT_HERE = (*HIZOO_OPTIMIZERS, "sparse-mezo", "hybrid")
+HYBRIDS = ("hybrid", "dphybrid")
+BUILT_HERE = (*HIZOO_OPTIMIZERS, "sparse-mezo", *HYBRIDS)
 HESSIAN_SMOOTH = 1e-4  # HiZOO's alpha when neither the flag nor the defaults table gives one
 SPARSITY, MASK_EVERY, FO_LAYERS = 0.75, 50, 2
+FO_CLIP = 1.0  # dphybrid's per-example clip of the top gradient: DP-AdamW's C
 
 # setting -> (flag, optimizers that read it)
 SETTING_USERS = {
     "hessian_smooth": ("--hessian-smooth", HIZOO_OPTIMIZERS),
     "sparsity": ("--sparsity", ("sparse-mezo",)),
     "mask_every": ("--mask-every", ("sparse-mezo",)),
-    "fo_layers": ("--fo-layers", ("hybrid",)),
-    "fo_lr": ("--fo-lr", ("hybrid",)),
+    "fo_layers": ("--fo-layers", HYBRIDS),
+    "fo_lr": ("--fo-lr", HYBRIDS),
+    "fo_clip": ("--fo-clip", ("dphybrid",)),
 }
 
 
 def private_releases(optimizer: str, n_spsa: int) -> int:
     """Noisy scalars one private step releases on its batch (each with its own clipped sum and Gaussian noise; with
     adaptive clipping each comes with its noisy count): DPZero / DP-LOZO one per SPSA direction; DP-HiZOO two, the
-    projected gradient and the curvature; DP-SGD / DP-AdamW one gradient."""
-    if optimizer == "dphizoo":
+    projected gradient and the curvature; DP-hybrid two, the scalar below and the top part's gradient; DP-SGD /
+    DP-AdamW one gradient."""
+    if optimizer in ("dphizoo", "dphybrid"):
         return 2 * n_spsa
     return n_spsa if optimizer in ("dpzero", "dplozo") else 1
 
@@ -44,13 +48,16 @@ def check_optimizer_args(optimizer: str, args) -> None:
     for flag, value in (("--mask-every", args.mask_every), ("--fo-layers", args.fo_layers)):
         if value is not None and value < 1:
             raise SlimtuneError(f"{flag} must be >= 1, got {value}")
+    if args.fo_clip is not None and not args.fo_clip > 0:
+        raise SlimtuneError(f"--fo-clip must be > 0, got {args.fo_clip}")
     if args.fo_lr is not None and args.fo_lr < 0:
         raise SlimtuneError(f"--fo-lr must be >= 0, got {args.fo_lr}")
     if optimizer in HIZOO_OPTIMIZERS and args.n_spsa != 1:
         raise SlimtuneError(f"--n-spsa {args.n_spsa}: {optimizer} takes one direction per step (its Hessian update "
                             "follows each one); leave --n-spsa at 1")
-    if optimizer == "hybrid" and args.n_spsa != 1:
-        raise SlimtuneError(f"--n-spsa {args.n_spsa}: hybrid takes one ZO direction per step; leave --n-spsa at 1")
+    if optimizer in HYBRIDS and args.n_spsa != 1:
+        raise SlimtuneError(f"--n-spsa {args.n_spsa}: {optimizer} takes one ZO direction per step; leave --n-spsa "
+                            "at 1")
 
 
 def build(name: str, params: list, model, args, private, mezo_cfg: dict):
@@ -72,12 +79,19 @@ def build(name: str, params: list, model, args, private, mezo_cfg: dict):
                                   sparsity=SPARSITY if args.sparsity is None else args.sparsity,
                                   mask_every=args.mask_every or MASK_EVERY)
         return SparseMeZO(params, config)
-    if name == "hybrid":
-        from slimtune.optim.hybrid import Hybrid, HybridConfig
+    if name in HYBRIDS:
+        from slimtune.optim.hybrid import DPHybrid, Hybrid, HybridConfig
         fo_lr = args.fo_lr if args.fo_lr is not None else defaults_for(name, "lora").setting("fo_lr", 1e-3)
         config = HybridConfig(**mezo_cfg, perturbation=args.perturbation, fo_layers=args.fo_layers or FO_LAYERS,
-                              fo_lr=fo_lr)
-        return Hybrid(params, config, model)
+                              fo_lr=fo_lr, fo_clip=FO_CLIP if args.fo_clip is None else args.fo_clip)
+        if name == "hybrid":
+            return Hybrid(params, config, model)
+        from slimtune.privacy.dpzero import PrivateDifference
+        from slimtune.privacy.secret import KeyedNoise, RunKey
+        spec, sigma, batch, keyed_noise, *rest = private
+        keyed_noise = keyed_noise if keyed_noise is not None else KeyedNoise(RunKey.fresh())
+        estimator = PrivateDifference(spec, sigma, batch, keyed_noise, quantile_noise=rest[0] if rest else 0.0)
+        return DPHybrid(params, config, model, estimator, spec, sigma, batch)
     raise SlimtuneError(f"unknown optimizer {name!r}")
 
 

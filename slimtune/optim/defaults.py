@@ -111,7 +111,8 @@ TABLE[("hybrid", "lora")] = MethodDefaults(
     "split, 1e-3 0.844, 3e-4 0.812; ZO lr 2e-3 ended at 0.742)", (("fo_lr", 3e-3),))
 FAMILY = {"adamw": "adamw", "dp-adamw": "adamw", "sgd": "sgd", "dp-sgd": "sgd", "mezo": "mezo", "dpzero": "mezo",
           "lozo": "lozo", "lozo-m": "lozo", "dplozo": "lozo", "fzoo": "fzoo", "hizoo": "hizoo", "dphizoo": "hizoo",
-          "hizoo-l": "hizoo-l", "sparse-mezo": "sparse-mezo", "hybrid": "hybrid"}
+          "hizoo-l": "hizoo-l", "sparse-mezo": "sparse-mezo", "hybrid": "hybrid",
+          "dphybrid": "hybrid"}
 
 
 def defaults_for(optimizer: str, peft: str) -> MethodDefaults:

@@ -20,12 +20,13 @@ Dropout is off as in every ZO method (`zeroth_order`): the two measurements must
 
 Learning rates: `lr` (the schedule's base) is the ZO lr of the low part; the top part runs AdamW at
 fo_lr * (current lr / base lr), so one schedule drives both. Not for data-parallel runs (the top gradient would need an
-all-reduce; only per-example losses are exchanged) and not private.
+all-reduce; only per-example losses are exchanged). Private: `DPHybrid` below (`--optimizer dphybrid`).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -41,13 +42,14 @@ from slimtune.zo.mezo import MeZOConfig, ZOOptimizer
 class HybridConfig(MeZOConfig):
     fo_layers: int = 2  # k: transformer blocks (from the top) trained with backprop, with everything after them
     fo_lr: float = 1e-3  # AdamW's lr for the top part
+    fo_clip: float = 1.0  # DPHybrid: per-example L2 clip S of the top part's gradient
     betas: tuple[float, float] = (0.9, 0.999)
 
 
 class Hybrid(ZOOptimizer):
     name = "hybrid"
 
-    def __init__(self, named_params, config: HybridConfig, model: nn.Module):
+    def __init__(self, named_params, config: HybridConfig, model: nn.Module, estimator=None):
         params = trainable(named_params)
         top_ids = top_parameters(model, config.fo_layers)
         self.top = [(n, p) for n, p in params if id(p) in top_ids]
@@ -58,7 +60,7 @@ class Hybrid(ZOOptimizer):
                                 "there)")
         self.config = config
         if low:
-            super().__init__(low, config)
+            super().__init__(low, config, estimator)
         else:  # everything trainable is on top: plain AdamW at one forward per step
             self.params, self.step_count = [], 0
         self.fo = torch.optim.AdamW(param_groups(self.top, config.weight_decay), lr=config.fo_lr, betas=config.betas)
@@ -74,11 +76,12 @@ class Hybrid(ZOOptimizer):
         self.fo.zero_grad(set_to_none=True)
         if self.params:
             self._sweep(seed, "add", alpha=eps)
-        with torch.enable_grad(), _frozen([p for _, p, _ in self.params]):
+        with torch.enable_grad(), _frozen([p for _, p, _ in self.params]), self._recording():
             lp = closure()
             if lp.numel():
                 lp.float().mean().backward()
         lp = lp.detach()
+        self._top_gradients_ready(lp)
         info: dict = {}
         if self.params:
             lm = self._measure(closure, seed, -2 * eps)
@@ -90,7 +93,18 @@ class Hybrid(ZOOptimizer):
             loss = lp.float().mean().item()
         self.fo.step()
         self.step_count += 1
+        self._end_step()
         return StepOutput(loss, info)
+
+    # hooks for DPHybrid: per-example gradients of the top part, and the end of a step's noise
+    def _recording(self):
+        return nullcontext()
+
+    def _top_gradients_ready(self, losses: torch.Tensor) -> None:
+        pass
+
+    def _end_step(self) -> None:
+        pass
 
     def set_lr(self, lr: float) -> None:
         self.config.lr = lr
@@ -111,6 +125,71 @@ class Hybrid(ZOOptimizer):
     @property
     def top_values(self) -> int:
         return sum(p.numel() for _, p in self.top)
+
+
+class DPHybrid(Hybrid):
+    """Private hybrid: DPZero's scalar below, DP-AdamW's gradient on top, both on one Poisson batch per step:
+
+        g_hat = (sum_i clip_C(g_i) + N(0, (sigma Delta_C)^2)) / (q N)              (privacy/dpzero.py)
+        G_hat = (sum_i clip_S(grad_top l_i) + N(0, (sigma Delta_S)^2 I)) / (q N)   (privacy/dpsgd.py, Opacus)
+
+    g_i = (l_i(theta + eps z) - l_i(theta - eps z)) / (2 eps) as in DPZero; grad_top l_i is example i's gradient of the
+    top part at theta_low + eps z, from Opacus' per-sample hooks in the one backward (recorded on the top layers only:
+    the low part is frozen during that forward and the second forward runs in inference mode). clip_S scales a
+    vector to L2 norm <= S (`fo_clip`, fixed); C adapts as DPZero's (its noisy count is a third release). Delta is C or
+    S under Poisson sampling, 2C / 2S for fixed-size batches. The same sigma on each release, relative to its own
+    sensitivity, so a step is two Gaussian mechanisms on the batch: the accountant counts `releases = 2`
+    (optim/builders.private_releases). The low update -lr g_hat z and AdamW on G_hat are post-processing; the loss
+    a step returns is private (the trainer logs only released values). Both noises come from the run's KeyedNoise,
+    numbered within the step; nothing random is saved. With every trainable parameter on top (a model of <= k
+    blocks) only G_hat is released: the accountant's two releases are then an upper bound.
+    """
+
+    name = "dphybrid"
+
+    def __init__(self, named_params, config: HybridConfig, model: nn.Module, estimator, spec, noise_multiplier: float,
+                 expected_batch_size: float):
+        from slimtune.privacy.accountant import sensitivity
+        from slimtune.privacy.dpsgd import keyed_dp_optimizer, per_example_hooks
+
+        super().__init__(named_params, config, model, estimator)
+        self.keyed_noise = estimator.keyed_noise
+        self.grad_sample_module = per_example_hooks(model)
+        top_ids = {id(p) for _, p in self.top}
+        self.top_modules = [m for m in model.modules()
+                            if any(q is not None and id(q) in top_ids for q in m._parameters.values())]
+        clip = config.fo_clip
+        self.fo = keyed_dp_optimizer(self.keyed_noise)(
+            self.fo, noise_multiplier=noise_multiplier * sensitivity(spec, clip) / clip, max_grad_norm=clip,
+            expected_batch_size=expected_batch_size, loss_reduction="mean")
+
+    @contextmanager
+    def _recording(self):
+        """Opacus records activations of layers in training mode only; the run keeps the model in eval mode (dropout
+        off, as every ZO method). The layers that hold top parameters (linear, norm, SVFit: no mode-dependent
+        behaviour) are switched to training mode for the backward forward only."""
+        modes = [m.training for m in self.top_modules]
+        for m in self.top_modules:
+            m.training = True
+        try:
+            with warnings.catch_warnings():  # nothing below the top needs a gradient, which is what Opacus reads
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                yield
+        finally:
+            for m, mode in zip(self.top_modules, modes):
+                m.training = mode
+
+    def _top_gradients_ready(self, losses: torch.Tensor) -> None:
+        from slimtune.privacy.dpsgd import drop_non_finite_examples
+        top = [p for _, p in self.top]
+        if losses.numel() == 0:  # empty Poisson batch: the clipped sum is 0, the noise is still released
+            for p in top:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        else:
+            drop_non_finite_examples(top)
+
+    def _end_step(self) -> None:
+        self.keyed_noise.end_step()
 
 
 @contextmanager

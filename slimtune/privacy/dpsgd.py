@@ -87,16 +87,22 @@ def _as_list(grad_sample) -> list:
     return list(grad_sample) if isinstance(grad_sample, (list, tuple)) else [grad_sample]
 
 
+def per_example_hooks(model: torch.nn.Module):
+    """Opacus' per-sample gradient hooks on `model`'s trainable layers (SVFit's sampler registered): after a backward
+    of the mean loss, each trainable parameter holds `grad_sample` [B, ...]. Returns the GradSampleModule."""
+    from opacus import GradSampleModule
+    from opacus.grad_sample.utils import register_grad_sampler
+
+    register_grad_sampler(SVFitLinear)(svfit_grad_sample)
+    _check_opacus_support(model)
+    return GradSampleModule(model, loss_reduction="mean", strict=False)
+
+
 class DPFirstOrder(SlimOptimizer):
     def __init__(self, model: torch.nn.Module, config: FirstOrderConfig, kind: str, spec: PrivacySpec,
                  noise_multiplier: float, expected_batch_size: int, noise: KeyedNoise | None = None):
-        from opacus import GradSampleModule
-        from opacus.grad_sample.utils import register_grad_sampler
-
         self.name = f"dp-{kind}"
-        register_grad_sampler(SVFitLinear)(svfit_grad_sample)
-        _check_opacus_support(model)
-        self.grad_sample_module = GradSampleModule(model, loss_reduction="mean", strict=False)  # hooks on the layers
+        self.grad_sample_module = per_example_hooks(model)  # hooks on the layers
         self.inner = FirstOrder(model.named_parameters(), config, kind)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.keyed_noise = noise if noise is not None else KeyedNoise(RunKey.fresh())

@@ -55,7 +55,9 @@ class ModelShape:
 
 
 ZO_PLANNED = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo")
-CHUNKED_Z = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid")  # a z chunk buffer
+CHUNKED_Z = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid",
+             "dphybrid")  # a z chunk buffer
+HYBRIDS = ("hybrid", "dphybrid")
 
 
 def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, batch: int, seq_len: int,
@@ -98,7 +100,7 @@ def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, ba
         if optimizer == "sparse-mezo":
             parts["masks"] = trainable_params / 8
             parts["zo_buffer"] *= 2  # the drawn z and the masked z
-    elif optimizer == "hybrid":
+    elif optimizer in HYBRIDS:
         top = fo_trainable if fo_trainable is not None else trainable_params * fo_layers / max(shape.layers, 1)
         parts["activations"] = zo_activations
         parts["fo_activations"] = fo_layers * (tokens * (ACT_HIDDEN_FO * shape.hidden + ACT_INTER_FO * shape.intermediate)
@@ -106,6 +108,8 @@ def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, ba
         parts["zo_buffer"] = min(zo_chunk, max(trainable_params - top, 0)) * b
         parts["gradients"] = top * b
         parts["optimizer_state"] = 2 * top * b
+        if optimizer == "dphybrid":  # Opacus: per-example gradients of the top part, their clipped sum, the noise
+            parts["per_example_gradients"] = batch * top * b + top * (b + 8)
     elif optimizer in ("inference",):
         parts["activations"] = zo_activations
     else:
@@ -207,7 +211,7 @@ def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_l
     cuda = str(device).startswith("cuda")
     runtime = 0.0 if cuda else RUNTIME_MB_CPU + (RUNTIME_MB_BNB if imports_bitsandbytes(method, base_quant) else 0.0)
     top = None
-    if optimizer == "hybrid":
+    if optimizer in HYBRIDS:
         try:
             top = top_trainable_count(model, method, r, targets, fo_layers)
         except Exception:  # a model on the meta device cannot run the call-order probe: the blocks' share

@@ -12,13 +12,13 @@ from slimtune.settings.rules import DTYPES, check_device, check_task_text, norma
 # what each optimizer is (kept here as plain names; slimtune.optim's registry is checked against these in tests)
 FIRST_ORDER = ("adamw", "sgd", "dp-adamw", "dp-sgd")
 ZEROTH_ORDER = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo")
-HYBRID = ("hybrid",)
+HYBRID = ("hybrid", "dphybrid")
 OPTIMIZERS = FIRST_ORDER + ZEROTH_ORDER + HYBRID
-PRIVATE = ("dpzero", "dplozo", "dphizoo", "dp-adamw", "dp-sgd")
-ADAPTIVE_CLIPPING = ("dpzero", "dplozo", "dphizoo")  # private ZO: the clip can track a quantile
+PRIVATE = ("dpzero", "dplozo", "dphizoo", "dphybrid", "dp-adamw", "dp-sgd")
+ADAPTIVE_CLIPPING = ("dpzero", "dplozo", "dphizoo", "dphybrid")  # private ZO: the scalar's clip can track a quantile
 N_SPSA = ("mezo", "dpzero", "lozo", "lozo-m", "dplozo", "fzoo")
 LOZO = ("lozo", "lozo-m", "dplozo")
-WITH_SOURCES = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid")
+WITH_SOURCES = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid", "dphybrid")
 PEFT = ("none", "lora", "pissa", "adapter", "svfit")
 TASKS = ("sst2", "rte", "custom", "generation")
 CLASSIFICATION = ("sst2", "rte", "custom")
@@ -32,7 +32,7 @@ K_SHOT_PRIVATE = ("--k-shot with a private optimizer: the k rows per class are d
                   "the subset only, not for the file; write the subset you want to train on to a file instead")
 generation = when(task=("generation",))
 adaptive = condition(lambda s: s.optimizer in ADAPTIVE_CLIPPING and s.clipping != "fixed",
-                     "adaptive clipping (--optimizer dpzero, dplozo or dphizoo without --clipping fixed)",
+                     "adaptive clipping (--optimizer dpzero, dplozo, dphizoo or dphybrid without --clipping fixed)",
                      lambda s: f"--optimizer {s.optimizer}, --clipping {s.clipping}")
 evaluates = condition(lambda s: bool(s.eval_data) and s.eval_every > 0, "runs that evaluate (--eval-data with "
                       "--eval-every > 0)", lambda s: "--eval-every 0" if s.eval_data else "no --eval-data")
@@ -115,6 +115,9 @@ class TrainSettings(Settings):
                                     applies=when(optimizer=HYBRID))
     fo_lr: float | None = setting(None, "hybrid: AdamW learning rate of the backprop part", low=0,
                                   applies=when(optimizer=HYBRID))
+    fo_clip: float | None = setting(None, "dphybrid: per-example L2 clip of the backprop part's gradient (default 1, "
+                                    "DP-AdamW's; the ZO scalar's clip is --clip)", low=0, low_open=True,
+                                    applies=when(optimizer=("dphybrid",)))
 
     # -- schedule and bookkeeping ----------------------------------------------------------------------------------
     steps: int | None = setting(None, "training steps (default: 300 backprop, 2,000 zeroth-order)", low=1)
@@ -146,7 +149,7 @@ class TrainSettings(Settings):
     clip: float = setting(1.0, "DP: clipping threshold C (the starting C with adaptive clipping)", low=0,
                           low_open=True, applies=private)
     clipping: str = setting("auto", "DP: adaptive (C tracks --target-quantile of the per-example scalars, privately "
-                            "and accounted), fixed, or auto (adaptive for dpzero/dplozo/dphizoo)",
+                            "and accounted), fixed, or auto (adaptive for dpzero/dplozo/dphizoo/dphybrid)",
                             choices=("auto", "adaptive", "fixed"), applies=private)
     target_quantile: float = setting(0.9, "DP, adaptive clipping: fraction of scalars left unclipped", low=0, high=1,
                                      low_open=True, high_open=True, applies=adaptive)
@@ -193,9 +196,10 @@ class TrainSettings(Settings):
         if self.optimizer == "fzoo" and self.n_spsa is not None and self.n_spsa < 2:
             raise SlimtuneError(f"--n-spsa {self.n_spsa}: FZOO estimates from N >= 2 one-sided directions (default 8)")
         if self.optimizer in PRIVATE and self.mechanism == "laplace":
-            if self.optimizer == "dphizoo":
-                raise SlimtuneError("--mechanism laplace: dphizoo releases two scalars per step (gradient and "
-                                    "curvature) and Laplace noise is accounted for one; use --mechanism gaussian")
+            if self.optimizer in ("dphizoo", "dphybrid"):
+                what = "gradient and curvature" if self.optimizer == "dphizoo" else "the ZO scalar and the top gradient"
+                raise SlimtuneError(f"--mechanism laplace: {self.optimizer} releases two values per step ({what}) and "
+                                    "Laplace noise is accounted for one; use --mechanism gaussian")
             if (self.n_spsa or 1) > 1:
                 raise SlimtuneError(f"--mechanism laplace releases one scalar per step; --n-spsa {self.n_spsa} would "
                                     f"release {self.n_spsa}: use --mechanism gaussian or --n-spsa 1")
@@ -240,7 +244,7 @@ class TrainSettings(Settings):
         n_spsa = self.n_spsa if self.n_spsa is not None else (8 if self.optimizer == "fzoo" else 1)
         optim = OptimizerArgs(self.lr, self.weight_decay, self.eps, n_spsa, self.seed, self.lozo_rank,
                               self.lozo_nu, self.momentum, self.perturbation)
-        for name in ("hessian_smooth", "sparsity", "mask_every", "fo_layers", "fo_lr"):
+        for name in ("hessian_smooth", "sparsity", "mask_every", "fo_layers", "fo_lr", "fo_clip"):
             if hasattr(optim, name):
                 setattr(optim, name, getattr(self, name))
         return TrainConfig(

@@ -23,7 +23,8 @@ from slimtune.optim.base import mix_seed
 
 SOURCES = ("gaussian", "rademacher", "pool")
 # not LOZO: it draws low-rank factors, cheap whatever the source
-OPTIMIZERS_WITH_SOURCES = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid")
+OPTIMIZERS_WITH_SOURCES = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid",
+                           "dphybrid")
 POOL_STREAM = 0x9001
 
 

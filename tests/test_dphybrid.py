@@ -1,0 +1,114 @@
+"""Private hybrid (`--optimizer dphybrid`, optim/hybrid.py DPHybrid): DPZero's scalar below, DP-AdamW's clipped and
+noised per-example gradient on the top blocks, two releases a step in the accountant; what a private run may log."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtune import SlimtuneError
+from slimtune.optim import OptimizerArgs, build_optimizer
+from slimtune.peft import PeftSettings, apply_peft
+from slimtune.privacy import PrivacySpec
+from slimtune.privacy.secret import KeyedNoise, RunKey
+from slimtune.train import TrainConfig, prepare, train
+
+
+def config(tmp_path, demo_paths, name="run", **kw):
+    train_path, dev_path = demo_paths
+    base = dict(out_dir=str(tmp_path / name), train_data=train_path, eval_data=dev_path, model="tiny-llama",
+                optimizer="dphybrid", optim=OptimizerArgs(), peft=PeftSettings("lora", r=2), steps=4,
+                batch_size=8, eval_every=2, checkpoint_every=2, progress=False,
+                privacy=PrivacySpec(target_epsilon=4.0, delta=1e-3))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tiny_lora(seed=0):
+    from slimtune.models.loading import tiny_model
+    return apply_peft(tiny_model("tiny-llama", 100, 0, 1, seed=seed), PeftSettings("lora", r=2))
+
+
+def private(sigma, key=b"k" * 32, clip=1.0, batch=4.0):
+    spec = PrivacySpec(noise_multiplier=sigma, clip=clip, clipping="fixed")
+    return spec, sigma, batch, KeyedNoise(RunKey(key), run=7)
+
+
+def losses_of(model, ids, scale=None):
+    """Per-example next-token losses; `scale` multiplies each example's loss (a hostile row: x1e4)."""
+    out = model(input_ids=ids).logits[:, :-1]
+    per_token = torch.nn.functional.cross_entropy(out.transpose(1, 2), ids[:, 1:], reduction="none")
+    losses = per_token.mean(dim=1)
+    return losses * scale if scale is not None else losses
+
+
+def test_trains_with_no_hyperparameter_given_and_accounts_two_releases(tmp_path, demo_paths):
+    from slimtune.privacy.accountant import plan
+    run = prepare(config(tmp_path, demo_paths))
+    assert run.accountant.releases == 2  # the ZO scalar and the top gradient
+    one = plan(run.config.privacy, len(run.train_examples), 8, 4, 1, True)
+    assert run.accountant.noise > one.noise  # the second release costs budget: more noise on each
+    summary = train(run)
+    assert 0 < summary["epsilon"] <= 4.0 * 1.001
+    records = [json.loads(line) for line in Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*(r.keys() for r in records))
+    assert "loss" not in keys and "batch_size" not in keys and "clipped_fraction" not in keys
+    assert (tmp_path / "run" / "adapter").exists()
+
+
+def test_one_examples_influence_on_the_top_update_is_clipped_and_nothing_is_recorded_below():
+    """With no noise the top gradient AdamW receives is (sum_i clip_S(grad_i)) / E: its norm is at most B S / E,
+    however large one example's gradient is (its loss x 1e4 here)."""
+    model = tiny_lora()
+    ids = torch.randint(0, 100, (4, 6))
+    fo_clip = 1e-3
+    opt = build_optimizer("dphybrid", model, OptimizerArgs(lr=1e-3, eps=1e-2, fo_layers=1, fo_clip=fo_clip),
+                          private=private(0.0, batch=4.0))
+    scale = torch.tensor([1e4, 1.0, 1.0, 1.0])
+    opt.step(lambda: losses_of(model, ids, scale))
+    top = [p for _, p in opt.top]
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in top)).item()
+    assert 0 < norm <= 4 * fo_clip / 4.0 + 1e-9
+    low = [p for _, p, _ in opt.params]
+    assert low and all(getattr(p, "grad_sample", None) is None and p.grad is None for p in low)
+    assert all(p.requires_grad for p in model.parameters() if p in set(top) | set(low))
+
+
+def test_the_top_noise_comes_from_the_run_key():
+    """Same key, same step: the same update; another key: another (no torch generator involved)."""
+    ids = torch.randint(0, 100, (4, 6))
+    after = {}
+    for name, key in (("a", b"a" * 32), ("a again", b"a" * 32), ("b", b"b" * 32)):
+        model = tiny_lora()
+        opt = build_optimizer("dphybrid", model, OptimizerArgs(lr=1e-3, eps=1e-2, fo_layers=1),
+                              private=private(1.0, key=key))
+        torch.manual_seed(123)
+        opt.step(lambda: losses_of(model, ids))
+        after[name] = torch.cat([p.detach().flatten() for _, p in opt.top])
+    assert torch.equal(after["a"], after["a again"]) and not torch.equal(after["a"], after["b"])
+
+
+def test_an_empty_poisson_batch_still_releases_noise():
+    model = tiny_lora()
+    opt = build_optimizer("dphybrid", model, OptimizerArgs(lr=1e-3, eps=1e-2, fo_layers=1), private=private(1.0))
+    before = torch.cat([p.detach().flatten().clone() for _, p in opt.top])
+    out = opt.step(lambda: torch.zeros(0))
+    after = torch.cat([p.detach().flatten() for _, p in opt.top])
+    assert not torch.equal(before, after) and torch.isfinite(after).all()
+    assert out.info["batch_size"] == 0
+
+
+def test_settings_are_checked_before_any_work(tmp_path, demo_paths):
+    from slimtune.settings.train import TrainSettings
+    train_path, dev_path = demo_paths
+    base = dict(data=train_path, eval_data=dev_path, out=str(tmp_path / "x"), model="tiny-llama")
+    with pytest.raises(SlimtuneError, match="--fo-clip"):
+        TrainSettings.build({**base, "optimizer": "hybrid", "fo_clip": 0.5})
+    with pytest.raises(SlimtuneError, match="laplace"):
+        TrainSettings.build({**base, "optimizer": "dphybrid", "mechanism": "laplace"})
+    with pytest.raises(SlimtuneError, match="fo-clip"):
+        TrainSettings.build({**base, "optimizer": "dphybrid", "fo_clip": 0})
+    settings = TrainSettings.build({**base, "optimizer": "dphybrid", "fo_clip": 0.5, "fo_layers": 1, "epsilon": 2})
+    cfg = settings.to_config()
+    assert cfg.optim.fo_clip == 0.5 and cfg.privacy.target_epsilon == 2
