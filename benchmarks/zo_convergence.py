@@ -61,6 +61,8 @@ RUNS = {
     "hizoo-l-full": (["--optimizer", "hizoo-l", "--peft", "none", "--steps", "2000"], 3),
     "sparse-mezo-full": (["--optimizer", "sparse-mezo", "--peft", "none", "--steps", "2000", "--perturbation", "pool"],
                          2),
+    # issue 36: the private version of the best method (the hybrid), epsilon 6, beside dpzero-lora-eps6 (defaults.py)
+    "dphybrid-lora-eps6": (["--optimizer", "dphybrid", "--peft", "lora", "--steps", "2000", "--epsilon", "6"], 2),
     # issue 36, item 5: where MeZO + LoRA plateaus, at its defaults over 10,000 steps (the schedule decays over all of
     # them); resumable over several sessions
     "mezo-lora-10k": (["--optimizer", "mezo", "--peft", "lora", "--steps", "10000"], 2),
@@ -101,9 +103,15 @@ def curve(name: str) -> dict | None:
     step_time = {m["step"]: m["step_time_s"] for m in metrics if "step_time_s" in m}  # a resume re-logs a step
     times = list(step_time.values())
     steps = sorted(evals)
+    if times:
+        seconds = [sum(t for k, t in step_time.items() if k <= s) for s in steps]
+    elif summary.get("time_per_step_s"):  # a private run logs no per-step times: the run's mean step time
+        seconds = [s * summary["time_per_step_s"] for s in steps]
+    else:
+        seconds = None  # not measurable (yet)
     result = {"forwards_per_step": fps, "finished": bool(summary), "steps": steps,
               "forward_passes": [s * fps for s in steps], "accuracy": [evals[s] for s in steps],
-              "seconds": [sum(t for k, t in step_time.items() if k <= s) for s in steps],
+              "seconds": seconds,
               "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
               "time_per_step_s": statistics.median(times) if times else None, "flags": RUNS[name][0]}
     return {**result, "forwards_to_target": forwards_to(result, TARGET_ACC),
@@ -150,7 +158,7 @@ def wall_clock(results: dict) -> dict:
     ref_s = ref.get("seconds_to_target") if ref else None
     out = {}
     for name, r in results.items():
-        if name == REFERENCE:
+        if name == REFERENCE or r.get("seconds") is None:
             continue
         s = r.get("seconds_to_target")
         ratio = s / ref_s if s is not None and ref_s else None
@@ -164,7 +172,7 @@ def wall_clock(results: dict) -> dict:
 
 def seconds_to(run: dict, level: float) -> float | None:
     """Training seconds at the first evaluation with accuracy >= level (None: never)."""
-    return next((t for t, a in zip(run.get("seconds", []), run["accuracy"]) if a >= level), None)
+    return next((t for t, a in zip(run.get("seconds") or [], run["accuracy"]) if a >= level), None)
 
 
 def forwards_to(run: dict, level: float) -> int | None:
