@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimtune import SlimtuneError
-from slimtune.optim.base import SlimOptimizer, StepOutput
-from slimtune.optim.first_order import FirstOrder, FirstOrderConfig
+from slimtune.optim.methods import FIRST_ORDER, HYBRID, OPTIMIZERS, PRIVATE, ZEROTH_ORDER
 
 
 @dataclass
@@ -31,19 +30,25 @@ class OptimizerArgs:
     fo_clip: float | None = None  # dphybrid: per-example L2 clip of the top part's gradient (1.0)
 
 
-ZO_OPTIMIZERS = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo")
-FO_OPTIMIZERS = ("adamw", "sgd", "dp-adamw", "dp-sgd")
-HYBRID_OPTIMIZERS = ("hybrid", "dphybrid")  # backprop on the top blocks, ZO below (optim/hybrid.py)
-OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS + HYBRID_OPTIMIZERS
-PRIVATE_OPTIMIZERS = ("dpzero", "dplozo", "dphizoo", "dphybrid", "dp-adamw", "dp-sgd")
+# the names by kind, from the one table (optim/methods.py)
+ZO_OPTIMIZERS, FO_OPTIMIZERS, HYBRID_OPTIMIZERS, PRIVATE_OPTIMIZERS = ZEROTH_ORDER, FIRST_ORDER, HYBRID, PRIVATE
 
 
-def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> SlimOptimizer:
+def __getattr__(name: str):
+    """SlimOptimizer and StepOutput load with torch, on first use (this package's import stays torch-free)."""
+    if name in ("SlimOptimizer", "StepOutput"):
+        from slimtune.optim import base
+        return getattr(base, name)
+    raise AttributeError(f"module 'slimtune.optim' has no attribute {name!r}")
+
+
+def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> "SlimOptimizer":
     """`private`: (PrivacySpec, noise_multiplier, expected_batch_size, noise[, quantile_noise]) for the DP
     optimizers. noise: the run's `KeyedNoise` (slimtune.privacy.secret; None: a fresh in-memory key from the OS).
     quantile_noise > 0 turns on DPZero's adaptive clipping (its count noise sigma_b, accounted by
     privacy.accountant.plan).
     """
+    from slimtune.optim.first_order import FirstOrder, FirstOrderConfig
     from slimtune.zo import FZOO, LOZO, LOZOConfig, MeZO, MeZOConfig
     from slimtune.zo.fzoo import FZOOConfig
 

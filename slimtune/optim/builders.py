@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 from slimtune import SlimtuneError
+from slimtune.optim.methods import HYBRID as HYBRIDS, METHODS
 
 HIZOO_OPTIMIZERS = ("hizoo", "hizoo-l", "dphizoo")
-HYBRIDS = ("hybrid", "dphybrid")
 BUILT_HERE = (*HIZOO_OPTIMIZERS, "sparse-mezo", *HYBRIDS)
 HESSIAN_SMOOTH = 1e-4  # HiZOO's alpha when neither the flag nor the defaults table gives one
 SPARSITY, MASK_EVERY, FO_LAYERS = 0.75, 50, 2
@@ -29,9 +29,8 @@ def private_releases(optimizer: str, n_spsa: int) -> int:
     adaptive clipping each comes with its noisy count): DPZero / DP-LOZO one per SPSA direction; DP-HiZOO two, the
     projected gradient and the curvature; DP-hybrid two, the scalar below and the top part's gradient; DP-SGD /
     DP-AdamW one gradient."""
-    if optimizer in ("dphizoo", "dphybrid"):
-        return 2 * n_spsa
-    return n_spsa if optimizer in ("dpzero", "dplozo") else 1
+    method = METHODS[optimizer]
+    return method.releases * (n_spsa if method.n_spsa else 1)
 
 
 def check_optimizer_args(optimizer: str, args) -> None:

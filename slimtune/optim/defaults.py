@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimtune import SlimtuneError
+from slimtune.optim.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,7 @@ for _peft, _lr in _MEZO_LR.items():
 TABLE[("hybrid", "lora")] = MethodDefaults(
     1e-3, 1e-2, "linear", 0.05, ZO_STEPS, "defaults_sweep hybrid+lora (600 steps, constant lr: fo_lr 3e-3 0.846 on the "
     "split, 1e-3 0.844, 3e-4 0.812; ZO lr 2e-3 ended at 0.742)", (("fo_lr", 3e-3),))
-FAMILY = {"adamw": "adamw", "dp-adamw": "adamw", "sgd": "sgd", "dp-sgd": "sgd", "mezo": "mezo", "dpzero": "mezo",
-          "lozo": "lozo", "lozo-m": "lozo", "dplozo": "lozo", "fzoo": "fzoo", "hizoo": "hizoo", "dphizoo": "hizoo",
-          "hizoo-l": "hizoo-l", "sparse-mezo": "sparse-mezo", "hybrid": "hybrid",
-          "dphybrid": "hybrid"}
+FAMILY = {name: method.family for name, method in METHODS.items()}  # a private method shares its base's entry
 
 
 def defaults_for(optimizer: str, peft: str) -> MethodDefaults:

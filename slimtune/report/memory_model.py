@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slimtune.optim.methods import HYBRID, WITH_SOURCES, ZEROTH_ORDER
+
 MB = 2**20
 ACT_HIDDEN_FO, ACT_INTER_FO = 16, 3  # values kept per token per layer for backward (llama block, rough)
 ACT_HIDDEN_ZO, ACT_INTER_ZO = 4, 3  # live values per token in one layer's forward
@@ -54,10 +56,8 @@ class ModelShape:
                    c.num_hidden_layers, c.num_attention_heads, c.vocab_size, sum(sizes), max(sizes, default=0))
 
 
-ZO_PLANNED = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo")
-CHUNKED_Z = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid",
-             "dphybrid")  # a z chunk buffer
-HYBRIDS = ("hybrid", "dphybrid")
+ZO_PLANNED, HYBRIDS = ZEROTH_ORDER, HYBRID
+CHUNKED_Z = WITH_SOURCES  # ZO methods with a perturbation source draw z chunk by chunk into one buffer
 
 
 def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, batch: int, seq_len: int,

@@ -6,19 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune import SlimtuneError
+# what each optimizer is: slimtune/optim/methods.py (one table, torch-free)
+from slimtune.optim.methods import (ADAPTIVE_CLIPPING, FIRST_ORDER, HYBRID, N_SPSA, OPTIMIZERS,  # noqa: F401
+                                    PRIVATE, WITH_SOURCES, ZEROTH_ORDER, names)
 from slimtune.settings.base import Settings, condition, setting, unless, when
 from slimtune.settings.rules import DTYPES, check_device, check_task_text, normalise_dtype, require_input_file
 
-# what each optimizer is (kept here as plain names; slimtune.optim's registry is checked against these in tests)
-FIRST_ORDER = ("adamw", "sgd", "dp-adamw", "dp-sgd")
-ZEROTH_ORDER = ("mezo", "lozo", "lozo-m", "fzoo", "dpzero", "dplozo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo")
-HYBRID = ("hybrid", "dphybrid")
-OPTIMIZERS = FIRST_ORDER + ZEROTH_ORDER + HYBRID
-PRIVATE = ("dpzero", "dplozo", "dphizoo", "dphybrid", "dp-adamw", "dp-sgd")
-ADAPTIVE_CLIPPING = ("dpzero", "dplozo", "dphizoo", "dphybrid")  # private ZO: the scalar's clip can track a quantile
-N_SPSA = ("mezo", "dpzero", "lozo", "lozo-m", "dplozo", "fzoo")
-LOZO = ("lozo", "lozo-m", "dplozo")
-WITH_SOURCES = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid", "dphybrid")
+LOZO = names(family="lozo")
 PEFT = ("none", "lora", "pissa", "adapter", "svfit")
 TASKS = ("sst2", "rte", "custom", "generation")
 CLASSIFICATION = ("sst2", "rte", "custom")

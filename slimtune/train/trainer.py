@@ -369,9 +369,10 @@ def releases_per_step(config: TrainConfig) -> int:
 
 def adaptive_clipping(config: TrainConfig) -> bool:
     """DPZero/DPLOZO clip adaptively unless told --clipping fixed (or with Laplace noise); DP-SGD clips at a fixed C."""
-    spec, zo = config.privacy, config.optimizer in ("dpzero", "dplozo", "dphizoo", "dphybrid")
+    from slimtune.optim.methods import ADAPTIVE_CLIPPING
+    spec, zo = config.privacy, config.optimizer in ADAPTIVE_CLIPPING
     if spec.clipping == "adaptive" and not zo:
-        raise SlimtuneError(f"--clipping adaptive is implemented for dpzero, dplozo, dphizoo and dphybrid (its ZO "
+        raise SlimtuneError(f"--clipping adaptive is implemented for {', '.join(ADAPTIVE_CLIPPING)} (their ZO "
                             f"scalar); {config.optimizer} "
                             "clips at a fixed --clip (use --clipping fixed)")
     return zo and (spec.clipping == "adaptive" or (spec.clipping == "auto" and spec.mechanism == "gaussian"))

@@ -20,11 +20,9 @@ import torch
 
 from slimtune import SlimtuneError
 from slimtune.optim.base import mix_seed
+from slimtune.optim.methods import WITH_SOURCES as OPTIMIZERS_WITH_SOURCES  # not LOZO: it draws low-rank factors
 
 SOURCES = ("gaussian", "rademacher", "pool")
-# not LOZO: it draws low-rank factors, cheap whatever the source
-OPTIMIZERS_WITH_SOURCES = ("mezo", "dpzero", "fzoo", "hizoo", "hizoo-l", "dphizoo", "sparse-mezo", "hybrid",
-                           "dphybrid")
 POOL_STREAM = 0x9001
 
 
