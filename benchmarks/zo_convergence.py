@@ -170,6 +170,36 @@ def wall_clock(results: dict) -> dict:
     return out
 
 
+# run -> its step's configuration in benchmarks/zo_step.py (the same method on the same model, timed in one run)
+STEP_CONFIG = {"adamw-lora": "adamw_lora", "hybrid-lora": "hybrid_lora", "mezo-lora-gaussian": "mezo_lora",
+               "mezo-lora-pool": "mezo_lora"}
+
+
+def same_setting_clock(results: dict, zo_step: dict | None) -> dict:
+    """Wall-clock to TARGET_ACC with every step costed in one setting: steps to the target (the first evaluation at or
+    above it, so an upper bound at each run's evaluation spacing) x the step's cost in two forward passes, both
+    costs from one benchmarks/zo_step.py run (same threads, same moment; each step timed against two forwards in its
+    own process). The long runs' own seconds mix thread settings and neighbours (the reference ran at 2 threads
+    beside other runs, the hybrid at 1 thread beside one): this ratio does not."""
+    costs = {name: (zo_step or {}).get("ratios", {}).get(cfg, {}).get("time_vs_two_forwards")
+             for name, cfg in STEP_CONFIG.items()}
+    ref, ref_cost = results.get(REFERENCE), costs.get(REFERENCE)
+    ref_steps = None if ref is None else seconds_to({"seconds": ref["steps"], "accuracy": ref["accuracy"]},
+                                                    TARGET_ACC)
+    out = {}
+    for name, r in results.items():
+        if name == REFERENCE or costs.get(name) is None or ref_cost is None or not ref_steps:
+            continue
+        steps = seconds_to({"seconds": r["steps"], "accuracy": r["accuracy"]}, TARGET_ACC)
+        ratio = None if steps is None else (steps * costs[name]) / (ref_steps * ref_cost)
+        out[name] = {"steps_to_target": [steps, ref_steps], "step_cost_in_two_forwards": [costs[name], ref_cost],
+                     "threads": (zo_step or {}).get("results", {}).get(STEP_CONFIG[name], {}).get(
+                         "threads", (zo_step or {}).get("threads")),  # older rows: the file's setting
+                     "ratio": ratio, "le_2x": None if ratio is None and not r["finished"] else
+                     (ratio is not None and ratio <= WALL_CLOCK_RATIO)}
+    return out
+
+
 def seconds_to(run: dict, level: float) -> float | None:
     """Training seconds at the first evaluation with accuracy >= level (None: never)."""
     return next((t for t, a in zip(run.get("seconds") or [], run["accuracy"]) if a >= level), None)
@@ -216,8 +246,11 @@ def plot(results: dict, path: Path) -> None:
 def collect() -> dict:
     """Read every run's curve into zo_convergence.json and the plot (also while runs are still going)."""
     results = {name: c for name in RUNS if (c := curve(name)) is not None}
+    step_path = ROOT / "benchmarks" / "results" / "zo_step.json"
+    zo_step = json.loads(step_path.read_text()) if step_path.exists() else None
     doc = {"target_accuracy": TARGET_ACC, "eval_every_forwards": EVAL_FORWARDS, "runs": results,
-           "targets": compare(results), "wall_clock_to_target": wall_clock(results)}
+           "targets": compare(results), "wall_clock_to_target": wall_clock(results),
+           "wall_clock_same_setting": same_setting_clock(results, zo_step)}
     path = OUT.with_suffix(".json")
     path.write_text(json.dumps(doc, indent=2))
     if results:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 CONFIGS = ["inference", "inference_lora", "adamw_full", "naive_mezo_full", "mezo_full", "mezo-pool_full",
-           "mezo-rademacher_full", "lozo_full", "mezo_lora", "lozo_lora", "hybrid_lora"]
+           "mezo-rademacher_full", "lozo_full", "mezo_lora", "lozo_lora", "hybrid_lora", "adamw_lora"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
