@@ -70,6 +70,7 @@ class ZOArguments:
     mask_every: int | None = None  # sparse-mezo
     fo_layers: int | None = None  # hybrid
     fo_lr: float | None = None  # hybrid
+    fo_clip: float | None = None  # dphybrid: per-example L2 clip of the top part's gradient
     seed: int | None = None  # None: TrainingArguments.seed
     # private optimizers (dpzero, dplozo, dphizoo)
     epsilon: float | None = None  # the budget of the whole run (None: 6 unless noise_multiplier is given)

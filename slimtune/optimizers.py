@@ -22,12 +22,14 @@ each example's contribution is clipped before noise is added, so a closure retur
 
 from __future__ import annotations
 
+from dataclasses import fields
 from types import SimpleNamespace
 from typing import Callable, ClassVar, Union
 
 import torch
 
 from slimtune import SlimtuneError
+from slimtune.optim import OptimizerArgs
 from slimtune.optim.base import StepOutput
 from slimtune.settings.python import check_keywords, default
 
@@ -144,8 +146,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.impl.load_state_dict(own["optimizer"])
 
 
-OPTIMIZER_ARGS = ("lr", "eps", "weight_decay", "n_spsa", "seed", "rank", "nu", "momentum", "perturbation",
-                  "hessian_smooth", "sparsity", "mask_every", "fo_layers", "fo_lr")  # OptimizerArgs' fields
+OPTIMIZER_ARGS = tuple(f.name for f in fields(OptimizerArgs))  # derived: a hand-kept copy dropped fo_clip
 
 
 class MeZO(ZerothOrderOptimizer):

@@ -112,3 +112,41 @@ def test_settings_are_checked_before_any_work(tmp_path, demo_paths):
     settings = TrainSettings.build({**base, "optimizer": "dphybrid", "fo_clip": 0.5, "fo_layers": 1, "epsilon": 2})
     cfg = settings.to_config()
     assert cfg.optim.fo_clip == 0.5 and cfg.privacy.target_epsilon == 2
+
+
+def test_tied_embeddings_with_full_weights_train_and_the_top_sum_moves_by_at_most_s():
+    """--peft none on a model whose LM head shares the embedding (tiny-gpt2; so do Llama-3.2-1B and Qwen2-0.5B): the
+    tied weight is low (ZO), yet the head's layer sits on the backward path of the top, and Opacus' hook there (no
+    activations: its weight is frozen during that forward) failed every step. Removing one example (a hostile one,
+    loss x 1e4) moves the top's clipped sum by at most S and the ZO scalar's by at most C (no noise here)."""
+    from slimtune.models.loading import tiny_model
+    fo_clip, clip, expected = 1e-3, 1e-3, 4.0
+    ids, scale = torch.randint(2, 100, (4, 6)), torch.tensor([1e4, 1.0, 1.0, 1.0])
+
+    def released_sums(rows):
+        model = apply_peft(tiny_model("tiny-gpt2", 100, 0, 1, seed=0), PeftSettings("none")).eval()
+        opt = build_optimizer("dphybrid", model, OptimizerArgs(lr=1e-3, eps=1e-2, fo_layers=1, fo_clip=fo_clip),
+                              private=private(0.0, clip=clip, batch=expected))
+        out = opt.step(lambda: losses_of(model, ids[rows], scale[rows]))
+        assert opt.params and any("wte" in n for n, _, _ in opt.params)  # the tied embedding / head is low
+        return (torch.cat([p.grad.double().flatten() for _, p in opt.top]) * expected,
+                out.info["projected_grad"] * expected)
+
+    (top, zo), (top_without, zo_without) = released_sums([0, 1, 2, 3]), released_sums([1, 2, 3])
+    assert (top - top_without).norm().item() <= fo_clip * (1 + 1e-6)
+    assert abs(zo - zo_without) <= clip * (1 + 1e-6)
+
+
+def test_fo_clip_reaches_the_optimizer_from_python_and_from_the_hf_trainer():
+    """slimtune.DPHybrid(fo_clip=...) and ZOArguments(optimizer="dphybrid", fo_clip=...) were silently clipped at 1
+    (the Python API dropped the keyword; ZOArguments had no such field) while `settings` reported the given value."""
+    import slimtune
+    from slimtune.hf import ZOArguments
+    dp = slimtune.DPHybrid(tiny_lora(), epsilon=3.0, dataset_size=400, batch_size=8, steps=3, fo_layers=1,
+                           fo_clip=0.01)
+    assert dp.impl.config.fo_clip == 0.01 and dp.impl.fo.max_grad_norm == 0.01 and dp.settings["fo_clip"] == 0.01
+    built = ZOArguments(optimizer="dphybrid", fo_clip=0.02, fo_layers=1).build(
+        tiny_lora(), lr=None, weight_decay=0.0, seed=0, dataset_size=400, batch_size=8, steps=3)
+    assert built.impl.fo.max_grad_norm == 0.02
+    with pytest.raises(SlimtuneError, match="fo.clip"):
+        slimtune.DPHybrid(tiny_lora(), epsilon=3.0, dataset_size=400, batch_size=8, steps=3, fo_clip=0.0)

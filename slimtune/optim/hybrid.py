@@ -154,7 +154,8 @@ class DPHybrid(Hybrid):
 
         super().__init__(named_params, config, model, estimator)
         self.keyed_noise = estimator.keyed_noise
-        self.grad_sample_module = per_example_hooks(model)
+        with _frozen([p for _, p, _ in self.params]):  # hooks on the top's layers only: a low layer on the top's
+            self.grad_sample_module = per_example_hooks(model)  # backward path (a tied head) records nothing
         top_ids = {id(p) for _, p in self.top}
         self.top_modules = [m for m in model.modules()
                             if any(q is not None and id(q) in top_ids for q in m._parameters.values())]
