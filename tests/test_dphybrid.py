@@ -114,21 +114,22 @@ def test_settings_are_checked_before_any_work(tmp_path, demo_paths):
     assert cfg.optim.fo_clip == 0.5 and cfg.privacy.target_epsilon == 2
 
 
-def test_tied_embeddings_with_full_weights_train_and_the_top_sum_moves_by_at_most_s():
-    """--peft none on a model whose LM head shares the embedding (tiny-gpt2; so do Llama-3.2-1B and Qwen2-0.5B): the
-    tied weight is low (ZO), yet the head's layer sits on the backward path of the top, and Opacus' hook there (no
-    activations: its weight is frozen during that forward) failed every step. Removing one example (a hostile one,
-    loss x 1e4) moves the top's clipped sum by at most S and the ZO scalar's by at most C (no noise here)."""
+@pytest.mark.parametrize("kind,peft", [("tiny-gpt2", "none"), ("tiny-llama", "svfit"), ("tiny-llama", "adapter")])
+def test_removing_one_example_moves_the_top_sum_by_at_most_s_and_the_scalar_by_at_most_c(kind, peft):
+    """Add/remove-one sensitivity of both releases (no noise here), one hostile example (loss x 1e4) removed. --peft
+    none on a model whose LM head shares the embedding (tiny-gpt2; so do Llama-3.2-1B and Qwen2-0.5B): the tied
+    weight is low (ZO), yet the head's layer sits on the backward path of the top, and Opacus' hook there (no
+    activations: its weight is frozen during that forward) failed every step. SVFit and adapters: their own layers."""
     from slimtune.models.loading import tiny_model
     fo_clip, clip, expected = 1e-3, 1e-3, 4.0
     ids, scale = torch.randint(2, 100, (4, 6)), torch.tensor([1e4, 1.0, 1.0, 1.0])
 
     def released_sums(rows):
-        model = apply_peft(tiny_model("tiny-gpt2", 100, 0, 1, seed=0), PeftSettings("none")).eval()
+        model = apply_peft(tiny_model(kind, 100, 0, 1, seed=0), PeftSettings(peft, r=2)).eval()
         opt = build_optimizer("dphybrid", model, OptimizerArgs(lr=1e-3, eps=1e-2, fo_layers=1, fo_clip=fo_clip),
                               private=private(0.0, clip=clip, batch=expected))
         out = opt.step(lambda: losses_of(model, ids[rows], scale[rows]))
-        assert opt.params and any("wte" in n for n, _, _ in opt.params)  # the tied embedding / head is low
+        assert opt.params and (kind != "tiny-gpt2" or any("wte" in n for n, _, _ in opt.params))  # tied: low
         return (torch.cat([p.grad.double().flatten() for _, p in opt.top]) * expected,
                 out.info["projected_grad"] * expected)
 
