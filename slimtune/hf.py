@@ -26,7 +26,7 @@ weight decay is `TrainingArguments.weight_decay`; the seed of the perturbations 
 `TrainingArguments.seed`. Gradient accumulation, several processes, DeepSpeed and FSDP are refused (a ZO step uses
 one batch's losses; data-parallel ZO is `slimtune train` under torchrun).
 
-Private training (`optimizer="dpzero"`, `"dplozo"` or `"dphizoo"`): batches are Poisson samples drawn from a key that
+Private training (`optimizer="dpzero"`, `"dplozo"`, `"dphizoo"` or `"dphybrid"`): batches are Poisson samples drawn from a key that
 exists only in the optimizer's memory (each example joins each step with probability batch_size / N; batch sizes are
 random, possibly 0), the closure returns one loss per example (each example's mean token cross-entropy over its
 labels, `ZOTrainerMixin.per_example_losses`), and the noise is calibrated at the start of `train()` for its
@@ -56,7 +56,8 @@ class ZOArguments:
     the model's kind, or the method's own default). Names and rules as `slimtune train`'s flags and the
     `slimtune.MeZO` / `slimtune.DPZero` / ... keyword arguments."""
 
-    optimizer: str = "mezo"  # mezo, lozo, lozo-m, fzoo, hizoo, hizoo-l, sparse-mezo, hybrid, dpzero, dplozo, dphizoo
+    optimizer: str = "mezo"  # mezo, lozo, lozo-m, fzoo, hizoo, hizoo-l, sparse-mezo, hybrid; private: dpzero, dplozo,
+    #                         dphizoo, dphybrid
     lr: float | None = None
     eps: float | None = None
     n_spsa: int | None = None  # mezo, lozo, dpzero, dplozo: directions averaged per step
@@ -68,11 +69,11 @@ class ZOArguments:
     hessian_smooth: float | None = None  # hizoo, hizoo-l, dphizoo
     sparsity: float | None = None  # sparse-mezo
     mask_every: int | None = None  # sparse-mezo
-    fo_layers: int | None = None  # hybrid
-    fo_lr: float | None = None  # hybrid
+    fo_layers: int | None = None  # hybrid, dphybrid
+    fo_lr: float | None = None  # hybrid, dphybrid
     fo_clip: float | None = None  # dphybrid: per-example L2 clip of the top part's gradient
     seed: int | None = None  # None: TrainingArguments.seed
-    # private optimizers (dpzero, dplozo, dphizoo)
+    # private optimizers (dpzero, dplozo, dphizoo, dphybrid)
     epsilon: float | None = None  # the budget of the whole run (None: 6 unless noise_multiplier is given)
     delta: float | None = None  # None: 1e-5
     noise_multiplier: float | None = None

@@ -70,6 +70,7 @@ def test_one_examples_influence_on_the_top_update_is_clipped_and_nothing_is_reco
     top = [p for _, p in opt.top]
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in top)).item()
     assert 0 < norm <= 4 * fo_clip / 4.0 + 1e-9
+    assert all(getattr(p, "grad_sample", None) is None for p in top)  # not kept after the step (B x the top)
     low = [p for _, p, _ in opt.params]
     assert low and all(getattr(p, "grad_sample", None) is None and p.grad is None for p in low)
     assert all(p.requires_grad for p in model.parameters() if p in set(top) | set(low))
@@ -151,3 +152,25 @@ def test_fo_clip_reaches_the_optimizer_from_python_and_from_the_hf_trainer():
     assert built.impl.fo.max_grad_norm == 0.02
     with pytest.raises(SlimtuneError, match="fo.clip"):
         slimtune.DPHybrid(tiny_lora(), epsilon=3.0, dataset_size=400, batch_size=8, steps=3, fo_clip=0.0)
+
+
+def test_laplace_from_python_is_refused_before_loading_and_names_the_optimizer(tmp_path, demo_paths, monkeypatch):
+    """A TrainConfig with Laplace noise and dphybrid's two releases: refused before the model loads, and the
+    message names what releases two values (it used to blame an --n-spsa 2 the user never set)."""
+    import slimtune.train.trainer as trainer
+    monkeypatch.setattr(trainer, "_load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded first")))
+    spec = PrivacySpec(target_epsilon=4.0, delta=1e-3, mechanism="laplace", clipping="fixed")
+    with pytest.raises(SlimtuneError, match="dphybrid") as err:
+        prepare(config(tmp_path, demo_paths, privacy=spec))
+    assert "--n-spsa 2" not in str(err.value)
+
+
+def test_a_federated_dphybrid_client_takes_eps():
+    """The ZO part of a (dp)hybrid local optimizer perturbs with --eps: the federated settings accept it."""
+    from slimtune.settings.federate import FederateSettings
+    from slimtune.settings.base import spec_of
+    rule = spec_of(FederateSettings.__dataclass_fields__["eps"]).applies
+    from types import SimpleNamespace
+    assert rule is not None and rule.test(SimpleNamespace(local_optimizer="dphybrid", mode="lora"))
+    assert rule.test(SimpleNamespace(local_optimizer="hybrid", mode="lora"))
+    assert not rule.test(SimpleNamespace(local_optimizer="adamw", mode="lora"))

@@ -191,6 +191,8 @@ class DPHybrid(Hybrid):
 
     def _end_step(self) -> None:
         self.keyed_noise.end_step()
+        for _, p in self.top:  # the per-example gradients (B x the top) are not kept between steps
+            p.grad_sample = p.summed_grad = None
 
 
 @contextmanager

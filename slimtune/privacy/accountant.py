@@ -132,8 +132,9 @@ def check_releases(spec: PrivacySpec, releases: int) -> None:
     if releases < 1:
         raise SlimtuneError(f"--n-spsa must be >= 1, got {releases}")
     if releases > 1 and spec.mechanism == "laplace":
-        raise SlimtuneError(f"Laplace noise releases one scalar per step; --n-spsa {releases} would release "
-                            f"{releases} and cannot be accounted: use --mechanism gaussian or --n-spsa 1")
+        raise SlimtuneError(f"Laplace noise is accounted for one released value per step; this run releases "
+                            f"{releases} (--n-spsa, or an optimizer that releases several: dphizoo, dphybrid): use "
+                            "--mechanism gaussian")
 
 
 def effective_noise(noise: float, releases: int = 1, quantile_noise: float = 0.0) -> float:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from slimtune import SlimtuneError
 from slimtune.settings.base import Settings, condition, setting, when
-from slimtune.settings.train import OPTIMIZERS, PRIVATE, ZEROTH_ORDER
+from slimtune.settings.train import HYBRID, OPTIMIZERS, PRIVATE, ZEROTH_ORDER
 
 generation = when(task=("generation",))
 private_clients = when(local_optimizer=PRIVATE)
-zo_clients = condition(lambda s: s.local_optimizer in ZEROTH_ORDER or s.mode == "zo-seeds",
+zo_clients = condition(lambda s: s.local_optimizer in ZEROTH_ORDER + HYBRID or s.mode == "zo-seeds",
                        "zeroth-order clients (--local-optimizer mezo, ... or --mode zo-seeds)",
                        lambda s: f"--local-optimizer {s.local_optimizer}, --mode {s.mode}")
 client_dp = condition(lambda s: s.client_dp_clip > 0, "client-level DP (--client-dp-clip > 0)",

@@ -339,6 +339,8 @@ def validate(config: TrainConfig) -> None:
     check_base_quant(config.base_quant, config.peft.method)
     if config.privacy is not None:
         check_names(config.privacy)
+        from slimtune.privacy.accountant import check_releases
+        check_releases(config.privacy, releases_per_step(config))  # Laplace: one release a step (before loading)
     if config.k_shot and config.optimizer in PRIVATE_OPTIMIZERS:
         from slimtune.settings.train import K_SHOT_PRIVATE
         raise SlimtuneError(K_SHOT_PRIVATE)
