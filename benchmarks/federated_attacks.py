@@ -213,12 +213,18 @@ def hostile_table(results: dict | None) -> str:
             notes.append(f"{name} ends where it started ({r['initial_accuracy']:.3f} at round 0): that mode does not "
                          f"learn in {r['rounds']} rounds at its defaults, so its attack rows can show only that theta "
                          "stays finite and where it was, not that learning survives the attack.")
-    ran = {r["setup"]["attack"] for r in results.values() if r["setup"]["attack"]}
     from slimtune.federated.hostile import ATTACKS
-    if set(ATTACKS) - ran:
-        notes.append(f"Not run yet: {', '.join(a for a in ATTACKS if a not in ran)} "
-                     "(`python benchmarks/federated_attacks.py --hostile <attack> --hostile-clients 1 2`); "
-                     "each LoRA row is ~1 h of one core.")
+    ran = {(r["setup"]["attack"], r["setup"]["hostile_clients"], r["setup"].get("robust", "none"))
+           for r in results.values() if r["setup"]["attack"]}
+    for robust in sorted({r["setup"].get("robust", "none") for r in results.values()}):
+        clients = next(iter(results.values()))["setup"]["clients"]
+        missing = [f"{a}-{k}of{clients}{robust_suffix(robust)}" for k in sorted(HOSTILE_TARGET) for a in ATTACKS
+                   if (a, k, robust) not in ran]
+        if missing:
+            notes.append(f"Not run yet{'' if robust == 'none' else f' with --robust {robust}'}: {', '.join(missing)} "
+                         f"(`python benchmarks/federated_attacks.py --hostile <attack> --hostile-clients 1 2"
+                         f"{'' if robust == 'none' else f' --robust {robust}'}`); each LoRA row is ~1 h of one core, "
+                         "each zo-seeds row ~20 min.")
     return "\n".join(rows) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
