@@ -17,12 +17,15 @@ def thread_env(threads: int) -> dict:
 
 def train_run(run_dir: Path, data: Path, eval_data: Path, flags: list[str], threads: int) -> None:
     """`slimtune train --data data --eval-data eval_data --out run_dir --quiet *flags` (+ --resume when a checkpoint
-    is there); nothing if the run has finished."""
+    is there); nothing if the run has finished. A private run (--epsilon / --noise-multiplier) gets
+    --log-private-stats: the benchmarks train on public data and report step times and peak memory, which a private
+    run withholds by default."""
     if (run_dir / "summary.json").exists():
         return
     resume = ["--resume"] if (run_dir / "checkpoint").exists() else []
+    private = any(f in flags for f in ("--epsilon", "--noise-multiplier")) and "--log-private-stats" not in flags
     cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(data), "--eval-data", str(eval_data),
-           "--out", str(run_dir), "--quiet", *flags, *resume]
+           "--out", str(run_dir), "--quiet", *flags, *(["--log-private-stats"] if private else []), *resume]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=thread_env(threads))
 

@@ -61,11 +61,8 @@ RUNS = {
     "hizoo-l-full": (["--optimizer", "hizoo-l", "--peft", "none", "--steps", "2000"], 3),
     "sparse-mezo-full": (["--optimizer", "sparse-mezo", "--peft", "none", "--steps", "2000", "--perturbation", "pool"],
                          2),
-    # issue 36: the private version of the best method (the hybrid), epsilon 6, beside dpzero-lora-eps6 (defaults.py);
-    # --log-private-stats: a benchmark on public data measures its step times and memory (a private run's summary
-    # holds neither: they depend on the training rows)
-    "dphybrid-lora-eps6": (["--optimizer", "dphybrid", "--peft", "lora", "--steps", "2000", "--epsilon", "6",
-                            "--log-private-stats"], 2),
+    # issue 36: the private version of the best method (the hybrid), epsilon 6, beside dpzero-lora-eps6 (defaults.py)
+    "dphybrid-lora-eps6": (["--optimizer", "dphybrid", "--peft", "lora", "--steps", "2000", "--epsilon", "6"], 2),
     # issue 36, item 5: where MeZO + LoRA plateaus, at its defaults over 10,000 steps (the schedule decays over all of
     # them); resumable over several sessions
     "mezo-lora-10k": (["--optimizer", "mezo", "--peft", "lora", "--steps", "10000"], 2),

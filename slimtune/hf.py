@@ -304,15 +304,16 @@ class ZOTrainerMixin:
     # -- logs -------------------------------------------------------------------------------------------------------
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Training logs get the step's `projected_grad`; private runs add `epsilon`/`delta` and drop the training
-        loss (a function of the private batch); ZO runs drop `grad_norm` (there is no gradient)."""
+        loss and the training speed (train_runtime, samples / steps per second: functions of the private batches);
+        ZO runs drop `grad_norm` (there is no gradient)."""
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
         if isinstance(opt, ZerothOrderOptimizer) and not any(k.startswith("eval_") for k in logs):
             if self._zo_last.get("projected_grad") is not None:
                 logs["projected_grad"] = self._zo_last["projected_grad"]
             if opt.method != "hybrid":
                 logs.pop("grad_norm", None)
-            if opt.private:
-                for key in ("loss", "train_loss"):
+            if opt.private:  # the loss and the speed of training steps are measured on the private batches
+                for key in [k for k in logs if k in ("loss", "total_flos") or k.startswith("train_")]:
                     logs.pop(key, None)
                 logs.update(epsilon=opt.epsilon_spent, delta=opt.delta)
         super().log(logs, start_time)

@@ -309,3 +309,15 @@ def test_scale_targets_read_the_rows_scale_py_writes(monkeypatch):
     assert cells[3].startswith("met") and cells[4] == "not run yet", cells
     rows["c"]["predicted_mb"] = 20_000.0  # under 24 GB: the planner refusing it is not the target
     assert targets.scale_rows()[1][-1].startswith("**missed**")
+
+
+def test_benchmark_private_runs_log_their_private_stats_once(tmp_path, monkeypatch):
+    """A private run withholds its step times and memory; the benchmarks (public data) ask for them, once."""
+    import launch
+    calls = []
+    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    launch.train_run(tmp_path / "a", tmp_path / "t.tsv", tmp_path / "d.tsv", ["--optimizer", "dpzero", "--epsilon", "6"], 1)
+    launch.train_run(tmp_path / "b", tmp_path / "t.tsv", tmp_path / "d.tsv",
+                     ["--optimizer", "dpzero", "--epsilon", "6", "--log-private-stats"], 1)
+    launch.train_run(tmp_path / "c", tmp_path / "t.tsv", tmp_path / "d.tsv", ["--optimizer", "mezo"], 1)
+    assert [c.count("--log-private-stats") for c in calls] == [1, 1, 0]

@@ -162,6 +162,8 @@ def test_private_training_uses_poisson_batches_and_releases_no_loss(tmp_path):
     assert len(set(trainer.sizes)) > 2  # random batch sizes around 8 of 72
     logs = [r for r in trainer.state.log_history if "epsilon" in r]
     assert logs and all("loss" not in r and "train_loss" not in r for r in logs)
+    timing = [k for r in trainer.state.log_history for k in r if k.startswith("train_") and k != "train_loss"]
+    assert not timing, timing  # train_runtime, samples/s: measured on the private batches
     assert 0 < logs[-1]["epsilon"] <= 8.0 * 1.001
     with pytest.raises(SlimtuneError, match="cannot be resumed"):
         trainer.train(resume_from_checkpoint=str(tmp_path))

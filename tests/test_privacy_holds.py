@@ -97,7 +97,7 @@ def test_private_metrics_hold_only_released_values(tmp_path, demo_paths, optimiz
     assert len([r for r in lines if r["step"] > 0]) == 3
     for line in lines:
         assert set(line) <= allowed, set(line) - allowed
-    assert summary["private_stats_logged"] is False and summary["time_per_step_s"] > 0
+    assert summary["private_stats_logged"] is False and summary["time_per_step_s"] is None
 
 
 def test_private_stats_only_on_request_and_with_a_warning(tmp_path, demo_paths):
@@ -264,3 +264,23 @@ def test_cli_selects_the_pld_accountant(tmp_path, demo_paths):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accountant"] == "pld" and 0 < summary["epsilon"] <= 3.0 * 1.001
     assert json.loads((out / "config.json").read_text())["privacy"]["accountant"] == "pld"
+
+
+@pytest.mark.parametrize("optimizer", ["dpzero", "dp-adamw"])
+def test_a_private_run_releases_no_timing_or_memory_of_its_batches(tmp_path, demo_paths, optimizer, capsys):
+    """Step times and peak memory depend on which rows a batch holds (their lengths, the realised Poisson size): a
+    private run's summary and progress lines carried the mean step time, the peak memory and s/step / ETA. Without
+    --log-private-stats none of them leaves the process; with it, they are there (and a warning says so)."""
+    from slimtune.train.trainer import LineProgress, _progress
+    summary = train(prepare(config(tmp_path, demo_paths, optimizer=optimizer)))
+    assert summary["peak_mem_mb"] is None and summary["time_per_step_s"] is None
+    stored = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert stored["peak_mem_mb"] is None and stored["time_per_step_s"] is None
+    cfg = config(tmp_path, demo_paths, optimizer=optimizer, progress=True, steps=2)
+    line = LineProgress(cfg, 0, timing=False)
+    line.update(2, {"step": 2, "epsilon": 1.0})
+    out = capsys.readouterr().out
+    assert "s/step" not in out and "ETA" not in out and "step 2/2" in out
+    assert isinstance(_progress(cfg, 0), LineProgress) and not _progress(cfg, 0).timing  # not a terminal here
+    shown = train(prepare(config(tmp_path, demo_paths, name="stats", optimizer=optimizer, log_private_stats=True)))
+    assert shown["peak_mem_mb"] and shown["time_per_step_s"]

@@ -3,9 +3,9 @@
 Private runs (dpzero, dplozo, dp-sgd, dp-adamw) draw their noise and Poisson batches from the run's 256-bit key
 (privacy/secret.py, kept only in RUN/secret.key, mode 0600) and log only what is released or post-processed: the
 noisy scalar (`projected_grad`, ZO), epsilon/delta/noise multiplier, and evaluations on the eval data (which may not
-overlap the training data). The training loss, realised batch sizes, clipped fractions and per-step timing/memory
-are functions of the private batch and are logged only with `log_private_stats` (not covered by the guarantee; a
-warning says so). Nothing else depends on individual training rows: warnings raised while a private batch is
+overlap the training data). The training loss, realised batch sizes, clipped fractions and step times / peak memory
+(per step, the summary's mean and peak, the progress line's s/step and ETA) are functions of the private batch and
+are logged only with `log_private_stats` (not covered by the guarantee; a warning says so). Nothing else depends on individual training rows: warnings raised while a private batch is
 processed are suppressed, the memory check uses --max-length rather than the longest row, tiny test models do not
 fit their vocabulary to the training text, and errors during private steps name released values only.
 
@@ -112,7 +112,6 @@ class Run:
     best_step: int | None = None
     evals_without_improvement: int = 0
     lr_multiplier: object = None  # step -> factor on config.optim.lr
-    step_times: list = field(default_factory=list)  # private runs: kept in memory for the summary's mean only
     defaults_origin: dict = field(default_factory=dict)  # setting -> "default" (from optim/defaults.py) or "given"
     world: distributed.World = field(default_factory=distributed.World)  # torchrun data-parallel ZO: rank, size
 
@@ -591,7 +590,6 @@ def _step(run: Run, step: int) -> dict:
     if run.accountant:
         record.update(epsilon=run.accountant.epsilon(step + 1), delta=run.accountant.spec.delta,
                       noise_multiplier=run.accountant.noise)
-        run.step_times.append(elapsed)
         if not cfg.log_private_stats:
             record = {k: v for k, v in record.items() if k in RELEASED_KEYS}
     return record
@@ -685,12 +683,14 @@ def write_summary(run: Run, step: int, stop_reason: str) -> dict:
     evals = [r for r in records if r.get("eval_loss") is not None]
     final = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
     best = run.best_eval or {}
-    times = [r["step_time_s"] for r in records if r.get("step_time_s")] or run.step_times  # private: run-level mean
+    times = [r["step_time_s"] for r in records if r.get("step_time_s")]
+    withheld = run.accountant is not None and not cfg.log_private_stats  # measured on private batches: not released
     summary = {
         "method": cfg.optimizer, "peft": cfg.peft.method, "model": cfg.model, "task": cfg.task,
         **peft_summary(run.model),
-        "peak_mem_mb": max([r.get("peak_mem_mb") or 0 for r in records] + [peak_memory_mb(cfg.device)]),
-        "time_per_step_s": (sum(times) / len(times)) if times else None,
+        "peak_mem_mb": None if withheld else
+        max([r.get("peak_mem_mb") or 0 for r in records] + [peak_memory_mb(cfg.device)]),
+        "time_per_step_s": (sum(times) / len(times)) if times and not withheld else None,
         "steps": step, "stop_reason": stop_reason, "batch_size": cfg.batch_size,
         "train_examples": len(run.train_examples), "eval_examples": len(run.eval_examples),
         "final_accuracy": final.get("accuracy"), "best_accuracy": best.get("accuracy"), "best_step": run.best_step,
@@ -728,21 +728,25 @@ def _gather_bytes(run: Run, steps: int) -> int:
 
 
 def _progress(cfg: TrainConfig, start: int):
-    """A rich progress bar on a terminal; a plain line every ~5% of the run (and at evaluations) otherwise."""
+    """A rich progress bar on a terminal; a plain line every ~5% of the run (and at evaluations) otherwise. A private
+    run's show no time (elapsed, s/step, ETA): step times depend on the rows of each batch, unless
+    --log-private-stats."""
     if not cfg.progress:
         return None
+    timing = cfg.privacy is None or cfg.log_private_stats
     if sys.stdout.isatty():
-        return BarProgress(cfg, start)
-    return LineProgress(cfg, start)
+        return BarProgress(cfg, start, timing)
+    return LineProgress(cfg, start, timing)
 
 
 class BarProgress:
-    def __init__(self, cfg: TrainConfig, start: int):
+    def __init__(self, cfg: TrainConfig, start: int, timing: bool = True):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
-        self.cfg = cfg
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), transient=False)
+        self.cfg, self.timing = cfg, timing
+        clock = (TimeElapsedColumn(), TimeRemainingColumn()) if timing else ()
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *clock,
+                            transient=False)
         self.task = self.bar.add_task(f"{cfg.optimizer}+{cfg.peft.method}", total=cfg.steps, completed=start)
 
     def start(self):
@@ -758,8 +762,8 @@ class BarProgress:
 class LineProgress:
     """For logs and pipes: `step 40/200 | loss 0.512 | accuracy 0.780 | 1.95 s/step | ETA 5m12s`, flushed."""
 
-    def __init__(self, cfg: TrainConfig, start: int):
-        self.cfg, self.start_step, self.every = cfg, start, max(1, cfg.steps // 20)
+    def __init__(self, cfg: TrainConfig, start: int, timing: bool = True):
+        self.cfg, self.start_step, self.every, self.timing = cfg, start, max(1, cfg.steps // 20), timing
         self.started = time.perf_counter()
 
     def start(self):
@@ -769,10 +773,11 @@ class LineProgress:
     def update(self, step: int, record: dict):
         if step % self.every and step != self.cfg.steps and "eval_accuracy" not in record:
             return
-        rate = (time.perf_counter() - self.started) / max(step - self.start_step, 1)
-        eta = int(rate * (self.cfg.steps - step))
-        fields = [f"step {step}/{self.cfg.steps}", *_shown(record), f"{rate:.2f} s/step",
-                  f"ETA {eta // 60}m{eta % 60:02d}s"]
+        fields = [f"step {step}/{self.cfg.steps}", *_shown(record)]
+        if self.timing:
+            rate = (time.perf_counter() - self.started) / max(step - self.start_step, 1)
+            eta = int(rate * (self.cfg.steps - step))
+            fields += [f"{rate:.2f} s/step", f"ETA {eta // 60}m{eta % 60:02d}s"]
         print(" | ".join(fields), flush=True)
 
     def stop(self):
