@@ -193,3 +193,26 @@ def test_the_coordinate_wise_median_of_an_even_number_of_updates_is_unbiased(dem
     update = aggregate(theta, hostile, [0.25] * 4, cfg)
     for k in theta:  # the honest values of a coordinate lie in u +- 0.01; the hostile one is -50 u
         assert ((update[k] - u[k]).abs() <= 0.01 + 1e-6).all(), k
+
+
+def test_robust_direction_drops_a_reply_that_pushes_against_the_round(demo_paths):
+    """Sign flip within the norm bound (issue 35's attack that the mean and the median let through: the flipped
+    update is the round's largest aligned vector, and the server optimizer amplifies its consistent push):
+    --robust direction keeps the replies whose cosine with the round's coordinate-wise median is positive, so a
+    reply pointing against the others gets no weight, and honest replies keep their equal share."""
+    from dataclasses import replace
+    from slimtune.federated.bounds import aggregate
+    cfg = replace(make_cfg(demo_paths, bits=FP32), robust="direction")
+    theta = theta_like()
+    common = {k: 0.1 * v for k, v in theta_like(3).items()}
+    honest = [{k: v + 0.03 * n for (k, v), n in zip(common.items(), theta_like(20 + s).values())} for s in range(3)]
+    flipped = {k: -3 * v for k, v in honest[0].items()}
+    update = aggregate(theta, [*honest, flipped], [0.25] * 4, cfg)
+    mean_honest = {k: sum(d[k] for d in honest) / 3 for k in theta}
+    for k in theta:
+        assert torch.allclose(update[k], mean_honest[k], atol=1e-6), k
+    # two opposite replies: their median is 0, so neither agrees with the round and nothing moves
+    alone = aggregate(theta, [honest[0], {k: -v for k, v in honest[0].items()}], [0.5, 0.5], cfg)
+    assert all(float(v.abs().max()) == 0 for v in alone.values())
+    with pytest.raises(Exception, match="--robust"):
+        make_cfg(demo_paths, robust="direction", client_dp_clip=1.0).validate()

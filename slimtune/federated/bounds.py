@@ -12,8 +12,9 @@ A round's accepted replies become deltas Delta_k: a LoRA reply is its decoded up
                 replies are hostile, B_t is set by honest ones. The window W keeps a lone reply (everyone else
                 dropped out) from setting its own bound. Under client-level DP the bound is the fixed clip S instead
                 (the accounting needs a bound that does not depend on other clients' data);
-    aggregate   sum_k w_k Delta_k, or the coordinate-wise median of the Delta_k (--robust median); with client-level
-                DP the uniform mean plus N(0, (sigma S / K)^2) on the trained entries.
+    aggregate   sum_k w_k Delta_k; or the coordinate-wise median of the Delta_k (--robust median); or (--robust
+                direction) the weighted mean of the Delta_k with cos(Delta_k, median) > 0 only, weights renormalised;
+                with client-level DP the uniform mean plus N(0, (sigma S / K)^2) on the trained entries.
 
 The server optimizer then post-processes the aggregate (server_opt.py), and a step whose result is non-finite or
 outside fp16 range is not taken (strategy.py), so no accepted reply can lock out the rounds after it.
@@ -82,6 +83,20 @@ def coordinate_median(values: list[torch.Tensor]) -> torch.Tensor:
     return ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
 
 
+def agreeing(deltas: list[dict], theta: dict) -> list[bool]:
+    """Which replies point the way the round does: cos(Delta_k, m) > 0, with m the coordinate-wise median of the
+    round's (bounded) deltas. m is set by the honest majority, so a reply pushing against it (a sign flip, at any
+    norm the bound lets in) is dropped, while honest replies from different data, which share the task's direction,
+    are kept. m = 0 (no majority direction): none is kept."""
+    reference = {name: coordinate_median([d[name] for d in deltas]) for name in theta}
+    ref_norm = update_norm(reference)
+    keep = []
+    for d in deltas:
+        dot = sum((d[name].double() * reference[name].double()).sum() for name in theta).item()
+        keep.append(ref_norm > 0 and update_norm(d) > 0 and dot > 0)
+    return keep
+
+
 def client_weights(claims: list[float | None], weighting: str) -> list[float]:
     """Normalised weights: equal, or each claimed example count capped at the round's median claim."""
     if weighting == "equal" or not claims:
@@ -98,6 +113,12 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
     deltas = [{k: (v if is_trained(k, cfg) else torch.zeros_like(v)) for k, v in d.items()} for d in deltas]
     if cfg.robust == "median":
         return {name: coordinate_median([d[name] for d in deltas]) for name in theta}
+    if cfg.robust == "direction":
+        keep = agreeing(deltas, theta)
+        deltas, weights = [d for d, k in zip(deltas, keep) if k], [w for w, k in zip(weights, keep) if k]
+        if not deltas:
+            return {name: torch.zeros_like(value) for name, value in theta.items()}
+        weights = [w / sum(weights) for w in weights]
     private = cfg.client_dp_clip > 0
     if private:
         weights = [1.0 / len(deltas)] * len(deltas)

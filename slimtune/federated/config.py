@@ -13,6 +13,8 @@ from pathlib import Path
 from slimtune import SlimtuneError
 from slimtune.federated.wire import FP32
 
+ROBUST = ("none", "median", "direction", "clip")  # --robust choices (bounds.aggregate)
+
 log = logging.getLogger("slimtune.federated")
 SETTINGS_ENV = "SLIMTUNE_SERVER_SETTINGS"  # path of the server's settings file (TOML or JSON)
 SETTINGS_FILE = "slimtune-server.toml"  # its default place: $FLWR_HOME (the SuperLink's, default ~/.flwr)
@@ -62,8 +64,9 @@ class FederatedConfig:
     # round's (and the last rounds') replies (bounds.py); zo-seeds scalars likewise per seed
     weighting: str = "equal"  # server: equal (every accepted reply the same weight) or examples (claimed example
     # counts, each capped at the round's median claim); a claim never buys more than that
-    robust: str = "none"  # robust aggregation of the bounded updates: none (weighted mean), median (coordinate-wise);
-    # clip: kept for old configs, the same as none now that every update is clipped
+    robust: str = "none"  # robust aggregation of the bounded updates: none (weighted mean), median (coordinate-wise),
+    # direction (the mean of the replies agreeing with the round's median; bounds.py); clip: kept for old configs,
+    # the same as none now that every update is clipped
     seed: int = 0
     out_dir: str = "runs/federated"
     # fedavg, fedavgm, fedadam, fedyogi; None: the swept default for the local optimizer (server_opt.server_defaults),
@@ -132,8 +135,8 @@ class FederatedConfig:
         if self.client_dp_clip > 0 and self.mode == "zo-seeds":
             raise SlimtuneError("client-level DP clips and noises LoRA deltas; --mode zo-seeds replies are (seed, "
                                 "scalar) pairs that it does not cover: use --mode lora, or drop --client-dp-*")
-        if self.robust not in ("none", "median", "clip"):
-            raise SlimtuneError(f"--robust {self.robust!r}: choose none or median (clip: the same as none)")
+        if self.robust not in ROBUST:
+            raise SlimtuneError(f"--robust {self.robust!r}: choose none, median or direction (clip: the same as none)")
         if self.weighting not in ("equal", "examples"):
             raise SlimtuneError(f"--weighting {self.weighting!r}: choose equal or examples")
         if not self.norm_bound > 0 or self.max_update_norm < 0:
