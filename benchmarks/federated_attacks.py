@@ -262,9 +262,10 @@ def main() -> None:
                     "all, or some of size-lie norm-999 sign-flip inf-scalar")
     ap.add_argument("--hostile-clients", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--hostile-out", type=Path, default=HOSTILE_OUT)
-    ap.add_argument("--robust", default="none", choices=["none", "median", "direction"], help="hostile rows: the server's "
-                    "aggregation (median: coordinate-wise median; direction: the replies agreeing with the round's median; "
-                    "rows named '<row>-<robust>', compared with 'honest-<robust>')")
+    ap.add_argument("--robust", default="none", choices=["none", "median", "direction"],
+                    help="hostile rows: the server's aggregation (median: coordinate-wise median; direction: the "
+                    "replies agreeing with the round's median; rows named '<row>-<robust>', compared with "
+                    "'honest-<robust>')")
     args = ap.parse_args()
     OUT = args.out
     if not DATA.exists():
