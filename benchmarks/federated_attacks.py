@@ -164,6 +164,8 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
     out.mkdir(parents=True, exist_ok=True)
     path, results = out.with_suffix(".json"), {}
     for name, attack, k in hostile_grid(args.hostile, args.hostile_clients, args.clients, args.robust):
+        if attack is None and getattr(args, "skip_references", False):
+            continue  # another process runs the all-honest reference
         run_dir = out / name
         if not (run_dir / "summary.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -266,6 +268,8 @@ def main() -> None:
                     help="hostile rows: the server's aggregation (median: coordinate-wise median; direction: the "
                     "replies agreeing with the round's median; rows named '<row>-<robust>', compared with "
                     "'honest-<robust>')")
+    ap.add_argument("--skip-references", action="store_true", help="hostile rows: only the attack rows (run the "
+                    "all-honest reference in another process with --hostile-clients and no count)")
     args = ap.parse_args()
     OUT = args.out
     if not DATA.exists():

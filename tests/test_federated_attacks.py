@@ -192,6 +192,11 @@ def test_hostile_rows_run_every_attack_and_render_a_verdict(demo_paths, tmp_path
     assert results["sign-flip-1of4-median"]["setup"]["reference"] == "honest-median"
     assert results["sign-flip-1of4-median"]["robust"] == results["honest-median"]["robust"] == "median"
     assert results["honest"]["robust"] == "none"
+    # --skip-references: only the attack rows (the reference runs in another process)
+    args.robust, args.skip_references = "direction", True
+    results = bench.run_hostile(args, Path(demo_paths[0]), _dev_subset(demo_paths, tmp_path), model="tiny-llama",
+                                runner=in_process)
+    assert "sign-flip-1of4-direction" in results and "honest-direction" not in results
 
 
 @pytest.mark.slow
