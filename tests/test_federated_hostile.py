@@ -207,7 +207,9 @@ def test_robust_direction_drops_a_reply_that_pushes_against_the_round(demo_paths
     common = {k: 0.1 * v for k, v in theta_like(3).items()}
     honest = [{k: v + 0.03 * n for (k, v), n in zip(common.items(), theta_like(20 + s).values())} for s in range(3)]
     flipped = {k: -3 * v for k, v in honest[0].items()}
-    update = aggregate(theta, [*honest, flipped], [0.25] * 4, cfg)
+    info = {}
+    update = aggregate(theta, [*honest, flipped], [0.25] * 4, cfg, info=info)
+    assert info["agreeing"] == 3
     mean_honest = {k: sum(d[k] for d in honest) / 3 for k in theta}
     for k in theta:
         assert torch.allclose(update[k], mean_honest[k], atol=1e-6), k

@@ -106,7 +106,7 @@ def client_weights(claims: list[float | None], weighting: str) -> list[float]:
     return [c / sum(capped) for c in capped]
 
 
-def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=None) -> dict:
+def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=None, info: dict | None = None) -> dict:
     """The round's update from bounded deltas: weighted mean, coordinate-wise median, or (client-level DP) the
     uniform mean plus Gaussian noise on what is trained. Under FFA, A's (zero) deltas are dropped and A gets no
     noise: it is never released changed, so noising it would only damage the model."""
@@ -115,6 +115,8 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
         return {name: coordinate_median([d[name] for d in deltas]) for name in theta}
     if cfg.robust == "direction":
         keep = agreeing(deltas, theta)
+        if info is not None:
+            info["agreeing"] = sum(keep)  # replies kept by the direction filter (metrics.jsonl)
         deltas, weights = [d for d, k in zip(deltas, keep) if k], [w for w, k in zip(weights, keep) if k]
         if not deltas:
             return {name: torch.zeros_like(value) for name, value in theta.items()}

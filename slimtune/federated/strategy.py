@@ -141,7 +141,7 @@ class FedLPP(FedAvg):
         else:
             deltas, cap = self.bound.bound_deltas(deltas)
         weights = client_weights([a["claimed"] for a in accepted], self.cfg.weighting)
-        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise)
+        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info)
         if info is not None:
             info["update_bound"] = cap
         return self.server_step(update)
