@@ -284,3 +284,84 @@ def test_a_private_run_releases_no_timing_or_memory_of_its_batches(tmp_path, dem
     assert isinstance(_progress(cfg, 0), LineProgress) and not _progress(cfg, 0).timing  # not a terminal here
     shown = train(prepare(config(tmp_path, demo_paths, name="stats", optimizer=optimizer, log_private_stats=True)))
     assert shown["peak_mem_mb"] and shown["time_per_step_s"]
+
+
+# -- 4. federated private clients and servers: nothing measured on private batches leaves them ----------------------
+def _generation_cfg(demo_paths, **kw):
+    from slimtune.federated.config import FederatedConfig
+    demo = Path(demo_paths[0]).parent
+    return FederatedConfig(**{"data": str(demo / "e2e_demo_train.csv"), "eval_data": str(demo / "e2e_demo_dev.csv"),
+                              "task": "generation", "input_column": "mr", "target_column": "ref", "max_length": 24,
+                              "num_clients": 2, "local_steps": 2, "lr": 1e-2, "server_optimizer": "fedavg",
+                              "bits": 8, "batch_size": 8, **kw})
+
+
+def _client_payload(cfg):
+    from slimtune.federated.model import build_model, lora_state
+    from slimtune.federated.wire import encode_state
+    return encode_state(lora_state(build_model(cfg)[0]), cfg.bits, cfg.block_size)[0]
+
+
+def test_a_private_federated_client_warns_nothing_about_its_batches(demo_paths):
+    """A private client (local DP) warned per Poisson batch '7 of 7 targets in a batch were truncated': the realised
+    batch size and how many of its rows are long, on the node's log and (simulation: Ray forwards worker output) the
+    server's console. A non-private client still warns."""
+    import warnings
+    from slimtune.federated.client_app import local_train
+
+    said = {}
+    for optimizer in ("dpzero", "mezo"):
+        cfg = _generation_cfg(demo_paths, local_optimizer=optimizer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            local_train(cfg, 0, _client_payload(cfg), 1)
+        said[optimizer] = [str(w.message) for w in caught if "in a batch" in str(w.message)]
+    assert said["mezo"], "the data must truncate for this test to mean anything"
+    assert not said["dpzero"], said["dpzero"]
+
+
+def test_a_failing_private_federated_client_step_names_no_row(demo_paths, monkeypatch):
+    """Flower sends a ClientApp's exception text to the server (Error.reason, logged by the strategy); a private
+    client's failing step sent whatever the failure said about its batch. It now says only that a private step
+    failed (as `slimtune train` does)."""
+    from slimtune.federated.client_app import _setup, local_train
+    from test_federated import make_cfg
+
+    cfg = make_cfg(demo_paths, bits=8, local_optimizer="dpzero")
+    objective = _setup(cfg.to_json(), cfg.num_clients)[4]
+
+    def failing(model, batch):
+        raise ValueError(f"row 'SECRET TRAINING TEXT' of a batch of {len(batch)} overflowed")
+
+    monkeypatch.setattr(objective, "losses", failing)
+    with pytest.raises(Exception) as raised:
+        local_train(cfg, 0, _client_payload(cfg), 1)
+    assert "SECRET" not in str(raised.value) and "batch of" not in str(raised.value), raised.value
+    assert "private" in str(raised.value)
+    public = make_cfg(demo_paths, bits=8, local_optimizer="mezo")  # a non-private client keeps its details
+    monkeypatch.setattr(_setup(public.to_json(), public.num_clients)[4], "losses", failing)
+    with pytest.raises(ValueError, match="SECRET"):
+        local_train(public, 0, _client_payload(public), 1)
+
+
+@pytest.mark.parametrize("private", [dict(local_optimizer="dpzero"), dict(client_dp_clip=1.0, client_dp_noise=1.0)],
+                         ids=["local-dp", "client-dp"])
+def test_a_private_federated_run_writes_no_round_times_memory_or_client_losses(demo_paths, tmp_path, private,
+                                                                               monkeypatch):
+    """The server's metrics.jsonl had each round's elapsed_s and peak memory and summary.json time_per_step_s: with
+    private clients a round lasts as long as its slowest client's private batches take. Under client-level DP the
+    un-noised mean training loss of the clients was logged per round (only the noised aggregate is released)."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_federated import InProcessGrid, make_cfg
+    from slimtune.federated.server_app import run_server
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):  # what Flower's runtime sets
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+    cfg = make_cfg(demo_paths, bits=8, rounds=1, out_dir=str(tmp_path / "run"), eval_max=10, **private)
+    summary = run_server(InProcessGrid(3), cfg)
+    rounds = metrics(tmp_path / "run")
+    assert summary["accepted_updates"] == 3
+    leaked = {k for r in rounds for k in r if k in ("elapsed_s", "peak_mem_mb", "train_loss")}
+    assert not leaked, leaked
+    assert summary["time_per_step_s"] is None and summary["peak_mem_mb"] is None

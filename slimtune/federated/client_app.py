@@ -6,17 +6,21 @@ What a client releases per round: its update (a delta, or (seed, scalar) pairs) 
     far, computed here from its own data size rounded down to a power of two (a valid upper bound, since fewer
     examples mean a larger sampling rate; the exact count and the loss, both functions of every example, are not
     sent). Its noise and Poisson batches come from a fresh in-memory key each round (OS entropy), never the seed.
+    Nothing else about its batches leaves the node: warnings raised during its steps are dropped and a failing step
+    is reported without its details (Flower sends an exception's text to the server).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+import warnings
 from functools import lru_cache
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from slimtune import SlimtuneError
 from slimtune.data import EpochSampler, PoissonSampler
 from slimtune.federated.config import FederatedConfig
 from slimtune.federated.model import build_model, load_lora_state, lora_state, uploaded
@@ -76,7 +80,10 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
                    cfg.batch_size, None)
     optimizer = build_optimizer(optimizer_name, model, OptimizerArgs(lr=cfg.lr, eps=cfg.eps, seed=seed), private)
     try:
-        losses, seeds, grads = _run_steps(cfg, model, objective, optimizer, examples, seed, private is not None)
+        if private is None:
+            losses, seeds, grads = _run_steps(cfg, model, objective, optimizer, examples, seed, False)
+        else:
+            losses, seeds, grads = _run_private_steps(cfg, model, objective, optimizer, examples, seed)
     finally:
         release_hooks(optimizer)
     if private is not None:
@@ -89,6 +96,22 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
     arrays, _ = encode_state({k: trained[k] - start[k] for k in uploaded(shapes, cfg)}, cfg.upload_bits,
                              cfg.block_size)
     return arrays, metrics
+
+
+def _run_private_steps(cfg, model, objective, optimizer, examples, seed):
+    """The local steps of a private client, saying nothing about its batches (as `slimtune train` does): no warning
+    raised while they run (generation's truncation notice counted the rows of each Poisson batch), and a failure
+    reported without its details, which Flower would send to the server as the error's reason."""
+    objective.warn_per_batch = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _run_steps(cfg, model, objective, optimizer, examples, seed, True)
+    except SlimtuneError:
+        raise
+    except Exception:
+        raise SlimtuneError(f"a private local step ({cfg.local_optimizer}) failed; its details are withheld (they may "
+                            "depend on individual training rows): reproduce it on public data") from None
 
 
 def _run_steps(cfg, model, objective, optimizer, examples, seed, private):

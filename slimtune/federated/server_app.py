@@ -52,6 +52,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     history = BroadcastHistory(cfg.attack_window) if cfg.attack_coalition else None
     log, started = MetricsLog(out / "metrics.jsonl"), time.perf_counter()
     accountant = _client_dp_accountant(cfg)
+    withheld = private_clients(cfg)  # round times and memory: functions of the clients' private data
 
     def score(state) -> float | None:
         """Accuracy (classification) or completion loss (generation) of a LoRA state on the eval data."""
@@ -67,7 +68,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         if scored:
             record.update({f"server_{metric}": score(strategy.server_model()),
                            f"client_visible_{metric}": score(received)})
-        record.update(elapsed_s=time.perf_counter() - started, peak_mem_mb=peak_memory_mb("cpu"))
+        if not withheld:
+            record.update(elapsed_s=time.perf_counter() - started, peak_mem_mb=peak_memory_mb("cpu"))
         if scored:
             if cfg.server_average:  # the iterate clients train from, next to the average the server keeps
                 record[f"iterate_{metric}"] = score(strategy.theta)
@@ -85,7 +87,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    evaluate_fn=evaluate_fn)
     if not sum(r.get("replies", 0) for r in strategy.round_log.values()):
-        _write_summary(cfg, out, model, accountant, time.perf_counter() - started, nodes=len(strategy.nodes_replied))
+        _write_summary(cfg, out, model, accountant, None if withheld else time.perf_counter() - started,
+                       nodes=len(strategy.nodes_replied))
         raise SlimtuneError(f"federated run trained nothing: no client update was accepted in any round (see the "
                             f"client errors in the log); no adapter was saved (summary in {out})")
     load_lora_state(model, strategy.server_model())
@@ -95,7 +98,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         scratch = lora_state(build_model(cfg)[0])  # a fresh LoRA the coalition can build from the public settings
         attacks = attack_report(score, metric == "accuracy", strategy.server_model(), history, model, objective,
                                 coalition_data(cfg, train), cfg, scratch)
-    return _write_summary(cfg, out, model, accountant, time.perf_counter() - started, attacks,
+    return _write_summary(cfg, out, model, accountant, None if withheld else time.perf_counter() - started, attacks,
                           nodes=len(strategy.nodes_replied))
 
 
@@ -114,6 +117,14 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -
         time.sleep(poll)
 
 
+def private_clients(cfg: FederatedConfig) -> bool:
+    """Whether the run protects the clients' data (local DP optimizers, or client-level DP): then the server writes
+    no round times or memory (a round lasts as long as its slowest client's private batches take) and no client
+    training loss, only what the DP releases and evaluations on its own data."""
+    from slimtune.federated.client_app import is_private
+    return is_private(cfg) or _client_dp_accountant(cfg) is not None
+
+
 def _client_dp_accountant(cfg: FederatedConfig):
     if not (cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0):
         return None
@@ -122,7 +133,8 @@ def _client_dp_accountant(cfg: FederatedConfig):
     return PrivacyAccountant(spec, cfg.num_clients, cfg.num_clients, cfg.client_dp_noise)  # all clients every round
 
 
-def _write_summary(cfg, out, model, accountant, seconds, attacks=None, nodes=None) -> dict:
+def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=None, nodes=None) -> dict:
+    """summary.json; `seconds` None: the run's time is withheld (private_clients), and so is its peak memory."""
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     trained = sum(r.get("replies", 0) for r in rounds)
     reported = [r["local_epsilon"] for r in rounds if r.get("local_epsilon") is not None]  # each client's own
@@ -131,8 +143,9 @@ def _write_summary(cfg, out, model, accountant, seconds, attacks=None, nodes=Non
     last = rounds[-1]
     bytes_total = sum(r.get("bytes_down_total", 0) + r.get("bytes_up_total", 0) for r in rounds)  # serialised, as sent
     summary = {"method": f"fedlpp-{cfg.mode}", "peft": f"lora ({'fp32' if cfg.bits == FP32 else f'{cfg.bits}-bit'})",
-               "name": Path(cfg.out_dir).name, **peft_summary(model), "peak_mem_mb": max(r["peak_mem_mb"] for r in rounds),
-               "time_per_step_s": seconds / max(cfg.rounds, 1), "steps": cfg.rounds, "rounds": cfg.rounds,
+               "name": Path(cfg.out_dir).name, **peft_summary(model),
+               "peak_mem_mb": max((r["peak_mem_mb"] for r in rounds if "peak_mem_mb" in r), default=None),
+               "time_per_step_s": None if seconds is None else seconds / max(cfg.rounds, 1), "steps": cfg.rounds, "rounds": cfg.rounds,
                "clients": cfg.num_clients, "nodes_replied": nodes, "bits": cfg.bits, "aggregation": cfg.aggregation,
                "weighting": cfg.weighting, "norm_bound": cfg.norm_bound, "robust": cfg.robust,
                "server_optimizer": cfg.server_optimizer, "server_lr": cfg.server_lr,
