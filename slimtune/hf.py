@@ -30,8 +30,8 @@ Private training (`optimizer="dpzero"`, `"dplozo"`, `"dphizoo"` or `"dphybrid"`)
 exists only in the optimizer's memory (each example joins each step with probability batch_size / N; batch sizes are
 random, possibly 0), the closure returns one loss per example (each example's mean token cross-entropy over its
 labels, `ZOTrainerMixin.per_example_losses`), and the noise is calibrated at the start of `train()` for its
-`max_steps`. The training loss of private batches is not released: it is left out of the logs (which carry
-`epsilon` and the noisy `projected_grad` instead). Resuming a private run from a checkpoint is refused (the key
+`max_steps`. The training loss and speed of private batches are not released: they are left out of the logs (which
+carry `epsilon` and the noisy `projected_grad` instead), and the progress bar counts steps without a clock. Resuming a private run from a checkpoint is refused (the key
 is not saved anywhere, so its noise and batches cannot be continued); run `slimtune train` for resumable private runs.
 """
 
@@ -43,6 +43,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 
 from slimtune import SlimtuneError
 from slimtune.optimizers import OPTIMIZERS, PrivateOptimizer, ZerothOrderOptimizer, peft_kind
@@ -138,6 +139,8 @@ class ZOTrainerMixin:
             raise SlimtuneError(f"zo_args must be a slimtune.hf.ZOArguments, got {type(self.zo_args).__name__}")
         self._zo_last: dict = {}
         self._check_zo_setup()
+        if self.zo_args.private:
+            self._progress_without_clock()
 
     # -- settings ---------------------------------------------------------------------------------------------------
     def _check_zo_setup(self) -> None:
@@ -179,6 +182,16 @@ class ZOTrainerMixin:
         if shared is None:
             raise SlimtuneError("eval_dataset cannot be compared with train_dataset row by row (not indexable): a "
                                 "private run evaluates only on data shown to be held out; give a map-style dataset")
+
+    def _progress_without_clock(self) -> None:
+        """A private run's progress bar counts steps only: transformers' bar (tqdm, or the notebook's) shows elapsed
+        time, ETA and it/s, which depend on the rows and realised sizes of the Poisson batches."""
+        handler = self.callback_handler
+        bars = [cb for cb in handler.callbacks if type(cb).__name__ in ("ProgressCallback", "NotebookProgressCallback")]
+        for cb in bars:
+            handler.remove_callback(cb)
+        if bars:
+            self.add_callback(StepCountProgress())
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
         """Trainer.evaluate; a private run checks a dataset given here as the constructor's (a name selects one of
@@ -342,6 +355,18 @@ def _row_key(row) -> str:
 class ZOTrainer(ZOTrainerMixin, Trainer):
     """`transformers.Trainer` with a slimtune zeroth-order optimizer (see the module's description and
     `ZOArguments`)."""
+
+
+class StepCountProgress(ProgressCallback):
+    """transformers' training progress bar without its clock: `40%|████      | 8/20`, no elapsed time, ETA or it/s
+    (a private run's step times are functions of its batches). Evaluation bars are transformers' own."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True,
+                                     bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}")
+        self.current_step = 0
 
 
 class PoissonBatches:

@@ -294,6 +294,11 @@ class PrivateOptimizer(ZerothOrderOptimizer):
     epsilon after the steps taken. The state_dict holds public values only (step count, the clip), never the key: a
     restored optimizer continues with a fresh key (fresh noise and batches). An empty batch is a valid Poisson draw:
     the closure then returns `torch.zeros(0)` and the step releases noise alone, as the accounted mechanism requires.
+
+    What `step()` returns is for your own loop, and only part of it is released: `info`'s `projected_grad`, `clip`
+    (DP-HiZOO: also `curvature`, `curvature_clip`) and `epsilon_spent` are; `loss` and the rest of `info` (clipped
+    fractions, `batch_size`: the realised Poisson size) are measured on the private batch, so printing or storing
+    them (or the step's time or memory) is outside the (epsilon, delta) guarantee.
     """
 
     private = True

@@ -178,6 +178,26 @@ def test_private_training_handles_an_empty_poisson_batch(tmp_path):
     assert 0 in trainer.sizes and trainer.zo_optimizer().steps_taken == 20
 
 
+@pytest.mark.parametrize("optimizer", ["dpzero", "mezo"])
+def test_a_private_progress_bar_shows_no_speed_or_time(tmp_path, capsys, optimizer):
+    """transformers' tqdm bar (on by default) showed a private run's it/s, elapsed time and ETA: functions of the
+    Poisson batches' sizes and rows, which `slimtune train` withholds. A private trainer's bar counts steps only."""
+    tok = tokenizer()
+    zo = ZOArguments(optimizer=optimizer, lr=1e-2, eps=1e-2,
+                     **(dict(epsilon=8.0, delta=1e-3) if optimizer == "dpzero" else {}))
+    trainer = trainer_for(tmp_path, model_for(tok, "lora"), tok, zo, max_steps=4, logging_steps=2,
+                          disable_tqdm=False)
+    capsys.readouterr()  # the datasets' own bars (map)
+    trainer.train()
+    bar = capsys.readouterr().err
+    assert "4/4" in bar
+    timing = [mark for mark in ("it/s", "s/it", "<") if mark in bar]
+    if optimizer == "mezo":
+        assert timing, bar  # a public run keeps transformers' bar
+    else:
+        assert not timing, bar
+
+
 def test_per_example_losses_average_to_the_models_loss():
     tok = tokenizer()
     model = model_for(tok).eval()
