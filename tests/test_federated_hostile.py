@@ -199,7 +199,8 @@ def test_robust_direction_drops_a_reply_that_pushes_against_the_round(demo_paths
     """Sign flip within the norm bound (issue 35's attack that the mean and the median let through: the flipped
     update is the round's largest aligned vector, and the server optimizer amplifies its consistent push):
     --robust direction keeps the replies whose cosine with the round's coordinate-wise median is positive, so a
-    reply pointing against the others gets no weight, and honest replies keep their equal share."""
+    reply pointing against the others gets no weight, and honest replies keep their equal share (1/4 each: the
+    dropped reply's weight goes to nobody)."""
     from dataclasses import replace
     from slimtune.federated.bounds import aggregate
     cfg = replace(make_cfg(demo_paths, bits=FP32), robust="direction")
@@ -210,11 +211,32 @@ def test_robust_direction_drops_a_reply_that_pushes_against_the_round(demo_paths
     info = {}
     update = aggregate(theta, [*honest, flipped], [0.25] * 4, cfg, info=info)
     assert info["agreeing"] == 3
-    mean_honest = {k: sum(d[k] for d in honest) / 3 for k in theta}
+    honest_shares = {k: sum(d[k] for d in honest) / 4 for k in theta}
     for k in theta:
-        assert torch.allclose(update[k], mean_honest[k], atol=1e-6), k
+        assert torch.allclose(update[k], honest_shares[k], atol=1e-6), k
     # two opposite replies: their median is 0, so neither agrees with the round and nothing moves
     alone = aggregate(theta, [honest[0], {k: -v for k, v in honest[0].items()}], [0.5, 0.5], cfg)
     assert all(float(v.abs().max()) == 0 for v in alone.values())
     with pytest.raises(Exception, match="--robust"):
         make_cfg(demo_paths, robust="direction", client_dp_clip=1.0).validate()
+
+
+def test_robust_direction_never_gives_a_reply_more_weight_than_the_mean(demo_paths):
+    """The replies it drops used to hand their weight to the kept ones (renormalised), so a coalition that gets honest
+    replies dropped gained weight: 2 colluding replies in a round of 4 (2 of 8 clients with --clients-per-round 4:
+    21% of rounds; or honest clients that time out) made the median, dropped both honest replies and moved theta by
+    their own mean alone (100% of the update, against 50% under --robust none). A dropped reply's weight now goes to
+    nobody: no reply weighs more than it would in the plain mean."""
+    from dataclasses import replace
+    from slimtune.federated.bounds import aggregate
+    cfg = replace(make_cfg(demo_paths, bits=FP32), robust="direction")
+    theta = theta_like()
+    common = {k: 0.1 * v for k, v in theta_like(3).items()}
+    honest = [{k: v + 0.03 * n for (k, v), n in zip(common.items(), theta_like(20 + s).values())} for s in range(2)]
+    hostile = [{k: -v + 0.01 * n for (k, v), n in zip(common.items(), theta_like(40 + s).values())} for s in range(2)]
+    info = {}
+    update = aggregate(theta, [*honest, *hostile], [0.25] * 4, cfg, info=info)
+    push = {k: sum(d[k] for d in hostile) for k in theta}  # what the coalition sends, summed
+    share = sum((update[k] * push[k]).sum() for k in theta) / sum((push[k] ** 2).sum() for k in theta)
+    assert info["agreeing"] == 2  # they set the median: both honest replies disagree with it
+    assert share <= 0.25 + 1e-6, float(share)  # each hostile reply at most its own 1/4 (it was 1/2 each)

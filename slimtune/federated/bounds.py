@@ -13,8 +13,10 @@ A round's accepted replies become deltas Delta_k: a LoRA reply is its decoded up
                 dropped out) from setting its own bound. Under client-level DP the bound is the fixed clip S instead
                 (the accounting needs a bound that does not depend on other clients' data);
     aggregate   sum_k w_k Delta_k; or the coordinate-wise median of the Delta_k (--robust median); or (--robust
-                direction) the weighted mean of the Delta_k with cos(Delta_k, median) > 0 only, weights renormalised;
-                with client-level DP the uniform mean plus N(0, (sigma S / K)^2) on the trained entries.
+                direction) sum_k w_k Delta_k over the Delta_k with cos(Delta_k, median) > 0 only: a dropped reply's
+                weight is not handed to the others, so no reply weighs more than in the mean (a coalition that makes
+                the median and gets honest replies dropped gains nothing); with client-level DP the uniform mean plus
+                N(0, (sigma S / K)^2) on the trained entries.
 
 The server optimizer then post-processes the aggregate (server_opt.py), and a step whose result is non-finite or
 outside fp16 range is not taken (strategy.py), so no accepted reply can lock out the rounds after it.
@@ -87,7 +89,12 @@ def agreeing(deltas: list[dict], theta: dict) -> list[bool]:
     """Which replies point the way the round does: cos(Delta_k, m) > 0, with m the coordinate-wise median of the
     round's (bounded) deltas. m is set by the honest majority, so a reply pushing against it (a sign flip, at any
     norm the bound lets in) is dropped, while honest replies from different data, which share the task's direction,
-    are kept. m = 0 (no majority direction): none is kept."""
+    are kept. m = 0 (no majority direction): none is kept. It tells a push against the round only when the honest
+    replies share a direction: with K = 4 (8), synthetic replies of pairwise cosine rho, a sign-flipped reply is
+    dropped always at rho >= 0.3 (0.2) and never at rho <= 0.1 (0.05); zeroth-order local training's replies (MeZO,
+    zo-seeds: rho ~ 0.01) do not share one, and a flipped reply is kept there. One reply of 4 cannot make the median
+    disagree with every honest one (the best such reply, a linear programme over the range it controls, leaves each
+    honest cosine >= 0.3 even for orthogonal honest replies); it can get one weakly aligned honest reply dropped."""
     reference = {name: coordinate_median([d[name] for d in deltas]) for name in theta}
     ref_norm = update_norm(reference)
     keep = []
@@ -117,10 +124,11 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
         keep = agreeing(deltas, theta)
         if info is not None:
             info["agreeing"] = sum(keep)  # replies kept by the direction filter (metrics.jsonl)
+        # kept replies keep their weights; a dropped reply's weight goes to nobody (renormalising handed it to the
+        # kept ones, so a coalition that got honest replies dropped gained weight)
         deltas, weights = [d for d, k in zip(deltas, keep) if k], [w for w, k in zip(weights, keep) if k]
         if not deltas:
             return {name: torch.zeros_like(value) for name, value in theta.items()}
-        weights = [w / sum(weights) for w in weights]
     private = cfg.client_dp_clip > 0
     if private:
         weights = [1.0 / len(deltas)] * len(deltas)
