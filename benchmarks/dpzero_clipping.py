@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch import private_stats
+
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 OUT = ROOT / "benchmarks" / "results" / "dpzero_clipping"
@@ -70,7 +72,8 @@ def main() -> None:
         if not (run_dir / "summary.json").exists():
             cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(train), "--eval-data", str(evaluation),
                    "--out", str(run_dir), "--model", "smollm2", "--steps", str(args.steps), "--batch-size", "16",
-                   "--eval-every", str(args.steps // 5), "--seed", "0", "--quiet", *RUNS[name]]
+                   "--eval-every", str(args.steps // 5), "--seed", "0", "--quiet", *RUNS[name],
+                   *private_stats(RUNS[name])]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
         summary = json.loads((run_dir / "summary.json").read_text())

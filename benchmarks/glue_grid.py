@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch import private_stats
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -56,7 +58,8 @@ def main() -> None:
         at = grid.index("--steps") + 1
         grid[at] = steps = str(int(int(grid[at]) * scale))
         cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(DATA / "train.tsv"), "--eval-data",
-               str(DATA / "dev.tsv"), "--out", f"{args.out}/{name}", "--eval-every", str(int(steps) // 5), *common, *grid]
+               str(DATA / "dev.tsv"), "--out", f"{args.out}/{name}", "--eval-every", str(int(steps) // 5), *common, *grid,
+               *private_stats(grid)]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     runs = [f"{args.out}/{n}" for n in GRID if (Path(args.out) / n / "summary.json").exists()]

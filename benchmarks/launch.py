@@ -15,17 +15,22 @@ def thread_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
+def private_stats(flags: list[str]) -> list[str]:
+    """["--log-private-stats"] for a private run (its --optimizer is a DP one) that does not ask already: the benchmarks
+    train on public data and report step times and peak memory, which a private run withholds by default."""
+    from slimtune.optim.methods import PRIVATE
+    optimizer = flags[flags.index("--optimizer") + 1] if "--optimizer" in flags else None
+    return ["--log-private-stats"] if optimizer in PRIVATE and "--log-private-stats" not in flags else []
+
+
 def train_run(run_dir: Path, data: Path, eval_data: Path, flags: list[str], threads: int) -> None:
     """`slimtune train --data data --eval-data eval_data --out run_dir --quiet *flags` (+ --resume when a checkpoint
-    is there); nothing if the run has finished. A private run (--epsilon / --noise-multiplier) gets
-    --log-private-stats: the benchmarks train on public data and report step times and peak memory, which a private
-    run withholds by default."""
+    is there); nothing if the run has finished. A private run gets --log-private-stats (`private_stats`)."""
     if (run_dir / "summary.json").exists():
         return
     resume = ["--resume"] if (run_dir / "checkpoint").exists() else []
-    private = any(f in flags for f in ("--epsilon", "--noise-multiplier")) and "--log-private-stats" not in flags
     cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(data), "--eval-data", str(eval_data),
-           "--out", str(run_dir), "--quiet", *flags, *(["--log-private-stats"] if private else []), *resume]
+           "--out", str(run_dir), "--quiet", *flags, *private_stats(flags), *resume]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=thread_env(threads))
 

@@ -43,8 +43,8 @@ def grid_table(task: str, names: list[str], target: float) -> str:
     for run in load_runs(finished):
         s, m = run.summary, run.metrics
         zero = next((x["eval_accuracy"] for x in m if x.get("step") == 0 and "eval_accuracy" in x), zero)
-        rows.append(f"| {run.name} | {s['method']} | {s['peft']} | {s['trainable_params']:,} | {s['peak_mem_mb']:,.0f} | "
-                    f"{s['time_per_step_s']:.2f} | {s['steps']} | {fmt(s['final_accuracy'])} | "
+        rows.append(f"| {run.name} | {s['method']} | {s['peft']} | {s['trainable_params']:,} | {fmt(s['peak_mem_mb'], ',.0f')} | "
+                    f"{fmt(s['time_per_step_s'], '.2f')} | {s['steps']} | {fmt(s['final_accuracy'])} | "
                     f"{fmt(s['best_accuracy'])} | {time_to(m, target, s.get('time_per_step_s'))} | {fmt(s['epsilon'], '.2f')} |")
     return "\n".join(rows) + (f"\n\nZero-shot dev accuracy (step 0): {zero:.3f}." if zero is not None else "")
 

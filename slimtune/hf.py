@@ -233,7 +233,8 @@ class ZOTrainerMixin:
         model.eval()
         inputs = self._prepare_inputs(inputs) if EMPTY_BATCH not in inputs else inputs
         with self._metrics_count_as_training():
-            out = opt.step(self._zo_closure(model, inputs, opt.private))
+            out = self._private_step(opt, model, inputs) if opt.private else opt.step(self._zo_closure(model, inputs,
+                                                                                                         False))
         model.train()  # between steps the model is in training mode, as transformers' own training_step leaves it
         if not opt.private:
             self._count_trl_tokens(inputs)
@@ -241,6 +242,21 @@ class ZOTrainerMixin:
         self._zo_last = {"projected_grad": out.info.get("projected_grad")}
         loss = float("nan") if opt.private else out.loss
         return torch.tensor(loss, device=self.args.device)
+
+    def _private_step(self, opt, model, inputs):
+        """A private step raises no warning and, when it fails, no detail of the batch (as `slimtune train`): an
+        exception's text or a warning may hold training rows, their lengths or the realised batch size."""
+        import warnings
+        step = opt.steps_taken + 1
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return opt.step(self._zo_closure(model, inputs, True))
+        except SlimtuneError:  # slimtune's own errors name settings and released values only
+            raise
+        except Exception:
+            raise SlimtuneError(f"a private training step failed at step {step}; its details are withheld (they may "
+                                "depend on individual training rows)") from None
 
     def _zo_closure(self, model, inputs, private: bool):
         if private:

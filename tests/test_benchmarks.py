@@ -320,4 +320,5 @@ def test_benchmark_private_runs_log_their_private_stats_once(tmp_path, monkeypat
     launch.train_run(tmp_path / "b", tmp_path / "t.tsv", tmp_path / "d.tsv",
                      ["--optimizer", "dpzero", "--epsilon", "6", "--log-private-stats"], 1)
     launch.train_run(tmp_path / "c", tmp_path / "t.tsv", tmp_path / "d.tsv", ["--optimizer", "mezo"], 1)
-    assert [c.count("--log-private-stats") for c in calls] == [1, 1, 0]
+    launch.train_run(tmp_path / "e", tmp_path / "t.tsv", tmp_path / "d.tsv", ["--optimizer", "dp-adamw"], 1)  # eps 6
+    assert [c.count("--log-private-stats") for c in calls] == [1, 1, 0, 1]

@@ -244,3 +244,18 @@ def test_learning_rate_comes_from_training_arguments_when_set(tmp_path):
     default = trainer_for(tmp_path / "d", model_for(tok, "lora"), tok, ZOArguments(), max_steps=1)
     default.train()
     assert default.zo_optimizer().settings["lr"] == slimtune.optim.defaults.defaults_for("mezo", "lora").lr
+
+
+def test_a_failing_private_step_names_no_detail_of_its_batch(tmp_path):
+    """An exception inside a private step (its text may hold rows or the realised batch size) reaches the user as a
+    one-line error without its text, as `slimtune train` does."""
+    tok = tokenizer()
+    zo = ZOArguments(optimizer="dpzero", epsilon=8.0, delta=1e-3, lr=1e-2, eps=1e-2)
+    trainer = trainer_for(tmp_path, model_for(tok, "lora"), tok, zo, max_steps=2, logging_steps=1)
+
+    def leaky(model, inputs):
+        raise RuntimeError(f"row 'SECRET' of a batch of {len(inputs['input_ids'])}")
+    trainer.per_example_losses = leaky
+    with pytest.raises(SlimtuneError, match="details are withheld") as err:
+        trainer.train()
+    assert "SECRET" not in str(err.value) and err.value.__cause__ is None
