@@ -148,12 +148,18 @@ def _step_peak_mb(optimizer_name, peft, fo_layers, tiny):
     batch = encode(tok, examples[:16])
     shape = memory_model.ModelShape.from_model(base)
     trainable = memory_model.trainable_count(base, peft, 8)
-    top = memory_model.top_trainable_count(base, peft, 8, None, fo_layers) if optimizer_name == "hybrid" else None
+    hybrid = optimizer_name in ("hybrid", "dphybrid")
+    top = memory_model.top_trainable_count(base, peft, 8, None, fo_layers) if hybrid else None
     predicted = memory_model.predict_peak_mb(shape, optimizer_name, trainable, 16, batch.input_ids.shape[1],
                                              fo_layers=fo_layers or 2, fo_trainable=top)
     model = apply_peft(base, PeftSettings(peft, r=8))
     ids = label_token_ids(tok, get_task("sst2"))
-    opt = build_optimizer(optimizer_name, model, OptimizerArgs(lr=1e-3, eps=1e-2, fo_layers=fo_layers))
+    private = None
+    if optimizer_name == "dphybrid":
+        from slimtune.privacy import PrivacySpec
+        private = (PrivacySpec(noise_multiplier=1.0, clipping="fixed"), 1.0, 16.0, None)
+    opt = build_optimizer(optimizer_name, model, OptimizerArgs(lr=1e-3, eps=1e-2, fo_layers=fo_layers),
+                          private=private)
     tracker = AllocationPeak([*model.parameters(), *model.buffers()])
     with tracker:
         opt.step(lambda: per_example_losses(model, batch, ids))
@@ -172,3 +178,13 @@ def test_peak_memory_is_within_the_planners_prediction_and_grows_with_the_backpr
         assert got >= 0.4 * (predicted - z_buffer), f"{name} k={k}: {predicted:.3f} MB is no useful bound of {got:.3f}"
         measured[name, k] = got
     assert measured["mezo", None] < measured["hybrid", 1] < measured["hybrid", 2] < measured["adamw", None]
+
+
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_the_private_hybrid_stays_within_its_prediction_and_pays_for_per_example_gradients(peft, tiny):
+    """dphybrid keeps B per-example gradients of the top part (Opacus) on top of the hybrid's memory (planned as
+    B x the top's values); the measured peak stays under the plan and never below the hybrid's."""
+    got, predicted, z_buffer = _step_peak_mb("dphybrid", peft, 1, tiny)
+    assert got <= predicted, f"measured {got:.3f} MB > predicted {predicted:.3f} MB"
+    assert got >= 0.4 * (predicted - z_buffer), f"{predicted:.3f} MB is no useful bound of {got:.3f}"
+    assert got >= _step_peak_mb("hybrid", peft, 1, tiny)[0]
