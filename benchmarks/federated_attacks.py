@@ -184,7 +184,7 @@ def hostile_table(results: dict | None) -> str:
     """README rows: theta after the last round against the all-honest run of the same mode, with the verdict."""
     if not results:
         return "(not run yet: `python benchmarks/federated_attacks.py --hostile all`)"
-    rows = ["| run | attack | hostile clients | theta acc (last round) | theta, mean of last 5 rounds | "
+    rows = ["| run | attack | hostile clients | theta acc (last round) | theta, mean of the last 5 evaluations | "
             "vs all-honest (last round) | target | verdict | replies rejected | updates accepted |",
             "|" + "---|" * 10]
     # per aggregation (the default mean first), its all-honest references above its attack rows
@@ -196,7 +196,10 @@ def hostile_table(results: dict | None) -> str:
         last = [m["server_accuracy"] for m in r["round_metrics"]
                 if m.get("round", 0) > 0 and m.get("server_accuracy") is not None][-5:]  # evaluated rounds only
         rejected = sum(m.get("rejected", 0) for m in r["round_metrics"])
-        honest = results.get(setup["reference"], {}).get("final_accuracy")
+        ref = setup["reference"]
+        if ref not in results:  # a robust row whose own all-honest run is not there: the default aggregation's
+            ref = reference_of(name, setup["attack"])
+        honest = results.get(ref, {}).get("final_accuracy")
         gap = None if honest is None or theta is None else (theta - honest) * 100
         target = HOSTILE_TARGET.get(setup["hostile_clients"])
         if not setup["attack"]:
@@ -206,7 +209,8 @@ def hostile_table(results: dict | None) -> str:
             verdict = "-" if gap is None else "met" if gap >= -target else f"**missed** ({gap:+.1f} pts)"
         rows.append(f"| {name} ({r['rounds']} rounds) | {setup['attack'] or 'none'} | {setup['hostile_clients']} of "
                     f"{setup['clients']} | {theta:.3f} | {sum(last) / len(last):.3f} | "
-                    f"{'-' if gap is None or not setup['attack'] else f'{gap:+.1f} pts'} | {target_text} | {verdict} | "
+                    f"{'-' if gap is None or not setup['attack'] else f'{gap:+.1f} pts'}"
+                    f"{'' if ref == setup['reference'] or not setup['attack'] else f' (vs {ref})'} | {target_text} | {verdict} | "
                     f"{rejected} | {r['accepted_updates']} |")
     notes = []
     for name, r in results.items():
