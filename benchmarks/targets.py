@@ -19,14 +19,17 @@ def verdict(ok: bool | None, value: str) -> str:
 
 
 def federated_rows() -> list[list[str]]:
+    from slimtune.federated import FederatedConfig
     from slimtune.federated.hostile import ATTACKS
     results = read_results("federated_hostile.json") or {}
+    default = FederatedConfig.robust  # the targets are about what a run gets: rows under the default aggregation
+    same = lambda robust: (robust or "none") in ((default, "clip", "none") if default in ("none", "clip") else (default,))
     rows = []
     for count, margin in ((1, 3.0), (2, 5.0)):
         gaps = []
         for r in results.values():
             setup = r.get("setup", {})
-            if setup.get("attack") and setup.get("hostile_clients") == count:
+            if setup.get("attack") and setup.get("hostile_clients") == count and same(setup.get("robust")):
                 honest = results.get(setup.get("reference"), {}).get("final_accuracy")
                 if honest is not None and r.get("final_accuracy") is not None:
                     gaps.append(((r["final_accuracy"] - honest) * 100, setup["attack"]))
@@ -37,7 +40,8 @@ def federated_rows() -> list[list[str]]:
         shown = verdict(None if worst is None else worst[0] >= -margin, value)
         if missing and worst is not None and worst[0] >= -margin:
             shown = f"met where run, incomplete ({value})"
-        rows.append(["35", f"{count} of 8 clients hostile, 30 rounds", f"within {margin:g} pts of all-honest", shown])
+        rows.append(["35", f"{count} of 8 clients hostile, 30 rounds (--robust {default}, the default)",
+                     f"within {margin:g} pts of all-honest", shown])
     return rows
 
 
