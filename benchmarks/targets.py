@@ -20,16 +20,20 @@ def verdict(ok: bool | None, value: str) -> str:
 
 def federated_rows() -> list[list[str]]:
     from slimtune.federated import FederatedConfig
+    from slimtune.federated.config import robust_rule
     from slimtune.federated.hostile import ATTACKS
     results = read_results("federated_hostile.json") or {}
-    default = FederatedConfig.robust  # the targets are about what a run gets: rows under the default aggregation
-    same = lambda robust: (robust or "none") in ((default, "clip", "none") if default in ("none", "clip") else (default,))
+    default = FederatedConfig.robust  # the targets are about what a run gets: rows under the default's aggregation
+
+    def defaults_rule(setup: dict) -> bool:
+        mode = "zo-seeds" if str(setup.get("reference", "")).startswith("honest-zo-seeds") else "lora"
+        return robust_rule(setup.get("robust") or "none", mode, False) == robust_rule(default, mode, False)
     rows = []
     for count, margin in ((1, 3.0), (2, 5.0)):
         gaps = []
         for r in results.values():
             setup = r.get("setup", {})
-            if setup.get("attack") and setup.get("hostile_clients") == count and same(setup.get("robust")):
+            if setup.get("attack") and setup.get("hostile_clients") == count and defaults_rule(setup):
                 honest = results.get(setup.get("reference"), {}).get("final_accuracy")
                 if honest is not None and r.get("final_accuracy") is not None:
                     gaps.append(((r["final_accuracy"] - honest) * 100, setup["attack"]))
@@ -40,7 +44,7 @@ def federated_rows() -> list[list[str]]:
         shown = verdict(None if worst is None else worst[0] >= -margin, value)
         if missing and worst is not None and worst[0] >= -margin:
             shown = f"met where run, incomplete ({value})"
-        rows.append(["35", f"{count} of 8 clients hostile, 30 rounds (--robust {default}, the default)",
+        rows.append(["35", f"{count} of 8 clients hostile, 30 rounds (the default --robust {default})",
                      f"within {margin:g} pts of all-honest", shown])
     return rows
 

@@ -240,3 +240,28 @@ def test_robust_direction_never_gives_a_reply_more_weight_than_the_mean(demo_pat
     share = sum((update[k] * push[k]).sum() for k in theta) / sum((push[k] ** 2).sum() for k in theta)
     assert info["agreeing"] == 2  # they set the median: both honest replies disagree with it
     assert share <= 0.25 + 1e-6, float(share)  # each hostile reply at most its own 1/4 (it was 1/2 each)
+
+
+def test_the_default_aggregation_filters_lora_replies_by_direction_only_where_it_can(demo_paths):
+    """--robust auto (the default): the direction filter for LoRA replies; the plain mean for zo-seeds replies (near-
+    orthogonal random directions: the filter would drop honest ones at random) and under client-level DP (accounted
+    for the uniform mean)."""
+    from slimtune.federated import FederatedConfig
+    from slimtune.federated.config import robust_rule
+    assert FederatedConfig.robust == "auto"
+    assert robust_rule("auto", "lora", False) == "direction"
+    assert robust_rule("auto", "zo-seeds", False) == "none" and robust_rule("auto", "lora", True) == "none"
+    assert robust_rule("clip", "lora", False) == "none" and robust_rule("median", "lora", False) == "median"
+    make_cfg(demo_paths, client_dp_clip=1.0).validate()  # the default is valid with client-level DP
+    make_cfg(demo_paths, robust="clip", client_dp_clip=1.0).validate()  # clip is the mean: not refused
+    cfg = make_cfg(demo_paths, bits=FP32)
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    msgs = instructions(strategy)
+    honest = honest_deltas(3)
+    common = {k: 0.1 * v for k, v in theta_like(3).items()}
+    honest = [{k: common[k] + 0.03 * d[k] for k in theta} for d in honest]
+    flipped = {k: -v for k, v in honest[0].items()}
+    strategy.aggregate_train(1, [reply(m, as_arrays(d), 10, 11 + i)
+                                 for i, (m, d) in enumerate(zip(msgs, [honest[0], honest[1], flipped]))])
+    assert len(msgs) == 3 and strategy.round_log[1].get("agreeing") == 2  # the flipped reply is dropped

@@ -12,8 +12,9 @@ A round's accepted replies become deltas Delta_k: a LoRA reply is its decoded up
                 replies are hostile, B_t is set by honest ones. The window W keeps a lone reply (everyone else
                 dropped out) from setting its own bound. Under client-level DP the bound is the fixed clip S instead
                 (the accounting needs a bound that does not depend on other clients' data);
-    aggregate   sum_k w_k Delta_k; or the coordinate-wise median of the Delta_k (--robust median); or (--robust
-                direction) sum_k w_k Delta_k over the Delta_k with cos(Delta_k, median) > 0 only: a dropped reply's
+    aggregate   sum_k w_k Delta_k (--robust none; auto's choice for zo-seeds and client-level DP); or the
+                coordinate-wise median of the Delta_k (--robust median); or (--robust direction, auto's choice for
+                LoRA replies) sum_k w_k Delta_k over the Delta_k with cos(Delta_k, median) > 0 only: a dropped reply's
                 weight is not handed to the others, so no reply weighs more than in the mean (a coalition that makes
                 the median and gets honest replies dropped gains nothing); with client-level DP the uniform mean plus
                 N(0, (sigma S / K)^2) on the trained entries.
@@ -118,9 +119,11 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
     uniform mean plus Gaussian noise on what is trained. Under FFA, A's (zero) deltas are dropped and A gets no
     noise: it is never released changed, so noising it would only damage the model."""
     deltas = [{k: (v if is_trained(k, cfg) else torch.zeros_like(v)) for k, v in d.items()} for d in deltas]
-    if cfg.robust == "median":
+    from slimtune.federated.config import robust_rule
+    rule = robust_rule(cfg.robust, cfg.mode, cfg.client_dp_clip > 0)
+    if rule == "median":
         return {name: coordinate_median([d[name] for d in deltas]) for name in theta}
-    if cfg.robust == "direction":
+    if rule == "direction":
         keep = agreeing(deltas, theta)
         if info is not None:
             info["agreeing"] = sum(keep)  # replies kept by the direction filter (metrics.jsonl)

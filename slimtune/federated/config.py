@@ -13,7 +13,17 @@ from pathlib import Path
 from slimtune import SlimtuneError
 from slimtune.federated.wire import FP32
 
-ROBUST = ("none", "median", "direction", "clip")  # --robust choices (bounds.aggregate)
+ROBUST = ("auto", "none", "median", "direction", "clip")  # --robust choices (bounds.aggregate)
+
+
+def robust_rule(robust: str, mode: str, client_dp: bool) -> str:
+    """The aggregation a --robust setting gives: auto (the default) is `direction` for LoRA replies and the mean
+    ("none") for zo-seeds replies (nearly orthogonal random directions: the filter would drop honest ones at random,
+    and cannot tell a flipped one) and under client-level DP (whose accounting is for the uniform mean); clip is the
+    mean (kept for old configs)."""
+    if robust == "auto":
+        return "none" if mode == "zo-seeds" or client_dp else "direction"
+    return "none" if robust == "clip" else robust
 
 log = logging.getLogger("slimtune.federated")
 SETTINGS_ENV = "SLIMTUNE_SERVER_SETTINGS"  # path of the server's settings file (TOML or JSON)
@@ -64,9 +74,9 @@ class FederatedConfig:
     # round's (and the last rounds') replies (bounds.py); zo-seeds scalars likewise per seed
     weighting: str = "equal"  # server: equal (every accepted reply the same weight) or examples (claimed example
     # counts, each capped at the round's median claim); a claim never buys more than that
-    robust: str = "none"  # robust aggregation of the bounded updates: none (weighted mean), median (coordinate-wise),
-    # direction (the mean of the replies agreeing with the round's median; bounds.py); clip: kept for old configs,
-    # the same as none now that every update is clipped
+    robust: str = "auto"  # aggregation of the bounded updates: none (weighted mean), median (coordinate-wise),
+    # direction (the replies agreeing with the round's median; bounds.py), auto (direction for LoRA replies, the mean
+    # for zo-seeds and client-level DP: robust_rule); clip: kept for old configs, the same as none
     seed: int = 0
     out_dir: str = "runs/federated"
     # fedavg, fedavgm, fedadam, fedyogi; None: the swept default for the local optimizer (server_opt.server_defaults),
@@ -136,7 +146,8 @@ class FederatedConfig:
             raise SlimtuneError("client-level DP clips and noises LoRA deltas; --mode zo-seeds replies are (seed, "
                                 "scalar) pairs that it does not cover: use --mode lora, or drop --client-dp-*")
         if self.robust not in ROBUST:
-            raise SlimtuneError(f"--robust {self.robust!r}: choose none, median or direction (clip: the same as none)")
+            raise SlimtuneError(f"--robust {self.robust!r}: choose auto, none, median or direction (clip: the same as "
+                                "none)")
         if self.weighting not in ("equal", "examples"):
             raise SlimtuneError(f"--weighting {self.weighting!r}: choose equal or examples")
         if not self.norm_bound > 0 or self.max_update_norm < 0:
@@ -146,7 +157,7 @@ class FederatedConfig:
             raise SlimtuneError("--max-update-norm drops replies by their norm, so whether a client is counted would "
                                 "depend on its data, outside the client-level DP accounting; --client-dp-clip already "
                                 "bounds every update: drop --max-update-norm")
-        if self.robust != "none" and self.client_dp_clip > 0:
+        if self.robust in ("median", "direction") and self.client_dp_clip > 0:
             raise SlimtuneError("--robust changes what one client can move the aggregate by, which the client-level DP "
                                 "accounting does not cover: use one of --robust or --client-dp-clip")
         from slimtune.federated.server_opt import IterateAverage, ServerOptimizer

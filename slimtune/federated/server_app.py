@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from slimtune import SlimtuneError
 from slimtune.federated.attacks import BroadcastHistory, attack_report, coalition_data
-from slimtune.federated.config import FederatedConfig, check_run, settings_path
+from slimtune.federated.config import FederatedConfig, check_run, robust_rule, settings_path
 from slimtune.federated.model import build_model, load_lora_state, lora_state
 from slimtune.federated.wire import FP32
 from slimtune.federated.strategy import FedLPP
@@ -149,6 +149,7 @@ def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=N
                "steps": cfg.rounds, "rounds": cfg.rounds,
                "clients": cfg.num_clients, "nodes_replied": nodes, "bits": cfg.bits, "aggregation": cfg.aggregation,
                "weighting": cfg.weighting, "norm_bound": cfg.norm_bound, "robust": cfg.robust,
+               "aggregation_rule": robust_rule(cfg.robust, cfg.mode, cfg.client_dp_clip > 0),
                "server_optimizer": cfg.server_optimizer, "server_lr": cfg.server_lr,
                "server_average": cfg.server_average,
                "final_iterate_accuracy": last.get("iterate_accuracy"),

@@ -95,9 +95,10 @@ class FederateSettings(Settings):
                                      "the adaptive bound applies either way)", low=0)
     weighting: str = setting("equal", "server: equal weights, or examples (claimed counts, each capped at the round's "
                              "median claim)", choices=("equal", "examples"))
-    robust: str = setting("none", "robust aggregation of the bounded updates: none (mean), median (coordinate-wise) "
-                          "or direction (the mean of the replies that agree with the round's median)",
-                          choices=("none", "median", "direction", "clip"))
+    robust: str = setting("auto", "aggregation of the bounded updates: auto (direction for LoRA replies; the mean for "
+                          "zo-seeds and client-level DP), none (mean), median (coordinate-wise) or direction (the "
+                          "mean of the replies that agree with the round's median; a reply pushing against it gets "
+                          "no weight)", choices=("auto", "none", "median", "direction", "clip"))
     dither: float = setting(0.0, "fixed secret dither on the broadcast, in units of the largest quantization step "
                             "(0: off)", low=0, high=2)
     clients_per_round: int = setting(0, "clients sampled to train each round (0: all)", low=0)
