@@ -1,0 +1,39 @@
+"""What the repository may hold: results and code, never a run's secret key, checkpoint or weights.
+
+Long benchmark runs keep their checkpoints, adapters and (private runs) key files beside their results, visible to
+git so that a session cut off mid-run hands them on, but never committed (.gitignore explains); this test fails CI
+when one was committed anyway (a `git add` of a whole results folder did once).
+"""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = re.compile(r"(^|/)(secret\.key|secret\.json)$|(^|/)checkpoint/|(^|/)adapter/.*\.(safetensors|bin)$"
+                       r"|\.(safetensors|pt)$")
+
+
+def tracked_files() -> list[str]:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def test_no_key_checkpoint_or_weights_is_committed():
+    bad = [f for f in tracked_files() if FORBIDDEN.search(f)]
+    assert not bad, f"committed run artefacts (keys, checkpoints, weights): {bad[:10]}"
+
+
+def test_the_pattern_catches_what_it_must():
+    for path in ("benchmarks/results/zo_convergence/x/secret.key", "benchmarks/results/e2e/y/checkpoint/secret.json",
+                 "benchmarks/results/a/checkpoint/trainer_state.json", "runs/z/adapter/adapter_model.safetensors",
+                 "model.pt"):
+        assert FORBIDDEN.search(path), path
+    for path in ("benchmarks/results/defaults/mezo-lora/metrics.jsonl", "slimtune/privacy/secret.py",
+                 "docs/how-to/export.md"):
+        assert not FORBIDDEN.search(path), path
