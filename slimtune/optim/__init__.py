@@ -79,11 +79,7 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> "Sli
         opt = builders.build(name, params, model, args, private, mezo_cfg)
         opt.name = name
         return opt
-    estimator = None
-    if private is not None:
-        from slimtune.privacy.dpzero import PrivateDifference
-        spec, sigma, batch, keyed_noise, *rest = private
-        estimator = PrivateDifference(spec, sigma, batch, keyed_noise, quantile_noise=rest[0] if rest else 0.0)
+    estimator = None if private is None else builders.private_difference(private)
     if name == "fzoo":
         n = args.n_spsa if args.n_spsa > 1 else 8  # --n-spsa: FZOO's N one-sided directions per step
         source = "rademacher" if args.perturbation == "gaussian" else args.perturbation  # FZOO's own choice

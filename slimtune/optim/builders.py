@@ -85,25 +85,26 @@ def build(name: str, params: list, model, args, private, mezo_cfg: dict):
                               fo_lr=fo_lr, fo_clip=FO_CLIP if args.fo_clip is None else args.fo_clip)
         if name == "hybrid":
             return Hybrid(params, config, model)
-        from slimtune.privacy.dpzero import PrivateDifference
-        from slimtune.privacy.secret import KeyedNoise, RunKey
-        spec, sigma, batch, keyed_noise, *rest = private
-        keyed_noise = keyed_noise if keyed_noise is not None else KeyedNoise(RunKey.fresh())
-        estimator = PrivateDifference(spec, sigma, batch, keyed_noise, quantile_noise=rest[0] if rest else 0.0)
-        return DPHybrid(params, config, model, estimator, spec, sigma, batch)
+        spec, sigma, batch = private[:3]
+        return DPHybrid(params, config, model, private_difference(private), spec, sigma, batch)
     raise SlimtuneError(f"unknown optimizer {name!r}")
+
+
+def private_difference(private):
+    """DPZero's mechanism (privacy/dpzero.py) from the registry's `private` tuple (spec, sigma, expected batch size,
+    KeyedNoise or None for a fresh in-memory key[, quantile_noise > 0: adaptive clipping])."""
+    from slimtune.privacy.dpzero import PrivateDifference
+
+    spec, sigma, batch, keyed_noise, *rest = private
+    return PrivateDifference(spec, sigma, batch, keyed_noise, quantile_noise=rest[0] if rest else 0.0)
 
 
 def private_pair(private):
     """DP-HiZOO's two DPZero mechanisms: the projected gradient's and the curvature's. Both draw from the run's one
     KeyedNoise (draws are numbered within a step, so the four values of a step — two scalars, two counts when
     adaptive — are distinct PRF outputs); the curvature has its own clip (adaptive when the gradient's is)."""
-    from slimtune.privacy.dpzero import PrivateDifference
-    from slimtune.privacy.secret import KeyedNoise, RunKey
     from slimtune.zo.hizoo import PrivateCurvature
 
-    spec, sigma, batch, keyed_noise, *rest = private
-    keyed_noise = keyed_noise if keyed_noise is not None else KeyedNoise(RunKey.fresh())
-    quantile_noise = rest[0] if rest else 0.0
-    return (PrivateDifference(spec, sigma, batch, keyed_noise, quantile_noise=quantile_noise),
-            PrivateCurvature(PrivateDifference(spec, sigma, batch, keyed_noise, quantile_noise=quantile_noise)))
+    gradient = private_difference(private)
+    shared = (*private[:3], gradient.keyed_noise, *private[4:])  # a fresh key when none was given: one for both
+    return gradient, PrivateCurvature(private_difference(shared))
