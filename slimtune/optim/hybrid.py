@@ -181,13 +181,8 @@ class DPHybrid(Hybrid):
                 m.training = mode
 
     def _top_gradients_ready(self, losses: torch.Tensor) -> None:
-        from slimtune.privacy.dpsgd import drop_non_finite_examples
-        top = [p for _, p in self.top]
-        if losses.numel() == 0:  # empty Poisson batch: the clipped sum is 0, the noise is still released
-            for p in top:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-        else:
-            drop_non_finite_examples(top)
+        from slimtune.privacy.dpsgd import per_example_gradients_ready
+        per_example_gradients_ready([p for _, p in self.top], losses.numel())
 
     def _end_step(self) -> None:
         self.keyed_noise.end_step()

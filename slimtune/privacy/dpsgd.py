@@ -68,6 +68,17 @@ def keyed_dp_optimizer(noise: KeyedNoise):
     return KeyedDPOptimizer
 
 
+def per_example_gradients_ready(params: list, batch_size: int) -> None:
+    """After the backward of a batch of `batch_size` examples: each example's gradient is finite or zero
+    (drop_non_finite_examples); an empty Poisson batch has no backward, so each parameter gets an empty per-example
+    gradient, and the step still releases its noise on a zero clipped sum, as the accounted mechanism requires."""
+    if batch_size == 0:
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    else:
+        drop_non_finite_examples(params)
+
+
 def drop_non_finite_examples(params: list) -> None:
     """An example whose per-example gradient holds inf or NaN contributes 0 to the clipped sum (as DPZero maps a
     non-finite difference to 0): Opacus would clip it by C / (inf + 1e-6) = 0 and 0 * inf = NaN, making the released
@@ -114,15 +125,12 @@ class DPFirstOrder(SlimOptimizer):
         self.torch_optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
             losses = closure()
-            if losses.numel() == 0:  # empty Poisson batch: no per-example gradients, the noise is still released
-                for p in self.params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                loss = float("nan")
-            else:
+            loss = float("nan")  # an empty Poisson batch has none
+            if losses.numel():
                 mean = losses.mean()
                 mean.backward()
-                drop_non_finite_examples(self.params)
                 loss = mean.item()
+            per_example_gradients_ready(self.params, losses.numel())
         self.torch_optimizer.step()
         self.keyed_noise.end_step()
         return StepOutput(loss, {"batch_size": int(losses.numel())})
