@@ -246,17 +246,9 @@ class ZOTrainerMixin:
     def _private_step(self, opt, model, inputs):
         """A private step raises no warning and, when it fails, no detail of the batch (as `slimtune train`): an
         exception's text or a warning may hold training rows, their lengths or the realised batch size."""
-        import warnings
-        step = opt.steps_taken + 1
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return opt.step(self._zo_closure(model, inputs, True))
-        except SlimtuneError:  # slimtune's own errors name settings and released values only
-            raise
-        except Exception:
-            raise SlimtuneError(f"a private training step failed at step {step}; its details are withheld (they may "
-                                "depend on individual training rows)") from None
+        from slimtune.privacy.withhold import withheld
+        with withheld(f"a private training step failed at step {opt.steps_taken + 1}"):
+            return opt.step(self._zo_closure(model, inputs, True))
 
     def _zo_closure(self, model, inputs, private: bool):
         if private:

@@ -13,14 +13,12 @@ What a client releases per round: its update (a delta, or (seed, scalar) pairs) 
 from __future__ import annotations
 
 from dataclasses import replace
-import warnings
 from functools import lru_cache
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from slimtune import SlimtuneError
 from slimtune.data import EpochSampler, PoissonSampler
 from slimtune.federated.config import FederatedConfig
 from slimtune.federated.model import build_model, load_lora_state, lora_state, uploaded
@@ -102,16 +100,10 @@ def _run_private_steps(cfg, model, objective, optimizer, examples, seed):
     """The local steps of a private client, saying nothing about its batches (as `slimtune train` does): no warning
     raised while they run (generation's truncation notice counted the rows of each Poisson batch), and a failure
     reported without its details, which Flower would send to the server as the error's reason."""
+    from slimtune.privacy.withhold import withheld
     objective.warn_per_batch = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _run_steps(cfg, model, objective, optimizer, examples, seed, True)
-    except SlimtuneError:
-        raise
-    except Exception:
-        raise SlimtuneError(f"a private local step ({cfg.local_optimizer}) failed; its details are withheld (they may "
-                            "depend on individual training rows): reproduce it on public data") from None
+    with withheld(f"a private local step ({cfg.local_optimizer}) failed", "reproduce it on public data"):
+        return _run_steps(cfg, model, objective, optimizer, examples, seed, True)
 
 
 def _run_steps(cfg, model, objective, optimizer, examples, seed, private):

@@ -553,16 +553,10 @@ def _train_step(run: Run, step: int) -> dict:
     unless the user opted out of the guarantee with --log-private-stats."""
     if run.key is None or run.config.log_private_stats:
         return _step(run, step)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _step(run, step)
-    except SlimtuneError:
-        raise
-    except Exception:
-        raise SlimtuneError(f"a private training step failed at step {step + 1}; its details are withheld (they may "
-                            "depend on individual training rows): rerun a copy with --log-private-stats, which is not "
-                            "covered by the privacy guarantee, to see them") from None
+    from slimtune.privacy.withhold import withheld
+    with withheld(f"a private training step failed at step {step + 1}", "rerun a copy with --log-private-stats, "
+                  "which is not covered by the privacy guarantee, to see them"):
+        return _step(run, step)
 
 
 def _step(run: Run, step: int) -> dict:
