@@ -92,6 +92,11 @@ class FederatedConfig:
     attack_coalition: int = 0  # server, measurement only: k > 0 scores what k pooled clients rebuild (attacks.py)
     attack_window: int = 5  # the multi-round attack averages this many of the latest broadcasts
 
+    @property
+    def client_level_dp(self) -> bool:
+        """Client-level DP with noise: the server releases only the noised, accounted aggregate of the updates."""
+        return self.client_dp_clip > 0 and self.client_dp_noise > 0
+
     def evaluates(self, server_round: int) -> bool:
         """Whether the server scores round `server_round`: round 0, every eval_every-th, and the last five (whose mean
         the reports show)."""
@@ -127,8 +132,9 @@ class FederatedConfig:
         if self.local_optimizer not in OPTIMIZERS:
             raise SlimtuneError(f"--local-optimizer {self.local_optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         for flag, value in (("--clients", self.num_clients), ("--rounds", self.rounds),
-                            ("--eval-every", self.eval_every), ("--local-steps", self.local_steps), ("--batch-size", self.batch_size),
-                            ("--lora-r", self.lora_r), ("--block-size", self.block_size)):
+                            ("--eval-every", self.eval_every), ("--local-steps", self.local_steps),
+                            ("--batch-size", self.batch_size), ("--lora-r", self.lora_r),
+                            ("--block-size", self.block_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SlimtuneError(f"{flag} {value!r}: must be a whole number >= 1")
         if self.client_dp_noise > 0 and not self.client_dp_clip > 0:

@@ -122,11 +122,11 @@ def private_clients(cfg: FederatedConfig) -> bool:
     no round times or memory (a round lasts as long as its slowest client's private batches take) and no client
     training loss, only what the DP releases and evaluations on its own data."""
     from slimtune.federated.client_app import is_private
-    return is_private(cfg) or _client_dp_accountant(cfg) is not None
+    return is_private(cfg) or cfg.client_level_dp
 
 
 def _client_dp_accountant(cfg: FederatedConfig):
-    if not (cfg.client_dp_clip > 0 and cfg.client_dp_noise > 0):
+    if not cfg.client_level_dp:
         return None
     from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec
     spec = PrivacySpec(delta=cfg.client_dp_delta, noise_multiplier=cfg.client_dp_noise, clip=cfg.client_dp_clip)

@@ -118,8 +118,7 @@ class FedLPP(FedAvg):
             info["payload_bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
             info["bytes_up_per_client"] = float(np.mean([a["wire_bytes"] for a in accepted]))
             losses = [a["loss"] for a in accepted if a["loss"] is not None]  # private clients send none
-            client_dp = self.cfg.client_dp_clip > 0 and self.cfg.client_dp_noise > 0
-            if losses and not client_dp:  # under client-level DP only the noised aggregate is released
+            if losses and not self.cfg.client_level_dp:  # then only the noised aggregate is released
                 info["train_loss"] = float(np.mean(losses))
             epsilons = [a["local_epsilon"] for a in accepted if a["local_epsilon"] is not None]
             if epsilons:
