@@ -184,13 +184,12 @@ def same_setting_clock(results: dict, zo_step: dict | None) -> dict:
     costs = {name: (zo_step or {}).get("ratios", {}).get(cfg, {}).get("time_vs_two_forwards")
              for name, cfg in STEP_CONFIG.items()}
     ref, ref_cost = results.get(REFERENCE), costs.get(REFERENCE)
-    ref_steps = None if ref is None else seconds_to({"seconds": ref["steps"], "accuracy": ref["accuracy"]},
-                                                    TARGET_ACC)
+    ref_steps = None if ref is None else first_at(ref, "steps", TARGET_ACC)
     out = {}
     for name, r in results.items():
         if name == REFERENCE or costs.get(name) is None or ref_cost is None or not ref_steps:
             continue
-        steps = seconds_to({"seconds": r["steps"], "accuracy": r["accuracy"]}, TARGET_ACC)
+        steps = first_at(r, "steps", TARGET_ACC)
         ratio = None if steps is None else (steps * costs[name]) / (ref_steps * ref_cost)
         out[name] = {"steps_to_target": [steps, ref_steps], "step_cost_in_two_forwards": [costs[name], ref_cost],
                      "threads": (zo_step or {}).get("results", {}).get(STEP_CONFIG[name], {}).get(
@@ -200,14 +199,19 @@ def same_setting_clock(results: dict, zo_step: dict | None) -> dict:
     return out
 
 
+def first_at(run: dict, axis: str, level: float):
+    """run[axis] (steps, seconds, forward passes) at the first evaluation with accuracy >= level (None: never)."""
+    return next((x for x, a in zip(run.get(axis) or [], run["accuracy"]) if a >= level), None)
+
+
 def seconds_to(run: dict, level: float) -> float | None:
     """Training seconds at the first evaluation with accuracy >= level (None: never)."""
-    return next((t for t, a in zip(run.get("seconds") or [], run["accuracy"]) if a >= level), None)
+    return first_at(run, "seconds", level)
 
 
 def forwards_to(run: dict, level: float) -> int | None:
     """Training forward passes at the first evaluation with accuracy >= level (None: never)."""
-    return next((f for f, a in zip(run["forward_passes"], run["accuracy"]) if a >= level), None)
+    return first_at(run, "forward_passes", level)
 
 
 def half_or_less(fa: int | None, fb: int | None, ref_budget: int) -> bool | None:
