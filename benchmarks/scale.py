@@ -21,7 +21,13 @@ is not run: its row says so, with the prediction. Results merge into benchmarks/
 run in separate sessions); `--readme` writes the table into the pages marked <!-- scale:start/end --> (the docs'
 memory-scaling page; the README's targets table reads the 7B rows through benchmarks/targets.py).
 
+On a GPU (`--device cuda`) the model is built on the device, the peak is CUDA's allocator peak
+(torch.cuda.max_memory_allocated, the figure the planner predicts there: no CPU runtime), the timings are taken after
+torch.cuda.synchronize, and the rows go to benchmarks/results/scale_cuda.json (their own table). A method whose library
+is missing there (bitsandbytes for int8/int4) gets a row saying so.
+
 Usage: python benchmarks/scale.py --arch llama --sizes 1b 3b 7b [--methods ...] [--steps 3] [--threads 1]
+       python benchmarks/scale.py --device cuda --sizes 7b --methods inference-bf16 mezo-full-bf16 adamw-lora
        python benchmarks/scale.py --arch llama --sizes 0.4b          (the end-to-end check, ~5 min)
        python benchmarks/scale.py --table | --readme
 """
@@ -29,6 +35,7 @@ Usage: python benchmarks/scale.py --arch llama --sizes 1b 3b 7b [--methods ...] 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -39,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
+CUDA_RESULTS = ROOT / "benchmarks" / "results" / "scale_cuda.json"
 sys.path.insert(0, str(ROOT))
 
 # nominal size -> config (transformers names); Llama: 0.4b a small check, 1b/3b Llama-3.2's shapes, 7b Llama-2-7B's;
@@ -96,8 +104,8 @@ def meta_model(arch: str, size: str, dtype):
         return AutoModelForCausalLM.from_config(make_config(arch, size), dtype=dtype)
 
 
-def build(arch: str, size: str, dtype_name: str, base_quant: str | None):
-    """The model on CPU: dense tensors materialised one by one with the cheap fill; with `base_quant` every
+def build(arch: str, size: str, dtype_name: str, base_quant: str | None, device: str = "cpu"):
+    """The model on `device`: dense tensors materialised there one by one with the cheap fill; with `base_quant` every
     quantizable linear layer is materialised dense and quantized before the next one exists."""
     import torch
 
@@ -107,12 +115,12 @@ def build(arch: str, size: str, dtype_name: str, base_quant: str | None):
     dtype = getattr(torch, dtype_name)
     model = meta_model(arch, size, dtype)
     gen = torch.Generator().manual_seed(0)
-    block = torch.randn(FILL_BLOCK, generator=gen).mul_(0.02)
+    block = torch.randn(FILL_BLOCK, generator=gen).mul_(0.02).to(device)
     gemma = arch == "gemma"
     if base_quant:
         bnb = import_bitsandbytes()
         for name, layer in quantizable(model):
-            layer.weight = torch.nn.Parameter(fill(torch.empty(layer.weight.shape, dtype=dtype), block, gen),
+            layer.weight = torch.nn.Parameter(fill(torch.empty(layer.weight.shape, dtype=dtype, device=device), block, gen),
                                               requires_grad=False)
             parent = model.get_submodule(name.rpartition(".")[0])
             setattr(parent, name.rpartition(".")[2], quantized_linear(bnb, layer, base_quant, dtype))
@@ -123,7 +131,7 @@ def build(arch: str, size: str, dtype_name: str, base_quant: str | None):
             if p is None or p.device.type != "meta":
                 continue
             if id(p) not in done:  # tied weights: one tensor
-                t = torch.empty(p.shape, dtype=p.dtype)
+                t = torch.empty(p.shape, dtype=p.dtype, device=device)
                 if p.ndim >= 2:
                     fill(t, block, gen)
                 else:
@@ -138,7 +146,7 @@ def build(arch: str, size: str, dtype_name: str, base_quant: str | None):
         for p in model.parameters():
             p.requires_grad_(False)
     fold_head_inputs(model)  # as slimtune's loader does (models/loading.py)
-    return model
+    return model.to(device)  # the rebuilt buffers (the parameters are there already)
 
 
 def fill(t, block, gen):
@@ -170,7 +178,7 @@ def rebuilt_buffer(module, name: str, config):
 
 
 # -- one configuration (a child process) -------------------------------------------------------------------------------
-def batch_of(vocab: int, batch: int, seq: int):
+def batch_of(vocab: int, batch: int, seq: int, device: str = "cpu"):
     import torch
 
     from slimtune.train.objective import EncodedBatch
@@ -178,7 +186,8 @@ def batch_of(vocab: int, batch: int, seq: int):
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(10, vocab, (batch, seq), generator=gen)
     ones = torch.ones(batch, seq, dtype=torch.long)
-    return EncodedBatch(ids, ones, torch.arange(seq).expand(batch, seq).contiguous(), torch.tensor([0, 1] * batch)[:batch])
+    batch = EncodedBatch(ids, ones, torch.arange(seq).expand(batch, seq).contiguous(), torch.tensor([0, 1] * batch)[:batch])
+    return batch.to(device) if device != "cpu" else batch
 
 
 def rss_mb() -> float:
@@ -193,14 +202,17 @@ def child(spec: dict) -> dict:
     from slimtune.train.objective import per_example_losses
 
     torch.set_num_threads(spec["threads"])
+    device = spec.get("device", "cpu")
+    cuda = device.startswith("cuda")
+    clock = lambda: (torch.cuda.synchronize() if cuda else None, time.perf_counter())[1]  # noqa: E731
     dtype_name, quant, optimizer, peft, settings = METHODS[spec["method"]]
     start = time.perf_counter()
-    model = build(spec["arch"], spec["size"], dtype_name, quant)
+    model = build(spec["arch"], spec["size"], dtype_name, quant, device)
     build_s = time.perf_counter() - start
     rss_built = rss_mb()
     if peft != "none":
         model = apply_peft(model, PeftSettings(peft, r=LORA_R))
-    batch = batch_of(model.config.vocab_size, spec["batch"], spec["seq"])
+    batch = batch_of(model.config.vocab_size, spec["batch"], spec["seq"], device)
     label_ids = [11, 13]
     closure = lambda: per_example_losses(model, batch, label_ids)  # noqa: E731
     model.eval()
@@ -208,29 +220,37 @@ def child(spec: dict) -> dict:
         closure()  # warm-up (bitsandbytes repacks 4-bit weights for its CPU kernel on the first call)
         forwards = []
         for _ in range(3):
-            t = time.perf_counter()
+            t = clock()
             loss0 = closure().float().mean().item()
-            forwards.append(time.perf_counter() - t)
+            forwards.append(clock() - t)
         forward_s = min(forwards)  # the fastest of 3: the machine is shared, noise only adds
     out = {"build_s": build_s, "rss_after_build_mb": rss_built, "forward_s": forward_s, "loss": loss0}
     if optimizer == "inference":
-        return out
+        return {**out, **cuda_peak(cuda)}
     opt = build_optimizer(optimizer, model, OptimizerArgs(**settings))
     model.train(not opt.zeroth_order)
     times = []
     for _ in range(spec["steps"]):
-        t = time.perf_counter()
+        t = clock()
         result = opt.step(closure)
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     timed = times[1:] or times
     out.update(step_s=min(timed), mean_step_s=sum(timed) / len(timed), first_step_s=times[0], steps=len(times),
                step_loss=result.loss, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     out["step_over_two_forwards"] = out["step_s"] / (2 * forward_s)
-    return out
+    return {**out, **cuda_peak(cuda)}
+
+
+def cuda_peak(cuda: bool) -> dict:
+    """On CUDA, the allocator's peak (what the planner predicts there) and the device's name."""
+    if not cuda:
+        return {}
+    import torch
+    return {"cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20, "gpu": torch.cuda.get_device_name()}
 
 
 # -- the parent: plan, run one at a time, record -----------------------------------------------------------------------
-def prediction(arch: str, size: str, method: str, batch: int, seq: int) -> tuple[float, int]:
+def prediction(arch: str, size: str, method: str, batch: int, seq: int, device: str = "cpu") -> tuple[float, int]:
     import torch
 
     from slimtune.report.memory_model import predict_run_mb
@@ -239,16 +259,20 @@ def prediction(arch: str, size: str, method: str, batch: int, seq: int) -> tuple
 
     dtype_name, quant, optimizer, peft, _ = METHODS[method]
     model = meta_model(arch, size, getattr(torch, dtype_name))
-    predicted, trainable = predict_run_mb(model, optimizer, peft, LORA_R, batch, seq, "cpu", dtype=dtype_name,
+    predicted, trainable = predict_run_mb(model, optimizer, peft, LORA_R, batch, seq, device, dtype=dtype_name,
                                           base_quant=quant)
     return predicted, trainable, ModelShape.from_model(model).total_params
 
 
 def run_one(spec: dict, budget: float) -> dict:
-    predicted, trainable, total = prediction(spec["arch"], spec["size"], spec["method"], spec["batch"], spec["seq"])
+    device = spec.get("device", "cpu")
+    predicted, trainable, total = prediction(spec["arch"], spec["size"], spec["method"], spec["batch"], spec["seq"],
+                                             device)
     row = {**spec, "predicted_mb": predicted, "planned_trainable": trainable, "params": total, "budget_mb": budget}
     if predicted > budget:
         return {**row, "status": "refused by the planner"}
+    if METHODS[spec["method"]][1] and importlib.util.find_spec("bitsandbytes") is None:
+        return {**row, "status": "not run: bitsandbytes is not installed here"}
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
     proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -260,7 +284,9 @@ def run_one(spec: dict, budget: float) -> dict:
     if status != 0:
         return {**row, "status": "failed", "error": stderr.strip().splitlines()[-1:] or [f"exit {status}"]}
     row.update(json.loads(stdout.strip().splitlines()[-1]))
-    row["measured_over_predicted"] = row["peak_rss_mb"] / predicted
+    if "cuda_peak_mb" in row:  # on a GPU the planner predicts device memory, not the process's RSS
+        row["peak_mb"] = row["cuda_peak_mb"]
+    row["measured_over_predicted"] = row.get("peak_mb", row["peak_rss_mb"]) / predicted
     return {**row, "status": "ran"}
 
 
@@ -273,6 +299,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (the CUDA allocator's peak)")
     ap.add_argument("--budget-gb", type=float, default=None, help="planner budget (default: 90%% of available, as train)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--table", action="store_true", help="print the README table from scale.json")
@@ -281,53 +308,63 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return
+    cuda = args.device.startswith("cuda")
     if args.table or args.readme:
-        text = scale_table()
+        text = scale_table(cuda)
         if args.readme:
             from readme_tables import write_block
-            write_block("scale", text)
+            write_block("scale-cuda" if cuda else "scale", text)
         print(text)
         return
     from slimtune.report.memory_model import budget_mb
 
-    budget = args.budget_gb * 1024 if args.budget_gb else budget_mb("cpu")
-    doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
+    budget = args.budget_gb * 1024 if args.budget_gb else budget_mb(args.device)
+    results = CUDA_RESULTS if cuda else RESULTS
+    doc = json.loads(results.read_text()) if results.exists() else {"rows": {}}
     for size in args.sizes:
         if size not in CONFIGS[args.arch]:
             sys.exit(f"--sizes {size}: {args.arch} has {', '.join(CONFIGS[args.arch])}")
         for method in args.methods:
             spec = dict(arch=args.arch, size=size, method=method, batch=args.batch, seq=args.seq,
-                        steps=args.steps, threads=args.threads)
+                        steps=args.steps, threads=args.threads, device=args.device)
             row = run_one(spec, budget)
             doc["rows"][f"{args.arch}-{size}-{method}"] = row
             doc["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                              "torch": __import__("torch").__version__}
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(doc, indent=2))
+                              "torch": __import__("torch").__version__, **gpu_name(args.device)}
+            results.parent.mkdir(parents=True, exist_ok=True)
+            results.write_text(json.dumps(doc, indent=2))
             print(summary_line(row), flush=True)
+
+
+def gpu_name(device: str) -> dict:
+    import torch
+    return {"gpu": torch.cuda.get_device_name()} if device.startswith("cuda") else {}
 
 
 def summary_line(r: dict) -> str:
     text = f"{r['arch']}-{r['size']} {r['method']}: predicted {r['predicted_mb']:,.0f} MB, {r['status']}"
     if r["status"] == "ran":
-        text += f", peak {r['peak_rss_mb']:,.0f} MB ({r['measured_over_predicted']:.2f}x)"
+        text += f", peak {r.get('peak_mb', r['peak_rss_mb']):,.0f} MB ({r['measured_over_predicted']:.2f}x)"
         if "step_s" in r:
             text += f", step {r['step_s']:.1f} s = {r['step_over_two_forwards']:.2f} x two forwards"
     return text
 
 
-def scale_table() -> str:
-    if not RESULTS.exists():
+def scale_table(cuda: bool = False) -> str:
+    """The rows of scale.json (peak RSS, CPU) or scale_cuda.json (the CUDA allocator's peak) as a table."""
+    results = CUDA_RESULTS if cuda else RESULTS
+    if not results.exists():
         return "not run yet"
-    rows = json.loads(RESULTS.read_text())["rows"].values()
-    out = ["| model | params | method | planner (MB) | peak RSS (MB) | measured / planned | step (s) | step / 2 forwards |",
+    rows = json.loads(results.read_text())["rows"].values()
+    peak_name = "peak CUDA (MB)" if cuda else "peak RSS (MB)"
+    out = [f"| model | params | method | planner (MB) | {peak_name} | measured / planned | step (s) | step / 2 forwards |",
            "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["arch"], float(r["size"].rstrip("b")), list(METHODS).index(r["method"]))):
         params = r["params"]
         ran = r["status"] == "ran"
-        peak = f"{r['peak_rss_mb']:,.0f}" if ran else r["status"]
+        peak = f"{r.get('peak_mb', r.get('peak_rss_mb')):,.0f}" if ran else r["status"]
         ratio = f"{r['measured_over_predicted']:.2f}" if ran else ""
-        step = f"{r['step_s']:.1f}" if ran and "step_s" in r else ""
+        step = f"{r['step_s']:.{3 if cuda else 1}f}" if ran and "step_s" in r else ""
         per = f"{r['step_over_two_forwards']:.2f}" if ran and "step_s" in r else ""
         out.append(f"| {r['arch']}-{r['size']} | {params / 1e9:.2f}B | {r['method']} | {r['predicted_mb']:,.0f} | "
                    f"{peak} | {ratio} | {step} | {per} |")

@@ -378,6 +378,7 @@ TABLES = {"sst2": lambda: grid_table("sst2", MAIN_RUNS, 0.8), "dp": lambda: grid
           "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
           "federated-sweep": federated_sweep_table, "targets": lambda: __import__("targets").targets_table(),
           "scale": lambda: __import__("scale").scale_table(),
+          "scale-cuda": lambda: __import__("scale").scale_table(cuda=True),
           "rte": lambda: grid_table("rte", ["fo-lora-lr3e-4", "fo-svfit", "zo-lora", "dpzero-lora-eps6"], 0.55)}
 
 

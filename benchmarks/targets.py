@@ -133,10 +133,13 @@ def scale_rows() -> list[list[str]]:
         out.append(verdict(ok, f"{int4['peak_rss_mb'] / 1024:.1f} GB, {int4['step_over_two_forwards']:.2f}x"))
     else:
         out.append("not run yet")
-    ran = [r["measured_over_predicted"] for r in rows_in.values() if r.get("measured_over_predicted")
-           and r.get("size") in ("1b", "3b", "4b", "7b")]
+    ratios = lambda rows: [r["measured_over_predicted"] for r in rows if r.get("measured_over_predicted")  # noqa: E731
+                           and r.get("size") in ("1b", "3b", "4b", "7b")]
+    cpu, gpu = ratios(rows_in.values()), ratios((read_results("scale_cuda.json") or {}).get("rows", {}).values())
+    ran = cpu + gpu
     out.append(verdict(None if not ran else all(0.85 <= x <= 1.15 for x in ran),
-                       "" if not ran else f"{min(ran):.2f}-{max(ran):.2f}x over {len(ran)} rows"))
+                       "" if not ran else f"{min(ran):.2f}-{max(ran):.2f}x over {len(cpu)} CPU rows"
+                       + (f" and {len(gpu)} on an H200" if gpu else "")))
     defaults = read_results("defaults.json") or {}
     bf16, fp32 = defaults.get("mezo-lora-bf16"), defaults.get("mezo-lora")
     gap = None if not (bf16 and fp32) else (bf16["final_accuracy"] - fp32["final_accuracy"]) * 100

@@ -23,6 +23,16 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
             {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}]
 
 
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """torch's AdamW, with the fused kernel when every parameter is on CUDA. torch's default there (foreach) builds
+    sqrt(v) as a temporary as large as the trainable weights: a 7B-shaped fp32 AdamW step on an H200 peaked at 128.6
+    GB against the planner's 104.4 GB (weights, gradients, two moments). The fused kernel needs no such temporary and
+    is torch's fastest; on CPU the default (a per-tensor loop) is kept."""
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if fused else None)
+
+
 class FirstOrder(SlimOptimizer):
     """Mean loss, backward, torch optimizer step."""
 
@@ -30,7 +40,7 @@ class FirstOrder(SlimOptimizer):
         self.name, self.config = kind, config
         groups = param_groups(named_params, config.weight_decay)
         if kind == "adamw":
-            self.torch_optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+            self.torch_optimizer = adamw(groups, config.lr, config.betas)
         elif kind == "sgd":
             self.torch_optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
         else:

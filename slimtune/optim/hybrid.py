@@ -34,7 +34,7 @@ from torch import nn
 
 from slimtune import SlimtuneError
 from slimtune.optim.base import StepOutput, mix_seed, trainable
-from slimtune.optim.first_order import param_groups
+from slimtune.optim.first_order import adamw, param_groups
 from slimtune.zo.mezo import MeZOConfig, ZOOptimizer
 
 
@@ -63,7 +63,7 @@ class Hybrid(ZOOptimizer):
             super().__init__(low, config, estimator)
         else:  # everything trainable is on top: plain AdamW at one forward per step
             self.params, self.step_count = [], 0
-        self.fo = torch.optim.AdamW(param_groups(self.top, config.weight_decay), lr=config.fo_lr, betas=config.betas)
+        self.fo = adamw(param_groups(self.top, config.weight_decay), config.fo_lr, config.betas)
         self.base_lr = config.lr
 
     @property

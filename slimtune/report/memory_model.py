@@ -216,7 +216,9 @@ def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_l
             top = top_trainable_count(model, method, r, targets, fo_layers)
         except Exception:  # a model on the meta device cannot run the call-order probe: the blocks' share
             top = None
+    from slimtune.zo.mezo import default_chunk_size
     peak = predict_peak_mb(ModelShape.from_model(model), optimizer, trainable, batch, seq_len, runtime,
+                           zo_chunk=default_chunk_size("cuda" if cuda else "cpu"),
                            bytes_per_value=DTYPE_BYTES[dtype], fo_layers=fo_layers, fo_trainable=top,
                            base_quant=base_quant, trainable_bytes=trainable_bytes(method, dtype))["peak_mb"]
     return peak, trainable

@@ -42,7 +42,7 @@ class SparseMeZO(MeZO):
             raise ValueError(f"sparse-mezo: sparsity must be in [0, 1), got {config.sparsity}")
         if config.mask_every < 1:
             raise ValueError(f"sparse-mezo: mask_every must be >= 1, got {config.mask_every}")
-        if config.chunk_size % 8:
+        if config.chunk_size is not None and config.chunk_size % 8:
             raise ValueError("sparse-mezo: chunk_size must be a multiple of 8 (masks are bit-packed)")
         super().__init__(named_params, config, estimator)
         self.masks: list[torch.Tensor] | None = None  # per parameter: ceil(numel / 8) uint8
