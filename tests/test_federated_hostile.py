@@ -265,3 +265,38 @@ def test_the_default_aggregation_filters_lora_replies_by_direction_only_where_it
     strategy.aggregate_train(1, [reply(m, as_arrays(d), 10, 11 + i)
                                  for i, (m, d) in enumerate(zip(msgs, [honest[0], honest[1], flipped]))])
     assert len(msgs) == 3 and strategy.round_log[1].get("agreeing") == 2  # the flipped reply is dropped
+
+
+def test_robust_direction_checks_replies_against_the_rounds_before_too(demo_paths):
+    """Late in training the honest replies of a round share little direction, so the coordinate-wise median of 4 no
+    longer tells a sign-flipped reply from an honest one (measured: sign-flip 1 of 8 held 0.84-0.86 to round 26, then
+    fell to 0.785). The direction filter also asks each reply to agree with the history h_t = beta h_{t-1} +
+    (1 - beta) u_t of the rounds' aggregated updates, which the filtered replies of many rounds set: a flipped reply
+    points against it, honest ones along it."""
+    from dataclasses import replace
+    from slimtune.federated.bounds import DirectionHistory, aggregate
+    cfg = replace(make_cfg(demo_paths, bits=FP32), robust="direction")
+    theta = theta_like()
+    task = {k: 0.1 * v for k, v in theta_like(3).items()}
+    noise = lambda seed: theta_like(seed)  # noqa: E731
+    history = DirectionHistory()
+    for t in range(5):  # early rounds: the honest replies share the task's direction, and every one is kept
+        early = [{k: task[k] + 0.02 * n for k, n in noise(100 + 4 * t + s).items()} for s in range(4)]
+        info = {}
+        aggregate(theta, early, [0.25] * 4, cfg, history=history, info=info)
+        assert info["agreeing"] == 4
+    # a late round: weakly aligned honest replies, and the hostile client's own honest reply flipped
+    late = [{k: 0.2 * task[k] + 0.05 * n for k, n in noise(200 + s).items()} for s in range(4)]
+    flipped = {k: -v for k, v in late[0].items()}
+    replies = [*late[1:], flipped]
+    without = {}
+    aggregate(theta, replies, [0.25] * 4, cfg, info=without)  # the median alone
+    assert without["agreeing"] == 4  # it cannot tell the flipped reply here
+    with_history = {}
+    update = aggregate(theta, replies, [0.25] * 4, cfg, history=history, info=with_history)
+    kept = with_history["agreeing"]
+    assert kept < 4
+    push = sum((update[k] * flipped[k]).sum() for k in theta)
+    expected = {k: sum(d[k] for d, keep in zip(replies, history.last_kept) if keep) / 4 for k in theta}
+    assert not history.last_kept[-1]  # the flipped reply is the one dropped
+    assert all(torch.allclose(update[k], expected[k], atol=1e-6) for k in theta) and float(push) < 0

@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from slimtune.federated.bounds import InfluenceBound, aggregate, client_weights
+from slimtune.federated.bounds import DirectionHistory, InfluenceBound, aggregate, client_weights
 from slimtune.federated.config import FederatedConfig
 from slimtune.privacy.secret import KeyedNoise, RunKey, secret_tensor
 from slimtune.federated.replies import parse_reply
@@ -47,6 +47,7 @@ class FedLPP(FedAvg):
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
         self.average = IterateAverage(cfg.server_average) if cfg.server_average else None
         self.bound = InfluenceBound(cfg.norm_bound)
+        self.history = DirectionHistory()  # --robust direction: the rounds' aggregated updates (bounds.py)
         self.nodes_replied: set[int] = set()  # every node a reply came from (the summary says how many)
 
     def server_model(self) -> dict[str, torch.Tensor]:
@@ -141,7 +142,7 @@ class FedLPP(FedAvg):
         else:
             deltas, cap = self.bound.bound_deltas(deltas)
         weights = client_weights([a["claimed"] for a in accepted], self.cfg.weighting)
-        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info)
+        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info, self.history)
         if info is not None:
             info["update_bound"] = cap
         return self.server_step(update)
