@@ -49,7 +49,7 @@ def main() -> None:
     from slimtune.peft import PeftSettings
     from slimtune.privacy import PrivacySpec
     from slimtune.train import TrainConfig, prepare, train
-    from slimtune.train.objective import per_example_eval_losses
+    from slimtune.train.classification import per_example_eval_losses
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--members", type=int, default=64)

@@ -22,7 +22,7 @@ def main() -> None:
     from slimtune.data import get_task, read_examples
     from slimtune.models import load_model_and_tokenizer
     from slimtune.report.memory_model import ModelShape, predict_peak_mb
-    from slimtune.train.objective import encode
+    from slimtune.train.classification import encode
 
     measured = json.loads((ROOT / "benchmarks/results/zo_step.json").read_text())["results"]
     runtime = float(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True,

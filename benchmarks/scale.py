@@ -181,7 +181,7 @@ def rebuilt_buffer(module, name: str, config):
 def batch_of(vocab: int, batch: int, seq: int, device: str = "cpu"):
     import torch
 
-    from slimtune.train.objective import EncodedBatch
+    from slimtune.train.classification import EncodedBatch
 
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(10, vocab, (batch, seq), generator=gen)
@@ -199,7 +199,7 @@ def child(spec: dict) -> dict:
 
     from slimtune.optim import OptimizerArgs, build_optimizer
     from slimtune.peft import PeftSettings, apply_peft
-    from slimtune.train.objective import per_example_losses
+    from slimtune.train.classification import per_example_losses
 
     torch.set_num_threads(spec["threads"])
     device = spec.get("device", "cpu")

@@ -49,7 +49,7 @@ def run_one(name: str, batch_size: int, steps: int, device: str) -> dict:
     from slimtune.optim import OptimizerArgs, build_optimizer
     from slimtune.peft import PeftSettings, apply_peft, peft_summary
     from slimtune.train.metrics import peak_memory_mb
-    from slimtune.train.objective import encode, label_token_ids, per_example_losses
+    from slimtune.train.classification import encode, label_token_ids, per_example_losses
 
     task = get_task("sst2")
     examples = read_examples(str(ROOT / "slimtune/data/demo/sst2_demo_train.tsv"), task)[:batch_size]

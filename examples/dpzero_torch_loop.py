@@ -18,7 +18,7 @@ import slimtune
 from slimtune.data import get_task, read_examples
 from slimtune.models import load_model_and_tokenizer
 from slimtune.peft import save_peft
-from slimtune.train.objective import encode, evaluate, label_token_ids, per_example_losses
+from slimtune.train.classification import encode, evaluate, label_token_ids, per_example_losses
 
 DEMO = Path(slimtune.__file__).parent / "data" / "demo"
 

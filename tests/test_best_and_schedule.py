@@ -11,7 +11,7 @@ from slimtune.optim import OptimizerArgs
 from slimtune.optim.schedule import SCHEDULES, lr_multiplier
 from slimtune.peft import PeftSettings, load_peft
 from slimtune.train import TrainConfig, prepare, train
-from slimtune.train.objective import evaluate
+from slimtune.train.classification import evaluate
 
 
 def config(tmp_path, demo_paths, name="run", **kw):

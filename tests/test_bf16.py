@@ -11,7 +11,7 @@ from slimtune.models import load_model_and_tokenizer
 from slimtune.optim import OptimizerArgs, build_optimizer
 from slimtune.peft import PeftSettings
 from slimtune.train import TrainConfig, prepare, train
-from slimtune.train.objective import encode, label_token_ids, per_example_losses
+from slimtune.train.classification import encode, label_token_ids, per_example_losses
 from slimtune.zo import MeZO, MeZOConfig, precision
 from slimtune.zo.fzoo import FZOO, FZOOConfig
 from slimtune.zo.hizoo import HiZOO, HiZOOConfig

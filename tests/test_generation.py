@@ -276,7 +276,7 @@ def test_models_that_expect_bos_get_it_once_at_the_start_of_prompts():
     """Gemma-style tokenizers add BOS; slimtune puts it before prompts itself (and never before completions)."""
     from tokenizers.processors import TemplateProcessing
     from slimtune.models import bos_prefix, tiny_tokenizer
-    from slimtune.train.objective import encode
+    from slimtune.train.classification import encode
     from slimtune.data.tasks import Example
 
     plain = tiny_tokenizer(["food pizza place"])

@@ -164,7 +164,7 @@ def test_a_stale_pissa_init_does_not_touch_a_later_lora_adapter(tmp_path, demo_p
 
 def test_multi_token_label_words_and_trailing_template_space_warn(tmp_path):
     from slimtune.data import get_task
-    from slimtune.train.objective import label_token_ids
+    from slimtune.train.classification import label_token_ids
 
     with pytest.warns(UserWarning, match="ends with whitespace"):
         task = get_task("custom", template="{sentence} It was ", label_words="0=bad,1=good")

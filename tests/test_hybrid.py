@@ -137,7 +137,7 @@ def _step_peak_mb(optimizer_name, peft, fo_layers, tiny):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from slimtune.peft import PeftSettings, apply_peft
-    from slimtune.train.objective import encode, label_token_ids, per_example_losses
+    from slimtune.train.classification import encode, label_token_ids, per_example_losses
     from slimtune.data import get_task
 
     _, tok, examples = tiny

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from slimtune.train.objective import encode, label_token_ids, per_example_losses
+from slimtune.train.classification import encode, label_token_ids, per_example_losses
 from slimtune.data import get_task
 from slimtune.zo import LOZO, LOZOConfig
 

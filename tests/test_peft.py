@@ -115,7 +115,7 @@ def test_zo_svfit_lowers_the_loss(tmp_path, demo_paths):
     """ZO + SVFit (relative scales, the default under ZO) moves the model: the training loss goes down."""
     from slimtune.optim import OptimizerArgs
     from slimtune.train import TrainConfig, prepare
-    from slimtune.train.objective import encode, per_example_losses
+    from slimtune.train.classification import encode, per_example_losses
 
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), train_data=demo_paths[0], model="tiny-llama", optimizer="mezo",
                       optim=OptimizerArgs(lr=10.0, eps=1e-2), peft=PeftSettings("svfit", r=4), steps=60,
@@ -160,7 +160,7 @@ def test_dp_sgd_per_example_gradients_of_svfit_are_exact(tiny, relative):
 
     from slimtune.peft.svfit import SVFitLinear
     from slimtune.privacy.dpsgd import _check_opacus_support, svfit_grad_sample
-    from slimtune.train.objective import encode, label_token_ids, per_example_losses
+    from slimtune.train.classification import encode, label_token_ids, per_example_losses
     from slimtune.data import get_task
 
     model, tok, examples = tiny

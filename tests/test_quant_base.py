@@ -18,7 +18,7 @@ from slimtune.optim import OptimizerArgs, build_optimizer
 from slimtune.peft import PeftSettings, apply_peft
 from slimtune.report.memory_model import ModelShape
 from slimtune.train import TrainConfig, prepare, train
-from slimtune.train.objective import encode, label_token_ids, per_example_losses
+from slimtune.train.classification import encode, label_token_ids, per_example_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_bnb = pytest.mark.skipif(__import__("importlib").util.find_spec("bitsandbytes") is None,

@@ -1,6 +1,6 @@
 """What a run optimises and how it is evaluated, behind one interface the trainer uses for every optimizer:
 
-- `classification`: cross-entropy of the label word at the end of a prompt (train/objective.py); accuracy, loss.
+- `classification`: cross-entropy of the label word at the end of a prompt (train/classification.py); accuracy, loss.
 - `generation`: mean token cross-entropy of the completion (generation/objective.py); loss, perplexity and, when
   decoding is on, BLEU, ROUGE-L, exact match and token F1 of greedy/beam outputs (generation/metrics.py).
 
@@ -50,23 +50,23 @@ class ClassificationObjective:
         return raw
 
     def bind(self, tokenizer) -> None:
-        from slimtune.train.objective import label_token_ids
+        from slimtune.train.classification import label_token_ids
         self.tokenizer, self.label_ids = tokenizer, label_token_ids(tokenizer, self.task)
 
     def texts(self, examples: list) -> list[str]:
         return [e.prompt for e in examples]
 
     def encode(self, examples: list, max_length: int):
-        from slimtune.train.objective import encode
+        from slimtune.train.classification import encode
         return encode(self.tokenizer, examples, max_length)
 
     def losses(self, model, batch):
-        from slimtune.train.objective import per_example_losses
+        from slimtune.train.classification import per_example_losses
         return per_example_losses(model, batch, self.label_ids)
 
     def evaluate(self, model, examples: list, device: str, predictions: list | None = None) -> dict:
         """Accuracy and loss (`predictions`: generation only; the CLI refuses it for classification)."""
-        from slimtune.train.objective import evaluate
+        from slimtune.train.classification import evaluate
         return evaluate(model, self.tokenizer, examples, self.label_ids, self.eval_batch_size, device, self.max_length)
 
 

@@ -1,4 +1,5 @@
-"""The training objective: cross-entropy over the label words' log-likelihood at the end of each prompt."""
+"""Label-word classification: cross-entropy over the label words' log-likelihood at the end of each prompt
+(encoding, losses, evaluation)."""
 
 from __future__ import annotations
 
