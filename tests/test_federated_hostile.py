@@ -300,3 +300,21 @@ def test_robust_direction_checks_replies_against_the_rounds_before_too(demo_path
     expected = {k: sum(d[k] for d, keep in zip(replies, history.last_kept) if keep) / 4 for k in theta}
     assert not history.last_kept[-1]  # the flipped reply is the one dropped
     assert all(torch.allclose(update[k], expected[k], atol=1e-6) for k in theta) and float(push) < 0
+
+
+def test_the_history_gives_way_when_the_honest_majority_turns(demo_paths):
+    """Liveness: replies that agree with each other but all point against the history (theta overshot along it) are
+    kept, so training does not stall on a stale direction (held to h, no reply would be kept and h would never
+    turn); the update then turns h towards them."""
+    from dataclasses import replace
+    from slimtune.federated.bounds import DirectionHistory, aggregate, update_norm
+    cfg = replace(make_cfg(demo_paths, bits=FP32), robust="direction")
+    theta = theta_like()
+    task = {k: 0.1 * v for k, v in theta_like(3).items()}
+    history = DirectionHistory()
+    history.update(task)
+    back = [{k: -task[k] + 0.02 * n for k, n in theta_like(300 + s).items()} for s in range(4)]
+    info = {}
+    update = aggregate(theta, back, [0.25] * 4, cfg, history=history, info=info)
+    assert info["agreeing"] == 4 and update_norm(update) > 0
+    assert sum((update[k] * task[k]).sum() for k in theta) < 0  # it moves back, against the old history

@@ -125,14 +125,21 @@ def agreeing(deltas: list[dict], theta: dict, history: DirectionHistory | None =
     Late in training the honest replies of a round share little direction and the median of a few no longer tells a
     flipped reply (measured: sign-flip 1 of 8 held 0.84-0.86 to round 26, then fell to 0.785), so with a `history`
     a reply must also agree with the rounds before (cos(Delta_k, h) > 0, DirectionHistory): a flipped reply points
-    against what the filtered replies of many rounds moved theta along."""
+    against what the filtered replies of many rounds moved theta along. Unless fewer than half of the replies that
+    agree with the round also agree with the history: the honest majority has turned (theta overshot along h, or the
+    task moved on), and holding it to h would stall training (no reply kept, h never turning); the round's own
+    agreement then stands, as without a history. One reply cannot trigger that: it can only add itself to either
+    count."""
     reference = {name: coordinate_median([d[name] for d in deltas]) for name in theta}
     ref_norm = update_norm(reference)
-    keep = []
+    by_round = []
     for d in deltas:
         dot = sum((d[name].double() * reference[name].double()).sum() for name in theta).item()
-        keep.append(ref_norm > 0 and update_norm(d) > 0 and dot > 0 and (history is None or history.agrees(d)))
-    return keep
+        by_round.append(ref_norm > 0 and update_norm(d) > 0 and dot > 0)
+    if history is None:
+        return by_round
+    both = [k and history.agrees(d) for k, d in zip(by_round, deltas)]
+    return both if 2 * sum(both) >= sum(by_round) else by_round
 
 
 def client_weights(claims: list[float | None], weighting: str) -> list[float]:
