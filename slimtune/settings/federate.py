@@ -97,8 +97,8 @@ class FederateSettings(Settings):
                              "median claim)", choices=("equal", "examples"))
     robust: str = setting("auto", "aggregation of the bounded updates: auto (direction for LoRA replies; the mean for "
                           "zo-seeds and client-level DP), none (mean), median (coordinate-wise) or direction (the "
-                          "mean of the replies that agree with the round's median; a reply pushing against it gets "
-                          "no weight)", choices=("auto", "none", "median", "direction", "clip"))
+                          "mean of the replies that agree with the round's median and with the history of the rounds' "
+                          "updates; a reply pushing against them gets no weight)", choices=("auto", "none", "median", "direction", "clip"))
     dither: float = setting(0.0, "fixed secret dither on the broadcast, in units of the largest quantization step "
                             "(0: off)", low=0, high=2)
     clients_per_round: int = setting(0, "clients sampled to train each round (0: all)", low=0)
