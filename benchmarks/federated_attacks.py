@@ -180,6 +180,9 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
     return results
 
 
+ROBUST_CHOICES = ("none", "median", "direction")  # --robust of the hostile rows (a retired rule's rows stay as history)
+
+
 def hostile_table(results: dict | None) -> str:
     """README rows: theta after the last round against the all-honest run of the same mode, with the verdict."""
     if not results:
@@ -222,7 +225,7 @@ def hostile_table(results: dict | None) -> str:
     from slimtune.federated.hostile import ATTACKS
     ran = {(r["setup"]["attack"], r["setup"]["hostile_clients"], r["setup"].get("robust", "none"))
            for r in results.values() if r["setup"]["attack"]}
-    for robust in sorted({r["setup"].get("robust", "none") for r in results.values()}):
+    for robust in sorted({r["setup"].get("robust", "none") for r in results.values()} & set(ROBUST_CHOICES)):
         clients = next(iter(results.values()))["setup"]["clients"]
         missing = [f"{a}-{k}of{clients}{robust_suffix(robust)}" for k in sorted(HOSTILE_TARGET) for a in ATTACKS
                    if (a, k, robust) not in ran]
@@ -268,7 +271,7 @@ def main() -> None:
                     "all, or some of size-lie norm-999 sign-flip inf-scalar")
     ap.add_argument("--hostile-clients", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--hostile-out", type=Path, default=HOSTILE_OUT)
-    ap.add_argument("--robust", default="none", choices=["none", "median", "direction"],
+    ap.add_argument("--robust", default="none", choices=list(ROBUST_CHOICES),
                     help="hostile rows: the server's aggregation (median: coordinate-wise median; direction: the "
                     "replies agreeing with the round's median; rows named '<row>-<robust>', compared with "
                     "'honest-<robust>')")
