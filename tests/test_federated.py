@@ -90,10 +90,10 @@ class InProcessGrid:
 
 
 def make_cfg(demo_paths, **kw):
-    """Plain FedAvg unless a test asks otherwise (server_optimizer=None: the swept default)."""
+    """Plain FedAvg at a constant server lr unless a test asks otherwise (server_optimizer=None: the swept default)."""
     train_path, dev_path = demo_paths
     return FederatedConfig(**{"data": train_path, "eval_data": dev_path, "num_clients": 3, "local_steps": 2, "lr": 1e-2,
-                              "server_optimizer": "fedavg", **kw})
+                              "server_optimizer": "fedavg", "server_lr_scheduler": "constant", **kw})
 
 
 def theta_like(seed=0):
@@ -617,3 +617,25 @@ def test_robust_aggregation_bounds_one_hostile_client(demo_paths):
         assert moved <= biggest_honest + 1e-5, robust  # the 100s never get through
     with pytest.raises(Exception, match="--robust"):
         make_cfg(demo_paths, robust="median", client_dp_clip=1.0).validate()
+
+
+def test_server_lr_follows_its_schedule_over_the_rounds(demo_paths):
+    """--server-lr-scheduler (default cosine): round t steps with server_lr * multiplier(t - 1) over --rounds, so the
+    last rounds take small steps (a hostile push that gets past the aggregation late cannot undo what was learnt).
+    FedAvg, 4 rounds, cosine: multipliers 1, 0.854, 0.5, 0.146 of the same delta."""
+    import math
+    cfg = make_cfg(demo_paths, bits=FP32, rounds=4, server_lr_scheduler="cosine")
+    assert FederatedConfig.server_lr_scheduler == "cosine"
+    theta = theta_like()
+    strategy = FedLPP(cfg, theta)
+    d = theta_like(1)
+    for rnd in range(1, 5):
+        before = {k: v.clone() for k, v in strategy.theta.items()}
+        msgs = instructions(strategy)
+        assert "server_lr_scheduler" not in json.loads(str(msgs[0].content["config"]["slimtune-config"]))
+        strategy.aggregate_train(rnd, [reply(msgs[0], {k: v.numpy() for k, v in d.items()}, 10, 11)])
+        factor = 0.5 * (1 + math.cos(math.pi * (rnd - 1) / 4))
+        for k in theta:
+            assert torch.allclose(strategy.theta[k] - before[k], factor * d[k], atol=1e-5), (rnd, k)
+    with pytest.raises(Exception, match="--server-lr-scheduler"):
+        make_cfg(demo_paths, server_lr_scheduler="zigzag").validate()

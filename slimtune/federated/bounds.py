@@ -14,8 +14,7 @@ A round's accepted replies become deltas Delta_k: a LoRA reply is its decoded up
                 (the accounting needs a bound that does not depend on other clients' data);
     aggregate   sum_k w_k Delta_k (--robust none; auto's choice for zo-seeds and client-level DP); or the
                 coordinate-wise median of the Delta_k (--robust median); or (--robust direction, auto's choice for
-                LoRA replies) sum_k w_k Delta_k over the Delta_k with cos(Delta_k, median) > 0 and cos(Delta_k, h_t) > 0
-                only, h_t the history of the rounds' aggregated updates (DirectionHistory): a dropped reply's
+                LoRA replies) sum_k w_k Delta_k over the Delta_k with cos(Delta_k, median) > 0 only: a dropped reply's
                 weight is not handed to the others, so no reply weighs more than in the mean (a coalition that makes
                 the median and gets honest replies dropped gains nothing); with client-level DP the uniform mean plus
                 N(0, (sigma S / K)^2) on the trained entries.
@@ -33,7 +32,6 @@ import torch
 from slimtune.federated.model import is_trained
 
 WINDOW = 3  # rounds of norms (and zo-seeds scalars) the median is taken over
-HISTORY_DECAY = 0.9  # the direction filter's history: h_t = beta h_{t-1} + (1 - beta) u_t (~10 rounds)
 
 
 def lower_median(values: list[float]) -> float:
@@ -88,30 +86,7 @@ def coordinate_median(values: list[torch.Tensor]) -> torch.Tensor:
     return ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
 
 
-class DirectionHistory:
-    """The direction theta has been moving in: h_t = beta h_{t-1} + (1 - beta) u_t over the rounds' aggregated
-    updates u_t (before the server optimizer), beta = HISTORY_DECAY. It is set by the replies the filter kept over
-    the last ~1/(1 - beta) rounds, so one hostile client (at most one reply in a round of several, each within the
-    norm bound) moves it little, and only along directions the filter let through."""
-
-    def __init__(self, decay: float = HISTORY_DECAY):
-        self.decay, self.direction, self.last_kept = decay, None, []
-
-    def update(self, u: dict[str, torch.Tensor]) -> None:
-        if self.direction is None:
-            self.direction = {k: v.detach().double().clone() for k, v in u.items()}
-            return
-        for k, v in u.items():
-            self.direction[k].mul_(self.decay).add_(v.double(), alpha=1 - self.decay)
-
-    def agrees(self, d: dict[str, torch.Tensor]) -> bool:
-        """cos(d, h) > 0; True while there is no history (the first round) or it is zero (nothing kept yet)."""
-        if self.direction is None or update_norm(self.direction) == 0:
-            return True
-        return sum((d[k].double() * h).sum() for k, h in self.direction.items()).item() > 0
-
-
-def agreeing(deltas: list[dict], theta: dict, history: DirectionHistory | None = None) -> list[bool]:
+def agreeing(deltas: list[dict], theta: dict) -> list[bool]:
     """Which replies point the way the round does: cos(Delta_k, m) > 0, with m the coordinate-wise median of the
     round's (bounded) deltas. m is set by the honest majority, so a reply pushing against it (a sign flip, at any
     norm the bound lets in) is dropped, while honest replies from different data, which share the task's direction,
@@ -120,26 +95,14 @@ def agreeing(deltas: list[dict], theta: dict, history: DirectionHistory | None =
     dropped always at rho >= 0.3 (0.2) and never at rho <= 0.1 (0.05); zeroth-order local training's replies (MeZO,
     zo-seeds: rho ~ 0.01) do not share one, and a flipped reply is kept there. One reply of 4 cannot make the median
     disagree with every honest one (the best such reply, a linear programme over the range it controls, leaves each
-    honest cosine >= 0.3 even for orthogonal honest replies); it can get one weakly aligned honest reply dropped.
-
-    Late in training the honest replies of a round share little direction and the median of a few no longer tells a
-    flipped reply (measured: sign-flip 1 of 8 held 0.84-0.86 to round 26, then fell to 0.785), so with a `history`
-    a reply must also agree with the rounds before (cos(Delta_k, h) > 0, DirectionHistory): a flipped reply points
-    against what the filtered replies of many rounds moved theta along. Unless fewer than half of the replies that
-    agree with the round also agree with the history: the honest majority has turned (theta overshot along h, or the
-    task moved on), and holding it to h would stall training (no reply kept, h never turning); the round's own
-    agreement then stands, as without a history. One reply cannot trigger that: it can only add itself to either
-    count."""
+    honest cosine >= 0.3 even for orthogonal honest replies); it can get one weakly aligned honest reply dropped."""
     reference = {name: coordinate_median([d[name] for d in deltas]) for name in theta}
     ref_norm = update_norm(reference)
-    by_round = []
+    keep = []
     for d in deltas:
         dot = sum((d[name].double() * reference[name].double()).sum() for name in theta).item()
-        by_round.append(ref_norm > 0 and update_norm(d) > 0 and dot > 0)
-    if history is None:
-        return by_round
-    both = [k and history.agrees(d) for k, d in zip(by_round, deltas)]
-    return both if 2 * sum(both) >= sum(by_round) else by_round
+        keep.append(ref_norm > 0 and update_norm(d) > 0 and dot > 0)
+    return keep
 
 
 def client_weights(claims: list[float | None], weighting: str) -> list[float]:
@@ -151,8 +114,7 @@ def client_weights(claims: list[float | None], weighting: str) -> list[float]:
     return [c / sum(capped) for c in capped]
 
 
-def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=None, info: dict | None = None,
-              history: DirectionHistory | None = None) -> dict:
+def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=None, info: dict | None = None) -> dict:
     """The round's update from bounded deltas: weighted mean, coordinate-wise median, or (client-level DP) the
     uniform mean plus Gaussian noise on what is trained. Under FFA, A's (zero) deltas are dropped and A gets no
     noise: it is never released changed, so noising it would only damage the model."""
@@ -162,18 +124,14 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
     if rule == "median":
         return {name: coordinate_median([d[name] for d in deltas]) for name in theta}
     if rule == "direction":
-        keep = agreeing(deltas, theta, history)
+        keep = agreeing(deltas, theta)
         if info is not None:
             info["agreeing"] = sum(keep)  # replies kept by the direction filter (metrics.jsonl)
         # kept replies keep their weights; a dropped reply's weight goes to nobody (renormalising handed it to the
         # kept ones, so a coalition that got honest replies dropped gained weight)
         deltas, weights = [d for d, k in zip(deltas, keep) if k], [w for w, k in zip(weights, keep) if k]
-        update = {name: sum((w * d[name] for w, d in zip(weights, deltas)), torch.zeros_like(value))
-                  for name, value in theta.items()}
-        if history is not None:
-            history.last_kept = keep
-            history.update(update)
-        return update
+        if not deltas:
+            return {name: torch.zeros_like(value) for name, value in theta.items()}
     private = cfg.client_dp_clip > 0
     if private:
         weights = [1.0 / len(deltas)] * len(deltas)

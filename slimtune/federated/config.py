@@ -33,7 +33,7 @@ SETTINGS_FILE = "slimtune-server.toml"  # its default place: $FLWR_HOME (the Sup
 SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "eval_every", "rounds", "client_dp_clip", "client_dp_noise",
                "client_dp_delta", "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
                "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window", "dither",
-               "server_average", "weighting", "norm_bound")
+               "server_average", "weighting", "norm_bound", "server_lr_scheduler")
 
 
 @dataclass
@@ -85,6 +85,10 @@ class FederatedConfig:
     server_lr: float | None = None  # None: Flower's default for the server optimizer
     server_momentum: float = 0.9  # fedavgm
     server_average: float | None = None  # EMA decay of the server's model over its iterates (server_opt.py; 0: off)
+    # the server lr over the rounds, a transformers.get_scheduler name (optim/schedule.py): round t steps with
+    # server_lr * multiplier(t - 1) over `rounds`. cosine: late rounds take small steps, so a push that gets past the
+    # aggregation late in training cannot undo what was learnt (server_opt.py)
+    server_lr_scheduler: str = "cosine"
     round_timeout: float = 600.0  # server: seconds to wait for a round's replies (late clients are dropped)
     node_timeout: float = 300.0  # server: seconds to wait for num_clients SuperNodes to connect before giving up
     dither: float = 0.0  # server: fixed secret dither on the broadcast, in units of the largest level gap (0: off)
@@ -169,6 +173,10 @@ class FederatedConfig:
         from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
         server = self.resolved()
         ServerOptimizer(server.server_optimizer, server.server_lr, server.server_momentum)  # one-line errors
+        from slimtune.optim.schedule import SCHEDULES
+        if self.server_lr_scheduler not in SCHEDULES:
+            raise SlimtuneError(f"--server-lr-scheduler {self.server_lr_scheduler!r}: choose one of "
+                                f"{', '.join(SCHEDULES)}")
         IterateAverage(server.server_average)
         if not 0 <= self.clients_per_round <= self.num_clients:
             raise SlimtuneError(f"--clients-per-round {self.clients_per_round}: must be in 1..--clients "

@@ -151,7 +151,7 @@ def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=N
                "weighting": cfg.weighting, "norm_bound": cfg.norm_bound, "robust": cfg.robust,
                "aggregation_rule": robust_rule(cfg.robust, cfg.mode, cfg.client_dp_clip > 0),
                "server_optimizer": cfg.server_optimizer, "server_lr": cfg.server_lr,
-               "server_average": cfg.server_average,
+               "server_average": cfg.server_average, "server_lr_scheduler": cfg.server_lr_scheduler,
                "final_iterate_accuracy": last.get("iterate_accuracy"),
                "task": cfg.task, "final_accuracy": last.get("server_accuracy"),
                "client_visible_accuracy": last.get("client_visible_accuracy"),

@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from slimtune.federated.bounds import DirectionHistory, InfluenceBound, aggregate, client_weights
+from slimtune.federated.bounds import InfluenceBound, aggregate, client_weights
 from slimtune.federated.config import FederatedConfig
 from slimtune.privacy.secret import KeyedNoise, RunKey, secret_tensor
 from slimtune.federated.replies import parse_reply
@@ -45,9 +45,10 @@ class FedLPP(FedAvg):
         self._encoded = None  # (theta it encodes, arrays, bytes)
         self.dither = secret_dither(self.shapes, cfg)  # fixed for the run, never sent, never seeded from the config
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
+        from slimtune.optim.schedule import lr_multiplier
+        self.base_lr, self.lr_schedule = self.server_opt.lr, lr_multiplier(cfg.server_lr_scheduler, max(cfg.rounds, 1))
         self.average = IterateAverage(cfg.server_average) if cfg.server_average else None
         self.bound = InfluenceBound(cfg.norm_bound)
-        self.history = DirectionHistory()  # --robust direction: the rounds' aggregated updates (bounds.py)
         self.nodes_replied: set[int] = set()  # every node a reply came from (the summary says how many)
 
     def server_model(self) -> dict[str, torch.Tensor]:
@@ -113,6 +114,7 @@ class FedLPP(FedAvg):
             log.warning("round %d: %d of %d sampled clients did not reply within the round timeout (%.0f s); their "
                         "work is lost", server_round, missing, info["sampled"], self.cfg.round_timeout)
         if accepted:
+            self.server_opt.lr = self.base_lr * self.lr_schedule(server_round - 1)  # --server-lr-scheduler
             self.theta = self.apply_updates(accepted, info)
             if self.average is not None:
                 self.average.update(self.theta)
@@ -142,7 +144,7 @@ class FedLPP(FedAvg):
         else:
             deltas, cap = self.bound.bound_deltas(deltas)
         weights = client_weights([a["claimed"] for a in accepted], self.cfg.weighting)
-        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info, self.history)
+        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info)
         if info is not None:
             info["update_bound"] = cap
         return self.server_step(update)

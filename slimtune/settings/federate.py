@@ -80,6 +80,10 @@ class FederateSettings(Settings):
                                      applies=when(server_optimizer=("fedavgm",)))
     server_average: float | None = setting(None, "the server keeps an EMA of its iterates with this decay as its "
                                            "model (0: off)", low=0, high=1, high_open=True)
+    server_lr_scheduler: str = setting("cosine", "the server lr over the rounds (transformers' schedule names): "
+                                       "cosine takes small steps late, where a hostile push that got past the "
+                                       "aggregation would otherwise undo what was learnt",
+                                       choices=("constant", "linear", "cosine", "polynomial", "inverse_sqrt"))
     mode: str = setting("lora", "lora (deltas) or zo-seeds (FedKSeed-style seed/scalar pairs)",
                         choices=("lora", "zo-seeds"))
     client_dp_clip: float = setting(0.0, "client-level DP: L2 clip of each delta (0: off)", low=0)
@@ -97,8 +101,8 @@ class FederateSettings(Settings):
                              "median claim)", choices=("equal", "examples"))
     robust: str = setting("auto", "aggregation of the bounded updates: auto (direction for LoRA replies; the mean for "
                           "zo-seeds and client-level DP), none (mean), median (coordinate-wise) or direction (the "
-                          "mean of the replies that agree with the round's median and with the history of the rounds' "
-                          "updates; a reply pushing against them gets no weight)", choices=("auto", "none", "median", "direction", "clip"))
+                          "mean of the replies that agree with the round's median; a reply pushing against it gets "
+                          "no weight)", choices=("auto", "none", "median", "direction", "clip"))
     dither: float = setting(0.0, "fixed secret dither on the broadcast, in units of the largest quantization step "
                             "(0: off)", low=0, high=2)
     clients_per_round: int = setting(0, "clients sampled to train each round (0: all)", low=0)
