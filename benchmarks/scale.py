@@ -300,11 +300,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (the CUDA allocator's peak)")
+    ap.add_argument("--gpu", action="store_true", help="the same as --device cuda (as the other benchmarks)")
     ap.add_argument("--budget-gb", type=float, default=None, help="planner budget (default: 90%% of available, as train)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--table", action="store_true", help="print the README table from scale.json")
     ap.add_argument("--readme", action="store_true", help="write the table into the marked pages (docs/benchmarks/memory-scaling.md)")
     args = ap.parse_args()
+    if args.gpu:
+        args.device = "cuda"
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return
