@@ -146,7 +146,27 @@ def hostile_config(name: str, attack: str | None, data: Path, dev: Path, run_dir
                            local_steps=args.local_steps, lr=args.lr, eps=1e-2 if zo else 1e-3, batch_size=16,
                            lora_r=8, dirichlet_alpha=0.5, out_dir=str(run_dir), mode="zo-seeds" if zo else "lora",
                            local_optimizer="mezo" if zo else "adamw", round_timeout=7200, robust=args.robust,
-                           eval_every=5)  # the full dev set 3x per round dominated the run; rounds 0, 5, ... and 26-30
+                           eval_every=5,  # the full dev set 3x per round dominated the run; rounds 0, 5, ... and 26-30
+                           **server_step(args))
+
+
+def server_step(args) -> dict:
+    """--hostile-server-optimizer: the hostile rows' server step instead of the default (lr: --server-lr or Flower's;
+    fedavgm: --server-momentum; no iterate averaging)."""
+    name = getattr(args, "hostile_server_optimizer", None)
+    if not name:
+        return {}
+    return {"server_optimizer": name, "server_lr": args.server_lr, "server_momentum": args.server_momentum,
+            "server_average": 0.0}
+
+
+def row_label(args) -> str:
+    """The rows' suffix: the aggregation (robust_suffix), then the server step when it is not the default's."""
+    name = getattr(args, "hostile_server_optimizer", None)
+    if not name:
+        return args.robust
+    return f"{args.robust}-{name}" + (f"-m{args.server_momentum:g}" if name == "fedavgm" else "") + \
+        (f"-slr{args.server_lr:g}" if args.server_lr else "")
 
 
 def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None) -> dict:
@@ -163,7 +183,8 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
     out = args.hostile_out
     out.mkdir(parents=True, exist_ok=True)
     path, results = out.with_suffix(".json"), {}
-    for name, attack, k in hostile_grid(args.hostile, args.hostile_clients, args.clients, args.robust):
+    label = row_label(args)
+    for name, attack, k in hostile_grid(args.hostile, args.hostile_clients, args.clients, label):
         if attack is None and getattr(args, "skip_references", False):
             continue  # another process runs the all-honest reference
         run_dir = out / name
@@ -174,7 +195,7 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         setup = {"attack": attack, "hostile_clients": k, "clients": args.clients,
                  "clients_per_round": args.clients_per_round, "robust": args.robust,
-                 "reference": reference_of(name, attack, args.robust)}
+                 "reference": reference_of(name, attack, label), **({"server": label} if label != args.robust else {})}
         results = merged(path, {name: {**summary, "round_metrics": rounds, "setup": setup}})
         print(name, {k: summary[k] for k in ("final_accuracy", "accepted_updates")}, flush=True)
     return results
@@ -275,6 +296,9 @@ def main() -> None:
                     help="hostile rows: the server's aggregation (median: coordinate-wise median; direction: the "
                     "replies agreeing with the round's median; rows named '<row>-<robust>', compared with "
                     "'honest-<robust>')")
+    ap.add_argument("--hostile-server-optimizer", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"],
+                    help="hostile rows: this server step instead of the default (with --server-lr, --server-momentum; "
+                         "no averaging); rows are named after it")
     ap.add_argument("--skip-references", action="store_true", help="hostile rows: only the attack rows (run the "
                     "all-honest reference in another process with --hostile-clients and no count)")
     args = ap.parse_args()

@@ -83,7 +83,7 @@ class FederatedConfig:
     # which then also sets server_lr and server_average where they are None
     server_optimizer: str | None = None
     server_lr: float | None = None  # None: Flower's default for the server optimizer
-    server_momentum: float = 0.9  # fedavgm
+    server_momentum: float | None = None  # fedavgm; None: the default step's, or 0.9 (server_opt.FEDAVGM_MOMENTUM)
     server_average: float | None = None  # EMA decay of the server's model over its iterates (server_opt.py; 0: off)
     # the server lr over the rounds, a transformers.get_scheduler name (optim/schedule.py): round t steps with
     # server_lr * multiplier(t - 1) over `rounds`. cosine: late rounds take small steps, so a push that gets past the
@@ -116,12 +116,15 @@ class FederatedConfig:
     def resolved(self) -> "FederatedConfig":
         """This config with the server step filled in where it was left unset (None): without --server-optimizer,
         the swept (optimizer, lr, averaging) for the local optimizer; with it, Flower's lr and no averaging."""
-        from slimtune.federated.server_opt import server_defaults
+        from slimtune.federated.server_opt import FEDAVGM_MOMENTUM, server_defaults
         if self.server_optimizer is None:
-            name, lr, average = server_defaults(self.local_optimizer, self.mode)
+            name, lr, average, momentum = server_defaults(self.local_optimizer, self.mode)
             return replace(self, server_optimizer=name, server_lr=lr if self.server_lr is None else self.server_lr,
-                           server_average=average if self.server_average is None else self.server_average)
-        return replace(self, server_average=0.0) if self.server_average is None else self
+                           server_average=average if self.server_average is None else self.server_average,
+                           server_momentum=self.server_momentum if self.server_momentum is not None
+                           else momentum if momentum is not None else FEDAVGM_MOMENTUM)
+        return replace(self, server_average=0.0 if self.server_average is None else self.server_average,
+                       server_momentum=FEDAVGM_MOMENTUM if self.server_momentum is None else self.server_momentum)
 
     def validate(self) -> None:
         """One-line errors for values out of range and for combinations that would claim privacy they do not give,

@@ -71,12 +71,13 @@ class FederateSettings(Settings):
     alpha: float = setting(0.5, "Dirichlet concentration over labels (small: non-IID)", low=0, low_open=True)
     aggregation: str = setting("fedavg", "fedavg (FedIT) or ffa (FFA-LoRA, A frozen)", choices=("fedavg", "ffa"))
     server_optimizer: str | None = setting(None, "server step on the aggregated update: fedavg, fedavgm, fedadam, "
-                                           "fedyogi (Flower's semantics); default: for AdamW clients fedadam at server "
-                                           "lr 3e-3 with --server-average 0.8, else fedavg",
+                                           "fedyogi (Flower's semantics); default: for AdamW clients fedavgm (momentum "
+                                           "0.5, lr 1), else fedavg",
                                            choices=("fedavg", "fedavgm", "fedadam", "fedyogi"))
     server_lr: float | None = setting(None, "server learning rate (default: the swept one without --server-optimizer; "
                                       "else Flower's)", low=0, low_open=True)
-    server_momentum: float = setting(0.9, "fedavgm: server momentum", low=0, high=1, high_open=True,
+    server_momentum: float | None = setting(None, "fedavgm: server momentum (default 0.9; the default server step "
+                                            "for AdamW clients uses 0.5)", low=0, high=1, high_open=True,
                                      applies=when(server_optimizer=("fedavgm",)))
     server_average: float | None = setting(None, "the server keeps an EMA of its iterates with this decay as its "
                                            "model (0: off)", low=0, high=1, high_open=True)
