@@ -253,7 +253,7 @@ def hostile_table(results: dict | None) -> str:
         if missing:
             notes.append(f"Not run yet{'' if robust == 'none' else f' with --robust {robust}'}: {', '.join(missing)} "
                          f"(`python benchmarks/federated_attacks.py --hostile <attack> --hostile-clients 1 2"
-                         f"{'' if robust == 'none' else f' --robust {robust}'}`); each LoRA row is ~1 h of one core, "
+                         f"{'' if robust == 'none' else f' --robust {robust}'}`); each LoRA row is 25-60 min of one core, "
                          "each zo-seeds row ~20 min.")
     return "\n".join(rows) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
