@@ -265,4 +265,3 @@ def test_the_default_aggregation_filters_lora_replies_by_direction_only_where_it
     strategy.aggregate_train(1, [reply(m, as_arrays(d), 10, 11 + i)
                                  for i, (m, d) in enumerate(zip(msgs, [honest[0], honest[1], flipped]))])
     assert len(msgs) == 3 and strategy.round_log[1].get("agreeing") == 2  # the flipped reply is dropped
-
