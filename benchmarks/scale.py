@@ -186,8 +186,8 @@ def batch_of(vocab: int, batch: int, seq: int, device: str = "cpu"):
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(10, vocab, (batch, seq), generator=gen)
     ones = torch.ones(batch, seq, dtype=torch.long)
-    batch = EncodedBatch(ids, ones, torch.arange(seq).expand(batch, seq).contiguous(), torch.tensor([0, 1] * batch)[:batch])
-    return batch.to(device) if device != "cpu" else batch
+    return EncodedBatch(ids, ones, torch.arange(seq).expand(batch, seq).contiguous(),
+                        torch.tensor([0, 1] * batch)[:batch]).to(device)
 
 
 def rss_mb() -> float:

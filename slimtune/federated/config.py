@@ -121,8 +121,7 @@ class FederatedConfig:
             name, lr, average, momentum = server_defaults(self.local_optimizer, self.mode)
             return replace(self, server_optimizer=name, server_lr=lr if self.server_lr is None else self.server_lr,
                            server_average=average if self.server_average is None else self.server_average,
-                           server_momentum=self.server_momentum if self.server_momentum is not None
-                           else momentum if momentum is not None else FEDAVGM_MOMENTUM)
+                           server_momentum=momentum if self.server_momentum is None else self.server_momentum)
         return replace(self, server_average=0.0 if self.server_average is None else self.server_average,
                        server_momentum=FEDAVGM_MOMENTUM if self.server_momentum is None else self.server_momentum)
 
@@ -176,10 +175,10 @@ class FederatedConfig:
         from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
         server = self.resolved()
         ServerOptimizer(server.server_optimizer, server.server_lr, server.server_momentum)  # one-line errors
-        from slimtune.optim.schedule import SCHEDULES
-        if self.server_lr_scheduler not in SCHEDULES:
+        from slimtune.settings.federate import SERVER_LR_SCHEDULES
+        if self.server_lr_scheduler not in SERVER_LR_SCHEDULES:
             raise SlimtuneError(f"--server-lr-scheduler {self.server_lr_scheduler!r}: choose one of "
-                                f"{', '.join(SCHEDULES)}")
+                                f"{', '.join(SERVER_LR_SCHEDULES)}")
         IterateAverage(server.server_average)
         if not 0 <= self.clients_per_round <= self.num_clients:
             raise SlimtuneError(f"--clients-per-round {self.clients_per_round}: must be in 1..--clients "

@@ -45,12 +45,12 @@ DEFAULT_TAU = {"fedadam": 1e-9, "fedyogi": 1e-3}
 # so a reply within the norm bound moves it by at most its share. Other local optimizers were not swept and keep
 # plain FedAvg: FedAdam's normalisation would also turn any delta, however small or noisy (a ZO client's), into a
 # step of ~server-lr per coordinate.
-SWEPT_DEFAULTS = {"adamw": ("fedavgm", 1.0, 0.0, 0.5)}
-UNSWEPT_DEFAULT = ("fedavg", None, 0.0, None)
 FEDAVGM_MOMENTUM = 0.9  # --server-momentum when --server-optimizer fedavgm is chosen without it
+SWEPT_DEFAULTS = {"adamw": ("fedavgm", 1.0, 0.0, 0.5)}
+UNSWEPT_DEFAULT = ("fedavg", None, 0.0, FEDAVGM_MOMENTUM)  # fedavg has no momentum: the value only fills the config
 
 
-def server_defaults(local_optimizer: str, mode: str = "lora") -> tuple[str, float | None, float, float | None]:
+def server_defaults(local_optimizer: str, mode: str = "lora") -> tuple[str, float | None, float, float]:
     """(server optimizer, server lr, iterate-average decay, momentum) for a run that does not choose its server
     step."""
     clients_run = "mezo" if mode == "zo-seeds" else local_optimizer  # zo-seeds clients always run MeZO

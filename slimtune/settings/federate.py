@@ -36,6 +36,11 @@ def check_config_values(cfg, origin: str | None = None) -> None:
         raise SlimtuneError(f"--bits {cfg.bits} / --upload-bits {cfg.upload_bits}: each must be 1..8 or 32")
 
 
+# --server-lr-scheduler: transformers' schedules without a warm-up (the server has none: constant_with_warmup would be
+# constant, and one cosine cycle is cosine)
+SERVER_LR_SCHEDULES = ("constant", "linear", "cosine", "polynomial", "inverse_sqrt")
+
+
 @dataclass
 class FederateSettings(Settings):
     command = "federate"
@@ -84,7 +89,7 @@ class FederateSettings(Settings):
     server_lr_scheduler: str = setting("cosine", "the server lr over the rounds (transformers' schedule names): "
                                        "cosine takes small steps late, where a hostile push that got past the "
                                        "aggregation would otherwise undo what was learnt",
-                                       choices=("constant", "linear", "cosine", "polynomial", "inverse_sqrt"))
+                                       choices=SERVER_LR_SCHEDULES)
     mode: str = setting("lora", "lora (deltas) or zo-seeds (FedKSeed-style seed/scalar pairs)",
                         choices=("lora", "zo-seeds"))
     client_dp_clip: float = setting(0.0, "client-level DP: L2 clip of each delta (0: off)", low=0)
