@@ -204,6 +204,25 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
 ROBUST_CHOICES = ("none", "median", "direction")  # --robust of the hostile rows (a retired rule's rows stay as history)
 
 
+def missing_default_rows(results: dict) -> list[tuple[str, str, int, str]]:
+    """(row name, attack, hostile count, --robust) of every attack x target count with no row under the rule the
+    default (--robust auto) gives its mode: the direction filter for LoRA attacks, the mean for zo-seeds ones.
+    Rows of other or retired rules (suffixed names) do not count."""
+    from slimtune.federated import FederatedConfig
+    from slimtune.federated.config import robust_rule
+    from slimtune.federated.hostile import ATTACKS, LORA_ATTACKS
+    ran = {(r["setup"]["attack"], r["setup"]["hostile_clients"], r["setup"].get("robust") or "none")
+           for r in results.values() if r["setup"]["attack"] and not r["setup"].get("server")}
+    clients = next(iter(results.values()))["setup"]["clients"] if results else 8
+    missing = []
+    for k in sorted(HOSTILE_TARGET):
+        for attack in ATTACKS:
+            robust = robust_rule(FederatedConfig.robust, "lora" if attack in LORA_ATTACKS else "zo-seeds", False)
+            if (attack, k, robust) not in ran:
+                missing.append((f"{attack}-{k}of{clients}{robust_suffix(robust)}", attack, k, robust))
+    return missing
+
+
 def hostile_table(results: dict | None) -> str:
     """README rows: theta after the last round against the all-honest run of the same mode, with the verdict."""
     if not results:
@@ -243,18 +262,12 @@ def hostile_table(results: dict | None) -> str:
             notes.append(f"{name} ends where it started ({r['initial_accuracy']:.3f} at round 0): that mode does not "
                          f"learn in {r['rounds']} rounds at its defaults, so its attack rows can show only that theta "
                          "stays finite and where it was, not that learning survives the attack.")
-    from slimtune.federated.hostile import ATTACKS
-    ran = {(r["setup"]["attack"], r["setup"]["hostile_clients"], r["setup"].get("robust", "none"))
-           for r in results.values() if r["setup"]["attack"]}
-    for robust in sorted({r["setup"].get("robust", "none") for r in results.values()} & set(ROBUST_CHOICES)):
-        clients = next(iter(results.values()))["setup"]["clients"]
-        missing = [f"{a}-{k}of{clients}{robust_suffix(robust)}" for k in sorted(HOSTILE_TARGET) for a in ATTACKS
-                   if (a, k, robust) not in ran]
-        if missing:
-            notes.append(f"Not run yet{'' if robust == 'none' else f' with --robust {robust}'}: {', '.join(missing)} "
-                         f"(`python benchmarks/federated_attacks.py --hostile <attack> --hostile-clients 1 2"
-                         f"{'' if robust == 'none' else f' --robust {robust}'}`); each LoRA row is 25-60 min of one core, "
-                         "each zo-seeds row ~20 min.")
+    missing = missing_default_rows(results)
+    if missing:
+        notes.append("Not run yet under the default aggregation (--robust auto): " + ", ".join(
+            f"{name} (`python benchmarks/federated_attacks.py --hostile {attack} --hostile-clients {k}"
+            f"{'' if robust == 'none' else f' --robust {robust}'}`)" for name, attack, k, robust in missing)
+            + "; each LoRA row is 25-60 min of one core, each zo-seeds row ~20 min.")
     return "\n".join(rows) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
