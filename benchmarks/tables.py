@@ -373,6 +373,7 @@ TABLES = {"sst2": lambda: grid_table("sst2", MAIN_RUNS, 0.8), "dp": lambda: grid
           "peft": lambda: grid_table("sst2", PEFT_RUNS, 0.8), "mia": mia_table, "federated": federated_table,
           "federated-attacks": federated_attacks_table, "broadcast": broadcast_table,
           "federated-hostile": federated_hostile_table,
+          "robust-rules": lambda: __import__("robust_rules").table(read_results("robust_rules.json")),
           "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
           "generation-speed": generation_speed_table, "zo-step": zo_step_table, "gguf": gguf_table,
           "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
