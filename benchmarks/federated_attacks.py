@@ -307,7 +307,7 @@ def main() -> None:
     ap.add_argument("--hostile-out", type=Path, default=HOSTILE_OUT)
     ap.add_argument("--robust", default="none", choices=list(ROBUST_CHOICES),
                     help="hostile rows: the server's aggregation (median: coordinate-wise median; direction: the "
-                    "replies agreeing with the median of the round's other replies; rows named '<row>-<robust>', compared with "
+                    "replies agreeing with the round's median; rows named '<row>-<robust>', compared with "
                     "'honest-<robust>')")
     ap.add_argument("--hostile-server-optimizer", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"],
                     help="hostile rows: this server step instead of the default (with --server-lr, --server-momentum; "

@@ -14,10 +14,10 @@ over the kept replies with w_k = 1/4 (a dropped reply's weight goes to nobody, a
 progress along t summed over the rounds (all-honest mean: 30 tau), |drift along b|, the share of honest and of
 flipped replies each rule keeps.
 
-Rules: mean (--robust none); median (coordinate-wise); direction-v2 (cos with the median of all the round's
-replies > 0); direction (the default: cos with the median of the *other* replies > 0, bounds.agreeing);
-direction+standing (a candidate, not in the library: keep while the client's agreement summed over the rounds it
-replied in stays > 0).
+Rules: mean (--robust none); median (coordinate-wise); direction (the default for LoRA replies: cos with the median
+of all the round's replies > 0, bounds.agreeing); direction-loo (an experiment, measured on the real rows as
+*-direction-loo: cos with the median of the *other* replies > 0); direction-loo+standing (a candidate, not in the
+library: keep while the client's leave-one-out agreement summed over the rounds it replied in stays > 0).
 Usage: python benchmarks/robust_rules.py [--trials 40]   Results: benchmarks/results/robust_rules.json
 """
 
@@ -33,7 +33,7 @@ import torch
 from slimtune.federated.bounds import agreeing, coordinate_median
 
 OUT = Path(__file__).resolve().parent / "results" / "robust_rules.json"
-RULES = ("mean", "median", "direction-v2", "direction", "direction+standing")
+RULES = ("mean", "median", "direction", "direction-loo", "direction-loo+standing")
 TAUS = (2.0, 1.0, 0.5)  # task / label-skew pull: early rounds (task-dominated) to late ones (skew-dominated)
 DIM, CLIENTS, PER_ROUND, ROUNDS = 4000, 8, 4, 30
 
@@ -43,18 +43,22 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
 
 
+def leave_one_out(replies: list[torch.Tensor]) -> list[float]:
+    """cos(Delta_k, coordinate-wise median of the other replies), per reply."""
+    return [cosine(r, coordinate_median(replies[:k] + replies[k + 1:])) if len(replies) > 1 else 1.0
+            for k, r in enumerate(replies)]
+
+
 def kept(rule: str, replies: list[torch.Tensor], clients: list[int], standing: dict) -> list[bool]:
-    if rule == "mean" or rule == "median":
+    if rule in ("mean", "median"):
         return [True] * len(replies)
-    if rule == "direction-v2":
-        reference = coordinate_median(replies)
-        return [cosine(r, reference) > 0 for r in replies]
-    cosines: list = []
-    keep = agreeing([{"x": r} for r in replies], {"x": replies[0]}, cosines)
     if rule == "direction":
-        return keep
-    for c, cos in zip(clients, cosines):  # direction+standing
-        standing[c] = standing.get(c, 0.0) + (cos or 0.0)
+        return agreeing([{"x": r} for r in replies], {"x": replies[0]})
+    cosines = leave_one_out(replies)
+    if rule == "direction-loo":
+        return [c > 0 for c in cosines]
+    for c, cos in zip(clients, cosines):  # direction-loo+standing
+        standing[c] = standing.get(c, 0.0) + cos
     return [standing[c] > 0 for c in clients]
 
 

@@ -221,14 +221,15 @@ def test_a_hostile_client_runs_in_flowers_simulation(demo_paths, tmp_path, monke
 
 def test_robust_rules_model_keeps_what_each_rule_promises(monkeypatch):
     """benchmarks/robust_rules.py (the synthetic federation behind the hostile rows' discussion): with the task's pull
-    twice the label skew's, the direction filter keeps no flipped reply and every honest one, the mean keeps every
+    twice the label skew's, the direction filters keep no flipped reply and every honest one, the mean keeps every
     flipped reply, and an all-honest round's progress is 30 tau for the mean."""
     from pathlib import Path
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import robust_rules as bench
     monkeypatch.setattr(bench, "TAUS", (2.0,))
     rows = bench.measure(trials=2)["rows"]
-    assert rows["tau2-1of8-direction"]["flipped_kept"] == 0 and rows["tau2-1of8-direction"]["honest_kept"] == 1
+    for rule in ("direction", "direction-loo"):
+        assert rows[f"tau2-1of8-{rule}"]["flipped_kept"] == 0 and rows[f"tau2-1of8-{rule}"]["honest_kept"] == 1
     assert rows["tau2-1of8-mean"]["flipped_kept"] == 1
     assert abs(rows["tau2-0of8-mean"]["progress"] - 60) < 1
     assert rows["tau2-1of8-direction"]["progress"] > rows["tau2-1of8-mean"]["progress"]

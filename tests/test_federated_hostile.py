@@ -221,48 +221,18 @@ def test_robust_direction_drops_a_reply_that_pushes_against_the_round(demo_paths
         make_cfg(demo_paths, robust="direction", client_dp_clip=1.0).validate()
 
 
-def weakly_aligned_round(k: int, rho: float, flipped: int, seed: int = 0) -> tuple[dict, list[dict]]:
-    """theta and k LoRA-shaped replies of equal expected norm and pairwise cosine ~rho (a shared direction plus
-    independent noise; 8,192 entries, so independent parts have cosine ~0.01), the first `flipped` of them negated."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = {"l.lora_A.weight": (64, 64), "l.lora_B.weight": (64, 64)}
-    common = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-    replies = [{n: rho ** 0.5 * common[n] + (1 - rho) ** 0.5 * torch.randn(s, generator=g) for n, s in shapes.items()}
-               for _ in range(k)]
-    replies = [{n: -v for n, v in r.items()} if i < flipped else r for i, r in enumerate(replies)]
-    return {n: torch.zeros(s) for n, s in shapes.items()}, replies
-
-
-@pytest.mark.parametrize("k", [4, 8])
-def test_robust_direction_drops_a_flipped_reply_when_honest_replies_agree_only_weakly(demo_paths, k):
-    """Issue 35's sign-flip rows: late in training honest LoRA updates share the task's direction only weakly, and
-    v1's reference (the median of all K replies, the flipped one included) leaned toward the flipped reply enough to
-    keep it (sign-flip 1 of 8 ended 4.5 points and 2 of 8 15 points under the all-honest run). Against the others'
-    median it is dropped at rho = 0.1, and no honest reply is."""
+def test_robust_direction_keeps_a_lone_reply_and_logs_each_cosine(demo_paths):
+    """A round with one reply (the others timed out) is its own median: kept, as the mean would keep it (its size is
+    still bounded by the window's norms). Each reply's cosine with the round's median goes to the server's metrics."""
     from dataclasses import replace
     from slimtune.federated.bounds import aggregate
     cfg = replace(make_cfg(demo_paths, bits=FP32), robust="direction")
-    for seed in range(5):
-        theta, deltas = weakly_aligned_round(k, 0.1, flipped=1, seed=seed)
-        info = {}
-        update = aggregate(theta, deltas, [1 / k] * k, cfg, info=info)
-        assert info["agreeing"] == k - 1, info
-        assert info["agreement"][0] < 0 < min(info["agreement"][1:]), info
-        for name in theta:  # the honest replies' equal shares, nothing of the flipped one
-            assert torch.allclose(update[name], sum(d[name] for d in deltas[1:]) / k, atol=1e-6), name
-
-
-def test_robust_direction_keeps_a_lone_reply(demo_paths):
-    """A round with one reply (the others timed out) has nothing to compare it with: it is kept, as the mean would
-    keep it (its size is still bounded by the window's norms)."""
-    from dataclasses import replace
-    from slimtune.federated.bounds import aggregate
-    cfg = replace(make_cfg(demo_paths, bits=FP32), robust="direction")
-    theta, deltas = weakly_aligned_round(1, 0.1, flipped=0)
+    theta = theta_like()
+    delta = {k: 0.1 * v for k, v in theta_like(3).items()}
     info = {}
-    update = aggregate(theta, deltas, [1.0], cfg, info=info)
-    assert info["agreeing"] == 1 and info["agreement"] == [None]
-    assert all(torch.equal(update[n], deltas[0][n]) for n in theta)
+    update = aggregate(theta, [delta], [1.0], cfg, info=info)
+    assert info["agreeing"] == 1 and info["agreement"] == [1.0]
+    assert all(torch.equal(update[n], delta[n]) for n in theta)
 
 
 def test_robust_direction_never_gives_a_reply_more_weight_than_the_mean(demo_paths):
@@ -282,8 +252,7 @@ def test_robust_direction_never_gives_a_reply_more_weight_than_the_mean(demo_pat
     update = aggregate(theta, [*honest, *hostile], [0.25] * 4, cfg, info=info)
     push = {k: sum(d[k] for d in hostile) for k in theta}  # what the coalition sends, summed
     share = sum((update[k] * push[k]).sum() for k in theta) / sum((push[k] ** 2).sum() for k in theta)
-    # half the round each way: every reply's reference (the other three's median) is set by the other side
-    assert info["agreeing"] == 0 and len(info["agreement"]) == 4
+    assert info["agreeing"] == 2  # they set the median: both honest replies disagree with it
     assert share <= 0.25 + 1e-6, float(share)  # each hostile reply at most its own 1/4 (it was 1/2 each)
 
 
@@ -310,4 +279,4 @@ def test_the_default_aggregation_filters_lora_replies_by_direction_only_where_it
     strategy.aggregate_train(1, [reply(m, as_arrays(d), 10, 11 + i)
                                  for i, (m, d) in enumerate(zip(msgs, [honest[0], honest[1], flipped]))])
     log = strategy.round_log[1]
-    assert len(msgs) == 3 and log["agreement"][2] < 0 and log["agreeing"] <= 2  # the flipped reply is dropped
+    assert len(msgs) == 3 and log["agreeing"] == 2 and log["agreement"][2] < 0  # the flipped reply is dropped

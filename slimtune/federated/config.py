@@ -75,7 +75,7 @@ class FederatedConfig:
     weighting: str = "equal"  # server: equal (every accepted reply the same weight) or examples (claimed example
     # counts, each capped at the round's median claim); a claim never buys more than that
     robust: str = "auto"  # aggregation of the bounded updates: none (weighted mean), median (coordinate-wise),
-    # direction (the replies agreeing with the median of the round's other replies; bounds.py), auto (direction for LoRA replies, the mean
+    # direction (the replies agreeing with the round's median; bounds.py), auto (direction for LoRA replies, the mean
     # for zo-seeds and client-level DP: robust_rule); clip: kept for old configs, the same as none
     seed: int = 0
     out_dir: str = "runs/federated"
