@@ -16,8 +16,8 @@ flipped replies each rule keeps.
 
 Rules: mean (--robust none); median (coordinate-wise); direction (the default for LoRA replies: cos with the median
 of all the round's replies > 0, bounds.agreeing); direction-loo (an experiment, measured on the real rows as
-*-direction-loo: cos with the median of the *other* replies > 0); direction-loo+standing (a candidate, not in the
-library: keep while the client's leave-one-out agreement summed over the rounds it replied in stays > 0).
+*-direction-loo: cos with the median of the *other* replies > 0); standing (--robust standing, experimental: keep
+while the client's leave-one-out agreement summed over the rounds it replied in stays > 0, bounds.Standing).
 Usage: python benchmarks/robust_rules.py [--trials 40]   Results: benchmarks/results/robust_rules.json
 """
 
@@ -30,36 +30,24 @@ from pathlib import Path
 
 import torch
 
-from slimtune.federated.bounds import agreeing, coordinate_median
+from slimtune.federated.bounds import Standing, agreeing, coordinate_median, leave_one_out_agreement
 
 OUT = Path(__file__).resolve().parent / "results" / "robust_rules.json"
-RULES = ("mean", "median", "direction", "direction-loo", "direction-loo+standing")
+RULES = ("mean", "median", "direction", "direction-loo", "standing")
 TAUS = (2.0, 1.0, 0.5)  # task / label-skew pull: early rounds (task-dominated) to late ones (skew-dominated)
 DIM, CLIENTS, PER_ROUND, ROUNDS = 4000, 8, 4, 30
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    na, nb = a.norm(), b.norm()
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
-
-
-def leave_one_out(replies: list[torch.Tensor]) -> list[float]:
-    """cos(Delta_k, coordinate-wise median of the other replies), per reply."""
-    return [cosine(r, coordinate_median(replies[:k] + replies[k + 1:])) if len(replies) > 1 else 1.0
-            for k, r in enumerate(replies)]
-
-
-def kept(rule: str, replies: list[torch.Tensor], clients: list[int], standing: dict) -> list[bool]:
+def kept(rule: str, replies: list[torch.Tensor], clients: list[int], standing: Standing) -> list[bool]:
     if rule in ("mean", "median"):
         return [True] * len(replies)
+    deltas, theta = [{"x": r} for r in replies], {"x": replies[0]}
     if rule == "direction":
-        return agreeing([{"x": r} for r in replies], {"x": replies[0]})
-    cosines = leave_one_out(replies)
+        return agreeing(deltas, theta)
+    cosines = leave_one_out_agreement(deltas, theta)
     if rule == "direction-loo":
         return [c > 0 for c in cosines]
-    for c, cos in zip(clients, cosines):  # direction-loo+standing
-        standing[c] = standing.get(c, 0.0) + cos
-    return [standing[c] > 0 for c in clients]
+    return standing.keep(clients, cosines)
 
 
 def federation(rule: str, tau: float, flipped: int, rng: random.Random, gen: torch.Generator) -> dict:
@@ -68,7 +56,7 @@ def federation(rule: str, tau: float, flipped: int, rng: random.Random, gen: tor
     t, b = t / t.norm(), b / b.norm()
     skew = [1] * (CLIENTS // 2) + [-1] * (CLIENTS // 2)
     rng.shuffle(skew)
-    standing: dict = {}
+    standing = Standing()
     progress = drift = 0.0
     counts = {"honest": [0, 0], "flipped": [0, 0]}  # [kept, sent]
     for _ in range(ROUNDS):
