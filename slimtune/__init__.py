@@ -12,9 +12,28 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+
+def _stay_off_the_hub() -> None:
+    """slimtune never reaches the Hugging Face Hub: no downloads, no telemetry, no agent-registry lookup (which
+    transformers/TRL trigger through huggingface_hub's request headers). huggingface_hub reads HF_HUB_OFFLINE and
+    HF_HUB_DISABLE_TELEMETRY once, when it is first imported; a setting the user made wins. If it was imported before
+    slimtune (e.g. `import transformers` first), the constants it read are corrected for what slimtune set here."""
+    ours = [var for var in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY") if var not in os.environ]
+    for var in ours:
+        os.environ[var] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        for var in ours:
+            setattr(constants, var, True)
+
+
+_stay_off_the_hub()
 
 # `import peft` imports bitsandbytes whenever it is installed (the extra "quant"), and bitsandbytes' CPU backend then
 # logs that an optional kernels-hub package is missing; slimtune never downloads kernels: keep runs quiet

@@ -20,7 +20,6 @@ from typer.core import TyperGroup
 from slimtune import SlimtuneError
 from slimtune.settings.cli import refuse_repeated_options
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slimtune never downloads: no library may try to reach the Hub
 # Deprecation notices from the libraries underneath are for their developers, not for slimtune's users.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|opacus|torch|flwr)\b")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft|opacus|torch|flwr)\b")
