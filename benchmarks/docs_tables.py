@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PLOTS = {"zo_convergence.png": RESULTS / "zo_convergence.png",
          "federated_attacks.png": RESULTS / "federated_attacks.png",
-         "scaling_law.png": RESULTS / "scaling" / "scaling_law.png"}
+         "scaling_law.png": RESULTS / "scaling" / "scaling_law.png",
+         "scaling_law_models.png": RESULTS / "scaling" / "scaling_law_models.png"}
 
 
 def update(docs: Path, check: bool = False) -> list[str]:

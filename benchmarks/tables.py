@@ -125,16 +125,20 @@ def broadcast_table() -> str:
     return "\n".join(rows)
 
 
-def scaling_table() -> str:
-    d = read_results("scaling/scaling_law.json")
+def scaling_table(models: bool = False) -> str:
+    """The PEFT-size law (X = trainable parameters, over ranks), or with `models` the two-model fit (X = the base
+    model's parameter count: SmolLM2-135M and Gemma 3 270M, each at LoRA's first rank)."""
+    d = read_results("scaling/scaling_law_models.json" if models else "scaling/scaling_law.json")
     if d is None:
-        return "(not run)"
+        return ("(not run: `python benchmarks/scaling_law.py --models smollm2 gemma3-270m --methods lora`)" if models
+                else "(not run)")
+    what = "X (base model params)" if models else "X (trainable params)"
     rows = ["| method | fit: L = A / (X^alpha D_f^beta) + E | RMSE (log L) |", "|---|---|---|"]
     for m, f in d["fits"].items():
         rows.append(f"| {m} | {f['A']:.3g} / (X^{f['alpha']:.3f} D_f^{f['beta']:.3f}) + {f['E']:.3f} | "
                     f"{f['rmse_log']:.3f} |")
     sizes = sorted({p[1] for pts in d["points"].values() for p in pts})
-    rows += ["", "| method | X (trainable params) | " + " | ".join(f"D_f={s}" for s in sizes) + " |",
+    rows += ["", f"| method | {what} | " + " | ".join(f"D_f={s}" for s in sizes) + " |",
              "|" + "---|" * (2 + len(sizes))]
     for m, pts in d["points"].items():
         for x in sorted({p[0] for p in pts}):
@@ -374,7 +378,7 @@ TABLES = {"sst2": lambda: grid_table("sst2", MAIN_RUNS, 0.8), "dp": lambda: grid
           "federated-attacks": federated_attacks_table, "broadcast": broadcast_table,
           "federated-hostile": federated_hostile_table,
           "robust-rules": lambda: __import__("robust_rules").table(read_results("robust_rules.json")),
-          "scaling": scaling_table, "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
+          "scaling": scaling_table, "scaling-models": lambda: scaling_table(models=True), "defaults": defaults_table, "defaults-sweep": sweep_table, "e2e": e2e_table,
           "generation-speed": generation_speed_table, "zo-step": zo_step_table, "gguf": gguf_table,
           "dpzero-clipping": dpzero_clipping_table, "zo-convergence": zo_convergence_table,
           "federated-sweep": federated_sweep_table, "targets": lambda: __import__("targets").targets_table(),
