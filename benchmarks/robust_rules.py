@@ -16,8 +16,9 @@ flipped replies each rule keeps.
 
 Rules: mean (--robust none); median (coordinate-wise); direction (the default for LoRA replies: cos with the median
 of all the round's replies > 0, bounds.agreeing); direction-loo (an experiment, measured on the real rows as
-*-direction-loo: cos with the median of the *other* replies > 0); standing (--robust standing, experimental: keep
-while the client's leave-one-out agreement summed over the rounds it replied in stays > 0, bounds.Standing).
+*-direction-loo: cos with the median of the *other* replies > 0); standing (tried as --robust standing on the
+real rows, *-standing, and withdrawn: keep while the client's leave-one-out agreement summed over the rounds it
+replied in stays > 0).
 Usage: python benchmarks/robust_rules.py [--trials 40]   Results: benchmarks/results/robust_rules.json
 """
 
@@ -30,12 +31,42 @@ from pathlib import Path
 
 import torch
 
-from slimtune.federated.bounds import Standing, agreeing, coordinate_median, leave_one_out_agreement
+from slimtune.federated.bounds import agreeing, coordinate_median, update_norm
 
 OUT = Path(__file__).resolve().parent / "results" / "robust_rules.json"
 RULES = ("mean", "median", "direction", "direction-loo", "standing")
 TAUS = (2.0, 1.0, 0.5)  # task / label-skew pull: early rounds (task-dominated) to late ones (skew-dominated)
 DIM, CLIENTS, PER_ROUND, ROUNDS = 4000, 8, 4, 30
+
+
+def leave_one_out_agreement(deltas: list[dict], theta: dict) -> list[float]:
+    """cos(Delta_k, m_-k) per reply, m_-k the coordinate-wise median of the *other* replies (1.0 for a lone reply)."""
+    cosines = []
+    for k, d in enumerate(deltas):
+        others = deltas[:k] + deltas[k + 1:]
+        if not others:
+            cosines.append(1.0)
+            continue
+        reference = {name: coordinate_median([o[name] for o in others]) for name in theta}
+        ref_norm, norm = update_norm(reference), update_norm(d)
+        dot = sum((d[name].double() * reference[name].double()).sum() for name in theta).item()
+        cosines.append(round(dot / (ref_norm * norm), 4) if ref_norm > 0 and norm > 0 else 0.0)
+    return cosines
+
+
+class Standing:
+    """Each client's leave-one-out agreement summed over the rounds it replied in; a reply is kept iff the sum, this
+    round included, is > 0. The idea: under label skew the b term of one round's cosine averages out over rounds while
+    the t term keeps its sign. On the real rows it failed: with two flippers the early rounds, which they dominate,
+    gave honest clients negative sums that later rounds did not undo (sign-flip-2of8-standing)."""
+
+    def __init__(self):
+        self.scores: dict[int, float] = {}
+
+    def keep(self, nodes: list[int], cosines: list[float]) -> list[bool]:
+        for node, cos in zip(nodes, cosines):
+            self.scores[node] = self.scores.get(node, 0.0) + cos
+        return [self.scores[node] > 0 for node in nodes]
 
 
 def kept(rule: str, replies: list[torch.Tensor], clients: list[int], standing: Standing) -> list[bool]:

@@ -116,44 +116,6 @@ def agreeing(deltas: list[dict], theta: dict, cosines: list | None = None) -> li
     return keep
 
 
-def leave_one_out_agreement(deltas: list[dict], theta: dict) -> list[float]:
-    """cos(Delta_k, m_-k) per reply, m_-k the coordinate-wise median of the *other* replies (1.0 for a lone reply:
-    nothing to compare it with)."""
-    cosines = []
-    for k, d in enumerate(deltas):
-        others = deltas[:k] + deltas[k + 1:]
-        if not others:
-            cosines.append(1.0)
-            continue
-        reference = {name: coordinate_median([o[name] for o in others]) for name in theta}
-        ref_norm, norm = update_norm(reference), update_norm(d)
-        dot = sum((d[name].double() * reference[name].double()).sum() for name in theta).item()
-        cosines.append(round(dot / (ref_norm * norm), 4) if ref_norm > 0 and norm > 0 else 0.0)
-    return cosines
-
-
-class Standing:
-    """--robust standing (experimental): each client's agreement with the others, summed over the rounds it replied
-    in, S_c = sum_r cos(Delta_{c,r}, m_{-c,r}); a reply is kept iff S_c, this round included, is > 0.
-
-    Why a sum: under label skew an honest reply is tau t + s_c b + noise (t the task's direction, b its label pull,
-    s_c = +-1), a sign-flipped one -(tau t + s_c b). In one round the b term decides the sign of the cosine (the
-    others' median leans to whichever labels are in the majority), so no per-round rule tells a flipped reply from
-    an honest client with the other labels. Over rounds the majority changes and the b term averages towards 0 while
-    the t term keeps its sign: + for honest clients, - for a flipped one. A client that turns hostile spends what it
-    earned while honest; one that reconnects under a new identity starts at 0 and is judged by its first round
-    alone, as the per-round rule would judge it. Identities are Flower node ids (authenticated in deployment).
-    Measured on a synthetic federation only so far (benchmarks/robust_rules.py)."""
-
-    def __init__(self):
-        self.scores: dict[int, float] = {}
-
-    def keep(self, nodes: list[int], cosines: list[float]) -> list[bool]:
-        for node, cos in zip(nodes, cosines):
-            self.scores[node] = self.scores.get(node, 0.0) + cos
-        return [self.scores[node] > 0 for node in nodes]
-
-
 def client_weights(claims: list[float | None], weighting: str) -> list[float]:
     """Normalised weights: equal, or each claimed example count capped at the round's median claim."""
     if weighting == "equal" or not claims:
@@ -163,8 +125,7 @@ def client_weights(claims: list[float | None], weighting: str) -> list[float]:
     return [c / sum(capped) for c in capped]
 
 
-def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=None, info: dict | None = None,
-              standing: tuple[Standing, list[int]] | None = None) -> dict:
+def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=None, info: dict | None = None) -> dict:
     """The round's update from bounded deltas: weighted mean, coordinate-wise median, or (client-level DP) the
     uniform mean plus Gaussian noise on what is trained. Under FFA, A's (zero) deltas are dropped and A gets no
     noise: it is never released changed, so noising it would only damage the model."""
@@ -173,18 +134,12 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
     rule = robust_rule(cfg.robust, cfg.mode, cfg.client_dp_clip > 0)
     if rule == "median":
         return {name: coordinate_median([d[name] for d in deltas]) for name in theta}
-    if rule in ("direction", "standing"):
-        if rule == "standing":
-            if standing is None:
-                raise ValueError("--robust standing needs the replies' node ids (the strategy passes them)")
-            cosines = leave_one_out_agreement(deltas, theta)
-            keep = standing[0].keep(standing[1], cosines)
-        else:
-            cosines = []
-            keep = agreeing(deltas, theta, cosines)
+    if rule == "direction":
+        cosines: list = []
+        keep = agreeing(deltas, theta, cosines)
         if info is not None:
             info["agreeing"] = sum(keep)  # replies kept by the direction filter (metrics.jsonl)
-            info["agreement"] = cosines  # each reply's cosine with its reference (the round's median), in reply order
+            info["agreement"] = cosines  # each reply's cosine with the round's median, in reply order
         # kept replies keep their weights; a dropped reply's weight goes to nobody (renormalising handed it to the
         # kept ones, so a coalition that got honest replies dropped gained weight)
         deltas, weights = [d for d, k in zip(deltas, keep) if k], [w for w, k in zip(weights, keep) if k]

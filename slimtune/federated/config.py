@@ -74,9 +74,8 @@ class FederatedConfig:
     weighting: str = "equal"  # server: equal (every accepted reply the same weight) or examples (claimed example
     # counts, each capped at the round's median claim); a claim never buys more than that
     robust: str = "auto"  # aggregation of the bounded updates: none (weighted mean), median (coordinate-wise),
-    # direction (the replies agreeing with the round's median; bounds.py), standing (experimental: the replies
-    # whose client's summed agreement with the others is positive; bounds.Standing), auto (direction for LoRA
-    # replies, the mean for zo-seeds and client-level DP: robust_rule); clip: kept for old configs, the same as none
+    # direction (the replies agreeing with the round's median; bounds.py), auto (direction for LoRA replies, the
+    # mean for zo-seeds and client-level DP: robust_rule); clip: kept for old configs, the same as none
     seed: int = 0
     out_dir: str = "runs/federated"
     # fedavg, fedavgm, fedadam, fedyogi; None: the swept default for the local optimizer (server_opt.server_defaults),
@@ -158,8 +157,8 @@ class FederatedConfig:
             raise SlimtuneError("client-level DP clips and noises LoRA deltas; --mode zo-seeds replies are (seed, "
                                 "scalar) pairs that it does not cover: use --mode lora, or drop --client-dp-*")
         if self.robust not in ROBUST:
-            raise SlimtuneError(f"--robust {self.robust!r}: choose auto, none, median, direction or standing (clip: "
-                                "the same as none)")
+            raise SlimtuneError(f"--robust {self.robust!r}: choose auto, none, median or direction (clip: the same "
+                                "as none)")
         if self.weighting not in ("equal", "examples"):
             raise SlimtuneError(f"--weighting {self.weighting!r}: choose equal or examples")
         if not self.norm_bound > 0 or self.max_update_norm < 0:
@@ -169,7 +168,7 @@ class FederatedConfig:
             raise SlimtuneError("--max-update-norm drops replies by their norm, so whether a client is counted would "
                                 "depend on its data, outside the client-level DP accounting; --client-dp-clip already "
                                 "bounds every update: drop --max-update-norm")
-        if self.robust in ("median", "direction", "standing") and self.client_dp_clip > 0:
+        if self.robust in ("median", "direction") and self.client_dp_clip > 0:
             raise SlimtuneError("--robust changes what one client can move the aggregate by, which the client-level DP "
                                 "accounting does not cover: use one of --robust or --client-dp-clip")
         from slimtune.federated.server_opt import IterateAverage, ServerOptimizer

@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from slimtune.federated.bounds import InfluenceBound, Standing, aggregate, client_weights
+from slimtune.federated.bounds import InfluenceBound, aggregate, client_weights
 from slimtune.federated.config import FederatedConfig
 from slimtune.privacy.secret import KeyedNoise, RunKey, secret_tensor
 from slimtune.federated.replies import parse_reply
@@ -49,7 +49,6 @@ class FedLPP(FedAvg):
         self.base_lr, self.lr_schedule = self.server_opt.lr, lr_multiplier(cfg.server_lr_scheduler, max(cfg.rounds, 1))
         self.average = IterateAverage(cfg.server_average) if cfg.server_average else None
         self.bound = InfluenceBound(cfg.norm_bound)
-        self.standing = Standing()  # --robust standing: each node's summed agreement over the rounds
         self.nodes_replied: set[int] = set()  # every node a reply came from (the summary says how many)
 
     def server_model(self) -> dict[str, torch.Tensor]:
@@ -103,7 +102,7 @@ class FedLPP(FedAvg):
             size = wire_bytes(msg)  # on the wire whether or not it is accepted
             bytes_up += size
             try:
-                accepted.append({**parse_reply(msg.content, self.cfg, self.shapes), "wire_bytes": size, "node": node})
+                accepted.append({**parse_reply(msg.content, self.cfg, self.shapes), "wire_bytes": size})
             except Exception as exc:  # noqa: BLE001 - whatever a reply holds, it can only be rejected
                 log.warning("round %d: rejected reply from client %s: %s", server_round, node,
                             exc if isinstance(exc, ValueError) else f"malformed ({type(exc).__name__})")
@@ -145,8 +144,7 @@ class FedLPP(FedAvg):
         else:
             deltas, cap = self.bound.bound_deltas(deltas)
         weights = client_weights([a["claimed"] for a in accepted], self.cfg.weighting)
-        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info,
-                           standing=(self.standing, [a.get("node") for a in accepted]))
+        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info)
         if info is not None:
             info["update_bound"] = cap
         return self.server_step(update)

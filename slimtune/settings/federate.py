@@ -10,7 +10,7 @@ from slimtune.settings.base import Settings, condition, setting, when
 from slimtune.settings.train import HYBRID, OPTIMIZERS, PRIVATE, ZEROTH_ORDER
 
 # --robust choices (federated/bounds.aggregate); clip: kept for old configs, the same as none
-ROBUST_RULES = ("auto", "none", "median", "direction", "standing", "clip")
+ROBUST_RULES = ("auto", "none", "median", "direction", "clip")
 
 generation = when(task=("generation",))
 private_clients = when(local_optimizer=PRIVATE)
@@ -109,10 +109,9 @@ class FederateSettings(Settings):
     weighting: str = setting("equal", "server: equal weights, or examples (claimed counts, each capped at the round's "
                              "median claim)", choices=("equal", "examples"))
     robust: str = setting("auto", "aggregation of the bounded updates: auto (direction for LoRA replies; the mean for "
-                          "zo-seeds and client-level DP), none (mean), median (coordinate-wise), direction (the "
+                          "zo-seeds and client-level DP), none (mean), median (coordinate-wise) or direction (the "
                           "mean of the replies that agree with the round's median; a reply pushing against it gets "
-                          "no weight) or standing (experimental: the mean of the replies whose client's agreement "
-                          "with the others, summed over its rounds, is positive)", choices=ROBUST_RULES)
+                          "no weight)", choices=ROBUST_RULES)
     dither: float = setting(0.0, "fixed secret dither on the broadcast, in units of the largest quantization step "
                             "(0: off)", low=0, high=2)
     clients_per_round: int = setting(0, "clients sampled to train each round (0: all)", low=0)
