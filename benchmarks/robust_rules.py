@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from slimtune.federated.bounds import agreeing, coordinate_median, update_norm
+from slimtune.federated.bounds import agreeing, coordinate_median, cosine
 
 OUT = Path(__file__).resolve().parent / "results" / "robust_rules.json"
 RULES = ("mean", "median", "direction", "direction-loo", "standing")
@@ -48,9 +48,7 @@ def leave_one_out_agreement(deltas: list[dict], theta: dict) -> list[float]:
             cosines.append(1.0)
             continue
         reference = {name: coordinate_median([o[name] for o in others]) for name in theta}
-        ref_norm, norm = update_norm(reference), update_norm(d)
-        dot = sum((d[name].double() * reference[name].double()).sum() for name in theta).item()
-        cosines.append(round(dot / (ref_norm * norm), 4) if ref_norm > 0 and norm > 0 else 0.0)
+        cosines.append(round(cosine(d, reference, theta), 4))
     return cosines
 
 

@@ -86,6 +86,14 @@ def coordinate_median(values: list[torch.Tensor]) -> torch.Tensor:
     return ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
 
 
+def cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names) -> float:
+    """cos(a, b) over the entries `names` (in double precision); 0 when either is the zero update."""
+    norm_a, norm_b = update_norm(a), update_norm(b)
+    if norm_a == 0 or norm_b == 0:
+        return 0.0
+    return sum((a[n].double() * b[n].double()).sum() for n in names).item() / (norm_a * norm_b)
+
+
 def agreeing(deltas: list[dict], theta: dict, cosines: list | None = None) -> list[bool]:
     """Which replies point the way the round does: cos(Delta_k, m) > 0, with m the coordinate-wise median of the
     round's (bounded) deltas. m is set by the honest majority, so a reply pushing against it (a sign flip, at any
@@ -104,12 +112,9 @@ def agreeing(deltas: list[dict], theta: dict, cosines: list | None = None) -> li
     benchmarks/robust_rules.py shows the mechanism. `cosines`, when given, receives cos(Delta_k, m) per reply (the
     server's metrics.jsonl)."""
     reference = {name: coordinate_median([d[name] for d in deltas]) for name in theta}
-    ref_norm = update_norm(reference)
     keep = []
     for d in deltas:
-        norm = update_norm(d)
-        dot = sum((d[name].double() * reference[name].double()).sum() for name in theta).item()
-        cos = dot / (ref_norm * norm) if ref_norm > 0 and norm > 0 else 0.0
+        cos = cosine(d, reference, theta)
         if cosines is not None:
             cosines.append(round(cos, 4))
         keep.append(cos > 0)
