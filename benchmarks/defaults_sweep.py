@@ -82,6 +82,15 @@ CANDIDATES.update({
     # the sweep's backprop budget; private runs refuse evaluation rows shared with training (the split is disjoint)
     "dp-adamw+lora": {f"dp-adamw-lora-eps6-lr{lr}": ["--optimizer", "dp-adamw", "--peft", "lora", "--lr", lr,
                                                      "--epsilon", "6", *FO] for lr in ("1e-3", "3e-3", "1e-2")},
+    # issue 38, item 5: MeZO + LoRA's lr on Gemma 3 270M. SmolLM2's 1e-3 diverged on Gemma (defaults rows
+    # gemma-mezo-lora / gemma-dpzero-lora-eps6: train loss 1 -> 2-3, |projected grad| up to ~100 against SmolLM2's ~2,
+    # dev 0.50 at step 250), so the candidates go down from there. 300 steps at a constant lr: the divergence at 1e-3
+    # showed by step 250, and a Gemma ZO step costs ~3 s at 1 thread (a 600-step candidate would be ~35 min). The
+    # winner is also the lr of the Gemma DPZero row (as on SmolLM2, where both share the dpzero_clipping choice).
+    "gemma-mezo+lora": {f"gemma-mezo-lora-lr{lr}-const300": ["--model", "gemma3-270m", "--optimizer", "mezo", "--peft",
+                                                            "lora", "--lr", lr, "--eps", "1e-2", "--steps", "300",
+                                                            "--lr-scheduler", "constant"]
+                        for lr in ("3e-5", "1e-4", "3e-4")},
 })
 
 
@@ -102,7 +111,8 @@ def run(name: str, flags: list[str], train: Path, val: Path, threads: int) -> di
         val = disjoint(train, val)
     run_dir = OUT / name
     steps = int(flags[flags.index("--steps") + 1])
-    train_run(run_dir, train, val, ["--model", "smollm2", "--batch-size", "16", "--eval-every", str(steps // 5),
+    model = [] if "--model" in flags else ["--model", "smollm2"]  # the gemma candidates name their model
+    train_run(run_dir, train, val, [*model, "--batch-size", "16", "--eval-every", str(steps // 5),
                                     "--checkpoint-every", "25", "--seed", "0", *flags], threads)
     summary = json.loads((run_dir / "summary.json").read_text())
     keep = ("best_accuracy", "best_eval_loss", "best_step", "final_accuracy", "final_eval_loss", "steps",
