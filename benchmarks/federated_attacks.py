@@ -146,8 +146,19 @@ def hostile_config(name: str, attack: str | None, data: Path, dev: Path, run_dir
                            local_steps=args.local_steps, lr=args.lr, eps=1e-2 if zo else 1e-3, batch_size=16,
                            lora_r=8, dirichlet_alpha=0.5, out_dir=str(run_dir), mode="zo-seeds" if zo else "lora",
                            local_optimizer="mezo" if zo else "adamw", round_timeout=7200, robust=args.robust,
+                           root_data=str(root_subset(args)) if args.robust == "trust" else "",
                            eval_every=5,  # the full dev set 3x per round dominated the run; rounds 0, 5, ... and 26-30
                            **server_step(args))
+
+
+def root_subset(args) -> Path:
+    """--robust trust: the server's root data, the --root-size SST-2 train rows right after the clients' --train-size
+    rows (the same distribution, none of the clients' rows, both labels; FLTrust's 100 by default)."""
+    lines = (DATA / "train.tsv").read_text().splitlines()
+    path = args.hostile_out / f"root_{args.train_size}+{args.root_size}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([lines[0], *lines[args.train_size + 1:args.train_size + 1 + args.root_size]]) + "\n")
+    return path
 
 
 def server_step(args) -> dict:
@@ -201,7 +212,7 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
     return results
 
 
-ROBUST_CHOICES = ("none", "median", "direction")  # --robust of the hostile rows (a retired rule's rows stay as history)
+ROBUST_CHOICES = ("none", "median", "direction", "trust")  # --robust of the hostile rows (a retired rule's rows stay as history)
 
 
 def missing_default_rows(results: dict) -> list[tuple[str, str, int, str]]:
@@ -307,8 +318,11 @@ def main() -> None:
     ap.add_argument("--hostile-out", type=Path, default=HOSTILE_OUT)
     ap.add_argument("--robust", default="none", choices=list(ROBUST_CHOICES),
                     help="hostile rows: the server's aggregation (median: coordinate-wise median; direction: the "
-                    "replies agreeing with the round's median; rows named '<row>-<robust>', compared with "
+                    "replies agreeing with the round's median; trust: FLTrust, each reply weighted by its cosine with "
+                    "the server's own update on --root-size rows; rows named '<row>-<robust>', compared with "
                     "'honest-<robust>')")
+    ap.add_argument("--root-size", type=int, default=100, help="--robust trust: rows of the server's root data "
+                    "(SST-2 train rows after the clients' --train-size rows)")
     ap.add_argument("--hostile-server-optimizer", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"],
                     help="hostile rows: this server step instead of the default (with --server-lr, --server-momentum; "
                          "no averaging); rows are named after it")

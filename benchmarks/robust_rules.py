@@ -18,7 +18,9 @@ Rules: mean (--robust none); median (coordinate-wise); direction (the default fo
 of all the round's replies > 0, bounds.agreeing); direction-loo (an experiment, measured on the real rows as
 *-direction-loo: cos with the median of the *other* replies > 0); standing (tried as --robust standing on the
 real rows, *-standing, and withdrawn: keep while the client's leave-one-out agreement summed over the rounds it
-replied in stays > 0).
+replied in stays > 0); trust (--robust trust, FLTrust: each reply weighted by max(0, cos) with the server's own
+update on root data with both labels, modelled as tau t + n_0, and rescaled to its norm; bounds.trusted). A reply
+counts as kept when its trust weight is > 0.
 Usage: python benchmarks/robust_rules.py [--trials 40]   Results: benchmarks/results/robust_rules.json
 """
 
@@ -31,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from slimtune.federated.bounds import agreeing, coordinate_median, cosine
+from slimtune.federated.bounds import agreeing, coordinate_median, cosine, trusted
 
 OUT = Path(__file__).resolve().parent / "results" / "robust_rules.json"
-RULES = ("mean", "median", "direction", "direction-loo", "standing")
+RULES = ("mean", "median", "direction", "direction-loo", "standing", "trust")
 TAUS = (2.0, 1.0, 0.5)  # task / label-skew pull: early rounds (task-dominated) to late ones (skew-dominated)
 DIM, CLIENTS, PER_ROUND, ROUNDS = 4000, 8, 4, 30
 
@@ -94,10 +96,18 @@ def federation(rule: str, tau: float, flipped: int, rng: random.Random, gen: tor
         for c in clients:
             honest = tau * t + skew[c] * b + 0.5 * torch.randn(DIM, generator=gen) / DIM ** 0.5
             replies.append(-honest if c < flipped else honest)
-        keep = kept(rule, replies, clients, standing)
-        if rule == "median":
-            update = coordinate_median(replies)
+        # the server's own update (trust): the task's pull and noise, no label's pull (its root data has both
+        # labels); drawn for every rule, so that every rule sees the same federations
+        reference = {"x": tau * t + 0.5 * torch.randn(DIM, generator=gen) / DIM ** 0.5}
+        if rule == "trust":
+            cosines: list = []
+            update = trusted([{"x": r} for r in replies], reference, reference, [1 / PER_ROUND] * PER_ROUND,
+                             cosines)["x"]
+            keep = [c > 0 for c in cosines]
+        elif rule == "median":
+            update, keep = coordinate_median(replies), [True] * len(replies)
         else:
+            keep = kept(rule, replies, clients, standing)
             update = sum((r for r, k in zip(replies, keep) if k), torch.zeros(DIM)) / PER_ROUND
         progress += float(update @ t)
         drift += float(update @ b)

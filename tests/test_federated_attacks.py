@@ -233,5 +233,8 @@ def test_robust_rules_model_keeps_what_each_rule_promises(monkeypatch):
     assert rows["tau2-1of8-mean"]["flipped_kept"] == 1
     assert abs(rows["tau2-0of8-mean"]["progress"] - 60) < 1
     assert rows["tau2-1of8-direction"]["progress"] > rows["tau2-1of8-mean"]["progress"]
+    # trust (FLTrust): the server's reference cannot be moved, so 2 flippers of 8 change nothing it does
+    assert rows["tau2-2of8-trust"]["flipped_kept"] == 0 and rows["tau2-2of8-trust"]["honest_kept"] == 1
+    assert rows["tau2-2of8-trust"]["progress"] > rows["tau2-2of8-direction"]["progress"]
     assert "| 2 | 1 of 8 | direction |" in bench.table({"trials": 2, "dim": 1, "clients": 8, "per_round": 4,
                                                           "rounds": 30, "rows": rows})

@@ -16,7 +16,9 @@ A round's accepted replies become deltas Delta_k: a LoRA reply is its decoded up
                 coordinate-wise median of the Delta_k (--robust median); or (--robust direction, auto's choice for
                 LoRA replies) sum_k w_k Delta_k over the Delta_k with cos(Delta_k, median) > 0 only: a dropped reply's
                 weight is not handed to the others, so no reply weighs more than in the mean (a coalition that makes
-                the median and gets honest replies dropped gains nothing); with client-level DP the uniform mean plus
+                the median and gets honest replies dropped gains nothing); or (--robust trust, FLTrust) the mean of
+                the Delta_k rescaled to the norm of the server's own update Delta_0 on its root data, each weighted by
+                max(0, cos(Delta_k, Delta_0)) (`trusted`); with client-level DP the uniform mean plus
                 N(0, (sigma S / K)^2) on the trained entries.
 
 The server optimizer then post-processes the aggregate (server_opt.py), and a step whose result is non-finite or
@@ -121,6 +123,39 @@ def agreeing(deltas: list[dict], theta: dict, cosines: list | None = None) -> li
     return keep
 
 
+def trusted(deltas: list[dict], reference: dict, theta: dict, weights: list[float],
+            cosines: list | None = None) -> dict[str, torch.Tensor]:
+    """FLTrust's aggregate (Cao et al., NDSS 2021) against the server's own update Delta_0 on its root data:
+
+        ts_k = w_k max(0, cos(Delta_k, Delta_0)),   update = sum_k ts_k (||Delta_0|| / ||Delta_k||) Delta_k / sum_k ts_k
+
+    (zero when no reply has ts_k > 0). The reference is computed by the server from data no client holds, so no
+    number of hostile replies can move it, unlike the round's median (`agreeing`): a reply pushing against the task
+    (a sign flip) gets weight 0 however many replies push with it. Under label skew an honest update is its client's
+    pull toward its labels plus the task's direction; the root data has both labels, so Delta_0 carries the task's
+    direction and little of any one label's pull, and honest replies keep a positive cosine. Every reply is rescaled to
+    ||Delta_0||, so no norm it was sent at buys influence. Renormalising by sum ts_k hands a distrusted reply's weight
+    to the trusted ones, which is safe here because trust comes from the server's own data, not from other replies.
+    `cosines`, when given, receives cos(Delta_k, Delta_0) per reply."""
+    scale = update_norm(reference)
+    scores = []
+    for d, w in zip(deltas, weights):
+        cos = cosine(d, reference, theta)
+        if cosines is not None:
+            cosines.append(round(cos, 4))
+        scores.append(w * max(cos, 0.0))
+    total = sum(scores)
+    update = {name: torch.zeros_like(value) for name, value in theta.items()}
+    if total <= 0 or scale == 0:
+        return update
+    for d, score in zip(deltas, scores):
+        if score > 0:
+            factor = score * scale / (update_norm(d) * total)
+            for name in theta:
+                update[name] = update[name] + factor * d[name]
+    return update
+
+
 def client_weights(claims: list[float | None], weighting: str) -> list[float]:
     """Normalised weights: equal, or each claimed example count capped at the round's median claim."""
     if weighting == "equal" or not claims:
@@ -130,15 +165,28 @@ def client_weights(claims: list[float | None], weighting: str) -> list[float]:
     return [c / sum(capped) for c in capped]
 
 
-def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=None, info: dict | None = None) -> dict:
-    """The round's update from bounded deltas: weighted mean, coordinate-wise median, or (client-level DP) the
+def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=None, info: dict | None = None,
+              reference: dict | None = None) -> dict:
+    """The round's update from bounded deltas: weighted mean, coordinate-wise median, the agreeing or the trusted
+    replies (`reference`: the server's own update on its root data, --robust trust), or (client-level DP) the
     uniform mean plus Gaussian noise on what is trained. Under FFA, A's (zero) deltas are dropped and A gets no
     noise: it is never released changed, so noising it would only damage the model."""
-    deltas = [{k: (v if is_trained(k, cfg) else torch.zeros_like(v)) for k, v in d.items()} for d in deltas]
+    trained = lambda d: {k: (v if is_trained(k, cfg) else torch.zeros_like(v)) for k, v in d.items()}  # noqa: E731
+    deltas = [trained(d) for d in deltas]
     from slimtune.federated.config import robust_rule
     rule = robust_rule(cfg.robust, cfg.mode, cfg.client_dp_clip > 0)
     if rule == "median":
         return {name: coordinate_median([d[name] for d in deltas]) for name in theta}
+    if rule == "trust":
+        if reference is None:
+            raise ValueError("--robust trust needs the server's reference update (its root data)")
+        cosines: list = []
+        update = trusted(deltas, trained(reference), theta, weights, cosines)
+        if info is not None:
+            info["trusted"] = sum(c > 0 for c in cosines)  # replies with a positive trust score (metrics.jsonl)
+            info["trust"] = cosines  # each reply's cosine with the server's reference, in reply order
+            info["reference_norm"] = update_norm(trained(reference))
+        return update
     if rule == "direction":
         cosines: list = []
         keep = agreeing(deltas, theta, cosines)

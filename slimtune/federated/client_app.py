@@ -19,8 +19,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from slimtune.data import EpochSampler, PoissonSampler
 from slimtune.federated.config import FederatedConfig
+from slimtune.federated.local_steps import release_hooks, run_steps
 from slimtune.federated.model import build_model, load_lora_state, lora_state, uploaded
 from slimtune.federated.partition import dirichlet_partition
 from slimtune.federated.wire import decode_state, encode_state
@@ -79,7 +79,7 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
     optimizer = build_optimizer(optimizer_name, model, OptimizerArgs(lr=cfg.lr, eps=cfg.eps, seed=seed), private)
     try:
         if private is None:
-            losses, seeds, grads = _run_steps(cfg, model, objective, optimizer, examples, seed, False)
+            losses, seeds, grads = run_steps(cfg, model, objective, optimizer, examples, seed, False)
         else:
             losses, seeds, grads = _run_private_steps(cfg, model, objective, optimizer, examples, seed)
     finally:
@@ -103,34 +103,7 @@ def _run_private_steps(cfg, model, objective, optimizer, examples, seed):
     from slimtune.privacy.withhold import withheld
     objective.warn_per_batch = False
     with withheld(f"a private local step ({cfg.local_optimizer}) failed", "reproduce it on public data"):
-        return _run_steps(cfg, model, objective, optimizer, examples, seed, True)
-
-
-def _run_steps(cfg, model, objective, optimizer, examples, seed, private):
-    if private:
-        from slimtune.privacy.secret import RunKey
-        sampler = PoissonSampler(len(examples), cfg.batch_size, key=RunKey.fresh())
-    else:
-        sampler = EpochSampler(len(examples), cfg.batch_size, seed)
-    model.train(not optimizer.zeroth_order)
-    losses, seeds, grads = [], [], []
-    for step in range(cfg.local_steps):
-        batch = objective.encode([examples[i] for i in sampler.indices(step)], cfg.max_length)
-        if optimizer.zeroth_order:
-            seeds.append(mix_seed(optimizer.config.seed, optimizer.step_count, 0))
-        out = optimizer.step(lambda: objective.losses(model, batch))
-        losses.append(out.loss)
-        grads.append(out.info.get("projected_grad", 0.0))
-    return losses, seeds, grads
-
-
-def release_hooks(optimizer) -> None:
-    """Opacus' per-example gradient hooks leave with the round's optimizer: the cached model gets a fresh privacy
-    engine next round (it refused a second one: 'Trying to add hooks twice to the same model')."""
-    module = getattr(optimizer, "grad_sample_module", None)
-    if module is not None:
-        module.remove_hooks()
-        module.cleanup()
+        return run_steps(cfg, model, objective, optimizer, examples, seed, True)
 
 
 @app.train()

@@ -29,7 +29,7 @@ SETTINGS_ENV = "SLIMTUNE_SERVER_SETTINGS"  # path of the server's settings file 
 SETTINGS_FILE = "slimtune-server.toml"  # its default place: $FLWR_HOME (the SuperLink's, default ~/.flwr)
 
 # Settings only the server reads: never sent to clients.
-SERVER_ONLY = ("out_dir", "eval_data", "eval_max", "eval_every", "rounds", "client_dp_clip", "client_dp_noise",
+SERVER_ONLY = ("out_dir", "eval_data", "root_data", "eval_max", "eval_every", "rounds", "client_dp_clip", "client_dp_noise",
                "client_dp_delta", "max_update_norm", "round_timeout", "node_timeout", "server_optimizer", "server_lr",
                "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window", "dither",
                "server_average", "weighting", "norm_bound", "server_lr_scheduler")
@@ -76,6 +76,7 @@ class FederatedConfig:
     robust: str = "auto"  # aggregation of the bounded updates: none (weighted mean), median (coordinate-wise),
     # direction (the replies agreeing with the round's median; bounds.py), auto (direction for LoRA replies, the
     # mean for zo-seeds and client-level DP: robust_rule); clip: kept for old configs, the same as none
+    root_data: str = ""  # --robust trust: the server's own labelled examples (root_reference.py); never sent
     seed: int = 0
     out_dir: str = "runs/federated"
     # fedavg, fedavgm, fedadam, fedyogi; None: the swept default for the local optimizer (server_opt.server_defaults),
@@ -157,8 +158,9 @@ class FederatedConfig:
             raise SlimtuneError("client-level DP clips and noises LoRA deltas; --mode zo-seeds replies are (seed, "
                                 "scalar) pairs that it does not cover: use --mode lora, or drop --client-dp-*")
         if self.robust not in ROBUST:
-            raise SlimtuneError(f"--robust {self.robust!r}: choose auto, none, median or direction (clip: the same "
-                                "as none)")
+            raise SlimtuneError(f"--robust {self.robust!r}: choose auto, none, median, direction or trust (clip: "
+                                "the same as none)")
+        self._check_trust()
         if self.weighting not in ("equal", "examples"):
             raise SlimtuneError(f"--weighting {self.weighting!r}: choose equal or examples")
         if not self.norm_bound > 0 or self.max_update_norm < 0:
@@ -168,7 +170,7 @@ class FederatedConfig:
             raise SlimtuneError("--max-update-norm drops replies by their norm, so whether a client is counted would "
                                 "depend on its data, outside the client-level DP accounting; --client-dp-clip already "
                                 "bounds every update: drop --max-update-norm")
-        if self.robust in ("median", "direction") and self.client_dp_clip > 0:
+        if self.robust in ("median", "direction", "trust") and self.client_dp_clip > 0:
             raise SlimtuneError("--robust changes what one client can move the aggregate by, which the client-level DP "
                                 "accounting does not cover: use one of --robust or --client-dp-clip")
         from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
@@ -197,6 +199,27 @@ class FederatedConfig:
             raise SlimtuneError(f"--round-timeout {self.round_timeout:g}: must be > 0 seconds")
         if self.client_dp_noise < 0 or self.client_dp_clip < 0:
             raise SlimtuneError("--client-dp-clip and --client-dp-noise must be >= 0")
+
+    def _check_trust(self) -> None:
+        """--robust trust and --root-data come together; the rule needs replies that carry the task's direction."""
+        from slimtune.optim.methods import METHODS
+        if self.robust != "trust":
+            if self.root_data:
+                raise SlimtuneError(f"--root-data applies only to --robust trust (now --robust {self.robust}): drop "
+                                    f"it, or add --robust trust")
+            return
+        if not self.root_data:
+            raise SlimtuneError("--robust trust needs --root-data: the server's own labelled examples of the task, on "
+                                "which it computes the update each reply is compared with")
+        if self.eval_data and Path(self.root_data).resolve() == Path(self.eval_data).resolve():
+            raise SlimtuneError(f"--root-data {self.root_data} is the evaluation data: the server would train on what "
+                                f"it reports accuracy on; give it examples of its own")
+        if self.mode == "zo-seeds" or METHODS[self.local_optimizer].kind != "first-order":
+            raise SlimtuneError(f"--robust trust compares each reply with the server's own update; replies of "
+                                f"zeroth-order clients (--mode {self.mode}, --local-optimizer {self.local_optimizer}) "
+                                f"are near-random directions (cosine ~0.01 with any reference), so trust cannot tell "
+                                f"a flipped one: use first-order clients (adamw, sgd, dp-adamw, dp-sgd) or another "
+                                f"--robust")
 
     @classmethod
     def from_json(cls, text: str) -> "FederatedConfig":
@@ -274,7 +297,7 @@ def check_inputs(cfg: FederatedConfig) -> None:
     and field, not inside a client."""
     from slimtune.federated.model import federated_objective
     objective = federated_objective(cfg)
-    for path in (cfg.data, cfg.eval_data):
+    for path in (cfg.data, cfg.eval_data, cfg.root_data):
         if path:
             raw, _ = objective.load(path, "train")
             if objective.kind == "generation" and raw and "messages" not in raw[0][0][1]:

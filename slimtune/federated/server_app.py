@@ -47,8 +47,9 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     model, tok, train, evals, objective = build_model(cfg, secret_key=RunKey.fresh())  # theta_0: secret
     metric = "accuracy" if objective.kind == "classification" else "loss"
     per_round = cfg.clients_per_round or cfg.num_clients
-    strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg), min_available_nodes=cfg.num_clients,
-                      min_train_nodes=per_round, fraction_train=per_round / cfg.num_clients)
+    strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg), reference=root_reference(cfg, model, tok,
+                      objective), min_available_nodes=cfg.num_clients, min_train_nodes=per_round,
+                      fraction_train=per_round / cfg.num_clients)
     history = BroadcastHistory(cfg.attack_window) if cfg.attack_coalition else None
     log, started = MetricsLog(out / "metrics.jsonl"), time.perf_counter()
     accountant = _client_dp_accountant(cfg)
@@ -100,6 +101,14 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
                                 coalition_data(cfg, train), cfg, scratch)
     return _write_summary(cfg, out, model, accountant, None if withheld else time.perf_counter() - started, attacks,
                           nodes=len(strategy.nodes_replied))
+
+
+def root_reference(cfg: FederatedConfig, model, tok, objective):
+    """--robust trust: the server's own update on its root data (root_reference.py); None under the other rules."""
+    if robust_rule(cfg.robust, cfg.mode, cfg.client_dp_clip > 0) != "trust":
+        return None
+    from slimtune.federated.root_reference import RootReference, load_root_data
+    return RootReference(cfg, model, objective, load_root_data(cfg.root_data, objective, tok))
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> None:

@@ -3,7 +3,8 @@
 Round t: broadcast Q(theta) (block-wise NF quantization), clients train from dequantized Q(theta) and reply with
 delta_k = theta_k - Q(theta) (mode "lora") or with (seed, scalar) pairs (mode "zo-seeds", replayed by the server into
 the same delta). Each reply is checked field by field (replies.py: a malformed one is rejected with a log line), the
-accepted deltas are bounded and aggregated (bounds.py: one rule for every mode), and the server optimizer turns the
+accepted deltas are bounded and aggregated (bounds.py: one rule for every mode; --robust trust weighs them against
+the server's own update on its root data, root_reference.py), and the server optimizer turns the
 aggregate into a step (server_opt.py). A step that would leave theta non-finite or outside fp16 range (Q(theta)'s
 scales are fp16) is not taken and the optimizer state is reset: no reply can lock out the rounds after it.
 """
@@ -31,7 +32,7 @@ FP16_MAX = 6.0e4  # just under float16's 65504: Q(theta)'s scales are fp16
 
 
 class FedLPP(FedAvg):
-    def __init__(self, cfg: FederatedConfig, theta: dict[str, torch.Tensor], replay=None, **kwargs):
+    def __init__(self, cfg: FederatedConfig, theta: dict[str, torch.Tensor], replay=None, reference=None, **kwargs):
         kwargs.setdefault("fraction_evaluate", 0.0)
         kwargs.setdefault("min_train_nodes", 1)
         kwargs.setdefault("min_available_nodes", 1)
@@ -40,6 +41,7 @@ class FedLPP(FedAvg):
         self.theta = {k: v.detach().clone().float() for k, v in theta.items()}  # private: never leaves the server
         self.shapes = {k: tuple(v.shape) for k, v in self.theta.items()}
         self.replay = replay  # mode zo-seeds: callable(seeds, grads) -> the delta those pairs make
+        self.reference = reference  # --robust trust: callable(Q(theta), round) -> the server's own update (root data)
         self.round_log: dict[int, dict] = {}
         self.noise = KeyedNoise(RunKey.fresh())  # client-DP noise: a fresh 256-bit key, never stored or sent
         self._encoded = None  # (theta it encodes, arrays, bytes)
@@ -115,7 +117,7 @@ class FedLPP(FedAvg):
                         "work is lost", server_round, missing, info["sampled"], self.cfg.round_timeout)
         if accepted:
             self.server_opt.lr = self.base_lr * self.lr_schedule(server_round - 1)  # --server-lr-scheduler
-            self.theta = self.apply_updates(accepted, info)
+            self.theta = self.apply_updates(accepted, info, server_round)
             if self.average is not None:
                 self.average.update(self.theta)
             info["payload_bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
@@ -136,15 +138,18 @@ class FedLPP(FedAvg):
         cap = self.bound.scalar_cap([a["grads"] for a in accepted])
         return [self.replay(a["seeds"], np.clip(a["grads"], -cap, cap)) for a in accepted]
 
-    def apply_updates(self, accepted: list[dict], info: dict | None = None) -> dict[str, torch.Tensor]:
+    def apply_updates(self, accepted: list[dict], info: dict | None = None,
+                      server_round: int = 0) -> dict[str, torch.Tensor]:
         deltas = self.deltas(accepted)
+        # --robust trust: the server's own round from what the clients received (root_reference.py)
+        reference = self.reference(self.client_view(), server_round) if self.reference is not None else None
         if self.cfg.client_dp_clip > 0:  # the fixed clip S the client-level accounting is calibrated to
             from slimtune.federated.bounds import clip_update
             deltas, cap = [clip_update(d, self.cfg.client_dp_clip) for d in deltas], self.cfg.client_dp_clip
         else:
             deltas, cap = self.bound.bound_deltas(deltas)
         weights = client_weights([a["claimed"] for a in accepted], self.cfg.weighting)
-        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info)
+        update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info, reference)
         if info is not None:
             info["update_bound"] = cap
         return self.server_step(update)

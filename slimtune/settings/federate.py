@@ -10,7 +10,7 @@ from slimtune.settings.base import Settings, condition, setting, when
 from slimtune.settings.train import HYBRID, OPTIMIZERS, PRIVATE, ZEROTH_ORDER
 
 # --robust choices (federated/bounds.aggregate); clip: kept for old configs, the same as none
-ROBUST_RULES = ("auto", "none", "median", "direction", "clip")
+ROBUST_RULES = ("auto", "none", "median", "direction", "trust", "clip")
 
 generation = when(task=("generation",))
 private_clients = when(local_optimizer=PRIVATE)
@@ -32,6 +32,7 @@ def check_config_values(cfg, origin: str | None = None) -> None:
     from dataclasses import fields as dc_fields
     values = {CONFIG_NAMES.get(f.name, f.name): getattr(cfg, f.name) for f in dc_fields(cfg)}
     values["eval_data"] = values["eval_data"] or None
+    values["root_data"] = values["root_data"] or None
     if values.get("data") == "":
         values["data"] = None
     FederateSettings.check_values(values, origin)
@@ -111,7 +112,11 @@ class FederateSettings(Settings):
     robust: str = setting("auto", "aggregation of the bounded updates: auto (direction for LoRA replies; the mean for "
                           "zo-seeds and client-level DP), none (mean), median (coordinate-wise) or direction (the "
                           "mean of the replies that agree with the round's median; a reply pushing against it gets "
-                          "no weight)", choices=ROBUST_RULES)
+                          "no weight) or trust (FLTrust: each reply weighted by its cosine with the server's own "
+                          "update on --root-data; needs first-order clients)", choices=ROBUST_RULES)
+    root_data: str | None = setting(None, "--robust trust: the server's own labelled examples of the task (e.g. 100; "
+                                    "never the evaluation data), on which it computes the reference update each "
+                                    "round; never sent to clients", applies=when(robust=("trust",)))
     dither: float = setting(0.0, "fixed secret dither on the broadcast, in units of the largest quantization step "
                             "(0: off)", low=0, high=2)
     clients_per_round: int = setting(0, "clients sampled to train each round (0: all)", low=0)
@@ -133,6 +138,8 @@ class FederateSettings(Settings):
         require_input_file(self.data, "--data")
         if self.eval_data:
             require_input_file(self.eval_data, "--eval-data")
+        if self.root_data:
+            require_input_file(self.root_data, "--root-data")
         self.to_config().validate()
 
     def to_config(self):
@@ -142,4 +149,5 @@ class FederateSettings(Settings):
         from slimtune.federated import FederatedConfig
         values = {f.name: getattr(self, CONFIG_NAMES.get(f.name, f.name)) for f in dc_fields(FederatedConfig)}
         values["eval_data"] = values["eval_data"] or ""  # the config's "no eval data"
+        values["root_data"] = values["root_data"] or ""
         return FederatedConfig(**values)
