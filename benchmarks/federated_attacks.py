@@ -152,12 +152,24 @@ def hostile_config(name: str, attack: str | None, data: Path, dev: Path, run_dir
 
 
 def root_subset(args) -> Path:
-    """--robust trust: the server's root data, the --root-size SST-2 train rows right after the clients' --train-size
-    rows (the same distribution, none of the clients' rows, both labels; FLTrust's 100 by default)."""
-    lines = (DATA / "train.tsv").read_text().splitlines()
+    """--robust trust: the server's root data, the first --root-size SST-2 train rows after the clients' --train-size
+    rows whose sentence is neither among the clients' rows nor in the dev rows (SST-2 train repeats sentences, and
+    the server refuses root rows it shares with either): the same distribution, both labels, FLTrust's 100 by
+    default."""
+    sentence = lambda line: line.split("\t", 1)[-1].strip()  # noqa: E731  (label \t sentence)
+    header, *rows = (DATA / "train.tsv").read_text().splitlines()
+    dev = (DATA / "dev.tsv").read_text().splitlines()[1:args.dev_size + 1]
+    taken = {sentence(r) for r in rows[:args.train_size]} | {sentence(r) for r in dev}
+    root = []
+    for row in rows[args.train_size:]:
+        if len(root) == args.root_size:
+            break
+        if sentence(row) not in taken:
+            root.append(row)
+            taken.add(sentence(row))
     path = args.hostile_out / f"root_{args.train_size}+{args.root_size}.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join([lines[0], *lines[args.train_size + 1:args.train_size + 1 + args.root_size]]) + "\n")
+    path.write_text("\n".join([header, *root]) + "\n")
     return path
 
 

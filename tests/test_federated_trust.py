@@ -15,6 +15,14 @@ from slimtune import SlimtuneError
 from slimtune.federated.bounds import aggregate, trusted, update_norm
 
 
+def own_root(demo_paths, tmp_path, name="root.tsv"):
+    """Root data of the server's own: the demo training rows reworded (none of the clients' or evaluation rows)."""
+    header, *rows = open(demo_paths[0]).read().splitlines()
+    path = tmp_path / name
+    path.write_text("\n".join([header, *(f"truly {row}" for row in rows)]) + "\n")
+    return path
+
+
 def skewed_replies(n_honest=3, n_flipped=1, tau=0.5, seed=0):
     """Honest replies tau t + s_c b (label skew s_c = +-1, |b| = 1 > tau), flipped ones the negative of an honest one;
     the reference is t plus a little noise (the server's root data has both labels)."""
@@ -44,9 +52,10 @@ def test_trust_gives_no_weight_to_sign_flipped_replies_even_as_a_majority():
     update = trusted([*honest, *flipped], reference, theta, [0.25] * 4, cosines)
     assert cosines[0] > 0 and all(c < 0 for c in cosines[1:])
     assert along(update, t) > 0
-    # the update is the honest reply rescaled to the reference's norm (its weight renormalised to 1)
+    # the update is the honest reply rescaled to the reference's norm, at its weight in the mean (1/4: the flipped
+    # replies' weight goes to nobody)
     h = honest[0]
-    expected = {k: h[k] * update_norm(reference) / update_norm(h) for k in h}
+    expected = {k: 0.25 * h[k] * update_norm(reference) / update_norm(h) for k in h}
     assert all(torch.allclose(update[k], expected[k], atol=1e-6) for k in h)
 
 
@@ -66,8 +75,7 @@ def test_trust_moves_nothing_when_no_reply_agrees_with_the_reference():
 
 
 def test_aggregate_under_trust_logs_each_cosine_and_needs_the_reference(demo_paths, tmp_path):
-    root = tmp_path / "root.tsv"
-    root.write_text(open(demo_paths[0]).read())
+    root = own_root(demo_paths, tmp_path)
     cfg = make_cfg(demo_paths, robust="trust", root_data=str(root))
     t, honest, flipped, reference = skewed_replies()
     info = {}
@@ -81,17 +89,81 @@ def test_aggregate_under_trust_logs_each_cosine_and_needs_the_reference(demo_pat
 @pytest.mark.parametrize("change, message", [
     (dict(robust="trust"), "--robust trust needs --root-data"),
     (dict(root_data="ROOT"), "--root-data applies only to --robust trust"),
-    (dict(robust="trust", root_data="ROOT", local_optimizer="mezo"), "zeroth-order clients"),
-    (dict(robust="trust", root_data="ROOT", mode="zo-seeds", local_optimizer="mezo"), "zeroth-order clients"),
-    (dict(robust="trust", root_data="EVAL"), "is the evaluation data"),
+    (dict(robust="trust", root_data="ROOT", local_optimizer="mezo"), "zeroth-order or hybrid clients"),
+    (dict(robust="trust", root_data="ROOT", mode="zo-seeds", local_optimizer="mezo"), "zeroth-order or hybrid clients"),
+    (dict(robust="trust", root_data="EVAL"), "is --eval-data"),
+    (dict(robust="trust", root_data="DATA", local_optimizer="dp-adamw"), "is --data"),
+    (dict(robust="trust", root_data="ROOT", local_optimizer="hybrid"), "zeroth-order or hybrid clients"),
     (dict(robust="trust", root_data="ROOT", client_dp_clip=1.0), "client-level DP"),
 ])
 def test_trust_settings_that_cannot_work_are_refused(demo_paths, tmp_path, change, message):
-    root = tmp_path / "root.tsv"
-    root.write_text(open(demo_paths[0]).read())
-    change = {k: {"ROOT": str(root), "EVAL": demo_paths[1]}.get(v, v) for k, v in change.items()}
+    root = own_root(demo_paths, tmp_path)
+    change = {k: {"ROOT": str(root), "EVAL": demo_paths[1], "DATA": demo_paths[0]}.get(v, v) for k, v in change.items()}
     with pytest.raises(SlimtuneError, match=message):
         make_cfg(demo_paths, **change).validate()
+
+
+@pytest.mark.parametrize("source, flag", [(0, "--data"), (1, "--eval-data")])
+def test_root_rows_shared_with_the_clients_or_the_evaluation_are_refused(demo_paths, tmp_path, source, flag):
+    """A copy (another path) of the clients' or the evaluation data, or any of their rows: the server would train
+    without noise on the clients' examples, or on what it reports accuracy on."""
+    from slimtune.federated.config import check_inputs
+    root = own_root(demo_paths, tmp_path)
+    copied = open(demo_paths[source]).read().splitlines()[1:3]
+    root.write_text(root.read_text() + "\n".join(copied) + "\n")
+    with pytest.raises(SlimtuneError, match=f"2 of its rows also appear in {flag}"):
+        check_inputs(make_cfg(demo_paths, robust="trust", root_data=str(root)))
+    check_inputs(make_cfg(demo_paths, robust="trust", root_data=str(own_root(demo_paths, tmp_path, "own.tsv"))))
+
+
+def test_a_tiny_norm_reply_cannot_make_the_aggregate_non_finite():
+    """(review) fp32 uploads let a client send 1e-40 x an honest update: a positive cosine, and a float32 rescale
+    factor ||Delta_0|| / ||Delta_k|| ~ 1e40 overflowed, so the round's update was inf and the step refused: one
+    client stalled every round. The rescale is done in double precision."""
+    t, honest, _, reference = skewed_replies(tau=2.0)
+    tiny = {k: 1e-40 * v for k, v in honest[0].items()}
+    assert all(torch.isfinite(v).all() for v in tiny.values()) and update_norm(tiny) > 0
+    update = trusted([honest[1], tiny], reference, theta_like(), [0.5, 0.5])
+    assert all(torch.isfinite(v).all() for v in update.values())
+    assert update_norm(update) <= update_norm(reference) + 1e-6
+
+
+def test_a_barely_trusted_reply_moves_theta_no_more_than_its_weight_in_the_mean(demo_paths, tmp_path):
+    """(review) FLTrust divides by the sum of trust scores: a reply with cosine 1e-5, alone in a round whose honest
+    reply points away from Delta_0, got weight 1 and moved theta by ||Delta_0|| in a direction of its choosing (and
+    was logged as cosine 0.0, `trusted` 0). Capped, it moves theta by at most w_k ||Delta_0||, and a reply that
+    moved theta is counted as trusted."""
+    root = own_root(demo_paths, tmp_path)
+    cfg = make_cfg(demo_paths, robust="trust", root_data=str(root))
+    theta = theta_like()
+    _, _, _, reference = skewed_replies()
+    orth = lambda v: {k: v[k] - along(v, reference) / update_norm(reference) ** 2 * reference[k]  # noqa: E731
+                      for k in reference}
+    g = torch.Generator().manual_seed(5)
+    harm = orth({k: torch.randn(v.shape, generator=g) for k, v in reference.items()})
+    harm = {k: v / update_norm(harm) for k, v in harm.items()}
+    hostile = {k: harm[k] + 1e-5 * reference[k] for k in reference}
+    honest = {k: -0.1 * reference[k] + v for k, v in orth({k: torch.randn(v.shape, generator=g)
+                                                             for k, v in reference.items()}).items()}
+    info = {}
+    update = aggregate(theta, [honest, hostile], [0.5, 0.5], cfg, info=info, reference=reference)
+    assert along(update, harm) <= 0.5 * update_norm(reference) + 1e-6
+    assert info["trusted"] == 1
+    # a round whose replies agree equally with the reference keeps the mean's weights, however small the cosines
+    unit_orth = [orth(skewed_replies(seed=s)[1][0]) for s in (7, 8)]
+    weak = [{k: 0.1 * reference[k] + v / update_norm(u) for k, v in u.items()} for u in unit_orth]  # equal cosines
+    update = trusted(weak, reference, theta, [0.5, 0.5])
+    expected = {k: sum(0.5 * w[k] * update_norm(reference) / update_norm(w) for w in weak) for k in reference}
+    assert all(torch.allclose(update[k], expected[k], atol=1e-6) for k in reference)
+
+
+def test_a_diverged_reference_moves_nothing_and_says_so(demo_paths, tmp_path, caplog):
+    cfg = make_cfg(demo_paths, robust="trust", root_data=str(own_root(demo_paths, tmp_path)))
+    _, honest, _, reference = skewed_replies()
+    broken = {k: torch.full_like(v, float("nan")) for k, v in reference.items()}
+    update = aggregate(theta_like(), honest, [1 / 3] * 3, cfg, reference=broken)
+    assert all(float(v.abs().max()) == 0 for v in update.values())
+    assert "not finite" in caplog.text
 
 
 def test_the_root_data_stays_on_the_server(demo_paths, tmp_path):
@@ -105,8 +177,7 @@ def test_the_server_reference_is_its_own_round_on_the_root_data(demo_paths, tmp_
     from slimtune.federated.model import build_model, lora_state
     from slimtune.federated.root_reference import reference_optimizer
     from slimtune.federated.server_app import root_reference
-    root = tmp_path / "root.tsv"
-    root.write_text(open(demo_paths[0]).read())
+    root = own_root(demo_paths, tmp_path)
     cfg = make_cfg(demo_paths, robust="trust", root_data=str(root), local_optimizer="dp-adamw").resolved()
     model, tok, _, _, objective = build_model(cfg)
     reference = root_reference(cfg, model, tok, objective)
@@ -139,8 +210,7 @@ def test_trust_runs_in_flowers_simulation_against_a_sign_flipping_client(demo_pa
         monkeypatch.setattr(TaskIdentity, attr, None)  # the simulation runtime sets its own
     from slimtune.federated import simulate
     from slimtune.federated.hostile import hostile_app
-    root = tmp_path / "root.tsv"
-    root.write_text(open(demo_paths[0]).read())
+    root = own_root(demo_paths, tmp_path)
     cfg = make_cfg(demo_paths, bits=4, rounds=2, robust="trust", root_data=str(root), out_dir=str(tmp_path / "run"))
     summary = simulate(cfg, client_app=hostile_app("sign-flip", {0}))
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -18,7 +18,8 @@ A round's accepted replies become deltas Delta_k: a LoRA reply is its decoded up
                 weight is not handed to the others, so no reply weighs more than in the mean (a coalition that makes
                 the median and gets honest replies dropped gains nothing); or (--robust trust, FLTrust) the mean of
                 the Delta_k rescaled to the norm of the server's own update Delta_0 on its root data, each weighted by
-                max(0, cos(Delta_k, Delta_0)) (`trusted`); with client-level DP the uniform mean plus
+                max(0, cos(Delta_k, Delta_0)) and never more than in the mean (`trusted`); with client-level DP the
+                uniform mean plus
                 N(0, (sigma S / K)^2) on the trained entries.
 
 The server optimizer then post-processes the aggregate (server_opt.py), and a step whose result is non-finite or
@@ -125,35 +126,39 @@ def agreeing(deltas: list[dict], theta: dict, cosines: list | None = None) -> li
 
 def trusted(deltas: list[dict], reference: dict, theta: dict, weights: list[float],
             cosines: list | None = None) -> dict[str, torch.Tensor]:
-    """FLTrust's aggregate (Cao et al., NDSS 2021) against the server's own update Delta_0 on its root data:
+    """FLTrust's aggregate (Cao et al., NDSS 2021) against the server's own update Delta_0 on its root data, with
+    each reply's weight capped at its weight in the mean:
 
-        ts_k = w_k max(0, cos(Delta_k, Delta_0)),   update = sum_k ts_k (||Delta_0|| / ||Delta_k||) Delta_k / sum_k ts_k
+        ts_k = max(0, cos(Delta_k, Delta_0)),   a_k = min(w_k, w_k ts_k / sum_j w_j ts_j),
+        update = sum_k a_k (||Delta_0|| / ||Delta_k||) Delta_k          (zero when every ts_k = 0)
 
-    (zero when no reply has ts_k > 0). The reference is computed by the server from data no client holds, so no
-    number of hostile replies can move it, unlike the round's median (`agreeing`): a reply pushing against the task
-    (a sign flip) gets weight 0 however many replies push with it. Under label skew an honest update is its client's
-    pull toward its labels plus the task's direction; the root data has both labels, so Delta_0 carries the task's
-    direction and little of any one label's pull, and honest replies keep a positive cosine. Every reply is rescaled to
-    ||Delta_0||, so no norm it was sent at buys influence. Renormalising by sum ts_k hands a distrusted reply's weight
-    to the trusted ones, which is safe here because trust comes from the server's own data, not from other replies.
-    `cosines`, when given, receives cos(Delta_k, Delta_0) per reply."""
+    The reference is computed by the server from data no client holds, so no number of hostile replies can move it,
+    unlike the round's median (`agreeing`): a reply pushing against the task (a sign flip) gets weight 0 however
+    many replies push with it. Under label skew an honest update is its client's pull toward its labels plus the
+    task's direction; the root data has both labels, so Delta_0 carries the task's direction and little of any one
+    label's pull, and honest replies keep a positive cosine. Every reply is rescaled to ||Delta_0|| (in double
+    precision: a reply sent at norm 1e-40 would overflow a float32 factor), so no norm it was sent at buys influence.
+    FLTrust divides by sum_j ts_j alone; then a reply with cosine 1e-5, alone in a round whose honest replies point
+    away from Delta_0, took the whole step ||Delta_0|| in a direction of its choosing. With the cap, one reply moves
+    theta by at most w_k ||Delta_0|| (the mean's bound, with ||Delta_0|| for B_t), and a round whose trusted replies
+    agree equally with Delta_0 keeps the mean's weights however small their cosines. `cosines`, when given,
+    receives cos(Delta_k, Delta_0) per reply (unrounded)."""
     scale = update_norm(reference)
-    scores = []
-    for d, w in zip(deltas, weights):
+    ts = []
+    for d in deltas:
         cos = cosine(d, reference, theta)
         if cosines is not None:
-            cosines.append(round(cos, 4))
-        scores.append(w * max(cos, 0.0))
-    total = sum(scores)
-    update = {name: torch.zeros_like(value) for name, value in theta.items()}
-    if total <= 0 or scale == 0:
-        return update
-    for d, score in zip(deltas, scores):
-        if score > 0:
-            factor = score * scale / (update_norm(d) * total)
-            for name in theta:
-                update[name] = update[name] + factor * d[name]
-    return update
+            cosines.append(cos)
+        ts.append(max(cos, 0.0))
+    total = sum(w * t for w, t in zip(weights, ts))
+    update = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in theta.items()}
+    if total > 0 and scale > 0:
+        for d, w, t in zip(deltas, weights, ts):
+            if t > 0:
+                factor = min(w, w * t / total) * scale / update_norm(d)
+                for name in theta:
+                    update[name] += factor * d[name].double()
+    return {name: update[name].to(value.dtype) for name, value in theta.items()}
 
 
 def client_weights(claims: list[float | None], weighting: str) -> list[float]:
@@ -180,12 +185,20 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
     if rule == "trust":
         if reference is None:
             raise ValueError("--robust trust needs the server's reference update (its root data)")
+        reference = trained(reference)
+        if info is not None:
+            info["reference_norm"] = update_norm(reference)
+        if not all(torch.isfinite(v).all() for v in reference.values()):
+            import logging
+            logging.getLogger("slimtune.federated").warning(
+                "the server's reference update on --root-data is not finite (its training diverged: lower --lr?); "
+                "this round moves nothing")
+            return {name: torch.zeros_like(value) for name, value in theta.items()}
         cosines: list = []
-        update = trusted(deltas, trained(reference), theta, weights, cosines)
+        update = trusted(deltas, reference, theta, weights, cosines)
         if info is not None:
             info["trusted"] = sum(c > 0 for c in cosines)  # replies with a positive trust score (metrics.jsonl)
-            info["trust"] = cosines  # each reply's cosine with the server's reference, in reply order
-            info["reference_norm"] = update_norm(trained(reference))
+            info["trust"] = [round(c, 4) for c in cosines]  # each reply's cosine with the reference, in reply order
         return update
     if rule == "direction":
         cosines: list = []

@@ -211,15 +211,19 @@ class FederatedConfig:
         if not self.root_data:
             raise SlimtuneError("--robust trust needs --root-data: the server's own labelled examples of the task, on "
                                 "which it computes the update each reply is compared with")
-        if self.eval_data and Path(self.root_data).resolve() == Path(self.eval_data).resolve():
-            raise SlimtuneError(f"--root-data {self.root_data} is the evaluation data: the server would train on what "
-                                f"it reports accuracy on; give it examples of its own")
+        root = Path(self.root_data).resolve()
+        for flag, path, why in (("--data", self.data, "the clients' data: the server would train without noise on "
+                                 "their examples, and hostile clients would know its reference"),
+                                ("--eval-data", self.eval_data, "the evaluation data: the server would train on what "
+                                 "it reports accuracy on")):
+            if path and root == Path(path).resolve():
+                raise SlimtuneError(f"--root-data {self.root_data} is {flag}, {why}; give it examples of its own")
         if self.mode == "zo-seeds" or METHODS[self.local_optimizer].kind != "first-order":
             raise SlimtuneError(f"--robust trust compares each reply with the server's own update; replies of "
-                                f"zeroth-order clients (--mode {self.mode}, --local-optimizer {self.local_optimizer}) "
-                                f"are near-random directions (cosine ~0.01 with any reference), so trust cannot tell "
-                                f"a flipped one: use first-order clients (adamw, sgd, dp-adamw, dp-sgd) or another "
-                                f"--robust")
+                                f"zeroth-order or hybrid clients (--mode {self.mode}, --local-optimizer "
+                                f"{self.local_optimizer}) are near-random directions (cosine ~0.01 with any "
+                                f"reference), so trust cannot tell a flipped one: use first-order clients (adamw, sgd, "
+                                f"dp-adamw, dp-sgd) or another --robust")
 
     @classmethod
     def from_json(cls, text: str) -> "FederatedConfig":
@@ -297,11 +301,19 @@ def check_inputs(cfg: FederatedConfig) -> None:
     and field, not inside a client."""
     from slimtune.federated.model import federated_objective
     objective = federated_objective(cfg)
-    for path in (cfg.data, cfg.eval_data, cfg.root_data):
+    texts = {}
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--root-data", cfg.root_data)):
         if path:
-            raw, _ = objective.load(path, "train")
+            raw, texts[flag] = objective.load(path, "train")
             if objective.kind == "generation" and raw and "messages" not in raw[0][0][1]:
                 objective.examples(raw, None)  # chat rows are checked once the tokenizer is loaded
+    if cfg.root_data:  # the server's own examples: none of the clients' and none it evaluates on (_check_trust)
+        root = set(texts["--root-data"])
+        for flag in ("--data", "--eval-data"):
+            shared = len(root.intersection(texts.get(flag, ())))
+            if shared:
+                raise SlimtuneError(f"--root-data {cfg.root_data}: {shared} of its rows also appear in {flag}; the "
+                                    f"server's root data must be examples of its own (drop those rows)")
 
 
 def check_output(out_dir: str) -> None:
