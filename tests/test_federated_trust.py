@@ -88,7 +88,9 @@ def test_aggregate_under_trust_logs_each_cosine_and_needs_the_reference(demo_pat
 
 @pytest.mark.parametrize("change, message", [
     (dict(robust="trust"), "--robust trust needs --root-data"),
-    (dict(root_data="ROOT"), "--root-data applies only to --robust trust"),
+    (dict(robust="median", root_data="ROOT"), "--root-data applies only to --robust trust or auto"),
+    (dict(root_data="ROOT", local_optimizer="mezo"), "zeroth-order or hybrid clients"),  # auto: trust, not ignored
+    (dict(root_data="ROOT", client_dp_clip=1.0), "--robust auto with --root-data"),
     (dict(robust="trust", root_data="ROOT", local_optimizer="mezo"), "zeroth-order or hybrid clients"),
     (dict(robust="trust", root_data="ROOT", mode="zo-seeds", local_optimizer="mezo"), "zeroth-order or hybrid clients"),
     (dict(robust="trust", root_data="EVAL"), "is --eval-data"),
@@ -166,6 +168,13 @@ def test_a_diverged_reference_moves_nothing_and_says_so(demo_paths, tmp_path, ca
     assert "not finite" in caplog.text
 
 
+def test_auto_is_trust_when_the_server_has_root_data(demo_paths, tmp_path):
+    root = str(own_root(demo_paths, tmp_path))
+    assert make_cfg(demo_paths, root_data=root).aggregation_rule == "trust"
+    assert make_cfg(demo_paths).aggregation_rule == "direction"
+    assert make_cfg(demo_paths, robust="direction").aggregation_rule == "direction"
+
+
 def test_the_root_data_stays_on_the_server(demo_paths, tmp_path):
     cfg = make_cfg(demo_paths, robust="trust", root_data=str(tmp_path / "root.tsv"))
     assert "root_data" not in json.loads(cfg.client_json())
@@ -192,7 +201,9 @@ def test_the_server_reference_is_its_own_round_on_the_root_data(demo_paths, tmp_
 
 
 def test_federate_refuses_trust_without_root_data_in_one_line(demo_paths, tmp_path):
-    for extra, words in ((["--robust", "trust"], "--root-data"), (["--root-data", demo_paths[0]], "--robust trust")):
+    for extra, words in ((["--robust", "trust"], "--root-data"),
+                         (["--robust", "median", "--root-data", demo_paths[1]], "--robust trust or auto"),
+                         (["--root-data", demo_paths[0]], "is --data")):
         proc = subprocess.run([sys.executable, "-m", "slimtune.cli", "federate", "--data", demo_paths[0],
                                "--out", str(tmp_path / "run"), *extra], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr

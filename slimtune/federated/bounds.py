@@ -178,8 +178,7 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
     noise: it is never released changed, so noising it would only damage the model."""
     trained = lambda d: {k: (v if is_trained(k, cfg) else torch.zeros_like(v)) for k, v in d.items()}  # noqa: E731
     deltas = [trained(d) for d in deltas]
-    from slimtune.federated.config import robust_rule
-    rule = robust_rule(cfg.robust, cfg.mode, cfg.client_dp_clip > 0)
+    rule = cfg.aggregation_rule
     if rule == "median":
         return {name: coordinate_median([d[name] for d in deltas]) for name in theta}
     if rule == "trust":

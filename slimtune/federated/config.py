@@ -15,12 +15,16 @@ from slimtune.federated.wire import FP32
 from slimtune.settings.federate import ROBUST_RULES as ROBUST  # --robust choices (bounds.aggregate)
 
 
-def robust_rule(robust: str, mode: str, client_dp: bool) -> str:
-    """The aggregation a --robust setting gives: auto (the default) is `direction` for LoRA replies and the mean
-    ("none") for zo-seeds replies (nearly orthogonal random directions: the filter would drop honest ones at random,
-    and cannot tell a flipped one) and under client-level DP (whose accounting is for the uniform mean); clip is the
-    mean (kept for old configs)."""
+def robust_rule(robust: str, mode: str, client_dp: bool, root_data: bool = False) -> str:
+    """The aggregation a --robust setting gives: auto (the default) is `trust` when the server has root data
+    (--root-data: a reference no client can move), else `direction` for LoRA replies and the mean ("none") for
+    zo-seeds replies (nearly orthogonal random directions: the filter would drop honest ones at random, and cannot
+    tell a flipped one) and under client-level DP (whose accounting is for the uniform mean); clip is the mean (kept
+    for old configs). Where trust cannot work (zeroth-order clients, client-level DP) the config refuses it rather
+    than fall back: root data given is never silently unused."""
     if robust == "auto":
+        if root_data:
+            return "trust"
         return "none" if mode == "zo-seeds" or client_dp else "direction"
     return "none" if robust == "clip" else robust
 
@@ -74,8 +78,9 @@ class FederatedConfig:
     weighting: str = "equal"  # server: equal (every accepted reply the same weight) or examples (claimed example
     # counts, each capped at the round's median claim); a claim never buys more than that
     robust: str = "auto"  # aggregation of the bounded updates: none (weighted mean), median (coordinate-wise),
-    # direction (the replies agreeing with the round's median; bounds.py), auto (direction for LoRA replies, the
-    # mean for zo-seeds and client-level DP: robust_rule); clip: kept for old configs, the same as none
+    # direction (the replies agreeing with the round's median; bounds.py), trust (FLTrust against the server's own
+    # update on root_data), auto (trust with root_data, else direction for LoRA replies, the mean for zo-seeds and
+    # client-level DP: robust_rule); clip: kept for old configs, the same as none
     root_data: str = ""  # --robust trust: the server's own labelled examples (root_reference.py); never sent
     seed: int = 0
     out_dir: str = "runs/federated"
@@ -95,6 +100,11 @@ class FederatedConfig:
     clients_per_round: int = 0  # server: clients sampled to train each round (0: all num_clients)
     attack_coalition: int = 0  # server, measurement only: k > 0 scores what k pooled clients rebuild (attacks.py)
     attack_window: int = 5  # the multi-round attack averages this many of the latest broadcasts
+
+    @property
+    def aggregation_rule(self) -> str:
+        """The server's aggregation of this run (robust_rule of --robust, the mode, client-level DP, --root-data)."""
+        return robust_rule(self.robust, self.mode, self.client_dp_clip > 0, bool(self.root_data))
 
     @property
     def client_level_dp(self) -> bool:
@@ -170,9 +180,11 @@ class FederatedConfig:
             raise SlimtuneError("--max-update-norm drops replies by their norm, so whether a client is counted would "
                                 "depend on its data, outside the client-level DP accounting; --client-dp-clip already "
                                 "bounds every update: drop --max-update-norm")
-        if self.robust in ("median", "direction", "trust") and self.client_dp_clip > 0:
-            raise SlimtuneError("--robust changes what one client can move the aggregate by, which the client-level DP "
-                                "accounting does not cover: use one of --robust or --client-dp-clip")
+        if self.aggregation_rule in ("median", "direction", "trust") and self.client_dp_clip > 0:
+            given = f"--robust {self.robust}" + (" with --root-data" if self.root_data else "")
+            raise SlimtuneError(f"{given} changes what one client can move the aggregate by, which the client-level "
+                                f"DP accounting does not cover: use one of --robust (or --root-data) or "
+                                f"--client-dp-clip")
         from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
         server = self.resolved()
         ServerOptimizer(server.server_optimizer, server.server_lr, server.server_momentum)  # one-line errors
@@ -203,10 +215,10 @@ class FederatedConfig:
     def _check_trust(self) -> None:
         """--robust trust and --root-data come together; the rule needs replies that carry the task's direction."""
         from slimtune.optim.methods import METHODS
-        if self.robust != "trust":
+        if self.aggregation_rule != "trust":
             if self.root_data:
-                raise SlimtuneError(f"--root-data applies only to --robust trust (now --robust {self.robust}): drop "
-                                    f"it, or add --robust trust")
+                raise SlimtuneError(f"--root-data applies only to --robust trust or auto (now --robust "
+                                    f"{self.robust}): drop it, or use --robust trust")
             return
         if not self.root_data:
             raise SlimtuneError("--robust trust needs --root-data: the server's own labelled examples of the task, on "

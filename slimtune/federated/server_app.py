@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from slimtune import SlimtuneError
 from slimtune.federated.attacks import BroadcastHistory, attack_report, coalition_data
-from slimtune.federated.config import FederatedConfig, check_run, robust_rule, settings_path
+from slimtune.federated.config import FederatedConfig, check_run, settings_path
 from slimtune.federated.model import build_model, load_lora_state, lora_state
 from slimtune.federated.wire import FP32
 from slimtune.federated.strategy import FedLPP
@@ -105,7 +105,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
 
 def root_reference(cfg: FederatedConfig, model, tok, objective):
     """--robust trust: the server's own update on its root data (root_reference.py); None under the other rules."""
-    if robust_rule(cfg.robust, cfg.mode, cfg.client_dp_clip > 0) != "trust":
+    if cfg.aggregation_rule != "trust":
         return None
     from slimtune.federated.root_reference import RootReference, load_root_data
     return RootReference(cfg, model, objective, load_root_data(cfg.root_data, objective, tok))
@@ -158,7 +158,7 @@ def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=N
                "steps": cfg.rounds, "rounds": cfg.rounds,
                "clients": cfg.num_clients, "nodes_replied": nodes, "bits": cfg.bits, "aggregation": cfg.aggregation,
                "weighting": cfg.weighting, "norm_bound": cfg.norm_bound, "robust": cfg.robust,
-               "aggregation_rule": robust_rule(cfg.robust, cfg.mode, cfg.client_dp_clip > 0),
+               "aggregation_rule": cfg.aggregation_rule,
                "server_optimizer": cfg.server_optimizer, "server_lr": cfg.server_lr,
                "server_average": cfg.server_average, "server_lr_scheduler": cfg.server_lr_scheduler,
                "final_iterate_accuracy": last.get("iterate_accuracy"),

@@ -109,14 +109,15 @@ class FederateSettings(Settings):
                                      "the adaptive bound applies either way)", low=0)
     weighting: str = setting("equal", "server: equal weights, or examples (claimed counts, each capped at the round's "
                              "median claim)", choices=("equal", "examples"))
-    robust: str = setting("auto", "aggregation of the bounded updates: auto (direction for LoRA replies; the mean for "
-                          "zo-seeds and client-level DP), none (mean), median (coordinate-wise) or direction (the "
+    robust: str = setting("auto", "aggregation of the bounded updates: auto (trust with --root-data; else direction "
+                          "for LoRA replies, the mean for zo-seeds and client-level DP), none (mean), median (coordinate-wise) or direction (the "
                           "mean of the replies that agree with the round's median; a reply pushing against it gets "
                           "no weight) or trust (FLTrust: each reply weighted by its cosine with the server's own "
                           "update on --root-data; needs first-order clients)", choices=ROBUST_RULES)
     root_data: str | None = setting(None, "--robust trust: the server's own labelled examples of the task (e.g. 100; "
                                     "never the evaluation data), on which it computes the reference update each "
-                                    "round; never sent to clients", applies=when(robust=("trust",)))
+                                    "round (with it, --robust auto is trust); never sent to clients",
+                                    applies=when(robust=("trust", "auto")))
     dither: float = setting(0.0, "fixed secret dither on the broadcast, in units of the largest quantization step "
                             "(0: off)", low=0, high=2)
     clients_per_round: int = setting(0, "clients sampled to train each round (0: all)", low=0)
