@@ -19,34 +19,40 @@ def verdict(ok: bool | None, value: str) -> str:
 
 
 def federated_rows() -> list[list[str]]:
+    """Issue 35's targets under what a run gets: the default --robust auto without root data (the direction filter
+    for LoRA replies, the mean for zo-seeds), and with --root-data (auto is then trust; zo-seeds is refused there, so
+    its attack does not apply)."""
     from slimtune.federated import FederatedConfig
     from slimtune.federated.config import robust_rule
-    from slimtune.federated.hostile import ATTACKS
+    from slimtune.federated.hostile import ATTACKS, LORA_ATTACKS
     results = read_results("federated_hostile.json") or {}
     default = FederatedConfig.robust  # the targets are about what a run gets: rows under the default's aggregation
 
-    def defaults_rule(setup: dict) -> bool:
+    def rule_of(setup: dict, root_data: bool) -> bool:
         mode = "zo-seeds" if str(setup.get("reference", "")).startswith("honest-zo-seeds") else "lora"
-        return robust_rule(setup.get("robust") or "none", mode, False) == robust_rule(default, mode, False) \
+        return robust_rule(setup.get("robust") or "none", mode, False) == robust_rule(default, mode, False, root_data) \
             and not setup.get("server")  # a row under another server step than the default's
     rows = []
-    for count, margin in ((1, 3.0), (2, 5.0)):
-        gaps = []
-        for r in results.values():
-            setup = r.get("setup", {})
-            if setup.get("attack") and setup.get("hostile_clients") == count and defaults_rule(setup):
-                honest = results.get(setup.get("reference"), {}).get("final_accuracy")
-                if honest is not None and r.get("final_accuracy") is not None:
-                    gaps.append(((r["final_accuracy"] - honest) * 100, setup["attack"]))
-        worst = min(gaps) if gaps else None
-        missing = [a for a in ATTACKS if a not in {name for _, name in gaps}]
-        value = "" if worst is None else (f"worst {worst[0]:+.1f} pts ({worst[1]}) over {len(gaps)} of {len(ATTACKS)} "
-                                          f"attacks" + (f"; not run: {', '.join(missing)}" if missing else ""))
-        shown = verdict(None if worst is None else worst[0] >= -margin, value)
-        if missing and worst is not None and worst[0] >= -margin:
-            shown = f"met where run, incomplete ({value})"
-        rows.append(["35", f"{count} of 8 clients hostile, 30 rounds (the default --robust {default})",
-                     f"within {margin:g} pts of all-honest", shown])
+    for root_data, setting, attacks in ((False, f"the default --robust {default}", ATTACKS),
+                                        (True, f"--root-data: --robust {default} is trust", LORA_ATTACKS)):
+        for count, margin in ((1, 3.0), (2, 5.0)):
+            gaps = []
+            for r in results.values():
+                setup = r.get("setup", {})
+                if setup.get("attack") and setup.get("hostile_clients") == count and rule_of(setup, root_data):
+                    honest = results.get(setup.get("reference"), {}).get("final_accuracy")
+                    if honest is not None and r.get("final_accuracy") is not None:
+                        gaps.append(((r["final_accuracy"] - honest) * 100, setup["attack"]))
+            worst = min(gaps) if gaps else None
+            missing = [a for a in attacks if a not in {name for _, name in gaps}]
+            value = "" if worst is None else (f"worst {worst[0]:+.1f} pts ({worst[1]}) over {len(gaps)} of "
+                                              f"{len(attacks)} attacks" +
+                                              (f"; not run: {', '.join(missing)}" if missing else ""))
+            shown = verdict(None if worst is None else worst[0] >= -margin, value)
+            if missing and worst is not None and worst[0] >= -margin:
+                shown = f"met where run, incomplete ({value})"
+            rows.append(["35", f"{count} of 8 clients hostile, 30 rounds ({setting})",
+                         f"within {margin:g} pts of all-honest", shown])
     return rows
 
 
