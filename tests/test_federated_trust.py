@@ -229,3 +229,12 @@ def test_trust_runs_in_flowers_simulation_against_a_sign_flipping_client(demo_pa
     for r in rounds[1:]:
         assert len(r["trust"]) == r["replies"] == 3 and r["trusted"] <= 2
         assert min(r["trust"]) < 0  # the flipped reply
+
+
+def test_the_non_private_form_of_each_optimizer():
+    from slimtune.federated.root_reference import reference_optimizer
+    from slimtune.optim.methods import METHODS, PRIVATE
+    assert [reference_optimizer(p) for p in ("dp-adamw", "dp-sgd", "dpzero", "dphybrid")] == \
+        ["adamw", "sgd", "mezo", "hybrid"]
+    assert all(reference_optimizer(n) == n for n in METHODS if n not in PRIVATE)  # lozo-m stays lozo-m
+    assert not any(reference_optimizer(p) in PRIVATE for p in PRIVATE)

@@ -25,10 +25,9 @@ import torch
 from slimtune.data import EpochSampler
 from slimtune.federated.config import FederatedConfig
 from slimtune.federated.model import load_lora_state, lora_state
-from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
+from slimtune.federated.root_reference import reference_optimizer
+from slimtune.optim import OptimizerArgs, build_optimizer
 
-# a private local optimizer's non-private counterpart: attackers fine-tune their own pooled data without DP
-PUBLIC_COUNTERPART = {"dpzero": "mezo", "dplozo": "lozo", "dp-adamw": "adamw", "dp-sgd": "sgd"}
 
 
 class BroadcastHistory:
@@ -64,8 +63,7 @@ def coalition_finetune(model, objective, start: dict[str, torch.Tensor], example
     if not examples:
         raise ValueError("the coalition holds no training examples")
     load_lora_state(model, start)
-    name = PUBLIC_COUNTERPART.get(cfg.local_optimizer, cfg.local_optimizer)
-    assert name not in PRIVATE_OPTIMIZERS
+    name = reference_optimizer(cfg.local_optimizer)  # attackers fine-tune their own pooled data without DP
     optimizer = build_optimizer(name, model, OptimizerArgs(lr=cfg.lr, eps=cfg.eps, seed=seed), None)
     sampler = EpochSampler(len(examples), cfg.batch_size, seed)
     model.train(not optimizer.zeroth_order)

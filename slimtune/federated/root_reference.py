@@ -29,8 +29,10 @@ ROOT_STREAM = 2**32 - 1  # the root data's batch order: a seed stream no client'
 
 
 def reference_optimizer(local_optimizer: str) -> str:
-    """The server's optimizer for its root data: the clients' one without DP (its family, optim/methods.py)."""
-    return METHODS[local_optimizer].family
+    """The clients' optimizer without DP (a private one's family in optim/methods.py, e.g. dp-adamw -> adamw): the
+    server's on its root data, and the coalition attack's on its own pooled data (attacks.py)."""
+    method = METHODS[local_optimizer]
+    return method.family if method.private else method.name
 
 
 def load_root_data(path: str, objective, tokenizer) -> list:
