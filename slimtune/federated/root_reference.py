@@ -59,8 +59,7 @@ class RootReference:
             run_steps(self.cfg, self.model, self.objective, optimizer, self.examples, seed, False)
         finally:
             release_hooks(optimizer)
-            for p in self.model.parameters():
-                p.grad = None
+            self.model.zero_grad(set_to_none=True)
         self.model.eval()
         trained = lora_state(self.model)
         return {k: trained[k] - start[k] for k in start}

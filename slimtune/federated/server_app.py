@@ -47,9 +47,9 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     model, tok, train, evals, objective = build_model(cfg, secret_key=RunKey.fresh())  # theta_0: secret
     metric = "accuracy" if objective.kind == "classification" else "loss"
     per_round = cfg.clients_per_round or cfg.num_clients
-    strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg), reference=root_reference(cfg, model, tok,
-                      objective), min_available_nodes=cfg.num_clients, min_train_nodes=per_round,
-                      fraction_train=per_round / cfg.num_clients)
+    strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg),
+                      reference=root_reference(cfg, model, tok, objective), min_available_nodes=cfg.num_clients,
+                      min_train_nodes=per_round, fraction_train=per_round / cfg.num_clients)
     history = BroadcastHistory(cfg.attack_window) if cfg.attack_coalition else None
     log, started = MetricsLog(out / "metrics.jsonl"), time.perf_counter()
     accountant = _client_dp_accountant(cfg)

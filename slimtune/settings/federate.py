@@ -110,10 +110,11 @@ class FederateSettings(Settings):
     weighting: str = setting("equal", "server: equal weights, or examples (claimed counts, each capped at the round's "
                              "median claim)", choices=("equal", "examples"))
     robust: str = setting("auto", "aggregation of the bounded updates: auto (trust with --root-data; else direction "
-                          "for LoRA replies, the mean for zo-seeds and client-level DP), none (mean), median (coordinate-wise) or direction (the "
-                          "mean of the replies that agree with the round's median; a reply pushing against it gets "
-                          "no weight) or trust (FLTrust: each reply weighted by its cosine with the server's own "
-                          "update on --root-data; needs first-order clients)", choices=ROBUST_RULES)
+                          "for LoRA replies, the mean for zo-seeds and client-level DP), none (mean), median "
+                          "(coordinate-wise), direction (the mean of the replies that agree with the round's median; a "
+                          "reply pushing against it gets no weight) or trust (FLTrust: each reply rescaled to the "
+                          "server's own update on --root-data and weighted by its positive cosine with it, never more "
+                          "than in the mean; needs first-order clients)", choices=ROBUST_RULES)
     root_data: str | None = setting(None, "--robust trust: the server's own labelled examples of the task (e.g. 100; "
                                     "never the evaluation data), on which it computes the reference update each "
                                     "round (with it, --robust auto is trust); never sent to clients",
