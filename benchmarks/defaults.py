@@ -19,6 +19,8 @@ from pathlib import Path
 
 from launch import train_run
 
+from slimtune.optim.defaults import defaults_for
+
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 OUT = ROOT / "benchmarks" / "results" / "defaults"
@@ -63,7 +65,10 @@ TARGETS = {"adamw-lora": (None, 0.88), "adamw-svfit": ("adamw-lora", 0.02), "mez
            "dp-adamw-lora-eps6": ("compare", "dpzero-lora-eps6"), "dp-adamw-lora-eps2": ("compare", "dpzero-lora-eps2")}
 
 
-GEMMA_ZO_LR = ("gemma-mezo-lora", "gemma-dpzero-lora-eps6")  # rows whose --lr is the Gemma sweep's selection
+# rows that run at a default chosen by a sweep (optim/defaults.py holds it): row -> (sweep pair, optimizer, peft,
+# model). The row is refused if the table and the sweep's selection differ (or the sweep has not run).
+SWEPT_DEFAULTS = {"gemma-mezo-lora": ("gemma-mezo+lora", "mezo", "lora", "gemma3-270m"),
+                  "gemma-dpzero-lora-eps6": ("gemma-mezo+lora", "dpzero", "lora", "gemma3-270m")}
 
 
 def swept_lr(pair: str) -> str:
@@ -75,6 +80,14 @@ def swept_lr(pair: str) -> str:
                          "first")
     flags = sweep[pair]["candidates"][sweep[pair]["selected"]]["flags"]
     return flags[flags.index("--lr") + 1]
+
+
+def check_swept_default(name: str) -> None:
+    """Refuse a row whose default lr (optim/defaults.py) is not its sweep's selection."""
+    pair, optimizer, peft, model = SWEPT_DEFAULTS[name]
+    table = defaults_for(optimizer, peft, model).lr
+    if table != float(swept_lr(pair)):
+        raise SystemExit(f"{name}: optim/defaults.py gives lr {table:g}, the sweep {pair} selected {swept_lr(pair)}")
 
 
 def verdict(name: str, results: dict) -> tuple[bool | None, str]:
@@ -152,8 +165,8 @@ def main() -> None:
     for name, (flags, target) in RUNS.items():
         if args.only and name not in args.only:
             continue
-        if name in GEMMA_ZO_LR:
-            flags = [*flags, "--lr", swept_lr("gemma-mezo+lora")]
+        if name in SWEPT_DEFAULTS:
+            check_swept_default(name)
         row = {**run(name, flags, args.threads, args.gpu), "target": target}
         # re-read before writing: runs started beside each other (one per core) each add their own row
         results = json.loads(path.read_text()) if path.exists() else {}

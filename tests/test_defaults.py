@@ -55,3 +55,39 @@ def test_a_config_written_with_defaults_reproduces_them(tmp_path, demo_paths):
     out, again = _train(tmp_path, demo_paths, "b", "--config", str(tmp_path / "a" / "config.json"))
     assert {**first, "out_dir": None} == {**again, "out_dir": None}
     assert "table defaults" not in out  # every value came from the file
+
+
+def test_a_model_with_its_own_sweep_gets_its_own_zo_lr():
+    """Gemma 3 270M diverged at SmolLM2's MeZO + LoRA lr 1e-3 (benchmarks/results/defaults_diverged_gemma-*): a
+    run on it with no --lr must take its own sweep's value, and every ZO family scaled from MeZO's lr follows."""
+    smol = defaults_for("mezo", "lora")
+    gemma = defaults_for("mezo", "lora", "gemma3-270m")
+    assert smol.lr == 1e-3 and gemma.lr == 3e-4 and "gemma-mezo+lora" in gemma.source
+    assert defaults_for("dpzero", "lora", "gemma3-270m").lr == 3e-4  # the private variant shares it
+    assert defaults_for("mezo", "lora", "smollm2") == smol
+    assert defaults_for("hizoo", "none", "gemma3-270m").lr == pytest.approx(0.3 * defaults_for("hizoo", "none").lr)
+    assert defaults_for("hybrid", "lora", "gemma3-270m").setting("fo_lr") == 3e-3  # backprop part unchanged
+    assert defaults_for("adamw", "lora", "gemma3-270m") == defaults_for("adamw", "lora")
+    assert defaults_for("fzoo", "lora", "gemma3-270m") == defaults_for("fzoo", "lora")  # normalised step
+
+
+def test_resolve_reads_the_model_and_a_given_lr_still_wins(tmp_path, demo_paths):
+    from slimtune.api import train
+    gemma = train(data=demo_paths[0], model="gemma3-270m", optimizer="mezo", peft="lora", out=str(tmp_path / "a"),
+                  dry_run=True)
+    assert gemma["optim"]["lr"] == 3e-4
+    given = train(data=demo_paths[0], model="gemma3-270m", optimizer="mezo", peft="lora", lr=1e-3,
+                  out=str(tmp_path / "b"), dry_run=True)
+    assert given["optim"]["lr"] == 1e-3
+
+
+def test_the_swept_defaults_are_the_sweeps_selections():
+    """optim/defaults.py's per-model and per-method values that came from benchmarks/defaults_sweep.py equal what the
+    committed sweep results selected (benchmarks/defaults.py refuses those rows otherwise)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import defaults as bench
+    for name, (pair, optimizer, peft, model) in bench.SWEPT_DEFAULTS.items():
+        assert defaults_for(optimizer, peft, model).lr == float(bench.swept_lr(pair)), name
+        bench.check_swept_default(name)

@@ -26,7 +26,7 @@ Entries not measured here use the family's value and say so in `source`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from slimtune import SlimtuneError
 from slimtune.optim.methods import METHODS
@@ -112,18 +112,36 @@ TABLE[("hybrid", "lora")] = MethodDefaults(
     "split, 1e-3 0.844, 3e-4 0.812; ZO lr 2e-3 ended at 0.742)", (("fo_lr", 3e-3),))
 FAMILY = {name: method.family for name, method in METHODS.items()}  # a private method shares its base's entry
 
+# Per-model corrections. The table above was measured on SmolLM2-135M; a model listed here had its ZO lr swept on its
+# own (benchmarks/defaults_sweep.py). Gemma 3 270M: at SmolLM2's MeZO + LoRA lr 1e-3 both MeZO and DPZero diverged
+# (|projected grad| up to ~100 against SmolLM2's ~2; dev 0.50 at step 250); the sweep gemma-mezo+lora (300 steps,
+# constant lr, train split) gave 3e-5 0.606, 1e-4 0.672, 3e-4 0.788. The other ZO families (their lr is scaled from
+# MeZO's) take the same ratio, unswept; FZOO normalises its step by the loss spread and keeps its value; first-order
+# entries are unchanged (gemma-adamw-lora at AdamW's 1e-3: 0.908).
+MODEL_ZO_LR = {"gemma3-270m": (1e-3, 3e-4, "defaults_sweep gemma-mezo+lora (300 steps: 3e-4 0.788 on the split, "
+                                           "1e-4 0.672, 3e-5 0.606; 1e-3 diverged)")}
 
-def defaults_for(optimizer: str, peft: str) -> MethodDefaults:
-    key = (FAMILY.get(optimizer), peft)
+
+def defaults_for(optimizer: str, peft: str, model: str | None = None) -> MethodDefaults:
+    """The table's entry for `optimizer` with `peft`; `model` (a built-in model's name) applies its correction."""
+    family = FAMILY.get(optimizer)
+    key = (family, peft)
     if key not in TABLE:
         raise SlimtuneError(f"no default hyper-parameters for --optimizer {optimizer} with --peft {peft}")
-    return TABLE[key]
+    d = TABLE[key]
+    if model in MODEL_ZO_LR and d.eps is not None and family != "fzoo":
+        base, swept, source = MODEL_ZO_LR[model]
+        if (family, peft) == ("mezo", "lora"):
+            return replace(d, lr=swept, source=source)
+        return replace(d, lr=float(f"{d.lr * swept / base:.3g}"),
+                       source=f"{d.source}; x{swept / base:g} on {model} as its mezo+lora ({source.split(' (')[0]})")
+    return d
 
 
 def resolve(config) -> dict:
     """Fill a TrainConfig's unset (None) lr, eps, lr_scheduler, warmup_steps and steps from the table, in place.
     Returns {setting: "default"|"given"} for the run's printout."""
-    d = defaults_for(config.optimizer, config.peft.method)
+    d = defaults_for(config.optimizer, config.peft.method, config.model)
     origin = {}
     for obj, name, value in ((config, "steps", d.steps), (config.optim, "lr", d.lr), (config.optim, "eps", d.eps),
                              (config, "lr_scheduler", d.lr_scheduler)):
@@ -145,7 +163,7 @@ def resolve(config) -> dict:
 
 def describe(config, origin: dict) -> str:
     """One line: the hyper-parameters the run uses and which came from the table."""
-    d = defaults_for(config.optimizer, config.peft.method)
+    d = defaults_for(config.optimizer, config.peft.method, config.model)
     parts = [f"lr {config.optim.lr:g}"]
     if d.eps is not None:
         parts.append(f"eps {config.optim.eps:g}")
