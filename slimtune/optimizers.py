@@ -64,6 +64,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, given: dict, private: tuple | None = None):
         from slimtune.optim import OptimizerArgs, build_optimizer
+        from slimtune.models.loading import builtin_architecture
         from slimtune.optim.defaults import defaults_for
 
         owner = f"slimtune.{type(self).__name__}"
@@ -72,7 +73,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise SlimtuneError(f"{owner}: the model has no trainable parameters (apply PEFT, or set requires_grad)")
-        table = defaults_for(self.method, kind)
+        table = defaults_for(self.method, kind, builtin_architecture(model))
         values = {k: v for k, v in checked.items() if v is not None}
         values.setdefault("lr", table.lr)
         if table.eps is not None:

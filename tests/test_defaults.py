@@ -91,3 +91,27 @@ def test_the_swept_defaults_are_the_sweeps_selections():
     for name, (pair, optimizer, peft, model) in bench.SWEPT_DEFAULTS.items():
         assert defaults_for(optimizer, peft, model).lr == float(bench.swept_lr(pair)), name
         bench.check_swept_default(name)
+
+
+def test_the_model_is_recognised_by_architecture_wherever_it_was_loaded_from(tmp_path, monkeypatch, tiny):
+    """A Gemma 3 270M saved to a local directory, or passed to the Python API's optimizers, gets Gemma's defaults."""
+    import slimtune
+    from slimtune.models import loading
+
+    checkpoint = tmp_path / "my-gemma"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "hidden_size": 640,
+                                                        "num_hidden_layers": 18, "vocab_size": 262144}))
+    assert loading.builtin_architecture(str(checkpoint)) == "gemma3-270m"
+    assert loading.builtin_architecture("gemma3-270m") == "gemma3-270m"
+    assert loading.builtin_architecture(str(tmp_path)) is None and loading.builtin_architecture("tiny-llama") is None
+    (checkpoint / "config.json").write_text("{not json")
+    assert loading.builtin_architecture(str(checkpoint)) is None
+
+    model = slimtune.apply_peft(tiny[0], "lora", r=2)
+    assert slimtune.MeZO(model).settings["lr"] == 1e-3
+    config = model.get_base_model().config
+    monkeypatch.setitem(loading.ARCHITECTURES, "gemma3-270m", {"model_type": config.model_type,
+                                                               "hidden_size": config.hidden_size})
+    assert slimtune.MeZO(model).settings["lr"] == 3e-4  # the tiny model now has "Gemma's" signature
+    assert slimtune.MeZO(model, lr=1e-3).settings["lr"] == 1e-3

