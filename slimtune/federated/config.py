@@ -313,16 +313,19 @@ def check_inputs(cfg: FederatedConfig) -> None:
     and field, not inside a client."""
     from slimtune.federated.model import federated_objective
     objective = federated_objective(cfg)
-    texts = {}
-    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--root-data", cfg.root_data)):
+    keys = {}
+    for flag, path, split in (("--data", cfg.data, "train"), ("--eval-data", cfg.eval_data, "validation"),
+                              ("--root-data", cfg.root_data, "train")):  # the splits the clients and server read
         if path:
-            raw, texts[flag] = objective.load(path, "train")
-            if objective.kind == "generation" and raw and "messages" not in raw[0][0][1]:
-                objective.examples(raw, None)  # chat rows are checked once the tokenizer is loaded
+            raw, _ = objective.load(path, split)
+            rows = raw[0] if objective.kind == "generation" else raw
+            if objective.kind == "generation" and (not rows or "messages" not in rows[0][1]):
+                objective.examples(raw, None)  # an empty file is refused here; chat rows once the tokenizer is loaded
+            keys[flag] = objective.row_keys(raw) if cfg.root_data else []
     if cfg.root_data:  # the server's own examples: none of the clients' and none it evaluates on (_check_trust)
-        root = set(texts["--root-data"])
         for flag in ("--data", "--eval-data"):
-            shared = len(root.intersection(texts.get(flag, ())))
+            theirs = set(keys.get(flag, ()))
+            shared = sum(key in theirs for key in keys["--root-data"])  # rows equal up to case and spacing
             if shared:
                 raise SlimtuneError(f"--root-data {cfg.root_data}: {shared} of its rows also appear in {flag}; the "
                                     f"server's root data must be examples of its own (drop those rows)")

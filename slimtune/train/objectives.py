@@ -56,6 +56,10 @@ class ClassificationObjective:
     def texts(self, examples: list) -> list[str]:
         return [e.prompt for e in examples]
 
+    def row_keys(self, raw) -> list[str]:
+        """One key per row of `load`'s raw rows, equal for rows that are the same example (see `overlap_key`)."""
+        return [overlap_key(e.prompt) for e in raw]
+
     def encode(self, examples: list, max_length: int):
         from slimtune.train.classification import encode
         return encode(self.tokenizer, examples, max_length)
@@ -102,6 +106,15 @@ class GenerationObjective:
     def texts(self, examples: list) -> list[str]:
         return [e.prompt + " " + e.completion for e in examples]
 
+    def row_keys(self, raw) -> list[str]:
+        """One key per row of `load`'s raw rows (see `overlap_key`): a chat row's messages in order (rendering them
+        needs the tokenizer), else its prompt and completion. A text shared by different rows (a system prompt, an
+        instruction) does not make them the same row."""
+        rows, _ = raw
+        if rows and "messages" in rows[0][1]:
+            return [overlap_key("\n".join(_strings({"messages": row.get("messages")}))) for _, row in rows]
+        return [overlap_key(text) for text in self.texts(self.examples(raw, None))]
+
     def encode(self, examples: list, max_length: int):
         from slimtune.generation.objective import encode_generation
         return encode_generation(self.tokenizer, examples, max_length, warn=self.warn_per_batch)
@@ -130,6 +143,12 @@ class GenerationObjective:
                 predictions += [{"prompt": e.prompt, "prediction": o, "references": list(e.references)}
                                 for e, o in zip(grouped, outputs)]
         return result
+
+
+def overlap_key(text: str) -> str:
+    """What two rows must share to count as the same example in an overlap check: the text up to case and
+    whitespace (a copied row re-spaced or upper-cased is still that row)."""
+    return " ".join(text.casefold().split())
 
 
 def _strings(row: dict) -> list[str]:
