@@ -32,14 +32,7 @@ def builtin_architecture(model) -> str | None:
     if isinstance(model, str):
         if model in ARCHITECTURES:
             return model
-        path = Path(model) / "config.json"
-        if not path.is_file():
-            return None
-        import json
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
+        config = _checkpoint_config(Path(model))
     else:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = getattr(getattr(base, "config", None), "to_dict", dict)()
@@ -49,6 +42,23 @@ def builtin_architecture(model) -> str | None:
         if all(config.get(key) == value for key, value in fields.items()):
             return name
     return None
+
+
+def _checkpoint_config(directory: Path) -> dict | None:
+    """The config of the checkpoint `load_local` would load from `directory`: its config.json, else its first .gguf
+    file's metadata as transformers maps it (model_type, hidden_size, ...). None if unreadable (load_local says why)."""
+    path = directory / "config.json"
+    try:
+        if path.is_file():
+            import json
+            return json.loads(path.read_text())
+        ggufs = sorted(directory.glob("*.gguf")) if directory.is_dir() else []
+        if not ggufs:
+            return None
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        return load_gguf_checkpoint(str(ggufs[0]), return_tensors=False)["config"]
+    except Exception:  # noqa: BLE001 - any unreadable checkpoint: no built-in architecture
+        return None
 
 
 def cache_dir() -> Path:
