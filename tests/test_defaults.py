@@ -115,3 +115,16 @@ def test_the_model_is_recognised_by_architecture_wherever_it_was_loaded_from(tmp
                                                                "hidden_size": config.hidden_size})
     assert slimtune.MeZO(model).settings["lr"] == 3e-4  # the tiny model now has "Gemma's" signature
     assert slimtune.MeZO(model, lr=1e-3).settings["lr"] == 1e-3
+
+
+def test_federated_zo_clients_on_a_model_with_its_own_zo_lr_take_its_ratio():
+    """`slimtune federate --model gemma3-270m --local-optimizer mezo` ran clients at 1e-3, the lr that diverges on
+    Gemma: the clients' lr left unset is 1e-3 times the model's own ZO correction."""
+    from slimtune.federated import FederatedConfig
+    assert FederatedConfig(model="gemma3-270m", local_optimizer="mezo").resolved().lr == 3e-4
+    assert FederatedConfig(model="gemma3-270m", local_optimizer="dpzero").resolved().lr == 3e-4
+    assert FederatedConfig(model="gemma3-270m", local_optimizer="adamw").resolved().lr == 1e-3
+    assert FederatedConfig(model="tiny-llama", local_optimizer="mezo").resolved().lr == 1e-3
+    assert FederatedConfig(model="gemma3-270m", local_optimizer="mezo", lr=1e-3).resolved().lr == 1e-3
+    resolved = FederatedConfig(model="gemma3-270m", local_optimizer="mezo").resolved()
+    assert json.loads(resolved.client_json())["lr"] == 3e-4  # what each client is sent

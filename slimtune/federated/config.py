@@ -29,6 +29,7 @@ def robust_rule(robust: str, mode: str, client_dp: bool, root_data: bool = False
     return "none" if robust == "clip" else robust
 
 log = logging.getLogger("slimtune.federated")
+CLIENT_LR = 1e-3  # the clients' lr when none is given (before a model's own correction)
 SETTINGS_ENV = "SLIMTUNE_SERVER_SETTINGS"  # path of the server's settings file (TOML or JSON)
 SETTINGS_FILE = "slimtune-server.toml"  # its default place: $FLWR_HOME (the SuperLink's, default ~/.flwr)
 
@@ -59,7 +60,7 @@ class FederatedConfig:
     local_dp_noise: float = 1.0  # private local optimizers (dpzero, dp-adamw...): noise multiplier per local step
     local_dp_clip: float = 1.0
     local_dp_delta: float = 1e-5  # the delta of the local epsilon each private client reports
-    lr: float = 1e-3
+    lr: float | None = None  # clients' lr; None: CLIENT_LR, scaled for a model with its own ZO lr (resolved())
     eps: float = 1e-3
     batch_size: int = 8
     lora_r: int = 4
@@ -124,9 +125,16 @@ class FederatedConfig:
         return json.dumps({k: v for k, v in asdict(self).items() if k not in SERVER_ONLY})
 
     def resolved(self) -> "FederatedConfig":
-        """This config with the server step filled in where it was left unset (None): without --server-optimizer,
-        the swept (optimizer, lr, averaging) for the local optimizer; with it, Flower's lr and no averaging."""
+        """This config with the clients' lr and the server step filled in where they were left unset (None): the lr
+        is CLIENT_LR times the model's own ZO correction (optim/defaults.py, e.g. 0.3 for gemma3-270m's ZO clients);
+        without --server-optimizer, the swept (optimizer, lr, averaging) for the local optimizer; with it, Flower's lr
+        and no averaging."""
         from slimtune.federated.server_opt import FEDAVGM_MOMENTUM, server_defaults
+        if self.lr is None:
+            from slimtune.models.loading import builtin_architecture
+            from slimtune.optim.defaults import model_lr_scale
+            scale = model_lr_scale(self.local_optimizer, builtin_architecture(self.model))
+            return replace(self, lr=float(f"{CLIENT_LR * scale:.3g}")).resolved()
         if self.server_optimizer is None:
             name, lr, average, momentum = server_defaults(self.local_optimizer, self.mode)
             return replace(self, server_optimizer=name, server_lr=lr if self.server_lr is None else self.server_lr,

@@ -140,6 +140,17 @@ def defaults_for(optimizer: str, peft: str, model: str | None = None) -> MethodD
     return d
 
 
+def model_lr_scale(optimizer: str, model: str | None) -> float:
+    """The factor a built-in architecture's own sweep applies to `optimizer`'s lr (1 where it has none): what
+    `defaults_for` does to the table's lr, for recipes with their own base lr (the federated clients' 1e-3)."""
+    family = FAMILY.get(optimizer)
+    if model not in MODEL_ZO_LR or family == "fzoo" or not any(f == family and d.eps is not None
+                                                                 for (f, _), d in TABLE.items()):
+        return 1.0
+    base, swept, _ = MODEL_ZO_LR[model]
+    return swept / base
+
+
 def resolve(config) -> dict:
     """Fill a TrainConfig's unset (None) lr, eps, lr_scheduler, warmup_steps and steps from the table, in place.
     Returns {setting: "default"|"given"} for the run's printout."""

@@ -73,7 +73,8 @@ class FederateSettings(Settings):
                                    applies=private_clients)
     local_dp_delta: float = setting(1e-5, "private local optimizers: the delta of the local epsilon each client "
                                     "reports", low=0, high=1, low_open=True, high_open=True, applies=private_clients)
-    lr: float = setting(1e-3, "clients' learning rate", low=0, low_open=True)
+    lr: float | None = setting(None, "clients' learning rate (default 1e-3; ZO clients on a model with its own "
+                               "swept ZO lr take the same ratio, e.g. 3e-4 on gemma3-270m)", low=0, low_open=True)
     eps: float = setting(1e-3, "ZO clients' perturbation scale", low=0, low_open=True, applies=zo_clients)
     batch_size: int = setting(8, "clients' batch size", low=1)
     lora_r: int = setting(8, "LoRA rank", low=1)
