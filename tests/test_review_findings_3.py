@@ -3,6 +3,7 @@
 Each test failed on the code before its fix."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,20 @@ def test_an_empty_generation_file_is_refused_in_one_line(tmp_path, flag):
     with pytest.raises(SlimtuneError, match="no examples"):
         check_inputs(make_cfg((settings["data"], settings["eval_data"]), task="generation", robust="trust",
                               root_data=settings["root_data"]))
+
+
+def test_a_private_runs_eval_rows_equal_to_training_rows_up_to_case_and_spacing_are_refused(tmp_path, demo_paths):
+    """The training path's --eval-data overlap check compared exact text: an upper-cased or re-spaced copy of a
+    training row let a private run evaluate (and pick its best model) on training rows without noise."""
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+    rows = Path(demo_paths[0]).read_text().splitlines()
+    sentence, label = rows[1].split("\t")
+    held_out = tmp_path / "dev.tsv"
+    held_out.write_text(f"sentence\tlabel\n{'  '.join(sentence.upper().split())}\t{label}\n")
+    res = CliRunner().invoke(app, ["train", "--data", demo_paths[0], "--eval-data", str(held_out), "--model",
+                                   "tiny-llama", "--optimizer", "dpzero", "--epsilon", "6", "--steps", "2",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "shares rows with the training data" in res.output, res.output
+    assert not (tmp_path / "run").exists()

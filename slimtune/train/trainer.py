@@ -42,7 +42,7 @@ from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb
 from slimtune.train.resume import adopt_unset, check_resume, read_stored
 from slimtune.train.run_dir import RunDirectory, read_status
 from slimtune.train.objectives import (GenerationSettings, build_objective, check_best_metric, is_better,
-                                       load_model_and_data)
+                                       load_model_and_data, overlap_key)
 
 
 @dataclass
@@ -294,7 +294,8 @@ def check_data(config: TrainConfig, objective, train_examples: list, eval_exampl
                                 "choice) would be computed on training rows without noise; give held-out data")
         warnings.warn("--eval-data is the training data: evaluations measure fit, not generalisation", stacklevel=2)
     elif eval_examples:
-        shared = set(objective.texts(train_examples)) & set(objective.texts(eval_examples))
+        keys = lambda examples: {overlap_key(text) for text in objective.texts(examples)}  # noqa: E731
+        shared = keys(train_examples) & keys(eval_examples)  # up to case and spacing, as the federated check
         if shared and private:
             raise SlimtuneError("--eval-data shares rows with the training data: a private run's evaluations (and the "
                                 "best-model choice) would use training rows without noise; remove them from the "
