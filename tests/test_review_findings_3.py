@@ -125,3 +125,27 @@ def test_a_private_runs_eval_rows_equal_to_training_rows_up_to_case_and_spacing_
                                    "--out", str(tmp_path / "run")])
     assert res.exit_code == 2 and "shares rows with the training data" in res.output, res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_one_saved_dataset_can_hold_the_root_rows_and_the_evaluation_split(demo_paths, tmp_path):
+    """--root-data hf:DIR and --eval-data hf:DIR (its train split is the server's root data, its validation split
+    the evaluation set) was refused as '--root-data ... is --eval-data' although they are different rows; rows the
+    two splits share are still refused."""
+    import datasets
+    header, *rows = open(demo_paths[1]).read().splitlines()
+    cols = [dict(zip(header.split("\t"), r.split("\t"))) for r in rows]
+    half = len(cols) // 2
+
+    def split(part):
+        return datasets.Dataset.from_dict({"sentence": [c["sentence"] for c in part],
+                                           "label": [int(c["label"]) for c in part]})
+    datasets.DatasetDict({"train": split(cols[:half]), "validation": split(cols[half:])}).save_to_disk(
+        str(tmp_path / "server"))
+    server = f"hf:{tmp_path / 'server'}"
+    check_inputs(make_cfg((demo_paths[0], server), robust="trust", root_data=server).resolved())
+    make_cfg((demo_paths[0], server), robust="trust", root_data=server).validate()
+    datasets.DatasetDict({"train": split(cols[:half]), "validation": split(cols[:half])}).save_to_disk(
+        str(tmp_path / "shared"))
+    shared = f"hf:{tmp_path / 'shared'}"
+    with pytest.raises(SlimtuneError, match="also appear in --eval-data"):
+        check_inputs(make_cfg((demo_paths[0], shared), robust="trust", root_data=shared))

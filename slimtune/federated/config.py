@@ -236,6 +236,9 @@ class FederatedConfig:
                                  "their examples, and hostile clients would know its reference"),
                                 ("--eval-data", self.eval_data, "the evaluation data: the server would train on what "
                                  "it reports accuracy on")):
+            if flag == "--eval-data" and self.root_data.startswith("hf:"):
+                continue  # one saved DatasetDict: root rows from its train split, evaluation from its validation
+                # split (rows they share are refused by check_inputs)
             if path and root == Path(path).resolve():
                 raise SlimtuneError(f"--root-data {self.root_data} is {flag}, {why}; give it examples of its own")
         if self.mode == "zo-seeds" or METHODS[self.local_optimizer].kind != "first-order":
