@@ -167,7 +167,8 @@ def main() -> None:
             continue
         if name in SWEPT_DEFAULTS:
             check_swept_default(name)
-        row = {**run(name, flags, args.threads, args.gpu), "target": target}
+        row = {**run(name, flags, args.threads, args.gpu), "target": target,
+               "threads": "cuda" if args.gpu else args.threads}  # the setting its wall time comes from
         # re-read before writing: runs started beside each other (one per core) each add their own row
         results = json.loads(path.read_text()) if path.exists() else {}
         results[name] = row

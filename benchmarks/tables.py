@@ -161,6 +161,12 @@ def dpzero_clipping_table(split: str = "val") -> str:
     return "\n".join(rows)
 
 
+def threads(row: dict) -> str:
+    """The thread setting a defaults row's wall time was measured at ('' where it was not recorded)."""
+    value = row.get("threads")
+    return "" if value is None else " (GPU)" if value == "cuda" else f" ({value} thr)"
+
+
 def defaults_table() -> str:
     """benchmarks/defaults.py: every method at its defaults on the full SST-2 dev set, with its target."""
     import defaults as bench
@@ -176,10 +182,14 @@ def defaults_table() -> str:
         met, why = bench.verdict(name, d)
         rows.append(f"| {name} | {r['trainable_params']:,} | {r['steps']} | {fmt(r['best_accuracy'])} | "
                     f"{r['best_step']} | {fmt(r['final_accuracy'])} | {fmt(r['epsilon'], '.2f')} | "
-                    f"{r['peak_mem_mb']:,.0f} | {r['wall_time_s'] / 60:.0f} min | {target} | "
+                    f"{r['peak_mem_mb']:,.0f} | {r['wall_time_s'] / 60:.0f} min{threads(r)} | {target} | "
                     f"{({True: 'yes', False: '**no**', None: 'comparison' if bench.TARGETS[name][0] == 'compare' else 'not yet'}[met])}: {why} |")
     zero = next((r["zero_shot_accuracy"] for r in d.values() if r.get("zero_shot_accuracy") is not None), None)
-    return "\n".join(rows) + ("\n\nVerdicts use the final accuracy: the best one is chosen on this dev set." +
+    return "\n".join(rows) + ("\n\nVerdicts use the final accuracy: the best one is chosen on this dev set. Wall "
+                              "time: steps x mean step time (evaluations excluded), at the torch threads shown (a "
+                              "1-thread run had one other 1-thread run beside it); rows without a count predate its "
+                              "recording: the Gemma and bf16 rows ran at 1 thread beside one other run, the others at "
+                              "2 threads, often beside other runs." +
                               (f" Zero-shot dev accuracy: {zero:.3f}." if zero is not None else ""))
 
 
