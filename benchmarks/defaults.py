@@ -68,7 +68,9 @@ TARGETS = {"adamw-lora": (None, 0.88), "adamw-svfit": ("adamw-lora", 0.02), "mez
 # rows that run at a default chosen by a sweep (optim/defaults.py holds it): row -> (sweep pair, optimizer, peft,
 # model). The row is refused if the table and the sweep's selection differ (or the sweep has not run).
 SWEPT_DEFAULTS = {"gemma-mezo-lora": ("gemma-mezo+lora", "mezo", "lora", "gemma3-270m"),
-                  "gemma-dpzero-lora-eps6": ("gemma-mezo+lora", "dpzero", "lora", "gemma3-270m")}
+                  "gemma-dpzero-lora-eps6": ("gemma-mezo+lora", "dpzero", "lora", "gemma3-270m"),
+                  "dp-adamw-lora-eps6": ("dp-adamw+lora", "dp-adamw", "lora", None),
+                  "dp-adamw-lora-eps2": ("dp-adamw+lora", "dp-adamw", "lora", None)}
 
 
 def swept_lr(pair: str) -> str:

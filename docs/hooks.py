@@ -37,11 +37,11 @@ def settings_table(command: str) -> str:
 
 
 def defaults_table() -> str:
-    from slimtune.optim.defaults import TABLE
+    from slimtune.optim.defaults import OWN, TABLE
 
     rows = ["| optimizer | PEFT | lr | eps | schedule | warm-up | steps | other | where the values come from |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for (optimizer, peft), d in TABLE.items():
+    for (optimizer, peft), d in [*TABLE.items(), *OWN.items()]:
         other = ", ".join(f"{k} {v:g}" for k, v in d.extra) or "-"
         eps = "-" if d.eps is None else f"{d.eps:g}"
         rows.append(f"| {optimizer} | {peft} | {d.lr:g} | {eps} | {d.lr_scheduler} | {d.warmup_ratio:.0%} | "

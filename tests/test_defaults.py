@@ -128,3 +128,12 @@ def test_federated_zo_clients_on_a_model_with_its_own_zo_lr_take_its_ratio():
     assert FederatedConfig(model="gemma3-270m", local_optimizer="mezo", lr=1e-3).resolved().lr == 1e-3
     resolved = FederatedConfig(model="gemma3-270m", local_optimizer="mezo").resolved()
     assert json.loads(resolved.client_json())["lr"] == 3e-4  # what each client is sent
+
+
+def test_a_private_method_swept_on_its_own_has_its_own_entry():
+    """DP-AdamW + LoRA's lr came from its own sweep (AdamW's 1e-3 learned only the majority class under DP noise);
+    DP-AdamW with other PEFT methods and DP-SGD still share their base's entry."""
+    assert defaults_for("dp-adamw", "lora").lr == 3e-3 and "dp-adamw+lora" in defaults_for("dp-adamw", "lora").source
+    assert defaults_for("adamw", "lora").lr == 1e-3
+    assert defaults_for("dp-adamw", "svfit") == defaults_for("adamw", "svfit")
+    assert defaults_for("dp-sgd", "lora") == defaults_for("sgd", "lora")
