@@ -63,6 +63,8 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
                 own_data: bool = False, num_partitions: int | None = None, steps_before: int = 0) -> tuple[dict, dict]:
     """One client's round: returns (arrays to upload, metrics to release). own_data: cfg.data is this node's own
     file; steps_before: private steps this client took in earlier rounds (for its local epsilon)."""
+    if cfg.lr is None:  # a config that did not come from the server (which sends it resolved): the lr it would send
+        cfg = replace(cfg, lr=cfg.resolved().lr)
     model, tok, train, parts, objective = _setup(cfg.to_json(), None if own_data else
                                                   (num_partitions or cfg.num_clients))
     examples = [train[i] for i in parts[0 if own_data else partition_id]]

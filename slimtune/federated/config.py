@@ -133,7 +133,8 @@ class FederatedConfig:
         if self.lr is None:
             from slimtune.models.loading import builtin_architecture
             from slimtune.optim.defaults import model_lr_scale
-            scale = model_lr_scale(self.local_optimizer, builtin_architecture(self.model))
+            trained_by = "mezo" if self.mode == "zo-seeds" else self.local_optimizer  # zo-seeds clients run MeZO
+            scale = model_lr_scale(trained_by, builtin_architecture(self.model))
             return replace(self, lr=float(f"{CLIENT_LR * scale:.3g}")).resolved()
         if self.server_optimizer is None:
             name, lr, average, momentum = server_defaults(self.local_optimizer, self.mode)

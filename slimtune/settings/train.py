@@ -214,8 +214,8 @@ class TrainSettings(Settings):
             if self.best_metric not in allowed:
                 raise SlimtuneError(f"--best-metric {self.best_metric!r}: a {self.task} run evaluates "
                                     f"{', '.join(allowed)}")
-        if self.optimizer in PRIVATE and self.eval_data and self.data and \
-                Path(self.eval_data).resolve() == Path(self.data).resolve():
+        if self.optimizer in PRIVATE and self.eval_data and self.data and not self.data.startswith("hf:") and \
+                Path(self.eval_data).resolve() == Path(self.data).resolve():  # hf:DIR: train vs validation split
             raise SlimtuneError("--eval-data is the training data: a private run's evaluations (and the best-model "
                                 "choice) would be computed on training rows without noise; give held-out data")
 

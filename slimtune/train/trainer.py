@@ -286,9 +286,11 @@ def check_data(config: TrainConfig, objective, train_examples: list, eval_exampl
         raise SlimtuneError(f"--batch-size {config.batch_size} is larger than the {n} training examples")
     if private and config.privacy is not None:
         check_spec(config.privacy, n)
-    if config.eval_data and config.eval_data == config.train_data or (
+    one_split = not config.train_data.startswith("hf:")  # hf:DIR: --data is its train split, --eval-data its
+    # validation split (rows they share are checked below)
+    if one_split and (config.eval_data and config.eval_data == config.train_data or (
             config.eval_data and Path(config.eval_data).exists() and Path(config.train_data).exists()
-            and Path(config.eval_data).resolve() == Path(config.train_data).resolve()):
+            and Path(config.eval_data).resolve() == Path(config.train_data).resolve())):
         if private:
             raise SlimtuneError("--eval-data is the training data: a private run's evaluations (and the best-model "
                                 "choice) would be computed on training rows without noise; give held-out data")
