@@ -81,3 +81,20 @@ def test_a_client_round_run_without_the_server_uses_the_lr_the_server_would_send
     payload, _ = encode_state(lora_state(build_model(cfg)[0]), cfg.bits, cfg.block_size)
     client.local_train(cfg, 0, payload, server_round=1)
     assert seen == [cfg.resolved().lr] == [1e-3]
+
+
+@pytest.mark.parametrize("key, value", [("lr", "abc"), ("server-lr", [1]), ("server-optimizer", 3)])
+def test_a_server_settings_file_value_of_the_wrong_type_names_the_file_and_key(tmp_path, key, value):
+    """read_settings checks each value's type against its field's default; the clients' lr defaults to None since
+    the per-model lr, so a settings file's `lr = "abc"` (as the server_* settings that default to None) passed it and
+    was refused later as '--lr: expected a number', naming neither the file nor its key."""
+    import json
+
+    from slimtune import SlimtuneError
+    from slimtune.federated.config import read_settings
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({key: value}))
+    with pytest.raises(SlimtuneError, match=f"server.json: key '{key}': expected"):
+        read_settings(path)
+    path.write_text(json.dumps({key: None}))
+    assert read_settings(path) == {key.replace("-", "_"): None}  # unset: filled in by resolved()

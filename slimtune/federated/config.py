@@ -313,7 +313,8 @@ def read_settings(path: Path) -> dict:
         if name not in _FIELDS:
             raise SlimtuneError(f"{path}: key {key!r}: not a slimtune federated setting")
         default = _FIELDS[name].default
-        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None else None
+        unset = {"float | None": (int, float), "str | None": (str,)}.get(_FIELDS[name].type)  # None: filled in later
+        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None else unset
         if kinds and not (isinstance(value, kinds) and not isinstance(value, bool) or value is None):
             raise SlimtuneError(f"{path}: key {key!r}: expected {kinds[0].__name__}, got {value!r}")
         values[name] = value
