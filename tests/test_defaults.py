@@ -137,3 +137,23 @@ def test_a_private_method_swept_on_its_own_has_its_own_entry():
     assert defaults_for("adamw", "lora").lr == 1e-3
     assert defaults_for("dp-adamw", "svfit") == defaults_for("adamw", "svfit")
     assert defaults_for("dp-sgd", "lora") == defaults_for("sgd", "lora")
+
+
+def test_a_run_config_reused_for_another_model_or_optimizer_takes_that_ones_table_defaults(tmp_path, demo_paths):
+    """config.json stores resolved values: `--config RUN/config.json --model gemma3-270m` brought back the source
+    run's table lr (SmolLM2's 1e-3, which diverges on Gemma) as if chosen. Values the source run took from the table
+    follow the new model / optimizer; its own choices, flags and an unchanged combination are kept."""
+    from slimtune.api import train
+    _, first = _train(tmp_path, demo_paths, "a", "--optimizer", "mezo", "--steps", "2")
+    source = str(tmp_path / "a" / "config.json")
+    gemma = train(config=source, model="gemma3-270m", out=str(tmp_path / "g"), dry_run=True)
+    assert (gemma["optim"]["lr"], gemma["steps"]) == (3e-4, 2)  # the table's lr for Gemma; steps were chosen
+    given = train(config=source, model="gemma3-270m", lr=1e-3, out=str(tmp_path / "h"), dry_run=True)
+    assert given["optim"]["lr"] == 1e-3
+    again = train(config=source, out=str(tmp_path / "s"), dry_run=True)
+    assert again["optim"] == first["optim"]  # same model, optimizer and PEFT: reproduced
+    adamw = train(config=source, optimizer="adamw", out=str(tmp_path / "f"), dry_run=True)
+    assert (adamw["optim"]["lr"], adamw["optim"]["eps"]) == (defaults_for("adamw", "lora").lr, None)
+    res = runner.invoke(app, ["train", "--config", source, "--model", "gemma3-270m", "--out", str(tmp_path / "c"),
+                              "--dry-run"])
+    assert res.exit_code == 0 and "lr 0.0003" in " ".join(res.output.split()), res.output

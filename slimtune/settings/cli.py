@@ -163,6 +163,11 @@ def build_settings(cls: type[Settings], ctx: click.Context | None, values: dict,
         merged[k] = typed[k]
         given.add(k)
         origin.pop(k, None)
+    if config_path and cls.command == "train":
+        from slimtune.settings.train import is_run_config, retable
+        data = read_config_file(config_path)
+        if is_run_config(data):  # its table defaults follow a change of model, optimizer or PEFT
+            merged = retable(merged, data, on_command_line)
     for k, v in typed.items():  # flags left at their defaults fill what nothing else set
         merged.setdefault(k, v)
     return cls.build(merged, given=given, origin=origin)

@@ -299,6 +299,36 @@ def from_run_config(stored: dict) -> dict:
     return {k: v for k, v in flat.items() if k in known}
 
 
+def run_identity(values: dict) -> tuple:
+    """What a run's table defaults depend on (optim/defaults.py): the model's architecture, optimizer and PEFT."""
+    from slimtune.models.loading import builtin_architecture
+    model = values.get("model") or TrainSettings.defaults()["model"]
+    return builtin_architecture(str(model)), values.get("optimizer"), values.get("peft")
+
+
+def retable(merged: dict, stored: dict, keep: set[str]) -> dict:
+    """`--config RUN/config.json` with another model, optimizer or PEFT: config.json stores resolved values, so the
+    ones the source run took from the defaults table (equal to the table's entry for *its* model, optimizer and PEFT)
+    would come back as if chosen, e.g. SmolLM2's ZO lr 1e-3 for a Gemma run, where it diverges. Those are dropped so
+    the new combination's entry fills them; `keep` (set on the command line) and any value that differs from the
+    table (the source run's own choice) stay. The same model, optimizer and PEFT: everything stays (the run is
+    reproduced)."""
+    from slimtune.optim.defaults import defaults_for
+    source = from_run_config(stored)
+    if run_identity(merged) == run_identity(source):
+        return merged
+    model, optimizer, peft = run_identity(source)
+    try:
+        d = defaults_for(optimizer, peft, model)
+    except SlimtuneError:
+        return merged
+    steps = source.get("steps")
+    table = {"lr": d.lr, "eps": d.eps, "lr_scheduler": d.lr_scheduler, "steps": d.steps,
+             "warmup_steps": int(d.warmup_ratio * steps) if isinstance(steps, int) else None, **dict(d.extra)}
+    return {k: v for k, v in merged.items()
+            if k in keep or k not in table or k not in source or source[k] != table[k] or v != source[k]}
+
+
 def is_run_config(values: dict) -> bool:
     """A run's own config.json (nested groups) rather than a flat settings file."""
     return isinstance(values.get("optim"), dict) and isinstance(values.get("peft"), dict) and "out_dir" in values
