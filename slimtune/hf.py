@@ -356,8 +356,20 @@ def shares_rows(train, evaluation) -> bool | None:
 
 
 def _row_key(row) -> str:
+    """A row as text, its strings compared up to case and spacing as the CLI's and the federated checks do."""
     import json
-    return json.dumps(row, sort_keys=True, default=str)
+
+    from slimtune.train.objectives import overlap_key
+
+    def normalised(value):
+        if isinstance(value, str):
+            return overlap_key(value)
+        if isinstance(value, dict):
+            return {k: normalised(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [normalised(v) for v in value]
+        return value
+    return json.dumps(normalised(row), sort_keys=True, default=str)
 
 
 class ZOTrainer(ZOTrainerMixin, Trainer):

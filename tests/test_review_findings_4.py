@@ -98,3 +98,14 @@ def test_a_server_settings_file_value_of_the_wrong_type_names_the_file_and_key(t
         read_settings(path)
     path.write_text(json.dumps({key: None}))
     assert read_settings(path) == {key.replace("-", "_"): None}  # unset: filled in by resolved()
+
+
+def test_zotrainers_held_out_check_compares_text_rows_up_to_case_and_spacing():
+    """slimtune.hf.shares_rows compared rows exactly: an evaluation set holding a training row upper-cased or
+    re-spaced passed as held-out, where the CLI and the federated checks refuse it. Token ids compare as they are."""
+    from slimtune.hf import shares_rows
+    train = [{"text": "a lovely little film", "label": 1}, {"text": "dull", "label": 0}]
+    assert shares_rows(train, [{"text": "A  LOVELY little film ", "label": 1}]) is True
+    assert shares_rows(train, [{"text": "a lovely big film", "label": 1}]) is False
+    assert shares_rows([{"input_ids": [1, 2, 3]}], [{"input_ids": [1, 2, 3]}]) is True
+    assert shares_rows([{"input_ids": [1, 2, 3]}], [{"input_ids": [1, 2]}]) is False
