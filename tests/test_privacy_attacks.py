@@ -381,3 +381,18 @@ def test_two_runs_sharing_a_key_file_draw_different_noise(tmp_path):
         train(prepare(private_config(tmp_path / name, steps=2, secret_key_file=str(tmp_path / "shared.key"))))
         released.append(step_records(tmp_path / name)[1]["projected_grad"])
     assert released[0] != released[1]
+
+
+def test_a_run_never_spends_past_its_target_epsilon():
+    """The loop let epsilon reach 1.001 x the target: a resumed run whose recomputed steps were accounted twice
+    ended at epsilon 6.0008 for --epsilon 6 (gemma-dpzero-lora-eps6). It now stops at the last step within it."""
+    from slimtune.train.trainer import budget_allows
+
+    class Accountant:
+        spec = PrivacySpec(target_epsilon=6.0, delta=1e-5)
+
+        def epsilon(self, steps):
+            return 6.0 * (1 + 1e-4 * (steps - 100))  # 6.0 at step 100, 6.0006 at 106
+
+    assert budget_allows(Accountant(), 100) and not budget_allows(Accountant(), 101)
+    assert budget_allows(None, 10**6)

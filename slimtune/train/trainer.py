@@ -225,6 +225,16 @@ def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list,
     return run_dir, {}
 
 
+def budget_allows(accountant, steps: int) -> bool:
+    """Whether `steps` steps (with the releases already accounted, e.g. steps recomputed after a resume) stay within
+    the target epsilon. Strict: a calibrated plan ends at or below the target (calibrate_noise returns the safe side
+    of its bisection), so a resumed run whose recomputed steps were accounted twice stops before it would overspend,
+    instead of going past the target by up to the 0.1% it was once allowed."""
+    if accountant is None or accountant.spec.target_epsilon is None:
+        return True
+    return accountant.epsilon(steps) <= accountant.spec.target_epsilon * (1 + 1e-9)
+
+
 def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, origin: dict, multiplier, objective,
            model, tokenizer, train_examples: list, eval_examples: list) -> Run:
     out = Path(config.out_dir)
@@ -478,8 +488,7 @@ def train(run: Run) -> dict:
                 _track_best(run, 0, record)
                 log.write(record)
             while step < cfg.steps:
-                if run.accountant and run.accountant.spec.target_epsilon is not None \
-                        and run.accountant.epsilon(step + 1) > run.accountant.spec.target_epsilon * 1.001:
+                if not budget_allows(run.accountant, step + 1):
                     stop_reason = "privacy budget exhausted"
                     break
                 if interrupted():
