@@ -118,7 +118,9 @@ def verdict(name: str, results: dict) -> tuple[bool | None, str]:
             met, why = met and fewer >= 10, f"{why}, {fewer:.0f}x fewer values"
         if "dpzero" in name:
             budget = float(name.rsplit("eps", 1)[1])
-            met, why = met and r["epsilon"] <= budget + 1e-6, f"{why}, epsilon {r['epsilon']:.2f} <= {budget:g}"
+            within = r["epsilon"] <= budget + 1e-6
+            met, why = met and within, (f"{why}, epsilon {r['epsilon']:.2f} <= {budget:g}" if within else
+                                        f"{why}, but epsilon {r['epsilon']:.4f} > {budget:g}")
     if not str(r.get("saved_adapter", "")).startswith("best"):
         met, why = False, f"{why}; saved adapter is {r.get('saved_adapter')}, not the best"
     zero = r.get("zero_shot_accuracy")
