@@ -71,13 +71,9 @@ def train(config: str | None = None, **settings: Any) -> dict:
     values, given, origin = dict(settings), set(settings), {}
     if config is not None:
         from slimtune.settings.cli import file_values
+        from slimtune.settings.train import retable_from_file
         file_settings, file_given = file_values(TrainSettings, config)
-        values = {**file_settings, **settings}
-        from slimtune.settings.cli import read_config_file
-        from slimtune.settings.train import is_run_config, retable
-        data = read_config_file(config)
-        if is_run_config(data):  # its table defaults follow a change of model, optimizer or PEFT
-            values = retable(values, data, set(settings))
+        values = retable_from_file({**file_settings, **settings}, config, set(settings))
         given |= file_given
         origin = {k: config for k in file_settings if k not in settings}
     if values.get("resume") and "out" in values and config is None:

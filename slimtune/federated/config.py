@@ -36,8 +36,8 @@ SETTINGS_FILE = "slimtune-server.toml"  # its default place: $FLWR_HOME (the Sup
 # Settings only the server reads: never sent to clients.
 SERVER_ONLY = ("out_dir", "eval_data", "root_data", "eval_max", "eval_every", "rounds", "client_dp_clip",
                "client_dp_noise", "client_dp_delta", "max_update_norm", "round_timeout", "node_timeout",
-               "server_optimizer", "server_lr", "server_momentum", "robust", "clients_per_round", "attack_coalition", "attack_window", "dither",
-               "server_average", "weighting", "norm_bound", "server_lr_scheduler")
+               "server_optimizer", "server_lr", "server_momentum", "robust", "clients_per_round", "attack_coalition",
+               "attack_window", "dither", "server_average", "weighting", "norm_bound", "server_lr_scheduler")
 
 
 @dataclass

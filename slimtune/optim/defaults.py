@@ -133,27 +133,27 @@ MODEL_ZO_LR = {"gemma3-270m": (1e-3, 3e-4, "defaults_sweep gemma-mezo+lora (300 
 
 def defaults_for(optimizer: str, peft: str, model: str | None = None) -> MethodDefaults:
     """The table's entry for `optimizer` with `peft`; `model` (a built-in architecture's name, see
-    models.loading.builtin_architecture) applies its correction."""
+    models.loading.builtin_architecture) applies its correction (model_lr_scale)."""
     family = FAMILY.get(optimizer)
     key = (family, peft)
     if key not in TABLE:
         raise SlimtuneError(f"no default hyper-parameters for --optimizer {optimizer} with --peft {peft}")
     d = OWN.get((optimizer, peft), TABLE[key])
-    if model in MODEL_ZO_LR and d.eps is not None and family != "fzoo":
-        base, swept, source = MODEL_ZO_LR[model]
-        if (family, peft) == ("mezo", "lora"):
-            return replace(d, lr=swept, source=source)
-        return replace(d, lr=float(f"{d.lr * swept / base:.3g}"),
-                       source=f"{d.source}; x{swept / base:g} on {model} as its mezo+lora ({source.split(' (')[0]})")
-    return d
+    scale = model_lr_scale(optimizer, model)
+    if scale == 1.0:
+        return d
+    _, _, source = MODEL_ZO_LR[model]
+    if (family, peft) != ("mezo", "lora"):  # the swept pair names its sweep; the others say they were scaled
+        source = f"{d.source}; x{scale:g} on {model} as its mezo+lora ({source.split(' (')[0]})"
+    return replace(d, lr=float(f"{d.lr * scale:.3g}"), source=source)
 
 
 def model_lr_scale(optimizer: str, model: str | None) -> float:
-    """The factor a built-in architecture's own sweep applies to `optimizer`'s lr (1 where it has none): what
-    `defaults_for` does to the table's lr, for recipes with their own base lr (the federated clients' 1e-3)."""
-    family = FAMILY.get(optimizer)
-    if model not in MODEL_ZO_LR or family == "fzoo" or not any(f == family and d.eps is not None
-                                                                 for (f, _), d in TABLE.items()):
+    """The factor a built-in architecture's own sweep applies to `optimizer`'s lr: swept / SmolLM2's MeZO + LoRA lr
+    for the ZO and hybrid methods except FZOO (its step is normalised by the loss spread), 1 otherwise. Used by
+    `defaults_for` and by recipes with a base lr of their own (the federated clients' 1e-3, the demo's)."""
+    method = METHODS.get(optimizer)
+    if model not in MODEL_ZO_LR or method is None or method.kind == "first-order" or method.family == "fzoo":
         return 1.0
     base, swept, _ = MODEL_ZO_LR[model]
     return swept / base

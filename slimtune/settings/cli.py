@@ -163,11 +163,9 @@ def build_settings(cls: type[Settings], ctx: click.Context | None, values: dict,
         merged[k] = typed[k]
         given.add(k)
         origin.pop(k, None)
-    if config_path and cls.command == "train":
-        from slimtune.settings.train import is_run_config, retable
-        data = read_config_file(config_path)
-        if is_run_config(data):  # its table defaults follow a change of model, optimizer or PEFT
-            merged = retable(merged, data, on_command_line)
+    if config_path and cls.command == "train":  # a run's table defaults follow a change of model, optimizer, PEFT
+        from slimtune.settings.train import retable_from_file
+        merged = retable_from_file(merged, config_path, on_command_line)
     for k, v in typed.items():  # flags left at their defaults fill what nothing else set
         merged.setdefault(k, v)
     return cls.build(merged, given=given, origin=origin)

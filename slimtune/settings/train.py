@@ -329,6 +329,13 @@ def retable(merged: dict, stored: dict, keep: set[str]) -> dict:
             if k in keep or k not in table or k not in source or source[k] != table[k] or v != source[k]}
 
 
+def retable_from_file(merged: dict, path: str, keep: set[str]) -> dict:
+    """`retable` when the config file at `path` is a run's own config.json; other files are user choices, kept."""
+    from slimtune.settings.cli import read_config_file
+    data = read_config_file(path)
+    return retable(merged, data, keep) if is_run_config(data) else merged
+
+
 def is_run_config(values: dict) -> bool:
     """A run's own config.json (nested groups) rather than a flat settings file."""
     return isinstance(values.get("optim"), dict) and isinstance(values.get("peft"), dict) and "out_dir" in values

@@ -306,8 +306,8 @@ def check_data(config: TrainConfig, objective, train_examples: list, eval_exampl
                                 "choice) would be computed on training rows without noise; give held-out data")
         warnings.warn("--eval-data is the training data: evaluations measure fit, not generalisation", stacklevel=2)
     elif eval_examples:
-        keys = lambda examples: {overlap_key(text) for text in objective.texts(examples)}  # noqa: E731
-        shared = keys(train_examples) & keys(eval_examples)  # up to case and spacing, as the federated check
+        train_keys = {overlap_key(text) for text in objective.texts(train_examples)}  # up to case and spacing
+        shared = train_keys.intersection(overlap_key(text) for text in objective.texts(eval_examples))
         if shared and private:
             raise SlimtuneError("--eval-data shares rows with the training data: a private run's evaluations (and the "
                                 "best-model choice) would use training rows without noise; remove them from the "
