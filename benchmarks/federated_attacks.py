@@ -224,6 +224,40 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
     return results
 
 
+def rescore_full_dev(path: Path, out: Path, dev: Path, threads: int, model: str = "smollm2", evaluate=None) -> dict:
+    """theta after the last round of every hostile row (run_dir/adapter, the server's full-precision LoRA) scored on
+    the whole dev set `dev`, stored as row["full_dev"] = {"accuracy", "examples"}; rows scored already are kept.
+
+    The runs evaluate on the first --dev-size rows (200: one standard error is about 2.5 points at 85%), which is what
+    keeps 30 rounds of 8 clients affordable; a gap of 3 to 5 points between two such runs is within their noise. The
+    whole SST-2 dev set (872 rows, about 1.2 points) judges the same final theta more sharply. `evaluate(adapter,
+    dev)` -> (accuracy, examples); default `slimtune eval` in a subprocess at `threads` threads."""
+    import subprocess
+    import sys
+
+    from launch import thread_env
+
+    def cli_eval(adapter: Path, data: Path) -> tuple[float, int]:
+        cmd = [sys.executable, "-m", "slimtune.cli", "eval", "--model", model, "--adapter", str(adapter),
+               "--data", str(data), "--device", "cpu"]
+        done = subprocess.run(cmd, check=True, env=thread_env(threads), capture_output=True, text=True)
+        scored = json.loads(done.stdout)
+        return scored["accuracy"], scored["examples"]
+
+    evaluate = evaluate or cli_eval
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for name, row in results.items():
+        adapter = out / name / "adapter"
+        if row.get("full_dev") or not adapter.exists():
+            continue
+        accuracy, examples = evaluate(adapter, dev)
+        row = json.loads(path.read_text())[name]  # re-read: attack rows may have landed beside this process
+        results = merged(path, {name: {**row, "full_dev": {"accuracy": accuracy, "examples": examples,
+                                                            "data": dev.name}}})
+        print(name, "full dev", accuracy, flush=True)
+    return results
+
+
 # --robust of the hostile rows (a retired rule's rows stay as history)
 ROBUST_CHOICES = ("none", "median", "direction", "trust")
 
@@ -248,15 +282,21 @@ def missing_default_rows(results: dict) -> list[tuple[str, str, int, str]]:
 
 
 def hostile_table(results: dict | None) -> str:
-    """README rows: theta after the last round against the all-honest run of the same mode, with the verdict."""
+    """README rows: theta after the last round against the all-honest run of the same mode, with the verdict. The
+    verdict reads the whole dev set where both runs were rescored on it (`rescore_full_dev`), else the runs' own
+    --dev-size rows; the table says which."""
     if not results:
         return "(not run yet: `python benchmarks/federated_attacks.py --hostile all`)"
-    rows = ["| run | attack | hostile clients | theta acc (last round) | theta, mean of the last 5 evaluations | "
-            "vs all-honest (last round) | target | verdict | replies rejected | updates accepted |",
-            "|" + "---|" * 10]
+    rows = ["| run | attack | hostile clients | theta acc (last round, 200 dev) | theta, mean of the last 5 evaluations | "
+            "vs all-honest (200 dev) | theta acc, full dev | vs all-honest, full dev | target | verdict | "
+            "replies rejected | updates accepted |",
+            "|" + "---|" * 12]
     # per aggregation (the default mean first), its all-honest references above its attack rows
     ordered = sorted(results.items(), key=lambda item: (item[1]["setup"].get("robust", "none") not in ("none", "clip"),
                                                         item[1]["setup"]["attack"] is not None))
+    full = lambda r: (r.get("full_dev") or {}).get("accuracy")  # noqa: E731
+    points = lambda a, b: None if a is None or b is None else (a - b) * 100  # noqa: E731
+    shown = lambda gap, attack: "-" if gap is None or not attack else f"{gap:+.1f} pts"  # noqa: E731
     for name, r in ordered:
         setup = r["setup"]
         theta = r["final_accuracy"]
@@ -266,19 +306,22 @@ def hostile_table(results: dict | None) -> str:
         ref = setup["reference"]
         if ref not in results:  # a robust row whose own all-honest run is not there: the default aggregation's
             ref = reference_of(name, setup["attack"])
-        honest = results.get(ref, {}).get("final_accuracy")
-        gap = None if honest is None or theta is None else (theta - honest) * 100
+        honest = results.get(ref, {})
+        gap, gap_full = points(theta, honest.get("final_accuracy")), points(full(r), full(honest))
+        judged, on = (gap_full, "full dev") if gap_full is not None else (gap, "200 dev")
         target = HOSTILE_TARGET.get(setup["hostile_clients"])
         if not setup["attack"]:
             verdict, target_text = "reference", "-"
         else:
             target_text = f"within {target:g} pts"
-            verdict = "-" if gap is None else "met" if gap >= -target else f"**missed** ({gap:+.1f} pts)"
+            verdict = "-" if judged is None else f"met ({on})" if judged >= -target else \
+                f"**missed** ({judged:+.1f} pts, {on})"
+        examples = (r.get("full_dev") or {}).get("examples")
         rows.append(f"| {name} ({r['rounds']} rounds) | {setup['attack'] or 'none'} | {setup['hostile_clients']} of "
-                    f"{setup['clients']} | {theta:.3f} | {sum(last) / len(last):.3f} | "
-                    f"{'-' if gap is None or not setup['attack'] else f'{gap:+.1f} pts'}"
-                    f"{'' if ref == setup['reference'] or not setup['attack'] else f' (vs {ref})'} | {target_text} | {verdict} | "
-                    f"{rejected} | {r['accepted_updates']} |")
+                    f"{setup['clients']} | {theta:.3f} | {sum(last) / len(last):.3f} | {shown(gap, setup['attack'])}"
+                    f"{'' if ref == setup['reference'] or not setup['attack'] else f' (vs {ref})'} | "
+                    f"{'-' if full(r) is None else f'{full(r):.3f} ({examples})'} | {shown(gap_full, setup['attack'])} | "
+                    f"{target_text} | {verdict} | {rejected} | {r['accepted_updates']} |")
     notes = []
     for name, r in results.items():
         if not r["setup"]["attack"] and r.get("initial_accuracy") is not None \
@@ -339,6 +382,9 @@ def main() -> None:
     ap.add_argument("--hostile-server-optimizer", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"],
                     help="hostile rows: this server step instead of the default (with --server-lr, --server-momentum; "
                          "no averaging); rows are named after it")
+    ap.add_argument("--rescore-full-dev", action="store_true", help="hostile rows: score every finished row's final "
+                    "theta (run_dir/adapter) on the whole SST-2 dev set and store it beside the --dev-size score; "
+                    "nothing is trained")
     ap.add_argument("--skip-references", action="store_true", help="hostile rows: only the attack rows (run the "
                     "all-honest reference in another process with --hostile-clients and no count)")
     args = ap.parse_args()
@@ -350,6 +396,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     data, dev = subset(args.train_size, OUT), subset(args.dev_size, OUT, "dev")
+    if args.rescore_full_dev:
+        rescore_full_dev(args.hostile_out.with_suffix(".json"), args.hostile_out, DATA / "dev.tsv", args.threads)
+        return
     if args.hostile is not None:
         from slimtune.federated.hostile import ATTACKS
         args.hostile = list(ATTACKS) if args.hostile in ([], ["all"]) else args.hostile

@@ -203,6 +203,56 @@ def test_hostile_rows_run_every_attack_and_render_a_verdict(demo_paths, tmp_path
     missing = {name for name, *_ in bench.missing_default_rows(results)}
     assert missing == {f"{a}-{k}of4-direction" for a in LORA_ATTACKS for k in (1, 2)} - {"sign-flip-1of4-direction"}
     assert "sign-flip-2of4-direction" in bench.hostile_table(results)
+    # --rescore-full-dev: the saved final theta scored again by `slimtune eval` (one row, a subprocess)
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps({"honest": results["honest"]}))
+    dev = _dev_subset(demo_paths, tmp_path)
+    rescored = bench.rescore_full_dev(path, tmp_path / "hostile", dev, threads=1, model="tiny-llama")
+    assert rescored["honest"]["full_dev"]["examples"] == len(dev.read_text().splitlines()) - 1
+    assert rescored["honest"]["full_dev"]["accuracy"] == pytest.approx(results["honest"]["final_accuracy"])
+
+
+def _row(attack, k, acc, full=None, reference="honest-direction"):
+    return {"setup": {"attack": attack, "hostile_clients": k, "clients": 8, "robust": "direction",
+                      "reference": reference},
+            "final_accuracy": acc, "rounds": 30, "accepted_updates": 120, "round_metrics": [{"round": 30,
+                                                                                             "server_accuracy": acc}],
+            **({"full_dev": {"accuracy": full, "examples": 872}} if full is not None else {})}
+
+
+def test_hostile_verdict_reads_the_full_dev_set_when_both_runs_were_rescored(tmp_path, monkeypatch):
+    """The runs score 200 dev rows (one standard error ~2.5 points); where a row and its all-honest reference were
+    both rescored on the whole dev set, the verdict reads that, and says so; otherwise the 200 rows, and says so."""
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import federated_attacks as bench
+    results = {"honest-direction": _row(None, 0, 0.90, 0.88),
+               "sign-flip-1of8-direction": _row("sign-flip", 1, 0.855, 0.87),  # 200: -4.5 missed; full: -1.0 met
+               "norm-999-1of8-direction": _row("norm-999", 1, 0.89, 0.84),  # 200: -1.0 met; full: -4.0 missed
+               "size-lie-1of8-direction": _row("size-lie", 1, 0.86)}  # not rescored: the 200 rows judge it
+    lines = {line.split(" (")[0].strip("| "): line for line in bench.hostile_table(results).splitlines()
+             if line.startswith("| ")}
+    assert "met (full dev)" in lines["sign-flip-1of8-direction"] and "-4.5 pts" in lines["sign-flip-1of8-direction"]
+    assert "**missed** (-4.0 pts, full dev)" in lines["norm-999-1of8-direction"]
+    assert "**missed** (-4.0 pts, 200 dev)" in lines["size-lie-1of8-direction"]
+
+    calls = []
+
+    def fake(adapter, dev):
+        calls.append(adapter.parent.name)
+        return 0.5, 872
+
+    for name in results:
+        (tmp_path / "rows" / name / ("adapter" if name != "size-lie-1of8-direction" else "nothing")).mkdir(parents=True)
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(results))
+    out = bench.rescore_full_dev(path, tmp_path / "rows", tmp_path / "dev.tsv", threads=1, evaluate=fake)
+    assert calls == []  # every row with an adapter was rescored already; the one without has no adapter
+    del results["honest-direction"]["full_dev"]
+    path.write_text(json.dumps(results))
+    out = bench.rescore_full_dev(path, tmp_path / "rows", tmp_path / "dev.tsv", threads=1, evaluate=fake)
+    assert calls == ["honest-direction"] and out["honest-direction"]["full_dev"]["accuracy"] == 0.5
+    assert out["sign-flip-1of8-direction"]["full_dev"]["accuracy"] == 0.87  # kept
 
 
 @pytest.mark.slow

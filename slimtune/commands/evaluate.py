@@ -80,7 +80,7 @@ def run_generate(s: GenerateSettings):
 
 def adapter_base_quant(adapter: str | None) -> str | None:
     """The base quantization an adapter was trained on (adapter/slimtune.json), so that the model is the run's."""
-    from slimtune.train.trainer import ADAPTER_META
+    from slimtune.peft.registry import ADAPTER_META
     meta = Path(adapter) / ADAPTER_META if adapter else None
     if meta is None or not meta.exists():
         return None

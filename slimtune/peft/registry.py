@@ -125,6 +125,32 @@ def save_peft(model: nn.Module, directory: str | Path, work_dir: str | Path | No
         model.save_pretrained(str(directory))
 
 
+ADAPTER_META = "slimtune.json"  # in adapter/: what the base must be to reproduce the run (quantization, dtype)
+
+
+def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: str | Path | None = None,
+                  meta: dict | None = None) -> None:
+    """A run's adapter/ as `slimtune eval`, `generate`, `merge` and `export` read it back: the weights (`save_peft`),
+    the tokenizer the run used (tiny models fit their vocabulary to the run's texts, so another file's texts would
+    build another base) and, when given, `meta` (ADAPTER_META: the base quantization to rebuild). Written through a
+    temporary directory and swapped in, so a crash never leaves a half-written adapter. Every command that saves a
+    trained model (train, federate) writes it here."""
+    import os
+    import shutil
+
+    final = Path(directory)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_peft(model, tmp, work_dir=work_dir)
+    tokenizer.save_pretrained(tmp)
+    if meta:
+        (tmp / ADAPTER_META).write_text(json.dumps(meta))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def load_peft(base_model: nn.Module, directory: str | Path) -> nn.Module:
     """The adapted model from a saved adapter directory (or the full model saved by a --peft none run)."""
     directory = Path(directory)

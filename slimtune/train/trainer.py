@@ -34,7 +34,8 @@ from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.optim.defaults import resolve as resolve_defaults
 from slimtune.optim.schedule import lr_multiplier
-from slimtune.peft import PeftSettings, apply_peft, peft_summary, save_peft
+from slimtune.peft import PeftSettings, apply_peft, peft_summary
+from slimtune.peft.registry import write_adapter
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, check_spec, plan
 from slimtune.privacy.secret import KEY_FILE, KeyedNoise, RunKey, create_key_file, fresh_nonce, read_key_file
 from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, read_state, save_checkpoint
@@ -83,7 +84,6 @@ class TrainConfig:
     base_quant: str | None = None  # "int8" / "int4": LoRA on a frozen quantized base (models/quantize.py)
 
 
-ADAPTER_META = "slimtune.json"  # in adapter/: what the base must be to reproduce the run (quantization)
 
 # What a private run's per-step record may contain: released or post-processed values only.
 RELEASED_KEYS = ("step", "lr", "projected_grad", "clip", "epsilon", "delta", "noise_multiplier",
@@ -649,20 +649,12 @@ def _track_best(run: Run, step: int, record: dict) -> bool:
 
 
 def _save_adapter(run: Run) -> None:
-    """Write adapter/ through a temporary directory so a crash never leaves a half-written adapter."""
+    """adapter/ with the run's tokenizer and, on a quantized base, what eval/generate must rebuild (`write_adapter`)."""
     if not run.world.main:
         return
-    out = Path(run.config.out_dir)
-    tmp, final, old = out / "adapter.tmp", out / "adapter", out / "adapter.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_peft(run.model, tmp, work_dir=out)
-    run.tokenizer.save_pretrained(tmp)  # eval/merge rebuild exactly this base (tiny models fit their vocabulary)
-    if run.config.base_quant:  # eval/generate rebuild the quantized base it was trained and evaluated on
-        (tmp / ADAPTER_META).write_text(json.dumps({"base_quant": run.config.base_quant, "dtype": run.config.dtype}))
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    meta = {"base_quant": run.config.base_quant, "dtype": run.config.dtype} if run.config.base_quant else None
+    write_adapter(run.model, run.tokenizer, Path(run.config.out_dir) / "adapter", work_dir=run.config.out_dir,
+                  meta=meta)
 
 
 def _checkpoint(run: Run, step: int) -> None:
