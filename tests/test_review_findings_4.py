@@ -109,3 +109,41 @@ def test_zotrainers_held_out_check_compares_text_rows_up_to_case_and_spacing():
     assert shares_rows(train, [{"text": "a lovely big film", "label": 1}]) is False
     assert shares_rows([{"input_ids": [1, 2, 3]}], [{"input_ids": [1, 2, 3]}]) is True
     assert shares_rows([{"input_ids": [1, 2, 3]}], [{"input_ids": [1, 2]}]) is False
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "symlink"])
+def test_a_private_run_refuses_its_training_file_as_eval_data_however_it_is_named(tmp_path, demo_paths, monkeypatch,
+                                                                                 spelling):
+    """One rule (`data.readers.same_source`) for the CLI's early check and the trainer's (the Python API): the training
+    file named again, by another relative spelling or through a symlink, is refused for a private run, with one
+    message, before any step."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from slimtune import SlimtuneError
+    from slimtune.cli import app
+    from slimtune.data.readers import EVAL_IS_TRAINING, same_source
+    from slimtune.optim import OptimizerArgs
+    from slimtune.peft import PeftSettings
+    from slimtune.privacy.accountant import PrivacySpec
+    from slimtune.train import TrainConfig, prepare, train
+
+    data = tmp_path / "train.tsv"
+    shutil.copy(demo_paths[0], data)
+    monkeypatch.chdir(tmp_path)
+    if spelling == "symlink":
+        (tmp_path / "link.tsv").symlink_to(data)
+    evaluation = {"same": str(data), "relative": "./train.tsv", "symlink": "link.tsv"}[spelling]
+    assert same_source(str(data), evaluation) and not same_source("hf:" + str(tmp_path), "hf:" + str(tmp_path))
+    res = CliRunner().invoke(app, ["train", "--data", str(data), "--eval-data", evaluation, "--model", "tiny-llama",
+                                   "--optimizer", "dpzero", "--epsilon", "6", "--steps", "1", "--batch-size", "4",
+                                   "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 2 and "--eval-data is the training data" in res.output, res.output
+    assert not (tmp_path / "cli" / "checkpoint").exists()
+    cfg = TrainConfig(out_dir=str(tmp_path / "api"), train_data=str(data), eval_data=evaluation, model="tiny-llama",
+                      optimizer="dpzero", optim=OptimizerArgs(), peft=PeftSettings("lora"), steps=1, batch_size=4,
+                      privacy=PrivacySpec(target_epsilon=6.0), progress=False)
+    with pytest.raises(SlimtuneError, match="training data") as refused:
+        train(prepare(cfg))
+    assert str(refused.value) == EVAL_IS_TRAINING

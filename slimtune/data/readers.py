@@ -37,6 +37,22 @@ def read_rows(source: str, split: str = "train") -> tuple[list[tuple[int, dict]]
     raise SlimtuneError(f"{source}: unsupported file type {suffix!r} (use .tsv, .csv, .jsonl or hf:DIR)")
 
 
+EVAL_IS_TRAINING = ("--eval-data is the training data: a private run's evaluations (and the best-model choice) "
+                    "would be computed on training rows without noise; give held-out data")
+
+
+def same_source(train: str | None, evaluation: str | None) -> bool:
+    """Whether evaluation data names the training data itself: the same string or the same file. hf:DIR is never
+    the same: training reads its train split and evaluation its validation split (rows they share are a matter for
+    the row overlap check, `objectives.overlap_key`)."""
+    if not train or not evaluation or train.startswith("hf:"):
+        return False
+    if train == evaluation:
+        return True
+    a, b = Path(train), Path(evaluation)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
 def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from slimtune import SlimtuneError
 # what each optimizer is: slimtune/optim/methods.py (one table, torch-free)
@@ -214,10 +213,9 @@ class TrainSettings(Settings):
             if self.best_metric not in allowed:
                 raise SlimtuneError(f"--best-metric {self.best_metric!r}: a {self.task} run evaluates "
                                     f"{', '.join(allowed)}")
-        if self.optimizer in PRIVATE and self.eval_data and self.data and not self.data.startswith("hf:") and \
-                Path(self.eval_data).resolve() == Path(self.data).resolve():  # hf:DIR: train vs validation split
-            raise SlimtuneError("--eval-data is the training data: a private run's evaluations (and the best-model "
-                                "choice) would be computed on training rows without noise; give held-out data")
+        from slimtune.data.readers import EVAL_IS_TRAINING, same_source  # (slimtune.data imports torch)
+        if self.optimizer in PRIVATE and same_source(self.data, self.eval_data):  # before the model loads
+            raise SlimtuneError(EVAL_IS_TRAINING)
 
     # -- to the trainer ----------------------------------------------------------------------------------------------
     def to_config(self):

@@ -30,6 +30,7 @@ import torch
 
 from slimtune import SlimtuneError, distributed
 from slimtune.data import EpochSampler, PoissonSampler, k_shot
+from slimtune.data.readers import EVAL_IS_TRAINING, same_source
 from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.optim.defaults import resolve as resolve_defaults
@@ -296,14 +297,9 @@ def check_data(config: TrainConfig, objective, train_examples: list, eval_exampl
         raise SlimtuneError(f"--batch-size {config.batch_size} is larger than the {n} training examples")
     if private and config.privacy is not None:
         check_spec(config.privacy, n)
-    one_split = not config.train_data.startswith("hf:")  # hf:DIR: --data is its train split, --eval-data its
-    # validation split (rows they share are checked below)
-    if one_split and (config.eval_data and config.eval_data == config.train_data or (
-            config.eval_data and Path(config.eval_data).exists() and Path(config.train_data).exists()
-            and Path(config.eval_data).resolve() == Path(config.train_data).resolve())):
+    if same_source(config.train_data, config.eval_data):
         if private:
-            raise SlimtuneError("--eval-data is the training data: a private run's evaluations (and the best-model "
-                                "choice) would be computed on training rows without noise; give held-out data")
+            raise SlimtuneError(EVAL_IS_TRAINING)
         warnings.warn("--eval-data is the training data: evaluations measure fit, not generalisation", stacklevel=2)
     elif eval_examples:
         train_keys = {overlap_key(text) for text in objective.texts(train_examples)}  # up to case and spacing
