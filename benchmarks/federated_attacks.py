@@ -246,7 +246,11 @@ def rescore_full_dev(path: Path, out: Path, dev: Path, threads: int, model: str 
 
     evaluate = evaluate or cli_eval
     results = json.loads(path.read_text()) if path.exists() else {}
-    for name, row in results.items():
+    # the rows the README's verdicts read first (the default LoRA rule and trust), then the other current rules, then
+    # retired ones: a rescoring cut off keeps what matters most
+    rule = lambda item: item[1]["setup"].get("robust") or "none"  # noqa: E731
+    for name, row in sorted(results.items(), key=lambda item: (rule(item) not in ("direction", "trust"),
+                                                               rule(item) not in ROBUST_CHOICES)):
         adapter = out / name / "adapter"
         if row.get("full_dev") or not adapter.exists():
             continue
