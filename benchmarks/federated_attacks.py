@@ -285,6 +285,17 @@ def missing_default_rows(results: dict) -> list[tuple[str, str, int, str]]:
     return missing
 
 
+def judged_gap(row: dict, honest: dict) -> tuple[float | None, str]:
+    """(theta's gap to its all-honest run in points, the dev set that measured it): the whole dev set where both
+    runs were rescored on it (`rescore_full_dev`), else the runs' own --dev-size rows. The README's table and the
+    targets block both read it."""
+    full = [(r.get("full_dev") or {}).get("accuracy") for r in (row, honest)]
+    if None not in full:
+        return (full[0] - full[1]) * 100, "full dev"
+    own = [r.get("final_accuracy") for r in (row, honest)]
+    return (None if None in own else (own[0] - own[1]) * 100), "200 dev"
+
+
 def hostile_table(results: dict | None) -> str:
     """README rows: theta after the last round against the all-honest run of the same mode, with the verdict. The
     verdict reads the whole dev set where both runs were rescored on it (`rescore_full_dev`), else the runs' own
@@ -312,7 +323,7 @@ def hostile_table(results: dict | None) -> str:
             ref = reference_of(name, setup["attack"])
         honest = results.get(ref, {})
         gap, gap_full = points(theta, honest.get("final_accuracy")), points(full(r), full(honest))
-        judged, on = (gap_full, "full dev") if gap_full is not None else (gap, "200 dev")
+        judged, on = judged_gap(r, honest)
         target = HOSTILE_TARGET.get(setup["hostile_clients"])
         if not setup["attack"]:
             verdict, target_text = "reference", "-"

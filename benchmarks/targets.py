@@ -22,6 +22,7 @@ def federated_rows() -> list[list[str]]:
     """Issue 35's targets under what a run gets: the default --robust auto without root data (the direction filter
     for LoRA replies, the mean for zo-seeds), and with --root-data (auto is then trust; zo-seeds is refused there, so
     its attack does not apply)."""
+    from federated_attacks import judged_gap
     from slimtune.federated import FederatedConfig
     from slimtune.federated.config import robust_rule
     from slimtune.federated.hostile import ATTACKS, LORA_ATTACKS
@@ -40,13 +41,14 @@ def federated_rows() -> list[list[str]]:
             for r in results.values():
                 setup = r.get("setup", {})
                 if setup.get("attack") and setup.get("hostile_clients") == count and rule_of(setup, root_data):
-                    honest = results.get(setup.get("reference"), {}).get("final_accuracy")
-                    if honest is not None and r.get("final_accuracy") is not None:
-                        gaps.append(((r["final_accuracy"] - honest) * 100, setup["attack"]))
+                    gap, on = judged_gap(r, results.get(setup.get("reference"), {}))
+                    if gap is not None:
+                        gaps.append((gap, setup["attack"], on))
             worst = min(gaps) if gaps else None
-            missing = [a for a in attacks if a not in {name for _, name in gaps}]
+            missing = [a for a in attacks if a not in {g[1] for g in gaps}]
+            sets = sorted({g[2] for g in gaps})
             value = "" if worst is None else (f"worst {worst[0]:+.1f} pts ({worst[1]}) over {len(gaps)} of "
-                                              f"{len(attacks)} attacks" +
+                                              f"{len(attacks)} attacks, on {' / '.join(sets)}" +
                                               (f"; not run: {', '.join(missing)}" if missing else ""))
             shown = verdict(None if worst is None else worst[0] >= -margin, value)
             if missing and worst is not None and worst[0] >= -margin:

@@ -235,6 +235,8 @@ def test_hostile_verdict_reads_the_full_dev_set_when_both_runs_were_rescored(tmp
     assert "met (full dev)" in lines["sign-flip-1of8-direction"] and "-4.5 pts" in lines["sign-flip-1of8-direction"]
     assert "**missed** (-4.0 pts, full dev)" in lines["norm-999-1of8-direction"]
     assert "**missed** (-4.0 pts, 200 dev)" in lines["size-lie-1of8-direction"]
+    gap, on = bench.judged_gap(results["sign-flip-1of8-direction"], results["honest-direction"])  # targets.py's too
+    assert on == "full dev" and gap == pytest.approx(-1.0)
 
     calls = []
 
