@@ -315,6 +315,24 @@ class ZOTrainerMixin:
                                 "that is kept in memory only; start a new run, or use `slimtune train --resume`")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Hugging Face's `save_model`, except for a model with slimtune's SVFit or adapter layers
+        (`slimtune.apply_peft(model, "svfit" | "adapter")`): transformers would save the wrapped layers as a
+        checkpoint of the base architecture whose own weights are missing (nothing can load it), so they are saved as
+        slimtune's adapter (peft/registry.py: `write_adapter`, with the trainer's tokenizer), which `slimtune eval
+        --adapter`, `merge` and `slimtune.peft.read_adapter` read back. Checkpoints written during training stay
+        Hugging Face's (`resume_from_checkpoint` loads them into the same wrapped model)."""
+        from slimtune.peft.registry import _tuner_class, write_adapter
+
+        if _internal_call or _tuner_class(self.model) is None:
+            return super().save_model(output_dir, _internal_call)
+        if self.args.should_save:  # the tokenizer transformers would save: processing_class, else the collator's
+            tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+            dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+            write_adapter(self.model, tokenizer, output_dir or self.args.output_dir, meta={"dtype": dtype},
+                          keep_others=True)
+        return None
+
     def floating_point_ops(self, inputs) -> int:
         """transformers sums this over the training batches into `total_flos` (logged and checkpointed); a private
         run's batches are secret Poisson batches, so it counts nothing there."""

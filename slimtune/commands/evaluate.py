@@ -20,8 +20,6 @@ def run_eval(s: EvalSettings):
     """Accuracy (classification) or loss, perplexity, BLEU, ROUGE-L, EM, F1 (generation) of a model, optionally with
     a trained adapter."""
     from slimtune.cli import console, fail
-    from slimtune.models import load_model_and_tokenizer
-    from slimtune.peft import load_peft
     from slimtune.train.objectives import GenerationSettings, make_objective
 
     try:
@@ -30,10 +28,7 @@ def run_eval(s: EvalSettings):
                                                       True, s.batch_size), s.max_length, s.batch_size)
         raw, texts = objective.load(s.data, "validation")
         dev = resolve_device(s.device)
-        m, tok = load_model_and_tokenizer(s.model, device=dev, texts=texts, tokenizer_dir=s.adapter,
-                                          base_quant=adapter_base_quant(s.adapter))
-        if s.adapter:
-            m = load_peft(m, s.adapter)
+        m, tok = load_for_inference(s.model, s.adapter, dev, texts)
         objective.bind(tok)
         examples = objective.examples(raw, tok)
         outputs = [] if s.predictions else None
@@ -50,16 +45,11 @@ def run_generate(s: GenerateSettings):
     from slimtune.cli import console, fail
     from slimtune.generation.decode import DecodeSettings, generate_texts, stream_generate
     from slimtune.generation.prompts import prompt_texts, read_prompt_items, render_prompts
-    from slimtune.models import load_model_and_tokenizer
-    from slimtune.peft import load_peft
 
     try:
         items = [s.prompt] if s.prompt is not None else read_prompt_items(s.input, s.input_column)
         dev = resolve_device(s.device)
-        m, tok = load_model_and_tokenizer(s.model, device=dev, texts=prompt_texts(items), tokenizer_dir=s.adapter,
-                                          base_quant=adapter_base_quant(s.adapter))
-        if s.adapter:
-            m = load_peft(m, s.adapter)
+        m, tok = load_for_inference(s.model, s.adapter, dev, prompt_texts(items))
         prompts = render_prompts(items, tok, s.template, s.input_column, s.chat)
         settings = DecodeSettings(s.max_new_tokens, s.num_beams, s.batch_size, s.max_length)
         if s.prompt is not None and s.num_beams == 1 and not s.output:
@@ -78,16 +68,14 @@ def run_generate(s: GenerateSettings):
             print(o, flush=True)
 
 
-def adapter_base_quant(adapter: str | None) -> str | None:
-    """The base quantization an adapter was trained on (adapter/slimtune.json), so that the model is the run's."""
-    from slimtune.peft.registry import ADAPTER_META
-    meta = Path(adapter) / ADAPTER_META if adapter else None
-    if meta is None or not meta.exists():
-        return None
-    try:
-        return json.loads(meta.read_text()).get("base_quant")
-    except ValueError:
-        raise SlimtuneError(f"{meta}: not valid JSON") from None
+def load_for_inference(model: str, adapter: str | None, device: str, texts: list[str]):
+    """(model, tokenizer): the base alone (a tiny model fits its tokenizer to `texts`), or with `adapter` the model
+    its run evaluated, through the one loader of saved adapters (peft/registry.py: read_adapter)."""
+    if adapter:
+        from slimtune.peft import read_adapter
+        return read_adapter(adapter, model, device)
+    from slimtune.models import load_model_and_tokenizer
+    return load_model_and_tokenizer(model, device=device, texts=texts)
 
 
 def write_jsonl(path: str, rows: list[dict], flag: str) -> None:

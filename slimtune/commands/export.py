@@ -25,8 +25,8 @@ def register(app) -> None:
 
 def note_quantized_base(adapter: str) -> None:
     """Merging folds the adapter into the dense base weights; one trained on a quantized base differs slightly."""
-    from slimtune.commands.evaluate import adapter_base_quant
-    kind = adapter_base_quant(adapter)
+    from slimtune.peft.registry import read_adapter_meta
+    kind = read_adapter_meta(adapter).get("base_quant")
     if kind:
         print(f"note: {adapter} was trained on an {kind} base; it is merged into the dense base, whose outputs "
               "differ slightly from the run's evaluation", file=sys.stderr)
@@ -35,13 +35,12 @@ def note_quantized_base(adapter: str) -> None:
 def run_merge(s: MergeSettings):
     """Fold an adapter into the base weights and save a plain transformers checkpoint."""
     from slimtune.cli import console, fail
-    note_quantized_base(s.adapter)
-    from slimtune.models import load_model_and_tokenizer
-    from slimtune.peft import load_peft, merge_peft
+    from slimtune.peft import merge_peft, read_adapter
 
     try:
-        base, tok = load_model_and_tokenizer(s.model, tokenizer_dir=s.adapter)
-        merged = merge_peft(load_peft(base, s.adapter))
+        note_quantized_base(s.adapter)
+        adapted, tok = read_adapter(s.adapter, s.model, dense=True)
+        merged = merge_peft(adapted)
         save_checkpoint_dir(merged, tok, s.out)
     except SlimtuneError as exc:
         fail(exc)
@@ -67,21 +66,14 @@ def save_checkpoint_dir(model, tokenizer, out: str) -> None:
 
 def run_export(s: ExportSettings):
     """Merge an adapter into its base model and write one GGUF file (verified by reloading it)."""
-    import torch
-
     from slimtune.cli import console, fail
     from slimtune.export import export_gguf
-    from slimtune.models import load_model_and_tokenizer
-    from slimtune.models.loading import load_local
-    from slimtune.peft import load_peft, merge_peft
+    from slimtune.peft import merge_peft, read_adapter
 
-    note_quantized_base(s.adapter)
     try:
-        if (Path(s.adapter) / "config.json").exists():  # already a plain transformers checkpoint
-            merged, tok = load_local(s.adapter, torch.float32)
-        else:
-            base, tok = load_model_and_tokenizer(s.model, tokenizer_dir=s.adapter)
-            merged = merge_peft(load_peft(base, s.adapter))
+        note_quantized_base(s.adapter)
+        adapted, tok = read_adapter(s.adapter, s.model, dense=True)  # a merged checkpoint is read as it is
+        merged = merge_peft(adapted)
         report = export_gguf(merged, tok, Path(s.out), s.quant, s.verify)
     except SlimtuneError as exc:
         fail(exc)

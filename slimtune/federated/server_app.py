@@ -17,7 +17,7 @@ from slimtune.federated.model import build_model, load_lora_state, lora_state
 from slimtune.federated.wire import FP32
 from slimtune.federated.strategy import FedLPP
 from slimtune.peft import peft_summary
-from slimtune.peft.registry import write_adapter
+from slimtune.peft.registry import adapter_meta, write_adapter
 from slimtune.train.metrics import MetricsLog, peak_memory_mb
 from slimtune.zo import MeZO, MeZOConfig
 
@@ -94,7 +94,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         raise SlimtuneError(f"federated run trained nothing: no client update was accepted in any round (see the "
                             f"client errors in the log); no adapter was saved (summary in {out})")
     load_lora_state(model, strategy.server_model())
-    write_adapter(model, tok, out / "adapter")  # the private full-precision result stays with the server
+    write_adapter(model, tok, out / "adapter", meta=adapter_meta(cfg.model))  # the private fp32 result stays here
     attacks = None
     if history is not None and history.items and evals:
         scratch = lora_state(build_model(cfg)[0])  # a fresh LoRA the coalition can build from the public settings

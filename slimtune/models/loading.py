@@ -79,7 +79,7 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
     """
     if name_or_path in TINY_MODELS:
         saved = tokenizer_dir and (Path(tokenizer_dir) / "tokenizer.json").exists()
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if saved else tiny_tokenizer(texts or [])
+        tokenizer = saved_tokenizer(tokenizer_dir) if saved else tiny_tokenizer(texts or [])
         model = tiny_model(name_or_path, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     elif name_or_path == DEFAULT_MODEL:
         model, tokenizer = _load_smollm2(dtype)
@@ -143,12 +143,62 @@ def load_local(path: str, dtype: torch.dtype):
         if not ggufs:
             raise SlimtuneError(f"model {path}: no config.json and no .gguf file in the directory")
         return _from_gguf(p, ggufs[0].name, dtype)
+    from safetensors import SafetensorError
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise SlimtuneError(f"model {path}: could not load a causal LM checkpoint: {exc}") from None
-    return model, tokenizer
+        model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise SlimtuneError(f"model {path}: could not load a causal LM checkpoint: {_first_line(exc)}") from None
+    unfit = [*info.get("missing_keys", ()), *(k[0] if isinstance(k, tuple) else k
+                                              for k in info.get("mismatched_keys", ()))]
+    if unfit:  # transformers would initialise them at random: another model, loaded without a word
+        raise SlimtuneError(f"model {path}: {len(unfit)} weights of its architecture are missing or of another shape "
+                            f"in the checkpoint (e.g. {sorted(unfit)[0]!r}); not a plain transformers checkpoint "
+                            "(a model with slimtune's SVFit or adapter layers is saved with save_peft / write_adapter "
+                            "and read back with read_adapter)")
+    return model, saved_tokenizer(p)
+
+
+def saved_tokenizer(directory) -> PreTrainedTokenizerFast:
+    """The tokenizer saved in `directory`, or a one-line error naming it (missing or unreadable files)."""
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exceptions for a malformed tokenizer.json
+        raise SlimtuneError(f"{directory}: could not load the tokenizer saved there ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+SAMPLED_BLOCKS, BLOCK_BYTES = 64, 4096
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def base_fingerprint(name_or_path: str) -> str | None:
+    """What identifies a base model wherever it lies: a built-in's name; for a checkpoint directory, SHA-256 over its
+    config.json and, for each weights file (by name), its size and 64 blocks of 4 KiB at evenly spaced offsets (a
+    sample, read in milliseconds from a 14 GB checkpoint: two checkpoints of one architecture whose weights differ in
+    more than a few tensors differ in it; copies of one checkpoint agree). None for anything else (load_local says
+    why). An adapter records its base's fingerprint (peft/registry.py: write_adapter, read_adapter)."""
+    import hashlib
+
+    if name_or_path in (DEFAULT_MODEL, GEMMA3, *TINY_MODELS):
+        return name_or_path
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        return None
+    digest = hashlib.sha256()
+    if (directory / "config.json").is_file():
+        digest.update((directory / "config.json").read_bytes())
+    for path in sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            for i in range(SAMPLED_BLOCKS):
+                f.seek(size * i // SAMPLED_BLOCKS)
+                digest.update(f.read(BLOCK_BYTES))
+    return "sha256:" + digest.hexdigest()
 
 
 def smollm2_gguf_dir() -> Path:

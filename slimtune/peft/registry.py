@@ -125,16 +125,25 @@ def save_peft(model: nn.Module, directory: str | Path, work_dir: str | Path | No
         model.save_pretrained(str(directory))
 
 
-ADAPTER_META = "slimtune.json"  # in adapter/: what the base must be to reproduce the run (quantization, dtype)
+ADAPTER_META = "slimtune.json"  # in adapter/: the base to rebuild (which model, its dtype, its quantization)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = None) -> dict:
+    """ADAPTER_META of an adapter trained on `model` (a built-in name or a checkpoint directory, as --model takes it)
+    in `dtype`, on a base quantized to `base_quant` (None: dense): what `read_adapter` rebuilds and checks."""
+    from slimtune.models.loading import base_fingerprint
+    return {"base_model": model, "base_fingerprint": base_fingerprint(model), "dtype": dtype, "base_quant": base_quant}
 
 
 def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: str | Path | None = None,
-                  meta: dict | None = None) -> None:
-    """A run's adapter/ as `slimtune eval`, `generate`, `merge` and `export` read it back: the weights (`save_peft`),
-    the tokenizer the run used (tiny models fit their vocabulary to the run's texts, so another file's texts would
-    build another base) and, when given, `meta` (ADAPTER_META: the base quantization to rebuild). Written through a
-    temporary directory and swapped in, so a crash never leaves a half-written adapter. Every command that saves a
-    trained model (train, federate) writes it here."""
+                  meta: dict | None = None, keep_others: bool = False) -> None:
+    """A run's adapter/ as `read_adapter` (slimtune eval, generate, merge, export) reads it back: the weights
+    (`save_peft`), the tokenizer the run used (tiny models fit their vocabulary to the run's texts, so another file's
+    texts would build another base) and `meta` (ADAPTER_META, `adapter_meta`: the base, its dtype and quantization).
+    Written through a temporary directory and swapped in, so a crash never leaves a half-written adapter. Every
+    producer of a trained model writes it here: train, federate, and the Hugging Face trainer's save_model, whose
+    directory may hold other files (`keep_others`: the new files are moved in one by one, nothing else is touched)."""
     import os
     import shutil
 
@@ -142,17 +151,86 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     save_peft(model, tmp, work_dir=work_dir)
-    tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     if meta:
         (tmp / ADAPTER_META).write_text(json.dumps(meta))
+    if keep_others and final.is_dir():
+        for path in tmp.iterdir():
+            os.replace(path, final / path.name)
+        tmp.rmdir()
+        return
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def read_adapter_meta(directory: str | Path) -> dict:
+    """ADAPTER_META of a saved adapter, checked ({} when there is none: an adapter from outside slimtune)."""
+    path = Path(directory) / ADAPTER_META
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise SlimtuneError(f"{path}: not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise SlimtuneError(f"{path}: not a JSON object (expected the base model, dtype and base_quant)")
+    if meta.get("base_quant") not in (None, "int8", "int4"):
+        raise SlimtuneError(f"{path}: base_quant {meta['base_quant']!r} is none of int8, int4")
+    if meta.get("dtype", "float32") not in DTYPES:
+        raise SlimtuneError(f"{path}: dtype {meta['dtype']!r} is none of {', '.join(DTYPES)}")
+    return meta
+
+
+def check_adapter(directory: str | Path, model: str) -> dict:
+    """Refuse, before any model is loaded, an adapter directory that `read_adapter` could not rebuild as its run had
+    it: no weights, another base than `model` (its recorded fingerprint), or, on a tiny model, no tokenizer. Returns
+    its ADAPTER_META."""
+    from slimtune.models.loading import TINY_MODELS, base_fingerprint
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SlimtuneError(f"{directory}: not a directory (expected a saved adapter, e.g. RUN/adapter)")
+    kinds = [f for f in ("adapter_config.json", tuner.CONFIG, "config.json") if (directory / f).exists()]
+    if not kinds:
+        raise SlimtuneError(f"{directory}: no adapter_config.json, {tuner.CONFIG} or config.json (not a saved adapter)")
+    meta = read_adapter_meta(directory)
+    recorded, current = meta.get("base_fingerprint"), base_fingerprint(model)
+    if recorded and current and recorded != current:
+        raise SlimtuneError(f"{directory}: trained on the base model {meta.get('base_model')} (its {ADAPTER_META}); "
+                            f"--model {model} is another model: pass the base it was trained on")
+    if model in TINY_MODELS and kinds[0] != "config.json" and not (directory / "tokenizer.json").exists():
+        raise SlimtuneError(f"{directory}: no tokenizer.json; a {model} base fits its vocabulary to the run's texts, "
+                            "so it cannot be rebuilt without the tokenizer the run saved with its adapter")
+    return meta
+
+
+def read_adapter(directory: str | Path, model: str = "smollm2", device: str = "cpu",
+                 dense: bool = False) -> tuple[nn.Module, object]:
+    """(adapted model, tokenizer) from a saved adapter: the one loader of every consumer (eval, generate, merge,
+    export, Python), so that they rebuild the model the run evaluated. `check_adapter` first; then the base `model`
+    with the adapter's tokenizer, in the run's dtype, quantized as the run's base was (ADAPTER_META), and the adapter's
+    weights on it. A --peft none adapter is the whole model, read with its own tokenizer. `dense`: a float32,
+    unquantized base, for merging the adapter into its weights."""
+    import torch
+
+    from slimtune.models import load_model_and_tokenizer
+
+    directory = Path(directory)
+    meta = check_adapter(directory, model)
+    dtype = torch.float32 if dense else getattr(torch, meta.get("dtype") or "float32")
+    quant = None if dense else meta.get("base_quant")
+    if not (directory / "adapter_config.json").exists() and not (directory / tuner.CONFIG).exists():
+        return load_model_and_tokenizer(str(directory), dtype, device)  # --peft none: the whole fine-tuned model
+    base, tokenizer = load_model_and_tokenizer(model, dtype, device, tokenizer_dir=str(directory), base_quant=quant)
+    return load_peft(base, directory), tokenizer
+
+
 def load_peft(base_model: nn.Module, directory: str | Path) -> nn.Module:
-    """The adapted model from a saved adapter directory (or the full model saved by a --peft none run)."""
+    """The adapted model from a saved adapter directory (or the full model saved by a --peft none run). `base_model`
+    must be the run's base (its tokenizer, dtype, quantization): `read_adapter` builds it from the adapter's record."""
     directory = Path(directory)
     if not directory.is_dir():
         raise SlimtuneError(f"{directory}: not a directory (expected a saved adapter, e.g. RUN/adapter)")
@@ -174,9 +252,17 @@ def load_peft(base_model: nn.Module, directory: str | Path) -> nn.Module:
 
 def _load_lora(base_model: nn.Module, directory: Path) -> nn.Module:
     from peft import PeftModel
-    if not any((directory / f).exists() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+    from safetensors import SafetensorError, safe_open
+    weights = directory / "adapter_model.safetensors"
+    if not weights.exists() and not (directory / "adapter_model.bin").exists():
         raise SlimtuneError(f"{directory}: adapter_config.json but no adapter_model.safetensors (an incomplete "
                             "adapter directory)")
+    if weights.exists():
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise SlimtuneError(f"{weights}: not a readable safetensors file ({exc})") from None
     try:
         model = PeftModel.from_pretrained(base_model, str(directory))
     except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:

@@ -36,7 +36,7 @@ from slimtune.optim.base import mix_seed
 from slimtune.optim.defaults import resolve as resolve_defaults
 from slimtune.optim.schedule import lr_multiplier
 from slimtune.peft import PeftSettings, apply_peft, peft_summary
-from slimtune.peft.registry import write_adapter
+from slimtune.peft.registry import adapter_meta, write_adapter
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, check_spec, plan
 from slimtune.privacy.secret import KEY_FILE, KeyedNoise, RunKey, create_key_file, fresh_nonce, read_key_file
 from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, read_state, save_checkpoint
@@ -645,10 +645,10 @@ def _track_best(run: Run, step: int, record: dict) -> bool:
 
 
 def _save_adapter(run: Run) -> None:
-    """adapter/ with the run's tokenizer and, on a quantized base, what eval/generate must rebuild (`write_adapter`)."""
+    """adapter/ with the run's tokenizer and the base eval/generate must rebuild (model, dtype, quantization)."""
     if not run.world.main:
         return
-    meta = {"base_quant": run.config.base_quant, "dtype": run.config.dtype} if run.config.base_quant else None
+    meta = adapter_meta(run.config.model, run.config.dtype, run.config.base_quant)
     write_adapter(run.model, run.tokenizer, Path(run.config.out_dir) / "adapter", work_dir=run.config.out_dir,
                   meta=meta)
 
