@@ -94,7 +94,11 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         raise SlimtuneError(f"federated run trained nothing: no client update was accepted in any round (see the "
                             f"client errors in the log); no adapter was saved (summary in {out})")
     load_lora_state(model, strategy.server_model())
-    write_adapter(model, tok, out / "adapter", meta=adapter_meta(cfg.model))  # the private fp32 result stays here
+    # the private fp32 result stays here; a tiny model's tokenizer is fitted to the clients' training texts, so a
+    # private run saves none (its adapter then cannot be evaluated on that tiny base, and eval says so)
+    from slimtune.models.loading import TINY_MODELS
+    saved_tok = None if withheld and cfg.model in TINY_MODELS else tok
+    write_adapter(model, saved_tok, out / "adapter", meta=adapter_meta(cfg.model))
     attacks = None
     if history is not None and history.items and evals:
         scratch = lora_state(build_model(cfg)[0])  # a fresh LoRA the coalition can build from the public settings

@@ -173,32 +173,90 @@ def _first_line(exc: Exception) -> str:
 
 SAMPLED_BLOCKS, BLOCK_BYTES = 64, 4096
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+# what transformers loads from a checkpoint directory, in its order of preference: one file, or an index of shards
+TRANSFORMERS_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
+                        ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+BUILTIN_CACHES = {DEFAULT_MODEL: "smollm2-135m-instruct", GEMMA3: "gemma3-270m"}  # under cache_dir()
 
 
 def base_fingerprint(name_or_path: str) -> str | None:
     """What identifies a base model wherever it lies: a built-in's name; for a checkpoint directory, SHA-256 over its
-    config.json and, for each weights file (by name), its size and 64 blocks of 4 KiB at evenly spaced offsets (a
-    sample, read in milliseconds from a 14 GB checkpoint: two checkpoints of one architecture whose weights differ in
-    more than a few tensors differ in it; copies of one checkpoint agree). None for anything else (load_local says
-    why). An adapter records its base's fingerprint (peft/registry.py: write_adapter, read_adapter)."""
-    import hashlib
-
+    config.json and, for each weights file `load_local` reads (`weight_files`, by name), its size and 64 blocks of
+    4 KiB at evenly spaced offsets (a sample, read in milliseconds from a 14 GB checkpoint: two checkpoints of one
+    architecture whose weights differ in more than a few tensors differ in it; copies of one checkpoint agree; files
+    the loader never reads, such as a Trainer checkpoint's optimizer.pt, do not count). None for anything else, or a
+    directory that cannot be read (load_local says why). An adapter records its base's fingerprint
+    (peft/registry.py: write_adapter, read_adapter; `base_identities` for the built-ins' own checkpoints)."""
     if name_or_path in (DEFAULT_MODEL, GEMMA3, *TINY_MODELS):
         return name_or_path
-    directory = Path(name_or_path)
-    if not directory.is_dir():
+    return _sampled_digest(Path(name_or_path), weight_files)
+
+
+def _sampled_digest(directory: Path, files) -> str | None:
+    """SHA-256 over `directory`'s config.json and a sample of each of `files(directory)` (`base_fingerprint`)."""
+    import hashlib
+
+    try:
+        if not directory.is_dir():
+            return None
+        digest = hashlib.sha256()
+        if (directory / "config.json").is_file():
+            digest.update((directory / "config.json").read_bytes())
+        for path in files(directory):
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}".encode())
+            with path.open("rb") as f:
+                for i in range(SAMPLED_BLOCKS):
+                    f.seek(size * i // SAMPLED_BLOCKS)
+                    digest.update(f.read(BLOCK_BYTES))
+    except OSError:  # unreadable (permissions, I/O error): no fingerprint; loading it says what is wrong
         return None
-    digest = hashlib.sha256()
-    if (directory / "config.json").is_file():
-        digest.update((directory / "config.json").read_bytes())
-    for path in sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
-            for i in range(SAMPLED_BLOCKS):
-                f.seek(size * i // SAMPLED_BLOCKS)
-                digest.update(f.read(BLOCK_BYTES))
     return "sha256:" + digest.hexdigest()
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weights files `load_local` reads from `directory`: without config.json its first .gguf; else the first of
+    TRANSFORMERS_WEIGHTS present (the file, or the shards its index names); else every weights-like file."""
+    import json
+
+    if not (directory / "config.json").is_file():
+        return sorted(directory.glob("*.gguf"))[:1]
+    for single, index in TRANSFORMERS_WEIGHTS:
+        if (directory / single).is_file():
+            return [directory / single]
+        if (directory / index).is_file():
+            try:
+                shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+                return [directory / s for s in shards if (directory / s).is_file()]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                break  # a malformed index: every weights-like file
+    return weight_like_files(directory)
+
+
+def weight_like_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
+def base_identities(name_or_path: str) -> set[str]:
+    """Every fingerprint a base given as --model `name_or_path` answers to: its own (`base_fingerprint`), and a
+    built-in's checkpoint is the built-in itself: the cached checkpoint `--model smollm2` loads (or a copy of it)
+    also answers to "smollm2", and "smollm2" to that checkpoint's fingerprint. Empty when it has none."""
+    own = base_fingerprint(name_or_path)
+    if own is None:
+        return set()
+    identities = {own}
+    if own.startswith("sha256:"):  # as adapters written before weight_files recorded it (every weights-like file)
+        identities.add(_sampled_digest(Path(name_or_path), weight_like_files))
+    for name, sub in BUILTIN_CACHES.items():
+        cached = cache_dir() / sub
+        if not (cached / "config.json").is_file():
+            continue
+        if own == name:
+            identities.add(base_fingerprint(str(cached)))
+        elif own.startswith("sha256:") and own == base_fingerprint(str(cached)):
+            identities.add(name)
+    identities.discard(None)
+    return identities
 
 
 def smollm2_gguf_dir() -> Path:
@@ -211,7 +269,7 @@ def smollm2_gguf_dir() -> Path:
 
 def _load_smollm2(dtype: torch.dtype):
     """Load SmolLM2-135M-Instruct from the GGUF once, then from a cached safetensors copy (~25 s -> ~1 s)."""
-    cached = cache_dir() / "smollm2-135m-instruct"
+    cached = cache_dir() / BUILTIN_CACHES[DEFAULT_MODEL]
     if (cached / "config.json").exists():
         return load_local(str(cached), dtype)
     model, tokenizer = _from_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, dtype)
@@ -221,7 +279,7 @@ def _load_smollm2(dtype: torch.dtype):
 
 def _load_gemma3(dtype: torch.dtype):
     """Gemma 3 270M: the package ships the GGUF in four parts; `assemble` joins them (checksummed) once."""
-    cached = cache_dir() / "gemma3-270m"
+    cached = cache_dir() / BUILTIN_CACHES[GEMMA3]
     if (cached / "config.json").exists():
         return load_local(str(cached), dtype)
     try:

@@ -143,11 +143,12 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
     texts would build another base) and `meta` (ADAPTER_META, `adapter_meta`: the base, its dtype and quantization).
     Written through a temporary directory and swapped in, so a crash never leaves a half-written adapter. Every
     producer of a trained model writes it here: train, federate, and the Hugging Face trainer's save_model, whose
-    directory may hold other files (`keep_others`: the new files are moved in one by one, nothing else is touched)."""
+    directory may hold other files (`keep_others`: the new files are moved in one by one; of the files there, only
+    those of an adapter of another kind are removed, `drop_stale_adapter`)."""
     import os
     import shutil
 
-    final = Path(directory)
+    final = Path(os.path.abspath(directory))  # "." and "out/" have a name to build the temporary one from
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     save_peft(model, tmp, work_dir=work_dir)
@@ -156,6 +157,7 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
     if meta:
         (tmp / ADAPTER_META).write_text(json.dumps(meta))
     if keep_others and final.is_dir():
+        drop_stale_adapter(final, {path.name for path in tmp.iterdir()})
         for path in tmp.iterdir():
             os.replace(path, final / path.name)
         tmp.rmdir()
@@ -164,6 +166,20 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# the files that say what kind of adapter a directory holds (`load_peft` reads the first kind present) and its record
+ADAPTER_KIND_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", tuner.CONFIG,
+                      tuner.WEIGHTS, ADAPTER_META)
+
+
+def drop_stale_adapter(directory: str | Path, written: set[str]) -> None:
+    """Remove from `directory` the ADAPTER_KIND_FILES a save that wrote `written` did not write: an adapter of another
+    kind saved there before (a LoRA's adapter_config.json beside new SVFit files) would be what `read_adapter` loads.
+    Anything else in the directory is left alone."""
+    for name in ADAPTER_KIND_FILES:
+        if name not in written:
+            (Path(directory) / name).unlink(missing_ok=True)
 
 
 def read_adapter_meta(directory: str | Path) -> dict:
@@ -188,7 +204,7 @@ def check_adapter(directory: str | Path, model: str) -> dict:
     """Refuse, before any model is loaded, an adapter directory that `read_adapter` could not rebuild as its run had
     it: no weights, another base than `model` (its recorded fingerprint), or, on a tiny model, no tokenizer. Returns
     its ADAPTER_META."""
-    from slimtune.models.loading import TINY_MODELS, base_fingerprint
+    from slimtune.models.loading import TINY_MODELS, base_identities
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -197,8 +213,8 @@ def check_adapter(directory: str | Path, model: str) -> dict:
     if not kinds:
         raise SlimtuneError(f"{directory}: no adapter_config.json, {tuner.CONFIG} or config.json (not a saved adapter)")
     meta = read_adapter_meta(directory)
-    recorded, current = meta.get("base_fingerprint"), base_fingerprint(model)
-    if recorded and current and recorded != current:
+    recorded, current = meta.get("base_fingerprint"), base_identities(model)
+    if recorded and current and recorded not in current:
         raise SlimtuneError(f"{directory}: trained on the base model {meta.get('base_model')} (its {ADAPTER_META}); "
                             f"--model {model} is another model: pass the base it was trained on")
     if model in TINY_MODELS and kinds[0] != "config.json" and not (directory / "tokenizer.json").exists():
