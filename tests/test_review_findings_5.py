@@ -211,3 +211,29 @@ def test_a_private_federated_runs_adapter_lists_no_training_words(tmp_path, demo
     res = CliRunner().invoke(app, ["eval", "--data", DEV, "--model", "tiny-llama", "--adapter",
                                    str(tmp_path / "run" / "adapter")])
     assert res.exit_code == 2 and "tokenizer" in res.stderr, res.output
+
+
+# -- same_source -------------------------------------------------------------------------------------------------------
+def test_same_source_sees_a_hard_link_and_a_split_less_saved_dataset(tmp_path):
+    """same_source compared resolved paths: a hard link of the training file passed the check before the model
+    loaded; and hf:DIR was never 'the same', although a plain Dataset saved with save_to_disk (no splits) is read
+    whole on both sides, --data hf:DIR and --eval-data hf:DIR are then the very same rows."""
+    import datasets
+
+    from slimtune.data.readers import same_source
+
+    linked = tmp_path / "eval.tsv"
+    os.link(TRAIN, linked)
+    assert same_source(TRAIN, str(linked))
+    copied = tmp_path / "copy.tsv"
+    shutil.copy(TRAIN, copied)
+    assert not same_source(TRAIN, str(copied))  # a copy is for the row-overlap check, not this one
+
+    plain = tmp_path / "plain"
+    datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1]}).save_to_disk(str(plain))
+    assert same_source(f"hf:{plain}", f"hf:{plain}") and same_source(f"hf:{plain}", f"hf:{plain}/")
+    split = tmp_path / "split"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"sentence": ["a"], "label": [0]}),
+                          "validation": datasets.Dataset.from_dict({"sentence": ["b"], "label": [1]})}
+                         ).save_to_disk(str(split))
+    assert not same_source(f"hf:{split}", f"hf:{split}")  # train split vs validation split

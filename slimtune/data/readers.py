@@ -42,15 +42,24 @@ EVAL_IS_TRAINING = ("--eval-data is the training data: a private run's evaluatio
 
 
 def same_source(train: str | None, evaluation: str | None) -> bool:
-    """Whether evaluation data names the training data itself: the same string or the same file. hf:DIR is never
-    the same: training reads its train split and evaluation its validation split (rows they share are a matter for
-    the row overlap check, `objectives.overlap_key`)."""
-    if not train or not evaluation or train.startswith("hf:"):
+    """Whether evaluation data names the training data itself: the same string or the same file (however it is
+    spelled: a relative path, a symbolic or a hard link). hf:DIR holding splits (a DatasetDict) is never the same:
+    training reads its train split and evaluation its validation split (rows they share are a matter for the row
+    overlap check, `objectives.overlap_key`); hf:DIR holding one Dataset is read whole on both sides."""
+    import os
+
+    if not train or not evaluation:
         return False
+    if train.startswith("hf:") != evaluation.startswith("hf:"):
+        return False
+    if train.startswith("hf:"):
+        a, b = Path(train[3:]), Path(evaluation[3:])
+        # Dataset.save_to_disk writes state.json at the top; a DatasetDict one directory per split
+        return (a / "state.json").is_file() and b.is_dir() and os.path.samefile(a, b)
     if train == evaluation:
         return True
     a, b = Path(train), Path(evaluation)
-    return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
