@@ -211,15 +211,18 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
         if attack is None and getattr(args, "skip_references", False):
             continue  # another process runs the all-honest reference
         run_dir = out / name
+        kept = {}  # a finished row's full-dev score (rescore_full_dev) belongs to its theta: kept unless run again
         if not (run_dir / "summary.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
             runner(hostile_config(name, attack, data, dev, run_dir, args, model), attack, set(range(k)))
+        elif path.exists() and "full_dev" in json.loads(path.read_text()).get(name, {}):
+            kept = {"full_dev": json.loads(path.read_text())[name]["full_dev"]}
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         setup = {"attack": attack, "hostile_clients": k, "clients": args.clients,
                  "clients_per_round": args.clients_per_round, "robust": args.robust,
                  "reference": reference_of(name, attack, label), **({"server": label} if label != args.robust else {})}
-        results = merged(path, {name: {**summary, "round_metrics": rounds, "setup": setup}})
+        results = merged(path, {name: {**summary, "round_metrics": rounds, "setup": setup, **kept}})
         print(name, {k: summary[k] for k in ("final_accuracy", "accepted_updates")}, flush=True)
     return results
 
@@ -287,10 +290,12 @@ def missing_default_rows(results: dict) -> list[tuple[str, str, int, str]]:
 
 def judged_gap(row: dict, honest: dict) -> tuple[float | None, str]:
     """(theta's gap to its all-honest run in points, the dev set that measured it): the whole dev set where both
-    runs were rescored on it (`rescore_full_dev`), else the runs' own --dev-size rows. The README's table and the
-    targets block both read it."""
-    full = [(r.get("full_dev") or {}).get("accuracy") for r in (row, honest)]
-    if None not in full:
+    runs were rescored on it, the same file and number of rows (`rescore_full_dev`), else the runs' own --dev-size
+    rows. The README's table and the targets block both read it."""
+    records = [r.get("full_dev") or {} for r in (row, honest)]
+    full = [record.get("accuracy") for record in records]
+    same_set = all(records[0].get(key) == records[1].get(key) for key in ("data", "examples"))
+    if None not in full and same_set:  # two scores on different sets are no gap: the runs' own rows then
         return (full[0] - full[1]) * 100, "full dev"
     own = [r.get("final_accuracy") for r in (row, honest)]
     return (None if None in own else (own[0] - own[1]) * 100), "200 dev"

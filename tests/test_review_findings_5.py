@@ -237,3 +237,67 @@ def test_same_source_sees_a_hard_link_and_a_split_less_saved_dataset(tmp_path):
                           "validation": datasets.Dataset.from_dict({"sentence": ["b"], "label": [1]})}
                          ).save_to_disk(str(split))
     assert not same_source(f"hf:{split}", f"hf:{split}")  # train split vs validation split
+
+
+# -- the hostile rows' full-dev verdict --------------------------------------------------------------------------------
+def bench_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import federated_attacks
+    return federated_attacks
+
+
+def row(attack, accuracy, full=None, examples=872, data="dev.tsv"):
+    return {"setup": {"attack": attack, "hostile_clients": 1 if attack else 0, "clients": 8, "robust": "direction",
+                      "reference": "honest-direction", "clients_per_round": 4},
+            "final_accuracy": accuracy, "rounds": 30, "accepted_updates": 120, "round_metrics": [],
+            **({"full_dev": {"accuracy": full, "examples": examples, "data": data}} if full is not None else {})}
+
+
+def test_judged_gap_compares_full_dev_scores_only_on_the_same_set(monkeypatch):
+    """judged_gap read 'full dev' whenever both rows had a full_dev record, even when the two were scored on
+    different sets (another dev file, another number of rows): a gap between two different sets decided the
+    verdict."""
+    bench = bench_module(monkeypatch)
+    honest = row(None, 0.90, full=0.86)
+    same = row("sign-flip", 0.85, full=0.85)
+    assert bench.judged_gap(same, honest) == (pytest.approx(-1.0), "full dev")
+    for other in (row("sign-flip", 0.85, full=0.85, examples=200),
+                  row("sign-flip", 0.85, full=0.85, data="dev-subset.tsv")):
+        gap, on = bench.judged_gap(other, honest)
+        assert on == "200 dev" and gap == pytest.approx(-5.0)
+
+
+def test_rerunning_the_hostile_grid_keeps_the_rows_full_dev_scores(monkeypatch, tmp_path):
+    """run_hostile rewrites every finished row of its grid from the run's summary; that dropped the full_dev score
+    rescore_full_dev had added, so `--hostile all` run again to fill in a missing row silently turned the finished
+    rows' verdicts back to the 200-row set."""
+    import argparse
+    bench = bench_module(monkeypatch)
+    out = tmp_path / "hostile"
+    path = out.with_suffix(".json")
+    stored = {}
+    for name in ("sign-flip-1of8", "honest"):
+        (out / name).mkdir(parents=True)
+        (out / name / "summary.json").write_text(json.dumps({"final_accuracy": 0.9, "accepted_updates": 8}))
+        (out / name / "metrics.jsonl").write_text(json.dumps({"round": 1, "server_accuracy": 0.9}) + "\n")
+        stored[name] = {"final_accuracy": 0.9, "accepted_updates": 8, "round_metrics": [], "setup": {},
+                        "full_dev": {"accuracy": 0.86, "examples": 872, "data": "dev.tsv"}}
+    path.write_text(json.dumps(stored))
+    args = argparse.Namespace(hostile=["sign-flip"], hostile_clients=[1], clients=8, clients_per_round=4, rounds=30,
+                              local_steps=2, lr=1e-2, hostile_out=out, robust="none")
+
+    def never(*_):
+        raise AssertionError("a finished row is not run again")
+
+    results = bench.run_hostile(args, Path(TRAIN), Path(DEV), runner=never)
+    assert results["honest"]["full_dev"]["accuracy"] == results["sign-flip-1of8"]["full_dev"]["accuracy"] == 0.86
+    # a row that is run again (its directory was deleted) is a new theta: its old full-dev score goes
+    shutil.rmtree(out / "honest")
+
+    def rerun(cfg, attack, hostile):
+        Path(cfg.out_dir).mkdir(parents=True)
+        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps({"final_accuracy": 0.8, "accepted_updates": 8}))
+        (Path(cfg.out_dir) / "metrics.jsonl").write_text("")
+
+    results = bench.run_hostile(args, Path(TRAIN), Path(DEV), runner=rerun)
+    assert "full_dev" not in results["honest"] and results["sign-flip-1of8"]["full_dev"]["accuracy"] == 0.86
