@@ -301,3 +301,12 @@ def test_rerunning_the_hostile_grid_keeps_the_rows_full_dev_scores(monkeypatch, 
 
     results = bench.run_hostile(args, Path(TRAIN), Path(DEV), runner=rerun)
     assert "full_dev" not in results["honest"] and results["sign-flip-1of8"]["full_dev"]["accuracy"] == 0.86
+
+
+def test_a_recorded_fingerprint_that_is_not_a_string_is_a_one_line_error(tmp_path):
+    """slimtune.json's base_fingerprint is compared by membership (base_identities): a hand-edited list there raised
+    TypeError (unhashable) instead of naming the file."""
+    from slimtune.peft.registry import check_adapter
+    adapter = lora_adapter(tmp_path / "adapter", {"base_model": "x", "base_fingerprint": ["sha256:0"]})
+    with pytest.raises(SlimtuneError, match="slimtune.json: base_fingerprint"):
+        check_adapter(adapter, "tiny-llama")

@@ -197,6 +197,9 @@ def read_adapter_meta(directory: str | Path) -> dict:
         raise SlimtuneError(f"{path}: base_quant {meta['base_quant']!r} is none of int8, int4")
     if meta.get("dtype", "float32") not in DTYPES:
         raise SlimtuneError(f"{path}: dtype {meta['dtype']!r} is none of {', '.join(DTYPES)}")
+    if not isinstance(meta.get("base_fingerprint"), (str, type(None))):
+        raise SlimtuneError(f"{path}: base_fingerprint {meta['base_fingerprint']!r} is not a string (what "
+                            "models.loading.base_fingerprint records)")
     return meta
 
 
