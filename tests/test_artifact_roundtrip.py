@@ -16,18 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from slimtune.cli import app
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "slimtune" / "data" / "demo"
-TRAIN, DEV = str(DEMO / "sst2_demo_train.tsv"), str(DEMO / "sst2_demo_dev.tsv")
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from test_review_findings import DEV, TRAIN, cli  # the demo files and the CLI runner
 
 
 def train(out: Path, *extra, model: str = "tiny-llama", steps: int = 4) -> dict:
