@@ -157,3 +157,35 @@ def test_a_run_config_reused_for_another_model_or_optimizer_takes_that_ones_tabl
     res = runner.invoke(app, ["train", "--config", source, "--model", "gemma3-270m", "--out", str(tmp_path / "c"),
                               "--dry-run"])
     assert res.exit_code == 0 and "lr 0.0003" in " ".join(res.output.split()), res.output
+
+
+def test_every_finished_or_cited_sweep_is_the_tables_value():
+    """A class-level tie between benchmarks/results/defaults_sweep.json and optim/defaults.py: for every pair whose
+    candidates have all run, or whose table entry cites that sweep, the table's lr (and eps, HiZOO's alpha, the
+    hybrid's fo_lr where the candidates set them) is the selected candidate's. A sweep that finishes with another
+    winner fails here until the table takes it; a table entry cannot cite a sweep it disagrees with."""
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    from defaults_sweep import CANDIDATES
+    sweep = json.loads((root / "benchmarks" / "results" / "defaults_sweep.json").read_text())
+
+    def flag(flags, name):
+        return flags[flags.index(name) + 1] if name in flags else None
+    checked = []
+    for pair, entry in sweep.items():
+        flags = entry["candidates"][entry["selected"]]["flags"]
+        d = defaults_for(flag(flags, "--optimizer"), flag(flags, "--peft"), flag(flags, "--model"))
+        finished = set(CANDIDATES.get(pair, {})) <= set(entry["candidates"])
+        if not finished and f"defaults_sweep {pair}" not in d.source:
+            continue  # still running, and the table does not claim it
+        checked.append(pair)
+        assert d.lr == float(flag(flags, "--lr")), pair
+        if flag(flags, "--eps") is not None and d.eps is not None:
+            assert d.eps == float(flag(flags, "--eps")), pair
+        extra = dict(d.extra)
+        for name, key in (("--fo-lr", "fo_lr"), ("--hessian-smooth", "hessian_smooth")):
+            if flag(flags, name) is not None:
+                assert extra[key] == float(flag(flags, name)), (pair, key)
+    assert {"mezo+lora", "adamw+lora", "hybrid+lora", "dp-adamw+lora", "gemma-mezo+lora"} <= set(checked)
