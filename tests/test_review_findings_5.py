@@ -310,3 +310,27 @@ def test_a_recorded_fingerprint_that_is_not_a_string_is_a_one_line_error(tmp_pat
     adapter = lora_adapter(tmp_path / "adapter", {"base_model": "x", "base_fingerprint": ["sha256:0"]})
     with pytest.raises(SlimtuneError, match="slimtune.json: base_fingerprint"):
         check_adapter(adapter, "tiny-llama")
+
+
+def test_a_resume_accepts_the_same_files_spelled_another_way(tmp_path, monkeypatch):
+    """`--resume` compared path settings as strings: the 10,000-step benchmark run, started with
+    --data ../shared/data/sst2/train.tsv, was refused when resumed with the absolute path of the same file
+    ('settings differ ... train_data'). Paths now compare as files (data.readers.same_path); another file is still
+    refused."""
+    import shutil
+
+    from slimtune.train import TrainConfig
+    from slimtune.train.resume import as_json, differences
+
+    (tmp_path / "data").mkdir()
+    for name in ("train.tsv", "dev.tsv", "other.tsv"):
+        shutil.copy(Path(__file__).resolve().parents[1] / "slimtune" / "data" / "demo" / "sst2_demo_train.tsv",
+                    tmp_path / "data" / name)
+    monkeypatch.chdir(tmp_path)
+    stored = as_json(TrainConfig(out_dir="run", train_data="data/train.tsv", eval_data="./data/dev.tsv"))
+    same = TrainConfig(out_dir="run", train_data=str(tmp_path / "data" / "train.tsv"),
+                       eval_data=str(tmp_path / "data" / "dev.tsv"))
+    assert differences(same, stored)[0] == []
+    other = TrainConfig(out_dir="run", train_data=str(tmp_path / "data" / "other.tsv"), eval_data="data/dev.tsv")
+    refused = differences(other, stored)[0]
+    assert len(refused) == 1 and refused[0].startswith("train_data:")

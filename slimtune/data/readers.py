@@ -56,10 +56,23 @@ def same_source(train: str | None, evaluation: str | None) -> bool:
         a, b = Path(train[3:]), Path(evaluation[3:])
         # Dataset.save_to_disk writes state.json at the top; a DatasetDict one directory per split
         return (a / "state.json").is_file() and b.is_dir() and os.path.samefile(a, b)
-    if train == evaluation:
+    return same_path(train, evaluation)
+
+
+def same_path(a: str | None, b: str | None) -> bool:
+    """Whether two path settings name one file or directory: the same string, or the same file however spelled
+    (relative to the working directory, absolute, through a symbolic or a hard link). hf:DIR compares its DIR."""
+    import os
+
+    if a == b:
         return True
-    a, b = Path(train), Path(evaluation)
-    return a.exists() and b.exists() and os.path.samefile(a, b)
+    if not a or not b or a.startswith("hf:") != b.startswith("hf:"):
+        return False
+    first, second = Path(a.removeprefix("hf:")), Path(b.removeprefix("hf:"))
+    try:
+        return first.exists() and second.exists() and os.path.samefile(first, second)
+    except OSError:
+        return False
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:

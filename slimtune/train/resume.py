@@ -16,6 +16,7 @@ from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
 from slimtune import SlimtuneError
+from slimtune.data.readers import same_path
 
 # settings a resume may change: how long to train (and so the schedule's length), when to evaluate/checkpoint and what
 # is printed
@@ -86,13 +87,16 @@ def differences(config, stored: dict) -> tuple[list[str], dict]:
                 refused.append(f"{name}: not recorded by the run (so {defaults[name]!r}) -> {new.get(name)!r}")
             continue
         a, b = old.get(name), new.get(name)
-        if _same(a, b):
+        if _same(a, b) or (name in PATH_SETTINGS and same_path(a, b)):
             continue
         if name in MAY_CHANGE:
             allowed[name] = [a, b]
         else:
             refused.append(f"{name}: {a!r} -> {b!r}")
     return refused, allowed
+
+
+PATH_SETTINGS = ("train_data", "eval_data", "model", "secret_key_file")  # compared as files, not as strings
 
 
 def _same(a, b) -> bool:
