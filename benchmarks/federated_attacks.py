@@ -215,8 +215,8 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
         if not (run_dir / "summary.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
             runner(hostile_config(name, attack, data, dev, run_dir, args, model), attack, set(range(k)))
-        elif path.exists() and "full_dev" in json.loads(path.read_text()).get(name, {}):
-            kept = {"full_dev": json.loads(path.read_text())[name]["full_dev"]}
+        elif path.exists() and "full_dev" in (stored := json.loads(path.read_text()).get(name, {})):
+            kept = {"full_dev": stored["full_dev"]}
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         setup = {"attack": attack, "hostile_clients": k, "clients": args.clients,
@@ -327,8 +327,8 @@ def hostile_table(results: dict | None) -> str:
         if ref not in results:  # a robust row whose own all-honest run is not there: the default aggregation's
             ref = reference_of(name, setup["attack"])
         honest = results.get(ref, {})
-        gap, gap_full = points(theta, honest.get("final_accuracy")), points(full(r), full(honest))
         judged, on = judged_gap(r, honest)
+        gap, gap_full = points(theta, honest.get("final_accuracy")), judged if on == "full dev" else None
         target = HOSTILE_TARGET.get(setup["hostile_clients"])
         if not setup["attack"]:
             verdict, target_text = "reference", "-"

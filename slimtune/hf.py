@@ -323,15 +323,14 @@ class ZOTrainerMixin:
         --adapter`, `merge` and `slimtune.peft.read_adapter` read back. Checkpoints written during training stay
         Hugging Face's (`resume_from_checkpoint` loads them into the same wrapped model). Either way, the files of an
         adapter of another kind saved in that directory before are removed (`drop_stale_adapter`)."""
-        from slimtune.peft.registry import _tuner_class, drop_stale_adapter, write_adapter
+        from slimtune.peft.registry import LORA_FILES, _tuner_class, drop_stale_adapter, write_adapter
 
         if _internal_call or _tuner_class(self.model) is None:
             super().save_model(output_dir, _internal_call)
             if not _internal_call and self.args.should_save:  # an adapter of another kind saved there before would
                 from peft import PeftModel  # be what read_adapter loads (its files come first)
-                lora = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
                 drop_stale_adapter(output_dir or self.args.output_dir,
-                                   set(lora) if isinstance(self.model, PeftModel) else set())
+                                   set(LORA_FILES) if isinstance(self.model, PeftModel) else set())
             return None
         if self.args.should_save:  # the tokenizer transformers would save: processing_class, else the collator's
             tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)

@@ -46,16 +46,11 @@ def same_source(train: str | None, evaluation: str | None) -> bool:
     spelled: a relative path, a symbolic or a hard link). hf:DIR holding splits (a DatasetDict) is never the same:
     training reads its train split and evaluation its validation split (rows they share are a matter for the row
     overlap check, `objectives.overlap_key`); hf:DIR holding one Dataset is read whole on both sides."""
-    import os
-
     if not train or not evaluation:
         return False
-    if train.startswith("hf:") != evaluation.startswith("hf:"):
+    # Dataset.save_to_disk writes state.json at the top; a DatasetDict one directory per split
+    if train.startswith("hf:") and not (Path(train[3:]) / "state.json").is_file():
         return False
-    if train.startswith("hf:"):
-        a, b = Path(train[3:]), Path(evaluation[3:])
-        # Dataset.save_to_disk writes state.json at the top; a DatasetDict one directory per split
-        return (a / "state.json").is_file() and b.is_dir() and os.path.samefile(a, b)
     return same_path(train, evaluation)
 
 

@@ -169,8 +169,8 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
 
 
 # the files that say what kind of adapter a directory holds (`load_peft` reads the first kind present) and its record
-ADAPTER_KIND_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", tuner.CONFIG,
-                      tuner.WEIGHTS, ADAPTER_META)
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # what peft writes
+ADAPTER_KIND_FILES = (*LORA_FILES, tuner.CONFIG, tuner.WEIGHTS, ADAPTER_META)
 
 
 def drop_stale_adapter(directory: str | Path, written: set[str]) -> None:
@@ -216,7 +216,8 @@ def check_adapter(directory: str | Path, model: str) -> dict:
     if not kinds:
         raise SlimtuneError(f"{directory}: no adapter_config.json, {tuner.CONFIG} or config.json (not a saved adapter)")
     meta = read_adapter_meta(directory)
-    recorded, current = meta.get("base_fingerprint"), base_identities(model)
+    recorded = meta.get("base_fingerprint")
+    current = base_identities(model) if recorded else set()  # reads the base's files: only when there is a record
     if recorded and current and recorded not in current:
         raise SlimtuneError(f"{directory}: trained on the base model {meta.get('base_model')} (its {ADAPTER_META}); "
                             f"--model {model} is another model: pass the base it was trained on")

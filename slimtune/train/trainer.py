@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -83,7 +82,6 @@ class TrainConfig:
     best_metric: str | None = None  # what "best" means for --save best / early stopping (None: accuracy or loss)
     secret_key_file: str | None = None  # private runs: the key file (None: RUN/secret.key, created by the run)
     base_quant: str | None = None  # "int8" / "int4": LoRA on a frozen quantized base (models/quantize.py)
-
 
 
 # What a private run's per-step record may contain: released or post-processed values only.
