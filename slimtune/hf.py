@@ -38,7 +38,9 @@ is not saved anywhere, so its noise and batches cannot be continued); run `slimt
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -321,22 +323,26 @@ class ZOTrainerMixin:
         checkpoint of the base architecture whose own weights are missing (nothing can load it), so they are saved as
         slimtune's adapter (peft/registry.py: `write_adapter`, with the trainer's tokenizer), which `slimtune eval
         --adapter`, `merge` and `slimtune.peft.read_adapter` read back. Checkpoints written during training stay
-        Hugging Face's (`resume_from_checkpoint` loads them into the same wrapped model). Either way, the files of an
-        adapter of another kind saved in that directory before are removed (`drop_stale_adapter`)."""
-        from slimtune.peft.registry import LORA_FILES, _tuner_class, drop_stale_adapter, write_adapter
+        Hugging Face's (`resume_from_checkpoint` loads them into the same wrapped model). Either way, the directory gets
+        slimtune.json (`adapter_meta_of`: the base model, its dtype and quantization, which `read_adapter` rebuilds and
+        checks), and the files of an adapter of another kind saved there before are removed (`drop_stale_adapter`)."""
+        from slimtune.peft.registry import (ADAPTER_META, LORA_FILES, _tuner_class, adapter_meta_of,
+                                            drop_stale_adapter, write_adapter)
 
+        directory = output_dir or self.args.output_dir
         if _internal_call or _tuner_class(self.model) is None:
             super().save_model(output_dir, _internal_call)
-            if not _internal_call and self.args.should_save:  # an adapter of another kind saved there before would
-                from peft import PeftModel  # be what read_adapter loads (its files come first)
-                drop_stale_adapter(output_dir or self.args.output_dir,
-                                   set(LORA_FILES) if isinstance(self.model, PeftModel) else set())
+            if not _internal_call and self.args.should_save:
+                from peft import PeftModel
+                # the base, dtype and quantization `slimtune eval --adapter` rebuilds, as every producer records them
+                (Path(directory) / ADAPTER_META).write_text(json.dumps(adapter_meta_of(self.model)))
+                # an adapter of another kind saved there before would be what read_adapter loads (its files come first)
+                drop_stale_adapter(directory, {*LORA_FILES, ADAPTER_META} if isinstance(self.model, PeftModel)
+                                   else {ADAPTER_META})
             return None
         if self.args.should_save:  # the tokenizer transformers would save: processing_class, else the collator's
             tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
-            dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-            write_adapter(self.model, tokenizer, output_dir or self.args.output_dir, meta={"dtype": dtype},
-                          keep_others=True)
+            write_adapter(self.model, tokenizer, directory, meta=adapter_meta_of(self.model), keep_others=True)
         return None
 
     def floating_point_ops(self, inputs) -> int:

