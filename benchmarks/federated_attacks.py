@@ -301,6 +301,16 @@ def judged_gap(row: dict, honest: dict) -> tuple[float | None, str]:
     return (None if None in own else (own[0] - own[1]) * 100), "200 dev"
 
 
+def honest_reference(name: str, setup: dict, results: dict) -> tuple[str, dict]:
+    """(name, result) of the all-honest run a row is judged against: its own (same mode and aggregation); for a robust
+    row whose own all-honest run is not there, the default aggregation's. The README's table and the targets block
+    both use it."""
+    ref = setup.get("reference")
+    if ref not in results:
+        ref = reference_of(name, setup.get("attack"))
+    return ref, results.get(ref, {})
+
+
 def hostile_table(results: dict | None) -> str:
     """README rows: theta after the last round against the all-honest run of the same mode, with the verdict. The
     verdict reads the whole dev set where both runs were rescored on it (`rescore_full_dev`), else the runs' own
@@ -323,10 +333,7 @@ def hostile_table(results: dict | None) -> str:
         last = [m["server_accuracy"] for m in r["round_metrics"]
                 if m.get("round", 0) > 0 and m.get("server_accuracy") is not None][-5:]  # evaluated rounds only
         rejected = sum(m.get("rejected", 0) for m in r["round_metrics"])
-        ref = setup["reference"]
-        if ref not in results:  # a robust row whose own all-honest run is not there: the default aggregation's
-            ref = reference_of(name, setup["attack"])
-        honest = results.get(ref, {})
+        ref, honest = honest_reference(name, setup, results)
         judged, on = judged_gap(r, honest)
         gap, gap_full = points(theta, honest.get("final_accuracy")), judged if on == "full dev" else None
         target = HOSTILE_TARGET.get(setup["hostile_clients"])

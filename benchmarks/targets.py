@@ -22,7 +22,7 @@ def federated_rows() -> list[list[str]]:
     """Issue 35's targets under what a run gets: the default --robust auto without root data (the direction filter
     for LoRA replies, the mean for zo-seeds), and with --root-data (auto is then trust; zo-seeds is refused there, so
     its attack does not apply)."""
-    from federated_attacks import judged_gap
+    from federated_attacks import honest_reference, judged_gap
     from slimtune.federated import FederatedConfig
     from slimtune.federated.config import robust_rule
     from slimtune.federated.hostile import ATTACKS, LORA_ATTACKS
@@ -38,10 +38,10 @@ def federated_rows() -> list[list[str]]:
                                         (True, f"--root-data: --robust {default} is trust", LORA_ATTACKS)):
         for count, margin in ((1, 3.0), (2, 5.0)):
             gaps = []
-            for r in results.values():
+            for name, r in results.items():
                 setup = r.get("setup", {})
                 if setup.get("attack") and setup.get("hostile_clients") == count and rule_of(setup, root_data):
-                    gap, on = judged_gap(r, results.get(setup.get("reference"), {}))
+                    gap, on = judged_gap(r, honest_reference(name, setup, results)[1])
                     if gap is not None:
                         gaps.append((gap, setup["attack"], on))
             worst = min(gaps) if gaps else None

@@ -197,3 +197,29 @@ def test_a_users_own_checkpoint_is_recorded_as_its_directory(tmp_path):
     check_adapter(adapter, str(ckpt))
     with pytest.raises(SlimtuneError, match="another model"):
         check_adapter(adapter, str(tiny_checkpoint(tmp_path / "other", seed=1)))
+
+
+# -- the hostile rows' reference: one rule for the table and the targets block ------------------------------------------
+def test_a_row_without_its_own_honest_run_is_judged_alike_by_the_table_and_the_targets(monkeypatch):
+    """The README's hostile table judged a robust row whose own all-honest run was missing against the default
+    aggregation's; the targets block (benchmarks/targets.py) found no reference and left the row out."""
+    import sys
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    monkeypatch.syspath_prepend(bench_dir)
+    import federated_attacks as bench
+    import targets
+
+    def row(attack, k, acc, robust, reference):
+        return {"setup": {"attack": attack, "hostile_clients": k, "clients": 8, "robust": robust,
+                          "reference": reference},
+                "final_accuracy": acc, "rounds": 30, "accepted_updates": 120,
+                "round_metrics": [{"round": 30, "server_accuracy": acc}]}
+    results = {"honest": row(None, 0, 0.86, "none", "honest"),
+               "sign-flip-1of8-trust": row("sign-flip", 1, 0.80, "trust", "honest-trust")}  # honest-trust not run
+    monkeypatch.setattr(targets, "read_results", lambda name: results)
+    table = [line for line in bench.hostile_table(results).splitlines() if line.startswith("| sign-flip-1of8-trust")]
+    assert "-6.0 pts" in table[0]
+    rows = {r[1]: r[3] for r in targets.federated_rows()}
+    trust_1of8 = next(v for k, v in rows.items() if k.startswith("1 of 8") and "root-data" in k)
+    assert "-6.0 pts (sign-flip)" in trust_1of8 and "missed" in trust_1of8, trust_1of8
+    assert sys.modules["federated_attacks"] is bench
