@@ -445,7 +445,10 @@ class PoissonBatches:
 
 
 class EmptyAware:
-    """A collator that passes an empty Poisson batch on as {EMPTY_BATCH: tensor([])} (collators fail on [])."""
+    """The collator of private Poisson batches: an empty batch passes on as {EMPTY_BATCH: tensor([])} (collators fail
+    on []), and any other is collated inside `withheld`, as the step itself is (transformers fetches a batch before
+    `training_step`): a collator's warnings and log lines (a tokenizer's "sequence length ... (36 > 5)") and the text of
+    its errors name the rows of a secret batch."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -453,7 +456,9 @@ class EmptyAware:
     def __call__(self, examples: list):
         if not examples:
             return {EMPTY_BATCH: torch.zeros(0)}
-        return self.collator(examples)
+        from slimtune.privacy.withhold import withheld
+        with withheld("collating a private training batch failed", "call the collator on public rows to see why"):
+            return self.collator(examples)
 
 
 class _TrainingMetrics:

@@ -6,12 +6,16 @@ What a client releases per round: its update (a delta, or (seed, scalar) pairs) 
     far, computed here from its own data size rounded down to a power of two (a valid upper bound, since fewer
     examples mean a larger sampling rate; the exact count and the loss, both functions of every example, are not
     sent). Its noise and Poisson batches come from a fresh in-memory key each round (OS entropy), never the seed.
-    Nothing else about its batches leaves the node: warnings raised during its steps are dropped and a failing step
-    is reported without its details (Flower sends an exception's text to the server).
+    Nothing else about its batches leaves the node: warnings and log lines raised during its steps are dropped and a
+    failing step is reported without its details. Nor does anything about its rows: Flower sends an exception's text
+    to the server (which logs it), so any failure of a private client's round, its own data file's bad row included,
+    reaches the server as one fixed line; the details go to the node's own stderr (its operator's bad input).
 """
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import lru_cache
 
@@ -19,6 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from slimtune import SlimtuneError
 from slimtune.federated.config import FederatedConfig
 from slimtune.federated.local_steps import release_hooks, run_steps
 from slimtune.federated.model import build_model, load_lora_state, lora_state, uploaded
@@ -62,7 +67,30 @@ def local_epsilon(cfg: FederatedConfig, num_examples: int, steps: int) -> float:
 def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int,
                 own_data: bool = False, num_partitions: int | None = None, steps_before: int = 0) -> tuple[dict, dict]:
     """One client's round: returns (arrays to upload, metrics to release). own_data: cfg.data is this node's own
-    file; steps_before: private steps this client took in earlier rounds (for its local epsilon)."""
+    file; steps_before: private steps this client took in earlier rounds (for its local epsilon). A private
+    client's failure is sent without its text (`_kept_on_node`)."""
+    if not is_private(cfg):
+        return _local_round(cfg, partition_id, payload, server_round, own_data, num_partitions, steps_before)
+    with _kept_on_node():
+        return _local_round(cfg, partition_id, payload, server_round, own_data, num_partitions, steps_before)
+
+
+@contextmanager
+def _kept_on_node():
+    """A private client's round that fails raises one fixed line (what Flower sends to the server as the error's
+    reason); what failed (a bad row of the node's data file: its line and value, or a withheld step's line) is printed
+    on the node's own stderr only."""
+    try:
+        yield
+    except Exception as exc:
+        print(f"slimtune client (kept on this node, not sent to the server): {' '.join(str(exc).split())}",
+              file=sys.stderr, flush=True)
+        raise SlimtuneError("a private client's round failed; its details are withheld from the server (they may "
+                            "name this node's training rows): they are on the node's own stderr") from None
+
+
+def _local_round(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int, own_data: bool,
+                 num_partitions: int | None, steps_before: int) -> tuple[dict, dict]:
     if cfg.lr is None:  # a config that did not come from the server (which sends it resolved): the lr it would send
         cfg = replace(cfg, lr=cfg.resolved().lr)
     model, tok, train, parts, objective = _setup(cfg.to_json(), None if own_data else
