@@ -176,7 +176,15 @@ class ZOTrainerMixin:
                 self._check_held_out(self.eval_dataset)
 
     def _check_held_out(self, evaluation) -> None:
-        """A private run evaluates only on rows shown to be held out (its metrics are logged un-noised)."""
+        """A private run evaluates (and predicts) only on rows shown to be held out (its metrics are logged
+        un-noised). Each (train, eval) pair of datasets is compared once."""
+        if isinstance(evaluation, dict):  # several eval splits: each (a dict's entries may change)
+            for split in evaluation.values():
+                self._check_held_out(split)
+            return
+        checked = self.__dict__.setdefault("_held_out", [])  # (train, eval) pairs that passed, held by reference
+        if any(t is self.train_dataset and e is evaluation for t, e in checked):
+            return
         shared = shares_rows(self.train_dataset, evaluation)
         if shared:
             raise SlimtuneError("eval_dataset shares rows with train_dataset: a private run's evaluations would "
@@ -184,6 +192,7 @@ class ZOTrainerMixin:
         if shared is None:
             raise SlimtuneError("eval_dataset cannot be compared with train_dataset row by row (not indexable): a "
                                 "private run evaluates only on data shown to be held out; give a map-style dataset")
+        checked.append((self.train_dataset, evaluation))
 
     def _progress_without_clock(self) -> None:
         """A private run's progress bar counts steps only: transformers' bar (tqdm, or the notebook's) shows elapsed
@@ -196,11 +205,22 @@ class ZOTrainerMixin:
             self.add_callback(StepCountProgress())
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
-        """Trainer.evaluate; a private run checks a dataset given here as the constructor's (a name selects one of
-        the constructor's eval datasets, already checked)."""
-        if self.zo_args.private and eval_dataset is not None and not isinstance(eval_dataset, str):
-            self._check_held_out(eval_dataset)
+        """Trainer.evaluate; a private run checks the dataset it scores as the constructor's: the one given here, or
+        `self.eval_dataset` (or one of its entries, by name) as it is now, which may have been set after construction
+        (the training loop's evaluations use it)."""
+        if self.zo_args.private:
+            scored = self.eval_dataset if eval_dataset is None else eval_dataset
+            if isinstance(scored, str) and isinstance(self.eval_dataset, dict):
+                scored = self.eval_dataset.get(scored)
+            if scored is not None and not isinstance(scored, str):
+                self._check_held_out(scored)
         return super().evaluate(eval_dataset, *args, **kwargs)
+
+    def predict(self, test_dataset, *args, **kwargs):
+        """Trainer.predict; a private run's predictions are scored and returned un-noised, so only on held-out rows."""
+        if self.zo_args.private:
+            self._check_held_out(test_dataset)
+        return super().predict(test_dataset, *args, **kwargs)
 
     def _lr_was_set(self) -> bool:
         field = next(f for f in fields(type(self.args)) if f.name == "learning_rate")

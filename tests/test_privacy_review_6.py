@@ -111,17 +111,20 @@ def _hf_trainer(tmp_path, collator):
                      zo_args=ZOArguments(optimizer="dpzero", epsilon=8.0, delta=1e-3, lr=1e-2, eps=1e-2))
 
 
+def tokenizing(tok, max_length: int | None = None):
+    """A collator that tokenizes rows on the fly (without truncation), labels = the tokens."""
+    if max_length:
+        tok.model_max_length = max_length
+
+    def collate(rows):
+        enc = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
+        return {**enc, "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
+    return collate
+
+
 def test_a_private_trainer_collates_its_batches_without_saying_anything(tmp_path, capfd, said):
     """A collator that tokenizes on the fly (no truncation) made the tokenizer log a training row's length."""
-    def tokenizing(tok):
-        tok.model_max_length = 3
-
-        def collate(rows):
-            enc = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
-            return {**enc, "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
-        return collate
-
-    trainer = _hf_trainer(tmp_path, tokenizing)
+    trainer = _hf_trainer(tmp_path, lambda tok: tokenizing(tok, max_length=3))
     capfd.readouterr()
     trainer.train()
     assert trainer.zo_optimizer().steps_taken == 2
@@ -139,6 +142,19 @@ def test_a_private_trainer_withholds_a_collators_error_text(tmp_path):
     with pytest.raises(SlimtuneError, match="details are withheld") as err:
         trainer.train()
     assert "cannot collate" not in str(err.value) and err.value.__cause__ is None
+
+
+@pytest.mark.parametrize("how", ["attribute", "predict"])
+def test_a_private_trainer_never_scores_its_training_rows(tmp_path, how):
+    """The held-out check ran at construction and on a dataset passed to evaluate(); an eval_dataset set afterwards
+    (what the training loop's evaluations then use) or predict() on training rows scored them without noise."""
+    trainer = _hf_trainer(tmp_path, tokenizing)
+    with pytest.raises(SlimtuneError, match="shares rows with train_dataset"):
+        if how == "attribute":
+            trainer.eval_dataset = trainer.train_dataset.select(range(5))
+            trainer.evaluate()
+        else:
+            trainer.predict(trainer.train_dataset.select(range(5)))
 
 
 # -- federated local DP ---------------------------------------------------------------------------------------------
