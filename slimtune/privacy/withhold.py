@@ -9,21 +9,22 @@ steps, the private Hugging Face trainer's collation and steps, and private feder
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from contextlib import contextmanager
 
 from slimtune import SlimtuneError
 
+_silence = {"depth": 0, "previous": logging.NOTSET}  # logging is process-wide: the outermost block restores it
+_silence_lock = threading.Lock()
+
 
 @contextmanager
 def withheld(failure: str, hint: str = ""):
     """`failure`: what failed, as the user sees it ("a private training step failed at step 3"); `hint`: how to see
-    the details outside the guarantee (appended after a colon). Logging is back at its previous level after the
-    block (blocks may nest)."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)  # every logger, any library: transformers', tokenizers', opacus', ...
+    the details outside the guarantee (appended after a colon)."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _silent_logging():
             warnings.simplefilter("ignore")
             yield
     except SlimtuneError:
@@ -31,5 +32,21 @@ def withheld(failure: str, hint: str = ""):
     except Exception:
         raise SlimtuneError(f"{failure}; its details are withheld (they may depend on individual training rows)"
                             + (f": {hint}" if hint else "")) from None
+
+
+@contextmanager
+def _silent_logging():
+    """Every logger of every library off (logging.disable) while any block is inside, back to its level after the
+    last one leaves (blocks may nest, or overlap in threads)."""
+    with _silence_lock:
+        if _silence["depth"] == 0:
+            _silence["previous"] = logging.root.manager.disable
+            logging.disable(logging.CRITICAL)
+        _silence["depth"] += 1
+    try:
+        yield
     finally:
-        logging.disable(previous)
+        with _silence_lock:
+            _silence["depth"] -= 1
+            if _silence["depth"] == 0:
+                logging.disable(_silence["previous"])
