@@ -8,10 +8,11 @@ attacked as someone who sees everything a private run prints, writes or sends. E
    batch before `training_step`): a collator's warnings, log lines and exception texts (rows, lengths) got out.
 3. A private federated client's failures outside its local steps (its own data file: a bad label, a line number)
    went to the server as Flower's error reason, with the row's value, and into the server's log.
+4. The trainer checked that it evaluates held-out rows only at construction and for a dataset passed to evaluate():
+   an eval_dataset assigned later (the training loop's evaluations) or predict() scored training rows un-noised.
 """
 
 import logging
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -183,7 +184,3 @@ def test_a_private_clients_bad_row_is_not_sent_to_the_server(demo_paths, tmp_pat
     public = replace(make_cfg(demo_paths, bits=8), data=str(own))  # a non-private client is not covered: says it
     with pytest.raises(SlimtuneError, match="SECRETLABEL"):
         local_train(public, 3, payload_for(public), 1, own_data=True)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
