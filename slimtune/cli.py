@@ -24,13 +24,19 @@ from slimtune.settings.cli import refuse_repeated_options
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|opacus|torch|flwr)\b")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft|opacus|torch|flwr)\b")
 
-console = Console(width=None if sys.stdout.isatty() else 100)
-errors = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
+# emoji=False: rich would print the ":x:" of `--device cuda:x` (or of a path) as an emoji
+console = Console(width=None if sys.stdout.isatty() else 100, emoji=False)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 1000, emoji=False)
 
 
 def print_error(exc: Exception | str) -> None:
     """One line on stderr."""
     errors.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", soft_wrap=True, highlight=False)
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI prints it: one line, without Python's file, line number and source line."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def fail(exc: Exception | str, code: int = 2) -> None:
@@ -50,6 +56,7 @@ class OneLineErrors(TyperGroup):
         return name, cmd, rest
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        shown, warnings.formatwarning = warnings.formatwarning, one_line_warning
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
@@ -70,6 +77,8 @@ class OneLineErrors(TyperGroup):
             code = 1
         else:
             code = result if isinstance(result, int) else 0
+        finally:
+            warnings.formatwarning = shown
         if standalone_mode:
             sys.exit(code)
         return code
