@@ -10,6 +10,19 @@ from slimtune import SlimtuneError
 from slimtune.data.tasks import Example, Task
 
 
+# UTF-8, and a leading byte order mark is no part of the text: Excel and Notepad write one, which made a table's first
+# column '\ufeffsentence' and a JSONL file's first line invalid JSON
+ENCODING = "utf-8-sig"
+
+
+def read_text(path: str | Path) -> str:
+    """A text file's contents (a prompt list, a config file); not UTF-8 is a one-line error."""
+    try:
+        return Path(path).read_text(encoding=ENCODING)
+    except UnicodeDecodeError as exc:
+        raise SlimtuneError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
 def read_examples(source: str, task: Task, split: str = "train") -> list[Example]:
     """Examples from `source`: a .tsv/.csv/.jsonl/.json file, or `hf:DIR` (a dataset saved with `save_to_disk`)."""
     rows, name = read_rows(source, split)
@@ -71,7 +84,7 @@ def same_path(a: str | None, b: str | None) -> bool:
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding=ENCODING) as f:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         if reader.fieldnames is None:
             raise SlimtuneError(f"{path}: file is empty (no header line)")
@@ -87,7 +100,7 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding=ENCODING) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -36,13 +36,13 @@ def render_prompts(items: list, tokenizer, template: str | None = None, input_co
 
 
 def _read(source: str, column: str) -> list:
-    from slimtune.data.readers import read_rows
+    from slimtune.data.readers import read_rows, read_text
 
     path = Path(source)
     if path.suffix.lower() == ".txt":
         if not path.exists():
             raise SlimtuneError(f"{source}: file not found")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in read_text(path).splitlines() if line.strip()]
         if not lines:
             raise SlimtuneError(f"{source}: no prompts (file is empty)")
         return lines

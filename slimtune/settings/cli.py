@@ -1,10 +1,10 @@
 """Commands generated from settings classes: every field becomes a typer option (same name, help, default), and
 `--config FILE` fills the same fields from a file. Precedence: defaults < config file < command line.
 
-Config files (YAML or JSON, UTF-8) hold flat keys — flag names with dashes or underscores (`lr: 2e-3`). A nested
-section is refused with the flat form it should have been written in, except a run's own `config.json` (the nested
-TrainConfig a run stores), which `slimtune train --config RUN/config.json` reads back. Values keep their exact type
-(settings/base.py `coerce`).
+Config files (YAML, JSON or TOML by their suffix; UTF-8, a byte order mark allowed) hold flat keys — flag names with
+dashes or underscores (`lr: 2e-3`). A nested section is refused with the flat form it should have been written in,
+except a run's own `config.json` (the nested TrainConfig a run stores), which `slimtune train --config RUN/config.json`
+reads back. Values keep their exact type (settings/base.py `coerce`).
 """
 
 from __future__ import annotations
@@ -29,19 +29,21 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise SlimtuneError(f"--config {path}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise SlimtuneError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    from slimtune.data.readers import read_text
+
+    text = read_text(p)
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(text, object_pairs_hook=_unique_json_keys)
+        elif p.suffix.lower() == ".toml":
+            data = _load_toml(text)
         else:
             data = _load_yaml(text)
     except DuplicateKey as exc:
         raise SlimtuneError(f"{path}: {exc}: a setting given twice would silently take its last value") from None
-    except ValueError as exc:
-        raise SlimtuneError(f"{path}: not valid JSON ({exc})") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError is one too
+        kind = "TOML" if p.suffix.lower() == ".toml" else "JSON"
+        raise SlimtuneError(f"{path}: not valid {kind} ({' '.join(str(exc).split())})") from None
     except Exception as exc:  # yaml.YAMLError and friends
         raise SlimtuneError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if data is None:
@@ -62,6 +64,12 @@ def _unique_json_keys(pairs: list) -> dict:
             raise DuplicateKey(f"key {key!r} appears twice")
         seen[key] = value
     return seen
+
+
+def _load_toml(text: str) -> dict:
+    """TOML (Python's tomllib): a key given twice is already an error there."""
+    import tomllib
+    return tomllib.loads(text)
 
 
 def _load_yaml(text: str):
@@ -201,7 +209,7 @@ def command(app: typer.Typer, cls: type[Settings], run: Callable[[Settings], Any
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context), *arguments]
     if with_config:
         params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                                        default=typer.Option(None, "--config", help="YAML/JSON file of settings "
+                                        default=typer.Option(None, "--config", help="YAML/JSON/TOML file of settings "
                                                              "(flat keys: flag names); flags given here override it")))
     params += options(cls)
 
