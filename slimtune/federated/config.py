@@ -355,8 +355,11 @@ def check_run(cfg: FederatedConfig) -> FederatedConfig:
     """Everything refused before any work, on every path (`slimtune federate`, `flwr run .`, the deployment
     script): settings, data files, an output directory that already holds something. Returns the resolved
     config (the server step filled in)."""
+    from slimtune.settings.rules import check_model
+
     cfg = cfg.resolved()
     cfg.validate()
+    check_model(cfg.model)
     check_inputs(cfg)
     check_output(cfg.out_dir)
     return cfg

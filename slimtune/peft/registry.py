@@ -223,6 +223,23 @@ def read_adapter_meta(directory: str | Path) -> dict:
     return meta
 
 
+def is_whole_model(directory: str | Path) -> bool:
+    """A saved model rather than an adapter on a base: config.json without LoRA's or slimtune's adapter config (a
+    --peft none run's adapter/, or a merged checkpoint)."""
+    directory = Path(directory)
+    return (directory / "config.json").exists() and not (directory / "adapter_config.json").exists() \
+        and not (directory / tuner.CONFIG).exists()
+
+
+def refuse_run_directory(directory: str | Path) -> None:
+    """A run directory given where its adapter goes (RUN for RUN/adapter): its config.json holds the run's settings,
+    which were read as a model's ('Unrecognized model ... should have a model_type key')."""
+    directory = Path(directory)
+    own = [f for f in (*LORA_FILES, tuner.CONFIG, "model.safetensors", "pytorch_model.bin") if (directory / f).exists()]
+    if not own and (directory / "adapter").is_dir():
+        raise SlimtuneError(f"{directory}: a run directory, not an adapter; its adapter is {directory / 'adapter'}")
+
+
 def check_adapter(directory: str | Path, model: str) -> dict:
     """Refuse, before any model is loaded, an adapter directory that `read_adapter` could not rebuild as its run had
     it: no weights, another base than `model` (its recorded fingerprint), or, on a tiny model, no tokenizer. Returns
@@ -232,6 +249,7 @@ def check_adapter(directory: str | Path, model: str) -> dict:
     directory = Path(directory)
     if not directory.is_dir():
         raise SlimtuneError(f"{directory}: not a directory (expected a saved adapter, e.g. RUN/adapter)")
+    refuse_run_directory(directory)
     kinds = [f for f in ("adapter_config.json", tuner.CONFIG, "config.json") if (directory / f).exists()]
     if not kinds:
         raise SlimtuneError(f"{directory}: no adapter_config.json, {tuner.CONFIG} or config.json (not a saved adapter)")

@@ -17,6 +17,7 @@ Every failure is a one-line `SlimtuneError` naming the flag (and the file, for c
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
@@ -77,6 +78,7 @@ class Spec:
     applies: Condition | None = None
     cli: bool = True  # False: config files and Python only
     list_of_str: bool = False  # a comma-separated list; config files may give a YAML list
+    name: str | None = None  # how messages name it when it is not a flag (a positional argument: ADAPTER)
 
 
 def setting(default: Any = None, help: str = "", *, factory: Callable | None = None, **spec) -> Any:
@@ -164,7 +166,9 @@ class Settings:
     def where(self, name: str) -> str:
         """How to name a setting in a message: the flag, and the file it came from."""
         src = getattr(self, "_origin", {}).get(name)
-        return f"{src}: setting {name!r}" if src else flag(name)
+        if src:
+            return f"{src}: setting {name!r}"
+        return next((spec_of(f).name for f in fields(self) if f.name == name and spec_of(f).name), flag(name))
 
     def validate(self) -> None:
         for f in fields(self):
@@ -172,6 +176,11 @@ class Settings:
             if value is None:
                 continue
             where = self.where(f.name)
+            if isinstance(value, str) and not value.strip() and self.given(f.name):
+                # `--out "$OUT"` with OUT unset: an empty value is not the default (train wrote into the current
+                # directory, --output "" printed instead, --eval-data "" trained without evaluation)
+                leave = f", or leave {where} out" if spec.cli and not getattr(self, "_origin", {}).get(f.name) else ""
+                raise SlimtuneError(f"{where} {value!r}: empty (an unset variable?); give a value{leave}")
             if spec.choices is not None and value not in spec.choices:
                 raise SlimtuneError(f"{where} {value!r}: choose one of {', '.join(map(str, spec.choices))}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -245,6 +254,8 @@ def coerce(f, value: Any, source: str | None):
         if not isinstance(value, (int, float)):
             raise SlimtuneError(f"{where}: expected a number, got {value!r}")
         return float(value)
+    if isinstance(value, os.PathLike):  # Python callers' pathlib.Path (files and flags give strings)
+        value = os.fspath(value)
     if not isinstance(value, str):
         raise SlimtuneError(f"{where}: expected a string, got {value!r}")
     return value

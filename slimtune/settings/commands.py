@@ -7,8 +7,8 @@ from pathlib import Path
 
 from slimtune import SlimtuneError
 from slimtune.settings.base import Settings, setting, when
-from slimtune.settings.rules import (check_device, check_new_directory, check_output_file, check_task_text,
-                                     check_template, require_directory, require_input_file)
+from slimtune.settings.rules import (check_adapter_and_model, check_device, check_model, check_new_directory,
+                                     check_output_file, check_task_text, check_template, require_input_file)
 from slimtune.settings.train import CLASSIFICATION, TASKS
 
 generation = when(task=("generation",))
@@ -41,8 +41,9 @@ class EvalSettings(Settings):
         if not self.data:
             raise SlimtuneError("--data is required (on the command line or in --config)")
         require_input_file(self.data, "--data")
-        if self.adapter:
-            require_directory(self.adapter, "--adapter", "adapter directory")
+        check_model(self.model)
+        if self.adapter is not None:
+            check_adapter_and_model(self.adapter, self.model, self.given("model"))
         check_device(self.device)
         check_task_text(self)
         if self.predictions:
@@ -75,12 +76,16 @@ class GenerateSettings(Settings):
             require_input_file(self.input, "--input")
         if self.given("input_column") and self.input is None:
             raise SlimtuneError("--input-column applies to --input files (tables), not to --prompt")
+        if self.given("input_column") and Path(self.input).suffix.lower() == ".txt":
+            raise SlimtuneError(f"--input-column applies to tables (.tsv, .csv, .jsonl); {self.input} holds one "
+                                "prompt per line")
         if self.template is not None:
             check_template(self.template, (self.input_column or "input",), "--template",
                            hint="" if self.input_column else " (name another column with --input-column)")
-        if self.adapter:
-            require_directory(self.adapter, "--adapter", "adapter directory")
-        if self.output:
+        check_model(self.model)
+        if self.adapter is not None:
+            check_adapter_and_model(self.adapter, self.model, self.given("model"))
+        if self.output is not None:
             check_output_file(self.output, "--output")
         check_device(self.device)
 
@@ -89,14 +94,15 @@ class GenerateSettings(Settings):
 class MergeSettings(Settings):
     command = "merge"
 
-    adapter: str = setting("", "adapter directory (run_dir/adapter)", cli=False)
+    adapter: str = setting("", "adapter directory (run_dir/adapter)", cli=False, name="ADAPTER")
     out: str = setting("", "directory for the merged checkpoint (new or empty)")
     model: str = setting("smollm2", "the base model the adapter was trained on")
 
     def check(self) -> None:
         if not self.out:
             raise SlimtuneError("--out is required: the directory for the merged checkpoint")
-        require_directory(self.adapter, "ADAPTER", "adapter directory")
+        check_model(self.model)
+        check_adapter_and_model(self.adapter, self.model, self.given("model"), "ADAPTER")
         check_new_directory(self.out, "--out")
 
 
@@ -104,7 +110,8 @@ class MergeSettings(Settings):
 class ExportSettings(Settings):
     command = "export"
 
-    adapter: str = setting("", "an adapter directory (run_dir/adapter) or a merged checkpoint", cli=False)
+    adapter: str = setting("", "an adapter directory (run_dir/adapter) or a merged checkpoint", cli=False,
+                           name="ADAPTER")
     out: str = setting("", "the .gguf file to write (never overwritten)")
     format: str = setting("gguf", "gguf (llama.cpp, Ollama)", choices=("gguf",))
     quant: str = setting("f16", "f32, f16, bf16 or q8_0", choices=("f32", "f16", "bf16", "q8_0"))
@@ -115,7 +122,8 @@ class ExportSettings(Settings):
     def check(self) -> None:
         if not self.out:
             raise SlimtuneError("--out is required: the .gguf file to write")
-        require_directory(self.adapter, "ADAPTER", "directory (an adapter directory or a merged checkpoint)")
+        check_model(self.model)
+        check_adapter_and_model(self.adapter, self.model, self.given("model"), "ADAPTER")
         check_output_file(self.out, "--out")
         if Path(self.out).suffix.lower() != ".gguf":
             raise SlimtuneError(f"--out {self.out}: name the file .gguf")
@@ -172,3 +180,4 @@ class DemoSettings(Settings):
                 n += 1
                 self.out = f"{base}-{n}"
         check_new_directory(self.out, "--out")
+        check_model(self.model)

@@ -125,3 +125,32 @@ def check_new_directory(path: str, flag: str) -> None:
     parent = next((q for q in (p, *p.parents) if q.exists()), Path("."))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SlimtuneError(f"{flag} {path}: {parent} is not writable")
+
+
+def check_model(model: str, flag: str = "--model") -> None:
+    """A built-in name or a local checkpoint directory (config.json or a .gguf file): checked before any work (the
+    federated paths started Ray, or a SuperLink and its SuperNodes, before the model was looked for)."""
+    from slimtune.models.loading import DEFAULT_MODEL, GEMMA3, TINY_MODELS
+
+    builtins = (DEFAULT_MODEL, GEMMA3, *TINY_MODELS)
+    if model in builtins:
+        return
+    path = Path(model)
+    if not path.is_dir():
+        raise SlimtuneError(f"{flag} {model}: not a directory, and not one of {', '.join(builtins)} (slimtune never "
+                            "downloads from a hub: pass a local checkpoint directory)")
+    if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+        raise SlimtuneError(f"{flag} {model}: no config.json and no .gguf file in the directory")
+
+
+def check_adapter_and_model(adapter: str, model: str, model_given: bool, flag: str = "--adapter") -> None:
+    """The adapter directory of eval, generate, merge and export against --model, before any model is loaded:
+    a run directory given for its adapter (RUN for RUN/adapter) is named as such, and an explicit --model with a
+    whole model that records no base (a merged checkpoint, read as it is) is refused instead of ignored."""
+    from slimtune.peft.registry import is_whole_model, refuse_run_directory
+
+    require_directory(adapter, flag, "adapter directory")
+    refuse_run_directory(adapter)
+    if model_given and is_whole_model(adapter) and not (Path(adapter) / "slimtune.json").exists():
+        raise SlimtuneError(f"--model {model}: {adapter} is a whole model (a merged checkpoint), read as it is with "
+                            "no base model; leave --model out")
