@@ -182,7 +182,11 @@ class LocalFederation:
 
     def submit(self, timeout: float) -> dict:
         """`flwr run .` on this federation, streamed to its end; the run's summary."""
-        done = self.flwr("run", str(ROOT), CONNECTION, "--stream", timeout=timeout)
+        try:
+            done = self.flwr("run", str(ROOT), CONNECTION, "--stream", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SlimtuneError(f"--timeout {timeout:g}: the federated run did not finish in time; every process "
+                                f"was stopped (logs in {self.logs})") from None
         (self.logs / "flwr-run.log").write_text(done.stdout + done.stderr)
         return finished_summary(Path(self.cfg.out_dir), self.logs, done)
 
@@ -248,6 +252,8 @@ def main() -> None:
     try:
         if args.nodes < 1:
             raise SlimtuneError(f"--nodes {args.nodes}: must be >= 1")
+        if not args.timeout > 0 or args.timeout == float("inf"):  # NaN too
+            raise SlimtuneError(f"--timeout {args.timeout}: must be a number of seconds > 0")
         deployment_config(args.nodes, args.data, args.eval_data, args.rounds, args.out, args.model)
         summary = run(args.nodes, args.data, args.eval_data, args.rounds, args.out, args.model, args.timeout,
                       args.insecure)
