@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from slimtune import SlimtuneError
 from slimtune.settings.cli import command
@@ -79,11 +78,8 @@ def load_for_inference(model: str, adapter: str | None, device: str, texts: list
 
 
 def write_jsonl(path: str, rows: list[dict], flag: str) -> None:
-    """Write through a temporary file (checked before any work; a failure here still names the flag)."""
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(target)
-    except OSError as exc:
-        raise SlimtuneError(f"{flag} {path}: could not write ({exc.strerror})") from None
+    """Write whole or not at all (checked before any work; a failure here still names the flag)."""
+    from slimtune.train.run_dir import write_new_file
+
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    write_new_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), flag)

@@ -48,20 +48,14 @@ def run_merge(s: MergeSettings):
 
 
 def save_checkpoint_dir(model, tokenizer, out: str) -> None:
-    """Save into a temporary sibling, then rename: a failure leaves no half-written checkpoint."""
-    import shutil
-    target = Path(out)
-    tmp = target.with_name(target.name + ".tmp-merge")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    """Save whole or not at all: a failure or a Ctrl-C leaves no half-written checkpoint."""
+    from slimtune.train.run_dir import write_new_directory
+
+    def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            target.rmdir()  # checked empty before any work
-        tmp.replace(target)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SlimtuneError(f"--out {out}: could not write ({exc.strerror})") from None
+
+    write_new_directory(out, save, "--out")
 
 
 def run_export(s: ExportSettings):

@@ -101,22 +101,26 @@ def export_gguf(model, tokenizer, out: Path, out_type: str = "f16", verify: bool
         raise SlimtuneError(f"--out {out}: exists (nothing was overwritten)")
     if out_type not in OUT_TYPES:
         raise SlimtuneError(f"--quant {out_type!r}: choose one of {', '.join(OUT_TYPES)}")
+    from slimtune.train.run_dir import write_new_file
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        partial = out.with_name(out.name + ".partial")
-        partial.unlink(missing_ok=True)
-        convert(Path(tmp), partial, out_type)
-    report = {"path": str(out), "out_type": out_type, "bytes": partial.stat().st_size}
-    if verify:
-        report.update(compare_logits(model, tokenizer, partial))
-        max_diff, min_agree = TOLERANCE[out_type]
-        report["verified"] = report["max_abs_diff_over_std"] <= max_diff and report["top1_agreement"] >= min_agree
-        if not report["verified"]:
-            partial.unlink(missing_ok=True)
-            raise SlimtuneError(f"the GGUF file does not reproduce the model: max |logit diff| = "
-                                f"{report['max_abs_diff_over_std']:.3g} x std (tolerance {max_diff}), top-1 agreement "
-                                f"{report['top1_agreement']:.2f} (tolerance {min_agree}); nothing was written")
-    os.replace(partial, out)
+    report = {"path": str(out), "out_type": out_type}
+
+    def write(partial: Path) -> None:  # renamed to `out` only once verified
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            convert(Path(tmp), partial, out_type)
+        report["bytes"] = partial.stat().st_size
+        if verify:
+            report.update(compare_logits(model, tokenizer, partial))
+            max_diff, min_agree = TOLERANCE[out_type]
+            report["verified"] = report["max_abs_diff_over_std"] <= max_diff and report["top1_agreement"] >= min_agree
+            if not report["verified"]:
+                raise SlimtuneError(f"the GGUF file does not reproduce the model: max |logit diff| = "
+                                    f"{report['max_abs_diff_over_std']:.3g} x std (tolerance {max_diff}), top-1 "
+                                    f"agreement {report['top1_agreement']:.2f} (tolerance {min_agree}); nothing was "
+                                    "written")
+
+    write_new_file(out, write, "--out")
     return report

@@ -111,3 +111,46 @@ def check_output_file(path: str | Path, flag: str, overwrite: bool = False) -> P
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SlimtuneError(f"{flag} {path}: directory {parent} is not writable")
     return path
+
+
+def _partial_name(target: Path) -> Path:
+    """A temporary sibling of `target` no user file has: a fixed name (o.jsonl.tmp, m.tmp-merge, x.gguf.partial) was
+    overwritten or deleted when the user had one."""
+    import uuid
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.partial")
+
+
+def write_new_file(path: str | Path, write, flag: str) -> None:
+    """Write the output file `path` (checked by check_output_file before any work) whole or not at all: `write(tmp)`
+    fills a temporary sibling, which becomes `path` only if nothing has appeared there meanwhile; on an error or a
+    Ctrl-C the temporary is removed, and nothing else is touched."""
+    target = Path(path)
+    tmp = _partial_name(target)
+    try:
+        write(tmp)
+        if target.exists():
+            raise SlimtuneError(f"{flag} {path}: appeared while this command ran (nothing was overwritten)")
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise SlimtuneError(f"{flag} {path}: could not write ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_new_directory(path: str | Path, write, flag: str) -> None:
+    """write_new_file for an output directory (checked new or empty by check_new_directory): `write(tmp)` fills a
+    temporary sibling directory, renamed onto `path` (which may only be empty: the rename fails on anything in it)."""
+    import shutil
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _partial_name(target)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        os.rename(tmp, target)
+    except OSError as exc:
+        reason = "it is no longer empty" if target.is_dir() and any(target.iterdir()) else exc.strerror or exc
+        raise SlimtuneError(f"{flag} {path}: could not write ({reason}; nothing was overwritten)") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
