@@ -22,7 +22,7 @@ layer of transient memory (its largest linear weight in `dtype`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from slimtune.optim.methods import HYBRID, WITH_SOURCES, ZEROTH_ORDER
 
@@ -217,7 +217,10 @@ def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_l
         except Exception:  # a model on the meta device cannot run the call-order probe: the blocks' share
             top = None
     from slimtune.zo.mezo import default_chunk_size
-    peak = predict_peak_mb(ModelShape.from_model(model), optimizer, trainable, batch, seq_len, runtime,
+    shape = ModelShape.from_model(model)
+    if method != "none":  # the adapter's own values sit beside the base's (`plan --r 10**11` fitted in 548 MB)
+        shape = replace(shape, total_params=shape.total_params + trainable)
+    peak = predict_peak_mb(shape, optimizer, trainable, batch, seq_len, runtime,
                            zo_chunk=default_chunk_size("cuda" if cuda else "cpu"),
                            bytes_per_value=DTYPE_BYTES[dtype], fo_layers=fo_layers, fo_trainable=top,
                            base_quant=base_quant, trainable_bytes=trainable_bytes(method, dtype))["peak_mb"]
