@@ -37,8 +37,9 @@ def apply_peft(model: torch.nn.Module, method: str = "lora", *, r: int = 8, lora
     """
     from slimtune.peft import PeftSettings
     from slimtune.peft import apply_peft as apply
-    from slimtune.settings.python import check_keywords
+    from slimtune.settings.python import check_keywords, require_model
 
+    require_model("slimtune.apply_peft", model)
     given = dict(peft=method, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                  pissa_niter=pissa_niter, learn_scale=learn_scale, svfit_relative=svfit_relative)
     checked = check_keywords("slimtune.apply_peft", given, {"peft": method})
@@ -55,7 +56,7 @@ def train(config: str | None = None, **settings: Any) -> dict:
                        out="runs/zo")
 
     Args:
-        config: a settings file (YAML/JSON with flag names as keys, or a run's config.json), as `--config`; keyword
+        config: a settings file (YAML/JSON/TOML with flag names as keys, or a run's config.json), as `--config`; keyword
             arguments override it.
         **settings: any `slimtune train` setting (`slimtune train --help` lists them): data, eval_data, out, model,
             task, optimizer, peft, r, lr, eps, steps, batch_size, epsilon, delta, resume, ...; `dry_run=True`
@@ -68,8 +69,14 @@ def train(config: str | None = None, **settings: Any) -> dict:
     from slimtune.train import prepare
     from slimtune.train import train as run_training
 
+    import os
+
     values, given, origin = dict(settings), set(settings), {}
+    if config is not None and not isinstance(config, (str, os.PathLike)):
+        raise SlimtuneError(f"slimtune.train: config is the path of a settings file, got {type(config).__name__}; "
+                            "pass settings as keyword arguments (slimtune.train(**settings))")
     if config is not None:
+        config = os.fspath(config)
         from slimtune.settings.cli import file_values
         from slimtune.settings.train import retable_from_file
         file_settings, file_given = file_values(TrainSettings, config)

@@ -31,7 +31,7 @@ import torch
 from slimtune import SlimtuneError
 from slimtune.optim import OptimizerArgs
 from slimtune.optim.base import StepOutput
-from slimtune.settings.python import check_keywords, default
+from slimtune.settings.python import check_keywords, default, require_model
 
 Loss = Union[torch.Tensor, float]
 Closure = Callable[[], Loss]
@@ -68,6 +68,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         from slimtune.optim.defaults import defaults_for
 
         owner = f"slimtune.{type(self).__name__}"
+        require_model(owner, model)
         kind = peft_kind(model)
         checked = check_keywords(owner, given, {"optimizer": self.method, "peft": kind}, self.aliases)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -313,6 +314,7 @@ class PrivateOptimizer(ZerothOrderOptimizer):
         from slimtune.train.trainer import adaptive_clipping
 
         owner = f"slimtune.{type(self).__name__}"
+        require_model(owner, model)
         for name, value in (("dataset_size", dataset_size), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SlimtuneError(f"{owner}: {name}={value!r}: must be an integer >= 1 (the number of training "

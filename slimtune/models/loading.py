@@ -77,6 +77,7 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
     tokenizer fitted to `texts`, or the one saved in `tokenizer_dir`, e.g. a run's adapter/, so that evaluation
     rebuilds the very base the run trained), or a local directory holding a transformers checkpoint. Never touches a hub.
     """
+    dtype, device = _dtype_and_device(dtype, device)
     if name_or_path in TINY_MODELS:
         saved = tokenizer_dir and (Path(tokenizer_dir) / "tokenizer.json").exists()
         tokenizer = saved_tokenizer(tokenizer_dir) if saved else tiny_tokenizer(texts or [])
@@ -98,6 +99,25 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
         from slimtune.models.quantize import quantize_base
         model = quantize_base(model, base_quant, dtype)
     return model, tokenizer
+
+
+def _dtype_and_device(dtype, device) -> tuple[torch.dtype, str]:
+    """A torch dtype or its name ("bf16", "float32"), and a device torch knows (or "auto"): one-line errors instead
+    of torch's inside `.to()`."""
+    from slimtune.settings.rules import DTYPE_ALIASES
+
+    if isinstance(dtype, str) and dtype in DTYPE_ALIASES:
+        dtype = getattr(torch, DTYPE_ALIASES[dtype])
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SlimtuneError(f"dtype {dtype!r}: choose float32, bfloat16 (bf16) or float16 (fp16)")
+    if device == "auto":
+        from slimtune.settings.train import resolve_device
+        device = resolve_device(device)
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SlimtuneError(f"device {device!r}: choose cpu, cuda, cuda:N or auto") from None
+    return dtype, device
 
 
 def fold_head_inputs(model) -> None:

@@ -53,3 +53,13 @@ def check_keywords(owner: str, values: dict, context: dict, aliases: dict | None
             raise SlimtuneError(f"{owner}: {keyword} applies only to {spec.applies.describe}"
                                 f"{f' (here: {now})' if now else ''}")
     return checked
+
+
+def require_model(owner: str, model) -> None:
+    """The model argument of the Python API: a torch module (a name or None failed deep inside with an
+    AttributeError such as "'str' object has no attribute 'named_modules'")."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        hint = " (load it first: slimtune.models.load_model_and_tokenizer)" if isinstance(model, str) else ""
+        raise SlimtuneError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
