@@ -134,12 +134,12 @@ def test_federated_local_epsilon_counts_dphizoos_two_releases():
     never dpzero's one."""
     from dataclasses import replace
 
-    from slimtune.federated.client_app import local_epsilon
     from slimtune.federated.config import FederatedConfig
+    from slimtune.federated.local_privacy import node_epsilon
     from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec
 
     cfg = FederatedConfig(data="unused.tsv", local_dp_noise=1.0)
-    one, two = (local_epsilon(replace(cfg, local_optimizer=o), 1000, 100) for o in ("dpzero", "dphizoo"))
+    one, two = (node_epsilon(replace(cfg, local_optimizer=o), 1000, 100) for o in ("dpzero", "dphizoo"))
     spec = PrivacySpec(delta=cfg.local_dp_delta, noise_multiplier=1.0, clip=cfg.local_dp_clip)
-    assert two == pytest.approx(PrivacyAccountant(spec, 512, min(cfg.batch_size, 512), 1.0, 2).epsilon(100))
+    assert two == pytest.approx(PrivacyAccountant(spec, 1000, min(cfg.batch_size, 1000), 1.0, 2).epsilon(100))
     assert two > one

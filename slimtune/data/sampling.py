@@ -60,12 +60,13 @@ class PoissonSampler:
     poisson = True
 
     def __init__(self, num_examples: int, expected_batch_size: int, seed: int = 0, key=None, attempt: int = 0,
-                 run: int = 0):
+                 run: int = 0, max_rate: float = 1.0):
         if num_examples <= 0:
             raise ValueError("no examples to sample from")
         self.n, self.seed = num_examples, seed
         self.key, self.attempt, self.run = key, attempt, run  # key: a private run's RunKey (the seed is then unused)
-        self.sample_rate = min(1.0, expected_batch_size / num_examples)
+        # max_rate: a public cap on q (a federated client's B / --local-dp-min-examples, federated/local_privacy.py)
+        self.sample_rate = min(max_rate, expected_batch_size / num_examples)
         self.batch_size = expected_batch_size
 
     def indices(self, step: int) -> list[int]:

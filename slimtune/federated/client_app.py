@@ -2,10 +2,10 @@
 
 What a client releases per round: its update (a delta, or (seed, scalar) pairs) and
   - non-private local optimizers: num-examples and the mean training loss (metrics the server may log or weigh by);
-  - private ones (dpzero, dplozo, dp-adamw, dp-sgd): only `local-epsilon`, the example-level epsilon it has spent so
-    far, computed here from its own data size rounded down to a power of two (a valid upper bound, since fewer
-    examples mean a larger sampling rate; the exact count and the loss, both functions of every example, are not
-    sent). Its noise and Poisson batches come from a fresh in-memory key each round (OS entropy), never the seed.
+  - private ones (dpzero, dplozo, dphizoo, dp-adamw, dp-sgd): nothing else. Not the count nor the loss (functions of
+    every example), nor its epsilon (a function of its count; federated/local_privacy.py: the server bounds it from
+    public settings under --local-dp-min-examples, and a deployment node prints its own on its own stderr). Its noise
+    and Poisson batches come from a fresh in-memory key each round (OS entropy), never the seed.
     Nothing else about its batches leaves the node: warnings and log lines raised during its steps are dropped and a
     failing step is reported without its details. Nor does anything about its rows: Flower sends an exception's text
     to the server (which logs it), so any failure of a private client's round, its own data file's bad row included,
@@ -29,7 +29,8 @@ from slimtune.federated.local_steps import release_hooks, run_steps
 from slimtune.federated.model import build_model, load_lora_state, lora_state, uploaded
 from slimtune.federated.partition import dirichlet_partition
 from slimtune.federated.wire import decode_state, encode_state
-from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
+from slimtune.federated.local_privacy import is_private
+from slimtune.optim import OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 
 app = ClientApp()
@@ -46,22 +47,6 @@ def _setup(cfg_json: str, num_partitions: int | None = None):
         return model, tok, train, [list(range(len(train)))], objective
     parts = dirichlet_partition([e.label for e in train], num_partitions, cfg.dirichlet_alpha, cfg.seed)
     return model, tok, train, parts, objective
-
-
-def is_private(cfg: FederatedConfig) -> bool:
-    return cfg.mode != "zo-seeds" and cfg.local_optimizer in PRIVATE_OPTIMIZERS
-
-
-def local_epsilon(cfg: FederatedConfig, num_examples: int, steps: int) -> float:
-    """Example-level epsilon after `steps` Poisson-sampled steps (rate B/n, noise local_dp_noise) on this client's
-    data, with n rounded down to a power of two: an upper bound on the true one that reveals only floor(log2 n)."""
-    from slimtune.optim.builders import private_releases
-    from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec
-
-    n = 2 ** int(np.floor(np.log2(max(num_examples, 1))))
-    spec = PrivacySpec(delta=cfg.local_dp_delta, noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip)
-    releases = private_releases(cfg.local_optimizer, 1)  # dphizoo: the gradient and the curvature scalar per step
-    return float(PrivacyAccountant(spec, n, min(cfg.batch_size, n), cfg.local_dp_noise, releases).epsilon(steps))
 
 
 def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int,
@@ -115,7 +100,13 @@ def _local_round(cfg: FederatedConfig, partition_id: int, payload: dict, server_
     finally:
         release_hooks(optimizer)
     if private is not None:
-        metrics = {"local-epsilon": local_epsilon(cfg, len(examples), steps_before + cfg.local_steps)}
+        metrics = {}  # nothing but the update (federated/local_privacy.py)
+        if own_data:  # a deployment node: its operator holds the rows; the server hears nothing of this
+            from slimtune.federated.local_privacy import node_epsilon
+            epsilon = node_epsilon(cfg, len(examples), steps_before + cfg.local_steps)
+            print(f"slimtune client (this node only, not sent): example-level epsilon {epsilon:.4g} at delta "
+                  f"{cfg.local_dp_delta:g} after {steps_before + cfg.local_steps} private steps", file=sys.stderr,
+                  flush=True)
     else:
         metrics = {"num-examples": len(examples), "train-loss": float(np.nanmean(losses))}
     if cfg.mode == "zo-seeds":

@@ -59,7 +59,10 @@ class FederatedConfig:
     local_optimizer: str = "adamw"  # any slimtune optimizer
     local_dp_noise: float = 1.0  # private local optimizers (dpzero, dp-adamw...): noise multiplier per local step
     local_dp_clip: float = 1.0
-    local_dp_delta: float = 1e-5  # the delta of the local epsilon each private client reports
+    local_dp_delta: float = 1e-5  # the delta of the clients' local epsilon
+    # a public lower bound M on each private client's rows: clients sample at rate <= batch_size / M, and the server
+    # reports their local epsilon from (M, batch_size, noise, steps) alone (federated/local_privacy.py)
+    local_dp_min_examples: int | None = None
     lr: float | None = None  # clients' lr; None: CLIENT_LR, scaled for a model with its own ZO lr (resolved())
     eps: float = 1e-3
     batch_size: int = 8

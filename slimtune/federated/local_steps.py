@@ -9,10 +9,13 @@ from slimtune.optim.base import mix_seed
 
 def run_steps(cfg, model, objective, optimizer, examples, seed, private):
     """(losses, seeds, projected gradients) of cfg.local_steps steps. Private: Poisson batches from a fresh in-memory
-    key (never the public seed); else epoch batches under `seed`."""
+    key (never the public seed), at a rate of at most B / --local-dp-min-examples (local_privacy.sample_rate); else
+    epoch batches under `seed`."""
     if private:
+        from slimtune.federated.local_privacy import sample_rate
         from slimtune.privacy.secret import RunKey
-        sampler = PoissonSampler(len(examples), cfg.batch_size, key=RunKey.fresh())
+        sampler = PoissonSampler(len(examples), cfg.batch_size, key=RunKey.fresh(),
+                                 max_rate=sample_rate(cfg, len(examples)))
     else:
         sampler = EpochSampler(len(examples), cfg.batch_size, seed)
     model.train(not optimizer.zeroth_order)

@@ -12,7 +12,6 @@ from slimtune.federated.wire import decode_state, expected_keys
 
 MAX_EXAMPLES = 1e9  # a client claiming more examples than this is lying or broken
 MAX_PROJECTED_GRAD = 1e6
-MAX_EPSILON = 1e6
 
 
 def metric(metrics: MetricRecord, key: str, required: bool) -> float | None:
@@ -28,12 +27,12 @@ def metric(metrics: MetricRecord, key: str, required: bool) -> float | None:
 
 
 def parse_reply(content: RecordDict, cfg, shapes: dict[str, tuple]) -> dict:
-    """The reply as {"claimed": n or None, "loss": float or None, "local_epsilon": float or None, "bytes_up", and
+    """The reply as {"claimed": n or None, "loss": float or None, "bytes_up", and
     "delta" (LoRA) or "seeds"/"grads" (zo-seeds)}.
 
     num-examples: absent, or a finite whole number in [1, MAX_EXAMPLES] (required only under --weighting examples);
-    train-loss, local-epsilon: absent or one finite number; arrays: exactly the expected keys with the expected
-    dtypes and sizes; a delta must be finite and, if --max-update-norm > 0, of at most that L2 norm; zo-seeds: at most
+    train-loss: absent or one finite number (no other metric is read; a private client sends none); arrays: exactly
+    the expected keys with the expected dtypes and sizes; a delta must be finite and, if --max-update-norm > 0, of at most that L2 norm; zo-seeds: at most
     local_steps pairs of finite scalars with |g| <= MAX_PROJECTED_GRAD."""
     arrays = content.array_records.get("arrays")
     metrics = content.metric_records.get("metrics")
@@ -42,11 +41,8 @@ def parse_reply(content: RecordDict, cfg, shapes: dict[str, tuple]) -> dict:
     claimed = metric(metrics, "num-examples", required=cfg.weighting == "examples")
     if claimed is not None and not (1 <= claimed <= MAX_EXAMPLES and claimed == int(claimed)):
         raise ValueError(f"num-examples must be a whole number in [1, {MAX_EXAMPLES:.0e}], got {claimed}")
-    epsilon = metric(metrics, "local-epsilon", required=False)
-    if epsilon is not None and not 0 <= epsilon <= MAX_EPSILON:
-        raise ValueError(f"local-epsilon must be in [0, {MAX_EPSILON:g}], got {epsilon}")
     raw = {k: arrays[k].numpy() for k in arrays.keys()}
-    parsed = {"claimed": claimed, "loss": metric(metrics, "train-loss", required=False), "local_epsilon": epsilon,
+    parsed = {"claimed": claimed, "loss": metric(metrics, "train-loss", required=False),
               "bytes_up": float(sum(v.nbytes for v in raw.values()))}
     if cfg.mode == "zo-seeds":
         return {**parsed, **_parse_seeds(raw, cfg)}

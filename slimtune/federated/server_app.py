@@ -135,7 +135,7 @@ def private_clients(cfg: FederatedConfig) -> bool:
     """Whether the run protects the clients' data (local DP optimizers, or client-level DP): then the server writes
     no round times or memory (a round lasts as long as its slowest client's private batches take) and no client
     training loss, only what the DP releases and evaluations on its own data."""
-    from slimtune.federated.client_app import is_private
+    from slimtune.federated.local_privacy import is_private
     return is_private(cfg) or cfg.client_level_dp
 
 
@@ -151,8 +151,9 @@ def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=N
     """summary.json; `seconds` None: the run's time is withheld (private_clients), and so is its peak memory."""
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     trained = sum(r.get("replies", 0) for r in rounds)
-    reported = [r["local_epsilon"] for r in rounds if r.get("local_epsilon") is not None]  # each client's own
-    local_epsilon = max(reported) if reported else None
+    from slimtune.federated.local_privacy import public_bound
+    # every private client's epsilon, bounded from public settings (None without --local-dp-min-examples)
+    local_epsilon = public_bound(cfg, len([r for r in rounds if r.get("round", 0) > 0]))
     short = [r["round"] for r in rounds if r.get("sampled") and r.get("replies", 0) < r["sampled"]]
     last = rounds[-1]
     bytes_total = sum(r.get("bytes_down_total", 0) + r.get("bytes_up_total", 0) for r in rounds)  # serialised, as sent

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from slimtune.federated.bounds import InfluenceBound, aggregate, client_weights
 from slimtune.federated.config import FederatedConfig
+from slimtune.federated.local_privacy import public_bound
 from slimtune.privacy.secret import KeyedNoise, RunKey, secret_tensor
 from slimtune.federated.replies import parse_reply
 from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
@@ -111,6 +112,8 @@ class FedLPP(FedAvg):
                 rejected += 1
         info = self.round_log.setdefault(server_round, {"round": server_round})
         info.update(replies=len(accepted), rejected=rejected, bytes_up_total=bytes_up)
+        if (bound := public_bound(self.cfg, server_round)) is not None:  # private clients under a public M
+            info["local_epsilon"] = bound  # of a client that trained in every round so far, from public settings
         missing = info.get("sampled", len(replies)) - len(replies)  # no reply within the round timeout
         if missing > 0:
             log.warning("round %d: %d of %d sampled clients did not reply within the round timeout (%.0f s); their "
@@ -125,9 +128,6 @@ class FedLPP(FedAvg):
             losses = [a["loss"] for a in accepted if a["loss"] is not None]  # private clients send none
             if losses and not self.cfg.client_level_dp:  # then only the noised aggregate is released
                 info["train_loss"] = float(np.mean(losses))
-            epsilons = [a["local_epsilon"] for a in accepted if a["local_epsilon"] is not None]
-            if epsilons:
-                info["local_epsilon"] = max(epsilons)
         payload, _ = self.broadcast()
         return payload, MetricRecord({"replies": len(accepted), "rejected": rejected})
 

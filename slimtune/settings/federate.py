@@ -71,8 +71,14 @@ class FederateSettings(Settings):
                                     low_open=True, applies=private_clients)
     local_dp_clip: float = setting(1.0, "private local optimizers: clipping threshold", low=0, low_open=True,
                                    applies=private_clients)
-    local_dp_delta: float = setting(1e-5, "private local optimizers: the delta of the local epsilon each client "
-                                    "reports", low=0, high=1, low_open=True, high_open=True, applies=private_clients)
+    local_dp_delta: float = setting(1e-5, "private local optimizers: the delta of the clients' local epsilon", low=0,
+                                    high=1, low_open=True, high_open=True, applies=private_clients)
+    local_dp_min_examples: int | None = setting(None, "private local optimizers: a public lower bound on each "
+                                                "client's training rows; each client then samples at a rate of at "
+                                                "most batch-size / this, and the server reports the clients' local "
+                                                "epsilon from public settings alone (without it each client prints "
+                                                "its own on its node; nothing about it is sent)", low=1,
+                                                applies=private_clients)
     lr: float | None = setting(None, "clients' learning rate (default 1e-3; ZO clients on a model with its own "
                                "swept ZO lr take the same ratio, e.g. 3e-4 on gemma3-270m)", low=0, low_open=True)
     eps: float = setting(1e-3, "ZO clients' perturbation scale", low=0, low_open=True, applies=zo_clients)
