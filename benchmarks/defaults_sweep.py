@@ -82,6 +82,14 @@ CANDIDATES.update({
     # the sweep's backprop budget; private runs refuse evaluation rows shared with training (the split is disjoint)
     "dp-adamw+lora": {f"dp-adamw-lora-eps6-lr{lr}": ["--optimizer", "dp-adamw", "--peft", "lora", "--lr", lr,
                                                      "--epsilon", "6", *FO] for lr in ("1e-3", "3e-3", "1e-2")},
+    # issue 36, item 6/targets: DP-hybrid + LoRA's number of steps at epsilon 6. Its default was the ZO methods' 2,000
+    # steps, never chosen for the private method: at a fixed epsilon the noise per release grows with the steps, and
+    # AdamW's per-coordinate steps on the noised top-block gradient add up as a random walk (~ fo_lr sqrt(T));
+    # DP-AdamW's default is 300 steps. The lrs are the hybrid's (ZO 1e-3, fo_lr 3e-3, as DP-AdamW's swept 3e-3).
+    "dphybrid+lora": {f"dphybrid-lora-eps6-steps{steps}": ["--optimizer", "dphybrid", "--peft", "lora", "--lr", "1e-3",
+                                                          "--eps", "1e-2", "--fo-lr", "3e-3", "--epsilon", "6",
+                                                          "--steps", steps, "--lr-scheduler", "linear"]
+                      for steps in ("300", "600", "2000")},
     # issue 38, item 5: MeZO + LoRA's lr on Gemma 3 270M. SmolLM2's 1e-3 diverged on Gemma (defaults rows
     # gemma-mezo-lora / gemma-dpzero-lora-eps6: train loss 1 -> 2-3, |projected grad| up to ~100 against SmolLM2's ~2,
     # dev 0.50 at step 250), so the candidates go down from there. 300 steps at a constant lr: the divergence at 1e-3
