@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from slimtune import SlimtuneError
@@ -139,9 +140,11 @@ def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = No
 
 def adapter_meta_of(model: nn.Module) -> dict:
     """`adapter_meta` read off a model (PEFT-wrapped or not), for producers that have no run settings (the Hugging
-    Face trainer): the base `models.load_model_and_tokenizer` loaded and the dtype it loaded it in, else the local
-    directory transformers loaded it from (config._name_or_path) and its parameters' dtype; the quantization
-    `models.quantize.quantize_base` applied. A base with neither record has no fingerprint (nothing to check)."""
+    Face trainer): the base `models.load_model_and_tokenizer` loaded (a checkpoint by its absolute path, so that a
+    later change of directory fingerprints the same files), else the local directory transformers loaded it from
+    (config._name_or_path); the dtype its weights are in now (`weights_dtype`: a model cast after loading is
+    rebuilt in its new dtype); the quantization `models.quantize.quantize_base` applied. A base with neither record
+    has no fingerprint (nothing to check)."""
     import os
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -149,11 +152,18 @@ def adapter_meta_of(model: nn.Module) -> dict:
     if name is None:
         path = getattr(getattr(base, "config", None), "_name_or_path", "") or ""
         name = os.path.abspath(path) if path and os.path.isdir(path) else None
-    dtype = getattr(base, "slimtune_dtype", None)
-    if dtype is None:
-        floating = [p.dtype for p in base.parameters() if p.is_floating_point()]
-        dtype = str(floating[0] if floating else "float32").removeprefix("torch.")
-    return adapter_meta(name, dtype, getattr(base, "slimtune_base_quant", None))
+    return adapter_meta(name, weights_dtype(base), getattr(base, "slimtune_base_quant", None))
+
+
+def weights_dtype(base: nn.Module) -> str:
+    """The dtype of a base model's weights: its input embeddings' (never quantized, never an adapter's: a quantized
+    base's linear weights are int8 / uint8 beside float32 scales), else its first floating parameter's."""
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return str(weight.dtype).removeprefix("torch.")
+    floating = [p.dtype for p in base.parameters() if p.is_floating_point()]
+    return str(floating[0] if floating else "float32").removeprefix("torch.")
 
 
 def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: str | Path | None = None,
