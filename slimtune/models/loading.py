@@ -92,8 +92,10 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     model = model.to(device=device, dtype=dtype)
-    # what an adapter of it records (peft/registry.py: adapter_meta_of)
-    model.slimtune_base_model, model.slimtune_dtype = name_or_path, str(dtype).removeprefix("torch.")
+    # the base an adapter of it records (peft/registry.py: adapter_meta_of): a checkpoint by its absolute path, which
+    # names the same files after a change of working directory (its dtype is read off the weights when saved)
+    model.slimtune_base_model = (name_or_path if name_or_path in (DEFAULT_MODEL, GEMMA3, *TINY_MODELS)
+                                  else os.path.abspath(name_or_path))
     fold_head_inputs(model)
     if base_quant is not None:
         from slimtune.models.quantize import quantize_base
@@ -326,16 +328,56 @@ def _gemma3_gguf(assemble: bool = False) -> Path | None:
 def _cached_builtin(name: str, dequantize, dtype: torch.dtype):
     """A built-in base from its cached checkpoint, written once by `dequantize` (the GGUF's weights in float32) and
     then cast to `dtype` when loaded. The cache always holds float32: it is the base of every later run on the
-    machine, whatever the dtype of the first. A cache an older version wrote in another dtype is rebuilt."""
+    machine, whatever the dtype of the first. A cache an older version wrote in another dtype is rebuilt
+    (`_discard_stale_cache`: only a directory slimtune wrote)."""
     cached = cache_dir() / BUILTIN_CACHES[name]
     if not _holds_float32(cached):
         if cached.exists():
-            import shutil
-            shutil.rmtree(cached, ignore_errors=True)
+            _discard_stale_cache(cached, name)
         model, tokenizer = dequantize()
         _save_atomically(model, tokenizer, cached)
         del model
     return load_local(str(cached), dtype)
+
+
+# what `_save_atomically` writes (a model's and a tokenizer's save_pretrained): a directory holding anything else at a
+# cache's place is not slimtune's (SLIMTUNE_CACHE may name a directory that holds the user's own models)
+CACHE_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+               "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+               "tokenizer.model")
+
+
+def _discard_stale_cache(cached: Path, name: str) -> None:
+    """Remove the cache an older version wrote in another dtype, and nothing else: a directory holding other files
+    (a checkpoint of the user's under that name, a hub download's README) is refused in one line, untouched. The old
+    cache is first renamed away whole, so another process sees it or nothing, never a half-deleted one; one that
+    cannot be moved (a read-only shared cache) is one line too."""
+    import shutil
+    import uuid
+    from fnmatch import fnmatch
+
+    try:
+        entries = sorted(p.name for p in cached.iterdir()) if cached.is_dir() else [cached.name]
+    except FileNotFoundError:
+        return  # another process moved it away meanwhile
+    if not entries:
+        return  # an empty directory: the new cache replaces it
+    foreign = [e for e in entries if not any(fnmatch(e, pattern) for pattern in CACHE_FILES)]
+    if foreign or not cached.is_dir() or "config.json" not in entries:
+        raise SlimtuneError(f"{cached}: not slimtune's cache of --model {name} (it holds "
+                            f"{', '.join(foreign[:3]) or 'no config.json'}), and slimtune writes the model's float32 "
+                            "copy there: move it away, or point SLIMTUNE_CACHE at another directory")
+    aside = cached.with_name(f".{cached.name}.{uuid.uuid4().hex[:12]}.stale")
+    try:
+        os.rename(cached, aside)
+    except FileNotFoundError:
+        return  # another process moved it first
+    except OSError as exc:
+        raise SlimtuneError(f"{cached}: a cache an older slimtune wrote in another dtype than float32, which cannot be "
+                            f"replaced ({exc.strerror}): remove it, or point SLIMTUNE_CACHE at a writable "
+                            "directory") from None
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _holds_float32(directory: Path) -> bool:
