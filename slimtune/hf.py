@@ -177,22 +177,32 @@ class ZOTrainerMixin:
 
     def _check_held_out(self, evaluation) -> None:
         """A private run evaluates (and predicts) only on rows shown to be held out (its metrics are logged
-        un-noised). Each (train, eval) pair of datasets is compared once."""
+        un-noised). The evaluation rows are compared at every call (an eval list may gain a training row between two
+        evaluations); the training rows' keys are computed once per training dataset (`_training_row_keys`)."""
         if isinstance(evaluation, dict):  # several eval splits: each (a dict's entries may change)
             for split in evaluation.values():
                 self._check_held_out(split)
             return
-        checked = self.__dict__.setdefault("_held_out", [])  # (train, eval) pairs that passed, held by reference
-        if any(t is self.train_dataset and e is evaluation for t, e in checked):
-            return
-        shared = shares_rows(self.train_dataset, evaluation)
+        shared = shares_rows(self.train_dataset, evaluation, self._training_row_keys())
         if shared:
             raise SlimtuneError("eval_dataset shares rows with train_dataset: a private run's evaluations would "
                                 "be computed on training rows without noise; give held-out data")
         if shared is None:
             raise SlimtuneError("eval_dataset cannot be compared with train_dataset row by row (not indexable): a "
                                 "private run evaluates only on data shown to be held out; give a map-style dataset")
-        checked.append((self.train_dataset, evaluation))
+
+    def _training_row_keys(self) -> set | None:
+        """`_row_key` of every training row, kept while the training dataset is the same object of the same length
+        (None: not indexable)."""
+        train = self.train_dataset
+        kept = self.__dict__.get("_train_row_keys")
+        try:
+            if kept is None or kept[0] is not train or kept[1] != len(train):
+                kept = (train, len(train), {_row_key(train[i]) for i in range(len(train))})
+        except (TypeError, KeyError, IndexError, NotImplementedError, AttributeError):
+            return None
+        self.__dict__["_train_row_keys"] = kept
+        return kept[2]
 
     def _progress_without_clock(self) -> None:
         """A private run's progress bar counts steps only: transformers' bar (tqdm, or the notebook's) shows elapsed
@@ -390,16 +400,17 @@ class ZOTrainerMixin:
         super().log(logs, start_time)
 
 
-def shares_rows(train, evaluation) -> bool | None:
+def shares_rows(train, evaluation, train_keys: set | None = None) -> bool | None:
     """Whether two datasets hold a common row (the same object, or equal rows by content; eval datasets of several
-    splits, a dict, are each checked). None: they cannot be compared row by row (not indexable)."""
+    splits, a dict, are each checked). None: they cannot be compared row by row (not indexable). `train_keys`: the
+    training rows' `_row_key`s, if already computed."""
     if isinstance(evaluation, dict):
-        answers = [shares_rows(train, d) for d in evaluation.values()]
+        answers = [shares_rows(train, d, train_keys) for d in evaluation.values()]
         return True if any(answers) else (None if None in answers else False)
     if evaluation is train:
         return True
     try:
-        seen = {_row_key(train[i]) for i in range(len(train))}
+        seen = train_keys if train_keys is not None else {_row_key(train[i]) for i in range(len(train))}
         return any(_row_key(evaluation[i]) in seen for i in range(len(evaluation)))
     except (TypeError, KeyError, IndexError, NotImplementedError, AttributeError):
         return None  # not indexable: unknown
