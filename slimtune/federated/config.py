@@ -306,10 +306,16 @@ def read_settings(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SlimtuneError(f"{path}: no such server settings file")
+    from slimtune.data.readers import read_text
+
+    is_json = path.suffix.lower() == ".json"
+    text = read_text(path)  # UTF-8, a byte order mark allowed: as every file a user edits (--config, data)
     try:
-        raw = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+        raw = json.loads(text) if is_json else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise SlimtuneError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({exc})") from None
+        raise SlimtuneError(f"{path}: not valid {'JSON' if is_json else 'TOML'} ({exc})") from None
+    if not isinstance(raw, dict):
+        raise SlimtuneError(f"{path}: expected a mapping of settings (key = value), got {type(raw).__name__}")
     values = {}
     for key, value in raw.items():
         name = _field_name(key)
