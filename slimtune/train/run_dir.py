@@ -15,6 +15,7 @@ recomputes those steps, so it must use fresh noise and account them again (train
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -117,6 +118,7 @@ def _partial_name(target: Path) -> Path:
     """A temporary sibling of `target` no user file has: a fixed name (o.jsonl.tmp, m.tmp-merge, x.gguf.partial) was
     overwritten or deleted when the user had one."""
     import uuid
+    target = Path(os.path.abspath(target))  # "." and "out/.." have a name to build it from
     return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.partial")
 
 
@@ -139,16 +141,24 @@ def write_new_file(path: str | Path, write, flag: str) -> None:
 
 def write_new_directory(path: str | Path, write, flag: str) -> None:
     """write_new_file for an output directory (checked new or empty by check_new_directory): `write(tmp)` fills a
-    temporary sibling directory, renamed onto `path` (which may only be empty: the rename fails on anything in it)."""
+    temporary sibling directory, renamed onto `path` (which may only be empty: the rename fails on anything in it).
+    The working directory itself (`--out .`) keeps its inode: the files move into it, as a rename would leave the
+    shell that ran the command in a deleted, empty directory."""
     import shutil
 
-    target = Path(path)
+    target = Path(os.path.abspath(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_name(target)
     try:
         tmp.mkdir()
         write(tmp)
-        os.rename(tmp, target)
+        if target.is_dir() and os.path.samefile(target, os.getcwd()):
+            if any(target.iterdir()):
+                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+            for entry in tmp.iterdir():
+                os.rename(entry, target / entry.name)
+        else:
+            os.rename(tmp, target)
     except OSError as exc:
         reason = "it is no longer empty" if target.is_dir() and any(target.iterdir()) else exc.strerror or exc
         raise SlimtuneError(f"{flag} {path}: could not write ({reason}; nothing was overwritten)") from None
