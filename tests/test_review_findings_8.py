@@ -1,0 +1,163 @@
+"""Eighth review round: today's changes (the built-in's float32 cache, the record of every saved model, privacy review
+6, careless-user review 7, federated local DP without a sent epsilon) attacked as a careless user and as an attacker.
+Each test failed on the code before its fix.
+
+1. `adapter_meta_of` recorded the dtype `load_model_and_tokenizer` was called with, not the model's: a model loaded in
+   float32 and cast to bf16 (`model.to(torch.bfloat16)`) was recorded as float32, so `slimtune eval --adapter`
+   rebuilt its base in float32 (the tuner adapters' save recorded the parameters' dtype before).
+2. It recorded a checkpoint given as a relative path as that string and fingerprinted it at save time: after a
+   change of working directory the fingerprint was None (the base check skipped) or another checkpoint's.
+3. The built-in's cache rebuild removed whatever directory was at SLIMTUNE_CACHE/<name> when it was not float32,
+   with `rmtree(ignore_errors=True)`: a user's own checkpoint of that name (a hub download, its README) was deleted.
+4. The private ZOTrainer's held-out check remembered a (train, eval) pair by identity: an eval list that gained a
+   training row after its first evaluation was scored un-noised (each call was checked before).
+5. Empty values: `flwr run` / the deployment script's settings (FederatedConfig) took `out-dir = ""` and wrote the
+   run into the server's working directory, which `slimtune federate --out ''` refuses.
+6. The server settings file (slimtune-server.toml) saved with a byte order mark was invalid TOML, while `--config`
+   files with one are read (one rule for the files a user edits).
+7. `merge --out .` (an empty working directory, which the checks accept) failed after the whole merge with an
+   internal error (`PosixPath('.') has an empty name`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtune import SlimtuneError
+
+from conftest import DEMO
+from test_review_findings_5 import tiny_checkpoint
+
+
+# -- 1, 2: the record read off a model --------------------------------------------------------------------------------
+def test_a_model_cast_after_loading_is_recorded_in_its_own_dtype():
+    import slimtune
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.peft.registry import adapter_meta_of
+
+    model, _ = load_model_and_tokenizer("tiny-llama", torch.float32, texts=["a great movie"])
+    model = model.to(torch.bfloat16)
+    assert adapter_meta_of(model)["dtype"] == "bfloat16"
+    assert adapter_meta_of(slimtune.apply_peft(model, "lora", r=2))["dtype"] == "bfloat16"
+    assert adapter_meta_of(slimtune.apply_peft(model, "svfit"))["dtype"] == "bfloat16"
+
+
+def test_a_quantized_base_is_still_recorded_in_its_load_dtype():
+    """A guard for the fix above: the int8 base's weights are int8 and its scales float32 whatever the dtype."""
+    pytest.importorskip("bitsandbytes")
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.peft.registry import adapter_meta_of
+
+    model, _ = load_model_and_tokenizer("tiny-llama", torch.bfloat16, texts=["a great movie"], base_quant="int8")
+    assert adapter_meta_of(model) == {"base_model": "tiny-llama", "base_fingerprint": "tiny-llama",
+                                      "dtype": "bfloat16", "base_quant": "int8"}
+
+
+def test_a_checkpoint_loaded_by_a_relative_path_is_recorded_wherever_the_save_runs(tmp_path, monkeypatch):
+    from slimtune.models import load_model_and_tokenizer
+    from slimtune.models.loading import base_fingerprint
+    from slimtune.peft.registry import adapter_meta_of
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model_and_tokenizer("ckpt", torch.float32)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")  # a notebook or a script that changes directory before saving
+    meta = adapter_meta_of(model)
+    assert meta["base_fingerprint"] == base_fingerprint(str(ckpt)) is not None
+    assert meta["base_model"] == str(ckpt)
+
+
+# -- 3: the built-in's cache -------------------------------------------------------------------------------------------
+def test_a_foreign_directory_where_the_cache_goes_is_never_deleted(tmp_path, monkeypatch):
+    """SLIMTUNE_CACHE=~/models, where the user keeps a bf16 SmolLM2 under the cache's name (a hub download, README and
+    all): the first `--model smollm2` run deleted it. It is refused in one line instead, untouched."""
+    from slimtune.models import loading
+    from test_review_findings_6 import fake_gguf_loader
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "models"))
+    monkeypatch.setattr(loading, "smollm2_gguf_dir", lambda: tmp_path)
+    calls: list = []
+    monkeypatch.setattr(loading, "_from_gguf", fake_gguf_loader(calls))
+    mine = tmp_path / "models" / loading.BUILTIN_CACHES["smollm2"]
+    model, tok = fake_gguf_loader([])(tmp_path, "x.gguf", torch.bfloat16)
+    model.save_pretrained(mine)
+    tok.save_pretrained(mine)
+    (mine / "README.md").write_text("my notes")
+    with pytest.raises(SlimtuneError, match="not slimtune's cache") as err:
+        loading.load_model_and_tokenizer("smollm2", torch.float32)
+    assert str(mine) in str(err.value)
+    assert (mine / "README.md").read_text() == "my notes" and (mine / "model.safetensors").is_file()
+    assert calls == []  # nothing was dequantized over it
+
+
+def test_a_stale_cache_is_replaced_without_a_window_where_it_is_half_gone(tmp_path, monkeypatch):
+    """A guard beside the fix above: slimtune's own bf16 cache (an older version's) is still rebuilt in float32,
+    and moved away whole before it is deleted (another process sees the old directory, or none, never a part)."""
+    from slimtune.models import loading
+    from test_review_findings_6 import fake_gguf_loader, reference_weights
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "smollm2_gguf_dir", lambda: tmp_path)
+    calls: list = []
+    monkeypatch.setattr(loading, "_from_gguf", fake_gguf_loader(calls))
+    stale = tmp_path / "cache" / loading.BUILTIN_CACHES["smollm2"]
+    model, tok = fake_gguf_loader([])(tmp_path, "x.gguf", torch.bfloat16)
+    model.save_pretrained(stale)
+    tok.save_pretrained(stale)
+    model, _ = loading.load_model_and_tokenizer("smollm2", torch.float32)
+    expected = reference_weights()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert calls == [torch.float32]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [stale.name]  # nothing left beside it
+
+
+# -- 4: the private trainer's held-out check ---------------------------------------------------------------------------
+def test_a_private_trainer_rechecks_an_eval_list_that_gained_a_training_row(tmp_path):
+    from test_privacy_review_6 import _hf_trainer, tokenizing
+
+    trainer = _hf_trainer(tmp_path, tokenizing)
+    held_out = [{"text": row} for row in trainer.eval_dataset["text"][:4]]
+    trainer.evaluate(held_out)
+    held_out.append({"text": trainer.train_dataset[0]["text"]})  # a notebook cell later
+    with pytest.raises(SlimtuneError, match="shares rows with train_dataset"):
+        trainer.evaluate(held_out)
+
+
+# -- 5, 6: the federated settings paths --------------------------------------------------------------------------------
+def test_flower_settings_refuse_an_empty_output_directory(tmp_path, monkeypatch):
+    from slimtune.federated.config import FederatedConfig, check_run
+
+    monkeypatch.chdir(tmp_path)  # an empty working directory: the run would have been written here
+    with pytest.raises(SlimtuneError, match="empty"):
+        check_run(FederatedConfig(data=str(DEMO / "sst2_demo_train.tsv"), out_dir=""))
+    with pytest.raises(SlimtuneError, match="empty"):
+        check_run(FederatedConfig(data=str(DEMO / "sst2_demo_train.tsv"), out_dir="runs/x", model=" "))
+
+
+def test_a_server_settings_file_with_a_byte_order_mark_is_read(tmp_path):
+    from slimtune.federated.config import read_settings
+
+    toml = tmp_path / "slimtune-server.toml"
+    toml.write_text("robust = 'median'\nround-timeout = 60.0\n", encoding="utf-8-sig")
+    assert read_settings(toml) == {"robust": "median", "round_timeout": 60.0}
+    upper = tmp_path / "settings.JSON"
+    upper.write_text(json.dumps({"robust": "median"}), encoding="utf-8-sig")
+    assert read_settings(upper) == {"robust": "median"}
+
+
+# -- 7: an output directory that is the working directory --------------------------------------------------------------
+def test_a_new_directory_can_be_the_empty_working_directory(tmp_path, monkeypatch):
+    from slimtune.train.run_dir import write_new_directory
+
+    here = tmp_path / "merged"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    write_new_directory(".", lambda tmp: (tmp / "config.json").write_text("{}"), "--out")
+    assert os.listdir(".") == ["config.json"]  # seen from the working directory itself, not a replaced one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary left beside it
