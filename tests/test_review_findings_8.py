@@ -17,6 +17,8 @@ Each test failed on the code before its fix.
    files with one are read (one rule for the files a user edits).
 7. `merge --out .` (an empty working directory, which the checks accept) failed after the whole merge with an
    internal error (`PosixPath('.') has an empty name`).
+8. `--local-dp-min-examples` with non-private clients, refused by `slimtune federate`, was silently ignored under
+   `flwr run` and the deployment script.
 """
 
 from __future__ import annotations
@@ -161,3 +163,16 @@ def test_a_new_directory_can_be_the_empty_working_directory(tmp_path, monkeypatc
     write_new_directory(".", lambda tmp: (tmp / "config.json").write_text("{}"), "--out")
     assert os.listdir(".") == ["config.json"]  # seen from the working directory itself, not a replaced one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary left beside it
+
+
+def test_flower_settings_refuse_a_client_sampling_bound_no_client_uses(tmp_path):
+    """`slimtune federate --local-dp-min-examples 100` with non-private clients is refused; under `flwr run` (run
+    config or server settings) and the deployment script the same bound was silently ignored."""
+    from slimtune.federated.config import FederatedConfig, check_run
+
+    data = str(DEMO / "sst2_demo_train.tsv")
+    for kwargs in ({}, {"mode": "zo-seeds", "local_optimizer": "mezo"}):
+        with pytest.raises(SlimtuneError, match="local-dp-min-examples"):
+            check_run(FederatedConfig(data=data, out_dir=str(tmp_path / "run"), local_dp_min_examples=100, **kwargs))
+    check_run(FederatedConfig(data=data, out_dir=str(tmp_path / "run"), local_dp_min_examples=100,
+                              local_optimizer="dpzero"))
