@@ -2,10 +2,10 @@
 
 What a client releases per round: its update (a delta, or (seed, scalar) pairs) and
   - non-private local optimizers: num-examples and the mean training loss (metrics the server may log or weigh by);
-  - private ones (dpzero, dplozo, dphizoo, dp-adamw, dp-sgd): nothing else. Not the count nor the loss (functions of
-    every example), nor its epsilon (a function of its count; federated/local_privacy.py: the server bounds it from
-    public settings under --local-dp-min-examples, and a deployment node prints its own on its own stderr). Its noise
-    and Poisson batches come from a fresh in-memory key each round (OS entropy), never the seed.
+  - private ones (dpzero, dplozo, dphizoo, dphybrid, dp-adamw, dp-sgd): nothing else. Not the count nor the loss
+    (functions of every example), nor its epsilon (a function of its count; federated/local_privacy.py: the server
+    bounds it from public settings under --local-dp-min-examples, and a deployment node prints its own on its own
+    stderr). Its noise and Poisson batches come from a fresh in-memory key each round (OS entropy), never the seed.
     Nothing else about its batches leaves the node: warnings and log lines raised during its steps are dropped and a
     failing step is reported without its details. Nor does anything about its rows: Flower sends an exception's text
     to the server (which logs it), so any failure of a private client's round, its own data file's bad row included,

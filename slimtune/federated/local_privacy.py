@@ -1,5 +1,5 @@
-"""Example-level DP of private federated clients (--local-optimizer dpzero, dplozo, dphizoo, dp-adamw, dp-sgd): what
-may be said about a client's epsilon, and by whom.
+"""Example-level DP of private federated clients (--local-optimizer dpzero, dplozo, dphizoo, dphybrid, dp-adamw,
+dp-sgd): what may be said about a client's epsilon, and by whom.
 
 A client's epsilon after T local steps is that of the Poisson-subsampled Gaussian mechanism at rate q, noise sigma
 (per release, `releases` releases a step), delta:  epsilon = eps_acct(q, sigma, T, delta).  With q = B / n, epsilon is
