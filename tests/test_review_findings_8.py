@@ -19,6 +19,7 @@ Each test failed on the code before its fix.
    internal error (`PosixPath('.') has an empty name`).
 8. `--local-dp-min-examples` with non-private clients, refused by `slimtune federate`, was silently ignored under
    `flwr run` and the deployment script.
+9. A TOML config with a [train] table was told to write `lr: ...` under no `train:` (YAML syntax).
 """
 
 from __future__ import annotations
@@ -176,3 +177,14 @@ def test_flower_settings_refuse_a_client_sampling_bound_no_client_uses(tmp_path)
             check_run(FederatedConfig(data=data, out_dir=str(tmp_path / "run"), local_dp_min_examples=100, **kwargs))
     check_run(FederatedConfig(data=data, out_dir=str(tmp_path / "run"), local_dp_min_examples=100,
                               local_optimizer="dpzero"))
+
+
+def test_a_nested_toml_section_is_named_in_toml(tmp_path):
+    """`--config x.toml` (new today) with a [train] table was told to write `lr: ...` (YAML, invalid TOML)."""
+    from slimtune.settings.cli import file_values
+    from slimtune.settings.train import TrainSettings
+
+    config = tmp_path / "c.toml"
+    config.write_text("[train]\nlr = 0.1\n")
+    with pytest.raises(SlimtuneError, match=r"write `lr = \.\.\.` at the top level, not under `\[train\]`"):
+        file_values(TrainSettings, str(config))

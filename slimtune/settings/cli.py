@@ -105,8 +105,10 @@ def file_values(cls: type[Settings], path: str) -> tuple[dict, set[str]]:
         name = cls.ALIASES.get(name, name)
         if isinstance(value, dict):
             example = next(iter(value), "key")
+            toml = Path(path).suffix.lower() == ".toml"  # in the file's own syntax
+            setting, section = (f"{example} = ...", f"[{key}]") if toml else (f"{example}: ...", f"{key}:")
             raise SlimtuneError(f"{path}: {key!r} is a nested section; settings are flat keys (write "
-                                f"`{example}: ...` at the top level, not under `{key}:`)")
+                                f"`{setting}` at the top level, not under `{section}`)")
         if name in out:
             raise SlimtuneError(f"{path}: setting {key!r} is given twice (dashes and underscores name the same "
                                 "setting); keep one")
