@@ -158,7 +158,10 @@ def adapter_meta_of(model: nn.Module) -> dict:
 def weights_dtype(base: nn.Module) -> str:
     """The dtype of a base model's weights: its input embeddings' (never quantized, never an adapter's: a quantized
     base's linear weights are int8 / uint8 beside float32 scales), else its first floating parameter's."""
-    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    try:
+        embeddings = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a module that is no transformers model, or has no embeddings
+        embeddings = None
     weight = getattr(embeddings, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         return str(weight.dtype).removeprefix("torch.")
