@@ -188,6 +188,7 @@ def test_every_finished_or_cited_sweep_is_the_tables_value():
         for name, key in (("--fo-lr", "fo_lr"), ("--hessian-smooth", "hessian_smooth")):
             if flag(flags, name) is not None:
                 assert extra[key] == float(flag(flags, name)), (pair, key)
-        if len({flag(c["flags"], "--steps") for c in entry["candidates"].values()}) > 1:  # a sweep over the steps
+        swept = [c["flags"] for c in entry["candidates"].values()] + list(CANDIDATES.get(pair, {}).values())
+        if len({flag(f, "--steps") for f in swept}) > 1:  # a sweep over the steps
             assert d.steps == int(flag(flags, "--steps")), (pair, "steps")
     assert {"mezo+lora", "adamw+lora", "hybrid+lora", "dp-adamw+lora", "gemma-mezo+lora"} <= set(checked)
