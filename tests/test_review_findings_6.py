@@ -223,3 +223,22 @@ def test_a_row_without_its_own_honest_run_is_judged_alike_by_the_table_and_the_t
     trust_1of8 = next(v for k, v in rows.items() if k.startswith("1 of 8") and "root-data" in k)
     assert "-6.0 pts (sign-flip)" in trust_1of8 and "missed" in trust_1of8, trust_1of8
     assert sys.modules["federated_attacks"] is bench
+
+
+def test_an_adapter_of_a_base_transformers_quantized_is_refused_not_rebuilt_dense(tmp_path):
+    """(Review 8's open item.) A LoRA trained on a base loaded with transformers' BitsAndBytesConfig was recorded as
+    base_quant None, so `slimtune eval --adapter` rebuilt a dense base without a word. It is now recorded as such,
+    and reading it back is one line saying what to do."""
+    import slimtune
+    from slimtune.models.loading import tiny_model, tiny_tokenizer
+    from slimtune.peft.registry import adapter_meta_of, check_adapter
+
+    tok = tiny_tokenizer(["a great movie"])
+    base = tiny_model("tiny-llama", len(tok), tok.pad_token_id, tok.eos_token_id)
+    base.is_quantized = True  # what from_pretrained(quantization_config=BitsAndBytesConfig(...)) leaves
+    base.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    meta = adapter_meta_of(slimtune.apply_peft(base, "lora", r=2))
+    assert meta["base_quant"] == "transformers:bitsandbytes"
+    adapter = lora_adapter(tmp_path / "adapter", meta)
+    with pytest.raises(SlimtuneError, match="transformers quantized"):
+        check_adapter(adapter, "tiny-llama")

@@ -152,7 +152,22 @@ def adapter_meta_of(model: nn.Module) -> dict:
     if name is None:
         path = getattr(getattr(base, "config", None), "_name_or_path", "") or ""
         name = os.path.abspath(path) if path and os.path.isdir(path) else None
-    return adapter_meta(name, weights_dtype(base), getattr(base, "slimtune_base_quant", None))
+    return adapter_meta(name, weights_dtype(base), base_quantization(base))
+
+
+EXTERNAL_QUANT = "transformers:"  # base_quant of a base transformers quantized (from_pretrained(quantization_config))
+
+
+def base_quantization(base: nn.Module) -> str | None:
+    """`quantize_base`'s kind ("int8" / "int4"), "transformers:<quant_method>" for a base transformers loaded quantized
+    (BitsAndBytesConfig, GPTQ, ...: a quantization slimtune does not rebuild, so `read_adapter_meta` refuses it
+    rather than evaluate the adapter on a dense base), or None for a dense one."""
+    kind = getattr(base, "slimtune_base_quant", None)
+    if kind is not None or not getattr(base, "is_quantized", False):
+        return kind
+    config = getattr(getattr(base, "config", None), "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return f"{EXTERNAL_QUANT}{getattr(method, 'value', method) or 'unknown'}"
 
 
 def weights_dtype(base: nn.Module) -> str:
@@ -227,6 +242,10 @@ def read_adapter_meta(directory: str | Path) -> dict:
     if not isinstance(meta, dict):
         raise SlimtuneError(f"{path}: not a JSON object (expected the base model, dtype and base_quant)")
     if meta.get("base_quant") not in (None, "int8", "int4"):
+        if str(meta["base_quant"]).startswith(EXTERNAL_QUANT):
+            raise SlimtuneError(f"{path}: trained on a base that transformers quantized ({meta['base_quant']}); "
+                                "slimtune rebuilds only its own --base-quant int8 / int4: load the base as it was "
+                                "trained and apply the adapter with peft (PeftModel.from_pretrained)")
         raise SlimtuneError(f"{path}: base_quant {meta['base_quant']!r} is none of int8, int4")
     if meta.get("dtype", "float32") not in DTYPES:
         raise SlimtuneError(f"{path}: dtype {meta['dtype']!r} is none of {', '.join(DTYPES)}")
