@@ -175,8 +175,11 @@ def test_a_broken_adapter_directory_is_a_one_line_error(runs, tmp_path, case):
 
 
 # -- the Hugging Face Trainer as a producer ---------------------------------------------------------------------------
-@pytest.mark.parametrize("peft", ["lora", "svfit", "adapter"])
-def test_hf_trainer_save_model_reads_back_with_slimtune_eval(tmp_path, peft):
+def hf_train(tmp_path: Path, peft: str, dtype: torch.dtype = torch.float32, steps: int = 4,
+             processing_class: bool = False):
+    """A few ZOTrainer steps on the demo data, saved with save_model to tmp_path / "adapter"; returns (model,
+    tokenizer, adapter directory). Without `processing_class` the tokenizer reaches the trainer through the collator
+    only."""
     datasets = pytest.importorskip("datasets")
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
@@ -184,32 +187,41 @@ def test_hf_trainer_save_model_reads_back_with_slimtune_eval(tmp_path, peft):
     from slimtune.data import get_task, read_examples
     from slimtune.hf import ZOArguments, ZOTrainer
     from slimtune.models import load_model_and_tokenizer
-    from slimtune.train.objectives import make_objective
 
     task = get_task("sst2")
     examples = read_examples(TRAIN, task)
-    model, tok = load_model_and_tokenizer("tiny-llama", texts=[e.prompt for e in examples])
+    model, tok = load_model_and_tokenizer("tiny-llama", dtype, texts=[e.prompt for e in examples])
     model = slimtune.apply_peft(model, peft, r=4)
     words = [tok(w, add_special_tokens=False)["input_ids"][0] for w in task.label_words]
     rows = []
     for e in examples:
         prompt = tok(e.prompt, add_special_tokens=False)["input_ids"]
         rows.append({"input_ids": prompt + [words[e.label]], "labels": [-100] * len(prompt) + [words[e.label]]})
-    trainer = ZOTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=4,
+    trainer = ZOTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps,
                                                             per_device_train_batch_size=8, save_strategy="no",
                                                             report_to=[], use_cpu=True, disable_tqdm=True),
                         train_dataset=datasets.Dataset.from_list(rows),
+                        processing_class=tok if processing_class else None,
                         data_collator=DataCollatorForSeq2Seq(tok, padding=True),
                         zo_args=ZOArguments(optimizer="mezo", lr=0.05, eps=1e-2))
     trainer.train()
     trainer.save_model(str(tmp_path / "adapter"))
+    return model, tok, tmp_path / "adapter"
 
+
+def in_process_eval(model, tok) -> dict:
+    from slimtune.train.objectives import make_objective
     objective = make_objective("sst2")
     raw, _ = objective.load(DEV, "validation")
     objective.bind(tok)
-    in_process = objective.evaluate(model, objective.examples(raw, tok), "cpu")
-    got = evaluate("--model", "tiny-llama", "--adapter", tmp_path / "adapter")
-    assert got["loss"] == pytest.approx(in_process["loss"], rel=1e-9)
+    return objective.evaluate(model, objective.examples(raw, tok), "cpu")
+
+
+@pytest.mark.parametrize("peft", ["lora", "svfit", "adapter"])
+def test_hf_trainer_save_model_reads_back_with_slimtune_eval(tmp_path, peft):
+    model, tok, adapter = hf_train(tmp_path, peft)
+    got = evaluate("--model", "tiny-llama", "--adapter", adapter)
+    assert got["loss"] == pytest.approx(in_process_eval(model, tok)["loss"], rel=1e-9)
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_its_architecture_is_refused(tmp_path):

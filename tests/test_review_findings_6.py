@@ -29,6 +29,17 @@ def fake_gguf_loader(calls: list):
     return load
 
 
+def fake_smollm2(tmp_path: Path, monkeypatch, cache: str = "cache") -> list:
+    """SLIMTUNE_CACHE at tmp_path / cache and the GGUF loader replaced by `fake_gguf_loader`; returns the list of
+    dtypes it is called with."""
+    from slimtune.models import loading
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / cache))
+    monkeypatch.setattr(loading, "smollm2_gguf_dir", lambda: tmp_path)
+    calls: list = []
+    monkeypatch.setattr(loading, "_from_gguf", fake_gguf_loader(calls))
+    return calls
+
+
 def reference_weights() -> dict:
     from slimtune.models.loading import tiny_model, tiny_tokenizer
     tok = tiny_tokenizer(["a great movie"])
@@ -42,10 +53,7 @@ def test_the_builtin_base_does_not_depend_on_the_first_runs_dtype(tmp_path, monk
     float32) trained on bf16-rounded weights, a different base on that machine than on another."""
     from slimtune.models import loading
 
-    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "smollm2_gguf_dir", lambda: tmp_path)
-    calls: list = []
-    monkeypatch.setattr(loading, "_from_gguf", fake_gguf_loader(calls))
+    calls = fake_smollm2(tmp_path, monkeypatch)
     low, _ = loading.load_model_and_tokenizer("smollm2", first)
     assert next(low.parameters()).dtype == first
     full, _ = loading.load_model_and_tokenizer("smollm2", torch.float32)
@@ -59,10 +67,7 @@ def test_a_cache_written_in_another_dtype_by_an_older_version_is_rebuilt(tmp_pat
     """Machines whose cache an older slimtune wrote in bf16 keep training on the rounded base unless it is rebuilt."""
     from slimtune.models import loading
 
-    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "smollm2_gguf_dir", lambda: tmp_path)
-    calls: list = []
-    monkeypatch.setattr(loading, "_from_gguf", fake_gguf_loader(calls))
+    calls = fake_smollm2(tmp_path, monkeypatch)
     stale, tok = fake_gguf_loader([])(tmp_path, "x.gguf", torch.bfloat16)
     stale.save_pretrained(tmp_path / "cache" / "smollm2-135m-instruct")
     tok.save_pretrained(tmp_path / "cache" / "smollm2-135m-instruct")
@@ -116,51 +121,20 @@ def test_a_missing_smollm2_package_does_not_break_other_bases(tmp_path, monkeypa
 
 
 # -- every producer's record: the Hugging Face trainer's LoRA ----------------------------------------------------------
-def hf_train(tmp_path: Path, peft: str, dtype: torch.dtype, base: str = "tiny-llama"):
-    """A few ZOTrainer steps on the demo data; returns (model, tokenizer, saved adapter directory)."""
-    datasets = pytest.importorskip("datasets")
-    from test_artifact_roundtrip import TRAIN
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
-
-    import slimtune
-    from slimtune.data import get_task, read_examples
-    from slimtune.hf import ZOArguments, ZOTrainer
-    from slimtune.models import load_model_and_tokenizer
-
-    task = get_task("sst2")
-    examples = read_examples(TRAIN, task)
-    model, tok = load_model_and_tokenizer(base, dtype, texts=[e.prompt for e in examples])
-    model = slimtune.apply_peft(model, peft, r=4)
-    words = [tok(w, add_special_tokens=False)["input_ids"][0] for w in task.label_words]
-    rows = []
-    for e in examples:
-        prompt = tok(e.prompt, add_special_tokens=False)["input_ids"]
-        rows.append({"input_ids": prompt + [words[e.label]], "labels": [-100] * len(prompt) + [words[e.label]]})
-    trainer = ZOTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3,
-                                                            per_device_train_batch_size=8, save_strategy="no",
-                                                            report_to=[], use_cpu=True, disable_tqdm=True),
-                        train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
-                        data_collator=DataCollatorForSeq2Seq(tok, padding=True),
-                        zo_args=ZOArguments(optimizer="mezo", lr=0.05, eps=1e-2))
-    trainer.train()
-    trainer.save_model(str(tmp_path / "adapter"))
-    return model, tok, tmp_path / "adapter"
+def hf_train(tmp_path: Path, peft: str, dtype: torch.dtype):
+    from test_artifact_roundtrip import hf_train as train
+    return train(tmp_path, peft, dtype, steps=3, processing_class=True)
 
 
 @pytest.mark.parametrize("peft", ["lora", "svfit"])
 def test_an_hf_trainer_adapter_in_bf16_reads_back_in_bf16(tmp_path, peft):
     """ZOTrainer.save_model of a LoRA model went through transformers alone and recorded nothing: `slimtune eval
     --adapter` then rebuilt a bf16 run's base in float32 (the defect fixed for `slimtune train` last round)."""
-    from test_artifact_roundtrip import DEV, evaluate
-
-    from slimtune.train.objectives import make_objective
+    from test_artifact_roundtrip import evaluate, in_process_eval
 
     model, tok, adapter = hf_train(tmp_path, peft, torch.bfloat16)
     assert json.loads((adapter / "slimtune.json").read_text())["dtype"] == "bfloat16"
-    objective = make_objective("sst2")
-    raw, _ = objective.load(DEV, "validation")
-    objective.bind(tok)
-    in_process = objective.evaluate(model, objective.examples(raw, tok), "cpu")
+    in_process = in_process_eval(model, tok)
     got = evaluate("--model", "tiny-llama", "--adapter", adapter)
     assert got["loss"] == pytest.approx(in_process["loss"], rel=1e-9)
 

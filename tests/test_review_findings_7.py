@@ -12,28 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from slimtune import SlimtuneError
-from slimtune.cli import app
+from test_bad_input_table import assert_one_line, cli  # the CLI runner and the one-line error check
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "slimtune" / "data" / "demo"
 TRAIN, DEV, E2E = str(DEMO / "sst2_demo_train.tsv"), str(DEMO / "sst2_demo_dev.tsv"), str(DEMO / "e2e_demo_dev.csv")
 TINY = ["--model", "tiny-llama"]
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line(res, needle: str, code: int = 2):
-    assert res.exit_code == code, res.output
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    assert "Traceback" not in res.output
-    assert needle in " ".join(lines[0].split()), lines[0]
 
 
 @pytest.fixture(scope="module")

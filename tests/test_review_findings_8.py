@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -81,12 +80,9 @@ def test_a_foreign_directory_where_the_cache_goes_is_never_deleted(tmp_path, mon
     """SLIMTUNE_CACHE=~/models, where the user keeps a bf16 SmolLM2 under the cache's name (a hub download, README and
     all): the first `--model smollm2` run deleted it. It is refused in one line instead, untouched."""
     from slimtune.models import loading
-    from test_review_findings_6 import fake_gguf_loader
+    from test_review_findings_6 import fake_gguf_loader, fake_smollm2
 
-    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "models"))
-    monkeypatch.setattr(loading, "smollm2_gguf_dir", lambda: tmp_path)
-    calls: list = []
-    monkeypatch.setattr(loading, "_from_gguf", fake_gguf_loader(calls))
+    calls = fake_smollm2(tmp_path, monkeypatch, "models")
     mine = tmp_path / "models" / loading.BUILTIN_CACHES["smollm2"]
     model, tok = fake_gguf_loader([])(tmp_path, "x.gguf", torch.bfloat16)
     model.save_pretrained(mine)
@@ -103,12 +99,9 @@ def test_a_stale_cache_is_replaced_without_a_window_where_it_is_half_gone(tmp_pa
     """A guard beside the fix above: slimtune's own bf16 cache (an older version's) is still rebuilt in float32,
     and moved away whole before it is deleted (another process sees the old directory, or none, never a part)."""
     from slimtune.models import loading
-    from test_review_findings_6 import fake_gguf_loader, reference_weights
+    from test_review_findings_6 import fake_gguf_loader, fake_smollm2, reference_weights
 
-    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "smollm2_gguf_dir", lambda: tmp_path)
-    calls: list = []
-    monkeypatch.setattr(loading, "_from_gguf", fake_gguf_loader(calls))
+    calls = fake_smollm2(tmp_path, monkeypatch)
     stale = tmp_path / "cache" / loading.BUILTIN_CACHES["smollm2"]
     model, tok = fake_gguf_loader([])(tmp_path, "x.gguf", torch.bfloat16)
     model.save_pretrained(stale)
