@@ -216,3 +216,23 @@ def test_an_adapter_of_a_base_transformers_quantized_is_refused_not_rebuilt_dens
     adapter = lora_adapter(tmp_path / "adapter", meta)
     with pytest.raises(SlimtuneError, match="transformers quantized"):
         check_adapter(adapter, "tiny-llama")
+
+
+# -- --target-modules: what peft accepts ------------------------------------------------------------------------------
+@pytest.mark.parametrize("peft", ["lora", "svfit", "adapter"])
+def test_target_modules_take_a_dotted_suffix_of_a_module_path(peft):
+    """peft targets a module whose name ends with a target ("layers.1.self_attn.q_proj": LoRA on one block only, e.g.
+    the top blocks); slimtune's own check compared only the last name component and refused it ('no such layer').
+    A path that names no module is still refused."""
+    import slimtune
+    from slimtune.models.loading import tiny_model, tiny_tokenizer
+
+    def fresh():
+        tok = tiny_tokenizer(["a great movie"])
+        return tiny_model("tiny-llama", len(tok), tok.pad_token_id, tok.eos_token_id)
+    layer = {"lora": "self_attn.q_proj", "svfit": "self_attn.q_proj", "adapter": "self_attn.o_proj"}[peft]
+    model = slimtune.apply_peft(fresh(), peft, r=2, target_modules=[f"layers.1.{layer}"])
+    trained = {n.split(f".{layer}")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith("layers.1") for n in trained), trained
+    with pytest.raises(SlimtuneError, match="layers.7.self_attn.q_proj"):
+        slimtune.apply_peft(fresh(), peft, r=2, target_modules=["layers.7.self_attn.q_proj"])

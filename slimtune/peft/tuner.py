@@ -22,9 +22,16 @@ WEIGHTS = "slimtune_adapter.safetensors"
 CONFIG = "slimtune_adapter_config.json"
 
 
+def targets_module(name: str, target: str) -> bool:
+    """peft's rule for a target given by name: the module's name is the target or ends with "." + target ("q_proj",
+    or a dotted suffix of a module path such as "layers.28.self_attn.q_proj" for one block)."""
+    return name == target or name.endswith("." + target)
+
+
 def matching_modules(model: torch.nn.Module, targets: list[str], kinds: tuple) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) pairs whose last name component is in `targets` and whose type is one of `kinds`."""
-    return [(name, m) for name, m in model.named_modules() if name.split(".")[-1] in targets and isinstance(m, kinds)]
+    """(name, module) pairs that one of `targets` names (`targets_module`) and whose type is one of `kinds`."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, kinds) and any(targets_module(name, t) for t in targets)]
 
 
 def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
@@ -49,11 +56,11 @@ def layer_names(model: torch.nn.Module, kinds: tuple) -> list[str]:
 
 def check_targets(model, method: str, targets: list[str], kinds: tuple, found: list) -> None:
     """Every named target must be a layer of the model: a typo must not silently train less than asked."""
-    present = {name.split(".")[-1] for name, _ in found}
-    missing = [t for t in targets if t not in present]
+    missing = [t for t in targets if not any(targets_module(name, t) for name, _ in found)]
     if missing or not found:
         raise SlimtuneError(f"--target-modules {','.join(missing or targets)}: no such layer for --peft {method} in "
-                            f"this model (its layers: {', '.join(layer_names(model, kinds))})")
+                            f"this model (its layers: {', '.join(layer_names(model, kinds))}; or a dotted suffix of "
+                            "a module path, e.g. layers.0.self_attn.q_proj)")
 
 
 def wrappers(model, wrapper_cls) -> list[tuple[str, torch.nn.Module]]:
