@@ -416,11 +416,19 @@ def shares_rows(train, evaluation, train_keys: set | None = None) -> bool | None
         return None  # not indexable: unknown
 
 
+NOT_SHOWN = ("labels", "label", "label_ids", "attention_mask")  # columns a row's key leaves out (`_row_key`)
+
+
 def _row_key(row) -> str:
-    """A row as text, its strings compared up to case and spacing as the CLI's and the federated checks do."""
+    """A row as text, its strings compared up to case and spacing as the CLI's and the federated checks do; of a dict
+    row, what the model is shown: its label columns and attention mask are left out (NOT_SHOWN), so that a training
+    row given to predict() without its labels is still that training row."""
     import json
 
     from slimtune.train.objectives import overlap_key
+
+    if isinstance(row, dict):
+        row = {k: v for k, v in row.items() if k not in NOT_SHOWN}
 
     def normalised(value):
         if isinstance(value, str):

@@ -181,3 +181,16 @@ def test_a_nested_toml_section_is_named_in_toml(tmp_path):
     config.write_text("[train]\nlr = 0.1\n")
     with pytest.raises(SlimtuneError, match=r"write `lr = \.\.\.` at the top level, not under `\[train\]`"):
         file_values(TrainSettings, str(config))
+
+
+def test_training_rows_without_their_labels_are_recognised_as_training_rows():
+    """(Review 8's open item.) The held-out check keyed a row by all of its columns, so the usual predict() input, the
+    training rows without their `labels` (or `label`) column, was not recognised: a private ZOTrainer scored training
+    rows without noise. The key now leaves out label columns and the attention mask (not what the model is shown)."""
+    from slimtune.hf import shares_rows
+
+    train = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, -100, 7]},
+             {"text": "A great movie", "label": 1}]
+    assert shares_rows(train, [{"input_ids": [5, 6, 7]}]) is True
+    assert shares_rows(train, [{"text": "a great  movie"}]) is True
+    assert shares_rows(train, [{"input_ids": [5, 6, 8]}, {"text": "another movie", "label": 1}]) is False
