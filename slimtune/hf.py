@@ -198,7 +198,7 @@ class ZOTrainerMixin:
         kept = self.__dict__.get("_train_row_keys")
         try:
             if kept is None or kept[0] is not train or kept[1] != len(train):
-                kept = (train, len(train), {_row_key(train[i]) for i in range(len(train))})
+                kept = (train, len(train), training_keys(train))
         except (TypeError, KeyError, IndexError, NotImplementedError, AttributeError):
             return None
         self.__dict__["_train_row_keys"] = kept
@@ -410,13 +410,32 @@ def shares_rows(train, evaluation, train_keys: set | None = None) -> bool | None
     if evaluation is train:
         return True
     try:
-        seen = train_keys if train_keys is not None else {_row_key(train[i]) for i in range(len(train))}
+        seen = train_keys if train_keys is not None else training_keys(train)
         return any(_row_key(evaluation[i]) in seen for i in range(len(evaluation)))
     except (TypeError, KeyError, IndexError, NotImplementedError, AttributeError):
         return None  # not indexable: unknown
 
 
 NOT_SHOWN = ("labels", "label", "label_ids", "attention_mask")  # columns a row's key leaves out (`_row_key`)
+
+
+def training_keys(train) -> set[str]:
+    """`_row_key` of every training row, and of the prompt of each tokenized one (its input_ids where labels is
+    -100, the tokens before its target): scoring a training prompt alone, for predict(), says what the model learned
+    of that row too."""
+    keys = set()
+    for i in range(len(train)):
+        row = train[i]
+        keys.add(_row_key(row))
+        if isinstance(row, dict) and "input_ids" in row and "labels" in row:
+            ids, labels = _as_list(row["input_ids"]), _as_list(row["labels"])
+            if len(ids) == len(labels) and -100 in labels:
+                keys.add(_row_key({"input_ids": [t for t, l in zip(ids, labels) if l == -100]}))
+    return keys
+
+
+def _as_list(value) -> list:
+    return value.tolist() if hasattr(value, "tolist") else list(value)
 
 
 def _row_key(row) -> str:

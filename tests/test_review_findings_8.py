@@ -194,3 +194,13 @@ def test_training_rows_without_their_labels_are_recognised_as_training_rows():
     assert shares_rows(train, [{"input_ids": [5, 6, 7]}]) is True
     assert shares_rows(train, [{"text": "a great  movie"}]) is True
     assert shares_rows(train, [{"input_ids": [5, 6, 8]}, {"text": "another movie", "label": 1}]) is False
+
+
+def test_a_training_prompt_alone_is_recognised_as_a_training_row():
+    """predict() on a training row's prompt (its input_ids without the target token: labels -100 there) scores what
+    the model learned of that row; it was not recognised."""
+    from slimtune.hf import shares_rows
+
+    train = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, -100, 7]}]
+    assert shares_rows(train, [{"input_ids": [5, 6]}]) is True
+    assert shares_rows(train, [{"input_ids": [5, 8]}, {"input_ids": [5]}]) is False
