@@ -104,9 +104,10 @@ def _local_round(cfg: FederatedConfig, partition_id: int, payload: dict, server_
         if own_data:  # a deployment node: its operator holds the rows; the server hears nothing of this
             from slimtune.federated.local_privacy import node_epsilon
             epsilon = node_epsilon(cfg, len(examples), steps_before + cfg.local_steps)
+            # the count lives in the node's Flower state: a node restarted mid-run counts from its restart
             print(f"slimtune client (this node only, not sent): example-level epsilon {epsilon:.4g} at delta "
-                  f"{cfg.local_dp_delta:g} after {steps_before + cfg.local_steps} private steps", file=sys.stderr,
-                  flush=True)
+                  f"{cfg.local_dp_delta:g} after {steps_before + cfg.local_steps} private steps since this node "
+                  "started (add the steps of any earlier start on the same data)", file=sys.stderr, flush=True)
     else:
         metrics = {"num-examples": len(examples), "train-loss": float(np.nanmean(losses))}
     if cfg.mode == "zo-seeds":
