@@ -204,3 +204,23 @@ def test_a_training_prompt_alone_is_recognised_as_a_training_row():
     train = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, -100, 7]}]
     assert shares_rows(train, [{"input_ids": [5, 6]}]) is True
     assert shares_rows(train, [{"input_ids": [5, 8]}, {"input_ids": [5]}]) is False
+
+
+def test_an_output_that_appears_after_the_check_is_never_overwritten(tmp_path, monkeypatch):
+    """write_new_file checked that nothing was at the output, then renamed over it: a file created between the two
+    was overwritten. The temporary is now hard-linked into place, which refuses anything there."""
+    import pathlib
+
+    from slimtune.train.run_dir import write_new_file
+
+    target = tmp_path / "out.jsonl"
+
+    def write(tmp):
+        tmp.write_text("ours")
+        target.write_text("theirs")  # another process, after any check this command made
+
+    real_exists = pathlib.Path.exists
+    monkeypatch.setattr(pathlib.Path, "exists", lambda self, **kw: False if self == target else real_exists(self))
+    with pytest.raises(SlimtuneError, match="appeared while this command ran"):
+        write_new_file(target, write, "--output")
+    assert target.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]

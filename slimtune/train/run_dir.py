@@ -128,11 +128,17 @@ def write_new_file(path: str | Path, write, flag: str) -> None:
     Ctrl-C the temporary is removed, and nothing else is touched."""
     target = Path(path)
     tmp = _partial_name(target)
+    appeared = SlimtuneError(f"{flag} {path}: appeared while this command ran (nothing was overwritten)")
     try:
         write(tmp)
-        if target.exists():
-            raise SlimtuneError(f"{flag} {path}: appeared while this command ran (nothing was overwritten)")
-        os.replace(tmp, target)
+        try:
+            os.link(tmp, target)  # atomic, and refuses anything at `path`: no window between a check and a rename
+        except FileExistsError:
+            raise appeared from None
+        except OSError:  # a filesystem without hard links: check, then rename
+            if target.exists():
+                raise appeared from None
+            os.replace(tmp, target)
     except OSError as exc:
         raise SlimtuneError(f"{flag} {path}: could not write ({exc.strerror or exc})") from None
     finally:
