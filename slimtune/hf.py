@@ -192,8 +192,8 @@ class ZOTrainerMixin:
                                 "private run evaluates only on data shown to be held out; give a map-style dataset")
 
     def _training_row_keys(self) -> set | None:
-        """`_row_key` of every training row, kept while the training dataset is the same object of the same length
-        (None: not indexable)."""
+        """`training_keys` of the training dataset, kept while it is the same object of the same length (None: not
+        indexable)."""
         train = self.train_dataset
         kept = self.__dict__.get("_train_row_keys")
         try:
@@ -403,7 +403,7 @@ class ZOTrainerMixin:
 def shares_rows(train, evaluation, train_keys: set | None = None) -> bool | None:
     """Whether two datasets hold a common row (the same object, or equal rows by content; eval datasets of several
     splits, a dict, are each checked). None: they cannot be compared row by row (not indexable). `train_keys`: the
-    training rows' `_row_key`s, if already computed."""
+    training rows' `training_keys`, if already computed."""
     if isinstance(evaluation, dict):
         answers = [shares_rows(train, d, train_keys) for d in evaluation.values()]
         return True if any(answers) else (None if None in answers else False)
@@ -442,8 +442,6 @@ def _row_key(row) -> str:
     """A row as text, its strings compared up to case and spacing as the CLI's and the federated checks do; of a dict
     row, what the model is shown: its label columns and attention mask are left out (NOT_SHOWN), so that a training
     row given to predict() without its labels is still that training row."""
-    import json
-
     from slimtune.train.objectives import overlap_key
 
     if isinstance(row, dict):

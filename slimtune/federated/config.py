@@ -173,8 +173,8 @@ class FederatedConfig:
             raise SlimtuneError(f"--mode zo-seeds clients run MeZO and release (seed, scalar) pairs: --local-optimizer "
                                 f"{self.local_optimizer} would not be used (no local DP there); use --mode lora, or "
                                 f"drop --local-optimizer")
-        if self.local_dp_min_examples is not None and (self.mode == "zo-seeds"
-                                                       or self.local_optimizer not in PRIVATE_OPTIMIZERS):
+        from slimtune.federated.local_privacy import is_private
+        if self.local_dp_min_examples is not None and not is_private(self):
             raise SlimtuneError(f"--local-dp-min-examples caps the sampling rate of private local optimizers "
                                 f"({', '.join(PRIVATE_OPTIMIZERS)}; --mode lora); these clients (--local-optimizer "
                                 f"{self.local_optimizer}, --mode {self.mode}) would ignore it: drop it")

@@ -32,8 +32,8 @@ def parse_reply(content: RecordDict, cfg, shapes: dict[str, tuple]) -> dict:
 
     num-examples: absent, or a finite whole number in [1, MAX_EXAMPLES] (required only under --weighting examples);
     train-loss: absent or one finite number (no other metric is read; a private client sends none); arrays: exactly
-    the expected keys with the expected dtypes and sizes; a delta must be finite and, if --max-update-norm > 0, of at most that L2 norm; zo-seeds: at most
-    local_steps pairs of finite scalars with |g| <= MAX_PROJECTED_GRAD."""
+    the expected keys with the expected dtypes and sizes; a delta must be finite and, if --max-update-norm > 0, of at
+    most that L2 norm; zo-seeds: at most local_steps pairs of finite scalars with |g| <= MAX_PROJECTED_GRAD."""
     arrays = content.array_records.get("arrays")
     metrics = content.metric_records.get("metrics")
     if arrays is None or metrics is None:

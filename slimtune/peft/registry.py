@@ -312,8 +312,8 @@ def read_adapter(directory: str | Path, model: str = "smollm2", device: str = "c
     meta = check_adapter(directory, model)
     dtype = torch.float32 if dense else getattr(torch, meta.get("dtype") or "float32")
     quant = None if dense else meta.get("base_quant")
-    if not (directory / "adapter_config.json").exists() and not (directory / tuner.CONFIG).exists():
-        return load_model_and_tokenizer(str(directory), dtype, device)  # --peft none: the whole fine-tuned model
+    if is_whole_model(directory):  # --peft none: the whole fine-tuned model (check_adapter found one of the kinds)
+        return load_model_and_tokenizer(str(directory), dtype, device)
     base, tokenizer = load_model_and_tokenizer(model, dtype, device, tokenizer_dir=str(directory), base_quant=quant)
     return load_peft(base, directory), tokenizer
 

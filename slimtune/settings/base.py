@@ -153,6 +153,7 @@ class Settings:
             if value is None:
                 continue
             where = f"{origin}: setting {name!r}" if origin else flag(name)
+            _refuse_empty(where, value)
             if spec.choices is not None and value not in spec.choices:
                 raise SlimtuneError(f"{where} {value!r}: choose one of {', '.join(map(str, spec.choices))}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -176,11 +177,9 @@ class Settings:
             if value is None:
                 continue
             where = self.where(f.name)
-            if isinstance(value, str) and not value.strip() and self.given(f.name):
-                # `--out "$OUT"` with OUT unset: an empty value is not the default (train wrote into the current
-                # directory, --output "" printed instead, --eval-data "" trained without evaluation)
+            if self.given(f.name):
                 leave = f", or leave {where} out" if spec.cli and not getattr(self, "_origin", {}).get(f.name) else ""
-                raise SlimtuneError(f"{where} {value!r}: empty (an unset variable?); give a value{leave}")
+                _refuse_empty(where, value, leave)
             if spec.choices is not None and value not in spec.choices:
                 raise SlimtuneError(f"{where} {value!r}: choose one of {', '.join(map(str, spec.choices))}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -214,6 +213,13 @@ def _check_range(where: str, value: float, spec: Spec) -> None:
         lo = "" if spec.low is None else f"{'>' if spec.low_open else '>='} {spec.low:g}"
         hi = "" if spec.high is None else f"{'<' if spec.high_open else '<='} {spec.high:g}"
         raise SlimtuneError(f"{where} {value:g}: must be {' and '.join(p for p in (lo, hi) if p)}")
+
+
+def _refuse_empty(where: str, value: Any, leave: str = "") -> None:
+    """A given value that is an empty string is not the default: `--out "$OUT"` with OUT unset wrote the run into the
+    current directory, --output "" printed instead, --eval-data "" trained without evaluation."""
+    if isinstance(value, str) and not value.strip():
+        raise SlimtuneError(f"{where} {value!r}: empty (an unset variable?); give a value{leave}")
 
 
 def coerce(f, value: Any, source: str | None):

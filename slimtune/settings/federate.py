@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimtune import SlimtuneError
-from slimtune.settings.base import Settings, condition, flag, setting, when
+from slimtune.settings.base import Settings, condition, setting, when
 from slimtune.settings.train import HYBRID, OPTIMIZERS, PRIVATE, ZEROTH_ORDER
 
 # --robust choices (federated/bounds.aggregate); clip: kept for old configs, the same as none
@@ -35,10 +35,6 @@ def check_config_values(cfg, origin: str | None = None) -> None:
     values["root_data"] = values["root_data"] or None
     if values.get("data") == "":
         values["data"] = None
-    for name, value in values.items():  # as Settings.validate: `out-dir = "$OUT"` with OUT unset wrote into the cwd
-        if isinstance(value, str) and not value.strip():
-            where = f"{origin}: setting {name!r}" if origin else flag(name)
-            raise SlimtuneError(f"{where} {value!r}: empty (an unset variable?); give a value")
     FederateSettings.check_values(values, origin)
     if cfg.bits not in (*range(1, 9), 32) or cfg.upload_bits not in (*range(1, 9), 32):
         raise SlimtuneError(f"--bits {cfg.bits} / --upload-bits {cfg.upload_bits}: each must be 1..8 or 32")
