@@ -147,17 +147,10 @@ class Settings:
             f = by_name.get(name)
             if f is None:
                 raise SlimtuneError(f"{origin}: unknown setting {name!r}")
-            value = coerce(f, value, origin)
-            out[name] = value
-            spec = spec_of(f)
-            if value is None:
-                continue
-            where = f"{origin}: setting {name!r}" if origin else flag(name)
-            _refuse_empty(where, value)
-            if spec.choices is not None and value not in spec.choices:
-                raise SlimtuneError(f"{where} {value!r}: choose one of {', '.join(map(str, spec.choices))}")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                _check_range(where, value, spec)
+            out[name] = value = coerce(f, value, origin)
+            if value is not None:
+                _check_value(f"{origin}: setting {name!r}" if origin else flag(name), value, spec_of(f),
+                             empty_given=True)
         return out
 
     # -- validation --------------------------------------------------------------------------------------------
@@ -177,13 +170,8 @@ class Settings:
             if value is None:
                 continue
             where = self.where(f.name)
-            if self.given(f.name):
-                leave = f", or leave {where} out" if spec.cli and not getattr(self, "_origin", {}).get(f.name) else ""
-                _refuse_empty(where, value, leave)
-            if spec.choices is not None and value not in spec.choices:
-                raise SlimtuneError(f"{where} {value!r}: choose one of {', '.join(map(str, spec.choices))}")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                _check_range(where, value, spec)
+            leave = f", or leave {where} out" if spec.cli and not getattr(self, "_origin", {}).get(f.name) else ""
+            _check_value(where, value, spec, empty_given=self.given(f.name), leave=leave)
         for f in fields(self):  # applicability: only what the user gave
             spec = spec_of(f)
             if spec.applies is not None and self.given(f.name) and not spec.applies.test(self):
@@ -200,6 +188,16 @@ class Settings:
 
 
 INT64 = 2**63 - 1  # torch and numpy take no larger integer
+
+
+def _check_value(where: str, value: Any, spec: Spec, *, empty_given: bool, leave: str = "") -> None:
+    """The per-field rules every source of values shares: a given empty string, the choices, the range."""
+    if empty_given:
+        _refuse_empty(where, value, leave)
+    if spec.choices is not None and value not in spec.choices:
+        raise SlimtuneError(f"{where} {value!r}: choose one of {', '.join(map(str, spec.choices))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check_range(where, value, spec)
 
 
 def _check_range(where: str, value: float, spec: Spec) -> None:
