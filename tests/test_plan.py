@@ -97,3 +97,15 @@ def test_train_suggests_the_best_method_that_fits(tmp_path, demo_paths, monkeypa
     best = next(r for r in rows if r["fits"])
     assert memory_model.as_flags(best) in str(err.value)
     assert all(not r["fits"] for r in rows[:rows.index(best)])
+
+
+def test_plan_takes_fo_layers_for_its_hybrid_rows():
+    """`plan` planned every hybrid with 2 blocks by backprop while `train --fo-layers k` used k (review 9): the rows
+    follow --fo-layers, a value beyond the model's blocks is one line, and the flags it proposes carry it."""
+    model, _ = load_model_and_tokenizer("tiny-llama", texts=["a b c"])
+    peaks = {k: {r["optimizer"]: r["peak_mb"] for r in memory_model.plan_rows(model, 4, 32, "cpu", 2, fo_layers=k)
+                 if r["peft"] == "lora"} for k in (1, 2)}
+    assert peaks[2]["hybrid"] > peaks[1]["hybrid"] and peaks[2]["mezo"] == peaks[1]["mezo"]
+    assert memory_model.as_flags({"optimizer": "hybrid", "peft": "lora", "fo_layers": 1}).endswith("--fo-layers 1")
+    res = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--fo-layers", "3"])
+    assert res.exit_code == 2 and "--fo-layers 3" in res.stderr and "2 blocks" in res.stderr, res.output
