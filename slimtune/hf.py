@@ -51,6 +51,7 @@ from slimtune import SlimtuneError
 from slimtune.optimizers import OPTIMIZERS, PrivateOptimizer, ZerothOrderOptimizer, peft_kind
 
 EMPTY_BATCH = "slimtune_empty_batch"  # the collated form of an empty Poisson batch
+EXAMPLES = "slimtune_examples"  # how many examples a private batch was collated from (checked, then dropped)
 
 
 @dataclass
@@ -248,6 +249,8 @@ class ZOTrainerMixin:
                 weight_decay=self.args.weight_decay, seed=self.args.seed if self.zo_args.seed is None else
                 self.zo_args.seed, dataset_size=size, batch_size=self._train_batch_size,
                 steps=self.state.max_steps if self.zo_args.private else None)
+            if hasattr(self.optimizer.impl, "top"):  # a hybrid's backprop part clips as transformers' AdamW would
+                self.optimizer.impl.config.max_grad_norm = self.args.max_grad_norm or None
         return self.optimizer
 
     def zo_optimizer(self) -> ZerothOrderOptimizer:
@@ -279,6 +282,12 @@ class ZOTrainerMixin:
         """A private step raises no warning and, when it fails, no detail of the batch (as `slimtune train`): an
         exception's text or a warning may hold training rows, their lengths or the realised batch size."""
         from slimtune.privacy.withhold import withheld
+        examples = inputs.pop(EXAMPLES, None)
+        rows = next((len(v) for k, v in inputs.items() if k != EMPTY_BATCH and isinstance(v, torch.Tensor)), 0)
+        if examples is not None and rows != examples:  # no count in the message: the batch size is private
+            raise SlimtuneError("private training clips one loss per example, but the data collator does not give "
+                                "one row per example (a padding-free or flattening collator packs several into one, "
+                                "so one example could move a release by more than the clip): use a padding collator")
         with withheld(f"a private training step failed at step {opt.steps_taken + 1}"):
             return opt.step(self._zo_closure(model, inputs, True))
 
@@ -502,7 +511,7 @@ class PoissonBatches:
 
 class EmptyAware:
     """The collator of private Poisson batches: an empty batch passes on as {EMPTY_BATCH: tensor([])} (collators fail
-    on []), and any other is collated inside `withheld`, as the step itself is (transformers fetches a batch before
+    on []), any other carries its number of examples (EXAMPLES), and is collated inside `withheld`, as the step itself is (transformers fetches a batch before
     `training_step`): a collator's warnings and log lines (a tokenizer's "sequence length ... (36 > 5)") and the text of
     its errors name the rows of a secret batch."""
 
@@ -514,7 +523,9 @@ class EmptyAware:
             return {EMPTY_BATCH: torch.zeros(0)}
         from slimtune.privacy.withhold import withheld
         with withheld("collating a private training batch failed", "call the collator on public rows to see why"):
-            return self.collator(examples)
+            batch = self.collator(examples)
+        batch[EXAMPLES] = len(examples)  # ZOTrainer._private_step checks one row per example
+        return batch
 
 
 class _TrainingMetrics:

@@ -31,7 +31,8 @@ import torch
 from slimtune import SlimtuneError
 from slimtune.optim import OptimizerArgs
 from slimtune.optim.base import StepOutput
-from slimtune.settings.python import check_keywords, default, require_model
+from slimtune.optim.methods import METHODS
+from slimtune.settings.python import check_keywords, default, in_python_terms, require_model
 
 Loss = Union[torch.Tensor, float]
 Closure = Callable[[], Loss]
@@ -65,7 +66,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, given: dict, private: tuple | None = None):
         from slimtune.optim import OptimizerArgs, build_optimizer
         from slimtune.models.loading import builtin_architecture
-        from slimtune.optim.defaults import defaults_for
+        from slimtune.optim.defaults import defaults_for, method_settings
 
         owner = f"slimtune.{type(self).__name__}"
         require_model(owner, model)
@@ -79,11 +80,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         values.setdefault("lr", table.lr)
         if table.eps is not None:
             values.setdefault("eps", table.eps)
-        for name, value in table.extra:  # method-specific values of the table (HiZOO's alpha, hybrid's fo_lr)
-            values.setdefault(name, value)
+        for name, value in method_settings(self.method, kind, builtin_architecture(model)).items():
+            values.setdefault(name, value)  # the method's own (HiZOO's alpha, hybrid's fo_lr, the z source)
         args = OptimizerArgs(**{k: v for k, v in values.items() if k in OPTIMIZER_ARGS})
         self.defaults_used, self.settings = table, {**values, "peft": kind}
-        self.impl = build_optimizer(self.method, model, args, private)
+        try:
+            self.impl = build_optimizer(self.method, model, args, private)
+        except SlimtuneError as exc:  # the registry's messages name flags; a Python caller gave keywords
+            raise SlimtuneError(in_python_terms(owner, str(exc), self.aliases)) from None
         super().__init__(params, {"lr": values["lr"]})
         self._trainer_step_taken = False
 
@@ -117,6 +121,10 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             if loss.ndim > 1:
                 raise SlimtuneError(f"slimtune.{name}: the closure returned shape {tuple(loss.shape)}; return the "
                                     "mean loss (0-d) or one loss per example (1-D)")
+            if METHODS[self.method].kind == "hybrid" and torch.is_grad_enabled() and loss.numel() and not loss.requires_grad:
+                raise SlimtuneError(f"slimtune.{name}: the closure's loss has no autograd graph (a float, .item(), "
+                                    ".detach() or torch.no_grad()); the top blocks train by backprop through it: "
+                                    "return the loss tensor the model computed")
             return loss
         return call
 
@@ -163,14 +171,15 @@ class MeZO(ZerothOrderOptimizer):
         eps: perturbation scale (None: the table's).
         weight_decay: decoupled weight decay on matrices.
         n_spsa: directions averaged per step.
-        perturbation: `gaussian`, `rademacher` or `pool` (slices of a seeded Gaussian pool).
+        perturbation: `gaussian`, `rademacher` or `pool` (slices of a seeded Gaussian pool); None: gaussian (FZOO:
+            rademacher).
         seed: the public seed the directions z are drawn from.
     """
 
     method = "mezo"
 
     def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
-                 weight_decay: float = 0.0, n_spsa: int = 1, perturbation: str = "gaussian", seed: int = 0):
+                 weight_decay: float = 0.0, n_spsa: int = 1, perturbation: str | None = None, seed: int = 0):
         super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, n_spsa=n_spsa,
                                      perturbation=perturbation, seed=seed))
 
@@ -210,7 +219,7 @@ class FZOO(ZerothOrderOptimizer):
     method = "fzoo"
 
     def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
-                 weight_decay: float = 0.0, n_perturbations: int = 8, perturbation: str = "gaussian",
+                 weight_decay: float = 0.0, n_perturbations: int = 8, perturbation: str | None = None,
                  seed: int = 0):
         if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 2:
             raise SlimtuneError(f"slimtune.FZOO: n_perturbations={n_perturbations!r}: must be an integer >= 2 (the "
@@ -232,7 +241,7 @@ class HiZOO(ZerothOrderOptimizer):
     method = "hizoo"
 
     def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
-                 weight_decay: float = 0.0, hessian_smooth: float | None = None, perturbation: str = "gaussian",
+                 weight_decay: float = 0.0, hessian_smooth: float | None = None, perturbation: str | None = None,
                  seed: int = 0):
         super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, hessian_smooth=hessian_smooth,
                                      perturbation=perturbation, seed=seed))
@@ -259,7 +268,7 @@ class SparseMeZO(ZerothOrderOptimizer):
 
     def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
                  weight_decay: float = 0.0, sparsity: float | None = None, mask_every: int | None = None,
-                 perturbation: str = "gaussian", seed: int = 0):
+                 perturbation: str | None = None, seed: int = 0):
         super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, sparsity=sparsity,
                                      mask_every=mask_every, perturbation=perturbation, seed=seed))
 
@@ -279,7 +288,7 @@ class Hybrid(ZerothOrderOptimizer):
 
     def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
                  weight_decay: float = 0.0, fo_layers: int | None = None, fo_lr: float | None = None,
-                 perturbation: str = "gaussian", seed: int = 0):
+                 perturbation: str | None = None, seed: int = 0):
         super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, fo_layers=fo_layers, fo_lr=fo_lr,
                                      perturbation=perturbation, seed=seed))
 
@@ -413,7 +422,7 @@ class DPZero(PrivateOptimizer):
                  clip: float = 1.0, clipping: str = "auto", target_quantile: float = 0.9, clip_lr: float = 0.2,
                  clip_multiplier: float = 2.0, mechanism: str = "gaussian", accountant: str = "rdp",
                  lr: float | None = None, eps: float | None = None, weight_decay: float = 0.0, n_spsa: int = 1,
-                 perturbation: str = "gaussian", seed: int = 0):
+                 perturbation: str | None = None, seed: int = 0):
         super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, n_spsa=n_spsa,
                                      perturbation=perturbation, seed=seed),
                          _privacy(epsilon, delta, noise_multiplier, clip, clipping, target_quantile, clip_lr,
@@ -450,7 +459,7 @@ class DPHiZOO(PrivateOptimizer):
                  clip: float = 1.0, clipping: str = "auto", target_quantile: float = 0.9, clip_lr: float = 0.2,
                  clip_multiplier: float = 2.0, mechanism: str = "gaussian", accountant: str = "rdp",
                  lr: float | None = None, eps: float | None = None, weight_decay: float = 0.0,
-                 hessian_smooth: float | None = None, perturbation: str = "gaussian", seed: int = 0):
+                 hessian_smooth: float | None = None, perturbation: str | None = None, seed: int = 0):
         super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, hessian_smooth=hessian_smooth,
                                      perturbation=perturbation, seed=seed),
                          _privacy(epsilon, delta, noise_multiplier, clip, clipping, target_quantile, clip_lr,
@@ -470,7 +479,7 @@ class DPHybrid(PrivateOptimizer):
                  clip: float = 1.0, clipping: str = "auto", target_quantile: float = 0.9, clip_lr: float = 0.2,
                  clip_multiplier: float = 2.0, accountant: str = "rdp", lr: float | None = None,
                  eps: float | None = None, weight_decay: float = 0.0, fo_layers: int | None = None,
-                 fo_lr: float | None = None, fo_clip: float | None = None, perturbation: str = "gaussian",
+                 fo_lr: float | None = None, fo_clip: float | None = None, perturbation: str | None = None,
                  seed: int = 0):
         super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, fo_layers=fo_layers, fo_lr=fo_lr,
                                      fo_clip=fo_clip, perturbation=perturbation, seed=seed),

@@ -18,13 +18,17 @@ def run_plan(s: PlanSettings):
     from rich.table import Table
 
     from slimtune.cli import console, fail
-    from slimtune.report.memory_model import as_flags, model_for_planning, plan_rows, ranked_methods
+    from slimtune.report.memory_model import ModelShape, as_flags, model_for_planning, plan_rows, ranked_methods
 
     try:
         dev = resolve_device(s.device)
         m = model_for_planning(s.model)
-        rows = plan_rows(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.base_quant)
-        ranked = [r for r in ranked_methods(m, s.batch_size, s.max_length, dev, s.r, s.dtype) if r["fits"]]
+        layers = ModelShape.from_model(m).layers
+        if s.fo_layers > layers:
+            raise SlimtuneError(f"--fo-layers {s.fo_layers}: must be between 1 and the model's {layers} blocks")
+        rows = plan_rows(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.base_quant, s.fo_layers)
+        ranked = [r for r in ranked_methods(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.fo_layers)
+                  if r["fits"]]
     except SlimtuneError as exc:
         fail(exc)
     base = f", {s.base_quant} base" if s.base_quant else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimtune import SlimtuneError
-from slimtune.optim.methods import FIRST_ORDER, HYBRID, OPTIMIZERS, PRIVATE, ZEROTH_ORDER
+from slimtune.optim.methods import FIRST_ORDER, HYBRID, OPTIMIZERS, PRIVATE, ZEROTH_ORDER, mechanism_refusal
 
 
 @dataclass
@@ -20,7 +20,7 @@ class OptimizerArgs:
     rank: int = 2  # LOZO
     nu: int = 50  # LOZO
     momentum: float = 0.0  # LOZO-M, SGD
-    perturbation: str = "gaussian"  # MeZO/DPZero: gaussian, rademacher or pool (zo/perturbation.py)
+    perturbation: str | None = None  # gaussian, rademacher or pool (zo/perturbation.py); None: the method's own
     # issue 36 (optim/builders.py); None: the defaults table's value or the method's own default
     hessian_smooth: float | None = None  # HiZOO/HiZOO-L/DP-HiZOO: alpha of the diagonal Hessian's moving average
     sparsity: float | None = None  # sparse-mezo: fraction of each tensor left unperturbed (its largest |w|; 0.75)
@@ -56,12 +56,16 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> "Sli
         raise SlimtuneError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if (name in PRIVATE_OPTIMIZERS) != (private is not None):
         raise SlimtuneError(f"optimizer {name}: privacy settings are {'required' if private is None else 'not used'}")
-    if args.lr is None or args.eps is None:  # the Python API without a TrainConfig: the method's LoRA defaults
+    refusal = private is not None and mechanism_refusal(name, private[0].mechanism, args.n_spsa)
+    if refusal:
+        raise SlimtuneError(refusal)
+    unset = {k: v for k, v in vars(args).items() if v is None}
+    if unset:  # a caller without a TrainConfig (federated clients): the method's LoRA defaults
         from dataclasses import replace
-        from slimtune.optim.defaults import defaults_for
+        from slimtune.optim.defaults import defaults_for, method_settings
         d = defaults_for(name, "lora")
-        args = replace(args, lr=d.lr if args.lr is None else args.lr,
-                       eps=(d.eps or 1e-3) if args.eps is None else args.eps)
+        table = {"lr": d.lr, "eps": d.eps or 1e-3, **method_settings(name, "lora")}
+        args = replace(args, **{k: table[k] for k in unset if k in table})
     from slimtune.optim import builders
     from slimtune.zo.perturbation import check_perturbation
     check_perturbation(args.perturbation, name)
@@ -82,8 +86,7 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> "Sli
     estimator = None if private is None else builders.private_difference(private)
     if name == "fzoo":
         n = args.n_spsa if args.n_spsa > 1 else 8  # --n-spsa: FZOO's N one-sided directions per step
-        source = "rademacher" if args.perturbation == "gaussian" else args.perturbation  # FZOO's own choice
-        opt = FZOO(params, FZOOConfig(**{**mezo_cfg, "n_spsa": 1}, n_perturbations=n, perturbation=source))
+        opt = FZOO(params, FZOOConfig(**{**mezo_cfg, "n_spsa": 1}, n_perturbations=n, perturbation=args.perturbation))
     elif name in ("mezo", "dpzero"):
         opt = MeZO(params, MeZOConfig(**mezo_cfg, perturbation=args.perturbation), estimator)
     else:

@@ -9,9 +9,6 @@ from slimtune.optim.methods import HYBRID as HYBRIDS, METHODS
 
 HIZOO_OPTIMIZERS = ("hizoo", "hizoo-l", "dphizoo")
 BUILT_HERE = (*HIZOO_OPTIMIZERS, "sparse-mezo", *HYBRIDS)
-HESSIAN_SMOOTH = 1e-4  # HiZOO's alpha when neither the flag nor the defaults table gives one
-SPARSITY, MASK_EVERY, FO_LAYERS = 0.75, 50, 2
-FO_CLIP = 1.0  # dphybrid's per-example clip of the top gradient: DP-AdamW's C
 
 # setting -> (flag, optimizers that read it)
 SETTING_USERS = {
@@ -49,8 +46,8 @@ def check_optimizer_args(optimizer: str, args) -> None:
             raise SlimtuneError(f"{flag} must be >= 1, got {value}")
     if args.fo_clip is not None and not args.fo_clip > 0:
         raise SlimtuneError(f"--fo-clip must be > 0, got {args.fo_clip}")
-    if args.fo_lr is not None and args.fo_lr < 0:
-        raise SlimtuneError(f"--fo-lr must be >= 0, got {args.fo_lr}")
+    if args.fo_lr is not None and not args.fo_lr > 0:
+        raise SlimtuneError(f"--fo-lr must be > 0, got {args.fo_lr}")
     if optimizer in HIZOO_OPTIMIZERS and args.n_spsa != 1:
         raise SlimtuneError(f"--n-spsa {args.n_spsa}: {optimizer} takes one direction per step (its Hessian update "
                             "follows each one); leave --n-spsa at 1")
@@ -60,29 +57,25 @@ def check_optimizer_args(optimizer: str, args) -> None:
 
 
 def build(name: str, params: list, model, args, private, mezo_cfg: dict):
-    """The optimizer `name` (one of BUILT_HERE) over `params`; `private` as in optim.build_optimizer."""
-    from slimtune.optim.defaults import defaults_for
-
+    """The optimizer `name` (one of BUILT_HERE) over `params`, every setting in `args` resolved
+    (optim.defaults.method_settings); `private` as in optim.build_optimizer."""
     if name in HIZOO_OPTIMIZERS:
         from slimtune.zo.hizoo import HiZOO, HiZOOConfig
         estimator = curvature = None
         if private is not None:
             estimator, curvature = private_pair(private)
-        alpha = args.hessian_smooth or defaults_for(name, "lora").setting("hessian_smooth", HESSIAN_SMOOTH)
-        config = HiZOOConfig(**mezo_cfg, perturbation=args.perturbation, hessian_smooth=alpha,
+        config = HiZOOConfig(**mezo_cfg, perturbation=args.perturbation, hessian_smooth=args.hessian_smooth,
                              factored=name == "hizoo-l")
         return HiZOO(params, config, estimator, curvature)
     if name == "sparse-mezo":
         from slimtune.zo.sparse import SparseMeZO, SparseMeZOConfig
         config = SparseMeZOConfig(**mezo_cfg, perturbation=args.perturbation,
-                                  sparsity=SPARSITY if args.sparsity is None else args.sparsity,
-                                  mask_every=args.mask_every or MASK_EVERY)
+                                  sparsity=args.sparsity, mask_every=args.mask_every)
         return SparseMeZO(params, config)
     if name in HYBRIDS:
         from slimtune.optim.hybrid import DPHybrid, Hybrid, HybridConfig
-        fo_lr = args.fo_lr if args.fo_lr is not None else defaults_for(name, "lora").setting("fo_lr", 1e-3)
-        config = HybridConfig(**mezo_cfg, perturbation=args.perturbation, fo_layers=args.fo_layers or FO_LAYERS,
-                              fo_lr=fo_lr, fo_clip=FO_CLIP if args.fo_clip is None else args.fo_clip)
+        config = HybridConfig(**mezo_cfg, perturbation=args.perturbation, fo_layers=args.fo_layers,
+                              fo_lr=args.fo_lr, fo_clip=args.fo_clip)
         if name == "hybrid":
             return Hybrid(params, config, model)
         spec, sigma, batch = private[:3]

@@ -162,8 +162,34 @@ def model_lr_scale(optimizer: str, model: str | None) -> float:
     return swept / base
 
 
+# A method-specific setting's value when neither a flag nor the table's entry (MethodDefaults.extra) gives one
+METHOD_CONSTANTS = {"hessian_smooth": 1e-4, "sparsity": 0.75, "mask_every": 50, "fo_layers": 2, "fo_lr": 1e-3,
+                    "fo_clip": 1.0}
+
+
+def default_perturbation(optimizer: str) -> str:
+    """Where z comes from unless --perturbation says: FZOO's Rademacher directions (its paper's), Gaussian elsewhere
+    (an optimizer that draws no z records gaussian, as every run always has)."""
+    method = METHODS.get(optimizer)
+    return "rademacher" if method is not None and method.family == "fzoo" else "gaussian"
+
+
+def method_settings(optimizer: str, peft: str, model: str | None = None) -> dict:
+    """Every value `optimizer` reads beyond lr and eps, as used when not given: the table's entry (HiZOO's alpha,
+    hybrid's fo_lr), else METHOD_CONSTANTS; and its direction source. The one place the CLI (resolve), the Python API
+    and the registry's fallback (optim.build_optimizer) take them from, so config.json records what the run uses."""
+    from slimtune.optim.builders import SETTING_USERS
+
+    d = defaults_for(optimizer, peft, model)
+    out = {name: d.setting(name, METHOD_CONSTANTS[name])
+           for name, (_, users) in SETTING_USERS.items() if optimizer in users}
+    out["perturbation"] = default_perturbation(optimizer)
+    return out
+
+
 def resolve(config) -> dict:
-    """Fill a TrainConfig's unset (None) lr, eps, lr_scheduler, warmup_steps and steps from the table, in place.
+    """Fill a TrainConfig's unset (None) lr, eps, lr_scheduler, warmup_steps, steps and the method's own settings
+    (`method_settings`) from the table, in place.
     Returns {setting: "default"|"given"} for the run's printout."""
     d = defaults_for(config.optimizer, config.peft.method, builtin_architecture(config.model))
     origin = {}
@@ -178,8 +204,10 @@ def resolve(config) -> dict:
     origin["warmup_steps"] = "given" if config.warmup_steps is not None else "default"
     if config.warmup_steps is None:
         config.warmup_steps = int(d.warmup_ratio * config.steps)
-    for name, value in d.extra:  # method-specific settings (HiZOO's alpha, hybrid's fo_lr)
-        origin[name] = "given" if getattr(config.optim, name) is not None else "default"
+    table_settings = dict(d.extra)  # the printout names the table's (HiZOO's alpha, hybrid's fo_lr)
+    for name, value in method_settings(config.optimizer, config.peft.method, builtin_architecture(config.model)).items():
+        if name in table_settings:
+            origin[name] = "given" if getattr(config.optim, name) is not None else "default"
         if getattr(config.optim, name) is None:
             setattr(config.optim, name, value)
     return origin

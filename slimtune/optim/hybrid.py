@@ -43,6 +43,8 @@ class HybridConfig(MeZOConfig):
     fo_layers: int = 2  # k: transformer blocks (from the top) trained with backprop, with everything after them
     fo_lr: float = 1e-3  # AdamW's lr for the top part
     fo_clip: float = 1.0  # DPHybrid: per-example L2 clip S of the top part's gradient
+    max_grad_norm: float | None = None  # clip of the top part's (released) gradient before AdamW (slimtune.hf:
+    #                                     TrainingArguments.max_grad_norm, which transformers applies after the step)
     betas: tuple[float, float] = (0.9, 0.999)
 
 
@@ -91,10 +93,18 @@ class Hybrid(ZOOptimizer):
             loss = ((lp.float().mean() + lm.float().mean()) / 2).item()
         else:
             loss = lp.float().mean().item()
-        self.fo.step()
+        self._top_step()
         self.step_count += 1
         self._end_step()
         return StepOutput(loss, info)
+
+    def _top_step(self) -> None:
+        self._clip_top()
+        self.fo.step()
+
+    def _clip_top(self) -> None:
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.top], self.config.max_grad_norm)
 
     # hooks for DPHybrid: per-example gradients of the top part, and the end of a step's noise
     def _recording(self):
@@ -180,6 +190,13 @@ class DPHybrid(Hybrid):
             for m, mode in zip(self.top_modules, modes):
                 m.training = mode
 
+    def _top_step(self) -> None:
+        """Opacus' step (clip per example, sum, noise: the release), then max_grad_norm on the released gradient
+        (post-processing), then AdamW."""
+        if self.fo.pre_step():
+            self._clip_top()
+            self.fo.original_optimizer.step()
+
     def _top_gradients_ready(self, losses: torch.Tensor) -> None:
         from slimtune.privacy.dpsgd import per_example_gradients_ready
         per_example_gradients_ready([p for _, p in self.top], losses.numel())
@@ -211,6 +228,24 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
             return module
     raise SlimtuneError("--optimizer hybrid: cannot find this model's transformer blocks (a ModuleList of "
                         "config.num_hidden_layers layers)")
+
+
+def check_split(model: nn.Module, k: int, adapted: list[nn.Module] | None, zo_given: list[str]) -> None:
+    """--fo-layers k against a loaded model before a run writes anything: k within its blocks, some trainable layer
+    (`adapted`: the PEFT's layers; None: every weight) in the top k, and, when every one is there (the hybrid is
+    plain AdamW), no ZO setting given (`zo_given`, flags) that would go unused."""
+    if adapted is None:  # every weight trains: the embedding (used first) is always below, the head always on top
+        modules_after(model, k, [])
+        return
+    after = modules_after(model, k, adapted)
+    on_top = sum(id(m) in after for m in adapted)
+    if not on_top:
+        raise SlimtuneError(f"--fo-layers {k}: no trainable parameter in the top {k} blocks or after them (raise "
+                            "--fo-layers or choose --target-modules there)")
+    if on_top == len(adapted) and zo_given:
+        raise SlimtuneError(f"{zo_given[0]}: every trainable layer is in the top {k} blocks (--fo-layers {k}), so "
+                            f"nothing is trained by ZO and {zo_given[0]} would be ignored; lower --fo-layers or leave "
+                            f"{zo_given[0]} out")
 
 
 def top_parameters(model: nn.Module, k: int) -> set[int]:

@@ -19,6 +19,8 @@ class Method:
     adaptive_clipping: bool = False  # private ZO scalar: its clip can track a quantile privately
     sources: bool = False  # --perturbation gaussian / rademacher / pool (a chunked z buffer)
     n_spsa: bool = False  # --n-spsa: several directions per step
+    laplace: bool = False  # private: its release is one scalar (L1 = L2 sensitivity), so Laplace noise may replace
+    #                        Gaussian; a vector (DP-SGD's gradient) or two releases a step are accounted as Gaussian
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -30,8 +32,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lozo", "zeroth-order", "lozo", n_spsa=True),
     Method("lozo-m", "zeroth-order", "lozo", n_spsa=True),
     Method("fzoo", "zeroth-order", "fzoo", sources=True, n_spsa=True),
-    Method("dpzero", "zeroth-order", "mezo", private=True, adaptive_clipping=True, sources=True, n_spsa=True),
-    Method("dplozo", "zeroth-order", "lozo", private=True, adaptive_clipping=True, n_spsa=True),
+    Method("dpzero", "zeroth-order", "mezo", private=True, adaptive_clipping=True, sources=True, n_spsa=True,
+           laplace=True),
+    Method("dplozo", "zeroth-order", "lozo", private=True, adaptive_clipping=True, n_spsa=True, laplace=True),
     Method("hizoo", "zeroth-order", "hizoo", sources=True),
     Method("hizoo-l", "zeroth-order", "hizoo-l", sources=True),
     Method("dphizoo", "zeroth-order", "hizoo", private=True, releases=2, adaptive_clipping=True, sources=True),
@@ -39,6 +42,46 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("hybrid", "hybrid", "hybrid", sources=True),
     Method("dphybrid", "hybrid", "hybrid", private=True, releases=2, adaptive_clipping=True, sources=True),
 )}
+
+
+def mechanism_refusal(optimizer: str, mechanism: str, n_spsa: int | None) -> str | None:
+    """Why `mechanism` cannot noise `optimizer`'s releases (None: it can). Laplace noise is accounted for one scalar a
+    step, its L1 sensitivity the clip: DPZero's and DP-LOZO's with one direction. The CLI's settings, the registry
+    (every Python and federated path) and the accountant's callers all ask here."""
+    if mechanism != "laplace" or optimizer not in METHODS or not METHODS[optimizer].private:
+        return None
+    if optimizer in ("dphizoo", "dphybrid"):
+        what = "gradient and curvature" if optimizer == "dphizoo" else "the ZO scalar and the top gradient"
+        return (f"--mechanism laplace: {optimizer} releases two values per step ({what}) and Laplace noise is "
+                "accounted for one; use --mechanism gaussian")
+    if not METHODS[optimizer].laplace:
+        return (f"--mechanism laplace: {optimizer} releases a clipped gradient vector with Gaussian noise (Opacus), "
+                "whose L2 sensitivity Laplace accounting does not cover; use --mechanism gaussian")
+    if (n_spsa or 1) > 1:
+        return (f"--mechanism laplace releases one scalar per step; --n-spsa {n_spsa} would release {n_spsa}: use "
+                "--mechanism gaussian or --n-spsa 1")
+    return None
+
+
+SOURCES = ("gaussian", "rademacher", "pool")  # where z comes from (zo/perturbation.py)
+
+
+def perturbation_refusal(source: str | None, optimizer: str) -> str | None:
+    """Why --perturbation `source` cannot be used with `optimizer` (None: it can, or None given: the method's own,
+    optim.defaults.default_perturbation): a source that does not exist, one an optimizer without sources would
+    ignore, or Gaussian for FZOO, which draws Rademacher directions or the pool's slices (its Gaussian option was
+    silently Rademacher, and a run's config.json that says gaussian for FZOO means that)."""
+    if source is None:
+        return None
+    if source not in SOURCES:
+        return f"--perturbation {source!r}: choose one of {', '.join(SOURCES)}"
+    with_sources = names(sources=True)
+    if source != "gaussian" and optimizer not in with_sources:
+        return f"--perturbation {source} is for {', '.join(with_sources)}, not {optimizer}"
+    if source == "gaussian" and optimizer == "fzoo":
+        return ("--perturbation gaussian: fzoo draws Rademacher directions (its default) or slices of the Gaussian "
+                "pool (--perturbation pool)")
+    return None
 
 
 def names(**where) -> tuple[str, ...]:

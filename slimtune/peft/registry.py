@@ -62,6 +62,16 @@ def check_settings(settings: PeftSettings) -> None:
         raise SlimtuneError("--target-modules is empty: name at least one layer (or leave it out for the default)")
 
 
+def adapted_modules(model: nn.Module, settings: PeftSettings) -> list[nn.Module] | None:
+    """The layers `settings` will give trainable weights, found without applying anything (checks that must pass
+    before a run writes, such as the hybrid's split); None for --peft none (every parameter trains)."""
+    if settings.method == "none":
+        return None
+    targets = settings.target_modules or default_targets(model, settings.method)
+    kinds = LORA_LAYER_TYPES if settings.method in ("lora", "pissa") else LAYER_TYPES
+    return [m for _, m in tuner.matching_modules(model, targets, kinds)]
+
+
 def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | None = None) -> nn.Module:
     check_settings(settings)
     method = settings.method

@@ -57,12 +57,33 @@ def keyed_dp_optimizer(noise: KeyedNoise):
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
     class KeyedDPOptimizer(DPOptimizer):
+        """Precision: per-example norms in float64 and the clipped sum in at least float32 (Opacus computes both in
+        the parameters' dtype: a bf16 norm let one clipped example weigh 1.0046 C), and the noise added in float64
+        before one rounding to the parameters' dtype (Opacus rounded the noise to bf16 and added in bf16, so which
+        outputs were possible depended on the data: Mironov's floating-point attack)."""
+
+        def clip_and_accumulate(self):
+            samples = self.grad_samples
+            if len(samples[0]) == 0:
+                factor = torch.zeros((0,), dtype=torch.float64, device=samples[0].device)
+            else:
+                norms = torch.stack([g.reshape(len(g), -1).double().norm(2, dim=-1).to(samples[0].device)
+                                     for g in samples], dim=1).norm(2, dim=1)
+                factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            for p in self.params:
+                _check_processed_flag(p.grad_sample)
+                sample = self._get_flat_grad_sample(p)
+                dtype = torch.promote_types(p.dtype, torch.float32)
+                grad = torch.einsum("i,i...", factor.to(device=sample.device, dtype=dtype), sample.to(dtype))
+                p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+                _mark_as_processed(p.grad_sample)
+
         def add_noise(self):
             std = self.noise_multiplier * self.max_grad_norm
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
-                draw = torch.from_numpy(noise.normal(tuple(p.summed_grad.shape)))
-                p.grad = (p.summed_grad + std * draw.to(p.summed_grad)).view_as(p)
+                draw = torch.from_numpy(noise.normal(tuple(p.summed_grad.shape))).to(p.summed_grad.device)
+                p.grad = (p.summed_grad.double() + std * draw).to(p.dtype).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
     return KeyedDPOptimizer

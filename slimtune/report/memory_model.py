@@ -228,7 +228,7 @@ def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_l
 
 
 def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: str = "float32",
-              base_quant: str | None = None) -> list[dict]:
+              base_quant: str | None = None, fo_layers: int = 2) -> list[dict]:
     """Predicted peak (MB) for every optimizer x PEFT pair of the planner, and whether it fits here (a quantized base
     takes LoRA only: the other PEFT methods are left out then)."""
     budget = budget_mb(device)
@@ -236,9 +236,10 @@ def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: s
     for method in PLAN_PEFT if base_quant is None else ("lora",):
         for optimizer in PLAN_OPTIMIZERS:
             peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, dtype=dtype,
-                                             base_quant=base_quant)
+                                             base_quant=base_quant, fo_layers=fo_layers)
             rows.append({"optimizer": optimizer, "peft": method, "trainable_params": trainable, "peak_mb": peak,
-                         "fits": peak <= budget, "budget_mb": budget, "dtype": dtype, "base_quant": base_quant})
+                         "fits": peak <= budget, "budget_mb": budget, "dtype": dtype, "base_quant": base_quant,
+                         **({"fo_layers": fo_layers} if optimizer in HYBRIDS else {})})
     return rows
 
 
@@ -251,7 +252,8 @@ QUALITY_ORDER = (("adamw", "none", None), ("adamw", "lora", None), ("hybrid", "l
                  ("adamw", "lora", "int4"), ("mezo", "lora", "int4"))
 
 
-def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: str = "float32") -> list[dict]:
+def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: str = "float32",
+                   fo_layers: int = 2) -> list[dict]:
     """Every candidate of QUALITY_ORDER x {dtype, bf16}, in quality order, with its predicted peak and whether it
     fits; the first that fits is the planner's choice. fp16 is a CUDA dtype: never proposed on CPU."""
     budget = budget_mb(device)
@@ -260,9 +262,10 @@ def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dty
     for optimizer, method, quant in QUALITY_ORDER:
         for dt in dtypes:
             peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, dtype=dt,
-                                             base_quant=quant)
+                                             base_quant=quant, fo_layers=fo_layers)
             rows.append({"optimizer": optimizer, "peft": method, "dtype": dt, "base_quant": quant, "peak_mb": peak,
-                         "trainable_params": trainable, "fits": peak <= budget, "budget_mb": budget})
+                         "trainable_params": trainable, "fits": peak <= budget, "budget_mb": budget,
+                         **({"fo_layers": fo_layers} if optimizer in HYBRIDS else {})})
     return rows
 
 
@@ -273,6 +276,9 @@ def as_flags(row: dict) -> str:
         flags += f" --dtype {row['dtype']}"
     if row.get("base_quant"):
         flags += f" --base-quant {row['base_quant']}"
+    from slimtune.optim.defaults import METHOD_CONSTANTS
+    if row.get("fo_layers", METHOD_CONSTANTS["fo_layers"]) != METHOD_CONSTANTS["fo_layers"]:
+        flags += f" --fo-layers {row['fo_layers']}"
     return flags
 
 

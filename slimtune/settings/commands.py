@@ -141,6 +141,8 @@ class PlanSettings(Settings):
                          choices=("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
     base_quant: str | None = setting(None, "the table for LoRA on a frozen int8 or int4 base (bitsandbytes); the "
                                      "ranking tries both anyway", choices=("int8", "int4"))
+    fo_layers: int = setting(2, "the hybrid rows: top transformer blocks trained by backprop (as train --fo-layers)",
+                             low=1)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
 
     def check(self) -> None:

@@ -8,6 +8,7 @@ is read from the `TrainSettings` field that declares it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from types import SimpleNamespace
 
@@ -63,3 +64,13 @@ def require_model(owner: str, model) -> None:
     if not isinstance(model, torch.nn.Module):
         hint = " (load it first: slimtune.models.load_model_and_tokenizer)" if isinstance(model, str) else ""
         raise SlimtuneError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+
+
+def in_python_terms(owner: str, message: str, aliases: dict | None = None) -> str:
+    """A message written for the command line, for a Python caller: `--fo-layers 9` becomes `fo_layers=9`'s keyword
+    (`fo_layers 9`), a leading `--optimizer NAME:` becomes `owner:`, and the message starts with `owner`."""
+    keyword = {setting: kw for kw, setting in (aliases or {}).items()}
+    message = re.sub(r"^--optimizer [\w-]+:\s*", "", message)
+    message = re.sub(r"--([a-z][a-z0-9-]*)", lambda m: keyword.get(m[1].replace("-", "_"), m[1].replace("-", "_")),
+                     message)
+    return message if message.startswith(owner) else f"{owner}: {message}"

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from slimtune import SlimtuneError
 # what each optimizer is: slimtune/optim/methods.py (one table, torch-free)
 from slimtune.optim.methods import (ADAPTIVE_CLIPPING, FIRST_ORDER, HYBRID, N_SPSA, OPTIMIZERS,  # noqa: F401
-                                    PRIVATE, WITH_SOURCES, ZEROTH_ORDER, names)
+                                    PRIVATE, WITH_SOURCES, ZEROTH_ORDER, SOURCES, mechanism_refusal,
+                                    names, perturbation_refusal)
 from slimtune.settings.base import Settings, condition, setting, unless, when
 from slimtune.settings.rules import DTYPES, check_device, check_task_text, normalise_dtype, require_input_file
 
@@ -94,9 +95,9 @@ class TrainSettings(Settings):
     lozo_nu: int = setting(50, "LOZO: steps between resampling V", low=1, applies=when(optimizer=LOZO))
     momentum: float = setting(0.0, "LOZO-M, SGD: momentum", low=0, high=1, high_open=True,
                               applies=when(optimizer=("lozo-m", "sgd", "dp-sgd")))
-    perturbation: str = setting("gaussian", "ZO direction z: gaussian, rademacher, or pool (slices of a seeded "
-                                "Gaussian pool: faster full-parameter ZO on CPU)",
-                                choices=("gaussian", "rademacher", "pool"), applies=when(optimizer=WITH_SOURCES))
+    perturbation: str | None = setting(None, "ZO direction z: gaussian (default), rademacher (FZOO's default), or "
+                                       "pool (slices of a seeded Gaussian pool: faster full-parameter ZO on CPU)",
+                                choices=SOURCES, applies=when(optimizer=WITH_SOURCES))
     hessian_smooth: float | None = setting(None, "HiZOO: moving-average weight of the diagonal Hessian estimate",
                                            low=0, high=1, low_open=True, high_open=True,
                                            applies=when(optimizer=("hizoo", "hizoo-l", "dphizoo")))
@@ -106,7 +107,7 @@ class TrainSettings(Settings):
                                      applies=when(optimizer=("sparse-mezo",)))
     fo_layers: int | None = setting(None, "hybrid: top transformer blocks trained by backprop (with the head)", low=1,
                                     applies=when(optimizer=HYBRID))
-    fo_lr: float | None = setting(None, "hybrid: AdamW learning rate of the backprop part", low=0,
+    fo_lr: float | None = setting(None, "hybrid: AdamW learning rate of the backprop part", low=0, low_open=True,
                                   applies=when(optimizer=HYBRID))
     fo_clip: float | None = setting(None, "dphybrid: per-example L2 clip of the backprop part's gradient (default 1, "
                                     "DP-AdamW's; the ZO scalar's clip is --clip)", low=0, low_open=True,
@@ -188,14 +189,12 @@ class TrainSettings(Settings):
                 require_input_file(self.eval_data, "--eval-data")
         if self.optimizer == "fzoo" and self.n_spsa is not None and self.n_spsa < 2:
             raise SlimtuneError(f"--n-spsa {self.n_spsa}: FZOO estimates from N >= 2 one-sided directions (default 8)")
-        if self.optimizer in PRIVATE and self.mechanism == "laplace":
-            if self.optimizer in ("dphizoo", "dphybrid"):
-                what = "gradient and curvature" if self.optimizer == "dphizoo" else "the ZO scalar and the top gradient"
-                raise SlimtuneError(f"--mechanism laplace: {self.optimizer} releases two values per step ({what}) and "
-                                    "Laplace noise is accounted for one; use --mechanism gaussian")
-            if (self.n_spsa or 1) > 1:
-                raise SlimtuneError(f"--mechanism laplace releases one scalar per step; --n-spsa {self.n_spsa} would "
-                                    f"release {self.n_spsa}: use --mechanism gaussian or --n-spsa 1")
+        refusal = mechanism_refusal(self.optimizer, self.mechanism, self.n_spsa)
+        if refusal:
+            raise SlimtuneError(refusal)
+        refusal = perturbation_refusal(self.perturbation, self.optimizer)
+        if refusal:
+            raise SlimtuneError(refusal)
         if self.resume and self.restart:
             raise SlimtuneError("--resume and --restart exclude each other")
         check_device(self.device, self.dtype)

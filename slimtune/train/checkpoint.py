@@ -31,7 +31,8 @@ def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     old = directory.with_name(directory.name + ".old")
-    if directory.exists():
+    if directory.exists():  # complete (it is only ever made by the rename below): a .old beside it is stale, left by
+        shutil.rmtree(old, ignore_errors=True)  # an interrupted clean-up, and would make this rename fail for good
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)

@@ -47,9 +47,31 @@ def read_stored(run_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        return as_trained(json.loads(path.read_text()))
     except (ValueError, UnicodeDecodeError):
         raise SlimtuneError(f"{path}: not valid JSON; cannot check what the run was trained with") from None
+
+
+# What a run used where its config.json, written before the value was resolved into it, records null: the builders'
+# constants of that time (frozen here: a later change to the defaults must not change what an old run resumes with)
+RECORDED_NULL = {"sparsity": ("sparse-mezo",), "mask_every": ("sparse-mezo",), "fo_layers": ("hybrid", "dphybrid"),
+                 "fo_clip": ("dphybrid",)}
+USED_FOR_NULL = {"sparsity": 0.75, "mask_every": 50, "fo_layers": 2, "fo_clip": 1.0}
+
+
+def as_trained(stored: dict) -> dict:
+    """A stored config with what the run trained with where older versions recorded something else: null for a
+    method's own setting (RECORDED_NULL), and gaussian for FZOO, which always drew Rademacher directions then."""
+    optim = stored.get("optim")
+    if not isinstance(optim, dict):
+        return stored
+    optimizer = stored.get("optimizer")
+    for name, users in RECORDED_NULL.items():
+        if optimizer in users and optim.get(name, None) is None:
+            optim[name] = USED_FOR_NULL[name]
+    if optimizer == "fzoo" and optim.get("perturbation") == "gaussian":
+        optim["perturbation"] = "rademacher"
+    return stored
 
 
 def adopt_unset(config, stored: dict, groups: dict | None = None) -> None:

@@ -30,12 +30,14 @@ import torch
 from slimtune import SlimtuneError, distributed
 from slimtune.data import EpochSampler, PoissonSampler, k_shot
 from slimtune.data.readers import EVAL_IS_TRAINING, same_source
-from slimtune.optim import PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
+from slimtune.optim import HYBRID_OPTIMIZERS, PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.optim.defaults import resolve as resolve_defaults
+from slimtune.optim.hybrid import check_split
+from slimtune.optim.methods import mechanism_refusal
 from slimtune.optim.schedule import lr_multiplier
 from slimtune.peft import PeftSettings, apply_peft, peft_summary
-from slimtune.peft.registry import adapter_meta, write_adapter
+from slimtune.peft.registry import adapted_modules, adapter_meta, write_adapter
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, check_spec, plan
 from slimtune.privacy.secret import KEY_FILE, KeyedNoise, RunKey, create_key_file, fresh_nonce, read_key_file
 from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, read_state, save_checkpoint
@@ -132,8 +134,12 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     out = Path(config.out_dir)
     world = distributed.setup(config.device)
     stored = read_stored(out) if resume else None
+    zo_given = [] if resume else [  # a resumed run's settings are its config.json's (they must match it)
+        flag for flag, value in (("--eps", config.optim.eps), ("--perturbation", config.optim.perturbation))
+        if value is not None]
     if stored:
         adopt_unset(config, stored, {"privacy": PrivacySpec})  # settings left unset keep the run's values
+        check_resume(config, out)  # a changed optimizer is named before the settings it brings are judged
     origin = resolve_defaults(config)  # config.json stores the resolved values
     validate(config)
     multiplier = lr_multiplier(config.lr_scheduler, config.steps, config.warmup_steps)
@@ -141,6 +147,8 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     if world.main:
         _claim(config, resume, restart, [], dry=True)  # the same checks, before any work
     loaded = _load(config)
+    if config.optimizer in HYBRID_OPTIMIZERS:
+        check_split(loaded[1], config.optim.fo_layers, adapted_modules(loaded[1], config.peft), zo_given)
     run_dir, resumed = (_claim_or_release(config, resume, restart) if world.main else (None, {}))
     distributed.barrier(world)  # every rank has checked before rank 0 writes anything
     try:
@@ -337,6 +345,10 @@ def validate(config: TrainConfig) -> None:
     from slimtune.optim.builders import check_optimizer_args
     from slimtune.zo.perturbation import check_perturbation
     check_perturbation(config.optim.perturbation, config.optimizer)
+    refusal = config.privacy is not None and mechanism_refusal(config.optimizer, config.privacy.mechanism,
+                                                               config.optim.n_spsa)
+    if refusal:
+        raise SlimtuneError(refusal)
     check_optimizer_args(config.optimizer, config.optim)
     if config.save not in ("best", "last"):
         raise SlimtuneError(f"--save {config.save!r}: choose best or last")

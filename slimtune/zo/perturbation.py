@@ -20,9 +20,7 @@ import torch
 
 from slimtune import SlimtuneError
 from slimtune.optim.base import mix_seed
-from slimtune.optim.methods import WITH_SOURCES as OPTIMIZERS_WITH_SOURCES  # not LOZO: it draws low-rank factors
-
-SOURCES = ("gaussian", "rademacher", "pool")
+from slimtune.optim.methods import SOURCES, perturbation_refusal
 POOL_STREAM = 0x9001
 
 
@@ -70,12 +68,11 @@ class PoolSource:
         return pool[offset:offset + n], sign
 
 
-def check_perturbation(name: str, optimizer: str) -> None:
-    """One-line errors for a source that does not exist or that `optimizer` would silently ignore."""
-    if name not in SOURCES:
-        raise SlimtuneError(f"--perturbation {name!r}: choose one of {', '.join(SOURCES)}")
-    if name != "gaussian" and optimizer not in OPTIMIZERS_WITH_SOURCES:
-        raise SlimtuneError(f"--perturbation {name} is for {', '.join(OPTIMIZERS_WITH_SOURCES)}, not {optimizer}")
+def check_perturbation(name: str | None, optimizer: str) -> None:
+    """One-line errors for a source that does not exist or that `optimizer` cannot use (optim/methods.py)."""
+    refusal = perturbation_refusal(name, optimizer)
+    if refusal:
+        raise SlimtuneError(refusal)
 
 
 def make_source(name: str, seed: int, pool_size: int = 1 << 22):

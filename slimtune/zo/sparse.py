@@ -2,7 +2,8 @@
 "Sparse MeZO: Less Parameters for Better Performance in Zeroth-Order LLM Fine-Tuning").
 
 Per trainable tensor W the mask is m = 1[|W| <= h_W], h_W the (1 - s) quantile of |W| (s = `sparsity`: the fraction
-of each tensor left alone, its largest-magnitude weights). The step is MeZO's with z replaced by z * m:
+of each tensor left alone, its largest-magnitude weights; values tied at h_W are kept only up to the asked count, so a
+fresh LoRA B of zeros is perturbed at 1 - s, not whole: `pack_mask`). The step is MeZO's with z replaced by z * m:
 
     g = (L(theta + eps z*m) - L(theta - eps z*m)) / (2 eps),      theta <- theta - lr g z*m,
 
@@ -51,7 +52,8 @@ class SparseMeZO(MeZO):
 
     def _begin_step(self) -> None:
         if self.masks is None or self.step_count % self.config.mask_every == 0 and self.mask_step != self.step_count:
-            self.masks = [pack_mask(p.detach(), threshold(p.detach(), self.config.sparsity)) for _, p, _ in self.params]
+            s = self.config.sparsity
+            self.masks = [pack_mask(p.detach(), threshold(p.detach(), s), sparsity=s) for _, p, _ in self.params]
             self.mask_step = self.step_count
 
     def _direction(self, index: int, start: int, z: torch.Tensor) -> torch.Tensor:
@@ -93,12 +95,31 @@ def _shifts(device) -> torch.Tensor:
     return _SHIFTS[device]
 
 
-def pack_mask(w: torch.Tensor, h: float, chunk: int = 1 << 20) -> torch.Tensor:
-    """Bits of 1[|w| <= h], 8 per byte (element 8k + j is bit j of byte k), computed chunk by chunk."""
+def pack_mask(w: torch.Tensor, h: float, chunk: int = 1 << 20, sparsity: float | None = None) -> torch.Tensor:
+    """Bits of 1[|w| <= h], 8 per byte (element 8k + j is bit j of byte k), computed chunk by chunk.
+
+    With `sparsity`, values tied at h are kept only up to the asked count k = round((1 - sparsity) n): a tensor with
+    many equal values (a fresh LoRA B is all zeros, SVFit's relative scales all ones) would otherwise be perturbed
+    whole. The kept ties are spread evenly over the tensor (tie j is kept when floor((j+1) q / T) > floor(j q / T),
+    q = k - #(|w| < h) of T ties): deterministic, so the mask is a function of the weights as before."""
     flat = w.reshape(-1)
     out = torch.zeros(-(-flat.numel() // 8), dtype=torch.uint8, device=w.device)
+    quota = ties = None
+    if sparsity is not None:
+        below = sum(int((flat[i:i + chunk].abs() < h).sum()) for i in range(0, flat.numel(), chunk))
+        ties = sum(int((flat[i:i + chunk].abs() == h).sum()) for i in range(0, flat.numel(), chunk))
+        quota = min(max(round((1 - sparsity) * flat.numel()) - below, 0), ties)
+    seen = 0  # ties before this chunk
     for start in range(0, flat.numel(), chunk):
-        bits = (flat[start:start + chunk].abs() <= h).to(torch.uint8)
+        magnitude = flat[start:start + chunk].abs()
+        if quota is None or quota == ties:
+            bits = (magnitude <= h).to(torch.uint8)
+        else:
+            tied = magnitude == h
+            j = torch.cumsum(tied.to(torch.int64), 0) - 1 + seen  # each tie's index among all ties
+            kept = tied & ((j + 1) * quota // ties > j * quota // ties)
+            bits = ((magnitude < h) | kept).to(torch.uint8)
+            seen += int(tied.sum())
         pad = -bits.numel() % 8
         if pad:
             bits = torch.cat([bits, bits.new_zeros(pad)])
