@@ -6,6 +6,9 @@ non-private hybrid 0.802 by step 120. Two runs take one part away each, same spl
   before; the ZO scalar is still released and accounted): is the noised ZO part below what holds it back?
 - `dp-adamw-top2`: DP-AdamW on the LoRA of the top 2 blocks only (one release a step; nothing below needs a gradient,
   so memory is the hybrid's): is it top-2-only training under DP noise?
+- `adamw-top2`: the same top-2 LoRA by AdamW without DP: is it the top 2 blocks' capacity or the noise?
+- `dphybrid-fo8`, `dphybrid-fo15`: DP-hybrid with 8 and 15 of the 30 blocks by backprop: what accuracy each step of
+  memory buys under DP (DP-AdamW + LoRA, all 30 blocks by backprop, is the far end).
 
     python benchmarks/dphybrid_diagnosis.py --threads 1
 """
@@ -22,11 +25,19 @@ from launch import merged, train_run
 
 OUT = ROOT / "benchmarks" / "results" / "dphybrid_diagnosis"
 TOP2 = ",".join(f"layers.{i}.self_attn.{m}" for i in (28, 29) for m in ("q_proj", "v_proj"))  # SmolLM2: 30 blocks
-COMMON = ["--model", "smollm2", "--peft", "lora", "--epsilon", "6", "--steps", "300", "--lr-scheduler", "linear",
-          "--batch-size", "16", "--eval-every", "60", "--checkpoint-every", "25", "--seed", "0"]
+SHARED = ["--model", "smollm2", "--peft", "lora", "--steps", "300", "--lr-scheduler", "linear", "--batch-size", "16",
+          "--eval-every", "60", "--checkpoint-every", "25", "--seed", "0"]
+COMMON = [*SHARED, "--epsilon", "6"]
 RUNS = {
     "dphybrid-zo-off": ["--optimizer", "dphybrid", "--lr", "1e-9", "--eps", "1e-2", "--fo-lr", "3e-3", *COMMON],
     "dp-adamw-top2": ["--optimizer", "dp-adamw", "--lr", "3e-3", "--target-modules", TOP2, *COMMON],
+    # Is it capacity or noise? The same top-2 LoRA without DP (AdamW, one gradient a step, nothing accounted).
+    "adamw-top2": ["--optimizer", "adamw", "--lr", "3e-3", "--target-modules", TOP2, *SHARED],
+    # The memory / accuracy frontier: more blocks by backprop under DP (the planner's peak beside each).
+    "dphybrid-fo8": ["--optimizer", "dphybrid", "--lr", "1e-3", "--eps", "1e-2", "--fo-lr", "3e-3",
+                     "--fo-layers", "8", *COMMON],
+    "dphybrid-fo15": ["--optimizer", "dphybrid", "--lr", "1e-3", "--eps", "1e-2", "--fo-lr", "3e-3",
+                      "--fo-layers", "15", *COMMON],
 }
 
 
