@@ -207,3 +207,22 @@ def test_zotrainer_hybrid_clips_its_backprop_gradient_by_max_grad_norm_or_refuse
         trainer.train()
         weights.append(trainable(trainer.model))
     assert not all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_a_run_recorded_before_its_settings_were_resolved_resumes_with_what_it_trained_with(tmp_path):
+    """config.json files written before review 9 record null for hybrid's fo_layers / fo_clip and sparse-mezo's
+    sparsity / mask_every, and FZOO's perturbation 'gaussian' and n_spsa 1 although it drew 8 Rademacher directions:
+    read as trained, so resuming such a run (SST-2's fzoo-lora row, the E2E hybrid row) is neither refused nor
+    changed."""
+    from slimtune.train.resume import read_stored
+
+    def stored(optimizer, **optim):
+        (tmp_path / optimizer).mkdir()
+        (tmp_path / optimizer / "config.json").write_text(json.dumps({"optimizer": optimizer, "optim": optim}))
+        return read_stored(tmp_path / optimizer)["optim"]
+
+    assert stored("fzoo", n_spsa=1, perturbation="gaussian") == {"n_spsa": 8, "perturbation": "rademacher"}
+    assert stored("dphybrid", fo_layers=None, fo_clip=None, perturbation="gaussian") == {
+        "fo_layers": 2, "fo_clip": 1.0, "perturbation": "gaussian"}
+    assert stored("sparse-mezo", sparsity=None, mask_every=None) == {"sparsity": 0.75, "mask_every": 50}
+    assert stored("mezo", fo_layers=None) == {"fo_layers": None}

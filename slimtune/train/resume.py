@@ -61,7 +61,8 @@ USED_FOR_NULL = {"sparsity": 0.75, "mask_every": 50, "fo_layers": 2, "fo_clip": 
 
 def as_trained(stored: dict) -> dict:
     """A stored config with what the run trained with where older versions recorded something else: null for a
-    method's own setting (RECORDED_NULL), and gaussian for FZOO, which always drew Rademacher directions then."""
+    method's own setting (RECORDED_NULL); for FZOO, gaussian (it always drew Rademacher directions then) and n_spsa
+    1 (its N was 8 then whenever --n-spsa was not above 1)."""
     optim = stored.get("optim")
     if not isinstance(optim, dict):
         return stored
@@ -71,6 +72,8 @@ def as_trained(stored: dict) -> dict:
             optim[name] = USED_FOR_NULL[name]
     if optimizer == "fzoo" and optim.get("perturbation") == "gaussian":
         optim["perturbation"] = "rademacher"
+    if optimizer == "fzoo" and optim.get("n_spsa") == 1:
+        optim["n_spsa"] = 8
     return stored
 
 
