@@ -191,4 +191,6 @@ def test_every_finished_or_cited_sweep_is_the_tables_value():
         swept = [c["flags"] for c in entry["candidates"].values()] + list(CANDIDATES.get(pair, {}).values())
         if len({flag(f, "--steps") for f in swept}) > 1:  # a sweep over the steps
             assert d.steps == int(flag(flags, "--steps")), (pair, "steps")
+        if len({flag(f, "--warmup-steps") for f in swept}) > 1:  # a sweep over the warm-up (of the defaults' run)
+            assert int(d.warmup_ratio * d.steps) == int(flag(flags, "--warmup-steps")), (pair, "warm-up")
     assert {"mezo+lora", "adamw+lora", "hybrid+lora", "dp-adamw+lora", "gemma-mezo+lora"} <= set(checked)
