@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import typer
 
@@ -31,7 +32,11 @@ def make_report(runs: list[str], out: str) -> None:
     from slimtune.cli import console
     from slimtune.report import load_runs, print_summary, render_report
 
+    from slimtune.train.run_dir import write_new_directory
+
     loaded = load_runs(runs)
-    paths = render_report(loaded, out)
+    written: dict = {}
+    write_new_directory(out, lambda tmp: written.update(render_report(loaded, tmp)), "--out")  # whole or nothing
+    paths = {key: Path(out) / Path(value).name for key, value in written.items() if key != "plots"}
     print_summary([r.summary for r in loaded], console)
     console.print(f"report: [bold]{paths['html']}[/] and {paths['markdown']}")

@@ -61,9 +61,14 @@ def rows_to_examples(rows: list[tuple[int, dict]], task: GenerationTask, name: s
     if not rows:
         raise SlimtuneError(f"{name}: no examples (file is empty)")
     first = rows[0][1]
+    given = [flag for flag, is_given in (("--template", task.template != "{" + task.input_column + "}"),
+                                         ("--target-column", task.target_column != "target"),
+                                         ("--input-column", task.input_column != "input")) if is_given]
     if "messages" in first:
+        _refuse_unused(given, name, "conversations (`messages` rows), rendered with the chat template as they are")
         return [_chat_example(row, f"{name}:{line}", tokenizer) for line, row in rows]
     if "prompt" in first and "completion" in first and task.input_column == "input":
+        _refuse_unused(given, name, "prompt/completion pairs, used as they are")
         return [_pair(row, "prompt", "completion", f"{name}:{line}", "{prompt}") for line, row in rows]
     missing = [c for c in (task.input_column, task.target_column) if c not in first]
     if missing:
@@ -71,6 +76,12 @@ def rows_to_examples(rows: list[tuple[int, dict]], task: GenerationTask, name: s
                             f"{', '.join(map(repr, sorted(first)))}; JSONL rows need prompt/completion or messages, "
                             "tables need --input-column/--target-column)")
     return [_pair(row, task.input_column, task.target_column, f"{name}:{line}", task.template) for line, row in rows]
+
+
+def _refuse_unused(given: list[str], name: str, what: str) -> None:
+    """A prompt setting the rows do not use is refused, not ignored (the scores would be of another evaluation)."""
+    if given:
+        raise SlimtuneError(f"{given[0]}: {name} holds {what}; {given[0]} applies to tables (leave it out)")
 
 
 def _text(row: dict, key: str, where: str, allow_empty: bool = False) -> str:

@@ -206,24 +206,27 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
     import os
     import shutil
 
+    from slimtune.train.run_dir import _partial_name
+
     final = Path(os.path.abspath(directory))  # "." and "out/" have a name to build the temporary one from
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_peft(model, tmp, work_dir=work_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if meta:
-        (tmp / ADAPTER_META).write_text(json.dumps(meta))
-    if keep_others and final.is_dir():
-        drop_stale_adapter(final, {path.name for path in tmp.iterdir()})
-        for path in tmp.iterdir():
-            os.replace(path, final / path.name)
-        tmp.rmdir()
-        return
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    tmp, old = _partial_name(final), _partial_name(final)  # names no user file has (a fixed X.tmp was rmtree'd)
+    try:
+        save_peft(model, tmp, work_dir=work_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if meta:
+            (tmp / ADAPTER_META).write_text(json.dumps(meta))
+        if keep_others and final.is_dir():
+            drop_stale_adapter(final, {path.name for path in tmp.iterdir()})
+            for path in tmp.iterdir():
+                os.replace(path, final / path.name)
+            return
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # the files that say what kind of adapter a directory holds (`load_peft` reads the first kind present) and its record
@@ -379,9 +382,24 @@ def merge_peft(model: nn.Module) -> nn.Module:
         return model.merge_and_unload()
     cls = _tuner_class(model)
     if cls is BottleneckAdapter:
-        raise SlimtuneError("bottleneck adapters are non-linear (y + W_up act(W_down y)) and cannot be folded into the "
-                            "base weights; use the adapter unmerged (slimtune eval --adapter DIR)")
+        raise SlimtuneError(NOT_MERGEABLE)
     return tuner.merge(model, cls) if cls else model
+
+
+NOT_MERGEABLE = ("bottleneck adapters are non-linear (y + W_up act(W_down y)) and cannot be folded into the base "
+                 "weights; use the adapter unmerged (slimtune eval --adapter DIR)")
+
+
+def check_mergeable(directory: str | Path, where: str) -> None:
+    """Before a base is loaded for a merge or an export: refuse a saved adapter that cannot be merged (a bottleneck
+    adapter, by its config file); `where` names the argument."""
+    path = Path(directory) / tuner.CONFIG
+    try:
+        method = json.loads(path.read_text(encoding="utf-8")).get("method") if path.is_file() else None
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return  # an unreadable config is load_peft's to name
+    if method is not None and method != "svfit":  # AdapterConfig's records (load_peft reads every non-svfit so)
+        raise SlimtuneError(f"{where} {directory}: {NOT_MERGEABLE}")
 
 
 def peft_summary(model: nn.Module) -> dict:

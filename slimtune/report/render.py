@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune import SlimtuneError
-from slimtune.train.metrics import read_jsonl
 
 # (header, summary key, formatter)
 COLUMNS = [
@@ -54,8 +53,48 @@ def load_runs(directories: list[str]) -> list[RunData]:
         state = read_status(d).get("state")
         if state not in (None, "completed"):  # e.g. a resumed run that failed: its summary is the earlier one
             name = f"{name} ({state}; summary of an earlier completion)"
-        runs.append(RunData(name, {**summary, "name": name}, read_jsonl(Path(d) / "metrics.jsonl")))
+        _check_summary(path, summary)
+        runs.append(RunData(name, {**summary, "name": name}, _checked_metrics(Path(d) / "metrics.jsonl")))
     return runs
+
+
+SUMMARY_NUMBERS = ("trainable_params", "peak_mem_mb", "time_per_step_s", "steps", "final_accuracy", "best_accuracy",
+                   "best_eval_loss", "best_bleu", "best_rougeL", "epsilon", "delta", "bytes_communicated")
+PLOTTED = ("eval_accuracy", "eval_loss", "eval_bleu")  # the metrics rows the plots read, with their step
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_summary(path: Path, summary: dict) -> None:
+    """The summary fields the table and plots read are numbers or null (a string there was an internal error after
+    the report directory was half written)."""
+    for key in SUMMARY_NUMBERS:
+        if summary.get(key) is not None and not _number(summary[key]):
+            raise SlimtuneError(f"{path}: field {key!r} is {summary[key]!r}, not a number")
+
+
+def _checked_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records, read as read_jsonl reads them (a line that does not parse, a partial last line after a
+    kill, is skipped); a record with a plotted value must carry a numeric step and numeric values, named by file and
+    line otherwise."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        plotted = [k for k in PLOTTED if record.get(k) is not None]
+        bad = next((k for k in ("step", *plotted) if not _number(record.get(k))), None) if plotted else None
+        if bad is not None:
+            raise SlimtuneError(f"{path}:{number}: field {bad!r} is {record.get(bad)!r}, not a number")
+        records.append(record)
+    return records
 
 
 def table_rows(summaries: list[dict]) -> list[list[str]]:

@@ -76,6 +76,8 @@ class GenerateSettings(Settings):
             require_input_file(self.input, "--input")
         if self.given("input_column") and self.input is None:
             raise SlimtuneError("--input-column applies to --input files (tables), not to --prompt")
+        if self.given("batch_size") and self.prompt is not None:
+            raise SlimtuneError("--batch-size applies to --input files (prompts per batch); --prompt is one prompt")
         if self.given("input_column") and Path(self.input).suffix.lower() == ".txt":
             raise SlimtuneError(f"--input-column applies to tables (.tsv, .csv, .jsonl); {self.input} holds one "
                                 "prompt per line")
@@ -103,6 +105,8 @@ class MergeSettings(Settings):
             raise SlimtuneError("--out is required: the directory for the merged checkpoint")
         check_model(self.model)
         check_adapter_and_model(self.adapter, self.model, self.given("model"), "ADAPTER")
+        from slimtune.peft.registry import check_mergeable
+        check_mergeable(self.adapter, "ADAPTER")
         check_new_directory(self.out, "--out")
 
 
@@ -124,6 +128,8 @@ class ExportSettings(Settings):
             raise SlimtuneError("--out is required: the .gguf file to write")
         check_model(self.model)
         check_adapter_and_model(self.adapter, self.model, self.given("model"), "ADAPTER")
+        from slimtune.peft.registry import check_mergeable
+        check_mergeable(self.adapter, "ADAPTER")
         check_output_file(self.out, "--out")
         if Path(self.out).suffix.lower() != ".gguf":
             raise SlimtuneError(f"--out {self.out}: name the file .gguf")
@@ -149,8 +155,11 @@ class PlanSettings(Settings):
         from slimtune.settings.rules import normalise_dtype
         self.dtype = normalise_dtype(self.dtype)
         check_device(self.device, self.dtype if self.device != "auto" else "float32")
-        if self.model.endswith(".json") and not Path(self.model).is_file():
-            raise SlimtuneError(f"--model {self.model}: no such file")
+        if self.model.endswith(".json"):
+            if not Path(self.model).is_file():
+                raise SlimtuneError(f"--model {self.model}: no such file")
+        else:
+            check_model(self.model)
 
 
 @dataclass

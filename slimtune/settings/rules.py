@@ -118,6 +118,8 @@ def check_output_file(path: str, flag: str) -> None:
 def check_new_directory(path: str, flag: str) -> None:
     """An output directory the command creates: may exist only if empty; its parent must be writable."""
     p = Path(path)
+    if p.is_symlink():  # the final rename would replace the link, not fill what it points to
+        raise SlimtuneError(f"{flag} {path}: is a symbolic link; give the directory itself, or a new name")
     if p.exists() and not p.is_dir():
         raise SlimtuneError(f"{flag} {path}: is a file, not a directory")
     if p.is_dir() and any(p.iterdir()):

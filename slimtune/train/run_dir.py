@@ -102,6 +102,8 @@ def check_output_file(path: str | Path, flag: str, overwrite: bool = False) -> P
     """An output file the command will write at the end: checked before any work (parent exists and is writable,
     not a directory, not an existing file unless `overwrite`)."""
     path = Path(path)
+    if path.is_symlink():  # exists() follows it: a dangling link passed, and the write failed after all the work
+        raise SlimtuneError(f"{flag} {path}: is a symbolic link (nothing was overwritten); give a new file name")
     if path.is_dir():
         raise SlimtuneError(f"{flag} {path}: is a directory; give a file name")
     if path.exists() and not overwrite:
