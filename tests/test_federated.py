@@ -25,7 +25,10 @@ def test_quantization_error_is_bounded_per_bit_width(bits):
     err = (dequantize(q) - x).abs().flatten()
     blocks = torch.cat([x.flatten(), torch.zeros((-x.numel()) % 64)]).view(-1, 64)
     absmax = blocks.abs().amax(1).repeat_interleave(64)[:x.numel()]
-    assert bool((err <= absmax * max_gap(bits) / 2 * 1.002 + 1e-7).all())
+    assert bool((err <= absmax * (1 + 2.0 ** -bits) * max_gap(bits) / 2 * 1.002 + 1e-7).all())
+    scales = torch.from_numpy(q.scales).float()  # no more significant bits than a code (review 9)
+    mantissa = scales / torch.exp2(torch.floor(torch.log2(scales)) - bits)
+    assert bool((mantissa == mantissa.round()).all())
     assert q.packed.nbytes == -(-x.numel() * bits // 8)  # really b bits per value
     assert len(nf_levels(bits)) == 2 ** bits
 

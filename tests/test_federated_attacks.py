@@ -116,7 +116,8 @@ def test_dither_is_bounded_secret_and_fixed_across_rounds(demo_paths):
     plain, dithered = dequantize(quantize(x, 2)), dequantize(quantize(x, 2, dither=u))
     absmax = x.view(-1, 64).abs().amax(1).repeat_interleave(64)
     assert not torch.equal(plain, dithered)
-    assert bool(((dithered - x).abs() <= absmax * max_gap(2) * 1.002 + 1e-6).all())  # gap/2 rounding + gap/2 dither
+    scale = absmax * (1 + 2.0 ** -2)  # the block scale: absmax rounded up to 2 significant bits (coarse_scales)
+    assert bool(((dithered - x).abs() <= scale * max_gap(2) * 1.002 + 1e-6).all())  # gap/2 rounding + gap/2 dither
     assert (dithered - x).pow(2).mean() > (plain - x).pow(2).mean()  # the client's copy is further from theta
 
     cfg = make_cfg(demo_paths, bits=2, dither=1.0)

@@ -58,12 +58,17 @@ def test_an_unregistered_node_is_refused_and_registered_ones_train(tmp_path):
         for k in range(2):
             federation.add_node(f"supernode{k}", f'partition-id={k} data-path="{paths[k]}"')
         intruder = federation.add_node("intruder", f'partition-id=2 data-path="{paths[2]}"', register=False)
+        # review 9: open-source Flower lets anyone who reaches the Control API register a key; such a node connects
+        # but is not among the run's allowed nodes, so it is never sampled (never sent Q(theta), never aggregated)
+        outsider = federation.add_node("outsider", f'partition-id=3 data-path="{paths[2]}"', admit=False)
         summary = with_bundle_bytes(federation.submit(timeout=900), 2, Path(cfg.out_dir))
     # Flower samples every connected node each round (fraction 1): an admitted intruder would make it 3 replies
     assert summary["accepted_updates"] == 4 and summary["stop_reason"] == "completed"
     assert summary["clients"] == summary["nodes_replied"] == 2
     refused = intruder.read_text()
     assert "Failed to activate SuperNode" in refused and "Receiving: train" not in refused
+    joined = outsider.read_text()
+    assert "SuperNode ID:" in joined and "Receiving: train" not in joined  # it connected, and was never sampled
     bundle = summary["app_bundle_bytes"]  # the package's code: other edits to it change this by a few KB
     assert abs(bundle - app_bundle_bytes()) < 0.05 * bundle and summary["app_bundle_bytes_total"] == 2 * bundle
     assert summary["bytes_communicated_with_bundle"] == summary["bytes_communicated"] + 2 * bundle

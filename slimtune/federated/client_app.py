@@ -128,12 +128,41 @@ def _run_private_steps(cfg, model, objective, optimizer, examples, seed):
         return run_steps(cfg, model, objective, optimizer, examples, seed, True)
 
 
+NODE_KEYS = ("data-path", "partition-id", "num-partitions")  # where this node's rows are
+# A node's own privacy floor (--node-config 'local-optimizer="dp-adamw" local-dp-noise=2.0'): key -> (setting, whether
+# the server's value meets the node's). The server's config decides how clients train; a node that pins one of these
+# refuses a round that asks for less, instead of training as told (its settings were silently ignored).
+NODE_FLOOR = {
+    "local-optimizer": ("local_optimizer", lambda server, node: server == node),
+    "local-dp-noise": ("local_dp_noise", lambda server, node: server >= node),
+    "local-dp-clip": ("local_dp_clip", lambda server, node: server <= node),
+    "local-dp-delta": ("local_dp_delta", lambda server, node: server <= node),
+}
+
+
+def check_node_floor(cfg: FederatedConfig, node: dict) -> None:
+    """One line for a node setting this client does not know, or a round that asks for less privacy than the node
+    pinned (names the key and both values: settings, not data)."""
+    for key, value in node.items():
+        if key in NODE_KEYS:
+            continue
+        if key not in NODE_FLOOR:
+            known = ", ".join((*NODE_KEYS, *NODE_FLOOR))
+            raise SlimtuneError(f"--node-config {key}: not a node setting (known: {known})")
+        name, meets = NODE_FLOOR[key]
+        if not meets(getattr(cfg, name), value):
+            raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for {key} {getattr(cfg, name)!r}; "
+                                "this node trains only at its own privacy floor (round refused)")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = FederatedConfig.from_json(str(config["slimtune-config"]))
+    cfg.validate()  # a received config through the same rules as every other path
     payload = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     node = context.node_config
+    check_node_floor(cfg, dict(node))
     own = node.get("data-path")  # deployment: each SuperNode reads only its own data (--node-config data-path=...)
     if own:
         cfg = replace(cfg, data=str(own))

@@ -37,7 +37,8 @@ SETTINGS_FILE = "slimtune-server.toml"  # its default place: $FLWR_HOME (the Sup
 SERVER_ONLY = ("out_dir", "eval_data", "root_data", "eval_max", "eval_every", "rounds", "client_dp_clip",
                "client_dp_noise", "client_dp_delta", "max_update_norm", "round_timeout", "node_timeout",
                "server_optimizer", "server_lr", "server_momentum", "robust", "clients_per_round", "attack_coalition",
-               "attack_window", "dither", "server_average", "weighting", "norm_bound", "server_lr_scheduler")
+               "attack_window", "dither", "server_average", "weighting", "norm_bound", "server_lr_scheduler",
+               "allowed_nodes")
 
 
 @dataclass
@@ -100,6 +101,9 @@ class FederatedConfig:
     server_lr_scheduler: str = "cosine"
     round_timeout: float = 600.0  # server: seconds to wait for a round's replies (late clients are dropped)
     node_timeout: float = 300.0  # server: seconds to wait for num_clients SuperNodes to connect before giving up
+    # deployment: the node ids whose keys the run registered ("12,34"); the server samples no other node (anyone who
+    # reaches the SuperLink's Control API can register a key in open-source Flower). None: every connected node
+    allowed_nodes: str | None = None
     dither: float = 0.0  # server: fixed secret dither on the broadcast, in units of the largest level gap (0: off)
     clients_per_round: int = 0  # server: clients sampled to train each round (0: all num_clients)
     attack_coalition: int = 0  # server, measurement only: k > 0 scores what k pooled clients rebuild (attacks.py)

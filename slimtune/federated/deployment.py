@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from slimtune import SlimtuneError
@@ -165,9 +165,9 @@ class LocalFederation:
         return subprocess.run([flower_executable("flwr"), *args], env=self.env, cwd=self.work, capture_output=True,
                               text=True, timeout=timeout)
 
-    def add_node(self, name: str, node_config: str, register: bool = True) -> Path:
-        """Start a SuperNode with a key of its own, registered with the SuperLink first unless register=False.
-        Returns its log file."""
+    def add_node(self, name: str, node_config: str, register: bool = True, admit: bool = True) -> Path:
+        """Start a SuperNode with a key of its own, registered with the SuperLink first unless register=False, and
+        admitted to the run's allowed nodes unless admit=False (a key someone else registered). Returns its log."""
         private = None
         if not self.insecure:
             private, public = make_node_key(self.keys, name)
@@ -176,9 +176,19 @@ class LocalFederation:
                 if done.returncode:
                     raise SlimtuneError(f"flwr supernode register failed for {name}: "
                                         f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+                if admit:
+                    self.admit(registered_node_id(done.stdout, name))
         self._start(name, self.node_command(node_config, private))
         self.node_logs[name] = self.logs / f"{name}.log"
         return self.node_logs[name]
+
+    def admit(self, node_id: int) -> None:
+        """Add a node this run registered to the server's allowed_nodes (server_app.MembersOnly): a key registered by
+        anyone else who reaches the Control API is connected but never sampled."""
+        settings = json.loads(self.settings.read_text())
+        known = [n for n in (settings.get("allowed_nodes") or "").split(",") if n]
+        settings["allowed_nodes"] = ",".join([*known, str(node_id)])
+        self.settings.write_text(json.dumps(settings))
 
     def submit(self, timeout: float) -> dict:
         """`flwr run .` on this federation, streamed to its end; the run's summary."""
@@ -203,13 +213,25 @@ def finished_summary(out: Path, logs: Path, submit: subprocess.CompletedProcess)
     return summary
 
 
+def registered_node_id(output: str, name: str) -> int:
+    """The node id `flwr supernode register` prints ("SuperNode 123 registered successfully")."""
+    import re
+    found = re.search(r"SuperNode (\d+) registered", output)
+    if found is None:
+        raise SlimtuneError(f"flwr supernode register for {name}: no node id in its output ({output.strip()[-200:]!r}); "
+                            "the server could not restrict the run to the nodes it registered")
+    return int(found[1])
+
+
 def deployment_config(nodes: int, data: Path, eval_data: Path | None, rounds: int, out: Path,
                       model: str) -> FederatedConfig:
-    """The run's settings, checked as every path checks them (config.check_run)."""
+    """The server's settings, checked as every path checks them (config.check_run, the training file included), then
+    without the training file: each node reads its own shard, and the server needs no training row (it was handed
+    the whole unsharded file, and read it)."""
     cfg = FederatedConfig(data=str(data), eval_data=str(eval_data or ""), model=model, num_clients=nodes,
                           rounds=rounds, out_dir=str(Path(out).resolve()), node_timeout=120.0, round_timeout=300.0)
     check_run(cfg)
-    return cfg
+    return replace(cfg, data="")
 
 
 def with_bundle_bytes(summary: dict, nodes: int, out: Path) -> dict:

@@ -2,8 +2,9 @@
 
 Each block of `block_size` values is scaled by its absolute maximum into [-1, 1] and rounded to the nearest of 2^b
 levels placed at quantiles of N(0, 1) (QLoRA's construction: an exact zero, 2^(b-1) positive and 2^(b-1)-1 negative
-levels, normalised so the extremes are +-1). Codes are bit-packed, scales kept in fp16 (rounded up so every scaled
-value stays within [-1, 1]). Error per element <= scale * (largest gap between adjacent levels) / 2.
+levels, normalised so the extremes are +-1). Codes are bit-packed, scales kept in fp16 with only `bits` significant
+bits (`coarse_scales`, rounded up so every scaled value stays within [-1, 1]). Error per element <= scale * (largest
+gap between adjacent levels) / 2, scale < absmax (1 + 2^-bits).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def quantize(x: torch.Tensor, bits: int, block_size: int = 64, dither: torch.Ten
     pad = (-flat.numel()) % block_size
     blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, block_size)
     scales = blocks.abs().amax(dim=1).clamp(min=1e-12)
-    scales16 = scales.half()
+    scales16 = coarse_scales(scales, bits).half()
     scales16 = torch.where(scales16.float() < scales, torch.nextafter(scales16, torch.tensor(float("inf"), dtype=torch.float16)), scales16)
     normalized = blocks / scales16.float()[:, None]
     if dither is not None:
@@ -66,6 +67,16 @@ def quantize(x: torch.Tensor, bits: int, block_size: int = 64, dither: torch.Ten
     midpoints = (levels[1:] + levels[:-1]) / 2
     codes = torch.bucketize(normalized, midpoints).to(torch.uint8).flatten()[:flat.numel()]
     return QuantizedTensor(pack_bits(codes.numpy(), bits), scales16.numpy(), tuple(x.shape), bits, block_size)
+
+
+def coarse_scales(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each block's absmax rounded up to `bits` significant bits after the leading one: s = ceil(a / u) u with
+    u = 2^(floor(log2 a) - bits), so a <= s < a (1 + 2^-bits). An fp16 absmax (11 bits) told the receiver the block's
+    largest value, whose code is the top level, at fp16 precision: one coordinate per block far beyond the broadcast's
+    bit width (all of theta at --block-size 1). Now no scale says more than a code does; the price is a step up to
+    2^-bits larger."""
+    unit = torch.exp2(torch.floor(torch.log2(absmax)) - bits)
+    return torch.ceil(absmax / unit) * unit
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:

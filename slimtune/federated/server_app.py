@@ -45,6 +45,9 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from slimtune.privacy.secret import RunKey
+    if cfg.attack_coalition and not cfg.data:
+        raise SlimtuneError("--attack-coalition measures what clients can learn from their own rows: it needs the "
+                            "training file (a deployment's server has none)")
     model, tok, train, evals, objective = build_model(cfg, secret_key=RunKey.fresh())  # theta_0: secret
     metric = "accuracy" if objective.kind == "classification" else "loss"
     per_round = cfg.clients_per_round or cfg.num_clients
@@ -85,6 +88,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         log.write(record)
         return MetricRecord({k: float(v) for k, v in record.items() if isinstance(v, (int, float))})
 
+    if cfg.allowed_nodes:
+        grid = MembersOnly(grid, cfg.allowed_nodes)
     wait_for_nodes(grid, cfg.num_clients, cfg.node_timeout)
     strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    evaluate_fn=evaluate_fn)
@@ -114,6 +119,22 @@ def root_reference(cfg: FederatedConfig, model, tok, objective):
         return None
     from slimtune.federated.root_reference import RootReference, load_root_data
     return RootReference(cfg, model, objective, load_root_data(cfg.root_data, objective, tok))
+
+
+class MembersOnly:
+    """The Grid as the strategy sees it in a deployment: only the nodes whose keys the run registered (`allowed_nodes`)
+    are connected. Open-source Flower lets anyone who reaches the SuperLink's Control API register a key of its own;
+    such a node may connect, but it is never sampled, so it is never sent Q(theta) nor aggregated."""
+
+    def __init__(self, grid: Grid, allowed: str):
+        self._grid = grid
+        self._allowed = {int(node) for node in str(allowed).split(",") if node.strip()}
+
+    def get_node_ids(self):
+        return [node for node in self._grid.get_node_ids() if node in self._allowed]
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> None:

@@ -63,7 +63,8 @@ class FederateSettings(Settings):
     clients: int = setting(4, "simulated clients (SuperNodes)", low=1)
     rounds: int = setting(5, "server rounds", low=1)
     bits: int = setting(4, "broadcast precision: 1..8 bits (NF levels), or 32 for no quantization", low=1, high=32)
-    block_size: int = setting(64, "quantization block size", low=1, applies=quantized)
+    block_size: int = setting(64, "quantization block size (>= 16: each block's scale is sent with its codes)", low=16,
+                              applies=quantized)
     upload_bits: int = setting(32, "quantize client deltas too (32: fp32 uploads)", low=1, high=32)
     local_steps: int = setting(3, "local steps per round (3: benchmarks/federated_sweep.py)", low=1)
     local_optimizer: str = setting("adamw", "any slimtune optimizer", choices=OPTIMIZERS)
@@ -139,6 +140,8 @@ class FederateSettings(Settings):
     seed: int = setting(0, "public seed (data partition, clients' local sampling)", low=0, high=2**63 - 1)
     node_timeout: float = setting(300.0, "deployment: seconds to wait for the SuperNodes to connect", low=0,
                                   low_open=True, cli=False)
+    allowed_nodes: str | None = setting(None, "deployment: the Flower node ids (comma-separated) whose keys the run "
+                                        "registered; the server trains with no other node", cli=False)
 
     def check(self) -> None:
         from slimtune.settings.rules import require_input_file

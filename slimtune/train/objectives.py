@@ -172,7 +172,7 @@ def load_model_and_data(objective, model_name: str, train_path: str, eval_path: 
 
     from slimtune.models import load_model_and_tokenizer
 
-    raw_train, texts = objective.load(train_path, "train")
+    raw_train, texts = objective.load(train_path, "train") if train_path else (None, [])  # a server without rows
     raw_eval, eval_texts = objective.load(eval_path, "validation") if eval_path else (None, [])
     torch.manual_seed(seed)
     fitted = (texts if fit_tokenizer_to_training_data else []) + eval_texts
@@ -180,7 +180,7 @@ def load_model_and_data(objective, model_name: str, train_path: str, eval_path: 
                                                 base_quant=base_quant)
     objective.bind(tokenizer)
     evals = objective.examples(raw_eval, tokenizer) if raw_eval is not None else []
-    return model, tokenizer, objective.examples(raw_train, tokenizer), evals
+    return model, tokenizer, objective.examples(raw_train, tokenizer) if raw_train is not None else [], evals
 
 
 def build_objective(config):
