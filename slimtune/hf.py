@@ -170,6 +170,10 @@ class ZOTrainerMixin:
             if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
                 raise SlimtuneError(f"ZOArguments(optimizer={zo.optimizer!r}): private training samples Poisson "
                                     "batches from a dataset of known size; an iterable dataset cannot be sampled")
+            if type(self.data_collator).__name__ == "DataCollatorWithFlattening" or getattr(args, "padding_free",
+                                                                                             False):
+                raise SlimtuneError("private training clips one loss per example; a padding-free or flattening "
+                                    "collator packs several examples into one row: use a padding collator")
             if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
                 raise SlimtuneError("include_num_input_tokens_seen counts the tokens of private batches, which is "
                                     "not released by a private run: leave it off")
@@ -283,7 +287,8 @@ class ZOTrainerMixin:
         exception's text or a warning may hold training rows, their lengths or the realised batch size."""
         from slimtune.privacy.withhold import withheld
         examples = inputs.pop(EXAMPLES, None)
-        rows = next((len(v) for k, v in inputs.items() if k != EMPTY_BATCH and isinstance(v, torch.Tensor)), 0)
+        rows = next((len(v) for k, v in inputs.items() if k != EMPTY_BATCH and isinstance(v, torch.Tensor) and v.ndim),
+                    0)
         if examples is not None and rows != examples:  # no count in the message: the batch size is private
             raise SlimtuneError("private training clips one loss per example, but the data collator does not give "
                                 "one row per example (a padding-free or flattening collator packs several into one, "
@@ -511,7 +516,7 @@ class PoissonBatches:
 
 class EmptyAware:
     """The collator of private Poisson batches: an empty batch passes on as {EMPTY_BATCH: tensor([])} (collators fail
-    on []), any other carries its number of examples (EXAMPLES), and is collated inside `withheld`, as the step itself is (transformers fetches a batch before
+    on []), any other carries its number of examples (EXAMPLES) and is collated inside `withheld`, as the step itself is (transformers fetches a batch before
     `training_step`): a collator's warnings and log lines (a tokenizer's "sequence length ... (36 > 5)") and the text of
     its errors name the rows of a secret batch."""
 

@@ -31,7 +31,7 @@ import torch
 from slimtune import SlimtuneError
 from slimtune.optim import OptimizerArgs
 from slimtune.optim.base import StepOutput
-from slimtune.optim.methods import METHODS
+from slimtune.optim.methods import METHODS, mechanism_refusal
 from slimtune.settings.python import check_keywords, default, in_python_terms, require_model
 
 Loss = Union[torch.Tensor, float]
@@ -63,7 +63,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     private: ClassVar[bool] = False
     aliases: ClassVar[dict] = {}  # keyword -> train setting, where the names differ
 
-    def __init__(self, model: torch.nn.Module, given: dict, private: tuple | None = None):
+    def __init__(self, model: torch.nn.Module, given: dict, private: tuple | None = None,
+                 private_given: dict | None = None):
         from slimtune.optim import OptimizerArgs, build_optimizer
         from slimtune.models.loading import builtin_architecture
         from slimtune.optim.defaults import defaults_for, method_settings
@@ -88,6 +89,15 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             self.impl = build_optimizer(self.method, model, args, private)
         except SlimtuneError as exc:  # the registry's messages name flags; a Python caller gave keywords
             raise SlimtuneError(in_python_terms(owner, str(exc), self.aliases)) from None
+        if METHODS[self.method].kind == "hybrid" and not self.impl.params:  # every trainable layer is on top
+            from slimtune.optim.hybrid import zo_part_settings
+            named = [k for k, v in given.items() if v is not None] + [  # privacy values: given when not the default
+                k for k, v in (private_given or {}).items() if v is not None and v != default(k)]
+            unused = [k for k in named if k in zo_part_settings(self.method)]
+            if unused:
+                raise SlimtuneError(f"{owner}: {unused[0]}: every trainable layer is in the top {args.fo_layers} "
+                                    f"blocks (fo_layers), so nothing is trained by ZO and {unused[0]} would be "
+                                    "ignored; lower fo_layers or leave it out")
         super().__init__(params, {"lr": values["lr"]})
         self._trainer_step_taken = False
 
@@ -339,6 +349,9 @@ class PrivateOptimizer(ZerothOrderOptimizer):
                            checked["mechanism"], checked["accountant"], checked["pld_discretization"],
                            checked["clipping"], checked["target_quantile"], checked["clip_lr"],
                            checked["clip_multiplier"])
+        refusal = mechanism_refusal(self.method, spec.mechanism, given.get("n_spsa"))
+        if refusal:
+            raise SlimtuneError(in_python_terms(owner, refusal, self.aliases))
         releases = private_releases(self.method, given.get("n_spsa", 1))
         adaptive = adaptive_clipping(SimpleNamespace(privacy=spec, optimizer=self.method))
         self.accountant = plan(spec, dataset_size, batch_size, steps, releases, adaptive)
@@ -346,7 +359,7 @@ class PrivateOptimizer(ZerothOrderOptimizer):
         self.dataset_size, self.batch_size, self.steps = dataset_size, batch_size, steps
         noise = KeyedNoise(self._key)
         super().__init__(model, given, (spec, self.accountant.noise, batch_size, noise,
-                                        self.accountant.quantile_noise))
+                                        self.accountant.quantile_noise), privacy)
         self.settings.update(privacy, steps=steps, noise_multiplier=self.accountant.noise)
 
     @property

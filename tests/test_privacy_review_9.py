@@ -126,7 +126,19 @@ def test_one_bf16_example_moves_the_clipped_sum_by_at_most_c():
 
 
 # -- 3. the Hugging Face trainer: one clipped value per row, not per example ----------------------------------------
-def test_a_private_trainer_clips_each_example_not_each_collated_row(tmp_path, monkeypatch):
+class PackingCollator:
+    """A packing collator slimtune cannot recognise by its type: refused at the first batch it packs."""
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+        self.inner = DataCollatorWithFlattening()
+
+    def __call__(self, examples):
+        return self.inner(examples)
+
+
+@pytest.mark.parametrize("packing", ["flattening", "custom"])
+def test_a_private_trainer_clips_each_example_not_each_collated_row(tmp_path, monkeypatch, packing):
     """Poisson batches of several examples, packed by DataCollatorWithFlattening into one row: per_example_losses
     returns one loss for the whole batch, DPZero clips it once and Opacus clips the batch's gradient once, so one
     example can move the clipped sums by 2C (2S) while the accountant assumes C. The trainer must refuse the batch
@@ -169,10 +181,11 @@ def test_a_private_trainer_clips_each_example_not_each_collated_row(tmp_path, mo
 
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, report_to=[],
                              save_strategy="no", use_cpu=True, disable_tqdm=True, seed=7, max_steps=3)
-    trainer = Recording(model=model, args=args, train_dataset=ds, eval_dataset=ev,
-                        data_collator=DataCollatorWithFlattening(),
-                        zo_args=ZOArguments(optimizer="dphybrid", epsilon=8.0, delta=1e-3, lr=1e-2, eps=1e-2))
-    try:
+    collator = DataCollatorWithFlattening() if packing == "flattening" else PackingCollator()
+    try:  # a known packing collator is refused when the trainer is built, before any batch
+        trainer = Recording(model=model, args=args, train_dataset=ds, eval_dataset=ev, data_collator=collator,
+                            zo_args=ZOArguments(optimizer="dphybrid", epsilon=8.0, delta=1e-3, lr=1e-2, eps=1e-2,
+                                                fo_layers=1))
         trainer.train()
     except SlimtuneError as exc:  # refused: fine, when it names the cause and no batch size
         assert "collator" in str(exc) and not any(ch.isdigit() for ch in str(exc)), exc

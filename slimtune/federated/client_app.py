@@ -150,6 +150,14 @@ def check_node_floor(cfg: FederatedConfig, node: dict) -> None:
             known = ", ".join((*NODE_KEYS, *NODE_FLOOR))
             raise SlimtuneError(f"--node-config {key}: not a node setting (known: {known})")
         name, meets = NODE_FLOOR[key]
+        wanted = str if key == "local-optimizer" else (int, float)
+        if not isinstance(value, wanted) or isinstance(value, bool):
+            raise SlimtuneError(f"--node-config {key}={value!r}: expected "
+                                f"{'an optimizer name' if wanted is str else 'a number'}")
+        if key != "local-optimizer" and not is_private(cfg):  # a DP floor is met by no non-private round
+            raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for a round without local DP "
+                                f"(local-optimizer {cfg.local_optimizer}, mode {cfg.mode}); this node trains only at "
+                                "its own privacy floor (round refused)")
         if not meets(getattr(cfg, name), value):
             raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for {key} {getattr(cfg, name)!r}; "
                                 "this node trains only at its own privacy floor (round refused)")

@@ -169,6 +169,9 @@ class FederatedConfig:
                             ("--block-size", self.block_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SlimtuneError(f"{flag} {value!r}: must be a whole number >= 1")
+        if self.allowed_nodes is not None and not all(part.strip().isdigit() for part in self.allowed_nodes.split(",")):
+            raise SlimtuneError(f"allowed_nodes {self.allowed_nodes!r}: Flower node ids separated by commas (the "
+                                "deployment script writes them)")
         if self.client_dp_noise > 0 and not self.client_dp_clip > 0:
             raise SlimtuneError("--client-dp-noise needs --client-dp-clip > 0 (noise is calibrated to the clip; "
                                 "without it there is no client-level DP)")

@@ -60,7 +60,7 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> "Sli
     if refusal:
         raise SlimtuneError(refusal)
     unset = {k: v for k, v in vars(args).items() if v is None}
-    if unset:  # a caller without a TrainConfig (federated clients): the method's LoRA defaults
+    if unset:  # a caller without a TrainConfig (federated clients, always LoRA): the method's LoRA defaults
         from dataclasses import replace
         from slimtune.optim.defaults import defaults_for, method_settings
         d = defaults_for(name, "lora")

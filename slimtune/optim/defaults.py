@@ -162,7 +162,8 @@ def model_lr_scale(optimizer: str, model: str | None) -> float:
     return swept / base
 
 
-# A method-specific setting's value when neither a flag nor the table's entry (MethodDefaults.extra) gives one
+# A method-specific setting's value when neither a flag nor the table's entry (MethodDefaults.extra) gives one.
+# (train/resume.py USED_FOR_NULL keeps its own copy on purpose: what runs recorded before these were resolved used.)
 METHOD_CONSTANTS = {"hessian_smooth": 1e-4, "sparsity": 0.75, "mask_every": 50, "fo_layers": 2, "fo_lr": 1e-3,
                     "fo_clip": 1.0}
 
@@ -204,7 +205,7 @@ def resolve(config) -> dict:
     origin["warmup_steps"] = "given" if config.warmup_steps is not None else "default"
     if config.warmup_steps is None:
         config.warmup_steps = int(d.warmup_ratio * config.steps)
-    table_settings = dict(d.extra)  # the printout names the table's (HiZOO's alpha, hybrid's fo_lr)
+    table_settings = dict(d.extra)  # origin is kept for the table's values only: the printout names those
     for name, value in method_settings(config.optimizer, config.peft.method, builtin_architecture(config.model)).items():
         if name in table_settings:
             origin[name] = "given" if getattr(config.optim, name) is not None else "default"

@@ -230,6 +230,16 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
                         "config.num_hidden_layers layers)")
 
 
+def zo_part_settings(optimizer: str) -> tuple[str, ...]:
+    """The settings only the ZO part of a hybrid reads, so unused when every trainable layer is on top: its lr (the top
+    part's lr follows the schedule's multiplier, fo_lr x lr_t / lr, not the base lr), eps, the z source; dphybrid's
+    scalar clip and its adaptation."""
+    names = ("lr", "eps", "perturbation")
+    if optimizer == "dphybrid":
+        names += ("clip", "clipping", "target_quantile", "clip_lr", "clip_multiplier")
+    return names
+
+
 def check_split(model: nn.Module, k: int, adapted: list[nn.Module] | None, zo_given: list[str]) -> None:
     """--fo-layers k against a loaded model before a run writes anything: k within its blocks, some trainable layer
     (`adapted`: the PEFT's layers; None: every weight) in the top k, and, when every one is there (the hybrid is

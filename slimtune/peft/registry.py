@@ -223,7 +223,12 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
             return
         if final.exists():
             os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old.exists() and not final.exists():
+                os.rename(old, final)  # the previous adapter back where it was
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -394,6 +399,8 @@ def check_mergeable(directory: str | Path, where: str) -> None:
     """Before a base is loaded for a merge or an export: refuse a saved adapter that cannot be merged (a bottleneck
     adapter, by its config file); `where` names the argument."""
     path = Path(directory) / tuner.CONFIG
+    if any((Path(directory) / name).exists() for name in LORA_FILES):  # load_peft reads a LoRA first
+        return
     try:
         method = json.loads(path.read_text(encoding="utf-8")).get("method") if path.is_file() else None
     except (ValueError, UnicodeDecodeError, AttributeError):

@@ -190,5 +190,5 @@ class DemoSettings(Settings):
             while Path(self.out).exists() and any(Path(self.out).iterdir()):
                 n += 1
                 self.out = f"{base}-{n}"
-        check_new_directory(self.out, "--out")
+        check_new_directory(self.out, "--out", renamed_onto=False)  # the runs and the report are written inside it
         check_model(self.model)

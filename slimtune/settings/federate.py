@@ -145,6 +145,9 @@ class FederateSettings(Settings):
 
     def check(self) -> None:
         from slimtune.settings.rules import require_input_file
+        if self.allowed_nodes is not None:
+            raise SlimtuneError("allowed_nodes: the deployment script sets it for its server (the nodes whose keys it "
+                                "registered); a simulation has no registered nodes")
         if not self.data:
             raise SlimtuneError("--data is required (on the command line or in --config)")
         require_input_file(self.data, "--data")

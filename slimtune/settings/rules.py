@@ -115,10 +115,12 @@ def check_output_file(path: str, flag: str) -> None:
     check(path, flag)
 
 
-def check_new_directory(path: str, flag: str) -> None:
-    """An output directory the command creates: may exist only if empty; its parent must be writable."""
+def check_new_directory(path: str, flag: str, renamed_onto: bool = True) -> None:
+    """An output directory the command creates: may exist only if empty; its parent must be writable. `renamed_onto`:
+    the command writes it whole (run_dir.write_new_directory) by a rename onto the path, which would replace a
+    symbolic link there rather than fill what it points to: refused (a command that writes inside it takes one)."""
     p = Path(path)
-    if p.is_symlink():  # the final rename would replace the link, not fill what it points to
+    if renamed_onto and p.is_symlink():
         raise SlimtuneError(f"{flag} {path}: is a symbolic link; give the directory itself, or a new name")
     if p.exists() and not p.is_dir():
         raise SlimtuneError(f"{flag} {path}: is a file, not a directory")

@@ -238,7 +238,7 @@ class TrainSettings(Settings):
         for name in ("hessian_smooth", "sparsity", "mask_every", "fo_layers", "fo_lr", "fo_clip"):
             if hasattr(optim, name):
                 setattr(optim, name, getattr(self, name))
-        return TrainConfig(
+        config = TrainConfig(
             out_dir=self.out, train_data=self.data, eval_data=self.eval_data, model=self.model, task=self.task,
             text_column=self.text_column, label_column=self.label_column, template=self.template,
             label_words=self.label_words, optimizer=self.optimizer, optim=optim,
@@ -253,6 +253,8 @@ class TrainSettings(Settings):
             log_private_stats=self.log_private_stats, lr_scheduler=self.lr_scheduler,
             warmup_steps=self.warmup_steps, save=self.save, force=self.force, secret_key_file=self.secret_key_file,
             base_quant=self.base_quant)
+        config.given_settings = set(getattr(self, "_given", ()))  # not a field: never in config.json or a resume check
+        return config
 
 
 def resolve_device(device: str) -> str:

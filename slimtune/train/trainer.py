@@ -33,7 +33,7 @@ from slimtune.data.readers import EVAL_IS_TRAINING, same_source
 from slimtune.optim import HYBRID_OPTIMIZERS, PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.optim.defaults import resolve as resolve_defaults
-from slimtune.optim.hybrid import check_split
+from slimtune.optim.hybrid import check_split, zo_part_settings
 from slimtune.optim.methods import mechanism_refusal
 from slimtune.optim.schedule import lr_multiplier
 from slimtune.peft import PeftSettings, apply_peft, peft_summary
@@ -134,9 +134,7 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     out = Path(config.out_dir)
     world = distributed.setup(config.device)
     stored = read_stored(out) if resume else None
-    zo_given = [] if resume else [  # a resumed run's settings are its config.json's (they must match it)
-        flag for flag, value in (("--eps", config.optim.eps), ("--perturbation", config.optim.perturbation))
-        if value is not None]
+    zo_given = [] if resume else given_zo_settings(config)  # a resumed run's are its config.json's (they must match)
     if stored:
         adopt_unset(config, stored, {"privacy": PrivacySpec})  # settings left unset keep the run's values
         check_resume(config, out)  # a changed optimizer is named before the settings it brings are judged
@@ -158,6 +156,18 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
             run_dir.update(state="failed")
             run_dir.release()
         raise
+
+
+def given_zo_settings(config: TrainConfig) -> list[str]:
+    """The flags of a hybrid's ZO part (optim/hybrid.zo_part_settings) the caller gave: from the settings' record of
+    what was given (TrainSettings.to_config), else, for a TrainConfig built by hand, the ones it left unset are None."""
+    if config.optimizer not in HYBRID_OPTIMIZERS:
+        return []
+    given = getattr(config, "given_settings", None)
+    if given is None:
+        given = {name for name, value in (("lr", config.optim.lr), ("eps", config.optim.eps),
+                                          ("perturbation", config.optim.perturbation)) if value is not None}
+    return ["--" + name.replace("_", "-") for name in zo_part_settings(config.optimizer) if name in given]
 
 
 def _load(config: TrainConfig) -> tuple:
