@@ -122,6 +122,11 @@ FAMILY = {name: method.family for name, method in METHODS.items()}  # a private 
 OWN: dict[tuple[str, str], MethodDefaults] = {
     ("dp-adamw", "lora"): _fo(3e-3, "defaults_sweep dp-adamw+lora at epsilon 6 (0.804 on the split; 1e-2: 0.780, "
                                     "its best 0.802 at step 30; 1e-3: 0.655, the majority class)"),
+    # the hybrid's lr, eps, fo_lr and warm-up ratio; its number of steps swept at epsilon 6
+    ("dphybrid", "lora"): MethodDefaults(1e-3, 1e-2, "linear", 0.05, ZO_STEPS,
+                                         "defaults_sweep dphybrid+lora at epsilon 6 (steps: 2,000 0.740 on the split, "
+                                         "its budget spent at step 1,983 as steps redone after interruptions count "
+                                         "twice; 600 0.685, 300 0.663)", (("fo_lr", 3e-3),)),
 }
 
 # Per-model corrections. The table above was measured on SmolLM2-135M; a model listed here had its ZO lr swept on its
