@@ -23,10 +23,7 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
-def make_cfg(demo_paths, **kw):
-    train_path, dev_path = demo_paths
-    return FederatedConfig(**{"data": train_path, "eval_data": dev_path, "num_clients": 3, "local_steps": 1, "lr": 1e-2,
-                              "server_optimizer": "fedavg", "server_lr_scheduler": "constant", **kw})
+from test_federated import make_cfg  # noqa: E402  (the suite's one small federated config)
 
 
 def theta_like(seed=0):

@@ -11,43 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import slimtune
 from slimtune import SlimtuneError
-from slimtune.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "slimtune" / "data" / "demo"
-TRAIN = str(DEMO / "sst2_demo_train.tsv")
-runner = CliRunner()
-TINY = ["--model", "tiny-llama", "--steps", "2", "--batch-size", "4", "--quiet", "--eval-every", "0", "--r", "2"]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res) -> str:
-    assert res.exit_code == 2, res.output
-    lines = [l for l in res.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    assert "Traceback" not in res.output
-    return " ".join(lines[0].split())
+from test_review_findings_9 import TINY, TRAIN, cli, one_line_error  # one CLI runner for the review tests
+from test_review_findings_9 import lora_model as lora_model_and_batch  # noqa: F401  (a fixture)
 
 
 @pytest.fixture
-def lora_model():
+def lora_model(lora_model_and_batch):
     """tiny-llama (2 blocks) with LoRA r=2: with the default --fo-layers 2 every trainable value is on top."""
-    from slimtune.data import get_task, read_examples
-    from slimtune.models import load_model_and_tokenizer
-
-    examples = read_examples(TRAIN, get_task("sst2"))
-    model, tok = load_model_and_tokenizer("tiny-llama", texts=[e.prompt for e in examples])
-    torch.manual_seed(0)
-    model = slimtune.apply_peft(model, "lora", r=2)
-    model.eval()
-    return model
+    return lora_model_and_batch[0]
 
 
 # -- the hybrid with nothing left for ZO: only --eps and --perturbation are checked ---------------------------------
