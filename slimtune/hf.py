@@ -516,9 +516,9 @@ class PoissonBatches:
 
 class EmptyAware:
     """The collator of private Poisson batches: an empty batch passes on as {EMPTY_BATCH: tensor([])} (collators fail
-    on []), any other carries its number of examples (EXAMPLES) and is collated inside `withheld`, as the step itself is (transformers fetches a batch before
-    `training_step`): a collator's warnings and log lines (a tokenizer's "sequence length ... (36 > 5)") and the text of
-    its errors name the rows of a secret batch."""
+    on []); any other carries its number of examples (EXAMPLES) and is collated inside `withheld`, as the step itself
+    is (transformers fetches a batch before `training_step`): a collator's warnings and log lines (a tokenizer's
+    "sequence length ... (36 > 5)") and the text of its errors name the rows of a secret batch."""
 
     def __init__(self, collator):
         self.collator = collator

@@ -131,7 +131,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             if loss.ndim > 1:
                 raise SlimtuneError(f"slimtune.{name}: the closure returned shape {tuple(loss.shape)}; return the "
                                     "mean loss (0-d) or one loss per example (1-D)")
-            if METHODS[self.method].kind == "hybrid" and torch.is_grad_enabled() and loss.numel() and not loss.requires_grad:
+            graph_needed = METHODS[self.method].kind == "hybrid" and torch.is_grad_enabled()  # its backprop call
+            if graph_needed and loss.numel() and not loss.requires_grad:
                 raise SlimtuneError(f"slimtune.{name}: the closure's loss has no autograd graph (a float, .item(), "
                                     ".detach() or torch.no_grad()); the top blocks train by backprop through it: "
                                     "return the loss tensor the model computed")

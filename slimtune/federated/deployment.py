@@ -218,8 +218,9 @@ def registered_node_id(output: str, name: str) -> int:
     import re
     found = re.search(r"SuperNode (\d+) registered", output)
     if found is None:
-        raise SlimtuneError(f"flwr supernode register for {name}: no node id in its output ({output.strip()[-200:]!r}); "
-                            "the server could not restrict the run to the nodes it registered")
+        tail = output.strip()[-200:]
+        raise SlimtuneError(f"flwr supernode register for {name}: no node id in its output ({tail!r}); the server "
+                            "could not restrict the run to the nodes it registered")
     return int(found[1])
 
 

@@ -211,7 +211,8 @@ def resolve(config) -> dict:
     if config.warmup_steps is None:
         config.warmup_steps = int(d.warmup_ratio * config.steps)
     table_settings = dict(d.extra)  # origin is kept for the table's values only: the printout names those
-    for name, value in method_settings(config.optimizer, config.peft.method, builtin_architecture(config.model)).items():
+    own = method_settings(config.optimizer, config.peft.method, builtin_architecture(config.model))
+    for name, value in own.items():
         if name in table_settings:
             origin[name] = "given" if getattr(config.optim, name) is not None else "default"
         if getattr(config.optim, name) is None:
