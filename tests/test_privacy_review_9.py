@@ -144,25 +144,15 @@ def test_a_private_trainer_clips_each_example_not_each_collated_row(tmp_path, mo
     example can move the clipped sums by 2C (2S) while the accountant assumes C. The trainer must refuse the batch
     (or the run) when the losses it clips are not one per sampled example."""
     pytest.importorskip("datasets")
-    import datasets
     from transformers import DataCollatorWithFlattening, TrainingArguments
 
-    import slimtune
     import slimtune.hf as hf
     from slimtune.hf import ZOArguments, ZOTrainer
-    from slimtune.models.loading import tiny_model, tiny_tokenizer
+    from test_hf import held_out_dataset, lm_dataset, model_for, tokenizer  # the suite's tiny LM and data
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rows = [line.split("\t")[0] for line in (DEMO / "sst2_demo_train.tsv").read_text().splitlines()[1:]]
-    held = [line.split("\t")[0] for line in (DEMO / "sst2_demo_dev.tsv").read_text().splitlines()[1:]]
-    tok = tiny_tokenizer(rows)
-    model = tiny_model("tiny-llama", len(tok), tok.pad_token_id, tok.eos_token_id, seed=0)
-    torch.manual_seed(0)
-    model = slimtune.apply_peft(model, "lora", r=4)
-    ds = datasets.Dataset.from_dict({"text": rows}).map(lambda b: tok(b["text"]), batched=True,
-                                                        remove_columns=["text"])
-    ev = datasets.Dataset.from_dict({"text": held}).map(lambda b: tok(b["text"]), batched=True,
-                                                        remove_columns=["text"])
+    tok = tokenizer()
+    model, ds, ev = model_for(tok, "lora"), lm_dataset(tok), held_out_dataset(tok)
     sampled, clipped = [], []
     original = hf.PoissonBatches.__iter__
 
