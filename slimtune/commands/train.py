@@ -54,12 +54,16 @@ def run_train(s: TrainSettings):
             dry_run(s, config)
             return
         run = prepare(config, resume=s.resume, restart=s.restart)
-        console.print(f"hyper-parameters: {describe(config, run.defaults_origin)}", highlight=False, markup=False)
+        main = run.world.main  # under torchrun only rank 0 reports (the others hold no summary)
+        if main:
+            console.print(f"hyper-parameters: {describe(config, run.defaults_origin)}", highlight=False, markup=False)
         summary = train(run)
     except TrainingInterrupted as exc:
         fail(exc, 130)
     except SlimtuneError as exc:
         fail(exc)
+    if not main:
+        return
     from slimtune.report import print_summary
     print_summary([summary], console)
     console.print(f"run written to [bold]{config.out_dir}[/] (summary.json, metrics.jsonl, adapter/)")

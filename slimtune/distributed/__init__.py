@@ -10,12 +10,18 @@ to every rank out of band with --secret-key-file): every rank reads the same key
 so it is added once to the update and the privacy accounting is the one-process accounting. The key never crosses
 the network; the per-example losses do (gloo, unencrypted): run multi-machine private jobs on a private network.
 Rank 0 alone evaluates (and broadcasts the result, so early stopping and best-model decisions agree) and writes
-metrics, checkpoints, the adapter and the summary. Resuming needs the run directory on a filesystem every rank sees.
+metrics, checkpoints, the adapter and the summary; it also decides a private run's ledger (nonce, attempt, releases
+carried or abandoned) and broadcasts it, so every rank's accountant and noise agree. Before anything is written the
+ranks compare their settings, the contents of their data files, the model's weights and (with --secret-key-file) a
+value derived from the key (`check_ranks_agree`): a rank started differently is one line, not a silently different
+run. A peer that stops makes the others stop with one line (`collective`). Resuming needs the run directory on a
+filesystem every rank sees (the checkpoint), and so does a private run without --secret-key-file (RUN/secret.key).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +74,8 @@ def gather_losses(local: torch.Tensor, global_size: int, world: World) -> torch.
     padded = torch.zeros(width, dtype=torch.float32, device=local.device)
     padded[:local.numel()] = local.float()
     parts = [torch.empty_like(padded) for _ in range(world.size)]
-    dist.all_gather(parts, padded)
+    with collective():
+        dist.all_gather(parts, padded)
     out = torch.empty(global_size, dtype=torch.float32, device=local.device)
     for r, part in enumerate(parts):
         count = len(range(r, global_size, world.size))
@@ -88,7 +95,8 @@ def broadcast(obj, world: World):
     if not world.parallel:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with collective():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -96,7 +104,45 @@ def barrier(world: World) -> None:
     import torch.distributed as dist
 
     if world.parallel:
-        dist.barrier()
+        with collective():
+            dist.barrier()
+
+
+def all_gather(obj, world: World) -> list:
+    """Every rank's object, in rank order."""
+    import torch.distributed as dist
+
+    if not world.parallel:
+        return [obj]
+    out = [None] * world.size
+    with collective():
+        dist.all_gather_object(out, obj)
+    return out
+
+
+@contextmanager
+def collective():
+    """A collective whose peer stopped (its own error is printed by that process) is one line here, not an internal
+    error: gloo says 'Connection reset' or 'Read error', nccl 'DistBackendError'."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed's errors (DistBackendError, DistNetworkError) are RuntimeErrors
+        raise SlimtuneError("another process of this torchrun run stopped (its error is in its output above); "
+                            f"this one stops too ({type(exc).__name__})") from None
+
+
+def check_ranks_agree(facts: dict, world: World) -> None:
+    """Every rank runs the same settings on the same data and model: `facts` ({what: a digest or value}) compared
+    with rank 0's; the first difference is one line naming it (a typo in one node's command trained a different run
+    on that rank, silently)."""
+    if not world.parallel:
+        return
+    everyone = all_gather(facts, world)
+    for rank, theirs in enumerate(everyone[1:], 1):
+        for what, value in everyone[0].items():
+            if theirs.get(what) != value:
+                raise SlimtuneError(f"torchrun: rank {rank} differs from rank 0 in {what}; every rank must be started "
+                                    "with the same settings, data and model")
 
 
 def check_supported(optimizer: str, world: World) -> None:

@@ -19,10 +19,10 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-import tempfile
 from pathlib import Path
 
 import torch
@@ -147,6 +147,7 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     loaded = _load(config)
     if config.optimizer in HYBRID_OPTIMIZERS:
         check_split(loaded[1], config.optim.fo_layers, adapted_modules(loaded[1], config.peft), zo_given)
+    distributed.check_ranks_agree(rank_facts(config, loaded[1]), world)  # and every rank has passed its checks
     run_dir, resumed = (_claim_or_release(config, resume, restart) if world.main else (None, {}))
     distributed.barrier(world)  # every rank has checked before rank 0 writes anything
     try:
@@ -156,6 +157,33 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
             run_dir.update(state="failed")
             run_dir.release()
         raise
+
+
+PER_RANK = ("out_dir", "train_data", "eval_data", "model", "secret_key_file", "device", "progress")  # paths may differ
+
+
+def rank_facts(config: TrainConfig, model) -> dict:
+    """What every rank of a data-parallel run must share (distributed.check_ranks_agree): each setting but the
+    per-machine ones (paths, device, progress), the contents of the data files and the model's weights (by digest),
+    and a digest keyed by --secret-key-file's key (never the key). Computed only under torchrun."""
+    import hashlib
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    from slimtune.train.resume import as_json, flat
+    facts = {f"--{k.replace('_', '-').split('.')[-1]}": v for k, v in flat(as_json(config)).items()
+             if k.split(".")[0] not in PER_RANK}
+    for flag, path in (("--data", config.train_data), ("--eval-data", config.eval_data)):
+        if path:
+            facts[f"the contents of {flag}"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        weights.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{float(tensor.double().sum())!r}".encode())
+    facts["the model's weights (--model)"] = weights.hexdigest()
+    if config.secret_key_file:
+        key = read_key_file(Path(config.secret_key_file))
+        facts["the key of --secret-key-file"] = key.generator("rank-check").bytes(16).hex()  # a PRF value, not the key
+    return facts
 
 
 def given_zo_settings(config: TrainConfig) -> list[str]:
@@ -263,9 +291,8 @@ def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, ori
     private, accountant, key, attempt, keyed_noise = None, None, None, 0, None
     if private_run:
         config.privacy = config.privacy or PrivacySpec(target_epsilon=6.0)  # the default budget, enforced like any
-        accountant, key, attempt = _private_setup(config, run_dir, len(train_examples), resume, world)
+        accountant, key, attempt, nonce = _private_setup(config, run_dir, len(train_examples), resume, world)
         objective.warn_per_batch = False  # nothing said per private batch (see check_data for the one notice)
-        nonce = int(read_status(out)["nonce"])  # every rank the same (status.json, written before the barrier)
         keyed_noise = KeyedNoise(key, attempt, nonce)
         private = (config.privacy, accountant.noise, config.batch_size, keyed_noise, accountant.quantile_noise)
         sampler = (EpochSampler if config.privacy.sampling == "shuffle" else PoissonSampler)(
@@ -409,27 +436,33 @@ def adaptive_clipping(config: TrainConfig) -> bool:
 
 
 def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_examples: int, resume: bool,
-                   world) -> tuple[PrivacyAccountant, RunKey, int]:
-    """The accountant, the run's key and the attempt number.
+                   world) -> tuple[PrivacyAccountant, RunKey, int, int]:
+    """The accountant, the run's key, the attempt number and the run's nonce.
 
     New run: a fresh key in RUN/secret.key (or the given key file). Resume: the same key; steps released after the
     checkpoint (the release ledger in status.json, or metrics.jsonl) are recomputed under attempt + 1, i.e. with fresh
-    noise and batches, and accounted as extra releases (kept in status.json and the checkpoint, composed forever)."""
+    noise and batches, and accounted as extra releases (kept in status.json and the checkpoint, composed forever).
+    Rank 0 (the one with `run_dir`) decides the ledger (attempt, nonce, releases carried or abandoned: public values)
+    and writes it to status.json; every rank plans from the ledger rank 0 broadcasts, so the ranks' accountants and
+    noise agree whether or not they see the run directory (a rank that read status.json before rank 0 wrote it planned
+    without a replaced run's releases: less noise than rank 0)."""
     spec, releases = config.privacy, releases_per_step(config)
     adaptive = adaptive_clipping(config)
     out = Path(config.out_dir)
     key_path = Path(config.secret_key_file) if config.secret_key_file else out / KEY_FILE
     if not resume:
-        carried = _carried_releases(run_dir) if run_dir is not None else read_status(out).get("abandoned", [])
-        accountant = plan(spec, num_examples, config.batch_size, config.steps, releases, adaptive,
-                          extra=[Segment.from_dict(d) for d in carried])
-        if world.main and not config.secret_key_file:
-            create_key_file(key_path)
+        ledger = None
         if run_dir is not None:  # a fresh nonce: this run's noise and batches are its own, whatever key it shares
-            run_dir.update(attempt=0, released_through=0, abandoned=carried, nonce=fresh_nonce(),
-                           privacy_segment=asdict(accountant.history(1)[0]))
-        distributed.barrier(world)  # the key file and nonce exist before any rank reads them (never sent over a network)
-        return accountant, read_key_file(key_path), 0
+            ledger = {"attempt": 0, "released_through": 0, "abandoned": _carried_releases(run_dir),
+                      "nonce": fresh_nonce()}
+            if not config.secret_key_file:
+                create_key_file(key_path)
+        ledger = distributed.broadcast(ledger, world)  # also: the key file exists before any rank reads it
+        accountant = plan(spec, num_examples, config.batch_size, config.steps, releases, adaptive,
+                          extra=[Segment.from_dict(d) for d in ledger["abandoned"]])
+        if run_dir is not None:
+            run_dir.update(**ledger, privacy_segment=asdict(accountant.history(1)[0]))
+        return accountant, read_key_file(key_path), 0, int(ledger["nonce"])
     state, legacy = read_state(out / "checkpoint")
     if legacy is not None and not key_path.exists():
         raise SlimtuneError(f"{out}: this private run was made by an older slimtune whose noise came from a 63-bit "
@@ -442,6 +475,7 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
             [dict(steps=state["step"], num_examples=num_examples, batch_size=config.batch_size,
                   noise_multiplier=noise)]]
     quantile_noise = past[-1].quantile_noise if adaptive else 0.0
+    status = None
     if run_dir is not None:  # rank 0 decides the attempt and the extra releases, durably, before anything new
         status = run_dir.status()
         abandoned = {(d["attempt"], d["from_step"]): d
@@ -454,16 +488,15 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
             abandoned[(attempt, state["step"])] = {**asdict(seg), "attempt": attempt, "from_step": state["step"]}
             attempt += 1
         run_dir.update(attempt=attempt, released_through=state["step"], abandoned=list(abandoned.values()))
-    distributed.barrier(world)
-    status = read_status(out)  # every rank: the same attempt and extra releases (a shared run directory)
-    attempt = int(status.get("attempt", 0))
+        status = run_dir.status()
+    status = distributed.broadcast(status, world)  # every rank: rank 0's attempt, nonce and extra releases
     if "nonce" not in status:
         raise SlimtuneError(f"{out}/status.json: no run nonce; this private run cannot be continued safely (start a new "
                             "run)")
     extra = [Segment.from_dict(d) for d in status.get("abandoned", [])]
     accountant = PrivacyAccountant(spec, num_examples, config.batch_size, noise, releases, past, quantile_noise,
                                    extra=extra)
-    return accountant, key, attempt
+    return accountant, key, int(status.get("attempt", 0)), int(status["nonce"])
 
 
 def _carried_releases(run_dir: RunDirectory) -> list[dict]:
