@@ -175,7 +175,8 @@ def rank_facts(config: TrainConfig, model) -> dict:
              if k.split(".")[0] not in PER_RANK}
     for flag, path in (("--data", config.train_data), ("--eval-data", config.eval_data)):
         if path:
-            facts[f"the contents of {flag}"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            with open(path, "rb") as f:
+                facts[f"the contents of {flag}"] = hashlib.file_digest(f, "sha256").hexdigest()
     weights = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         weights.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{float(tensor.double().sum())!r}".encode())
