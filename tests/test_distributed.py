@@ -66,14 +66,19 @@ def test_two_ranks_follow_the_one_process_trajectory(tmp_path, demo_paths):
 
 
 def test_dpzero_ranks_share_the_secret_noise(tmp_path, demo_paths):
-    """Same secret (from the checkpoint) -> the 2-rank and 1-process continuations agree, noise included."""
-    private = ("--epsilon", "6", "--delta", "1e-3")
+    """Same secret (from the checkpoint) -> the 2-rank and 1-process continuations agree, noise included. A fixed
+    noise multiplier: a budget planned for the first 3 steps stopped both continuations at once ('privacy budget
+    exhausted'), and the test compared two copies of the step-3 checkpoint (data-parallel review)."""
+    private = ("--noise-multiplier", "1.0", "--delta", "1e-3")
     launch(args(demo_paths, tmp_path / "two", "dpzero", 3, *private), 2)
     shutil.copytree(tmp_path / "two", tmp_path / "one")
+    start = weights(tmp_path / "one")
     launch(args(demo_paths, tmp_path / "two", "dpzero", 6, *private, "--resume"), 2)
     launch(args(demo_paths, tmp_path / "one", "dpzero", 6, *private, "--resume"), 1)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.allclose(a[k], start[k]) for k in a)  # both continued past step 3
+    assert max(logged(tmp_path / "one", "projected_grad")) == 6
     same_log(logged(tmp_path / "one", "projected_grad"), logged(tmp_path / "two", "projected_grad"),
              rel=1e-4)  # sub-batch padding: float tolerance
 
