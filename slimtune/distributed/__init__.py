@@ -20,6 +20,7 @@ filesystem every rank sees (the checkpoint), and so does a private run without -
 
 from __future__ import annotations
 
+import datetime
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ def setup(device: str) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if not dist.is_initialized():  # rank 0 alone evaluates while the others wait in a broadcast: a generation
+        # evaluation on CPU can outlast the default collective timeout (gloo 30 min, nccl 10 min); a peer that dies is
+        # noticed at once (its connection resets), so a long wait only ever covers a live, busy rank 0
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=6))
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return World(dist.get_rank(), dist.get_world_size())
