@@ -48,6 +48,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
 from slimtune import SlimtuneError
+from slimtune.optim.methods import METHODS
 from slimtune.optimizers import OPTIMIZERS, PrivateOptimizer, ZerothOrderOptimizer, peft_kind
 
 EMPTY_BATCH = "slimtune_empty_batch"  # the collated form of an empty Poisson batch
@@ -253,7 +254,7 @@ class ZOTrainerMixin:
                 weight_decay=self.args.weight_decay, seed=self.args.seed if self.zo_args.seed is None else
                 self.zo_args.seed, dataset_size=size, batch_size=self._train_batch_size,
                 steps=self.state.max_steps if self.zo_args.private else None)
-            if hasattr(self.optimizer.impl, "top"):  # a hybrid's backprop part clips as transformers' AdamW would
+            if METHODS[self.zo_args.optimizer].kind == "hybrid":  # its backprop part clips as transformers' would
                 self.optimizer.impl.config.max_grad_norm = self.args.max_grad_norm or None
         return self.optimizer
 

@@ -138,8 +138,6 @@ def check_ranks_agree(facts: dict, world: World) -> None:
     """Every rank runs the same settings on the same data and model: `facts` ({what: a digest or value}) compared
     with rank 0's; the first difference is one line naming it (a typo in one node's command trained a different run
     on that rank, silently)."""
-    if not world.parallel:
-        return
     everyone = all_gather(facts, world)
     for rank, theirs in enumerate(everyone[1:], 1):
         for what, value in everyone[0].items():

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 from slimtune import SlimtuneError
 from slimtune.models.loading import builtin_architecture
-from slimtune.optim.methods import METHODS
+from slimtune.optim.methods import METHOD_CONSTANTS, METHODS
 
 
 @dataclass(frozen=True)
@@ -165,12 +165,6 @@ def model_lr_scale(optimizer: str, model: str | None) -> float:
         return 1.0
     base, swept, _ = MODEL_ZO_LR[model]
     return swept / base
-
-
-# A method-specific setting's value when neither a flag nor the table's entry (MethodDefaults.extra) gives one.
-# (train/resume.py USED_FOR_NULL keeps its own copy on purpose: what runs recorded before these were resolved used.)
-METHOD_CONSTANTS = {"hessian_smooth": 1e-4, "sparsity": 0.75, "mask_every": 50, "fo_layers": 2, "fo_lr": 1e-3,
-                    "fo_clip": 1.0}
 
 
 def default_perturbation(optimizer: str) -> str:

@@ -35,14 +35,15 @@ from torch import nn
 from slimtune import SlimtuneError
 from slimtune.optim.base import StepOutput, mix_seed, trainable
 from slimtune.optim.first_order import adamw, param_groups
+from slimtune.optim.methods import METHOD_CONSTANTS
 from slimtune.zo.mezo import MeZOConfig, ZOOptimizer
 
 
 @dataclass
 class HybridConfig(MeZOConfig):
-    fo_layers: int = 2  # k: transformer blocks (from the top) trained with backprop, with everything after them
-    fo_lr: float = 1e-3  # AdamW's lr for the top part
-    fo_clip: float = 1.0  # DPHybrid: per-example L2 clip S of the top part's gradient
+    fo_layers: int = METHOD_CONSTANTS["fo_layers"]  # k: top transformer blocks trained with backprop (and after)
+    fo_lr: float = METHOD_CONSTANTS["fo_lr"]  # AdamW's lr for the top part
+    fo_clip: float = METHOD_CONSTANTS["fo_clip"]  # DPHybrid: per-example L2 clip S of the top part's gradient
     max_grad_norm: float | None = None  # clip of the top part's (released) gradient before AdamW (slimtune.hf:
     #                                     TrainingArguments.max_grad_norm, which transformers applies after the step)
     betas: tuple[float, float] = (0.9, 0.999)

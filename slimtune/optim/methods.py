@@ -44,6 +44,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+# A method-specific setting's value when neither a flag nor the defaults table (optim/defaults.py, whose entries may
+# give their own) says: the one copy the configs' defaults, the settings, the planner and the resolution read.
+# (train/resume.py USED_FOR_NULL keeps its own copy on purpose: what runs recorded before these were resolved used.)
+METHOD_CONSTANTS = {"hessian_smooth": 1e-4, "sparsity": 0.75, "mask_every": 50, "fo_layers": 2, "fo_lr": 1e-3,
+                    "fo_clip": 1.0}
+
+
 def mechanism_refusal(optimizer: str, mechanism: str, n_spsa: int | None) -> str | None:
     """Why `mechanism` cannot noise `optimizer`'s releases (None: it can). Laplace noise is accounted for one scalar a
     step, its L1 sensitivity the clip: DPZero's and DP-LOZO's with one direction. The CLI's settings, the registry

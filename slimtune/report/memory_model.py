@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from slimtune.optim.methods import HYBRID, WITH_SOURCES, ZEROTH_ORDER
+from slimtune.optim.methods import HYBRID, METHOD_CONSTANTS, WITH_SOURCES, ZEROTH_ORDER
 
 MB = 2**20
 ACT_HIDDEN_FO, ACT_INTER_FO = 16, 3  # values kept per token per layer for backward (llama block, rough)
@@ -57,12 +57,13 @@ class ModelShape:
 
 
 ZO_PLANNED, HYBRIDS = ZEROTH_ORDER, HYBRID
+FO_LAYERS = METHOD_CONSTANTS["fo_layers"]  # the hybrid's blocks by backprop when a caller does not say
 CHUNKED_Z = WITH_SOURCES  # ZO methods with a perturbation source draw z chunk by chunk into one buffer
 
 
 def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, batch: int, seq_len: int,
                     runtime_mb: float = 0.0, bytes_per_value: int = 4, zo_chunk: int = 1 << 20,
-                    lozo_rank: int = 2, fo_layers: int = 2, fo_trainable: int | None = None,
+                    lozo_rank: int = 2, fo_layers: int = FO_LAYERS, fo_trainable: int | None = None,
                     base_quant: str | None = None, trainable_bytes: int | None = None) -> dict:
     """Predicted peak memory (MB) and its parts. Hybrid: `fo_layers` blocks by backprop holding `fo_trainable` of
     the trainable values (None: the top blocks' share, fo_layers / layers). `bytes_per_value`: the dtype's bytes;
@@ -152,7 +153,8 @@ def peft_values(method: str, r: int, shapes: list[tuple[int, int]]) -> int:
     return sum(2 * out * r + r + out for out, _ in shapes)  # adapter: down (out->r) and up (r->out) with biases
 
 
-def top_trainable_count(model, method: str, r: int, targets: list[str] | None = None, fo_layers: int = 2) -> int:
+def top_trainable_count(model, method: str, r: int, targets: list[str] | None = None,
+                        fo_layers: int = FO_LAYERS) -> int:
     """Trainable values `method` would put in the top `fo_layers` blocks and after them (the hybrid's backprop part)."""
     from slimtune.models.quantize import layer_shape
     from slimtune.optim.hybrid import modules_after, parameter_users
@@ -202,7 +204,7 @@ def trainable_bytes(method: str, dtype: str) -> int:
 
 
 def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_len: int, device: str,
-                   targets: list[str] | None = None, fo_layers: int = 2, dtype: str = "float32",
+                   targets: list[str] | None = None, fo_layers: int = FO_LAYERS, dtype: str = "float32",
                    base_quant: str | None = None) -> tuple[float, int]:
     """(predicted peak MB, trainable params) of `optimizer` + `method` on `model` (the base model, before PEFT: dense,
     quantized or on the meta device) with weights in `dtype` and the linear layers in `base_quant`;
@@ -228,7 +230,7 @@ def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_l
 
 
 def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: str = "float32",
-              base_quant: str | None = None, fo_layers: int = 2) -> list[dict]:
+              base_quant: str | None = None, fo_layers: int = FO_LAYERS) -> list[dict]:
     """Predicted peak (MB) for every optimizer x PEFT pair of the planner, and whether it fits here (a quantized base
     takes LoRA only: the other PEFT methods are left out then)."""
     budget = budget_mb(device)
@@ -253,7 +255,7 @@ QUALITY_ORDER = (("adamw", "none", None), ("adamw", "lora", None), ("hybrid", "l
 
 
 def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: str = "float32",
-                   fo_layers: int = 2) -> list[dict]:
+                   fo_layers: int = FO_LAYERS) -> list[dict]:
     """Every candidate of QUALITY_ORDER x {dtype, bf16}, in quality order, with its predicted peak and whether it
     fits; the first that fits is the planner's choice. fp16 is a CUDA dtype: never proposed on CPU."""
     budget = budget_mb(device)
@@ -276,8 +278,7 @@ def as_flags(row: dict) -> str:
         flags += f" --dtype {row['dtype']}"
     if row.get("base_quant"):
         flags += f" --base-quant {row['base_quant']}"
-    from slimtune.optim.defaults import METHOD_CONSTANTS
-    if row.get("fo_layers", METHOD_CONSTANTS["fo_layers"]) != METHOD_CONSTANTS["fo_layers"]:
+    if row.get("fo_layers", FO_LAYERS) != FO_LAYERS:
         flags += f" --fo-layers {row['fo_layers']}"
     return flags
 
@@ -305,7 +306,7 @@ def model_for_planning(name_or_path: str):
 
 
 def check_fits(model, optimizer: str, method: str, r: int, batch: int, seq_len: int, device: str,
-               targets: list[str] | None = None, fo_layers: int = 2, dtype: str = "float32",
+               targets: list[str] | None = None, fo_layers: int = FO_LAYERS, dtype: str = "float32",
                base_quant: str | None = None) -> None:
     """Raise a one-line SlimtuneError when the run is predicted not to fit here, naming the best method that does
     (ranked_methods: expected quality first, with its dtype and base) and the optimizer x PEFT pairs that fit at the

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune import SlimtuneError
+from slimtune.optim.methods import METHOD_CONSTANTS
 from slimtune.settings.base import Settings, setting, when
 from slimtune.settings.rules import (check_adapter_and_model, check_device, check_model, check_new_directory,
                                      check_output_file, check_task_text, check_template, require_input_file)
@@ -147,8 +148,8 @@ class PlanSettings(Settings):
                          choices=("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
     base_quant: str | None = setting(None, "the table for LoRA on a frozen int8 or int4 base (bitsandbytes); the "
                                      "ranking tries both anyway", choices=("int8", "int4"))
-    fo_layers: int = setting(2, "the hybrid rows: top transformer blocks trained by backprop (as train --fo-layers)",
-                             low=1)
+    fo_layers: int = setting(METHOD_CONSTANTS["fo_layers"], "the hybrid rows: top transformer blocks trained by "
+                             "backprop (as train --fo-layers)", low=1)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
 
     def check(self) -> None:

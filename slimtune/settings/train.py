@@ -97,7 +97,7 @@ class TrainSettings(Settings):
                               applies=when(optimizer=("lozo-m", "sgd", "dp-sgd")))
     perturbation: str | None = setting(None, "ZO direction z: gaussian (default), rademacher (FZOO's default), or "
                                        "pool (slices of a seeded Gaussian pool: faster full-parameter ZO on CPU)",
-                                choices=SOURCES, applies=when(optimizer=WITH_SOURCES))
+                                       choices=SOURCES, applies=when(optimizer=WITH_SOURCES))
     hessian_smooth: float | None = setting(None, "HiZOO: moving-average weight of the diagonal Hessian estimate",
                                            low=0, high=1, low_open=True, high_open=True,
                                            applies=when(optimizer=("hizoo", "hizoo-l", "dphizoo")))

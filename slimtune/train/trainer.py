@@ -147,7 +147,8 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     loaded = _load(config)
     if config.optimizer in HYBRID_OPTIMIZERS:
         check_split(loaded[1], config.optim.fo_layers, adapted_modules(loaded[1], config.peft), zo_given)
-    distributed.check_ranks_agree(rank_facts(config, loaded[1]), world)  # and every rank has passed its checks
+    if world.parallel:  # and every rank has passed its checks before rank 0 claims the directory
+        distributed.check_ranks_agree(rank_facts(config, loaded[1]), world)
     run_dir, resumed = (_claim_or_release(config, resume, restart) if world.main else (None, {}))
     distributed.barrier(world)  # every rank has checked before rank 0 writes anything
     try:
@@ -165,11 +166,9 @@ PER_RANK = ("out_dir", "train_data", "eval_data", "model", "secret_key_file", "d
 def rank_facts(config: TrainConfig, model) -> dict:
     """What every rank of a data-parallel run must share (distributed.check_ranks_agree): each setting but the
     per-machine ones (paths, device, progress), the contents of the data files and the model's weights (by digest),
-    and a digest keyed by --secret-key-file's key (never the key). Computed only under torchrun."""
+    and a digest keyed by --secret-key-file's key (never the key)."""
     import hashlib
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return {}
     from slimtune.train.resume import as_json, flat
     facts = {f"--{k.replace('_', '-').split('.')[-1]}": v for k, v in flat(as_json(config)).items()
              if k.split(".")[0] not in PER_RANK}

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from slimtune.optim.base import StepOutput, mix_seed
+from slimtune.optim.methods import METHOD_CONSTANTS
 from slimtune.zo import precision
 from slimtune.zo.mezo import MeZOConfig, ZOOptimizer
 
@@ -54,7 +55,7 @@ from slimtune.zo.mezo import MeZOConfig, ZOOptimizer
 
 @dataclass
 class HiZOOConfig(MeZOConfig):
-    hessian_smooth: float = 1e-4  # alpha: the step of the diagonal Hessian's moving average
+    hessian_smooth: float = METHOD_CONSTANTS["hessian_smooth"]  # alpha: the step of the diagonal Hessian's average
     factored: bool = False  # HiZOO-L: rank-1 factors per matrix instead of a full diagonal
 
 

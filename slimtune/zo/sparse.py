@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slimtune.optim.methods import METHOD_CONSTANTS
 from slimtune.zo.mezo import MeZO, MeZOConfig
 
 QUANTILE_SAMPLE = 1 << 20
@@ -31,8 +32,8 @@ _SHIFTS: dict = {}
 
 @dataclass
 class SparseMeZOConfig(MeZOConfig):
-    sparsity: float = 0.75  # fraction of each tensor not perturbed: its largest |w|
-    mask_every: int = 50  # recompute the masks from the weights every this many steps
+    sparsity: float = METHOD_CONSTANTS["sparsity"]  # fraction of each tensor not perturbed: its largest |w|
+    mask_every: int = METHOD_CONSTANTS["mask_every"]  # recompute the masks from the weights every this many steps
 
 
 class SparseMeZO(MeZO):
