@@ -18,14 +18,13 @@ def run_plan(s: PlanSettings):
     from rich.table import Table
 
     from slimtune.cli import console, fail
+    from slimtune.optim.hybrid import check_fo_layers
     from slimtune.report.memory_model import ModelShape, as_flags, model_for_planning, plan_rows, ranked_methods
 
     try:
         dev = resolve_device(s.device)
         m = model_for_planning(s.model)
-        layers = ModelShape.from_model(m).layers
-        if s.fo_layers > layers:
-            raise SlimtuneError(f"--fo-layers {s.fo_layers}: must be between 1 and the model's {layers} blocks")
+        check_fo_layers(s.fo_layers, ModelShape.from_model(m).layers)
         rows = plan_rows(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.base_quant, s.fo_layers)
         ranked = [r for r in ranked_methods(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.fo_layers)
                   if r["fits"]]

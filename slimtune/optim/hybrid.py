@@ -276,11 +276,17 @@ def parameter_users(model: nn.Module) -> dict[int, list[nn.Module]]:
     return users
 
 
+def check_fo_layers(k: int, blocks: int) -> None:
+    """--fo-layers k within a model of `blocks` transformer blocks (train's split check; plan, whose model may be on
+    the meta device, counts them from the config)."""
+    if not 1 <= k <= blocks:
+        raise SlimtuneError(f"--fo-layers {k}: must be between 1 and the model's {blocks} blocks")
+
+
 def modules_after(model: nn.Module, k: int, modules: list[nn.Module]) -> set[int]:
     """ids of the `modules` first called after block L - k starts, in a 2-token forward (pre-hooks record the order)."""
     blocks = transformer_blocks(model)
-    if not 1 <= k <= len(blocks):
-        raise SlimtuneError(f"--fo-layers {k}: must be between 1 and the model's {len(blocks)} blocks")
+    check_fo_layers(k, len(blocks))
     order: dict[int, int] = {}  # id(module) -> index of its first call
     mark: dict = {}
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune import SlimtuneError
+from slimtune.train.metrics import numbered_records
 
 # (header, summary key, formatter)
 COLUMNS = [
@@ -76,19 +77,10 @@ def _check_summary(path: Path, summary: dict) -> None:
 
 
 def _checked_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's records, read as read_jsonl reads them (a line that does not parse, a partial last line after a
-    kill, is skipped); a record with a plotted value must carry a numeric step and numeric values, named by file and
-    line otherwise."""
-    if not path.exists():
-        return []
+    """metrics.jsonl's records (train.metrics.read_jsonl's); a record with a plotted value must carry a numeric step
+    and numeric values, named by file and line otherwise."""
     records = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
+    for number, record in numbered_records(path):
         plotted = [k for k in PLOTTED if record.get(k) is not None]
         bad = next((k for k in ("step", *plotted) if not _number(record.get(k))), None) if plotted else None
         if bad is not None:

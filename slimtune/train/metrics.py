@@ -39,18 +39,24 @@ class MetricsLog:
 
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines file; a line that does not parse (a partial last line after a kill) is skipped."""
+    return [record for _, record in numbered_records(path)]
+
+
+def numbered_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of each object line of a JSON-lines file, as read_jsonl reads them (for messages that
+    name the line)."""
     path = Path(path)
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(errors="replace").splitlines():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if line.strip():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
             if isinstance(record, dict):
-                out.append(record)
+                out.append((number, record))
     return out
 
 

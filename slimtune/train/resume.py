@@ -54,22 +54,22 @@ def read_stored(run_dir: Path) -> dict | None:
 
 # What a run used where its config.json, written before the value was resolved into it, records null: the builders'
 # constants of that time (frozen here: a later change to the defaults must not change what an old run resumes with)
-RECORDED_NULL = {"sparsity": ("sparse-mezo",), "mask_every": ("sparse-mezo",), "fo_layers": ("hybrid", "dphybrid"),
-                 "fo_clip": ("dphybrid",)}
-USED_FOR_NULL = {"sparsity": 0.75, "mask_every": 50, "fo_layers": 2, "fo_clip": 1.0}
+# setting -> (the optimizers that read it, the value they used)
+USED_FOR_NULL = {"sparsity": (("sparse-mezo",), 0.75), "mask_every": (("sparse-mezo",), 50),
+                 "fo_layers": (("hybrid", "dphybrid"), 2), "fo_clip": (("dphybrid",), 1.0)}
 
 
 def as_trained(stored: dict) -> dict:
     """A stored config with what the run trained with where older versions recorded something else: null for a
-    method's own setting (RECORDED_NULL); for FZOO, gaussian (it always drew Rademacher directions then) and n_spsa
+    method's own setting (USED_FOR_NULL); for FZOO, gaussian (it always drew Rademacher directions then) and n_spsa
     1 (its N was 8 then whenever --n-spsa was not above 1)."""
     optim = stored.get("optim")
     if not isinstance(optim, dict):
         return stored
     optimizer = stored.get("optimizer")
-    for name, users in RECORDED_NULL.items():
-        if optimizer in users and optim.get(name, None) is None:
-            optim[name] = USED_FOR_NULL[name]
+    for name, (users, used) in USED_FOR_NULL.items():
+        if optimizer in users and optim.get(name) is None:
+            optim[name] = used
     if optimizer == "fzoo" and optim.get("perturbation") == "gaussian":
         optim["perturbation"] = "rademacher"
     if optimizer == "fzoo" and optim.get("n_spsa") == 1:
