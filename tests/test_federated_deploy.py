@@ -2,6 +2,9 @@
 Flower sends (the app bundle once per node included), and the app bundle holds nothing but the package's code."""
 
 import io
+import os
+import re
+import threading
 import zipfile
 from pathlib import Path
 
@@ -61,7 +64,18 @@ def test_an_unregistered_node_is_refused_and_registered_ones_train(tmp_path):
         # review 9: open-source Flower lets anyone who reaches the Control API register a key; such a node connects
         # but is not among the run's allowed nodes, so it is never sampled (never sent Q(theta), never aggregated)
         outsider = federation.add_node("outsider", f'partition-id=3 data-path="{paths[2]}"', admit=False)
-        summary = with_bundle_bytes(federation.submit(timeout=900), 2, Path(cfg.out_dir))
+        seen, done = set(), threading.Event()
+        watcher = threading.Thread(target=_watch_command_lines, args=(seen, done), daemon=True)
+        watcher.start()
+        try:
+            summary = with_bundle_bytes(federation.submit(timeout=900), 2, Path(cfg.out_dir))
+        finally:
+            done.set()
+            watcher.join()
+    # what any local user's `ps -ef` showed during the run: Flower's executor put each app's run token there
+    apps = [line for line in seen if re.search(r"flwr-(serverapp|clientapp) ", line)]
+    assert any("flwr-serverapp" in a for a in apps) and any("flwr-clientapp" in a for a in apps), sorted(seen)
+    assert all("--token-file" in a and not re.search(r"--token [0-9a-f]{16}", a) for a in apps), apps
     # Flower samples every connected node each round (fraction 1): an admitted intruder would make it 3 replies
     assert summary["accepted_updates"] == 4 and summary["stop_reason"] == "completed"
     assert summary["clients"] == summary["nodes_replied"] == 2
@@ -72,6 +86,19 @@ def test_an_unregistered_node_is_refused_and_registered_ones_train(tmp_path):
     bundle = summary["app_bundle_bytes"]  # the package's code: other edits to it change this by a few KB
     assert abs(bundle - app_bundle_bytes()) < 0.05 * bundle and summary["app_bundle_bytes_total"] == 2 * bundle
     assert summary["bytes_communicated_with_bundle"] == summary["bytes_communicated"] + 2 * bundle
+
+
+def _watch_command_lines(seen: set, done: threading.Event) -> None:
+    """Every process command line this user can read (`/proc/<pid>/cmdline`, what `ps -ef` shows any local user),
+    collected until `done`."""
+    while not done.is_set():
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    seen.add(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                except OSError:
+                    pass
+        done.wait(0.2)
 
 
 def test_the_app_bundle_holds_only_the_package_code(tmp_path):

@@ -125,9 +125,13 @@ class LocalFederation:
         self.settings = self.work / "server-settings.json"  # only the SuperLink's environment points here
         self.settings.write_text(json.dumps(asdict(cfg)))
         # Flower's processes start more of Flower's executables by name (flower-superexec, flwr-serverapp...): the
-        # environment's own come first on their PATH
+        # environment's own come first on their PATH, and before them slimtune's flower-superexec, which hands each
+        # app its run token in a private file instead of on its command line (federated/superexec.py)
+        from slimtune.federated.superexec import shim  # imports Flower
+        superexec_shim = shim(self.work / "bin")
         self.env = {**os.environ, "FLWR_HOME": str(self.home),
-                    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+                    "PATH": os.pathsep.join([str(superexec_shim.parent), str(Path(sys.executable).parent),
+                                             os.environ.get("PATH", "")])}
         self.env.pop(SETTINGS_ENV, None)
 
     def __enter__(self) -> "LocalFederation":
