@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -455,12 +456,18 @@ def _as_list(value) -> list:
 
 def _row_key(row) -> str:
     """A row as text, its strings compared up to case and spacing as the CLI's and the federated checks do; of a dict
-    row, what the model is shown: its label columns and attention mask are left out (NOT_SHOWN), so that a training
-    row given to predict() without its labels is still that training row."""
+    row, what the model is shown. A tokenized row (input_ids) is its tokens alone: transformers drops the columns the
+    model's forward does not take (a `text` column a `map(tokenize)` kept, an `idx`), and labels and the attention
+    mask are not the input. Of a raw row, its label columns and attention mask are left out (NOT_SHOWN), and so are
+    its numbers (an `idx`, a score), which no collator turns into text: a training row given to predict() without
+    its labels, or with a column of its own, is still that training row."""
     from slimtune.train.objectives import overlap_key
 
     if isinstance(row, dict):
-        row = {k: v for k, v in row.items() if k not in NOT_SHOWN}
+        if "input_ids" in row:
+            row = {"input_ids": _as_list(row["input_ids"])}
+        else:
+            row = {k: v for k, v in row.items() if k not in NOT_SHOWN and not isinstance(v, numbers.Number)}
 
     def normalised(value):
         if isinstance(value, str):

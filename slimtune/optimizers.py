@@ -124,12 +124,13 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                     raise SlimtuneError(f"slimtune.{name}: the closure returned {type(loss).__name__}; return the "
                                         "loss as a tensor (0-d mean or 1-D per example) or a float")
                 loss = torch.tensor(float(loss))
+            # the number of dimensions only, never the shape: a private batch's size is not released
             if self.private and loss.ndim != 1:
                 raise SlimtuneError(f"slimtune.{name} needs per-example losses: the closure must return a 1-D tensor "
-                                    f"with one loss per example (got shape {tuple(loss.shape)}); each example's "
+                                    f"with one loss per example (got a {loss.ndim}-D tensor); each example's "
                                     "difference is clipped before the noise is added")
             if loss.ndim > 1:
-                raise SlimtuneError(f"slimtune.{name}: the closure returned shape {tuple(loss.shape)}; return the "
+                raise SlimtuneError(f"slimtune.{name}: the closure returned a {loss.ndim}-D tensor; return the "
                                     "mean loss (0-d) or one loss per example (1-D)")
             graph_needed = METHODS[self.method].kind == "hybrid" and torch.is_grad_enabled()  # its backprop call
             if graph_needed and loss.numel() and not loss.requires_grad:

@@ -137,11 +137,11 @@ def collective():
 def check_ranks_agree(facts: dict, world: World) -> None:
     """Every rank runs the same settings on the same data and model: `facts` ({what: a digest or value}) compared
     with rank 0's; the first difference is one line naming it (a typo in one node's command trained a different run
-    on that rank, silently)."""
+    on that rank, silently). A fact only one of the two has (a key file given to one rank) is a difference too."""
     everyone = all_gather(facts, world)
     for rank, theirs in enumerate(everyone[1:], 1):
-        for what, value in everyone[0].items():
-            if theirs.get(what) != value:
+        for what in [*everyone[0], *(w for w in theirs if w not in everyone[0])]:
+            if theirs.get(what) != everyone[0].get(what):
                 raise SlimtuneError(f"torchrun: rank {rank} differs from rank 0 in {what}; every rank must be started "
                                     "with the same settings, data and model")
 
