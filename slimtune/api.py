@@ -62,8 +62,7 @@ def train(config: str | None = None, **settings: Any) -> dict:
             task, optimizer, peft, r, lr, eps, steps, batch_size, epsilon, delta, resume, ...; `dry_run=True`
             resolves and checks them and returns the resolved configuration without training.
     """
-    from dataclasses import asdict
-    from pathlib import Path
+    from dataclasses import asdict, fields
 
     from slimtune.settings.train import TrainSettings
     from slimtune.train import prepare
@@ -71,26 +70,19 @@ def train(config: str | None = None, **settings: Any) -> dict:
 
     import os
 
-    values, given, origin = dict(settings), set(settings), {}
     if config is not None and not isinstance(config, (str, os.PathLike)):
         raise SlimtuneError(f"slimtune.train: config is the path of a settings file, got {type(config).__name__}; "
                             "pass settings as keyword arguments (slimtune.train(**settings))")
-    if config is not None:
-        config = os.fspath(config)
-        from slimtune.settings.cli import file_values
-        from slimtune.settings.train import retable_from_file
-        file_settings, file_given = file_values(TrainSettings, config)
-        values = retable_from_file({**file_settings, **settings}, config, set(settings))
-        given |= file_given
-        origin = {k: config for k in file_settings if k not in settings}
-    if values.get("resume") and "out" in values and config is None:
-        from slimtune.settings.train import from_run_config
-        from slimtune.train.resume import read_stored
-        stored = read_stored(Path(values["out"]))
-        if stored is None:
-            raise SlimtuneError(f"resume: no run in {values['out']} (no config.json)")
-        values = {**from_run_config(stored), **settings}
-    s = TrainSettings.build(values, given, origin)
+    names = {f.name for f in fields(TrainSettings)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise SlimtuneError(f"unknown setting {unknown[0]!r} for `slimtune train`")
+    # the command line's own path (commands/train.py): defaults < a resumed run's config.json < config < keywords
+    from slimtune.commands.train import resumed_settings
+    from slimtune.settings.cli import build_settings
+    config = os.fspath(config) if config is not None else None
+    base, base_given = resumed_settings(settings, None, config)
+    s = build_settings(TrainSettings, None, settings, config, base, base_given)
     run_config = s.to_config()
     if s.dry_run:
         from slimtune.optim.defaults import resolve

@@ -45,6 +45,9 @@ def fail(exc: Exception | str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 class OneLineErrors(TyperGroup):
     """Usage errors (unknown flag, a value click cannot convert, a missing argument) as one line with exit code 2,
     and no traceback for anything else either (SLIMTUNE_DEBUG=1 shows it)."""
@@ -59,6 +62,10 @@ class OneLineErrors(TyperGroup):
         shown, warnings.formatwarning = warnings.formatwarning, one_line_warning
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NO_ARGS_IS_HELP as exc:  # a bare `slimtune` (or group): the help, and no error line without a message
+            if exc.format_message().strip():  # plain click returns the help; typer's rich help has printed it already
+                click.echo(exc.format_message())
+            code = exc.exit_code
         except click.UsageError as exc:
             where = f"{exc.ctx.command_path}: " if exc.ctx is not None and exc.ctx.command_path else ""
             print_error(f"{where}{exc.format_message()} (see --help)")

@@ -299,7 +299,7 @@ def test_the_memory_refusal_does_not_measure_the_training_rows(tmp_path):
         data = tmp_path / f"{canary}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in generation_rows(canary)))
         cfg = private_config(tmp_path / f"run{canary}", task="generation", train_data=str(data), eval_data=None,
-                             batch_size=10**7, max_length=512)
+                             batch_size=24, max_length=10**7)  # all 24 rows (a larger batch is refused first)
         with pytest.raises(SlimtuneError) as exc:
             prepare(cfg)
         import re  # the machine's free memory changes between the two calls; the data may not change anything else

@@ -20,17 +20,19 @@ def register(app) -> None:
 
 
 def resumed_settings(values: dict, ctx, config_path: str | None):
-    """--resume: the run's config.json is the base (settings not given keep the run's values)."""
+    """--resume: the run's config.json is the base (settings not given keep the run's values); then the config file,
+    then the flags (settings/cli.py build_settings). ctx None: `values` are a Python caller's keyword arguments
+    (slimtune.train), each one given."""
     from click.core import ParameterSource
 
-    def chosen(name):  # command line first, then the config file
-        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+    def chosen(name):  # command line (or keyword) first, then the config file, then the default
+        if name in values and (ctx is None or ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE):
             return values[name]
         if config_path:
             fv, _ = file_values(TrainSettings, config_path)
             if name in fv:
                 return fv[name]
-        return values[name]
+        return values[name] if name in values else TrainSettings.defaults()[name]
 
     if not chosen("resume"):
         return None, None
@@ -38,7 +40,8 @@ def resumed_settings(values: dict, ctx, config_path: str | None):
     out = chosen("out")
     stored = read_stored(Path(out))
     if stored is None:
-        raise SlimtuneError(f"--resume {out}: no run there (no config.json)")
+        raise SlimtuneError(f"{'--resume' if ctx is not None else 'slimtune.train: resume=True:'} {out}: no run "
+                            "there (no config.json)")
     return from_run_config(stored), set()
 
 

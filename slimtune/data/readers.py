@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 from slimtune import SlimtuneError
@@ -13,6 +14,24 @@ from slimtune.data.tasks import Example, Task
 # UTF-8, and a leading byte order mark is no part of the text: Excel and Notepad write one, which made a table's first
 # column '\ufeffsentence' and a JSONL file's first line invalid JSON
 ENCODING = "utf-8-sig"
+# csv's own limit (131,072 characters a field) ended a table holding one long document in 'internal error (Error: field
+# larger than field limit)'; a field is now bounded by memory (the largest limit a C long holds on every platform)
+FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
+class DuplicateKey(Exception):
+    """A mapping names one key twice: a config file's setting, a JSONL row's field (JSON and YAML parsers keep the
+    last one without a word)."""
+
+
+def unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook: a dict, or DuplicateKey for a key given twice."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
 
 
 def read_text(path: str | Path) -> str:
@@ -84,17 +103,27 @@ def same_path(a: str | None, b: str | None) -> bool:
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
+    kind, separator = ("TSV", "tab") if delimiter == "\t" else ("CSV", "comma")
+    csv.field_size_limit(FIELD_LIMIT)
     with path.open(newline="", encoding=ENCODING) as f:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
-        if reader.fieldnames is None:
-            raise SlimtuneError(f"{path}: file is empty (no header line)")
-        rows = []
-        for row in reader:
-            if None in row:  # more fields than the header names: csv puts the rest under None
-                raise SlimtuneError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields, "
-                                    f"the header has {len(reader.fieldnames)} (a stray "
-                                    f"{'tab' if delimiter == chr(9) else 'comma'} in the text?)")
-            rows.append((reader.line_num, row))
+        try:
+            if reader.fieldnames is None:
+                raise SlimtuneError(f"{path}: file is empty (no header line)")
+            named = [c for c in reader.fieldnames if c.strip()]  # unnamed (trailing) columns are never read
+            twice = next((c for i, c in enumerate(named) if c in named[:i]), None)
+            if twice is not None:  # DictReader would keep the last such column's values without a word
+                raise SlimtuneError(f"{path}:{reader.line_num}: the header names column {twice!r} twice; rename or "
+                                    "remove one")
+            rows = []
+            for row in reader:
+                if None in row:  # more fields than the header names: csv puts the rest under None
+                    raise SlimtuneError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} "
+                                        f"fields, the header has {len(reader.fieldnames)} (a stray {separator} in "
+                                        "the text?)")
+                rows.append((reader.line_num, row))
+        except csv.Error as exc:  # a NUL byte, an unterminated quote at the end of the file, ...
+            raise SlimtuneError(f"{path}:{reader.line_num}: not a valid {kind} line ({exc})") from None
     return rows
 
 
@@ -105,9 +134,11 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as exc:
                 raise SlimtuneError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            except DuplicateKey as exc:
+                raise SlimtuneError(f"{path}:{line_no}: {exc} (JSON would keep its last value); keep one") from None
             if not isinstance(row, dict):
                 raise SlimtuneError(f"{path}:{line_no}: expected a JSON object per line")
             rows.append((line_no, row))

@@ -38,13 +38,24 @@ class Task:
         raise SlimtuneError(f"{where}: field {self.label_column!r}: unknown label {key!r} (expected one of {allowed})")
 
     def prompt(self, row: dict, where: str) -> str:
-        values = {}
-        for col in self.text_columns:
-            text = row.get(col)
-            if text is None or str(text).strip() == "":
-                raise SlimtuneError(f"{where}: field {col!r} is empty")
-            values[col] = str(text).strip()
-        return self.template.format(**values)
+        return self.template.format(**{col: text_field(row, col, where).strip() for col in self.text_columns})
+
+
+JSON_KINDS = {list: "a list", dict: "an object", bool: "true/false", int: "a number", float: "a number"}
+
+
+def text_field(row: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    """Field `key` of a data row (`where`: "file:line") as the text it must be: missing, not a string (a JSONL list,
+    object or number, which str() would turn into the prompt "['bad'] It was") or empty is a one-line error.
+    Classification prompts (Task.prompt) and generation pairs (generation/data.py) read their text through it."""
+    value = row.get(key)
+    if value is None:
+        raise SlimtuneError(f"{where}: field {key!r} is missing")
+    if not isinstance(value, str):
+        raise SlimtuneError(f"{where}: field {key!r} is not text ({JSON_KINDS.get(type(value), type(value).__name__)})")
+    if not allow_empty and not value.strip():
+        raise SlimtuneError(f"{where}: field {key!r} is empty")
+    return value
 
 
 TASKS: dict[str, Task] = {

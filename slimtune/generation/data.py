@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 from slimtune import SlimtuneError
+from slimtune.data.tasks import text_field
 
 ROLES = ("system", "user", "assistant", "tool")
 # ChatML, for tokenizers without a chat template of their own (tiny test models); a warning says so.
@@ -84,17 +85,10 @@ def _refuse_unused(given: list[str], name: str, what: str) -> None:
         raise SlimtuneError(f"{given[0]}: {name} holds {what}; {given[0]} applies to tables (leave it out)")
 
 
-def _text(row: dict, key: str, where: str, allow_empty: bool = False) -> str:
-    value = row.get(key)
-    if not isinstance(value, str) or (not allow_empty and not value.strip()):
-        raise SlimtuneError(f"{where}: field {key!r} is {'missing' if value is None else 'empty or not text'}")
-    return value
-
-
 def _pair(row: dict, inp: str, target: str, where: str, template: str) -> GenerationExample:
-    prompt = template.format(**{inp: _text(row, inp, where).strip()}) if template != "{prompt}" else \
-        _text(row, inp, where)
-    return GenerationExample(prompt, _text(row, target, where).strip(), source=where)
+    prompt = template.format(**{inp: text_field(row, inp, where).strip()}) if template != "{prompt}" else \
+        text_field(row, inp, where)
+    return GenerationExample(prompt, text_field(row, target, where).strip(), source=where)
 
 
 def _chat_example(row: dict, where: str, tokenizer) -> GenerationExample:

@@ -37,6 +37,7 @@ def render_prompts(items: list, tokenizer, template: str | None = None, input_co
 
 def _read(source: str, column: str) -> list:
     from slimtune.data.readers import read_rows, read_text
+    from slimtune.data.tasks import text_field
 
     path = Path(source)
     if path.suffix.lower() == ".txt":
@@ -59,8 +60,8 @@ def _read(source: str, column: str) -> list:
             items.append(row["messages"])
             continue
         key = "prompt" if "prompt" in row and column == "input" else column
-        value = row.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise SlimtuneError(f"{where}: field {key!r} is missing or empty (choose the column with --input-column)")
-        items.append(value)
+        try:
+            items.append(text_field(row, key, where))
+        except SlimtuneError as exc:
+            raise SlimtuneError(f"{exc} (choose the column with --input-column)") from None
     return items

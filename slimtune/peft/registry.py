@@ -72,6 +72,19 @@ def adapted_modules(model: nn.Module, settings: PeftSettings) -> list[nn.Module]
     return [m for _, m in tuner.matching_modules(model, targets, kinds)]
 
 
+def check_rank_fits(model: nn.Module, settings: PeftSettings) -> None:
+    """PiSSA starts its adapter from the top r singular vectors of each adapted weight W (out x in): there are
+    min(out, in) of them, so r above that has none to take (peft trains, then fails converting the adapter at the
+    last save). Checked before a run writes."""
+    if settings.method != "pissa":
+        return
+    for module in adapted_modules(model, settings) or []:
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.dim() == 2 and settings.r > min(weight.shape):
+            raise SlimtuneError(f"--r {settings.r}: PiSSA takes r singular vectors of each adapted weight, and a "
+                                f"targeted layer is {tuple(weight.shape)}: give --r {min(weight.shape)} or less")
+
+
 def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | None = None) -> nn.Module:
     check_settings(settings)
     method = settings.method
@@ -79,6 +92,7 @@ def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | 
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    check_rank_fits(model, settings)
     targets = settings.target_modules or default_targets(model, method)
     if method in ("lora", "pissa"):
         tuner.check_targets(model, method, targets, LORA_LAYER_TYPES,

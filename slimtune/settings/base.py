@@ -213,10 +213,15 @@ def _check_range(where: str, value: float, spec: Spec) -> None:
         raise SlimtuneError(f"{where} {value:g}: must be {' and '.join(p for p in (lo, hi) if p)}")
 
 
-def _refuse_empty(where: str, value: Any, leave: str = "") -> None:
+def is_empty(value: Any) -> bool:
     """A given value that is an empty string is not the default: `--out "$OUT"` with OUT unset wrote the run into the
-    current directory, --output "" printed instead, --eval-data "" trained without evaluation."""
-    if isinstance(value, str) and not value.strip():
+    current directory, --output "" printed instead, --eval-data "" trained without evaluation. Flags, config files
+    and the Python API's keywords (settings/python.py) refuse it alike."""
+    return isinstance(value, str) and not value.strip()
+
+
+def _refuse_empty(where: str, value: Any, leave: str = "") -> None:
+    if is_empty(value):
         raise SlimtuneError(f"{where} {value!r}: empty (an unset variable?); give a value{leave}")
 
 

@@ -29,12 +29,12 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise SlimtuneError(f"--config {path}: no such file")
-    from slimtune.data.readers import read_text
+    from slimtune.data.readers import DuplicateKey, read_text, unique_keys
 
     text = read_text(p)
     try:
         if p.suffix.lower() == ".json":
-            data = json.loads(text, object_pairs_hook=_unique_json_keys)
+            data = json.loads(text, object_pairs_hook=unique_keys)
         elif p.suffix.lower() == ".toml":
             data = _load_toml(text)
         else:
@@ -53,19 +53,6 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-class DuplicateKey(Exception):
-    """A mapping in a config file names one key twice (JSON and YAML parsers keep the last one without a word)."""
-
-
-def _unique_json_keys(pairs: list) -> dict:
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise DuplicateKey(f"key {key!r} appears twice")
-        seen[key] = value
-    return seen
-
-
 def _load_toml(text: str) -> dict:
     """TOML (Python's tomllib): a key given twice is already an error there."""
     import tomllib
@@ -74,6 +61,8 @@ def _load_toml(text: str) -> dict:
 
 def _load_yaml(text: str):
     import yaml
+
+    from slimtune.data.readers import DuplicateKey
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
@@ -117,8 +106,13 @@ def file_values(cls: type[Settings], path: str) -> tuple[dict, set[str]]:
         if name not in names or not spec_of(_field(cls, name)).cli and name not in ("adapter", "runs"):
             known = ", ".join(sorted(n for n in names if spec_of(_field(cls, n)).cli))
             raise SlimtuneError(f"{path}: unknown setting {key!r} for `slimtune {cls.command}` (known: {known})")
-        if value is None and not kind_of(_field(cls, name))[1]:
-            continue  # null: not set (older runs' files), so the default holds
+        base, optional = kind_of(_field(cls, name))
+        if value is None and not optional:
+            if base == "bool":
+                continue  # older runs' files hold null for a switch that now has a default (svfit_relative): unset
+            # `out: ${RUN}` rendered with RUN unset: YAML's null, refused as `--out ""` is, never the default
+            raise SlimtuneError(f"{path}: setting {key!r} has no value (an unset variable?); give a value or leave "
+                                "the key out")
         out[name] = value
     return out, set(out)
 

@@ -132,12 +132,28 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def checkpointed_step(run_dir: Path) -> int | None:
+    """The step of the run's checkpoint (or of the one the last save was replacing), read only; None without one."""
+    for name in ("checkpoint", "checkpoint.old"):
+        state = Path(run_dir) / name / "trainer_state.json"
+        if state.is_file():
+            try:
+                return int(json.loads(state.read_text())["step"])
+            except (ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
 def check_resume(config, run_dir: Path) -> dict:
     """Refuse a resume whose settings differ from the run's; returns the allowed changes (to record)."""
     stored = read_stored(run_dir)
     if stored is None:
         raise SlimtuneError(f"{run_dir}: no config.json, so the settings of the run cannot be checked; it cannot be "
                             "resumed")
+    done = checkpointed_step(run_dir)
+    if done is not None and config.steps is not None and config.steps < done:
+        raise SlimtuneError(f"--steps {config.steps}: the run at {run_dir} is already at step {done} (its checkpoint); "
+                            f"a resume goes on from there: give --steps {done} or more, or leave --steps out")
     refused, allowed = differences(config, stored)
     if refused:
         shown = "; ".join(refused[:6]) + (f"; and {len(refused) - 6} more" if len(refused) > 6 else "")

@@ -37,13 +37,13 @@ from slimtune.optim.hybrid import check_split, zo_part_settings
 from slimtune.optim.methods import mechanism_refusal
 from slimtune.optim.schedule import lr_multiplier
 from slimtune.peft import PeftSettings, apply_peft, peft_summary
-from slimtune.peft.registry import adapted_modules, adapter_meta, write_adapter
+from slimtune.peft.registry import PISSA_INIT_DIR, adapted_modules, adapter_meta, check_rank_fits, write_adapter
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, check_spec, plan
 from slimtune.privacy.secret import KEY_FILE, KeyedNoise, RunKey, create_key_file, fresh_nonce, read_key_file
 from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, read_state, save_checkpoint
 from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb
 from slimtune.train.resume import adopt_unset, check_resume, read_stored
-from slimtune.train.run_dir import RunDirectory, read_status
+from slimtune.train.run_dir import LOCK_FILE, STATUS_FILE, RunDirectory, read_status
 from slimtune.train.objectives import (GenerationSettings, build_objective, check_best_metric, is_better,
                                        load_model_and_data, overlap_key)
 
@@ -147,6 +147,12 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     loaded = _load(config)
     if config.optimizer in HYBRID_OPTIMIZERS:
         check_split(loaded[1], config.optim.fo_layers, adapted_modules(loaded[1], config.peft), zo_given)
+    check_rank_fits(loaded[1], config.peft)
+    if config.optimizer in PRIVATE_OPTIMIZERS and config.privacy is not None and not resume:
+        # a budget no noise can meet, refused before the directory (and its key) exists; --restart's carried
+        # releases are composed in _private_setup, which plans again
+        plan(config.privacy, len(loaded[3]), config.batch_size, config.steps, releases_per_step(config),
+             adaptive_clipping(config))
     if world.parallel:  # and every rank has passed its checks before rank 0 claims the directory
         distributed.check_ranks_agree(rank_facts(config, loaded[1]), world)
     run_dir, resumed = (_claim_or_release(config, resume, restart) if world.main else (None, {}))
@@ -245,6 +251,9 @@ def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list,
         if state == "completed" or (out / "summary.json").exists() and state is None:
             raise SlimtuneError(f"--restart {out}: the run there completed; --restart only replaces a failed or "
                                 "interrupted run (choose another --out)")
+        if Path.cwd().resolve().is_relative_to(out.resolve()):
+            raise SlimtuneError(f"--restart --out {out}: is (or holds) the working directory, which --restart would "
+                                "move aside under this process; run it from outside the run directory")
         if dry:
             return run_dir, {}
         moved = run_dir.move_aside()
@@ -265,9 +274,29 @@ def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list,
         raise SlimtuneError(f"{out}: already holds a run ({state or 'files of a run'}); pass --resume to continue "
                             "it, --restart to start over (a failed or interrupted run is moved aside), or choose "
                             "another --out (nothing was overwritten)")
+    else:
+        check_only_claim_files(out)
     if not dry:
         run_dir.update(state="running", pid=os.getpid(), step=0)
     return run_dir, {}
+
+
+# What a new run's directory may already hold: what an earlier attempt that stopped before its first save wrote (the
+# lock, status.json, the key of a private run, PiSSA's initial adapter). Anything else is the user's.
+CLAIM_FILES = (LOCK_FILE, STATUS_FILE, STATUS_FILE + ".tmp", KEY_FILE, PISSA_INIT_DIR)
+
+
+def check_only_claim_files(out: Path) -> None:
+    """A new run trains into a new or empty directory (or one an earlier attempt only claimed): its adapter/ and
+    checkpoint rotation would replace a folder of the user's of the same name."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in CLAIM_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise SlimtuneError(f"--out {out}: exists, is not empty ({shown}) and is not a slimtune run; a run writes "
+                            "adapter/, checkpoint/ and its records there: choose a new or empty directory (nothing was "
+                            "overwritten)")
 
 
 def budget_allows(accountant, steps: int) -> bool:
@@ -336,7 +365,7 @@ def check_data(config: TrainConfig, objective, train_examples: list, eval_exampl
     private = config.optimizer in PRIVATE_OPTIMIZERS
     n = len(train_examples)
     sampling = config.privacy.sampling if private and config.privacy else "shuffle"
-    if sampling == "shuffle" and config.batch_size > n:
+    if config.batch_size > n:  # Poisson sampling too: q = B/N would be clamped to 1 and the sum divided by B
         raise SlimtuneError(f"--batch-size {config.batch_size} is larger than the {n} training examples")
     if private and config.privacy is not None:
         check_spec(config.privacy, n)
@@ -455,8 +484,9 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
         if run_dir is not None:  # a fresh nonce: this run's noise and batches are its own, whatever key it shares
             ledger = {"attempt": 0, "released_through": 0, "abandoned": _carried_releases(run_dir),
                       "nonce": fresh_nonce()}
-            if not config.secret_key_file:
-                create_key_file(key_path)
+            if not config.secret_key_file and not key_path.exists():  # else an attempt that stopped before its
+                create_key_file(key_path)  # first release made it (check_only_claim_files); the fresh nonce keeps
+                # this run's noise and batches its own
         ledger = distributed.broadcast(ledger, world)  # also: the key file exists before any rank reads it
         accountant = plan(spec, num_examples, config.batch_size, config.steps, releases, adaptive,
                           extra=[Segment.from_dict(d) for d in ledger["abandoned"]])
@@ -567,16 +597,23 @@ def train(run: Run) -> dict:
         raise
     if progress:
         progress.stop()
-    _checkpoint(run, step)
+    try:  # the last saves fail like a step (a full disk): the run is marked failed, never left "running"
+        _checkpoint(run, step)
+        if stop_reason != "interrupted":
+            if cfg.save == "last" or run.best_step is None:  # "best" without evaluations: the last is all there is
+                _save_adapter(run)
+            summary = write_summary(run, step, stop_reason)
+    except BaseException as exc:
+        if run.run_dir is not None:
+            run.run_dir.update(state="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            run.run_dir.release()
+        raise
     if stop_reason == "interrupted":
         if run.run_dir is not None:
             run.run_dir.update(state="interrupted", step=step)
             run.run_dir.release()
         raise TrainingInterrupted(f"interrupted after step {step}; checkpoint in {out / 'checkpoint'}; resume with: "
                                   f"slimtune train --out {out} --resume")
-    if cfg.save == "last" or run.best_step is None:  # "best" without evaluations: the last is all there is
-        _save_adapter(run)
-    summary = write_summary(run, step, stop_reason)
     if run.run_dir is not None:
         run.run_dir.update(state="completed", step=step, stop_reason=stop_reason)
         run.run_dir.release()
