@@ -70,8 +70,13 @@ class InfluenceBound:
 
     @staticmethod
     def _cap(history: deque, current: list[float], multiple: float) -> float:
-        history.append(current)
-        return multiple * lower_median([v for round_values in history for v in round_values])
+        """c x the lower median of the window's values and this round's. A value enters the window no larger than
+        that median: a reply repeated in later rounds (alone, or with the others late) meets its own earlier value
+        at most at the bound it was clipped to, so it never raises the bound (stored as sent, two lone rounds of
+        norm 999 set the third round's bound to 999)."""
+        median = lower_median([v for round_values in history for v in round_values] + current)
+        history.append([min(v, median) for v in current])
+        return multiple * median
 
     def scalar_cap(self, grads: list[torch.Tensor]) -> float:
         """c * median |g| over this round's scalars and the window's (zo-seeds)."""

@@ -14,6 +14,7 @@ What a client releases per round: its update (a delta, or (seed, scalar) pairs) 
 
 from __future__ import annotations
 
+import secrets
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -30,7 +31,7 @@ from slimtune.federated.model import build_model, load_lora_state, lora_state, u
 from slimtune.federated.partition import dirichlet_partition
 from slimtune.federated.wire import decode_state, encode_state
 from slimtune.federated.local_privacy import is_private
-from slimtune.optim import OptimizerArgs, build_optimizer
+from slimtune.optim import ZO_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 
 app = ClientApp()
@@ -84,8 +85,14 @@ def _local_round(cfg: FederatedConfig, partition_id: int, payload: dict, server_
     shapes = {k: tuple(v.shape) for k, v in lora_state(model).items()}
     start = decode_state(payload, shapes, cfg.bits, cfg.block_size)
     load_lora_state(model, start)
-    seed = mix_seed(cfg.seed, server_round, partition_id)
     optimizer_name = "mezo" if cfg.mode == "zo-seeds" else cfg.local_optimizer
+    seed = mix_seed(cfg.seed, server_round, partition_id)
+    if optimizer_name in ZO_OPTIMIZERS:
+        # a ZO client's update to theta is a sum of its directions z(seed_s): from public values (the run's seed, the
+        # round, a partition id) every other client could rebuild the span of theta's B and fit the broadcast to it
+        # (review 10: 3x closer to theta). Fresh each round: known to this client, and in zo-seeds to the server,
+        # which replays what it is sent.
+        seed = secrets.randbits(63)
     private = None
     if is_private(cfg):  # noise and Poisson batches from a fresh in-memory key, never the public seed
         from slimtune.privacy.accountant import PrivacySpec
@@ -140,16 +147,21 @@ NODE_FLOOR = {
 }
 
 
-def check_node_floor(cfg: FederatedConfig, node: dict) -> None:
+NODE_BUDGET = "local-dp-epsilon"  # the most epsilon this node spends: the server sets q (batch) and T (steps, rounds)
+
+
+def check_node_floor(cfg: FederatedConfig, node: dict, steps_before: int = 0) -> None:
     """One line for a node setting this client does not know, or a round that asks for less privacy than the node
-    pinned (names the key and both values: settings, not data)."""
+    pinned (names the key and both values: settings, not data). `local-dp-epsilon`: a round that would take the node
+    past that epsilon, bounded without its row count (q = B / local-dp-min-examples, or 1: whether a node refuses
+    must not tell the server how many rows it holds) over its private steps since it started plus this round's."""
     for key, value in node.items():
         if key in NODE_KEYS:
             continue
-        if key not in NODE_FLOOR:
-            known = ", ".join((*NODE_KEYS, *NODE_FLOOR))
+        if key not in NODE_FLOOR and key != NODE_BUDGET:
+            known = ", ".join((*NODE_KEYS, *NODE_FLOOR, NODE_BUDGET))
             raise SlimtuneError(f"--node-config {key}: not a node setting (known: {known})")
-        name, meets = NODE_FLOOR[key]
+        name, meets = NODE_FLOOR.get(key, ("", None))
         wanted = str if key == "local-optimizer" else (int, float)
         if not isinstance(value, wanted) or isinstance(value, bool):
             raise SlimtuneError(f"--node-config {key}={value!r}: expected "
@@ -158,9 +170,24 @@ def check_node_floor(cfg: FederatedConfig, node: dict) -> None:
             raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for a round without local DP "
                                 f"(local-optimizer {cfg.local_optimizer}, mode {cfg.mode}); this node trains only at "
                                 "its own privacy floor (round refused)")
-        if not meets(getattr(cfg, name), value):
+        if key == NODE_BUDGET:
+            _check_budget(cfg, float(value), steps_before)
+        elif not meets(getattr(cfg, name), value):
             raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for {key} {getattr(cfg, name)!r}; "
                                 "this node trains only at its own privacy floor (round refused)")
+
+
+def _check_budget(cfg: FederatedConfig, budget: float, steps_before: int) -> None:
+    from slimtune.federated.local_privacy import epsilon_at
+    if not budget > 0:
+        raise SlimtuneError(f"--node-config {NODE_BUDGET}={budget!r}: must be > 0")
+    steps = steps_before + cfg.local_steps
+    epsilon = epsilon_at(cfg, cfg.local_dp_min_examples or cfg.batch_size, steps)
+    if epsilon > budget:
+        raise SlimtuneError(f"--node-config {NODE_BUDGET}={budget:g}: this round would bring this node to epsilon "
+                            f"{epsilon:.3g} at delta {cfg.local_dp_delta:g} after {steps} private steps (bounded at "
+                            f"batch {cfg.batch_size}, local-dp-min-examples {cfg.local_dp_min_examples}); round "
+                            "refused")
 
 
 @app.train()
@@ -170,15 +197,15 @@ def train(msg: Message, context: Context) -> Message:
     cfg.validate()  # a received config through the same rules as every other path
     payload = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     node = context.node_config
-    check_node_floor(cfg, dict(node))
+    state = context.state.config_records.setdefault(STATE, ConfigRecord({"private-steps": 0}))
+    steps_before = int(state["private-steps"])
+    check_node_floor(cfg, dict(node), steps_before)
     own = node.get("data-path")  # deployment: each SuperNode reads only its own data (--node-config data-path=...)
     if own:
         cfg = replace(cfg, data=str(own))
     elif "partition-id" not in node:
         raise ValueError("this SuperNode has neither --node-config data-path=... (its own data) nor partition-id / "
                          "num-partitions (its share of a shared file)")
-    state = context.state.config_records.setdefault(STATE, ConfigRecord({"private-steps": 0}))
-    steps_before = int(state["private-steps"])
     # a node's own seeds: its partition id, or (a deployment node started without one) its Flower node id
     identity = int(node.get("partition-id", context.node_id))
     arrays, metrics = local_train(cfg, identity, payload, int(config["server-round"]), own_data=bool(own),

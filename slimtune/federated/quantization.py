@@ -60,9 +60,10 @@ def quantize(x: torch.Tensor, bits: int, block_size: int = 64, dither: torch.Ten
     scales16 = coarse_scales(scales, bits).half()
     scales16 = torch.where(scales16.float() < scales, torch.nextafter(scales16, torch.tensor(float("inf"), dtype=torch.float16)), scales16)
     normalized = blocks / scales16.float()[:, None]
-    if dither is not None:
+    if dither is not None:  # not on an all-zero block (LoRA's B starts at 0): its codes would be Q(dither) itself
         offset = dither.detach().float().flatten().cpu()
-        normalized = normalized + torch.cat([offset, offset.new_zeros(pad)]).view(-1, block_size)
+        nonzero = blocks.abs().amax(dim=1, keepdim=True) > 0
+        normalized = normalized + torch.cat([offset, offset.new_zeros(pad)]).view(-1, block_size) * nonzero
     normalized = normalized.clamp(-1, 1)
     midpoints = (levels[1:] + levels[:-1]) / 2
     codes = torch.bucketize(normalized, midpoints).to(torch.uint8).flatten()[:flat.numel()]

@@ -31,7 +31,7 @@ def parse_reply(content: RecordDict, cfg, shapes: dict[str, tuple]) -> dict:
     "delta" (LoRA) or "seeds"/"grads" (zo-seeds)}.
 
     num-examples: absent, or a finite whole number in [1, MAX_EXAMPLES] (required only under --weighting examples);
-    train-loss: absent or one finite number (no other metric is read; a private client sends none); arrays: exactly
+    train-loss: absent or one finite number >= 0 (no other metric is read; a private client sends none); arrays: exactly
     the expected keys with the expected dtypes and sizes; a delta must be finite and, if --max-update-norm > 0, of at
     most that L2 norm; zo-seeds: at most local_steps pairs of finite scalars with |g| <= MAX_PROJECTED_GRAD."""
     arrays = content.array_records.get("arrays")
@@ -41,8 +41,11 @@ def parse_reply(content: RecordDict, cfg, shapes: dict[str, tuple]) -> dict:
     claimed = metric(metrics, "num-examples", required=cfg.weighting == "examples")
     if claimed is not None and not (1 <= claimed <= MAX_EXAMPLES and claimed == int(claimed)):
         raise ValueError(f"num-examples must be a whole number in [1, {MAX_EXAMPLES:.0e}], got {claimed}")
+    loss = metric(metrics, "train-loss", required=False)
+    if loss is not None and loss < 0:  # a cross-entropy is never negative
+        raise ValueError(f"train-loss must be >= 0, got {loss}")
     raw = {k: arrays[k].numpy() for k in arrays.keys()}
-    parsed = {"claimed": claimed, "loss": metric(metrics, "train-loss", required=False),
+    parsed = {"claimed": claimed, "loss": loss,
               "bytes_up": float(sum(v.nbytes for v in raw.values()))}
     if cfg.mode == "zo-seeds":
         return {**parsed, **_parse_seeds(raw, cfg)}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from slimtune import SlimtuneError
 from slimtune.federated.attacks import BroadcastHistory, attack_report, coalition_data
@@ -90,6 +92,11 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
 
     if cfg.allowed_nodes:
         grid = MembersOnly(grid, cfg.allowed_nodes)
+    elif not isinstance(grid, InMemoryGrid):  # a deployment's SuperLink: anyone who registered a key is sampled
+        logging.getLogger("slimtune.federated").warning(
+            "no allowed-nodes in the server's settings: every SuperNode connected to this SuperLink is sampled and "
+            "aggregated, including a node registered by anyone who reaches Flower's Control API; list the run's node "
+            "ids in allowed-nodes (python -m slimtune.federated.deployment does)")
     wait_for_nodes(grid, cfg.num_clients, cfg.node_timeout)
     strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    evaluate_fn=evaluate_fn)

@@ -127,7 +127,7 @@ class FedLPP(FedAvg):
             info["bytes_up_per_client"] = float(np.mean([a["wire_bytes"] for a in accepted]))
             losses = [a["loss"] for a in accepted if a["loss"] is not None]  # private clients send none
             if losses and not self.cfg.client_level_dp:  # then only the noised aggregate is released
-                info["train_loss"] = float(np.mean(losses))
+                info["train_loss"] = float(np.median(losses))  # the claims' median: no one client sets it
         payload, _ = self.broadcast()
         return payload, MetricRecord({"replies": len(accepted), "rejected": rejected})
 
