@@ -24,7 +24,9 @@ left at None takes the optimizer's default from slimtune's table for the model's
 `zo_args.lr`, else `TrainingArguments.learning_rate` when you changed it from its default, else the table's;
 weight decay is `TrainingArguments.weight_decay`; the seed of the perturbations is `zo_args.seed`, else
 `TrainingArguments.seed`. Gradient accumulation, several processes, DeepSpeed and FSDP are refused (a ZO step uses
-one batch's losses; data-parallel ZO is `slimtune train` under torchrun).
+one batch's losses; data-parallel ZO is `slimtune train` under torchrun), and so is, by name, every setting a ZO step
+cannot honour (`NOT_HONOURED`: fp16, gradient_checkpointing, optim, ...); `adam_beta1/2` and `adam_epsilon` set the
+hybrids' top-block AdamW.
 
 Private training (`optimizer="dpzero"`, `"dplozo"`, `"dphizoo"` or `"dphybrid"`): batches are Poisson samples drawn from a key that
 exists only in the optimizer's memory (each example joins each step with probability batch_size / N; batch sizes are
@@ -50,7 +52,28 @@ from transformers.trainer_callback import ProgressCallback
 
 from slimtune import SlimtuneError
 from slimtune.optim.methods import METHODS
-from slimtune.optimizers import OPTIMIZERS, PrivateOptimizer, ZerothOrderOptimizer, peft_kind
+from slimtune.optimizers import OPTIMIZERS, PrivateOptimizer, ZerothOrderOptimizer, peft_kind, table_row
+
+# Trainer settings a zeroth-order step cannot honour: refused by name when one differs from its default (a
+# TrainingArguments field's own default; None for a Trainer argument). (argument, the runs it concerns: "all",
+# "zeroth-order" (not the hybrids, whose top blocks' AdamW honours it) or "private", why)
+NOT_HONOURED = (
+    ("fp16", "all", "a zeroth-order step runs no backward for fp16's loss scaler to scale (accelerate's GradScaler "
+     "fails at the first step, the hybrids' included): use bf16=True, or fp32"),
+    ("gradient_checkpointing", "all", "the step runs the model in eval() mode, where checkpointing is off, and with "
+     "a hybrid it makes backward run through every block below the top ones: leave it off (a ZO step keeps no "
+     "activations)"),
+    ("optim", "all", "the optimizer is ZOArguments.optimizer (transformers' own optimizers: use Trainer)"),
+    ("optim_args", "all", "the optimizer is ZOArguments.optimizer; give its settings in ZOArguments"),
+    ("optimizer_cls_and_kwargs", "all", "the optimizer is ZOArguments.optimizer; give its settings in ZOArguments"),
+    ("adam_beta1", "zeroth-order", "a zeroth-order optimizer has no Adam moments (the hybrids' AdamW uses it)"),
+    ("adam_beta2", "zeroth-order", "a zeroth-order optimizer has no Adam moments (the hybrids' AdamW uses it)"),
+    ("adam_epsilon", "zeroth-order", "a zeroth-order optimizer has no Adam moments (the hybrids' AdamW uses it)"),
+    ("neftune_noise_alpha", "all", "NEFTune adds its noise to the embeddings in training mode only, and the step "
+     "runs the model in eval() mode"),
+    ("label_smoothing_factor", "private", "a private step's loss is per_example_losses' plain cross-entropy (one "
+     "loss per example, each clipped)"),
+)
 
 EMPTY_BATCH = "slimtune_empty_batch"  # the collated form of an empty Poisson batch
 EXAMPLES = "slimtune_examples"  # how many examples a private batch was collated from (checked, then dropped)
@@ -163,6 +186,9 @@ class ZOTrainerMixin:
         if zo.lr is not None and self._lr_was_set() and args.learning_rate != zo.lr:
             raise SlimtuneError(f"two learning rates: TrainingArguments.learning_rate={args.learning_rate} and "
                                 f"ZOArguments.lr={zo.lr}; set one")
+        self._check_not_honoured()
+        table_row("ZOArguments", self.model, {"lr": zo.lr if zo.lr is not None else (
+            args.learning_rate if self._lr_was_set() else None), "eps": zo.eps})
         given = {k: v for k, v in zo.given().items() if k != "n_perturbations"}
         aliases = {"rank": "lozo_rank", "nu": "lozo_nu"}
         check_keywords("ZOArguments", given, {"optimizer": zo.optimizer, "peft": peft_kind(self.model),
@@ -181,6 +207,21 @@ class ZOTrainerMixin:
                                     "not released by a private run: leave it off")
             if self.eval_dataset is not None:
                 self._check_held_out(self.eval_dataset)
+
+    def _check_not_honoured(self) -> None:
+        """One line naming the first setting of NOT_HONOURED that is set for a run it concerns."""
+        defaults = {f.name: f.default for f in fields(type(self.args))}
+        kind = METHODS[self.zo_args.optimizer].kind
+        for name, runs, why in NOT_HONOURED:
+            if runs == "private" and not self.zo_args.private or runs == "zeroth-order" and kind != "zeroth-order":
+                continue
+            value = getattr(self.args, name) if name in defaults else getattr(self, name, None)
+            default = defaults.get(name)
+            if value == default or not value and not default:  # gradient_checkpointing=False: its default is None
+                continue
+            value = getattr(value, "value", value)  # optim: an OptimizerNames member
+            shown = f"={value!r}" if isinstance(value, (str, int, float)) else ""
+            raise SlimtuneError(f"ZOTrainer: {name}{shown}: {why}")
 
     def _check_held_out(self, evaluation) -> None:
         """A private run evaluates (and predicts) only on rows shown to be held out (its metrics are logged
@@ -255,8 +296,10 @@ class ZOTrainerMixin:
                 weight_decay=self.args.weight_decay, seed=self.args.seed if self.zo_args.seed is None else
                 self.zo_args.seed, dataset_size=size, batch_size=self._train_batch_size,
                 steps=self.state.max_steps if self.zo_args.private else None)
-            if METHODS[self.zo_args.optimizer].kind == "hybrid":  # its backprop part clips as transformers' would
-                self.optimizer.impl.config.max_grad_norm = self.args.max_grad_norm or None
+            if METHODS[self.zo_args.optimizer].kind == "hybrid":  # its backprop part clips as transformers' would,
+                self.optimizer.impl.config.max_grad_norm = self.args.max_grad_norm or None  # with Adam's settings
+                for group in self.optimizer.impl.fo.param_groups:
+                    group.update(betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
         return self.optimizer
 
     def zo_optimizer(self) -> ZerothOrderOptimizer:

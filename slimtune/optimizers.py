@@ -10,14 +10,17 @@ rate schedulers drive `param_groups[0]["lr"]`, and `state_dict()` / `load_state_
 step depends on (the step counter the perturbation seeds come from, LOZO's factors, HiZOO's curvature, ...). The work
 is done by the same code as `slimtune train --optimizer NAME` (`slimtune.optim.build_optimizer`), and arguments left
 out come from the same defaults table (`slimtune.optim.defaults`), looked up for the kind of model you pass: a peft
-LoRA/PiSSA model, a `slimtune.apply_peft` SVFit/adapter model, or a plain model (full-parameter values). Arguments
-are checked by the rules of the matching `slimtune train` flags.
+LoRA/PiSSA model, a `slimtune.apply_peft` SVFit/adapter model, or a plain model (full-parameter values); a peft model
+of another type (IA3, LoKr, ...) has no row and must be given `lr` and `eps`. Arguments are checked by the rules of
+the matching `slimtune train` flags. `load_state_dict` refuses a state saved with another seed, eps, direction source
+or parameter shapes, and `add_param_group` is refused (the step trains the model's parameters it was built over).
 
 `step(closure)`: the closure runs the model on one batch and returns its loss, either the mean (a 0-d tensor or a
 float) or one loss per example (a 1-D tensor). The optimizer calls it under `torch.inference_mode()` (two or more times
-per step, at perturbed weights) and never calls `backward`; the model should be in `eval()` mode, so that every call
-sees the same function (no dropout). The private optimizers (`DPZero`, `DPLOZO`, `DPHiZOO`) need per-example losses:
-each example's contribution is clipped before noise is added, so a closure returning a mean is refused.
+per step, at perturbed weights) and never calls `backward` (a closure that does is refused); the model should be in
+`eval()` mode, so that every call sees the same function (no dropout). The private optimizers (`DPZero`, `DPLOZO`,
+`DPHiZOO`) need per-example losses: each example's contribution is clipped before noise is added, so a closure
+returning a mean is refused.
 """
 
 from __future__ import annotations
@@ -37,19 +40,39 @@ from slimtune.settings.python import check_keywords, default, in_python_terms, r
 Loss = Union[torch.Tensor, float]
 Closure = Callable[[], Loss]
 
-PEFT_KINDS = ("lora", "pissa", "adapter", "svfit", "none")
+PEFT_KINDS = ("lora", "pissa", "adapter", "svfit", "none")  # the defaults table's rows
 
 
 def peft_kind(model: torch.nn.Module) -> str:
-    """Which row of the defaults table a model uses: `lora` or `pissa` (a peft model), `svfit` or `adapter` (a model
-    from `slimtune.apply_peft`), or `none` (every other model: full-parameter values)."""
+    """Which kind of model this is for the defaults table: `lora` or `pissa` (a peft LoRA model), `svfit` or `adapter`
+    (a model from `slimtune.apply_peft`), `none` (every model that is not a peft model: full-parameter values), or,
+    for a peft model of another type, its peft type in lower case (`ia3`, `lokr`, `prompt_tuning`): the table has no
+    row for it (`table_row`)."""
     tuner = getattr(model, "slimtune_tuner", None)
     if tuner is not None:
         return tuner.method
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict) and configs:
         config = configs.get(getattr(model, "active_adapter", None)) or next(iter(configs.values()))
+        peft_type = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
+        if peft_type.upper() != "LORA":
+            return peft_type.lower() or "unknown"
         return "pissa" if str(getattr(config, "init_lora_weights", "")).startswith("pissa") else "lora"
+    return "none"
+
+
+def table_row(owner: str, model: torch.nn.Module, given: dict) -> str:
+    """The defaults-table row a model's optimizer takes its unset values from (`peft_kind`). A peft model of a type the
+    table has no row for (IA3, LoKr, prompt tuning, ...) must be given `lr` and `eps` (LoRA's tuned values would be
+    silently wrong for it); its other unset values are the full-parameter row's."""
+    kind = peft_kind(model)
+    if kind in PEFT_KINDS:
+        return kind
+    missing = [name for name in ("lr", "eps") if given.get(name) is None]
+    if missing:
+        raise SlimtuneError(f"{owner}: the model is a peft {kind.upper()} model, and slimtune's defaults table has "
+                            "rows only for LoRA, PiSSA, SVFit, adapters and full-parameter training: give "
+                            f"{' and '.join(missing)}")
     return "none"
 
 
@@ -71,17 +94,17 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 
         owner = f"slimtune.{type(self).__name__}"
         require_model(owner, model)
-        kind = peft_kind(model)
+        kind, row = peft_kind(model), table_row(owner, model, given)
         checked = check_keywords(owner, given, {"optimizer": self.method, "peft": kind}, self.aliases)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise SlimtuneError(f"{owner}: the model has no trainable parameters (apply PEFT, or set requires_grad)")
-        table = defaults_for(self.method, kind, builtin_architecture(model))
+        table = defaults_for(self.method, row, builtin_architecture(model))
         values = {k: v for k, v in checked.items() if v is not None}
         values.setdefault("lr", table.lr)
         if table.eps is not None:
             values.setdefault("eps", table.eps)
-        for name, value in method_settings(self.method, kind, builtin_architecture(model)).items():
+        for name, value in method_settings(self.method, row, builtin_architecture(model)).items():
             values.setdefault(name, value)  # the method's own (HiZOO's alpha, hybrid's fo_lr, the z source)
         args = OptimizerArgs(**{k: v for k, v in values.items() if k in OPTIMIZER_ARGS})
         self.defaults_used, self.settings = table, {**values, "peft": kind}
@@ -100,6 +123,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                                     "ignored; lower fo_layers or leave it out")
         super().__init__(params, {"lr": values["lr"]})
         self._trainer_step_taken = False
+        self._built = True  # torch's constructor adds the param group; later ones are refused (add_param_group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_built", False):
+            raise SlimtuneError(f"slimtune.{type(self).__name__}.add_param_group: the step perturbs and updates only "
+                                "the trainable parameters of the model it was built over; set requires_grad on the "
+                                "new parameters (as part of the model) and build the optimizer again")
+        super().add_param_group(param_group)
 
     # -- the step ---------------------------------------------------------------------------------------------------
     def step(self, closure: Closure | None = None) -> StepOutput | None:  # type: ignore[override]
@@ -117,8 +148,18 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def _checked(self, closure: Closure) -> Callable[[], torch.Tensor]:
         name = type(self).__name__
 
+        params = [p for group in self.param_groups for p in group["params"]]
+
         def call() -> torch.Tensor:
-            loss = closure()
+            grads = [p.grad for p in params]
+            try:
+                loss = closure()
+            except RuntimeError as exc:  # backward() under the step's torch.inference_mode()
+                if "does not require grad" not in str(exc):
+                    raise
+                raise SlimtuneError(BACKWARD_IN_CLOSURE.format(name=name)) from None
+            if any(p.grad is not g for p, g in zip(params, grads)):  # the hybrid's call runs with autograd on
+                raise SlimtuneError(BACKWARD_IN_CLOSURE.format(name=name))
             if not isinstance(loss, torch.Tensor):
                 if not isinstance(loss, (int, float)):
                     raise SlimtuneError(f"slimtune.{name}: the closure returned {type(loss).__name__}; return the "
@@ -152,21 +193,45 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     # -- checkpointing ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """torch's param_groups (learning rates) and slimtune's state: tensors and plain values only, so that
-        `torch.load(..., weights_only=True)` reads it back (transformers' checkpoints do)."""
+        `torch.load(..., weights_only=True)` reads it back (transformers' checkpoints do). `run` records what the
+        steps depend on besides the step counter (`_run_identity`), which `load_state_dict` checks."""
         state = super().state_dict()
-        state["slimtune"] = {"method": self.impl.name, "optimizer": self.impl.state_dict()}
+        state["slimtune"] = {"method": self.impl.name, "optimizer": self.impl.state_dict(),
+                             "run": self._run_identity()}
         return state
 
+    def _run_identity(self) -> dict:
+        """The seed, eps and direction source the perturbations follow, and the shapes of the parameters the state
+        (LOZO's factors, HiZOO's curvature, AdamW's moments) is laid out over."""
+        config = getattr(self.impl, "config", None)
+        return {"seed": getattr(config, "seed", None), "eps": getattr(config, "eps", None),
+                "perturbation": getattr(config, "perturbation", None),
+                "shapes": [list(p.shape) for group in self.param_groups for p in group["params"]]}
+
     def load_state_dict(self, state_dict: dict) -> None:
+        where = f"slimtune.{type(self).__name__}.load_state_dict"
         own = state_dict.get("slimtune") if isinstance(state_dict, dict) else None
         if own is None:
-            raise SlimtuneError(f"slimtune.{type(self).__name__}.load_state_dict: not a slimtune optimizer state")
+            raise SlimtuneError(f"{where}: not a slimtune optimizer state")
         if own["method"] != self.impl.name:
-            raise SlimtuneError(f"slimtune.{type(self).__name__}.load_state_dict: the state is {own['method']!r}'s, "
-                                f"this optimizer is {self.impl.name!r}")
+            raise SlimtuneError(f"{where}: the state is {own['method']!r}'s, this optimizer is {self.impl.name!r}")
+        saved, here = own.get("run") or {}, self._run_identity()  # states saved before `run` existed: unchecked
+        if "shapes" in saved and saved["shapes"] != here["shapes"]:
+            raise SlimtuneError(f"{where}: the state was saved over parameters of other shapes ({len(saved['shapes'])} "
+                                f"tensors; this optimizer has {len(here['shapes'])}, or the same number shaped "
+                                "differently: another model, peft rank or target modules); build the optimizer over "
+                                "the model the state was saved with")
+        for name in ("seed", "eps", "perturbation"):
+            if name in saved and saved[name] != here[name]:
+                raise SlimtuneError(f"{where}: the state was saved with {name}={saved[name]!r}, this optimizer has "
+                                    f"{name}={here[name]!r} (the steps would continue on another trajectory); build "
+                                    f"it with {name}={saved[name]!r}")
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         self.impl.load_state_dict(own["optimizer"])
 
+
+BACKWARD_IN_CLOSURE = ("slimtune.{name}: the closure called backward(); it must return the loss without calling "
+                       "backward() (a zeroth-order step only measures losses; the hybrids backpropagate by themselves)")
 
 OPTIMIZER_ARGS = tuple(f.name for f in fields(OptimizerArgs))  # derived: a hand-kept copy dropped fo_clip
 
@@ -340,10 +405,11 @@ class PrivateOptimizer(ZerothOrderOptimizer):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SlimtuneError(f"{owner}: {name}={value!r}: must be an integer >= 1 (the number of training "
                                     "examples and the expected Poisson batch size)")
+        row = table_row(owner, model, given)
         checked = check_keywords(owner, {**privacy, "steps": steps},
                                  {"optimizer": self.method, "peft": peft_kind(model), "accountant": privacy.get(
                                      "accountant", "rdp"), "clipping": privacy.get("clipping", "auto")})
-        steps = checked["steps"] or defaults_for(self.method, peft_kind(model)).steps
+        steps = checked["steps"] or defaults_for(self.method, row).steps
         target = checked["epsilon"]
         if target is None and checked["noise_multiplier"] is None:
             target = 6.0  # the CLI's default budget

@@ -209,7 +209,7 @@ def test_apply_peft_by_name_and_its_checks():
     model = slimtune.apply_peft(tiny_lm(None), "svfit", r=2)
     assert slimtune.optimizers.peft_kind(model) == "svfit"
     assert slimtune.MeZO(model).settings["lr"] == defaults_for("mezo", "svfit").lr
-    with pytest.raises(SlimtuneError, match="lora_alpha applies only to --peft lora or pissa"):
+    with pytest.raises(SlimtuneError, match="lora_alpha applies only to peft lora or pissa"):
         slimtune.apply_peft(tiny_lm(None), "svfit", lora_alpha=8.0)
     with pytest.raises(SlimtuneError, match="r 0: must be >= 1"):
         slimtune.apply_peft(tiny_lm(None), "lora", r=0)

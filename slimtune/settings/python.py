@@ -52,9 +52,9 @@ def check_keywords(owner: str, values: dict, context: dict, aliases: dict | None
     for keyword, value in checked.items():
         spec = spec_of(FIELDS[names[keyword]])
         if spec.applies is not None and value != DEFAULTS[names[keyword]] and not spec.applies.test(state):
-            now = spec.applies.current(state)
-            raise SlimtuneError(f"{owner}: {keyword} applies only to {spec.applies.describe}"
-                                f"{f' (here: {now})' if now else ''}")
+            now = spec.applies.current(state)  # the rule's words name flags: a Python caller gave keywords
+            raise SlimtuneError(in_python_terms(owner, f"{owner}: {keyword} applies only to {spec.applies.describe}"
+                                                f"{f' (here: {now})' if now else ''}", aliases))
     return checked
 
 
