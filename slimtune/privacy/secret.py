@@ -43,12 +43,23 @@ def create_key_file(path: Path) -> "RunKey":
     """A fresh key, written to `path` owner-readable only; refuses to replace an existing file."""
     key = os.urandom(KEY_BYTES)
     path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise SlimtuneError(f"{path}: a key file is already there (nothing was overwritten)")
+    # written whole to a private temporary, then linked into place (os.link refuses an existing name): a process
+    # killed while writing leaves no half-written key file at `path` to block every later attempt
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise SlimtuneError(f"{path}: a key file is already there (nothing was overwritten)") from None
-    with os.fdopen(fd, "w") as f:
-        json.dump({"key": key.hex(), "bits": 8 * KEY_BYTES}, f)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key.hex(), "bits": 8 * KEY_BYTES}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise SlimtuneError(f"{path}: a key file is already there (nothing was overwritten)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return RunKey(key)
 
 

@@ -52,8 +52,12 @@ def read_state(directory: Path) -> tuple[dict, dict | None]:
     legacy secret (a pre-issue-33 private run) makes the run impossible to continue safely."""
     directory = recover(directory)
     state_path, secret_path = directory / "trainer_state.json", directory / LEGACY_SECRET_FILE
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    return state, (json.loads(secret_path.read_text()) if secret_path.exists() else None)
+    try:
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        return state, (json.loads(secret_path.read_text()) if secret_path.exists() else None)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SlimtuneError(f"{directory}: its trainer_state.json (or {LEGACY_SECRET_FILE}) is damaged and cannot be "
+                            f"read ({type(exc).__name__}); the run cannot be resumed from it") from None
 
 
 def load_checkpoint(directory: Path, model, optimizer) -> dict:
@@ -71,7 +75,7 @@ def load_checkpoint(directory: Path, model, optimizer) -> dict:
             params[name].copy_(value)
     optimizer.load_state_dict(_to_device(torch.load(directory / "optimizer.pt", weights_only=False),
                                          next(model.parameters()).device))
-    return json.loads((directory / "trainer_state.json").read_text())
+    return read_state(directory)[0]
 
 
 def _to_device(obj, device):

@@ -148,11 +148,13 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     if config.optimizer in HYBRID_OPTIMIZERS:
         check_split(loaded[1], config.optim.fo_layers, adapted_modules(loaded[1], config.peft), zo_given)
     check_rank_fits(loaded[1], config.peft)
-    if config.optimizer in PRIVATE_OPTIMIZERS and config.privacy is not None and not resume:
-        # a budget no noise can meet, refused before the directory (and its key) exists; --restart's carried
-        # releases are composed in _private_setup, which plans again
+    if config.optimizer in PRIVATE_OPTIMIZERS and config.privacy is not None and not resume and world.main:
+        # a budget no noise can meet, refused before the directory (and its key) exists or a run is moved aside,
+        # with the releases a --restart (or an earlier attempt's) would carry; _private_setup plans again
+        named = read_status(out).get("replaced")
+        carried = releases_of(out) if restart else releases_of(Path(named)) if named else []
         plan(config.privacy, len(loaded[3]), config.batch_size, config.steps, releases_per_step(config),
-             adaptive_clipping(config))
+             adaptive_clipping(config), extra=[Segment.from_dict(d) for d in carried])
     if world.parallel:  # and every rank has passed its checks before rank 0 claims the directory
         distributed.check_ranks_agree(rank_facts(config, loaded[1]), world)
     run_dir, resumed = (_claim_or_release(config, resume, restart) if world.main else (None, {}))
@@ -261,6 +263,7 @@ def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list,
         run_dir = RunDirectory(out)
         run_dir.acquire()
         run_dir.replaced = moved  # a private run composes the releases the replaced run made
+        run_dir.update(replaced=str(moved.resolve()))  # and so does any later attempt in this directory
         holder.append(run_dir)
         print(f"--restart: the previous run was moved to {moved}", file=sys.stderr)
     elif resume:
@@ -508,14 +511,16 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
     status = None
     if run_dir is not None:  # rank 0 decides the attempt and the extra releases, durably, before anything new
         status = run_dir.status()
-        abandoned = {(d["attempt"], d["from_step"]): d
+        nonce = status.get("nonce")  # entries of a replaced run carry its own nonce: keys never collide across runs
+        abandoned = {(d.get("run", nonce), d["attempt"], d["from_step"]): {**d, "run": d.get("run", nonce)}
                      for d in state.get("abandoned", []) + status.get("abandoned", [])}
         attempt = max(int(status.get("attempt", 0)), int(state.get("attempt", 0)))
         released = max(int(status.get("released_through", 0)), last_logged_step(out / "metrics.jsonl", "epsilon"))
         if released > state["step"]:  # written, then the process died before the checkpoint: those releases count
             seg = Segment(released - state["step"], num_examples, past[-1].batch_size, noise, past[-1].releases,
                           past[-1].quantile_noise)
-            abandoned[(attempt, state["step"])] = {**asdict(seg), "attempt": attempt, "from_step": state["step"]}
+            abandoned[(nonce, attempt, state["step"])] = {**asdict(seg), "attempt": attempt,
+                                                           "from_step": state["step"], "run": nonce}
             attempt += 1
         run_dir.update(attempt=attempt, released_through=state["step"], abandoned=list(abandoned.values()))
         status = run_dir.status()
@@ -530,17 +535,56 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
 
 
 def _carried_releases(run_dir: RunDirectory) -> list[dict]:
-    """Releases a failed or interrupted private run made before --restart moved it aside (its ledger in status.json:
-    the steps it released at its own settings, and what it had itself carried or abandoned). They were published on
-    the same data, so the new run's accountant composes them: --restart never starts a fresh budget."""
+    """Releases a failed or interrupted private run made before --restart moved it aside. They were published on the
+    same data, so the new run's accountant composes them: --restart never starts a fresh budget. The replaced run is
+    the one this process moved, or the one status.json names (`replaced`, written as soon as it was moved: an attempt
+    refused or stopped before its first save is followed by one that still composes it)."""
     replaced = getattr(run_dir, "replaced", None)
-    if replaced is None:
-        return []
-    status = read_status(replaced)
-    carried = list(status.get("abandoned", []))
+    if replaced is None and run_dir.status().get("replaced"):
+        replaced = Path(run_dir.status()["replaced"])
+    return [] if replaced is None else releases_of(replaced)
+
+
+def releases_of(run: Path) -> list[dict]:
+    """A private run's releases as ledger entries: from its status.json (the steps released at its settings, what it
+    had itself carried or abandoned), each tagged with the run's nonce (`run`: two runs' entries never share a key);
+    without a readable ledger there (a crash damaged it), rebuilt from its checkpoint and metrics.jsonl, or refused."""
+    status = read_status(run)
+    if "nonce" not in status:
+        return _rebuilt_releases(run, status)
+    nonce = status["nonce"]
+    carried = [{**d, "run": d.get("run", nonce)} for d in status.get("abandoned", [])]
     if status.get("released_through") and status.get("privacy_segment"):
         seg = {**status["privacy_segment"], "steps": int(status["released_through"])}
-        carried.append({**seg, "attempt": f"replaced:{replaced.name}", "from_step": 0})
+        carried.append({**seg, "attempt": f"replaced:{run.name}", "from_step": 0, "run": nonce})
+    return carried
+
+
+def _rebuilt_releases(run: Path, status: dict) -> list[dict]:
+    """The releases of a run whose status.json holds no ledger: its checkpoint's trajectory (privacy_history) and
+    abandoned entries, and the steps metrics.jsonl shows released after that checkpoint, at its last settings."""
+    state = {}
+    for name in ("checkpoint", "checkpoint.old"):
+        try:
+            state = json.loads((run / name / "trainer_state.json").read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    released = last_logged_step(run / "metrics.jsonl", "epsilon")
+    history = state.get("privacy_history") if isinstance(state, dict) else None
+    if not history:
+        if released:
+            raise SlimtuneError(f"--restart: {run}/status.json holds no readable ledger and its {released} released "
+                                "steps cannot be rebuilt (no checkpoint with a privacy history); they cannot be "
+                                "composed, so the run is not started over")
+        prior = status.get("replaced")  # an attempt that stopped before its ledger: what it had replaced
+        return releases_of(Path(prior)) if prior else []
+    tag = f"rebuilt:{run.name}"
+    carried = [{**d, "run": d.get("run", tag)} for d in state.get("abandoned", [])]
+    carried += [{**seg, "attempt": f"{tag}:{i}", "from_step": 0, "run": tag} for i, seg in enumerate(history)]
+    if released > int(state.get("step", 0)):
+        carried.append({**history[-1], "steps": released - int(state["step"]), "attempt": f"{tag}:after",
+                        "from_step": int(state["step"]), "run": tag})
     return carried
 
 
