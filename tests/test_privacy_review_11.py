@@ -170,3 +170,25 @@ def test_resume_from_a_damaged_trainer_state_is_one_line(tmp_path, monkeypatch):
     (run / "checkpoint" / "trainer_state.json").write_text("")
     message = one_line_error(cli("train", "--resume", "--out", run, "--quiet"))
     assert "trainer_state.json" in message
+
+
+def test_the_key_file_is_written_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    """os.link fails with EPERM / ENOTSUP on some filesystems (FAT, some network mounts): the key is then created
+    exclusively in place, still owner-readable only and still never over an existing file."""
+    import os
+    import stat
+
+    import slimtune.privacy.secret as secret
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(secret.os, "link", no_links)
+    key = secret.create_key_file(tmp_path / "secret.key")
+    path = tmp_path / "secret.key"
+    assert secret.read_key_file(path)._key == key._key  # the key written is the key returned
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["secret.key"]  # no temporary left
+    with pytest.raises(SlimtuneError, match="already there"):
+        secret.create_key_file(path)
+    assert os.path.getsize(path) > 0

@@ -58,9 +58,22 @@ def create_key_file(path: Path) -> "RunKey":
             os.link(tmp, path)
         except FileExistsError:
             raise SlimtuneError(f"{path}: a key file is already there (nothing was overwritten)") from None
+        except OSError:  # a filesystem without hard links: create it exclusively and write it in place
+            _write_exclusively(path, tmp.read_bytes())
     finally:
         tmp.unlink(missing_ok=True)
     return RunKey(key)
+
+
+def _write_exclusively(path: Path, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise SlimtuneError(f"{path}: a key file is already there (nothing was overwritten)") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_key_file(path: Path) -> "RunKey":
