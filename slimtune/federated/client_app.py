@@ -14,6 +14,7 @@ What a client releases per round: its update (a delta, or (seed, scalar) pairs) 
 
 from __future__ import annotations
 
+import json
 import secrets
 import sys
 from contextlib import contextmanager
@@ -150,11 +151,12 @@ NODE_FLOOR = {
 NODE_BUDGET = "local-dp-epsilon"  # the most epsilon this node spends: the server sets q (batch) and T (steps, rounds)
 
 
-def check_node_floor(cfg: FederatedConfig, node: dict, steps_before: int = 0) -> None:
+def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] = ()) -> None:
     """One line for a node setting this client does not know, or a round that asks for less privacy than the node
     pinned (names the key and both values: settings, not data). `local-dp-epsilon`: a round that would take the node
     past that epsilon, bounded without its row count (q = B / local-dp-min-examples, or 1: whether a node refuses
-    must not tell the server how many rows it holds) over its private steps since it started plus this round's."""
+    must not tell the server how many rows it holds): `spent`, the private rounds it trained since it started (each
+    at its own noise and batch, local_privacy.bound_segment), composed with this one."""
     for key, value in node.items():
         if key in NODE_KEYS:
             continue
@@ -171,19 +173,19 @@ def check_node_floor(cfg: FederatedConfig, node: dict, steps_before: int = 0) ->
                                 f"(local-optimizer {cfg.local_optimizer}, mode {cfg.mode}); this node trains only at "
                                 "its own privacy floor (round refused)")
         if key == NODE_BUDGET:
-            _check_budget(cfg, float(value), steps_before)
+            _check_budget(cfg, float(value), list(spent))
         elif not meets(getattr(cfg, name), value):
             raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for {key} {getattr(cfg, name)!r}; "
                                 "this node trains only at its own privacy floor (round refused)")
 
 
-def _check_budget(cfg: FederatedConfig, budget: float, steps_before: int) -> None:
-    from slimtune.federated.local_privacy import epsilon_at
+def _check_budget(cfg: FederatedConfig, budget: float, spent: list[dict]) -> None:
+    from slimtune.federated.local_privacy import bound_segment, composed_epsilon
     if not budget > 0:
         raise SlimtuneError(f"--node-config {NODE_BUDGET}={budget!r}: must be > 0")
-    steps = steps_before + cfg.local_steps
-    epsilon = epsilon_at(cfg, cfg.local_dp_min_examples or cfg.batch_size, steps)
+    epsilon = composed_epsilon(cfg, [*spent, bound_segment(cfg)])
     if epsilon > budget:
+        steps = sum(int(d["steps"]) for d in spent) + cfg.local_steps
         raise SlimtuneError(f"--node-config {NODE_BUDGET}={budget:g}: this round would bring this node to epsilon "
                             f"{epsilon:.3g} at delta {cfg.local_dp_delta:g} after {steps} private steps (bounded at "
                             f"batch {cfg.batch_size}, local-dp-min-examples {cfg.local_dp_min_examples}); round "
@@ -197,9 +199,10 @@ def train(msg: Message, context: Context) -> Message:
     cfg.validate()  # a received config through the same rules as every other path
     payload = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     node = context.node_config
-    state = context.state.config_records.setdefault(STATE, ConfigRecord({"private-steps": 0}))
+    state = context.state.config_records.setdefault(STATE, ConfigRecord({"private-steps": 0, "private-rounds": "[]"}))
     steps_before = int(state["private-steps"])
-    check_node_floor(cfg, dict(node), steps_before)
+    spent = json.loads(str(state.get("private-rounds", "[]")))  # each private round at its own noise and batch
+    check_node_floor(cfg, dict(node), spent)
     own = node.get("data-path")  # deployment: each SuperNode reads only its own data (--node-config data-path=...)
     if own:
         cfg = replace(cfg, data=str(own))
@@ -212,7 +215,9 @@ def train(msg: Message, context: Context) -> Message:
                                   num_partitions=int(node["num-partitions"]) if "num-partitions" in node else None,
                                   steps_before=steps_before)
     if is_private(cfg):
+        from slimtune.federated.local_privacy import bound_segment
         state["private-steps"] = steps_before + cfg.local_steps
+        state["private-rounds"] = json.dumps([*spent, bound_segment(cfg)])
     content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -42,6 +42,32 @@ def epsilon_at(cfg: FederatedConfig, population: int, steps: int) -> float:
                                    releases).epsilon(steps))
 
 
+def bound_segment(cfg: FederatedConfig) -> dict:
+    """A private round's steps as an accountant segment bounded without the node's row count: q = B / population with
+    population = --local-dp-min-examples, or B (q = 1). A node's `local-dp-epsilon` budget composes these."""
+    from dataclasses import asdict
+
+    from slimtune.optim.builders import private_releases
+    from slimtune.privacy.accountant import Segment
+
+    population = cfg.local_dp_min_examples or cfg.batch_size
+    return asdict(Segment(cfg.local_steps, population, min(cfg.batch_size, population), cfg.local_dp_noise,
+                          private_releases(cfg.local_optimizer, 1)))
+
+
+def composed_epsilon(cfg: FederatedConfig, segments: list[dict]) -> float:
+    """Epsilon of the private rounds `segments` (bound_segment's, each at its own round's noise and batch), composed
+    at this round's delta."""
+    from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment
+
+    if not segments:
+        return 0.0
+    *past, last = [Segment.from_dict(d) for d in segments]
+    spec = PrivacySpec(delta=cfg.local_dp_delta, noise_multiplier=last.noise_multiplier, clip=cfg.local_dp_clip)
+    return float(PrivacyAccountant(spec, last.num_examples, last.batch_size, last.noise_multiplier, last.releases,
+                                   extra=past).epsilon(last.steps))
+
+
 def node_epsilon(cfg: FederatedConfig, num_examples: int, steps: int) -> float:
     """A client's own epsilon after `steps` local steps on its `num_examples` rows (kept on its node)."""
     return epsilon_at(cfg, max(num_examples, cfg.local_dp_min_examples or 1), steps)

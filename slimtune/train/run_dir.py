@@ -86,7 +86,7 @@ def read_status(path: str | Path) -> dict:
     try:
         return json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError):
-        return {"state": "unknown"}
+        return {"state": "unknown", "damaged": True}  # a private run's ledger was there: callers must not assume none
 
 
 def check_output_dir(path: Path, flag: str) -> None:

@@ -16,6 +16,7 @@ before the process died is recomputed under a new `attempt` (fresh noise and bat
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import sys
@@ -151,8 +152,7 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     if config.optimizer in PRIVATE_OPTIMIZERS and config.privacy is not None and not resume and world.main:
         # a budget no noise can meet, refused before the directory (and its key) exists or a run is moved aside,
         # with the releases a --restart (or an earlier attempt's) would carry; _private_setup plans again
-        named = read_status(out).get("replaced")
-        carried = releases_of(out) if restart else releases_of(Path(named)) if named else []
+        carried = releases_of(out) if restart and out.is_dir() else carried_by_attempt(out)
         plan(config.privacy, len(loaded[3]), config.batch_size, config.steps, releases_per_step(config),
              adaptive_clipping(config), extra=[Segment.from_dict(d) for d in carried])
     if world.parallel:  # and every rank has passed its checks before rank 0 claims the directory
@@ -287,6 +287,7 @@ def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list,
 # What a new run's directory may already hold: what an earlier attempt that stopped before its first save wrote (the
 # lock, status.json, the key of a private run, PiSSA's initial adapter). Anything else is the user's.
 CLAIM_FILES = (LOCK_FILE, STATUS_FILE, STATUS_FILE + ".tmp", KEY_FILE, PISSA_INIT_DIR)
+KEY_TEMPORARY = re.compile(rf"\.{re.escape(KEY_FILE)}\.\d+\.[0-9a-f]+\.tmp")  # create_key_file's, left by a kill
 
 
 def check_only_claim_files(out: Path) -> None:
@@ -294,7 +295,7 @@ def check_only_claim_files(out: Path) -> None:
     checkpoint rotation would replace a folder of the user's of the same name."""
     if not out.is_dir():
         return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in CLAIM_FILES)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in CLAIM_FILES and not KEY_TEMPORARY.fullmatch(p.name))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise SlimtuneError(f"--out {out}: exists, is not empty ({shown}) and is not a slimtune run; a run writes "
@@ -487,6 +488,9 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
         if run_dir is not None:  # a fresh nonce: this run's noise and batches are its own, whatever key it shares
             ledger = {"attempt": 0, "released_through": 0, "abandoned": _carried_releases(run_dir),
                       "nonce": fresh_nonce()}
+            for stale in out.iterdir():  # a key temporary of a killed attempt (we hold the directory's lock)
+                if KEY_TEMPORARY.fullmatch(stale.name):
+                    stale.unlink(missing_ok=True)
             if not config.secret_key_file and not key_path.exists():  # else an attempt that stopped before its
                 create_key_file(key_path)  # first release made it (check_only_claim_files); the fresh nonce keeps
                 # this run's noise and batches its own
@@ -512,7 +516,8 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
     if run_dir is not None:  # rank 0 decides the attempt and the extra releases, durably, before anything new
         status = run_dir.status()
         nonce = status.get("nonce")  # entries of a replaced run carry its own nonce: keys never collide across runs
-        abandoned = {(d.get("run", nonce), d["attempt"], d["from_step"]): {**d, "run": d.get("run", nonce)}
+        legacy = f"legacy:{nonce}"  # entries written before they carried a run: never equal to a new entry's key
+        abandoned = {(d.get("run", legacy), d["attempt"], d["from_step"]): {**d, "run": d.get("run", legacy)}
                      for d in state.get("abandoned", []) + status.get("abandoned", [])}
         attempt = max(int(status.get("attempt", 0)), int(state.get("attempt", 0)))
         released = max(int(status.get("released_through", 0)), last_logged_step(out / "metrics.jsonl", "epsilon"))
@@ -540,27 +545,48 @@ def _carried_releases(run_dir: RunDirectory) -> list[dict]:
     the one this process moved, or the one status.json names (`replaced`, written as soon as it was moved: an attempt
     refused or stopped before its first save is followed by one that still composes it)."""
     replaced = getattr(run_dir, "replaced", None)
-    if replaced is None and run_dir.status().get("replaced"):
-        replaced = Path(run_dir.status()["replaced"])
-    return [] if replaced is None else releases_of(replaced)
+    if replaced is not None:
+        return releases_of(replaced)
+    return carried_by_attempt(run_dir.path)
 
 
-def releases_of(run: Path) -> list[dict]:
+def carried_by_attempt(out: Path) -> list[dict]:
+    """What an earlier attempt in `out` that stopped before its first save had carried: the releases of the run its
+    status.json names as replaced; refused when that status.json is damaged while the attempt's key is there (its
+    ledger, and so what it carried, is unknown)."""
+    status = read_status(out)
+    if status.get("damaged") and (out / KEY_FILE).exists():
+        raise SlimtuneError(f"{out}/status.json is damaged, and an earlier private attempt's key is there: the releases "
+                            "it carried (a --restart's) cannot be known, so this directory cannot be trained into "
+                            "safely; move it aside and compose its runs' epsilon by hand")
+    return releases_of(Path(status["replaced"])) if status.get("replaced") else []
+
+
+def releases_of(run: Path, seen: frozenset = frozenset()) -> list[dict]:
     """A private run's releases as ledger entries: from its status.json (the steps released at its settings, what it
-    had itself carried or abandoned), each tagged with the run's nonce (`run`: two runs' entries never share a key);
-    without a readable ledger there (a crash damaged it), rebuilt from its checkpoint and metrics.jsonl, or refused."""
+    had itself carried or abandoned), each tagged with its run's nonce (`run`: two runs' entries never share a key);
+    without a readable ledger there (a crash damaged it), rebuilt from its checkpoint and metrics.jsonl, or refused.
+    A run that is gone, or a chain of `replaced` records that loops, is refused: its releases cannot be composed."""
+    resolved = run.resolve()
+    if resolved in seen:
+        raise SlimtuneError(f"{run}: the runs' `replaced` records in status.json form a loop; the releases they "
+                            "carried cannot be composed")
+    if not run.is_dir():
+        raise SlimtuneError(f"{run}: the run this directory replaced is gone, and its releases on the same data cannot "
+                            "be composed; restore it (it was moved aside by --restart), or train in a new --out and "
+                            "compose the runs' epsilon by hand")
     status = read_status(run)
     if "nonce" not in status:
-        return _rebuilt_releases(run, status)
+        return _rebuilt_releases(run, status, seen | {resolved})
     nonce = status["nonce"]
-    carried = [{**d, "run": d.get("run", nonce)} for d in status.get("abandoned", [])]
+    carried = [{**d, "run": d.get("run", f"{nonce}:legacy:{i}")} for i, d in enumerate(status.get("abandoned", []))]
     if status.get("released_through") and status.get("privacy_segment"):
         seg = {**status["privacy_segment"], "steps": int(status["released_through"])}
         carried.append({**seg, "attempt": f"replaced:{run.name}", "from_step": 0, "run": nonce})
     return carried
 
 
-def _rebuilt_releases(run: Path, status: dict) -> list[dict]:
+def _rebuilt_releases(run: Path, status: dict, seen: frozenset) -> list[dict]:
     """The releases of a run whose status.json holds no ledger: its checkpoint's trajectory (privacy_history) and
     abandoned entries, and the steps metrics.jsonl shows released after that checkpoint, at its last settings."""
     state = {}
@@ -578,7 +604,7 @@ def _rebuilt_releases(run: Path, status: dict) -> list[dict]:
                                 "steps cannot be rebuilt (no checkpoint with a privacy history); they cannot be "
                                 "composed, so the run is not started over")
         prior = status.get("replaced")  # an attempt that stopped before its ledger: what it had replaced
-        return releases_of(Path(prior)) if prior else []
+        return releases_of(Path(prior), seen) if prior else []
     tag = f"rebuilt:{run.name}"
     carried = [{**d, "run": d.get("run", tag)} for d in state.get("abandoned", [])]
     carried += [{**seg, "attempt": f"{tag}:{i}", "from_step": 0, "run": tag} for i, seg in enumerate(history)]
