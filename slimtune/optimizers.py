@@ -230,8 +230,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.impl.load_state_dict(own["optimizer"])
 
 
-BACKWARD_IN_CLOSURE = ("slimtune.{name}: the closure called backward(); it must return the loss without calling "
-                       "backward() (a zeroth-order step only measures losses; the hybrids backpropagate by themselves)")
+BACKWARD_IN_CLOSURE = ("slimtune.{name}: the closure changed the parameters' gradients (it called backward() or "
+                       "zero_grad()); it must only return the loss (a zeroth-order step only measures losses; the "
+                       "hybrids backpropagate by themselves)")
 
 OPTIMIZER_ARGS = tuple(f.name for f in fields(OptimizerArgs))  # derived: a hand-kept copy dropped fo_clip
 
