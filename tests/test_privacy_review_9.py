@@ -67,12 +67,14 @@ def test_dp_sgd_never_reports_less_than_the_gaussian_noise_it_adds_spends(tmp_pa
 
 # -- 2. bf16 Opacus releases ------------------------------------------------------------------------------------------
 def _bf16_dp_sgd(sigma: float, clip: float):
-    """DP-SGD as `slimtune train --optimizer dp-sgd --dtype bf16 --peft none` builds it, on a one-layer bf16 model
-    (4,096 trainable bf16 values, as every trainable value of a --peft none bf16 run is)."""
-    model = nn.Sequential(nn.Linear(64, 64, bias=False)).to(torch.bfloat16)
+    """DP-SGD on a one-layer bf16 model (4,096 trainable bf16 values). Review 14 made backprop refuse 16-bit trainable
+    weights (`--dtype bf16 --peft none` with dp-sgd is refused at build), so the layer is cast to bf16 after the
+    build: the release path is still checked on bf16 tensors, as a defence in depth."""
+    model = nn.Sequential(nn.Linear(64, 64, bias=False))
     spec = PrivacySpec(noise_multiplier=sigma, clip=clip, clipping="fixed")
     noise = KeyedNoise(RunKey(b"r" * 32), run=9)
     opt = build_optimizer("dp-sgd", model, OptimizerArgs(lr=0.0), private=(spec, sigma, 1, noise))
+    model.to(torch.bfloat16)  # in place: the optimizer's parameters are these
     (p,) = [q for q in model.parameters() if q.requires_grad]
     assert p.dtype == torch.bfloat16
     return opt, p

@@ -62,6 +62,8 @@ class Hybrid(ZOOptimizer):
                                 f"{config.fo_layers} blocks or after them (raise --fo-layers or choose --target-modules "
                                 "there)")
         self.config = config
+        from slimtune.optim.first_order import check_full_precision
+        check_full_precision(self.top, "hybrid (its top blocks, trained by backprop)")
         if low:
             super().__init__(low, config, estimator)
         else:  # everything trainable is on top: plain AdamW at one forward per step

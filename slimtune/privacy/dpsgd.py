@@ -135,6 +135,8 @@ class DPFirstOrder(SlimOptimizer):
                  noise_multiplier: float, expected_batch_size: int, noise: KeyedNoise | None = None):
         self.name = f"dp-{kind}"
         self.grad_sample_module = per_example_hooks(model)  # hooks on the layers
+        from slimtune.optim.first_order import check_full_precision
+        check_full_precision(list(model.named_parameters()), f"dp-{kind}")
         self.inner = FirstOrder(model.named_parameters(), config, kind)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.keyed_noise = noise if noise is not None else KeyedNoise(RunKey.fresh())

@@ -263,6 +263,8 @@ def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dty
     rows = []
     for optimizer, method, quant in QUALITY_ORDER:
         for dt in dtypes:
+            if optimizer == "adamw" and method == "none" and dt != "float32":
+                continue  # backprop trains float32 weights (optim/first_order.check_full_precision): train refuses it
             peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, dtype=dt,
                                              base_quant=quant, fo_layers=fo_layers)
             rows.append({"optimizer": optimizer, "peft": method, "dtype": dt, "base_quant": quant, "peak_mb": peak,

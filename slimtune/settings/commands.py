@@ -155,7 +155,7 @@ class PlanSettings(Settings):
     def check(self) -> None:
         from slimtune.settings.rules import normalise_dtype
         self.dtype = normalise_dtype(self.dtype)
-        check_device(self.device, self.dtype if self.device != "auto" else "float32")
+        check_device(self.device, self.dtype)  # auto on a machine without CUDA is cpu: no float16 rows to propose
         if self.model.endswith(".json"):
             if not Path(self.model).is_file():
                 raise SlimtuneError(f"--model {self.model}: no such file")

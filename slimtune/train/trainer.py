@@ -407,6 +407,9 @@ def validate(config: TrainConfig) -> None:
 
     if config.optimizer not in OPTIMIZERS:
         raise SlimtuneError(f"unknown --optimizer {config.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    from slimtune.settings.rules import check_device, normalise_dtype
+    config.dtype = normalise_dtype(config.dtype)  # a TrainConfig built by hand (the Python layer) checked as --dtype
+    check_device(config.device, config.dtype)
     for flag, value, low in (("--steps", config.steps, 1), ("--batch-size", config.batch_size, 1),
                              ("--eval-every", config.eval_every, 0), ("--checkpoint-every", config.checkpoint_every, 1),
                              ("--n-spsa", config.optim.n_spsa, 1), ("--max-length", config.max_length, 1)):

@@ -63,6 +63,7 @@ class ZOOptimizer(SlimOptimizer):
             config.chunk_size = default_chunk_size(self.params[0][1].device)
         self.source = make_source(getattr(config, "perturbation", "gaussian"), config.seed,
                                   getattr(config, "pool_size", None) or max(1 << 22, 4 * config.chunk_size))
+        precision.warn_if_eps_rounds_away([p for _, p, _ in self.params], config.eps)
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, closure) -> StepOutput:

@@ -45,6 +45,28 @@ def is_low_precision(t: torch.Tensor) -> bool:
     return t.dtype in LOW_PRECISION
 
 
+SIGNIFICANT_BITS = {torch.bfloat16: 8, torch.float16: 11}  # with the implicit leading one
+
+
+def warn_if_eps_rounds_away(params: list[torch.Tensor], eps: float) -> None:
+    """A 16-bit weight w moves under +-eps z (|z| ~ 1) only if eps is at least half its spacing, ~|w| 2^-bits: for
+    |w| >= eps 2^bits, rd(w + eps z) == w and the two forwards see the same weight (bf16, eps 1e-3: every |w| >= 0.256,
+    such as all RMSNorm weights at 1.0). Warned once, with the share of the trainable weights it concerns."""
+    import warnings
+
+    stuck, total, dtype = 0, 0, None
+    for p in params:
+        if p.dtype in SIGNIFICANT_BITS:
+            dtype = p.dtype
+            stuck += int((p.detach().abs() >= eps * 2 ** SIGNIFICANT_BITS[p.dtype]).sum())
+        total += p.numel()
+    if stuck:
+        name = str(dtype).removeprefix("torch.")
+        warnings.warn(f"--eps {eps:g} is below the {name} resolution of {stuck:,} of the {total:,} trainable weights "
+                      f"(|w| >= {eps * 2 ** SIGNIFICANT_BITS[dtype]:.3g}): their perturbation rounds away and their "
+                      "finite differences are 0 or a whole ulp; raise --eps or use --dtype float32", stacklevel=3)
+
+
 def rounding_generator(seed: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(mix_seed(seed, ROUNDING_STREAM))
 
