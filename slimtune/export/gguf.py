@@ -79,14 +79,14 @@ def compare_logits(model, tokenizer, gguf_path: Path) -> dict:
     """Logits of `model` against the GGUF file reloaded by transformers, on PROMPTS."""
     from transformers import AutoModelForCausalLM
 
-    from slimtune.models.loading import bos_prefix
+    from slimtune.models.loading import prompt_ids
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                     dtype=torch.float32)
     model.eval()
     worst, agree, total = 0.0, 0, 0
     for prompt in PROMPTS:
-        ids = tokenizer(bos_prefix(tokenizer) + prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids(tokenizer, prompt)])
         a, b = model(input_ids=ids).logits.float(), reloaded(input_ids=ids).logits.float()
         worst = max(worst, ((a - b).abs().max() / a.std().clamp(min=1e-12)).item())
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()

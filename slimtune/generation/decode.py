@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimtune.models.loading import bos_prefix
+from slimtune.models.loading import left_padded, prompt_ids
 
 
 @dataclass
@@ -24,15 +24,22 @@ def pad_id(tokenizer) -> int:
 
 def _encode(tokenizer, prompts: list[str], settings: DecodeSettings, device: str):
     """Left-padded, left-truncated prompts (BOS first where the model expects it)."""
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    return tokenizer([bos_prefix(tokenizer) + p for p in prompts], return_tensors="pt", padding=True, truncation=True,
-                     max_length=settings.max_length, add_special_tokens=False).to(device)
+    ids, mask = left_padded([prompt_ids(tokenizer, p, settings.max_length) for p in prompts], pad_id(tokenizer))
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and the model's own end tokens (generation_config.eos_token_id: Gemma 3's <end_of_turn>,
+    Qwen's <|im_end|>): a model that ends its turn stops there instead of inventing the next one."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
 
 
 def _generate(model, tokenizer, enc, settings: DecodeSettings, **extra) -> torch.Tensor:
     """Greedy or beam search (no sampling), stopping at EOS: the generated token ids only."""
     out = model.generate(**enc, max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
-                         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer),
+                         do_sample=False, eos_token_id=stop_ids(model, tokenizer), pad_token_id=pad_id(tokenizer),
                          temperature=None, top_p=None, top_k=None, **extra)
     return out[:, enc["input_ids"].shape[1]:]
 

@@ -44,14 +44,14 @@ class GenerationBatch:
 
 def token_ids(tokenizer, example, max_length: int) -> tuple[list[int], list[int], bool]:
     """(prompt ids, completion ids + EOS, whether the completion was truncated)."""
-    from slimtune.models.loading import bos_prefix
-    prompt = tokenizer.encode(bos_prefix(tokenizer) + example.prompt, add_special_tokens=False)
+    from slimtune.models.loading import prompt_ids
+    prompt = prompt_ids(tokenizer, example.prompt)
     completion = tokenizer.encode(example.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
     budget = max_length - min(len(prompt), max_length // 2)
     truncated = len(completion) > budget
     completion = completion[:budget]
     keep = max_length - len(completion)
-    return (prompt[-keep:] if keep > 0 else []), completion, truncated
+    return (prompt_ids(tokenizer, example.prompt, keep) if keep > 0 else []), completion, truncated
 
 
 def encode_generation(tokenizer, examples: list, max_length: int = 256, warn: bool = True) -> GenerationBatch:

@@ -156,6 +156,31 @@ def bos_prefix(tokenizer) -> str:
     return cached
 
 
+def prompt_ids(tokenizer, text: str, max_length: int | None = None) -> list[int]:
+    """A prompt's token ids as the model expects them: its BOS first exactly once where the model wants one (a chat
+    template that already wrote it is not given a second), and, over `max_length`, the last tokens kept after that
+    BOS (a left truncation must not cut the BOS away with the prompt's head). The one rule for every prompt slimtune
+    encodes: training, evaluation, generation, the export's logit check."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    lead = []
+    if bos_prefix(tokenizer):
+        lead = [tokenizer.bos_token_id]
+        if ids[:1] == lead:
+            ids = ids[1:]
+    if max_length is not None:
+        keep = max(max_length - len(lead), 0)
+        ids = ids[len(ids) - keep:] if keep else []
+    return lead + ids
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows padded on the left."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long).view(len(rows), width)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long).view(len(rows), width)
+    return ids, mask
+
+
 def load_local(path: str, dtype: torch.dtype):
     p = Path(path)
     if not p.is_dir():

@@ -52,16 +52,12 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256) -> Encoded
     if not examples:
         empty = torch.zeros(0, 0, dtype=torch.long)
         return EncodedBatch(empty, empty.clone(), empty.clone(), torch.zeros(0, dtype=torch.long))
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"
-    from slimtune.models.loading import bos_prefix
-    bos = bos_prefix(tokenizer)
-    enc = tokenizer([bos + e.prompt for e in examples], return_tensors="pt", padding=True, truncation=True,
-                    max_length=max_length, add_special_tokens=False)
-    mask = enc["attention_mask"]
+    from slimtune.models.loading import left_padded, prompt_ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, mask = left_padded([prompt_ids(tokenizer, e.prompt, max_length) for e in examples], pad)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
-    return EncodedBatch(enc["input_ids"], mask, positions, labels)
+    return EncodedBatch(input_ids, mask, positions, labels)
 
 
 def label_logits(model, batch: EncodedBatch, label_ids: list[int]) -> torch.Tensor:
