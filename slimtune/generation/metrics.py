@@ -1,5 +1,5 @@
 """Generation metrics from well-kept libraries: corpus BLEU (sacrebleu, multi-reference), ROUGE-L (rouge-score, best
-reference), and SQuAD's exact match and token F1 (max over references). All on a 0-100 scale.
+reference; its tokenizer for English, Unicode words otherwise), and SQuAD's exact match and token F1 (max over references). All on a 0-100 scale.
 
 Unequal reference counts: sacrebleu takes one stream per reference position; inputs with fewer references are padded
 with None (an empty string would count as a real, empty reference and distort the brevity penalty).
@@ -22,10 +22,28 @@ def bleu(predictions: list[str], references: list[tuple[str, ...]]) -> float:
     return sacrebleu.corpus_bleu(predictions, streams).score
 
 
+# a CJK character is a word of its own (no spaces between them); elsewhere, runs of Unicode word characters
+_WORDS = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W_]+")
+
+
+def _rouge_tokenizer():
+    """rouge-score's own tokenization (lower case, ASCII alphanumeric runs, Porter stemming) for ASCII text, so that
+    English scores are exactly rouge-score's; for any other text, Unicode words (its default maps every non-ASCII
+    character to a space: a Cyrillic, Greek or Chinese completion scored 0 against its own copy)."""
+    from rouge_score import tokenizers
+
+    class Tokenizer(tokenizers.Tokenizer):
+        english = tokenizers.DefaultTokenizer(use_stemmer=True)
+
+        def tokenize(self, text):
+            return self.english.tokenize(text) if text.isascii() else _WORDS.findall(text.lower())
+    return Tokenizer()
+
+
 def rouge_l(predictions: list[str], references: list[tuple[str, ...]]) -> float:
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_rouge_tokenizer())
     scores = [scorer.score_multi(list(refs), pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references)]
     return 100.0 * sum(scores) / max(len(scores), 1)
 
