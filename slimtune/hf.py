@@ -187,8 +187,7 @@ class ZOTrainerMixin:
             raise SlimtuneError(f"two learning rates: TrainingArguments.learning_rate={args.learning_rate} and "
                                 f"ZOArguments.lr={zo.lr}; set one")
         self._check_not_honoured()
-        table_row("ZOArguments", self.model, {"lr": zo.lr if zo.lr is not None else (
-            args.learning_rate if self._lr_was_set() else None), "eps": zo.eps})
+        table_row("ZOArguments", self.model, {"lr": zo.lr if zo.lr is not None else self._trainer_lr(), "eps": zo.eps})
         given = {k: v for k, v in zo.given().items() if k != "n_perturbations"}
         aliases = {"rank": "lozo_rank", "nu": "lozo_nu"}
         check_keywords("ZOArguments", given, {"optimizer": zo.optimizer, "peft": peft_kind(self.model),
@@ -284,6 +283,10 @@ class ZOTrainerMixin:
         field = next(f for f in fields(type(self.args)) if f.name == "learning_rate")
         return self.args.learning_rate != field.default
 
+    def _trainer_lr(self) -> float | None:
+        """TrainingArguments.learning_rate when it was changed from its default, else None (the table's)."""
+        return self.args.learning_rate if self._lr_was_set() else None
+
     # -- optimizer --------------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
         """The slimtune optimizer (instead of AdamW). Private optimizers are calibrated here, for the run's
@@ -292,7 +295,7 @@ class ZOTrainerMixin:
             target = self.model if model is None else model
             size = len(self.train_dataset) if self.zo_args.private else None
             self.optimizer = self.zo_args.build(
-                target, lr=self.args.learning_rate if self._lr_was_set() else None,
+                target, lr=self._trainer_lr(),
                 weight_decay=self.args.weight_decay, seed=self.args.seed if self.zo_args.seed is None else
                 self.zo_args.seed, dataset_size=size, batch_size=self._train_batch_size,
                 steps=self.state.max_steps if self.zo_args.private else None)

@@ -47,13 +47,31 @@ def reference_epsilon(summary: dict, releases: int) -> float:
                              quantile_noise=summary["quantile_noise"]).epsilon(releases)
 
 
-def crashed_run(out: Path, monkeypatch, crash_step: int = 3, **kw) -> None:
-    """A private run that released steps 1..crash_step and died before the checkpoint of crash_step."""
+def crashed_run(out: Path, monkeypatch, crash_step: int = 3, restart: bool = False, **kw) -> None:
+    """A private run (or, restart=True, a --restart of the one in `out`) that released steps 1..crash_step and died
+    before the checkpoint of crash_step (its checkpoint is crash_step's previous one: checkpoint_every in kw)."""
     crash_after_logging_step(monkeypatch, crash_step)
     with pytest.raises(KeyboardInterrupt):
-        train(prepare(cfg(out, checkpoint_every=crash_step, **kw)))
+        train(prepare(cfg(out, **{"checkpoint_every": crash_step, **kw}), restart=restart))
     monkeypatch.undo()
     assert max(step_records(out)) == crash_step
+
+
+def restarted_after_a_failed_resume(run: Path, monkeypatch) -> dict:
+    """A: steps 1-4 released, checkpoint at 2, crash; its resume fails at its first step (abandoned: steps 3-4);
+    --restart B: releases 1-4, checkpoint at 2, crash. Returns A's status.json as the failed resume left it."""
+    crashed_run(run, monkeypatch, 4, steps=6, checkpoint_every=2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer, "_train_step", disk_full)
+    with pytest.raises(OSError):
+        train(prepare(cfg(run, steps=6, checkpoint_every=2), resume=True))
+    monkeypatch.undo()
+    status_a = json.loads((run / "status.json").read_text())
+    crashed_run(run, monkeypatch, 4, restart=True, steps=6, checkpoint_every=2)
+    return status_a
 
 
 # -- 1. a refused --restart forgets the replaced run ------------------------------------------------------------------
@@ -93,7 +111,7 @@ def test_a_restart_interrupted_before_its_first_save_still_composes_the_replaced
     assert summary["epsilon"] == pytest.approx(reference_epsilon(summary, 2 + 3), rel=1e-6)
 
 
-# -- 2. an unreadable status.json ---------------------------------------------------------------------------------------
+# -- 2. an unreadable status.json --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["", '{"state": "failed", "attempt": 0, "released_thr'])
 def test_a_restart_of_a_run_whose_status_json_is_unreadable_still_composes_its_releases(tmp_path, monkeypatch,
                                                                                        damage):
@@ -109,37 +127,20 @@ def test_a_restart_of_a_run_whose_status_json_is_unreadable_still_composes_its_r
     assert summary["epsilon"] == pytest.approx(reference_epsilon(summary, 2 + 3), rel=1e-6)
 
 
-# -- 3. abandoned entries of two runs under one key ---------------------------------------------------------------------
+# -- 3. abandoned entries of two runs under one key --------------------------------------------------------------------
 def test_a_restarted_runs_own_abandoned_releases_do_not_replace_the_carried_ones(tmp_path, monkeypatch):
     """A: steps 1-4 released, checkpoint at 2, crash; resume (abandoned (0, 2): steps 3-4) fails at its first step.
     --restart B: carries A's (0, 2) entry and A's 2 trajectory steps; releases 1-4, checkpoint at 2, crash; resume
     to 6 adds B's own (0, 2) entry, which replaces A's. Releases: A 4, B 6 + 2 abandoned = 12; reported: 10."""
     run = tmp_path / "run"
-    crash_after_logging_step(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        train(prepare(cfg(run, steps=6, checkpoint_every=2)))
-    monkeypatch.undo()
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(trainer, "_train_step", disk_full)
-    with pytest.raises(OSError):
-        train(prepare(cfg(run, steps=6, checkpoint_every=2), resume=True))
-    monkeypatch.undo()
-    status_a = json.loads((run / "status.json").read_text())
+    status_a = restarted_after_a_failed_resume(run, monkeypatch)
     assert [(d["attempt"], d["from_step"], d["steps"]) for d in status_a["abandoned"]] == [(0, 2, 2)]
-
-    crash_after_logging_step(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        train(prepare(cfg(run, steps=6, checkpoint_every=2), restart=True))
-    monkeypatch.undo()
     summary = train(prepare(cfg(run, steps=6, checkpoint_every=2), resume=True))
     assert summary["steps"] == 6
     assert summary["epsilon"] == pytest.approx(reference_epsilon(summary, 4 + 6 + 2), rel=1e-6)
 
 
-# -- 4. a key file half written -----------------------------------------------------------------------------------------
+# -- 4. a key file half written ----------------------------------------------------------------------------------------
 def test_a_crash_while_the_key_file_is_written_does_not_block_the_directory(tmp_path, monkeypatch):
     """create_key_file opens RUN/secret.key with O_EXCL and then writes it: a kill in between leaves an empty file,
     which check_only_claim_files accepts and read_key_file refuses on every later attempt. Writing a temporary 0600
@@ -160,13 +161,10 @@ def test_a_crash_while_the_key_file_is_written_does_not_block_the_directory(tmp_
     assert res.exit_code == 0, res.output
 
 
-# -- 5. a damaged checkpoint --------------------------------------------------------------------------------------------
+# -- 5. a damaged checkpoint -------------------------------------------------------------------------------------------
 def test_resume_from_a_damaged_trainer_state_is_one_line(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    crash_after_logging_step(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        train(prepare(cfg(run, checkpoint_every=2)))
-    monkeypatch.undo()
+    crashed_run(run, monkeypatch, 4, checkpoint_every=2)
     (run / "checkpoint" / "trainer_state.json").write_text("")
     message = one_line_error(cli("train", "--resume", "--out", run, "--quiet"))
     assert "trainer_state.json" in message

@@ -32,8 +32,7 @@ import slimtune.train.trainer as trainer
 from slimtune import SlimtuneError
 from slimtune.train import prepare, train
 
-from test_privacy_attacks import crash_after_logging_step
-from test_privacy_review_11 import cfg, crashed_run, reference_epsilon
+from test_privacy_review_11 import cfg, crashed_run, reference_epsilon, restarted_after_a_failed_resume
 from test_review_findings_9 import TRAIN, cli
 
 
@@ -114,22 +113,7 @@ def test_a_restarted_run_from_an_older_version_keeps_the_carried_abandoned_relea
     """test_privacy_review_11's scenario 3, with B's ledger as yesterday's slimtune wrote it (no "run" tags), resumed
     by today's: releases A 4, B 6 + 2 abandoned = 12."""
     run = tmp_path / "run"
-    crash_after_logging_step(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        train(prepare(cfg(run, steps=6, checkpoint_every=2)))
-    monkeypatch.undo()
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(trainer, "_train_step", disk_full)
-    with pytest.raises(OSError):
-        train(prepare(cfg(run, steps=6, checkpoint_every=2), resume=True))
-    monkeypatch.undo()
-    crash_after_logging_step(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        train(prepare(cfg(run, steps=6, checkpoint_every=2), restart=True))
-    monkeypatch.undo()
+    restarted_after_a_failed_resume(run, monkeypatch)
     _untag(run / "status.json")
     _untag(run / "checkpoint" / "trainer_state.json")
     summary = train(prepare(cfg(run, steps=6, checkpoint_every=2), resume=True))

@@ -43,9 +43,9 @@ DEFAULT_TAU = {"fedadam": 1e-9, "fedyogi": 1e-3}
 # rounds, took theta from 0.865 to 0.79 late in training, when the honest replies are small and disagree and the
 # hostile one is turned into full steps. FedAvgM (0.5), a tie in the sweep, moves theta by what the replies add up to,
 # so a reply within the norm bound moves it by at most its share times 1 / (1 - beta) over the rounds (momentum
-# replays a round's aggregate: 2x at 0.5; a review measured 1.875x after four rounds). Other local optimizers were not swept and keep
-# plain FedAvg: FedAdam's normalisation would also turn any delta, however small or noisy (a ZO client's), into a
-# step of ~server-lr per coordinate.
+# replays a round's aggregate: 2x at 0.5; a review measured 1.875x after four rounds). Other local optimizers were not
+# swept and keep plain FedAvg: FedAdam's normalisation would also turn any delta, however small or noisy (a ZO
+# client's), into a step of ~server-lr per coordinate.
 FEDAVGM_MOMENTUM = 0.9  # --server-momentum when --server-optimizer fedavgm is chosen without it
 SWEPT_DEFAULTS = {"adamw": ("fedavgm", 1.0, 0.0, 0.5)}
 UNSWEPT_DEFAULT = ("fedavg", None, 0.0, FEDAVGM_MOMENTUM)  # fedavg has no momentum: the value only fills the config

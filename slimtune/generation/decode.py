@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimtune.models.loading import left_padded, prompt_ids
+from slimtune.models.loading import left_padded, pad_id, prompt_ids
 
 
 @dataclass
@@ -16,10 +16,6 @@ class DecodeSettings:
     num_beams: int = 1  # 1: greedy
     batch_size: int = 16
     max_length: int = 256  # prompt tokens kept (from the left)
-
-
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _encode(tokenizer, prompts: list[str], settings: DecodeSettings, device: str):

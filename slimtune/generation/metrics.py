@@ -1,5 +1,6 @@
 """Generation metrics from well-kept libraries: corpus BLEU (sacrebleu, multi-reference), ROUGE-L (rouge-score, best
-reference; its tokenizer for English, Unicode words otherwise), and SQuAD's exact match and token F1 (max over references). All on a 0-100 scale.
+reference; its tokenizer for English, Unicode words otherwise), and SQuAD's exact match and token F1 (max over
+references). All on a 0-100 scale.
 
 Unequal reference counts: sacrebleu takes one stream per reference position; inputs with fewer references are padded
 with None (an empty string would count as a real, empty reference and distort the brevity penalty).

@@ -44,14 +44,14 @@ class GenerationBatch:
 
 def token_ids(tokenizer, example, max_length: int) -> tuple[list[int], list[int], bool]:
     """(prompt ids, completion ids + EOS, whether the completion was truncated)."""
-    from slimtune.models.loading import prompt_ids
+    from slimtune.models.loading import keep_last, prompt_ids
     prompt = prompt_ids(tokenizer, example.prompt)
     completion = tokenizer.encode(example.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
     budget = max_length - min(len(prompt), max_length // 2)
     truncated = len(completion) > budget
     completion = completion[:budget]
     keep = max_length - len(completion)
-    return (prompt_ids(tokenizer, example.prompt, keep) if keep > 0 else []), completion, truncated
+    return (keep_last(tokenizer, prompt, keep) if keep > 0 else []), completion, truncated
 
 
 def encode_generation(tokenizer, examples: list, max_length: int = 256, warn: bool = True) -> GenerationBatch:
@@ -68,7 +68,7 @@ def encode_generation(tokenizer, examples: list, max_length: int = 256, warn: bo
         warnings.warn(f"{truncated} of {len(examples)} targets in a batch were truncated to fit --max-length "
                       f"{max_length}; raise --max-length to train on whole targets", stacklevel=2)
     width = max(len(p) + len(c) for p, c in seqs)
-    from slimtune.generation.decode import pad_id
+    from slimtune.models.loading import pad_id
     pad = pad_id(tokenizer)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)

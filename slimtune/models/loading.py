@@ -162,15 +162,21 @@ def prompt_ids(tokenizer, text: str, max_length: int | None = None) -> list[int]
     BOS (a left truncation must not cut the BOS away with the prompt's head). The one rule for every prompt slimtune
     encodes: training, evaluation, generation, the export's logit check."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    lead = []
-    if bos_prefix(tokenizer):
-        lead = [tokenizer.bos_token_id]
-        if ids[:1] == lead:
-            ids = ids[1:]
-    if max_length is not None:
-        keep = max(max_length - len(lead), 0)
-        ids = ids[len(ids) - keep:] if keep else []
-    return lead + ids
+    if bos_prefix(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids if max_length is None else keep_last(tokenizer, ids, max_length)
+
+
+def keep_last(tokenizer, ids: list[int], max_length: int) -> list[int]:
+    """A prompt's (prompt_ids') last `max_length` tokens, its BOS kept first where the model wants one."""
+    lead = ids[:1] if bos_prefix(tokenizer) and ids[:1] == [tokenizer.bos_token_id] else []
+    rest, keep = ids[len(lead):], max(max_length - len(lead), 0)
+    return lead + (rest[len(rest) - keep:] if keep else [])
+
+
+def pad_id(tokenizer) -> int:
+    """The id prompts are padded with: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

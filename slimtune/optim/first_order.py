@@ -41,8 +41,9 @@ def check_full_precision(named_params, optimizer: str) -> None:
     move (a review measured 13% of a bf16 model's weights moved in 5 AdamW steps, against 87% in float32). 16-bit
     weights are for the zeroth-order optimizers, which round their updates stochastically (zo/precision.py); LoRA's
     weights train in float32 on a 16-bit base."""
+    from slimtune.zo.precision import is_low_precision
     low = sorted({str(p.dtype).removeprefix("torch.") for _, p in named_params
-                  if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+                  if p.requires_grad and is_low_precision(p)})
     if low:
         raise SlimtuneError(f"--optimizer {optimizer} on {low[0]} trainable weights: backprop's updates would be "
                             f"rounded to the nearest {low[0]} value and most would be lost; use --dtype float32, or "

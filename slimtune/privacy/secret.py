@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -40,38 +41,46 @@ KEY_BYTES = 32
 
 
 def create_key_file(path: Path) -> "RunKey":
-    """A fresh key, written to `path` owner-readable only; refuses to replace an existing file."""
+    """A fresh key, written to `path` owner-readable only; refuses to replace an existing file. Written whole to a
+    private temporary first, then linked into place (os.link refuses an existing name): a process killed while
+    writing leaves no half-written key file at `path` to block every later attempt (a filesystem without hard links
+    gets the file created exclusively in place)."""
     key = os.urandom(KEY_BYTES)
     path = Path(path)
     if path.exists() or path.is_symlink():
-        raise SlimtuneError(f"{path}: a key file is already there (nothing was overwritten)")
-    # written whole to a private temporary, then linked into place (os.link refuses an existing name): a process
-    # killed while writing leaves no half-written key file at `path` to block every later attempt
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        raise _already_there(path)
+    record = {"key": key.hex(), "bits": 8 * KEY_BYTES}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")  # is_temporary_of's form
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": key.hex(), "bits": 8 * KEY_BYTES}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_exclusively(tmp, record)
         try:
             os.link(tmp, path)
         except FileExistsError:
-            raise SlimtuneError(f"{path}: a key file is already there (nothing was overwritten)") from None
-        except OSError:  # a filesystem without hard links: create it exclusively and write it in place
-            _write_exclusively(path, tmp.read_bytes())
+            raise _already_there(path) from None
+        except OSError:
+            _write_exclusively(path, record)
     finally:
         tmp.unlink(missing_ok=True)
     return RunKey(key)
 
 
-def _write_exclusively(path: Path, data: bytes) -> None:
+def is_temporary_of(name: str, target: str) -> bool:
+    """Whether a file name is create_key_file's temporary for a key file named `target` (one a kill left behind)."""
+    return re.fullmatch(rf"\.{re.escape(target)}\.\d+\.[0-9a-f]+\.tmp", name) is not None
+
+
+def _already_there(path: Path) -> SlimtuneError:
+    return SlimtuneError(f"{path}: a key file is already there (nothing was overwritten)")
+
+
+def _write_exclusively(path: Path, record: dict) -> None:
+    """`record` as JSON in a new file of mode 0600, synced to disk; an existing file is refused, never replaced."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise SlimtuneError(f"{path}: a key file is already there (nothing was overwritten)") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+        raise _already_there(path) from None
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
         f.flush()
         os.fsync(f.fileno())
 

@@ -60,6 +60,19 @@ def read_state(directory: Path) -> tuple[dict, dict | None]:
                             f"read ({type(exc).__name__}); the run cannot be resumed from it") from None
 
 
+def peek_state(run_dir: Path) -> dict:
+    """A run's last trainer state, read only (no recovering rename, unlike read_state): its checkpoint's, else that of
+    the checkpoint.old a save was replacing; {} when neither is there or readable."""
+    for name in ("checkpoint", "checkpoint.old"):
+        try:
+            state = json.loads((Path(run_dir) / name / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict):
+            return state
+    return {}
+
+
 def load_checkpoint(directory: Path, model, optimizer) -> dict:
     directory = recover(directory)
     if not (directory / "trainer_state.json").exists():

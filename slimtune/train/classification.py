@@ -52,9 +52,8 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256) -> Encoded
     if not examples:
         empty = torch.zeros(0, 0, dtype=torch.long)
         return EncodedBatch(empty, empty.clone(), empty.clone(), torch.zeros(0, dtype=torch.long))
-    from slimtune.models.loading import left_padded, prompt_ids
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, mask = left_padded([prompt_ids(tokenizer, e.prompt, max_length) for e in examples], pad)
+    from slimtune.models.loading import left_padded, pad_id, prompt_ids
+    input_ids, mask = left_padded([prompt_ids(tokenizer, e.prompt, max_length) for e in examples], pad_id(tokenizer))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     return EncodedBatch(input_ids, mask, positions, labels)

@@ -134,14 +134,11 @@ def _same(a, b) -> bool:
 
 def checkpointed_step(run_dir: Path) -> int | None:
     """The step of the run's checkpoint (or of the one the last save was replacing), read only; None without one."""
-    for name in ("checkpoint", "checkpoint.old"):
-        state = Path(run_dir) / name / "trainer_state.json"
-        if state.is_file():
-            try:
-                return int(json.loads(state.read_text())["step"])
-            except (ValueError, KeyError, TypeError):
-                return None
-    return None
+    from slimtune.train.checkpoint import peek_state
+    try:
+        return int(peek_state(run_dir)["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def check_resume(config, run_dir: Path) -> dict:

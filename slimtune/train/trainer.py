@@ -16,7 +16,6 @@ before the process died is recomputed under a new `attempt` (fresh noise and bat
 from __future__ import annotations
 
 import json
-import re
 import math
 import os
 import sys
@@ -40,8 +39,9 @@ from slimtune.optim.schedule import lr_multiplier
 from slimtune.peft import PeftSettings, apply_peft, peft_summary
 from slimtune.peft.registry import PISSA_INIT_DIR, adapted_modules, adapter_meta, check_rank_fits, write_adapter
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, check_spec, plan
-from slimtune.privacy.secret import KEY_FILE, KeyedNoise, RunKey, create_key_file, fresh_nonce, read_key_file
-from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, read_state, save_checkpoint
+from slimtune.privacy.secret import (KEY_FILE, KeyedNoise, RunKey, create_key_file, fresh_nonce, is_temporary_of,
+                                     read_key_file)
+from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, peek_state, read_state, save_checkpoint
 from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb
 from slimtune.train.resume import adopt_unset, check_resume, read_stored
 from slimtune.train.run_dir import LOCK_FILE, STATUS_FILE, RunDirectory, read_status
@@ -286,8 +286,8 @@ def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list,
 
 # What a new run's directory may already hold: what an earlier attempt that stopped before its first save wrote (the
 # lock, status.json, the key of a private run, PiSSA's initial adapter). Anything else is the user's.
+# (and a key file's temporary a kill left behind: is_temporary_of)
 CLAIM_FILES = (LOCK_FILE, STATUS_FILE, STATUS_FILE + ".tmp", KEY_FILE, PISSA_INIT_DIR)
-KEY_TEMPORARY = re.compile(rf"\.{re.escape(KEY_FILE)}\.\d+\.[0-9a-f]+\.tmp")  # create_key_file's, left by a kill
 
 
 def check_only_claim_files(out: Path) -> None:
@@ -295,7 +295,8 @@ def check_only_claim_files(out: Path) -> None:
     checkpoint rotation would replace a folder of the user's of the same name."""
     if not out.is_dir():
         return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in CLAIM_FILES and not KEY_TEMPORARY.fullmatch(p.name))
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in CLAIM_FILES and not is_temporary_of(p.name, KEY_FILE))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise SlimtuneError(f"--out {out}: exists, is not empty ({shown}) and is not a slimtune run; a run writes "
@@ -492,7 +493,7 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
             ledger = {"attempt": 0, "released_through": 0, "abandoned": _carried_releases(run_dir),
                       "nonce": fresh_nonce()}
             for stale in out.iterdir():  # a key temporary of a killed attempt (we hold the directory's lock)
-                if KEY_TEMPORARY.fullmatch(stale.name):
+                if is_temporary_of(stale.name, KEY_FILE):
                     stale.unlink(missing_ok=True)
             if not config.secret_key_file and not key_path.exists():  # else an attempt that stopped before its
                 create_key_file(key_path)  # first release made it (check_only_claim_files); the fresh nonce keeps
@@ -559,9 +560,9 @@ def carried_by_attempt(out: Path) -> list[dict]:
     ledger, and so what it carried, is unknown)."""
     status = read_status(out)
     if status.get("damaged") and (out / KEY_FILE).exists():
-        raise SlimtuneError(f"{out}/status.json is damaged, and an earlier private attempt's key is there: the releases "
-                            "it carried (a --restart's) cannot be known, so this directory cannot be trained into "
-                            "safely; move it aside and compose its runs' epsilon by hand")
+        raise SlimtuneError(f"{out}/status.json is damaged, and an earlier private attempt's key is there: the "
+                            "releases it carried (a --restart's) cannot be known, so this directory cannot be trained "
+                            "into safely; move it aside and compose its runs' epsilon by hand")
     return releases_of(Path(status["replaced"])) if status.get("replaced") else []
 
 
@@ -592,15 +593,9 @@ def releases_of(run: Path, seen: frozenset = frozenset()) -> list[dict]:
 def _rebuilt_releases(run: Path, status: dict, seen: frozenset) -> list[dict]:
     """The releases of a run whose status.json holds no ledger: its checkpoint's trajectory (privacy_history) and
     abandoned entries, and the steps metrics.jsonl shows released after that checkpoint, at its last settings."""
-    state = {}
-    for name in ("checkpoint", "checkpoint.old"):
-        try:
-            state = json.loads((run / name / "trainer_state.json").read_text())
-            break
-        except (OSError, ValueError):
-            continue
+    state = peek_state(run)
     released = last_logged_step(run / "metrics.jsonl", "epsilon")
-    history = state.get("privacy_history") if isinstance(state, dict) else None
+    history = state.get("privacy_history")
     if not history:
         if released:
             raise SlimtuneError(f"--restart: {run}/status.json holds no readable ledger and its {released} released "
