@@ -149,7 +149,7 @@ class Settings:
                 raise SlimtuneError(f"{origin}: unknown setting {name!r}")
             out[name] = value = coerce(f, value, origin)
             if value is not None:
-                _check_value(f"{origin}: setting {name!r}" if origin else flag(name), value, spec_of(f),
+                check_value(f"{origin}: setting {name!r}" if origin else flag(name), value, spec_of(f),
                              empty_given=True)
         return out
 
@@ -171,7 +171,7 @@ class Settings:
                 continue
             where = self.where(f.name)
             leave = f", or leave {where} out" if spec.cli and not getattr(self, "_origin", {}).get(f.name) else ""
-            _check_value(where, value, spec, empty_given=self.given(f.name), leave=leave)
+            check_value(where, value, spec, empty_given=self.given(f.name), leave=leave)
         for f in fields(self):  # applicability: only what the user gave
             spec = spec_of(f)
             if spec.applies is not None and self.given(f.name) and not spec.applies.test(self):
@@ -190,12 +190,16 @@ class Settings:
 INT64 = 2**63 - 1  # torch and numpy take no larger integer
 
 
-def _check_value(where: str, value: Any, spec: Spec, *, empty_given: bool, leave: str = "") -> None:
-    """The per-field rules every source of values shares: a given empty string, the choices, the range."""
-    if empty_given:
-        _refuse_empty(where, value, leave)
+def check_value(where: str, value: Any, spec: Spec, *, empty_given: bool, leave: str = "", keyword: bool = False) \
+        -> None:
+    """The per-field rules every source of values shares (flags, config files, other settings files and the Python
+    API's keywords, settings/python.py): a given empty string, the choices, the range. `keyword`: name the value as
+    a Python keyword argument (`lr=...`) instead of a flag's (`--lr ...`)."""
+    shown = f"{where}={value!r}" if keyword else f"{where} {value!r}"
+    if empty_given and is_empty(value):
+        raise SlimtuneError(f"{shown}: empty{'' if keyword else ' (an unset variable?)'}; give a value{leave}")
     if spec.choices is not None and value not in spec.choices:
-        raise SlimtuneError(f"{where} {value!r}: choose one of {', '.join(map(str, spec.choices))}")
+        raise SlimtuneError(f"{shown}: choose one of {', '.join(map(str, spec.choices))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         _check_range(where, value, spec)
 
@@ -218,11 +222,6 @@ def is_empty(value: Any) -> bool:
     current directory, --output "" printed instead, --eval-data "" trained without evaluation. Flags, config files
     and the Python API's keywords (settings/python.py) refuse it alike."""
     return isinstance(value, str) and not value.strip()
-
-
-def _refuse_empty(where: str, value: Any, leave: str = "") -> None:
-    if is_empty(value):
-        raise SlimtuneError(f"{where} {value!r}: empty (an unset variable?); give a value{leave}")
 
 
 def coerce(f, value: Any, source: str | None):

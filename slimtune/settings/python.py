@@ -13,7 +13,7 @@ from dataclasses import fields
 from types import SimpleNamespace
 
 from slimtune import SlimtuneError
-from slimtune.settings.base import _check_range, coerce, is_empty, spec_of
+from slimtune.settings.base import check_value, coerce, spec_of
 from slimtune.settings.train import TrainSettings
 
 FIELDS = {f.name: f for f in fields(TrainSettings)}
@@ -38,15 +38,10 @@ def check_keywords(owner: str, values: dict, context: dict, aliases: dict | None
         if name not in FIELDS:
             raise SlimtuneError(f"{owner}: unknown argument {keyword!r}")
         f, spec = FIELDS[name], spec_of(FIELDS[name])
-        raw, value = value, coerce(f, value, owner)
-        where = f"{owner}: {keyword}"
-        if is_empty(value):  # target_modules=[] or "": not the default layers, as `--target-modules ""` is not
-            raise SlimtuneError(f"{where}={raw!r}: empty; give a value, or leave {keyword} out (None) for the default")
-        if value is not None:
-            if spec.choices is not None and value not in spec.choices:
-                raise SlimtuneError(f"{where}={value!r}: choose one of {', '.join(map(str, spec.choices))}")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                _check_range(where, value, spec)
+        value = coerce(f, value, owner)
+        if value is not None:  # target_modules=[] or "": not the default layers, as `--target-modules ""` is not
+            check_value(f"{owner}: {keyword}", value, spec, empty_given=True, keyword=True,
+                        leave=f", or leave {keyword} out (None) for the default")
         checked[keyword], names[keyword] = value, name
     state = SimpleNamespace(**{**DEFAULTS, **context, **{names[k]: v for k, v in checked.items()}})
     for keyword, value in checked.items():
