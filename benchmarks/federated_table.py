@@ -39,7 +39,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, nargs="*", default=[2, 4, 8, 32])
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--train-size", type=int, default=2000)
