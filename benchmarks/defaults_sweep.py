@@ -75,7 +75,7 @@ CANDIDATES.update({
     # defaults), plus the ZO lr at 2x with AdamW's default
     "hybrid+lora": {**{f"hybrid-lora-folr{lr}-const600": ["--optimizer", "hybrid", "--peft", "lora", "--lr", "1e-3",
                                                           "--eps", "1e-2", "--fo-lr", lr, "--warmup-steps", "30", *LONG]
-                       for lr in ("3e-4", "1e-3", "3e-3")},
+                       for lr in ("3e-4", "1e-3", "3e-3", "1e-2")},  # 1e-2 added: 3e-3, the largest, had won
                     "hybrid-lora-lr2e-3-const600": ["--optimizer", "hybrid", "--peft", "lora", "--lr", "2e-3", "--eps",
                                                     "1e-2", "--fo-lr", "1e-3", "--warmup-steps", "30", *LONG]},
     # issue 36, item 6: DP-AdamW + LoRA's lr (the dp-adamw defaults were AdamW's 1e-3, never swept) at epsilon 6 for
