@@ -53,6 +53,7 @@ from transformers.trainer_callback import ProgressCallback
 from slimtune import SlimtuneError
 from slimtune.optim.methods import METHODS
 from slimtune.optimizers import OPTIMIZERS, PrivateOptimizer, ZerothOrderOptimizer, peft_kind, table_row
+from slimtune.privacy.withhold import silenced
 
 # Trainer settings a zeroth-order step cannot honour: refused by name when one differs from its default (a
 # TrainingArguments field's own default; None for a Trainer argument). (argument, the runs it concerns: "all",
@@ -193,12 +194,22 @@ class ZOTrainerMixin:
         check_keywords("ZOArguments", given, {"optimizer": zo.optimizer, "peft": peft_kind(self.model),
                                               "clipping": zo.clipping or "auto", "accountant": zo.accountant or "rdp"},
                        aliases)
+        if self.optimizer is not None:
+            raise SlimtuneError("ZOTrainer: optimizers=(...): the optimizer is built from zo_args (a private one is "
+                                "calibrated for the trainer's own Poisson batches and max_steps); give its settings "
+                                "in ZOArguments")
         if zo.private:
+            self._check_private_loss()
             if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
                 raise SlimtuneError(f"ZOArguments(optimizer={zo.optimizer!r}): private training samples Poisson "
                                     "batches from a dataset of known size; an iterable dataset cannot be sampled")
+            if getattr(args, "packing", False):  # TRL packs the dataset itself, before the trainer sees it
+                raise SlimtuneError("packing=True: a packed row holds several examples (and one example can shift "
+                                    "every later row), while private training samples and clips one example per "
+                                    "row: set packing=False")
             if type(self.data_collator).__name__ == "DataCollatorWithFlattening" or getattr(args, "padding_free",
-                                                                                             False):
+                                                                                             False) \
+                    or getattr(self, "padding_free", False):  # TRL's own attribute (bfd packing sets it)
                 raise SlimtuneError("private training clips one loss per example; a padding-free or flattening "
                                     "collator packs several examples into one row: use a padding collator")
             if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
@@ -206,6 +217,22 @@ class ZOTrainerMixin:
                                     "not released by a private run: leave it off")
             if self.eval_dataset is not None:
                 self._check_held_out(self.eval_dataset)
+
+    def _check_private_loss(self) -> None:
+        """A private step clips `per_example_losses` (one loss per example): a loss the trainer was given another
+        way would be silently replaced, so it is refused by name."""
+        override = "override per_example_losses for another per-example objective"
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise SlimtuneError(f"ZOTrainer: compute_loss_func: a private step clips one loss per example, from "
+                                f"per_example_losses, and would not call it: {override}")
+        owner = next(c for c in type(self).__mro__ if "compute_loss" in vars(c))
+        if issubclass(owner, ZOTrainerMixin):  # the user's subclass (TRL's and transformers' own are below the mixin)
+            raise SlimtuneError(f"ZOTrainer: {owner.__name__}.compute_loss: a private step clips one loss per "
+                                f"example, from per_example_losses, and would not call it: {override}")
+        loss_type = getattr(self.args, "loss_type", None)  # TRL: "nll" (the default) or another objective
+        if loss_type not in (None, "nll"):
+            raise SlimtuneError(f"ZOTrainer: loss_type={loss_type!r}: a private step's loss is per_example_losses' "
+                                f"cross-entropy: {override}")
 
     def _check_not_honoured(self) -> None:
         """One line naming the first setting of NOT_HONOURED that is set for a run it concerns."""
@@ -245,7 +272,8 @@ class ZOTrainerMixin:
         kept = self.__dict__.get("_train_row_keys")
         try:
             if kept is None or kept[0] is not train or kept[1] != len(train):
-                kept = (train, len(train), training_keys(train))
+                with silenced():  # reading every training row (a set_transform tokenizer) may warn about one
+                    kept = (train, len(train), training_keys(train))
         except (TypeError, KeyError, IndexError, NotImplementedError, AttributeError):
             return None
         self.__dict__["_train_row_keys"] = kept
@@ -342,13 +370,22 @@ class ZOTrainerMixin:
                                 "one row per example (a padding-free or flattening collator packs several into one, "
                                 "so one example could move a release by more than the clip): use a padding collator")
         with withheld(f"a private training step failed at step {opt.steps_taken + 1}"):
-            return opt.step(self._zo_closure(model, inputs, True))
+            return opt.step(self._zo_closure(model, inputs, True, rows))
 
-    def _zo_closure(self, model, inputs, private: bool):
+    def _zo_closure(self, model, inputs, private: bool, examples: int = 0):
         if private:
             if EMPTY_BATCH in inputs:
                 return lambda: torch.zeros(0, device=self.args.device)
-            return lambda: self.per_example_losses(model, inputs)
+
+            def losses():
+                out = self.per_example_losses(model, inputs)
+                if not isinstance(out, torch.Tensor) or out.ndim != 1 or out.numel() != examples:
+                    raise SlimtuneError(  # no count in the message: the batch size is private
+                        "private training clips one loss per example: per_example_losses must return a 1-D tensor "
+                        "with one loss per example of the batch (per-token losses would each be clipped, so one "
+                        "example could move a release by more than the clip)")
+                return out
+            return losses
 
         def mean_loss():
             with self.compute_loss_context_manager():
@@ -399,9 +436,17 @@ class ZOTrainerMixin:
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
         batches = PoissonBatches(len(dataset), self._train_batch_size, self)
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=EmptyAware(collator),
+        # the loader yields indices; EmptyAware reads the rows (a set_transform tokenizer, a Dataset's __getitem__)
+        # and collates them inside `withheld`
+        loader = DataLoader(range(len(dataset)), batch_sampler=batches, collate_fn=EmptyAware(collator, dataset),
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Not in private runs: the generator state after a collator's random draws (masking, augmentation: one per
+        example) counts the realised batch sizes; a private run is never resumed from a checkpoint anyway."""
+        if not self.zo_args.private:
+            super()._save_rng_state(output_dir)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if self.zo_args.private and resume_from_checkpoint:
@@ -574,16 +619,19 @@ class EmptyAware:
     is (transformers fetches a batch before `training_step`): a collator's warnings and log lines (a tokenizer's
     "sequence length ... (36 > 5)") and the text of its errors name the rows of a secret batch."""
 
-    def __init__(self, collator):
-        self.collator = collator
+    def __init__(self, collator, dataset):
+        self.collator, self.dataset = collator, dataset
 
-    def __call__(self, examples: list):
-        if not examples:
+    def __call__(self, indices: list):
+        if not indices:
             return {EMPTY_BATCH: torch.zeros(0)}
         from slimtune.privacy.withhold import withheld
-        with withheld("collating a private training batch failed", "call the collator on public rows to see why"):
+        with withheld("reading or collating a private training batch failed",
+                      "read and collate public rows the same way to see why"):
+            reader = getattr(self.dataset, "__getitems__", None)
+            examples = reader(list(indices)) if reader is not None else [self.dataset[i] for i in indices]
             batch = self.collator(examples)
-        batch[EXAMPLES] = len(examples)  # ZOTrainer._private_step checks one row per example
+        batch[EXAMPLES] = len(indices)  # ZOTrainer._private_step checks one row per example
         return batch
 
 

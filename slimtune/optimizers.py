@@ -221,6 +221,10 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                                 f"tensors; this optimizer has {len(here['shapes'])}, or the same number shaped "
                                 "differently: another model, peft rank or target modules); build the optimizer over "
                                 "the model the state was saved with")
+        if "privacy" in saved and saved["privacy"] != here.get("privacy"):
+            changed = _differences(saved["privacy"], here.get("privacy") or {})
+            raise SlimtuneError(f"{where}: the state was saved under other privacy settings ({changed}); its steps would be priced at this optimizer's noise and sampling rate (epsilon_spent "
+                                "would under-report): build the optimizer with the settings the state was saved with")
         for name in ("seed", "eps", "perturbation"):
             if name in saved and saved[name] != here[name]:
                 raise SlimtuneError(f"{where}: the state was saved with {name}={saved[name]!r}, this optimizer has "
@@ -228,6 +232,12 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                                     f"it with {name}={saved[name]!r}")
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         self.impl.load_state_dict(own["optimizer"])
+
+
+def _differences(saved: dict, here: dict) -> str:
+    """'noise_multiplier 0.26 -> 1.9, dataset_size 72 -> 100': the saved and current values that differ."""
+    return ", ".join(f"{k} {saved.get(k)!r} -> {here.get(k)!r}" for k in sorted(set(saved) | set(here))
+                     if saved.get(k) != here.get(k))
 
 
 BACKWARD_IN_CLOSURE = ("slimtune.{name}: the closure changed the parameters' gradients (it called backward() or "
@@ -430,6 +440,16 @@ class PrivateOptimizer(ZerothOrderOptimizer):
         super().__init__(model, given, (spec, self.accountant.noise, batch_size, noise,
                                         self.accountant.quantile_noise), privacy)
         self.settings.update(privacy, steps=steps, noise_multiplier=self.accountant.noise)
+
+    def _run_identity(self) -> dict:
+        """Also what prices a step in the accountant: the noise, the sampling rate, delta, the mechanism, the
+        accountant and the releases per step (a restored step count is priced at this optimizer's settings, so a
+        state saved under others would under-report epsilon_spent)."""
+        acc = self.accountant
+        return {**super()._run_identity(), "privacy": {
+            "noise_multiplier": acc.noise, "quantile_noise": acc.quantile_noise, "dataset_size": acc.n,
+            "batch_size": acc.batch_size, "delta": acc.spec.delta, "mechanism": acc.spec.mechanism,
+            "accountant": acc.spec.accountant, "releases": acc.releases}}
 
     @property
     def noise_multiplier(self) -> float:

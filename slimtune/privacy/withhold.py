@@ -24,14 +24,22 @@ def withheld(failure: str, hint: str = ""):
     """`failure`: what failed, as the user sees it ("a private training step failed at step 3"); `hint`: how to see
     the details outside the guarantee (appended after a colon)."""
     try:
-        with warnings.catch_warnings(), _silent_logging():
-            warnings.simplefilter("ignore")
+        with silenced():
             yield
     except SlimtuneError:
         raise
     except Exception:
         raise SlimtuneError(f"{failure}; its details are withheld (they may depend on individual training rows)"
                             + (f": {hint}" if hint else "")) from None
+
+
+@contextmanager
+def silenced():
+    """No warning and no log line while inside; exceptions pass unchanged (for code that reads every training row
+    outside a step, such as the private trainer's held-out check, whose own errors name no row)."""
+    with warnings.catch_warnings(), _silent_logging():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @contextmanager
