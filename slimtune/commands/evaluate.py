@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from rich.markup import escape
+
 from slimtune import SlimtuneError
 from slimtune.settings.cli import command
 from slimtune.settings.commands import EvalSettings, GenerateSettings
@@ -19,6 +21,7 @@ def run_eval(s: EvalSettings):
     """Accuracy (classification) or loss, perplexity, BLEU, ROUGE-L, EM, F1 (generation) of a model, optionally with
     a trained adapter."""
     from slimtune.cli import console, fail
+    from slimtune.models.loading import check_positions
     from slimtune.train.objectives import GenerationSettings, make_objective
 
     try:
@@ -28,6 +31,7 @@ def run_eval(s: EvalSettings):
         raw, texts = objective.load(s.data, "validation")
         dev = resolve_device(s.device)
         m, tok = load_for_inference(s.model, s.adapter, dev, texts)
+        check_positions(m, s.max_length)
         objective.bind(tok)
         examples = objective.examples(raw, tok)
         outputs = [] if s.predictions else None
@@ -43,6 +47,7 @@ def run_generate(s: GenerateSettings):
     """Generate completions with a model and (optionally) a trained adapter."""
     from slimtune.cli import console, fail
     from slimtune.generation.decode import DecodeSettings, generate_texts, stream_generate
+    from slimtune.models.loading import check_positions
     from slimtune.generation.prompts import prompt_texts, read_prompt_items, render_prompts
 
     try:
@@ -53,6 +58,8 @@ def run_generate(s: GenerateSettings):
                                 f"with the model's chat template as they are; leave {unused[0]} out")
         dev = resolve_device(s.device)
         m, tok = load_for_inference(s.model, s.adapter, dev, prompt_texts(items))
+        # the default --max-length (1024) is cut to fit the model (decode.prompt_room); a given one must fit
+        check_positions(m, s.max_length if s.given("max_length") else 1, s.max_new_tokens)
         prompts = render_prompts(items, tok, s.template, s.input_column, s.chat)
         settings = DecodeSettings(s.max_new_tokens, s.num_beams, s.batch_size, s.max_length)
         if s.prompt is not None and s.num_beams == 1 and not s.output:
@@ -65,7 +72,7 @@ def run_generate(s: GenerateSettings):
     except SlimtuneError as exc:
         fail(exc)
     if s.output:
-        console.print(f"{len(outputs)} completions written to [bold]{s.output}[/]")
+        console.print(f"{len(outputs)} completions written to [bold]{escape(s.output)}[/]")
     else:
         for o in outputs:
             print(o, flush=True)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from slimtune import SlimtuneError
 from slimtune.settings.cli import command
@@ -44,7 +45,7 @@ def run_merge(s: MergeSettings):
         save_checkpoint_dir(merged, tok, s.out)
     except SlimtuneError as exc:
         fail(exc)
-    console.print(f"merged checkpoint written to [bold]{s.out}[/]")
+    console.print(f"merged checkpoint written to [bold]{escape(str(s.out))}[/]")
 
 
 def save_checkpoint_dir(model, tokenizer, out: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from slimtune import SlimtuneError
 from slimtune.settings.cli import command
 from slimtune.settings.commands import PlanSettings
@@ -18,12 +20,14 @@ def run_plan(s: PlanSettings):
     from rich.table import Table
 
     from slimtune.cli import console, fail
+    from slimtune.models.loading import check_positions
     from slimtune.optim.hybrid import check_fo_layers
     from slimtune.report.memory_model import ModelShape, as_flags, model_for_planning, plan_rows, ranked_methods
 
     try:
         dev = resolve_device(s.device)
         m = model_for_planning(s.model)
+        check_positions(m, s.max_length)
         check_fo_layers(s.fo_layers, ModelShape.from_model(m).layers)
         rows = plan_rows(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.base_quant, s.fo_layers)
         ranked = [r for r in ranked_methods(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.fo_layers)
@@ -31,13 +35,14 @@ def run_plan(s: PlanSettings):
     except SlimtuneError as exc:
         fail(exc)
     base = f", {s.base_quant} base" if s.base_quant else ""
-    table = Table(title=f"{s.model}: batch {s.batch_size} x {s.max_length} tokens on {dev}, {s.dtype}{base} "
+    table = Table(title=f"{escape(s.model)}: batch {s.batch_size} x {s.max_length} tokens on {dev}, {s.dtype}{base} "
                         f"(budget {rows[0]['budget_mb']:,.0f} MB = 90% of available)")
     for col in ("optimizer", "PEFT", "trainable", "peak MB", "fits"):
         table.add_column(col, justify="right" if col in ("trainable", "peak MB") else "left")
     for row in rows:
         table.add_row(row["optimizer"], row["peft"], f"{row['trainable_params']:,}", f"{row['peak_mb']:,.0f}",
-                      "yes" if row["fits"] else "[red]no[/]")
+                      "yes" if row["fits"] else "[red]no[/]" + (" (train refuses this --r)" if row.get("refused")
+                                                                   else ""))
     console.print(table)
     if not ranked:
         console.print("[red]nothing fits[/]: lower --batch-size or --max-length")

@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from slimtune import SlimtuneError
 from slimtune.settings.cli import command
@@ -39,4 +40,4 @@ def make_report(runs: list[str], out: str) -> None:
     write_new_directory(out, lambda tmp: written.update(render_report(loaded, tmp)), "--out")  # whole or nothing
     paths = {key: Path(out) / Path(value).name for key, value in written.items() if key != "plots"}
     print_summary([r.summary for r in loaded], console)
-    console.print(f"report: [bold]{paths['html']}[/] and {paths['markdown']}")
+    console.print(f"report: [bold]{escape(str(paths['html']))}[/] and {escape(str(paths['markdown']))}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
+
 from slimtune import SlimtuneError
 from slimtune.settings.cli import command, file_values
 from slimtune.settings.commands import DemoSettings
@@ -69,7 +71,7 @@ def run_train(s: TrainSettings):
         return
     from slimtune.report import print_summary
     print_summary([summary], console)
-    console.print(f"run written to [bold]{config.out_dir}[/] (summary.json, metrics.jsonl, adapter/)")
+    console.print(f"run written to [bold]{escape(str(config.out_dir))}[/] (summary.json, metrics.jsonl, adapter/)")
 
 
 def dry_run(s: TrainSettings, config) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimtune.models.loading import left_padded, pad_id, prompt_ids
+from slimtune.models.loading import left_padded, pad_id, prompt_ids, prompt_room
 
 
 @dataclass
@@ -18,9 +18,11 @@ class DecodeSettings:
     max_length: int = 256  # prompt tokens kept (from the left)
 
 
-def _encode(tokenizer, prompts: list[str], settings: DecodeSettings, device: str):
-    """Left-padded, left-truncated prompts (BOS first where the model expects it)."""
-    ids, mask = left_padded([prompt_ids(tokenizer, p, settings.max_length) for p in prompts], pad_id(tokenizer))
+def _encode(tokenizer, prompts: list[str], settings: DecodeSettings, device: str, model=None):
+    """Left-padded, left-truncated prompts (BOS first where the model expects it): at most --max-length tokens, and
+    no more than leave room for the new tokens within `model`'s positions."""
+    keep = settings.max_length if model is None else prompt_room(model, settings.max_length, settings.max_new_tokens)
+    ids, mask = left_padded([prompt_ids(tokenizer, p, keep) for p in prompts], pad_id(tokenizer))
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
@@ -48,7 +50,7 @@ def generate_texts(model, tokenizer, prompts: list[str], settings: DecodeSetting
     model.eval()
     outputs = []
     for i in range(0, len(prompts), settings.batch_size):
-        new = _generate(model, tokenizer, _encode(tokenizer, prompts[i:i + settings.batch_size], settings, device),
+        new = _generate(model, tokenizer, _encode(tokenizer, prompts[i:i + settings.batch_size], settings, device, model),
                         settings)
         outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     model.train(was_training)
@@ -62,5 +64,5 @@ def stream_generate(model, tokenizer, prompt: str, settings: DecodeSettings, dev
     model.eval()
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode():
-        new = _generate(model, tokenizer, _encode(tokenizer, [prompt], settings, device), settings, streamer=streamer)
+        new = _generate(model, tokenizer, _encode(tokenizer, [prompt], settings, device, model), settings, streamer=streamer)
     return tokenizer.decode(new[0], skip_special_tokens=True).strip()

@@ -174,6 +174,37 @@ def keep_last(tokenizer, ids: list[int], max_length: int) -> list[int]:
     return lead + (rest[len(rest) - keep:] if keep else [])
 
 
+def max_positions(model) -> int | None:
+    """The longest sequence the model takes (its config's max_position_embeddings; GPT-2's n_positions maps to it),
+    or None when the config does not say."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_positions(model, max_length: int, new_tokens: int = 0) -> None:
+    """Refuse `--max-length` (plus `--max-new-tokens` where the command generates) beyond the model's positions:
+    a learned position table is indexed out of range (an IndexError after the model was loaded), and rotary models
+    were never trained that far."""
+    limit = max_positions(model)
+    if limit is None:
+        return
+    if max_length > limit:
+        raise SlimtuneError(f"--max-length {max_length}: over the model's {limit:,} positions "
+                            "(config max_position_embeddings); lower it")
+    if new_tokens >= limit:
+        raise SlimtuneError(f"--max-new-tokens {new_tokens}: the model takes at most {limit:,} positions, prompt "
+                            "included; lower it")
+
+
+def prompt_room(model, settings_max_length: int, new_tokens: int) -> int:
+    """Prompt tokens kept for generation: --max-length, and no more than leave room for the new tokens within the
+    model's positions (the prompt is cut from the left, as at --max-length)."""
+    limit = max_positions(model)
+    return settings_max_length if limit is None else max(1, min(settings_max_length, limit - new_tokens))
+
+
 def pad_id(tokenizer) -> int:
     """The id prompts are padded with: the tokenizer's pad token, else its EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -203,7 +234,7 @@ def load_local(path: str, dtype: torch.dtype):
         model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True,
                                                            output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise SlimtuneError(f"model {path}: could not load a causal LM checkpoint: {_first_line(exc)}") from None
+        raise SlimtuneError(f"model {path}: could not load a causal LM checkpoint: {first_line(exc)}") from None
     unfit = [*info.get("missing_keys", ()), *(k[0] if isinstance(k, tuple) else k
                                               for k in info.get("mismatched_keys", ()))]
     if unfit:  # transformers would initialise them at random: another model, loaded without a word
@@ -219,10 +250,10 @@ def saved_tokenizer(directory) -> PreTrainedTokenizerFast:
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exceptions for a malformed tokenizer.json
-        raise SlimtuneError(f"{directory}: could not load the tokenizer saved there ({_first_line(exc)})") from None
+        raise SlimtuneError(f"{directory}: could not load the tokenizer saved there ({first_line(exc)})") from None
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 

@@ -213,7 +213,8 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
     """A run's adapter/ as `read_adapter` (slimtune eval, generate, merge, export) reads it back: the weights
     (`save_peft`), the tokenizer the run used (tiny models fit their vocabulary to the run's texts, so another file's
     texts would build another base) and `meta` (ADAPTER_META, `adapter_meta`: the base, its dtype and quantization).
-    Written through a temporary directory and swapped in, so a crash never leaves a half-written adapter. Every
+    Written through a temporary directory and swapped in, so a crash never leaves a half-written adapter; files
+    already there that are not an adapter's are carried over (nothing of the user's is lost). Every
     producer of a trained model writes it here: train, federate, and the Hugging Face trainer's save_model, whose
     directory may hold other files (`keep_others`: the new files are moved in one by one; of the files there, only
     those of an adapter of another kind are removed, `drop_stale_adapter`)."""
@@ -235,6 +236,11 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
             for path in tmp.iterdir():
                 os.replace(path, final / path.name)
             return
+        if final.is_dir():  # files that are not an adapter's (a .gguf exported there, the user's notes) go along
+            written = {path.name for path in tmp.iterdir()}
+            for path in list(final.iterdir()):
+                if path.name not in written and path.name not in ADAPTER_KIND_FILES:
+                    os.replace(path, tmp / path.name)
         if final.exists():
             os.replace(final, old)
         try:

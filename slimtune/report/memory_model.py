@@ -236,13 +236,29 @@ def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: s
     budget = budget_mb(device)
     rows = []
     for method in PLAN_PEFT if base_quant is None else ("lora",):
+        refused = peft_refusal(model, method, r)
         for optimizer in PLAN_OPTIMIZERS:
             peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, dtype=dtype,
                                              base_quant=base_quant, fo_layers=fo_layers)
             rows.append({"optimizer": optimizer, "peft": method, "trainable_params": trainable, "peak_mb": peak,
-                         "fits": peak <= budget, "budget_mb": budget, "dtype": dtype, "base_quant": base_quant,
+                         "fits": peak <= budget and refused is None, "budget_mb": budget, "dtype": dtype,
+                         "base_quant": base_quant, **({"refused": refused} if refused else {}),
                          **({"fo_layers": fo_layers} if optimizer in HYBRIDS else {})})
     return rows
+
+
+def peft_refusal(model, method: str, r: int) -> str | None:
+    """Why `slimtune train` would refuse this PEFT method at rank r on this model (registry.check_rank_fits: PiSSA's r
+    singular vectors per layer), or None: the planner never says a run fits that train refuses."""
+    from slimtune import SlimtuneError
+    from slimtune.peft import PeftSettings
+    from slimtune.peft.registry import check_rank_fits
+
+    try:
+        check_rank_fits(model, PeftSettings(method, r=r))
+    except SlimtuneError as exc:
+        return str(exc)
+    return None
 
 
 # Methods in the order of the quality they are expected to reach (best first): backprop before forward-only
@@ -297,12 +313,18 @@ def model_for_planning(name_or_path: str):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from slimtune import SlimtuneError
+        from slimtune.models.loading import first_line
         try:
             config = AutoConfig.from_pretrained(str(config_file))
-        except (OSError, ValueError) as exc:
-            raise SlimtuneError(f"--model {name_or_path}: not a transformers config ({exc})") from None
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+        except Exception as exc:  # unreadable, unknown model_type, or refused by transformers' validators
+            raise SlimtuneError(f"--model {name_or_path}: not a usable transformers config ({first_line(exc)})") \
+                from None
+        try:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config)
+        except Exception as exc:  # an encoder-decoder's config (T5), or sizes transformers refuses
+            raise SlimtuneError(f"--model {name_or_path}: its config cannot be built as a causal LM "
+                                f"({first_line(exc)})") from None
     from slimtune.models import load_model_and_tokenizer
     return load_model_and_tokenizer(name_or_path, texts=["plan"])[0]
 

@@ -44,14 +44,20 @@ def load_runs(directories: list[str]) -> list[RunData]:
         if not path.exists():
             raise SlimtuneError(f"{d}: no summary.json (not a finished slimtune run)")
         try:
-            summary = json.loads(path.read_text())
+            summary = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise SlimtuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except UnicodeDecodeError:
+            raise SlimtuneError(f"{path}: not UTF-8 text (damaged?)") from None
         if not isinstance(summary, dict):
             raise SlimtuneError(f"{path}: not a slimtune summary (expected a JSON object)")
         name = summary.get("name") or Path(d).name
         from slimtune.train.run_dir import read_status
-        state = read_status(d).get("state")
+        status = read_status(d)
+        if status.get("damaged"):
+            raise SlimtuneError(f"{Path(d) / 'status.json'}: damaged (not a JSON object): whether the run finished is "
+                                "unknown")
+        state = status.get("state")
         if state not in (None, "completed"):  # e.g. a resumed run that failed: its summary is the earlier one
             name = f"{name} ({state}; summary of an earlier completion)"
         _check_summary(path, summary)
@@ -119,6 +125,7 @@ TERMINAL_HEADERS = {"trainable params": "trainable", "peak memory (MB)": "peak M
 def print_summary(summaries: list[dict], console) -> None:
     """The runs as a terminal table: short headers, and no column that is empty for every run (fits 100 columns)."""
     from rich.table import Table
+    from rich.markup import escape
 
     rows = table_rows([{"name": s.get("name", s.get("method")), **s} for s in summaries])
     keep = _kept_columns(rows)
@@ -129,7 +136,7 @@ def print_summary(summaries: list[dict], console) -> None:
         header = COLUMNS[i][0]
         table.add_column(TERMINAL_HEADERS.get(header, header), justify="left" if i < 3 else "right")
     for row in rows:
-        table.add_row(*(row[i] for i in keep))
+        table.add_row(*(escape(row[i]) for i in keep))  # names and fields as they are, not markup
     console.print(table)
 
 

@@ -107,7 +107,9 @@ class MergeSettings(Settings):
         check_model(self.model)
         check_adapter_and_model(self.adapter, self.model, self.given("model"), "ADAPTER")
         from slimtune.peft.registry import check_mergeable
+        from slimtune.train.run_dir import check_finished_run
         check_mergeable(self.adapter, "ADAPTER")
+        check_finished_run(self.adapter, "ADAPTER")
         check_new_directory(self.out, "--out")
 
 
@@ -130,7 +132,9 @@ class ExportSettings(Settings):
         check_model(self.model)
         check_adapter_and_model(self.adapter, self.model, self.given("model"), "ADAPTER")
         from slimtune.peft.registry import check_mergeable
+        from slimtune.train.run_dir import check_finished_run
         check_mergeable(self.adapter, "ADAPTER")
+        check_finished_run(self.adapter, "ADAPTER")
         check_output_file(self.out, "--out")
         if Path(self.out).suffix.lower() != ".gguf":
             raise SlimtuneError(f"--out {self.out}: name the file .gguf")

@@ -79,14 +79,57 @@ class RunDirectory:
         return target
 
 
+def lock_held(path: str | Path) -> bool:
+    """Whether a process holds the run directory's lock now (it is training into it)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(path) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock taken for the test
+
+
+def check_finished_run(adapter: str | Path, flag: str) -> None:
+    """An adapter that outlives its run (export's .gguf, merge's checkpoint) is taken only from a run that completed:
+    adapter/ is replaced at each better evaluation while the run trains, and after a failure it holds an earlier
+    evaluation's model. An adapter directory outside a run (no status.json beside it) is taken as it is."""
+    run = Path(adapter).parent
+    if not (run / STATUS_FILE).exists():
+        return
+    status = read_status(run)
+    keep = f"copy {adapter} elsewhere to use it as it is"
+    if status.get("damaged"):
+        raise SlimtuneError(f"{flag} {adapter}: {run / STATUS_FILE} is damaged, so whether its run finished is "
+                            f"unknown; {keep}")
+    state, step = status.get("state"), status.get("step")
+    if state == "running" and lock_held(run):
+        raise SlimtuneError(f"{flag} {adapter}: its run is still training (running, {STATUS_FILE}) and replaces "
+                            f"adapter/ at each better evaluation: wait for it to finish, or {keep}")
+    if state in UNFINISHED:
+        ended = "stopped without finishing" if state == "running" else state
+        raise SlimtuneError(f"{flag} {adapter}: its run {ended}{f' at step {step}' if step else ''} ({STATUS_FILE}), "
+                            f"so adapter/ holds an earlier evaluation's model: resume the run (slimtune train "
+                            f"--resume), or {keep}")
+
+
 def read_status(path: str | Path) -> dict:
     file = Path(path) / STATUS_FILE
     if not file.exists():
         return {}
     try:
-        return json.loads(file.read_text())
+        status = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError):
+        status = None
+    if not isinstance(status, dict):  # unreadable, or valid JSON that is not an object (null, [])
         return {"state": "unknown", "damaged": True}  # a private run's ledger was there: callers must not assume none
+    return status
 
 
 def check_output_dir(path: Path, flag: str) -> None:

@@ -30,6 +30,7 @@ import torch
 from slimtune import SlimtuneError, distributed
 from slimtune.data import EpochSampler, PoissonSampler, k_shot
 from slimtune.data.readers import EVAL_IS_TRAINING, same_source
+from slimtune.models.loading import check_positions
 from slimtune.optim import HYBRID_OPTIMIZERS, PRIVATE_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 from slimtune.optim.defaults import resolve as resolve_defaults
@@ -218,6 +219,7 @@ def _load(config: TrainConfig) -> tuple:
     train_examples = k_shot(train_examples, config.k_shot, config.seed, classes)
     if config.eval_max and len(eval_examples) > config.eval_max:  # exactly eval_max, balanced over the classes
         eval_examples = k_shot(eval_examples, -(-config.eval_max // classes), config.seed, classes)[:config.eval_max]
+    check_positions(model, config.max_length)
     check_data(config, objective, train_examples, eval_examples)
     if not config.force:
         check_memory(config, model, tokenizer, None if private_run else objective.texts(train_examples))
