@@ -2,15 +2,20 @@
 
 A round's accepted replies become deltas Delta_k: a LoRA reply is its decoded upload; a zo-seeds reply is its
 (seed, scalar) pairs replayed onto zero, Delta_k = -lr sum_s g_{k,s} z_s, after each scalar is clipped to
-|g| <= c * median|g| (the median over this round's scalars and those of the last W - 1 rounds). Then:
+|g| <= c * the lower median over nodes of m_j, m_j = the smallest of node j's per-reply lower medians |g| in this
+round and the last W - 1 rounds (the same one-entry-per-node window as the norm bound below). Then:
 
     weights     w_k = 1/K ("equal", the default), or w_k proportional to min(n_k, median_j n_j) ("examples"): a
                 claimed example count never buys more weight than the round's median claim;
-    norm bound  B_t = c * median_j ||Delta_j||, the median over this round's replies and those of the last W - 1
-                rounds (c = `norm_bound`, default 1); every Delta_k is scaled to norm <= B_t. One reply then moves
-                the weighted mean by at most w_k B_t however large it was sent, and while fewer than half of the
-                replies are hostile, B_t is set by honest ones. The window W keeps a lone reply (everyone else
-                dropped out) from setting its own bound. Under client-level DP the bound is the fixed clip S instead
+    norm bound  B_t = c * lower median over nodes of m_j, m_j = the smallest norm ||Delta_j|| node j sent in this
+                round and the last W - 1 rounds (c = `norm_bound`, default 1; the node as the transport names it,
+                Flower's src_node_id); every Delta_k is scaled to norm <= B_t. One reply then moves the weighted mean
+                by at most w_k B_t however large it was sent, and while fewer than half of the nodes in the window are
+                hostile, B_t is set by honest ones. One entry per node: a node that replies alone in consecutive
+                rounds (the others dropped out, or --clients-per-round 1) meets its own earlier, smaller norm and
+                cannot raise its own bound; only a node that is the window's only node (alone for W rounds in a row)
+                sets it. Norms are kept as sent, so the bound follows honest updates up as well as down (one tiny
+                reply does not freeze the model). Under client-level DP the bound is the fixed clip S instead
                 (the accounting needs a bound that does not depend on other clients' data);
     aggregate   sum_k w_k Delta_k (--robust none; auto's choice for zo-seeds and client-level DP); or the
                 coordinate-wise median of the Delta_k (--robust median); or (--robust direction, auto's choice for
@@ -61,30 +66,41 @@ def clip_update(delta: dict[str, torch.Tensor], max_norm: float) -> dict[str, to
 
 
 class InfluenceBound:
-    """Per-round bounds from the replies themselves: B_t for update norms, and the zo-seeds scalar clip."""
+    """Per-round bounds from the replies themselves: B_t for update norms, and the zo-seeds scalar clip. Each keeps,
+    for the window's rounds, one value per node (the node as the transport names it)."""
 
     def __init__(self, multiple: float, window: int = WINDOW):
         self.multiple = multiple
-        self.norms: deque[list[float]] = deque(maxlen=window)
-        self.scalars: deque[list[float]] = deque(maxlen=window)
+        self.norms: deque[dict] = deque(maxlen=window)
+        self.scalars: deque[dict] = deque(maxlen=window)
 
     @staticmethod
-    def _cap(history: deque, current: list[float], multiple: float) -> float:
-        """c x the lower median of the window's values and this round's. A value enters the window no larger than
-        that median: a reply repeated in later rounds (alone, or with the others late) meets its own earlier value
-        at most at the bound it was clipped to, so it never raises the bound (stored as sent, two lone rounds of
-        norm 999 set the third round's bound to 999)."""
-        median = lower_median([v for round_values in history for v in round_values] + current)
-        history.append([min(v, median) for v in current])
-        return multiple * median
+    def _cap(history: deque, values: list[float | None], nodes: list, multiple: float) -> float:
+        """c x the lower median over nodes of each node's smallest value in the window (this round's and the last
+        W - 1 rounds'). Values are stored as sent, so the bound rises with honest replies as it falls; a node counts
+        once however many replies or rounds it sends, so a node alone in consecutive rounds meets its own smaller
+        earlier value and cannot raise its own bound. A None value (a zo-seeds reply with no pair) adds nothing."""
+        if len(values) != len(nodes):
+            raise ValueError(f"{len(values)} values for {len(nodes)} nodes")
+        current: dict = {}
+        for node, value in zip(nodes, values):
+            if value is not None:
+                current[node] = min(value, current.get(node, value))
+        history.append(current)
+        smallest: dict = {}
+        for round_values in history:
+            for node, value in round_values.items():
+                smallest[node] = min(value, smallest.get(node, value))
+        return multiple * lower_median(list(smallest.values()))
 
-    def scalar_cap(self, grads: list[torch.Tensor]) -> float:
-        """c * median |g| over this round's scalars and the window's (zo-seeds)."""
-        return self._cap(self.scalars, [abs(float(g)) for gs in grads for g in gs], self.multiple)
+    def scalar_cap(self, grads: list, nodes: list) -> float:
+        """c x the lower median over nodes of their smallest per-reply lower median |g| in the window (zo-seeds)."""
+        per_reply = [lower_median([abs(float(g)) for g in gs]) if len(gs) else None for gs in grads]
+        return self._cap(self.scalars, per_reply, nodes, self.multiple)
 
-    def bound_deltas(self, deltas: list[dict]) -> tuple[list[dict], float]:
-        """Every delta clipped to B_t; returns (clipped deltas, B_t)."""
-        cap = self._cap(self.norms, [update_norm(d) for d in deltas], self.multiple)
+    def bound_deltas(self, deltas: list[dict], nodes: list) -> tuple[list[dict], float]:
+        """Every delta clipped to B_t; returns (clipped deltas, B_t). nodes[k]: the node delta k came from."""
+        cap = self._cap(self.norms, [update_norm(d) for d in deltas], nodes, self.multiple)
         return [clip_update(d, cap) for d in deltas], cap
 
 

@@ -10,19 +10,20 @@ What a client releases per round: its update (a delta, or (seed, scalar) pairs) 
     failing step is reported without its details. Nor does anything about its rows: Flower sends an exception's text
     to the server (which logs it), so any failure of a private client's round, its own data file's bad row included,
     reaches the server as one fixed line; the details go to the node's own stderr (its operator's bad input).
+A deployment node records each private round in its ledger (local_privacy.NodeLedger, on its own disk, beside its data)
+before the round's first step; its budget and the epsilon it prints compose what the ledger holds.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from slimtune import SlimtuneError
@@ -31,12 +32,11 @@ from slimtune.federated.local_steps import release_hooks, run_steps
 from slimtune.federated.model import build_model, load_lora_state, lora_state, uploaded
 from slimtune.federated.partition import dirichlet_partition
 from slimtune.federated.wire import decode_state, encode_state
-from slimtune.federated.local_privacy import is_private
+from slimtune.federated.local_privacy import LEDGER_KEY, NodeLedger, account_delta, is_private, ledger_path
 from slimtune.optim import ZO_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
 
 app = ClientApp()
-STATE = "slimtune"  # this node's record in Context.state: private steps taken so far in the run
 
 
 @lru_cache(maxsize=2)
@@ -52,14 +52,20 @@ def _setup(cfg_json: str, num_partitions: int | None = None):
 
 
 def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int,
-                own_data: bool = False, num_partitions: int | None = None, steps_before: int = 0) -> tuple[dict, dict]:
+                own_data: bool = False, num_partitions: int | None = None, steps_before: int = 0,
+                ledger: NodeLedger | None = None, delta: float | None = None) -> tuple[dict, dict]:
     """One client's round: returns (arrays to upload, metrics to release). own_data: cfg.data is this node's own
-    file; steps_before: private steps this client took in earlier rounds (for its local epsilon). A private
-    client's failure is sent without its text (`_kept_on_node`)."""
+    file; ledger: the node's locked ledger, where a private round is recorded before its first step (its earlier
+    rounds, each at its own settings, go into the epsilon it prints); steps_before: earlier private steps at this
+    round's settings, for a caller without a ledger; delta: the node's account delta (local_privacy.account_delta).
+    A private client's failure is sent without its text (`_kept_on_node`)."""
+    delta = account_delta(cfg) if delta is None else delta
     if not is_private(cfg):
-        return _local_round(cfg, partition_id, payload, server_round, own_data, num_partitions, steps_before)
+        return _local_round(cfg, partition_id, payload, server_round, own_data, num_partitions, steps_before,
+                            ledger, delta)
     with _kept_on_node():
-        return _local_round(cfg, partition_id, payload, server_round, own_data, num_partitions, steps_before)
+        return _local_round(cfg, partition_id, payload, server_round, own_data, num_partitions, steps_before,
+                            ledger, delta)
 
 
 @contextmanager
@@ -77,7 +83,8 @@ def _kept_on_node():
 
 
 def _local_round(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int, own_data: bool,
-                 num_partitions: int | None, steps_before: int) -> tuple[dict, dict]:
+                 num_partitions: int | None, steps_before: int, ledger: NodeLedger | None,
+                 delta: float) -> tuple[dict, dict]:
     if cfg.lr is None:  # a config that did not come from the server (which sends it resolved): the lr it would send
         cfg = replace(cfg, lr=cfg.resolved().lr)
     model, tok, train, parts, objective = _setup(cfg.to_json(), None if own_data else
@@ -94,7 +101,9 @@ def _local_round(cfg: FederatedConfig, partition_id: int, payload: dict, server_
         # (review 10: 3x closer to theta). Fresh each round: known to this client, and in zo-seeds to the server,
         # which replays what it is sent.
         seed = secrets.randbits(63)
-    private = None
+    private, spent = None, []
+    if is_private(cfg) and ledger is not None:  # recorded before the first step: a round that fails still counts
+        spent = ledger.record(cfg, len(examples), delta)
     if is_private(cfg):  # noise and Poisson batches from a fresh in-memory key, never the public seed
         from slimtune.privacy.accountant import PrivacySpec
         private = (PrivacySpec(noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip), cfg.local_dp_noise,
@@ -111,11 +120,13 @@ def _local_round(cfg: FederatedConfig, partition_id: int, payload: dict, server_
         metrics = {}  # nothing but the update (federated/local_privacy.py)
         if own_data:  # a deployment node: its operator holds the rows; the server hears nothing of this
             from slimtune.federated.local_privacy import node_epsilon
-            epsilon = node_epsilon(cfg, len(examples), steps_before + cfg.local_steps)
-            # the count lives in the node's Flower state: a node restarted mid-run counts from its restart
+            # its earlier rounds (the ledger's, each at its own noise, batch and steps), then this one
+            epsilon = node_epsilon(cfg, len(examples), steps_before + cfg.local_steps, spent, delta)
+            steps = sum(int(s["steps"]) for s in spent) + steps_before + cfg.local_steps
+            where = (f"in the {len(spent) + 1} private rounds of its ledger {ledger.path}" if ledger is not None
+                     else "in this call (no ledger: its earlier rounds are not counted)")
             print(f"slimtune client (this node only, not sent): example-level epsilon {epsilon:.4g} at delta "
-                  f"{cfg.local_dp_delta:g} after {steps_before + cfg.local_steps} private steps since this node "
-                  "started (add the steps of any earlier start on the same data)", file=sys.stderr, flush=True)
+                  f"{delta:g} after {steps} private steps on its data, {where}", file=sys.stderr, flush=True)
     else:
         metrics = {"num-examples": len(examples), "train-loss": float(np.nanmean(losses))}
     if cfg.mode == "zo-seeds":
@@ -136,7 +147,7 @@ def _run_private_steps(cfg, model, objective, optimizer, examples, seed):
         return run_steps(cfg, model, objective, optimizer, examples, seed, True)
 
 
-NODE_KEYS = ("data-path", "partition-id", "num-partitions")  # where this node's rows are
+NODE_KEYS = ("data-path", "partition-id", "num-partitions", LEDGER_KEY)  # its rows, and its ledger
 # A node's own privacy floor (--node-config 'local-optimizer="dp-adamw" local-dp-noise=2.0'): key -> (setting, whether
 # the server's value meets the node's). The server's config decides how clients train; a node that pins one of these
 # refuses a round that asks for less, instead of training as told (its settings were silently ignored).
@@ -151,43 +162,52 @@ NODE_FLOOR = {
 NODE_BUDGET = "local-dp-epsilon"  # the most epsilon this node spends: the server sets q (batch) and T (steps, rounds)
 
 
-def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] = ()) -> None:
+def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None = ()) -> None:
     """One line for a node setting this client does not know, or a round that asks for less privacy than the node
     pinned (names the key and both values: settings, not data). `local-dp-epsilon`: a round that would take the node
     past that epsilon, bounded without its row count (q = B / local-dp-min-examples, or 1: whether a node refuses
-    must not tell the server how many rows it holds): `spent`, the private rounds it trained since it started (each
-    at its own noise and batch, local_privacy.bound_segment), composed with this one."""
+    must not tell the server how many rows it holds): `spent`, the private rounds it trained on this data (each at
+    its own noise and batch, local_privacy.bound_segment, from its ledger), composed with this one at
+    local_privacy.account_delta (never at the server's delta alone). spent None: the settings only (the budget is
+    then checked by the caller, under the ledger's lock)."""
     for key, value in node.items():
         if key in NODE_KEYS:
             continue
         if key not in NODE_FLOOR and key != NODE_BUDGET:
             known = ", ".join((*NODE_KEYS, *NODE_FLOOR, NODE_BUDGET))
             raise SlimtuneError(f"--node-config {key}: not a node setting (known: {known})")
-        name, meets = NODE_FLOOR.get(key, ("", None))
         wanted = str if key == "local-optimizer" else (int, float)
         if not isinstance(value, wanted) or isinstance(value, bool):
             raise SlimtuneError(f"--node-config {key}={value!r}: expected "
                                 f"{'an optimizer name' if wanted is str else 'a number'}")
+    for key, value in node.items():
+        if key in NODE_KEYS:
+            continue
         if key != "local-optimizer" and not is_private(cfg):  # a DP floor is met by no non-private round
             raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for a round without local DP "
                                 f"(local-optimizer {cfg.local_optimizer}, mode {cfg.mode}); this node trains only at "
                                 "its own privacy floor (round refused)")
         if key == NODE_BUDGET:
-            _check_budget(cfg, float(value), list(spent))
-        elif not meets(getattr(cfg, name), value):
+            if not value > 0:
+                raise SlimtuneError(f"--node-config {NODE_BUDGET}={value!r}: must be > 0")
+            if spent is not None:
+                _check_budget(cfg, float(value), list(spent), account_delta(cfg, node))
+            continue
+        name, meets = NODE_FLOOR[key]
+        if not meets(getattr(cfg, name), value):
             raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for {key} {getattr(cfg, name)!r}; "
                                 "this node trains only at its own privacy floor (round refused)")
 
 
-def _check_budget(cfg: FederatedConfig, budget: float, spent: list[dict]) -> None:
+def _check_budget(cfg: FederatedConfig, budget: float, spent: list[dict], delta: float) -> None:
     from slimtune.federated.local_privacy import bound_segment, composed_epsilon
     if not budget > 0:
         raise SlimtuneError(f"--node-config {NODE_BUDGET}={budget!r}: must be > 0")
-    epsilon = composed_epsilon(cfg, [*spent, bound_segment(cfg)])
+    epsilon = composed_epsilon(cfg, [*spent, bound_segment(cfg)], delta)
     if epsilon > budget:
         steps = sum(int(d["steps"]) for d in spent) + cfg.local_steps
         raise SlimtuneError(f"--node-config {NODE_BUDGET}={budget:g}: this round would bring this node to epsilon "
-                            f"{epsilon:.3g} at delta {cfg.local_dp_delta:g} after {steps} private steps (bounded at "
+                            f"{epsilon:.3g} at delta {delta:g} after {steps} private steps on its data (bounded at "
                             f"batch {cfg.batch_size}, local-dp-min-examples {cfg.local_dp_min_examples}); round "
                             "refused")
 
@@ -198,26 +218,30 @@ def train(msg: Message, context: Context) -> Message:
     cfg = FederatedConfig.from_json(str(config["slimtune-config"]))
     cfg.validate()  # a received config through the same rules as every other path
     payload = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    node = context.node_config
-    state = context.state.config_records.setdefault(STATE, ConfigRecord({"private-steps": 0, "private-rounds": "[]"}))
-    steps_before = int(state["private-steps"])
-    spent = json.loads(str(state.get("private-rounds", "[]")))  # each private round at its own noise and batch
-    check_node_floor(cfg, dict(node), spent)
-    own = node.get("data-path")  # deployment: each SuperNode reads only its own data (--node-config data-path=...)
-    if own:
-        cfg = replace(cfg, data=str(own))
-    elif "partition-id" not in node:
-        raise ValueError("this SuperNode has neither --node-config data-path=... (its own data) nor partition-id / "
-                         "num-partitions (its share of a shared file)")
-    # a node's own seeds: its partition id, or (a deployment node started without one) its Flower node id
-    identity = int(node.get("partition-id", context.node_id))
-    arrays, metrics = local_train(cfg, identity, payload, int(config["server-round"]), own_data=bool(own),
-                                  num_partitions=int(node["num-partitions"]) if "num-partitions" in node else None,
-                                  steps_before=steps_before)
-    if is_private(cfg):
-        from slimtune.federated.local_privacy import bound_segment
-        state["private-steps"] = steps_before + cfg.local_steps
-        state["private-rounds"] = json.dumps([*spent, bound_segment(cfg)])
+    node = dict(context.node_config)
+    check_node_floor(cfg, node, None)  # the settings; the budget below, under the ledger's lock
+    private = is_private(cfg)
+    where = ledger_path(node) if private else None  # a non-private round spends nothing
+    if private and NODE_BUDGET in node and where is None:
+        raise SlimtuneError(f"--node-config {NODE_BUDGET}={node[NODE_BUDGET]!r}: a budget needs this node's ledger of "
+                            f"what it spent: give it data-path=... (the ledger goes beside it) or {LEDGER_KEY}=PATH "
+                            "(round refused)")
+    # what this node spent on its data: on its own disk, not in Flower's per-run state (fresh for each run, and a
+    # snapshot per ClientApp process); locked from the budget check until this round is recorded
+    with NodeLedger(where) if private and where is not None else nullcontext() as ledger:
+        if ledger is not None and NODE_BUDGET in node:
+            _check_budget(cfg, float(node[NODE_BUDGET]), ledger.bound_segments(), account_delta(cfg, node))
+        own = node.get("data-path")  # deployment: each SuperNode reads only its own data (--node-config data-path=)
+        if own:
+            cfg = replace(cfg, data=str(own))
+        elif "partition-id" not in node:
+            raise ValueError("this SuperNode has neither --node-config data-path=... (its own data) nor partition-id "
+                             "/ num-partitions (its share of a shared file)")
+        # a node's own seeds: its partition id, or (a deployment node started without one) its Flower node id
+        identity = int(node.get("partition-id", context.node_id))
+        arrays, metrics = local_train(cfg, identity, payload, int(config["server-round"]), own_data=bool(own),
+                                      num_partitions=int(node["num-partitions"]) if "num-partitions" in node else None,
+                                      ledger=ledger, delta=account_delta(cfg, node))
     content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

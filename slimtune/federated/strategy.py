@@ -105,7 +105,7 @@ class FedLPP(FedAvg):
             size = wire_bytes(msg)  # on the wire whether or not it is accepted
             bytes_up += size
             try:
-                accepted.append({**parse_reply(msg.content, self.cfg, self.shapes), "wire_bytes": size})
+                accepted.append({**parse_reply(msg.content, self.cfg, self.shapes), "wire_bytes": size, "node": node})
             except Exception as exc:  # noqa: BLE001 - whatever a reply holds, it can only be rejected
                 log.warning("round %d: rejected reply from client %s: %s", server_round, node,
                             exc if isinstance(exc, ValueError) else f"malformed ({type(exc).__name__})")
@@ -135,7 +135,7 @@ class FedLPP(FedAvg):
         """Each accepted reply as a delta; zo-seeds scalars are clipped per seed (bounds.py) before the replay."""
         if self.cfg.mode != "zo-seeds":
             return [a["delta"] for a in accepted]
-        cap = self.bound.scalar_cap([a["grads"] for a in accepted])
+        cap = self.bound.scalar_cap([a["grads"] for a in accepted], [a["node"] for a in accepted])
         return [self.replay(a["seeds"], np.clip(a["grads"], -cap, cap)) for a in accepted]
 
     def apply_updates(self, accepted: list[dict], info: dict | None = None,
@@ -147,7 +147,7 @@ class FedLPP(FedAvg):
             from slimtune.federated.bounds import clip_update
             deltas, cap = [clip_update(d, self.cfg.client_dp_clip) for d in deltas], self.cfg.client_dp_clip
         else:
-            deltas, cap = self.bound.bound_deltas(deltas)
+            deltas, cap = self.bound.bound_deltas(deltas, [a["node"] for a in accepted])  # one window entry per node
         weights = client_weights([a["claimed"] for a in accepted], self.cfg.weighting)
         update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info, reference)
         if info is not None:

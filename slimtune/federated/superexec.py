@@ -8,7 +8,10 @@ authenticates the app to the runtime API for as long as the app runs: whoever ho
 
 Flower's apps also accept `--token-file`. `TokenFileExecutor` starts them exactly as Flower does, but writes the
 token to a file only the owner can read (mode 0600, inside a fresh directory of mode 0700) and passes its path; the
-directory is removed when the app exits. `python -m slimtune.federated.superexec` is `flower-superexec` (same
+directory is removed when the app exits, or when the SuperExec stops first (`close`, which Flower's signal handlers and
+its main loop's exit call), whichever comes first. A token that cannot be written (a full or unwritable temporary
+directory) or an app that cannot be started fails that one launch (`LaunchResult.failed`: Flower logs it and the task
+expires), never the SuperExec's loop. `python -m slimtune.federated.superexec` is `flower-superexec` (same
 arguments) with this executor in place of Flower's subprocess executor; the deployment script puts it first on the
 SuperLink's and SuperNodes' PATH under Flower's name (`shim`), so Flower starts it where it would start its own.
 """
@@ -55,24 +58,52 @@ def app_command(spec: ExecutionSpec, token_file: Path) -> list[str]:
     return args
 
 
-def _remove_when_done(proc: subprocess.Popen, folder: Path) -> None:
+def _remove_when_done(proc: subprocess.Popen, folder: Path, done=None) -> None:
     proc.wait()
     shutil.rmtree(folder, ignore_errors=True)
+    if done is not None:
+        done(folder)
 
 
 class TokenFileExecutor(SubprocessExecutor):
     """Flower's subprocess executor, passing each app its token through a private file."""
 
+    def __init__(self) -> None:
+        self._folders: set[Path] = set()  # the token folders of the apps still running
+        self._lock = threading.Lock()
+
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
-        token_file = write_token(spec.token)
+        try:
+            token_file = write_token(spec.token)
+        except OSError as exc:  # a full or unwritable temporary directory: this launch fails, not the SuperExec
+            return LaunchResult.failed(f"could not write the app's token file: {exc}")
         output = subprocess.DEVNULL if spec.suppress_output else None
         try:
             proc = subprocess.Popen(app_command(spec, token_file), stdout=output, stderr=output)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(token_file.parent, ignore_errors=True)
+            if isinstance(exc, OSError):
+                return LaunchResult.failed(f"could not start {TASK_TYPE_TO_COMMAND[spec.task_type]}: {exc}")
             raise
-        threading.Thread(target=_remove_when_done, args=(proc, token_file.parent), daemon=True).start()
+        with self._lock:
+            self._folders.add(token_file.parent)
+        threading.Thread(target=_remove_when_done, args=(proc, token_file.parent, self._forget),
+                         daemon=True).start()
         return LaunchResult.accepted()
+
+    def _forget(self, folder: Path) -> None:
+        with self._lock:
+            self._folders.discard(folder)
+
+    def close(self) -> None:
+        """The SuperExec stops (a signal, its parent gone, its loop's end): remove the tokens of the apps it started
+        that still run (the threads that would remove them die with this process). An app reads its token when it
+        starts, so a running app keeps its connection."""
+        with self._lock:
+            folders, self._folders = list(self._folders), set()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        super().close()
 
 
 def use_token_files() -> None:
