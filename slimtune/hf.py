@@ -225,8 +225,11 @@ class ZOTrainerMixin:
         if getattr(self, "compute_loss_func", None) is not None:
             raise SlimtuneError(f"ZOTrainer: compute_loss_func: a private step clips one loss per example, from "
                                 f"per_example_losses, and would not call it: {override}")
+        if "compute_loss" in vars(self):  # set on the trainer object itself
+            raise SlimtuneError(f"ZOTrainer: compute_loss set on the trainer: a private step clips one loss per "
+                                f"example, from per_example_losses, and would not call it: {override}")
         owner = next(c for c in type(self).__mro__ if "compute_loss" in vars(c))
-        if issubclass(owner, ZOTrainerMixin):  # the user's subclass (TRL's and transformers' own are below the mixin)
+        if owner.__module__.split(".")[0] not in ("transformers", "trl"):  # the user's class, wherever in the bases
             raise SlimtuneError(f"ZOTrainer: {owner.__name__}.compute_loss: a private step clips one loss per "
                                 f"example, from per_example_losses, and would not call it: {override}")
         loss_type = getattr(self.args, "loss_type", None)  # TRL: "nll" (the default) or another objective
@@ -449,6 +452,8 @@ class ZOTrainerMixin:
             super()._save_rng_state(output_dir)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.zo_args.private:
+            self._check_private_loss()  # again: a loss may have been set on the trainer after construction
         if self.zo_args.private and resume_from_checkpoint:
             raise SlimtuneError("a private ZOTrainer run cannot be resumed: its noise and batches come from a key "
                                 "that is kept in memory only; start a new run, or use `slimtune train --resume`")

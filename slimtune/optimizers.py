@@ -215,12 +215,15 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             raise SlimtuneError(f"{where}: not a slimtune optimizer state")
         if own["method"] != self.impl.name:
             raise SlimtuneError(f"{where}: the state is {own['method']!r}'s, this optimizer is {self.impl.name!r}")
-        saved, here = own.get("run") or {}, self._run_identity()  # states saved before `run` existed: unchecked
+        saved, here = own.get("run") or {}, self._run_identity()  # states saved before `run`: unchecked, unless private
         if "shapes" in saved and saved["shapes"] != here["shapes"]:
             raise SlimtuneError(f"{where}: the state was saved over parameters of other shapes ({len(saved['shapes'])} "
                                 f"tensors; this optimizer has {len(here['shapes'])}, or the same number shaped "
                                 "differently: another model, peft rank or target modules); build the optimizer over "
                                 "the model the state was saved with")
+        if "privacy" in here and "privacy" not in saved:
+            raise SlimtuneError(f"{where}: the state was saved without its privacy settings (an older slimtune, or "
+                                "a non-private optimizer), so its steps cannot be priced: start a new private run")
         if "privacy" in saved and saved["privacy"] != here.get("privacy"):
             changed = _differences(saved["privacy"], here.get("privacy") or {})
             raise SlimtuneError(f"{where}: the state was saved under other privacy settings ({changed}); its steps would be priced at this optimizer's noise and sampling rate (epsilon_spent "

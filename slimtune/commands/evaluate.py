@@ -31,7 +31,7 @@ def run_eval(s: EvalSettings):
         raw, texts = objective.load(s.data, "validation")
         dev = resolve_device(s.device)
         m, tok = load_for_inference(s.model, s.adapter, dev, texts)
-        check_positions(m, s.max_length)
+        check_positions(m, s.max_length, s.max_new_tokens if objective.kind == "generation" else 0)
         objective.bind(tok)
         examples = objective.examples(raw, tok)
         outputs = [] if s.predictions else None

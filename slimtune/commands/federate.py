@@ -3,6 +3,8 @@ deployment script: federated/config.py check_run, then federated/server_app.py r
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from slimtune import SlimtuneError
 from slimtune.settings.cli import command
 from slimtune.settings.federate import FederateSettings
@@ -25,7 +27,7 @@ def run_federate(s: FederateSettings):
         fail(exc)
     print_summary([summary], console)
     console.print(f"server accuracy (theta) {summary['final_accuracy']}, client-visible accuracy (Q(theta)) "
-                  f"{summary['client_visible_accuracy']}; run written to [bold]{cfg.out_dir}[/]")
+                  f"{summary['client_visible_accuracy']}; run written to [bold]{escape(str(cfg.out_dir))}[/]")
     if summary.get("rounds_with_lost_updates"):
         console.print(f"[yellow]warning:[/] rounds {summary['rounds_with_lost_updates']} lost client updates "
                       f"(rejected, failed or later than --round-timeout {cfg.round_timeout:g} s); see the log above")

@@ -190,12 +190,14 @@ class Settings:
 INT64 = 2**63 - 1  # torch and numpy take no larger integer
 
 
-def check_value(where: str, value: Any, spec: Spec, *, empty_given: bool, leave: str = "", keyword: bool = False) \
-        -> None:
+def check_value(where: str, value: Any, spec: Spec, *, empty_given: bool, leave: str = "", keyword: bool = False,
+                as_given: Any = None) -> None:
     """The per-field rules every source of values shares (flags, config files, other settings files and the Python
     API's keywords, settings/python.py): a given empty string, the choices, the range. `keyword`: name the value as
-    a Python keyword argument (`lr=...`) instead of a flag's (`--lr ...`)."""
-    shown = f"{where}={value!r}" if keyword else f"{where} {value!r}"
+    a Python keyword argument (`lr=...`) instead of a flag's (`--lr ...`); `as_given`: the value as the caller wrote
+    it, when `value` is its coerced form (target_modules=[] became "")."""
+    raw = value if as_given is None else as_given
+    shown = f"{where}={raw!r}" if keyword else f"{where} {raw!r}"
     if empty_given and is_empty(value):
         raise SlimtuneError(f"{shown}: empty{'' if keyword else ' (an unset variable?)'}; give a value{leave}")
     if spec.choices is not None and value not in spec.choices:

@@ -38,9 +38,9 @@ def check_keywords(owner: str, values: dict, context: dict, aliases: dict | None
         if name not in FIELDS:
             raise SlimtuneError(f"{owner}: unknown argument {keyword!r}")
         f, spec = FIELDS[name], spec_of(FIELDS[name])
-        value = coerce(f, value, owner)
+        raw, value = value, coerce(f, value, owner)
         if value is not None:  # target_modules=[] or "": not the default layers, as `--target-modules ""` is not
-            check_value(f"{owner}: {keyword}", value, spec, empty_given=True, keyword=True,
+            check_value(f"{owner}: {keyword}", value, spec, empty_given=True, keyword=True, as_given=raw,
                         leave=f", or leave {keyword} out (None) for the default")
         checked[keyword], names[keyword] = value, name
     state = SimpleNamespace(**{**DEFAULTS, **context, **{names[k]: v for k, v in checked.items()}})

@@ -25,6 +25,7 @@ from slimtune import SlimtuneError
 
 STATUS_FILE = "status.json"
 LOCK_FILE = ".lock"
+LOCK_TRIES, LOCK_WAIT_S = 20, 0.05  # a held lock is reported after ~1 s of trying
 UNFINISHED = ("failed", "interrupted", "running")
 
 
@@ -45,9 +46,14 @@ class RunDirectory:
 
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        for attempt in range(LOCK_TRIES):  # a moment's probe (lock_held: export, merge) must not refuse a start
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if attempt + 1 < LOCK_TRIES:
+                    time.sleep(LOCK_WAIT_S)
+        else:
             os.close(fd)
             owner = self.status().get("pid")
             raise SlimtuneError(f"{self.path}: another slimtune process{f' (pid {owner})' if owner else ''} is "
@@ -100,7 +106,7 @@ def check_finished_run(adapter: str | Path, flag: str) -> None:
     """An adapter that outlives its run (export's .gguf, merge's checkpoint) is taken only from a run that completed:
     adapter/ is replaced at each better evaluation while the run trains, and after a failure it holds an earlier
     evaluation's model. An adapter directory outside a run (no status.json beside it) is taken as it is."""
-    run = Path(adapter).parent
+    run = Path(adapter).resolve().parent  # `.` from inside adapter/, or a link to it: the run it belongs to
     if not (run / STATUS_FILE).exists():
         return
     status = read_status(run)

@@ -219,7 +219,8 @@ def _load(config: TrainConfig) -> tuple:
     train_examples = k_shot(train_examples, config.k_shot, config.seed, classes)
     if config.eval_max and len(eval_examples) > config.eval_max:  # exactly eval_max, balanced over the classes
         eval_examples = k_shot(eval_examples, -(-config.eval_max // classes), config.seed, classes)[:config.eval_max]
-    check_positions(model, config.max_length)
+    check_positions(model, config.max_length,
+                    config.generation.max_new_tokens if objective.kind == "generation" and config.eval_data else 0)
     check_data(config, objective, train_examples, eval_examples)
     if not config.force:
         check_memory(config, model, tokenizer, None if private_run else objective.texts(train_examples))
