@@ -181,7 +181,8 @@ def test_a_private_checkpoints_rng_state_does_not_count_the_batches_draws(tmp_pa
 
 
 # -- 7. restoring a private optimizer's state under other privacy settings -------------------------------------------
-def test_a_restored_private_optimizer_never_reports_less_than_was_spent():
+def spent_dpzero():
+    """(model, a DPZero that took its 4 steps at epsilon 50 over 72 examples)."""
     tok = tokenizer()
     model = model_for(tok, "lora").eval()
 
@@ -193,6 +194,11 @@ def test_a_restored_private_optimizer_never_reports_less_than_was_spent():
                             eps=1e-2)
     for _ in range(4):
         spent.step(losses(len(spent.sample_batch())))
+    return model, spent
+
+
+def test_a_restored_private_optimizer_never_reports_less_than_was_spent():
+    model, spent = spent_dpzero()
     assert spent.epsilon_spent > 40
     restored = slimtune.DPZero(model, dataset_size=72, batch_size=8, steps=8, epsilon=1.0, delta=1e-3, lr=1e-2,
                                eps=1e-2)

@@ -154,19 +154,9 @@ def test_a_private_state_without_its_privacy_settings_is_not_restored_under_othe
     noise it is accepted, and epsilon_spent re-prices its steps at the new noise (50 -> ~1: the under-report the check
     was added for)."""
     import slimtune
-    from test_hf import model_for, tokenizer
+    from test_privacy_review_12 import spent_dpzero
 
-    tok = tokenizer()
-    model = model_for(tok, "lora").eval()
-
-    def losses(n):
-        ids = torch.randint(3, len(tok), (n, 6), generator=torch.Generator().manual_seed(n))
-        return lambda: model(input_ids=ids).logits.float().mean(dim=(1, 2))
-
-    spent = slimtune.DPZero(model, dataset_size=72, batch_size=8, steps=4, epsilon=50.0, delta=1e-3, lr=1e-2,
-                            eps=1e-2)
-    for _ in range(4):
-        spent.step(losses(len(spent.sample_batch())))
+    model, spent = spent_dpzero()
     state = spent.state_dict()
     del state["slimtune"]["run"]["privacy"]  # as 92ca67e's PrivateOptimizer.state_dict wrote it
     restored = slimtune.DPZero(model, dataset_size=72, batch_size=8, steps=8, epsilon=1.0, delta=1e-3, lr=1e-2,
