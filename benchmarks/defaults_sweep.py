@@ -111,6 +111,15 @@ CANDIDATES.update({
                                                             "lora", "--lr", lr, "--eps", "1e-2", "--steps", "300",
                                                             "--lr-scheduler", "constant"]
                         for lr in ("3e-5", "1e-4", "3e-4")},
+    # issue 36, forward-only target: the prompt. MeZO fine-tunes from what the prompt already gets right (the MeZO
+    # paper's prompts start RoBERTa well above chance); SST-2's "{sentence} It was" terrible/great starts SmolLM2-135M
+    # at chance (0.52 on dev, 0.58 on 400 train rows), while "Review: {sentence}\nSentiment:" negative/positive
+    # scored 0.77 zero-shot on the same 400 train rows (docs/benchmarks/zo-cost.md). MeZO + LoRA's selected
+    # candidate (lr 1e-3, 600 steps, constant) with that prompt instead of the task's own.
+    "mezo+lora-prompt": {"mezo-lora-lr1e-3-review-prompt-const600": [
+        "--optimizer", "mezo", "--peft", "lora", "--lr", "1e-3", "--eps", "1e-2", "--steps", "600", "--lr-scheduler",
+        "constant", "--task", "custom", "--template", "Review: {sentence}\nSentiment:", "--label-words",
+        "0=negative,1=positive"]},
 })
 
 
