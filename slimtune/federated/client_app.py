@@ -16,6 +16,7 @@ before the round's first step; its budget and the epsilon it prints compose what
 
 from __future__ import annotations
 
+import math
 import secrets
 import sys
 from contextlib import contextmanager, nullcontext
@@ -87,8 +88,8 @@ def _local_round(cfg: FederatedConfig, partition_id: int, payload: dict, server_
                  delta: float) -> tuple[dict, dict]:
     if cfg.lr is None:  # a config that did not come from the server (which sends it resolved): the lr it would send
         cfg = replace(cfg, lr=cfg.resolved().lr)
-    model, tok, train, parts, objective = _setup(cfg.to_json(), None if own_data else
-                                                  (num_partitions or cfg.num_clients))
+    shares = cfg.num_clients if num_partitions is None else num_partitions  # a given count as given (>= 1)
+    model, tok, train, parts, objective = _setup(cfg.to_json(), None if own_data else shares)
     examples = [train[i] for i in parts[0 if own_data else partition_id]]
     shapes = {k: tuple(v.shape) for k, v in lora_state(model).items()}
     start = decode_state(payload, shapes, cfg.bits, cfg.block_size)
@@ -170,6 +171,7 @@ def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None 
     its own noise and batch, local_privacy.bound_segment, from its ledger), composed with this one at
     local_privacy.account_delta (never at the server's delta alone). spent None: the settings only (the budget is
     then checked by the caller, under the ledger's lock)."""
+    check_node_keys(cfg, node)
     for key, value in node.items():
         if key in NODE_KEYS:
             continue
@@ -180,6 +182,12 @@ def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None 
         if not isinstance(value, wanted) or isinstance(value, bool):
             raise SlimtuneError(f"--node-config {key}={value!r}: expected "
                                 f"{'an optimizer name' if wanted is str else 'a number'}")
+        # the range each value has as a flag (--local-dp-noise, --local-dp-clip > 0, --local-dp-delta in (0, 1)): a
+        # floor outside it (noise -2, delta 1e5: typos) would be met by every round and hold nothing
+        if key in ("local-dp-noise", "local-dp-clip") and not (math.isfinite(value) and value > 0):
+            raise SlimtuneError(f"--node-config {key}={value!r}: must be a finite number > 0")
+        if key == "local-dp-delta" and not 0 < value < 1:
+            raise SlimtuneError(f"--node-config {key}={value!r}: must be in (0, 1) (e.g. 1e-5)")
     for key, value in node.items():
         if key in NODE_KEYS:
             continue
@@ -197,6 +205,26 @@ def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None 
         if not meets(getattr(cfg, name), value):
             raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for {key} {getattr(cfg, name)!r}; "
                                 "this node trains only at its own privacy floor (round refused)")
+
+
+def check_node_keys(cfg: FederatedConfig, node: dict) -> None:
+    """The node's own keys, before anything reads them: partition-id a whole number >= 0 below num-partitions (a
+    whole number >= 1; without it and without data-path, the server's num-clients), data-path and dp-ledger
+    non-empty strings. Out of range, a share was another node's (-1: Python's last) or an IndexError's text went to
+    the server; num-partitions 0 became num-clients without a word."""
+    for key in ("data-path", LEDGER_KEY):
+        if key in node and (not isinstance(node[key], str) or not node[key].strip()):
+            raise SlimtuneError(f"--node-config {key}={node[key]!r}: must be a non-empty file path")
+    for key, low in (("partition-id", 0), ("num-partitions", 1)):
+        value = node.get(key)
+        if key in node and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise SlimtuneError(f"--node-config {key}={value!r}: must be a whole number >= {low}")
+    if "partition-id" in node:
+        count, named = (node["num-partitions"], "num-partitions") if "num-partitions" in node else \
+            (None if "data-path" in node else cfg.num_clients, "the server's num-clients")
+        if count is not None and not node["partition-id"] < count:
+            raise SlimtuneError(f"--node-config partition-id={node['partition-id']!r}: must be below {named} "
+                                f"({count}): partitions are numbered 0..{count - 1}")
 
 
 def _check_budget(cfg: FederatedConfig, budget: float, spent: list[dict], delta: float) -> None:

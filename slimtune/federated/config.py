@@ -228,6 +228,13 @@ class FederatedConfig:
                                 f">= 1")
         if self.attack_coalition and self.mode == "zo-seeds":
             raise SlimtuneError("--attack-coalition measures LoRA broadcasts; --mode zo-seeds is not covered")
+        if self.attack_coalition and not self.eval_data:  # run_server scores the attacks on the evaluation data
+            raise SlimtuneError(f"--attack-coalition {self.attack_coalition} scores what the coalition rebuilds on the "
+                                "evaluation data: it needs --eval-data (without it nothing would be measured)")
+        if self.mode == "zo-seeds" and self.upload_bits != FP32:
+            raise SlimtuneError(f"--upload-bits {self.upload_bits} quantizes LoRA deltas; --mode zo-seeds clients "
+                                "upload (seed, scalar) pairs, which it does not apply to: drop --upload-bits, or use "
+                                "--mode lora")
         if not 0 <= self.dither <= 2 or (self.dither and self.bits == FP32):
             raise SlimtuneError(f"--dither {self.dither:g}: must be in [0, 2] (units of the largest quantization step) "
                                 f"and needs a quantized broadcast (--bits 1..8)")
@@ -276,9 +283,10 @@ class FederatedConfig:
         Flower hands every ClientApp the same run config (Context.run_config), so a server setting found there is
         refused instead of used. The settings file lives on the server only (settings_path()); for a key it sets, it
         wins over the run config (logged when they differ)."""
-        values = {}
+        values, keys = {}, {}
         for key, value in dict(run_config).items():
             name = _field_name(key)
+            _one_key(keys, name, key, "the run config ([tool.flwr.app.config] and --run-config)")
             if name in SERVER_ONLY:
                 raise SlimtuneError(f"run config key {key!r} is a server setting: every ClientApp receives the run "
                                     f"config, so it belongs in the server's settings file ({SETTINGS_ENV} or "
@@ -301,6 +309,14 @@ CLIENT_SETTINGS = tuple(name for name in _FIELDS if name not in SERVER_ONLY)  # 
 def _field_name(key: str) -> str:
     name = key.replace("-", "_")
     return "rounds" if name == "num_server_rounds" else name
+
+
+def _one_key(keys: dict, name: str, key: str, where: str) -> None:
+    """Record that setting `name` came from `key` in `keys` ({setting: key}); one line when another key (another
+    spelling: rounds and num-server-rounds, out-dir and out_dir) already set it: which one wins would be silent."""
+    if name in keys:
+        raise SlimtuneError(f"{where}: keys {keys[name]!r} and {key!r} both set the setting {name!r}; keep one")
+    keys[name] = key
 
 
 def settings_path() -> Path | None:
@@ -328,11 +344,12 @@ def read_settings(path: Path) -> dict:
         raise SlimtuneError(f"{path}: not valid {'JSON' if is_json else 'TOML'} ({exc})") from None
     if not isinstance(raw, dict):
         raise SlimtuneError(f"{path}: expected a mapping of settings (key = value), got {type(raw).__name__}")
-    values = {}
+    values, keys = {}, {}
     for key, value in raw.items():
         name = _field_name(key)
         if name not in _FIELDS:
             raise SlimtuneError(f"{path}: key {key!r}: not a slimtune federated setting")
+        _one_key(keys, name, key, str(path))
         default = _FIELDS[name].default
         unset = {"float | None": (int, float), "str | None": (str,)}.get(_FIELDS[name].type)  # None: filled in later
         kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None else unset
@@ -342,12 +359,13 @@ def read_settings(path: Path) -> dict:
     return values
 
 
-def check_inputs(cfg: FederatedConfig) -> None:
+def check_inputs(cfg: FederatedConfig) -> list[int] | None:
     """Read the data files the server was given through the objective: a bad file stops here with its file, line
-    and field, not inside a client."""
+    and field, not inside a client. Returns the labels of --data's rows (None without --data), as the clients split
+    them (generation rows: all 0)."""
     from slimtune.federated.model import federated_objective
     objective = federated_objective(cfg)
-    keys = {}
+    keys, labels = {}, None
     for flag, path, split in (("--data", cfg.data, "train"), ("--eval-data", cfg.eval_data, "validation"),
                               ("--root-data", cfg.root_data, "train")):  # the splits the clients and server read
         if path:
@@ -356,6 +374,8 @@ def check_inputs(cfg: FederatedConfig) -> None:
             if objective.kind == "generation" and (not rows or "messages" not in rows[0][1]):
                 objective.examples(raw, None)  # an empty file is refused here; chat rows once the tokenizer is loaded
             keys[flag] = objective.row_keys(raw) if cfg.root_data else []
+            if flag == "--data":
+                labels = [e.label for e in raw] if objective.kind == "classification" else [0] * len(rows)
     if cfg.root_data:  # the server's own examples: none of the clients' and none it evaluates on (_check_trust)
         for flag in ("--data", "--eval-data"):
             theirs = set(keys.get(flag, ()))
@@ -363,6 +383,28 @@ def check_inputs(cfg: FederatedConfig) -> None:
             if shared:
                 raise SlimtuneError(f"--root-data {cfg.root_data}: {shared} of its rows also appear in {flag}; the "
                                     f"server's root data must be examples of its own (drop those rows)")
+    return labels
+
+
+def check_partition(cfg: FederatedConfig, labels: list[int] | None = None) -> None:
+    """The Dirichlet split of --data over --clients that every simulated client draws (client_app._setup: the same
+    labels, clients, alpha and seed), drawn here: a split that leaves a client without rows is one line naming
+    --clients and --alpha, before Flower starts, not an error in every client after it. `labels`: check_inputs'."""
+    from slimtune.federated.partition import dirichlet_partition
+    if labels is None:
+        labels = check_inputs(replace(cfg, eval_data="", root_data=""))
+    if labels is None:  # no --data: nothing is split
+        return
+    rows = len(labels)
+    if cfg.num_clients > rows:
+        raise SlimtuneError(f"--clients {cfg.num_clients}: more clients than --data {cfg.data} has rows ({rows}); "
+                            f"every client needs at least one: use at most {rows} clients")
+    try:
+        dirichlet_partition(labels, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)
+    except ValueError:
+        raise SlimtuneError(f"--clients {cfg.num_clients} --alpha {cfg.dirichlet_alpha:g}: the Dirichlet split of "
+                            f"--data {cfg.data} ({rows} rows) leaves a client without rows in 100 draws (seed "
+                            f"{cfg.seed}); use fewer --clients or a larger --alpha") from None
 
 
 def check_output(out_dir: str) -> None:
@@ -372,15 +414,18 @@ def check_output(out_dir: str) -> None:
                             f"output directory")
 
 
-def check_run(cfg: FederatedConfig) -> FederatedConfig:
+def check_run(cfg: FederatedConfig, dirichlet: bool = True) -> FederatedConfig:
     """Everything refused before any work, on every path (`slimtune federate`, `flwr run .`, the deployment
-    script): settings, data files, an output directory that already holds something. Returns the resolved
-    config (the server step filled in)."""
+    script): settings, data files, the clients' split of --data (`dirichlet`: the simulation's, check_partition; the
+    deployment script shards rows itself and checks its own split), an output directory that already holds
+    something. Returns the resolved config (the server step filled in)."""
     from slimtune.settings.rules import check_model
 
     cfg = cfg.resolved()
     cfg.validate()
     check_model(cfg.model)
-    check_inputs(cfg)
+    labels = check_inputs(cfg)
+    if dirichlet and labels is not None:
+        check_partition(cfg, labels)
     check_output(cfg.out_dir)
     return cfg

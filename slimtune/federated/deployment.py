@@ -50,15 +50,57 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+SHARDED = (".tsv", ".csv", ".jsonl", ".json")  # the files shard() writes back in their own format
+
+
+def check_shardable(data: Path) -> None:
+    """One line for --data the script cannot write per-node files of: a saved dataset (hf:DIR) or another type."""
+    source = str(data)
+    if source.startswith("hf:"):
+        raise SlimtuneError(f"--data {source}: the deployment script writes each node a file of its rows (.tsv, .csv "
+                            f"or .jsonl) and does not split a saved dataset: save it as one (e.g. Dataset.to_json("
+                            f"'train.jsonl')) and give that file")
+    if Path(source).suffix.lower() not in SHARDED:
+        raise SlimtuneError(f"--data {source}: the deployment script splits .tsv, .csv or .jsonl files into one file "
+                            f"per node, not {Path(source).suffix or 'a file without a suffix'}")
+
+
+def shard_rows(data: Path, nodes: int) -> tuple[list[dict], str]:
+    """The rows of --data as every node reads its shard (data/readers.py: rows, never lines: a JSONL file has no
+    header, a CSV field may hold a newline), and the delimiter of a table ("" for JSONL); one line when there are
+    fewer rows than nodes (a node would hold an empty file)."""
+    from slimtune.data.readers import read_rows
+    check_shardable(data)
+    rows, _ = read_rows(str(data))
+    if nodes > len(rows):
+        raise SlimtuneError(f"--nodes {nodes}: more nodes than --data {data} has rows ({len(rows)}); each node's "
+                            f"shard needs at least one row")
+    suffix = Path(data).suffix.lower()
+    return [row for _, row in rows], {".tsv": "\t", ".csv": ","}.get(suffix, "")
+
+
 def shard(data: Path, nodes: int, work: Path) -> list[Path]:
-    """Split a TSV/CSV file's rows into `nodes` files (shuffled, seed 0): the data each node holds locally."""
-    lines = data.read_text(encoding="utf-8").splitlines()
-    header, rows = lines[0], lines[1:]
+    """Split --data's rows into `nodes` files (shuffled, seed 0; node k holds rows k, k + nodes, ...), each in the
+    file's own format (a table with its header and delimiter, JSONL one object per line): the data each node holds
+    locally. Every row is in exactly one shard."""
+    import csv
+
+    rows, delimiter = shard_rows(data, nodes)
     random.Random(0).shuffle(rows)
     paths = []
     for k in range(nodes):
-        path = work / f"node{k}{data.suffix}"
-        path.write_text("\n".join([header, *rows[k::nodes]]) + "\n", encoding="utf-8")
+        path = work / f"node{k}{Path(data).suffix}"
+        share = rows[k::nodes]
+        with path.open("w", encoding="utf-8", newline="") as f:
+            if delimiter:  # as readers._read_delimited reads it: TSV unquoted, CSV quoted where needed
+                tsv = delimiter == "\t"
+                writer = csv.DictWriter(f, list(rows[0]), delimiter=delimiter, lineterminator="\n",
+                                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+                                        quotechar=None if tsv else '"')
+                writer.writeheader()
+                writer.writerows(share)
+            else:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in share)
         paths.append(path)
     return paths
 
@@ -232,10 +274,14 @@ def deployment_config(nodes: int, data: Path, eval_data: Path | None, rounds: in
                       model: str) -> FederatedConfig:
     """The server's settings, checked as every path checks them (config.check_run, the training file included), then
     without the training file: each node reads its own shard, and the server needs no training row (it was handed
-    the whole unsharded file, and read it)."""
+    the whole unsharded file, and read it). The shards are checked here too (a file shard() can split, at least one
+    row per node), before any process starts; the nodes share rows round-robin, not by the simulation's Dirichlet
+    split, which check_run therefore leaves out."""
+    check_shardable(data)
     cfg = FederatedConfig(data=str(data), eval_data=str(eval_data or ""), model=model, num_clients=nodes,
                           rounds=rounds, out_dir=str(Path(out).resolve()), node_timeout=120.0, round_timeout=300.0)
-    check_run(cfg)
+    check_run(cfg, dirichlet=False)
+    shard_rows(data, nodes)
     return replace(cfg, data="")
 
 
@@ -256,9 +302,10 @@ def run(nodes: int, data: Path, eval_data: Path | None, rounds: int, out: Path, 
         log.warning("--insecure: no TLS and no SuperNode authentication; anyone who reaches the port can read the "
                     "broadcasts and join the federation as a client")
     work = Path(tempfile.mkdtemp(prefix="slimtune-deploy."))
+    shards = shard(data, nodes, work)  # before any process starts
     with LocalFederation(work, cfg, insecure) as federation:
         federation.start_superlink()
-        for k, path in enumerate(shard(data, nodes, work)):
+        for k, path in enumerate(shards):
             federation.add_node(f"supernode{k}", f'partition-id={k} data-path="{path}"')
         summary = federation.submit(timeout)
     return with_bundle_bytes(summary, nodes, Path(cfg.out_dir))

@@ -21,6 +21,10 @@ client_dp = condition(lambda s: s.client_dp_clip > 0, "client-level DP (--client
                       lambda s: "--client-dp-clip 0")
 quantized = condition(lambda s: s.bits != 32 or s.upload_bits != 32, "quantized broadcasts or uploads (--bits or "
                       "--upload-bits 1..8)", lambda s: "--bits 32 --upload-bits 32")
+# the server scores theta on --eval-data: the evaluation settings and the coalition measurement (scored on it) do
+# nothing without it (run_server skips them), so they are refused, not ignored
+server_eval = condition(lambda s: bool(s.eval_data), "server evaluation (--eval-data)", lambda s: "no --eval-data")
+lora_uploads = when(mode=("lora",))  # zo-seeds clients upload (seed, scalar) pairs, never a quantized delta
 
 
 CONFIG_NAMES = {"num_clients": "clients", "dirichlet_alpha": "alpha", "out_dir": "out"}  # FederatedConfig -> setting
@@ -65,7 +69,8 @@ class FederateSettings(Settings):
     bits: int = setting(4, "broadcast precision: 1..8 bits (NF levels), or 32 for no quantization", low=1, high=32)
     block_size: int = setting(64, "quantization block size (>= 16: each block's scale is sent with its codes)", low=16,
                               applies=quantized)
-    upload_bits: int = setting(32, "quantize client deltas too (32: fp32 uploads)", low=1, high=32)
+    upload_bits: int = setting(32, "quantize client deltas too (32: fp32 uploads)", low=1, high=32,
+                               applies=lora_uploads)
     local_steps: int = setting(3, "local steps per round (3: benchmarks/federated_sweep.py)", low=1)
     local_optimizer: str = setting("adamw", "any slimtune optimizer", choices=OPTIMIZERS)
     local_dp_noise: float = setting(1.0, "private local optimizers: noise multiplier per local step", low=0,
@@ -108,9 +113,10 @@ class FederateSettings(Settings):
     client_dp_noise: float = setting(0.0, "client-level DP: noise multiplier", low=0, applies=client_dp)
     client_dp_delta: float = setting(1e-5, "client-level DP: delta", low=0, high=1, low_open=True, high_open=True,
                                      applies=client_dp)
-    eval_max: int = setting(200, "server evaluation: at most this many examples", low=0)
+    eval_max: int = setting(200, "server evaluation: at most this many examples (0: all)", low=0,
+                            applies=server_eval)
     eval_every: int = setting(1, "server evaluation at round 0, every this many rounds, and in each of the last 5",
-                              low=1)
+                              low=1, applies=server_eval)
     norm_bound: float = setting(1.0, "server: every update is clipped to this multiple of the median update norm of "
                                 "the round's (and the last rounds') replies", low=0, low_open=True)
     max_update_norm: float = setting(0.0, "server: also reject replies above this fixed L2 norm (0: no fixed cap; "
@@ -130,8 +136,8 @@ class FederateSettings(Settings):
     dither: float = setting(0.0, "fixed secret dither on the broadcast, in units of the largest quantization step "
                             "(0: off)", low=0, high=2)
     clients_per_round: int = setting(0, "clients sampled to train each round (0: all)", low=0)
-    attack_coalition: int = setting(0, "measurement: score what k colluding clients rebuild of theta (0: off)",
-                                    low=0)
+    attack_coalition: int = setting(0, "measurement: score what k colluding clients rebuild of theta on the "
+                                    "evaluation data (0: off)", low=0, applies=server_eval)
     attack_window: int = setting(5, "broadcasts the multi-round attack averages", low=1,
                                  applies=condition(lambda s: s.attack_coalition > 0, "--attack-coalition > 0",
                                                    lambda s: "--attack-coalition 0"))
