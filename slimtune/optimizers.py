@@ -437,6 +437,11 @@ class PrivateOptimizer(ZerothOrderOptimizer):
         releases = private_releases(self.method, given.get("n_spsa", 1))
         adaptive = adaptive_clipping(SimpleNamespace(privacy=spec, optimizer=self.method))
         self.accountant = plan(spec, dataset_size, batch_size, steps, releases, adaptive)
+        spends = self.accountant.epsilon(steps)
+        if target is not None and spends > target * (1 + 1e-9):  # plan() tolerates 0.1%; the budget is strict
+            raise SlimtuneError(f"{owner}: noise_multiplier={self.accountant.noise:g} spends epsilon {spends:.6g} in "
+                                f"{steps} steps, over epsilon={target:g}: raise it, or leave it out to calibrate")
+        self._released = 0
         self._key = RunKey.fresh()
         self.dataset_size, self.batch_size, self.steps = dataset_size, batch_size, steps
         noise = KeyedNoise(self._key)
@@ -479,7 +484,20 @@ class PrivateOptimizer(ZerothOrderOptimizer):
             raise SlimtuneError(f"slimtune.{type(self).__name__}: the noise was calibrated for {self.steps} steps "
                                 f"(epsilon {self.accountant.spec.target_epsilon}); a further step would spend more "
                                 "than the budget (build it with a larger `steps`)")
-        return super().step(closure)
+        out = super().step(closure)
+        if closure is not None:
+            self._released += 1  # never goes down: load_state_dict cannot make this key's releases unspent
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As `ZerothOrderOptimizer.load_state_dict`, into an optimizer that has released nothing yet: rolling one
+        back to an earlier state would forget what its key already released (epsilon_spent would drop, and the same
+        secret batch would be measured again along the same direction with fresh noise)."""
+        if self._released:
+            raise SlimtuneError(f"slimtune.{type(self).__name__}.load_state_dict: this optimizer has already released "
+                                f"{self._released} steps under its key, which a restored state would forget: build a "
+                                "new optimizer to load a state into")
+        super().load_state_dict(state_dict)
 
 
 def _privacy(epsilon, delta, noise_multiplier, clip, clipping, target_quantile, clip_lr, clip_multiplier, mechanism,

@@ -291,9 +291,12 @@ def test_a_canary_row_changes_nothing_on_stderr(tmp_path):
     assert with_canary.stderr.replace("with", "") == without.stderr.replace("without", "")
 
 
-def test_the_memory_refusal_does_not_measure_the_training_rows(tmp_path):
-    """The refusal names what the user configured (--max-length), never the longest training example."""
+def test_the_memory_refusal_does_not_measure_the_training_rows(tmp_path, monkeypatch):
+    """The refusal names what the user configured (--max-length), never the longest training example. (The tiny
+    model's 256 positions are lifted: --max-length 10^7 would be refused by check_positions before the memory check.)"""
     from slimtune import SlimtuneError
+    from slimtune.models import loading
+    monkeypatch.setattr(loading, "max_positions", lambda model: None)
     messages = []
     for canary in (False, True):
         data = tmp_path / f"{canary}.jsonl"

@@ -18,6 +18,14 @@ unstable (the counts are too noisy near 1, C runs away and the noise sigma C / B
 the accountant composes it with the scalar (privacy/accountant.py). Q and C are functions of released values only, so
 they are public and logged. The scale of the finite differences never needs to be known: a hand-set C does.
 
+Exact arithmetic on a grid (Mironov, CCS 2012): a release computed in floating point, clipped sum + float noise, can
+take values whose set depends on the sum (the noise's doubles are unevenly spaced: for Laplace noise from
+log1p(-2|u|), one release told an empty batch from its neighbour with probability ~0.8). So each clipped g_i is
+rounded to the grid gamma = 2^(floor(log2 C) - 30) (|round(g_i / gamma)| <= floor(C / gamma): the sensitivity stays
+<= C), the sum is an exact integer, the noise is drawn as an integer on the same grid (discrete Laplace; a rounded
+Gaussian), and the release is gamma (sum + noise) / B_expected: neighbouring batches give the same set of outputs,
+shifted by exactly their difference. The grid is 2^-30 of C, far below the noise (sigma C), so accuracy is unchanged.
+
 The noise comes from a `KeyedNoise` (privacy/secret.py): the trainer passes the run's, keyed by its 256-bit secret key
 and the step; without one, a fresh in-memory key is drawn from the OS. No generator state is kept or saved.
 """
@@ -30,6 +38,9 @@ import torch
 
 from slimtune.privacy.accountant import PrivacySpec, sensitivity
 from slimtune.privacy.secret import KeyedNoise, RunKey
+
+
+GRID_BITS = 30  # the grid is 2^-30 of the clip (rounded to a power of two)
 
 
 class PrivateDifference:
@@ -51,30 +62,46 @@ class PrivateDifference:
         g = (losses_plus.double() - losses_minus.double()) / (2 * eps)
         return torch.nan_to_num(g, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
 
-    def clipped_sum(self, losses_plus: torch.Tensor, losses_minus: torch.Tensor, eps: float) -> tuple[float, float]:
-        """Sum of per-example clipped differences, and the fraction of examples that were clipped."""
+    @property
+    def grid(self) -> float:
+        """gamma: the power of two 2^-30 of C (rounded down) that clipped values, their sum and the noise live on."""
+        return 2.0 ** (math.floor(math.log2(self.clip)) - GRID_BITS)
+
+    def clipped_units(self, losses_plus: torch.Tensor, losses_minus: torch.Tensor, eps: float) -> tuple[int, float]:
+        """Sum of per-example clipped differences in grid units (an exact integer), and the fraction of examples
+        that were clipped."""
         g = self.per_example(losses_plus, losses_minus, eps)
         frac = (g.abs() > self.clip).double().mean().item() if g.numel() else 0.0
-        return g.clamp(-self.clip, self.clip).sum().item(), frac
+        limit = math.floor(self.clip / self.grid)
+        units = torch.round(g.clamp(-self.clip, self.clip) / self.grid).clamp(-limit, limit).to(torch.int64)
+        return int(units.sum()), frac
 
-    def _gaussian(self) -> float:
-        return self.keyed_noise.normal()
+    def clipped_sum(self, losses_plus: torch.Tensor, losses_minus: torch.Tensor, eps: float) -> tuple[float, float]:
+        """`clipped_units` in the losses' units (exact: an integer times a power of two)."""
+        units, frac = self.clipped_units(losses_plus, losses_minus, eps)
+        return units * self.grid, frac
+
+    def noise_units(self) -> int:
+        """The noise in grid units: discrete Laplace of scale b Delta / gamma, or round(sigma Delta / gamma x N(0, 1))."""
+        scale = self.noise_multiplier * sensitivity(self.spec, self.clip) / self.grid
+        if self.spec.mechanism == "laplace":
+            return self.keyed_noise.discrete_laplace(scale)
+        return self.keyed_noise.rounded_normal(scale)
 
     def noise(self) -> float:
-        scale = self.noise_multiplier * sensitivity(self.spec, self.clip)
-        if self.spec.mechanism == "laplace":
-            u = self.keyed_noise.uniform() - 0.5  # inverse CDF
-            return -scale * math.copysign(1.0, u) * math.log1p(-2 * abs(u))
-        return scale * self._gaussian()
+        """One noise draw in the losses' units (`noise_units` x gamma)."""
+        return self.noise_units() * self.grid
 
     def __call__(self, losses_plus, losses_minus, eps) -> tuple[float, dict]:
         """The released scalar and diagnostics: `clip` (public) and the private clipped_fraction/batch_size."""
-        clip = self.clip
-        total, frac = self.clipped_sum(losses_plus, losses_minus, eps)
-        released = (total + self.noise()) / self.expected_batch_size
+        clip, grid = self.clip, self.grid
+        total, frac = self.clipped_units(losses_plus, losses_minus, eps)
+        released = (total + self.noise_units()) * grid / self.expected_batch_size  # an exact integer x a power of two
         if self.adaptive:
             below = (self.per_example(losses_plus, losses_minus, eps).abs() <= self.quantile).double().sum().item()
-            noisy_fraction = (below + self.quantile_noise * self._gaussian()) / self.expected_batch_size
+            count_grid = 2.0 ** -GRID_BITS  # the count (sensitivity 1) on its own exact grid, as the scalar
+            units = round(below) * 2 ** GRID_BITS + self.keyed_noise.rounded_normal(self.quantile_noise / count_grid)
+            noisy_fraction = units * count_grid / self.expected_batch_size
             self.quantile *= math.exp(-self.spec.clip_lr * (noisy_fraction - self.spec.target_quantile))
             self.clip = self.quantile * self.spec.clip_multiplier
         return released, {"clip": clip, "clipped_fraction": frac, "batch_size": int(losses_plus.numel())}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import struct
@@ -161,6 +162,16 @@ class KeyedNoise:
 
     def uniform(self) -> float:
         return float(self._next().random())
+
+    def discrete_laplace(self, scale: float) -> int:
+        """An integer with P(k) proportional to exp(-|k| / scale): the difference of two geometric draws with
+        p = 1 - exp(-1 / scale) (privacy/dpzero.py's grid mechanism)."""
+        gen, p = self._next(), -math.expm1(-1.0 / scale)
+        return int(gen.geometric(p)) - int(gen.geometric(p))
+
+    def rounded_normal(self, scale: float) -> int:
+        """round(scale x a standard normal draw): Gaussian noise on the integer grid."""
+        return int(round(scale * float(self._next().standard_normal())))
 
 
 def secret_tensor(key: RunKey, kind: str, shape: tuple, *indices: int, low: float = 0.0,

@@ -329,6 +329,9 @@ def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, ori
     if private_run:
         config.privacy = config.privacy or PrivacySpec(target_epsilon=6.0)  # the default budget, enforced like any
         accountant, key, attempt, nonce = _private_setup(config, run_dir, len(train_examples), resume, world)
+        # each rank read its own --out's key (paths may differ per rank): the same key, or different batches and noise
+        distributed.check_ranks_agree({"the run's key (RUN/secret.key or --secret-key-file)":
+                                       key.generator("rank-check").bytes(16).hex()}, world)  # a PRF value, not the key
         objective.warn_per_batch = False  # nothing said per private batch (see check_data for the one notice)
         keyed_noise = KeyedNoise(key, attempt, nonce)
         private = (config.privacy, accountant.noise, config.batch_size, keyed_noise, accountant.quantile_noise)
