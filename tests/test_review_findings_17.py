@@ -150,3 +150,25 @@ def test_report_prints_run_names_and_fields_as_they_are(tmp_path, dirname, summa
     res = cli("report", run, "--out", tmp_path / "report")
     assert res.exit_code == 0, res.output
     assert shown in res.stdout, res.stdout
+
+
+def test_a_failed_adapter_save_keeps_the_users_files_in_adapter(tmp_path, monkeypatch):
+    """The carry-over moves the user's files into the new adapter's temporary directory; a save that fails after that
+    (the final swap) must put them back, not remove them with the temporary."""
+    import os
+
+    adapter = saved_adapter(tmp_path / "run" / "adapter", "lora")
+    mine = adapter / "model.gguf"
+    mine.write_bytes(b"GGUF user's exported model")
+    real = os.replace
+
+    def failing(src, dst):
+        if os.fspath(dst) == os.path.abspath(adapter) and os.fspath(src).endswith(".partial"):  # the final swap
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError):
+        saved_adapter(adapter, "lora")
+    monkeypatch.undo()
+    assert mine.exists() and mine.read_bytes() == b"GGUF user's exported model"

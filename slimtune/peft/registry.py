@@ -236,18 +236,23 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
             for path in tmp.iterdir():
                 os.replace(path, final / path.name)
             return
-        if final.is_dir():  # files that are not an adapter's (a .gguf exported there, the user's notes) go along
-            written = {path.name for path in tmp.iterdir()}
-            for path in list(final.iterdir()):
-                if path.name not in written and path.name not in ADAPTER_KIND_FILES:
-                    os.replace(path, tmp / path.name)
-        if final.exists():
-            os.replace(final, old)
+        carried = []
         try:
+            if final.is_dir():  # files that are not an adapter's (a .gguf exported there, the user's notes) go along
+                written = {path.name for path in tmp.iterdir()}
+                for path in list(final.iterdir()):
+                    if path.name not in written and path.name not in ADAPTER_KIND_FILES:
+                        os.replace(path, tmp / path.name)
+                        carried.append(path.name)
+            if final.exists():
+                os.replace(final, old)
             os.replace(tmp, final)
         except BaseException:
             if old.exists() and not final.exists():
                 os.rename(old, final)  # the previous adapter back where it was
+            for name in carried:  # and the user's files with it, before tmp is removed
+                if (tmp / name).exists() and final.is_dir():
+                    os.replace(tmp / name, final / name)
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
