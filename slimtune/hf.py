@@ -441,8 +441,11 @@ class ZOTrainerMixin:
         batches = PoissonBatches(len(dataset), self._train_batch_size, self)
         # the loader yields indices; EmptyAware reads the rows (a set_transform tokenizer, a Dataset's __getitem__)
         # and collates them inside `withheld`
+        workers = self.args.dataloader_num_workers  # the trainer's loader settings, as transformers' own loader
         loader = DataLoader(range(len(dataset)), batch_sampler=batches, collate_fn=EmptyAware(collator, dataset),
-                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+                            num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
+                            prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
+                            persistent_workers=bool(self.args.dataloader_persistent_workers and workers))
         return self.accelerator.prepare(loader)
 
     def _save_rng_state(self, output_dir: str) -> None:

@@ -207,3 +207,18 @@ def test_a_restored_private_optimizer_never_reports_less_than_was_spent():
     except SlimtuneError:
         return  # refused: the steps cannot be re-priced at another noise
     assert restored.epsilon_spent >= spent.epsilon_spent * (1 - 1e-6), (restored.epsilon_spent, spent.epsilon_spent)
+
+
+def test_the_private_loader_honours_the_trainers_dataloader_settings(tmp_path):
+    """The private loader (Poisson batches) took num_workers and pin_memory from TrainingArguments but silently dropped
+    dataloader_prefetch_factor and dataloader_persistent_workers."""
+    tok = tokenizer()
+    args = hf_args(tmp_path, max_steps=1, dataloader_num_workers=1, dataloader_prefetch_factor=3,
+                   dataloader_persistent_workers=True)
+    trainer = ZOTrainer(model=model_for(tok, "lora"), args=args, train_dataset=lm_dataset(tok),
+                        data_collator=DataCollatorForLanguageModeling(tok, mlm=False), zo_args=private())
+    trainer.state.max_steps = 1  # as train() sets it before building the optimizer
+    trainer.create_optimizer()
+    loader = trainer.get_train_dataloader()
+    inner = getattr(loader, "base_dataloader", loader)
+    assert (inner.prefetch_factor, inner.persistent_workers) == (3, True)
