@@ -229,8 +229,6 @@ def check_node_keys(cfg: FederatedConfig, node: dict) -> None:
 
 def _check_budget(cfg: FederatedConfig, budget: float, spent: list[dict], delta: float) -> None:
     from slimtune.federated.local_privacy import bound_segment, composed_epsilon
-    if not budget > 0:
-        raise SlimtuneError(f"--node-config {NODE_BUDGET}={budget!r}: must be > 0")
     epsilon = composed_epsilon(cfg, [*spent, bound_segment(cfg)], delta)
     if epsilon > budget:
         steps = sum(int(d["steps"]) for d in spent) + cfg.local_steps
@@ -256,9 +254,10 @@ def train(msg: Message, context: Context) -> Message:
                             "(round refused)")
     # what this node spent on its data: on its own disk, not in Flower's per-run state (fresh for each run, and a
     # snapshot per ClientApp process); locked from the budget check until this round is recorded
+    delta = account_delta(cfg, node)
     with NodeLedger(where) if private and where is not None else nullcontext() as ledger:
-        if ledger is not None and NODE_BUDGET in node:
-            _check_budget(cfg, float(node[NODE_BUDGET]), ledger.bound_segments(), account_delta(cfg, node))
+        if ledger is not None and NODE_BUDGET in node:  # > 0: check_node_floor
+            _check_budget(cfg, float(node[NODE_BUDGET]), ledger.bound_segments(), delta)
         own = node.get("data-path")  # deployment: each SuperNode reads only its own data (--node-config data-path=)
         if own:
             cfg = replace(cfg, data=str(own))
@@ -269,7 +268,7 @@ def train(msg: Message, context: Context) -> Message:
         identity = int(node.get("partition-id", context.node_id))
         arrays, metrics = local_train(cfg, identity, payload, int(config["server-round"]), own_data=bool(own),
                                       num_partitions=int(node["num-partitions"]) if "num-partitions" in node else None,
-                                      ledger=ledger, delta=account_delta(cfg, node))
+                                      ledger=ledger, delta=delta)
     content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

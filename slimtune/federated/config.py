@@ -386,15 +386,11 @@ def check_inputs(cfg: FederatedConfig) -> list[int] | None:
     return labels
 
 
-def check_partition(cfg: FederatedConfig, labels: list[int] | None = None) -> None:
+def check_partition(cfg: FederatedConfig, labels: list[int]) -> None:
     """The Dirichlet split of --data over --clients that every simulated client draws (client_app._setup: the same
     labels, clients, alpha and seed), drawn here: a split that leaves a client without rows is one line naming
     --clients and --alpha, before Flower starts, not an error in every client after it. `labels`: check_inputs'."""
     from slimtune.federated.partition import dirichlet_partition
-    if labels is None:
-        labels = check_inputs(replace(cfg, eval_data="", root_data=""))
-    if labels is None:  # no --data: nothing is split
-        return
     rows = len(labels)
     if cfg.num_clients > rows:
         raise SlimtuneError(f"--clients {cfg.num_clients}: more clients than --data {cfg.data} has rows ({rows}); "
