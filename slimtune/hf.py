@@ -598,9 +598,9 @@ class StepCountProgress(ProgressCallback):
 
 class PoissonBatches:
     """A batch sampler of Poisson batches: the batch of global step t holds each example independently with
-    probability batch_size / n, drawn from K("sampling", 0, t) of the private optimizer's key. Its length (batches
-    per epoch) is round(n / batch_size); steps are numbered across epochs (`set_epoch`), so a loader that reads
-    ahead never shifts them."""
+    probability batch_size / n, drawn by the private optimizer from K("sampling", 0, t) of its key (it keeps each
+    draw's size: its step refuses losses of another count). Its length (batches per epoch) is round(n / batch_size);
+    steps are numbered across epochs (`set_epoch`), so a loader that reads ahead never shifts them."""
 
     def __init__(self, n: int, batch_size: int, trainer):
         self.n, self.batch_size, self.trainer, self.epoch = n, batch_size, trainer, 0
@@ -613,12 +613,9 @@ class PoissonBatches:
         self.epoch = epoch
 
     def __iter__(self):
-        from slimtune.data import PoissonSampler
-
         opt = self.trainer.zo_optimizer()
-        sampler = PoissonSampler(self.n, self.batch_size, key=opt._key)
-        for i in range(self.batches_per_epoch):
-            yield sampler.indices(self.epoch * self.batches_per_epoch + i)
+        for i in range(self.batches_per_epoch):  # each draw is registered: the step checks its batch against it
+            yield opt._draw(self.epoch * self.batches_per_epoch + i)
 
 
 class EmptyAware:

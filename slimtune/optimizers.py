@@ -145,8 +145,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.impl.set_lr(self.param_groups[0]["lr"])
         return self.impl.step(self._checked(closure))
 
+    def _examples_drawn(self) -> int | None:
+        """The number of per-example losses this step's closure must return (private optimizers: the size of the
+        batch `sample_batch()` drew); None: any."""
+        return None
+
     def _checked(self, closure: Closure) -> Callable[[], torch.Tensor]:
         name = type(self).__name__
+        examples = self._examples_drawn()
 
         params = [p for group in self.param_groups for p in group["params"]]
 
@@ -173,6 +179,11 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             if loss.ndim > 1:
                 raise SlimtuneError(f"slimtune.{name}: the closure returned a {loss.ndim}-D tensor; return the "
                                     "mean loss (0-d) or one loss per example (1-D)")
+            if examples is not None and loss.numel() != examples:  # no count in the message: the size is private
+                raise SlimtuneError(f"slimtune.{name}: the closure returned another number of per-example losses "
+                                    "than the examples sample_batch() drew for this step (another batch, or a loss per "
+                                    "token): evaluate exactly the drawn examples, one loss each (the accountant prices "
+                                    "one clipped term per sampled example)")
             graph_needed = METHODS[self.method].kind == "hybrid" and torch.is_grad_enabled()  # its backprop call
             if graph_needed and loss.numel() and not loss.requires_grad:
                 raise SlimtuneError(f"slimtune.{name}: the closure's loss has no autograd graph (a float, .item(), "
@@ -390,7 +401,8 @@ class PrivateOptimizer(ZerothOrderOptimizer):
 
     Private training needs Poisson sampling: draw each step's batch with `sample_batch()` (each example joins
     independently with probability batch_size / dataset_size, decided by a 256-bit key that exists only in this
-    object's memory) and return one loss per example from the closure. The noise is calibrated when the optimizer is
+    object's memory) and return one loss per example from the closure: `step()` refuses a step with no draw and a loss
+    count other than the drawn batch's (it cannot see which rows were read). The noise is calibrated when the optimizer is
     built, for `steps` steps of Poisson batches of expected size `batch_size` out of `dataset_size` examples, so that
     the whole run spends (epsilon, delta); a step beyond `steps` is refused. `epsilon_spent` is the accountant's
     epsilon after the steps taken. The state_dict holds public values only (step count, the clip), never the key: a
@@ -442,6 +454,7 @@ class PrivateOptimizer(ZerothOrderOptimizer):
             raise SlimtuneError(f"{owner}: noise_multiplier={self.accountant.noise:g} spends epsilon {spends:.6g} in "
                                 f"{steps} steps, over epsilon={target:g}: raise it, or leave it out to calibrate")
         self._released = 0
+        self._drawn: dict[int, int] = {}  # step -> the size of the Poisson batch drawn for it (in memory only)
         self._key = RunKey.fresh()
         self.dataset_size, self.batch_size, self.steps = dataset_size, batch_size, steps
         noise = KeyedNoise(self._key)
@@ -475,18 +488,36 @@ class PrivateOptimizer(ZerothOrderOptimizer):
 
     def sample_batch(self) -> list[int]:
         """Indices (into the dataset of `dataset_size` examples) of the next step's Poisson batch, drawn from the
-        secret key: possibly empty, of random size; the closure must evaluate exactly these examples."""
+        secret key: possibly empty, of random size; the closure must evaluate exactly these examples (step()
+        refuses a step with no draw, or a closure returning another number of losses)."""
+        return self._draw(self.impl.step_count)
+
+    def _draw(self, step: int) -> list[int]:
+        """The Poisson batch of step `step` (`slimtune.hf.PoissonBatches` draws ahead of the steps), its size kept for
+        that step's check."""
         from slimtune.data import PoissonSampler
-        return PoissonSampler(self.dataset_size, self.batch_size, key=self._key).indices(self.impl.step_count)
+        indices = PoissonSampler(self.dataset_size, self.batch_size, key=self._key).indices(step)
+        self._drawn[step] = len(indices)
+        return indices
+
+    def _examples_drawn(self) -> int | None:
+        return self._drawn[self.impl.step_count]
 
     def step(self, closure: Closure | None = None) -> StepOutput | None:  # type: ignore[override]
+        name = type(self).__name__
         if closure is not None and self.impl.step_count >= self.steps:
-            raise SlimtuneError(f"slimtune.{type(self).__name__}: the noise was calibrated for {self.steps} steps "
+            raise SlimtuneError(f"slimtune.{name}: the noise was calibrated for {self.steps} steps "
                                 f"(epsilon {self.accountant.spec.target_epsilon}); a further step would spend more "
                                 "than the budget (build it with a larger `steps`)")
+        if closure is not None and self.impl.step_count not in self._drawn:
+            raise SlimtuneError(f"slimtune.{name}.step: no batch was drawn for this step: call sample_batch() before "
+                                "each step and evaluate exactly its examples (the accountant prices a Poisson sample "
+                                "drawn from this optimizer's secret key; a DataLoader's batches, or the draw of "
+                                "another step, are not it)")
         out = super().step(closure)
         if closure is not None:
             self._released += 1  # never goes down: load_state_dict cannot make this key's releases unspent
+            self._drawn = {t: n for t, n in self._drawn.items() if t >= self.impl.step_count}
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:

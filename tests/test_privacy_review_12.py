@@ -94,11 +94,15 @@ def test_a_private_step_refuses_losses_that_are_not_one_per_example(tmp_path):
                                                      ignore_index=-100, reduction="none").flatten()
 
     tok = tokenizer()
-    trainer = PerToken(model=model_for(tok, "lora"), args=hf_args(tmp_path, max_steps=3),
+    model = model_for(tok, "lora")
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    trainer = PerToken(model=model, args=hf_args(tmp_path, max_steps=3),
                        train_dataset=lm_dataset(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
                        zo_args=private())
     with pytest.raises(SlimtuneError, match="one loss per example"):
         trainer.train()
+    after = [p.detach() for p in model.parameters() if p.requires_grad]  # the refused step left no theta + eps z
+    assert max((a - b).abs().max().item() for a, b in zip(before, after)) < 1e-6
 
 
 # -- 4. the trainer's own loss settings -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 
 import slimtune
 from slimtune import SlimtuneError
-from test_python_api import batch, per_example, tiny_lm
+from test_python_api import batch, per_example, tiny_lm, trainable
 
 
 def losses_of(model, idx):
@@ -40,6 +40,98 @@ def test_rolling_a_private_optimizer_back_does_not_forget_what_it_released():
     assert dp.epsilon_spent >= spent * (1 - 1e-9), (dp.epsilon_spent, spent)
     with pytest.raises(SlimtuneError):  # a third release is over the budget of 2 steps
         dp.step(losses_of(model, dp.sample_batch()))
+
+
+# -- 2. a step on a batch sample_batch did not draw ----------------------------------------------------------------
+def per_token(model, ids):
+    """The usual slip: cross_entropy(reduction="none") flattened, one loss per token instead of per example."""
+    def closure():
+        logits = model(input_ids=ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").flatten()
+    return closure
+
+
+def moved(before, model) -> float:
+    """The largest change of a trainable value since `before`: a refused step may leave a few ulp of restore error
+    (theta + eps z - eps z in float32), never a perturbation (eps = 1e-2) or an update."""
+    return max((a - b).abs().max().item() for a, b in zip(before, trainable(model)))
+
+
+@pytest.mark.parametrize("how", ["without sample_batch", "another batch", "per-token losses"])
+def test_a_private_step_takes_only_the_batch_sample_batch_drew(how):
+    """The accountant prices each step as a Poisson sample of rate batch_size / dataset_size with one clipped term per
+    example (sensitivity C). step() accepted any 1-D tensor: a DataLoader's fixed batch of 30 (no sample_batch()
+    call: the torch habit, `for batch in loader: opt.step(...)`), a batch other than the one drawn, or per-token
+    losses (7 clipped terms per example: sensitivity 7C). Each trained, returned a projected_grad and reported the
+    Poisson epsilon. The optimizer knows the size of the batch it drew for this step (privately, in memory): a loss
+    count that is not that size, or a step with no draw, is refused before anything is released (without naming the
+    size), and the weights are where they were."""
+    model = tiny_lm("lora")
+    dp = slimtune.DPZero(model, epsilon=3.0, delta=1e-5, dataset_size=40, batch_size=16, steps=3, lr=1e-2, eps=1e-2)
+    if how == "without sample_batch":
+        closure = per_example(model, batch(0, n=30))
+    else:
+        idx = dp.sample_batch()
+        assert idx  # P(empty) = 0.6 ** 40
+        closure = (per_example(model, batch(1, n=len(idx) + 3)) if how == "another batch"
+                   else per_token(model, batch(1, n=len(idx))))
+    before = trainable(model)
+    with pytest.raises(SlimtuneError) as refused:
+        dp.step(closure)
+    assert "sample_batch" in str(refused.value)
+    assert not any(ch.isdigit() for ch in str(refused.value).split(":", 1)[-1]), str(refused.value)
+    assert dp.steps_taken == 0
+    assert moved(before, model) < 1e-6, "the step left a perturbation or an update behind"
+    idx = dp.sample_batch()  # the same step can then be taken on its own batch
+    out = dp.step(losses_of(model, idx))
+    assert dp.steps_taken == 1 and out.info["projected_grad"] is not None
+
+
+def test_a_private_step_needs_a_draw_for_each_step():
+    """One sample_batch() per step: the draw of step 0 does not cover step 1 (its batch is another Poisson sample)."""
+    model = tiny_lm("lora")
+    dp = slimtune.DPZero(model, epsilon=3.0, delta=1e-5, dataset_size=40, batch_size=16, steps=3, lr=1e-2, eps=1e-2)
+    idx = dp.sample_batch()
+    dp.step(losses_of(model, idx))
+    with pytest.raises(SlimtuneError, match="sample_batch"):
+        dp.step(losses_of(model, idx))
+    assert dp.steps_taken == 1
+
+
+@pytest.mark.parametrize("method, extra, failing", [
+    ("MeZO", {}, 2), ("MeZO", {"n_spsa": 2}, 3), ("LOZO", {}, 2), ("FZOO", {}, 3), ("HiZOO", {}, 3),
+    ("SparseMeZO", {}, 2), ("Hybrid", {"fo_layers": 1}, 1), ("Hybrid", {"fo_layers": 1}, 2), ("DPZero", {}, 2),
+    ("DPZero", {"n_spsa": 2}, 3), ("DPHiZOO", {}, 3), ("DPHybrid", {"fo_layers": 1}, 2)])
+def test_a_closure_that_raises_mid_step_leaves_the_weights_where_they_were(method, extra, failing):
+    """A step evaluates the closure at theta + eps z, then theta - eps z; when the closure raised on a later call (an
+    out-of-memory on one batch, a KeyboardInterrupt, a check of the caller's) the exception propagated with the
+    weights still perturbed: a model saved or evaluated after it was theta + eps z (or - eps z), and a retried step
+    perturbed from there. The step puts theta back before the exception leaves it, and its state (step count, the
+    adaptive clip a first estimate moved, the hybrid's top gradients) is as before, so the step can be taken again."""
+    model = tiny_lm("lora")
+    cls = getattr(slimtune, method)
+    private = dict(epsilon=3.0, delta=1e-5, dataset_size=40, batch_size=16, steps=3) if cls.private else {}
+    opt = cls(model, lr=1e-2, eps=1e-2, **extra, **private)
+    idx = opt.sample_batch() if cls.private else list(range(4))
+    good = losses_of(model, idx)
+    calls = []
+
+    def fails_once():
+        calls.append(1)
+        if len(calls) == failing:
+            raise KeyboardInterrupt
+        return good()
+
+    before, state = trainable(model), opt.state_dict()["slimtune"]["optimizer"]
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(fails_once)
+    assert moved(before, model) < 1e-6, "the exception left theta perturbed"
+    after = opt.state_dict()["slimtune"]["optimizer"]
+    assert opt.steps_taken == 0
+    assert after.get("estimator") == state.get("estimator")
+    assert all(p.grad is None for p in model.parameters()), "the failed step left gradients behind"
+    opt.step(good)
+    assert opt.steps_taken == 1
 
 
 # -- 3. Laplace noise in floating point (Mironov, CCS 2012) ----------------------------------------------------------
@@ -73,7 +165,8 @@ def test_laplace_releases_of_neighbouring_batches_differ_by_exactly_the_clipped_
         return torch.tensor([10.0 if len(calls) % 2 else 0.0])
 
     off = 0
-    for _ in range(60):
+    for _ in range(60):  # the batches compared are given, not sampled: their draws are set as sample_batch() would
+        empty._drawn[empty.steps_taken], neighbour._drawn[neighbour.steps_taken] = 0, 1
         y0 = empty.step(lambda: torch.zeros(0)).info["projected_grad"]
         y1 = neighbour.step(one_large_example).info["projected_grad"]
         off += (y1 - y0) * 8 != 1.0

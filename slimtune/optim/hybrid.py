@@ -75,12 +75,12 @@ class Hybrid(ZOOptimizer):
     def forwards_per_step(self) -> int:
         return 2 if self.params else 1
 
-    def step(self, closure) -> StepOutput:
+    def _step(self, closure) -> StepOutput:
         eps = self.config.eps
         seed = mix_seed(self.config.seed, self.step_count, 0)
         self.fo.zero_grad(set_to_none=True)
         if self.params:
-            self._sweep(seed, "add", alpha=eps)
+            self._perturb(seed, eps)
         with torch.enable_grad(), _frozen([p for _, p, _ in self.params]), self._recording():
             lp = closure()
             if lp.numel():
@@ -100,6 +100,15 @@ class Hybrid(ZOOptimizer):
         self.step_count += 1
         self._end_step()
         return StepOutput(loss, info)
+
+    def _abort_step(self, estimator_state: dict | None) -> None:
+        """Also drops the top part's gradients of the failed step (the next step's backward would add to them)."""
+        super()._abort_step(estimator_state)
+        self.fo.zero_grad(set_to_none=True)
+        self._end_gradients()
+
+    def _end_gradients(self) -> None:
+        pass
 
     def _top_step(self) -> None:
         self._clip_top()
@@ -206,6 +215,9 @@ class DPHybrid(Hybrid):
 
     def _end_step(self) -> None:
         self.keyed_noise.end_step()
+        self._end_gradients()
+
+    def _end_gradients(self) -> None:
         for _, p in self.top:  # the per-example gradients (B x the top) are not kept between steps
             p.grad_sample = p.summed_grad = None
 

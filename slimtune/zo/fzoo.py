@@ -42,7 +42,7 @@ class FZOO(ZOOptimizer):
     def forwards_per_step(self) -> int:
         return self.config.n_perturbations + 1  # l_0 and one per direction
 
-    def step(self, closure) -> StepOutput:
+    def _step(self, closure) -> StepOutput:
         eps, n = self.config.eps, self.config.n_perturbations
         with torch.inference_mode():
             base = closure().detach()
@@ -54,7 +54,7 @@ class FZOO(ZOOptimizer):
         for i in range(n):
             seed = mix_seed(self.config.seed, self.step_count, i)
             lp = self._measure(closure, seed, eps)
-            self._sweep(seed, "add", alpha=-eps)  # back to theta (restore, a few ulp as in MeZO)
+            self._perturb(seed, -eps)  # back to theta (restore, a few ulp as in MeZO)
             seeds.append(seed)
             losses.append(lp.float().mean().item())
         sigma = float(torch.tensor(losses).std())

@@ -192,7 +192,7 @@ class HiZOO(ZOOptimizer):
         """Values of curvature state kept (the memory HiZOO adds to MeZO)."""
         return sum(h.numel for h in self.hessian)
 
-    def step(self, closure) -> StepOutput:
+    def _step(self, closure) -> StepOutput:
         eps = self.config.eps
         seed = mix_seed(self.config.seed, self.step_count, 0)
         with torch.inference_mode():

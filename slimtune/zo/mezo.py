@@ -67,6 +67,28 @@ class ZOOptimizer(SlimOptimizer):
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, closure) -> StepOutput:
+        """One step (`_step`, each method's own). When it raises (the closure ran out of memory, was interrupted, or a
+        caller's check refused its losses) theta is put back before the exception leaves: the perturbation still
+        applied is removed and the estimator (adaptive clipping's C) returns to the step's start, so nothing of the
+        failed step remains and the same step can be taken again."""
+        estimator = getattr(self, "estimator", None)
+        saved = estimator.state_dict() if estimator is not None else None
+        try:
+            return self._step(closure)
+        except BaseException:
+            self._abort_step(saved)
+            raise
+
+    def _abort_step(self, estimator_state: dict | None) -> None:
+        """Undo what a step that raised had done: theta + offset z of the seed last applied goes back to theta (within
+        the few ulp of any restore), and the estimator's state is the saved one."""
+        offset = getattr(self, "_offset", 0.0)
+        if offset:
+            self._sweep(self._perturbed_seed, "add", alpha=-offset)
+        if estimator_state is not None:
+            self.estimator.load_state_dict(estimator_state)
+
+    def _step(self, closure) -> StepOutput:
         """n-SPSA: n two-sided estimates at the same theta, then one update with their mean, g = (1/n) sum_i g_i z_i."""
         eps, n = self.config.eps, self.config.n_spsa
         self._begin_step()
@@ -91,8 +113,13 @@ class ZOOptimizer(SlimOptimizer):
         info = infos[0] if n == 1 else {k: sum(d[k] for d in infos) / n for k in infos[0]}  # averaged over estimates
         return StepOutput(sum(losses) / n, {"projected_grad": sum(g for _, g in estimates) / n, **info})
 
-    def _measure(self, closure, seed: int, alpha: float) -> torch.Tensor:
+    def _perturb(self, seed: int, alpha: float) -> None:
+        """theta += alpha z(seed); `_abort_step` removes what is applied when a step raises."""
+        self._perturbed_seed = seed
         self._sweep(seed, "add", alpha=alpha)
+
+    def _measure(self, closure, seed: int, alpha: float) -> torch.Tensor:
+        self._perturb(seed, alpha)
         with torch.inference_mode():
             return closure().detach()
 
