@@ -120,6 +120,11 @@ CANDIDATES.update({
         "--optimizer", "mezo", "--peft", "lora", "--lr", "1e-3", "--eps", "1e-2", "--steps", "600", "--lr-scheduler",
         "constant", "--task", "custom", "--template", "Review: {sentence}\nSentiment:", "--label-words",
         "0=negative,1=positive"]},
+    # ... and AdamW + LoRA's selected candidate (lr 1e-3, 150 steps) with the same prompt: the prompt becomes SST-2's
+    # default only if backprop does not lose with it (every row of the tables shares the task's prompt).
+    "adamw+lora-prompt": {"adamw-lora-lr1e-3-review-prompt": [
+        "--optimizer", "adamw", "--peft", "lora", "--lr", "1e-3", *FO, "--task", "custom", "--template",
+        "Review: {sentence}\nSentiment:", "--label-words", "0=negative,1=positive"]},
 })
 
 
