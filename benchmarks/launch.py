@@ -1,6 +1,10 @@
 """Run `slimtune train` for a benchmark: a finished run (summary.json) is left alone, an unfinished one resumes from
 its checkpoint, and the process gets `threads` torch threads (runs side by side, one per core, do not oversubscribe).
-Results files are merged on write, so such runs keep each other's rows."""
+Results files are merged on write, so such runs keep each other's rows.
+
+A run trained with another prompt than its flags give today (SST-2's default prompt changed; `run_prompt`) is kept
+and reported as it is, marked in the tables, unless SLIMTUNE_RERUN_STALE_PROMPT=1: then it is moved to
+benchmarks/results/before-prompt-change/ (kept, never deleted) and trained again with today's prompt."""
 
 from __future__ import annotations
 
@@ -23,9 +27,51 @@ def private_stats(flags: list[str]) -> list[str]:
     return ["--log-private-stats"] if optimizer in PRIVATE and "--log-private-stats" not in flags else []
 
 
+def run_prompt(run_dir: Path) -> tuple[str, str] | None:
+    """(template, label words) a run trained with, from its config.json (runs that recorded null: the prompt of
+    their time, train/resume.PROMPT_FOR_NULL); None for a generation run or no config."""
+    from slimtune.train.resume import read_stored
+    stored = read_stored(run_dir) if (run_dir / "config.json").exists() else None
+    if not stored or stored.get("template") is None or stored.get("task") == "generation":
+        return None
+    return stored["template"], stored.get("label_words")
+
+
+def prompt_of_flags(flags: list[str]) -> tuple[str, str] | None:
+    """(template, label words) a new run with `flags` trains with today."""
+    from slimtune.data.tasks import builtin_prompt
+    given = {f: flags[flags.index(f) + 1] for f in ("--task", "--template", "--label-words") if f in flags}
+    task = given.get("--task", "sst2")
+    if task == "generation":
+        return None
+    own = builtin_prompt(task) or (None, None)
+    return given.get("--template", own[0]), given.get("--label-words", own[1])
+
+
+def stale_prompt(run_dir: Path, flags: list[str]) -> bool:
+    """Whether the run in `run_dir` trained with another prompt than `flags` give today."""
+    recorded = run_prompt(run_dir)
+    return recorded is not None and recorded != prompt_of_flags(flags)
+
+
+def archive_stale(run_dir: Path) -> Path:
+    """Move a run of an older prompt to benchmarks/results/before-prompt-change/<path under results>/ (a free name)."""
+    results = Path(__file__).resolve().parent / "results"
+    target = results / "before-prompt-change" / run_dir.resolve().relative_to(results)
+    while target.exists():
+        target = target.with_name(target.name + "-again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.rename(target)
+    print(f"moved {run_dir} (trained with an earlier prompt) to {target}", flush=True)
+    return target
+
+
 def train_run(run_dir: Path, data: Path, eval_data: Path, flags: list[str], threads: int) -> None:
     """`slimtune train --data data --eval-data eval_data --out run_dir --quiet *flags` (+ --resume when a checkpoint
-    is there); nothing if the run has finished. A private run gets --log-private-stats (`private_stats`)."""
+    is there); nothing if the run has finished. A private run gets --log-private-stats (`private_stats`). With
+    SLIMTUNE_RERUN_STALE_PROMPT=1 a run of an earlier prompt is archived first (`archive_stale`) and trained again."""
+    if os.environ.get("SLIMTUNE_RERUN_STALE_PROMPT") == "1" and stale_prompt(run_dir, flags):
+        archive_stale(run_dir)
     if (run_dir / "summary.json").exists():
         return
     resume = ["--resume"] if (run_dir / "checkpoint").exists() else []

@@ -20,7 +20,8 @@ def test_tsv_csv_jsonl_give_the_same_examples(tmp_path):
     csv = write(tmp_path, "a.csv", 'sentence,label\n"good film",1\n"bad film",0\n')
     jsonl = write(tmp_path, "a.jsonl", '{"sentence": "good film", "label": 1}\n\n{"sentence": "bad film", "label": 0}\n')
     got = [[(e.prompt, e.label) for e in read_examples(p, task)] for p in (tsv, csv, jsonl)]
-    assert got[0] == got[1] == got[2] == [("good film It was", 1), ("bad film It was", 0)]
+    assert got[0] == got[1] == got[2] == [("Review: good film\nSentiment:", 1),
+                                        ("Review: bad film\nSentiment:", 0)]
 
 
 def test_hf_dataset_from_disk(tmp_path):
@@ -28,7 +29,8 @@ def test_hf_dataset_from_disk(tmp_path):
     ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"sentence": ["nice", "awful"], "label": [1, 0]})})
     ds.save_to_disk(str(tmp_path / "ds"))
     ex = read_examples(f"hf:{tmp_path / 'ds'}", get_task("sst2"), "train")
-    assert [(e.prompt, e.label) for e in ex] == [("nice It was", 1), ("awful It was", 0)]
+    assert [(e.prompt, e.label) for e in ex] == [("Review: nice\nSentiment:", 1),
+                                                    ("Review: awful\nSentiment:", 0)]
 
 
 @pytest.mark.parametrize("content,name,pattern", [

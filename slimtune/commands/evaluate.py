@@ -25,12 +25,13 @@ def run_eval(s: EvalSettings):
     from slimtune.train.objectives import GenerationSettings, make_objective
 
     try:
-        objective = make_objective(s.task, s.text_column, s.label_column, s.template, s.label_words,
+        template, label_words = prompt_of_adapter(s)
+        objective = make_objective(s.task, s.text_column, s.label_column, template, label_words,
                                    GenerationSettings(s.input_column, s.target_column, s.max_new_tokens, s.num_beams,
                                                       True, s.batch_size), s.max_length, s.batch_size)
         raw, texts = objective.load(s.data, "validation")
         dev = resolve_device(s.device)
-        m, tok = load_for_inference(s.model, s.adapter, dev, texts)
+        m, tok = load_for_inference(s.model, s.adapter, dev, texts + [" ".join(objective.public_words)])
         check_positions(m, s.max_length, s.max_new_tokens if objective.kind == "generation" else 0)
         objective.bind(tok)
         examples = objective.examples(raw, tok)
@@ -41,6 +42,23 @@ def run_eval(s: EvalSettings):
     except SlimtuneError as exc:
         fail(exc)
     console.print_json(json.dumps({"examples": len(examples), **res}))
+
+
+def prompt_of_adapter(s: EvalSettings) -> tuple[str | None, str | None]:
+    """(template, label words): the ones given, else, for an adapter saved by a run of the same built-in task, the
+    prompt that run trained with (its config.json; runs older than the record used the task's prompt of their time),
+    so that an adapter is scored with the prompt it learned, not the task's current one."""
+    from pathlib import Path
+
+    from slimtune.train.resume import PROMPT_FOR_NULL, read_stored
+    if not s.adapter or s.task not in PROMPT_FOR_NULL or (s.template is not None and s.label_words is not None):
+        return s.template, s.label_words
+    run = Path(s.adapter).resolve().parent
+    stored = read_stored(run) if (run / "config.json").is_file() else None
+    if not stored or stored.get("task") != s.task:
+        return s.template, s.label_words
+    return (s.template if s.template is not None else stored.get("template"),
+            s.label_words if s.label_words is not None else stored.get("label_words"))
 
 
 def run_generate(s: GenerateSettings):

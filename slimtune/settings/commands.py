@@ -25,9 +25,10 @@ class EvalSettings(Settings):
     task: str = setting("sst2", "sst2, rte, custom or generation", choices=TASKS)
     text_column: str | None = setting(None, "sst2: the text column", applies=when(task=("sst2",)))
     label_column: str | None = setting(None, "classification: the label column", applies=when(task=CLASSIFICATION))
-    template: str | None = setting(None, "prompt template (custom task or generation)",
-                                   applies=when(task=("custom", "generation")))
-    label_words: str | None = setting(None, "custom task label words", applies=when(task=("custom",)))
+    template: str | None = setting(None, "prompt template (custom task, another prompt for sst2/rte, or generation); "
+                                   "with --adapter, the adapter's run's prompt when left out")
+    label_words: str | None = setting(None, "classification label words (custom task; sst2/rte: instead of the "
+                                      "task's own)", applies=when(task=CLASSIFICATION))
     input_column: str | None = setting(None, "generation, tables: prompt column", applies=generation)
     target_column: str | None = setting(None, "generation, tables: reference column", applies=generation)
     max_new_tokens: int = setting(64, "generation: tokens generated per prompt", low=1, applies=generation)

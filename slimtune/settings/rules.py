@@ -81,6 +81,9 @@ def check_label_words(label_words: str) -> list[tuple[str, str]]:
     return list(zip(values, words))
 
 
+BUILTIN_PROMPTS = {"sst2": (("sentence",), ("0", "1")), "rte": (("sentence1", "sentence2"), ("0", "1"))}  # data/tasks
+
+
 def check_task_text(s) -> None:
     """The prompt settings of a command with `task`, `template`, `label_words` and `input_column` (train, eval)."""
     if s.task == "custom":
@@ -89,6 +92,17 @@ def check_task_text(s) -> None:
                                 "(e.g. '0=terrible,1=great')")
         check_template(s.template, None, "--template")
         check_label_words(s.label_words)
+    if s.task in BUILTIN_PROMPTS:
+        columns, values = BUILTIN_PROMPTS[s.task]
+        if s.template is not None:
+            check_template(s.template, columns, "--template",
+                           hint=f" (task {s.task}'s columns; a column of another name in the data: --text-column)"
+                           if s.task == "sst2" else f" (task {s.task}'s columns)")
+        if s.label_words is not None:
+            given = [v for v, _ in check_label_words(s.label_words)]
+            if sorted(given) != sorted(values):
+                raise SlimtuneError(f"--label-words {s.label_words!r}: task {s.task} has the label values "
+                                    f"{', '.join(values)}: give one word for each (e.g. '0=negative,1=positive')")
     if s.task == "generation" and s.template is not None:
         check_template(s.template, (s.input_column or "input",), "--template",
                        hint="" if s.input_column else " (name another column with --input-column)")

@@ -48,10 +48,11 @@ class TrainSettings(Settings):
     text_column: str | None = setting(None, "sst2: the text column (default sentence)", applies=when(task=("sst2",)))
     label_column: str | None = setting(None, "classification: the label column (default label)",
                                        applies=when(task=CLASSIFICATION))
-    template: str | None = setting(None, "prompt template: custom task '{text} It was'; generation '{input}\\n' "
-                                   "over the input column", applies=when(task=("custom", "generation")))
-    label_words: str | None = setting(None, "custom task: label words, e.g. '0=terrible,1=great'",
-                                      applies=when(task=("custom",)))
+    template: str | None = setting(None, "prompt template: custom task '{text} It was'; sst2/rte: another prompt over "
+                                   "their columns ('{sentence} It was'); generation '{input}\\n' over the input "
+                                   "column")
+    label_words: str | None = setting(None, "classification: label words, e.g. '0=terrible,1=great' (custom: "
+                                      "required; sst2/rte: instead of the task's own)", applies=when(task=CLASSIFICATION))
     input_column: str | None = setting(None, "generation, tables: prompt column (default input)", applies=generation)
     target_column: str | None = setting(None, "generation, tables: completion column (default target)",
                                         applies=generation)

@@ -41,6 +41,11 @@ class ClassificationObjective:
     def metrics(self) -> tuple[str, ...]:
         return ("accuracy", "loss")
 
+    @property
+    def public_words(self) -> list[str]:
+        """Words a tiny test model's tokenizer must know whatever the data: the label words it scores."""
+        return [w.strip() for w in self.task.label_words]
+
     def load(self, source: str, split: str):
         from slimtune.data import read_examples
         examples = read_examples(source, self.task, split)
@@ -81,6 +86,8 @@ class GenerationObjective:
 
     def __init__(self, task, settings: GenerationSettings, max_length: int):
         self.task, self.settings, self.max_length, self.tokenizer = task, settings, max_length, None
+
+    public_words: list[str] = []
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -175,7 +182,7 @@ def load_model_and_data(objective, model_name: str, train_path: str, eval_path: 
     raw_train, texts = objective.load(train_path, "train") if train_path else (None, [])  # a server without rows
     raw_eval, eval_texts = objective.load(eval_path, "validation") if eval_path else (None, [])
     torch.manual_seed(seed)
-    fitted = (texts if fit_tokenizer_to_training_data else []) + eval_texts
+    fitted = (texts if fit_tokenizer_to_training_data else []) + eval_texts + [" ".join(objective.public_words)]
     model, tokenizer = load_model_and_tokenizer(model_name, dtype or torch.float32, device, fitted,
                                                 base_quant=base_quant)
     objective.bind(tokenizer)

@@ -59,10 +59,20 @@ USED_FOR_NULL = {"sparsity": (("sparse-mezo",), 0.75), "mask_every": (("sparse-m
                  "fo_layers": (("hybrid", "dphybrid"), 2), "fo_clip": (("dphybrid",), 1.0)}
 
 
+# The prompts of the built-in tasks before runs recorded them (config.json template / label_words null): SST-2's changed
+# to "Review: ... Sentiment:" negative/positive afterwards (data/tasks.py); frozen here, as USED_FOR_NULL
+PROMPT_FOR_NULL = {"sst2": ("{sentence} It was", "0=terrible,1=great"),
+                   "rte": ('{sentence1}\nDoes this mean that "{sentence2}" is true? Yes or No?\n', "0=Yes,1=No")}
+
+
 def as_trained(stored: dict) -> dict:
-    """A stored config with what the run trained with where older versions recorded something else: null for a
-    method's own setting (USED_FOR_NULL); for FZOO, gaussian (it always drew Rademacher directions then) and n_spsa
-    1 (its N was 8 then whenever --n-spsa was not above 1)."""
+    """A stored config with what the run trained with where older versions recorded something else: the prompt of a
+    built-in task (PROMPT_FOR_NULL); null for a method's own setting (USED_FOR_NULL); for FZOO, gaussian (it always drew
+    Rademacher directions then) and n_spsa 1 (its N was 8 then whenever --n-spsa was not above 1)."""
+    if stored.get("task") in PROMPT_FOR_NULL:
+        for name, used in zip(("template", "label_words"), PROMPT_FOR_NULL[stored["task"]]):
+            if stored.get(name) is None:
+                stored[name] = used
     optim = stored.get("optim")
     if not isinstance(optim, dict):
         return stored

@@ -141,6 +141,7 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
         adopt_unset(config, stored, {"privacy": PrivacySpec})  # settings left unset keep the run's values
         check_resume(config, out)  # a changed optimizer is named before the settings it brings are judged
     origin = resolve_defaults(config)  # config.json stores the resolved values
+    record_prompt(config)
     validate(config)
     multiplier = lr_multiplier(config.lr_scheduler, config.steps, config.warmup_steps)
     distributed.check_supported(config.optimizer, world)
@@ -167,6 +168,16 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
             run_dir.update(state="failed")
             run_dir.release()
         raise
+
+
+def record_prompt(config: TrainConfig) -> None:
+    """A built-in task's prompt, where not given, is the task's today, written into the config (and so config.json):
+    what a run resumes and is evaluated with does not follow later changes of the task's prompt."""
+    from slimtune.data.tasks import builtin_prompt
+    prompt = builtin_prompt(config.task)
+    if prompt is not None:
+        config.template = config.template if config.template is not None else prompt[0]
+        config.label_words = config.label_words if config.label_words is not None else prompt[1]
 
 
 PER_RANK = ("out_dir", "train_data", "eval_data", "model", "secret_key_file", "device", "progress")  # paths may differ
