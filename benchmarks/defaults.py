@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from launch import train_run
+from launch import run_prompt, train_run
 
 from slimtune.optim.defaults import defaults_for
 
@@ -154,7 +154,7 @@ def run(name: str, flags: list[str], threads: int, gpu: bool) -> dict:
     keep = ("method", "peft", "model", "trainable_params", "steps", "final_accuracy", "best_accuracy", "best_step",
             "best_eval_loss", "saved_adapter", "epsilon", "peak_mem_mb", "time_per_step_s")
     return {**{k: summary.get(k) for k in keep}, "zero_shot_accuracy": evals[0]["eval_accuracy"] if evals else None,
-            "wall_time_s": (summary.get("time_per_step_s") or 0) * summary["steps"]}
+            "wall_time_s": (summary.get("time_per_step_s") or 0) * summary["steps"], "prompt": run_prompt(run_dir)}
 
 
 def main() -> None:

@@ -31,6 +31,22 @@ def read_results(relative: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+EARLIER = " (old prompt)"  # an SST-2 row trained with the prompt before issue 36's change
+EARLIER_NOTE = ("Rows marked (old prompt) trained with SST-2's earlier prompt `{sentence} It was` (terrible / great); "
+                "SST-2's default is now `Review: {sentence}\\nSentiment:` (negative / positive), and they are rerun "
+                "with it over sessions (`SLIMTUNE_RERUN_STALE_PROMPT=1`, benchmarks/launch.py).")
+
+
+def earlier_prompt(entry: dict | None) -> bool:
+    """Whether an SST-2 results entry (defaults.json, zo_convergence.json) trained with another prompt than SST-2's
+    today; entries from before runs recorded it (no "prompt") trained with the earlier one."""
+    from launch import prompt_of_flags
+    if not entry:
+        return False
+    prompt = entry.get("prompt")
+    return prompt is None or tuple(prompt) != prompt_of_flags([])
+
+
 def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
@@ -180,7 +196,7 @@ def defaults_table() -> str:
             rows.append(f"| {name} | - | - | {bench.progress(bench.OUT / name)} | - | - | - | - | - | {target} | - |")
             continue
         met, why = bench.verdict(name, d)
-        rows.append(f"| {name} | {r['trainable_params']:,} | {r['steps']} | {fmt(r['best_accuracy'])} | "
+        rows.append(f"| {name}{EARLIER if earlier_prompt(r) else ''} | {r['trainable_params']:,} | {r['steps']} | {fmt(r['best_accuracy'])} | "
                     f"{r['best_step']} | {fmt(r['final_accuracy'])} | {fmt(r['epsilon'], '.2f')} | "
                     f"{r['peak_mem_mb']:,.0f} | {r['wall_time_s'] / 60:.0f} min{threads(r)} | {target} | "
                     f"{({True: 'yes', False: '**no**', None: 'comparison' if bench.TARGETS[name][0] == 'compare' else 'not yet'}[met])}: {why} |")
@@ -190,7 +206,8 @@ def defaults_table() -> str:
                               "1-thread run had one other 1-thread run beside it); rows without a count predate its "
                               "recording: the Gemma and bf16 rows ran at 1 thread beside one other run, the others at "
                               "2 threads, often beside other runs." +
-                              (f" Zero-shot dev accuracy: {zero:.3f}." if zero is not None else ""))
+                              (f" Zero-shot dev accuracy: {zero:.3f}." if zero is not None else "") + " " +
+                              EARLIER_NOTE)
 
 
 def sweep_table() -> str:
@@ -275,7 +292,8 @@ def zo_convergence_table() -> str:
         seconds = r.get("seconds_to_target")
         ratio = (clock.get(name) or {}).get("ratio")
         seconds = "not reached" if seconds is None else f"{seconds:,.0f}" + (f" ({ratio:.2f}x)" if ratio else "")
-        rows.append(f"| {name} | {fps} | {' / '.join(f'{a:.3f}' for a in r['accuracy'])} | {fmt(r['final_accuracy'])} "
+        rows.append(f"| {name}{EARLIER if earlier_prompt(r) else ''} | {fps} | "
+                    f"{' / '.join(f'{a:.3f}' for a in r['accuracy'])} | {fmt(r['final_accuracy'])} "
                     f"| {'not reached' if to is None else f'{to:,}'} | {seconds} | {fmt(r['time_per_step_s'], '.2f')} "
                     f"| {status} |")
     notes = []
@@ -317,6 +335,8 @@ def zo_convergence_table() -> str:
             if t.get("gap_at_equal_forwards"):
                 notes.append(f"{run} - {ref} at equal forwards (each ~500): "
                              + " / ".join(f"{100 * g:+.1f}" for g in t["gap_at_equal_forwards"]) + " pts")
+    if any(earlier_prompt(r) for r in d["runs"].values()):
+        notes.append(EARLIER_NOTE.rstrip("."))
     return "\n".join(rows) + ("\n\n" + "\n".join(f"- {n}." for n in notes) if notes else "")
 
 

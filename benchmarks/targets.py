@@ -6,7 +6,7 @@ Usage: python benchmarks/readme_tables.py targets
 
 from __future__ import annotations
 
-from tables import read_results
+from tables import EARLIER, earlier_prompt, read_results
 
 FORWARD_ONLY = ("mezo-lora-gaussian", "mezo-lora-pool", "fzoo-lora", "mezo-full-gaussian", "mezo-full-pool",
                 "hizoo-lora", "hizoo-l-full", "sparse-mezo-full", "mezo-lora-10k")
@@ -77,6 +77,8 @@ def zo_rows() -> list[list[str]]:
     forward.update({n: r["final_accuracy"] for n, r in defaults.items()
                     if n in ("mezo-lora", "mezo-svfit", "lozo-full") and r.get("final_accuracy") is not None})
     best = max(forward.items(), key=lambda kv: kv[1]) if forward else None
+    entry_of = lambda n: finished.get(n) or defaults.get(n)  # noqa: E731
+    old = lambda n: EARLIER if earlier_prompt(entry_of(n)) else ""  # noqa: E731
     hybrid = finished.get("hybrid-lora")
     conv_doc = read_results("zo_convergence.json") or {}
     own = {n: c["ratio"] for n, c in (conv_doc.get("wall_clock_to_target") or {}).items() if c.get("ratio")}
@@ -100,14 +102,15 @@ def zo_rows() -> list[list[str]]:
     hybrid_memory = (ratios.get("hybrid_lora") or {}).get("memory_vs_inference")
     rows = [
         ["36", "best forward-only method, 2,000 steps (SST-2 dev)", ">= 0.84",
-         verdict(None if best is None else best[1] >= 0.84, "" if best is None else f"{best[1]:.3f}, {best[0]}")],
+         verdict(None if best is None else best[1] >= 0.84,
+                 "" if best is None else f"{best[1]:.3f}, {best[0]}{old(best[0])}")],
         ["36", "hybrid (backprop through <= 2 blocks), 2,000 steps", ">= 0.87 at <= 1.5x inference memory",
          verdict(None if hybrid is None else hybrid["final_accuracy"] >= 0.87 and (hybrid_memory or 99) <= 1.5,
-                 "" if hybrid is None else f"{hybrid['final_accuracy']:.3f}, memory "
+                 "" if hybrid is None else f"{hybrid['final_accuracy']:.3f}{old('hybrid-lora')}, memory "
                  + ("not measured" if hybrid_memory is None else f"{hybrid_memory:.2f}x (zo_step.json)"))],
         ["36", "wall-clock to 80% dev, best ZO or hybrid / AdamW + LoRA", "<= 2x",
          verdict(None if fastest is None else fastest[1] <= 2.0,
-                 "" if fastest is None else f"{fastest[1]:.2f}x, {fastest[0]}{clock_note}")],
+                 "" if fastest is None else f"{fastest[1]:.2f}x, {fastest[0]}{old(fastest[0])}{clock_note}")],
         ["36", "E2E BLEU, best ZO or hybrid, 2,000 steps", f">= 0.75 x AdamW ({0.75 * (adamw_bleu or 0):.1f})",
          verdict(None if best_bleu is None or adamw_bleu is None else best_bleu[1] >= 0.75 * adamw_bleu,
                  "" if best_bleu is None else f"{best_bleu[1]:.1f}, {best_bleu[0]}")],

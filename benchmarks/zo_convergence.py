@@ -41,7 +41,7 @@ import statistics
 from pathlib import Path
 
 import defaults
-from launch import train_run
+from launch import run_prompt, train_run
 
 ROOT = defaults.ROOT
 OUT = ROOT / "benchmarks" / "results" / "zo_convergence"
@@ -117,7 +117,8 @@ def curve(name: str) -> dict | None:
               "forward_passes": [s * fps for s in steps], "accuracy": [evals[s] for s in steps],
               "seconds": seconds,
               "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
-              "time_per_step_s": statistics.median(times) if times else None, "flags": RUNS[name][0]}
+              "time_per_step_s": statistics.median(times) if times else None, "flags": RUNS[name][0],
+              "prompt": run_prompt(run_dir(name))}
     return {**result, "forwards_to_target": forwards_to(result, TARGET_ACC),
             "seconds_to_target": seconds_to(result, TARGET_ACC)}
 

@@ -3,7 +3,7 @@
 The whole recipe: LoRA on the model, `slimtune.DPZero` calibrated to (epsilon, delta) for the run's steps, and a
 loop that asks the optimizer for each step's Poisson batch and returns one loss per example from the closure (each
 example's difference is clipped before the noise is added). The loss is the cross-entropy over the two label words
-at the end of the MeZO prompt `<sentence> It was`.
+at the end of SST-2's prompt `Review: <sentence>\nSentiment:`.
 
     python examples/dpzero_torch_loop.py                               # SmolLM2-135M, bundled demo data, epsilon 6
     python examples/dpzero_torch_loop.py --train train.tsv --dev dev.tsv --epsilon 2 --steps 2000

@@ -1,6 +1,7 @@
 """Sentiment classification (SST-2) with transformers' Trainer and MeZO instead of backprop.
 
-Each example is the MeZO prompt `<sentence> It was` followed by its label word (` great` / ` terrible`); the loss is
+Each example is SST-2's prompt `Review: <sentence>\nSentiment:` followed by its label word (` negative` /
+` positive`: `slimtune.data.get_task("sst2")`); the loss is
 the causal LM's cross-entropy on that one word (every other position is labelled -100). Accuracy compares the two
 label words' logits at the end of the prompt. Everything is Hugging Face's except the trainer class:
 `ZOTrainer(..., zo_args=ZOArguments(optimizer="mezo"))` trains with forward passes only (lr and eps from slimtune's

@@ -495,7 +495,7 @@ def tiny_tokenizer(texts: list[str], extra_words: tuple[str, ...] = ()) -> PreTr
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<eos>"], min_frequency=1)
-    base = ["terrible great yes no it was does this mean that is true or ? . , \" :"]
+    base = ["terrible great negative positive review sentiment yes no it was does this mean that is true or ? . , \" :"]
     tok.train_from_iterator(list(texts) + base + list(extra_words), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
