@@ -114,7 +114,7 @@ for _peft, _lr in _MEZO_LR.items():
                                               (("fo_lr", _ADAMW_LR[_peft]),))
 TABLE[("hybrid", "lora")] = MethodDefaults(
     1e-3, 1e-2, "linear", HYBRID_WARMUP, ZO_STEPS, "defaults_sweep hybrid+lora (600 steps, constant lr: fo_lr 3e-3 "
-    "0.846 on the split, 1e-3 0.844, 3e-4 0.812; ZO lr 2e-3 ended at 0.742); defaults_sweep hybrid+lora-warmup "
+    "0.846 on the split, 1e-2 0.822, 1e-3 0.844, 3e-4 0.812; ZO lr 2e-3 ended at 0.742); defaults_sweep hybrid+lora-warmup "
     "(first 200 steps: warm-up 15 first at 80% on the split at step 120, 40 at 120 but 0.796 at 200 against 0.808, "
     "100 at 160)", (("fo_lr", 3e-3),))
 TABLE[("sparse-mezo", "none")] = _zo(
