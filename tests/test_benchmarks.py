@@ -322,3 +322,24 @@ def test_benchmark_private_runs_log_their_private_stats_once(tmp_path, monkeypat
     launch.train_run(tmp_path / "c", tmp_path / "t.tsv", tmp_path / "d.tsv", ["--optimizer", "mezo"], 1)
     launch.train_run(tmp_path / "e", tmp_path / "t.tsv", tmp_path / "d.tsv", ["--optimizer", "dp-adamw"], 1)  # eps 6
     assert [c.count("--log-private-stats") for c in calls] == [1, 1, 0, 1]
+
+
+def test_runs_of_different_prompts_are_never_compared():
+    """SST-2's prompt changed (zero-shot 0.52 -> 0.78): a hybrid of the old prompt against AdamW of the new one, or
+    the pool against Gaussian z across prompts, would credit the prompt to the method."""
+    import zo_convergence as z
+    new = ["Review: {sentence}\nSentiment:", "0=negative,1=positive"]
+
+    def run(acc, seconds, prompt=None):
+        return {"accuracy": acc, "seconds": seconds, "finished": True, "steps": [0, 250, 500], "prompt": prompt}
+
+    adamw = run([0.78, 0.85, 0.88], [0.0, 220.0, 1700.0], new)
+    old_hybrid = run([0.52, 0.81, 0.86], [0.0, 300.0, 600.0])
+    new_hybrid = run([0.78, 0.86, 0.87], [0.0, 300.0, 600.0], new)
+    t = z.wall_clock({"adamw-lora": adamw, "hybrid-lora": old_hybrid})
+    assert t == {}
+    t = z.wall_clock({"adamw-lora": adamw, "hybrid-lora": new_hybrid}, 0.85)
+    assert t["hybrid-lora"]["ratio"] == pytest.approx(300 / 220)
+    pool, gaussian = run([0.78, 0.8, 0.82], [0, 1, 2], new), run([0.52, 0.6, 0.7], [0, 1, 2])
+    assert "mezo-lora-pool_vs_mezo-lora-gaussian" not in z.compare({"mezo-lora-pool": pool,
+                                                                   "mezo-lora-gaussian": gaussian})
