@@ -505,6 +505,8 @@ class PrivateOptimizer(ZerothOrderOptimizer):
 
     def step(self, closure: Closure | None = None) -> StepOutput | None:  # type: ignore[override]
         name = type(self).__name__
+        if closure is not None and self.impl._broken:  # a failed step's weights: nothing is checked against them
+            raise SlimtuneError(self.impl._broken)
         if closure is not None and self.impl.step_count >= self.steps:
             raise SlimtuneError(f"slimtune.{name}: the noise was calibrated for {self.steps} steps "
                                 f"(epsilon {self.accountant.spec.target_epsilon}); a further step would spend more "
@@ -514,11 +516,13 @@ class PrivateOptimizer(ZerothOrderOptimizer):
                                 "each step and evaluate exactly its examples (the accountant prices a Poisson sample "
                                 "drawn from this optimizer's secret key; a DataLoader's batches, or the draw of "
                                 "another step, are not it)")
-        out = super().step(closure)
-        if closure is not None:
-            self._released += 1  # never goes down: load_state_dict cannot make this key's releases unspent
-            self._drawn = {t: n for t, n in self._drawn.items() if t >= self.impl.step_count}
-        return out
+        before = self.impl.step_count
+        try:
+            return super().step(closure)
+        finally:  # a step counts once its update began, even if it failed there (its releases are in the weights)
+            if self.impl.step_count > before:
+                self._released += 1  # never goes down: load_state_dict cannot make this key's releases unspent
+                self._drawn = {t: n for t, n in self._drawn.items() if t >= self.impl.step_count}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As `ZerothOrderOptimizer.load_state_dict`, into an optimizer that has released nothing yet: rolling one

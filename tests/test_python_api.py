@@ -154,9 +154,10 @@ def test_no_trainable_parameters_is_an_error():
 def test_dpzero_needs_per_example_losses():
     model = tiny_lm("lora")
     dp = slimtune.DPZero(model, epsilon=6, delta=1e-5, dataset_size=1000, batch_size=16, steps=10)
+    n = len(dp.sample_batch())
     with pytest.raises(SlimtuneError, match="needs per-example losses"):
-        dp.step(mean_loss(model, batch()))
-    out = dp.step(per_example(model, batch()))
+        dp.step(mean_loss(model, batch(n=n)))
+    out = dp.step(per_example(model, batch(n=n)))
     assert "projected_grad" in out.info and dp.steps_taken == 1
 
 

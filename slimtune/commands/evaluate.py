@@ -22,7 +22,7 @@ def run_eval(s: EvalSettings):
     a trained adapter."""
     from slimtune.cli import console, fail
     from slimtune.models.loading import check_positions
-    from slimtune.train.objectives import GenerationSettings, make_objective
+    from slimtune.train.objectives import GenerationSettings, make_objective, unseen_words
 
     try:
         template, label_words = prompt_of_adapter(s)
@@ -31,7 +31,7 @@ def run_eval(s: EvalSettings):
                                                       True, s.batch_size), s.max_length, s.batch_size)
         raw, texts = objective.load(s.data, "validation")
         dev = resolve_device(s.device)
-        m, tok = load_for_inference(s.model, s.adapter, dev, texts + [" ".join(objective.public_words)])
+        m, tok = load_for_inference(s.model, s.adapter, dev, texts + unseen_words(objective.public_words, texts))
         check_positions(m, s.max_length, s.max_new_tokens if objective.kind == "generation" else 0)
         objective.bind(tok)
         examples = objective.examples(raw, tok)
@@ -50,13 +50,18 @@ def prompt_of_adapter(s: EvalSettings) -> tuple[str | None, str | None]:
     so that an adapter is scored with the prompt it learned, not the task's current one."""
     from pathlib import Path
 
-    from slimtune.train.resume import PROMPT_FOR_NULL, read_stored
+    from slimtune.settings.train import is_run_config
+    from slimtune.train.resume import PROMPT_FOR_NULL, as_trained
     if not s.adapter or s.task not in PROMPT_FOR_NULL or (s.template is not None and s.label_words is not None):
         return s.template, s.label_words
-    run = Path(s.adapter).resolve().parent
-    stored = read_stored(run) if (run / "config.json").is_file() else None
-    if not stored or stored.get("task") != s.task:
+    path = Path(s.adapter).resolve().parent / "config.json"
+    try:  # a config.json beside the adapter that is not its run's (another tool's, half-written) is passed over
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        stored = None
+    if not isinstance(stored, dict) or not is_run_config(stored) or stored.get("task") != s.task:
         return s.template, s.label_words
+    stored = as_trained(stored)
     return (s.template if s.template is not None else stored.get("template"),
             s.label_words if s.label_words is not None else stored.get("label_words"))
 

@@ -488,6 +488,9 @@ def _save_atomically(model, tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+TINY_BASE_WORDS = "terrible great negative positive review sentiment yes no it was does this mean that is true or ? . , \" :"
+
+
 def tiny_tokenizer(texts: list[str], extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A word-level tokenizer fitted to `texts` (for tests and tiny models: no hub, no files)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -495,8 +498,7 @@ def tiny_tokenizer(texts: list[str], extra_words: tuple[str, ...] = ()) -> PreTr
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<eos>"], min_frequency=1)
-    base = ["terrible great negative positive review sentiment yes no it was does this mean that is true or ? . , \" :"]
-    tok.train_from_iterator(list(texts) + base + list(extra_words), trainer)
+    tok.train_from_iterator(list(texts) + [TINY_BASE_WORDS] + list(extra_words), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 

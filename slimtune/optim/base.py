@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +37,27 @@ class SlimOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
+
+
+@contextmanager
+def deferred_interrupt():
+    """Ctrl-C (SIGINT) inside the block is held until the block ends, then handed to the handler that was in place
+    (Python's: KeyboardInterrupt; `slimtune train`'s: stop after this step): a sweep over the weights is never cut
+    part-way. Signal handlers live in the main thread; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(signal.SIGINT, held[0])
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 def trainable(named_params) -> list[tuple[str, torch.nn.Parameter]]:

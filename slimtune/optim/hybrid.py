@@ -91,14 +91,15 @@ class Hybrid(ZOOptimizer):
         if self.params:
             lm = self._measure(closure, seed, -2 * eps)
             g, info = self.estimator(lp, lm, eps)
-            self._sweep(seed, "restore_update", eps=eps, coef=g, decay=True, last=True)
             info = {"projected_grad": g, **info}
             loss = ((lp.float().mean() + lm.float().mean()) / 2).item()
         else:
             loss = lp.float().mean().item()
-        self._top_step()
-        self.step_count += 1
-        self._end_step()
+        with self._updating():  # the top's step first: its per-example clipping is where memory runs out
+            self._top_step()
+            if self.params:
+                self._sweep(seed, "restore_update", eps=eps, coef=g, decay=True, last=True)
+            self._end_step()
         return StepOutput(loss, info)
 
     def _abort_step(self, estimator_state: dict | None) -> None:

@@ -275,7 +275,13 @@ RUN_CONFIG_NAMES = {
 
 
 def from_run_config(stored: dict) -> dict:
-    """A run's config.json as flat train settings (what `--resume` and `--config RUN/config.json` start from)."""
+    """A run's config.json as flat train settings (what `--resume` and `--config RUN/config.json` start from), with
+    what the run trained with where an older version recorded something else (resume.as_trained: the prompt of a
+    run that recorded null)."""
+    import copy
+
+    from slimtune.train.resume import as_trained
+    stored = as_trained(copy.deepcopy(stored))
     flat = {}
     for key, value in stored.items():
         if isinstance(value, dict) and key in ("optim", "peft", "privacy", "generation"):
@@ -330,10 +336,19 @@ def retable(merged: dict, stored: dict, keep: set[str]) -> dict:
 
 
 def retable_from_file(merged: dict, path: str, keep: set[str]) -> dict:
-    """`retable` when the config file at `path` is a run's own config.json; other files are user choices, kept."""
+    """`retable` and `retask` when the config file at `path` is a run's own config.json; other files are user
+    choices, kept."""
     from slimtune.settings.cli import read_config_file
     data = read_config_file(path)
-    return retable(merged, data, keep) if is_run_config(data) else merged
+    return retask(retable(merged, data, keep), data, keep) if is_run_config(data) else merged
+
+
+def retask(merged: dict, stored: dict, keep: set[str]) -> dict:
+    """`--config RUN/config.json --task OTHER`: the run's prompt (template, label words: its task's, recorded) belongs
+    to its task, so it is dropped for another task unless given on the command line."""
+    if merged.get("task", stored.get("task")) == stored.get("task"):
+        return merged
+    return {k: v for k, v in merged.items() if k in keep or k not in ("template", "label_words")}
 
 
 def is_run_config(values: dict) -> bool:

@@ -182,12 +182,22 @@ def load_model_and_data(objective, model_name: str, train_path: str, eval_path: 
     raw_train, texts = objective.load(train_path, "train") if train_path else (None, [])  # a server without rows
     raw_eval, eval_texts = objective.load(eval_path, "validation") if eval_path else (None, [])
     torch.manual_seed(seed)
-    fitted = (texts if fit_tokenizer_to_training_data else []) + eval_texts + [" ".join(objective.public_words)]
+    fitted = (texts if fit_tokenizer_to_training_data else []) + eval_texts
+    fitted += unseen_words(objective.public_words, fitted)
     model, tokenizer = load_model_and_tokenizer(model_name, dtype or torch.float32, device, fitted,
                                                 base_quant=base_quant)
     objective.bind(tokenizer)
     evals = objective.examples(raw_eval, tokenizer) if raw_eval is not None else []
     return model, tokenizer, objective.examples(raw_train, tokenizer) if raw_train is not None else [], evals
+
+
+def unseen_words(words: list[str], texts: list[str]) -> list[str]:
+    """[the words a tiny model's tokenizer would not otherwise know, as one text] (none: []; words already in the
+    texts or its base vocabulary are not repeated, which would reorder the vocabulary a test rebuilds)."""
+    from slimtune.models.loading import TINY_BASE_WORDS
+    known = set(TINY_BASE_WORDS.split()).union(*(t.split() for t in texts)) if texts else set(TINY_BASE_WORDS.split())
+    missing = [w for w in words if w not in known]
+    return [" ".join(missing)] if missing else []
 
 
 def build_objective(config):

@@ -47,7 +47,8 @@ class FZOO(ZOOptimizer):
         with torch.inference_mode():
             base = closure().detach()
         if base.numel() == 0:
-            self.step_count += 1
+            with self._updating():
+                pass
             return StepOutput(float("nan"), {"projected_grad": 0.0})
         l0 = base.float().mean().item()
         seeds, losses = [], []
@@ -59,8 +60,8 @@ class FZOO(ZOOptimizer):
             losses.append(lp.float().mean().item())
         sigma = float(torch.tensor(losses).std())
         slopes = [(l - l0) / eps for l in losses]
-        if sigma > 0 and math.isfinite(sigma):
-            for i, (seed, slope) in enumerate(zip(seeds, slopes)):
-                self._sweep(seed, "update", coef=slope / (n * sigma), decay=i == 0, last=i == n - 1)
-        self.step_count += 1
+        with self._updating():
+            if sigma > 0 and math.isfinite(sigma):
+                for i, (seed, slope) in enumerate(zip(seeds, slopes)):
+                    self._sweep(seed, "update", coef=slope / (n * sigma), decay=i == 0, last=i == n - 1)
         return StepOutput(l0, {"projected_grad": sum(slopes) / n, "loss_std": sigma})

@@ -201,11 +201,14 @@ class HiZOO(ZOOptimizer):
         lm = self._measure(closure, seed, -2 * eps)
         g, info = self.estimator(lp, lm, eps)
         kappa, curvature_info = self.curvature(l0, lp, lm, eps)
-        self._sweep(seed, "restore_update", eps=eps, coef=g, decay=True, kappa=kappa)
-        self.step_count += 1
-        getattr(self.estimator, "end_step", lambda: None)()  # private: the (shared) noise moves to the next step
+        with self._updating():
+            self._sweep(seed, "restore_update", eps=eps, coef=g, decay=True, kappa=kappa)
+            getattr(self.estimator, "end_step", lambda: None)()  # private: the (shared) noise moves to the next step
         loss = l0.float().mean().item() if l0.numel() else float("nan")
         return StepOutput(loss, {"projected_grad": g, "curvature": kappa, **info, **curvature_info})
+
+    def _stateful(self) -> list:
+        return [*super()._stateful(), self.curvature]  # DP-HiZOO: the curvature release's adaptive clip
 
     @torch.no_grad()
     def _sweep(self, seed: int, op: str, alpha: float = 0.0, eps: float = 0.0, coef: float = 0.0,

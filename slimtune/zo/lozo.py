@@ -101,6 +101,10 @@ class LOZO(ZOOptimizer):
         u = self._draws[1][idx]
         return _add_low_rank(out, F.embedding(ids.reshape(-1), u), self.V[idx].T, self._shift / math.sqrt(u.shape[1]))
 
+    def _drop_transients(self) -> None:
+        """The hooked matrices are never written: with the shift dropped, their forward is exactly theta's."""
+        self._shift = 0.0
+
     def _move_shift(self, seed: int, alpha: float) -> None:
         if self._shift and self._shift_seed != seed:
             raise RuntimeError("LOZO: a new direction was applied before the previous one was removed")

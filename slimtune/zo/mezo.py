@@ -14,11 +14,13 @@ rounded stochastically (unbiased), with its random bits from the step seed; z is
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from slimtune.optim.base import SlimOptimizer, StepOutput, decays, mix_seed, trainable
+from slimtune import SlimtuneError
+from slimtune.optim.base import SlimOptimizer, StepOutput, decays, deferred_interrupt, mix_seed, trainable
 from slimtune.zo import precision
 from slimtune.zo.estimators import MeanDifference
 from slimtune.zo.perturbation import make_source
@@ -67,26 +69,64 @@ class ZOOptimizer(SlimOptimizer):
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, closure) -> StepOutput:
-        """One step (`_step`, each method's own). When it raises (the closure ran out of memory, was interrupted, or a
-        caller's check refused its losses) theta is put back before the exception leaves: the perturbation still
-        applied is removed and the estimator (adaptive clipping's C) returns to the step's start, so nothing of the
-        failed step remains and the same step can be taken again."""
-        estimator = getattr(self, "estimator", None)
-        saved = estimator.state_dict() if estimator is not None else None
+        """One step (`_step`, each method's own), all or nothing where it can be:
+
+        - Before the update (the closure's calls and the sweeps that perturb and restore theta): an exception (the
+          closure ran out of memory or was refused by a caller's check, Ctrl-C) puts theta back first, within the few
+          ulp of any restore, and the estimators' states (adaptive clipping's C) return to the step's start: nothing
+          of the failed step remains, and the same step can be taken again.
+        - Ctrl-C never cuts a sweep over the weights: it is held until the sweep ends (`deferred_interrupt`), and
+          during the update until the update ends; the step is then complete, and counted, when KeyboardInterrupt
+          leaves it.
+        - From the update on (`_updating`) the step counts as taken: its releases are going into the weights, and a
+          private run's accountant prices them whatever happens next. Any other failure there, or inside a sweep,
+          leaves weights that no sweep can put back exactly: the optimizer then refuses further steps."""
+        if self._broken:
+            raise SlimtuneError(self._broken)
+        saved = [obj.state_dict() for obj in self._stateful()]
+        self._committed = self._updated = self._sweeping = False
         try:
             return self._step(closure)
-        except BaseException:
-            self._abort_step(saved)
+        except BaseException as exc:
+            if self._sweeping or (self._committed and not self._updated):
+                self._drop_transients()
+                self._broken = (f"slimtune: a {self.name} step failed part-way through "
+                                f"{'its update' if self._committed else 'a sweep over the weights'} "
+                                f"({type(exc).__name__}); the trainable weights may be partly perturbed or updated: "
+                                "reload them from a checkpoint and build a new optimizer")
+            elif not self._committed:
+                self._abort_step(saved)
             raise
 
-    def _abort_step(self, estimator_state: dict | None) -> None:
-        """Undo what a step that raised had done: theta + offset z of the seed last applied goes back to theta (within
-        the few ulp of any restore), and the estimator's state is the saved one."""
+    _broken: str | None = None
+
+    def _drop_transients(self) -> None:
+        """After a failure that leaves the weights partly moved: drop what is not in the weights (LOZO's forward
+        shift), so that the model's forward is at least its weights'."""
+
+    def _stateful(self) -> list:
+        """The objects whose state a step moves before its update (private estimators' adaptive clips)."""
+        estimator = getattr(self, "estimator", None)
+        return [estimator] if estimator is not None else []
+
+    def _abort_step(self, saved: list[dict]) -> None:
+        """Undo what a step that raised before its update had done: theta + offset z of the seed last applied goes back
+        to theta (within the few ulp of any restore), and the estimators' states are the saved ones."""
         offset = getattr(self, "_offset", 0.0)
         if offset:
-            self._sweep(self._perturbed_seed, "add", alpha=-offset)
-        if estimator_state is not None:
-            self.estimator.load_state_dict(estimator_state)
+            self._perturb(self._perturbed_seed, -offset)
+        for obj, state in zip(self._stateful(), saved):
+            obj.load_state_dict(state)
+
+    @contextmanager
+    def _updating(self):
+        """The step's update. From here the step counts as taken (step_count advances first), Ctrl-C waits for the
+        update to end, and a failure inside it leaves the optimizer refusing further steps (see `step`)."""
+        self.step_count += 1
+        self._committed = True
+        with deferred_interrupt():
+            yield
+            self._updated = True
 
     def _step(self, closure) -> StepOutput:
         """n-SPSA: n two-sided estimates at the same theta, then one update with their mean, g = (1/n) sum_i g_i z_i."""
@@ -100,23 +140,26 @@ class ZOOptimizer(SlimOptimizer):
             g, info = self.estimator(lp, lm, eps)
             infos.append(info)
             losses.append(((lp.float().mean() + lm.float().mean()) / 2).item() if lp.numel() else float("nan"))
+            estimates.append((seed, g))
+            if n > 1:
+                self._perturb(seed, eps)  # back to theta for the next estimate
+        with self._updating():
             if n == 1:
                 self._sweep(seed, "restore_update", eps=eps, coef=g, decay=True, last=True)
-            else:
-                self._sweep(seed, "add", alpha=eps)
-            estimates.append((seed, g))
-        if n > 1:
-            for i, (seed, g) in enumerate(estimates):
-                self._sweep(seed, "update", coef=g / n, decay=i == 0, last=i == n - 1)
-        self.step_count += 1
-        getattr(self.estimator, "end_step", lambda: None)()  # a private estimator's noise moves to the next step
+            for i, (seed_i, g_i) in enumerate(estimates if n > 1 else []):
+                self._sweep(seed_i, "update", coef=g_i / n, decay=i == 0, last=i == n - 1)
+            getattr(self.estimator, "end_step", lambda: None)()  # a private estimator's noise moves to the next step
         info = infos[0] if n == 1 else {k: sum(d[k] for d in infos) / n for k in infos[0]}  # averaged over estimates
         return StepOutput(sum(losses) / n, {"projected_grad": sum(g for _, g in estimates) / n, **info})
 
     def _perturb(self, seed: int, alpha: float) -> None:
-        """theta += alpha z(seed); `_abort_step` removes what is applied when a step raises."""
+        """theta += alpha z(seed), whole (Ctrl-C waits for the sweep to end); `_abort_step` removes what is applied
+        when a step raises."""
         self._perturbed_seed = seed
-        self._sweep(seed, "add", alpha=alpha)
+        self._sweeping = True
+        with deferred_interrupt():
+            self._sweep(seed, "add", alpha=alpha)
+            self._sweeping = False
 
     def _measure(self, closure, seed: int, alpha: float) -> torch.Tensor:
         self._perturb(seed, alpha)
