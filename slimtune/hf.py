@@ -460,6 +460,10 @@ class ZOTrainerMixin:
         if self.zo_args.private and resume_from_checkpoint:
             raise SlimtuneError("a private ZOTrainer run cannot be resumed: its noise and batches come from a key "
                                 "that is kept in memory only; start a new run, or use `slimtune train --resume`")
+        if self.zo_args.private and self.optimizer is not None and self.zo_optimizer().steps_taken:
+            raise SlimtuneError("a private ZOTrainer trains once: its optimizer has already taken steps under its key, "
+                                "and a second train() would start its Poisson batches from the first step's again "
+                                "(released already); build a new trainer for a new run")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

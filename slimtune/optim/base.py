@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -44,20 +45,21 @@ def deferred_interrupt():
     """Ctrl-C (SIGINT) inside the block is held until the block ends, then handed to the handler that was in place
     (Python's: KeyboardInterrupt; `slimtune train`'s: stop after this step): a sweep over the weights is never cut
     part-way. Signal handlers live in the main thread; elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None:  # not the main thread, or a handler installed outside Python: nothing to hold it with
         yield
         return
     held: list = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if held:
+        for frame in held:  # each press, in order (`slimtune train`: the second one stops at once)
             if callable(previous):
-                previous(signal.SIGINT, held[0])
+                previous(signal.SIGINT, frame)
             elif previous == signal.SIG_DFL:
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)  # the default action, now that the sweep is whole
 
 
 def trainable(named_params) -> list[tuple[str, torch.nn.Parameter]]:

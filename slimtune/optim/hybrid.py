@@ -104,9 +104,11 @@ class Hybrid(ZOOptimizer):
 
     def _abort_step(self, estimator_state: dict | None) -> None:
         """Also drops the top part's gradients of the failed step (the next step's backward would add to them)."""
-        super()._abort_step(estimator_state)
-        self.fo.zero_grad(set_to_none=True)
-        self._end_gradients()
+        try:
+            super()._abort_step(estimator_state)
+        finally:  # also when a Ctrl-C held by the undo sweep ends it
+            self.fo.zero_grad(set_to_none=True)
+            self._end_gradients()
 
     def _end_gradients(self) -> None:
         pass

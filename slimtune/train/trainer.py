@@ -676,6 +676,9 @@ def train(run: Run) -> dict:
     except BaseException as exc:
         if progress:
             progress.stop()
+        taken = getattr(run.optimizer, "step_count", None)  # a ZO step counts once its update began
+        if run.key is not None and run.run_dir is not None and taken is not None and taken > step:
+            run.run_dir.update(released_through=taken)  # it failed there: its releases are priced all the same
         if run.run_dir is not None:
             run.run_dir.update(state="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
             run.run_dir.release()

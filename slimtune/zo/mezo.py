@@ -88,15 +88,23 @@ class ZOOptimizer(SlimOptimizer):
         try:
             return self._step(closure)
         except BaseException as exc:
+            if not (self._sweeping or self._committed):
+                try:
+                    self._abort_step(saved)
+                except BaseException as undo:  # the sweep putting theta back failed too: it is partly undone
+                    self._fail(undo)
+                    raise
             if self._sweeping or (self._committed and not self._updated):
-                self._drop_transients()
-                self._broken = (f"slimtune: a {self.name} step failed part-way through "
-                                f"{'its update' if self._committed else 'a sweep over the weights'} "
-                                f"({type(exc).__name__}); the trainable weights may be partly perturbed or updated: "
-                                "reload them from a checkpoint and build a new optimizer")
-            elif not self._committed:
-                self._abort_step(saved)
+                self._fail(exc)
             raise
+
+    def _fail(self, exc: BaseException) -> None:
+        """Refuse further steps: the weights were left part-way through a sweep or an update (see `step`)."""
+        self._drop_transients()
+        self._broken = (f"slimtune: a {self.name} step failed part-way through "
+                        f"{'its update' if self._committed else 'a sweep over the weights'} ({type(exc).__name__}); "
+                        "the trainable weights may be partly perturbed or updated: reload them from a checkpoint and "
+                        "build a new optimizer")
 
     _broken: str | None = None
 
@@ -112,11 +120,11 @@ class ZOOptimizer(SlimOptimizer):
     def _abort_step(self, saved: list[dict]) -> None:
         """Undo what a step that raised before its update had done: theta + offset z of the seed last applied goes back
         to theta (within the few ulp of any restore), and the estimators' states are the saved ones."""
+        for obj, state in zip(self._stateful(), saved):  # first: a Ctrl-C held by the sweep below ends the abort
+            obj.load_state_dict(state)
         offset = getattr(self, "_offset", 0.0)
         if offset:
             self._perturb(self._perturbed_seed, -offset)
-        for obj, state in zip(self._stateful(), saved):
-            obj.load_state_dict(state)
 
     @contextmanager
     def _updating(self):
