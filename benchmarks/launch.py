@@ -44,8 +44,9 @@ def prompt_of_flags(flags: list[str]) -> tuple[str, str] | None:
     task = given.get("--task", "sst2")
     if task == "generation":
         return None
+    from slimtune.data.tasks import canonical_label_words
     own = builtin_prompt(task) or (None, None)
-    return given.get("--template", own[0]), given.get("--label-words", own[1])
+    return given.get("--template", own[0]), canonical_label_words(task, given.get("--label-words", own[1]))
 
 
 def stale_prompt(run_dir: Path, flags: list[str]) -> bool:

@@ -460,6 +460,7 @@ class PrivateOptimizer(ZerothOrderOptimizer):
         noise = KeyedNoise(self._key)
         super().__init__(model, given, (spec, self.accountant.noise, batch_size, noise,
                                         self.accountant.quantile_noise), privacy)
+        self.impl._owner = owner  # its own step() refuses to be called but through this one
         self.settings.update(privacy, steps=steps, noise_multiplier=self.accountant.noise)
 
     def _run_identity(self) -> dict:
@@ -517,9 +518,11 @@ class PrivateOptimizer(ZerothOrderOptimizer):
                                 "drawn from this optimizer's secret key; a DataLoader's batches, or the draw of "
                                 "another step, are not it)")
         before = self.impl.step_count
+        self.impl._owner_stepping = True
         try:
             return super().step(closure)
-        finally:  # a step counts once its update began, even if it failed there (its releases are in the weights)
+        finally:
+            self.impl._owner_stepping = False  # a step counts once its update began, even if it failed there (its releases are in the weights)
             if self.impl.step_count > before:
                 self._released += 1  # never goes down: load_state_dict cannot make this key's releases unspent
                 self._drawn = {t: n for t, n in self._drawn.items() if t >= self.impl.step_count}

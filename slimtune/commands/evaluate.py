@@ -46,14 +46,20 @@ def run_eval(s: EvalSettings):
 
 def prompt_of_adapter(s: EvalSettings) -> tuple[str | None, str | None]:
     """(template, label words): the ones given, else, for an adapter saved by a run of the same built-in task, the
-    prompt that run trained with (its config.json; runs older than the record used the task's prompt of their time),
-    so that an adapter is scored with the prompt it learned, not the task's current one."""
+    prompt that run trained with (the adapter's slimtune.json, else its run's config.json; runs older than the record
+    used the task's prompt of their time), so that an adapter is scored with the prompt it learned, not the task's
+    current one."""
     from pathlib import Path
 
+    from slimtune.peft.registry import read_adapter_meta
     from slimtune.settings.train import is_run_config
     from slimtune.train.resume import PROMPT_FOR_NULL, as_trained
     if not s.adapter or s.task not in PROMPT_FOR_NULL or (s.template is not None and s.label_words is not None):
         return s.template, s.label_words
+    meta = read_adapter_meta(s.adapter)  # an adapter saved since runs record it carries its prompt wherever it goes
+    if meta.get("task") == s.task and meta.get("template") is not None:
+        return (s.template if s.template is not None else meta["template"],
+                s.label_words if s.label_words is not None else meta.get("label_words"))
     path = Path(s.adapter).resolve().parent / "config.json"
     try:  # a config.json beside the adapter that is not its run's (another tool's, half-written) is passed over
         stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -95,12 +95,17 @@ def get_task(name: str, text_column: str | None = None, label_column: str | None
         raise SlimtuneError(f"unknown task {name!r}: choose one of {', '.join([*TASKS, 'custom'])}")
     task = TASKS[name]
     if template:
+        from slimtune.settings.rules import check_template
+        check_template(template, task.text_columns, "template")
+        if template != template.rstrip(" \t"):  # as the custom task's; RTE's final newline is its own
+            warnings.warn("template ends with a space; removed (label words are scored as ' word')", stacklevel=2)
+            template = template.rstrip(" \t")
         task = Task(task.name, template, task.text_columns, task.label_column, task.label_values,
                     task.label_words, task.aliases)
     if label_words:
-        words = dict((v.strip(), " " + w.strip()) for v, w in (p.split("=", 1) for p in label_words.split(",")))
+        words = dict(builtin_label_words(name, label_words))
         task = Task(task.name, task.template, task.text_columns, task.label_column, task.label_values,
-                    tuple(words[v] for v in task.label_values), task.aliases)
+                    tuple(" " + words[v] for v in task.label_values), task.aliases)
     if text_column and len(task.text_columns) == 1:
         task = Task(task.name, task.template.replace("{" + task.text_columns[0] + "}", "{" + text_column + "}"),
                     (text_column,), task.label_column, task.label_values, task.label_words, task.aliases)
@@ -108,6 +113,26 @@ def get_task(name: str, text_column: str | None = None, label_column: str | None
         task = Task(task.name, task.template, task.text_columns, label_column, task.label_values, task.label_words,
                     task.aliases)
     return task
+
+
+def builtin_label_words(name: str, label_words: str) -> list[tuple[str, str]]:
+    """(label value, word) pairs of `label_words` for built-in task `name`, in the task's label order: one word for
+    each of its label values, or a one-line error."""
+    from slimtune.settings.rules import check_label_words
+    pairs = dict(check_label_words(label_words))
+    values = TASKS[name].label_values
+    if sorted(pairs) != sorted(values):
+        raise SlimtuneError(f"--label-words {label_words!r}: task {name} has the label values {', '.join(values)}: give "
+                            f"one word for each (e.g. {','.join(f'{v}={w.strip()}' for v, w in zip(values, TASKS[name].label_words))!r})")
+    return [(v, pairs[v]) for v in values]
+
+
+def canonical_label_words(name: str, label_words: str | None) -> str | None:
+    """A built-in task's `label_words` in its label order ('1=good,0=bad' -> '0=bad,1=good': the same task), as runs
+    record and compare them; others as given (a custom task's classes are numbered in the order given)."""
+    if label_words is None or name not in TASKS:
+        return label_words
+    return ",".join(f"{v}={w}" for v, w in builtin_label_words(name, label_words))
 
 
 def builtin_prompt(name: str) -> tuple[str, str] | None:

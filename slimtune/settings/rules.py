@@ -99,10 +99,8 @@ def check_task_text(s) -> None:
                            hint=f" (task {s.task}'s columns; a column of another name in the data: --text-column)"
                            if s.task == "sst2" else f" (task {s.task}'s columns)")
         if s.label_words is not None:
-            given = [v for v, _ in check_label_words(s.label_words)]
-            if sorted(given) != sorted(values):
-                raise SlimtuneError(f"--label-words {s.label_words!r}: task {s.task} has the label values "
-                                    f"{', '.join(values)}: give one word for each (e.g. '0=negative,1=positive')")
+            from slimtune.data.tasks import builtin_label_words
+            builtin_label_words(s.task, s.label_words)
     if s.task == "generation" and s.template is not None:
         check_template(s.template, (s.input_column or "input",), "--template",
                        hint="" if s.input_column else " (name another column with --input-column)")

@@ -220,6 +220,7 @@ class TrainSettings(Settings):
     # -- to the trainer ----------------------------------------------------------------------------------------------
     def to_config(self):
         """The TrainConfig the trainer runs (nested: optimizer, PEFT, privacy and generation groups)."""
+        from slimtune.data.tasks import canonical_label_words
         from slimtune.optim import OptimizerArgs
         from slimtune.peft import PeftSettings
         from slimtune.privacy import PrivacySpec
@@ -242,7 +243,7 @@ class TrainSettings(Settings):
         config = TrainConfig(
             out_dir=self.out, train_data=self.data, eval_data=self.eval_data, model=self.model, task=self.task,
             text_column=self.text_column, label_column=self.label_column, template=self.template,
-            label_words=self.label_words, optimizer=self.optimizer, optim=optim,
+            label_words=canonical_label_words(self.task, self.label_words), optimizer=self.optimizer, optim=optim,
             peft=PeftSettings(self.peft, self.r, self.lora_alpha, self.lora_dropout, targets, self.pissa_niter,
                               self.learn_scale, self.svfit_relative),
             generation=GenerationSettings(self.input_column, self.target_column, self.max_new_tokens, self.num_beams,

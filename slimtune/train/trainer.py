@@ -827,6 +827,8 @@ def _save_adapter(run: Run) -> None:
     if not run.world.main:
         return
     meta = adapter_meta(run.config.model, run.config.dtype, run.config.base_quant)
+    if run.config.task != "generation":  # the prompt it learned: `eval --adapter` scores it with that (evaluate.py)
+        meta.update(task=run.config.task, template=run.config.template, label_words=run.config.label_words)
     write_adapter(run.model, run.tokenizer, Path(run.config.out_dir) / "adapter", work_dir=run.config.out_dir,
                   meta=meta)
 

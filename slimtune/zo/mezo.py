@@ -83,6 +83,10 @@ class ZOOptimizer(SlimOptimizer):
           leaves weights that no sweep can put back exactly: the optimizer then refuses further steps."""
         if self._broken:
             raise SlimtuneError(self._broken)
+        if self._owner is not None and not self._owner_stepping:
+            raise SlimtuneError(f"{self._owner}: step through the optimizer itself (opt.step, not opt.impl.step): the "
+                                "inner step has none of its private checks (the drawn batch, the budget, the count "
+                                "of what its key released)")
         saved = [obj.state_dict() for obj in self._stateful()]
         self._committed = self._updated = self._sweeping = False
         try:
@@ -107,6 +111,8 @@ class ZOOptimizer(SlimOptimizer):
                         "build a new optimizer")
 
     _broken: str | None = None
+    _owner: str | None = None  # a private `slimtune.DPZero`-like wrapper whose step() must be the way in
+    _owner_stepping = False
 
     def _drop_transients(self) -> None:
         """After a failure that leaves the weights partly moved: drop what is not in the weights (LOZO's forward
