@@ -7,6 +7,7 @@ Usage: python benchmarks/readme_tables.py targets
 from __future__ import annotations
 
 from tables import EARLIER, earlier_prompt, read_results
+from zo_convergence import same_prompt
 
 FORWARD_ONLY = ("mezo-lora-gaussian", "mezo-lora-pool", "fzoo-lora", "mezo-full-gaussian", "mezo-full-pool",
                 "hizoo-lora", "hizoo-l-full", "sparse-mezo-full", "mezo-lora-10k")
@@ -60,10 +61,16 @@ def federated_rows() -> list[list[str]]:
 
 def private_row(private: dict | None, hybrid: dict | None, partial: dict | None) -> str:
     """DP-hybrid + LoRA at epsilon 6 against the (non-private) hybrid, the best method so far."""
+    if private is not None and hybrid is None:
+        return (f"not compared: {private['final_accuracy']:.3f}{EARLIER if earlier_prompt(private) else ''}; "
+                "hybrid-lora is being rerun with SST-2's new prompt")
     if private is None or hybrid is None:
         seen = "" if not partial or not partial.get("accuracy") else \
             f"; running: {partial['accuracy'][-1]:.3f} at step {partial['steps'][-1]}"
         return f"not run yet (dphybrid-lora-eps6, benchmarks/zo_convergence.py{seen})"
+    if not same_prompt(private, hybrid):
+        return (f"not compared: {private['final_accuracy']:.3f}{EARLIER if earlier_prompt(private) else ''} vs "
+                f"hybrid-lora {hybrid['final_accuracy']:.3f}{EARLIER if earlier_prompt(hybrid) else ''}")
     gap = (private["final_accuracy"] - hybrid["final_accuracy"]) * 100
     return verdict(gap >= -2, f"{private['final_accuracy']:.3f} vs hybrid-lora {hybrid['final_accuracy']:.3f} "
                                f"({gap:+.1f} pts)")
@@ -80,6 +87,12 @@ def zo_rows() -> list[list[str]]:
     entry_of = lambda n: finished.get(n) or defaults.get(n)  # noqa: E731
     old = lambda n: EARLIER if earlier_prompt(entry_of(n)) else ""  # noqa: E731
     hybrid = finished.get("hybrid-lora")
+
+    def running(name: str) -> str:
+        r = conv.get(name)
+        if not r or not r.get("accuracy"):
+            return "not run yet" if not r else f"running ({name}, nothing evaluated yet)"
+        return f"running ({name}): {r['accuracy'][-1]:.3f} at step {r['steps'][-1]}"
     conv_doc = read_results("zo_convergence.json") or {}
     own = {n: c["ratio"] for n, c in (conv_doc.get("wall_clock_to_target") or {}).items() if c.get("ratio")}
     same = {n: c["ratio"] for n, c in (conv_doc.get("wall_clock_same_setting") or {}).items() if c.get("ratio")}
@@ -106,7 +119,7 @@ def zo_rows() -> list[list[str]]:
                  "" if best is None else f"{best[1]:.3f}, {best[0]}{old(best[0])}")],
         ["36", "hybrid (backprop through <= 2 blocks), 2,000 steps", ">= 0.87 at <= 1.5x inference memory",
          verdict(None if hybrid is None else hybrid["final_accuracy"] >= 0.87 and (hybrid_memory or 99) <= 1.5,
-                 "" if hybrid is None else f"{hybrid['final_accuracy']:.3f}{old('hybrid-lora')}, memory "
+                 running("hybrid-lora") if hybrid is None else f"{hybrid['final_accuracy']:.3f}{old('hybrid-lora')}, memory "
                  + ("not measured" if hybrid_memory is None else f"{hybrid_memory:.2f}x (zo_step.json)"))],
         ["36", "wall-clock to 80% dev, best ZO or hybrid / AdamW + LoRA", "<= 2x",
          verdict(None if fastest is None else fastest[1] <= 2.0,

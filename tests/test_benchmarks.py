@@ -151,6 +151,9 @@ def test_defaults_verdicts_follow_the_issue_targets_on_final_accuracy():
     assert met is False and "below zero-shot" in why
     del res["mezo-lora"]
     assert d.verdict("dpzero-lora-eps6", res) == (None, "mezo-lora has not run")
+    res["adamw-lora"]["prompt"] = ["Review: {sentence}\nSentiment:", "0=negative,1=positive"]  # rerun, new prompt
+    met, why = d.verdict("adamw-svfit", res)  # its own row is of the earlier prompt: no verdict across prompts
+    assert met is None and "new prompt" in why
 
 
 def test_readme_tables_default_skips_hand_written_blocks_and_knows_every_generated_one():
