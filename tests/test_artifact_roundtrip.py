@@ -84,7 +84,10 @@ def test_each_peft_method_reads_back_as_the_run_evaluated_it(tmp_path, peft, zer
 
 
 def test_best_adapter_of_a_resumed_run_reads_back(tmp_path):
-    train(tmp_path / "run", "--peft", "lora", "--checkpoint-every", 2, steps=2)
+    # the earlier SST-2 prompt: from it this tiny random model's accuracy rises past step 0 within the 6 steps, so the
+    # best adapter is a trained one (from the new prompt it stays at 0.5: the best would be step 0's, a vacuous check)
+    train(tmp_path / "run", "--peft", "lora", "--checkpoint-every", 2, "--template", "{sentence} It was",
+          "--label-words", "0=terrible,1=great", steps=2)
     res = cli("train", "--out", tmp_path / "run", "--resume", "--steps", 6, "--quiet")
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
