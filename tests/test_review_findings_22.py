@@ -4,6 +4,7 @@ checks. Each test failed on the code it was written against."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -88,6 +89,26 @@ def test_a_trailing_space_in_a_builtin_tasks_template_is_handled_as_a_custom_tas
         warnings.simplefilter("always")
         task = get_task("sst2", template="{sentence} It was ")
     assert task.template == "{sentence} It was" or caught, repr(task.template)
+
+
+# -- 5. federated clients and the server's prompt --------------------------------------------------------------------
+def test_federated_clients_are_sent_the_prompt_the_server_evaluates_with():
+    """The server evaluates with its own slimtune's SST-2 prompt, and sends clients template None (FederatedConfig's
+    template is generation-only), so each SuperNode trains with the prompt of the slimtune installed there: a client
+    installed before 5600567 trains '{sentence} It was' terrible/great while the server scores 'Review: ...
+    Sentiment:' negative/positive, silently. The centralized run records its prompt for exactly this reason."""
+    from slimtune.federated.config import FederatedConfig
+    sent = json.loads(FederatedConfig(task="sst2").resolved().client_json())
+    assert sent.get("template") == get_task("sst2").template, sent.get("template")
+    assert sent.get("label_words") == "0=negative,1=positive"
+    assert FederatedConfig.from_json(json.dumps(sent)).template == sent["template"]  # what a client builds from
+
+
+def test_federate_checks_a_builtin_tasks_own_prompt_in_one_line(tmp_path):
+    from test_bad_input_table import assert_one_line
+    assert_one_line(cli("federate", "--data", TRAIN, "--model", "tiny-llama", "--out", tmp_path / "fed",
+                        "--label-words", "0=bad,2=good"), "task sst2 has the label values 0, 1")
+    assert not (tmp_path / "fed").exists()
 
 
 # -- 6. a private optimizer's inner step -------------------------------------------------------------------------------

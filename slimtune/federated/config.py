@@ -49,7 +49,8 @@ class FederatedConfig:
     task: str = "sst2"  # a classification task, or "generation" (prompt -> completion; see train/objectives.py)
     input_column: str | None = None  # generation tables: prompt / completion columns, template
     target_column: str | None = None
-    template: str | None = None
+    template: str | None = None  # classification: filled with the task's own by resolved(), so clients use the server's
+    label_words: str | None = None
     max_length: int = 256
     num_clients: int = 4
     rounds: int = 3
@@ -137,6 +138,11 @@ class FederatedConfig:
         without --server-optimizer, the swept (optimizer, lr, averaging) for the local optimizer; with it, Flower's lr
         and no averaging."""
         from slimtune.federated.server_opt import FEDAVGM_MOMENTUM, server_defaults
+        from slimtune.data.tasks import builtin_prompt
+        prompt = builtin_prompt(self.task)  # the server's prompt, sent to every client (their slimtune may differ)
+        if prompt is not None and (self.template is None or self.label_words is None):
+            return replace(self, template=self.template if self.template is not None else prompt[0],
+                           label_words=self.label_words if self.label_words is not None else prompt[1]).resolved()
         if self.lr is None:
             from slimtune.models.loading import builtin_architecture
             from slimtune.optim.defaults import model_lr_scale
@@ -157,6 +163,8 @@ class FederatedConfig:
         from slimtune.optim import OPTIMIZERS
         from slimtune.settings.federate import check_config_values
         check_config_values(self)  # types, choices and ranges: the rules of `slimtune federate`
+        from slimtune.settings.rules import check_task_text
+        check_task_text(self)  # a classification task's own prompt, a generation template's column
         if self.aggregation not in ("fedavg", "ffa"):
             raise SlimtuneError(f"--aggregation {self.aggregation!r}: choose fedavg or ffa")
         if self.mode not in ("lora", "zo-seeds"):

@@ -48,7 +48,7 @@ def federated_objective(cfg):
     """The clients' local objective (and the server's evaluation): the same as a centralized run's. Generation
     servers evaluate loss and perplexity of theta and Q(theta) (no decoding: it is the slow part)."""
     from slimtune.train.objectives import GenerationSettings, make_objective
-    return make_objective(cfg.task, template=cfg.template, max_length=cfg.max_length,
+    return make_objective(cfg.task, template=cfg.template, label_words=cfg.label_words, max_length=cfg.max_length,
                           generation=GenerationSettings(cfg.input_column, cfg.target_column, eval_generate=False))
 
 
