@@ -58,8 +58,17 @@ def prompt_of_adapter(s: EvalSettings) -> tuple[str | None, str | None]:
         return s.template, s.label_words
     meta = read_adapter_meta(s.adapter)  # an adapter saved since runs record it carries its prompt wherever it goes
     if meta.get("task") == s.task and meta.get("template") is not None:
-        return (s.template if s.template is not None else meta["template"],
-                s.label_words if s.label_words is not None else meta.get("label_words"))
+        from types import SimpleNamespace
+
+        from slimtune.peft.registry import ADAPTER_META
+        from slimtune.settings.rules import check_task_text
+        prompt = (s.template if s.template is not None else meta["template"],
+                  s.label_words if s.label_words is not None else meta.get("label_words"))
+        try:  # the file's prompt is checked as the flags are, and named when it fails
+            check_task_text(SimpleNamespace(task=s.task, template=prompt[0], label_words=prompt[1], input_column=None))
+        except SlimtuneError as exc:
+            raise SlimtuneError(f"{Path(s.adapter) / ADAPTER_META}: {exc}") from None
+        return prompt
     path = Path(s.adapter).resolve().parent / "config.json"
     try:  # a config.json beside the adapter that is not its run's (another tool's, half-written) is passed over
         stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -42,19 +42,30 @@ def run_merge(s: MergeSettings):
         note_quantized_base(s.adapter)
         adapted, tok = read_adapter(s.adapter, s.model, dense=True)
         merged = merge_peft(adapted)
-        save_checkpoint_dir(merged, tok, s.out)
+        save_checkpoint_dir(merged, tok, s.out, prompt_meta(s.adapter))
     except SlimtuneError as exc:
         fail(exc)
     console.print(f"merged checkpoint written to [bold]{escape(str(s.out))}[/]")
 
 
-def save_checkpoint_dir(model, tokenizer, out: str) -> None:
+def prompt_meta(adapter: str) -> dict:
+    """The prompt an adapter learned (its slimtune.json: task, template, label words), for the merged checkpoint to
+    carry: `eval --adapter MERGED` scores it with that."""
+    from slimtune.peft.registry import read_adapter_meta
+    meta = read_adapter_meta(adapter)
+    return {k: meta[k] for k in ("task", "template", "label_words") if meta.get(k) is not None}
+
+
+def save_checkpoint_dir(model, tokenizer, out: str, prompt: dict | None = None) -> None:
     """Save whole or not at all: a failure or a Ctrl-C leaves no half-written checkpoint."""
+    from slimtune.peft.registry import ADAPTER_META
     from slimtune.train.run_dir import write_new_directory
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if prompt:
+            (tmp / ADAPTER_META).write_text(json.dumps(prompt))
 
     write_new_directory(out, save, "--out")
 

@@ -284,6 +284,9 @@ def read_adapter_meta(directory: str | Path) -> dict:
         raise SlimtuneError(f"{path}: not valid JSON") from None
     if not isinstance(meta, dict):
         raise SlimtuneError(f"{path}: not a JSON object (expected the base model, dtype and base_quant)")
+    for key in ("task", "template", "label_words"):  # the prompt the adapter learned (train, federate, merge)
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise SlimtuneError(f"{path}: {key!r} is not text")
     if meta.get("base_quant") not in (None, "int8", "int4"):
         if str(meta["base_quant"]).startswith(EXTERNAL_QUANT):
             raise SlimtuneError(f"{path}: trained on a base that transformers quantized ({meta['base_quant']}); "

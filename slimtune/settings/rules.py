@@ -44,6 +44,11 @@ def template_fields(template: str, flag: str) -> list[str]:
         raise SlimtuneError(f"{flag} {template!r}: not a valid template ({exc}); write literal braces as {{{{ }}}}") \
             from None
     names = [f for _, f, _, _ in parsed if f is not None]
+    for _, name, spec, conversion in parsed:  # '{sentence:.0}' empties a prompt, '{sentence:>999999999}' fills memory
+        if name is not None and (spec or conversion):
+            raise SlimtuneError(f"{flag} {template!r}: {{{name}{'!' + conversion if conversion else ''}"
+                                f"{':' + spec if spec else ''}}}: placeholders take no format spec or conversion "
+                                f"(write {{{name}}})")
     for name in names:
         if name == "" or name.isdigit():
             raise SlimtuneError(f"{flag} {template!r}: placeholders need a column name, e.g. {{text}} (not {{}})")
@@ -97,7 +102,7 @@ def check_task_text(s) -> None:
         if s.template is not None:
             check_template(s.template, columns, "--template",
                            hint=f" (task {s.task}'s columns; a column of another name in the data: --text-column)"
-                           if s.task == "sst2" else f" (task {s.task}'s columns)")
+                           if s.task == "sst2" and hasattr(s, "text_column") else f" (task {s.task}'s columns)")
         if s.label_words is not None:
             from slimtune.data.tasks import builtin_label_words
             builtin_label_words(s.task, s.label_words)

@@ -87,6 +87,7 @@ class ZOOptimizer(SlimOptimizer):
             raise SlimtuneError(f"{self._owner}: step through the optimizer itself (opt.step, not opt.impl.step): the "
                                 "inner step has none of its private checks (the drawn batch, the budget, the count "
                                 "of what its key released)")
+        self._owner_stepping = False  # spent on entry: a closure calling opt.impl.step is refused too
         saved = [obj.state_dict() for obj in self._stateful()]
         self._committed = self._updated = self._sweeping = False
         try:
