@@ -72,6 +72,9 @@ def test_a_second_ctrl_c_during_the_abort_sweep_still_restores_the_estimators_st
     assert after_failure, "the abort made no sweep"
     assert opt.steps_taken == 0
     assert repr(opt.state_dict()["slimtune"]["optimizer"]["estimator"]) == repr(saved)
+    monkeypatch.undo()
+    opt.step(good)  # the abort's sweep ended whole (the Ctrl-C was held): theta is back and the optimizer goes on
+    assert opt.steps_taken == 1
 
 
 # -- 3. two Ctrl-C inside one held sweep, under `slimtune train`'s handler --------------------------------------------

@@ -96,9 +96,10 @@ class ZOOptimizer(SlimOptimizer):
             if not (self._sweeping or self._committed):
                 try:
                     self._abort_step(saved)
-                except BaseException as undo:  # the sweep putting theta back failed too: it is partly undone
-                    self._fail(undo)
-                    raise
+                except BaseException as undo:
+                    if self._sweeping:  # the sweep putting theta back failed too: it is partly undone
+                        self._fail(undo)
+                    raise  # (a Ctrl-C held by that sweep leaves after it ended whole: theta is back)
             if self._sweeping or (self._committed and not self._updated):
                 self._fail(exc)
             raise
