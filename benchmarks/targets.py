@@ -125,7 +125,10 @@ def zo_rows() -> list[list[str]]:
     rows = [
         ["36", "best forward-only method, 2,000 steps (SST-2 dev)", ">= 0.84",
          verdict(None if best is None else best[1] >= 0.84,
-                 "" if best is None else f"{best[1]:.3f}, {best[0]}{old(best[0])}")],
+                 ("" if best is None else f"{best[1]:.3f}, {best[0]}{old(best[0])}") + "".join(
+                     f"; {running(n)} from the new prompt" for n in FORWARD_ONLY
+                     if n in conv and not conv[n].get("finished") and not earlier_prompt(conv[n])
+                     and conv[n].get("accuracy")))],
         ["36", "hybrid (backprop through <= 2 blocks), 2,000 steps", ">= 0.87 at <= 1.5x inference memory",
          verdict(None if hybrid is None else hybrid["final_accuracy"] >= 0.87 and (hybrid_memory or 99) <= 1.5,
                  running("hybrid-lora") if hybrid is None else f"{hybrid['final_accuracy']:.3f}{old('hybrid-lora')}, memory "
