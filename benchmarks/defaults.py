@@ -17,12 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from launch import run_prompt, train_run
-
-
-def same_prompt(a: dict, b: dict) -> bool:
-    """Whether two results entries trained with the same prompt (entries without one: SST-2's earlier prompt)."""
-    return (a.get("prompt") and tuple(a["prompt"])) == (b.get("prompt") and tuple(b["prompt"]))
+from launch import run_prompt, same_prompt, train_run
 
 from slimtune.optim.defaults import defaults_for
 

@@ -7,7 +7,7 @@ Usage: python benchmarks/readme_tables.py targets
 from __future__ import annotations
 
 from tables import EARLIER, earlier_prompt, read_results
-from zo_convergence import same_prompt
+from launch import same_prompt
 
 FORWARD_ONLY = ("mezo-lora-gaussian", "mezo-lora-pool", "fzoo-lora", "mezo-full-gaussian", "mezo-full-pool",
                 "hizoo-lora", "hizoo-l-full", "sparse-mezo-full", "mezo-lora-10k")

@@ -41,7 +41,7 @@ import statistics
 from pathlib import Path
 
 import defaults
-from launch import run_prompt, train_run
+from launch import run_prompt, same_prompt, train_run
 
 ROOT = defaults.ROOT
 OUT = ROOT / "benchmarks" / "results" / "zo_convergence"
@@ -154,12 +154,6 @@ def compare(results: dict) -> dict:
                                   if la is None and lb else None,
                                   "gap_at_equal_forwards": [a["accuracy"][i] - b["accuracy"][i] for i in range(1, n)]}
     return out
-
-
-def same_prompt(a: dict, b: dict) -> bool:
-    """Whether two runs trained with the same prompt (entries without one predate the record: SST-2's earlier prompt).
-    Runs of different prompts are never compared: SST-2's prompt alone moved zero-shot accuracy from 0.52 to 0.78."""
-    return (a.get("prompt") and tuple(a["prompt"])) == (b.get("prompt") and tuple(b["prompt"]))
 
 
 HARDER_LEVEL = 0.85  # also reported: from SST-2's new prompt, 80% is near the zero-shot accuracy (0.78)

@@ -522,8 +522,8 @@ class PrivateOptimizer(ZerothOrderOptimizer):
         try:
             return super().step(closure)
         finally:
-            self.impl._owner_stepping = False  # a step counts once its update began, even if it failed there (its releases are in the weights)
-            if self.impl.step_count > before:
+            self.impl._owner_stepping = False  # also when the step never reached the inner one
+            if self.impl.step_count > before:  # counted once its update began, even if it failed there
                 self._released += 1  # never goes down: load_state_dict cannot make this key's releases unspent
                 self._drawn = {t: n for t, n in self._drawn.items() if t >= self.impl.step_count}
 

@@ -51,9 +51,9 @@ def run_merge(s: MergeSettings):
 def prompt_meta(adapter: str) -> dict:
     """The prompt an adapter learned (its slimtune.json: task, template, label words), for the merged checkpoint to
     carry: `eval --adapter MERGED` scores it with that."""
-    from slimtune.peft.registry import read_adapter_meta
+    from slimtune.peft.registry import PROMPT_KEYS, read_adapter_meta
     meta = read_adapter_meta(adapter)
-    return {k: meta[k] for k in ("task", "template", "label_words") if meta.get(k) is not None}
+    return {k: meta[k] for k in PROMPT_KEYS if meta.get(k) is not None}
 
 
 def save_checkpoint_dir(model, tokenizer, out: str, prompt: dict | None = None) -> None:

@@ -123,7 +123,7 @@ def builtin_label_words(name: str, label_words: str) -> list[tuple[str, str]]:
     values = TASKS[name].label_values
     if sorted(pairs) != sorted(values):
         raise SlimtuneError(f"--label-words {label_words!r}: task {name} has the label values {', '.join(values)}: give "
-                            f"one word for each (e.g. {','.join(f'{v}={w.strip()}' for v, w in zip(values, TASKS[name].label_words))!r})")
+                            f"one word for each (e.g. {builtin_prompt(name)[1]!r})")
     return [(v, pairs[v]) for v in values]
 
 
@@ -143,6 +143,15 @@ def builtin_prompt(name: str) -> tuple[str, str] | None:
     if task is None:
         return None
     return task.template, ",".join(f"{v}={w.strip()}" for v, w in zip(task.label_values, task.label_words))
+
+
+def with_builtin_prompt(name: str, template: str | None, label_words: str | None) -> tuple[str | None, str | None]:
+    """(template, label words) with what was not given filled from built-in task `name`'s prompt today (others: as
+    given): what a run records and a federated server sends its clients."""
+    prompt = builtin_prompt(name)
+    if prompt is None:
+        return template, label_words
+    return (template if template is not None else prompt[0], label_words if label_words is not None else prompt[1])
 
 
 def _template_fields(template: str) -> list[str]:

@@ -138,11 +138,10 @@ class FederatedConfig:
         without --server-optimizer, the swept (optimizer, lr, averaging) for the local optimizer; with it, Flower's lr
         and no averaging."""
         from slimtune.federated.server_opt import FEDAVGM_MOMENTUM, server_defaults
-        from slimtune.data.tasks import builtin_prompt
-        prompt = builtin_prompt(self.task)  # the server's prompt, sent to every client (their slimtune may differ)
-        if prompt is not None and (self.template is None or self.label_words is None):
-            return replace(self, template=self.template if self.template is not None else prompt[0],
-                           label_words=self.label_words if self.label_words is not None else prompt[1]).resolved()
+        from slimtune.data.tasks import with_builtin_prompt
+        prompt = with_builtin_prompt(self.task, self.template, self.label_words)  # sent to every client (their
+        if prompt != (self.template, self.label_words):  # slimtune's defaults may differ from the server's)
+            return replace(self, template=prompt[0], label_words=prompt[1]).resolved()
         if self.lr is None:
             from slimtune.models.loading import builtin_architecture
             from slimtune.optim.defaults import model_lr_scale

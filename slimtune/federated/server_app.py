@@ -110,9 +110,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     # private run saves none (its adapter then cannot be evaluated on that tiny base, and eval says so)
     from slimtune.models.loading import TINY_MODELS
     saved_tok = None if withheld and cfg.model in TINY_MODELS else tok
-    meta = adapter_meta(cfg.model)
-    if cfg.task != "generation":  # the prompt the clients trained with: `eval --adapter` scores it with that
-        meta.update(task=cfg.task, template=cfg.template, label_words=cfg.label_words)
+    meta = adapter_meta(cfg.model, task=cfg.task, template=cfg.template, label_words=cfg.label_words)
     write_adapter(model, saved_tok, out / "adapter", meta=meta)
     attacks = None
     if history is not None and history.items and evals:

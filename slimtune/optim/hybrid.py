@@ -102,10 +102,10 @@ class Hybrid(ZOOptimizer):
             self._end_step()
         return StepOutput(loss, info)
 
-    def _abort_step(self, estimator_state: dict | None) -> None:
+    def _abort_step(self, saved: list[dict]) -> None:
         """Also drops the top part's gradients of the failed step (the next step's backward would add to them)."""
         try:
-            super()._abort_step(estimator_state)
+            super()._abort_step(saved)
         finally:  # also when a Ctrl-C held by the undo sweep ends it
             self.fo.zero_grad(set_to_none=True)
             self._end_gradients()

@@ -154,12 +154,20 @@ ADAPTER_META = "slimtune.json"  # in adapter/: the base to rebuild (which model,
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = None) -> dict:
+PROMPT_KEYS = ("task", "template", "label_words")  # the prompt a classification adapter learned (eval reads it)
+
+
+def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = None, task: str | None = None,
+                 template: str | None = None, label_words: str | None = None) -> dict:
     """ADAPTER_META of an adapter trained on `model` (a built-in name or a checkpoint directory, as --model takes it)
-    in `dtype`, on a base quantized to `base_quant` (None: dense): what `read_adapter` rebuilds and checks."""
+    in `dtype`, on a base quantized to `base_quant` (None: dense): what `read_adapter` rebuilds and checks; for a
+    classification `task`, also the prompt it learned (PROMPT_KEYS), which `eval --adapter` scores it with."""
     from slimtune.models.loading import base_fingerprint
     fingerprint = base_fingerprint(model) if model is not None else None
-    return {"base_model": model, "base_fingerprint": fingerprint, "dtype": dtype, "base_quant": base_quant}
+    meta = {"base_model": model, "base_fingerprint": fingerprint, "dtype": dtype, "base_quant": base_quant}
+    if task is not None and task != "generation":
+        meta.update(zip(PROMPT_KEYS, (task, template, label_words)))
+    return meta
 
 
 def adapter_meta_of(model: nn.Module) -> dict:
@@ -284,7 +292,7 @@ def read_adapter_meta(directory: str | Path) -> dict:
         raise SlimtuneError(f"{path}: not valid JSON") from None
     if not isinstance(meta, dict):
         raise SlimtuneError(f"{path}: not a JSON object (expected the base model, dtype and base_quant)")
-    for key in ("task", "template", "label_words"):  # the prompt the adapter learned (train, federate, merge)
+    for key in PROMPT_KEYS:  # the prompt the adapter learned (train, federate, merge)
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise SlimtuneError(f"{path}: {key!r} is not text")
     if meta.get("base_quant") not in (None, "int8", "int4"):

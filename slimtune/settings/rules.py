@@ -86,9 +86,6 @@ def check_label_words(label_words: str) -> list[tuple[str, str]]:
     return list(zip(values, words))
 
 
-BUILTIN_PROMPTS = {"sst2": (("sentence",), ("0", "1")), "rte": (("sentence1", "sentence2"), ("0", "1"))}  # data/tasks
-
-
 def check_task_text(s) -> None:
     """The prompt settings of a command with `task`, `template`, `label_words` and `input_column` (train, eval)."""
     if s.task == "custom":
@@ -97,14 +94,13 @@ def check_task_text(s) -> None:
                                 "(e.g. '0=terrible,1=great')")
         check_template(s.template, None, "--template")
         check_label_words(s.label_words)
-    if s.task in BUILTIN_PROMPTS:
-        columns, values = BUILTIN_PROMPTS[s.task]
+    from slimtune.data.tasks import TASKS, builtin_label_words
+    if s.task in TASKS:
         if s.template is not None:
-            check_template(s.template, columns, "--template",
+            check_template(s.template, TASKS[s.task].text_columns, "--template",
                            hint=f" (task {s.task}'s columns; a column of another name in the data: --text-column)"
                            if s.task == "sst2" and hasattr(s, "text_column") else f" (task {s.task}'s columns)")
         if s.label_words is not None:
-            from slimtune.data.tasks import builtin_label_words
             builtin_label_words(s.task, s.label_words)
     if s.task == "generation" and s.template is not None:
         check_template(s.template, (s.input_column or "input",), "--template",

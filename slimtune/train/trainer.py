@@ -173,11 +173,8 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
 def record_prompt(config: TrainConfig) -> None:
     """A built-in task's prompt, where not given, is the task's today, written into the config (and so config.json):
     what a run resumes and is evaluated with does not follow later changes of the task's prompt."""
-    from slimtune.data.tasks import builtin_prompt
-    prompt = builtin_prompt(config.task)
-    if prompt is not None:
-        config.template = config.template if config.template is not None else prompt[0]
-        config.label_words = config.label_words if config.label_words is not None else prompt[1]
+    from slimtune.data.tasks import with_builtin_prompt
+    config.template, config.label_words = with_builtin_prompt(config.task, config.template, config.label_words)
 
 
 PER_RANK = ("out_dir", "train_data", "eval_data", "model", "secret_key_file", "device", "progress")  # paths may differ
@@ -826,9 +823,8 @@ def _save_adapter(run: Run) -> None:
     """adapter/ with the run's tokenizer and the base eval/generate must rebuild (model, dtype, quantization)."""
     if not run.world.main:
         return
-    meta = adapter_meta(run.config.model, run.config.dtype, run.config.base_quant)
-    if run.config.task != "generation":  # the prompt it learned: `eval --adapter` scores it with that (evaluate.py)
-        meta.update(task=run.config.task, template=run.config.template, label_words=run.config.label_words)
+    cfg = run.config
+    meta = adapter_meta(cfg.model, cfg.dtype, cfg.base_quant, cfg.task, cfg.template, cfg.label_words)
     write_adapter(run.model, run.tokenizer, Path(run.config.out_dir) / "adapter", work_dir=run.config.out_dir,
                   meta=meta)
 

@@ -162,8 +162,9 @@ class ZOOptimizer(SlimOptimizer):
         with self._updating():
             if n == 1:
                 self._sweep(seed, "restore_update", eps=eps, coef=g, decay=True, last=True)
-            for i, (seed_i, g_i) in enumerate(estimates if n > 1 else []):
-                self._sweep(seed_i, "update", coef=g_i / n, decay=i == 0, last=i == n - 1)
+            else:
+                for i, (seed_i, g_i) in enumerate(estimates):
+                    self._sweep(seed_i, "update", coef=g_i / n, decay=i == 0, last=i == n - 1)
             getattr(self.estimator, "end_step", lambda: None)()  # a private estimator's noise moves to the next step
         info = infos[0] if n == 1 else {k: sum(d[k] for d in infos) / n for k in infos[0]}  # averaged over estimates
         return StepOutput(sum(losses) / n, {"projected_grad": sum(g for _, g in estimates) / n, **info})
