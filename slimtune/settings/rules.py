@@ -164,10 +164,11 @@ def check_adapter_and_model(adapter: str, model: str, model_given: bool, flag: s
     """The adapter directory of eval, generate, merge and export against --model, before any model is loaded:
     a run directory given for its adapter (RUN for RUN/adapter) is named as such, and an explicit --model with a
     whole model that records no base (a merged checkpoint, read as it is) is refused instead of ignored."""
-    from slimtune.peft.registry import ADAPTER_META, is_whole_model, refuse_run_directory
+    from slimtune.peft.registry import is_whole_model, read_adapter_meta, refuse_run_directory
 
     require_directory(adapter, flag, "adapter directory")
     refuse_run_directory(adapter)
-    if model_given and is_whole_model(adapter) and not (Path(adapter) / ADAPTER_META).exists():
+    # a merged checkpoint's slimtune.json carries only its prompt: the base is what is recorded, not the file
+    if model_given and is_whole_model(adapter) and read_adapter_meta(adapter).get("base_model") is None:
         raise SlimtuneError(f"--model {model}: {adapter} is a whole model (a merged checkpoint), read as it is with "
                             "no base model; leave --model out")
