@@ -25,8 +25,7 @@ def run_eval(s: EvalSettings):
     from slimtune.train.objectives import GenerationSettings, make_objective, unseen_words
 
     try:
-        template, label_words = prompt_of_adapter(s)
-        objective = make_objective(s.task, s.text_column, s.label_column, template, label_words,
+        objective = make_objective(s.task, s.text_column, s.label_column, s.template, s.label_words,
                                    GenerationSettings(s.input_column, s.target_column, s.max_new_tokens, s.num_beams,
                                                       True, s.batch_size), s.max_length, s.batch_size)
         raw, texts = objective.load(s.data, "validation")
@@ -42,43 +41,6 @@ def run_eval(s: EvalSettings):
     except SlimtuneError as exc:
         fail(exc)
     console.print_json(json.dumps({"examples": len(examples), **res}))
-
-
-def prompt_of_adapter(s: EvalSettings) -> tuple[str | None, str | None]:
-    """(template, label words): the ones given, else, for an adapter saved by a run of the same built-in task, the
-    prompt that run trained with (the adapter's slimtune.json, else its run's config.json; runs older than the record
-    used the task's prompt of their time), so that an adapter is scored with the prompt it learned, not the task's
-    current one."""
-    from pathlib import Path
-
-    from slimtune.peft.registry import read_adapter_meta
-    from slimtune.settings.train import is_run_config
-    from slimtune.train.resume import PROMPT_FOR_NULL, as_trained
-    if not s.adapter or s.task not in PROMPT_FOR_NULL or (s.template is not None and s.label_words is not None):
-        return s.template, s.label_words
-    meta = read_adapter_meta(s.adapter)  # an adapter saved since runs record it carries its prompt wherever it goes
-    if meta.get("task") == s.task and meta.get("template") is not None:
-        from types import SimpleNamespace
-
-        from slimtune.peft.registry import ADAPTER_META
-        from slimtune.settings.rules import check_task_text
-        prompt = (s.template if s.template is not None else meta["template"],
-                  s.label_words if s.label_words is not None else meta.get("label_words"))
-        try:  # the file's prompt is checked as the flags are, and named when it fails
-            check_task_text(SimpleNamespace(task=s.task, template=prompt[0], label_words=prompt[1], input_column=None))
-        except SlimtuneError as exc:
-            raise SlimtuneError(f"{Path(s.adapter) / ADAPTER_META}: {exc}") from None
-        return prompt
-    path = Path(s.adapter).resolve().parent / "config.json"
-    try:  # a config.json beside the adapter that is not its run's (another tool's, half-written) is passed over
-        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError):
-        stored = None
-    if not isinstance(stored, dict) or not is_run_config(stored) or stored.get("task") != s.task:
-        return s.template, s.label_words
-    stored = as_trained(stored)
-    return (s.template if s.template is not None else stored.get("template"),
-            s.label_words if s.label_words is not None else stored.get("label_words"))
 
 
 def run_generate(s: GenerateSettings):

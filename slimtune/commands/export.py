@@ -49,11 +49,11 @@ def run_merge(s: MergeSettings):
 
 
 def prompt_meta(adapter: str) -> dict:
-    """The prompt an adapter learned (its slimtune.json: task, template, label words), for the merged checkpoint to
-    carry: `eval --adapter MERGED` scores it with that."""
-    from slimtune.peft.registry import PROMPT_KEYS, read_adapter_meta
-    meta = read_adapter_meta(adapter)
-    return {k: meta[k] for k in PROMPT_KEYS if meta.get(k) is not None}
+    """The prompt an adapter learned (registry.recorded_prompt: what `eval --adapter` scores it with), for the merged
+    checkpoint to carry in its slimtune.json, so that eval scores the merged weights with the same prompt."""
+    from slimtune.peft.registry import recorded_prompt
+    found = recorded_prompt(adapter)
+    return {k: v for k, v in found[0].items() if v is not None} if found else {}
 
 
 def save_checkpoint_dir(model, tokenizer, out: str, prompt: dict | None = None) -> None:

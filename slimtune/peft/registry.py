@@ -170,6 +170,30 @@ def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = No
     return meta
 
 
+def recorded_prompt(directory: str | Path) -> tuple[dict, Path] | None:
+    """The classification prompt a saved model learned ({task, template, label_words}) and the file that records it:
+    its ADAPTER_META (what train, federate and merge write since runs record it), else the config.json of the run it
+    sits in (adapters saved before that; a run that recorded null trained with its task's prompt of the time,
+    `train.resume.as_trained`). None: nothing records one (an adapter or checkpoint from outside slimtune, a
+    generation run). The one reader of every consumer (eval scores with it, merge carries it on)."""
+    from slimtune.settings.train import is_run_config
+    from slimtune.train.resume import as_trained
+
+    directory = Path(directory)
+    meta = read_adapter_meta(directory)
+    if meta.get("task") is not None:
+        return {k: meta.get(k) for k in PROMPT_KEYS}, directory / ADAPTER_META
+    path = directory.resolve().parent / "config.json"
+    try:  # a config.json beside the adapter that is not its run's (another tool's, half-written) is passed over
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or not is_run_config(stored) or stored.get("task") in (None, "generation"):
+        return None
+    stored = as_trained(stored)
+    return {k: stored.get(k) for k in PROMPT_KEYS}, path
+
+
 def adapter_meta_of(model: nn.Module) -> dict:
     """`adapter_meta` read off a model (PEFT-wrapped or not), for producers that have no run settings (the Hugging
     Face trainer): the base `models.load_model_and_tokenizer` loaded (a checkpoint by its absolute path, so that a

@@ -172,13 +172,18 @@ class Settings:
             where = self.where(f.name)
             leave = f", or leave {where} out" if spec.cli and not getattr(self, "_origin", {}).get(f.name) else ""
             check_value(where, value, spec, empty_given=self.given(f.name), leave=leave)
+        self.check_applicable()
+        self.check()
+
+    def check_applicable(self) -> None:
+        """Each setting the user gave applies to these settings (a check() that fills a setting from a record, as
+        eval's task from its adapter, calls it again)."""
         for f in fields(self):  # applicability: only what the user gave
             spec = spec_of(f)
             if spec.applies is not None and self.given(f.name) and not spec.applies.test(self):
                 now = spec.applies.current(self)
                 raise SlimtuneError(f"{self.where(f.name)} applies only to {spec.applies.describe}"
                                     f"{f' (this run: {now})' if now else ''}; remove it or change the run")
-        self.check()
 
     def check(self) -> None:
         """Cross-field rules of the command (subclasses)."""

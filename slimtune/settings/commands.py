@@ -22,11 +22,12 @@ class EvalSettings(Settings):
     data: str | None = setting(None, "evaluation data (required, here or in --config)")
     model: str = setting("smollm2", "the base model (smollm2, gemma3-270m, tiny-llama, tiny-gpt2 or a directory)")
     adapter: str | None = setting(None, "a saved adapter directory (run_dir/adapter)")
-    task: str = setting("sst2", "sst2, rte, custom or generation", choices=TASKS)
+    task: str = setting("sst2", "sst2, rte, custom or generation (left out: the adapter's, where recorded)",
+                        choices=TASKS)
     text_column: str | None = setting(None, "sst2: the text column", applies=when(task=("sst2",)))
     label_column: str | None = setting(None, "classification: the label column", applies=when(task=CLASSIFICATION))
     template: str | None = setting(None, "prompt template (custom task, another prompt for sst2/rte, or generation); "
-                                   "with --adapter, the adapter's run's prompt when left out")
+                                   "left out: the one the adapter (or checkpoint) learned, where recorded")
     label_words: str | None = setting(None, "classification label words (custom task; sst2/rte: instead of the "
                                       "task's own)", applies=when(task=CLASSIFICATION))
     input_column: str | None = setting(None, "generation, tables: prompt column", applies=generation)
@@ -47,9 +48,40 @@ class EvalSettings(Settings):
         if self.adapter is not None:
             check_adapter_and_model(self.adapter, self.model, self.given("model"))
         check_device(self.device)
+        adopt_recorded_prompt(self)
         check_task_text(self)
         if self.predictions:
             check_output_file(self.predictions, "--predictions")
+
+
+def adopt_recorded_prompt(s: EvalSettings) -> None:
+    """Eval scores a saved model with the prompt it learned, however it is named: the adapter's record, or, with no
+    adapter, that of the checkpoint given as --model (a merged checkpoint, a --peft none run's adapter/), read by
+    peft.registry.recorded_prompt. --task left out is the recorded task; for that task, --template and
+    --label-words left out are the recorded ones (a prompt given is used as given, and another --task given gets its
+    own prompt). The record is checked as the flags are, and a failure names its file."""
+    from types import SimpleNamespace
+
+    from slimtune.models.loading import DEFAULT_MODEL, GEMMA3, TINY_MODELS
+    from slimtune.peft.registry import recorded_prompt
+    carrier = s.adapter if s.adapter is not None else \
+        s.model if s.model not in (DEFAULT_MODEL, GEMMA3, *TINY_MODELS) else None
+    found = recorded_prompt(carrier) if carrier is not None else None
+    if found is None:
+        return
+    record, source = found
+    if record["task"] not in CLASSIFICATION:
+        raise SlimtuneError(f"{source}: task {record['task']!r} is none of {', '.join(CLASSIFICATION)}")
+    try:
+        check_task_text(SimpleNamespace(**record, input_column=None))
+    except SlimtuneError as exc:
+        raise SlimtuneError(f"{source}: {exc}") from None
+    if not s.given("task"):
+        s.task = record["task"]
+        s.check_applicable()  # a flag of the default task's that the recorded task does not take
+    if s.task == record["task"]:
+        s.template = s.template if s.template is not None else record["template"]
+        s.label_words = s.label_words if s.label_words is not None else record["label_words"]
 
 
 @dataclass

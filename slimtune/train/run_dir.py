@@ -105,9 +105,9 @@ def lock_held(path: str | Path) -> bool:
 def check_finished_run(adapter: str | Path, flag: str) -> None:
     """An adapter that outlives its run (export's .gguf, merge's checkpoint) is taken only from a run that completed:
     adapter/ is replaced at each better evaluation while the run trains, and after a failure it holds an earlier
-    evaluation's model. An adapter directory outside a run (no status.json beside it) is taken as it is."""
+    evaluation's model. Any other directory (outside a run, or a merged checkpoint kept in one) is taken as it is."""
     run = Path(adapter).resolve().parent  # `.` from inside adapter/, or a link to it: the run it belongs to
-    if not (run / STATUS_FILE).exists():
+    if Path(adapter).resolve() != (run / "adapter").resolve() or not (run / STATUS_FILE).exists():
         return
     status = read_status(run)
     keep = f"copy {adapter} elsewhere to use it as it is"
