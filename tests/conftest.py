@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ SHARED = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("SLIMTUNE_CACHE", str(ROOT / ".pytest_cache" / "slimtune"))
 torch.set_num_threads(1)  # tiny test models gain nothing from threads, and 2 threads stall on a busy CPU
+# A suite started in the background (`nohup make test &`) inherits SIGINT ignored, and Python then raises no
+# KeyboardInterrupt: the Ctrl-C tests would fail for the way they were started. Ctrl-C as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
