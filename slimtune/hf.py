@@ -74,7 +74,18 @@ NOT_HONOURED = (
      "runs the model in eval() mode"),
     ("label_smoothing_factor", "private", "a private step's loss is per_example_losses' plain cross-entropy (one "
      "loss per example, each clipped)"),
+    ("max_grad_norm", "zeroth-order", "a zeroth-order step has no gradient to clip (a private run's per-example "
+     "clip is ZOArguments.clip; the hybrids' AdamW honours it)"),
+    ("data_seed", "private", "private batches are Poisson samples drawn from the run's secret key, not by "
+     "transformers' sampler"),
+    ("dataloader_drop_last", "private", "private batches are Poisson samples drawn from the run's secret key, each "
+     "step's (an empty or small one included) as drawn"),
+    ("train_sampling_strategy", "private", "private batches are Poisson samples drawn from the run's secret key, not "
+     "by transformers' sampler"),
+    ("auto_find_batch_size", "private", "the noise is calibrated for one sampling rate (batch size / dataset size); "
+     "a batch halved after an out-of-memory error would be priced at the first"),
 )
+OFF_WHEN_FALSY = ("max_grad_norm",)  # 0 or None: no clipping, which is what a zeroth-order step does
 
 EMPTY_BATCH = "slimtune_empty_batch"  # the collated form of an empty Poisson batch
 EXAMPLES = "slimtune_examples"  # how many examples a private batch was collated from (checked, then dropped)
@@ -119,6 +130,9 @@ class ZOArguments:
         if self.optimizer not in OPTIMIZERS:
             raise SlimtuneError(f"ZOArguments: optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)} "
                                 "(first-order optimizers are transformers' own: use Trainer)")
+        if self.optimizer == "lozo-m" and self.momentum is not None and self.momentum == 0:
+            from slimtune.settings.train import LOZO_M_MOMENTUM
+            raise SlimtuneError(LOZO_M_MOMENTUM.format(given="ZOArguments: momentum=0"))
         accepted = self.accepted()
         for name, value in self.given().items():
             if name not in accepted:
@@ -173,7 +187,17 @@ class ZOTrainerMixin:
 
     # -- settings ---------------------------------------------------------------------------------------------------
     def _check_zo_setup(self) -> None:
-        """One-line errors for trainer settings a zeroth-order step cannot honour (before any training)."""
+        """One-line errors for trainer settings a zeroth-order step cannot honour (before any training): the
+        constructor's, and `_check_trainer_settings` (which `train()` runs again)."""
+        self._check_trainer_settings()
+        if self.optimizer is not None:
+            raise SlimtuneError("ZOTrainer: optimizers=(...): the optimizer is built from zo_args (a private one is "
+                                "calibrated for the trainer's own Poisson batches and max_steps); give its settings "
+                                "in ZOArguments")
+
+    def _check_trainer_settings(self) -> None:
+        """The checks of what the trainer holds now (`args`, datasets, collator, loss): in the constructor and again
+        at `train()`, since any of them may be set on the trainer in between (`trainer.args.x = ...`)."""
         from slimtune.settings.python import check_keywords
 
         args, zo = self.args, self.zo_args
@@ -194,15 +218,15 @@ class ZOTrainerMixin:
         check_keywords("ZOArguments", given, {"optimizer": zo.optimizer, "peft": peft_kind(self.model),
                                               "clipping": zo.clipping or "auto", "accountant": zo.accountant or "rdp"},
                        aliases)
-        if self.optimizer is not None:
-            raise SlimtuneError("ZOTrainer: optimizers=(...): the optimizer is built from zo_args (a private one is "
-                                "calibrated for the trainer's own Poisson batches and max_steps); give its settings "
-                                "in ZOArguments")
         if zo.private:
             self._check_private_loss()
             if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
                 raise SlimtuneError(f"ZOArguments(optimizer={zo.optimizer!r}): private training samples Poisson "
                                     "batches from a dataset of known size; an iterable dataset cannot be sampled")
+            if not 1 <= self._train_batch_size <= len(self.train_dataset):
+                raise SlimtuneError(f"per_device_train_batch_size={args.per_device_train_batch_size}: a private run's "
+                                    "Poisson batches hold each example with probability batch size / dataset size, "
+                                    f"so it must be from 1 to the {len(self.train_dataset)} training rows")
             if getattr(args, "packing", False):  # TRL packs the dataset itself, before the trainer sees it
                 raise SlimtuneError("packing=True: a packed row holds several examples (and one example can shift "
                                     "every later row), while private training samples and clips one example per "
@@ -247,6 +271,8 @@ class ZOTrainerMixin:
             value = getattr(self.args, name) if name in defaults else getattr(self, name, None)
             default = defaults.get(name)
             if value == default or not value and not default:  # gradient_checkpointing=False: its default is None
+                continue
+            if name in OFF_WHEN_FALSY and not value:
                 continue
             value = getattr(value, "value", value)  # optim: an OptimizerNames member
             shown = f"={value!r}" if isinstance(value, (str, int, float)) else ""
@@ -455,8 +481,7 @@ class ZOTrainerMixin:
             super()._save_rng_state(output_dir)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if self.zo_args.private:
-            self._check_private_loss()  # again: a loss may have been set on the trainer after construction
+        self._check_trainer_settings()  # again: args, data or the loss may have been set after construction
         if self.zo_args.private and resume_from_checkpoint:
             raise SlimtuneError("a private ZOTrainer run cannot be resumed: its noise and batches come from a key "
                                 "that is kept in memory only; start a new run, or use `slimtune train --resume`")
@@ -493,6 +518,12 @@ class ZOTrainerMixin:
             tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
             write_adapter(self.model, tokenizer, directory, meta=adapter_meta_of(self.model), keep_others=True)
         return None
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        """transformers' token count (logged, and kept in trainer_state.json): in a private run it would count the
+        secret Poisson batches' tokens, so it counts nothing there (include_num_input_tokens_seen is refused too)."""
+        if not self.zo_args.private:
+            super()._track_num_input_tokens(inputs)
 
     def floating_point_ops(self, inputs) -> int:
         """transformers sums this over the training batches into `total_flos` (logged and checkpointed); a private

@@ -212,12 +212,15 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         return state
 
     def _run_identity(self) -> dict:
-        """The seed, eps and direction source the perturbations follow, and the shapes of the parameters the state
-        (LOZO's factors, HiZOO's curvature, AdamW's moments) is laid out over."""
+        """The seed, eps and direction source the perturbations follow, the shapes of the parameters the state
+        (LOZO's factors, HiZOO's curvature, AdamW's moments) is laid out over, and every other value the step uses
+        (`settings`: the rank, n_spsa, sparsity, lr, ...)."""
         config = getattr(self.impl, "config", None)
         return {"seed": getattr(config, "seed", None), "eps": getattr(config, "eps", None),
                 "perturbation": getattr(config, "perturbation", None),
-                "shapes": [list(p.shape) for group in self.param_groups for p in group["params"]]}
+                "shapes": [list(p.shape) for group in self.param_groups for p in group["params"]],
+                "settings": {k: v for k, v in sorted(self.settings.items()) if isinstance(v, (int, float, str, bool,
+                                                                                               type(None)))}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         where = f"slimtune.{type(self).__name__}.load_state_dict"
@@ -244,6 +247,11 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 raise SlimtuneError(f"{where}: the state was saved with {name}={saved[name]!r}, this optimizer has "
                                     f"{name}={here[name]!r} (the steps would continue on another trajectory); build "
                                     f"it with {name}={saved[name]!r}")
+        if "settings" in saved and saved["settings"] != here["settings"]:  # states saved before `settings`: unchecked
+            changed = _differences(saved["settings"], here["settings"])
+            raise SlimtuneError(f"{where}: the state was saved with other settings ({changed}): the steps would "
+                                "continue on another trajectory; build the optimizer with the settings it was saved "
+                                "with")
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         self.impl.load_state_dict(own["optimizer"])
 
@@ -431,6 +439,9 @@ class PrivateOptimizer(ZerothOrderOptimizer):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SlimtuneError(f"{owner}: {name}={value!r}: must be an integer >= 1 (the number of training "
                                     "examples and the expected Poisson batch size)")
+        if batch_size > dataset_size:  # each example joins with probability batch_size / dataset_size
+            raise SlimtuneError(f"{owner}: batch_size={batch_size} is larger than dataset_size={dataset_size}: a "
+                                "Poisson batch holds each example with probability batch_size / dataset_size")
         row = table_row(owner, model, given)
         checked = check_keywords(owner, {**privacy, "steps": steps},
                                  {"optimizer": self.method, "peft": peft_kind(model), "accountant": privacy.get(

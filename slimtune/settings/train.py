@@ -15,6 +15,8 @@ from slimtune.settings.rules import DTYPES, check_device, check_task_text, norma
 LOZO = names(family="lozo")
 PEFT = ("none", "lora", "pissa", "adapter", "svfit")
 TASKS = ("sst2", "rte", "custom", "generation")
+LOZO_M_MOMENTUM = ("{given}: LOZO-M is LOZO with momentum, which must be > 0 (0.9 when left out); LOZO without "
+                   "momentum is the optimizer lozo")
 CLASSIFICATION = ("sst2", "rte", "custom")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
              "inverse_sqrt")
@@ -188,6 +190,9 @@ class TrainSettings(Settings):
             require_input_file(self.data, "--data")
             if self.eval_data:
                 require_input_file(self.eval_data, "--eval-data")
+        if self.optimizer == "lozo-m" and self.given("momentum") and self.momentum == 0 \
+                and not getattr(self, "_origin", {}).get("momentum"):  # a run's config.json records 0 for the default
+            raise SlimtuneError(LOZO_M_MOMENTUM.format(given="--momentum 0"))
         if self.optimizer == "fzoo" and self.n_spsa is not None and self.n_spsa < 2:
             raise SlimtuneError(f"--n-spsa {self.n_spsa}: FZOO estimates from N >= 2 one-sided directions (default 8)")
         refusal = mechanism_refusal(self.optimizer, self.mechanism, self.n_spsa)
