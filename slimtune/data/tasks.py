@@ -84,7 +84,8 @@ def get_task(name: str, text_column: str | None = None, label_column: str | None
         pairs = [p.split("=", 1) for p in label_words.split(",")]
         if any(len(p) != 2 for p in pairs):
             raise SlimtuneError(f"--label-words {label_words!r}: expected 'value=word,value=word'")
-        cols = tuple(_template_fields(template))
+        from slimtune.settings.rules import template_fields
+        cols = tuple(template_fields(template, "--template"))
         if template != template.rstrip():  # the label word carries its own leading space
             warnings.warn(f"--template ends with whitespace; removed (label words are scored as ' word', so a "
                           f"trailing space would leave a bare space token before them)", stacklevel=2)
@@ -152,8 +153,3 @@ def with_builtin_prompt(name: str, template: str | None, label_words: str | None
     if prompt is None:
         return template, label_words
     return (template if template is not None else prompt[0], label_words if label_words is not None else prompt[1])
-
-
-def _template_fields(template: str) -> list[str]:
-    import string
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
