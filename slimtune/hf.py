@@ -217,7 +217,7 @@ class ZOTrainerMixin:
         aliases = {"rank": "lozo_rank", "nu": "lozo_nu"}
         check_keywords("ZOArguments", given, {"optimizer": zo.optimizer, "peft": peft_kind(self.model),
                                               "clipping": zo.clipping or "auto", "accountant": zo.accountant or "rdp"},
-                       aliases)
+                       aliases, explicit=True)
         if zo.private:
             self._check_private_loss()
             if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):

@@ -144,3 +144,11 @@ def test_a_private_trainer_checks_its_batch_size_again_at_train(tmp_path):
     with pytest.raises(SlimtuneError, match="auto_find_batch_size"):
         trainer_for(tmp_path / "b", model_for(tok, "lora"), tok, private_args(), max_steps=2,
                     auto_find_batch_size=True)
+
+
+def test_zo_arguments_refuse_a_setting_that_does_not_apply_even_at_its_default_value(tmp_path):
+    """ZOArguments says what was given (None: left out): clip_lr=0.2 with fixed clipping was accepted because 0.2 is
+    the default, while `slimtune train --clipping fixed --clip-lr 0.2` refuses it."""
+    tok = tokenizer()
+    with pytest.raises(SlimtuneError, match="clip_lr"):
+        trainer_for(tmp_path, model_for(tok, "lora"), tok, private_args(clipping="fixed", clip_lr=0.2), max_steps=1)

@@ -25,12 +25,15 @@ def default(name: str):
     return DEFAULTS[name]
 
 
-def check_keywords(owner: str, values: dict, context: dict, aliases: dict | None = None) -> dict:
+def check_keywords(owner: str, values: dict, context: dict, aliases: dict | None = None,
+                   explicit: bool = False) -> dict:
     """`values` ({keyword: value}) checked as the train settings they stand for; returns them coerced.
 
     owner: how to name the caller in messages ("slimtune.MeZO"); context: the other settings the applicability rules
     read (optimizer=..., peft=..., clipping=...); aliases: keyword -> setting name where they differ (LOZO's `rank`
-    is `lozo_rank`). A value equal to the setting's default counts as not given (nothing to apply)."""
+    is `lozo_rank`). A value equal to the setting's default counts as not given (a keyword's default in a signature
+    cannot be told from the same value passed), unless `explicit`: every value was given (None means left out, as in
+    ZOArguments), and one that does not apply is refused as the flag would be."""
     aliases = aliases or {}
     checked, names = {}, {}
     for keyword, value in values.items():
@@ -46,7 +49,8 @@ def check_keywords(owner: str, values: dict, context: dict, aliases: dict | None
     state = SimpleNamespace(**{**DEFAULTS, **context, **{names[k]: v for k, v in checked.items()}})
     for keyword, value in checked.items():
         spec = spec_of(FIELDS[names[keyword]])
-        if spec.applies is not None and value != DEFAULTS[names[keyword]] and not spec.applies.test(state):
+        given = value is not None if explicit else value != DEFAULTS[names[keyword]]
+        if spec.applies is not None and given and not spec.applies.test(state):
             now = spec.applies.current(state)  # the rule's words name flags: a Python caller gave keywords
             raise SlimtuneError(in_python_terms(owner, f"{owner}: {keyword} applies only to {spec.applies.describe}"
                                                 f"{f' (here: {now})' if now else ''}", aliases))
