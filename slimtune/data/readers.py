@@ -42,10 +42,23 @@ def read_text(path: str | Path) -> str:
         raise SlimtuneError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
-def read_examples(source: str, task: Task, split: str = "train") -> list[Example]:
-    """Examples from `source`: a .tsv/.csv/.jsonl/.json file, or `hf:DIR` (a dataset saved with `save_to_disk`)."""
+def read_examples(source: str, task: Task, split: str = "train", column_flags: bool = True) -> list[Example]:
+    """Examples from `source`: a .tsv/.csv/.jsonl/.json file, or `hf:DIR` (a dataset saved with `save_to_disk`).
+    `column_flags`: whether the command takes --text-column / --label-column (`federate` does not), which a missing
+    column's message names."""
     rows, name = read_rows(source, split)
-    return _to_examples(rows, task, name)
+    return _to_examples(rows, task, name, column_flags)
+
+
+def column_hint(task: Task, column_flags: bool) -> str:
+    """How to point a missing column's message at the task's columns, with the flags the command has."""
+    if not column_flags:
+        return f"this command reads the task's columns {', '.join(map(repr, (*task.text_columns, task.label_column)))}"
+    if task.name == "sst2":
+        return "choose with --text-column/--label-column"
+    if task.name == "custom":
+        return "--template's placeholders name the text columns; choose the label's with --label-column"
+    return "choose the label's with --label-column"
 
 
 def read_rows(source: str, split: str = "train") -> tuple[list[tuple[int, dict]], str]:
@@ -159,14 +172,14 @@ def _hf_rows(directory: str, split: str) -> tuple[list[tuple[int, dict]], str]:
     return [(i + 1, row) for i, row in enumerate(ds)], f"hf:{directory}[{split}]"
 
 
-def _to_examples(rows: list[tuple[int, dict]], task: Task, name: str) -> list[Example]:
+def _to_examples(rows: list[tuple[int, dict]], task: Task, name: str, column_flags: bool = True) -> list[Example]:
     if not rows:
         raise SlimtuneError(f"{name}: no examples (file is empty)")
     columns = set(rows[0][1])
     missing = [c for c in (*task.text_columns, task.label_column) if c not in columns]
     if missing:
         raise SlimtuneError(f"{name}: missing column(s) {', '.join(map(repr, missing))} "
-                            f"(found {', '.join(map(repr, sorted(columns)))}; choose with --text-column/--label-column)")
+                            f"(found {', '.join(map(repr, sorted(columns)))}; {column_hint(task, column_flags)})")
     examples = []
     for line, row in rows:
         where = f"{name}:{line}"

@@ -47,6 +47,13 @@ def is_private(cfg: FederatedConfig) -> bool:
     return cfg.mode != "zo-seeds" and cfg.local_optimizer in PRIVATE_OPTIMIZERS
 
 
+def private_clients(cfg: FederatedConfig) -> bool:
+    """Whether the run protects the clients' data (local DP optimizers, or client-level DP): then the server writes
+    no round times or memory (a round lasts as long as its slowest client's private batches take), no client
+    training loss and no client's error text, only what the DP releases and evaluations on its own data."""
+    return is_private(cfg) or cfg.client_level_dp
+
+
 def sample_rate(cfg: FederatedConfig, num_examples: int) -> float:
     """q = min(1, B / n, B / M): the Poisson rate of a private client with `num_examples` rows."""
     return min(1.0, cfg.batch_size / max(num_examples, 1), cfg.batch_size / (cfg.local_dp_min_examples or 1))

@@ -49,7 +49,8 @@ def federated_objective(cfg):
     servers evaluate loss and perplexity of theta and Q(theta) (no decoding: it is the slow part)."""
     from slimtune.train.objectives import GenerationSettings, make_objective
     return make_objective(cfg.task, template=cfg.template, label_words=cfg.label_words, max_length=cfg.max_length,
-                          generation=GenerationSettings(cfg.input_column, cfg.target_column, eval_generate=False))
+                          generation=GenerationSettings(cfg.input_column, cfg.target_column, eval_generate=False),
+                          column_flags=False)
 
 
 def is_trained(name: str, cfg) -> bool:

@@ -15,6 +15,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from slimtune import SlimtuneError
 from slimtune.federated.attacks import BroadcastHistory, attack_report, coalition_data
 from slimtune.federated.config import FederatedConfig, check_run, settings_path
+from slimtune.federated.local_privacy import private_clients
 from slimtune.federated.model import build_model, load_lora_state, lora_state
 from slimtune.federated.wire import FP32
 from slimtune.federated.strategy import FedLPP
@@ -158,14 +159,6 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -
                                 f"s: start more SuperNodes or lower it (flwr run . --run-config "
                                 f"'num-clients={connected}')")
         time.sleep(poll)
-
-
-def private_clients(cfg: FederatedConfig) -> bool:
-    """Whether the run protects the clients' data (local DP optimizers, or client-level DP): then the server writes
-    no round times or memory (a round lasts as long as its slowest client's private batches take) and no client
-    training loss, only what the DP releases and evaluations on its own data."""
-    from slimtune.federated.local_privacy import is_private
-    return is_private(cfg) or cfg.client_level_dp
 
 
 def _client_dp_accountant(cfg: FederatedConfig):

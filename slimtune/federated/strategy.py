@@ -21,12 +21,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from slimtune.federated.bounds import InfluenceBound, aggregate, client_weights
 from slimtune.federated.config import FederatedConfig
-from slimtune.federated.local_privacy import public_bound
+from slimtune.federated.local_privacy import private_clients, public_bound
 from slimtune.privacy.secret import KeyedNoise, RunKey, secret_tensor
 from slimtune.federated.replies import parse_reply
 from slimtune.federated.server_opt import IterateAverage, ServerOptimizer
 from slimtune.federated.wire import FP32, as_array, decode_state, encode_state, wire_bytes
 
+CLIENT_TEXT_CHARS = 300  # of a client's error text in the server's log
 log = logging.getLogger("slimtune.federated")
 
 FP16_MAX = 6.0e4  # just under float16's 65504: Q(theta)'s scales are fp16
@@ -98,8 +99,9 @@ class FedLPP(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             self.nodes_replied.add(node)
-            if msg.has_error():
-                log.warning("round %d: client %s failed (%s); skipped", server_round, node, msg.error.reason)
+            if msg.has_error():  # Flower's reason is the client's exception text: a row of its data, say
+                log.warning("round %d: client %s failed (%s); skipped", server_round, node,
+                            self.client_text(msg.error.reason))
                 rejected += 1
                 continue
             size = wire_bytes(msg)  # on the wire whether or not it is accepted
@@ -108,7 +110,8 @@ class FedLPP(FedAvg):
                 accepted.append({**parse_reply(msg.content, self.cfg, self.shapes), "wire_bytes": size, "node": node})
             except Exception as exc:  # noqa: BLE001 - whatever a reply holds, it can only be rejected
                 log.warning("round %d: rejected reply from client %s: %s", server_round, node,
-                            exc if isinstance(exc, ValueError) else f"malformed ({type(exc).__name__})")
+                            self.client_text(str(exc)) if isinstance(exc, ValueError)
+                            else f"malformed ({type(exc).__name__})")
                 rejected += 1
         info = self.round_log.setdefault(server_round, {"round": server_round})
         info.update(replies=len(accepted), rejected=rejected, bytes_up_total=bytes_up)
@@ -126,10 +129,20 @@ class FedLPP(FedAvg):
             info["payload_bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
             info["bytes_up_per_client"] = float(np.mean([a["wire_bytes"] for a in accepted]))
             losses = [a["loss"] for a in accepted if a["loss"] is not None]  # private clients send none
-            if losses and not self.cfg.client_level_dp:  # then only the noised aggregate is released
+            if losses and not private_clients(self.cfg):  # private: only the DP releases; none from a claim
                 info["train_loss"] = float(np.median(losses))  # the claims' median: no one client sets it
         payload, _ = self.broadcast()
         return payload, MetricRecord({"replies": len(accepted), "rejected": rejected})
+
+    def client_text(self, text: str) -> str:
+        """What the server's log says of a text that came from a client (its error, or what was wrong with its
+        reply): withheld when the run protects the clients' data (the text may quote a row of it, or say how its
+        training went), else quoted and cut (a hostile client's newlines cannot forge log lines, nor can its
+        length flood the log)."""
+        if private_clients(self.cfg):
+            return "details withheld: the run protects its clients' data"
+        text = str(text)
+        return repr(text[:CLIENT_TEXT_CHARS] + ("..." if len(text) > CLIENT_TEXT_CHARS else ""))
 
     def deltas(self, accepted: list[dict]) -> list[dict[str, torch.Tensor]]:
         """Each accepted reply as a delta; zo-seeds scalars are clipped per seed (bounds.py) before the replay."""

@@ -33,9 +33,9 @@ class ClassificationObjective:
     default_best = "accuracy"
     warn_per_batch = True  # nothing to warn about per batch
 
-    def __init__(self, task, eval_batch_size: int = 32, max_length: int = 256):
+    def __init__(self, task, eval_batch_size: int = 32, max_length: int = 256, column_flags: bool = True):
         self.task, self.eval_batch_size, self.tokenizer, self.label_ids = task, eval_batch_size, None, None
-        self.max_length = max_length
+        self.max_length, self.column_flags = max_length, column_flags
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -48,7 +48,7 @@ class ClassificationObjective:
 
     def load(self, source: str, split: str):
         from slimtune.data import read_examples
-        examples = read_examples(source, self.task, split)
+        examples = read_examples(source, self.task, split, self.column_flags)
         return examples, [e.prompt for e in examples]
 
     def examples(self, raw, tokenizer) -> list:
@@ -208,8 +208,9 @@ def build_objective(config):
 
 def make_objective(task: str, text_column=None, label_column=None, template=None, label_words=None,
                    generation: GenerationSettings | None = None, max_length: int = 256,
-                   eval_batch_size: int = 32):
-    """Task "generation" (its eval batch size is in `generation`) or a classification task (sst2, rte, custom)."""
+                   eval_batch_size: int = 32, column_flags: bool = True):
+    """Task "generation" (its eval batch size is in `generation`) or a classification task (sst2, rte, custom).
+    `column_flags`: the command takes --text-column / --label-column (messages name them)."""
     from slimtune.data import get_task
     from slimtune.generation.data import generation_task
 
@@ -219,7 +220,7 @@ def make_objective(task: str, text_column=None, label_column=None, template=None
             raise SlimtuneError("--max-new-tokens and --num-beams must be >= 1")
         return GenerationObjective(generation_task(g.input_column, g.target_column, template), g, max_length)
     return ClassificationObjective(get_task(task, text_column, label_column, template, label_words), eval_batch_size,
-                                   max_length)
+                                   max_length, column_flags)
 
 
 def check_best_metric(objective, name: str | None) -> str:
