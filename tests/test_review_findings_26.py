@@ -100,3 +100,29 @@ def test_a_clients_text_in_the_servers_log_is_quoted_and_cut(demo_paths, caplog)
                                      reply(msgs[1], as_arrays(honest(1)), 10, 12), failed])
     line = next(r.getMessage() for r in caplog.records if "client 13 failed" in r.getMessage())
     assert "\n" not in line and "boom\\nround 1" in line and len(line) < 500, line
+
+
+# -- 4. a hostile server names the file a shared-file node reads ------------------------------------------------------
+def test_a_node_reading_the_servers_data_path_sends_no_text_of_that_file(demo_paths, tmp_path, capsys):
+    """A node started without data-path reads the file the server's config names (a share of a shared file). A
+    hostile server can name any table on the node: the reader's error ("people.tsv:6: field 'label': unknown label
+    '<a value>'", or the header's column names) went back to the server as the round's error reason. Withheld now,
+    as a private client's is; the node's operator sees it on the node's stderr."""
+    from dataclasses import replace
+
+    import pytest
+    from test_federated_local_dp import payload_for
+    from slimtune import SlimtuneError
+    from slimtune.federated.client_app import local_train
+
+    lines = open(demo_paths[0]).read().splitlines()
+    bad = lines[5].split("\t")
+    bad[-1] = "SECRETVALUE"
+    other = tmp_path / "people.tsv"
+    other.write_text("\n".join(lines[:5] + ["\t".join(bad)] + lines[6:40]) + "\n")
+    honest_cfg = make_cfg(demo_paths, bits=8)
+    payload = payload_for(honest_cfg)  # the broadcast, from the shared file's model
+    with pytest.raises(SlimtuneError) as err:
+        local_train(replace(honest_cfg, data=str(other)), 1, payload, 1, own_data=False, num_partitions=2)
+    assert "SECRETVALUE" not in str(err.value) and "people.tsv:6" not in str(err.value), str(err.value)
+    assert "SECRETVALUE" in capsys.readouterr().err

@@ -59,9 +59,11 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
     file; ledger: the node's locked ledger, where a private round is recorded before its first step (its earlier
     rounds, each at its own settings, go into the epsilon it prints); steps_before: earlier private steps at this
     round's settings, for a caller without a ledger; delta: the node's account delta (local_privacy.account_delta).
-    A private client's failure is sent without its text (`_kept_on_node`)."""
+    A private client's failure is sent without its text (`_kept_on_node`), and so is the failure of a node that reads
+    the file the server named (not own_data): a hostile server could name any table on the node and read its rows
+    in the error."""
     delta = account_delta(cfg) if delta is None else delta
-    if not is_private(cfg):
+    if not is_private(cfg) and own_data:
         return _local_round(cfg, partition_id, payload, server_round, own_data, num_partitions, steps_before,
                             ledger, delta)
     with _kept_on_node():
@@ -71,16 +73,15 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
 
 @contextmanager
 def _kept_on_node():
-    """A private client's round that fails raises one fixed line (what Flower sends to the server as the error's
-    reason); what failed (a bad row of the node's data file: its line and value, or a withheld step's line) is printed
+    """A round that fails raises one fixed line (what Flower sends to the server as the error's reason); what failed (a bad row of the node's data file: its line and value, or a withheld step's line) is printed
     on the node's own stderr only."""
     try:
         yield
     except Exception as exc:
         print(f"slimtune client (kept on this node, not sent to the server): {' '.join(str(exc).split())}",
               file=sys.stderr, flush=True)
-        raise SlimtuneError("a private client's round failed; its details are withheld from the server (they may "
-                            "name this node's training rows): they are on the node's own stderr") from None
+        raise SlimtuneError("this client's round failed; its details are withheld from the server (they may name "
+                            "rows of a file on this node): they are on the node's own stderr") from None
 
 
 def _local_round(cfg: FederatedConfig, partition_id: int, payload: dict, server_round: int, own_data: bool,
