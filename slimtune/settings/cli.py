@@ -23,6 +23,9 @@ from slimtune import SlimtuneError
 from slimtune.settings.base import Settings, flag, kind_of, spec_of
 
 PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+# switches that older runs' config.json files hold as null (they had no default then): null there means unset; any
+# other null in a settings file is refused (`dry_run: ${DRY_RUN}` with the variable unset must not become a real run)
+NULL_IS_UNSET = ("svfit_relative",)
 
 
 def read_config_file(path: str) -> dict:
@@ -108,7 +111,7 @@ def file_values(cls: type[Settings], path: str) -> tuple[dict, set[str]]:
             raise SlimtuneError(f"{path}: unknown setting {key!r} for `slimtune {cls.command}` (known: {known})")
         base, optional = kind_of(_field(cls, name))
         if value is None and not optional:
-            if base == "bool":
+            if name in NULL_IS_UNSET:
                 continue  # older runs' files hold null for a switch that now has a default (svfit_relative): unset
             # `out: ${RUN}` rendered with RUN unset: YAML's null, refused as `--out ""` is, never the default
             raise SlimtuneError(f"{path}: setting {key!r} has no value (an unset variable?); give a value or leave "

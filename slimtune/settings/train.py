@@ -27,9 +27,11 @@ K_SHOT_PRIVATE = ("--k-shot with a private optimizer: the k rows per class are d
                   "file, so one row more or less changes which rows are trained on and the guarantee would hold for "
                   "the subset only, not for the file; write the subset you want to train on to a file instead")
 generation = when(task=("generation",))
-adaptive = condition(lambda s: s.optimizer in ADAPTIVE_CLIPPING and s.clipping != "fixed",
-                     "adaptive clipping (--optimizer dpzero, dplozo, dphizoo or dphybrid without --clipping fixed)",
-                     lambda s: f"--optimizer {s.optimizer}, --clipping {s.clipping}")
+adaptive = condition(lambda s: s.optimizer in ADAPTIVE_CLIPPING and (s.clipping == "adaptive" or (
+    s.clipping == "auto" and s.mechanism == "gaussian")),  # as train.trainer.adaptive_clipping
+                     "adaptive clipping (--optimizer dpzero, dplozo, dphizoo or dphybrid with Gaussian noise, "
+                     "without --clipping fixed)",
+                     lambda s: f"--optimizer {s.optimizer}, --clipping {s.clipping}, --mechanism {s.mechanism}")
 evaluates = condition(lambda s: bool(s.eval_data) and s.eval_every > 0, "runs that evaluate (--eval-data with "
                       "--eval-every > 0)", lambda s: "--eval-every 0" if s.eval_data else "no --eval-data")
 
@@ -190,9 +192,13 @@ class TrainSettings(Settings):
             require_input_file(self.data, "--data")
             if self.eval_data:
                 require_input_file(self.eval_data, "--eval-data")
-        if self.optimizer == "lozo-m" and self.given("momentum") and self.momentum == 0 \
-                and not getattr(self, "_origin", {}).get("momentum"):  # a run's config.json records 0 for the default
-            raise SlimtuneError(LOZO_M_MOMENTUM.format(given="--momentum 0"))
+        if self.optimizer == "lozo-m" and self.given("momentum") and self.momentum == 0:  # a run's record: not given
+            raise SlimtuneError(LOZO_M_MOMENTUM.format(given=f"{self.where('momentum')} 0"))
+        if self.optimizer in PRIVATE and self.clipping == "adaptive" and self.mechanism == "laplace":
+            raise SlimtuneError("--clipping adaptive: its quantile estimate is accounted with Gaussian noise only; "
+                                "with --mechanism laplace use --clipping fixed (or auto)")
+        if self.secret_key_file is not None:  # before any work: the run reads it only after loading model and data
+            require_input_file(self.secret_key_file, "--secret-key-file")
         if self.optimizer == "fzoo" and self.n_spsa is not None and self.n_spsa < 2:
             raise SlimtuneError(f"--n-spsa {self.n_spsa}: FZOO estimates from N >= 2 one-sided directions (default 8)")
         refusal = mechanism_refusal(self.optimizer, self.mechanism, self.n_spsa)
@@ -206,7 +212,8 @@ class TrainSettings(Settings):
         check_device(self.device, self.dtype)
         check_task_text(self)
         if self.steps is not None and self.warmup_steps is not None and self.warmup_steps >= self.steps:
-            raise SlimtuneError(f"--warmup-steps {self.warmup_steps}: must be below --steps ({self.steps})")
+            raise SlimtuneError(f"{self.where('warmup_steps')} {self.warmup_steps}: must be below --steps "
+                                f"({self.steps})")
         if self.given("save") and self.save == "best" and not evaluates.test(self):
             raise SlimtuneError("--save best keeps the best-evaluated adapter and needs --eval-data with "
                                 "--eval-every > 0")
@@ -327,12 +334,16 @@ def retable(merged: dict, stored: dict, keep: set[str]) -> dict:
     reproduced)."""
     from slimtune.optim.defaults import defaults_for
     source = from_run_config(stored)
-    if run_identity(merged) == run_identity(source):
-        return merged
     model, optimizer, peft = run_identity(source)
     try:
         d = defaults_for(optimizer, peft, model)
     except SlimtuneError:
+        return merged
+    if "steps" in keep and "warmup_steps" not in keep and isinstance(source.get("steps"), int) \
+            and source.get("warmup_steps") == int(d.warmup_ratio * source["steps"]):
+        # the source's warm-up was its default share of its steps: another --steps gets its own share
+        merged = {k: v for k, v in merged.items() if k != "warmup_steps"}
+    if run_identity(merged) == run_identity(source):
         return merged
     steps = source.get("steps")
     table = {"lr": d.lr, "eps": d.eps, "lr_scheduler": d.lr_scheduler, "steps": d.steps,
