@@ -81,8 +81,8 @@ def train(config: str | None = None, **settings: Any) -> dict:
     from slimtune.commands.train import resumed_settings
     from slimtune.settings.cli import build_settings
     config = os.fspath(config) if config is not None else None
-    base, base_given = resumed_settings(settings, None, config)
-    s = build_settings(TrainSettings, None, settings, config, base, base_given)
+    base, base_given, base_origin = resumed_settings(settings, None, config)
+    s = build_settings(TrainSettings, None, settings, config, base, base_given, base_origin)
     run_config = s.to_config()
     if s.dry_run:
         from slimtune.optim.defaults import resolve

@@ -219,6 +219,9 @@ class ZOTrainerMixin:
                                               "clipping": zo.clipping or "auto", "accountant": zo.accountant or "rdp"},
                        aliases, explicit=True)
         if zo.private:
+            if zo.clipping == "adaptive" and zo.mechanism == "laplace":
+                raise SlimtuneError("ZOArguments: clipping='adaptive': its quantile estimate is accounted with "
+                                    "Gaussian noise only; with mechanism='laplace' use clipping='fixed' (or 'auto')")
             self._check_private_loss()
             if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
                 raise SlimtuneError(f"ZOArguments(optimizer={zo.optimizer!r}): private training samples Poisson "

@@ -338,10 +338,12 @@ def test_a_failing_private_federated_client_step_names_no_row(demo_paths, monkey
         local_train(cfg, 0, _client_payload(cfg), 1)
     assert "SECRET" not in str(raised.value) and "batch of" not in str(raised.value), raised.value
     assert "private" in str(raised.value)
-    public = make_cfg(demo_paths, bits=8, local_optimizer="mezo")  # a non-private client keeps its details
-    monkeypatch.setattr(_setup(public.to_json(), public.num_clients)[4], "losses", failing)
+    # a non-private client on its own data keeps its details (one on the server's data path does not since review
+    # 26: a hostile server could name any table on the node)
+    public = make_cfg(demo_paths, bits=8, local_optimizer="mezo")
+    monkeypatch.setattr(_setup(public.to_json(), None)[4], "losses", failing)
     with pytest.raises(ValueError, match="SECRET"):
-        local_train(public, 0, _client_payload(public), 1)
+        local_train(public, 0, _client_payload(public), 1, own_data=True)
 
 
 @pytest.mark.parametrize("private", [dict(local_optimizer="dpzero"), dict(client_dp_clip=1.0, client_dp_noise=1.0)],

@@ -22,7 +22,8 @@ def register(app) -> None:
 
 
 def resumed_settings(values: dict, ctx, config_path: str | None):
-    """--resume: the run's config.json is the base (settings not given keep the run's values); then the config file,
+    """--resume: (base, given, origin): the run's config.json is the base (settings not given keep the run's values,
+    and a message about one names that file); then the config file,
     then the flags (settings/cli.py build_settings). ctx None: `values` are a Python caller's keyword arguments
     (slimtune.train), each one given."""
     from click.core import ParameterSource
@@ -37,14 +38,14 @@ def resumed_settings(values: dict, ctx, config_path: str | None):
         return values[name] if name in values else TrainSettings.defaults()[name]
 
     if not chosen("resume"):
-        return None, None
+        return None, None, None
     from slimtune.train.resume import read_stored
     out = chosen("out")
     stored = read_stored(Path(out))
     if stored is None:
         raise SlimtuneError(f"{'--resume' if ctx is not None else 'slimtune.train: resume=True:'} {out}: no run "
                             "there (no config.json)")
-    return from_run_config(stored), set()
+    return from_run_config(stored), set(), str(Path(out) / "config.json")  # messages name the record
 
 
 def run_train(s: TrainSettings):

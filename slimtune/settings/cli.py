@@ -152,20 +152,24 @@ def _field(cls, name):
 
 
 def build_settings(cls: type[Settings], ctx: click.Context | None, values: dict, config_path: str | None = None,
-                   base: dict | None = None, base_given: set[str] | None = None) -> Settings:
+                   base: dict | None = None, base_given: set[str] | None = None,
+                   base_origin: str | None = None) -> Settings:
     """Settings from command-line values (the typer callback's kwargs), a config file, and `base` (e.g. a resumed
-    run's stored settings). Precedence: defaults < base < file < command line."""
+    run's stored settings, read from the file `base_origin`, which messages name). Precedence: defaults < base <
+    file < command line."""
     typed = {k: v for k, v in values.items() if k in {f.name for f in fields(cls)}}
     on_command_line = {k for k in typed if ctx is None or ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     merged, given, origin = {}, set(), {}
     if base:
         merged.update(base)
         given |= set(base_given or ())
+        if base_origin:
+            origin = {k: base_origin for k in base}
     if config_path:
         fv, fgiven = file_values(cls, config_path)
         merged.update(fv)
         given |= fgiven
-        origin = {k: config_path for k in fv}
+        origin.update({k: config_path for k in fv})
     for k in on_command_line:
         merged[k] = typed[k]
         given.add(k)
@@ -203,8 +207,8 @@ def command(app: typer.Typer, cls: type[Settings], run: Callable[[Settings], Any
             arguments: list[inspect.Parameter] = (), with_config: bool = True, help: str | None = None,
             prepare: Callable | None = None) -> None:
     """Register `slimtune <name>`: options from `cls`, then `run(settings)`. `arguments`: positional typer arguments
-    (their values are passed into the settings under the same names); `prepare(values) -> (base, base_given)` may
-    supply base values (e.g. a resumed run's settings)."""
+    (their values are passed into the settings under the same names); `prepare(values) -> (base, base_given,
+    base_origin)` may supply base values (e.g. a resumed run's settings) and the file they came from."""
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context), *arguments]
     if with_config:
         params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
@@ -216,8 +220,8 @@ def command(app: typer.Typer, cls: type[Settings], run: Callable[[Settings], Any
         from slimtune.cli import fail
         try:
             config_path = kwargs.pop("config", None)
-            base, base_given = prepare(kwargs, ctx, config_path) if prepare else (None, None)
-            settings = build_settings(cls, ctx, kwargs, config_path, base, base_given)
+            base, base_given, base_origin = prepare(kwargs, ctx, config_path) if prepare else (None, None, None)
+            settings = build_settings(cls, ctx, kwargs, config_path, base, base_given, base_origin)
         except SlimtuneError as exc:
             fail(exc)
         return run(settings)

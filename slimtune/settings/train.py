@@ -199,6 +199,11 @@ class TrainSettings(Settings):
                                 "with --mechanism laplace use --clipping fixed (or auto)")
         if self.secret_key_file is not None:  # before any work: the run reads it only after loading model and data
             require_input_file(self.secret_key_file, "--secret-key-file")
+            from slimtune.privacy.secret import read_key_file
+            try:  # what the run will refuse (readable by others, not a key), refused now
+                read_key_file(self.secret_key_file)
+            except SlimtuneError as exc:
+                raise SlimtuneError(f"--secret-key-file {exc}") from None
         if self.optimizer == "fzoo" and self.n_spsa is not None and self.n_spsa < 2:
             raise SlimtuneError(f"--n-spsa {self.n_spsa}: FZOO estimates from N >= 2 one-sided directions (default 8)")
         refusal = mechanism_refusal(self.optimizer, self.mechanism, self.n_spsa)
