@@ -56,6 +56,9 @@ CANDIDATES = {
 # shown), so a candidate takes ~45 min (sparse) to ~70 min (hizoo), FZOO ~3.9 h, plus 6 evaluations of the 500-example
 # split (~7 min). Flags beyond --lr/--eps are the new settings (--hessian-smooth, --fo-lr; slimtune/settings).
 LONG = ["--steps", "600", "--lr-scheduler", "constant"]
+REVIEW_PROMPT_MEZO = ["--optimizer", "mezo", "--peft", "lora", "--lr", "1e-3", "--eps", "1e-2", "--steps", "600",
+                      "--lr-scheduler", "constant", "--task", "custom", "--template", "Review: {sentence}\nSentiment:",
+                      "--label-words", "0=negative,1=positive"]
 CANDIDATES.update({
     "fzoo+lora": {f"fzoo-lora-lr{lr}-const600": ["--optimizer", "fzoo", "--peft", "lora", "--lr", lr, "--eps", "1e-2",
                                                  *LONG] for lr in ("2e-5", "5e-5", "1e-4")},
@@ -116,19 +119,17 @@ CANDIDATES.update({
     # at chance (0.52 on dev, 0.58 on 400 train rows), while "Review: {sentence}\nSentiment:" negative/positive
     # scored 0.77 zero-shot on the same 400 train rows (docs/benchmarks/zo-cost.md). MeZO + LoRA's selected
     # candidate (lr 1e-3, 600 steps, constant) with that prompt instead of the task's own.
-    "mezo+lora-prompt": {"mezo-lora-lr1e-3-review-prompt-const600": [
-        "--optimizer", "mezo", "--peft", "lora", "--lr", "1e-3", "--eps", "1e-2", "--steps", "600", "--lr-scheduler",
-        "constant", "--task", "custom", "--template", "Review: {sentence}\nSentiment:", "--label-words",
-        "0=negative,1=positive"]},
+    "mezo+lora-prompt": {"mezo-lora-lr1e-3-review-prompt-const600": REVIEW_PROMPT_MEZO},
     # issue 36, forward-only target, after SST-2's default became that prompt: MeZO + LoRA's lr again. From the prompt's
     # start (0.816 on the split at step 0) lr 1e-3 climbs slowly (0.840 at step 600 here; 0.822 on dev at step 1,750
     # of the 2,000-step row), and 2e-3 had diverged from the old prompt's start (mean train loss 0.81 and |projected
     # grad| 1.30 over its first 200 steps, against 0.44 and 0.55 from the new prompt at 1e-3). Same 600-step
     # constant-lr candidates as mezo+lora, on the task's (new) default prompt. 2e-3 diverged again (|projected grad|
     # 0.5 -> 3.0 by step 400; 0.836 on the split at step 240, 0.770 at 360), so 4e-3, queued after it, was not run.
-    "mezo+lora-new-prompt": {f"mezo-lora-lr{lr}-new-prompt-const600": [
+    # 1e-3 is the mezo+lora-prompt candidate below (the same prompt, given as a custom task), read from its run.
+    "mezo+lora-new-prompt": {**{f"mezo-lora-lr{lr}-new-prompt-const600": [
         "--optimizer", "mezo", "--peft", "lora", "--lr", lr, "--eps", "1e-2", "--steps", "600", "--lr-scheduler",
-        "constant"] for lr in ("2e-3",)},
+        "constant"] for lr in ("2e-3",)}, "mezo-lora-lr1e-3-review-prompt-const600": REVIEW_PROMPT_MEZO},
     # ... and AdamW + LoRA's selected candidate (lr 1e-3, 150 steps) with the same prompt: the prompt becomes SST-2's
     # default only if backprop does not lose with it (every row of the tables shares the task's prompt).
     "adamw+lora-prompt": {"adamw-lora-lr1e-3-review-prompt": [
