@@ -140,3 +140,17 @@ def test_a_recorded_task_that_is_not_a_classification_task_is_one_line(custom_ru
     res = cli("eval", "--data", DEV, *TINY, "--adapter", adapter)
     assert res.exit_code == 2 and "slimtune.json" in res.output, res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_a_model_kept_in_a_run_directory_is_not_scored_with_that_runs_prompt(own_prompt_run, tmp_path, monkeypatch):
+    """Only a run's adapter/ reads its run's config.json for the prompt: a checkpoint of other weights kept in the
+    run's directory (no slimtune.json of its own) was scored with the run's 'Film: ... Verdict:' prompt."""
+    run = tmp_path / "run"
+    shutil.copytree(own_prompt_run, run)
+    res = cli("merge", run / "adapter", *TINY, "--out", run / "other")
+    assert res.exit_code == 0, res.output
+    (run / "other" / "slimtune.json").unlink()  # as a checkpoint from elsewhere
+    seen = spy_prompts(monkeypatch)
+    res = cli("eval", "--data", DEV, "--model", run / "other")
+    assert res.exit_code == 0, res.output
+    assert seen == [(None, None)], seen

@@ -183,6 +183,8 @@ def recorded_prompt(directory: str | Path) -> tuple[dict, Path] | None:
     meta = read_adapter_meta(directory)
     if meta.get("task") is not None:
         return {k: meta.get(k) for k in PROMPT_KEYS}, directory / ADAPTER_META
+    if directory.resolve().name != "adapter":  # only a run's adapter/ reads its run's record (not a model kept there)
+        return None
     path = directory.resolve().parent / "config.json"
     try:  # a config.json beside the adapter that is not its run's (another tool's, half-written) is passed over
         stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
