@@ -162,6 +162,9 @@ NODE_FLOOR = {
 
 
 NODE_BUDGET = "local-dp-epsilon"  # the most epsilon this node spends: the server sets q (batch) and T (steps, rounds)
+# A node's caps on the work a server may ask of it (--node-config 'max-local-steps=50'): key -> setting. A round asking
+# more is refused: a hostile server could otherwise send 2**62 local steps, or a batch or length that fills memory.
+NODE_CAPS = {"max-local-steps": "local_steps", "max-batch-size": "batch_size", "max-length": "max_length"}
 
 
 def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None = ()) -> None:
@@ -176,8 +179,15 @@ def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None 
     for key, value in node.items():
         if key in NODE_KEYS:
             continue
+        if key in NODE_CAPS:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SlimtuneError(f"--node-config {key}={value!r}: must be a whole number >= 1")
+            if getattr(cfg, NODE_CAPS[key]) > value:
+                raise SlimtuneError(f"--node-config {key}={value}: the server asked for {NODE_CAPS[key]} "
+                                    f"{getattr(cfg, NODE_CAPS[key])} (round refused)")
+            continue
         if key not in NODE_FLOOR and key != NODE_BUDGET:
-            known = ", ".join((*NODE_KEYS, *NODE_FLOOR, NODE_BUDGET))
+            known = ", ".join((*NODE_KEYS, *NODE_FLOOR, NODE_BUDGET, *NODE_CAPS))
             raise SlimtuneError(f"--node-config {key}: not a node setting (known: {known})")
         wanted = str if key == "local-optimizer" else (int, float)
         if not isinstance(value, wanted) or isinstance(value, bool):
@@ -190,7 +200,7 @@ def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None 
         if key == "local-dp-delta" and not 0 < value < 1:
             raise SlimtuneError(f"--node-config {key}={value!r}: must be in (0, 1) (e.g. 1e-5)")
     for key, value in node.items():
-        if key in NODE_KEYS:
+        if key in NODE_KEYS or key in NODE_CAPS:
             continue
         if key != "local-optimizer" and not is_private(cfg):  # a DP floor is met by no non-private round
             raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for a round without local DP "
