@@ -66,21 +66,22 @@ def local_train(cfg: FederatedConfig, partition_id: int, payload: dict, server_r
     if not is_private(cfg) and own_data:
         return _local_round(cfg, partition_id, payload, server_round, own_data, num_partitions, steps_before,
                             ledger, delta)
-    with _kept_on_node("a private client's" if is_private(cfg) else "this client's (on the server's data path)"):
+    with _kept_on_node("a private client's round" if is_private(cfg) else "a round on the server's data path"):
         return _local_round(cfg, partition_id, payload, server_round, own_data, num_partitions, steps_before,
                             ledger, delta)
 
 
 @contextmanager
-def _kept_on_node(whose: str = "a private client's"):
-    """A round that fails raises one fixed line (what Flower sends to the server as the error's reason); what failed (a bad row of the node's data file: its line and value, or a withheld step's line) is printed
-    on the node's own stderr only."""
+def _kept_on_node(what: str = "a private client's round"):
+    """A round that fails raises one fixed line (what Flower sends to the server as the error's reason); what failed
+    (a bad row of the node's data file: its line and value, or a withheld step's line) is printed on the node's own
+    stderr only."""
     try:
         yield
     except Exception as exc:
         print(f"slimtune client (kept on this node, not sent to the server): {' '.join(str(exc).split())}",
               file=sys.stderr, flush=True)
-        raise SlimtuneError(f"{whose} round failed; its details are withheld from the server (they may name "
+        raise SlimtuneError(f"{what} failed; its details are withheld from the server (they may name "
                             "rows of a file on this node): they are on the node's own stderr") from None
 
 
