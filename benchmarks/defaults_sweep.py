@@ -105,6 +105,12 @@ CANDIDATES.update({
                                                                "--warmup-steps", w, "--eval-every", "20",
                                                                "--eval-max", "250"]
                            for w in ("15", "100", "40")},
+    # issue 36, hybrid target (0.87): the hybrid plateaus at ~0.86 on dev from either prompt, its backprop training
+    # the top 2 blocks only. More blocks by backprop, from SST-2's new prompt: the default 2 (the baseline at this
+    # prompt; the fo-lr candidates above ran from the old one) against 4, with the selected lrs (ZO 1e-3, fo-lr 3e-3).
+    "hybrid+lora-fo-layers": {f"hybrid-lora-fo{k}-new-prompt-const600": [
+        "--optimizer", "hybrid", "--peft", "lora", "--lr", "1e-3", "--eps", "1e-2", "--fo-lr", "3e-3", "--fo-layers",
+        k, "--warmup-steps", "30", *LONG] for k in ("2", "4")},
     # issue 38, item 5: MeZO + LoRA's lr on Gemma 3 270M. SmolLM2's 1e-3 diverged on Gemma (defaults rows
     # gemma-mezo-lora / gemma-dpzero-lora-eps6: train loss 1 -> 2-3, |projected grad| up to ~100 against SmolLM2's ~2,
     # dev 0.50 at step 250), so the candidates go down from there. 300 steps at a constant lr: the divergence at 1e-3
