@@ -51,7 +51,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
 from slimtune import SlimtuneError
-from slimtune.optim.methods import METHODS
+from slimtune.optim.methods import METHODS, mechanism_refusal
 from slimtune.optimizers import OPTIMIZERS, PrivateOptimizer, ZerothOrderOptimizer, peft_kind, table_row
 from slimtune.privacy.withhold import silenced
 
@@ -198,7 +198,7 @@ class ZOTrainerMixin:
     def _check_trainer_settings(self) -> None:
         """The checks of what the trainer holds now (`args`, datasets, collator, loss): in the constructor and again
         at `train()`, since any of them may be set on the trainer in between (`trainer.args.x = ...`)."""
-        from slimtune.settings.python import check_keywords
+        from slimtune.settings.python import check_keywords, in_python_terms
 
         args, zo = self.args, self.zo_args
         if args.gradient_accumulation_steps != 1:
@@ -219,9 +219,11 @@ class ZOTrainerMixin:
                                               "clipping": zo.clipping or "auto", "accountant": zo.accountant or "rdp"},
                        aliases, explicit=True)
         if zo.private:
-            if zo.clipping == "adaptive" and zo.mechanism == "laplace":
-                raise SlimtuneError("ZOArguments: clipping='adaptive': its quantile estimate is accounted with "
-                                    "Gaussian noise only; with mechanism='laplace' use clipping='fixed' (or 'auto')")
+            refusal = mechanism_refusal(zo.optimizer, zo.mechanism or "gaussian", zo.n_spsa, zo.clipping or "auto")
+            if refusal:  # before any work (the optimizer refuses it too, when train() builds it)
+                named = ", ".join(f"{k}={getattr(zo, k)!r}" for k in ("optimizer", "mechanism", "n_spsa", "clipping")
+                                  if getattr(zo, k) is not None)
+                raise SlimtuneError(in_python_terms(f"ZOArguments({named})", refusal))
             self._check_private_loss()
             if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
                 raise SlimtuneError(f"ZOArguments(optimizer={zo.optimizer!r}): private training samples Poisson "

@@ -454,7 +454,7 @@ class PrivateOptimizer(ZerothOrderOptimizer):
                            checked["mechanism"], checked["accountant"], checked["pld_discretization"],
                            checked["clipping"], checked["target_quantile"], checked["clip_lr"],
                            checked["clip_multiplier"])
-        refusal = mechanism_refusal(self.method, spec.mechanism, given.get("n_spsa"))
+        refusal = mechanism_refusal(self.method, spec.mechanism, given.get("n_spsa"), spec.clipping)
         if refusal:
             raise SlimtuneError(in_python_terms(owner, refusal, self.aliases))
         releases = private_releases(self.method, given.get("n_spsa", 1))

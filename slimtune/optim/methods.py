@@ -51,10 +51,11 @@ METHOD_CONSTANTS = {"hessian_smooth": 1e-4, "sparsity": 0.75, "mask_every": 50, 
                     "fo_clip": 1.0}
 
 
-def mechanism_refusal(optimizer: str, mechanism: str, n_spsa: int | None) -> str | None:
+def mechanism_refusal(optimizer: str, mechanism: str, n_spsa: int | None, clipping: str = "auto") -> str | None:
     """Why `mechanism` cannot noise `optimizer`'s releases (None: it can). Laplace noise is accounted for one scalar a
-    step, its L1 sensitivity the clip: DPZero's and DP-LOZO's with one direction. The CLI's settings, the registry
-    (every Python and federated path) and the accountant's callers all ask here."""
+    step, its L1 sensitivity the clip: DPZero's and DP-LOZO's with one direction, at a fixed clip (adaptive clipping's
+    quantile estimate is accounted with Gaussian noise only). The CLI's settings, the registry (every Python and
+    federated path), the Hugging Face trainer and the accountant's callers all ask here."""
     if mechanism != "laplace" or optimizer not in METHODS or not METHODS[optimizer].private:
         return None
     if optimizer in ("dphizoo", "dphybrid"):
@@ -67,6 +68,9 @@ def mechanism_refusal(optimizer: str, mechanism: str, n_spsa: int | None) -> str
     if (n_spsa or 1) > 1:
         return (f"--mechanism laplace releases one scalar per step; --n-spsa {n_spsa} would release {n_spsa}: use "
                 "--mechanism gaussian or --n-spsa 1")
+    if clipping == "adaptive":
+        return ("--clipping adaptive: its quantile estimate is accounted with Gaussian noise only; with --mechanism "
+                "laplace use --clipping fixed (or auto)")
     return None
 
 

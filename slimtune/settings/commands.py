@@ -62,10 +62,9 @@ def adopt_recorded_prompt(s: EvalSettings) -> None:
     own prompt). The record is checked as the flags are, and a failure names its file."""
     from types import SimpleNamespace
 
-    from slimtune.models.loading import DEFAULT_MODEL, GEMMA3, TINY_MODELS
+    from slimtune.models.loading import BUILTIN_MODELS
     from slimtune.peft.registry import recorded_prompt
-    carrier = s.adapter if s.adapter is not None else \
-        s.model if s.model not in (DEFAULT_MODEL, GEMMA3, *TINY_MODELS) else None
+    carrier = s.adapter if s.adapter is not None else s.model if s.model not in BUILTIN_MODELS else None
     found = recorded_prompt(carrier) if carrier is not None else None
     if found is None:
         return

@@ -147,9 +147,8 @@ def check_new_directory(path: str, flag: str, renamed_onto: bool = True) -> None
 def check_model(model: str, flag: str = "--model") -> None:
     """A built-in name or a local checkpoint directory (config.json or a .gguf file): checked before any work (the
     federated paths started Ray, or a SuperLink and its SuperNodes, before the model was looked for)."""
-    from slimtune.models.loading import DEFAULT_MODEL, GEMMA3, TINY_MODELS
+    from slimtune.models.loading import BUILTIN_MODELS as builtins
 
-    builtins = (DEFAULT_MODEL, GEMMA3, *TINY_MODELS)
     if model in builtins:
         return
     path = Path(model)

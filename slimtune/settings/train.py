@@ -194,9 +194,6 @@ class TrainSettings(Settings):
                 require_input_file(self.eval_data, "--eval-data")
         if self.optimizer == "lozo-m" and self.given("momentum") and self.momentum == 0:  # a run's record: not given
             raise SlimtuneError(LOZO_M_MOMENTUM.format(given=f"{self.where('momentum')} 0"))
-        if self.optimizer in PRIVATE and self.clipping == "adaptive" and self.mechanism == "laplace":
-            raise SlimtuneError("--clipping adaptive: its quantile estimate is accounted with Gaussian noise only; "
-                                "with --mechanism laplace use --clipping fixed (or auto)")
         if self.secret_key_file is not None:  # before any work: the run reads it only after loading model and data
             require_input_file(self.secret_key_file, "--secret-key-file")
             from slimtune.privacy.secret import read_key_file
@@ -206,7 +203,7 @@ class TrainSettings(Settings):
                 raise SlimtuneError(f"--secret-key-file {exc}") from None
         if self.optimizer == "fzoo" and self.n_spsa is not None and self.n_spsa < 2:
             raise SlimtuneError(f"--n-spsa {self.n_spsa}: FZOO estimates from N >= 2 one-sided directions (default 8)")
-        refusal = mechanism_refusal(self.optimizer, self.mechanism, self.n_spsa)
+        refusal = mechanism_refusal(self.optimizer, self.mechanism, self.n_spsa, self.clipping)
         if refusal:
             raise SlimtuneError(refusal)
         refusal = perturbation_refusal(self.perturbation, self.optimizer)

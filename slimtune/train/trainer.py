@@ -434,7 +434,7 @@ def validate(config: TrainConfig) -> None:
     from slimtune.zo.perturbation import check_perturbation
     check_perturbation(config.optim.perturbation, config.optimizer)
     refusal = config.privacy is not None and mechanism_refusal(config.optimizer, config.privacy.mechanism,
-                                                               config.optim.n_spsa)
+                                                               config.optim.n_spsa, config.privacy.clipping)
     if refusal:
         raise SlimtuneError(refusal)
     check_optimizer_args(config.optimizer, config.optim)
