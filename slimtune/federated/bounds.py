@@ -23,9 +23,11 @@ round and the last W - 1 rounds (the same one-entry-per-node window as the norm 
                 weight is not handed to the others, so no reply weighs more than in the mean (a coalition that makes
                 the median and gets honest replies dropped gains nothing); or (--robust trust, FLTrust) the mean of
                 the Delta_k rescaled to the norm of the server's own update Delta_0 on its root data, each weighted by
-                max(0, cos(Delta_k, Delta_0)) and never more than in the mean (`trusted`); with client-level DP the
-                uniform mean plus
-                N(0, (sigma S / K)^2) on the trained entries.
+                max(0, cos(Delta_k, Delta_0)) and never more than in the mean (`trusted`); with client-level DP
+                (sum_k Delta_k) / K + N(0, (sigma S / K)^2) on the trained entries, K = --clients however many
+                replies were accepted (McMahan et al. 2018's fixed denominator: a lost or rejected reply counts as a
+                zero update, so whether one client's reply was accepted moves the sum by at most S, as the
+                accountant assumes), released every round, even one with no accepted reply.
 
 The server optimizer then post-processes the aggregate (server_opt.py), and a step whose result is non-finite or
 outside fp16 range is not taken (strategy.py), so no accepted reply can lock out the rounds after it.
@@ -187,7 +189,9 @@ def trusted(deltas: list[dict], reference: dict, theta: dict, weights: list[floa
 
 def client_weights(claims: list[float | None], weighting: str) -> list[float]:
     """Normalised weights: equal, or each claimed example count capped at the round's median claim."""
-    if weighting == "equal" or not claims:
+    if not claims:
+        return []
+    if weighting == "equal":
         return [1.0 / len(claims)] * len(claims)
     cap = lower_median([float(c) for c in claims])
     capped = [min(float(c), cap) for c in claims]
@@ -198,8 +202,8 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
               reference: dict | None = None) -> dict:
     """The round's update from bounded deltas: weighted mean, coordinate-wise median, the agreeing or the trusted
     replies (`reference`: the server's own update on its root data, --robust trust), or (client-level DP) the
-    uniform mean plus Gaussian noise on what is trained. Under FFA, A's (zero) deltas are dropped and A gets no
-    noise: it is never released changed, so noising it would only damage the model."""
+    sum over --clients (a lost reply counts as zero) plus Gaussian noise on what is trained. Under FFA, A's (zero)
+    deltas are dropped and A gets no noise: it is never released changed, so noising it would only damage the model."""
     trained = lambda d: {k: (v if is_trained(k, cfg) else torch.zeros_like(v)) for k, v in d.items()}  # noqa: E731
     deltas = [trained(d) for d in deltas]
     rule = cfg.aggregation_rule
@@ -233,13 +237,13 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
         if not deltas:
             return {name: torch.zeros_like(value) for name, value in theta.items()}
     private = cfg.client_dp_clip > 0
-    if private:
-        weights = [1.0 / len(deltas)] * len(deltas)
+    if private:  # the fixed denominator K = --clients (every client is asked every round): a lost reply counts as 0
+        weights = [1.0 / cfg.num_clients] * len(deltas)
     update = {}
     for name, value in theta.items():
-        mean = sum(w * d[name] for w, d in zip(weights, deltas))
+        mean = sum((w * d[name] for w, d in zip(weights, deltas)), torch.zeros_like(value))
         if private and cfg.client_dp_noise > 0 and is_trained(name, cfg):
-            std = cfg.client_dp_noise * cfg.client_dp_clip / len(deltas)
+            std = cfg.client_dp_noise * cfg.client_dp_clip / cfg.num_clients
             if noise is None:  # a fresh secret key: the noise is never a function of a seed
                 from slimtune.privacy.secret import KeyedNoise, RunKey
                 noise = KeyedNoise(RunKey.fresh())

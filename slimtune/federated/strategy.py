@@ -121,11 +121,12 @@ class FedLPP(FedAvg):
         if missing > 0:
             log.warning("round %d: %d of %d sampled clients did not reply within the round timeout (%.0f s); their "
                         "work is lost", server_round, missing, info["sampled"], self.cfg.round_timeout)
-        if accepted:
+        if accepted or self.cfg.client_dp_clip > 0:  # client-level DP releases every round (bounds.aggregate)
             self.server_opt.lr = self.base_lr * self.lr_schedule(server_round - 1)  # --server-lr-scheduler
             self.theta = self.apply_updates(accepted, info, server_round)
             if self.average is not None:
                 self.average.update(self.theta)
+        if accepted:
             info["payload_bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
             info["bytes_up_per_client"] = float(np.mean([a["wire_bytes"] for a in accepted]))
             losses = [a["loss"] for a in accepted if a["loss"] is not None]  # private clients send none
