@@ -47,9 +47,14 @@ def read_stored(run_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return as_trained(json.loads(path.read_text()))
+        stored = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         raise SlimtuneError(f"{path}: not valid JSON; cannot check what the run was trained with") from None
+    if not isinstance(stored, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(stored), "a number")
+        raise SlimtuneError(f"{path}: holds {kind}, not a run's settings (a JSON object); cannot check what the run "
+                            f"was trained with") from None
+    return as_trained(stored)
 
 
 # What a run used where its config.json, written before the value was resolved into it, records null: the builders'
