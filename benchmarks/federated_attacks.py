@@ -199,7 +199,7 @@ def run_hostile(args, data: Path, dev: Path, model: str = "smollm2", runner=None
     from slimtune.federated.hostile import hostile_app
 
     def simulated(cfg, attack, hostile):
-        client_app = hostile_app(attack, hostile) if attack else None
+        client_app = hostile_app(attack, hostile, cfg.data) if attack else None
         return simulate(cfg, cpus_per_client=float(os.cpu_count() or 1), client_app=client_app)
 
     runner = runner or simulated

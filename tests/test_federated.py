@@ -80,11 +80,13 @@ class InProcessGrid:
         return list(self.contexts)
 
     def send_and_receive(self, messages, timeout=None):
+        from slimtune.federated.client_app import pinned_to
         replies = []
         for msg in messages:
             self.sent.append(msg)
-            try:
-                out = self.handler(msg, self.contexts[msg.metadata.dst_node_id])
+            try:  # the nodes train shares of the file the run names, as simulate's do (client_app.simulation_app)
+                data = json.loads(str(msg.content["config"]["slimtune-config"]))["data"]
+                out = pinned_to(data, self.handler)(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # noqa: BLE001 - what Flower turns into an error reply
                 out = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             out.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id

@@ -267,7 +267,7 @@ def test_a_hostile_client_runs_in_flowers_simulation(demo_paths, tmp_path, monke
     from slimtune.federated.hostile import hostile_app
     cfg = make_cfg(demo_paths, eval_data=str(_dev_subset(demo_paths, tmp_path)), bits=4, rounds=2,
                    out_dir=str(tmp_path / "run"))
-    summary = simulate(cfg, client_app=hostile_app("norm-999", {0}))
+    summary = simulate(cfg, client_app=hostile_app("norm-999", {0}, cfg.data))
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["accepted_updates"] == 6 and all(r["update_bound"] < 999 for r in rounds[1:])
 

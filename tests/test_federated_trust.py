@@ -223,7 +223,7 @@ def test_trust_runs_in_flowers_simulation_against_a_sign_flipping_client(demo_pa
     from slimtune.federated.hostile import hostile_app
     root = own_root(demo_paths, tmp_path)
     cfg = make_cfg(demo_paths, bits=4, rounds=2, robust="trust", root_data=str(root), out_dir=str(tmp_path / "run"))
-    summary = simulate(cfg, client_app=hostile_app("sign-flip", {0}))
+    summary = simulate(cfg, client_app=hostile_app("sign-flip", {0}, cfg.data))
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["aggregation_rule"] == "trust"
     for r in rounds[1:]:

@@ -17,11 +17,13 @@ before the round's first step; its budget and the epsilon it prints compose what
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -150,7 +152,8 @@ def _run_private_steps(cfg, model, objective, optimizer, examples, seed):
         return run_steps(cfg, model, objective, optimizer, examples, seed, True)
 
 
-NODE_KEYS = ("data-path", "partition-id", "num-partitions", LEDGER_KEY)  # its rows, and its ledger
+SHARED_KEY = "shared-data"  # the shared file a node without data-path agrees to train a share of
+NODE_KEYS = ("data-path", SHARED_KEY, "partition-id", "num-partitions", LEDGER_KEY)  # its rows, and its ledger
 # A node's own privacy floor (--node-config 'local-optimizer="dp-adamw" local-dp-noise=2.0'): key -> (setting, whether
 # the server's value meets the node's). The server's config decides how clients train; a node that pins one of these
 # refuses a round that asks for less, instead of training as told (its settings were silently ignored).
@@ -160,6 +163,36 @@ NODE_FLOOR = {
     "local-dp-clip": ("local_dp_clip", lambda server, node: server <= node),
     "local-dp-delta": ("local_dp_delta", lambda server, node: server <= node),
 }
+
+
+def check_shared_file(cfg: FederatedConfig, node: dict) -> None:
+    """A node without its own data-path trains a share of the file the server's config names only if that is the file
+    the node pinned itself (`shared-data=PATH`, compared as resolved paths): otherwise a hostile server could name any
+    table the node can read (its private data, another project's file) and learn it from the node's updates. The
+    refusal names neither path (the server's guess at a file is not confirmed or denied by the text)."""
+    pinned = node.get(SHARED_KEY)
+    if pinned is None:
+        raise SlimtuneError(f"this SuperNode has no --node-config data-path=... (its own data) and no {SHARED_KEY}=PATH "
+                            "(the shared file it agrees to train a share of): it does not train on a file the server "
+                            "names (round refused)")
+    if Path(os.path.expanduser(str(cfg.data))).resolve() != Path(os.path.expanduser(pinned)).resolve():
+        raise SlimtuneError(f"the server's data file is not this node's --node-config {SHARED_KEY} (round refused)")
+
+
+def pinned_to(path: str, handler=None):
+    """A ClientApp train function whose nodes agree to train a share of `path` (Flower's simulation: its nodes are the
+    server's own processes, and `path` the file its user named); `handler`: the train function (default `train`)."""
+    def train_pinned(msg: Message, context: Context) -> Message:
+        context.node_config = {**context.node_config, SHARED_KEY: str(path)}
+        return (handler or train)(msg, context)
+    return train_pinned
+
+
+def simulation_app(path: str, handler=None) -> ClientApp:
+    """The ClientApp of pinned_to(path, handler) (simulation.simulate)."""
+    sim = ClientApp()
+    sim.train()(pinned_to(path, handler))
+    return sim
 
 
 NODE_BUDGET = "local-dp-epsilon"  # the most epsilon this node spends: the server sets q (batch) and T (steps, rounds)
@@ -221,10 +254,10 @@ def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None 
 
 def check_node_keys(cfg: FederatedConfig, node: dict) -> None:
     """The node's own keys, before anything reads them: partition-id a whole number >= 0 below num-partitions (a
-    whole number >= 1; without it and without data-path, the server's num-clients), data-path and dp-ledger
-    non-empty strings. Out of range, a share was another node's (-1: Python's last) or an IndexError's text went to
+    whole number >= 1; without it and without data-path, the server's num-clients), data-path, shared-data and
+    dp-ledger non-empty strings. Out of range, a share was another node's (-1: Python's last) or an IndexError's text went to
     the server; num-partitions 0 became num-clients without a word."""
-    for key in ("data-path", LEDGER_KEY):
+    for key in ("data-path", SHARED_KEY, LEDGER_KEY):
         if key in node and (not isinstance(node[key], str) or not node[key].strip()):
             raise SlimtuneError(f"--node-config {key}={node[key]!r}: must be a non-empty file path")
     for key, low in (("partition-id", 0), ("num-partitions", 1)):
@@ -276,6 +309,8 @@ def train(msg: Message, context: Context) -> Message:
         elif "partition-id" not in node:
             raise ValueError("this SuperNode has neither --node-config data-path=... (its own data) nor partition-id "
                              "/ num-partitions (its share of a shared file)")
+        else:
+            check_shared_file(cfg, node)
         # a node's own seeds: its partition id, or (a deployment node started without one) its Flower node id
         identity = int(node.get("partition-id", context.node_id))
         arrays, metrics = local_train(cfg, identity, payload, int(config["server-round"]), own_data=bool(own),

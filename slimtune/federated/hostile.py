@@ -70,8 +70,8 @@ def hostile_train(attack: str, hostile: set[int] | frozenset[int]):
     return train
 
 
-def hostile_app(attack: str, hostile: set[int] | frozenset[int]) -> ClientApp:
-    """The ClientApp of hostile_train (for simulate(..., client_app=...))."""
-    app = ClientApp()
-    app.train()(hostile_train(attack, hostile))
-    return app
+def hostile_app(attack: str, hostile: set[int] | frozenset[int], data: str) -> ClientApp:
+    """The ClientApp of hostile_train for simulate(..., client_app=...), its nodes training shares of `data` (the
+    run's --data, as simulation_app pins it)."""
+    from slimtune.federated.client_app import simulation_app
+    return simulation_app(data, hostile_train(attack, hostile))

@@ -12,11 +12,12 @@ from slimtune.federated.config import FederatedConfig, check_run
 
 def simulate(cfg: FederatedConfig, cpus_per_client: float = 1.0, client_app=None) -> dict:
     """Run on Flower's simulation engine with `num_clients` virtual SuperNodes; the server is run_server, as under
-    `flwr run` and in deployment. `client_app`: another ClientApp (measurements with hostile clients)."""
+    `flwr run` and in deployment; its nodes train shares of cfg.data (client_app.simulation_app pins it).
+    `client_app`: another ClientApp (measurements with hostile clients: hostile.hostile_app)."""
     import flwr.simulation
     from flwr.serverapp import ServerApp
 
-    from slimtune.federated.client_app import app as honest_app
+    from slimtune.federated.client_app import simulation_app
     from slimtune.federated.server_app import run_server
 
     check_run(cfg)  # the checks run_server makes, before Ray starts
@@ -28,7 +29,7 @@ def simulate(cfg: FederatedConfig, cpus_per_client: float = 1.0, client_app=None
         run_server(grid, cfg)
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    flwr.simulation.run_simulation(server_app=server, client_app=client_app or honest_app,
+    flwr.simulation.run_simulation(server_app=server, client_app=client_app or simulation_app(cfg.data),
                                    num_supernodes=cfg.num_clients,
                                    backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}})
     path = Path(cfg.out_dir) / "summary.json"
