@@ -52,7 +52,8 @@ def test_under_client_level_dp_a_failing_clients_error_text_is_not_logged(demo_p
     with caplog.at_level(logging.DEBUG, logger="slimtune.federated"):
         strategy.aggregate_train(1, [reply(msgs[0], as_arrays(honest(0)), 10, 11),
                                      reply(msgs[1], as_arrays(honest(1)), 10, 12), failed])
-    assert strategy.round_log[1]["replies"] == 2  # the round went on
+    assert any(not torch.equal(strategy.theta[k], theta[k]) for k in theta)  # the round went on (its counts are
+    # not written under client-level DP: tests/test_review_findings_30.py)
     assert secret not in caplog.text, caplog.text
 
 

@@ -47,7 +47,7 @@ def _setup(cfg_json: str, num_partitions: int | None = None):
     """Model and data of this client. num_partitions None: the node reads only its own data file (deployment,
     `--node-config data-path=...`), all of which it trains on; otherwise the shared file is split (simulation)."""
     cfg = FederatedConfig.from_json(cfg_json)
-    model, tok, train, _, objective = build_model(cfg)
+    model, tok, train, _, objective = build_model(replace(cfg, eval_data=""))  # a client never evaluates
     if num_partitions is None:
         return model, tok, train, [list(range(len(train)))], objective
     parts = dirichlet_partition([e.label for e in train], num_partitions, cfg.dirichlet_alpha, cfg.seed)
@@ -169,12 +169,16 @@ def check_shared_file(cfg: FederatedConfig, node: dict) -> None:
     """A node without its own data-path trains a share of the file the server's config names only if that is the file
     the node pinned itself (`shared-data=PATH`, compared as resolved paths): otherwise a hostile server could name any
     table the node can read (its private data, another project's file) and learn it from the node's updates. The
-    refusal names neither path (the server's guess at a file is not confirmed or denied by the text)."""
+    refusal names neither path (the server's guess at a file is not confirmed or denied by the text). The node cuts
+    the file into its own num-partitions shares, never the server's num-clients."""
     pinned = node.get(SHARED_KEY)
     if pinned is None:
         raise SlimtuneError(f"this SuperNode has no --node-config data-path=... (its own data) and no {SHARED_KEY}=PATH "
                             "(the shared file it agrees to train a share of): it does not train on a file the server "
                             "names (round refused)")
+    if "num-partitions" not in node:  # else the server's num-clients would cut the node's share (10**9: no share)
+        raise SlimtuneError(f"--node-config {SHARED_KEY}: needs num-partitions (the number of shares the shared file "
+                            "is cut into; round refused)")
     if Path(os.path.expanduser(str(cfg.data))).resolve() != Path(os.path.expanduser(pinned)).resolve():
         raise SlimtuneError(f"the server's data file is not this node's --node-config {SHARED_KEY} (round refused)")
 
@@ -198,7 +202,11 @@ def simulation_app(path: str, handler=None) -> ClientApp:
 NODE_BUDGET = "local-dp-epsilon"  # the most epsilon this node spends: the server sets q (batch) and T (steps, rounds)
 # A node's caps on the work a server may ask of it (--node-config 'max-local-steps=50'): key -> setting. A round asking
 # more is refused: a hostile server could otherwise send 2**62 local steps, or a batch or length that fills memory.
-NODE_CAPS = {"max-local-steps": "local_steps", "max-batch-size": "batch_size", "max-length": "max_length"}
+NODE_CAPS = {"max-local-steps": "local_steps", "max-batch-size": "batch_size", "max-length": "max_length",
+             "max-lora-r": "lora_r"}
+# What a node pins outright (--node-config 'model="smollm2"'): key -> setting; a round asking for another is refused
+# (the server names the model the node loads, whose size is the node's memory)
+NODE_PINS = {"model": "model"}
 
 
 def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None = ()) -> None:
@@ -220,8 +228,15 @@ def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None 
                 raise SlimtuneError(f"--node-config {key}={value}: the server asked for {NODE_CAPS[key]} "
                                     f"{getattr(cfg, NODE_CAPS[key])} (round refused)")
             continue
+        if key in NODE_PINS:
+            if not isinstance(value, str) or not value.strip():
+                raise SlimtuneError(f"--node-config {key}={value!r}: must be a non-empty name")
+            if getattr(cfg, NODE_PINS[key]) != value:
+                raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for another {key} (round "
+                                    "refused)")
+            continue
         if key not in NODE_FLOOR and key != NODE_BUDGET:
-            known = ", ".join((*NODE_KEYS, *NODE_FLOOR, NODE_BUDGET, *NODE_CAPS))
+            known = ", ".join((*NODE_KEYS, *NODE_FLOOR, NODE_BUDGET, *NODE_CAPS, *NODE_PINS))
             raise SlimtuneError(f"--node-config {key}: not a node setting (known: {known})")
         wanted = str if key == "local-optimizer" else (int, float)
         if not isinstance(value, wanted) or isinstance(value, bool):
@@ -234,7 +249,7 @@ def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None 
         if key == "local-dp-delta" and not 0 < value < 1:
             raise SlimtuneError(f"--node-config {key}={value!r}: must be in (0, 1) (e.g. 1e-5)")
     for key, value in node.items():
-        if key in NODE_KEYS or key in NODE_CAPS:
+        if key in NODE_KEYS or key in NODE_CAPS or key in NODE_PINS:
             continue
         if key != "local-optimizer" and not is_private(cfg):  # a DP floor is met by no non-private round
             raise SlimtuneError(f"--node-config {key}={value!r}: the server asked for a round without local DP "
@@ -286,7 +301,7 @@ def _check_budget(cfg: FederatedConfig, budget: float, spent: list[dict], delta:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    cfg = FederatedConfig.from_json(str(config["slimtune-config"]))
+    cfg = FederatedConfig.from_server(str(config["slimtune-config"]))  # the server's own settings refused
     cfg.validate()  # a received config through the same rules as every other path
     payload = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     node = dict(context.node_config)

@@ -207,6 +207,10 @@ class FederatedConfig:
         if not self.norm_bound > 0 or self.max_update_norm < 0:
             raise SlimtuneError(f"--norm-bound {self.norm_bound:g} must be > 0 (a multiple of the round's median update "
                                 f"norm) and --max-update-norm >= 0 (0: no fixed cap)")
+        if self.client_dp_clip > 0 and (self.weighting != "equal" or self.norm_bound != 1.0):
+            given = f"--weighting {self.weighting}" if self.weighting != "equal" else f"--norm-bound {self.norm_bound:g}"
+            raise SlimtuneError(f"{given} applies only to the server's adaptive bound: under client-level DP every "
+                                "update is clipped to --client-dp-clip and weighed 1 / --clients: drop it")
         if self.max_update_norm > 0 and self.client_dp_clip > 0:
             raise SlimtuneError("--max-update-norm drops replies by their norm, so whether a client is counted would "
                                 "depend on its data, outside the client-level DP accounting; --client-dp-clip already "
@@ -281,6 +285,21 @@ class FederatedConfig:
     @classmethod
     def from_json(cls, text: str) -> "FederatedConfig":
         return cls(**json.loads(text))
+
+    @classmethod
+    def from_server(cls, text: str) -> "FederatedConfig":
+        """A client's settings from what its server sent: client_json() never holds the server's own settings, so
+        one set to anything but its default is refused (a hostile server could otherwise name a file on the node as
+        eval_data or root_data, which the node would read); the rest as from_json."""
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise SlimtuneError("the server's settings are not a JSON object (round refused)")
+        defaults = cls()
+        sent = sorted(k for k in SERVER_ONLY if k in values and values[k] != getattr(defaults, k))
+        if sent:
+            raise SlimtuneError(f"the server sent its own setting(s) {', '.join(sent)} to this client: server-only "
+                                "settings are never a client's (round refused)")
+        return cls(**{k: v for k, v in values.items() if k not in SERVER_ONLY})
 
     @classmethod
     def from_flower(cls, run_config: dict, settings: Path | None) -> "FederatedConfig":

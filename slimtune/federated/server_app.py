@@ -101,7 +101,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     wait_for_nodes(grid, cfg.num_clients, cfg.node_timeout)
     strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    evaluate_fn=evaluate_fn)
-    if not sum(r.get("replies", 0) for r in strategy.round_log.values()):
+    if not strategy.accepted_total and not cfg.client_level_dp:  # client-level DP: the noised rounds are the release
         _write_summary(cfg, out, model, accountant, None if withheld else time.perf_counter() - started,
                        nodes=len(strategy.nodes_replied))
         raise SlimtuneError(f"federated run trained nothing: no client update was accepted in any round (see the "
@@ -172,11 +172,12 @@ def _client_dp_accountant(cfg: FederatedConfig):
 def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=None, nodes=None) -> dict:
     """summary.json; `seconds` None: the run's time is withheld (private_clients), and so is its peak memory."""
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    dp = cfg.client_level_dp  # released every round; how many replies were accepted is not written (strategy.py)
     trained = sum(r.get("replies", 0) for r in rounds)
     from slimtune.federated.local_privacy import public_bound
     # every private client's epsilon, bounded from public settings (None without --local-dp-min-examples)
     local_epsilon = public_bound(cfg, len([r for r in rounds if r.get("round", 0) > 0]))
-    short = [r["round"] for r in rounds if r.get("sampled") and r.get("replies", 0) < r["sampled"]]
+    short = None if dp else [r["round"] for r in rounds if r.get("sampled") and r.get("replies", 0) < r["sampled"]]
     last = rounds[-1]
     bytes_total = sum(r.get("bytes_down_total", 0) + r.get("bytes_up_total", 0) for r in rounds)  # serialised, as sent
     summary = {"method": f"fedlpp-{cfg.mode}", "peft": f"lora ({'fp32' if cfg.bits == FP32 else f'{cfg.bits}-bit'})",
@@ -184,7 +185,7 @@ def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=N
                "peak_mem_mb": max((r["peak_mem_mb"] for r in rounds if "peak_mem_mb" in r), default=None),
                "time_per_step_s": None if seconds is None else seconds / max(cfg.rounds, 1),
                "steps": cfg.rounds, "rounds": cfg.rounds,
-               "clients": cfg.num_clients, "nodes_replied": nodes, "bits": cfg.bits, "aggregation": cfg.aggregation,
+               "clients": cfg.num_clients, "nodes_replied": None if dp else nodes, "bits": cfg.bits, "aggregation": cfg.aggregation,
                "weighting": cfg.weighting, "norm_bound": cfg.norm_bound, "robust": cfg.robust,
                "aggregation_rule": cfg.aggregation_rule,
                "server_optimizer": cfg.server_optimizer, "server_lr": cfg.server_lr,
@@ -200,10 +201,10 @@ def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=N
                "payload_bytes_down_per_client_per_round": last.get("payload_bytes_down_per_client"),
                "payload_bytes_up_per_client_per_round": last.get("payload_bytes_up_per_client"),
                "bytes_communicated": bytes_total,
-               "epsilon": accountant.epsilon(cfg.rounds) if accountant and trained else None,
-               "delta": cfg.client_dp_delta if accountant and trained else None,
-               "stop_reason": "completed" if trained else "no client update was accepted in any round",
-               "accepted_updates": trained,
+               "epsilon": accountant.epsilon(cfg.rounds) if accountant and (trained or dp) else None,
+               "delta": cfg.client_dp_delta if accountant and (trained or dp) else None,
+               "stop_reason": "completed" if trained or dp else "no client update was accepted in any round",
+               "accepted_updates": None if dp else trained,
                "rounds_with_lost_updates": short,  # a sampled client's update was rejected, failed or came too late
                "local_epsilon": local_epsilon, "local_delta": cfg.local_dp_delta if local_epsilon else None,
                "clients_per_round": cfg.clients_per_round or cfg.num_clients, **(attacks or {})}

@@ -54,6 +54,7 @@ class FedLPP(FedAvg):
         self.average = IterateAverage(cfg.server_average) if cfg.server_average else None
         self.bound = InfluenceBound(cfg.norm_bound)
         self.nodes_replied: set[int] = set()  # every node a reply came from (the summary says how many)
+        self.accepted_total = 0  # replies accepted in all rounds (not written under client-level DP)
 
     def server_model(self) -> dict[str, torch.Tensor]:
         """The model the server keeps: the average of its iterates with --server-average, else theta itself.
@@ -95,13 +96,17 @@ class FedLPP(FedAvg):
     # -- what comes up ----------------------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
+        # under client-level DP only the noised model is released: whether (and whose) reply was accepted, failed or
+        # came late can depend on that client's data, so it is kept out of metrics.jsonl, summary.json, the
+        # returned metrics and the log (debug level only)
+        dp = self.cfg.client_level_dp
+        say = log.debug if dp else log.warning
         accepted, rejected, bytes_up = [], 0, 0
         for msg in replies:
             node = msg.metadata.src_node_id
             self.nodes_replied.add(node)
             if msg.has_error():  # Flower's reason is the client's exception text: a row of its data, say
-                log.warning("round %d: client %s failed (%s); skipped", server_round, node,
-                            self.client_text(msg.error.reason))
+                say("round %d: client %s failed (%s); skipped", server_round, node, self.client_text(msg.error.reason))
                 rejected += 1
                 continue
             size = wire_bytes(msg)  # on the wire whether or not it is accepted
@@ -109,31 +114,32 @@ class FedLPP(FedAvg):
             try:
                 accepted.append({**parse_reply(msg.content, self.cfg, self.shapes), "wire_bytes": size, "node": node})
             except Exception as exc:  # noqa: BLE001 - whatever a reply holds, it can only be rejected
-                log.warning("round %d: rejected reply from client %s: %s", server_round, node,
-                            self.client_text(str(exc)) if isinstance(exc, ValueError)
-                            else f"malformed ({type(exc).__name__})")
+                say("round %d: rejected reply from client %s: %s", server_round, node,
+                    self.client_text(str(exc)) if isinstance(exc, ValueError) else f"malformed ({type(exc).__name__})")
                 rejected += 1
+        self.accepted_total += len(accepted)
         info = self.round_log.setdefault(server_round, {"round": server_round})
-        info.update(replies=len(accepted), rejected=rejected, bytes_up_total=bytes_up)
+        counts = {} if dp else {"replies": len(accepted), "rejected": rejected}
+        info.update(counts, **({} if dp else {"bytes_up_total": bytes_up}))
         if (bound := public_bound(self.cfg, server_round)) is not None:  # private clients under a public M
             info["local_epsilon"] = bound  # of a client that trained in every round so far, from public settings
         missing = info.get("sampled", len(replies)) - len(replies)  # no reply within the round timeout
         if missing > 0:
-            log.warning("round %d: %d of %d sampled clients did not reply within the round timeout (%.0f s); their "
-                        "work is lost", server_round, missing, info["sampled"], self.cfg.round_timeout)
+            say("round %d: %d of %d sampled clients did not reply within the round timeout (%.0f s); their work is "
+                "lost", server_round, missing, info["sampled"], self.cfg.round_timeout)
         if accepted or self.cfg.client_dp_clip > 0:  # client-level DP releases every round (bounds.aggregate)
             self.server_opt.lr = self.base_lr * self.lr_schedule(server_round - 1)  # --server-lr-scheduler
             self.theta = self.apply_updates(accepted, info, server_round)
             if self.average is not None:
                 self.average.update(self.theta)
-        if accepted:
+        if accepted and not dp:
             info["payload_bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
             info["bytes_up_per_client"] = float(np.mean([a["wire_bytes"] for a in accepted]))
             losses = [a["loss"] for a in accepted if a["loss"] is not None]  # private clients send none
             if losses and not private_clients(self.cfg):  # private: only the DP releases; none from a claim
                 info["train_loss"] = float(np.median(losses))  # the claims' median: no one client sets it
         payload, _ = self.broadcast()
-        return payload, MetricRecord({"replies": len(accepted), "rejected": rejected})
+        return payload, MetricRecord(counts)
 
     def client_text(self, text: str) -> str:
         """What the server's log says of a text that came from a client (its error, or what was wrong with its

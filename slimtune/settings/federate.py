@@ -19,6 +19,10 @@ zo_clients = condition(lambda s: s.local_optimizer in ZEROTH_ORDER + HYBRID or s
                        lambda s: f"--local-optimizer {s.local_optimizer}, --mode {s.mode}")
 client_dp = condition(lambda s: s.client_dp_clip > 0, "client-level DP (--client-dp-clip > 0)",
                       lambda s: "--client-dp-clip 0")
+# under client-level DP every update is clipped to the fixed --client-dp-clip and weighed 1 / --clients (bounds.py):
+# the server's adaptive bound and example weights are not used, so they are refused, not ignored
+server_bound = condition(lambda s: not s.client_dp_clip > 0, "the server's adaptive bound (no client-level DP)",
+                         lambda s: f"--client-dp-clip {s.client_dp_clip:g}")
 quantized = condition(lambda s: s.bits != 32 or s.upload_bits != 32, "quantized broadcasts or uploads (--bits or "
                       "--upload-bits 1..8)", lambda s: "--bits 32 --upload-bits 32")
 # the server scores theta on --eval-data: the evaluation settings and the coalition measurement (scored on it) do
@@ -121,11 +125,12 @@ class FederateSettings(Settings):
     eval_every: int = setting(1, "server evaluation at round 0, every this many rounds, and in each of the last 5",
                               low=1, applies=server_eval)
     norm_bound: float = setting(1.0, "server: every update is clipped to this multiple of the median update norm of "
-                                "the round's (and the last rounds') replies", low=0, low_open=True)
+                                "the round's (and the last rounds') replies", low=0, low_open=True,
+                                applies=server_bound)
     max_update_norm: float = setting(0.0, "server: also reject replies above this fixed L2 norm (0: no fixed cap; "
                                      "the adaptive bound applies either way)", low=0)
     weighting: str = setting("equal", "server: equal weights, or examples (claimed counts, each capped at the round's "
-                             "median claim)", choices=("equal", "examples"))
+                             "median claim)", choices=("equal", "examples"), applies=server_bound)
     robust: str = setting("auto", "aggregation of the bounded updates: auto (trust with --root-data; else direction "
                           "for LoRA replies, the mean for zo-seeds and client-level DP), none (mean), median "
                           "(coordinate-wise), direction (the mean of the replies that agree with the round's median; a "
