@@ -52,7 +52,8 @@ def run_generate(s: GenerateSettings):
 
     try:
         items = [s.prompt] if s.prompt is not None else read_prompt_items(s.input, s.input_column)
-        unused = [flag for flag, given in (("--template", s.template is not None), ("--chat", s.chat)) if given]
+        unused = [flag for flag, given in (("--template", s.template is not None), ("--chat", s.chat),
+                                           ("--input-column", s.input_column is not None)) if given]
         if unused and any(isinstance(item, list) for item in items):
             raise SlimtuneError(f"{unused[0]}: {s.input} holds conversations (`messages` rows), which are rendered "
                                 f"with the model's chat template as they are; leave {unused[0]} out")

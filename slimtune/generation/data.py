@@ -91,15 +91,25 @@ def _pair(row: dict, inp: str, target: str, where: str, template: str) -> Genera
     return GenerationExample(prompt, text_field(row, target, where).strip(), source=where)
 
 
-def _chat_example(row: dict, where: str, tokenizer) -> GenerationExample:
+def check_conversation(row: dict, where: str, target: bool = True) -> list[dict]:
+    """A row's `messages`, checked without the tokenizer (so before the model loads): a non-empty list of {role,
+    content} objects with a known role and text; `target`: the last is the assistant's (training and scoring);
+    either way a turn comes before an assistant's last one (it is what the model is prompted with)."""
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise SlimtuneError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise SlimtuneError(f"{where}: field 'messages[{i}]' needs a role ({', '.join(ROLES)}) and text content")
-    if messages[-1]["role"] != "assistant":
+    if target and messages[-1]["role"] != "assistant":
         raise SlimtuneError(f"{where}: field 'messages': the last message must be the assistant's (the target)")
+    if messages[-1]["role"] == "assistant" and len(messages) < 2:
+        raise SlimtuneError(f"{where}: field 'messages': needs a turn before the assistant's (the prompt)")
+    return messages
+
+
+def _chat_example(row: dict, where: str, tokenizer) -> GenerationExample:
+    messages = check_conversation(row, where)
     if tokenizer is None:
         raise SlimtuneError(f"{where}: chat rows need the model's tokenizer to render")
     prompt = render_chat(tokenizer, messages[:-1])

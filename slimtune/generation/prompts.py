@@ -11,7 +11,7 @@ from slimtune import SlimtuneError
 
 def read_prompt_items(source: str, input_column: str | None = None) -> list:
     """The prompts of a file, unrendered: a string per plain prompt, a message list per conversation."""
-    return _read(source, input_column or "input")
+    return _read(source, input_column)
 
 
 def prompt_texts(items: list) -> list[str]:
@@ -35,7 +35,8 @@ def render_prompts(items: list, tokenizer, template: str | None = None, input_co
     return out
 
 
-def _read(source: str, column: str) -> list:
+def _read(source: str, column: str | None) -> list:
+    """`column` None: a JSONL row's `prompt`, else its `input`; a column given is used as given."""
     from slimtune.data.readers import read_rows, read_text
     from slimtune.data.tasks import text_field
 
@@ -53,13 +54,11 @@ def _read(source: str, column: str) -> list:
     items = []
     for line, row in rows:
         where = f"{name}:{line}"
-        if isinstance(row.get("messages"), list) and row["messages"]:
-            if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
-                       for m in row["messages"]):
-                raise SlimtuneError(f"{where}: field 'messages' needs {{role, content}} objects")
-            items.append(row["messages"])
+        if "messages" in row:
+            from slimtune.generation.data import check_conversation
+            items.append(check_conversation(row, where, target=False))  # the rules train and eval apply
             continue
-        key = "prompt" if "prompt" in row and column == "input" else column
+        key = "prompt" if "prompt" in row and column is None else (column or "input")
         try:
             items.append(text_field(row, key, where))
         except SlimtuneError as exc:

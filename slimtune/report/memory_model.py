@@ -301,6 +301,10 @@ def as_flags(row: dict) -> str:
     return flags
 
 
+SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+               "vocab_size", "max_position_embeddings", "head_dim")
+
+
 def model_for_planning(name_or_path: str):
     """The model `slimtune plan` sizes: a config.json file or a checkpoint directory is built on the meta device from
     its config (no weights read, any size); names (smollm2, gemma3-270m, tiny models) are loaded as for training."""
@@ -319,6 +323,11 @@ def model_for_planning(name_or_path: str):
         except Exception as exc:  # unreadable, unknown model_type, or refused by transformers' validators
             raise SlimtuneError(f"--model {name_or_path}: not a usable transformers config ({first_line(exc)})") \
                 from None
+        for field in SIZE_FIELDS:  # transformers builds a model of -2 layers; every size must be a whole number >= 1
+            value = getattr(config, field, None)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SlimtuneError(f"--model {config_file}: field {field!r} is {value!r}; must be a whole number "
+                                    ">= 1")
         try:
             with torch.device("meta"):
                 return AutoModelForCausalLM.from_config(config)

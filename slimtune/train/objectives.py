@@ -97,6 +97,10 @@ class GenerationObjective:
     def load(self, source: str, split: str):
         from slimtune.data.readers import read_rows
         rows, name = read_rows(source, split)
+        if rows and "messages" in rows[0][1]:  # checked here, before the model loads (rendering needs its tokenizer)
+            from slimtune.generation.data import check_conversation
+            for line, row in rows:
+                check_conversation(row, f"{name}:{line}")
         texts = [v for _, row in rows for v in _strings(row)]
         return (rows, name), texts
 
