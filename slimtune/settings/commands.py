@@ -9,7 +9,8 @@ from slimtune import SlimtuneError
 from slimtune.optim.methods import METHOD_CONSTANTS
 from slimtune.settings.base import Settings, setting, when
 from slimtune.settings.rules import (check_adapter_and_model, check_device, check_model, check_new_directory,
-                                     check_output_file, check_task_text, check_template, require_input_file)
+                                     check_output_file, check_outside, check_task_text, check_template,
+                                     require_input_file)
 from slimtune.settings.train import CLASSIFICATION, TASKS
 
 generation = when(task=("generation",))
@@ -51,6 +52,7 @@ class EvalSettings(Settings):
         adopt_recorded_prompt(self)
         check_task_text(self)
         if self.predictions:
+            check_outside(self.predictions, self.adapter or "", "--predictions", "--adapter")
             check_output_file(self.predictions, "--predictions")
 
 
@@ -121,6 +123,7 @@ class GenerateSettings(Settings):
         if self.adapter is not None:
             check_adapter_and_model(self.adapter, self.model, self.given("model"))
         if self.output is not None:
+            check_outside(self.output, self.adapter or "", "--output", "--adapter")
             check_output_file(self.output, "--output")
         check_device(self.device)
 
@@ -142,6 +145,7 @@ class MergeSettings(Settings):
         from slimtune.train.run_dir import check_finished_run
         check_mergeable(self.adapter, "ADAPTER")
         check_finished_run(self.adapter, "ADAPTER")
+        check_outside(self.out, self.adapter)
         check_new_directory(self.out, "--out")
 
 
@@ -167,6 +171,7 @@ class ExportSettings(Settings):
         from slimtune.train.run_dir import check_finished_run
         check_mergeable(self.adapter, "ADAPTER")
         check_finished_run(self.adapter, "ADAPTER")
+        check_outside(self.out, self.adapter)
         check_output_file(self.out, "--out")
         if Path(self.out).suffix.lower() != ".gguf":
             raise SlimtuneError(f"--out {self.out}: name the file .gguf")

@@ -144,6 +144,17 @@ def check_new_directory(path: str, flag: str, renamed_onto: bool = True) -> None
         raise SlimtuneError(f"{flag} {path}: {parent} is not writable")
 
 
+def check_outside(out: str, source: str, flag: str = "--out", named: str = "ADAPTER") -> None:
+    """An output written outside the directory it is made from: inside RUN/adapter it would be deleted when
+    `train --resume` replaces that adapter (and an adapter directory holding other files is no longer one)."""
+    if not source or not Path(source).is_dir():
+        return
+    inside, root = Path(out).resolve(), Path(source).resolve()
+    if inside == root or root in inside.parents:
+        raise SlimtuneError(f"{flag} {out}: inside {named} {source}, which a later `train --resume` of its run replaces "
+                            f"(it would be deleted with it): write it elsewhere")
+
+
 def check_model(model: str, flag: str = "--model") -> None:
     """A built-in name or a local checkpoint directory (config.json or a .gguf file): checked before any work (the
     federated paths started Ray, or a SuperLink and its SuperNodes, before the model was looked for)."""
