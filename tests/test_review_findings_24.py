@@ -129,7 +129,7 @@ def test_another_task_given_gets_its_own_prompt(custom_run, monkeypatch):
     assert seen in ([(None, None)], [builtin_prompt("sst2")]), seen
 
 
-@pytest.mark.parametrize("task", ["xyz", "generation", 3])
+@pytest.mark.parametrize("task", ["xyz", 3])  # generation is recorded too now (tests/test_generation_prompt_record.py)
 def test_a_recorded_task_that_is_not_a_classification_task_is_one_line(custom_run, tmp_path, task):
     """The record is read as input: a task that eval could not score with a prompt names the file."""
     adapter = tmp_path / "adapter"

@@ -155,34 +155,40 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 PROMPT_KEYS = ("task", "template", "label_words")  # the prompt a classification adapter learned (eval reads it)
+GENERATION_KEYS = ("task", "template", "input_column")  # a generation adapter's: its template over its input column
 
 
 def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = None, task: str | None = None,
-                 template: str | None = None, label_words: str | None = None) -> dict:
+                 template: str | None = None, label_words: str | None = None, input_column: str | None = None) -> dict:
     """ADAPTER_META of an adapter trained on `model` (a built-in name or a checkpoint directory, as --model takes it)
-    in `dtype`, on a base quantized to `base_quant` (None: dense): what `read_adapter` rebuilds and checks; for a
-    classification `task`, also the prompt it learned (PROMPT_KEYS), which `eval --adapter` scores it with."""
+    in `dtype`, on a base quantized to `base_quant` (None: dense): what `read_adapter` rebuilds and checks; with its
+    `task`, also the prompt it learned, which `eval --adapter` scores it with: a classification task's PROMPT_KEYS, a
+    generation task's GENERATION_KEYS (template None: prompt/completion or chat rows, used as they are)."""
     from slimtune.models.loading import base_fingerprint
     fingerprint = base_fingerprint(model) if model is not None else None
     meta = {"base_model": model, "base_fingerprint": fingerprint, "dtype": dtype, "base_quant": base_quant}
-    if task is not None and task != "generation":
+    if task == "generation":
+        meta.update(zip(GENERATION_KEYS, (task, template, input_column)))
+    elif task is not None:
         meta.update(zip(PROMPT_KEYS, (task, template, label_words)))
     return meta
 
 
 def recorded_prompt(directory: str | Path) -> tuple[dict, Path] | None:
-    """The classification prompt a saved model learned ({task, template, label_words}) and the file that records it:
+    """The prompt a saved model learned ({task, template, label_words}; generation: {task, template, input_column})
+    and the file that records it:
     its ADAPTER_META (what train, federate and merge write since runs record it), else the config.json of the run it
     sits in (adapters saved before that; a run that recorded null trained with its task's prompt of the time,
-    `train.resume.as_trained`). None: nothing records one (an adapter or checkpoint from outside slimtune, a
-    generation run). The one reader of every consumer (eval scores with it, merge carries it on)."""
+    `train.resume.as_trained`). None: nothing records one (an adapter or checkpoint from outside slimtune). The one
+    reader of every consumer (eval scores with it, merge carries it on)."""
     from slimtune.settings.train import is_run_config
     from slimtune.train.resume import as_trained
 
     directory = Path(directory)
     meta = read_adapter_meta(directory)
     if meta.get("task") is not None:
-        return {k: meta.get(k) for k in PROMPT_KEYS}, directory / ADAPTER_META
+        keys = GENERATION_KEYS if meta["task"] == "generation" else PROMPT_KEYS
+        return {k: meta.get(k) for k in keys}, directory / ADAPTER_META
     if directory.resolve().name != "adapter":  # only a run's adapter/ reads its run's record (not a model kept there)
         return None
     path = directory.resolve().parent / "config.json"
@@ -190,10 +196,10 @@ def recorded_prompt(directory: str | Path) -> tuple[dict, Path] | None:
         stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, ValueError):
         return None
-    if not isinstance(stored, dict) or not is_run_config(stored) or stored.get("task") in (None, "generation"):
+    if not isinstance(stored, dict) or not is_run_config(stored) or stored.get("task") is None:
         return None
     stored = as_trained(stored)
-    return {k: stored.get(k) for k in PROMPT_KEYS}, path
+    return {k: stored.get(k) for k in (GENERATION_KEYS if stored["task"] == "generation" else PROMPT_KEYS)}, path
 
 
 def adapter_meta_of(model: nn.Module) -> dict:

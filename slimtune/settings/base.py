@@ -172,8 +172,13 @@ class Settings:
             where = self.where(f.name)
             leave = f", or leave {where} out" if spec.cli and not getattr(self, "_origin", {}).get(f.name) else ""
             check_value(where, value, spec, empty_given=self.given(f.name), leave=leave)
+        self.adopt_records()
         self.check_applicable()
         self.check()
+
+    def adopt_records(self) -> None:
+        """Settings left out that a record fills before the flags are checked against them (subclasses: eval's task
+        from its adapter)."""
 
     def check_applicable(self) -> None:
         """Each setting the user gave applies to these settings (a check() that fills a setting from a record, as

@@ -41,6 +41,9 @@ class EvalSettings(Settings):
     batch_size: int = setting(32, "examples per forward pass", low=1)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
 
+    def adopt_records(self) -> None:
+        adopt_recorded_task(self)
+
     def check(self) -> None:
         if not self.data:
             raise SlimtuneError("--data is required (on the command line or in --config)")
@@ -52,8 +55,36 @@ class EvalSettings(Settings):
         adopt_recorded_prompt(self)
         check_task_text(self)
         if self.predictions:
-            check_outside(self.predictions, self.adapter or "", "--predictions", "--adapter")
             check_output_file(self.predictions, "--predictions")
+            check_outside(self.predictions, self.adapter or "", "--predictions", "--adapter")
+
+
+def _record(s: EvalSettings):
+    """recorded_prompt of what eval scores: the adapter, else a checkpoint given as --model (not a built-in name)."""
+    from slimtune.models.loading import BUILTIN_MODELS
+    from slimtune.peft.registry import recorded_prompt
+    carrier = s.adapter if s.adapter is not None else s.model if s.model not in BUILTIN_MODELS else None
+    return recorded_prompt(carrier) if carrier is not None and Path(carrier).is_dir() else None
+
+
+def adopt_recorded_task(s: EvalSettings) -> None:
+    """--task left out is the recorded one, before the flags are checked against it (a generation adapter's
+    --target-column applies to its task, not to the default sst2)."""
+    if not s.given("task") and (found := _record(s)) is not None and found[0]["task"] in TASKS:
+        s.task = found[0]["task"]
+
+
+def _adopt_generation_prompt(s: EvalSettings, record: dict) -> None:
+    """A generation adapter's template over its input column, where --template is left out; --input-column left out
+    is the recorded one, and another given renames the template's field (the same prompt around another column)."""
+    if s.task != "generation":
+        return
+    trained_column = record.get("input_column") or "input"
+    if s.input_column is None and record.get("input_column"):
+        s.input_column = record["input_column"]
+    if s.template is None and record.get("template"):
+        column = s.input_column or "input"
+        s.template = record["template"].replace("{" + trained_column + "}", "{" + column + "}")
 
 
 def adopt_recorded_prompt(s: EvalSettings) -> None:
@@ -64,13 +95,16 @@ def adopt_recorded_prompt(s: EvalSettings) -> None:
     own prompt). The record is checked as the flags are, and a failure names its file."""
     from types import SimpleNamespace
 
-    from slimtune.models.loading import BUILTIN_MODELS
-    from slimtune.peft.registry import recorded_prompt
-    carrier = s.adapter if s.adapter is not None else s.model if s.model not in BUILTIN_MODELS else None
-    found = recorded_prompt(carrier) if carrier is not None else None
+    found = _record(s)
     if found is None:
         return
     record, source = found
+    if record["task"] == "generation":
+        for key in ("template", "input_column"):
+            if record.get(key) is not None and (not isinstance(record[key], str) or not record[key].strip()):
+                raise SlimtuneError(f"{source}: {key} {record[key]!r} is not a non-empty text")
+        _adopt_generation_prompt(s, record)
+        return
     if record["task"] not in CLASSIFICATION:
         raise SlimtuneError(f"{source}: task {record['task']!r} is none of {', '.join(CLASSIFICATION)}")
     try:
@@ -123,8 +157,8 @@ class GenerateSettings(Settings):
         if self.adapter is not None:
             check_adapter_and_model(self.adapter, self.model, self.given("model"))
         if self.output is not None:
-            check_outside(self.output, self.adapter or "", "--output", "--adapter")
             check_output_file(self.output, "--output")
+            check_outside(self.output, self.adapter or "", "--output", "--adapter")
         check_device(self.device)
 
 
@@ -145,8 +179,8 @@ class MergeSettings(Settings):
         from slimtune.train.run_dir import check_finished_run
         check_mergeable(self.adapter, "ADAPTER")
         check_finished_run(self.adapter, "ADAPTER")
-        check_outside(self.out, self.adapter)
         check_new_directory(self.out, "--out")
+        check_outside(self.out, self.adapter)
 
 
 @dataclass
@@ -171,8 +205,8 @@ class ExportSettings(Settings):
         from slimtune.train.run_dir import check_finished_run
         check_mergeable(self.adapter, "ADAPTER")
         check_finished_run(self.adapter, "ADAPTER")
-        check_outside(self.out, self.adapter)
         check_output_file(self.out, "--out")
+        check_outside(self.out, self.adapter)
         if Path(self.out).suffix.lower() != ".gguf":
             raise SlimtuneError(f"--out {self.out}: name the file .gguf")
 

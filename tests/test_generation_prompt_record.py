@@ -1,0 +1,86 @@
+"""A generation adapter records the prompt it learned (task, template, input column), as a classification adapter
+does: `eval --adapter` scores it with that template when --template is left out (it scored with the bare input
+column, another prompt than the one trained, without a word), and merge carries the record on."""
+
+import json
+
+import pytest
+
+from test_bad_input_table import TINY, cli
+
+ROWS = [("what is two and two", "four"), ("the colour of the sky", "blue"), ("say hello", "hello"),
+        ("say goodbye", "goodbye")]
+
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("genrec")
+    data = root / "qa.tsv"
+    data.write_text("question\tanswer\n" + "".join(f"{q}\t{a}\n" for q, a in ROWS))
+    out = root / "run"
+    res = cli("train", "--task", "generation", "--data", data, "--input-column", "question", "--target-column",
+              "answer", "--template", "Q: {question} A:", *TINY, "--steps", "2", "--batch-size", "2", "--quiet",
+              "--eval-every", "0", "--out", out)
+    assert res.exit_code == 0, res.output
+    return data, out
+
+
+def _prompts(path):
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+
+
+def test_a_generation_adapter_records_its_template(gen_run):
+    _, out = gen_run
+    meta = json.loads((out / "adapter" / "slimtune.json").read_text())
+    assert meta["task"] == "generation" and meta["template"] == "Q: {question} A:"
+    assert meta["input_column"] == "question"
+
+
+def test_eval_scores_a_generation_adapter_with_the_template_it_learned(gen_run, tmp_path):
+    data, out = gen_run
+    pred = tmp_path / "p.jsonl"
+    res = cli("eval", "--data", data, *TINY, "--adapter", out / "adapter", "--task", "generation",
+              "--input-column", "question", "--target-column", "answer", "--max-new-tokens", "2",
+              "--predictions", pred)
+    assert res.exit_code == 0, res.output
+    assert all(p.startswith("Q: ") and p.endswith(" A:") for p in _prompts(pred)), _prompts(pred)
+
+
+def test_eval_takes_the_recorded_task_and_columns_when_left_out(gen_run, tmp_path):
+    data, out = gen_run
+    pred = tmp_path / "p.jsonl"
+    res = cli("eval", "--data", data, *TINY, "--adapter", out / "adapter", "--target-column", "answer",
+              "--max-new-tokens", "2", "--predictions", pred)
+    assert res.exit_code == 0, res.output
+    assert _prompts(pred)[0] == "Q: what is two and two A:"
+
+
+def test_a_template_given_is_used_as_given(gen_run, tmp_path):
+    data, out = gen_run
+    pred = tmp_path / "p.jsonl"
+    res = cli("eval", "--data", data, *TINY, "--adapter", out / "adapter", "--task", "generation",
+              "--input-column", "question", "--target-column", "answer", "--template", "{question} =",
+              "--max-new-tokens", "2", "--predictions", pred)
+    assert res.exit_code == 0, res.output
+    assert _prompts(pred)[0] == "what is two and two ="
+
+
+def test_merge_carries_the_generation_record(gen_run, tmp_path):
+    _, out = gen_run
+    res = cli("merge", out / "adapter", *TINY, "--out", tmp_path / "merged")
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "merged" / "slimtune.json").read_text())
+    assert meta["template"] == "Q: {question} A:" and meta["input_column"] == "question"
+
+
+@pytest.mark.parametrize("bad", [{"template": 5}, {"input_column": ""}])
+def test_a_broken_generation_record_is_one_line_naming_it(gen_run, tmp_path, bad):
+    import shutil
+    data, out = gen_run
+    adapter = tmp_path / "adapter"
+    shutil.copytree(out / "adapter", adapter)
+    meta = {**json.loads((adapter / "slimtune.json").read_text()), **bad}
+    (adapter / "slimtune.json").write_text(json.dumps(meta))
+    res = cli("eval", "--data", data, *TINY, "--adapter", adapter, "--target-column", "answer")
+    assert res.exit_code == 2 and "slimtune.json" in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
