@@ -170,8 +170,11 @@ def check_shared_file(cfg: FederatedConfig, node: dict) -> None:
     the node pinned itself (`shared-data=PATH`, compared as resolved paths): otherwise a hostile server could name any
     table the node can read (its private data, another project's file) and learn it from the node's updates. The
     refusal names neither path (the server's guess at a file is not confirmed or denied by the text). The node cuts
-    the file into its own num-partitions shares, never the server's num-clients."""
+    the file into its own num-partitions shares, never the server's num-clients. In Flower's simulation engine the
+    nodes are the server's own processes (in_simulation_engine): they train on the file the run names."""
     pinned = node.get(SHARED_KEY)
+    if pinned is None and in_simulation_engine():  # the server's own processes: the file its user named
+        return
     if pinned is None:
         raise SlimtuneError(f"this SuperNode has no --node-config data-path=... (its own data) and no {SHARED_KEY}=PATH "
                             "(the shared file it agrees to train a share of): it does not train on a file the server "
@@ -181,6 +184,21 @@ def check_shared_file(cfg: FederatedConfig, node: dict) -> None:
                             "is cut into; round refused)")
     if Path(os.path.expanduser(str(cfg.data))).resolve() != Path(os.path.expanduser(pinned)).resolve():
         raise SlimtuneError(f"the server's data file is not this node's --node-config {SHARED_KEY} (round refused)")
+
+
+def in_simulation_engine() -> bool:
+    """Whether this ClientApp runs in a worker of Flower's simulation engine (Ray): `flwr run .` on a local simulation
+    or `slimtune federate`, whose nodes are the server's own processes on the user's machine, with only the
+    partition-id / num-partitions Flower gives them. A deployment SuperNode runs its ClientApp in its own process,
+    outside Ray, whatever a server sends, so a remote server cannot make a node count as simulated."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return False
+    try:
+        from ray._private.worker import WORKER_MODE, global_worker
+        return bool(ray.is_initialized()) and global_worker.mode == WORKER_MODE
+    except Exception:  # noqa: BLE001 - another Ray layout: not known to be a simulation
+        return False
 
 
 def pinned_to(path: str, handler=None):

@@ -76,9 +76,15 @@ def adopt_recorded_task(s: EvalSettings) -> None:
 
 def _adopt_generation_prompt(s: EvalSettings, record: dict) -> None:
     """A generation adapter's template over its input column, where --template is left out; --input-column left out
-    is the recorded one, and another given renames the template's field (the same prompt around another column)."""
+    is the recorded one, and another given renames the template's field (the same prompt around another column).
+    Data whose rows carry their own prompts (prompt/completion pairs, conversations) are used as they are."""
     if s.task != "generation":
         return
+    from slimtune.data.readers import read_rows
+    rows, _ = read_rows(s.data, "validation")
+    first = rows[0][1] if rows else {}
+    if "messages" in first or ("prompt" in first and "completion" in first):
+        return  # rows used as they are (their own prompts and chat template): the record's template is for tables
     trained_column = record.get("input_column") or "input"
     if s.input_column is None and record.get("input_column"):
         s.input_column = record["input_column"]
