@@ -45,21 +45,7 @@ def test_flwr_run_on_the_default_local_federation_trains(demo_paths, monkeypatch
 
 # -- eval of a generation adapter: a recorded prompt the user cannot leave out ---------------------------------------
 
-ROWS = [("what is two and two", "four"), ("the colour of the sky", "blue"), ("say hello", "hello"),
-        ("say goodbye", "goodbye")]
-
-
-@pytest.fixture(scope="module")
-def templated_gen_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("genrec32")
-    data = root / "qa.tsv"
-    data.write_text("question\tanswer\n" + "".join(f"{q}\t{a}\n" for q, a in ROWS))
-    out = root / "run"
-    res = cli("train", "--task", "generation", "--data", data, "--input-column", "question", "--target-column",
-              "answer", "--template", "Q: {question} A:", *TINY, "--steps", "2", "--batch-size", "2", "--quiet",
-              "--eval-every", "0", "--out", out)
-    assert res.exit_code == 0, res.output
-    return root, out
+from test_generation_prompt_record import ROWS, gen_run as templated_gen_run  # noqa: E402,F401 (fixture)
 
 
 @pytest.mark.parametrize("rows", [
