@@ -176,9 +176,9 @@ def check_shared_file(cfg: FederatedConfig, node: dict) -> None:
     if pinned is None and in_simulation_engine():  # the server's own processes: the file its user named
         return
     if pinned is None:
-        raise SlimtuneError(f"this SuperNode has no --node-config data-path=... (its own data) and no {SHARED_KEY}=PATH "
-                            "(the shared file it agrees to train a share of): it does not train on a file the server "
-                            "names (round refused)")
+        raise SlimtuneError(f"this SuperNode has no --node-config data-path=... (its own data) and no "
+                            f"{SHARED_KEY}=PATH (the shared file it agrees to train a share of): it does not train on a "
+                            "file the server names (round refused)")
     if "num-partitions" not in node:  # else the server's num-clients would cut the node's share (10**9: no share)
         raise SlimtuneError(f"--node-config {SHARED_KEY}: needs num-partitions (the number of shares the shared file "
                             "is cut into; round refused)")
@@ -288,8 +288,8 @@ def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None 
 def check_node_keys(cfg: FederatedConfig, node: dict) -> None:
     """The node's own keys, before anything reads them: partition-id a whole number >= 0 below num-partitions (a
     whole number >= 1; without it and without data-path, the server's num-clients), data-path, shared-data and
-    dp-ledger non-empty strings. Out of range, a share was another node's (-1: Python's last) or an IndexError's text went to
-    the server; num-partitions 0 became num-clients without a word."""
+    dp-ledger non-empty strings. Out of range, a share was another node's (-1: Python's last) or an IndexError's
+    text went to the server; num-partitions 0 became num-clients without a word."""
     for key in ("data-path", SHARED_KEY, LEDGER_KEY):
         if key in node and (not isinstance(node[key], str) or not node[key].strip()):
             raise SlimtuneError(f"--node-config {key}={node[key]!r}: must be a non-empty file path")

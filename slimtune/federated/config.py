@@ -208,7 +208,8 @@ class FederatedConfig:
             raise SlimtuneError(f"--norm-bound {self.norm_bound:g} must be > 0 (a multiple of the round's median update "
                                 f"norm) and --max-update-norm >= 0 (0: no fixed cap)")
         if self.client_dp_clip > 0 and (self.weighting != "equal" or self.norm_bound != 1.0):
-            given = f"--weighting {self.weighting}" if self.weighting != "equal" else f"--norm-bound {self.norm_bound:g}"
+            given = (f"--weighting {self.weighting}" if self.weighting != "equal"
+                     else f"--norm-bound {self.norm_bound:g}")
             raise SlimtuneError(f"{given} applies only to the server's adaptive bound: under client-level DP every "
                                 "update is clipped to --client-dp-clip and weighed 1 / --clients: drop it")
         if self.max_update_norm > 0 and self.client_dp_clip > 0:

@@ -151,8 +151,8 @@ def check_outside(out: str, source: str, flag: str = "--out", named: str = "ADAP
         return
     inside, root = Path(out).resolve(), Path(source).resolve()
     if inside == root or root in inside.parents:
-        raise SlimtuneError(f"{flag} {out}: inside {named} {source}, which a later `train --resume` of its run replaces "
-                            f"(it would be deleted with it): write it elsewhere")
+        raise SlimtuneError(f"{flag} {out}: inside {named} {source}, which a later `train --resume` of its run "
+                            f"replaces (it would be deleted with it): write it elsewhere")
 
 
 def check_model(model: str, flag: str = "--model") -> None:
