@@ -3,15 +3,8 @@ RUN/adapter is deleted when `train --resume` replaces that adapter (nothing the 
 
 import pytest
 
-from test_bad_input_table import FAST, TINY, TRAIN, assert_one_line, cli
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("outside") / "run"
-    res = cli("train", "--data", TRAIN, *TINY, "--optimizer", "mezo", *FAST, "--eval-every", "0", "--out", out)
-    assert res.exit_code == 0, res.output
-    return out
+from test_bad_input_table import TINY, assert_one_line, cli
+from test_review_findings_20 import sst2_run as run  # noqa: F401 (fixture: a finished tiny MeZO run)
 
 
 @pytest.mark.parametrize("sub", ["merged", "deep/merged"])

@@ -23,13 +23,13 @@ import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from slimtune import SlimtuneError
+from slimtune.data.readers import same_path
 from slimtune.federated.config import FederatedConfig
 from slimtune.federated.local_steps import release_hooks, run_steps
 from slimtune.federated.model import build_model, load_lora_state, lora_state, uploaded
@@ -38,6 +38,7 @@ from slimtune.federated.wire import decode_state, encode_state
 from slimtune.federated.local_privacy import LEDGER_KEY, NodeLedger, account_delta, is_private, ledger_path
 from slimtune.optim import ZO_OPTIMIZERS, OptimizerArgs, build_optimizer
 from slimtune.optim.base import mix_seed
+from slimtune.settings.rules import is_whole
 
 app = ClientApp()
 
@@ -167,7 +168,7 @@ NODE_FLOOR = {
 
 def check_shared_file(cfg: FederatedConfig, node: dict) -> None:
     """A node without its own data-path trains a share of the file the server's config names only if that is the file
-    the node pinned itself (`shared-data=PATH`, compared as resolved paths): otherwise a hostile server could name any
+    the node pinned itself (`shared-data=PATH`, the same file however spelled: data.readers.same_path): otherwise a hostile server could name any
     table the node can read (its private data, another project's file) and learn it from the node's updates. The
     refusal names neither path (the server's guess at a file is not confirmed or denied by the text). The node cuts
     the file into its own num-partitions shares, never the server's num-clients. In Flower's simulation engine the
@@ -182,7 +183,7 @@ def check_shared_file(cfg: FederatedConfig, node: dict) -> None:
     if "num-partitions" not in node:  # else the server's num-clients would cut the node's share (10**9: no share)
         raise SlimtuneError(f"--node-config {SHARED_KEY}: needs num-partitions (the number of shares the shared file "
                             "is cut into; round refused)")
-    if Path(os.path.expanduser(str(cfg.data))).resolve() != Path(os.path.expanduser(pinned)).resolve():
+    if not same_path(os.path.expanduser(str(cfg.data)), os.path.expanduser(pinned)):
         raise SlimtuneError(f"the server's data file is not this node's --node-config {SHARED_KEY} (round refused)")
 
 
@@ -240,7 +241,7 @@ def check_node_floor(cfg: FederatedConfig, node: dict, spent: list[dict] | None 
         if key in NODE_KEYS:
             continue
         if key in NODE_CAPS:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_whole(value):
                 raise SlimtuneError(f"--node-config {key}={value!r}: must be a whole number >= 1")
             if getattr(cfg, NODE_CAPS[key]) > value:
                 raise SlimtuneError(f"--node-config {key}={value}: the server asked for {NODE_CAPS[key]} "
@@ -295,7 +296,7 @@ def check_node_keys(cfg: FederatedConfig, node: dict) -> None:
             raise SlimtuneError(f"--node-config {key}={node[key]!r}: must be a non-empty file path")
     for key, low in (("partition-id", 0), ("num-partitions", 1)):
         value = node.get(key)
-        if key in node and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+        if key in node and not is_whole(value, low):
             raise SlimtuneError(f"--node-config {key}={value!r}: must be a whole number >= {low}")
     if "partition-id" in node:
         count, named = (node["num-partitions"], "num-partitions") if "num-partitions" in node else \

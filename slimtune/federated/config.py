@@ -170,11 +170,12 @@ class FederatedConfig:
             raise SlimtuneError(f"--mode {self.mode!r}: choose lora or zo-seeds")
         if self.local_optimizer not in OPTIMIZERS:
             raise SlimtuneError(f"--local-optimizer {self.local_optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        from slimtune.settings.rules import is_whole
         for flag, value in (("--clients", self.num_clients), ("--rounds", self.rounds),
                             ("--eval-every", self.eval_every), ("--local-steps", self.local_steps),
                             ("--batch-size", self.batch_size), ("--lora-r", self.lora_r),
                             ("--block-size", self.block_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_whole(value):
                 raise SlimtuneError(f"{flag} {value!r}: must be a whole number >= 1")
         if self.allowed_nodes is not None and not all(part.strip().isdigit() for part in self.allowed_nodes.split(",")):
             raise SlimtuneError(f"allowed_nodes {self.allowed_nodes!r}: Flower node ids separated by commas (the "

@@ -318,6 +318,7 @@ def model_for_planning(name_or_path: str):
 
         from slimtune import SlimtuneError
         from slimtune.models.loading import first_line
+        from slimtune.settings.rules import is_whole
         try:
             config = AutoConfig.from_pretrained(str(config_file))
         except Exception as exc:  # unreadable, unknown model_type, or refused by transformers' validators
@@ -325,7 +326,7 @@ def model_for_planning(name_or_path: str):
                 from None
         for field in SIZE_FIELDS:  # transformers builds a model of -2 layers; every size must be a whole number >= 1
             value = getattr(config, field, None)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and not is_whole(value):
                 raise SlimtuneError(f"--model {config_file}: field {field!r} is {value!r}; must be a whole number "
                                     ">= 1")
         try:

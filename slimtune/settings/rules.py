@@ -144,6 +144,11 @@ def check_new_directory(path: str, flag: str, renamed_onto: bool = True) -> None
         raise SlimtuneError(f"{flag} {path}: {parent} is not writable")
 
 
+def is_whole(value, low: int = 1) -> bool:
+    """A whole number >= low, as a setting read from JSON or TOML may not be (True, 2.5, "8")."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def check_outside(out: str, source: str, flag: str = "--out", named: str = "ADAPTER") -> None:
     """An output written outside the directory it is made from: inside RUN/adapter it would be deleted when
     `train --resume` replaces that adapter (and an adapter directory holding other files is no longer one)."""
