@@ -73,7 +73,8 @@ def test_merge_carries_the_generation_record(gen_run, tmp_path):
     assert meta["template"] == "Q: {question} A:" and meta["input_column"] == "question"
 
 
-@pytest.mark.parametrize("bad", [{"template": 5}, {"input_column": ""}])
+@pytest.mark.parametrize("bad", [{"template": 5}, {"input_column": ""}, {"template": "Q: {input} A:"},
+                                 {"template": "Q: {question} {other} A:"}])
 def test_a_broken_generation_record_is_one_line_naming_it(gen_run, tmp_path, bad):
     import shutil
     data, out = gen_run
@@ -84,3 +85,28 @@ def test_a_broken_generation_record_is_one_line_naming_it(gen_run, tmp_path, bad
     res = cli("eval", "--data", data, *TINY, "--adapter", adapter, "--target-column", "answer")
     assert res.exit_code == 2 and "slimtune.json" in res.output, res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_eval_of_a_generation_adapter_reads_the_data_and_the_record_once(gen_run, tmp_path, monkeypatch):
+    """The recorded prompt is resolved where rows become examples (generation.data.generation_task), not by a
+    settings step that read the evaluation file to see its rows' form before the objective read it again."""
+    import slimtune.data.readers as readers
+    import slimtune.peft.registry as registry
+    data, out = gen_run
+    calls = {"rows": 0, "record": 0}
+    read_rows, recorded_prompt = readers.read_rows, registry.recorded_prompt
+
+    def counting_rows(*a, **k):
+        calls["rows"] += str(a[0]) == str(data)
+        return read_rows(*a, **k)
+
+    def counting_record(*a, **k):
+        calls["record"] += 1
+        return recorded_prompt(*a, **k)
+
+    monkeypatch.setattr(readers, "read_rows", counting_rows)
+    monkeypatch.setattr(registry, "recorded_prompt", counting_record)
+    res = cli("eval", "--data", data, *TINY, "--adapter", out / "adapter", "--target-column", "answer",
+              "--max-new-tokens", "2", "--predictions", tmp_path / "p.jsonl")
+    assert res.exit_code == 0, res.output
+    assert calls == {"rows": 1, "record": 1}, calls

@@ -31,12 +31,15 @@ class GenerationExample:
 
 @dataclass(frozen=True)
 class GenerationTask:
-    """How rows become (prompt, completion): columns and template for plain rows; chat rows carry `messages`."""
+    """How rows become (prompt, completion): columns and template for plain rows; chat rows carry `messages`.
+    `given`: the prompt flags the user set (they apply to tables only, and are refused for rows that carry their own
+    prompts); a value left out is the one the adapter learned (`learned`), else the default."""
 
     name: str = "generation"
     input_column: str = "input"
     target_column: str = "target"
     template: str = "{input}"
+    given: tuple[str, ...] = ()
 
     @property
     def label_words(self) -> tuple[str, ...]:  # k-shot sampling treats generation as a single class
@@ -44,8 +47,16 @@ class GenerationTask:
 
 
 def generation_task(input_column: str | None = None, target_column: str | None = None,
-                    template: str | None = None) -> GenerationTask:
-    inp = input_column or "input"
+                    template: str | None = None, learned: dict | None = None) -> GenerationTask:
+    """The task from the flags; `learned`: a generation adapter's record ({template, input_column}, as
+    peft.registry.recorded_prompt reads it), whose values fill those left out. Another --input-column given renames
+    the learned template's field (the same prompt around another column)."""
+    learned = learned or {}
+    given = tuple(flag for flag, value in (("--template", template), ("--target-column", target_column),
+                                           ("--input-column", input_column)) if value is not None)
+    inp = input_column or learned.get("input_column") or "input"
+    if template is None and learned.get("template"):
+        template = learned["template"].replace("{" + (learned.get("input_column") or "input") + "}", "{" + inp + "}")
     tpl = template or "{" + inp + "}"
     if "{" + inp + "}" not in tpl:
         raise SlimtuneError(f"--template {tpl!r} must contain {{{inp}}} (the input column)")
@@ -53,7 +64,7 @@ def generation_task(input_column: str | None = None, target_column: str | None =
         tpl.format(**{inp: ""})
     except (KeyError, IndexError, ValueError) as exc:
         raise SlimtuneError(f"--template {tpl!r}: only {{{inp}}} can be filled in ({exc})") from None
-    return GenerationTask("generation", inp, target_column or "target", tpl)
+    return GenerationTask("generation", inp, target_column or "target", tpl, given)
 
 
 def rows_to_examples(rows: list[tuple[int, dict]], task: GenerationTask, name: str, tokenizer=None) -> list:
@@ -61,14 +72,11 @@ def rows_to_examples(rows: list[tuple[int, dict]], task: GenerationTask, name: s
     the task's columns. Chat rows need the tokenizer (its chat template)."""
     if not rows:
         raise SlimtuneError(f"{name}: no examples (file is empty)")
-    first = rows[0][1]
-    given = [flag for flag, is_given in (("--template", task.template != "{" + task.input_column + "}"),
-                                         ("--target-column", task.target_column != "target"),
-                                         ("--input-column", task.input_column != "input")) if is_given]
+    first, given = rows[0][1], list(task.given)
     if "messages" in first:
         _refuse_unused(given, name, "conversations (`messages` rows), rendered with the chat template as they are")
         return [_chat_example(row, f"{name}:{line}", tokenizer) for line, row in rows]
-    if "prompt" in first and "completion" in first and task.input_column == "input":
+    if "prompt" in first and "completion" in first and "--input-column" not in given:
         _refuse_unused(given, name, "prompt/completion pairs, used as they are")
         return [_pair(row, "prompt", "completion", f"{name}:{line}", "{prompt}") for line, row in rows]
     missing = [c for c in (task.input_column, task.target_column) if c not in first]

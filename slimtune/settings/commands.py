@@ -41,8 +41,17 @@ class EvalSettings(Settings):
     batch_size: int = setting(32, "examples per forward pass", low=1)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
 
+    recorded = None  # (the adapter's or checkpoint's recorded prompt, its file): peft.registry.recorded_prompt
+
     def adopt_records(self) -> None:
+        self.recorded = _record(self)  # read once: the task here, the prompt in check()
         adopt_recorded_task(self)
+
+    def learned_generation_prompt(self) -> dict | None:
+        """A generation adapter's recorded {template, input_column}, for the objective to fill the prompt settings
+        left out with (generation.data.generation_task; rows that carry their own prompts use none of it)."""
+        record = (self.recorded or (None,))[0]
+        return record if self.task == "generation" and record and record["task"] == "generation" else None
 
     def check(self) -> None:
         if not self.data:
@@ -53,7 +62,11 @@ class EvalSettings(Settings):
             check_adapter_and_model(self.adapter, self.model, self.given("model"))
         check_device(self.device)
         adopt_recorded_prompt(self)
-        check_task_text(self)
+        if self.task == "generation" and (learned := self.learned_generation_prompt()) is not None:
+            from slimtune.generation.data import generation_task
+            generation_task(self.input_column, self.target_column, self.template, learned)  # the template's column
+        else:
+            check_task_text(self)
         if self.predictions:
             check_output_file(self.predictions, "--predictions")
             check_outside(self.predictions, self.adapter or "", "--predictions", "--adapter")
@@ -70,27 +83,8 @@ def _record(s: EvalSettings):
 def adopt_recorded_task(s: EvalSettings) -> None:
     """--task left out is the recorded one, before the flags are checked against it (a generation adapter's
     --target-column applies to its task, not to the default sst2)."""
-    if not s.given("task") and (found := _record(s)) is not None and found[0]["task"] in TASKS:
-        s.task = found[0]["task"]
-
-
-def _adopt_generation_prompt(s: EvalSettings, record: dict) -> None:
-    """A generation adapter's template over its input column, where --template is left out; --input-column left out
-    is the recorded one, and another given renames the template's field (the same prompt around another column).
-    Data whose rows carry their own prompts (prompt/completion pairs, conversations) are used as they are."""
-    if s.task != "generation":
-        return
-    from slimtune.data.readers import read_rows
-    rows, _ = read_rows(s.data, "validation")
-    first = rows[0][1] if rows else {}
-    if "messages" in first or ("prompt" in first and "completion" in first):
-        return  # rows used as they are (their own prompts and chat template): the record's template is for tables
-    trained_column = record.get("input_column") or "input"
-    if s.input_column is None and record.get("input_column"):
-        s.input_column = record["input_column"]
-    if s.template is None and record.get("template"):
-        column = s.input_column or "input"
-        s.template = record["template"].replace("{" + trained_column + "}", "{" + column + "}")
+    if not s.given("task") and s.recorded is not None and s.recorded[0]["task"] in TASKS:
+        s.task = s.recorded[0]["task"]
 
 
 def adopt_recorded_prompt(s: EvalSettings) -> None:
@@ -101,16 +95,19 @@ def adopt_recorded_prompt(s: EvalSettings) -> None:
     own prompt). The record is checked as the flags are, and a failure names its file."""
     from types import SimpleNamespace
 
-    found = _record(s)
-    if found is None:
+    if s.recorded is None:
         return
-    record, source = found
+    record, source = s.recorded
     if record["task"] == "generation":
         for key in ("template", "input_column"):
             if record.get(key) is not None and (not isinstance(record[key], str) or not record[key].strip()):
                 raise SlimtuneError(f"{source}: {key} {record[key]!r} is not a non-empty text")
-        _adopt_generation_prompt(s, record)
-        return
+        from slimtune.generation.data import generation_task
+        try:
+            generation_task(record.get("input_column"), None, record.get("template"))
+        except SlimtuneError as exc:
+            raise SlimtuneError(f"{source}: {exc}") from None
+        return  # the objective fills the prompt settings left out (learned_generation_prompt)
     if record["task"] not in CLASSIFICATION:
         raise SlimtuneError(f"{source}: task {record['task']!r} is none of {', '.join(CLASSIFICATION)}")
     try:

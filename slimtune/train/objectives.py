@@ -23,6 +23,7 @@ class GenerationSettings:
     num_beams: int = 1
     eval_generate: bool = True  # decode during evaluation (BLEU/ROUGE-L/EM/F1); off: loss and perplexity only
     eval_batch_size: int = 16
+    learned: dict | None = None  # eval of a generation adapter: its recorded {template, input_column} (tables)
 
 
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -222,7 +223,7 @@ def make_objective(task: str, text_column=None, label_column=None, template=None
         g = generation or GenerationSettings()
         if g.max_new_tokens < 1 or g.num_beams < 1:
             raise SlimtuneError("--max-new-tokens and --num-beams must be >= 1")
-        return GenerationObjective(generation_task(g.input_column, g.target_column, template), g, max_length)
+        return GenerationObjective(generation_task(g.input_column, g.target_column, template, g.learned), g, max_length)
     return ClassificationObjective(get_task(task, text_column, label_column, template, label_words), eval_batch_size,
                                    max_length, column_flags)
 
