@@ -110,3 +110,48 @@ def test_eval_of_a_generation_adapter_reads_the_data_and_the_record_once(gen_run
               "--max-new-tokens", "2", "--predictions", tmp_path / "p.jsonl")
     assert res.exit_code == 0, res.output
     assert calls == {"rows": 1, "record": 1}, calls
+
+
+def _generate(out, tmp_path, *args):
+    pred = tmp_path / f"g{len(list(tmp_path.glob('g*.jsonl')))}.jsonl"
+    res = cli("generate", *TINY, "--adapter", out / "adapter", *args, "--max-new-tokens", "2", "--output", pred)
+    assert res.exit_code == 0, res.output
+    return _prompts(pred), res.output
+
+
+def test_generate_wraps_a_prompt_in_the_learned_template_and_says_so(gen_run, tmp_path):
+    """`generate --adapter --prompt` gave the model the bare text, a prompt the adapter never trained on."""
+    _, out = gen_run
+    prompts, output = _generate(out, tmp_path, "--prompt", "say hello")
+    assert prompts == ["Q: say hello A:"]
+    assert "note: prompts go through the template the adapter learned" in output and "slimtune.json" in output
+
+
+def test_generate_lines_of_a_text_file_go_through_the_learned_template(gen_run, tmp_path):
+    _, out = gen_run
+    (tmp_path / "p.txt").write_text("say hello\nsay goodbye\n")
+    prompts, _ = _generate(out, tmp_path, "--input", tmp_path / "p.txt")
+    assert prompts == ["Q: say hello A:", "Q: say goodbye A:"]
+
+
+def test_generate_sends_written_prompts_and_a_given_template_as_they_are(gen_run, tmp_path):
+    """A JSONL row's `prompt` is a whole prompt (eval uses prompt/completion rows as they are); a --template given
+    replaces the learned one, and '{question}' sends the text bare."""
+    _, out = gen_run
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Q: say hello A:"}) + "\n")
+    prompts, output = _generate(out, tmp_path, "--input", tmp_path / "p.jsonl")
+    assert prompts == ["Q: say hello A:"] and "note:" not in output
+    prompts, output = _generate(out, tmp_path, "--prompt", "say hello", "--template", "{question}")
+    assert prompts == ["say hello"] and "note:" not in output
+
+
+def test_generate_refuses_a_broken_generation_record_naming_it(gen_run, tmp_path):
+    import shutil
+    _, out = gen_run
+    adapter = tmp_path / "run" / "adapter"
+    shutil.copytree(out / "adapter", adapter)
+    meta = {**json.loads((adapter / "slimtune.json").read_text()), "template": "Q: {input} A:"}
+    (adapter / "slimtune.json").write_text(json.dumps(meta))
+    res = cli("generate", *TINY, "--adapter", adapter, "--prompt", "hi", "--max-new-tokens", "2")
+    assert res.exit_code == 2 and "slimtune.json" in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output

@@ -9,9 +9,15 @@ from pathlib import Path
 from slimtune import SlimtuneError
 
 
-def read_prompt_items(source: str, input_column: str | None = None) -> list:
-    """The prompts of a file, unrendered: a string per plain prompt, a message list per conversation."""
-    return _read(source, input_column)
+class WrittenPrompt(str):
+    """A JSONL row's `prompt` field: a whole prompt its writer composed, which a model's learned template does not
+    wrap (as eval uses prompt/completion rows as they are); a --template given still does."""
+
+
+def read_prompt_items(source: str, input_column: str | None = None, learned_column: str | None = None) -> list:
+    """The prompts of a file, unrendered: a string per plain prompt, a message list per conversation.
+    `learned_column`: the column a generation adapter learned from, read where --input-column is left out."""
+    return _read(source, input_column, learned_column)
 
 
 def prompt_texts(items: list) -> list[str]:
@@ -20,8 +26,10 @@ def prompt_texts(items: list) -> list[str]:
 
 
 def render_prompts(items: list, tokenizer, template: str | None = None, input_column: str | None = None,
-                   chat: bool = False) -> list[str]:
-    """Prompts as the model sees them: through the template, and the chat template for conversations or `chat`."""
+                   chat: bool = False, learned: str | None = None) -> list[str]:
+    """Prompts as the model sees them: through the template (`learned`, a generation adapter's own over
+    `input_column`, where none is given: not around a WrittenPrompt), and the chat template for conversations or
+    `chat`."""
     from slimtune.generation.data import render_chat
 
     column = input_column or "input"
@@ -30,13 +38,14 @@ def render_prompts(items: list, tokenizer, template: str | None = None, input_co
         if isinstance(item, list):  # a conversation: everything up to the assistant's next turn
             out.append(render_chat(tokenizer, item[:-1] if item[-1]["role"] == "assistant" else item))
             continue
-        text = template.format(**{column: item}) if template else item
+        fill = template or (None if isinstance(item, WrittenPrompt) else learned)
+        text = fill.format(**{column: item}) if fill else item
         out.append(render_chat(tokenizer, [{"role": "user", "content": text}]) if chat else text)
     return out
 
 
-def _read(source: str, column: str | None) -> list:
-    """`column` None: a JSONL row's `prompt`, else its `input`; a column given is used as given."""
+def _read(source: str, column: str | None, learned_column: str | None = None) -> list:
+    """`column` None: a JSONL row's `prompt`, else the learned column or `input`; a column given is used as given."""
     from slimtune.data.readers import read_rows, read_text
     from slimtune.data.tasks import text_field
 
@@ -58,9 +67,11 @@ def _read(source: str, column: str | None) -> list:
             from slimtune.generation.data import check_conversation
             items.append(check_conversation(row, where, target=False))  # the rules train and eval apply
             continue
-        key = "prompt" if "prompt" in row and column is None else (column or "input")
+        written = "prompt" in row and column is None
+        key = "prompt" if written else (column or learned_column or "input")
         try:
-            items.append(text_field(row, key, where))
+            text = text_field(row, key, where)
+            items.append(WrittenPrompt(text) if written else text)
         except SlimtuneError as exc:
             raise SlimtuneError(f"{exc} (choose the column with --input-column)") from None
     return items

@@ -16,8 +16,26 @@ from slimtune.settings.train import CLASSIFICATION, TASKS
 generation = when(task=("generation",))
 
 
+class UsesRecordedPrompt:
+    """eval and generate use a saved model with the prompt it learned: the record of the adapter, else of a checkpoint
+    given as --model (peft.registry.recorded_prompt), read once before the flags are checked against it."""
+
+    recorded = None  # (the recorded prompt, its file)
+
+    def adopt_records(self) -> None:
+        self.recorded = _record(self)
+
+    def learned_generation_prompt(self) -> dict | None:
+        """A generation adapter's recorded {template, input_column}: what fills the prompt settings left out
+        (generation.data.generation_task; rows that carry their own prompts use none of it)."""
+        record = (self.recorded or (None,))[0]
+        if record is None or record["task"] != "generation" or getattr(self, "task", "generation") != "generation":
+            return None
+        return record
+
+
 @dataclass
-class EvalSettings(Settings):
+class EvalSettings(UsesRecordedPrompt, Settings):
     command = "eval"
 
     data: str | None = setting(None, "evaluation data (required, here or in --config)")
@@ -41,17 +59,9 @@ class EvalSettings(Settings):
     batch_size: int = setting(32, "examples per forward pass", low=1)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
 
-    recorded = None  # (the adapter's or checkpoint's recorded prompt, its file): peft.registry.recorded_prompt
-
     def adopt_records(self) -> None:
-        self.recorded = _record(self)  # read once: the task here, the prompt in check()
+        super().adopt_records()
         adopt_recorded_task(self)
-
-    def learned_generation_prompt(self) -> dict | None:
-        """A generation adapter's recorded {template, input_column}, for the objective to fill the prompt settings
-        left out with (generation.data.generation_task; rows that carry their own prompts use none of it)."""
-        record = (self.recorded or (None,))[0]
-        return record if self.task == "generation" and record and record["task"] == "generation" else None
 
     def check(self) -> None:
         if not self.data:
@@ -87,6 +97,18 @@ def adopt_recorded_task(s: EvalSettings) -> None:
         s.task = s.recorded[0]["task"]
 
 
+def check_generation_record(record: dict, source) -> None:
+    """A generation record's template and input column, checked as the flags are; a failure names its file."""
+    from slimtune.generation.data import generation_task
+    for key in ("template", "input_column"):
+        if record.get(key) is not None and (not isinstance(record[key], str) or not record[key].strip()):
+            raise SlimtuneError(f"{source}: {key} {record[key]!r} is not a non-empty text")
+    try:
+        generation_task(record.get("input_column"), None, record.get("template"))
+    except SlimtuneError as exc:
+        raise SlimtuneError(f"{source}: {exc}") from None
+
+
 def adopt_recorded_prompt(s: EvalSettings) -> None:
     """Eval scores a saved model with the prompt it learned, however it is named: the adapter's record, or, with no
     adapter, that of the checkpoint given as --model (a merged checkpoint, a --peft none run's adapter/), read by
@@ -99,14 +121,7 @@ def adopt_recorded_prompt(s: EvalSettings) -> None:
         return
     record, source = s.recorded
     if record["task"] == "generation":
-        for key in ("template", "input_column"):
-            if record.get(key) is not None and (not isinstance(record[key], str) or not record[key].strip()):
-                raise SlimtuneError(f"{source}: {key} {record[key]!r} is not a non-empty text")
-        from slimtune.generation.data import generation_task
-        try:
-            generation_task(record.get("input_column"), None, record.get("template"))
-        except SlimtuneError as exc:
-            raise SlimtuneError(f"{source}: {exc}") from None
+        check_generation_record(record, source)
         return  # the objective fills the prompt settings left out (learned_generation_prompt)
     if record["task"] not in CLASSIFICATION:
         raise SlimtuneError(f"{source}: task {record['task']!r} is none of {', '.join(CLASSIFICATION)}")
@@ -123,7 +138,7 @@ def adopt_recorded_prompt(s: EvalSettings) -> None:
 
 
 @dataclass
-class GenerateSettings(Settings):
+class GenerateSettings(UsesRecordedPrompt, Settings):
     command = "generate"
 
     prompt: str | None = setting(None, "one prompt; the completion streams to the terminal (or goes to --output)")
@@ -153,12 +168,16 @@ class GenerateSettings(Settings):
         if self.given("input_column") and Path(self.input).suffix.lower() == ".txt":
             raise SlimtuneError(f"--input-column applies to tables (.tsv, .csv, .jsonl); {self.input} holds one "
                                 "prompt per line")
-        if self.template is not None:
-            check_template(self.template, (self.input_column or "input",), "--template",
-                           hint="" if self.input_column else " (name another column with --input-column)")
         check_model(self.model)
         if self.adapter is not None:
             check_adapter_and_model(self.adapter, self.model, self.given("model"))
+        learned = self.learned_generation_prompt()
+        if learned is not None:
+            check_generation_record(learned, self.recorded[1])
+        column = self.input_column or (learned or {}).get("input_column")
+        if self.template is not None:
+            check_template(self.template, (column or "input",), "--template",
+                           hint="" if column else " (name another column with --input-column)")
         if self.output is not None:
             check_output_file(self.output, "--output")
             check_outside(self.output, self.adapter or "", "--output", "--adapter")
