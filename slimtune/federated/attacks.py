@@ -50,9 +50,13 @@ class BroadcastHistory:
 
 def coalition_data(cfg: FederatedConfig, train: list) -> list:
     """The pooled training examples of clients 0..k-1 (the same Dirichlet split the clients use)."""
+    from slimtune.federated.config import partition_rows
+    from slimtune.federated.model import federated_objective
     from slimtune.federated.partition import dirichlet_partition
 
-    parts = dirichlet_partition([e.label for e in train], cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)
+    objective = federated_objective(cfg)
+    labels, keys = partition_rows(objective, objective.load(cfg.data, "train")[0])  # the clients' split
+    parts = dirichlet_partition(labels, keys, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)
     return [train[i] for p in parts[:cfg.attack_coalition] for i in p]
 
 

@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 
 from slimtune import SlimtuneError
 from slimtune.data.readers import same_path
-from slimtune.federated.config import FederatedConfig
+from slimtune.federated.config import FederatedConfig, partition_rows
 from slimtune.federated.local_steps import release_hooks, run_steps
 from slimtune.federated.model import build_model, load_lora_state, lora_state, uploaded
 from slimtune.federated.partition import dirichlet_partition
@@ -51,7 +51,8 @@ def _setup(cfg_json: str, num_partitions: int | None = None):
     model, tok, train, _, objective = build_model(replace(cfg, eval_data=""))  # a client never evaluates
     if num_partitions is None:
         return model, tok, train, [list(range(len(train)))], objective
-    parts = dirichlet_partition([e.label for e in train], num_partitions, cfg.dirichlet_alpha, cfg.seed)
+    labels, keys = partition_rows(objective, objective.load(cfg.data, "train")[0])  # as check_partition splits
+    parts = dirichlet_partition(labels, keys, num_partitions, cfg.dirichlet_alpha, cfg.seed)
     return model, tok, train, parts, objective
 
 

@@ -387,13 +387,13 @@ def read_settings(path: Path) -> dict:
     return values
 
 
-def check_inputs(cfg: FederatedConfig) -> list[int] | None:
+def check_inputs(cfg: FederatedConfig) -> tuple[list[int], list[str]] | None:
     """Read the data files the server was given through the objective: a bad file stops here with its file, line
-    and field, not inside a client. Returns the labels of --data's rows (None without --data), as the clients split
-    them (generation rows: all 0)."""
+    and field, not inside a client. Returns the labels and row keys of --data's rows (None without --data), as the
+    clients split them (partition_rows; generation rows: label 0)."""
     from slimtune.federated.model import federated_objective
     objective = federated_objective(cfg)
-    keys, labels = {}, None
+    keys, data_rows = {}, None
     for flag, path, split in (("--data", cfg.data, "train"), ("--eval-data", cfg.eval_data, "validation"),
                               ("--root-data", cfg.root_data, "train")):  # the splits the clients and server read
         if path:
@@ -401,9 +401,9 @@ def check_inputs(cfg: FederatedConfig) -> list[int] | None:
             rows = raw[0] if objective.kind == "generation" else raw
             if objective.kind == "generation" and (not rows or "messages" not in rows[0][1]):
                 objective.examples(raw, None)  # an empty file is refused here; chat rows once the tokenizer is loaded
-            keys[flag] = objective.row_keys(raw) if cfg.root_data else []
             if flag == "--data":
-                labels = [e.label for e in raw] if objective.kind == "classification" else [0] * len(rows)
+                data_rows = partition_rows(objective, raw)
+            keys[flag] = data_rows[1] if flag == "--data" else objective.row_keys(raw) if cfg.root_data else []
     if cfg.root_data:  # the server's own examples: none of the clients' and none it evaluates on (_check_trust)
         for flag in ("--data", "--eval-data"):
             theirs = set(keys.get(flag, ()))
@@ -411,24 +411,31 @@ def check_inputs(cfg: FederatedConfig) -> list[int] | None:
             if shared:
                 raise SlimtuneError(f"--root-data {cfg.root_data}: {shared} of its rows also appear in {flag}; the "
                                     f"server's root data must be examples of its own (drop those rows)")
-    return labels
+    return data_rows
 
 
-def check_partition(cfg: FederatedConfig, labels: list[int]) -> None:
+def partition_rows(objective, raw) -> tuple[list[int], list[str]]:
+    """(labels, row keys) of `objective.load`'s raw rows: what partition.dirichlet_partition splits (generation
+    rows: label 0)."""
+    rows = raw[0] if objective.kind == "generation" else raw
+    labels = [e.label for e in raw] if objective.kind == "classification" else [0] * len(rows)
+    return labels, objective.row_keys(raw)
+
+
+def check_partition(cfg: FederatedConfig, labels: list[int], keys: list[str]) -> None:
     """The Dirichlet split of --data over --clients that every simulated client draws (client_app._setup: the same
-    labels, clients, alpha and seed), drawn here: a split that leaves a client without rows is one line naming
-    --clients and --alpha, before Flower starts, not an error in every client after it. `labels`: check_inputs'."""
+    rows, clients, alpha and seed), drawn here: a split that leaves a client without rows is one line naming
+    --clients and --alpha, before Flower starts, not an error in every client after it."""
     from slimtune.federated.partition import dirichlet_partition
     rows = len(labels)
     if cfg.num_clients > rows:
         raise SlimtuneError(f"--clients {cfg.num_clients}: more clients than --data {cfg.data} has rows ({rows}); "
                             f"every client needs at least one: use at most {rows} clients")
-    try:
-        dirichlet_partition(labels, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)
-    except ValueError:
+    sizes = [len(p) for p in dirichlet_partition(labels, keys, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)]
+    if min(sizes) == 0:
         raise SlimtuneError(f"--clients {cfg.num_clients} --alpha {cfg.dirichlet_alpha:g}: the Dirichlet split of "
-                            f"--data {cfg.data} ({rows} rows) leaves a client without rows in 100 draws (seed "
-                            f"{cfg.seed}); use fewer --clients or a larger --alpha") from None
+                            f"--data {cfg.data} ({rows} rows, seed {cfg.seed}) leaves client {sizes.index(0)} without "
+                            f"rows; use fewer --clients, a larger --alpha or another --seed")
 
 
 def check_output(out_dir: str) -> None:
@@ -448,8 +455,8 @@ def check_run(cfg: FederatedConfig, dirichlet: bool = True) -> FederatedConfig:
     cfg = cfg.resolved()
     cfg.validate()
     check_model(cfg.model)
-    labels = check_inputs(cfg)
-    if dirichlet and labels is not None:
-        check_partition(cfg, labels)
+    rows = check_inputs(cfg)
+    if dirichlet and rows is not None:
+        check_partition(cfg, *rows)
     check_output(cfg.out_dir)
     return cfg
