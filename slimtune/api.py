@@ -37,15 +37,19 @@ def apply_peft(model: torch.nn.Module, method: str = "lora", *, r: int = 8, lora
     """
     from slimtune.peft import PeftSettings
     from slimtune.peft import apply_peft as apply
-    from slimtune.settings.python import check_keywords, require_model
+    from slimtune.settings.python import check_keywords, in_python_terms, require_model
 
     require_model("slimtune.apply_peft", model)
     given = dict(peft=method, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                  pissa_niter=pissa_niter, learn_scale=learn_scale, svfit_relative=svfit_relative)
     checked = check_keywords("slimtune.apply_peft", given, {"peft": method})
     targets = [t.strip() for t in checked["target_modules"].split(",")] if checked["target_modules"] else None
-    return apply(model, PeftSettings(method, checked["r"], checked["lora_alpha"], checked["lora_dropout"], targets,
-                                     checked["pissa_niter"], checked["learn_scale"], checked["svfit_relative"]))
+    try:
+        return apply(model, PeftSettings(method, checked["r"], checked["lora_alpha"], checked["lora_dropout"],
+                                         targets, checked["pissa_niter"], checked["learn_scale"],
+                                         checked["svfit_relative"]))
+    except SlimtuneError as exc:  # the checks that need the model speak the CLI's flags
+        raise SlimtuneError(in_python_terms("slimtune.apply_peft", str(exc))) from None
 
 
 def train(config: str | None = None, **settings: Any) -> dict:

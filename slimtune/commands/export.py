@@ -35,14 +35,18 @@ def note_quantized_base(adapter: str) -> None:
 
 def run_merge(s: MergeSettings):
     """Fold an adapter into the base weights and save a plain transformers checkpoint."""
+    import torch
+
     from slimtune.cli import console, fail
     from slimtune.peft import merge_peft, read_adapter
+    from slimtune.peft.registry import read_adapter_meta
 
     try:
         note_quantized_base(s.adapter)
         adapted, tok = read_adapter(s.adapter, s.model, dense=True)
-        merged = merge_peft(adapted)
-        save_checkpoint_dir(merged, tok, s.out, prompt_meta(s.adapter))
+        dtype = read_adapter_meta(s.adapter).get("dtype") or "float32"
+        merged = merge_peft(adapted).to(getattr(torch, dtype))  # merged in float32, saved in the run's dtype
+        save_checkpoint_dir(merged, tok, s.out, {**prompt_meta(s.adapter), "dtype": dtype})
     except SlimtuneError as exc:
         fail(exc)
     console.print(f"merged checkpoint written to [bold]{escape(str(s.out))}[/]")

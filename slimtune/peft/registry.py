@@ -87,6 +87,7 @@ def check_rank_fits(model: nn.Module, settings: PeftSettings) -> None:
 
 def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | None = None) -> nn.Module:
     check_settings(settings)
+    check_not_adapted(model)
     method = settings.method
     if method == "none":
         for p in model.parameters():
@@ -104,6 +105,25 @@ def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | 
         return tuner.wrap(model, config, SVFitLinear, LAYER_TYPES)
     config = AdapterConfig(bottleneck=settings.r, target_modules=targets)
     return tuner.wrap(model, config, BottleneckAdapter, LAYER_TYPES)
+
+
+def adapter_kind(model: nn.Module) -> str | None:
+    """The adapter a model already carries: "lora" (a peft model; PiSSA is LoRA once built), "svfit" or "adapter"
+    (slimtune's tuner layers), else None."""
+    from peft import PeftModel
+    if isinstance(model, PeftModel) or getattr(model, "peft_config", None):
+        return "lora"
+    config = getattr(model, "slimtune_tuner", None)
+    return None if config is None else "svfit" if isinstance(config, SVFitConfig) else "adapter"
+
+
+def check_not_adapted(model: nn.Module) -> None:
+    """One method per model: a second one wrapped the first's layers and froze its weights, and a save wrote only
+    one of them (a notebook cell run twice, or another method tried on the same model object)."""
+    kind = adapter_kind(model)
+    if kind is not None:
+        raise SlimtuneError(f"the model already carries a {kind} adapter: apply one method to a freshly loaded base "
+                            "model (slimtune.models.load_model_and_tokenizer)")
 
 
 def _apply_lora(model, settings: PeftSettings, targets, work_dir):
@@ -324,7 +344,7 @@ def read_adapter_meta(directory: str | Path) -> dict:
         raise SlimtuneError(f"{path}: not valid JSON") from None
     if not isinstance(meta, dict):
         raise SlimtuneError(f"{path}: not a JSON object (expected the base model, dtype and base_quant)")
-    for key in PROMPT_KEYS:  # the prompt the adapter learned (train, federate, merge)
+    for key in dict.fromkeys(PROMPT_KEYS + GENERATION_KEYS):  # the prompt the adapter learned (train, federate, merge)
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise SlimtuneError(f"{path}: {key!r} is not text")
     if meta.get("base_quant") not in (None, "int8", "int4"):
