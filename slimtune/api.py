@@ -49,7 +49,7 @@ def apply_peft(model: torch.nn.Module, method: str = "lora", *, r: int = 8, lora
                                          targets, checked["pissa_niter"], checked["learn_scale"],
                                          checked["svfit_relative"]))
     except SlimtuneError as exc:  # the checks that need the model speak the CLI's flags
-        raise SlimtuneError(in_python_terms("slimtune.apply_peft", str(exc))) from None
+        raise SlimtuneError(in_python_terms("slimtune.apply_peft", str(exc), {"method": "peft"})) from None
 
 
 def train(config: str | None = None, **settings: Any) -> dict:

@@ -26,8 +26,8 @@ def run_eval(s: EvalSettings):
 
     try:
         objective = make_objective(s.task, s.text_column, s.label_column, s.template, s.label_words,
-                                   GenerationSettings(s.input_column, s.target_column, s.max_new_tokens, s.num_beams, True,
-                                                      s.batch_size, s.learned_generation_prompt()),
+                                   GenerationSettings(s.input_column, s.target_column, s.max_new_tokens,
+                                                      s.num_beams, True, s.batch_size, s.learned_generation_prompt()),
                                    s.max_length, s.batch_size)
         raw, texts = objective.load(s.data, "validation")
         dev = resolve_device(s.device)

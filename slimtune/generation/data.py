@@ -48,7 +48,7 @@ class GenerationTask:
 
 def generation_task(input_column: str | None = None, target_column: str | None = None,
                     template: str | None = None, learned: dict | None = None) -> GenerationTask:
-    """The task from the flags; `learned`: a generation adapter's record ({template, input_column}, as
+    """The task from the flags; `learned`: a generation adapter's record ({template, input_column, target_column}, as
     peft.registry.recorded_prompt reads it), whose values fill those left out. Another --input-column given renames
     the learned template's field (the same prompt around another column)."""
     learned = learned or {}
@@ -64,7 +64,8 @@ def generation_task(input_column: str | None = None, target_column: str | None =
         tpl.format(**{inp: ""})
     except (KeyError, IndexError, ValueError) as exc:
         raise SlimtuneError(f"--template {tpl!r}: only {{{inp}}} can be filled in ({exc})") from None
-    return GenerationTask("generation", inp, target_column or "target", tpl, given)
+    target = target_column or learned.get("target_column") or "target"
+    return GenerationTask("generation", inp, target, tpl, given)
 
 
 def rows_to_examples(rows: list[tuple[int, dict]], task: GenerationTask, name: str, tokenizer=None) -> list:
@@ -76,7 +77,8 @@ def rows_to_examples(rows: list[tuple[int, dict]], task: GenerationTask, name: s
     if "messages" in first:
         _refuse_unused(given, name, "conversations (`messages` rows), rendered with the chat template as they are")
         return [_chat_example(row, f"{name}:{line}", tokenizer) for line, row in rows]
-    if "prompt" in first and "completion" in first and "--input-column" not in given:
+    if "prompt" in first and "completion" in first and "--input-column" not in given \
+            and not (task.input_column != "input" and task.input_column in first):  # a learned column they hold
         _refuse_unused(given, name, "prompt/completion pairs, used as they are")
         return [_pair(row, "prompt", "completion", f"{name}:{line}", "{prompt}") for line, row in rows]
     missing = [c for c in (task.input_column, task.target_column) if c not in first]

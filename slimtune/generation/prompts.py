@@ -10,8 +10,9 @@ from slimtune import SlimtuneError
 
 
 class WrittenPrompt(str):
-    """A JSONL row's `prompt` field: a whole prompt its writer composed, which a model's learned template does not
-    wrap (as eval uses prompt/completion rows as they are); a --template given still does."""
+    """A row's `prompt` field (JSONL, or a table's column) where it is not the column the model learned from: a whole
+    prompt its writer composed, which the learned template does not wrap (as eval uses prompt/completion rows as they
+    are); a --template given still does."""
 
 
 def read_prompt_items(source: str, input_column: str | None = None, learned_column: str | None = None) -> list:
@@ -67,7 +68,7 @@ def _read(source: str, column: str | None, learned_column: str | None = None) ->
             from slimtune.generation.data import check_conversation
             items.append(check_conversation(row, where, target=False))  # the rules train and eval apply
             continue
-        written = "prompt" in row and column is None
+        written = "prompt" in row and column is None and (learned_column is None or learned_column not in row)
         key = "prompt" if written else (column or learned_column or "input")
         try:
             text = text_field(row, key, where)

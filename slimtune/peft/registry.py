@@ -175,11 +175,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 PROMPT_KEYS = ("task", "template", "label_words")  # the prompt a classification adapter learned (eval reads it)
-GENERATION_KEYS = ("task", "template", "input_column")  # a generation adapter's: its template over its input column
+GENERATION_KEYS = ("task", "template", "input_column", "target_column")  # a generation adapter's: its template over
+# its input column, and the column it learned to produce (tables)
 
 
 def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = None, task: str | None = None,
-                 template: str | None = None, label_words: str | None = None, input_column: str | None = None) -> dict:
+                 template: str | None = None, label_words: str | None = None, input_column: str | None = None,
+                 target_column: str | None = None) -> dict:
     """ADAPTER_META of an adapter trained on `model` (a built-in name or a checkpoint directory, as --model takes it)
     in `dtype`, on a base quantized to `base_quant` (None: dense): what `read_adapter` rebuilds and checks; with its
     `task`, also the prompt it learned, which `eval --adapter` scores it with: a classification task's PROMPT_KEYS, a
@@ -188,7 +190,7 @@ def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = No
     fingerprint = base_fingerprint(model) if model is not None else None
     meta = {"base_model": model, "base_fingerprint": fingerprint, "dtype": dtype, "base_quant": base_quant}
     if task == "generation":
-        meta.update(zip(GENERATION_KEYS, (task, template, input_column)))
+        meta.update(zip(GENERATION_KEYS, (task, template, input_column, target_column)))
     elif task is not None:
         meta.update(zip(PROMPT_KEYS, (task, template, label_words)))
     return meta

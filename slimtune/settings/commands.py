@@ -100,7 +100,7 @@ def adopt_recorded_task(s: EvalSettings) -> None:
 def check_generation_record(record: dict, source) -> None:
     """A generation record's template and input column, checked as the flags are; a failure names its file."""
     from slimtune.generation.data import generation_task
-    for key in ("template", "input_column"):
+    for key in ("template", "input_column", "target_column"):
         if record.get(key) is not None and (not isinstance(record[key], str) or not record[key].strip()):
             raise SlimtuneError(f"{source}: {key} {record[key]!r} is not a non-empty text")
     try:
