@@ -44,11 +44,26 @@ class World:
         return self.size > 1
 
 
+def torchrun_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it, with the variables its rendezvous needs beside it: a stray WORLD_SIZE (a job
+    scheduler's, an earlier export) is one line naming it, not an internal error from the process group."""
+    raw = os.environ.get("WORLD_SIZE", "1").strip()
+    if not raw.isdigit():
+        raise SlimtuneError(f"WORLD_SIZE={raw!r} is not a whole number: launch data-parallel runs with torchrun, or "
+                            "unset WORLD_SIZE")
+    size = int(raw)
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if size > 1 and not os.environ.get(name)]
+    if missing:
+        raise SlimtuneError(f"WORLD_SIZE={size} is set but {', '.join(missing)} not: launch data-parallel runs with "
+                            "torchrun, or unset WORLD_SIZE")
+    return size
+
+
 def setup(device: str) -> World:
     """The process group torchrun describes in the environment (WORLD_SIZE > 1), or a world of one."""
     import torch.distributed as dist
 
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = torchrun_world_size()
     if size <= 1:
         return World()
     if not dist.is_initialized():  # rank 0 alone evaluates while the others wait in a broadcast: a generation

@@ -43,7 +43,10 @@ def recover(directory: Path) -> Path:
     directory = Path(directory)
     old = directory.with_name(directory.name + ".old")
     if not directory.exists() and old.exists():
-        os.replace(old, directory)
+        try:
+            os.replace(old, directory)
+        except FileNotFoundError:  # another rank of a data-parallel resume finished the same swap first
+            pass
     return directory
 
 

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -114,6 +113,7 @@ class Run:
     best_eval: dict | None = None  # the best evaluation's metrics (names without the eval_ prefix)
     best_step: int | None = None
     evals_without_improvement: int = 0
+    bytes_before: int = 0  # data-parallel bytes sent before start_step (earlier segments, each in its own world)
     lr_multiplier: object = None  # step -> factor on config.optim.lr
     defaults_origin: dict = field(default_factory=dict)  # setting -> "default" (from optim/defaults.py) or "given"
     world: distributed.World = field(default_factory=distributed.World)  # torchrun data-parallel ZO: rank, size
@@ -330,7 +330,7 @@ def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, ori
     out = Path(config.out_dir)
     private_run = config.optimizer in PRIVATE_OPTIMIZERS
     torch.manual_seed(config.seed)
-    model = apply_peft(model, config.peft, work_dir=out if world.main else Path(tempfile.mkdtemp()))
+    model = apply_peft(model, config.peft, work_dir=out if world.main else None)  # rank 0 alone writes adapters
     if not any(p.requires_grad for p in model.parameters()):
         raise SlimtuneError(f"--peft {config.peft.method}: the model has no trainable parameters (nothing to train)")
     private, accountant, key, attempt, keyed_noise = None, None, None, 0, None
@@ -356,7 +356,8 @@ def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, ori
               key, attempt, run_dir, keyed_noise, lr_multiplier=multiplier, defaults_origin=origin, world=world)
     if resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer)
-        run.start_step = state["step"]
+        run.bytes_before = state.get("bytes_communicated", _gather_bytes(run, state["step"]))  # (older checkpoints:
+        run.start_step = state["step"]  # every step in this world)
         run.best_eval, run.best_step = state.get("best_eval"), state.get("best_step")
         run.evals_without_improvement = state.get("evals_without_improvement", 0)
         if world.main:
@@ -648,7 +649,9 @@ def train(run: Run) -> dict:
                 record = {"step": 0, **_evaluate(run)}  # the starting point (zero-shot accuracy)
                 _track_best(run, 0, record)
                 log.write(record)
-            while step < cfg.steps:
+            if cfg.patience and run.evals_without_improvement >= cfg.patience:
+                stop_reason = "early stopping"  # a resumed run that had stopped there: its trajectory ends here
+            while step < cfg.steps and stop_reason == "completed":
                 if not budget_allows(run.accountant, step + 1):
                     stop_reason = "privacy budget exhausted"
                     break
@@ -666,8 +669,9 @@ def train(run: Run) -> dict:
                 log.write(record)
                 if progress:
                     progress.update(step, record)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason != "completed":
-                    _checkpoint(run, step)
+                saved_best = cfg.save == "best" and run.best_step == step  # adapter/ now holds this step's model:
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason != "completed" or saved_best:
+                    _checkpoint(run, step)  # a resume never starts before it (adapter/ of a lost trajectory)
                 if stop_reason != "completed":
                     break
     except BaseException as exc:
@@ -841,7 +845,8 @@ def _checkpoint(run: Run, step: int) -> None:
         "abandoned": (run.run_dir.status().get("abandoned", []) if run.run_dir is not None else [])}
     save_checkpoint(Path(run.config.out_dir) / "checkpoint", run.model, run.optimizer,
                     {"step": step, "best_eval": run.best_eval, "best_step": run.best_step,
-                     "evals_without_improvement": run.evals_without_improvement, **privacy})
+                     "evals_without_improvement": run.evals_without_improvement,
+                     "bytes_communicated": _gather_bytes(run, step), **privacy})
 
 
 def write_summary(run: Run, step: int, stop_reason: str) -> dict:
@@ -889,13 +894,14 @@ class _NoLog:
         pass
 
 
-def _gather_bytes(run: Run, steps: int) -> int:
-    """Data-parallel runs: bytes all ranks sent in the loss all-gathers, one per forward pass, at the expected batch
-    size (the realised sizes of private Poisson batches are not released)."""
+def _gather_bytes(run: Run, step: int) -> int:
+    """Data-parallel runs: bytes all ranks sent in the loss all-gathers up to `step`, one per forward pass, at the
+    expected batch size (the realised sizes of private Poisson batches are not released): the earlier segments' as
+    their checkpoints recorded them (each in its own world size), then this world's since start_step."""
     if not run.world.parallel:
-        return 0
-    return (run.optimizer.forwards_per_step * steps * run.world.size
-            * distributed.bytes_per_gather(run.config.batch_size, run.world))
+        return run.bytes_before
+    return run.bytes_before + (run.optimizer.forwards_per_step * (step - run.start_step) * run.world.size
+                               * distributed.bytes_per_gather(run.config.batch_size, run.world))
 
 
 def _progress(cfg: TrainConfig, start: int):
