@@ -25,6 +25,7 @@ returning a mean is refused.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import fields
 from types import SimpleNamespace
 from typing import Callable, ClassVar, Union
@@ -404,6 +405,24 @@ class Hybrid(ZerothOrderOptimizer):
 
 
 # -- private ----------------------------------------------------------------------------------------------------------
+_RELEASED_INTO: dict[int, tuple] = {}  # id(parameter) -> (a weak reference to it, optimizer id, steps released)
+
+
+def released_into(params: list) -> tuple[int, int]:
+    """(steps, optimizer id) of the private optimizer that released the most steps into any of `params` in this
+    process ((0, 0): none): a second optimizer built over the same weights must continue that one's count. (Keyed by
+    id, with a weak reference to tell a live parameter from a new one at a freed address: tensors compare by value.)"""
+    found = [(steps, owner) for p in params if (entry := _RELEASED_INTO.get(id(p))) and entry[0]() is p
+             for _, owner, steps in [entry]]
+    return max(found, default=(0, 0))
+
+
+def record_release(params: list, owner: int, steps: int) -> None:
+    for p in params:
+        key = id(p)
+        _RELEASED_INTO[key] = (weakref.ref(p, lambda _, key=key: _RELEASED_INTO.pop(key, None)), owner, steps)
+
+
 class PrivateOptimizer(ZerothOrderOptimizer):
     """Base of the differentially private ZO optimizers (DPZero's mechanism on the projected gradient).
 
@@ -467,7 +486,7 @@ class PrivateOptimizer(ZerothOrderOptimizer):
         self._released = 0
         self._drawn: dict[int, int] = {}  # step -> the size of the Poisson batch drawn for it (in memory only)
         self._key = RunKey.fresh()
-        self.dataset_size, self.batch_size, self.steps = dataset_size, batch_size, steps
+        self._plan = {"dataset_size": dataset_size, "batch_size": batch_size, "steps": steps}  # what was priced
         noise = KeyedNoise(self._key)
         super().__init__(model, given, (spec, self.accountant.noise, batch_size, noise,
                                         self.accountant.quantile_noise), privacy)
@@ -483,6 +502,22 @@ class PrivateOptimizer(ZerothOrderOptimizer):
             "noise_multiplier": acc.noise, "quantile_noise": acc.quantile_noise, "dataset_size": acc.n,
             "batch_size": acc.batch_size, "delta": acc.spec.delta, "mechanism": acc.spec.mechanism,
             "accountant": acc.spec.accountant, "releases": acc.releases}}
+
+    def _planned(name: str, doc: str):  # noqa: N805  (a property factory, used in the class body)
+        def get(self):
+            return self._plan[name]
+
+        def refuse(self, value):
+            raise SlimtuneError(f"slimtune.{type(self).__name__}: {name} is what the noise was calibrated for "
+                                f"({self._plan[name]}); changing it would sample or stop at what the accountant did "
+                                "not price: build a new optimizer (a model that holds private steps needs their "
+                                "state: load_state_dict)")
+        return property(get, refuse, doc=doc)
+
+    dataset_size = _planned("dataset_size", "The number of training examples the sampling rate is priced at.")
+    batch_size = _planned("batch_size", "The expected Poisson batch size the sampling rate is priced at.")
+    steps = _planned("steps", "The steps the noise was calibrated for; a further step is refused.")
+    del _planned
 
     @property
     def noise_multiplier(self) -> float:
@@ -528,6 +563,13 @@ class PrivateOptimizer(ZerothOrderOptimizer):
                                 "each step and evaluate exactly its examples (the accountant prices a Poisson sample "
                                 "drawn from this optimizer's secret key; a DataLoader's batches, or the draw of "
                                 "another step, are not it)")
+        params = [p for group in self.param_groups for p in group["params"]]
+        held, owner = released_into(params)
+        if closure is not None and owner != id(self) and held > self.impl.step_count:
+            raise SlimtuneError(f"slimtune.{name}: these weights already hold {held} private steps of another "
+                                f"optimizer, which this one's epsilon_spent would leave out: continue that optimizer, or "
+                                "build this one and load_state_dict its state; to train on other data under a budget "
+                                "of its own, start from a fresh copy of the model")
         before = self.impl.step_count
         self.impl._owner_stepping = True
         try:
@@ -537,6 +579,7 @@ class PrivateOptimizer(ZerothOrderOptimizer):
             if self.impl.step_count > before:  # counted once its update began, even if it failed there
                 self._released += 1  # never goes down: load_state_dict cannot make this key's releases unspent
                 self._drawn = {t: n for t, n in self._drawn.items() if t >= self.impl.step_count}
+                record_release(params, id(self), self.impl.step_count)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As `ZerothOrderOptimizer.load_state_dict`, into an optimizer that has released nothing yet: rolling one

@@ -96,8 +96,12 @@ def per_example_gradients_ready(params: list, batch_size: int) -> None:
     if batch_size == 0:
         for p in params:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-    else:
-        drop_non_finite_examples(params)
+        return
+    if any(s.shape[0] != batch_size for p in params for s in _as_list(getattr(p, "grad_sample", None))):
+        raise SlimtuneError("private training clips one gradient per example, but the model's forward rows are not "
+                            "the closure's examples (one forward per example, or packed rows): evaluate the drawn "
+                            "examples as one batch, one row each")  # no count: the batch's size is private
+    drop_non_finite_examples(params)
 
 
 def drop_non_finite_examples(params: list) -> None:
