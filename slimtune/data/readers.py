@@ -116,14 +116,35 @@ def same_path(a: str | None, b: str | None) -> bool:
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
+    """Rows of a CSV (quoted where needed, RFC 4180) or TSV file. A TSV is read as quoted first (pandas and Python's
+    csv module quote a field that holds a quote, tab or newline); one that is not valid quoted TSV, as raw GLUE files
+    are not (a text that starts with a quote), is read with quotes as text. Strict: a stray quote in a CSV is a
+    one-line error, never two rows merged into one or quotes silently dropped."""
+    if delimiter == "\t":
+        try:
+            return _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
+        except _NotQuoted:
+            return _parse_delimited(path, delimiter, csv.QUOTE_NONE)
+    return _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
+
+
+class _NotQuoted(Exception):
+    """A TSV that is not valid quoted TSV (read again with quotes as text)."""
+
+
+def _parse_delimited(path: Path, delimiter: str, quoting: int) -> list[tuple[int, dict]]:
     kind, separator = ("TSV", "tab") if delimiter == "\t" else ("CSV", "comma")
     csv.field_size_limit(FIELD_LIMIT)
+    raw_tsv = quoting == csv.QUOTE_NONE
     with path.open(newline="", encoding=ENCODING) as f:
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting, strict=True,
+                                **({"quotechar": None} if raw_tsv else {}))
         try:
             if reader.fieldnames is None:
                 raise SlimtuneError(f"{path}: file is empty (no header line)")
             named = [c for c in reader.fieldnames if c.strip()]  # unnamed (trailing) columns are never read
+            if not named:
+                raise SlimtuneError(f"{path}:1: the header line is empty (the first line must name the columns)")
             twice = next((c for i, c in enumerate(named) if c in named[:i]), None)
             if twice is not None:  # DictReader would keep the last such column's values without a word
                 raise SlimtuneError(f"{path}:{reader.line_num}: the header names column {twice!r} twice; rename or "
@@ -134,9 +155,18 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
                     raise SlimtuneError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} "
                                         f"fields, the header has {len(reader.fieldnames)} (a stray {separator} in "
                                         "the text?)")
+                if any(row.get(c) is None for c in named):  # fewer fields than the header: csv fills in None
+                    given = sum(v is not None for v in row.values())
+                    raise SlimtuneError(f"{path}:{reader.line_num}: {given} field{'' if given == 1 else 's'}, the "
+                                        f"header has {len(reader.fieldnames)}")
+                if any(isinstance(v, str) and "\x00" in v for v in row.values()):
+                    raise SlimtuneError(f"{path}:{reader.line_num}: a NUL byte (a damaged file, or UTF-16 saved "
+                                        "without its byte-order mark?)")
                 rows.append((reader.line_num, row))
-        except csv.Error as exc:  # a NUL byte, an unterminated quote at the end of the file, ...
-            raise SlimtuneError(f"{path}:{reader.line_num}: not a valid {kind} line ({exc})") from None
+        except csv.Error as exc:  # a stray quote, an unterminated quote at the end of the file, ...
+            if delimiter == "\t" and not raw_tsv:
+                raise _NotQuoted from None
+            raise SlimtuneError(f"{path}:{reader.reader.line_num}: not a valid {kind} line ({exc})") from None
     return rows
 
 

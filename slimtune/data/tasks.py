@@ -29,6 +29,8 @@ class Task:
     aliases: dict[str, int] = field(default_factory=dict)  # extra accepted raw label spellings
 
     def label_index(self, raw, where: str) -> int:
+        if raw is None:  # a JSONL null, or a table row that lost its last field(s)
+            raise SlimtuneError(f"{where}: field {self.label_column!r} is missing")
         key = str(raw).strip()
         if key in self.label_values:
             return self.label_values.index(key)

@@ -92,11 +92,9 @@ def shard(data: Path, nodes: int, work: Path) -> list[Path]:
         path = work / f"node{k}{Path(data).suffix}"
         share = rows[k::nodes]
         with path.open("w", encoding="utf-8", newline="") as f:
-            if delimiter:  # as readers._read_delimited reads it: TSV unquoted, CSV quoted where needed
-                tsv = delimiter == "\t"
+            if delimiter:  # as readers._read_delimited reads it: quoted where a field needs it
                 writer = csv.DictWriter(f, list(rows[0]), delimiter=delimiter, lineterminator="\n",
-                                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
-                                        quotechar=None if tsv else '"')
+                                        quoting=csv.QUOTE_MINIMAL)
                 writer.writeheader()
                 writer.writerows(share)
             else:

@@ -54,7 +54,8 @@ def _read(source: str, column: str | None, learned_column: str | None = None) ->
     if path.suffix.lower() == ".txt":
         if not path.exists():
             raise SlimtuneError(f"{source}: file not found")
-        lines = [line for line in read_text(path).splitlines() if line.strip()]
+        # one prompt a line: only \n (and \r\n) end one; str.splitlines would also split at a form feed, U+2028, ...
+        lines = [line.removesuffix("\r") for line in read_text(path).split("\n") if line.strip()]
         if not lines:
             raise SlimtuneError(f"{source}: no prompts (file is empty)")
         return lines

@@ -102,6 +102,9 @@ class GenerationObjective:
             from slimtune.generation.data import check_conversation
             for line, row in rows:
                 check_conversation(row, f"{name}:{line}")
+        else:  # every row's fields, before the model loads (they need no tokenizer)
+            from slimtune.generation.data import rows_to_examples
+            rows_to_examples(rows, self.task, name)
         texts = [v for _, row in rows for v in _strings(row)]
         return (rows, name), texts
 
