@@ -25,6 +25,7 @@ returning a mean is refused.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import fields
 from types import SimpleNamespace
@@ -405,19 +406,28 @@ class Hybrid(ZerothOrderOptimizer):
 
 
 # -- private ----------------------------------------------------------------------------------------------------------
-_RELEASED_INTO: dict[int, tuple] = {}  # id(parameter) -> (a weak reference to it, optimizer id, steps released)
+_RELEASED_INTO: dict[int, tuple] = {}  # id(parameter) -> (a weak reference to it, optimizer token, steps released)
+_TOKENS = itertools.count(1)  # an optimizer's identity in the record (never reused, unlike id())
+PRIVATE_STEPS_ATTR = "_slimtune_private_steps"  # also on the model: a deep copy of it carries its record
 
 
-def released_into(params: list) -> tuple[int, int]:
-    """(steps, optimizer id) of the private optimizer that released the most steps into any of `params` in this
-    process ((0, 0): none): a second optimizer built over the same weights must continue that one's count. (Keyed by
-    id, with a weak reference to tell a live parameter from a new one at a freed address: tensors compare by value.)"""
+def released_into(model: torch.nn.Module, params: list) -> tuple[int, int]:
+    """(steps, optimizer token) of the private optimizer that released the most steps into `model` or any of
+    `params` in this process ((0, 0): none): a second optimizer built over the same weights must continue that one's
+    count. (Keyed by id, with a weak reference to tell a live parameter from a new one at a freed address: tensors
+    compare by value; the model's own record survives copy.deepcopy. A state_dict loaded into fresh weights carries
+    no record: docs/how-to/private-training.md.)"""
     found = [(steps, owner) for p in params if (entry := _RELEASED_INTO.get(id(p))) and entry[0]() is p
              for _, owner, steps in [entry]]
+    on_model = getattr(model, PRIVATE_STEPS_ATTR, None)
+    if on_model is not None:
+        found.append((on_model[1], on_model[0]))
     return max(found, default=(0, 0))
 
 
-def record_release(params: list, owner: int, steps: int) -> None:
+def record_release(model: torch.nn.Module, params: list, owner: int, steps: int) -> None:
+    if model is not None:  # a plain attribute (not a module or buffer): copy.deepcopy copies it
+        object.__setattr__(model, PRIVATE_STEPS_ATTR, (owner, steps))
     for p in params:
         key = id(p)
         _RELEASED_INTO[key] = (weakref.ref(p, lambda _, key=key: _RELEASED_INTO.pop(key, None)), owner, steps)
@@ -487,6 +497,7 @@ class PrivateOptimizer(ZerothOrderOptimizer):
         self._drawn: dict[int, int] = {}  # step -> the size of the Poisson batch drawn for it (in memory only)
         self._key = RunKey.fresh()
         self._plan = {"dataset_size": dataset_size, "batch_size": batch_size, "steps": steps}  # what was priced
+        self._token, self._model = next(_TOKENS), weakref.ref(model)  # the release record's (released_into)
         noise = KeyedNoise(self._key)
         super().__init__(model, given, (spec, self.accountant.noise, batch_size, noise,
                                         self.accountant.quantile_noise), privacy)
@@ -563,9 +574,9 @@ class PrivateOptimizer(ZerothOrderOptimizer):
                                 "each step and evaluate exactly its examples (the accountant prices a Poisson sample "
                                 "drawn from this optimizer's secret key; a DataLoader's batches, or the draw of "
                                 "another step, are not it)")
-        params = [p for group in self.param_groups for p in group["params"]]
-        held, owner = released_into(params)
-        if closure is not None and owner != id(self) and held > self.impl.step_count:
+        params, model = [p for group in self.param_groups for p in group["params"]], self._model()
+        held, owner = released_into(model, params)
+        if closure is not None and owner != self._token and held > self.impl.step_count:
             raise SlimtuneError(f"slimtune.{name}: these weights already hold {held} private steps of another "
                                 f"optimizer, which this one's epsilon_spent would leave out: continue that optimizer, or "
                                 "build this one and load_state_dict its state; to train on other data under a budget "
@@ -579,7 +590,7 @@ class PrivateOptimizer(ZerothOrderOptimizer):
             if self.impl.step_count > before:  # counted once its update began, even if it failed there
                 self._released += 1  # never goes down: load_state_dict cannot make this key's releases unspent
                 self._drawn = {t: n for t, n in self._drawn.items() if t >= self.impl.step_count}
-                record_release(params, id(self), self.impl.step_count)
+                record_release(model, params, self._token, self.impl.step_count)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As `ZerothOrderOptimizer.load_state_dict`, into an optimizer that has released nothing yet: rolling one

@@ -104,7 +104,7 @@ def test_a_prompt_file_holds_one_prompt_a_line(tmp_path, brk):
 
 # -- messages that name what is not in the file --------------------------------------------------------------------
 @pytest.mark.parametrize("name,text,needle", [
-    ("short.tsv", "sentence\tlabel\ngood film\nbad film\t0\n", ":2: 1 field, the header has 2"),
+    ("short.tsv", "sentence\tlabel\ngood film\nbad film\t0\n", ":2: field 'label' is missing"),
     ("null.jsonl", '{"sentence": "good film", "label": null}\n', ":1: field 'label' is missing"),
 ], ids=["tsv-row-without-its-label", "jsonl-null-label"])
 def test_a_missing_label_is_named_missing_not_the_label_None(tmp_path, monkeypatch, name, text, needle):

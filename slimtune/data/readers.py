@@ -118,17 +118,30 @@ def same_path(a: str | None, b: str | None) -> bool:
 def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
     """Rows of a CSV (quoted where needed, RFC 4180) or TSV file. A TSV is read as quoted first (pandas and Python's
     csv module quote a field that holds a quote, tab or newline); one that is not valid quoted TSV, as raw GLUE files
-    are not (a text that starts with a quote), is read with quotes as text. Strict: a stray quote in a CSV is a
-    one-line error, never two rows merged into one or quotes silently dropped."""
-    if delimiter == "\t":
+    are not (a text that starts with a quote), is read with quotes as text, and one that both readings take but
+    differently over several lines is refused. Strict: a stray quote in a CSV is a one-line error, never two rows
+    merged into one or quotes silently dropped. A row with fewer fields than the header leaves the rest missing
+    (None): a field that is read is then named missing."""
+    if delimiter != "\t":
+        return _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
+    try:
+        rows = _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
+    except _NotQuoted:
+        return _parse_delimited(path, delimiter, csv.QUOTE_NONE)
+    spanning = next((line for line, row in rows if any("\n" in v or "\r" in v for v in row.values()
+                                                         if isinstance(v, str))), None)
+    if spanning is not None:  # a quoted field over several lines, or a raw file whose stray quotes pair up
         try:
-            return _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
-        except _NotQuoted:
-            return _parse_delimited(path, delimiter, csv.QUOTE_NONE)
-    return _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
+            _parse_delimited(path, delimiter, csv.QUOTE_NONE)
+        except SlimtuneError:
+            return rows  # read raw, the lines are not rows: the quoted reading is the file's
+        raise SlimtuneError(f"{path}:{spanning}: a quoted field runs over several lines, and read as raw TSV (quotes "
+                            "as text) the file holds other rows: quote the file fully (Python's csv, pandas) or "
+                            "remove the stray quote")
+    return rows
 
 
-class _NotQuoted(Exception):
+class _NotQuoted(Exception):  # noqa: N818
     """A TSV that is not valid quoted TSV (read again with quotes as text)."""
 
 
@@ -155,10 +168,6 @@ def _parse_delimited(path: Path, delimiter: str, quoting: int) -> list[tuple[int
                     raise SlimtuneError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} "
                                         f"fields, the header has {len(reader.fieldnames)} (a stray {separator} in "
                                         "the text?)")
-                if any(row.get(c) is None for c in named):  # fewer fields than the header: csv fills in None
-                    given = sum(v is not None for v in row.values())
-                    raise SlimtuneError(f"{path}:{reader.line_num}: {given} field{'' if given == 1 else 's'}, the "
-                                        f"header has {len(reader.fieldnames)}")
                 if any(isinstance(v, str) and "\x00" in v for v in row.values()):
                     raise SlimtuneError(f"{path}:{reader.line_num}: a NUL byte (a damaged file, or UTF-16 saved "
                                         "without its byte-order mark?)")

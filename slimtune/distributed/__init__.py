@@ -48,9 +48,9 @@ def torchrun_world_size() -> int:
     """WORLD_SIZE as torchrun sets it, with the variables its rendezvous needs beside it: a stray WORLD_SIZE (a job
     scheduler's, an earlier export) is one line naming it, not an internal error from the process group."""
     raw = os.environ.get("WORLD_SIZE", "1").strip()
-    if not raw.isdigit():
-        raise SlimtuneError(f"WORLD_SIZE={raw!r} is not a whole number: launch data-parallel runs with torchrun, or "
-                            "unset WORLD_SIZE")
+    if not (raw.isascii() and raw.isdecimal()) or int(raw) < 1:
+        raise SlimtuneError(f"WORLD_SIZE={raw!r} is not a whole number >= 1: launch data-parallel runs with "
+                            "torchrun, or unset WORLD_SIZE")
     size = int(raw)
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if size > 1 and not os.environ.get(name)]
     if missing:
