@@ -78,6 +78,7 @@ class Spec:
     applies: Condition | None = None
     cli: bool = True  # False: config files and Python only
     list_of_str: bool = False  # a comma-separated list; config files may give a YAML list
+    escapes: bool = False  # on the command line, \n and \t are a newline and a tab (\\ a backslash): prompt templates
     name: str | None = None  # how messages name it when it is not a flag (a positional argument: ADAPTER)
 
 

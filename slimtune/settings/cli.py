@@ -10,6 +10,7 @@ reads back. Values keep their exact type (settings/base.py `coerce`).
 from __future__ import annotations
 
 import inspect
+import re
 import json
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Callable, Optional
 import click
 import typer
 from click.core import ParameterSource
+from rich.markup import escape
 
 from slimtune import SlimtuneError
 from slimtune.settings.base import Settings, flag, kind_of, spec_of
@@ -151,6 +153,14 @@ def _field(cls, name):
     return next(f for f in fields(cls) if f.name == name)
 
 
+def decode_escapes(value):
+    """A prompt template typed in a shell: '\\n' and '\\t' are a newline and a tab, '\\\\' a backslash (inside
+    single quotes the shell keeps them as two characters); config files and Python give the characters themselves."""
+    if not isinstance(value, str):
+        return value
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], value)
+
+
 def build_settings(cls: type[Settings], ctx: click.Context | None, values: dict, config_path: str | None = None,
                    base: dict | None = None, base_given: set[str] | None = None,
                    base_origin: str | None = None) -> Settings:
@@ -171,7 +181,7 @@ def build_settings(cls: type[Settings], ctx: click.Context | None, values: dict,
         given |= fgiven
         origin.update({k: config_path for k in fv})
     for k in on_command_line:
-        merged[k] = typed[k]
+        merged[k] = decode_escapes(typed[k]) if spec_of(_field(cls, k)).escapes else typed[k]
         given.add(k)
         origin.pop(k, None)
     if config_path and cls.command == "train":  # a run's table defaults follow a change of model, optimizer, PEFT
@@ -195,9 +205,9 @@ def options(cls: type[Settings]) -> list[inspect.Parameter]:
         names = [spec.bool_flags] if spec.bool_flags else list(spec.flags or (flag(f.name),))
         if base == "bool" and not spec.bool_flags:
             names = [flag(f.name)]
-            option = typer.Option(default, *names, help=spec.help, is_flag=True)
+            option = typer.Option(default, *names, help=escape(spec.help), is_flag=True)
         else:
-            option = typer.Option(default, *names, help=spec.help)
+            option = typer.Option(default, *names, help=escape(spec.help))  # typer renders help as rich markup
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=Optional[typ] if optional else typ))
     return params

@@ -45,8 +45,9 @@ class EvalSettings(UsesRecordedPrompt, Settings):
                         choices=TASKS)
     text_column: str | None = setting(None, "sst2: the text column", applies=when(task=("sst2",)))
     label_column: str | None = setting(None, "classification: the label column", applies=when(task=CLASSIFICATION))
-    template: str | None = setting(None, "prompt template (custom task, another prompt for sst2/rte, or generation); "
-                                   "left out: the one the adapter (or checkpoint) learned, where recorded")
+    template: str | None = setting(None, "prompt template (custom task, another prompt for sst2/rte, or generation; "
+                                   "\\n: a newline); left out: the one the adapter (or checkpoint) learned, where "
+                                   "recorded", escapes=True)
     label_words: str | None = setting(None, "classification label words (custom task; sst2/rte: instead of the "
                                       "task's own)", applies=when(task=CLASSIFICATION))
     input_column: str | None = setting(None, "generation, tables: prompt column", applies=generation)
@@ -148,7 +149,7 @@ class GenerateSettings(UsesRecordedPrompt, Settings):
     model: str = setting("smollm2", "the base model the adapter was trained on")
     adapter: str | None = setting(None, "a saved adapter directory (run_dir/adapter)")
     chat: bool = setting(False, "wrap each prompt as a user message in the model's chat template")
-    template: str | None = setting(None, "prompt template over the input column, e.g. '{input}\\n'")
+    template: str | None = setting(None, "prompt template over the input column, e.g. '{input}\\n'", escapes=True)
     input_column: str | None = setting(None, "tables: the prompt column (default input)")
     max_new_tokens: int = setting(128, "tokens generated per prompt", low=1)
     num_beams: int = setting(1, "beam search width (1: greedy; streaming needs 1)", low=1)

@@ -66,8 +66,9 @@ class FederateSettings(Settings):
                         "the loss of theta and Q(theta))", choices=("sst2", "rte", "generation"))
     input_column: str | None = setting(None, "generation, tables: prompt column", applies=generation)
     target_column: str | None = setting(None, "generation, tables: completion column", applies=generation)
-    template: str | None = setting(None, "prompt template: sst2/rte: another prompt over their columns; generation: "
-                                   "over the input column (sent to every client with the task's label words)")
+    template: str | None = setting(None, "prompt template (\\n: a newline): sst2/rte: another prompt over their "
+                                   "columns; generation: over the input column (sent to every client with the task's "
+                                   "label words)", escapes=True)
     label_words: str | None = setting(None, "sst2/rte: label words instead of the task's own, e.g. '0=bad,1=good'",
                                       applies=when(task=("sst2", "rte")))
     max_length: int = setting(256, "tokens per example (prompt + completion)", low=8)

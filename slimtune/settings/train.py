@@ -54,7 +54,7 @@ class TrainSettings(Settings):
                                        applies=when(task=CLASSIFICATION))
     template: str | None = setting(None, "prompt template: custom task '{text} It was'; sst2/rte: another prompt over "
                                    "their columns ('{sentence} It was'); generation '{input}\\n' over the input "
-                                   "column")
+                                   "column (\\n: a newline)", escapes=True)
     label_words: str | None = setting(None, "classification: label words, e.g. '0=terrible,1=great' (custom: "
                                       "required; sst2/rte: instead of the task's own)", applies=when(task=CLASSIFICATION))
     input_column: str | None = setting(None, "generation, tables: prompt column (default input)", applies=generation)
