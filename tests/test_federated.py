@@ -42,12 +42,12 @@ def test_more_bits_less_error():
 
 def test_dirichlet_partition_is_non_iid_and_complete():
     labels, keys = [i % 2 for i in range(400)], [f"row {i}" for i in range(400)]
-    parts = dirichlet_partition(labels, keys, 4, alpha=0.1, seed=0)
+    parts = dirichlet_partition(labels, keys, 4, alpha=0.1, seed=0, num_labels=2)
     assert sorted(i for p in parts for i in p) == list(range(400))
     skew = [abs(np.mean([labels[i] for i in p]) - 0.5) for p in parts]
     assert max(skew) > 0.3  # small alpha: some client sees mostly one label
     labels, keys = [i % 2 for i in range(4000)], [f"row {i}" for i in range(4000)]  # rows placed one by one: enough
-    iid = dirichlet_partition(labels, keys, 4, alpha=1000.0, seed=0)  # of them that their sampling noise is small
+    iid = dirichlet_partition(labels, keys, 4, alpha=1000.0, seed=0, num_labels=2)  # of them that their sampling noise is small
     assert max(abs(np.mean([labels[i] for i in p]) - 0.5) for p in iid) < 0.1
 
 

@@ -57,7 +57,7 @@ def test_coalition_pools_exactly_its_clients_data(demo_paths):
     cfg = make_cfg(demo_paths, attack_coalition=2)
     _, _, train, _, _ = build_model(cfg)
     parts = dirichlet_partition([e.label for e in train], [" ".join(e.prompt.casefold().split()) for e in train], 3,
-                                cfg.dirichlet_alpha, cfg.seed)
+                                cfg.dirichlet_alpha, cfg.seed, num_labels=2)
     pooled = coalition_data(cfg, train)
     assert len(pooled) == len(parts[0]) + len(parts[1]) < len(train)
     assert [e.prompt for e in pooled] == [train[i].prompt for i in parts[0] + parts[1]]

@@ -28,10 +28,10 @@ def test_one_row_of_a_shared_file_moves_no_other_row_between_federated_clients()
 
     examples = read_examples(str(DEMO / "sst2_demo_train.tsv"), get_task("sst2"))
     labels, keys = [e.label for e in examples], [e.prompt for e in examples]
-    shares = dirichlet_partition(labels, keys, 4, 1.0, seed=0)
+    shares = dirichlet_partition(labels, keys, 4, 1.0, seed=0, num_labels=2)
     dropped = 40
     kept = [i for i in range(len(labels)) if i != dropped]  # row j of the smaller file is row kept[j] of the file
-    neighbour = dirichlet_partition([labels[i] for i in kept], [keys[i] for i in kept], 4, 1.0, seed=0)
+    neighbour = dirichlet_partition([labels[i] for i in kept], [keys[i] for i in kept], 4, 1.0, seed=0, num_labels=2)
     moved = [sorted((set(shares[k]) - {dropped}) ^ {kept[j] for j in neighbour[k]}) for k in range(4)]
     assert all(not rows for rows in moved), f"rows other than row {dropped} changed client: {moved}"
 

@@ -132,9 +132,11 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
                                                          if isinstance(v, str))), None)
     if spanning is not None:  # a quoted field over several lines, or a raw file whose stray quotes pair up
         try:
-            _parse_delimited(path, delimiter, csv.QUOTE_NONE)
+            raw = _parse_delimited(path, delimiter, csv.QUOTE_NONE)
         except SlimtuneError:
             return rows  # read raw, the lines are not rows: the quoted reading is the file's
+        if any(v is None for _, row in raw for v in row.values()):
+            return rows  # read raw, some lines are pieces of rows (fewer fields): the quoted reading is the file's
         raise SlimtuneError(f"{path}:{spanning}: a quoted field runs over several lines, and read as raw TSV (quotes "
                             "as text) the file holds other rows: quote the file fully (Python's csv, pandas) or "
                             "remove the stray quote")

@@ -55,8 +55,8 @@ def coalition_data(cfg: FederatedConfig, train: list) -> list:
     from slimtune.federated.partition import dirichlet_partition
 
     objective = federated_objective(cfg)
-    labels, keys = partition_rows(objective, objective.load(cfg.data, "train")[0])  # the clients' split
-    parts = dirichlet_partition(labels, keys, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)
+    labels, keys, num_labels = partition_rows(objective, objective.load(cfg.data, "train")[0])  # the clients' split
+    parts = dirichlet_partition(labels, keys, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed, num_labels=num_labels)
     return [train[i] for p in parts[:cfg.attack_coalition] for i in p]
 
 

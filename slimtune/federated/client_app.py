@@ -51,8 +51,8 @@ def _setup(cfg_json: str, num_partitions: int | None = None):
     model, tok, train, _, objective = build_model(replace(cfg, eval_data=""))  # a client never evaluates
     if num_partitions is None:
         return model, tok, train, [list(range(len(train)))], objective
-    labels, keys = partition_rows(objective, objective.load(cfg.data, "train")[0])  # as check_partition splits
-    parts = dirichlet_partition(labels, keys, num_partitions, cfg.dirichlet_alpha, cfg.seed)
+    labels, keys, num_labels = partition_rows(objective, objective.load(cfg.data, "train")[0])  # as check_partition
+    parts = dirichlet_partition(labels, keys, num_partitions, cfg.dirichlet_alpha, cfg.seed, num_labels=num_labels)
     return model, tok, train, parts, objective
 
 
@@ -308,8 +308,14 @@ def check_node_keys(cfg: FederatedConfig, node: dict) -> None:
 
 
 def _check_budget(cfg: FederatedConfig, budget: float, spent: list[dict], delta: float) -> None:
+    """This round composed with what the node's ledger holds, against its budget (inf: none; the account must still
+    be computable, or the round is refused)."""
     from slimtune.federated.local_privacy import bound_segment, composed_epsilon
-    epsilon = composed_epsilon(cfg, [*spent, bound_segment(cfg)], delta)
+    try:
+        epsilon = composed_epsilon(cfg, [*spent, bound_segment(cfg)], delta)
+    except (SlimtuneError, ValueError, OverflowError) as exc:
+        raise SlimtuneError(f"this round's privacy settings cannot be accounted with this node's ledger ({exc}); "
+                            "round refused") from None
     if epsilon > budget:
         steps = sum(int(d["steps"]) for d in spent) + cfg.local_steps
         raise SlimtuneError(f"--node-config {NODE_BUDGET}={budget:g}: this round would bring this node to epsilon "
@@ -336,8 +342,9 @@ def train(msg: Message, context: Context) -> Message:
     # snapshot per ClientApp process); locked from the budget check until this round is recorded
     delta = account_delta(cfg, node)
     with NodeLedger(where) if private and where is not None else nullcontext() as ledger:
-        if ledger is not None and NODE_BUDGET in node:  # > 0: check_node_floor
-            _check_budget(cfg, float(node[NODE_BUDGET]), ledger.bound_segments(), delta)
+        if ledger is not None:  # this round's account with the ledger's, before it is recorded: a round the
+            _check_budget(cfg, float(node.get(NODE_BUDGET, math.inf)), ledger.bound_segments(), delta)  # accountant
+            # cannot price is refused here, not written to the ledger to break every later round on this data
         own = node.get("data-path")  # deployment: each SuperNode reads only its own data (--node-config data-path=)
         if own:
             cfg = replace(cfg, data=str(own))

@@ -177,6 +177,12 @@ class FederatedConfig:
                             ("--block-size", self.block_size)):
             if not is_whole(value):
                 raise SlimtuneError(f"{flag} {value!r}: must be a whole number >= 1")
+        from slimtune.settings.federate import MAX_BLOCK_SIZE, MAX_LOCAL_DP_NOISE
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise SlimtuneError(f"--block-size {self.block_size}: at most {MAX_BLOCK_SIZE}")
+        if isinstance(self.local_dp_noise, (int, float)) and self.local_dp_noise > MAX_LOCAL_DP_NOISE:
+            raise SlimtuneError(f"--local-dp-noise {self.local_dp_noise:g}: at most {MAX_LOCAL_DP_NOISE:g} (a larger "
+                                "noise multiplier cannot be accounted)")
         if self.allowed_nodes is not None and not all(part.strip().isdigit() for part in self.allowed_nodes.split(",")):
             raise SlimtuneError(f"allowed_nodes {self.allowed_nodes!r}: Flower node ids separated by commas (the "
                                 "deployment script writes them)")
@@ -414,15 +420,16 @@ def check_inputs(cfg: FederatedConfig) -> tuple[list[int], list[str]] | None:
     return data_rows
 
 
-def partition_rows(objective, raw) -> tuple[list[int], list[str]]:
-    """(labels, row keys) of `objective.load`'s raw rows: what partition.dirichlet_partition splits (generation
-    rows: label 0)."""
+def partition_rows(objective, raw) -> tuple[list[int], list[str], int]:
+    """(labels, row keys, the task's number of labels) of `objective.load`'s raw rows: what
+    partition.dirichlet_partition splits (generation rows: label 0 of 1)."""
     rows = raw[0] if objective.kind == "generation" else raw
-    labels = [e.label for e in raw] if objective.kind == "classification" else [0] * len(rows)
-    return labels, objective.row_keys(raw)
+    if objective.kind == "classification":
+        return [e.label for e in raw], objective.row_keys(raw), len(objective.task.label_words)
+    return [0] * len(rows), objective.row_keys(raw), 1
 
 
-def check_partition(cfg: FederatedConfig, labels: list[int], keys: list[str]) -> None:
+def check_partition(cfg: FederatedConfig, labels: list[int], keys: list[str], num_labels: int) -> None:
     """The Dirichlet split of --data over --clients that every simulated client draws (client_app._setup: the same
     rows, clients, alpha and seed), drawn here: a split that leaves a client without rows is one line naming
     --clients and --alpha, before Flower starts, not an error in every client after it."""
@@ -431,7 +438,8 @@ def check_partition(cfg: FederatedConfig, labels: list[int], keys: list[str]) ->
     if cfg.num_clients > rows:
         raise SlimtuneError(f"--clients {cfg.num_clients}: more clients than --data {cfg.data} has rows ({rows}); "
                             f"every client needs at least one: use at most {rows} clients")
-    sizes = [len(p) for p in dirichlet_partition(labels, keys, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)]
+    sizes = [len(p) for p in dirichlet_partition(labels, keys, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed,
+                                                 num_labels=num_labels)]
     if min(sizes) == 0:
         raise SlimtuneError(f"--clients {cfg.num_clients} --alpha {cfg.dirichlet_alpha:g}: the Dirichlet split of "
                             f"--data {cfg.data} ({rows} rows, seed {cfg.seed}) leaves client {sizes.index(0)} without "

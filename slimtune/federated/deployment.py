@@ -82,8 +82,10 @@ def shard_rows(data: Path, nodes: int) -> tuple[list[dict], str]:
 def shard(data: Path, nodes: int, work: Path) -> list[Path]:
     """Split --data's rows into `nodes` files (shuffled, seed 0; node k holds rows k, k + nodes, ...), each in the
     file's own format (a table with its header and delimiter, JSONL one object per line): the data each node holds
-    locally. Every row is in exactly one shard."""
+    locally. Every row is in exactly one shard, and each shard is read back as its node will read it."""
     import csv
+
+    from slimtune.data.readers import read_rows
 
     rows, delimiter = shard_rows(data, nodes)
     random.Random(0).shuffle(rows)
@@ -92,13 +94,17 @@ def shard(data: Path, nodes: int, work: Path) -> list[Path]:
         path = work / f"node{k}{Path(data).suffix}"
         share = rows[k::nodes]
         with path.open("w", encoding="utf-8", newline="") as f:
-            if delimiter:  # as readers._read_delimited reads it: quoted where a field needs it
-                writer = csv.DictWriter(f, list(rows[0]), delimiter=delimiter, lineterminator="\n",
+            if delimiter:  # as readers._read_delimited reads it: quoted where a field needs it (with \r\n line
+                # ends, csv also quotes a field holding a lone \r, which would otherwise end a row when read)
+                writer = csv.DictWriter(f, list(rows[0]), delimiter=delimiter, lineterminator="\r\n",
                                         quoting=csv.QUOTE_MINIMAL)
                 writer.writeheader()
                 writer.writerows(share)
             else:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in share)
+        if share and [row for _, row in read_rows(str(path), "train")[0]] != share:
+            raise SlimtuneError(f"{data}: node {k}'s share does not read back as the rows it was given (a field the "
+                                f"{Path(data).suffix} format cannot hold as written); convert the file to .jsonl")
         paths.append(path)
     return paths
 

@@ -14,13 +14,16 @@ import hashlib
 import numpy as np
 
 
-def dirichlet_partition(labels: list[int], keys: list[str], num_clients: int, alpha: float,
-                        seed: int = 0) -> list[list[int]]:
+def dirichlet_partition(labels: list[int], keys: list[str], num_clients: int, alpha: float, seed: int = 0, *,
+                        num_labels: int) -> list[list[int]]:
     """Indices per client (a client may still get none: callers refuse that). Small alpha: each client sees mostly
-    one label; alpha -> inf: IID. `keys[i]`: row i's text (equal rows go to the same client)."""
+    one label; alpha -> inf: IID. `keys[i]`: row i's text (equal rows go to the same client); `num_labels`: the
+    task's classes (labels 0..num_labels-1), not the ones the file happens to hold, which one row could change."""
     if len(keys) != len(labels):
         raise ValueError(f"{len(labels)} labels but {len(keys)} row keys")
-    proportions = client_proportions(sorted(set(labels)), num_clients, alpha, seed)
+    if any(not 0 <= y < num_labels for y in labels):
+        raise ValueError(f"labels outside 0..{num_labels - 1}")
+    proportions = client_proportions(list(range(num_labels)), num_clients, alpha, seed)
     cumulative = {label: np.cumsum(p) for label, p in proportions.items()}
     parts: list[list[int]] = [[] for _ in range(num_clients)]
     for i, (label, key) in enumerate(zip(labels, keys)):

@@ -54,6 +54,7 @@ def quantize(x: torch.Tensor, bits: int, block_size: int = 64, dither: torch.Ten
     cannot remove (see FedLPP's broadcast)."""
     levels = nf_levels(bits)
     flat = x.detach().float().flatten().cpu()
+    block_size = min(block_size, max(flat.numel(), 1))  # a tensor smaller than a block is one block, unpadded
     pad = (-flat.numel()) % block_size
     blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, block_size)
     scales = blocks.abs().amax(dim=1).clamp(min=1e-12)
@@ -83,8 +84,9 @@ def coarse_scales(absmax: torch.Tensor, bits: int) -> torch.Tensor:
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     n = int(np.prod(q.shape)) if q.shape else 1
     codes = torch.from_numpy(unpack_bits(q.packed, q.bits, n).astype(np.int64))
-    pad = (-n) % q.block_size
-    values = torch.cat([nf_levels(q.bits)[codes], torch.zeros(pad)]).view(-1, q.block_size)
+    block = min(q.block_size, max(n, 1))  # as quantize: never padded beyond the tensor (a block size a hostile
+    pad = (-n) % block  # server names cannot make a node allocate more than the tensor's own size)
+    values = torch.cat([nf_levels(q.bits)[codes], torch.zeros(pad)]).view(-1, block)
     values = values * torch.from_numpy(q.scales).float()[:, None]
     return values.flatten()[:n].view(q.shape)
 

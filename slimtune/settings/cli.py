@@ -181,7 +181,8 @@ def build_settings(cls: type[Settings], ctx: click.Context | None, values: dict,
         given |= fgiven
         origin.update({k: config_path for k in fv})
     for k in on_command_line:
-        merged[k] = decode_escapes(typed[k]) if spec_of(_field(cls, k)).escapes else typed[k]
+        typed_in_a_shell = ctx is not None and spec_of(_field(cls, k)).escapes  # (ctx None: Python keywords)
+        merged[k] = decode_escapes(typed[k]) if typed_in_a_shell else typed[k]
         given.add(k)
         origin.pop(k, None)
     if config_path and cls.command == "train":  # a run's table defaults follow a change of model, optimizer, PEFT

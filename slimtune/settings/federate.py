@@ -11,6 +11,8 @@ from slimtune.settings.train import HYBRID, OPTIMIZERS, PRIVATE, ZEROTH_ORDER
 
 # --robust choices (federated/bounds.aggregate); clip: kept for old configs, the same as none
 ROBUST_RULES = ("auto", "none", "median", "direction", "trust", "clip")
+MAX_BLOCK_SIZE = 65536  # a quantization block: larger is no use, and a hostile server's 2**40 must not reach a node
+MAX_LOCAL_DP_NOISE = 1e4  # a noise multiplier the accountant prices (a node's ledger must stay summable)
 
 generation = when(task=("generation",))
 private_clients = when(local_optimizer=PRIVATE)
@@ -75,14 +77,15 @@ class FederateSettings(Settings):
     clients: int = setting(4, "simulated clients (SuperNodes)", low=1)
     rounds: int = setting(5, "server rounds", low=1)
     bits: int = setting(4, "broadcast precision: 1..8 bits (NF levels), or 32 for no quantization", low=1, high=32)
-    block_size: int = setting(64, "quantization block size (>= 16: each block's scale is sent with its codes)", low=16,
+    block_size: int = setting(64, "quantization block size (16..65536: each block's scale is sent with its codes)",
+                              low=16, high=MAX_BLOCK_SIZE,
                               applies=quantized)
     upload_bits: int = setting(32, "quantize client deltas too (32: fp32 uploads)", low=1, high=32,
                                applies=lora_uploads)
     local_steps: int = setting(3, "local steps per round (3: benchmarks/federated_sweep.py)", low=1)
     local_optimizer: str = setting("adamw", "any slimtune optimizer", choices=OPTIMIZERS)
     local_dp_noise: float = setting(1.0, "private local optimizers: noise multiplier per local step", low=0,
-                                    low_open=True, applies=private_clients)
+                                    low_open=True, high=MAX_LOCAL_DP_NOISE, applies=private_clients)
     local_dp_clip: float = setting(1.0, "private local optimizers: clipping threshold", low=0, low_open=True,
                                    applies=private_clients)
     local_dp_delta: float = setting(1e-5, "private local optimizers: the delta of the clients' local epsilon", low=0,
