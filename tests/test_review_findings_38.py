@@ -118,11 +118,15 @@ def test_a_second_private_optimizer_does_not_forget_what_the_model_already_relea
     first = slimtune.DPZero(model, epsilon=2.0, delta=1e-5, dataset_size=400, batch_size=8, steps=5)
     for _ in range(3):
         private_step(first, model)
-    spent_by_the_model = first.accountant.epsilon(4)  # 3 steps of the first and 1 of the second
+    refuses_or_covers(model, first.accountant.epsilon(4))  # 3 steps of the first and 1 of the second
+
+
+def refuses_or_covers(model, spent: float) -> None:
+    """A new DPZero over `model`'s weights either refuses to step or reports at least what they spent."""
     try:
         second = slimtune.DPZero(model, epsilon=2.0, delta=1e-5, dataset_size=400, batch_size=8, steps=5)
         private_step(second, model)
     except SlimtuneError:
         return
-    assert second.epsilon_spent >= spent_by_the_model * (1 - 1e-9), (
-        f"epsilon_spent {second.epsilon_spent:.3g} for a model that took 4 private steps ({spent_by_the_model:.3g})")
+    assert second.epsilon_spent >= spent * (1 - 1e-9), (
+        f"epsilon_spent {second.epsilon_spent:.3g} for weights that took private steps worth {spent:.3g}")
