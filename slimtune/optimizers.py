@@ -578,8 +578,8 @@ class PrivateOptimizer(ZerothOrderOptimizer):
         held, owner = released_into(model, params)
         if closure is not None and owner != self._token and held > self.impl.step_count:
             raise SlimtuneError(f"slimtune.{name}: these weights already hold {held} private steps of another "
-                                f"optimizer, which this one's epsilon_spent would leave out: continue that optimizer, or "
-                                "build this one and load_state_dict its state; to train on other data under a budget "
+                                "optimizer, which this one's epsilon_spent would leave out: continue that optimizer, "
+                                "or build this one and load_state_dict its state; to train on other data under a budget "
                                 "of its own, start from a fresh copy of the model")
         before = self.impl.step_count
         self.impl._owner_stepping = True

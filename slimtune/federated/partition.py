@@ -1,7 +1,8 @@
 """Split a labelled dataset across clients: IID, or non-IID with Dirichlet(alpha) label proportions.
 
 Each row is placed on its own: label y's client proportions p_y ~ Dirichlet(alpha) are drawn from the seed and the
-label alone (redrawn, on a condition that reads no row, until no client is left with almost no mass), and a row with key k (its text, `objective.row_keys`) goes to the client whose interval of the
+label alone, for every label of the task (redrawn, on a condition that reads no row, until no client is left with
+almost no mass), and a row with key k (its text, `objective.row_keys`) goes to the client whose interval of the
 cumulative p_y holds u(seed, k), a keyed hash of the row mapped to [0, 1). So one row added to or removed from the
 file moves no other row between clients: a client's share of a neighbouring file is a neighbouring share, and a
 private client's per-row guarantee is one of the file's rows, not of a group of rows reshuffled around it.
