@@ -128,18 +128,21 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
         rows = _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
     except _NotQuoted:
         return _parse_delimited(path, delimiter, csv.QUOTE_NONE)
-    spanning = next((line for line, row in rows if any("\n" in v or "\r" in v for v in row.values()
-                                                         if isinstance(v, str))), None)
-    if spanning is not None:  # a quoted field over several lines, or a raw file whose stray quotes pair up
-        try:
-            raw = _parse_delimited(path, delimiter, csv.QUOTE_NONE)
-        except SlimtuneError:
-            return rows  # read raw, the lines are not rows: the quoted reading is the file's
-        if any(v is None for _, row in raw for v in row.values()):
-            return rows  # read raw, some lines are pieces of rows (fewer fields): the quoted reading is the file's
-        raise SlimtuneError(f"{path}:{spanning}: a quoted field runs over several lines, and read as raw TSV (quotes "
-                            "as text) the file holds other rows: quote the file fully (Python's csv, pandas) or "
-                            "remove the stray quote")
+    starts = [1 + (rows[i - 1][0] if i else 1) for i in range(len(rows))]  # the line after the row before
+    spanning = [(start, line) for start, (line, row) in zip(starts, rows) if line > start or any(
+        "\n" in v or "\r" in v for v in row.values() if isinstance(v, str))]
+    if not spanning:
+        return rows
+    try:  # a quoted field over several lines, or a raw file whose stray quotes pair up
+        raw = dict(_parse_delimited(path, delimiter, csv.QUOTE_NONE))
+    except SlimtuneError:
+        return rows  # read raw, the lines are not rows: the quoted reading is the file's
+    for start, end in spanning:  # each such row: its lines read raw are pieces (a short one), or rows of their own
+        pieces = [raw[line] for line in range(start, end + 1) if line in raw]
+        if len(pieces) > 1 and all(v is not None for piece in pieces for v in piece.values()):
+            raise SlimtuneError(f"{path}:{start}: a quoted field runs over lines {start}-{end}, and read as raw TSV "
+                                "(quotes as text) they are whole rows: quote the file fully (Python's csv, pandas) "
+                                "or remove the stray quote")
     return rows
 
 

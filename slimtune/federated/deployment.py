@@ -79,13 +79,25 @@ def shard_rows(data: Path, nodes: int) -> tuple[list[dict], str]:
     return [row for _, row in rows], {".tsv": "\t", ".csv": ","}.get(suffix, "")
 
 
+def _reads_back(path: Path, share: list[dict]) -> bool:
+    """Whether a node reading `path` gets `share` (a field a short row lacked, None, is written and read as "")."""
+    from slimtune.data.readers import read_rows
+    try:
+        rows = [row for _, row in read_rows(str(path), "train")[0]]
+    except SlimtuneError:
+        return False
+    return [_filled(r) for r in rows] == [_filled(r) for r in share]
+
+
+def _filled(row: dict) -> dict:
+    return {k: "" if v is None else v for k, v in row.items()}
+
+
 def shard(data: Path, nodes: int, work: Path) -> list[Path]:
     """Split --data's rows into `nodes` files (shuffled, seed 0; node k holds rows k, k + nodes, ...), each in the
     file's own format (a table with its header and delimiter, JSONL one object per line): the data each node holds
     locally. Every row is in exactly one shard, and each shard is read back as its node will read it."""
     import csv
-
-    from slimtune.data.readers import read_rows
 
     rows, delimiter = shard_rows(data, nodes)
     random.Random(0).shuffle(rows)
@@ -101,8 +113,8 @@ def shard(data: Path, nodes: int, work: Path) -> list[Path]:
                 writer.writeheader()
                 writer.writerows(share)
             else:
-                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in share)
-        if share and [row for _, row in read_rows(str(path), "train")[0]] != share:
+                f.writelines(json.dumps(row) + "\n" for row in share)  # ASCII: a lone surrogate has no UTF-8
+        if share and not _reads_back(path, share):
             raise SlimtuneError(f"{data}: node {k}'s share does not read back as the rows it was given (a field the "
                                 f"{Path(data).suffix} format cannot hold as written); convert the file to .jsonl")
         paths.append(path)

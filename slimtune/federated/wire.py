@@ -34,6 +34,8 @@ def decode_state(arrays: dict, shapes: dict[str, tuple], bits: int, block_size: 
         if bits == FP32:
             if name not in arrays:
                 raise ValueError(f"missing array {name!r}")
+            if np.asarray(arrays[name]).dtype != np.float32:
+                raise ValueError(f"array {name!r} is {np.asarray(arrays[name]).dtype}, expected float32")
             value = torch.as_tensor(arrays[name]).float()
             if tuple(value.shape) != tuple(shape):
                 raise ValueError(f"array {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
@@ -44,7 +46,10 @@ def decode_state(arrays: dict, shapes: dict[str, tuple], bits: int, block_size: 
             raise ValueError(f"missing quantized array for {name!r}")
         n = int(np.prod(shape, dtype=np.int64))
         want = {"codes": (-(-n * bits // 8),), "scales": (-(-n // block_size),)}  # 1-D, exactly what encode makes
-        for part, value in (("codes", codes), ("scales", scales)):
+        for part, value, dtype in (("codes", codes, np.uint8), ("scales", scales, np.float16)):
+            if np.asarray(value).dtype != dtype:
+                raise ValueError(f"quantized array {name!r}::{part} is {np.asarray(value).dtype}, expected "
+                                 f"{np.dtype(dtype).name}")
             if tuple(np.shape(value)) != want[part]:
                 raise ValueError(f"quantized array {name!r}::{part} has shape {tuple(np.shape(value))}, expected "
                                  f"{want[part]} for shape {tuple(shape)}")
