@@ -162,12 +162,29 @@ def top_trainable_count(model, method: str, r: int, targets: list[str] | None = 
     from slimtune.peft.registry import LAYER_TYPES, default_targets
 
     if method == "none":
-        users = parameter_users(model)
-        after = modules_after(model, fo_layers, [m for ms in users.values() for m in ms])
+        try:
+            users = parameter_users(model)
+            after = modules_after(model, fo_layers, [m for ms in users.values() for m in ms])
+        except Exception:  # noqa: BLE001  (the meta device cannot run the call-order probe)
+            return top_count_by_structure(model, fo_layers)
         return sum(p.numel() for p in model.parameters() if all(id(m) in after for m in users[id(p)]))
     layers = tuner.matching_modules(model, targets or default_targets(model, method), LAYER_TYPES)
     after = modules_after(model, fo_layers, [m for _, m in layers])
     return peft_values(method, r, [layer_shape(m) for _, m in layers if id(m) in after])
+
+
+def top_count_by_structure(model, fo_layers: int) -> int:
+    """Full parameters of the top `fo_layers` blocks and of what is neither a block nor an embedding (the final
+    norm, an untied LM head; a head tied to the embedding is used below, so it is not top): the call-order probe's
+    answer for a decoder, from the module tree alone (a config planned on the meta device)."""
+    import torch
+    from slimtune.optim.hybrid import transformer_blocks
+
+    blocks = transformer_blocks(model)
+    inside = {id(p) for p in blocks.parameters()} | {id(p) for m in model.modules()
+                                                       if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    top_blocks = sum(p.numel() for block in list(blocks)[-fo_layers:] for p in block.parameters())
+    return top_blocks + sum(p.numel() for p in model.parameters() if id(p) not in inside)
 
 
 def available_mb(device: str) -> float:
@@ -194,8 +211,8 @@ RUNTIME_MB_BNB = 117.0
 
 def imports_bitsandbytes(method: str, base_quant: str | None) -> bool:
     import importlib.util
-    return base_quant is not None or (method in ("lora", "pissa") and
-                                      importlib.util.find_spec("bitsandbytes") is not None)
+    # every run imports peft (the adapter checks), and peft imports bitsandbytes wherever it is installed
+    return base_quant is not None or importlib.util.find_spec("bitsandbytes") is not None
 
 
 def trainable_bytes(method: str, dtype: str) -> int:
@@ -341,21 +358,22 @@ def model_for_planning(name_or_path: str):
 
 def check_fits(model, optimizer: str, method: str, r: int, batch: int, seq_len: int, device: str,
                targets: list[str] | None = None, fo_layers: int = FO_LAYERS, dtype: str = "float32",
-               base_quant: str | None = None) -> None:
+               base_quant: str | None = None, processes: int = 1) -> None:
     """Raise a one-line SlimtuneError when the run is predicted not to fit here, naming the best method that does
     (ranked_methods: expected quality first, with its dtype and base) and the optimizer x PEFT pairs that fit at the
-    run's own dtype and base."""
+    run's own dtype and base. `processes`: data-parallel ranks sharing this machine's memory, each at `batch`."""
     from slimtune import SlimtuneError
 
     peak, _ = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, targets, fo_layers, dtype, base_quant)
-    budget = budget_mb(device)
+    budget = budget_mb(device) / processes
     if peak <= budget:
         return
     best = next((row for row in ranked_methods(model, batch, seq_len, device, r, dtype) if row["fits"]), None)
     fitting = [f"{row['optimizer']}+{row['peft']} ({row['peak_mb']:,.0f} MB)"
                for row in plan_rows(model, batch, seq_len, device, r, dtype, base_quant) if row["fits"]]
     suggestion = f"best that fits: {as_flags(best)} ({best['peak_mb']:,.0f} MB); " if best else ""
+    ranks = f" (each of {processes} data-parallel ranks on this machine)" if processes > 1 else ""
     raise SlimtuneError(f"{optimizer}+{method} at batch {batch} x {seq_len} tokens is predicted to peak at "
-                        f"{peak:,.0f} MB, over the {budget:,.0f} MB available here; {suggestion}"
+                        f"{peak:,.0f} MB{ranks}, over the {budget:,.0f} MB available here; {suggestion}"
                         f"what fits: {', '.join(fitting) or 'nothing (lower --batch-size or --max-length)'}; "
                         "--force to try anyway")

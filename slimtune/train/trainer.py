@@ -230,8 +230,12 @@ def _load(config: TrainConfig) -> tuple:
     check_positions(model, config.max_length,
                     config.generation.max_new_tokens if objective.kind == "generation" and config.eval_data else 0)
     check_data(config, objective, train_examples, eval_examples)
-    if not config.force:
+    try:
         check_memory(config, model, tokenizer, None if private_run else objective.texts(train_examples))
+    except SlimtuneError as exc:
+        if not config.force:
+            raise
+        warnings.warn(f"--force: {exc}", stacklevel=2)  # said, not silently skipped
     return objective, model, tokenizer, train_examples, eval_examples
 
 
@@ -465,8 +469,11 @@ def check_memory(config: TrainConfig, model, tokenizer, texts: list[str] | None)
         sample = texts[:2000]
         seq_len = min(config.max_length, max((len(ids) for ids in tokenizer(sample, add_special_tokens=False)
                                               ["input_ids"]), default=1))
-    check_fits(model, config.optimizer, config.peft.method, config.peft.r, config.batch_size, seq_len, config.device,
-               config.peft.target_modules, config.optim.fo_layers or 2, config.dtype, config.base_quant)
+    world = distributed.torchrun_world_size()  # data-parallel: each rank at its share of the batch; on CPU the
+    local = 1 if str(config.device).startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", world))  # ranks
+    check_fits(model, config.optimizer, config.peft.method, config.peft.r, -(-config.batch_size // world), seq_len,
+               config.device, config.peft.target_modules, config.optim.fo_layers or 2, config.dtype, config.base_quant,
+               processes=local)  # of one machine share its memory
 
 
 def releases_per_step(config: TrainConfig) -> int:

@@ -281,7 +281,8 @@ class HiZOO(ZOOptimizer):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "curvature": self.curvature.state_dict(),
-                "hessian": {i: {k: v.clone() for k, v in h.state().items()} for i, h in enumerate(self.hessian)}}
+                "hessian": {i: h.state() for i, h in enumerate(self.hessian)}}  # references, as torch's optimizers
+        # give them: a checkpoint saves them at once, and a clone was a second whole Hessian (81 GB at 7B)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
