@@ -137,12 +137,15 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
         raw = dict(_parse_delimited(path, delimiter, csv.QUOTE_NONE))
     except SlimtuneError:
         return rows  # read raw, the lines are not rows: the quoted reading is the file's
-    for start, end in spanning:  # each such row: its lines read raw are pieces (a short one), or rows of their own
-        pieces = [raw[line] for line in range(start, end + 1) if line in raw]
-        if len(pieces) > 1 and all(v is not None for piece in pieces for v in piece.values()):
-            raise SlimtuneError(f"{path}:{start}: a quoted field runs over lines {start}-{end}, and read as raw TSV "
-                                "(quotes as text) they are whole rows: quote the file fully (Python's csv, pandas) "
-                                "or remove the stray quote")
+    if len(rows[0][1]) == 1:
+        return rows  # one column: every raw line is a whole row, so only the quotes tell, and they were written
+    for start, end in spanning:  # each such row: its lines read raw are pieces of it, or rows of their own
+        lines = [line for line in range(start, end + 1) if line in raw]
+        whole = sum(all(v is not None for v in raw[line].values()) for line in lines)
+        if whole > 1:  # a quoted field holding no tab is at most one whole raw piece; two are rows of their own
+            raise SlimtuneError(f"{path}:{lines[0]}: a quoted field runs over lines {lines[0]}-{end}, and read as "
+                                "raw TSV (quotes as text) they are rows of their own: quote the file fully (Python's "
+                                "csv, pandas) or remove the stray quote")
     return rows
 
 

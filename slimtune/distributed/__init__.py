@@ -59,6 +59,16 @@ def torchrun_world_size() -> int:
     return size
 
 
+def local_world_size(world: int) -> int:
+    """The ranks torchrun started on this machine (LOCAL_WORLD_SIZE, a whole number from 1 to the world size; left
+    out: all of them)."""
+    raw = os.environ.get("LOCAL_WORLD_SIZE", str(world)).strip()
+    if not (raw.isascii() and raw.isdecimal()) or not 1 <= int(raw) <= world:
+        raise SlimtuneError(f"LOCAL_WORLD_SIZE={raw!r} is not a whole number from 1 to WORLD_SIZE={world}: launch "
+                            "data-parallel runs with torchrun")
+    return int(raw)
+
+
 def setup(device: str) -> World:
     """The process group torchrun describes in the environment (WORLD_SIZE > 1), or a world of one."""
     import torch.distributed as dist

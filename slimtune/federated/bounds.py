@@ -241,12 +241,14 @@ def aggregate(theta: dict, deltas: list[dict], weights: list[float], cfg, noise=
         weights = [1.0 / cfg.num_clients] * len(deltas)
     update = {}
     for name, value in theta.items():
-        mean = sum((w * d[name] for w, d in zip(weights, deltas)), torch.zeros_like(value))
-        if private and cfg.client_dp_noise > 0 and is_trained(name, cfg):
+        noised = private and cfg.client_dp_noise > 0 and is_trained(name, cfg)
+        total = torch.float64 if noised else value.dtype  # noised: summed and noised in float64, rounded once
+        mean = sum((w * d[name].to(total) for w, d in zip(weights, deltas)), torch.zeros_like(value, dtype=total))
+        if noised:  # (float32 noise on a float32 mean left outputs only an absent client could give: Mironov)
             std = cfg.client_dp_noise * cfg.client_dp_clip / cfg.num_clients
             if noise is None:  # a fresh secret key: the noise is never a function of a seed
                 from slimtune.privacy.secret import KeyedNoise, RunKey
                 noise = KeyedNoise(RunKey.fresh())
-            mean = mean + std * torch.from_numpy(noise.normal(tuple(value.shape))).to(mean)
+            mean = (mean + std * torch.from_numpy(noise.normal(tuple(value.shape)))).to(value.dtype)
         update[name] = mean
     return update

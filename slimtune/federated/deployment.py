@@ -108,10 +108,13 @@ def shard(data: Path, nodes: int, work: Path) -> list[Path]:
         with path.open("w", encoding="utf-8", newline="") as f:
             if delimiter:  # as readers._read_delimited reads it: quoted where a field needs it (with \r\n line
                 # ends, csv also quotes a field holding a lone \r, which would otherwise end a row when read)
-                writer = csv.DictWriter(f, list(rows[0]), delimiter=delimiter, lineterminator="\r\n",
-                                        quoting=csv.QUOTE_MINIMAL)
-                writer.writeheader()
-                writer.writerows(share)
+                writer = csv.writer(f, delimiter=delimiter, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
+                writer.writerow(list(rows[0]))
+                for row in share:  # a short row stays short (its missing trailing fields absent, not written "")
+                    values = list(row.values())
+                    while values and values[-1] is None:
+                        values.pop()
+                    writer.writerow(["" if v is None else v for v in values])
             else:
                 f.writelines(json.dumps(row) + "\n" for row in share)  # ASCII: a lone surrogate has no UTF-8
         if share and not _reads_back(path, share):

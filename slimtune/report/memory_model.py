@@ -368,9 +368,11 @@ def check_fits(model, optimizer: str, method: str, r: int, batch: int, seq_len: 
     budget = budget_mb(device) / processes
     if peak <= budget:
         return
-    best = next((row for row in ranked_methods(model, batch, seq_len, device, r, dtype) if row["fits"]), None)
+    best = next((row for row in ranked_methods(model, batch, seq_len, device, r, dtype)
+                 if row["fits"] and row["peak_mb"] <= budget), None)  # at this process's share of the machine
     fitting = [f"{row['optimizer']}+{row['peft']} ({row['peak_mb']:,.0f} MB)"
-               for row in plan_rows(model, batch, seq_len, device, r, dtype, base_quant) if row["fits"]]
+               for row in plan_rows(model, batch, seq_len, device, r, dtype, base_quant)
+               if row["fits"] and row["peak_mb"] <= budget]
     suggestion = f"best that fits: {as_flags(best)} ({best['peak_mb']:,.0f} MB); " if best else ""
     ranks = f" (each of {processes} data-parallel ranks on this machine)" if processes > 1 else ""
     raise SlimtuneError(f"{optimizer}+{method} at batch {batch} x {seq_len} tokens is predicted to peak at "

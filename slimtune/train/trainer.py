@@ -470,7 +470,7 @@ def check_memory(config: TrainConfig, model, tokenizer, texts: list[str] | None)
         seq_len = min(config.max_length, max((len(ids) for ids in tokenizer(sample, add_special_tokens=False)
                                               ["input_ids"]), default=1))
     world = distributed.torchrun_world_size()  # data-parallel: each rank at its share of the batch; on CPU the
-    local = 1 if str(config.device).startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", world))  # ranks
+    local = 1 if world == 1 or str(config.device).startswith("cuda") else distributed.local_world_size(world)  # ranks
     check_fits(model, config.optimizer, config.peft.method, config.peft.r, -(-config.batch_size // world), seq_len,
                config.device, config.peft.target_modules, config.optim.fo_layers or 2, config.dtype, config.base_quant,
                processes=local)  # of one machine share its memory

@@ -154,7 +154,8 @@ class FactoredHessian(DiagonalHessian):
 
     def finish_update(self, alpha):
         self.c.mul_(1 - alpha).add_(self._col_sum, alpha=alpha / self.rows)
-        self.r, self._new_r, self._col_sum = self._new_r, None, None
+        self.r.copy_(self._new_r)  # in place, as c: a state_dict taken before the step stays one step's state
+        self._new_r = self._col_sum = None
 
     def state(self):
         return {"r": self.r, "c": self.c}
