@@ -118,8 +118,9 @@ def same_path(a: str | None, b: str | None) -> bool:
 def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
     """Rows of a CSV (quoted where needed, RFC 4180) or TSV file. A TSV is read as quoted first (pandas and Python's
     csv module quote a field that holds a quote, tab or newline); one that is not valid quoted TSV, as raw GLUE files
-    are not (a text that starts with a quote), is read with quotes as text, and one that both readings take but
-    differently over several lines is refused. Strict: a stray quote in a CSV is a one-line error, never two rows
+    are not (a text that starts with a quote), is read with quotes as text. A quoted field that holds a tab and runs
+    over several lines is refused: raw rows whose stray quotes pair up read exactly so (a field with no tab is at most
+    one raw piece, so it is read as quoted), and the file must say which it is as .csv or .jsonl. Strict: a stray quote in a CSV is a one-line error, never two rows
     merged into one or quotes silently dropped. A row with fewer fields than the header leaves the rest missing
     (None): a field that is read is then named missing."""
     if delimiter != "\t":
@@ -128,25 +129,20 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
         rows = _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
     except _NotQuoted:
         return _parse_delimited(path, delimiter, csv.QUOTE_NONE)
-    starts = [1 + (rows[i - 1][0] if i else 1) for i in range(len(rows))]  # the line after the row before
-    spanning = [(start, line) for start, (line, row) in zip(starts, rows) if line > start or any(
-        "\n" in v or "\r" in v for v in row.values() if isinstance(v, str))]
-    if not spanning:
-        return rows
-    try:  # a quoted field over several lines, or a raw file whose stray quotes pair up
-        raw = dict(_parse_delimited(path, delimiter, csv.QUOTE_NONE))
-    except SlimtuneError:
-        return rows  # read raw, the lines are not rows: the quoted reading is the file's
-    if len(rows[0][1]) == 1:
-        return rows  # one column: every raw line is a whole row, so only the quotes tell, and they were written
-    for start, end in spanning:  # each such row: its lines read raw are pieces of it, or rows of their own
-        lines = [line for line in range(start, end + 1) if line in raw]
-        whole = sum(all(v is not None for v in raw[line].values()) for line in lines)
-        if whole > 1:  # a quoted field holding no tab is at most one whole raw piece; two are rows of their own
-            raise SlimtuneError(f"{path}:{lines[0]}: a quoted field runs over lines {lines[0]}-{end}, and read as "
-                                "raw TSV (quotes as text) they are rows of their own: quote the file fully (Python's "
-                                "csv, pandas) or remove the stray quote")
+    if len(rows[0][1]) > 1:  # (one column: no tab to tell by, the quotes were written; read as quoted)
+        for start, (line, row) in zip([1 + (rows[i - 1][0] if i else 1) for i in range(len(rows))], rows):
+            if any("\t" in v and ("\n" in v or "\r" in v) for v in row.values() if isinstance(v, str)):
+                start = _opening_line(path, start)
+                raise SlimtuneError(f"{path}:{start}: a quoted field holds a tab and runs over lines {start}-{line}: "
+                                    "TSV cannot tell it from raw rows whose stray quotes pair up; write the file as "
+                                    ".csv or .jsonl")
     return rows
+
+
+def _opening_line(path: Path, start: int) -> int:
+    """The first non-blank line from `start` on (csv skips blank lines before a row)."""
+    lines = path.read_text(encoding=ENCODING).splitlines()
+    return next((n for n in range(start, len(lines) + 1) if lines[n - 1].strip()), start)
 
 
 class _NotQuoted(Exception):  # noqa: N818
