@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from launch import prompt_of_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
 
@@ -70,7 +72,8 @@ def main() -> None:
                               server_optimizer=args.server_optimizer, server_lr=args.server_lr,
                               aggregation=args.aggregation, server_average=args.server_average,
                               round_timeout=7200)  # a shared CPU must not turn slow rounds into lost ones
-        results[name] = simulate(cfg, cpus_per_client=float(os.cpu_count() or 1))  # one client at a time
+        results[name] = {**simulate(cfg, cpus_per_client=float(os.cpu_count() or 1)),  # one client at a time
+                         "prompt": list(prompt_of_flags([]))}  # SST-2's built-in prompt (tables mark older rows)
         print(name, json.dumps({k: results[name][k] for k in ("final_accuracy", "client_visible_accuracy",
                                                                "bytes_down_per_client_per_round")}), flush=True)
     path = out.parent / "federated.json"
@@ -85,7 +88,7 @@ def main() -> None:
                       model=args.model, optimizer="adamw", optim=OptimizerArgs(lr=1e-3),
                       peft=PeftSettings("lora", r=8, alpha=16), steps=steps, batch_size=16, eval_every=steps,
                       eval_max=0, progress=False, lr_scheduler="constant", warmup_steps=0)
-    results["centralized"] = train(prepare(cfg))
+    results["centralized"] = {**train(prepare(cfg)), "prompt": list(prompt_of_flags([]))}
     path.write_text(json.dumps({**previous, **results}, indent=2))
 
 

@@ -90,7 +90,8 @@ def federated_table() -> str:
             continue
         down = s.get("payload_bytes_down_per_client_per_round") or s["bytes_down_per_client_per_round"]
         up = s.get("payload_bytes_up_per_client_per_round") or s["bytes_up_per_client_per_round"]
-        rows.append(f"| {name} | {fmt(s['final_accuracy'])} | {fmt(s['client_visible_accuracy'])} | "
+        rows.append(f"| {name}{EARLIER if earlier_prompt(s) else ''} | {fmt(s['final_accuracy'])} | "
+                    f"{fmt(s['client_visible_accuracy'])} | "
                     f"{fmt(s['initial_accuracy'])} | {down:,.0f} | {up:,.0f} | {s['peak_mem_mb']:,.0f} |")
     return "\n".join(rows)
 
@@ -200,13 +201,19 @@ def defaults_table() -> str:
                     f"{r['best_step']} | {fmt(r['final_accuracy'])} | {fmt(r['epsilon'], '.2f')} | "
                     f"{r['peak_mem_mb']:,.0f} | {r['wall_time_s'] / 60:.0f} min{threads(r)} | {target} | "
                     f"{({True: 'yes', False: '**no**', None: 'comparison' if bench.TARGETS[name][0] == 'compare' else 'not yet'}[met])}: {why} |")
-    zero = next((r["zero_shot_accuracy"] for r in d.values() if r.get("zero_shot_accuracy") is not None), None)
+    zeros = {}  # each row's zero-shot: per model and prompt (one number under rows of two prompts misled)
+    for name, r in d.items():
+        if r.get("zero_shot_accuracy") is not None:
+            kind = f"{'Gemma 3 270M' if name.startswith('gemma') else 'SmolLM2'}, " \
+                   f"{'old prompt' if earlier_prompt(r) else 'current prompt'}"
+            zeros.setdefault(kind, r["zero_shot_accuracy"])
+    zero_text = "; ".join(f"{v:.3f} ({k})" for k, v in zeros.items())
     return "\n".join(rows) + ("\n\nVerdicts use the final accuracy: the best one is chosen on this dev set. Wall "
                               "time: steps x mean step time (evaluations excluded), at the torch threads shown (a "
                               "1-thread run had one other 1-thread run beside it); rows without a count predate its "
                               "recording: the Gemma and bf16 rows ran at 1 thread beside one other run, the others at "
                               "2 threads, often beside other runs." +
-                              (f" Zero-shot dev accuracy: {zero:.3f}." if zero is not None else "") + " " +
+                              (f" Zero-shot dev accuracy: {zero_text}." if zeros else "") + " " +
                               EARLIER_NOTE)
 
 
@@ -289,6 +296,9 @@ def zo_convergence_table() -> str:
         to = r["forwards_to_target"]
         budget = flags[flags.index("--steps") + 1]
         status = "finished" if r["finished"] else f"unfinished, resumable (evaluated to step {r['steps'][-1]} of {budget})"
+        if r["finished"] and r.get("stop_reason") not in (None, "completed"):  # final_accuracy: its last evaluation's
+            status = (f"stopped at step {r.get('stopped_at')} of {budget}: {r['stop_reason']} (last evaluated at step "
+                      f"{r['steps'][-1]})")
         seconds = r.get("seconds_to_target")
         ratio = (clock.get(name) or {}).get("ratio")
         seconds = "not reached" if seconds is None else f"{seconds:,.0f}" + (f" ({ratio:.2f}x)" if ratio else "")

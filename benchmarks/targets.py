@@ -42,14 +42,18 @@ def federated_rows() -> list[list[str]]:
             for name, r in results.items():
                 setup = r.get("setup", {})
                 if setup.get("attack") and setup.get("hostile_clients") == count and rule_of(setup, root_data):
-                    gap, on = judged_gap(r, honest_reference(name, setup, results)[1])
+                    honest = honest_reference(name, setup, results)[1]
+                    if not same_prompt(r, honest or {}):
+                        continue  # a gap across prompts is no gap (the prompt alone moved the start by 33 points)
+                    gap, on = judged_gap(r, honest)
                     if gap is not None:
-                        gaps.append((gap, setup["attack"], on))
+                        gaps.append((gap, setup["attack"], on, earlier_prompt(r)))
             worst = min(gaps) if gaps else None
             missing = [a for a in attacks if a not in {g[1] for g in gaps}]
             sets = sorted({g[2] for g in gaps})
+            old = EARLIER if any(g[3] for g in gaps) else ""
             value = "" if worst is None else (f"worst {worst[0]:+.1f} pts ({worst[1]}) over {len(gaps)} of "
-                                              f"{len(attacks)} attacks, on {' / '.join(sets)}" +
+                                              f"{len(attacks)} attacks, on {' / '.join(sets)}{old}" +
                                               (f"; not run: {', '.join(missing)}" if missing else ""))
             shown = verdict(None if worst is None else worst[0] >= -margin, value)
             if missing and worst is not None and worst[0] >= -margin:
@@ -105,10 +109,12 @@ def zo_rows() -> list[list[str]]:
         level = conv_doc.get("harder_level")
         if not level or (c.get("ratio") is None and c.get("le_2x") is None):
             return ""
-        shown = "never reached" if c["ratio"] is None else f"{c['ratio']:.2f}x in own seconds"
+        shown = "never reached" if c["ratio"] is None else \
+            f"{c['ratio']:.2f}x in own seconds (their thread settings differ)"
         return f"; to {100 * level:.0f}% (zero-shot is now 0.78): {shown}"
     clock_note = "" if fastest is None else (
-        f", step costs in one setting (own seconds: {own[fastest[0]]:.2f}x)" if same and fastest[0] in own else
+        f", step costs in one setting (own seconds, their thread settings differ: {own[fastest[0]]:.2f}x)"
+        if same and fastest[0] in own else
         ", runs' own seconds (thread settings differ)" if not same else ", step costs in one setting")
     e2e = read_results("e2e.json") or {}
     adamw_bleu = (e2e.get("adamw-lora") or {}).get("validation", {}).get("bleu")
@@ -180,8 +186,13 @@ def scale_rows() -> list[list[str]]:
                        + (f" and {len(gpu)} on an H200" if gpu else "")))
     defaults = read_results("defaults.json") or {}
     bf16, fp32 = defaults.get("mezo-lora-bf16"), defaults.get("mezo-lora")
-    gap = None if not (bf16 and fp32) else (bf16["final_accuracy"] - fp32["final_accuracy"]) * 100
-    out.append(verdict(None if gap is None else abs(gap) <= 1.0, "" if gap is None else f"{gap:+.1f} pts"))
+    if bf16 and fp32 and not same_prompt(bf16, fp32):  # the prompt alone moves zero-shot by 26 points
+        out.append(f"not compared: bf16 {bf16['final_accuracy']:.3f}{EARLIER if earlier_prompt(bf16) else ''} vs "
+                   f"fp32 {fp32['final_accuracy']:.3f}{EARLIER if earlier_prompt(fp32) else ''} (other prompts)")
+    else:
+        gap = None if not (bf16 and fp32) else (bf16["final_accuracy"] - fp32["final_accuracy"]) * 100
+        old = EARLIER if bf16 and earlier_prompt(bf16) else ""
+        out.append(verdict(None if gap is None else abs(gap) <= 1.0, "" if gap is None else f"{gap:+.1f} pts{old}"))
     names = [("MeZO full bf16 at 7B: peak / bf16 inference", "<= 1.1x, < 16 GB"),
              ("AdamW full at 7B", "predicted > 24 GB, refused"),
              ("MeZO + LoRA on an int4 7B base: peak, step / 2 forwards", "<= 6 GB, <= 1.15x"),

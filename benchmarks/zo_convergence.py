@@ -122,7 +122,8 @@ def curve(name: str) -> dict | None:
               "seconds": seconds,
               "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
               "time_per_step_s": statistics.median(times) if times else None, "flags": RUNS[name][0],
-              "prompt": run_prompt(run_dir(name))}
+              "prompt": run_prompt(run_dir(name)), "stopped_at": summary.get("steps"),
+              "stop_reason": summary.get("stop_reason")}
     return {**result, "forwards_to_target": forwards_to(result, TARGET_ACC),
             "seconds_to_target": seconds_to(result, TARGET_ACC)}
 
@@ -198,18 +199,20 @@ def same_setting_clock(results: dict, zo_step: dict | None) -> dict:
              for name, cfg in STEP_CONFIG.items()}
     ref, ref_cost = results.get(REFERENCE), costs.get(REFERENCE)
     ref_steps = None if ref is None else first_at(ref, "steps", TARGET_ACC)
+
+    def threads(name: str):  # a row timed on its own (--only) records its setting; older rows: the file's
+        return (zo_step or {}).get("results", {}).get(STEP_CONFIG[name], {}).get("threads",
+                                                                                 (zo_step or {}).get("threads"))
     out = {}
     for name, r in results.items():
         if name == REFERENCE or costs.get(name) is None or ref_cost is None or not ref_steps or \
-                not same_prompt(r, ref):
+                not same_prompt(r, ref) or threads(name) != threads(REFERENCE):  # costs of one setting only
             continue
         steps = first_at(r, "steps", TARGET_ACC)
         ratio = None if steps is None else (steps * costs[name]) / (ref_steps * ref_cost)
         out[name] = {"steps_to_target": [steps, ref_steps], "step_cost_in_two_forwards": [costs[name], ref_cost],
-                     "threads": (zo_step or {}).get("results", {}).get(STEP_CONFIG[name], {}).get(
-                         "threads", (zo_step or {}).get("threads")),  # older rows: the file's setting
-                     "ratio": ratio, "le_2x": None if ratio is None and not r["finished"] else
-                     (ratio is not None and ratio <= WALL_CLOCK_RATIO)}
+                     "threads": threads(name), "ratio": ratio, "le_2x": None if ratio is None and not r["finished"]
+                     else (ratio is not None and ratio <= WALL_CLOCK_RATIO)}
     return out
 
 
