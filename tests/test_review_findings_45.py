@@ -41,14 +41,19 @@ def test_a_raw_tsv_whose_stray_quotes_pair_around_a_short_row_is_not_merged(tmp_
     """Raw TSV (quotes as text) with an optional `idx` column: row 2's sentence opens with a quote, row 4's ends with
     one, and row 3 lacks only `idx` (nothing reads it; the raw reading takes it). Review 43's own case with the short
     row moved inside the span: read quoted, rows 2-4 become one row with tabs and newlines in its text."""
-    path = tmp_path / "train.tsv"
-    path.write_text('sentence\tlabel\tidx\n"hello\t1\t0\nfine text\t1\nworld"\t0\t2\n', encoding="utf-8")
+    raw_rows_stay_apart(tmp_path / "train.tsv", 'sentence\tlabel\tidx\n"hello\t1\t0\nfine text\t1\nworld"\t0\t2\n')
+
+
+def raw_rows_stay_apart(path, text: str) -> None:
+    """A raw TSV whose stray quotes pair up is refused as ambiguous, or read with no row merged into another (no
+    sentence holding a tab or a newline)."""
+    path.write_text(text, encoding="utf-8")
     try:
         rows, _ = read_rows(str(path), "train")
     except SlimtuneError:
-        return  # refused as ambiguous, as the same file with a full row 3 is
+        return
     sentences = [row["sentence"] for _, row in rows]
-    assert not any("\n" in s or "\t" in s for s in sentences), f"three raw rows merged into one: {sentences}"
+    assert not any("\n" in s or "\t" in s for s in sentences), f"raw rows merged into one: {sentences}"
 
 
 def test_the_spanning_row_refusal_names_the_line_where_the_quote_opens(tmp_path):
