@@ -221,15 +221,15 @@ def test_resume_with_changed_settings_is_refused_or_releases_with_fresh_noise(tm
     from slimtune import SlimtuneError
     run = tmp_path / "run"
     crash_after_logging_step(monkeypatch, 4)
+    last = dict(checkpoint_every=2, save="last")  # (--save best checkpoints a better evaluation's step too: step 3's)
     with pytest.raises(KeyboardInterrupt):
-        train(prepare(private_config(run, checkpoint_every=2)))
+        train(prepare(private_config(run, **last)))
     monkeypatch.undo()
     released = step_records(run)
     assert max(released) == 4  # step 4 was released; the checkpoint holds step 2
     # the review's attack: resume with another lr (or batch size) replays step 3-4 with the same noise
     try:
-        resumed = prepare(private_config(run, checkpoint_every=2, optim=OptimizerArgs(lr=5e-2, eps=1e-2)),
-                          resume=True)
+        resumed = prepare(private_config(run, **last, optim=OptimizerArgs(lr=5e-2, eps=1e-2)), resume=True)
     except SlimtuneError as exc:
         assert "lr" in str(exc)  # refused, naming the setting
     else:
@@ -238,7 +238,7 @@ def test_resume_with_changed_settings_is_refused_or_releases_with_fresh_noise(tm
         for t in (3, 4):  # the same direction z, another lr: with the same noise the difference is noise-free
             assert released[t]["projected_grad"] != again[t]["projected_grad"]
     # resuming with the same settings recomputes steps 3-4 with fresh noise, and accounts for both releases
-    summary = train(prepare(private_config(run, checkpoint_every=2), resume=True))
+    summary = train(prepare(private_config(run, **last), resume=True))
     again = step_records(run)
     assert all(released[t]["projected_grad"] != again[t]["projected_grad"] for t in (3, 4))
     from slimtune.privacy.accountant import PrivacyAccountant

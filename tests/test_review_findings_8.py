@@ -42,11 +42,13 @@ def test_a_model_cast_after_loading_is_recorded_in_its_own_dtype():
     from slimtune.models import load_model_and_tokenizer
     from slimtune.peft.registry import adapter_meta_of
 
-    model, _ = load_model_and_tokenizer("tiny-llama", torch.float32, texts=["a great movie"])
-    model = model.to(torch.bfloat16)
-    assert adapter_meta_of(model)["dtype"] == "bfloat16"
-    assert adapter_meta_of(slimtune.apply_peft(model, "lora", r=2))["dtype"] == "bfloat16"
-    assert adapter_meta_of(slimtune.apply_peft(model, "svfit"))["dtype"] == "bfloat16"
+    def cast():
+        model, _ = load_model_and_tokenizer("tiny-llama", torch.float32, texts=["a great movie"])
+        return model.to(torch.bfloat16)
+    assert adapter_meta_of(cast())["dtype"] == "bfloat16"
+    assert adapter_meta_of(slimtune.apply_peft(cast(), "lora", r=2))["dtype"] == "bfloat16"
+    assert adapter_meta_of(slimtune.apply_peft(cast(), "svfit"))["dtype"] == "bfloat16"  # (one method per model:
+    # peft injects LoRA into the base object itself, review 34)
 
 
 def test_a_quantized_base_is_still_recorded_in_its_load_dtype():

@@ -129,7 +129,7 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
         rows = _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
     except _NotQuoted:
         return _parse_delimited(path, delimiter, csv.QUOTE_NONE)
-    if len(rows[0][1]) > 1:  # (one column: no tab to tell by, the quotes were written; read as quoted)
+    if rows and len(rows[0][1]) > 1:  # (one column: no tab to tell by, the quotes were written; read as quoted)
         for start, (line, row) in zip([1 + (rows[i - 1][0] if i else 1) for i in range(len(rows))], rows):
             if any("\t" in v and ("\n" in v or "\r" in v) for v in row.values() if isinstance(v, str)):
                 start = _opening_line(path, start)
