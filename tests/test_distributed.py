@@ -47,10 +47,10 @@ def logged(run_dir, key):
     return found
 
 
-def same_log(a: dict, b: dict, rel: float) -> None:
-    """Both runs logged the same steps, with values equal to `rel`."""
+def same_log(a: dict, b: dict, rel: float, abs: float = 0.0) -> None:  # noqa: A002  (pytest.approx's name)
+    """Both runs logged the same steps, with values equal to `rel` (or `abs`)."""
     assert sorted(a) == sorted(b)
-    assert [a[s] for s in sorted(a)] == pytest.approx([b[s] for s in sorted(b)], rel=rel)
+    assert [a[s] for s in sorted(a)] == pytest.approx([b[s] for s in sorted(b)], rel=rel, abs=abs)
 
 
 def test_two_ranks_follow_the_one_process_trajectory(tmp_path, demo_paths):
@@ -59,7 +59,8 @@ def test_two_ranks_follow_the_one_process_trajectory(tmp_path, demo_paths):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and any(a[k].abs().sum() > 0 for k in a)
     same_log(logged(tmp_path / "one", "projected_grad"), logged(tmp_path / "two", "projected_grad"),
-             rel=1e-4)  # sub-batch padding: float tolerance
+             rel=1e-4, abs=1e-5)  # sub-batch padding: float tolerance (each rank pads its own shard, so the
+    # per-example losses differ by rounding, ~1e-6 here: threat-model.md; a noised value near 0 needs the abs part)
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert two["data_parallel_ranks"] == 2 and two["bytes_communicated"] == 6 * 2 * 2 * 16  # 4 losses x 4 B per rank
     assert one["best_eval"] == pytest.approx(two["best_eval"]) and not (tmp_path / "two" / "rank1").exists()
