@@ -120,9 +120,9 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
     csv module quote a field that holds a quote, tab or newline); one that is not valid quoted TSV, as raw GLUE files
     are not (a text that starts with a quote), is read with quotes as text. A quoted field that holds a tab and runs
     over several lines is refused: raw rows whose stray quotes pair up read exactly so (a field with no tab is at most
-    one raw piece, so it is read as quoted), and the file must say which it is as .csv or .jsonl. Strict: a stray quote in a CSV is a one-line error, never two rows
-    merged into one or quotes silently dropped. A row with fewer fields than the header leaves the rest missing
-    (None): a field that is read is then named missing."""
+    one raw piece, so it is read as quoted), and the file must say which it is as .csv or .jsonl. Strict: a stray
+    quote in a CSV is a one-line error, never two rows merged into one or quotes silently dropped. A row with fewer
+    fields than the header leaves the rest missing (None): a field that is read is then named missing."""
     if delimiter != "\t":
         return _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
     try:
