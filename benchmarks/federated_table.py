@@ -61,7 +61,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data, dev = subset(args.train_size, out), subset(args.dev_size, out, "dev")
-    results = {}
+    results, prompt = {}, list(prompt_of_flags([]))  # SST-2's built-in prompt (the tables mark older rows)
     for bits in args.bits:
         name = f"fedlpp-{'fp32' if bits == 32 else f'{bits}bit'}"
         name += run_suffix(args.server_optimizer, args.aggregation, args.server_average)
@@ -72,8 +72,8 @@ def main() -> None:
                               server_optimizer=args.server_optimizer, server_lr=args.server_lr,
                               aggregation=args.aggregation, server_average=args.server_average,
                               round_timeout=7200)  # a shared CPU must not turn slow rounds into lost ones
-        results[name] = {**simulate(cfg, cpus_per_client=float(os.cpu_count() or 1)),  # one client at a time
-                         "prompt": list(prompt_of_flags([]))}  # SST-2's built-in prompt (tables mark older rows)
+        # one client at a time
+        results[name] = {**simulate(cfg, cpus_per_client=float(os.cpu_count() or 1)), "prompt": prompt}
         print(name, json.dumps({k: results[name][k] for k in ("final_accuracy", "client_visible_accuracy",
                                                                "bytes_down_per_client_per_round")}), flush=True)
     path = out.parent / "federated.json"
@@ -88,7 +88,7 @@ def main() -> None:
                       model=args.model, optimizer="adamw", optim=OptimizerArgs(lr=1e-3),
                       peft=PeftSettings("lora", r=8, alpha=16), steps=steps, batch_size=16, eval_every=steps,
                       eval_max=0, progress=False, lr_scheduler="constant", warmup_steps=0)
-    results["centralized"] = {**train(prepare(cfg)), "prompt": list(prompt_of_flags([]))}
+    results["centralized"] = {**train(prepare(cfg)), "prompt": prompt}
     path.write_text(json.dumps({**previous, **results}, indent=2))
 
 

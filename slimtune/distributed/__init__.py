@@ -44,14 +44,20 @@ class World:
         return self.size > 1
 
 
+def _whole_env(name: str, default: int, high: int | None = None) -> int | None:
+    """Environment variable `name` as a whole number from 1 to `high` (left out: `default`); None when it is not."""
+    raw = os.environ.get(name, str(default)).strip()
+    value = int(raw) if raw.isascii() and raw.isdecimal() else 0
+    return value if 1 <= value <= (high or value) else None
+
+
 def torchrun_world_size() -> int:
     """WORLD_SIZE as torchrun sets it, with the variables its rendezvous needs beside it: a stray WORLD_SIZE (a job
     scheduler's, an earlier export) is one line naming it, not an internal error from the process group."""
-    raw = os.environ.get("WORLD_SIZE", "1").strip()
-    if not (raw.isascii() and raw.isdecimal()) or int(raw) < 1:
-        raise SlimtuneError(f"WORLD_SIZE={raw!r} is not a whole number >= 1: launch data-parallel runs with "
-                            "torchrun, or unset WORLD_SIZE")
-    size = int(raw)
+    size = _whole_env("WORLD_SIZE", 1)
+    if size is None:
+        raise SlimtuneError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a whole number >= 1: launch data-parallel "
+                            "runs with torchrun, or unset WORLD_SIZE")
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if size > 1 and not os.environ.get(name)]
     if missing:
         raise SlimtuneError(f"WORLD_SIZE={size} is set but {', '.join(missing)} not: launch data-parallel runs with "
@@ -62,11 +68,11 @@ def torchrun_world_size() -> int:
 def local_world_size(world: int) -> int:
     """The ranks torchrun started on this machine (LOCAL_WORLD_SIZE, a whole number from 1 to the world size; left
     out: all of them)."""
-    raw = os.environ.get("LOCAL_WORLD_SIZE", str(world)).strip()
-    if not (raw.isascii() and raw.isdecimal()) or not 1 <= int(raw) <= world:
-        raise SlimtuneError(f"LOCAL_WORLD_SIZE={raw!r} is not a whole number from 1 to WORLD_SIZE={world}: launch "
-                            "data-parallel runs with torchrun")
-    return int(raw)
+    local = _whole_env("LOCAL_WORLD_SIZE", world, high=world)
+    if local is None:
+        raise SlimtuneError(f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']!r} is not a whole number from 1 to "
+                            f"WORLD_SIZE={world}: launch data-parallel runs with torchrun")
+    return local
 
 
 def setup(device: str) -> World:

@@ -80,17 +80,12 @@ def shard_rows(data: Path, nodes: int) -> tuple[list[dict], str]:
 
 
 def _reads_back(path: Path, share: list[dict]) -> bool:
-    """Whether a node reading `path` gets `share` (a field a short row lacked, None, is written and read as "")."""
+    """Whether a node reading `path` gets `share`, row for row (a short row's missing fields, None, included)."""
     from slimtune.data.readers import read_rows
     try:
-        rows = [row for _, row in read_rows(str(path), "train")[0]]
+        return [row for _, row in read_rows(str(path), "train")[0]] == share
     except SlimtuneError:
         return False
-    return [_filled(r) for r in rows] == [_filled(r) for r in share]
-
-
-def _filled(row: dict) -> dict:
-    return {k: "" if v is None else v for k, v in row.items()}
 
 
 def shard(data: Path, nodes: int, work: Path) -> list[Path]:

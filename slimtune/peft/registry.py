@@ -197,8 +197,8 @@ def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = No
 
 
 def recorded_prompt(directory: str | Path) -> tuple[dict, Path] | None:
-    """The prompt a saved model learned ({task, template, label_words}; generation: {task, template, input_column})
-    and the file that records it:
+    """The prompt a saved model learned ({task, template, label_words}; generation: {task, template, input_column,
+    target_column}) and the file that records it:
     its ADAPTER_META (what train, federate and merge write since runs record it), else the config.json of the run it
     sits in (adapters saved before that; a run that recorded null trained with its task's prompt of the time,
     `train.resume.as_trained`). None: nothing records one (an adapter or checkpoint from outside slimtune). The one

@@ -209,7 +209,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_MB_BNB = 117.0
 
 
-def imports_bitsandbytes(method: str, base_quant: str | None) -> bool:
+def imports_bitsandbytes(base_quant: str | None) -> bool:
     import importlib.util
     # every run imports peft (the adapter checks), and peft imports bitsandbytes wherever it is installed
     return base_quant is not None or importlib.util.find_spec("bitsandbytes") is not None
@@ -228,7 +228,7 @@ def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_l
     `fo_layers`: the hybrid's blocks trained by backprop."""
     trainable = trainable_count(model, method, r, targets)
     cuda = str(device).startswith("cuda")
-    runtime = 0.0 if cuda else RUNTIME_MB_CPU + (RUNTIME_MB_BNB if imports_bitsandbytes(method, base_quant) else 0.0)
+    runtime = 0.0 if cuda else RUNTIME_MB_CPU + (RUNTIME_MB_BNB if imports_bitsandbytes(base_quant) else 0.0)
     top = None
     if optimizer in HYBRIDS:
         try:

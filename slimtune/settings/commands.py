@@ -26,7 +26,7 @@ class UsesRecordedPrompt:
         self.recorded = _record(self)
 
     def learned_generation_prompt(self) -> dict | None:
-        """A generation adapter's recorded {template, input_column}: what fills the prompt settings left out
+        """A generation adapter's recorded {template, input_column, target_column}: what fills the settings left out
         (generation.data.generation_task; rows that carry their own prompts use none of it)."""
         record = (self.recorded or (None,))[0]
         if record is None or record["task"] != "generation" or getattr(self, "task", "generation") != "generation":

@@ -360,8 +360,9 @@ def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, ori
               key, attempt, run_dir, keyed_noise, lr_multiplier=multiplier, defaults_origin=origin, world=world)
     if resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer)
-        run.bytes_before = state.get("bytes_communicated", _gather_bytes(run, state["step"]))  # (older checkpoints:
-        run.start_step = state["step"]  # every step in this world)
+        # bytes sent before: as the checkpoint recorded them (older checkpoints: every step in this world)
+        run.bytes_before = state.get("bytes_communicated", _gather_bytes(run, state["step"]))
+        run.start_step = state["step"]
         run.best_eval, run.best_step = state.get("best_eval"), state.get("best_step")
         run.evals_without_improvement = state.get("evals_without_improvement", 0)
         if world.main:
