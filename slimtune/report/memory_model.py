@@ -193,10 +193,9 @@ def available_mb(device: str) -> float:
     if str(device).startswith("cuda"):
         free, _ = torch.cuda.mem_get_info()
         return (free + torch.cuda.memory_allocated()) / MB
-    import resource
+    from slimtune.train.metrics import process_memory_mb
     meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (int(meminfo["MemAvailable"].split()[0]) + rss_kb) / 1024
+    return int(meminfo["MemAvailable"].split()[0]) / 1024 + process_memory_mb("VmRSS")
 
 
 def budget_mb(device: str) -> float:
@@ -207,6 +206,35 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bitsandbytes' import on top of RUNTIME_MB_CPU (its CPU library and ops; measured +117 MB RSS): runs on a quantized
 # base import it, and so does `import peft` (LoRA, PiSSA) whenever the extra "quant" is installed
 RUNTIME_MB_BNB = 117.0
+# what a run touches after its imports and the memory check (the libraries' code pages its forward and backward
+# passes run, the progress display, small allocations): measured +23 to +31 MB RSS in a fresh venv on tiny-llama for
+# MeZO, LOZO, HiZOO, AdamW, the hybrid and DP-AdamW (+12 to +21 MB in an older venv of the same files); planned 64
+RUNTIME_MB_RUN = 64.0
+
+
+def runtime_mb(model, device: str, base_quant: str | None = None) -> float:
+    """The process baseline of a run in this process: 0 for CUDA allocated memory; on CPU, what this process holds now
+    beyond the model's own tensors (interpreter and libraries as this machine maps them, tokenizer, data rows), and
+    at least the library baseline measured when the model was written (RUNTIME_MB_CPU, + bitsandbytes' import). A
+    constant alone is not an upper bound: the libraries' resident pages differ between machines and installs (a fresh
+    venv's torch maps ~55 MB more here than an older one of the same files), and a Python process may hold anything."""
+    if str(device).startswith("cuda"):
+        return 0.0
+    from slimtune.train.metrics import process_memory_mb
+    library = RUNTIME_MB_CPU + (RUNTIME_MB_BNB if imports_bitsandbytes(base_quant) else 0.0)
+    return max(library, process_memory_mb("VmRSS") - resident_tensor_mb(model)) + RUNTIME_MB_RUN
+
+
+def resident_tensor_mb(model) -> float:
+    """MB of the model's parameters and buffers held in this process's memory (each storage once; meta tensors hold
+    none): the part of its RSS the prediction counts as weights, not as runtime."""
+    import itertools
+    storages = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.device.type == "cpu":
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / MB
 
 
 def imports_bitsandbytes(base_quant: str | None) -> bool:
@@ -222,13 +250,14 @@ def trainable_bytes(method: str, dtype: str) -> int:
 
 def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_len: int, device: str,
                    targets: list[str] | None = None, fo_layers: int = FO_LAYERS, dtype: str = "float32",
-                   base_quant: str | None = None) -> tuple[float, int]:
+                   base_quant: str | None = None, runtime: float | None = None) -> tuple[float, int]:
     """(predicted peak MB, trainable params) of `optimizer` + `method` on `model` (the base model, before PEFT: dense,
     quantized or on the meta device) with weights in `dtype` and the linear layers in `base_quant`;
-    `fo_layers`: the hybrid's blocks trained by backprop."""
+    `fo_layers`: the hybrid's blocks trained by backprop; `runtime`: the process baseline (default runtime_mb)."""
     trainable = trainable_count(model, method, r, targets)
     cuda = str(device).startswith("cuda")
-    runtime = 0.0 if cuda else RUNTIME_MB_CPU + (RUNTIME_MB_BNB if imports_bitsandbytes(base_quant) else 0.0)
+    if runtime is None:
+        runtime = runtime_mb(model, device, base_quant)
     top = None
     if optimizer in HYBRIDS:
         try:
@@ -251,12 +280,13 @@ def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: s
     """Predicted peak (MB) for every optimizer x PEFT pair of the planner, and whether it fits here (a quantized base
     takes LoRA only: the other PEFT methods are left out then)."""
     budget = budget_mb(device)
+    runtime = runtime_mb(model, device, base_quant)  # read once: every row from the same process baseline
     rows = []
     for method in PLAN_PEFT if base_quant is None else ("lora",):
         refused = peft_refusal(model, method, r)
         for optimizer in PLAN_OPTIMIZERS:
             peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, dtype=dtype,
-                                             base_quant=base_quant, fo_layers=fo_layers)
+                                             base_quant=base_quant, fo_layers=fo_layers, runtime=runtime)
             rows.append({"optimizer": optimizer, "peft": method, "trainable_params": trainable, "peak_mb": peak,
                          "fits": peak <= budget and refused is None, "budget_mb": budget, "dtype": dtype,
                          "base_quant": base_quant, **({"refused": refused} if refused else {}),
@@ -293,13 +323,14 @@ def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dty
     fits; the first that fits is the planner's choice. fp16 is a CUDA dtype: never proposed on CPU."""
     budget = budget_mb(device)
     dtypes = [dtype] + (["bfloat16"] if dtype == "float32" else [])
+    runtimes = {quant: runtime_mb(model, device, quant) for quant in {q for _, _, q in QUALITY_ORDER}}
     rows = []
     for optimizer, method, quant in QUALITY_ORDER:
         for dt in dtypes:
             if optimizer == "adamw" and method == "none" and dt != "float32":
                 continue  # backprop trains float32 weights (optim/first_order.check_full_precision): train refuses it
             peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, dtype=dt,
-                                             base_quant=quant, fo_layers=fo_layers)
+                                             base_quant=quant, fo_layers=fo_layers, runtime=runtimes[quant])
             rows.append({"optimizer": optimizer, "peft": method, "dtype": dt, "base_quant": quant, "peak_mb": peak,
                          "trainable_params": trainable, "fits": peak <= budget, "budget_mb": budget,
                          **({"fo_layers": fo_layers} if optimizer in HYBRIDS else {})})

@@ -15,6 +15,20 @@ def peak_memory_mb(device: str) -> float:
     """Peak CUDA memory allocated on GPU; peak resident set size of this process on CPU."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    return process_memory_mb("VmHWM")
+
+
+def process_memory_mb(field: str) -> float:
+    """This process's own resident memory in MB from /proc/self/status: "VmRSS" (now) or "VmHWM" (its peak). Off
+    Linux, getrusage's ru_maxrss (the peak; on Linux ru_maxrss keeps a larger parent's peak across fork and exec, so
+    it is the fallback only)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
