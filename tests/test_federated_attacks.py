@@ -9,7 +9,7 @@ from test_federated import InProcessGrid, task_identity  # noqa: F401 (fixture: 
 from slimtune import SlimtuneError
 from slimtune.federated import FederatedConfig, dirichlet_partition
 from slimtune.federated.attacks import BroadcastHistory, coalition_data, coalition_finetune, recovered
-from slimtune.federated.model import build_model, lora_state
+from slimtune.federated.model import build_model, build_model_and_split, lora_state
 from slimtune.federated.wire import decode_state, encode_state
 
 
@@ -55,19 +55,19 @@ def test_deterministic_quantizer_gives_averaging_nothing_while_theta_stays_withi
 
 def test_coalition_pools_exactly_its_clients_data(demo_paths):
     cfg = make_cfg(demo_paths, attack_coalition=2)
-    _, _, train, _, _ = build_model(cfg)
+    _, _, train, _, _, split = build_model_and_split(cfg)
     parts = dirichlet_partition([e.label for e in train], [" ".join(e.prompt.casefold().split()) for e in train], 3,
                                 cfg.dirichlet_alpha, cfg.seed, num_labels=2)
-    pooled = coalition_data(cfg, train)
+    pooled = coalition_data(cfg, train, split)
     assert len(pooled) == len(parts[0]) + len(parts[1]) < len(train)
     assert [e.prompt for e in pooled] == [train[i].prompt for i in parts[0] + parts[1]]
 
 
 def test_coalition_finetune_moves_the_received_model_toward_its_data(demo_paths):
     cfg = make_cfg(demo_paths, attack_coalition=3, bits=2, lr=3e-2, batch_size=8)
-    model, _, train, _, objective = build_model(cfg)
+    model, _, train, _, objective, split = build_model_and_split(cfg)
     start = received(lora_state(model))
-    examples = coalition_data(cfg, train)[:16]
+    examples = coalition_data(cfg, train, split)[:16]
 
     def loss(state):
         from slimtune.federated.model import load_lora_state
@@ -300,7 +300,7 @@ def test_the_coalition_attack_runs_beside_every_private_local_optimizer(demo_pat
     map of four private optimizers failed (AssertionError) for dphizoo and dphybrid; the methods table's family is the
     one map (as the server's --robust trust reference uses)."""
     cfg = make_cfg(demo_paths, attack_coalition=2, bits=2, local_optimizer=private, batch_size=4)
-    model, _, train, _, objective = build_model(cfg)
+    model, _, train, _, objective, split = build_model_and_split(cfg)
     start = received(lora_state(model))
-    attacked = coalition_finetune(model, objective, start, coalition_data(cfg, train)[:8], cfg, steps=2, seed=1)
+    attacked = coalition_finetune(model, objective, start, coalition_data(cfg, train, split)[:8], cfg, steps=2, seed=1)
     assert set(attacked) == set(start)

@@ -48,14 +48,12 @@ class BroadcastHistory:
         return {k: torch.stack([s[k] for s in self.items]).mean(0) for k in self.items[0]}
 
 
-def coalition_data(cfg: FederatedConfig, train: list) -> list:
-    """The pooled training examples of clients 0..k-1 (the same Dirichlet split the clients use)."""
-    from slimtune.federated.config import partition_rows
-    from slimtune.federated.model import federated_objective
+def coalition_data(cfg: FederatedConfig, train: list, split: tuple[list[int], list[str], int]) -> list:
+    """The pooled training examples of clients 0..k-1 (the same Dirichlet split the clients use); `split`:
+    model.build_model_and_split's rows of the reading `train` comes from."""
     from slimtune.federated.partition import dirichlet_partition
 
-    objective = federated_objective(cfg)
-    labels, keys, num_labels = partition_rows(objective, objective.load(cfg.data, "train")[0])  # the clients' split
+    labels, keys, num_labels = split
     parts = dirichlet_partition(labels, keys, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed, num_labels=num_labels)
     return [train[i] for p in parts[:cfg.attack_coalition] for i in p]
 

@@ -30,9 +30,9 @@ from flwr.clientapp import ClientApp
 
 from slimtune import SlimtuneError
 from slimtune.data.readers import same_path
-from slimtune.federated.config import FederatedConfig, partition_rows
+from slimtune.federated.config import FederatedConfig
 from slimtune.federated.local_steps import release_hooks, run_steps
-from slimtune.federated.model import build_model, load_lora_state, lora_state, uploaded
+from slimtune.federated.model import build_model_and_split, load_lora_state, lora_state, uploaded
 from slimtune.federated.partition import dirichlet_partition
 from slimtune.federated.wire import decode_state, encode_state
 from slimtune.federated.local_privacy import LEDGER_KEY, NodeLedger, account_delta, is_private, ledger_path
@@ -48,10 +48,10 @@ def _setup(cfg_json: str, num_partitions: int | None = None):
     """Model and data of this client. num_partitions None: the node reads only its own data file (deployment,
     `--node-config data-path=...`), all of which it trains on; otherwise the shared file is split (simulation)."""
     cfg = FederatedConfig.from_json(cfg_json)
-    model, tok, train, _, objective = build_model(replace(cfg, eval_data=""))  # a client never evaluates
+    model, tok, train, _, objective, split = build_model_and_split(replace(cfg, eval_data=""))  # never evaluates
     if num_partitions is None:
         return model, tok, train, [list(range(len(train)))], objective
-    labels, keys, num_labels = partition_rows(objective, objective.load(cfg.data, "train")[0])  # as check_partition
+    labels, keys, num_labels = split  # as check_partition draws it, from the reading `train` comes from
     parts = dirichlet_partition(labels, keys, num_partitions, cfg.dirichlet_alpha, cfg.seed, num_labels=num_labels)
     return model, tok, train, parts, objective
 

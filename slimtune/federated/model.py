@@ -11,17 +11,29 @@ from slimtune.peft import PeftSettings, apply_peft
 
 
 def build_model(cfg, secret_key=None):
-    """(model with LoRA, tokenizer, train examples, eval examples, objective): the same base on server and clients.
+    """(model with LoRA, tokenizer, train examples, eval examples, objective): build_model_and_split without the
+    split's rows."""
+    return build_model_and_split(cfg, secret_key)[:5]
+
+
+def build_model_and_split(cfg, secret_key=None):
+    """(model with LoRA, tokenizer, train examples, eval examples, objective, split rows): the same base on server
+    and clients; `split rows` are config.partition_rows of --data's rows (labels, row keys, the task's number of
+    labels; None without --data), from the one reading the training examples come from.
 
     Clients initialise LoRA from the public seed (they overwrite it with what they receive). The server passes its
     `secret_key` (a privacy.secret.RunKey from the OS, never stored or sent) and draws theta_0's A from it through
     HMAC -> Philox, as peft would (uniform in +-1/sqrt(fan_in), B = 0): clients only ever hold Q(theta), so they cannot
     rebuild theta_0 (with FFA, the frozen A) from the public settings, nor search 2^32 seeds of torch's generator.
     """
+    from slimtune.federated.config import partition_rows
     from slimtune.train.objectives import load_model_and_data
 
     objective = federated_objective(cfg)
-    model, tok, train, evals = load_model_and_data(objective, cfg.model, cfg.data, cfg.eval_data or None, cfg.seed)
+    loaded = objective.load(cfg.data, "train") if cfg.data else (None, [])
+    split = partition_rows(objective, loaded[0]) if cfg.data else None
+    model, tok, train, evals = load_model_and_data(objective, cfg.model, cfg.data, cfg.eval_data or None, cfg.seed,
+                                                   loaded_train=loaded)
     if cfg.eval_max and len(evals) > cfg.eval_max:
         evals = evals[:cfg.eval_max]
     torch.manual_seed(cfg.seed)
@@ -31,7 +43,7 @@ def build_model(cfg, secret_key=None):
     for name, p in model.named_parameters():
         if "lora_" in name and not is_trained(name, cfg):
             p.requires_grad_(False)
-    return model, tok, train, evals, objective
+    return model, tok, train, evals, objective, split
 
 
 def secret_lora_init(model, key) -> None:

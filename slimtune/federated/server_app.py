@@ -16,7 +16,7 @@ from slimtune import SlimtuneError
 from slimtune.federated.attacks import BroadcastHistory, attack_report, coalition_data
 from slimtune.federated.config import FederatedConfig, check_run, settings_path
 from slimtune.federated.local_privacy import private_clients
-from slimtune.federated.model import build_model, load_lora_state, lora_state
+from slimtune.federated.model import build_model, build_model_and_split, load_lora_state, lora_state
 from slimtune.federated.wire import FP32
 from slimtune.federated.strategy import FedLPP
 from slimtune.peft import peft_summary
@@ -51,7 +51,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     if cfg.attack_coalition and not cfg.data:
         raise SlimtuneError("--attack-coalition measures what clients can learn from their own rows: it needs the "
                             "training file (a deployment's server has none)")
-    model, tok, train, evals, objective = build_model(cfg, secret_key=RunKey.fresh())  # theta_0: secret
+    model, tok, train, evals, objective, split = build_model_and_split(cfg, secret_key=RunKey.fresh())  # secret theta_0
     metric = "accuracy" if objective.kind == "classification" else "loss"
     per_round = cfg.clients_per_round or cfg.num_clients
     strategy = FedLPP(cfg, lora_state(model), replay=make_replay(model, cfg),
@@ -116,9 +116,9 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     write_adapter(model, saved_tok, out / "adapter", meta=meta)
     attacks = None
     if history is not None and history.items and evals:
-        scratch = lora_state(build_model(cfg)[0])  # a fresh LoRA the coalition can build from the public settings
+        scratch = lora_state(build_model(cfg)[0])  # a fresh LoRA the coalition builds from the public settings
         attacks = attack_report(score, metric == "accuracy", strategy.server_model(), history, model, objective,
-                                coalition_data(cfg, train), cfg, scratch)
+                                coalition_data(cfg, train, split), cfg, scratch)
     return _write_summary(cfg, out, model, accountant, None if withheld else time.perf_counter() - started, attacks,
                           nodes=len(strategy.nodes_replied))
 

@@ -178,16 +178,20 @@ def _strings(row: dict) -> list[str]:
 
 def load_model_and_data(objective, model_name: str, train_path: str, eval_path: str | None, seed: int,
                         dtype=None, device: str = "cpu", fit_tokenizer_to_training_data: bool = True,
-                        base_quant: str | None = None):
+                        base_quant: str | None = None, loaded_train: tuple | None = None):
     """(model, tokenizer, train examples, eval examples): read the data, load the model (tiny test models fit their
     tokenizer to these texts — to the evaluation texts only when `fit_tokenizer_to_training_data` is False, as in
     private runs, whose saved tokenizer must not list training words; the model is initialised under `seed`), bind the
-    objective to the tokenizer, then turn the rows into examples (chat rows need the tokenizer's template)."""
+    objective to the tokenizer, then turn the rows into examples (chat rows need the tokenizer's template).
+    `loaded_train`: `objective.load(train_path, "train")`'s result where the caller read it already (one reading of
+    the file for all that uses its rows)."""
     import torch
 
     from slimtune.models import load_model_and_tokenizer
 
-    raw_train, texts = objective.load(train_path, "train") if train_path else (None, [])  # a server without rows
+    if loaded_train is None:
+        loaded_train = objective.load(train_path, "train") if train_path else (None, [])  # a server without rows
+    raw_train, texts = loaded_train
     raw_eval, eval_texts = objective.load(eval_path, "validation") if eval_path else (None, [])
     torch.manual_seed(seed)
     fitted = (texts if fit_tokenizer_to_training_data else []) + eval_texts
