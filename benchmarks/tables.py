@@ -37,6 +37,11 @@ EARLIER_NOTE = ("Rows marked (old prompt) trained with SST-2's earlier prompt `{
                 "with it over sessions (`SLIMTUNE_RERUN_STALE_PROMPT=1`, benchmarks/launch.py).")
 
 
+def mark(entry: dict | None) -> str:
+    """" (old prompt)" after an SST-2 row trained with the prompt before issue 36's change, else ""."""
+    return EARLIER if earlier_prompt(entry) else ""
+
+
 def earlier_prompt(entry: dict | None) -> bool:
     """Whether an SST-2 results entry (defaults.json, zo_convergence.json) trained with another prompt than SST-2's
     today; entries from before runs recorded it (no "prompt") trained with the earlier one."""
@@ -90,7 +95,7 @@ def federated_table() -> str:
             continue
         down = s.get("payload_bytes_down_per_client_per_round") or s["bytes_down_per_client_per_round"]
         up = s.get("payload_bytes_up_per_client_per_round") or s["bytes_up_per_client_per_round"]
-        rows.append(f"| {name}{EARLIER if earlier_prompt(s) else ''} | {fmt(s['final_accuracy'])} | "
+        rows.append(f"| {name}{mark(s)} | {fmt(s['final_accuracy'])} | "
                     f"{fmt(s['client_visible_accuracy'])} | "
                     f"{fmt(s['initial_accuracy'])} | {down:,.0f} | {up:,.0f} | {s['peak_mem_mb']:,.0f} |")
     return "\n".join(rows)
@@ -197,7 +202,7 @@ def defaults_table() -> str:
             rows.append(f"| {name} | - | - | {bench.progress(bench.OUT / name)} | - | - | - | - | - | {target} | - |")
             continue
         met, why = bench.verdict(name, d)
-        rows.append(f"| {name}{EARLIER if earlier_prompt(r) else ''} | {r['trainable_params']:,} | {r['steps']} | {fmt(r['best_accuracy'])} | "
+        rows.append(f"| {name}{mark(r)} | {r['trainable_params']:,} | {r['steps']} | {fmt(r['best_accuracy'])} | "
                     f"{r['best_step']} | {fmt(r['final_accuracy'])} | {fmt(r['epsilon'], '.2f')} | "
                     f"{r['peak_mem_mb']:,.0f} | {r['wall_time_s'] / 60:.0f} min{threads(r)} | {target} | "
                     f"{({True: 'yes', False: '**no**', None: 'comparison' if bench.TARGETS[name][0] == 'compare' else 'not yet'}[met])}: {why} |")
@@ -302,7 +307,7 @@ def zo_convergence_table() -> str:
         seconds = r.get("seconds_to_target")
         ratio = (clock.get(name) or {}).get("ratio")
         seconds = "not reached" if seconds is None else f"{seconds:,.0f}" + (f" ({ratio:.2f}x)" if ratio else "")
-        rows.append(f"| {name}{EARLIER if earlier_prompt(r) else ''} | {fps} | "
+        rows.append(f"| {name}{mark(r)} | {fps} | "
                     f"{' / '.join(f'{a:.3f}' for a in r['accuracy'])} | {fmt(r['final_accuracy'])} "
                     f"| {'not reached' if to is None else f'{to:,}'} | {seconds} | {fmt(r['time_per_step_s'], '.2f')} "
                     f"| {status} |")

@@ -6,7 +6,7 @@ Usage: python benchmarks/readme_tables.py targets
 
 from __future__ import annotations
 
-from tables import EARLIER, earlier_prompt, read_results
+from tables import EARLIER, earlier_prompt, mark, read_results
 from launch import same_prompt
 
 FORWARD_ONLY = ("mezo-lora-gaussian", "mezo-lora-pool", "fzoo-lora", "mezo-full-gaussian", "mezo-full-pool",
@@ -66,15 +66,15 @@ def federated_rows() -> list[list[str]]:
 def private_row(private: dict | None, hybrid: dict | None, partial: dict | None) -> str:
     """DP-hybrid + LoRA at epsilon 6 against the (non-private) hybrid, the best method so far."""
     if private is not None and hybrid is None:
-        return (f"not compared: {private['final_accuracy']:.3f}{EARLIER if earlier_prompt(private) else ''}; "
+        return (f"not compared: {private['final_accuracy']:.3f}{mark(private)}; "
                 "hybrid-lora is being rerun with SST-2's new prompt")
     if private is None or hybrid is None:
         seen = "" if not partial or not partial.get("accuracy") else \
             f"; running: {partial['accuracy'][-1]:.3f} at step {partial['steps'][-1]}"
         return f"not run yet (dphybrid-lora-eps6, benchmarks/zo_convergence.py{seen})"
     if not same_prompt(private, hybrid):
-        return (f"not compared: {private['final_accuracy']:.3f}{EARLIER if earlier_prompt(private) else ''} vs "
-                f"hybrid-lora {hybrid['final_accuracy']:.3f}{EARLIER if earlier_prompt(hybrid) else ''}")
+        return (f"not compared: {private['final_accuracy']:.3f}{mark(private)} vs "
+                f"hybrid-lora {hybrid['final_accuracy']:.3f}{mark(hybrid)}")
     gap = (private["final_accuracy"] - hybrid["final_accuracy"]) * 100
     return verdict(gap >= -2, f"{private['final_accuracy']:.3f} vs hybrid-lora {hybrid['final_accuracy']:.3f} "
                                f"({gap:+.1f} pts)")
@@ -89,7 +89,7 @@ def zo_rows() -> list[list[str]]:
                     if n in ("mezo-lora", "mezo-svfit", "lozo-full") and r.get("final_accuracy") is not None})
     best = max(forward.items(), key=lambda kv: kv[1]) if forward else None
     entry_of = lambda n: finished.get(n) or defaults.get(n)  # noqa: E731
-    old = lambda n: EARLIER if earlier_prompt(entry_of(n)) else ""  # noqa: E731
+    old = lambda n: mark(entry_of(n))  # noqa: E731
     hybrid = finished.get("hybrid-lora")
 
     def running(name: str) -> str:
@@ -187,11 +187,11 @@ def scale_rows() -> list[list[str]]:
     defaults = read_results("defaults.json") or {}
     bf16, fp32 = defaults.get("mezo-lora-bf16"), defaults.get("mezo-lora")
     if bf16 and fp32 and not same_prompt(bf16, fp32):  # the prompt alone moves zero-shot by 26 points
-        out.append(f"not compared: bf16 {bf16['final_accuracy']:.3f}{EARLIER if earlier_prompt(bf16) else ''} vs "
-                   f"fp32 {fp32['final_accuracy']:.3f}{EARLIER if earlier_prompt(fp32) else ''} (other prompts)")
+        out.append(f"not compared: bf16 {bf16['final_accuracy']:.3f}{mark(bf16)} vs "
+                   f"fp32 {fp32['final_accuracy']:.3f}{mark(fp32)} (other prompts)")
     else:
         gap = None if not (bf16 and fp32) else (bf16["final_accuracy"] - fp32["final_accuracy"]) * 100
-        old = EARLIER if bf16 and earlier_prompt(bf16) else ""
+        old = mark(bf16)
         out.append(verdict(None if gap is None else abs(gap) <= 1.0, "" if gap is None else f"{gap:+.1f} pts{old}"))
     names = [("MeZO full bf16 at 7B: peak / bf16 inference", "<= 1.1x, < 16 GB"),
              ("AdamW full at 7B", "predicted > 24 GB, refused"),
