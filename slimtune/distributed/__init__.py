@@ -177,6 +177,39 @@ def check_ranks_agree(facts: dict, world: World) -> None:
                                     "with the same settings, data and model")
 
 
+def state_digest(*objs) -> str:
+    """sha256 over nested dicts / lists / tuples of tensors (dtype, shape and bytes), numbers and strings, dict keys
+    in sorted order: equal on two ranks exactly when they hold the same state."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            h.update(b"{")
+            for key in sorted(obj, key=repr):
+                h.update(repr(key).encode())
+                feed(obj[key])
+            h.update(b"}")
+        elif isinstance(obj, (list, tuple)):
+            h.update(b"[")
+            for item in obj:
+                feed(item)
+            h.update(b"]")
+        else:
+            h.update(repr(obj).encode())
+
+    for obj in objs:
+        feed(obj)
+    return h.hexdigest()
+
+
 def check_supported(optimizer: str, world: World) -> None:
     from slimtune.optim import ZO_OPTIMIZERS
 

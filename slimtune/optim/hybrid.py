@@ -221,8 +221,8 @@ class DPHybrid(Hybrid):
         self._end_gradients()
 
     def _end_gradients(self) -> None:
-        for _, p in self.top:  # the per-example gradients (B x the top) are not kept between steps
-            p.grad_sample = p.summed_grad = None
+        from slimtune.privacy.dpsgd import drop_per_example_state
+        drop_per_example_state([p for _, p in self.top])  # the per-example gradients are not kept between steps
 
 
 @contextmanager

@@ -104,6 +104,14 @@ def per_example_gradients_ready(params: list, batch_size: int) -> None:
     drop_non_finite_examples(params)
 
 
+def drop_per_example_state(params: list) -> None:
+    """Remove what Opacus leaves on each parameter after a step: `grad_sample` (the batch's per-example gradients)
+    and `summed_grad` (their clipped sum before the noise). Neither is a release; kept, they travel with the model
+    wherever it goes (torch.save(model), deepcopy, a queue). `.grad` holds the noised gradient and stays."""
+    for p in params:
+        p.grad_sample = p.summed_grad = None
+
+
 def drop_non_finite_examples(params: list) -> None:
     """An example whose per-example gradient holds inf or NaN contributes 0 to the clipped sum (as DPZero maps a
     non-finite difference to 0): Opacus would clip it by C / (inf + 1e-6) = 0 and 0 * inf = NaN, making the released
@@ -150,15 +158,18 @@ class DPFirstOrder(SlimOptimizer):
 
     def step(self, closure) -> StepOutput:
         self.torch_optimizer.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            losses = closure()
-            loss = float("nan")  # an empty Poisson batch has none
-            if losses.numel():
-                mean = losses.mean()
-                mean.backward()
-                loss = mean.item()
-            per_example_gradients_ready(self.params, losses.numel())
-        self.torch_optimizer.step()
+        try:
+            with torch.enable_grad():
+                losses = closure()
+                loss = float("nan")  # an empty Poisson batch has none
+                if losses.numel():
+                    mean = losses.mean()
+                    mean.backward()
+                    loss = mean.item()
+                per_example_gradients_ready(self.params, losses.numel())
+            self.torch_optimizer.step()
+        finally:  # also when the step fails: the per-example gradients are never kept between steps
+            drop_per_example_state(self.params)
         self.keyed_noise.end_step()
         return StepOutput(loss, {"batch_size": int(losses.numel())})
 

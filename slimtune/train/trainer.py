@@ -360,6 +360,11 @@ def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, ori
               key, attempt, run_dir, keyed_noise, lr_multiplier=multiplier, defaults_origin=origin, world=world)
     if resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer)
+        if world.parallel:  # each rank loaded its own --out's checkpoint: a stale copy on one node trains another run
+            weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            distributed.check_ranks_agree({"the resumed checkpoint's step": state["step"],
+                                           "the resumed checkpoint's weights and optimizer state":
+                                           distributed.state_digest(weights, optimizer.state_dict())}, world)
         # bytes sent before: as the checkpoint recorded them (older checkpoints: every step in this world)
         run.bytes_before = state.get("bytes_communicated", _gather_bytes(run, state["step"]))
         run.start_step = state["step"]
