@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE = ("import resource, torch, transformers, peft, slimtune.train;"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+BASELINE = ("import torch, transformers, peft, slimtune.train; from slimtune.train.metrics import process_memory_mb;"
+            "print(process_memory_mb('VmHWM'))")  # the child's own peak (ru_maxrss keeps an exec parent's)
 OPTIMIZER = {"inference": "inference", "inference_lora": "inference", "adamw_full": "adamw", "mezo_full": "mezo",
              "lozo_full": "lozo", "mezo_lora": "mezo", "lozo_lora": "lozo"}
 

@@ -84,3 +84,38 @@ def test_available_memory_counts_what_the_process_holds_now_not_its_past_peak():
     got = memory_model.available_mb("cpu")
     assert abs(got - before) < 64, (got, before)
     assert peak_memory_mb("cpu") >= process_memory_mb("VmRSS")
+
+
+SIBLING = """
+import sys, time, torch
+held = torch.ones(75 * 2**20)  # 300 MB, touched
+open(sys.argv[1], "w").write("ready")
+time.sleep(60)
+"""
+
+RANK = """
+import sys, time
+from pathlib import Path
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.1)
+time.sleep(0.5)
+from slimtune.report import memory_model
+from slimtune.train.metrics import process_memory_mb
+own = process_memory_mb("VmRSS")
+print(own, memory_model.ranks_rss_mb(2, own))
+"""
+
+
+def test_ranks_on_one_machine_are_counted_from_their_own_memory(tmp_path):
+    """Two ranks started by one parent (as torchrun's agent starts them): what they hold is read from each, so a
+    sibling holding 300 MB more than this rank counts with its 300 MB."""
+    flag = tmp_path / "ready"
+    parent = (f"import subprocess, sys\n"
+              f"s = subprocess.Popen([sys.executable, '-c', {SIBLING!r}, {str(flag)!r}])\n"
+              f"r = subprocess.run([sys.executable, '-c', {RANK!r}, {str(flag)!r}], capture_output=True, text=True)\n"
+              f"s.kill()\n"
+              f"print(r.stdout, r.stderr[-2000:])\n")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    own, both = (float(v) for v in out.stdout.split()[:2])
+    assert both >= own + 250 + 100, (own, both, out.stdout[-2000:])  # the sibling: torch (~200 MB) + 300 MB held

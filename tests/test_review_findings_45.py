@@ -127,6 +127,8 @@ def test_ranks_sharing_a_machine_are_not_told_the_refused_pair_fits(tmp_path, de
     model, tok = load_model_and_tokenizer("tiny-llama", texts=["a b c"])
     one, _ = memory_model.predict_run_mb(model, "mezo", "lora", 2, 8, 12, "cpu")
     monkeypatch.setattr(memory_model, "available_mb", lambda device: 1.5 * one / memory_model.HEADROOM)
+    # the other rank holds nothing yet (it starts later): the ranks' pool is what is available now
+    monkeypatch.setattr(memory_model, "ranks_rss_mb", lambda processes, own: own)
     for name, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0"),
                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)

@@ -21,7 +21,7 @@ from slimtune.federated.wire import FP32
 from slimtune.federated.strategy import FedLPP
 from slimtune.peft import peft_summary
 from slimtune.peft.registry import adapter_meta, write_adapter
-from slimtune.train.metrics import MetricsLog, peak_memory_mb
+from slimtune.train.metrics import MetricsLog, peak_memory_mb, reset_peak_memory
 from slimtune.zo import MeZO, MeZOConfig
 
 app = ServerApp()
@@ -45,6 +45,7 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     """The one code path of every federated run (simulation, `flwr run .`, deployment): checks, rounds, summary.
     Raises SlimtuneError on bad settings (before any work) and when no client update was accepted."""
     cfg = check_run(cfg)  # the server step the run uses is filled in and recorded in summary.json
+    reset_peak_memory("cpu")  # the server's peak is this run's (a simulation in a notebook runs it in-process)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from slimtune.privacy.secret import RunKey

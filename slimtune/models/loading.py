@@ -254,7 +254,13 @@ def saved_tokenizer(directory) -> PreTrainedTokenizerFast:
 
 
 def first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    """One line of an exception's message: its first, joined with the next where the first only introduces it (ends
+    with ':', as transformers' "Class validation error for validator ...:" before the sizes it refuses)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    line = lines[0]
+    if line.endswith(":") and len(lines) > 1:
+        line = f"{line} {lines[1]}"
+    return line[:300]
 
 
 SAMPLED_BLOCKS, BLOCK_BYTES = 64, 4096

@@ -198,8 +198,35 @@ def available_mb(device: str) -> float:
     return int(meminfo["MemAvailable"].split()[0]) / 1024 + process_memory_mb("VmRSS")
 
 
-def budget_mb(device: str) -> float:
-    return available_mb(device) * HEADROOM
+def budget_mb(device: str, processes: int = 1) -> float:
+    """HEADROOM of what one of `processes` data-parallel ranks on this machine (this process among them) may use: on
+    CPU the ranks share MemAvailable plus what they hold now (each rank's memory is already missing from
+    MemAvailable), an equal share each."""
+    available = available_mb(device)
+    if processes == 1 or str(device).startswith("cuda"):
+        return available * HEADROOM
+    from slimtune.train.metrics import process_memory_mb
+    own = process_memory_mb("VmRSS")
+    return (available - own + ranks_rss_mb(processes, own)) / processes * HEADROOM
+
+
+def ranks_rss_mb(processes: int, own: float) -> float:
+    """What this machine's `processes` data-parallel ranks hold now: the VmRSS of this process and its siblings
+    (torchrun's agent starts the ranks as its children); `processes` x this one's where they cannot be read."""
+    import os
+    try:
+        parent = os.getppid()
+        with open(f"/proc/{parent}/task/{parent}/children") as children:
+            pids = children.read().split()
+        if len(pids) != processes or str(os.getpid()) not in pids:
+            return processes * own
+        total = 0.0
+        for pid in pids:
+            with open(f"/proc/{pid}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+        return total
+    except (OSError, StopIteration, ValueError):
+        return processes * own
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -212,29 +239,72 @@ RUNTIME_MB_BNB = 117.0
 RUNTIME_MB_RUN = 64.0
 
 
-def runtime_mb(model, device: str, base_quant: str | None = None) -> float:
-    """The process baseline of a run in this process: 0 for CUDA allocated memory; on CPU, what this process holds now
-    beyond the model's own tensors (interpreter and libraries as this machine maps them, tokenizer, data rows), and
-    at least the library baseline measured when the model was written (RUNTIME_MB_CPU, + bitsandbytes' import). A
-    constant alone is not an upper bound: the libraries' resident pages differ between machines and installs (a fresh
-    venv's torch maps ~55 MB more here than an older one of the same files), and a Python process may hold anything."""
+def runtime_mb(model, device: str, base_quant: str | None = None, held: float | None = None) -> float:
+    """The process baseline of a run in this process: 0 for CUDA allocated memory; on CPU, what this process holds
+    beyond the model's own resident tensors (`held`, default held_mb: interpreter and libraries as this machine maps
+    them, tokenizer, data rows, anything else a Python session keeps), at least the library baseline measured when the
+    model was written (RUNTIME_MB_CPU, + bitsandbytes' import), plus what a run touches after the check
+    (RUNTIME_MB_RUN). A constant alone is not an upper bound: the libraries' resident pages differ between machines and
+    installs (a fresh venv's torch maps ~55 MB more here than an older one of the same files)."""
+    if str(device).startswith("cuda"):
+        return 0.0
+    library = RUNTIME_MB_CPU + (RUNTIME_MB_BNB if imports_bitsandbytes(base_quant) else 0.0)
+    return max(library, held_mb(model, device) if held is None else held) + RUNTIME_MB_RUN
+
+
+def held_mb(model, device: str) -> float:
+    """What this process holds now beyond `model`'s resident tensors (CPU; 0 on CUDA)."""
     if str(device).startswith("cuda"):
         return 0.0
     from slimtune.train.metrics import process_memory_mb
-    library = RUNTIME_MB_CPU + (RUNTIME_MB_BNB if imports_bitsandbytes(base_quant) else 0.0)
-    return max(library, process_memory_mb("VmRSS") - resident_tensor_mb(model)) + RUNTIME_MB_RUN
+    return process_memory_mb("VmRSS") - resident_tensor_mb(model)
 
 
 def resident_tensor_mb(model) -> float:
-    """MB of the model's parameters and buffers held in this process's memory (each storage once; meta tensors hold
-    none): the part of its RSS the prediction counts as weights, not as runtime."""
+    """MB of the model's parameters and buffers resident in this process (each storage once; meta tensors hold none):
+    the part of its RSS the prediction counts as weights, not as runtime. Each storage counts at the resident share of
+    the memory mappings it lies in (/proc/self/smaps' Rss per mapping): a checkpoint's memory-mapped weights are not
+    resident until a forward pass touches them. Without smaps, every storage counts in full."""
+    import bisect
     import itertools
     storages = {}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.device.type == "cpu":
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values()) / MB
+    mappings = _mappings()
+    if mappings is None:
+        return sum(storages.values()) / MB
+    starts = [start for start, _, _ in mappings]
+    resident = 0.0
+    for ptr, nbytes in storages.items():
+        i = max(bisect.bisect_right(starts, ptr) - 1, 0)
+        while i < len(mappings) and mappings[i][0] < ptr + nbytes:
+            start, end, rss = mappings[i]
+            overlap = min(end, ptr + nbytes) - max(start, ptr)
+            if overlap > 0:
+                resident += overlap * rss / (end - start)
+            i += 1
+    return resident / MB
+
+
+def _mappings() -> list[tuple[int, int, int]] | None:
+    """(start, end, resident bytes) of this process's memory mappings, by start (/proc/self/smaps); None off Linux."""
+    import re
+    header = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
+    out, current = [], None
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                found = header.match(line)
+                if found:
+                    current = [int(found.group(1), 16), int(found.group(2), 16), 0]
+                    out.append(current)
+                elif line.startswith("Rss:") and current is not None:
+                    current[2] = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return sorted((start, end, rss) for start, end, rss in out) or None
 
 
 def imports_bitsandbytes(base_quant: str | None) -> bool:
@@ -276,17 +346,18 @@ def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_l
 
 
 def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: str = "float32",
-              base_quant: str | None = None, fo_layers: int = FO_LAYERS) -> list[dict]:
+              base_quant: str | None = None, fo_layers: int = FO_LAYERS, targets: list[str] | None = None,
+              held: float | None = None) -> list[dict]:
     """Predicted peak (MB) for every optimizer x PEFT pair of the planner, and whether it fits here (a quantized base
-    takes LoRA only: the other PEFT methods are left out then)."""
+    takes LoRA only: the other PEFT methods are left out then). `held`: runtime_mb's measured part, if read."""
     budget = budget_mb(device)
-    runtime = runtime_mb(model, device, base_quant)  # read once: every row from the same process baseline
+    runtime = runtime_mb(model, device, base_quant, held)  # read once: every row from the same process baseline
     rows = []
     for method in PLAN_PEFT if base_quant is None else ("lora",):
         refused = peft_refusal(model, method, r)
         for optimizer in PLAN_OPTIMIZERS:
-            peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, dtype=dtype,
-                                             base_quant=base_quant, fo_layers=fo_layers, runtime=runtime)
+            peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, targets,
+                                             dtype=dtype, base_quant=base_quant, fo_layers=fo_layers, runtime=runtime)
             rows.append({"optimizer": optimizer, "peft": method, "trainable_params": trainable, "peak_mb": peak,
                          "fits": peak <= budget and refused is None, "budget_mb": budget, "dtype": dtype,
                          "base_quant": base_quant, **({"refused": refused} if refused else {}),
@@ -318,18 +389,21 @@ QUALITY_ORDER = (("adamw", "none", None), ("adamw", "lora", None), ("hybrid", "l
 
 
 def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: str = "float32",
-                   fo_layers: int = FO_LAYERS) -> list[dict]:
+                   fo_layers: int = FO_LAYERS, targets: list[str] | None = None,
+                   held: float | None = None) -> list[dict]:
     """Every candidate of QUALITY_ORDER x {dtype, bf16}, in quality order, with its predicted peak and whether it
-    fits; the first that fits is the planner's choice. fp16 is a CUDA dtype: never proposed on CPU."""
+    fits; the first that fits is the planner's choice. fp16 is a CUDA dtype: never proposed on CPU. `held`:
+    runtime_mb's measured part, if read."""
     budget = budget_mb(device)
+    held = held_mb(model, device) if held is None else held
     dtypes = [dtype] + (["bfloat16"] if dtype == "float32" else [])
-    runtimes = {quant: runtime_mb(model, device, quant) for quant in {q for _, _, q in QUALITY_ORDER}}
+    runtimes = {quant: runtime_mb(model, device, quant, held) for quant in {q for _, _, q in QUALITY_ORDER}}
     rows = []
     for optimizer, method, quant in QUALITY_ORDER:
         for dt in dtypes:
             if optimizer == "adamw" and method == "none" and dt != "float32":
                 continue  # backprop trains float32 weights (optim/first_order.check_full_precision): train refuses it
-            peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, dtype=dt,
+            peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, targets, dtype=dt,
                                              base_quant=quant, fo_layers=fo_layers, runtime=runtimes[quant])
             rows.append({"optimizer": optimizer, "peft": method, "dtype": dt, "base_quant": quant, "peak_mb": peak,
                          "trainable_params": trainable, "fits": peak <= budget, "budget_mb": budget,
@@ -395,15 +469,17 @@ def check_fits(model, optimizer: str, method: str, r: int, batch: int, seq_len: 
     run's own dtype and base. `processes`: data-parallel ranks sharing this machine's memory, each at `batch`."""
     from slimtune import SlimtuneError
 
-    peak, _ = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, targets, fo_layers, dtype, base_quant)
-    budget = budget_mb(device) / processes
+    held = held_mb(model, device)  # read once: the run and every alternative from the same process baseline
+    peak, _ = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, targets, fo_layers, dtype, base_quant,
+                             runtime=runtime_mb(model, device, base_quant, held))
+    budget = budget_mb(device, processes)
     if peak <= budget:
         return
-    best = next((row for row in ranked_methods(model, batch, seq_len, device, r, dtype)
-                 if row["fits"] and row["peak_mb"] <= budget), None)  # at this process's share of the machine
+    best = next((row for row in ranked_methods(model, batch, seq_len, device, r, dtype, fo_layers, targets, held)
+                 if row["peak_mb"] <= budget), None)  # at this process's share of the machine
     fitting = [f"{row['optimizer']}+{row['peft']} ({row['peak_mb']:,.0f} MB)"
-               for row in plan_rows(model, batch, seq_len, device, r, dtype, base_quant)
-               if row["fits"] and row["peak_mb"] <= budget]
+               for row in plan_rows(model, batch, seq_len, device, r, dtype, base_quant, fo_layers, targets, held)
+               if row["peak_mb"] <= budget and "refused" not in row]
     suggestion = f"best that fits: {as_flags(best)} ({best['peak_mb']:,.0f} MB); " if best else ""
     ranks = f" (each of {processes} data-parallel ranks on this machine)" if processes > 1 else ""
     raise SlimtuneError(f"{optimizer}+{method} at batch {batch} x {seq_len} tokens is predicted to peak at "

@@ -18,6 +18,20 @@ def peak_memory_mb(device: str) -> float:
     return process_memory_mb("VmHWM")
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start this process's peak anew (a run's peak is its own, not an earlier run's or a freed tensor's in the same
+    Python session): CUDA's allocator statistics, or VmHWM through /proc/self/clear_refs ("5"). Where the kernel does
+    not allow it, the peak stays the process's since it started."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
 def process_memory_mb(field: str) -> float:
     """This process's own resident memory in MB from /proc/self/status: "VmRSS" (now) or "VmHWM" (its peak). Off
     Linux, getrusage's ru_maxrss (the peak; on Linux ru_maxrss keeps a larger parent's peak across fork and exec, so

@@ -42,7 +42,7 @@ from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment,
 from slimtune.privacy.secret import (KEY_FILE, KeyedNoise, RunKey, create_key_file, fresh_nonce, is_temporary_of,
                                      read_key_file)
 from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, peek_state, read_state, save_checkpoint
-from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb
+from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb, reset_peak_memory
 from slimtune.train.resume import adopt_unset, check_resume, read_stored
 from slimtune.train.run_dir import LOCK_FILE, STATUS_FILE, RunDirectory, read_status
 from slimtune.train.objectives import (GenerationSettings, build_objective, check_best_metric, is_better,
@@ -135,6 +135,7 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     pass; then the directory is claimed (lock, status.json) and the run is built."""
     out = Path(config.out_dir)
     world = distributed.setup(config.device)
+    reset_peak_memory(config.device)  # the run's peak (loading included) is its own, also in a notebook's second run
     stored = read_stored(out) if resume else None
     zo_given = [] if resume else given_zo_settings(config)  # a resumed run's are its config.json's (they must match)
     if stored:
