@@ -84,7 +84,12 @@ def run_export(s: ExportSettings):
         note_quantized_base(s.adapter)
         adapted, tok = read_adapter(s.adapter, s.model, dense=True)  # a merged checkpoint is read as it is
         merged = merge_peft(adapted)
-        report = export_gguf(merged, tok, Path(s.out), s.quant, s.verify)
+        prompt = prompt_meta(s.adapter)
+        report = export_gguf(merged, tok, Path(s.out), s.quant, s.verify, prompt)
     except SlimtuneError as exc:
         fail(exc)
+    if prompt:
+        report["prompt"] = prompt
+        print(f"note: the model learned the prompt {json.dumps(prompt, ensure_ascii=False)}; prompt it in that form "
+              "(recorded in the file's general.description)", file=sys.stderr)
     console.print_json(json.dumps(report))

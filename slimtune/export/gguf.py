@@ -13,6 +13,7 @@ and the agreement of the top-1 token. Each output type has a tolerance (f32 exac
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -59,14 +60,19 @@ def ensure_converter() -> Path:
     return target
 
 
-def convert(model_dir: Path, out: Path, out_type: str) -> None:
-    """model_dir (a transformers checkpoint with its tokenizer) -> out (GGUF), by llama.cpp's converter."""
+def convert(model_dir: Path, out: Path, out_type: str, description: str | None = None) -> None:
+    """model_dir (a transformers checkpoint with its tokenizer) -> out (GGUF), by llama.cpp's converter;
+    `description`: the file's general.description (the converter's metadata override file)."""
     if out_type not in OUT_TYPES:
         raise SlimtuneError(f"--quant {out_type!r}: choose one of {', '.join(OUT_TYPES)}")
     conv = ensure_converter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
            "--outtype", out_type]
+    if description:
+        override = model_dir / "slimtune-gguf-metadata.json"
+        override.write_text(json.dumps({"general.description": description}))
+        cmd += ["--metadata", str(override)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode or not out.exists():
         errors = [l for l in res.stderr.strip().splitlines() if "Error" in l or "error" in l] or \
@@ -94,8 +100,16 @@ def compare_logits(model, tokenizer, gguf_path: Path) -> dict:
     return {"max_abs_diff_over_std": worst, "top1_agreement": agree / max(total, 1)}
 
 
-def export_gguf(model, tokenizer, out: Path, out_type: str = "f16", verify: bool = True) -> dict:
-    """Write `model` (merged, plain transformers) and its tokenizer as GGUF at `out`; returns the verification."""
+def prompt_description(prompt: dict | None) -> str | None:
+    """general.description of a GGUF file whose model learned `prompt` (peft.registry.recorded_prompt's keys):
+    "slimtune prompt: " and the prompt as JSON, for people and programs to read (llama.cpp prompts are typed by hand)."""
+    return f"slimtune prompt: {json.dumps(prompt, ensure_ascii=False)}" if prompt else None
+
+
+def export_gguf(model, tokenizer, out: Path, out_type: str = "f16", verify: bool = True,
+                prompt: dict | None = None) -> dict:
+    """Write `model` (merged, plain transformers) and its tokenizer as GGUF at `out`; returns the verification.
+    `prompt`: the prompt the model learned, recorded as the file's general.description (prompt_description)."""
     out = Path(out)
     if out.exists():
         raise SlimtuneError(f"--out {out}: exists (nothing was overwritten)")
@@ -110,7 +124,7 @@ def export_gguf(model, tokenizer, out: Path, out_type: str = "f16", verify: bool
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            convert(Path(tmp), partial, out_type)
+            convert(Path(tmp), partial, out_type, prompt_description(prompt))
         report["bytes"] = partial.stat().st_size
         if verify:
             report.update(compare_logits(model, tokenizer, partial))
