@@ -178,36 +178,46 @@ def check_ranks_agree(facts: dict, world: World) -> None:
 
 
 def state_digest(*objs) -> str:
-    """sha256 over nested dicts / lists / tuples of tensors (dtype, shape and bytes), numbers and strings, dict keys
-    in sorted order: equal on two ranks exactly when they hold the same state."""
+    """sha256 of nested state: dicts (by key), lists, tuples, sets, tensors and numpy arrays (dtype, shape, every
+    byte), torch generators (their state), numbers, strings, bytes, None; each value tagged with its kind. Equal on
+    two ranks exactly when they hold the same state; any other type is a TypeError (a repr may elide values or hold an
+    address)."""
     import hashlib
 
+    import numpy as np
     import torch
 
-    h = hashlib.sha256()
-
-    def feed(obj) -> None:
+    def digest(obj) -> bytes:
+        h = hashlib.sha256()
         if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            t = obj.detach()
+            h.update(f"T{t.dtype}{tuple(t.shape)}{t.device.type == 'meta'}".encode())
+            if t.device.type != "meta":
+                t = (t.to_dense() if t.is_sparse else t).resolve_conj().resolve_neg().cpu().contiguous()
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, np.ndarray):
+            a = np.ascontiguousarray(obj)
+            h.update(f"N{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        elif isinstance(obj, torch.Generator):
+            h.update(b"G" + digest(obj.get_state()))
         elif isinstance(obj, dict):
-            h.update(b"{")
-            for key in sorted(obj, key=repr):
-                h.update(repr(key).encode())
-                feed(obj[key])
-            h.update(b"}")
+            h.update(b"D")
+            for key, value in sorted(((digest(k), v) for k, v in obj.items()), key=lambda kv: kv[0]):
+                h.update(key + digest(value))
         elif isinstance(obj, (list, tuple)):
-            h.update(b"[")
+            h.update(b"L" if isinstance(obj, list) else b"U")
             for item in obj:
-                feed(item)
-            h.update(b"]")
+                h.update(digest(item))
+        elif isinstance(obj, (set, frozenset)):
+            h.update(b"S" + b"".join(sorted(digest(item) for item in obj)))
+        elif obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, np.generic)):
+            h.update(f"V{type(obj).__name__}:".encode() + (obj if isinstance(obj, bytes) else repr(obj).encode()))
         else:
-            h.update(repr(obj).encode())
+            raise TypeError(f"state_digest: cannot compare a {type(obj).__name__} between ranks")
+        return h.digest()
 
-    for obj in objs:
-        feed(obj)
-    return h.hexdigest()
+    return hashlib.sha256(b"".join(digest(obj) for obj in objs)).hexdigest()
 
 
 def check_supported(optimizer: str, world: World) -> None:

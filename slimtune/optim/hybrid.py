@@ -222,7 +222,7 @@ class DPHybrid(Hybrid):
 
     def _end_gradients(self) -> None:
         from slimtune.privacy.dpsgd import drop_per_example_state
-        drop_per_example_state([p for _, p in self.top])  # the per-example gradients are not kept between steps
+        drop_per_example_state([p for _, p in self.top], self.grad_sample_module)  # nothing per example is kept
 
 
 @contextmanager

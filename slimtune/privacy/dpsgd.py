@@ -104,12 +104,18 @@ def per_example_gradients_ready(params: list, batch_size: int) -> None:
     drop_non_finite_examples(params)
 
 
-def drop_per_example_state(params: list) -> None:
-    """Remove what Opacus leaves on each parameter after a step: `grad_sample` (the batch's per-example gradients)
-    and `summed_grad` (their clipped sum before the noise). Neither is a release; kept, they travel with the model
-    wherever it goes (torch.save(model), deepcopy, a queue). `.grad` holds the noised gradient and stays."""
+def drop_per_example_state(params: list, module: torch.nn.Module | None = None) -> None:
+    """Remove what Opacus leaves after a step, finished or failed: on each parameter `grad_sample` (the batch's
+    per-example gradients) and `summed_grad` (their clipped sum before the noise); on each layer of `module` the
+    `activations` its forward hooks captured (the batch's inputs to the layer: a step that fails between the forward
+    and the backward leaves them) and `max_batch_len`. None is a release; kept, they travel with the model wherever it
+    goes (torch.save(model), deepcopy, a queue). `.grad` holds the noised gradient and stays."""
     for p in params:
         p.grad_sample = p.summed_grad = None
+    for layer in module.modules() if module is not None else ():
+        for name in ("activations", "max_batch_len"):
+            if name in layer.__dict__:
+                delattr(layer, name)
 
 
 def drop_non_finite_examples(params: list) -> None:
@@ -168,8 +174,8 @@ class DPFirstOrder(SlimOptimizer):
                     loss = mean.item()
                 per_example_gradients_ready(self.params, losses.numel())
             self.torch_optimizer.step()
-        finally:  # also when the step fails: the per-example gradients are never kept between steps
-            drop_per_example_state(self.params)
+        finally:  # also when the step fails: nothing per example is kept between steps
+            drop_per_example_state(self.params, self.grad_sample_module)
         self.keyed_noise.end_step()
         return StepOutput(loss, {"batch_size": int(losses.numel())})
 

@@ -262,49 +262,45 @@ def held_mb(model, device: str) -> float:
 
 def resident_tensor_mb(model) -> float:
     """MB of the model's parameters and buffers resident in this process (each storage once; meta tensors hold none):
-    the part of its RSS the prediction counts as weights, not as runtime. Each storage counts at the resident share of
-    the memory mappings it lies in (/proc/self/smaps' Rss per mapping): a checkpoint's memory-mapped weights are not
-    resident until a forward pass touches them. Without smaps, every storage counts in full."""
-    import bisect
+    the part of its RSS the prediction counts as weights, not as runtime. Each storage counts the pages of its own
+    address range that are present in this process (/proc/self/pagemap's present bit): a checkpoint's memory-mapped
+    weights are not resident until a forward pass touches them. Without pagemap, every storage counts in full."""
     import itertools
     storages = {}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.device.type == "cpu":
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    mappings = _mappings()
-    if mappings is None:
-        return sum(storages.values()) / MB
-    starts = [start for start, _, _ in mappings]
-    resident = 0.0
-    for ptr, nbytes in storages.items():
-        i = max(bisect.bisect_right(starts, ptr) - 1, 0)
-        while i < len(mappings) and mappings[i][0] < ptr + nbytes:
-            start, end, rss = mappings[i]
-            overlap = min(end, ptr + nbytes) - max(start, ptr)
-            if overlap > 0:
-                resident += overlap * rss / (end - start)
-            i += 1
-    return resident / MB
+    present = _present_bytes(storages.items())
+    return (sum(storages.values()) if present is None else present) / MB
 
 
-def _mappings() -> list[tuple[int, int, int]] | None:
-    """(start, end, resident bytes) of this process's memory mappings, by start (/proc/self/smaps); None off Linux."""
-    import re
-    header = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
-    out, current = [], None
+def _present_bytes(ranges) -> float | None:
+    """Bytes of the address ranges [(start, length)] whose pages are present in this process's memory (bit 63 of
+    each page's /proc/self/pagemap entry; pages at a range's ends count in proportion); None where pagemap cannot be
+    read (not Linux)."""
+    import os
+
+    import numpy as np
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0.0
     try:
-        with open("/proc/self/smaps") as smaps:
-            for line in smaps:
-                found = header.match(line)
-                if found:
-                    current = [int(found.group(1), 16), int(found.group(2), 16), 0]
-                    out.append(current)
-                elif line.startswith("Rss:") and current is not None:
-                    current[2] = int(line.split()[1]) * 1024
-    except OSError:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            for start, length in ranges:
+                if length <= 0:
+                    continue
+                first, last = start // page, (start + length - 1) // page
+                pagemap.seek(first * 8)
+                entries = np.frombuffer(pagemap.read((last - first + 1) * 8), dtype="<u8")
+                if len(entries) != last - first + 1:
+                    return None
+                present = (entries >> np.uint64(63)).astype(bool)
+                total += present.sum() * page
+                # the ends: only the range's own bytes of its first and last page
+                total -= present[0] * (start - first * page) + present[-1] * ((last + 1) * page - (start + length))
+    except (OSError, ValueError):
         return None
-    return sorted((start, end, rss) for start, end, rss in out) or None
+    return total
 
 
 def imports_bitsandbytes(base_quant: str | None) -> bool:

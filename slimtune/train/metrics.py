@@ -23,7 +23,8 @@ def reset_peak_memory(device: str) -> None:
     Python session): CUDA's allocator statistics, or VmHWM through /proc/self/clear_refs ("5"). Where the kernel does
     not allow it, the peak stays the process's since it started."""
     if str(device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats(device)
         return
     try:
         with open("/proc/self/clear_refs", "w") as refs:

@@ -135,7 +135,6 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     pass; then the directory is claimed (lock, status.json) and the run is built."""
     out = Path(config.out_dir)
     world = distributed.setup(config.device)
-    reset_peak_memory(config.device)  # the run's peak (loading included) is its own, also in a notebook's second run
     stored = read_stored(out) if resume else None
     zo_given = [] if resume else given_zo_settings(config)  # a resumed run's are its config.json's (they must match)
     if stored:
@@ -144,6 +143,9 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     origin = resolve_defaults(config)  # config.json stores the resolved values
     record_prompt(config)
     validate(config)
+    from slimtune.settings.train import resolve_device
+    reset_peak_memory(resolve_device(config.device))  # the run's peak (loading included) is its own, also in a
+    # notebook's second run
     multiplier = lr_multiplier(config.lr_scheduler, config.steps, config.warmup_steps)
     distributed.check_supported(config.optimizer, world)
     if world.main:
