@@ -72,6 +72,7 @@ NOT_HONOURED = (
     ("adam_epsilon", "zeroth-order", "a zeroth-order optimizer has no Adam moments (the hybrids' AdamW uses it)"),
     ("neftune_noise_alpha", "all", "NEFTune adds its noise to the embeddings in training mode only, and the step "
      "runs the model in eval() mode"),
+    ("debug", "private", "transformers' underflow/overflow detector prints the activations of a private batch"),
     ("label_smoothing_factor", "private", "a private step's loss is per_example_losses' plain cross-entropy (one "
      "loss per example, each clipped)"),
     ("max_grad_norm", "zeroth-order", "a zeroth-order step has no gradient to clip (a private run's per-example "
@@ -365,7 +366,43 @@ class ZOTrainerMixin:
                 self.optimizer.impl.config.max_grad_norm = self.args.max_grad_norm or None  # with Adam's settings
                 for group in self.optimizer.impl.fo.param_groups:
                     group.update(betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+            self._say_table_values()
         return self.optimizer
+
+    def _say_table_values(self) -> None:
+        """One warning naming the values taken from slimtune's defaults table (as the CLI prints what it resolved):
+        a learning_rate left at transformers' default (5e-05, the tutorials' value) is read as unset."""
+        settings, table = self.optimizer.settings, []
+        if self.zo_args.lr is None and not self._lr_was_set():
+            table.append(f"lr {settings['lr']:g} (TrainingArguments.learning_rate is at transformers' default "
+                         f"{self.args.learning_rate:g}, read as unset; set ZOArguments.lr to choose)")
+        if self.zo_args.eps is None and settings.get("eps") is not None:
+            table.append(f"eps {settings['eps']:g}")
+        if table:
+            import warnings
+            warnings.warn(f"ZOTrainer: {self.zo_args.optimizer}+{settings['peft']} takes {', '.join(table)} from "
+                          "slimtune's defaults table", stacklevel=3)
+
+    def _table_warmup_steps(self, num_training_steps: int) -> int:
+        """The defaults table's warm-up where the trainer's is unset (warmup_steps and warmup_ratio at 0), as the CLI
+        takes it: int(warmup_ratio x steps) (the hybrids warm up their AdamW part)."""
+        if self.args.warmup_steps or getattr(self.args, "warmup_ratio", 0) or self.optimizer is None:
+            return 0
+        table = getattr(self.zo_optimizer(), "defaults_used", None)
+        return int(getattr(table, "warmup_ratio", 0.0) * num_training_steps)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """transformers' scheduler, with the defaults table's warm-up where the trainer sets none."""
+        if self.lr_scheduler is None:
+            warmup = self._table_warmup_steps(num_training_steps)
+            if warmup:
+                from transformers import get_scheduler
+                self.lr_scheduler = get_scheduler(
+                    self.args.lr_scheduler_type, optimizer=self.optimizer if optimizer is None else optimizer,
+                    num_warmup_steps=warmup, num_training_steps=num_training_steps,
+                    scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+                self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def zo_optimizer(self) -> ZerothOrderOptimizer:
         """The slimtune optimizer inside accelerate's wrapper."""
@@ -583,14 +620,23 @@ def training_keys(train) -> set[str]:
         row = train[i]
         keys.add(_row_key(row))
         if isinstance(row, dict) and "input_ids" in row and "labels" in row:
-            ids, labels = _as_list(row["input_ids"]), _as_list(row["labels"])
+            ids, labels, shown = _as_list(row["input_ids"]), _as_list(row["labels"]), _attended(row)
             if len(ids) == len(labels) and -100 in labels:
-                keys.add(_row_key({"input_ids": [t for t, l in zip(ids, labels) if l == -100]}))
+                keys.add(_row_key({"input_ids": [t for t, l, a in zip(ids, labels, shown) if l == -100 and a]}))
     return keys
 
 
 def _as_list(value) -> list:
     return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+def _attended(row: dict) -> list[bool]:
+    """Which of a tokenized row's positions the model attends to (its attention_mask; every position without one):
+    padding is not part of the row (a padded copy of a training row scores exactly as the row)."""
+    ids = _as_list(row["input_ids"])
+    mask = row.get("attention_mask")
+    mask = _as_list(mask) if mask is not None else None
+    return [bool(m) for m in mask] if mask is not None and len(mask) == len(ids) else [True] * len(ids)
 
 
 def _row_key(row) -> str:
@@ -603,8 +649,8 @@ def _row_key(row) -> str:
     from slimtune.train.objectives import overlap_key
 
     if isinstance(row, dict):
-        if "input_ids" in row:
-            row = {"input_ids": _as_list(row["input_ids"])}
+        if "input_ids" in row:  # the attended tokens: a padded copy of a row is that row
+            row = {"input_ids": [t for t, a in zip(_as_list(row["input_ids"]), _attended(row)) if a]}
         else:
             row = {k: v for k, v in row.items() if k not in NOT_SHOWN and not isinstance(v, numbers.Number)}
 
