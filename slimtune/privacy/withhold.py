@@ -1,7 +1,7 @@
 """What a private step may say: nothing about its batch. Inside `withheld`, warnings are dropped, every logger is
-silenced and Python's stdout and stderr are discarded (a library's print, such as transformers' underflow detector's
-report of a batch's activations) (a truncation count, a shape or the tokenizer's "sequence length is longer than ... (36 > 5)" names rows or
-the realised Poisson batch size, and saying it during a step says which batch held the row), and an exception other
+silenced and Python's stdout and stderr are discarded (a truncation count, a shape, the tokenizer's "sequence length
+is longer than ... (36 > 5)" or transformers' underflow detector's activations name rows or the realised Poisson
+batch size, and saying it during a step says which batch held the row), and an exception other
 than slimtune's own (whose messages name settings and released values only) becomes a one-line SlimtuneError without
 its text, which may hold rows. Everything that touches a private batch runs inside it: `slimtune train`'s private
 steps, the private Hugging Face trainer's collation and steps, and private federated clients' local steps.
