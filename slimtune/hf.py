@@ -126,8 +126,12 @@ class ZOArguments:
     clip_multiplier: float | None = None
     mechanism: str | None = None  # gaussian, laplace
     accountant: str | None = None  # rdp, pld
+    warmup_steps: int | None = None  # None: TrainingArguments' warm-up if set, else the defaults table's; 0: none
 
     def __post_init__(self) -> None:
+        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or
+                                              not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise SlimtuneError(f"ZOArguments: warmup_steps={self.warmup_steps!r}: a whole number of steps, 0 or more")
         if self.optimizer not in OPTIMIZERS:
             raise SlimtuneError(f"ZOArguments: optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)} "
                                 "(first-order optimizers are transformers' own: use Trainer)")
@@ -153,8 +157,9 @@ class ZOArguments:
         return {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY} - {"dataset_size", "batch_size", "steps"}
 
     def given(self) -> dict:
+        """The optimizer's settings given here (not `optimizer` itself, nor the trainer's `warmup_steps`)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "optimizer" and getattr(self, f.name) is not None}
+                if f.name not in ("optimizer", "warmup_steps") and getattr(self, f.name) is not None}
 
     def build(self, model: torch.nn.Module, *, lr: float | None, weight_decay: float, seed: int,
               dataset_size: int | None = None, batch_size: int | None = None,
@@ -292,13 +297,21 @@ class ZOTrainerMixin:
             for split in evaluation.values():
                 self._check_held_out(split)
             return
-        shared = shares_rows(self.train_dataset, evaluation, self._training_row_keys())
+        shared = shares_rows(self.train_dataset, evaluation, self._training_row_keys(), self._pad_id())
         if shared:
             raise SlimtuneError("eval_dataset shares rows with train_dataset: a private run's evaluations would "
                                 "be computed on training rows without noise; give held-out data")
         if shared is None:
             raise SlimtuneError("eval_dataset cannot be compared with train_dataset row by row (not indexable): a "
                                 "private run evaluates only on data shown to be held out; give a map-style dataset")
+
+    def _pad_id(self) -> int | None:
+        """The tokenizer's pad token id (the trainer's processing_class, or its collator's tokenizer), if any."""
+        for tokenizer in (getattr(self, "processing_class", None), getattr(self.data_collator, "tokenizer", None)):
+            pad = getattr(tokenizer, "pad_token_id", None)
+            if isinstance(pad, int):
+                return pad
+        return None
 
     def _training_row_keys(self) -> set | None:
         """`training_keys` of the training dataset, kept while it is the same object of the same length (None: not
@@ -308,7 +321,7 @@ class ZOTrainerMixin:
         try:
             if kept is None or kept[0] is not train or kept[1] != len(train):
                 with silenced():  # reading every training row (a set_transform tokenizer) may warn about one
-                    kept = (train, len(train), training_keys(train))
+                    kept = (train, len(train), training_keys(train, self._pad_id()))
         except (TypeError, KeyError, IndexError, NotImplementedError, AttributeError):
             return None
         self.__dict__["_train_row_keys"] = kept
@@ -372,36 +385,50 @@ class ZOTrainerMixin:
     def _say_table_values(self) -> None:
         """One warning naming the values taken from slimtune's defaults table (as the CLI prints what it resolved):
         a learning_rate left at transformers' default (5e-05, the tutorials' value) is read as unset."""
-        settings, table = self.optimizer.settings, []
+        settings, table, given = self.optimizer.settings, [], self.zo_args.given()
         if self.zo_args.lr is None and not self._lr_was_set():
             table.append(f"lr {settings['lr']:g} (TrainingArguments.learning_rate is at transformers' default "
                          f"{self.args.learning_rate:g}, read as unset; set ZOArguments.lr to choose)")
         if self.zo_args.eps is None and settings.get("eps") is not None:
             table.append(f"eps {settings['eps']:g}")
+        defaults = getattr(self.optimizer, "defaults_used", None)
+        for name, value in getattr(defaults, "extra", ()):  # the method's own (hybrid's fo_lr, HiZOO's alpha, ...)
+            if name not in given and settings.get(name) == value:
+                table.append(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}")
         if table:
             import warnings
             warnings.warn(f"ZOTrainer: {self.zo_args.optimizer}+{settings['peft']} takes {', '.join(table)} from "
                           "slimtune's defaults table", stacklevel=3)
 
-    def _table_warmup_steps(self, num_training_steps: int) -> int:
-        """The defaults table's warm-up where the trainer's is unset (warmup_steps and warmup_ratio at 0), as the CLI
-        takes it: int(warmup_ratio x steps) (the hybrids warm up their AdamW part)."""
+    def _warmup_steps(self, num_training_steps: int) -> tuple[int | None, bool]:
+        """(warm-up steps, taken from the defaults table): ZOArguments.warmup_steps if given (0: none); else None (the
+        trainer's own) where TrainingArguments sets warmup_steps or warmup_ratio; else the table's, as the CLI takes
+        it: int(warmup_ratio x steps) (the hybrids warm up their AdamW part)."""
+        if self.zo_args.warmup_steps is not None:
+            return self.zo_args.warmup_steps, False
         if self.args.warmup_steps or getattr(self.args, "warmup_ratio", 0) or self.optimizer is None:
-            return 0
+            return None, False
         table = getattr(self.zo_optimizer(), "defaults_used", None)
-        return int(getattr(table, "warmup_ratio", 0.0) * num_training_steps)
+        steps = int(getattr(table, "warmup_ratio", 0.0) * num_training_steps)
+        return (steps, True) if steps else (None, False)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """transformers' scheduler, with the defaults table's warm-up where the trainer sets none."""
+        """transformers' scheduler, with ZOArguments' warm-up, else the defaults table's where the trainer sets
+        none (a warning says so)."""
         if self.lr_scheduler is None:
-            warmup = self._table_warmup_steps(num_training_steps)
-            if warmup:
+            warmup, from_table = self._warmup_steps(num_training_steps)
+            if warmup is not None:
                 from transformers import get_scheduler
                 self.lr_scheduler = get_scheduler(
                     self.args.lr_scheduler_type, optimizer=self.optimizer if optimizer is None else optimizer,
                     num_warmup_steps=warmup, num_training_steps=num_training_steps,
                     scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
                 self._created_lr_scheduler = True
+            if from_table:
+                import warnings
+                warnings.warn(f"ZOTrainer: {self.zo_args.optimizer} warms up over {warmup} of {num_training_steps} "
+                              "steps, from slimtune's defaults table (TrainingArguments' warmup_steps and "
+                              "warmup_ratio are unset; ZOArguments.warmup_steps=0 for none)", stacklevel=2)
         return super().create_scheduler(num_training_steps, optimizer)
 
     def zo_optimizer(self) -> ZerothOrderOptimizer:
@@ -592,18 +619,18 @@ class ZOTrainerMixin:
         super().log(logs, start_time)
 
 
-def shares_rows(train, evaluation, train_keys: set | None = None) -> bool | None:
+def shares_rows(train, evaluation, train_keys: set | None = None, pad_id: int | None = None) -> bool | None:
     """Whether two datasets hold a common row (the same object, or equal rows by content; eval datasets of several
     splits, a dict, are each checked). None: they cannot be compared row by row (not indexable). `train_keys`: the
     training rows' `training_keys`, if already computed."""
     if isinstance(evaluation, dict):
-        answers = [shares_rows(train, d, train_keys) for d in evaluation.values()]
+        answers = [shares_rows(train, d, train_keys, pad_id) for d in evaluation.values()]
         return True if any(answers) else (None if None in answers else False)
     if evaluation is train:
         return True
     try:
-        seen = train_keys if train_keys is not None else training_keys(train)
-        return any(_row_key(evaluation[i]) in seen for i in range(len(evaluation)))
+        seen = train_keys if train_keys is not None else training_keys(train, pad_id)
+        return any(_row_key(evaluation[i], pad_id) in seen for i in range(len(evaluation)))
     except (TypeError, KeyError, IndexError, NotImplementedError, AttributeError):
         return None  # not indexable: unknown
 
@@ -611,23 +638,36 @@ def shares_rows(train, evaluation, train_keys: set | None = None) -> bool | None
 NOT_SHOWN = ("labels", "label", "label_ids", "attention_mask")  # columns a row's key leaves out (`_row_key`)
 
 
-def training_keys(train) -> set[str]:
+def training_keys(train, pad_id: int | None = None) -> set[str]:
     """`_row_key` of every training row, and of the prompt of each tokenized one (its input_ids where labels is
     -100, the tokens before its target): scoring a training prompt alone, for predict(), says what the model learned
     of that row too."""
     keys = set()
     for i in range(len(train)):
         row = train[i]
-        keys.add(_row_key(row))
+        keys.add(_row_key(row, pad_id))
         if isinstance(row, dict) and "input_ids" in row and "labels" in row:
             ids, labels, shown = _as_list(row["input_ids"]), _as_list(row["labels"]), _attended(row)
             if len(ids) == len(labels) and -100 in labels:
-                keys.add(_row_key({"input_ids": [t for t, l, a in zip(ids, labels, shown) if l == -100 and a]}))
+                prompt = [t for t, l, a in zip(ids, labels, shown) if l == -100 and a]
+                keys.add(_row_key({"input_ids": prompt}, pad_id))
     return keys
 
 
 def _as_list(value) -> list:
     return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+def _unpadded(ids: list, pad_id: int | None) -> list:
+    """`ids` without runs of the pad token at either end (a copy padded without an attention mask is the row)."""
+    if pad_id is None:
+        return ids
+    start, end = 0, len(ids)
+    while start < end and ids[start] == pad_id:
+        start += 1
+    while end > start and ids[end - 1] == pad_id:
+        end -= 1
+    return ids[start:end]
 
 
 def _attended(row: dict) -> list[bool]:
@@ -639,7 +679,7 @@ def _attended(row: dict) -> list[bool]:
     return [bool(m) for m in mask] if mask is not None and len(mask) == len(ids) else [True] * len(ids)
 
 
-def _row_key(row) -> str:
+def _row_key(row, pad_id: int | None = None) -> str:
     """A row as text, its strings compared up to case and spacing as the CLI's and the federated checks do; of a dict
     row, what the model is shown. A tokenized row (input_ids) is its tokens alone: transformers drops the columns the
     model's forward does not take (a `text` column a `map(tokenize)` kept, an `idx`), and labels and the attention
@@ -649,8 +689,9 @@ def _row_key(row) -> str:
     from slimtune.train.objectives import overlap_key
 
     if isinstance(row, dict):
-        if "input_ids" in row:  # the attended tokens: a padded copy of a row is that row
-            row = {"input_ids": [t for t, a in zip(_as_list(row["input_ids"]), _attended(row)) if a]}
+        if "input_ids" in row:  # the attended tokens, less padding at either end: a padded copy of a row is it
+            row = {"input_ids": _unpadded([t for t, a in zip(_as_list(row["input_ids"]), _attended(row)) if a],
+                                          pad_id)}
         else:
             row = {k: v for k, v in row.items() if k not in NOT_SHOWN and not isinstance(v, numbers.Number)}
 

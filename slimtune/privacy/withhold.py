@@ -9,7 +9,6 @@ steps, the private Hugging Face trainer's collation and steps, and private feder
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
 import threading
@@ -18,9 +17,10 @@ from contextlib import contextmanager
 
 from slimtune import SlimtuneError
 
-_silence = {"depth": 0, "previous": logging.NOTSET}  # logging and sys.std* are process-wide: the outermost block
-# restores them
+_silence = {"depth": 0, "previous": logging.NOTSET}  # logging and warnings are process-wide: the outermost block
+# (of any thread) restores them
 _silence_lock = threading.Lock()
+_inside = threading.local()  # this thread's depth of private blocks: its prints are dropped while above 0
 
 
 @contextmanager
@@ -40,38 +40,68 @@ def withheld(failure: str, hint: str = ""):
 @contextmanager
 def silenced():
     """No warning, no log line and no print while inside; exceptions pass unchanged (for code that reads every
-    training row outside a step, such as the private trainer's held-out check, whose own errors name no row)."""
-    with warnings.catch_warnings(), _silent_logging():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@contextmanager
-def _silent_logging():
-    """Every logger of every library off (logging.disable) and sys.stdout / sys.stderr discarded while any block is
-    inside, back after the last one leaves (blocks may nest, or overlap in threads)."""
+    training row outside a step, such as the private trainer's held-out check, whose own errors name no row).
+    Logging and warnings are off for the whole process while any thread is inside (they are process-wide), back as
+    they were when the last block leaves; what this thread writes to sys.stdout / sys.stderr is dropped (other
+    threads' prints, a progress display's, pass: a thread the block starts is not silenced)."""
+    _install_stream_filters()
     with _silence_lock:
         if _silence["depth"] == 0:
             _silence["previous"] = logging.root.manager.disable
             logging.disable(logging.CRITICAL)
-            _silence["streams"] = (sys.stdout, sys.stderr)
-            sys.stdout = sys.stderr = _Discard()
+            _silence["filters"] = warnings.filters[:]
+            warnings.simplefilter("ignore")
         _silence["depth"] += 1
+    _inside.depth = getattr(_inside, "depth", 0) + 1
     try:
         yield
     finally:
+        _inside.depth -= 1
         with _silence_lock:
             _silence["depth"] -= 1
             if _silence["depth"] == 0:
                 logging.disable(_silence["previous"])
-                sys.stdout, sys.stderr = _silence.pop("streams")
+                warnings.filters[:] = _silence.pop("filters")
+                warnings._filters_mutated()
 
 
-class _Discard(io.TextIOBase):
-    """A text stream that keeps nothing (what a private step prints goes nowhere)."""
+def unsilenced(stream):
+    """The stream under this module's filter (sys.stderr for a message that must reach the user even from inside a
+    private block, such as the Ctrl-C handler's acknowledgement, which names no row)."""
+    while isinstance(stream, _PrivateAware):
+        stream = stream.wrapped
+    return stream
 
-    def writable(self) -> bool:
-        return True
+
+def _install_stream_filters() -> None:
+    """sys.stdout and sys.stderr as _PrivateAware filters over what they are now (once per stream object; never
+    taken out again, so a redirect made and undone by another thread meanwhile cannot leave a stream dropped)."""
+    with _silence_lock:
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if stream is not None and not isinstance(stream, _PrivateAware):
+                setattr(sys, name, _PrivateAware(stream))
+
+
+class _PrivateAware:
+    """A text stream that passes writes to `wrapped` except from a thread inside a private block (dropped); every
+    other attribute is the wrapped stream's (fileno, buffer, encoding, isatty)."""
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
 
     def write(self, text: str) -> int:
-        return len(text)
+        if getattr(_inside, "depth", 0):
+            return len(text)
+        return self.wrapped.write(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not getattr(_inside, "depth", 0):
+            self.wrapped.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.wrapped, name)

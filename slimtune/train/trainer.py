@@ -741,7 +741,8 @@ class _stop_on_interrupt:
         self.hits += 1
         if self.hits > 1:
             raise KeyboardInterrupt
-        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        from slimtune.privacy.withhold import unsilenced  # acknowledged also from inside a private step
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=unsilenced(sys.stderr), flush=True)
 
     def __exit__(self, *exc):
         import signal
