@@ -84,7 +84,7 @@ def test_a_capped_node_refuses_a_lora_rank_that_fills_its_memory(demo_paths, mon
     def no_build(cfg, *a, **k):
         raise AssertionError(f"the node built a model with lora_r {cfg.lora_r}")
 
-    monkeypatch.setattr(client_app, "build_model", no_build)
+    monkeypatch.setattr(client_app, "build_model_and_split", no_build)
     client_app._setup.cache_clear()
     cfg = make_cfg(demo_paths, bits=8, local_steps=1, max_length=64, batch_size=8)
     caps = {"data-path": demo_paths[0], "max-local-steps": 1, "max-batch-size": 8, "max-length": 64}
@@ -169,7 +169,7 @@ def test_weighting_examples_is_not_silently_ignored_under_client_level_dp(demo_p
 def test_a_node_that_pins_its_model_refuses_another(demo_paths, monkeypatch):
     """The server names the model the node loads (its size is the node's memory); a node pins it with model=..."""
     import slimtune.federated.client_app as client_app
-    monkeypatch.setattr(client_app, "build_model", lambda cfg, *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(client_app, "build_model_and_split", lambda cfg, *a, **k: (_ for _ in ()).throw(
         AssertionError(f"the node built {cfg.model}")))
     client_app._setup.cache_clear()
     cfg = make_cfg(demo_paths, bits=8, local_steps=1)

@@ -48,8 +48,8 @@ def run_generate(s: GenerateSettings):
     """Generate completions with a model and (optionally) a trained adapter."""
     from slimtune.cli import console, fail
     from slimtune.generation.decode import DecodeSettings, generate_texts, stream_generate
-    from slimtune.models.loading import check_positions
     from slimtune.generation.prompts import prompt_texts, read_prompt_items, render_prompts
+    from slimtune.models.loading import check_prompt_and_new_tokens, max_positions
 
     try:
         learned = s.learned_generation_prompt() or {}
@@ -60,11 +60,16 @@ def run_generate(s: GenerateSettings):
         if unused and any(isinstance(item, list) for item in items):
             raise SlimtuneError(f"{unused[0]}: {s.input} holds conversations (`messages` rows), which are rendered "
                                 f"with the model's chat template as they are; leave {unused[0]} out")
-        template = learned_template(s, learned, column, items)
+        template, note = learned_template(s, learned, column, items)
         dev = resolve_device(s.device)
         m, tok = load_for_inference(s.model, s.adapter, dev, prompt_texts(items))
         # the default --max-length (1024) is cut to fit the model (decode.prompt_room); a given one must fit
-        check_positions(m, s.max_length if s.given("max_length") else 1, s.max_new_tokens)
+        # (GenerateSettings.check did so from the config where it could be read without loading)
+        check_prompt_and_new_tokens(max_positions(m), s.max_length if s.given("max_length") else None,
+                                    s.max_new_tokens)
+        if note:
+            from slimtune.cli import errors
+            errors.print(note, soft_wrap=True, highlight=False, markup=False)
         prompts = render_prompts(items, tok, s.template, column, s.chat, template)
         settings = DecodeSettings(s.max_new_tokens, s.num_beams, s.batch_size, s.max_length)
         if s.prompt is not None and s.num_beams == 1 and not s.output:
@@ -83,22 +88,22 @@ def run_generate(s: GenerateSettings):
             print(o, flush=True)
 
 
-def learned_template(s: GenerateSettings, learned: dict, column: str | None, items: list) -> str | None:
-    """The template a generation adapter learned, over `column`, for the plain prompts it wraps where --template is
-    left out; said on stderr (with how to send prompts as they are), since it changes what the model is given."""
-    from slimtune.cli import errors
+def learned_template(s: GenerateSettings, learned: dict, column: str | None, items: list) -> tuple[str | None,
+                                                                                                   str | None]:
+    """(the template a generation adapter learned, over `column`, for the plain prompts it wraps where --template is
+    left out; the note to say on stderr once the checks pass, with how to send prompts as they are, since it changes
+    what the model is given)."""
     from slimtune.generation.data import generation_task
     from slimtune.generation.prompts import WrittenPrompt
 
     if s.template is not None or not learned.get("template"):
-        return None
+        return None, None
     template = generation_task(column, None, None, learned).template
     wrapped = [item for item in items if isinstance(item, str) and not isinstance(item, WrittenPrompt)]
     if wrapped and template != "{" + (column or "input") + "}":
-        errors.print(f"note: prompts go through the template the adapter learned, {template!r} (from "
-                     f"{s.recorded[1]}); --template '{{{column or 'input'}}}' sends them as they are",
-                     soft_wrap=True, highlight=False, markup=False)
-    return template
+        return template, (f"note: prompts go through the template the adapter learned, {template!r} (from "
+                          f"{s.recorded[1]}); --template '{{{column or 'input'}}}' sends them as they are")
+    return template, None
 
 
 def load_for_inference(model: str, adapter: str | None, device: str, texts: list[str]):

@@ -34,10 +34,12 @@ def unique_keys(pairs: list) -> dict:
     return seen
 
 
-def read_text(path: str | Path) -> str:
-    """A text file's contents (a prompt list, a config file); not UTF-8 is a one-line error."""
+def read_text(path: str | Path, newline: str | None = None) -> str:
+    """A text file's contents (a prompt list, a config file); not UTF-8 is a one-line error. `newline`: as open()'s
+    ("" keeps every line end as written; None turns \r\n and a bare \r into \n)."""
     try:
-        return Path(path).read_text(encoding=ENCODING)
+        with open(path, encoding=ENCODING, newline=newline) as f:
+            return f.read()
     except UnicodeDecodeError as exc:
         raise SlimtuneError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 

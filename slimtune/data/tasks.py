@@ -57,6 +57,8 @@ def text_field(row: dict, key: str, where: str, allow_empty: bool = False) -> st
         raise SlimtuneError(f"{where}: field {key!r} is not text ({JSON_KINDS.get(type(value), type(value).__name__)})")
     if not allow_empty and not value.strip():
         raise SlimtuneError(f"{where}: field {key!r} is empty")
+    if "\x00" in value:
+        raise SlimtuneError(f"{where}: field {key!r} holds a NUL byte (a damaged file?)")
     return value
 
 

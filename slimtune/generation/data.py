@@ -111,6 +111,10 @@ def check_conversation(row: dict, where: str, target: bool = True) -> list[dict]
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise SlimtuneError(f"{where}: field 'messages[{i}]' needs a role ({', '.join(ROLES)}) and text content")
+        if not m["content"].strip():
+            raise SlimtuneError(f"{where}: field 'messages[{i}]': empty content")
+        if "\x00" in m["content"]:
+            raise SlimtuneError(f"{where}: field 'messages[{i}]': a NUL byte (a damaged file?)")
     if target and messages[-1]["role"] != "assistant":
         raise SlimtuneError(f"{where}: field 'messages': the last message must be the assistant's (the target)")
     if messages[-1]["role"] == "assistant" and len(messages) < 2:

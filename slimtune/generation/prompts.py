@@ -55,7 +55,16 @@ def _read(source: str, column: str | None, learned_column: str | None = None) ->
         if not path.exists():
             raise SlimtuneError(f"{source}: file not found")
         # one prompt a line: only \n (and \r\n) end one; str.splitlines would also split at a form feed, U+2028, ...
-        lines = [line.removesuffix("\r") for line in read_text(path).split("\n") if line.strip()]
+        lines = []
+        for number, line in enumerate(read_text(path, newline="").split("\n"), 1):
+            line = line.removesuffix("\r")
+            if "\x00" in line:
+                raise SlimtuneError(f"{source}:{number}: a NUL byte (a damaged file, or UTF-16 saved as text?)")
+            if "\r" in line:
+                raise SlimtuneError(f"{source}:{number}: a carriage return inside the line; prompts end at \\n "
+                                    "(save the file with Unix or Windows line ends)")
+            if line.strip():
+                lines.append(line)
         if not lines:
             raise SlimtuneError(f"{source}: no prompts (file is empty)")
         return lines

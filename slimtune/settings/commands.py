@@ -121,6 +121,11 @@ def adopt_recorded_prompt(s: EvalSettings) -> None:
     if s.recorded is None:
         return
     record, source = s.recorded
+    kind = {True: "generation", False: "classification"}
+    if s.given("task") and (s.task == "generation") != (record["task"] == "generation"):
+        raise SlimtuneError(f"--task {s.task}: {source} records a {kind[record['task'] == 'generation']} model (task "
+                            f"{record['task']!r}), which learned no {kind[s.task == 'generation']} prompt; leave "
+                            "--task out, or give a task of its kind")
     if record["task"] == "generation":
         check_generation_record(record, source)
         return  # the objective fills the prompt settings left out (learned_generation_prompt)
@@ -172,6 +177,9 @@ class GenerateSettings(UsesRecordedPrompt, Settings):
         check_model(self.model)
         if self.adapter is not None:
             check_adapter_and_model(self.adapter, self.model, self.given("model"))
+        from slimtune.models.loading import check_prompt_and_new_tokens, model_positions
+        check_prompt_and_new_tokens(model_positions(self.model), self.max_length if self.given("max_length") else None,
+                                    self.max_new_tokens)  # before any work, where the config says without loading
         learned = self.learned_generation_prompt()
         if learned is not None:
             check_generation_record(learned, self.recorded[1])
