@@ -194,7 +194,7 @@ def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=N
                "server_optimizer": cfg.server_optimizer, "server_lr": cfg.server_lr,
                "server_average": cfg.server_average, "server_lr_scheduler": cfg.server_lr_scheduler,
                "final_iterate_accuracy": last.get("iterate_accuracy"),
-               "task": cfg.task, "final_accuracy": last.get("server_accuracy"),
+               "task": cfg.task, "model": cfg.model, "final_accuracy": last.get("server_accuracy"),
                "client_visible_accuracy": last.get("client_visible_accuracy"),
                "initial_accuracy": rounds[0].get("server_accuracy"),
                "final_eval_loss": last.get("server_loss"), "client_visible_loss": last.get("client_visible_loss"),

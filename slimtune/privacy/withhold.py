@@ -66,32 +66,63 @@ def silenced():
 
 
 def unsilenced(stream):
-    """The stream under this module's filter (sys.stderr for a message that must reach the user even from inside a
-    private block, such as the Ctrl-C handler's acknowledgement, which names no row)."""
-    while isinstance(stream, _PrivateAware):
-        stream = stream.wrapped
-    return stream
+    """The stream under this module's filter (and under a progress display's proxy over it): sys.stderr for a
+    message that must reach the user even from inside a private block, such as the Ctrl-C handler's
+    acknowledgement, which names no row."""
+    while True:
+        if isinstance(stream, _PrivateAware):
+            stream = stream.wrapped
+        elif getattr(stream, "rich_proxied_file", None) is not None:  # rich Live's FileProxy over sys.std*
+            stream = stream.rich_proxied_file
+        else:
+            return stream
 
 
 def _install_stream_filters() -> None:
     """sys.stdout and sys.stderr as _PrivateAware filters over what they are now (once per stream object; never
-    taken out again, so a redirect made and undone by another thread meanwhile cannot leave a stream dropped)."""
+    taken out again, so a redirect made and undone by another thread meanwhile cannot leave a stream dropped), and
+    threads started from inside a private block marked as its own (`_started_privately`)."""
     with _silence_lock:
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
             if stream is not None and not isinstance(stream, _PrivateAware):
                 setattr(sys, name, _PrivateAware(stream))
+        if threading.Thread.start is not _start:
+            _silence["thread_start"] = threading.Thread.start
+            threading.Thread.start = _start
+
+
+def _start(self, *args, **kwargs):
+    """threading.Thread.start, marking a thread started from inside a private block (or by such a thread: a thread
+    pool a collator or a forward pass starts) as private: its writes are dropped while any block is active."""
+    if getattr(_inside, "depth", 0) or getattr(threading.current_thread(), "_slimtune_private", False):
+        self._slimtune_private = True
+    return _silence["thread_start"](self, *args, **kwargs)
+
+
+def _dropped() -> bool:
+    """Whether this thread's write goes nowhere: it is inside a private block, or a block is active anywhere and the
+    thread was started from one or is not Python's (a C++ thread running Python code: autograd's device threads run
+    backward hooks). Threads that were running before (a progress display's, a server's) pass."""
+    if getattr(_inside, "depth", 0):
+        return True
+    if not _silence["depth"]:
+        return False
+    thread = threading.current_thread()
+    return getattr(thread, "_slimtune_private", False) or isinstance(thread, threading._DummyThread)
 
 
 class _PrivateAware:
-    """A text stream that passes writes to `wrapped` except from a thread inside a private block (dropped); every
-    other attribute is the wrapped stream's (fileno, buffer, encoding, isatty)."""
+    """A text stream that passes writes to `wrapped` except where `_dropped`; every other attribute is the wrapped
+    stream's (fileno, buffer, encoding, isatty)."""
 
     def __init__(self, wrapped):
         self.wrapped = wrapped
 
     def write(self, text: str) -> int:
-        if getattr(_inside, "depth", 0):
+        if not isinstance(text, str):  # as a text stream, also while dropping (click probes with b"" once)
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if _dropped():
             return len(text)
         return self.wrapped.write(text)
 
@@ -100,8 +131,10 @@ class _PrivateAware:
             self.write(line)
 
     def flush(self) -> None:
-        if not getattr(_inside, "depth", 0):
+        if not _dropped():
             self.wrapped.flush()
 
     def __getattr__(self, name):
+        if name == "wrapped" or name.startswith("__"):  # an instance made without __init__ (copy, pickle)
+            raise AttributeError(name)
         return getattr(self.wrapped, name)

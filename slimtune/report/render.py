@@ -28,6 +28,7 @@ COLUMNS = [
     ("ROUGE-L (best)", "best_rougeL", lambda v: f"{v:.1f}"),
     ("epsilon", "epsilon", lambda v: f"{v:.2f}"),
     ("delta", "delta", lambda v: f"{v:.0e}"),
+    ("local epsilon", "local_epsilon", lambda v: f"{v:.2f}"),  # federated: every client's bound (local DP)
     ("bytes communicated", "bytes_communicated", lambda v: _bytes(v)),
 ]
 IDENTITY = ("run", "method", "PEFT")  # shown for every run, even empty
@@ -108,7 +109,8 @@ def _shortest_suffix(parts: tuple[str, ...], rivals: list[tuple[str, ...]]) -> s
 
 
 SUMMARY_NUMBERS = ("trainable_params", "peak_mem_mb", "time_per_step_s", "steps", "final_accuracy", "best_accuracy",
-                   "best_eval_loss", "best_bleu", "best_rougeL", "epsilon", "delta", "bytes_communicated")
+                   "best_eval_loss", "best_bleu", "best_rougeL", "epsilon", "delta", "local_epsilon",
+                   "bytes_communicated")
 PLOTTED = ("eval_accuracy", "eval_loss", "eval_bleu")  # the metrics rows the plots read, with their step
 
 
@@ -125,6 +127,9 @@ def _check_summary(path: Path, summary: dict) -> None:
     for key in SUMMARY_NUMBERS:
         if summary.get(key) is not None and not _number(summary[key]):
             raise SlimtuneError(f"{path}: field {key!r} is {summary[key]!r}, not a number")
+    for key in ("epsilon", "local_epsilon"):
+        if summary.get(key) is not None and not 0 <= summary[key] < float("inf"):
+            raise SlimtuneError(f"{path}: field {key!r} is {summary[key]!r}, not a privacy budget (0 or more)")
 
 
 def _checked_metrics(path: Path) -> list[dict]:
@@ -214,8 +219,9 @@ def _terminal_table(summaries: list[dict], title: str):
     table = Table(title=escape(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
     for i in keep:
         header = COLUMNS[i][0]
+        width = min(max(len(row[i]) for row in rows), 20) if header == "run" else None  # a name stays legible
         table.add_column(TERMINAL_HEADERS.get(header, header), justify="left" if header in TEXT else "right",
-                         overflow="fold", no_wrap=header != "run")  # only a long run name folds
+                         overflow="fold", no_wrap=header != "run", min_width=width)  # only a long run name folds
     for row in rows:
         table.add_row(*(escape(row[i]) for i in keep))  # names and fields as they are, not markup
     return table
@@ -261,7 +267,7 @@ def _plots(runs: list[RunData], out: Path) -> list[Path]:
              if any(m.get(key) is not None for r in runs for m in r.metrics)]
     if any(_has(r, "peak_mem_mb", "final_accuracy") for r in runs):
         paths.append(_memory_plot(runs, labels, out / "accuracy_vs_memory.png"))
-    if any(_has(r, "epsilon", "final_accuracy") for r in runs):  # only meaningful with a private run's accuracy
+    if any(_has(r, "epsilon", "final_accuracy") or _has(r, "local_epsilon", "final_accuracy") for r in runs):
         paths.append(_epsilon_plot(runs, labels, out / "accuracy_vs_epsilon.png"))
     return paths
 
@@ -269,7 +275,8 @@ def _plots(runs: list[RunData], out: Path) -> list[Path]:
 def _labels(runs: list[RunData]) -> list[str]:
     """Returns each run's legend label: its name, with its task when the runs are on several tasks."""
     several = len({r.summary.get("task") for r in runs}) > 1
-    return [f"{r.name} ({r.summary.get('task') or '?'})" if several else r.name for r in runs]
+    labels = [f"{r.name} ({r.summary.get('task') or '?'})" if several else r.name for r in runs]
+    return [label.replace("$", r"\$") for label in labels]  # matplotlib reads $...$ as TeX
 
 
 def _has(run: RunData, *keys: str) -> bool:
@@ -282,12 +289,18 @@ def _curves(runs, labels, key, label, title, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    for r, name in zip(runs, labels):
+    for i, (r, name) in enumerate(zip(runs, labels)):
         evals = [m for m in r.metrics if m.get(key) is not None]
-        if evals:
-            ax.plot([m["step"] for m in evals], [m[key] for m in evals], marker="o", label=name)
+        if evals:  # 20 colours; past them another marker and line style, so every run has its own look
+            ax.plot([m["step"] for m in evals], [m[key] for m in evals], label=name, **_style(i))
     _finish(ax, "step", label, title)
     return _save(fig, path)
+
+
+def _style(i: int) -> dict:
+    """Returns the i-th run's marker and line style (a new pair every 20 runs, the colour cycle's length)."""
+    markers, lines = "os^Dv<>pP*", ("-", "--", ":", "-.")
+    return {"marker": markers[(i // 20) % len(markers)], "linestyle": lines[(i // 20) % len(lines)]}
 
 
 def _memory_plot(runs, labels, path: Path) -> Path:
@@ -310,9 +323,13 @@ def _epsilon_plot(runs, labels, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4))
     edge = _right_edge(runs)
     for r, name in zip(runs, labels):
-        x, y = r.summary.get("epsilon"), r.summary.get("final_accuracy")
-        if y is not None:
-            mark = "*" if logs_outside_guarantee(r.summary) else ""
+        x, y, local = r.summary.get("epsilon"), r.summary.get("final_accuracy"), r.summary.get("local_epsilon")
+        if y is None:
+            continue
+        mark = "*" if logs_outside_guarantee(r.summary) else ""
+        if x is None and local is not None:  # federated local DP: each client's bound, not the run's
+            ax.scatter([local], [y], s=60, label=f"{name} (per client)", marker="D")
+        else:
             ax.scatter([edge if x is None else x], [y], s=60, label=name + mark, marker="o" if x is not None else "s")
     ticks = [t for t in ax.get_xticks() if 0 <= t < edge * 0.9]
     ax.set_xticks(ticks + [edge], [f"{t:g}" for t in ticks] + ["non-private"])
@@ -322,8 +339,9 @@ def _epsilon_plot(runs, labels, path: Path) -> Path:
 
 
 def _right_edge(runs) -> float:
-    eps = [r.summary["epsilon"] for r in runs if r.summary.get("epsilon") is not None]
-    return (max(eps) * 1.5) if eps else 10.0
+    """Returns the x of the 'non-private' tick: right of every run's epsilon (and local epsilon), never at 0."""
+    eps = [r.summary[k] for r in runs for k in ("epsilon", "local_epsilon") if r.summary.get(k) is not None]
+    return max(max(eps) * 1.5, 1.0) if eps else 10.0
 
 
 def _finish(ax, xlabel, ylabel, title) -> None:
@@ -348,10 +366,15 @@ def _markdown(rows, plots, marked: bool = False) -> str:
     keep = _kept_columns(rows)
     headers = [COLUMNS[i][0] for i in keep]
     lines = ["# slimtune report", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row[i] for i in keep) + " |" for row in rows]
+    lines += ["| " + " | ".join(_md_cell(row[i]) for i in keep) + " |" for row in rows]
     lines += ["", FOOTNOTE] if marked else []
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    """Returns a table cell as Markdown reads it whole: '|' escaped, line ends as spaces."""
+    return " ".join(text.splitlines()).replace("|", "\\|")
 
 
 def _html(rows, plots, marked: bool = False) -> str:
