@@ -24,7 +24,8 @@ import torch
 from test_distributed_review import common, errors, launch
 
 
-def _dp_sgd_after_one_step(tiny):
+def dp_sgd_on_tiny(tiny):
+    """(the tiny model with LoRA, a DP-SGD optimizer over it, the closure of 4 rows' per-example losses)."""
     from slimtune.optim import OptimizerArgs, build_optimizer
     from slimtune.peft import PeftSettings, apply_peft
     from slimtune.privacy.accountant import PrivacySpec
@@ -37,7 +38,12 @@ def _dp_sgd_after_one_step(tiny):
     opt = build_optimizer("dp-sgd", model, OptimizerArgs(lr=1e-2), (spec, 1.0, 8, None))
     labels = label_token_ids(tok, get_task("sst2"))
     batch = encode(tok, examples[:4], 64)
-    opt.step(lambda: per_example_losses(model, batch, labels))
+    return model, opt, lambda: per_example_losses(model, batch, labels)
+
+
+def _dp_sgd_after_one_step(tiny):
+    model, opt, losses = dp_sgd_on_tiny(tiny)
+    opt.step(losses)
     return model
 
 

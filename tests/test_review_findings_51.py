@@ -31,21 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_failed_dp_sgd_step_leaves_no_activations_of_the_batch_on_the_model(tiny):
-    from slimtune.data import get_task
-    from slimtune.optim import OptimizerArgs, build_optimizer
-    from slimtune.peft import PeftSettings, apply_peft
-    from slimtune.privacy.accountant import PrivacySpec
-    from slimtune.train.classification import encode, label_token_ids, per_example_losses
-
-    model, tok, examples = tiny
-    model = apply_peft(model, PeftSettings("lora", 2))
-    spec = PrivacySpec(target_epsilon=None, delta=1e-3, noise_multiplier=1.0, clip=1.0, clipping="fixed")
-    opt = build_optimizer("dp-sgd", model, OptimizerArgs(lr=1e-2), (spec, 1.0, 8, None))
-    labels = label_token_ids(tok, get_task("sst2"))
-    batch = encode(tok, examples[:4], 64)
+    from test_review_findings_50 import dp_sgd_on_tiny
+    model, opt, losses = dp_sgd_on_tiny(tiny)
 
     def out_of_memory_after_the_forward():
-        per_example_losses(model, batch, labels)
+        losses()
         raise MemoryError("simulated: out of memory after the forward pass")
 
     with pytest.raises(MemoryError):
