@@ -51,6 +51,22 @@ def check_full_precision(named_params, optimizer: str) -> None:
                             "are for the zeroth-order optimizers")
 
 
+FLOAT32_ADAPTERS = ("lora", "pissa")  # PEFT methods whose weights peft keeps in float32 on a 16-bit base
+
+
+def dtype_refusal(optimizer: str, peft: str, dtype: str) -> str | None:
+    """Why `slimtune train` refuses this pair at this dtype before loading anything (check_full_precision's rule,
+    from the settings alone), or None: backprop (the first-order optimizers, the hybrids' top blocks) on 16-bit
+    trainable weights, which every PEFT method but LoRA / PiSSA (float32 adapters) and full training give."""
+    from slimtune.optim.methods import FIRST_ORDER, HYBRID
+
+    if dtype == "float32" or peft in FLOAT32_ADAPTERS or optimizer not in (*FIRST_ORDER, *HYBRID):
+        return None
+    return (f"--optimizer {optimizer} --peft {peft} --dtype {dtype}: backprop trains float32 weights (16-bit updates "
+            "round to the nearest value and most are lost); use --dtype float32, or --peft lora / pissa (float32 "
+            "adapters on a 16-bit base)")
+
+
 class FirstOrder(SlimOptimizer):
     """Mean loss, backward, torch optimizer step."""
 

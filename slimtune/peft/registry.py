@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +151,11 @@ def _tuner_class(model):
     return SVFitLinear if cfg.method == "svfit" else BottleneckAdapter
 
 
+PISSA_16BIT = ("PiSSA on a 16-bit base is saved as plain LoRA for the original base, which differs from the base it "
+               "trained on (the 16-bit rounding of W - B0 A0): the reloaded model's logits differ slightly (~1e-3 "
+               "on the test models) from the run's; train PiSSA in float32 for an exact adapter")
+
+
 def save_peft(model: nn.Module, directory: str | Path, work_dir: str | Path | None = None) -> None:
     """LoRA/PiSSA: peft's adapter_model.safetensors + adapter_config.json (PiSSA converted to LoRA so it loads on the
     original base). SVFit/adapter: slimtune_adapter.safetensors + JSON. Full fine-tuning: a transformers checkpoint."""
@@ -160,6 +166,8 @@ def save_peft(model: nn.Module, directory: str | Path, work_dir: str | Path | No
         init_dir = Path(work_dir) / PISSA_INIT_DIR if work_dir else None
         pissa = str(model.peft_config["default"].init_lora_weights).startswith("pissa")
         if pissa and init_dir is not None and init_dir.exists():  # never convert a plain LoRA with a stale init
+            if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters() if not p.requires_grad):
+                warnings.warn(PISSA_16BIT, stacklevel=2)
             model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(init_dir),
                                   save_embedding_layers=False)
         else:  # embeddings are never LoRA targets here; "auto" would look the base model up on the Hub

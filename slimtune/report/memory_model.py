@@ -350,8 +350,9 @@ def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: s
     runtime = runtime_mb(model, device, base_quant, held)  # read once: every row from the same process baseline
     rows = []
     for method in PLAN_PEFT if base_quant is None else ("lora",):
-        refused = peft_refusal(model, method, r)
+        rank_refusal = peft_refusal(model, method, r)
         for optimizer in PLAN_OPTIMIZERS:
+            refused = rank_refusal or dtype_refusal(optimizer, method, dtype)
             peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, targets,
                                              dtype=dtype, base_quant=base_quant, fo_layers=fo_layers, runtime=runtime)
             rows.append({"optimizer": optimizer, "peft": method, "trainable_params": trainable, "peak_mb": peak,
@@ -359,6 +360,12 @@ def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: s
                          "base_quant": base_quant, **({"refused": refused} if refused else {}),
                          **({"fo_layers": fo_layers} if optimizer in HYBRIDS else {})})
     return rows
+
+
+def dtype_refusal(optimizer: str, method: str, dtype: str) -> str | None:
+    """optim.first_order.dtype_refusal: train's refusal of backprop on 16-bit trainable weights."""
+    from slimtune.optim.first_order import dtype_refusal as refusal
+    return refusal(optimizer, method, dtype)
 
 
 def peft_refusal(model, method: str, r: int) -> str | None:
@@ -397,8 +404,8 @@ def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dty
     rows = []
     for optimizer, method, quant in QUALITY_ORDER:
         for dt in dtypes:
-            if optimizer == "adamw" and method == "none" and dt != "float32":
-                continue  # backprop trains float32 weights (optim/first_order.check_full_precision): train refuses it
+            if dtype_refusal(optimizer, method, dt):
+                continue  # backprop trains float32 weights: train refuses it
             peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, targets, dtype=dt,
                                              base_quant=quant, fo_layers=fo_layers, runtime=runtimes[quant])
             rows.append({"optimizer": optimizer, "peft": method, "dtype": dt, "base_quant": quant, "peak_mb": peak,

@@ -135,6 +135,8 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     pass; then the directory is claimed (lock, status.json) and the run is built."""
     out = Path(config.out_dir)
     world = distributed.setup(config.device)
+    from slimtune.settings.rules import normalise_dtype
+    config.dtype = normalise_dtype(config.dtype)  # "bf16" is "bfloat16", also against a resumed run's config.json
     stored = read_stored(out) if resume else None
     zo_given = [] if resume else given_zo_settings(config)  # a resumed run's are its config.json's (they must match)
     if stored:
@@ -438,6 +440,10 @@ def validate(config: TrainConfig) -> None:
         raise SlimtuneError(f"unknown --optimizer {config.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     from slimtune.settings.rules import check_device, normalise_dtype
     config.dtype = normalise_dtype(config.dtype)  # a TrainConfig built by hand (the Python layer) checked as --dtype
+    from slimtune.optim.first_order import dtype_refusal
+    refused = dtype_refusal(config.optimizer, config.peft.method, config.dtype)
+    if refused:
+        raise SlimtuneError(refused)
     check_device(config.device, config.dtype)
     for flag, value, low in (("--steps", config.steps, 1), ("--batch-size", config.batch_size, 1),
                              ("--eval-every", config.eval_every, 0), ("--checkpoint-every", config.checkpoint_every, 1),
