@@ -405,6 +405,10 @@ class ZOTrainerMixin:
         trainer's own) where TrainingArguments sets warmup_steps or warmup_ratio; else the table's, as the CLI takes
         it: int(warmup_ratio x steps) (the hybrids warm up their AdamW part)."""
         if self.zo_args.warmup_steps is not None:
+            ratio = getattr(self.args, "warmup_ratio", 0)
+            if ratio or self.args.warmup_steps not in (0, self.zo_args.warmup_steps):
+                raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={self.zo_args.warmup_steps} and "
+                                    "TrainingArguments' warmup_steps / warmup_ratio are both set: give one")
             return self.zo_args.warmup_steps, False
         if self.args.warmup_steps or getattr(self.args, "warmup_ratio", 0) or self.optimizer is None:
             return None, False

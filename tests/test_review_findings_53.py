@@ -214,3 +214,19 @@ def test_zoarguments_warmup_steps_zero_turns_the_tables_warm_up_off(tmp_path):
     assert trainer.lr_scheduler.get_last_lr()[0] == trainer.zo_optimizer().param_groups[0]["initial_lr"]
     with pytest.raises(SlimtuneError, match="warmup_steps"):
         ZOArguments(optimizer="hybrid", warmup_steps=-1)
+
+
+def test_zoarguments_warmup_steps_and_the_trainers_both_set_differently_is_one_line(tmp_path):
+    """As the learning rate: two different values for one setting are an error, never one silently dropped."""
+    pytest.importorskip("datasets")
+    from transformers import DataCollatorForLanguageModeling
+
+    from slimtune.hf import ZOArguments, ZOTrainer
+    from test_hf import hf_args, lm_dataset, model_for, tokenizer
+
+    tok = tokenizer()
+    trainer = ZOTrainer(model=model_for(tok, "lora"), args=hf_args(tmp_path, max_steps=400, warmup_steps=10),
+                        train_dataset=lm_dataset(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                        zo_args=ZOArguments(optimizer="hybrid", warmup_steps=0))
+    with pytest.raises(SlimtuneError, match="warmup_steps"):
+        trainer.create_optimizer_and_scheduler(num_training_steps=400)

@@ -42,8 +42,9 @@ def silenced():
     """No warning, no log line and no print while inside; exceptions pass unchanged (for code that reads every
     training row outside a step, such as the private trainer's held-out check, whose own errors name no row).
     Logging and warnings are off for the whole process while any thread is inside (they are process-wide), back as
-    they were when the last block leaves; what this thread writes to sys.stdout / sys.stderr is dropped (other
-    threads' prints, a progress display's, pass: a thread the block starts is not silenced)."""
+    they were when the last block leaves; what this thread, a thread started from inside a block and a thread that
+    is not Python's write to sys.stdout / sys.stderr is dropped (`_dropped`); threads that were running before (a
+    progress display's, a server's) pass."""
     _install_stream_filters()
     with _silence_lock:
         if _silence["depth"] == 0:
@@ -81,7 +82,7 @@ def unsilenced(stream):
 def _install_stream_filters() -> None:
     """sys.stdout and sys.stderr as _PrivateAware filters over what they are now (once per stream object; never
     taken out again, so a redirect made and undone by another thread meanwhile cannot leave a stream dropped), and
-    threads started from inside a private block marked as its own (`_started_privately`)."""
+    threads started from inside a private block marked as its own (`_start`)."""
     with _silence_lock:
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
