@@ -58,6 +58,8 @@ from slimtune.privacy.withhold import silenced
 # Trainer settings a zeroth-order step cannot honour: refused by name when one differs from its default (a
 # TrainingArguments field's own default; None for a Trainer argument). (argument, the runs it concerns: "all",
 # "zeroth-order" (not the hybrids, whose top blocks' AdamW honours it) or "private", why)
+NO_WARMUP = ("constant", "reduce_lr_on_plateau")  # transformers' schedules that ignore num_warmup_steps
+
 NOT_HONOURED = (
     ("fp16", "all", "a zeroth-order step runs no backward for fp16's loss scaler to scale (accelerate's GradScaler "
      "fails at the first step, the hybrids' included): use bf16=True, or fp32"),
@@ -404,13 +406,18 @@ class ZOTrainerMixin:
         """(warm-up steps, taken from the defaults table): ZOArguments.warmup_steps if given (0: none); else None (the
         trainer's own) where TrainingArguments sets warmup_steps or warmup_ratio; else the table's, as the CLI takes
         it: int(warmup_ratio x steps) (the hybrids warm up their AdamW part)."""
+        no_warmup = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)) in NO_WARMUP
         if self.zo_args.warmup_steps is not None:
             ratio = getattr(self.args, "warmup_ratio", 0)
             if ratio or self.args.warmup_steps not in (0, self.zo_args.warmup_steps):
                 raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={self.zo_args.warmup_steps} and "
                                     "TrainingArguments' warmup_steps / warmup_ratio are both set: give one")
+            if self.zo_args.warmup_steps and no_warmup:
+                raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={self.zo_args.warmup_steps}: "
+                                    f"lr_scheduler_type={self.args.lr_scheduler_type!r} takes no warm-up (use "
+                                    "constant_with_warmup, linear or cosine)")
             return self.zo_args.warmup_steps, False
-        if self.args.warmup_steps or getattr(self.args, "warmup_ratio", 0) or self.optimizer is None:
+        if self.args.warmup_steps or getattr(self.args, "warmup_ratio", 0) or self.optimizer is None or no_warmup:
             return None, False
         table = getattr(self.zo_optimizer(), "defaults_used", None)
         steps = int(getattr(table, "warmup_ratio", 0.0) * num_training_steps)

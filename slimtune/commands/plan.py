@@ -41,8 +41,8 @@ def run_plan(s: PlanSettings):
         table.add_column(col, justify="right" if col in ("trainable", "peak MB") else "left")
     for row in rows:
         table.add_row(row["optimizer"], row["peft"], f"{row['trainable_params']:,}", f"{row['peak_mb']:,.0f}",
-                      "yes" if row["fits"] else "[red]no[/]" + (" (train refuses this --r)" if row.get("refused")
-                                                                   else ""))
+                      "yes" if row["fits"] else "[red]no[/]" + (f" (train refuses this {row['refused_by']})"
+                                                                   if row.get("refused") else ""))
     console.print(table)
     if not ranked:
         console.print("[red]nothing fits[/]: lower --batch-size or --max-length")

@@ -9,6 +9,7 @@ steps, the private Hugging Face trainer's collation and steps, and private feder
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -21,6 +22,7 @@ _silence = {"depth": 0, "previous": logging.NOTSET}  # logging and warnings are 
 # (of any thread) restores them
 _silence_lock = threading.Lock()
 _inside = threading.local()  # this thread's depth of private blocks: its prints are dropped while above 0
+_public_dummies: set[int] = set()  # non-Python threads seen writing while no private block was active
 
 
 @contextmanager
@@ -49,7 +51,7 @@ def silenced():
     with _silence_lock:
         if _silence["depth"] == 0:
             _silence["previous"] = logging.root.manager.disable
-            logging.disable(logging.CRITICAL)
+            logging.disable(sys.maxsize)  # every level, custom ones above CRITICAL too
             _silence["filters"] = warnings.filters[:]
             warnings.simplefilter("ignore")
         _silence["depth"] += 1
@@ -81,16 +83,25 @@ def unsilenced(stream):
 
 def _install_stream_filters() -> None:
     """sys.stdout and sys.stderr as _PrivateAware filters over what they are now (once per stream object; never
-    taken out again, so a redirect made and undone by another thread meanwhile cannot leave a stream dropped), and
-    threads started from inside a private block marked as its own (`_start`)."""
+    taken out again, so a redirect made and undone by another thread meanwhile cannot leave a stream dropped; also at
+    import, so a non-Python thread's writes before the first block are seen), and, from the first block on, threads
+    started and pool work submitted from inside a private block marked as its own (`_start`, `_submit`)."""
+    _filter_streams()
+    with _silence_lock:
+        if "thread_start" not in _silence:  # once: a tool wrapping start after us keeps its wrapper, no loop
+            _silence["thread_start"] = threading.Thread.start
+            threading.Thread.start = _start
+            from concurrent.futures import ThreadPoolExecutor
+            _silence["submit"] = ThreadPoolExecutor.submit
+            ThreadPoolExecutor.submit = _submit
+
+
+def _filter_streams() -> None:
     with _silence_lock:
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
             if stream is not None and not isinstance(stream, _PrivateAware):
                 setattr(sys, name, _PrivateAware(stream))
-        if threading.Thread.start is not _start:
-            _silence["thread_start"] = threading.Thread.start
-            threading.Thread.start = _start
 
 
 def _start(self, *args, **kwargs):
@@ -101,16 +112,38 @@ def _start(self, *args, **kwargs):
     return _silence["thread_start"](self, *args, **kwargs)
 
 
+def _submit(self, fn, /, *args, **kwargs):
+    """ThreadPoolExecutor.submit: work submitted from inside a private block (or from a private thread) runs as
+    inside one on whichever worker takes it, a worker started before the block included (asyncio's default executor
+    too)."""
+    if getattr(_inside, "depth", 0) or getattr(threading.current_thread(), "_slimtune_private", False):
+        fn = functools.partial(_run_inside, fn)
+    return _silence["submit"](self, fn, *args, **kwargs)
+
+
+def _run_inside(fn, *args, **kwargs):
+    _inside.depth = getattr(_inside, "depth", 0) + 1
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _inside.depth -= 1
+
+
 def _dropped() -> bool:
-    """Whether this thread's write goes nowhere: it is inside a private block, or a block is active anywhere and the
-    thread was started from one or is not Python's (a C++ thread running Python code: autograd's device threads run
-    backward hooks). Threads that were running before (a progress display's, a server's) pass."""
+    """Whether this thread's write goes nowhere: it is inside a private block (or runs work submitted from one), or a
+    block is active anywhere and the thread was started from one, or is not Python's and never wrote while no block
+    was active (a C++ thread running Python code: autograd's device threads run backward hooks, and cannot be told
+    from a grpc thread that calls back the user's code, whose output is then dropped during private steps until it
+    has written once outside them). Python threads that were running before (a progress display's, a server's)
+    pass."""
     if getattr(_inside, "depth", 0):
         return True
     if not _silence["depth"]:
         return False
     thread = threading.current_thread()
-    return getattr(thread, "_slimtune_private", False) or isinstance(thread, threading._DummyThread)
+    if isinstance(thread, threading._DummyThread):  # not started by Python: private unless seen writing before
+        return thread.ident not in _public_dummies
+    return getattr(thread, "_slimtune_private", False)
 
 
 class _PrivateAware:
@@ -123,6 +156,8 @@ class _PrivateAware:
     def write(self, text: str) -> int:
         if not isinstance(text, str):  # as a text stream, also while dropping (click probes with b"" once)
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if not _silence["depth"] and isinstance(threading.current_thread(), threading._DummyThread):
+            _public_dummies.add(threading.get_ident())  # a non-Python thread that wrote while no block was active
         if _dropped():
             return len(text)
         return self.wrapped.write(text)
@@ -139,3 +174,6 @@ class _PrivateAware:
         if name == "wrapped" or name.startswith("__"):  # an instance made without __init__ (copy, pickle)
             raise AttributeError(name)
         return getattr(self.wrapped, name)
+
+
+_filter_streams()  # from import on: writes pass untouched until a private block is active

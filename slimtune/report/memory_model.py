@@ -353,11 +353,13 @@ def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: s
         rank_refusal = peft_refusal(model, method, r)
         for optimizer in PLAN_OPTIMIZERS:
             refused = rank_refusal or dtype_refusal(optimizer, method, dtype)
+            refused_by = "--r" if rank_refusal else "--dtype" if refused else None
             peak, trainable = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, targets,
                                              dtype=dtype, base_quant=base_quant, fo_layers=fo_layers, runtime=runtime)
             rows.append({"optimizer": optimizer, "peft": method, "trainable_params": trainable, "peak_mb": peak,
                          "fits": peak <= budget and refused is None, "budget_mb": budget, "dtype": dtype,
-                         "base_quant": base_quant, **({"refused": refused} if refused else {}),
+                         "base_quant": base_quant,
+                         **({"refused": refused, "refused_by": refused_by} if refused else {}),
                          **({"fo_layers": fo_layers} if optimizer in HYBRIDS else {})})
     return rows
 

@@ -327,10 +327,12 @@ def _epsilon_plot(runs, labels, path: Path) -> Path:
         if y is None:
             continue
         mark = "*" if logs_outside_guarantee(r.summary) else ""
+        mark += f" (epsilon {x:.3g}, drawn at {EPS_SHOWN:g})" if x is not None and x > EPS_SHOWN else ""
         if x is None and local is not None:  # federated local DP: each client's bound, not the run's
-            ax.scatter([local], [y], s=60, label=f"{name} (per client)", marker="D")
+            ax.scatter([min(local, EPS_SHOWN)], [y], s=60, label=f"{name} (per client)", marker="D")
         else:
-            ax.scatter([edge if x is None else x], [y], s=60, label=name + mark, marker="o" if x is not None else "s")
+            ax.scatter([edge if x is None else min(x, EPS_SHOWN)], [y], s=60, label=name + mark,
+                       marker="o" if x is not None else "s")
     ticks = [t for t in ax.get_xticks() if 0 <= t < edge * 0.9]
     ax.set_xticks(ticks + [edge], [f"{t:g}" for t in ticks] + ["non-private"])
     marked = any(logs_outside_guarantee(r.summary) for r in runs)
@@ -338,9 +340,13 @@ def _epsilon_plot(runs, labels, path: Path) -> Path:
     return _save(fig, path)
 
 
+EPS_SHOWN = 1e6  # the largest epsilon drawn where it is (a larger one, no guarantee to speak of, is drawn here)
+
+
 def _right_edge(runs) -> float:
     """Returns the x of the 'non-private' tick: right of every run's epsilon (and local epsilon), never at 0."""
-    eps = [r.summary[k] for r in runs for k in ("epsilon", "local_epsilon") if r.summary.get(k) is not None]
+    eps = [min(r.summary[k], EPS_SHOWN) for r in runs for k in ("epsilon", "local_epsilon")
+           if r.summary.get(k) is not None]
     return max(max(eps) * 1.5, 1.0) if eps else 10.0
 
 
