@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 from rich.markup import escape
 
@@ -30,6 +32,8 @@ def run_eval(s: EvalSettings):
                                                       s.num_beams, True, s.batch_size, s.learned_generation_prompt()),
                                    s.max_length, s.batch_size)
         raw, texts = objective.load(s.data, "validation")
+        if s.data.startswith("hf:") and (Path(s.data[3:]) / "dataset_dict.json").is_file():
+            print(f"note: scoring the 'validation' split of {s.data}", file=sys.stderr)
         dev = resolve_device(s.device)
         m, tok = load_for_inference(s.model, s.adapter, dev, texts + unseen_words(objective.public_words, texts))
         check_positions(m, s.max_length, s.max_new_tokens if objective.kind == "generation" else 0)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from slimtune import SlimtuneError
-from slimtune.data.tasks import Example, Task
+from slimtune.data.tasks import Example, Task, quoting_rows
 
 
 # UTF-8, and a leading byte order mark is no part of the text: Excel and Notepad write one, which made a table's first
@@ -178,6 +178,8 @@ def _parse_delimited(path: Path, delimiter: str, quoting: int) -> list[tuple[int
                     raise SlimtuneError(f"{path}:{reader.line_num}: a NUL byte (a damaged file, or UTF-16 saved "
                                         "without its byte-order mark?)")
                 rows.append((reader.line_num, row))
+            if not rows:
+                raise SlimtuneError(f"{path}: only a header line, no rows")
         except csv.Error as exc:  # a stray quote, an unterminated quote at the end of the file, ...
             if delimiter == "\t" and not raw_tsv:
                 raise _NotQuoted from None
@@ -191,6 +193,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            if not rows and line.lstrip().startswith("["):
+                raise SlimtuneError(f"{path}:{line_no}: a JSON array; write one JSON object per line (JSON Lines)")
             try:
                 row = json.loads(line, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as exc:
@@ -206,15 +210,31 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 def _hf_rows(directory: str, split: str) -> tuple[list[tuple[int, dict]], str]:
     import datasets
 
+    name = f"hf:{directory}[{split}]"
+    splits_file = Path(directory) / "dataset_dict.json"
+    where = directory
+    if splits_file.is_file():  # a DatasetDict: only the split read (an empty other split cannot stop it)
+        try:
+            splits = json.loads(splits_file.read_text(encoding=ENCODING)).get("splits", [])
+        except (OSError, ValueError, AttributeError):
+            splits = []
+        if splits and split not in splits:
+            raise SlimtuneError(f"hf:{directory}: no split {split!r} (has {', '.join(splits)})")
+        where = str(Path(directory) / split) if splits else directory
     try:
-        ds = datasets.load_from_disk(directory)
+        ds = datasets.load_from_disk(where)
     except (FileNotFoundError, ValueError) as exc:
         raise SlimtuneError(f"hf:{directory}: not a dataset saved with save_to_disk ({exc})") from None
+    except IndexError:  # datasets cannot load a dataset of no shards: one saved with no rows
+        raise SlimtuneError(f"{name}: no examples") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise SlimtuneError(f"hf:{directory}: no split {split!r} (has {', '.join(ds)})")
         ds = ds[split]
-    return [(i + 1, row) for i, row in enumerate(ds)], f"hf:{directory}[{split}]"
+    names = {column: feature.int2str for column, feature in ds.features.items()
+             if isinstance(feature, datasets.ClassLabel)}  # a ClassLabel's integer means its name, in its order
+    return [(i + 1, {k: names[k](v) if k in names and v is not None and v >= 0 else v for k, v in row.items()})
+            for i, row in enumerate(ds)], name
 
 
 def _to_examples(rows: list[tuple[int, dict]], task: Task, name: str, column_flags: bool = True) -> list[Example]:
@@ -223,8 +243,11 @@ def _to_examples(rows: list[tuple[int, dict]], task: Task, name: str, column_fla
     columns = set(rows[0][1])
     missing = [c for c in (*task.text_columns, task.label_column) if c not in columns]
     if missing:
-        raise SlimtuneError(f"{name}: missing column(s) {', '.join(map(repr, missing))} "
-                            f"(found {', '.join(map(repr, sorted(columns)))}; {column_hint(task, column_flags)})")
+        where = name if Path(name).suffix.lower() in (".tsv", ".csv") else f"{name}:{rows[0][0]}"  # tables: header
+        found = (", ".join(map(repr, sorted(columns))) if quoting_rows() else
+                 f"{len(columns)} columns, names withheld: a file without a header line would show its first row")
+        raise SlimtuneError(f"{where}: missing column(s) {', '.join(map(repr, missing))} "
+                            f"(found {found}; {column_hint(task, column_flags)})")
     examples = []
     for line, row in rows:
         where = f"{name}:{line}"

@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import warnings
-
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from slimtune import SlimtuneError
+
+_QUOTE_ROWS = ContextVar("slimtune_quote_rows", default=True)
+
+
+def quoting_rows() -> bool:
+    """Whether data errors may quote a value of a row (not inside `rows_unquoted`)."""
+    return _QUOTE_ROWS.get()
+
+
+@contextmanager
+def rows_unquoted():
+    """Inside: data errors name the file, line and field but quote no value of a row (a private run's training data:
+    an error message leaves the process, and a file without a header line would show its first row as column names)."""
+    token = _QUOTE_ROWS.set(False)
+    try:
+        yield
+    finally:
+        _QUOTE_ROWS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -37,7 +56,8 @@ class Task:
         if key.lower() in self.aliases:
             return self.aliases[key.lower()]
         allowed = ", ".join(repr(v) for v in self.label_values)
-        raise SlimtuneError(f"{where}: field {self.label_column!r}: unknown label {key!r} (expected one of {allowed})")
+        shown = repr(key) if quoting_rows() else "(value withheld: private run)"
+        raise SlimtuneError(f"{where}: field {self.label_column!r}: unknown label {shown} (expected one of {allowed})")
 
     def prompt(self, row: dict, where: str) -> str:
         return self.template.format(**{col: text_field(row, col, where).strip() for col in self.text_columns})

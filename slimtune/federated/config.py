@@ -409,6 +409,8 @@ def check_inputs(cfg: FederatedConfig) -> tuple[list[int], list[str]] | None:
                 objective.examples(raw, None)  # an empty file is refused here; chat rows once the tokenizer is loaded
             if flag == "--data":
                 data_rows = partition_rows(objective, raw)
+            if flag == "--root-data" and objective.kind == "classification":
+                check_root_labels(cfg.root_data, {e.label for e in raw}, len(objective.task.label_words))
             keys[flag] = data_rows[1] if flag == "--data" else objective.row_keys(raw) if cfg.root_data else []
     if cfg.root_data:  # the server's own examples: none of the clients' and none it evaluates on (_check_trust)
         for flag in ("--data", "--eval-data"):
@@ -418,6 +420,14 @@ def check_inputs(cfg: FederatedConfig) -> tuple[list[int], list[str]] | None:
                 raise SlimtuneError(f"--root-data {cfg.root_data}: {shared} of its rows also appear in {flag}; the "
                                     f"server's root data must be examples of its own (drop those rows)")
     return data_rows
+
+
+def check_root_labels(path: str, labels: set[int], need: int) -> None:
+    """The server's root data holds every label of the task: the trust reference must carry the task's direction,
+    not one label's pull (which would down-weight every honest client of another label)."""
+    if len(labels) < need:
+        raise SlimtuneError(f"--root-data {path}: rows of {len(labels)} of the task's {need} labels; the trust "
+                            "reference needs every label")
 
 
 def partition_rows(objective, raw) -> tuple[list[int], list[str], int]:

@@ -194,7 +194,8 @@ def available_mb(device: str) -> float:
         free, _ = torch.cuda.mem_get_info()
         return (free + torch.cuda.memory_allocated()) / MB
     from slimtune.train.metrics import process_memory_mb
-    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
+    with open("/proc/meminfo") as f:
+        meminfo = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
     return int(meminfo["MemAvailable"].split()[0]) / 1024 + process_memory_mb("VmRSS")
 
 

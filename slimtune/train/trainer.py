@@ -225,10 +225,16 @@ def _load(config: TrainConfig) -> tuple:
     private_run = config.optimizer in PRIVATE_OPTIMIZERS
     objective = build_objective(config)
     config.best_metric = check_best_metric(objective, config.best_metric)
-    model, tokenizer, train_examples, eval_examples = load_model_and_data(
-        objective, config.model, config.train_data, config.eval_data, config.seed, getattr(torch, config.dtype),
-        config.device, fit_tokenizer_to_training_data=not private_run, base_quant=config.base_quant)
+    from contextlib import nullcontext
+
+    from slimtune.data.tasks import rows_unquoted
+    with rows_unquoted() if private_run else nullcontext():  # a private run's data errors quote no row
+        model, tokenizer, train_examples, eval_examples = load_model_and_data(
+            objective, config.model, config.train_data, config.eval_data, config.seed, getattr(torch, config.dtype),
+            config.device, fit_tokenizer_to_training_data=not private_run, base_quant=config.base_quant)
     classes = len(objective.task.label_words)
+    if objective.kind == "classification" and not private_run:  # a private run never counts its rows' labels
+        warn_label_counts(objective, train_examples, config.k_shot)
     train_examples = k_shot(train_examples, config.k_shot, config.seed, classes)
     if config.eval_max and len(eval_examples) > config.eval_max:  # exactly eval_max, balanced over the classes
         eval_examples = k_shot(eval_examples, -(-config.eval_max // classes), config.seed, classes)[:config.eval_max]
@@ -428,6 +434,23 @@ def check_data(config: TrainConfig, objective, train_examples: list, eval_exampl
             if cut:
                 warnings.warn(f"{cut} of {n} training targets are truncated to fit --max-length "
                               f"{config.max_length}; raise --max-length to train on whole targets", stacklevel=2)
+
+
+def warn_label_counts(objective, examples: list, k: int | None) -> None:
+    """Warn when the training rows hold one class only (the label column is likely the wrong one, or the file a
+    filtered slice), or fewer rows of a class than --k-shot asks (it then trains on all the class has)."""
+    words = objective.task.label_words
+    counts = [0] * len(words)
+    for e in examples:
+        counts[e.label] += 1
+    held = [c for c, n in enumerate(counts) if n]
+    if len(held) == 1:
+        warnings.warn(f"--data: every training row has label {objective.task.label_values[held[0]]!r} "
+                      f"({words[held[0]]!r}): the label column holds one class", stacklevel=2)
+    short = [objective.task.label_values[c] for c, n in enumerate(counts) if k and n < k]
+    if short:
+        warnings.warn(f"--k-shot {k}: label(s) {', '.join(map(repr, short))} have fewer than {k} training rows; "
+                      "every row of them is used", stacklevel=2)
 
 
 def validate(config: TrainConfig) -> None:
