@@ -37,7 +37,7 @@ def test_hf_dataset_from_disk(tmp_path):
     ("text\tlabel\nx\t1\n", "a.tsv", r"a\.tsv: missing column\(s\) 'sentence'"),
     ("sentence\tlabel\ngood\t1\nbad\tmaybe\n", "b.tsv", r"b\.tsv:3: field 'label': unknown label 'maybe'"),
     ("", "c.tsv", r"c\.tsv: file is empty"),
-    ("sentence\tlabel\n", "d.tsv", r"d\.tsv: no examples"),
+    ("sentence\tlabel\n", "d.tsv", r"d\.tsv: only a header line, no rows"),
     ('{"sentence": "x", "label": 1}\n{oops\n', "e.jsonl", r"e\.jsonl:2: not valid JSON"),
     ("sentence\tlabel\n\t1\n", "f.tsv", r"f\.tsv:2: field 'sentence' is empty"),
 ])
