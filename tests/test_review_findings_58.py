@@ -208,3 +208,16 @@ def test_a_private_runs_missing_column_error_does_not_quote_a_headerless_first_r
     r = train(tmp_path, path, "--optimizer", "dp-adamw")
     one_line_exit_2(r)
     assert "missing column" in r.output and "diagnosis" not in r.output, r.output[-400:]
+
+
+def test_a_classlabel_of_names_the_task_does_not_know_keeps_its_integers(tmp_path):
+    """Reading a ClassLabel by name is for names the task accepts; one of other names ('bad' / 'good') keeps its
+    integers as before, rather than failing with an unknown label."""
+    import datasets
+    from slimtune.data import get_task, read_examples
+    rows = {"sentence": [s for s, _ in ROWS], "label": [int(lab) for _, lab in ROWS]}
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["bad", "good"])})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "d"))
+    examples = read_examples(f"hf:{tmp_path / 'd'}", get_task("sst2"))
+    assert [e.label for e in examples] == [int(lab) for _, lab in ROWS]

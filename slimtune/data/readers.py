@@ -48,7 +48,7 @@ def read_examples(source: str, task: Task, split: str = "train", column_flags: b
     """Examples from `source`: a .tsv/.csv/.jsonl/.json file, or `hf:DIR` (a dataset saved with `save_to_disk`).
     `column_flags`: whether the command takes --text-column / --label-column (`federate` does not), which a missing
     column's message names."""
-    rows, name = read_rows(source, split)
+    rows, name = read_rows(source, split, task)
     return _to_examples(rows, task, name, column_flags)
 
 
@@ -63,10 +63,11 @@ def column_hint(task: Task, column_flags: bool) -> str:
     return "choose the label's with --label-column"
 
 
-def read_rows(source: str, split: str = "train") -> tuple[list[tuple[int, dict]], str]:
-    """(line number, row) pairs and the name errors should use ("file" or "hf:DIR[split]")."""
+def read_rows(source: str, split: str = "train", task: Task | None = None) -> tuple[list[tuple[int, dict]], str]:
+    """(line number, row) pairs and the name errors should use ("file" or "hf:DIR[split]"); `task`: the
+    classification task whose label names a saved dataset's ClassLabel may use (_hf_rows)."""
     if source.startswith("hf:"):
-        return _hf_rows(source[3:], split)
+        return _hf_rows(source[3:], split, task)
     path = Path(source)
     if not path.exists():
         raise SlimtuneError(f"{source}: file not found")
@@ -207,7 +208,10 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _hf_rows(directory: str, split: str) -> tuple[list[tuple[int, dict]], str]:
+def _hf_rows(directory: str, split: str, task: Task | None = None) -> tuple[list[tuple[int, dict]], str]:
+    """Rows of a saved dataset's split. Its label column, where a ClassLabel whose every name `task` accepts (its
+    values or their spellings), is read by name: a ClassLabel in another order than the task's would otherwise flip
+    the labels; a ClassLabel of other names keeps its integers (the task's order, as before)."""
     import datasets
 
     name = f"hf:{directory}[{split}]"
@@ -232,7 +236,8 @@ def _hf_rows(directory: str, split: str) -> tuple[list[tuple[int, dict]], str]:
             raise SlimtuneError(f"hf:{directory}: no split {split!r} (has {', '.join(ds)})")
         ds = ds[split]
     names = {column: feature.int2str for column, feature in ds.features.items()
-             if isinstance(feature, datasets.ClassLabel)}  # a ClassLabel's integer means its name, in its order
+             if isinstance(feature, datasets.ClassLabel) and task is not None and column == task.label_column
+             and all(task.accepts(n) for n in feature.names)}  # its integer means its name, in its own order
     return [(i + 1, {k: names[k](v) if k in names and v is not None and v >= 0 else v for k, v in row.items()})
             for i, row in enumerate(ds)], name
 

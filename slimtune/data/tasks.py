@@ -47,6 +47,11 @@ class Task:
     label_words: tuple[str, ...]  # the word the LM should predict for each class (leading space matters)
     aliases: dict[str, int] = field(default_factory=dict)  # extra accepted raw label spellings
 
+    def accepts(self, raw) -> bool:
+        """Whether `raw` is one of the task's label values or their accepted spellings."""
+        key = str(raw).strip()
+        return key in self.label_values or key.lower() in self.aliases
+
     def label_index(self, raw, where: str) -> int:
         if raw is None:  # a JSONL null, or a table row that lost its last field(s)
             raise SlimtuneError(f"{where}: field {self.label_column!r} is missing")
