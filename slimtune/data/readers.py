@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from slimtune import SlimtuneError
-from slimtune.data.tasks import Example, Task, quoting_rows
+from slimtune.data.tasks import Example, Task, quoting_rows, shown_columns
 
 
 # UTF-8, and a leading byte order mark is no part of the text: Excel and Notepad write one, which made a table's first
@@ -167,7 +167,8 @@ def _parse_delimited(path: Path, delimiter: str, quoting: int) -> list[tuple[int
                 raise SlimtuneError(f"{path}:1: the header line is empty (the first line must name the columns)")
             twice = next((c for i, c in enumerate(named) if c in named[:i]), None)
             if twice is not None:  # DictReader would keep the last such column's values without a word
-                raise SlimtuneError(f"{path}:{reader.line_num}: the header names column {twice!r} twice; rename or "
+                shown = repr(twice) if quoting_rows() else f"{named.index(twice) + 1} (name withheld)"
+                raise SlimtuneError(f"{path}:{reader.line_num}: the header names column {shown} twice; rename or "
                                     "remove one")
             rows = []
             for row in reader:
@@ -249,10 +250,8 @@ def _to_examples(rows: list[tuple[int, dict]], task: Task, name: str, column_fla
     missing = [c for c in (*task.text_columns, task.label_column) if c not in columns]
     if missing:
         where = name if Path(name).suffix.lower() in (".tsv", ".csv") else f"{name}:{rows[0][0]}"  # tables: header
-        found = (", ".join(map(repr, sorted(columns))) if quoting_rows() else
-                 f"{len(columns)} columns, names withheld: a file without a header line would show its first row")
         raise SlimtuneError(f"{where}: missing column(s) {', '.join(map(repr, missing))} "
-                            f"(found {found}; {column_hint(task, column_flags)})")
+                            f"(found {shown_columns(columns)}; {column_hint(task, column_flags)})")
     examples = []
     for line, row in rows:
         where = f"{name}:{line}"

@@ -17,6 +17,14 @@ def quoting_rows() -> bool:
     return _QUOTE_ROWS.get()
 
 
+def shown_columns(columns) -> str:
+    """The column names a missing-column message lists; inside `rows_unquoted` their number only (a file without a
+    header line has its first row read as the names)."""
+    if quoting_rows():
+        return ", ".join(map(repr, sorted(columns)))
+    return f"{len(columns)} columns, names withheld: a file without a header line would show its first row"
+
+
 @contextmanager
 def rows_unquoted():
     """Inside: data errors name the file, line and field but quote no value of a row (a private run's training data:

@@ -29,11 +29,17 @@ def build_model_and_split(cfg, secret_key=None):
     from slimtune.federated.config import partition_rows
     from slimtune.train.objectives import load_model_and_data
 
+    from contextlib import nullcontext
+
+    from slimtune.data.tasks import rows_unquoted
+    from slimtune.federated.local_privacy import private_clients
+
     objective = federated_objective(cfg)
-    loaded = objective.load(cfg.data, "train") if cfg.data else (None, [])
-    split = partition_rows(objective, loaded[0]) if cfg.data else None
-    model, tok, train, evals = load_model_and_data(objective, cfg.model, cfg.data, cfg.eval_data or None, cfg.seed,
-                                                   loaded_train=loaded)
+    with rows_unquoted() if private_clients(cfg) else nullcontext():  # a private run's data errors quote no row
+        loaded = objective.load(cfg.data, "train") if cfg.data else (None, [])
+        split = partition_rows(objective, loaded[0]) if cfg.data else None
+        model, tok, train, evals = load_model_and_data(objective, cfg.model, cfg.data, cfg.eval_data or None,
+                                                       cfg.seed, loaded_train=loaded)
     if cfg.eval_max and len(evals) > cfg.eval_max:
         evals = evals[:cfg.eval_max]
     torch.manual_seed(cfg.seed)

@@ -83,8 +83,9 @@ def rows_to_examples(rows: list[tuple[int, dict]], task: GenerationTask, name: s
         return [_pair(row, "prompt", "completion", f"{name}:{line}", "{prompt}") for line, row in rows]
     missing = [c for c in (task.input_column, task.target_column) if c not in first]
     if missing:
+        from slimtune.data.tasks import shown_columns
         raise SlimtuneError(f"{name}: missing column(s) {', '.join(map(repr, missing))} (found "
-                            f"{', '.join(map(repr, sorted(first)))}; JSONL rows need prompt/completion or messages, "
+                            f"{shown_columns(first)}; JSONL rows need prompt/completion or messages, "
                             "tables need --input-column/--target-column)")
     return [_pair(row, task.input_column, task.target_column, f"{name}:{line}", task.template) for line, row in rows]
 
