@@ -163,7 +163,8 @@ def test_a_private_trainer_never_scores_its_training_rows(tmp_path, how):
 # -- federated local DP ---------------------------------------------------------------------------------------------
 def test_a_private_clients_bad_row_is_not_sent_to_the_server(demo_paths, tmp_path, capsys):
     """The client's exception text is the Flower error reason the server receives and logs; a node's bad row (its
-    label value, its line) stays on the node, which prints it on its own stderr."""
+    line) stays on the node, which prints where it is on its own stderr, without the row's value (a private run's
+    data errors quote no row)."""
     from test_federated import make_cfg
     from test_federated_local_dp import payload_for
     from slimtune.federated.client_app import local_train
@@ -180,7 +181,8 @@ def test_a_private_clients_bad_row_is_not_sent_to_the_server(demo_paths, tmp_pat
     sent = str(err.value)
     assert "SECRETLABEL" not in sent and "node.tsv:6" not in sent and err.value.__cause__ is None
     assert "withheld" in sent
-    assert "SECRETLABEL" in capsys.readouterr().err  # the node's operator sees what to fix
+    shown = capsys.readouterr().err  # the node's operator sees where to fix it, and no row's value (review 59: a
+    assert "node.tsv:6" in shown and "SECRETLABEL" not in shown, shown  # private run's errors quote no row)
     public = replace(make_cfg(demo_paths, bits=8), data=str(own))  # a non-private client is not covered: says it
     with pytest.raises(SlimtuneError, match="SECRETLABEL"):
         local_train(public, 3, payload_for(public), 1, own_data=True)
