@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from rich.markup import escape
 
@@ -31,8 +30,9 @@ def run_eval(s: EvalSettings):
                                    GenerationSettings(s.input_column, s.target_column, s.max_new_tokens,
                                                       s.num_beams, True, s.batch_size, s.learned_generation_prompt()),
                                    s.max_length, s.batch_size)
+        from slimtune.data.readers import dataset_splits
         raw, texts = objective.load(s.data, "validation")
-        if s.data.startswith("hf:") and (Path(s.data[3:]) / "dataset_dict.json").is_file():
+        if s.data.startswith("hf:") and dataset_splits(s.data[3:]):
             print(f"note: scoring the 'validation' split of {s.data}", file=sys.stderr)
         dev = resolve_device(s.device)
         m, tok = load_for_inference(s.model, s.adapter, dev, texts + unseen_words(objective.public_words, texts))

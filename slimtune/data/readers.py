@@ -216,16 +216,11 @@ def _hf_rows(directory: str, split: str, task: Task | None = None) -> tuple[list
     import datasets
 
     name = f"hf:{directory}[{split}]"
-    splits_file = Path(directory) / "dataset_dict.json"
-    where = directory
-    if splits_file.is_file():  # a DatasetDict: only the split read (an empty other split cannot stop it)
-        try:
-            splits = json.loads(splits_file.read_text(encoding=ENCODING)).get("splits", [])
-        except (OSError, ValueError, AttributeError):
-            splits = []
-        if splits and split not in splits:
+    splits, where = dataset_splits(directory), directory
+    if splits:  # a DatasetDict: only the split read (an empty other split cannot stop it)
+        if split not in splits:
             raise SlimtuneError(f"hf:{directory}: no split {split!r} (has {', '.join(splits)})")
-        where = str(Path(directory) / split) if splits else directory
+        where = str(Path(directory) / split)
     try:
         ds = datasets.load_from_disk(where)
     except (FileNotFoundError, ValueError) as exc:
@@ -241,6 +236,16 @@ def _hf_rows(directory: str, split: str, task: Task | None = None) -> tuple[list
              and all(task.accepts(n) for n in feature.names)}  # its integer means its name, in its own order
     return [(i + 1, {k: names[k](v) if k in names and v is not None and v >= 0 else v for k, v in row.items()})
             for i, row in enumerate(ds)], name
+
+
+def dataset_splits(directory: str) -> list[str]:
+    """The splits of a DatasetDict saved with save_to_disk (its dataset_dict.json); [] for a Dataset or an unreadable
+    record (load_from_disk then says what it is)."""
+    try:
+        splits = json.loads((Path(directory) / "dataset_dict.json").read_text(encoding=ENCODING)).get("splits")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [s for s in splits if isinstance(s, str)] if isinstance(splits, list) else []
 
 
 def _to_examples(rows: list[tuple[int, dict]], task: Task, name: str, column_flags: bool = True) -> list[Example]:

@@ -26,10 +26,11 @@ def shown_columns(columns) -> str:
 
 
 @contextmanager
-def rows_unquoted():
-    """Inside: data errors name the file, line and field but quote no value of a row (a private run's training data:
-    an error message leaves the process, and a file without a header line would show its first row as column names)."""
-    token = _QUOTE_ROWS.set(False)
+def rows_unquoted(when: bool = True):
+    """Inside (where `when`: a private run): data errors name the file, line and field but quote no value of a row
+    (an error message leaves the process, and a file without a header line would show its first row as column
+    names)."""
+    token = _QUOTE_ROWS.set(not when and _QUOTE_ROWS.get())
     try:
         yield
     finally:

@@ -397,11 +397,9 @@ def check_inputs(cfg: FederatedConfig) -> tuple[list[int], list[str]] | None:
     """Read the data files the server was given through the objective: a bad file stops here with its file, line
     and field, not inside a client. Returns the labels and row keys of --data's rows (None without --data), as the
     clients split them (partition_rows; generation rows: label 0)."""
-    from contextlib import nullcontext
-
     from slimtune.data.tasks import rows_unquoted
     from slimtune.federated.local_privacy import private_clients
-    with rows_unquoted() if private_clients(cfg) else nullcontext():  # a private run's data errors quote no row
+    with rows_unquoted(private_clients(cfg)):  # a private run's data errors quote no row
         return _check_inputs(cfg)
 
 

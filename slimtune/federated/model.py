@@ -29,13 +29,11 @@ def build_model_and_split(cfg, secret_key=None):
     from slimtune.federated.config import partition_rows
     from slimtune.train.objectives import load_model_and_data
 
-    from contextlib import nullcontext
-
     from slimtune.data.tasks import rows_unquoted
     from slimtune.federated.local_privacy import private_clients
 
     objective = federated_objective(cfg)
-    with rows_unquoted() if private_clients(cfg) else nullcontext():  # a private run's data errors quote no row
+    with rows_unquoted(private_clients(cfg)):  # a private run's data errors quote no row
         loaded = objective.load(cfg.data, "train") if cfg.data else (None, [])
         split = partition_rows(objective, loaded[0]) if cfg.data else None
         model, tok, train, evals = load_model_and_data(objective, cfg.model, cfg.data, cfg.eval_data or None,

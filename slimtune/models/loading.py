@@ -221,9 +221,7 @@ def check_positions(model, max_length: int, new_tokens: int = 0) -> None:
     if max_length > limit:
         raise SlimtuneError(f"--max-length {max_length}: over the model's {limit:,} positions "
                             "(config max_position_embeddings); lower it")
-    if new_tokens >= limit:
-        raise SlimtuneError(f"--max-new-tokens {new_tokens}: the model takes at most {limit:,} positions, prompt "
-                            "included; lower it")
+    check_prompt_and_new_tokens(limit, None, new_tokens)
 
 
 def prompt_room(model, settings_max_length: int, new_tokens: int) -> int:

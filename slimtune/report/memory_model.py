@@ -347,6 +347,7 @@ def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: s
               held: float | None = None) -> list[dict]:
     """Predicted peak (MB) for every optimizer x PEFT pair of the planner, and whether it fits here (a quantized base
     takes LoRA only: the other PEFT methods are left out then). `held`: runtime_mb's measured part, if read."""
+    from slimtune.optim.first_order import dtype_refusal  # train's refusal of backprop on 16-bit weights
     budget = budget_mb(device)
     runtime = runtime_mb(model, device, base_quant, held)  # read once: every row from the same process baseline
     rows = []
@@ -363,12 +364,6 @@ def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: s
                          **({"refused": refused, "refused_by": refused_by} if refused else {}),
                          **({"fo_layers": fo_layers} if optimizer in HYBRIDS else {})})
     return rows
-
-
-def dtype_refusal(optimizer: str, method: str, dtype: str) -> str | None:
-    """optim.first_order.dtype_refusal: train's refusal of backprop on 16-bit trainable weights."""
-    from slimtune.optim.first_order import dtype_refusal as refusal
-    return refusal(optimizer, method, dtype)
 
 
 def peft_refusal(model, method: str, r: int) -> str | None:
@@ -400,6 +395,7 @@ def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dty
     """Every candidate of QUALITY_ORDER x {dtype, bf16}, in quality order, with its predicted peak and whether it
     fits; the first that fits is the planner's choice. fp16 is a CUDA dtype: never proposed on CPU. `held`:
     runtime_mb's measured part, if read."""
+    from slimtune.optim.first_order import dtype_refusal  # train's refusal of backprop on 16-bit weights
     budget = budget_mb(device)
     held = held_mb(model, device) if held is None else held
     dtypes = [dtype] + (["bfloat16"] if dtype == "float32" else [])

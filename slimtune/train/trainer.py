@@ -225,10 +225,8 @@ def _load(config: TrainConfig) -> tuple:
     private_run = config.optimizer in PRIVATE_OPTIMIZERS
     objective = build_objective(config)
     config.best_metric = check_best_metric(objective, config.best_metric)
-    from contextlib import nullcontext
-
     from slimtune.data.tasks import rows_unquoted
-    with rows_unquoted() if private_run else nullcontext():  # a private run's data errors quote no row
+    with rows_unquoted(private_run):  # a private run's data errors quote no row
         model, tokenizer, train_examples, eval_examples = load_model_and_data(
             objective, config.model, config.train_data, config.eval_data, config.seed, getattr(torch, config.dtype),
             config.device, fit_tokenizer_to_training_data=not private_run, base_quant=config.base_quant)
