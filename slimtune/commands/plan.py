@@ -16,12 +16,14 @@ def register(app) -> None:
 
 def run_plan(s: PlanSettings):
     """Predicted peak memory of every optimizer x PEFT pair (at --dtype, on a --base-quant base) against the memory
-    available here, then the methods that fit ranked by expected quality (report/memory_model.py, QUALITY_ORDER)."""
+    available here, then the methods that fit ranked by expected quality (report/memory_model.py, QUALITY_ORDER);
+    --private: the private optimizers only."""
     from rich.table import Table
 
     from slimtune.cli import console, fail
     from slimtune.models.loading import check_positions
     from slimtune.optim.hybrid import check_fo_layers
+    from slimtune.optim.methods import METHODS
     from slimtune.report.memory_model import ModelShape, as_flags, model_for_planning, plan_rows, ranked_methods
 
     try:
@@ -29,9 +31,10 @@ def run_plan(s: PlanSettings):
         m = model_for_planning(s.model)
         check_positions(m, s.max_length)
         check_fo_layers(s.fo_layers, ModelShape.from_model(m).layers)
-        rows = plan_rows(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.base_quant, s.fo_layers)
-        ranked = [r for r in ranked_methods(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.fo_layers)
-                  if r["fits"]]
+        rows = [r for r in plan_rows(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.base_quant, s.fo_layers)
+                if not s.private or METHODS[r["optimizer"]].private]
+        ranked = [r for r in ranked_methods(m, s.batch_size, s.max_length, dev, s.r, s.dtype, s.fo_layers,
+                                            private=s.private) if r["fits"]]
     except SlimtuneError as exc:
         fail(exc)
     base = f", {s.base_quant} base" if s.base_quant else ""
@@ -47,7 +50,8 @@ def run_plan(s: PlanSettings):
     if not ranked:
         console.print("[red]nothing fits[/]: lower --batch-size or --max-length")
         return
-    best = Table(title="what fits, best expected quality first (slimtune train flags)")
+    best = Table(title="what fits" + (" a private run" if s.private else "") +
+                       ", best expected quality first (slimtune train flags)")
     for col in ("rank", "method", "peak MB"):
         best.add_column(col, justify="right" if col != "method" else "left")
     for i, row in enumerate(ranked, 1):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from slimtune.optim.methods import HYBRID, METHOD_CONSTANTS, WITH_SOURCES, ZEROTH_ORDER
+from slimtune.optim.methods import HYBRID, METHOD_CONSTANTS, METHODS, OPTIMIZERS, WITH_SOURCES, ZEROTH_ORDER
 
 MB = 2**20
 ACT_HIDDEN_FO, ACT_INTER_FO = 16, 3  # values kept per token per layer for backward (llama block, rough)
@@ -127,7 +127,7 @@ def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, ba
 
 # -- planning: what fits here ---------------------------------------------------------------------------------------
 RUNTIME_MB_CPU = 420.0  # measured process baseline (interpreter + torch + transformers): benchmarks/memory_model.py
-PLAN_OPTIMIZERS = ("adamw", "dp-adamw", "mezo", "lozo", "dpzero", "hybrid", "hizoo", "hizoo-l", "sparse-mezo")
+PLAN_OPTIMIZERS = OPTIMIZERS  # every optimizer train takes (optim/methods.py's one table)
 PLAN_PEFT = ("none", "lora", "pissa", "svfit", "adapter")
 HEADROOM = 0.9  # plan to use at most 90% of what is available
 
@@ -387,21 +387,32 @@ def peft_refusal(model, method: str, r: int) -> str | None:
 QUALITY_ORDER = (("adamw", "none", None), ("adamw", "lora", None), ("hybrid", "lora", None), ("mezo", "none", None),
                  ("mezo", "lora", None), ("adamw", "lora", "int8"), ("mezo", "lora", "int8"),
                  ("adamw", "lora", "int4"), ("mezo", "lora", "int4"))
+# A private run is offered private methods only, in the same order: each family's DP counterpart (the same
+# accountant and sampler; dropping --epsilon is never the planner's advice).
+PRIVATE_COUNTERPART = {"adamw": "dp-adamw", "hybrid": "dphybrid", "mezo": "dpzero"}
+
+
+def quality_order(private: bool = False) -> tuple:
+    """QUALITY_ORDER, or its private counterparts for a private run."""
+    if not private:
+        return QUALITY_ORDER
+    return tuple((PRIVATE_COUNTERPART[o], m, q) for o, m, q in QUALITY_ORDER)
 
 
 def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: str = "float32",
                    fo_layers: int = FO_LAYERS, targets: list[str] | None = None,
-                   held: float | None = None) -> list[dict]:
+                   held: float | None = None, private: bool = False) -> list[dict]:
     """Every candidate of QUALITY_ORDER x {dtype, bf16}, in quality order, with its predicted peak and whether it
     fits; the first that fits is the planner's choice. fp16 is a CUDA dtype: never proposed on CPU. `held`:
-    runtime_mb's measured part, if read."""
+    runtime_mb's measured part, if read; `private`: the private counterparts only (quality_order)."""
     from slimtune.optim.first_order import dtype_refusal  # train's refusal of backprop on 16-bit weights
     budget = budget_mb(device)
     held = held_mb(model, device) if held is None else held
     dtypes = [dtype] + (["bfloat16"] if dtype == "float32" else [])
-    runtimes = {quant: runtime_mb(model, device, quant, held) for quant in {q for _, _, q in QUALITY_ORDER}}
+    order = quality_order(private)
+    runtimes = {quant: runtime_mb(model, device, quant, held) for quant in {q for _, _, q in order}}
     rows = []
-    for optimizer, method, quant in QUALITY_ORDER:
+    for optimizer, method, quant in order:
         for dt in dtypes:
             if dtype_refusal(optimizer, method, dt):
                 continue  # backprop trains float32 weights: train refuses it
@@ -468,7 +479,8 @@ def check_fits(model, optimizer: str, method: str, r: int, batch: int, seq_len: 
                base_quant: str | None = None, processes: int = 1) -> None:
     """Raise a one-line SlimtuneError when the run is predicted not to fit here, naming the best method that does
     (ranked_methods: expected quality first, with its dtype and base) and the optimizer x PEFT pairs that fit at the
-    run's own dtype and base. `processes`: data-parallel ranks sharing this machine's memory, each at `batch`."""
+    run's own dtype and base (for a private optimizer, private ones only). `processes`: data-parallel ranks sharing
+    this machine's memory, each at `batch`."""
     from slimtune import SlimtuneError
 
     held = held_mb(model, device)  # read once: the run and every alternative from the same process baseline
@@ -477,11 +489,12 @@ def check_fits(model, optimizer: str, method: str, r: int, batch: int, seq_len: 
     budget = budget_mb(device, processes)
     if peak <= budget:
         return
-    best = next((row for row in ranked_methods(model, batch, seq_len, device, r, dtype, fo_layers, targets, held)
-                 if row["peak_mb"] <= budget), None)  # at this process's share of the machine
+    private = METHODS[optimizer].private  # a private run is offered private methods only
+    best = next((row for row in ranked_methods(model, batch, seq_len, device, r, dtype, fo_layers, targets, held,
+                                               private) if row["peak_mb"] <= budget), None)  # at this process's share
     fitting = [f"{row['optimizer']}+{row['peft']} ({row['peak_mb']:,.0f} MB)"
                for row in plan_rows(model, batch, seq_len, device, r, dtype, base_quant, fo_layers, targets, held)
-               if row["peak_mb"] <= budget and "refused" not in row]
+               if row["peak_mb"] <= budget and "refused" not in row and METHODS[row["optimizer"]].private == private]
     suggestion = f"best that fits: {as_flags(best)} ({best['peak_mb']:,.0f} MB); " if best else ""
     ranks = f" (each of {processes} data-parallel ranks on this machine)" if processes > 1 else ""
     raise SlimtuneError(f"{optimizer}+{method} at batch {batch} x {seq_len} tokens is predicted to peak at "

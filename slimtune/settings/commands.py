@@ -257,6 +257,8 @@ class PlanSettings(Settings):
     fo_layers: int = setting(METHOD_CONSTANTS["fo_layers"], "the hybrid rows: top transformer blocks trained by "
                              "backprop (as train --fo-layers)", low=1)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
+    private: bool = setting(False, "plan a private run (train --epsilon): only the private optimizers' rows and "
+                            "ranking (DP-AdamW, DPZero, the private hybrid, ...)")
 
     def check(self) -> None:
         from slimtune.settings.rules import normalise_dtype
