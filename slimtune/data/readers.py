@@ -25,11 +25,13 @@ class DuplicateKey(Exception):
 
 
 def unique_keys(pairs: list) -> dict:
-    """json.loads' object_pairs_hook: a dict, or DuplicateKey for a key given twice."""
+    """json.loads' object_pairs_hook: a dict, or DuplicateKey for a key given twice (not named in a private run's
+    data: a nested object's keys are a row's values)."""
     seen = {}
     for key, value in pairs:
         if key in seen:
-            raise DuplicateKey(f"key {key!r} appears twice")
+            raise DuplicateKey(f"key {key!r} appears twice" if quoting_rows() else
+                               "a key appears twice (name withheld: private run)")
         seen[key] = value
     return seen
 

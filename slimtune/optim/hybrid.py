@@ -102,15 +102,13 @@ class Hybrid(ZOOptimizer):
             self._end_step()
         return StepOutput(loss, info)
 
-    def _abort_step(self, saved: list[dict]) -> None:
-        """Also drops the top part's gradients of the failed step (the next step's backward would add to them)."""
-        try:
-            super()._abort_step(saved)
-        finally:  # also when a Ctrl-C held by the undo sweep ends it
-            self.fo.zero_grad(set_to_none=True)
-            self._end_gradients()
+    def _after_failed_step(self) -> None:
+        """Any failed step, before its update or inside it: the top part's gradients go (the next step's backward
+        would add to them; a private one's may be un-noised) with whatever per-example state the step left."""
+        self.fo.zero_grad(set_to_none=True)
+        self._end_gradients(failed=True)
 
-    def _end_gradients(self) -> None:
+    def _end_gradients(self, failed: bool = False) -> None:
         pass
 
     def _top_step(self) -> None:
@@ -220,9 +218,9 @@ class DPHybrid(Hybrid):
         self.keyed_noise.end_step()
         self._end_gradients()
 
-    def _end_gradients(self) -> None:
+    def _end_gradients(self, failed: bool = False) -> None:
         from slimtune.privacy.dpsgd import drop_per_example_state
-        drop_per_example_state([p for _, p in self.top], self.grad_sample_module)  # nothing per example is kept
+        drop_per_example_state([p for _, p in self.top], self.grad_sample_module, failed)  # nothing per example
 
 
 @contextmanager

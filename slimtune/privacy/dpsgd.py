@@ -104,14 +104,24 @@ def per_example_gradients_ready(params: list, batch_size: int) -> None:
     drop_non_finite_examples(params)
 
 
-def drop_per_example_state(params: list, module: torch.nn.Module | None = None) -> None:
+def drop_per_example_state(params: list, module: torch.nn.Module | None = None, failed: bool = False) -> None:
     """Remove what Opacus leaves after a step, finished or failed: on each parameter `grad_sample` (the batch's
-    per-example gradients) and `summed_grad` (their clipped sum before the noise); on each layer of `module` the
-    `activations` its forward hooks captured (the batch's inputs to the layer: a step that fails between the forward
-    and the backward leaves them) and `max_batch_len`. None is a release; kept, they travel with the model wherever it
-    goes (torch.save(model), deepcopy, a queue). `.grad` holds the noised gradient and stays."""
+    per-example gradients), `_current_grad_sample` (the same before Opacus promotes it: a backward whose forward
+    count was left up by a failed step never promotes it), `_norm_sample`, `summed_grad` (their clipped sum before
+    the noise), and the forward counter back to 0 (else every later step's per-example gradients stay unpromoted);
+    on each layer of `module` the `activations` its forward hooks captured (the batch's inputs to the layer: a step
+    that fails between the forward and the backward leaves them) and `max_batch_len`. None is a release; kept, they
+    travel with the model wherever it goes (torch.save(model), deepcopy, a queue). `.grad` holds the noised gradient
+    and stays after a finished step; `failed`: the step raised, and `.grad` may be the un-noised batch gradient: it
+    goes too."""
     for p in params:
         p.grad_sample = p.summed_grad = None
+        for name in ("_current_grad_sample", "_norm_sample"):
+            p.__dict__.pop(name, None)
+        if "_forward_counter" in p.__dict__:
+            p._forward_counter = 0
+        if failed:
+            p.grad = None
     for layer in module.modules() if module is not None else ():
         for name in ("activations", "max_batch_len"):
             if name in layer.__dict__:
@@ -174,8 +184,10 @@ class DPFirstOrder(SlimOptimizer):
                     loss = mean.item()
                 per_example_gradients_ready(self.params, losses.numel())
             self.torch_optimizer.step()
-        finally:  # also when the step fails: nothing per example is kept between steps
-            drop_per_example_state(self.params, self.grad_sample_module)
+        except BaseException:  # nothing per example, nor an un-noised gradient, is kept after a failed step
+            drop_per_example_state(self.params, self.grad_sample_module, failed=True)
+            raise
+        drop_per_example_state(self.params, self.grad_sample_module)  # nothing per example is kept between steps
         self.keyed_noise.end_step()
         return StepOutput(loss, {"batch_size": int(losses.numel())})
 

@@ -93,16 +93,19 @@ class ZOOptimizer(SlimOptimizer):
         try:
             return self._step(closure)
         except BaseException as exc:
-            if not (self._sweeping or self._committed):
-                try:
-                    self._abort_step(saved)
-                except BaseException as undo:
-                    if self._sweeping:  # the sweep putting theta back failed too: it is partly undone
-                        self._fail(undo)
-                    raise  # (a Ctrl-C held by that sweep leaves after it ended whole: theta is back)
-            if self._sweeping or (self._committed and not self._updated):
-                self._fail(exc)
-            raise
+            try:
+                if not (self._sweeping or self._committed):
+                    try:
+                        self._abort_step(saved)
+                    except BaseException as undo:
+                        if self._sweeping:  # the sweep putting theta back failed too: it is partly undone
+                            self._fail(undo)
+                        raise  # (a Ctrl-C held by that sweep leaves after it ended whole: theta is back)
+                if self._sweeping or (self._committed and not self._updated):
+                    self._fail(exc)
+                raise
+            finally:  # whichever way it failed: nothing of the step's batch stays beside the weights
+                self._after_failed_step()
 
     def _fail(self, exc: BaseException) -> None:
         """Refuse further steps: the weights were left part-way through a sweep or an update (see `step`)."""
@@ -119,6 +122,10 @@ class ZOOptimizer(SlimOptimizer):
     def _drop_transients(self) -> None:
         """After a failure that leaves the weights partly moved: drop what is not in the weights (LOZO's forward
         shift), so that the model's forward is at least its weights'."""
+
+    def _after_failed_step(self) -> None:
+        """After any failed step (undone or not): drop what the step computed from its batch beside the weights (the
+        hybrid's top gradients and Opacus' per-example state). Nothing here for forward-only methods."""
 
     def _stateful(self) -> list:
         """The objects whose state a step moves before its update (private estimators' adaptive clips)."""
