@@ -45,7 +45,8 @@ def resumed_settings(values: dict, ctx, config_path: str | None):
     if stored is None:
         raise SlimtuneError(f"{'--resume' if ctx is not None else 'slimtune.train: resume=True:'} {out}: no run "
                             "there (no config.json)")
-    return from_run_config(stored), set(), str(Path(out) / "config.json")  # messages name the record
+    record = str(Path(out) / "config.json")
+    return from_run_config(stored, record), set(), record  # messages name the record
 
 
 def run_train(s: TrainSettings):

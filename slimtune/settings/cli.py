@@ -26,7 +26,8 @@ from slimtune.settings.base import Settings, flag, kind_of, spec_of
 
 PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 # switches that older runs' config.json files hold as null (they had no default then): null there means unset; any
-# other null in a settings file is refused (`dry_run: ${DRY_RUN}` with the variable unset must not become a real run)
+# other null in a settings file is refused, whether the setting may be None or not (`dry_run: ${DRY_RUN}` with the
+# variable unset must not become a real run, nor `epsilon: ${EPS}` the default budget)
 NULL_IS_UNSET = ("svfit_relative",)
 
 
@@ -89,7 +90,7 @@ def file_values(cls: type[Settings], path: str) -> tuple[dict, set[str]]:
     if cls.command == "train":
         from slimtune.settings.train import from_run_config, is_run_config
         if is_run_config(data):  # a run's own config.json: what it was trained with
-            values = from_run_config(data)
+            values = from_run_config(data, path)
             values.pop("resume", None)
             values.pop("restart", None)
             return values, set()  # filled by the run itself: applicability is not the user's doing
@@ -111,11 +112,11 @@ def file_values(cls: type[Settings], path: str) -> tuple[dict, set[str]]:
         if name not in names or not spec_of(_field(cls, name)).cli and name not in ("adapter", "runs"):
             known = ", ".join(sorted(n for n in names if spec_of(_field(cls, n)).cli))
             raise SlimtuneError(f"{path}: unknown setting {key!r} for `slimtune {cls.command}` (known: {known})")
-        base, optional = kind_of(_field(cls, name))
-        if value is None and not optional:
+        if value is None:
             if name in NULL_IS_UNSET:
                 continue  # older runs' files hold null for a switch that now has a default (svfit_relative): unset
-            # `out: ${RUN}` rendered with RUN unset: YAML's null, refused as `--out ""` is, never the default
+            # `out: ${RUN}` or `epsilon: ${EPS}` rendered with the variable unset: YAML's null, refused as `--out ""`
+            # is, never the default (for epsilon the default budget); leaving the key out is how to unset it
             raise SlimtuneError(f"{path}: setting {key!r} has no value (an unset variable?); give a value or leave "
                                 "the key out")
         out[name] = value

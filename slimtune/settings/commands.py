@@ -67,7 +67,7 @@ class EvalSettings(UsesRecordedPrompt, Settings):
     def check(self) -> None:
         if not self.data:
             raise SlimtuneError("--data is required (on the command line or in --config)")
-        require_input_file(self.data, "--data")
+        require_input_file(self.data, self.where("data"))
         check_model(self.model)
         if self.adapter is not None:
             check_adapter_and_model(self.adapter, self.model, self.given("model"))
@@ -79,7 +79,7 @@ class EvalSettings(UsesRecordedPrompt, Settings):
         else:
             check_task_text(self)
         if self.predictions:
-            check_output_file(self.predictions, "--predictions")
+            check_output_file(self.predictions, self.where("predictions"))
             check_outside(self.predictions, self.adapter or "", "--predictions", "--adapter")
 
 
@@ -166,7 +166,7 @@ class GenerateSettings(UsesRecordedPrompt, Settings):
         if (self.prompt is None) == (self.input is None):
             raise SlimtuneError("give exactly one of --prompt or --input")
         if self.input is not None:
-            require_input_file(self.input, "--input")
+            require_input_file(self.input, self.where("input"))
         if self.given("input_column") and self.input is None:
             raise SlimtuneError("--input-column applies to --input files (tables), not to --prompt")
         if self.given("batch_size") and self.prompt is not None:
@@ -188,7 +188,7 @@ class GenerateSettings(UsesRecordedPrompt, Settings):
             check_template(self.template, (column or "input",), "--template",
                            hint="" if column else " (name another column with --input-column)")
         if self.output is not None:
-            check_output_file(self.output, "--output")
+            check_output_file(self.output, self.where("output"))
             check_outside(self.output, self.adapter or "", "--output", "--adapter")
         check_device(self.device)
 
@@ -210,7 +210,7 @@ class MergeSettings(Settings):
         from slimtune.train.run_dir import check_finished_run
         check_mergeable(self.adapter, "ADAPTER")
         check_finished_run(self.adapter, "ADAPTER")
-        check_new_directory(self.out, "--out")
+        check_new_directory(self.out, self.where("out"))
         check_outside(self.out, self.adapter)
 
 
@@ -236,7 +236,7 @@ class ExportSettings(Settings):
         from slimtune.train.run_dir import check_finished_run
         check_mergeable(self.adapter, "ADAPTER")
         check_finished_run(self.adapter, "ADAPTER")
-        check_output_file(self.out, "--out")
+        check_output_file(self.out, self.where("out"))
         check_outside(self.out, self.adapter)
         if Path(self.out).suffix.lower() != ".gguf":
             raise SlimtuneError(f"--out {self.out}: name the file .gguf")
@@ -281,7 +281,7 @@ class ReportSettings(Settings):
     def check(self) -> None:
         if not self.runs:
             raise SlimtuneError("give at least one run directory")
-        check_new_directory(self.out, "--out")
+        check_new_directory(self.out, self.where("out"))
 
 
 @dataclass

@@ -189,13 +189,13 @@ class TrainSettings(Settings):
         if not self.data:
             raise SlimtuneError("--data is required (on the command line or in --config)")
         if not self.resume:
-            require_input_file(self.data, "--data")
+            require_input_file(self.data, self.where("data"))
             if self.eval_data:
-                require_input_file(self.eval_data, "--eval-data")
+                require_input_file(self.eval_data, self.where("eval_data"))
         if self.optimizer == "lozo-m" and self.given("momentum") and self.momentum == 0:  # a run's record: not given
             raise SlimtuneError(LOZO_M_MOMENTUM.format(given=f"{self.where('momentum')} 0"))
         if self.secret_key_file is not None:  # before any work: the run reads it only after loading model and data
-            require_input_file(self.secret_key_file, "--secret-key-file")
+            require_input_file(self.secret_key_file, self.where("secret_key_file"))
             from slimtune.privacy.secret import read_key_file
             try:  # what the run will refuse (readable by others, not a key), refused now
                 read_key_file(self.secret_key_file)
@@ -289,35 +289,52 @@ RUN_CONFIG_NAMES = {
 }
 
 
-def from_run_config(stored: dict) -> dict:
+# Keys older versions recorded that no setting reads any more (read as nothing, never refused)
+RETIRED_RECORD_KEYS = ("peft.extra", "generation.learned")
+DP_SETTINGS = ("epsilon", "delta", "noise_multiplier", "clip", "clipping", "target_quantile", "clip_lr",
+               "clip_multiplier", "sampling", "mechanism", "accountant", "pld_discretization")
+
+
+def from_run_config(stored: dict, where: str = "config.json") -> dict:
     """A run's config.json as flat train settings (what `--resume` and `--config RUN/config.json` start from), with
     what the run trained with where an older version recorded something else (resume.as_trained: the prompt of a
-    run that recorded null)."""
+    run that recorded null). An edited file is read as strictly as a flat settings file: a key no setting reads (a
+    misspelling) or two keys naming one setting (`"lr"` beside `"optim": {"lr": ...}`) is a one-line error naming
+    `where`; a key a user added beside a non-private run's null "privacy" (`"epsilon": 1`) is kept, never dropped."""
     import copy
 
     from slimtune.train.resume import as_trained
     stored = as_trained(copy.deepcopy(stored))
-    flat = {}
+    known = set(TrainSettings.defaults())
+    flat, origin = {}, {}
+
+    def put(key: str, name: str | None, value) -> None:
+        if not name or key in RETIRED_RECORD_KEYS:
+            return
+        if name not in known:
+            raise SlimtuneError(f"{where}: unknown setting {key!r} for `slimtune train` (a run's config.json holds "
+                                "the keys a run records; `slimtune train --help` lists the settings)")
+        if name in flat:
+            raise SlimtuneError(f"{where}: {origin[name]!r} and {key!r} name the same setting ({name}); keep one")
+        flat[name], origin[name] = value, key
+
     for key, value in stored.items():
         if isinstance(value, dict) and key in ("optim", "peft", "privacy", "generation"):
             for sub, v in value.items():
-                name = RUN_CONFIG_NAMES.get(f"{key}.{sub}", sub)
-                if name:
-                    flat[name] = v
+                put(f"{key}.{sub}", RUN_CONFIG_NAMES.get(f"{key}.{sub}", sub), v)
         else:
-            name = RUN_CONFIG_NAMES.get(key, key)
-            if name:
-                flat[name] = value
+            put(key, RUN_CONFIG_NAMES.get(key, key), value)
     if "progress" in stored:
+        if "quiet" in flat:
+            raise SlimtuneError(f"{where}: 'progress' and 'quiet' name the same setting (quiet); keep one")
         flat["quiet"] = not stored["progress"]
     if isinstance(flat.get("target_modules"), list):
         flat["target_modules"] = ",".join(flat["target_modules"])
-    if stored.get("privacy") is None:  # a non-private run: the DP settings stay at their defaults
-        for name in ("epsilon", "delta", "noise_multiplier", "clip", "clipping", "target_quantile", "clip_lr",
-                     "clip_multiplier", "sampling", "mechanism", "accountant", "pld_discretization"):
-            flat.pop(name, None)
-    known = set(TrainSettings.defaults())
-    return {k: v for k, v in flat.items() if k in known}
+    if stored.get("privacy") is None:  # a non-private run: DP values recorded inside a group stay at their defaults
+        for name in DP_SETTINGS:  # (a top-level key is the user's own edit: kept, and checked as any setting)
+            if name in flat and "." in origin[name]:
+                flat.pop(name)
+    return flat
 
 
 def run_identity(values: dict) -> tuple:
