@@ -178,6 +178,17 @@ class ZOArguments:
         return self.cls(model, **kwargs)
 
 
+def classification_loss_kind(config, labels: torch.Tensor) -> str:
+    """The loss a transformers sequence classifier computes (its forward's own rule): config.problem_type if set,
+    else regression for one label, single-label for integer labels, multi-label otherwise."""
+    kind = getattr(config, "problem_type", None)
+    if kind:
+        return kind
+    if getattr(config, "num_labels", 2) == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
 class ZOTrainerMixin:
     """Turns a `transformers.Trainer` (or a subclass such as TRL's `SFTTrainer`) into a zeroth-order trainer:
     put it first in the bases, `class ZOSFTTrainer(ZOTrainerMixin, SFTTrainer)`, and pass `zo_args=ZOArguments(...)`
@@ -503,20 +514,36 @@ class ZOTrainerMixin:
         return mean_loss
 
     def per_example_losses(self, model, inputs) -> torch.Tensor:
-        """One loss per example for the private optimizers: each example's mean token cross-entropy over its labels
-        (positions labelled -100 are ignored; causal LMs compare logits at t with labels at t + 1), or the
-        cross-entropy of a sequence classifier. Override for another per-example objective."""
+        """One loss per example for the private optimizers, the per-example form of the model's own loss:
+        - a causal LM: each example's mean token cross-entropy over its labels (positions labelled -100 are ignored;
+          logits at t are compared with labels at t + 1);
+        - an encoder-decoder (config.is_encoder_decoder): the same without the shift (the decoder's logits at t
+          already predict labels[t]: the collator shifted its inputs);
+        - a sequence classifier, as transformers chooses its loss (problem_type, else num_labels == 1: regression,
+          integer labels: single-label, float labels: multi-label): squared error, cross-entropy, or binary
+          cross-entropy with logits averaged over the labels.
+        Override for another per-example objective."""
+        import torch.nn.functional as F
+
         labels = inputs.get("labels")
         if labels is None:
             raise SlimtuneError("private training needs `labels` in each batch to compute one loss per example "
                                 "(use a collator that sets them, e.g. DataCollatorForLanguageModeling)")
         with self.compute_loss_context_manager():
             logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
-        if logits.ndim == 2:  # sequence classification: one label per example
-            return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-        logits, target = logits[:, :-1], labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-        mask = target != -100
+        config = getattr(getattr(model, "module", model), "config", None)
+        if logits.ndim == 2:  # sequence classification: one label (or one vector of labels) per example
+            kind = classification_loss_kind(config, labels)
+            if kind == "regression":  # MSE over the example's outputs (one, for num_labels == 1)
+                return (logits - labels.to(logits.dtype).reshape(logits.shape)).pow(2).mean(dim=1)
+            if kind == "multi_label_classification":
+                bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+                return bce.mean(dim=1)
+            return F.cross_entropy(logits, labels, reduction="none")
+        if not getattr(config, "is_encoder_decoder", False):
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        mask = labels != -100
         return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
     def _count_trl_tokens(self, inputs) -> None:
@@ -569,7 +596,11 @@ class ZOTrainerMixin:
             raise SlimtuneError("a private ZOTrainer trains once: its optimizer has already taken steps under its key, "
                                 "and a second train() would start its Poisson batches from the first step's again "
                                 "(released already); build a new trainer for a new run")
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        out = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.zo_args.private:  # no loss is released: transformers' NaN filter would report the mean of none, 0.0
+            from transformers.trainer_utils import TrainOutput
+            out = TrainOutput(out.global_step, float("nan"), out.metrics)
+        return out
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Hugging Face's `save_model`, except for a model with slimtune's SVFit or adapter layers
