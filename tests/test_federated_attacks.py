@@ -295,12 +295,13 @@ def test_robust_rules_model_keeps_what_each_rule_promises(monkeypatch):
 
 
 @pytest.mark.parametrize("private", ["dpzero", "dplozo", "dp-adamw", "dp-sgd", "dphizoo", "dphybrid"])
-def test_the_coalition_attack_runs_beside_every_private_local_optimizer(demo_paths, private):
-    """The coalition fine-tunes its own pooled data with the non-private form of the clients' optimizer. A hand-written
-    map of four private optimizers failed (AssertionError) for dphizoo and dphybrid; the methods table's family is the
-    one map (as the server's --robust trust reference uses)."""
+def test_the_coalition_attack_is_refused_beside_every_private_local_optimizer(demo_paths, private):
+    """The coalition measurement fine-tunes, without DP, on the pooled rows of clients 0..k-1 and writes its scores and
+    the number of those rows to summary.json: functions of individual training examples that no accountant covers.
+    Beside a private local optimizer (any of the methods table's, dphizoo and dphybrid included) it is refused before
+    any work, with one line naming --attack-coalition (review 64; it used to run, with the optimizer's non-private
+    form)."""
     cfg = make_cfg(demo_paths, attack_coalition=2, bits=2, local_optimizer=private, batch_size=4)
-    model, _, train, _, objective, split = build_model_and_split(cfg)
-    start = received(lora_state(model))
-    attacked = coalition_finetune(model, objective, start, coalition_data(cfg, train, split)[:8], cfg, steps=2, seed=1)
-    assert set(attacked) == set(start)
+    with pytest.raises(SlimtuneError, match="--attack-coalition 2 .*private run"):
+        cfg.validate()
+    make_cfg(demo_paths, attack_coalition=2, bits=2, batch_size=4).validate()  # the same run without DP measures

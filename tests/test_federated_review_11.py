@@ -65,8 +65,8 @@ def test_a_nodes_budget_is_measured_at_its_own_delta_not_the_servers(demo_paths)
     from slimtune.federated.local_privacy import bound_segment, composed_epsilon
 
     cfg = make_cfg(demo_paths, bits=8, local_optimizer="dp-sgd", local_dp_noise=1.0, batch_size=64, local_steps=20,
-                   local_dp_delta=0.999999)
-    cfg.validate()  # a config the server may send
+                   local_dp_delta=0.999999, data="")
+    cfg.validate()  # a config a deployment's server may send (no data: its nodes hold their own, review 64)
     at_default = replace(cfg, local_dp_delta=1e-5)
     assert composed_epsilon(at_default, [bound_segment(at_default)]) > 25  # 30.1
     with pytest.raises(SlimtuneError, match="local-dp-(epsilon|delta)"):

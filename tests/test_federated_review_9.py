@@ -103,7 +103,7 @@ def test_a_node_registered_by_an_outsider_is_never_sampled(tmp_path):
     federation.admit(11)
     federation.admit(12)
     assert json.loads(federation.settings.read_text())["allowed_nodes"] == "11,12"
-    FederatedConfig(allowed_nodes="11,12").validate()
+    FederatedConfig(allowed_nodes="11,12", num_clients=2).validate()  # review 61: one allowed node per client
 
 
 # -- 3. a node cannot hold its own privacy floor: the server's config decides, and node settings are ignored ----------

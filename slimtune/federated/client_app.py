@@ -115,7 +115,10 @@ def _local_round(cfg: FederatedConfig, partition_id: int, payload: dict, server_
         from slimtune.privacy.accountant import PrivacySpec
         private = (PrivacySpec(noise_multiplier=cfg.local_dp_noise, clip=cfg.local_dp_clip), cfg.local_dp_noise,
                    cfg.batch_size, None)
-    optimizer = build_optimizer(optimizer_name, model, OptimizerArgs(lr=cfg.lr, eps=cfg.eps, seed=seed), private)
+    # dphybrid: its top part's per-example gradient is clipped at the run's --local-dp-clip too (not the method's 1.0)
+    fo_clip = cfg.local_dp_clip if optimizer_name == "dphybrid" else None
+    optimizer = build_optimizer(optimizer_name, model, OptimizerArgs(lr=cfg.lr, eps=cfg.eps, seed=seed,
+                                                                     fo_clip=fo_clip), private)
     try:
         if private is None:
             losses, seeds, grads = run_steps(cfg, model, objective, optimizer, examples, seed, False)

@@ -41,6 +41,10 @@ SERVER_ONLY = ("out_dir", "eval_data", "root_data", "eval_max", "eval_every", "r
                "allowed_nodes")
 
 
+# the settings FederatedConfig.resolved() fills in where they are None
+RESOLVED = ("template", "label_words", "lr", "server_optimizer", "server_lr", "server_average", "server_momentum")
+
+
 @dataclass
 class FederatedConfig:
     data: str = ""
@@ -156,6 +160,22 @@ class FederatedConfig:
         return replace(self, server_average=0.0 if self.server_average is None else self.server_average,
                        server_momentum=FEDAVGM_MOMENTUM if self.server_momentum is None else self.server_momentum)
 
+    def changed(self) -> set[str]:
+        """The settings this config sets to something other than what they are when left unset: the field's default,
+        or, for one resolved() fills in (the clients' lr, the server step, the prompt), what it fills in for this
+        run. A config (run config, server settings file, a client's received one) does not say which keys were given;
+        these are the ones that must apply to the run (check_config_values)."""
+        out = set()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            if f.name in RESOLVED and f.default is None and value == getattr(replace(self, **{f.name: None}).resolved(),
+                                                                             f.name):
+                continue
+            out.add(f.name)
+        return out
+
     def validate(self) -> None:
         """One-line errors for values out of range and for combinations that would claim privacy they do not give,
         or do nothing. Every path runs it (check_run) before any work."""
@@ -183,9 +203,15 @@ class FederatedConfig:
         if isinstance(self.local_dp_noise, (int, float)) and self.local_dp_noise > MAX_LOCAL_DP_NOISE:
             raise SlimtuneError(f"--local-dp-noise {self.local_dp_noise:g}: at most {MAX_LOCAL_DP_NOISE:g} (a larger "
                                 "noise multiplier cannot be accounted)")
-        if self.allowed_nodes is not None and not all(part.strip().isdigit() for part in self.allowed_nodes.split(",")):
-            raise SlimtuneError(f"allowed_nodes {self.allowed_nodes!r}: Flower node ids separated by commas (the "
-                                "deployment script writes them)")
+        if self.allowed_nodes is not None:
+            ids = [part.strip() for part in self.allowed_nodes.split(",")]
+            if not all(part.isascii() and part.isdigit() for part in ids):  # str.isdigit alone takes '²', int() not
+                raise SlimtuneError(f"allowed_nodes {self.allowed_nodes!r}: Flower node ids (digits 0-9) separated by "
+                                    "commas (the deployment script writes them)")
+            if len({int(part) for part in ids}) < self.num_clients:  # the server would wait node_timeout for nothing
+                raise SlimtuneError(f"allowed_nodes {self.allowed_nodes!r}: {len({int(p) for p in ids})} distinct "
+                                    f"node id(s) for num-clients {self.num_clients}; the server samples only these "
+                                    "nodes, so no round could start: list every node the run registered")
         if self.client_dp_noise > 0 and not self.client_dp_clip > 0:
             raise SlimtuneError("--client-dp-noise needs --client-dp-clip > 0 (noise is calibrated to the clip; "
                                 "without it there is no client-level DP)")
@@ -247,6 +273,12 @@ class FederatedConfig:
                                 f">= 1")
         if self.attack_coalition and self.mode == "zo-seeds":
             raise SlimtuneError("--attack-coalition measures LoRA broadcasts; --mode zo-seeds is not covered")
+        from slimtune.federated.local_privacy import private_clients
+        if self.attack_coalition and private_clients(self):  # summary.json: un-noised functions of the pooled rows
+            raise SlimtuneError(f"--attack-coalition {self.attack_coalition} fine-tunes without DP on the pooled rows "
+                                "of its clients and writes the score and row count to summary.json, which no DP "
+                                "accounting covers: it is refused in a private run (local or client-level DP); "
+                                "drop it, or measure on a run without DP")
         if self.attack_coalition and not self.eval_data:  # run_server scores the attacks on the evaluation data
             raise SlimtuneError(f"--attack-coalition {self.attack_coalition} scores what the coalition rebuilds on the "
                                 "evaluation data: it needs --eval-data (without it nothing would be measured)")

@@ -8,8 +8,10 @@ credentials.py. `--insecure` turns both off, with a warning: for debugging only.
 
 The server's settings (rounds, output, evaluation data...) go to a file only the SuperLink's environment points at
 ($SLIMTUNE_SERVER_SETTINGS); clients receive the app's run config (training settings) and, per round, the training
-settings in the message. Every process it starts is stopped by PID when it ends (normally, on error or on Ctrl-C).
-Flower's state lives in a temporary FLWR_HOME, so the user's ~/.flwr is never touched.
+settings in the message. Every process it starts is stopped by PID when it ends (normally, on error, on Ctrl-C, SIGTERM
+or SIGHUP). Flower's state lives in a temporary FLWR_HOME, so the user's ~/.flwr is never touched; the temporary
+directory (the nodes' shards of the data, their keys, the TLS key) is removed when the script ends, except, after a
+failure, its logs/ (which the error names).
 Usage: python -m slimtune.federated.deployment [--nodes 2] [--data FILE] [--eval-data FILE] [--rounds 2]
        [--out runs/deployment] [--model tiny-llama] [--timeout 900] [--insecure]
 """
@@ -316,13 +318,52 @@ def run(nodes: int, data: Path, eval_data: Path | None, rounds: int, out: Path, 
         log.warning("--insecure: no TLS and no SuperNode authentication; anyone who reaches the port can read the "
                     "broadcasts and join the federation as a client")
     work = Path(tempfile.mkdtemp(prefix="slimtune-deploy."))
-    shards = shard(data, nodes, work)  # before any process starts
-    with LocalFederation(work, cfg, insecure) as federation:
-        federation.start_superlink()
-        for k, path in enumerate(shards):
-            federation.add_node(f"supernode{k}", f'partition-id={k} data-path="{path}"')
-        summary = federation.submit(timeout)
-    return with_bundle_bytes(summary, nodes, Path(cfg.out_dir))
+    completed = False
+    try:
+        shards = shard(data, nodes, work)  # before any process starts
+        with LocalFederation(work, cfg, insecure) as federation:
+            federation.start_superlink()
+            for k, path in enumerate(shards):
+                federation.add_node(f"supernode{k}", f'partition-id={k} data-path="{path}"')
+            summary = federation.submit(timeout)
+        summary = with_bundle_bytes(summary, nodes, Path(cfg.out_dir))
+        completed = True
+        return summary
+    finally:  # the processes are stopped (LocalFederation.__exit__) before anything is removed
+        clean_work(work, keep_logs=not completed)
+
+
+def clean_work(work: Path, keep_logs: bool) -> None:
+    """Remove the run's working directory: it holds a copy of every node's shard of --data, the nodes' private keys,
+    the SuperLink's TLS key, the server settings and Flower's home. A completed run leaves nothing; a failed or
+    stopped one keeps only logs/ (its error messages point there: 'logs in ...'), and says where it is."""
+    import shutil
+    logs = work / "logs"
+    if keep_logs and logs.is_dir() and any(logs.iterdir()):
+        for entry in work.iterdir():
+            if entry == logs:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        log.warning("the federation's logs are kept in %s (the data shards and keys were removed)", logs)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def stop_on_signals(signals: tuple = (signal.SIGTERM, signal.SIGHUP)) -> None:
+    """SIGTERM (`timeout`, `kill`, a scheduler, systemd) and SIGHUP (a closed terminal) end the script by raising
+    SystemExit, as Ctrl-C raises KeyboardInterrupt: LocalFederation.__exit__ then stops every process it started (in
+    their own sessions, they would outlive the script's default death) and run() removes the shards and keys. A
+    repeat of the signal during that bounded clean-up (stop(): 15 s, then SIGKILL) is ignored."""
+    def handler(signum, frame):
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    for s in signals:
+        signal.signal(s, handler)
 
 
 def main() -> None:
@@ -337,6 +378,7 @@ def main() -> None:
     ap.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (debugging only)")
     args = ap.parse_args()
     logging.basicConfig(format="%(levelname)s: %(message)s")
+    stop_on_signals()
     try:
         if args.nodes < 1:
             raise SlimtuneError(f"--nodes {args.nodes}: must be >= 1")

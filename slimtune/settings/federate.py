@@ -21,6 +21,22 @@ zo_clients = condition(lambda s: s.local_optimizer in ZEROTH_ORDER + HYBRID or s
                        lambda s: f"--local-optimizer {s.local_optimizer}, --mode {s.mode}")
 client_dp = condition(lambda s: s.client_dp_clip > 0, "client-level DP (--client-dp-clip > 0)",
                       lambda s: "--client-dp-clip 0")
+# the delta is used only by an accountant, which client-level DP has only with noise (server_app builds none for a
+# clipped, un-noised aggregate)
+client_dp_noised = condition(lambda s: s.client_dp_clip > 0 and s.client_dp_noise > 0,
+                             "client-level DP with noise (--client-dp-clip > 0 and --client-dp-noise > 0)",
+                             lambda s: f"--client-dp-clip {s.client_dp_clip:g}, "
+                                       f"--client-dp-noise {s.client_dp_noise:g}")
+# the clients' local delta is used by the server's public bound (--local-dp-min-examples) and by a deployment node
+# that holds its own data (its ledger and the epsilon it prints; the server is given no `data`): a simulation's
+# clients without the bound compute nothing at it
+local_dp_accounted = condition(
+    lambda s: s.local_optimizer in PRIVATE and (s.local_dp_min_examples is not None or not s.data),
+    f"{private_clients.describe} with --local-dp-min-examples (a simulation's clients report no epsilon of their "
+    "own: the delta is used only by the server's public bound), or deployment nodes that hold their own data (no "
+    "`data` for the server)",
+    lambda s: f"--local-optimizer {s.local_optimizer}" + ("" if s.local_dp_min_examples is not None
+                                                          else ", no --local-dp-min-examples"))
 # under client-level DP every update is clipped to the fixed --client-dp-clip and weighed 1 / --clients (bounds.py):
 # the server's adaptive bound and example weights are not used, so they are refused, not ignored
 server_bound = condition(lambda s: not s.client_dp_clip > 0, "the server's adaptive bound (no client-level DP)",
@@ -37,15 +53,22 @@ CONFIG_NAMES = {"num_clients": "clients", "dirichlet_alpha": "alpha", "out_dir":
 
 
 def check_config_values(cfg, origin: str | None = None) -> None:
-    """Every FederatedConfig value through the settings' rules (exact types, choices, ranges): the one validation of
-    `slimtune federate`, `flwr run .` (run config and server settings file) and the deployment script."""
+    """Every FederatedConfig value through the settings' rules (exact types, choices, ranges, and where each applies):
+    the one validation of `slimtune federate`, `flwr run .` (run config and server settings file) and the deployment
+    script. A config does not record which keys were given, so every setting it sets to something other than left
+    unset (FederatedConfig.changed: its default, or what resolved() fills in) must apply to the run, by the same
+    `applies` conditions (Settings.check_applicable) that refuse a `slimtune federate` flag."""
     from dataclasses import fields as dc_fields
     values = {CONFIG_NAMES.get(f.name, f.name): getattr(cfg, f.name) for f in dc_fields(cfg)}
     values["eval_data"] = values["eval_data"] or None
     values["root_data"] = values["root_data"] or None
     if values.get("data") == "":
         values["data"] = None
-    FederateSettings.check_values(values, origin)
+    checked = FederateSettings.check_values(values, origin)
+    settings = FederateSettings(**checked)
+    settings._given = {CONFIG_NAMES.get(name, name) for name in cfg.changed()}
+    settings._origin = dict.fromkeys(settings._given, origin) if origin else {}
+    settings.check_applicable()
     if cfg.bits not in (*range(1, 9), 32) or cfg.upload_bits not in (*range(1, 9), 32):
         raise SlimtuneError(f"--bits {cfg.bits} / --upload-bits {cfg.upload_bits}: each must be 1..8 or 32")
 
@@ -88,8 +111,9 @@ class FederateSettings(Settings):
                                     low_open=True, high=MAX_LOCAL_DP_NOISE, applies=private_clients)
     local_dp_clip: float = setting(1.0, "private local optimizers: clipping threshold", low=0, low_open=True,
                                    applies=private_clients)
-    local_dp_delta: float = setting(1e-5, "private local optimizers: the delta of the clients' local epsilon", low=0,
-                                    high=1, low_open=True, high_open=True, applies=private_clients)
+    local_dp_delta: float = setting(1e-5, "private local optimizers: the delta of the clients' local epsilon (with "
+                                    "--local-dp-min-examples: a simulation's clients report none of their own)",
+                                    low=0, high=1, low_open=True, high_open=True, applies=local_dp_accounted)
     local_dp_min_examples: int | None = setting(None, "private local optimizers: a public lower bound on each "
                                                 "client's training rows; each client then samples at a rate of at "
                                                 "most batch-size / this, and the server reports the clients' local "
@@ -122,8 +146,8 @@ class FederateSettings(Settings):
                         choices=("lora", "zo-seeds"))
     client_dp_clip: float = setting(0.0, "client-level DP: L2 clip of each delta (0: off)", low=0)
     client_dp_noise: float = setting(0.0, "client-level DP: noise multiplier", low=0, applies=client_dp)
-    client_dp_delta: float = setting(1e-5, "client-level DP: delta", low=0, high=1, low_open=True, high_open=True,
-                                     applies=client_dp)
+    client_dp_delta: float = setting(1e-5, "client-level DP: delta (with --client-dp-noise > 0)", low=0, high=1,
+                                     low_open=True, high_open=True, applies=client_dp_noised)
     eval_max: int = setting(200, "server evaluation: at most this many examples (0: all)", low=0,
                             applies=server_eval)
     eval_every: int = setting(1, "server evaluation at round 0, every this many rounds, and in each of the last 5",
