@@ -60,18 +60,21 @@ def ensure_converter() -> Path:
     return target
 
 
-def convert(model_dir: Path, out: Path, out_type: str, description: str | None = None) -> None:
+def convert(model_dir: Path, out: Path, out_type: str, description: str | None = None,
+            name: str | None = None) -> None:
     """model_dir (a transformers checkpoint with its tokenizer) -> out (GGUF), by llama.cpp's converter;
-    `description`: the file's general.description (the converter's metadata override file)."""
+    `description` and `name`: the file's general.description and general.name (the converter's metadata override
+    file; left out, the converter names the model after `model_dir`, a temporary directory's name)."""
     if out_type not in OUT_TYPES:
         raise SlimtuneError(f"--quant {out_type!r}: choose one of {', '.join(OUT_TYPES)}")
     conv = ensure_converter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
            "--outtype", out_type]
-    if description:
+    meta = {key: value for key, value in (("general.name", name), ("general.description", description)) if value}
+    if meta:
         override = model_dir / "slimtune-gguf-metadata.json"
-        override.write_text(json.dumps({"general.description": description}))
+        override.write_text(json.dumps(meta))
         cmd += ["--metadata", str(override)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode or not out.exists():
@@ -124,7 +127,7 @@ def export_gguf(model, tokenizer, out: Path, out_type: str = "f16", verify: bool
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            convert(Path(tmp), partial, out_type, prompt_description(prompt))
+            convert(Path(tmp), partial, out_type, prompt_description(prompt), name=out.stem)  # the file's name
         report["bytes"] = partial.stat().st_size
         if verify:
             report.update(compare_logits(model, tokenizer, partial))

@@ -97,15 +97,51 @@ def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | 
     check_rank_fits(model, settings)
     targets = settings.target_modules or default_targets(model, method)
     if method in ("lora", "pissa"):
-        tuner.check_targets(model, method, targets, LORA_LAYER_TYPES,
-                            tuner.matching_modules(model, targets, LORA_LAYER_TYPES))
+        found = tuner.matching_modules(model, targets, LORA_LAYER_TYPES)
+        tuner.check_targets(model, method, targets, LORA_LAYER_TYPES, found)
+        check_untied(model, method, found)
         return _apply_lora(model, settings, targets, work_dir)
     if method == "svfit":
+        check_untied(model, method, tuner.matching_modules(model, targets, LAYER_TYPES))
         config = SVFitConfig(r=settings.r, target_modules=targets, learn_scale=settings.learn_scale,
                              relative=settings.svfit_relative)
         return tuner.wrap(model, config, SVFitLinear, LAYER_TYPES)
     config = AdapterConfig(bottleneck=settings.r, target_modules=targets)
     return tuner.wrap(model, config, BottleneckAdapter, LAYER_TYPES)
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters more than one module holds (tied weights: an LM head that is the input embeddings, as
+    in SmolLM2, Gemma and GPT-2)."""
+    from collections import Counter
+    held = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    return {i for i, n in held.items() if n > 1}
+
+
+TIED = ("shares its weight with another layer (tied to the input embeddings, as SmolLM2's, Gemma's and GPT-2's LM "
+        "head is): {method} would change both, so the model's inputs would move with its outputs and a merge would "
+        "not reproduce the trained model")
+
+
+def check_untied(model: nn.Module, method: str, found: list) -> None:
+    """Refuse a target layer whose weight another layer shares: LoRA merges into the shared matrix and SVFit
+    replaces it by its residual, changing the tied layer (the input embeddings) too."""
+    shared = shared_parameters(model)
+    tied = [name for name, m in found if id(getattr(m, "weight", None)) in shared]
+    if tied:
+        raise SlimtuneError(f"--target-modules: {tied[0]} {TIED.format(method=method)}; leave it out of "
+                            "--target-modules")
+
+
+def check_merge_untied(model: nn.Module) -> None:
+    """Before a merge: an adapter (saved before check_untied existed) on a layer whose weight another layer shares
+    cannot be merged into it without moving that layer too."""
+    shared = shared_parameters(model)
+    for name, m in model.named_modules():
+        if hasattr(m, "base_layer") or isinstance(m, SVFitLinear):  # a LoRA layer, or SVFit's
+            if any(id(p) in shared for p in m.parameters()):
+                raise SlimtuneError(f"{name}: {TIED.format(method='the adapter')}; merging is refused (use the "
+                                    "adapter unmerged: slimtune eval / generate --adapter)")
 
 
 def adapter_kind(model: nn.Module) -> str | None:
@@ -481,6 +517,7 @@ def merge_peft(model: nn.Module) -> nn.Module:
     """Fold the adapter into dense weights and return a plain transformers model."""
     from peft import PeftModel
 
+    check_merge_untied(model)
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     cls = _tuner_class(model)
