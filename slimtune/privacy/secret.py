@@ -17,7 +17,9 @@ different computations.
 
 Where the key lives: exactly one file, `RUN/secret.key` (JSON {"key": hex}), created with mode 0600 before any byte
 is written to it (O_CREAT | O_EXCL). The checkpoint, the optimizer state, the logs, the adapter, reports and federated
-app bundles hold neither the key nor anything computed from it except the accounted, noised releases. Data-parallel
+app bundles hold neither the key nor anything computed from it except the accounted, noised releases, and the
+checkpoint's fingerprint (train/fingerprint.py): PRF outputs under the key (a check value, and HMACs of the data
+files' digests), which reveal nothing about the key or the rows. Data-parallel
 ranks read the key from that file (same machine) or from `secret_key_file` given to each rank out of band; the key
 never crosses the network.
 """

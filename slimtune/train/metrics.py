@@ -59,11 +59,12 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint (and a partial last line, as a kill leaves it) so the
-        log matches the replayed trajectory."""
+        log matches the replayed trajectory. Rewritten whole or not at all: a failed write keeps the log as it was."""
+        from slimtune.train.run_dir import replace_file
         if not self.path.exists():
             return
         keep = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        replace_file(self.path, "".join(line + "\n" for line in keep))
 
 
 def read_jsonl(path: Path) -> list[dict]:

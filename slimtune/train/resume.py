@@ -3,6 +3,9 @@
 `prepare(config, resume=True)` first fills every setting the caller left unset (None) from the run's config.json, then
 compares every setting with it. A difference in anything that shapes the trajectory (model, data, task, optimizer and
 its hyper-parameters, PEFT, privacy, batch size, seed, lengths, dtype, ...) is refused with the list of differences.
+What the settings name is checked too: the data files' contents, a model directory's weights, a private run's key,
+the checkpoint's run and the library versions, against the fingerprint the checkpoint records (train/fingerprint.py);
+a damaged checkpoint file is refused in one line naming it.
 A setting the run did not record (it predates the setting) counts as its default. Only these may change, and each
 change is recorded in config.json under "resumed" (step, old -> new); a longer or shorter `steps` also stretches the
 learning-rate schedule from the checkpoint on (a decaying schedule's later steps use other rates than the first run
@@ -147,22 +150,19 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def checkpointed_step(run_dir: Path) -> int | None:
-    """The step of the run's checkpoint (or of the one the last save was replacing), read only; None without one."""
-    from slimtune.train.checkpoint import peek_state
-    try:
-        return int(peek_state(run_dir)["step"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def check_resume(config, run_dir: Path) -> dict:
-    """Refuse a resume whose settings differ from the run's; returns the allowed changes (to record)."""
+    """Refuse a resume whose settings differ from the run's, or whose data, model, key or checkpoint are not what the
+    run was trained with (its checkpoint's fingerprint, train/fingerprint.py); a damaged trainer state is one line.
+    Returns the allowed changes (to record)."""
+    from slimtune.train import fingerprint
+    from slimtune.train.checkpoint import resumed_state
+    from slimtune.train.run_dir import read_status
     stored = read_stored(run_dir)
     if stored is None:
         raise SlimtuneError(f"{run_dir}: no config.json, so the settings of the run cannot be checked; it cannot be "
                             "resumed")
-    done = checkpointed_step(run_dir)
+    state = resumed_state(run_dir)
+    done = None if state is None else state["step"]
     if done is not None and config.steps is not None and config.steps < done:
         raise SlimtuneError(f"--steps {config.steps}: the run at {run_dir} is already at step {done} (its checkpoint); "
                             f"a resume goes on from there: give --steps {done} or more, or leave --steps out")
@@ -171,4 +171,6 @@ def check_resume(config, run_dir: Path) -> dict:
         shown = "; ".join(refused[:6]) + (f"; and {len(refused) - 6} more" if len(refused) > 6 else "")
         raise SlimtuneError(f"--resume {run_dir}: settings differ from the run's config.json ({shown}); a resumed "
                             f"run trains exactly what it started with (only {', '.join(MAY_CHANGE[:-1])} may change)")
+    if state is not None and isinstance(state.get("fingerprint"), dict):  # checkpoints of older versions: none
+        allowed.update(fingerprint.check(config, Path(run_dir), state["fingerprint"], read_status(run_dir)))
     return allowed

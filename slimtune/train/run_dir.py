@@ -4,7 +4,8 @@
   written until it exits. A second process is refused with one line instead of interleaving metrics.jsonl and mixing
   config.json/summary.json of two runs. The lock dies with its process (no stale locks after a kill).
 - `status.json`: {"state": running | completed | failed | interrupted, "pid", "step", "stop_reason" or "error",
-  and for private runs "attempt" and "released_through"}. Written atomically (temporary file + rename).
+  and for private runs "attempt" and "released_through"; "run_id", which the run's checkpoints also record
+  (train/fingerprint.py)}. Written atomically and synced to disk (replace_file: temporary file, fsync, rename).
   `slimtune report` skips runs whose state is not completed; a new run may replace a failed or interrupted one only
   with `--restart`, which moves the old directory aside (RUN.failed-1, ...): nothing the user had is deleted.
 
@@ -71,9 +72,7 @@ class RunDirectory:
 
     def update(self, **fields) -> dict:
         status = {**self.status(), **fields, "updated": time.time()}
-        tmp = self.path / (STATUS_FILE + ".tmp")
-        tmp.write_text(json.dumps(status, indent=2))
-        os.replace(tmp, self.path / STATUS_FILE)
+        replace_file(self.path / STATUS_FILE, json.dumps(status, indent=2))  # on disk before what it accounts
         return status
 
     def move_aside(self) -> Path:
@@ -136,6 +135,57 @@ def read_status(path: str | Path) -> dict:
     if not isinstance(status, dict):  # unreadable, or valid JSON that is not an object (null, [])
         return {"state": "unknown", "damaged": True}  # a private run's ledger was there: callers must not assume none
     return status
+
+
+WRITING = ".writing"  # replace_file's temporary directory: RUN/.NAME.writing/NAME
+
+
+def replace_file(path: str | Path, text: str) -> None:
+    """`path` holds `text`, or, whatever fails (a full disk, a kill, a power loss), what it held before: the text is
+    written to a file of the same name in a temporary sibling directory (so the operating system, and any error,
+    name the file), flushed to disk, renamed over `path`, and the directory flushed. The one way a run's records
+    (config.json, metrics.jsonl, summary.json, status.json) are rewritten."""
+    import shutil
+
+    path = Path(path)
+    tmp_dir = path.with_name(f".{path.name}{WRITING}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # a kill's leftover (one writer: the run directory's owner)
+    try:
+        tmp_dir.mkdir()
+        tmp = tmp_dir / path.name
+        tmp.write_text(text)
+        sync_to_disk(tmp)
+        os.replace(tmp, path)
+        sync_to_disk(path.parent)
+    except OSError as exc:
+        raise SlimtuneError(f"{path}: could not write ({exc.strerror or exc}); its previous contents are kept") \
+            from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def is_writing_temporary(name: str) -> bool:
+    """Whether a name in a run directory is replace_file's temporary (a kill can leave one behind)."""
+    return name.startswith(".") and name.endswith(WRITING)
+
+
+def sync_to_disk(path: str | Path) -> None:
+    """fsync a file, or a directory (its entries: a rename in it); a filesystem that cannot sync a directory is
+    left as it is."""
+    is_dir = Path(path).is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if is_dir:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not is_dir:
+            raise
+    finally:
+        os.close(fd)
 
 
 def check_output_dir(path: Path, flag: str) -> None:

@@ -9,8 +9,9 @@ are logged only with `log_private_stats` (not covered by the guarantee; a warnin
 processed are suppressed, the memory check uses --max-length rather than the longest row, tiny test models do not
 fit their vocabulary to the training text, and errors during private steps name released values only.
 
-Resume (train/resume.py, train/run_dir.py): the settings must be the run's own; a step whose release was written
-before the process died is recomputed under a new `attempt` (fresh noise and batch) and accounted twice.
+Resume (train/resume.py, train/run_dir.py): the settings must be the run's own, and so must the data, model, key and
+library versions (train/fingerprint.py); a step whose release was written before the process died is recomputed under
+a new `attempt` (fresh noise and batch) and accounted twice.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ from slimtune.peft.registry import PISSA_INIT_DIR, adapted_modules, adapter_meta
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, check_spec, plan
 from slimtune.privacy.secret import (KEY_FILE, KeyedNoise, RunKey, create_key_file, fresh_nonce, is_temporary_of,
                                      read_key_file)
+from slimtune.train import fingerprint
 from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, peek_state, read_state, save_checkpoint
 from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb, reset_peak_memory
 from slimtune.train.resume import adopt_unset, check_resume, read_stored
-from slimtune.train.run_dir import LOCK_FILE, STATUS_FILE, RunDirectory, read_status
+from slimtune.train.run_dir import (LOCK_FILE, STATUS_FILE, RunDirectory, is_writing_temporary, read_status,
+                                    replace_file)
 from slimtune.train.objectives import (GenerationSettings, build_objective, check_best_metric, is_better,
                                        load_model_and_data, overlap_key)
 
@@ -117,6 +120,7 @@ class Run:
     lr_multiplier: object = None  # step -> factor on config.optim.lr
     defaults_origin: dict = field(default_factory=dict)  # setting -> "default" (from optim/defaults.py) or "given"
     world: distributed.World = field(default_factory=distributed.World)  # torchrun data-parallel ZO: rank, size
+    fingerprint: dict | None = None  # rank 0: what the run trains with (train/fingerprint.py), in every checkpoint
 
     @property
     def label_ids(self) -> list:  # classification: the label words' token ids
@@ -196,8 +200,7 @@ def rank_facts(config: TrainConfig, model) -> dict:
              if k.split(".")[0] not in PER_RANK}
     for flag, path in (("--data", config.train_data), ("--eval-data", config.eval_data)):
         if path:
-            with open(path, "rb") as f:
-                facts[f"the contents of {flag}"] = hashlib.file_digest(f, "sha256").hexdigest()
+            facts[f"the contents of {flag}"] = fingerprint.file_sha256(path)  # compared between ranks, never written
     weights = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         weights.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{float(tensor.double().sum())!r}".encode())
@@ -310,7 +313,7 @@ def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list,
 
 # What a new run's directory may already hold: what an earlier attempt that stopped before its first save wrote (the
 # lock, status.json, the key of a private run, PiSSA's initial adapter). Anything else is the user's.
-# (and a key file's temporary a kill left behind: is_temporary_of)
+# (and a key file's temporary a kill left behind: is_temporary_of; a record's: is_writing_temporary)
 CLAIM_FILES = (LOCK_FILE, STATUS_FILE, STATUS_FILE + ".tmp", KEY_FILE, PISSA_INIT_DIR)
 
 
@@ -320,7 +323,8 @@ def check_only_claim_files(out: Path) -> None:
     if not out.is_dir():
         return
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name not in CLAIM_FILES and not is_temporary_of(p.name, KEY_FILE))
+                     if p.name not in CLAIM_FILES and not is_temporary_of(p.name, KEY_FILE)
+                     and not is_writing_temporary(p.name))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise SlimtuneError(f"--out {out}: exists, is not empty ({shown}) and is not a slimtune run; a run writes "
@@ -380,12 +384,26 @@ def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, ori
         run.best_eval, run.best_step = state.get("best_eval"), state.get("best_step")
         run.evals_without_improvement = state.get("evals_without_improvement", 0)
         if world.main:
+            run.fingerprint = _fingerprint(config, run_dir, key, state)
             MetricsLog(out / "metrics.jsonl").truncate_after(run.start_step)
             _write_config(config, out, resumed, run.start_step)
     elif world.main:
+        run.fingerprint = _fingerprint(config, run_dir, key, None)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         _write_config(config, out, {}, 0)
     return run
+
+
+def _fingerprint(config: TrainConfig, run_dir: RunDirectory, key, state: dict | None) -> dict:
+    """The fingerprint this run's checkpoints record (train/fingerprint.py), its run id also in status.json: a new
+    run's is fresh; a resumed one keeps its checkpoint's (or status.json's: a run that began before fingerprints)."""
+    recorded = (state or {}).get("fingerprint")
+    run_id = recorded.get("run") if isinstance(recorded, dict) else None
+    if state is not None and not run_id:
+        run_id = run_dir.status().get("run_id")
+    stamp = fingerprint.compute(config, key, run_id)
+    run_dir.update(run_id=stamp["run"])
+    return stamp
 
 
 def _write_config(config: TrainConfig, out: Path, changed: dict, step: int) -> None:
@@ -394,7 +412,7 @@ def _write_config(config: TrainConfig, out: Path, changed: dict, step: int) -> N
     if step:
         history.append({"at_step": step, "changed": changed})
     doc = {**asdict(config), **({"resumed": history} if history else {})}
-    (out / "config.json").write_text(json.dumps(doc, indent=2, default=str))
+    replace_file(out / "config.json", json.dumps(doc, indent=2, default=str))  # whole, or the previous one kept
 
 
 def check_data(config: TrainConfig, objective, train_examples: list, eval_examples: list) -> None:
@@ -890,7 +908,8 @@ def _checkpoint(run: Run, step: int) -> None:
     save_checkpoint(Path(run.config.out_dir) / "checkpoint", run.model, run.optimizer,
                     {"step": step, "best_eval": run.best_eval, "best_step": run.best_step,
                      "evals_without_improvement": run.evals_without_improvement,
-                     "bytes_communicated": _gather_bytes(run, step), **privacy})
+                     "bytes_communicated": _gather_bytes(run, step), **privacy,
+                     **({"fingerprint": run.fingerprint} if run.fingerprint else {})})
 
 
 def write_summary(run: Run, step: int, stop_reason: str) -> dict:
@@ -929,7 +948,7 @@ def write_summary(run: Run, step: int, stop_reason: str) -> dict:
         "bytes_communicated": _gather_bytes(run, step), "device": cfg.device,
         "data_parallel_ranks": run.world.size,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    replace_file(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
