@@ -113,7 +113,8 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
     from slimtune.models.loading import TINY_MODELS
     saved_tok = None if withheld and cfg.model in TINY_MODELS else tok
     meta = adapter_meta(cfg.model, task=cfg.task, template=cfg.template, label_words=cfg.label_words,
-                        input_column=cfg.input_column, target_column=cfg.target_column)
+                        input_column=cfg.input_column, target_column=cfg.target_column,
+                        scoring={"max_length": cfg.max_length})
     write_adapter(model, saved_tok, out / "adapter", meta=meta)
     attacks = None
     if history is not None and history.items and evals:

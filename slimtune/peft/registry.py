@@ -223,13 +223,18 @@ GENERATION_KEYS = ("task", "template", "input_column", "target_column")  # a gen
 # its input column, and the column it learned to produce (tables)
 
 
+SCORING_KEYS = ("max_length", "max_new_tokens", "num_beams")  # how the run scored it (eval's defaults for the adapter)
+
+
 def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = None, task: str | None = None,
                  template: str | None = None, label_words: str | None = None, input_column: str | None = None,
-                 target_column: str | None = None) -> dict:
+                 target_column: str | None = None, scoring: dict | None = None) -> dict:
     """ADAPTER_META of an adapter trained on `model` (a built-in name or a checkpoint directory, as --model takes it)
     in `dtype`, on a base quantized to `base_quant` (None: dense): what `read_adapter` rebuilds and checks; with its
     `task`, also the prompt it learned, which `eval --adapter` scores it with: a classification task's PROMPT_KEYS, a
-    generation task's GENERATION_KEYS (template None: prompt/completion or chat rows, used as they are)."""
+    generation task's GENERATION_KEYS (template None: prompt/completion or chat rows, used as they are); `scoring`:
+    how the run evaluated it (SCORING_KEYS: --max-length, and a generation run's --max-new-tokens and --num-beams),
+    which eval takes where not given, so that it reproduces the run's numbers."""
     from slimtune.models.loading import base_fingerprint
     fingerprint = base_fingerprint(model) if model is not None else None
     meta = {"base_model": model, "base_fingerprint": fingerprint, "dtype": dtype, "base_quant": base_quant}
@@ -237,7 +242,33 @@ def adapter_meta(model: str, dtype: str = "float32", base_quant: str | None = No
         meta.update(zip(GENERATION_KEYS, (task, template, input_column, target_column)))
     elif task is not None:
         meta.update(zip(PROMPT_KEYS, (task, template, label_words)))
+    meta.update({k: v for k, v in (scoring or {}).items() if k in SCORING_KEYS and v is not None})
     return meta
+
+
+def recorded_scoring(directory: str | Path) -> dict:
+    """How a saved adapter's run scored it ({max_length, max_new_tokens, num_beams}, those recorded): its
+    ADAPTER_META, else the config.json of the run it sits in (adapters saved before the meta recorded them); {} for
+    an adapter from outside slimtune."""
+    from slimtune.settings.train import is_run_config
+
+    directory = Path(directory)
+    meta = read_adapter_meta(directory)
+    if any(k in meta for k in SCORING_KEYS):
+        return {k: meta[k] for k in SCORING_KEYS if meta.get(k) is not None}
+    if directory.resolve().name != "adapter":
+        return {}
+    path = directory.resolve().parent / "config.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stored, dict) or not is_run_config(stored):
+        return {}
+    generation = stored.get("generation") if isinstance(stored.get("generation"), dict) else {}
+    found = {"max_length": stored.get("max_length"), "max_new_tokens": generation.get("max_new_tokens"),
+             "num_beams": generation.get("num_beams")}
+    return {k: v for k, v in found.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 1}
 
 
 def recorded_prompt(directory: str | Path) -> tuple[dict, Path] | None:

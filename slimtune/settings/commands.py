@@ -54,7 +54,8 @@ class EvalSettings(UsesRecordedPrompt, Settings):
     target_column: str | None = setting(None, "generation, tables: reference column", applies=generation)
     max_new_tokens: int = setting(64, "generation: tokens generated per prompt", low=1, applies=generation)
     num_beams: int = setting(1, "generation: beam search width (1: greedy)", low=1, applies=generation)
-    max_length: int = setting(256, "tokens kept per example (prompts truncated from the left)", low=8)
+    max_length: int = setting(256, "tokens kept per example (prompts truncated from the left; left out: the "
+                              "adapter's run's, where recorded)", low=8)
     predictions: str | None = setting(None, "generation: write each prompt's output and references to this JSONL "
                                       "file", applies=generation)
     batch_size: int = setting(32, "examples per forward pass", low=1)
@@ -63,6 +64,7 @@ class EvalSettings(UsesRecordedPrompt, Settings):
     def adopt_records(self) -> None:
         super().adopt_records()
         adopt_recorded_task(self)
+        adopt_recorded_scoring(self)
 
     def check(self) -> None:
         if not self.data:
@@ -89,6 +91,19 @@ def _record(s: EvalSettings):
     from slimtune.peft.registry import recorded_prompt
     carrier = s.adapter if s.adapter is not None else s.model if s.model not in BUILTIN_MODELS else None
     return recorded_prompt(carrier) if carrier is not None and Path(carrier).is_dir() else None
+
+
+def adopt_recorded_scoring(s: EvalSettings) -> None:
+    """--max-length (and a generation adapter's --max-new-tokens, --num-beams) left out are those the run scored the
+    adapter with (peft.registry.recorded_scoring), so that eval reproduces the run's numbers on the same data."""
+    if s.adapter is None or not Path(s.adapter).is_dir():
+        return
+    from slimtune.peft.registry import recorded_scoring
+    for name, value in recorded_scoring(s.adapter).items():
+        if name != "max_length" and s.task != "generation":
+            continue
+        if not s.given(name):
+            setattr(s, name, value)
 
 
 def adopt_recorded_task(s: EvalSettings) -> None:

@@ -891,7 +891,10 @@ def _save_adapter(run: Run) -> None:
         return
     cfg = run.config
     meta = adapter_meta(cfg.model, cfg.dtype, cfg.base_quant, cfg.task, cfg.template, cfg.label_words,
-                        cfg.generation.input_column, cfg.generation.target_column)
+                        cfg.generation.input_column, cfg.generation.target_column,
+                        scoring={"max_length": cfg.max_length, **({"max_new_tokens": cfg.generation.max_new_tokens,
+                                                                   "num_beams": cfg.generation.num_beams}
+                                                                  if cfg.task == "generation" else {})})
     write_adapter(run.model, run.tokenizer, Path(run.config.out_dir) / "adapter", work_dir=run.config.out_dir,
                   meta=meta)
 
