@@ -189,6 +189,31 @@ def classification_loss_kind(config, labels: torch.Tensor) -> str:
     return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
 
 
+CAUSAL_HEADS = ("ForCausalLM", "ForConditionalGeneration")  # loss_type of heads whose loss shifts the labels
+ALIGNED_HEADS = ("ForTokenClassification", "ForMaskedLM")  # one label per position, compared where it stands
+SEQUENCE_HEADS = ("ForSequenceClassification",)
+
+
+def loss_alignment(model) -> str | None:
+    """How the model's own loss pairs its logits with its labels, for its per-example form: "causal" (logits at t
+    against labels at t + 1: a decoder LM), "aligned" (labels where they stand: an encoder-decoder, whose collator
+    shifts the decoder's inputs, a token classifier, a masked LM), "sequence" (one label per example), or None (a head
+    whose loss per_example_losses does not know: override it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+    config = getattr(base, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return "aligned"
+    loss_type = getattr(base, "loss_type", None)
+    if loss_type in ALIGNED_HEADS:
+        return "aligned"
+    if loss_type in SEQUENCE_HEADS:
+        return "sequence"
+    can_generate = getattr(base, "can_generate", None)
+    if loss_type in CAUSAL_HEADS or loss_type is None and callable(can_generate) and can_generate():
+        return "causal"  # (GPT-2's LMHeadModel names no head: a model that generates token by token shifts)
+    return None
+
+
 class ZOTrainerMixin:
     """Turns a `transformers.Trainer` (or a subclass such as TRL's `SFTTrainer`) into a zeroth-order trainer:
     put it first in the bases, `class ZOSFTTrainer(ZOTrainerMixin, SFTTrainer)`, and pass `zo_args=ZOArguments(...)`
@@ -280,6 +305,11 @@ class ZOTrainerMixin:
         if owner.__module__.split(".")[0] not in ("transformers", "trl"):  # the user's class, wherever in the bases
             raise SlimtuneError(f"ZOTrainer: {owner.__name__}.compute_loss: a private step clips one loss per "
                                 f"example, from per_example_losses, and would not call it: {override}")
+        if type(self).per_example_losses is ZOTrainerMixin.per_example_losses and loss_alignment(self.model) is None:
+            name = type(getattr(self.model, "get_base_model", lambda: self.model)()).__name__
+            raise SlimtuneError(f"ZOTrainer: {name}: a private step clips one loss per example and per_example_losses "
+                                "knows causal LMs, encoder-decoders, token and sequence classifiers and masked LMs, "
+                                f"not this model's head: {override}")
         loss_type = getattr(self.args, "loss_type", None)  # TRL: "nll" (the default) or another objective
         if loss_type not in (None, "nll"):
             raise SlimtuneError(f"ZOTrainer: loss_type={loss_type!r}: a private step's loss is per_example_losses' "
@@ -517,8 +547,9 @@ class ZOTrainerMixin:
         """One loss per example for the private optimizers, the per-example form of the model's own loss:
         - a causal LM: each example's mean token cross-entropy over its labels (positions labelled -100 are ignored;
           logits at t are compared with labels at t + 1);
-        - an encoder-decoder (config.is_encoder_decoder): the same without the shift (the decoder's logits at t
-          already predict labels[t]: the collator shifted its inputs);
+        - an encoder-decoder (config.is_encoder_decoder), a token classifier or a masked LM: the same without the
+          shift (loss_alignment: an encoder-decoder's logits at t already predict labels[t], the collator shifted its
+          decoder's inputs; the others label each position itself);
         - a sequence classifier, as transformers chooses its loss (problem_type, else num_labels == 1: regression,
           integer labels: single-label, float labels: multi-label): squared error, cross-entropy, or binary
           cross-entropy with logits averaged over the labels.
@@ -540,7 +571,7 @@ class ZOTrainerMixin:
                 bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
                 return bce.mean(dim=1)
             return F.cross_entropy(logits, labels, reduction="none")
-        if not getattr(config, "is_encoder_decoder", False):
+        if loss_alignment(model) == "causal":
             logits, labels = logits[:, :-1], labels[:, 1:]
         nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         mask = labels != -100

@@ -20,7 +20,9 @@ def test_planned_trainable_counts_match_the_applied_peft(method):
 
 
 def between_zo_and_backprop(monkeypatch, batch, seq_len):
-    """Make 'available memory' fall between MeZO+LoRA's and AdamW+LoRA's predicted peaks."""
+    """Make 'available memory' fall between MeZO+LoRA's and AdamW+LoRA's predicted peaks (on a tiny model they are
+    about a megabyte apart: the process baseline is held fixed, or its drift between two reads decides)."""
+    monkeypatch.setattr(memory_model, "held_mb", lambda *a, **k: 0.0)  # the library baseline alone
     model, _ = load_model_and_tokenizer("tiny-llama", texts=["a b c"])
     peaks = {(r["optimizer"], r["peft"]): r["peak_mb"] for r in memory_model.plan_rows(model, batch, seq_len, "cpu", 2)}
     budget = (peaks["mezo", "lora"] + peaks["adamw", "lora"]) / 2

@@ -294,6 +294,9 @@ def deployment_config(nodes: int, data: Path, eval_data: Path | None, rounds: in
     row per node), before any process starts; the nodes share rows round-robin, not by the simulation's Dirichlet
     split, which check_run therefore leaves out."""
     check_shardable(data)
+    if Path(model).exists():  # a checkpoint directory: the Flower processes run elsewhere (their work folder)
+        model = str(Path(model).resolve())
+    eval_data = Path(eval_data).resolve() if eval_data else None
     cfg = FederatedConfig(data=str(data), eval_data=str(eval_data or ""), model=model, num_clients=nodes,
                           rounds=rounds, out_dir=str(Path(out).resolve()), node_timeout=120.0, round_timeout=300.0)
     check_run(cfg, dirichlet=False)

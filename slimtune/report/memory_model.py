@@ -64,11 +64,13 @@ CHUNKED_Z = WITH_SOURCES  # ZO methods with a perturbation source draw z chunk b
 def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, batch: int, seq_len: int,
                     runtime_mb: float = 0.0, bytes_per_value: int = 4, zo_chunk: int = 1 << 20,
                     lozo_rank: int = 2, fo_layers: int = FO_LAYERS, fo_trainable: int | None = None,
-                    base_quant: str | None = None, trainable_bytes: int | None = None) -> dict:
+                    base_quant: str | None = None, trainable_bytes: int | None = None,
+                    sgd_momentum: bool = False) -> dict:
     """Predicted peak memory (MB) and its parts. Hybrid: `fo_layers` blocks by backprop holding `fo_trainable` of
     the trainable values (None: the top blocks' share, fo_layers / layers). `bytes_per_value`: the dtype's bytes;
     `trainable_bytes`: the trainable values' (default: the same; LoRA on a bf16 base: 4); `base_quant`: int8 / int4
-    linear weights (frozen)."""
+    linear weights (frozen); `sgd_momentum`: SGD / DP-SGD keep a momentum buffer (one value per trainable value);
+    `lozo_rank`: LOZO-M's momentum rank."""
     from slimtune.models.quantize import bytes_per_weight
 
     b = bytes_per_value
@@ -114,7 +116,7 @@ def predict_peak_mb(shape: ModelShape, optimizer: str, trainable_params: int, ba
     elif optimizer in ("inference",):
         parts["activations"] = zo_activations
     else:
-        state = {"adamw": 2, "dp-adamw": 2, "sgd": 0, "dp-sgd": 0}[optimizer]
+        state = {"adamw": 2, "dp-adamw": 2, "sgd": int(sgd_momentum), "dp-sgd": int(sgd_momentum)}[optimizer]
         parts["gradients"] = trainable_params * b
         parts["optimizer_state"] = state * trainable_params * b
         parts["activations"] = shape.layers * (tokens * (ACT_HIDDEN_FO * shape.hidden + ACT_INTER_FO * shape.intermediate)
@@ -317,10 +319,12 @@ def trainable_bytes(method: str, dtype: str) -> int:
 
 def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_len: int, device: str,
                    targets: list[str] | None = None, fo_layers: int = FO_LAYERS, dtype: str = "float32",
-                   base_quant: str | None = None, runtime: float | None = None) -> tuple[float, int]:
+                   base_quant: str | None = None, runtime: float | None = None, momentum: float = 0.0,
+                   lozo_rank: int = 2) -> tuple[float, int]:
     """(predicted peak MB, trainable params) of `optimizer` + `method` on `model` (the base model, before PEFT: dense,
     quantized or on the meta device) with weights in `dtype` and the linear layers in `base_quant`;
-    `fo_layers`: the hybrid's blocks trained by backprop; `runtime`: the process baseline (default runtime_mb)."""
+    `fo_layers`: the hybrid's blocks trained by backprop; `runtime`: the process baseline (default runtime_mb);
+    `momentum`: SGD's (a buffer when > 0); `lozo_rank`: LOZO-M's."""
     trainable = trainable_count(model, method, r, targets)
     cuda = str(device).startswith("cuda")
     if runtime is None:
@@ -338,7 +342,8 @@ def predict_run_mb(model, optimizer: str, method: str, r: int, batch: int, seq_l
     peak = predict_peak_mb(shape, optimizer, trainable, batch, seq_len, runtime,
                            zo_chunk=default_chunk_size("cuda" if cuda else "cpu"),
                            bytes_per_value=DTYPE_BYTES[dtype], fo_layers=fo_layers, fo_trainable=top,
-                           base_quant=base_quant, trainable_bytes=trainable_bytes(method, dtype))["peak_mb"]
+                           base_quant=base_quant, trainable_bytes=trainable_bytes(method, dtype),
+                           sgd_momentum=bool(momentum), lozo_rank=lozo_rank)["peak_mb"]
     return peak, trainable
 
 
@@ -476,16 +481,17 @@ def model_for_planning(name_or_path: str):
 
 def check_fits(model, optimizer: str, method: str, r: int, batch: int, seq_len: int, device: str,
                targets: list[str] | None = None, fo_layers: int = FO_LAYERS, dtype: str = "float32",
-               base_quant: str | None = None, processes: int = 1) -> None:
+               base_quant: str | None = None, processes: int = 1, momentum: float = 0.0, lozo_rank: int = 2) -> None:
     """Raise a one-line SlimtuneError when the run is predicted not to fit here, naming the best method that does
     (ranked_methods: expected quality first, with its dtype and base) and the optimizer x PEFT pairs that fit at the
     run's own dtype and base (for a private optimizer, private ones only). `processes`: data-parallel ranks sharing
-    this machine's memory, each at `batch`."""
+    this machine's memory, each at `batch`; `momentum`, `lozo_rank`: the run's SGD momentum and LOZO-M rank."""
     from slimtune import SlimtuneError
 
     held = held_mb(model, device)  # read once: the run and every alternative from the same process baseline
     peak, _ = predict_run_mb(model, optimizer, method, r, batch, seq_len, device, targets, fo_layers, dtype, base_quant,
-                             runtime=runtime_mb(model, device, base_quant, held))
+                             runtime=runtime_mb(model, device, base_quant, held), momentum=momentum,
+                             lozo_rank=lozo_rank)  # the run's own optimizer state
     budget = budget_mb(device, processes)
     if peak <= budget:
         return

@@ -27,16 +27,6 @@ client_dp_noised = condition(lambda s: s.client_dp_clip > 0 and s.client_dp_nois
                              "client-level DP with noise (--client-dp-clip > 0 and --client-dp-noise > 0)",
                              lambda s: f"--client-dp-clip {s.client_dp_clip:g}, "
                                        f"--client-dp-noise {s.client_dp_noise:g}")
-# the clients' local delta is used by the server's public bound (--local-dp-min-examples) and by a deployment node
-# that holds its own data (its ledger and the epsilon it prints; the server is given no `data`): a simulation's
-# clients without the bound compute nothing at it
-local_dp_accounted = condition(
-    lambda s: s.local_optimizer in PRIVATE and (s.local_dp_min_examples is not None or not s.data),
-    f"{private_clients.describe} with --local-dp-min-examples (a simulation's clients report no epsilon of their "
-    "own: the delta is used only by the server's public bound), or deployment nodes that hold their own data (no "
-    "`data` for the server)",
-    lambda s: f"--local-optimizer {s.local_optimizer}" + ("" if s.local_dp_min_examples is not None
-                                                          else ", no --local-dp-min-examples"))
 # under client-level DP every update is clipped to the fixed --client-dp-clip and weighed 1 / --clients (bounds.py):
 # the server's adaptive bound and example weights are not used, so they are refused, not ignored
 server_bound = condition(lambda s: not s.client_dp_clip > 0, "the server's adaptive bound (no client-level DP)",
@@ -111,9 +101,9 @@ class FederateSettings(Settings):
                                     low_open=True, high=MAX_LOCAL_DP_NOISE, applies=private_clients)
     local_dp_clip: float = setting(1.0, "private local optimizers: clipping threshold", low=0, low_open=True,
                                    applies=private_clients)
-    local_dp_delta: float = setting(1e-5, "private local optimizers: the delta of the clients' local epsilon (with "
-                                    "--local-dp-min-examples: a simulation's clients report none of their own)",
-                                    low=0, high=1, low_open=True, high_open=True, applies=local_dp_accounted)
+    local_dp_delta: float = setting(1e-5, "private local optimizers: the delta of the clients' local epsilon (in a "
+                                    "simulation, with --local-dp-min-examples: its clients report none of their own)",
+                                    low=0, high=1, low_open=True, high_open=True, applies=private_clients)
     local_dp_min_examples: int | None = setting(None, "private local optimizers: a public lower bound on each "
                                                 "client's training rows; each client then samples at a rate of at "
                                                 "most batch-size / this, and the server reports the clients' local "
@@ -197,6 +187,12 @@ class FederateSettings(Settings):
             require_input_file(self.eval_data, "--eval-data")
         if self.root_data:
             require_input_file(self.root_data, "--root-data")
+        if self.given("local_dp_delta") and self.local_dp_min_examples is None:
+            # a simulation's clients compute nothing at the delta: only the server's public bound does (a deployment
+            # node's ledger uses its own, which `flwr run` may pin; that path is not this command's)
+            raise SlimtuneError(f"{self.where('local_dp_delta')}: a simulation's clients report no epsilon of their "
+                                "own; the delta is used by the server's public bound only: give "
+                                "--local-dp-min-examples too, or leave --local-dp-delta out")
         self.to_config().validate()
 
     def to_config(self):

@@ -308,9 +308,11 @@ def from_run_config(stored: dict, where: str = "config.json") -> dict:
     known = set(TrainSettings.defaults())
     flat, origin = {}, {}
 
+    from slimtune.settings.cli import NULL_IS_UNSET
+
     def put(key: str, name: str | None, value) -> None:
-        if not name or key in RETIRED_RECORD_KEYS:
-            return
+        if not name or key in RETIRED_RECORD_KEYS or value is None and name in NULL_IS_UNSET:
+            return  # (older runs recorded null for a switch that has a default now: unset)
         if name not in known:
             raise SlimtuneError(f"{where}: unknown setting {key!r} for `slimtune train` (a run's config.json holds "
                                 "the keys a run records; `slimtune train --help` lists the settings)")

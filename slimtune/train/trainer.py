@@ -527,7 +527,8 @@ def check_memory(config: TrainConfig, model, tokenizer, texts: list[str] | None)
     local = 1 if world == 1 or str(config.device).startswith("cuda") else distributed.local_world_size(world)  # ranks
     check_fits(model, config.optimizer, config.peft.method, config.peft.r, -(-config.batch_size // world), seq_len,
                config.device, config.peft.target_modules, config.optim.fo_layers or 2, config.dtype, config.base_quant,
-               processes=local)  # of one machine share its memory
+               processes=local, momentum=config.optim.momentum or 0.0,  # ranks of one machine share its memory
+               lozo_rank=config.optim.rank or 2)
 
 
 def releases_per_step(config: TrainConfig) -> int:
