@@ -78,3 +78,14 @@ def test_a_newly_planned_rows_prediction_bounds_its_measured_peak(tmp_path, opti
     assert line, res.stdout[-2000:] + res.stderr[-2000:]
     got = json.loads(line[0].split(" ", 1)[1])
     assert got["predicted_mb"] >= got["peak_mb"], got
+
+
+def test_a_model_without_linear_blocks_is_never_planned_on_a_quantized_base(monkeypatch):
+    """(review 68) GPT-2's blocks are Conv1D: --base-quant quantizes nothing there and train refuses it, so the
+    planner neither ranks quantized-base rows for it nor plans its --base-quant table."""
+    monkeypatch.setattr(memory_model, "available_mb", lambda device: 64 * 1024)
+    gpt2 = memory_model.model_for_planning("tiny-gpt2")
+    ranked = memory_model.ranked_methods(gpt2, 4, 32, "cpu", 2)
+    assert ranked and not any(row["base_quant"] for row in ranked)
+    with pytest.raises(SlimtuneError, match="--base-quant int4"):
+        memory_model.plan_rows(gpt2, 4, 32, "cpu", 2, base_quant="int4")

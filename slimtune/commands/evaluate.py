@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from rich.markup import escape
 
@@ -111,13 +112,17 @@ def learned_template(s: GenerateSettings, learned: dict, column: str | None, ite
 
 
 def load_for_inference(model: str, adapter: str | None, device: str, texts: list[str]):
-    """(model, tokenizer): the base alone (a tiny model fits its tokenizer to `texts`), or with `adapter` the model
-    its run evaluated, through the one loader of saved adapters (peft/registry.py: read_adapter)."""
+    """(model, tokenizer): the base alone (a tiny model fits its tokenizer to `texts`; a checkpoint slimtune wrote,
+    such as a merge, in the dtype its record names), or with `adapter` the model its run evaluated, through the one
+    loader of saved adapters (peft/registry.py: read_adapter)."""
     if adapter:
         from slimtune.peft import read_adapter
         return read_adapter(adapter, model, device)
     from slimtune.models import load_model_and_tokenizer
-    return load_model_and_tokenizer(model, device=device, texts=texts)
+    from slimtune.peft.registry import DTYPES, read_adapter_meta
+    recorded = read_adapter_meta(model).get("dtype") if Path(model).is_dir() else None
+    return load_model_and_tokenizer(model, dtype=recorded if recorded in DTYPES else "float32", device=device,
+                                    texts=texts)
 
 
 def write_jsonl(path: str, rows: list[dict], flag: str) -> None:

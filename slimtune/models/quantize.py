@@ -1,5 +1,5 @@
 """A quantized, frozen base (`--base-quant int8|int4`): the transformer blocks' linear layers stored in 8 or 4 bits,
-LoRA (fp32, or bf16 with --dtype bf16) trained on top, every forward pass through the quantized weights.
+LoRA (fp32 on any base dtype: peft casts adapters up) trained on top, every forward pass through the quantized weights.
 
 Library: bitsandbytes (`pip install "slimtune[quant]"`). Why it and not the others:
 - it is maintained for CPU and GPU from one wheel: the bitsandbytes foundation's releases ship a CPU backend
@@ -75,7 +75,12 @@ def quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 def quantize_base(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the blocks' linear layers by bitsandbytes' int8 / NF4 layers, one at a time, and freeze the model."""
     bnb = import_bitsandbytes()
-    for name, layer in quantizable(model):
+    layers = quantizable(model)
+    if not layers:  # GPT-2's blocks are transformers' Conv1D: nothing would be quantized, the base stay dense
+        raise SlimtuneError(f"--base-quant {kind}: {type(model).__name__} has no nn.Linear layers in its blocks to "
+                            "quantize (GPT-2-family blocks are Conv1D); the base would stay dense: leave --base-quant "
+                            "out")
+    for name, layer in layers:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         setattr(parent, name.rpartition(".")[2], quantized_linear(bnb, layer, kind, compute_dtype))
         release_freed_memory()

@@ -497,6 +497,13 @@ def read_adapter(directory: str | Path, model: str = "smollm2", device: str = "c
     quant = None if dense else meta.get("base_quant")
     if is_whole_model(directory):  # --peft none: the whole fine-tuned model (check_adapter found one of the kinds)
         return load_model_and_tokenizer(str(directory), dtype, device)
+    if quant is not None:
+        from slimtune.models.quantize import import_bitsandbytes
+        try:
+            import_bitsandbytes()
+        except SlimtuneError:
+            raise SlimtuneError(f"{directory}: trained on an {quant} base ({ADAPTER_META}); reading it needs "
+                                'bitsandbytes: pip install "slimtune[quant]"') from None
     base, tokenizer = load_model_and_tokenizer(model, dtype, device, tokenizer_dir=str(directory), base_quant=quant)
     return load_peft(base, directory), tokenizer
 
