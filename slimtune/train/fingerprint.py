@@ -5,8 +5,9 @@ held when the run started. It is written into every checkpoint's trainer_state.j
 that status.json also keeps (`run_id`):
 
 - `run`: a random id per run: a checkpoint of another run copied into the directory is refused;
-- `files`: a digest of the training (and evaluation) data file's contents;
-- `model`: a digest of the weights files (and config.json) of --model when it is a directory;
+- `files`: a digest of the training (and evaluation) data's contents (a file, or every file of an hf:DIR dataset);
+- `model`, `tokenizer`: digests of the weights files (and config.json) and of the tokenizer files of --model when it
+  is a directory;
 - `key`: private runs: a check value of the run's secret key (a PRF output of it, never the key);
 - `versions`: torch and transformers, whose random streams are not promised across versions.
 
@@ -14,9 +15,10 @@ that status.json also keeps (`run_id`):
 --force). Checkpoints written before fingerprints resume as before.
 
 Private runs never store a plain digest of a data file: anyone holding a candidate dataset could hash it (or it with
-one row added or removed) and compare, testing a row's membership. They store HMAC-SHA256 of the file's SHA-256,
-keyed by a PRF output of the run's secret key: without the key it cannot be recomputed, and the key never leaves
-RUN/secret.key (privacy/secret.py).
+one row added or removed) and compare, testing a row's membership. They store HMAC-SHA256 of the run's id and the
+file's SHA-256, keyed by a PRF output of the run's secret key: without the key it cannot be recomputed, two runs that
+share a key file never store equal digests, and the key never leaves RUN/secret.key (privacy/secret.py). Data-parallel
+ranks of a private run compare the same keyed digests, never a plain one (they travel between machines).
 """
 
 from __future__ import annotations
@@ -45,19 +47,60 @@ def file_sha256(path: str | Path) -> str:
     return _SHA256[cached]
 
 
-def data_digest(path: str | Path, key=None) -> str:
-    """A data file's digest as a fingerprint records it: plain SHA-256, or for a private run (`key`: its RunKey)
-    HMAC-SHA256 of it under a PRF output of the key (see the module's docstring: no plain digest of private data)."""
-    sha = file_sha256(path)
+def source_sha256(path: str | Path) -> str:
+    """SHA-256 of a data source: a file's contents, or for `hf:DIR` (a saved dataset) of every file under DIR with
+    its relative path."""
+    path = str(path)
+    if not path.startswith("hf:"):
+        return file_sha256(path)
+    root = Path(path[3:])
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(root).as_posix()}:{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def source_exists(path: str | Path) -> bool:
+    path = str(path)
+    return Path(path[3:]).is_dir() if path.startswith("hf:") else Path(path).is_file()
+
+
+def data_digest(path: str | Path, key=None, salt: str | None = None) -> str:
+    """A data source's digest as a fingerprint records it: plain SHA-256, or for a private run (`key`: its RunKey)
+    HMAC-SHA256 of it and `salt` (the run's id: two runs sharing a key file never store equal digests of equal files)
+    under a PRF output of the key (see the module's docstring: no plain digest of private data). "hmac-sha256:"
+    digests (no salt) were written before the salt."""
+    sha = source_sha256(path)
     if key is None:
         return "sha256:" + sha
     mac_key = key.generator("data-check").bytes(32)
-    return "hmac-sha256:" + hmac.new(mac_key, bytes.fromhex(sha), hashlib.sha256).hexdigest()
+    if salt is None:
+        return "hmac-sha256:" + hmac.new(mac_key, bytes.fromhex(sha), hashlib.sha256).hexdigest()
+    return "hmac-sha256-v2:" + hmac.new(mac_key, salt.encode() + b":" + bytes.fromhex(sha),
+                                        hashlib.sha256).hexdigest()
 
 
 def key_check(key) -> str:
     """A check value of the run's key: a PRF output under it (reveals nothing about the key)."""
     return key.generator("run-check").bytes(16).hex()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_digest(model: str | None) -> str | None:
+    """SHA-256 over the tokenizer files of --model when it is a directory (the ids every example becomes); None when
+    it has none (a built-in name)."""
+    if not model or not Path(model).is_dir():
+        return None
+    files = [Path(model) / name for name in TOKENIZER_FILES if (Path(model) / name).is_file()]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
+    return "sha256:" + digest.hexdigest()
 
 
 def model_digest(model: str | None) -> str | None:
@@ -94,12 +137,15 @@ def new_run_id() -> str:
 def compute(config, key=None, run_id: str | None = None) -> dict:
     """The fingerprint of a run with settings `config` (its data and model paths as they are now); `key`: a private
     run's RunKey."""
-    files = {name: data_digest(getattr(config, name), key) for name, _ in DATA_FLAGS
-             if getattr(config, name) and Path(getattr(config, name)).is_file()}
-    out = {"run": run_id or new_run_id(), "files": files, "versions": versions()}
-    model = model_digest(config.model)
+    run_id = run_id or new_run_id()
+    files = {name: data_digest(getattr(config, name), key, run_id) for name, _ in DATA_FLAGS
+             if getattr(config, name) and source_exists(getattr(config, name))}
+    out = {"run": run_id, "files": files, "versions": versions()}
+    model, tokenizer = model_digest(config.model), tokenizer_digest(config.model)
     if model is not None:
         out["model"] = model
+    if tokenizer is not None:
+        out["tokenizer"] = tokenizer
     if key is not None:
         out["key"] = key_check(key)
     return out
@@ -126,13 +172,20 @@ def check(config, run_dir: Path, stored: dict, status: dict) -> dict:
         recorded, path = stored.get("files", {}).get(name), getattr(config, name)
         if recorded is None or not path:
             continue
-        if not Path(path).is_file():
+        if not source_exists(path):
             raise SlimtuneError(f"{where}: {flag} {path}: no such file here (the run trained on it); resume from the "
                                 "directory the run was started in, or give the path of the same file")
-        if data_digest(path, key) != recorded:
+        salt = stored.get("run") if recorded.startswith("hmac-sha256-v2:") else None
+        if data_digest(path, key, salt) != recorded:
             raise SlimtuneError(f"{where}: {flag} {path}: its contents differ from the file the run started with "
                                 f"(edited, regenerated, or another file of that name{_relative_hint(path)}); a "
                                 "resumed run trains on the same data: restore the file or start a new run")
+    if (stored.get("model") or stored.get("tokenizer")) and not Path(config.model).exists():
+        raise SlimtuneError(f"{where}: --model {config.model}: no such directory here (the run trained on it); resume "
+                            "from the directory the run was started in, or give the path of the same checkpoint")
+    if stored.get("tokenizer") and tokenizer_digest(config.model) != stored["tokenizer"]:
+        raise SlimtuneError(f"{where}: --model {config.model}: its tokenizer files differ from those the run started "
+                            "with (every example would become other token ids); restore them or start a new run")
     if stored.get("model") and model_digest(config.model) != stored["model"]:
         raise SlimtuneError(f"{where}: --model {config.model}: the model's weights differ from those the run started "
                             "with (another checkpoint saved there?); restore them or start a new run")

@@ -199,8 +199,8 @@ def rank_facts(config: TrainConfig, model) -> dict:
     facts = {f"--{k.replace('_', '-').split('.')[-1]}": v for k, v in flat(as_json(config)).items()
              if k.split(".")[0] not in PER_RANK}
     for flag, path in (("--data", config.train_data), ("--eval-data", config.eval_data)):
-        if path:
-            facts[f"the contents of {flag}"] = fingerprint.file_sha256(path)  # compared between ranks, never written
+        if path and config.optimizer not in PRIVATE_OPTIMIZERS:  # a private run's: keyed digests, in _build
+            facts[f"the contents of {flag}"] = fingerprint.source_sha256(path)  # compared between ranks
     weights = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         weights.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{float(tensor.double().sum())!r}".encode())
@@ -357,6 +357,11 @@ def _build(config: TrainConfig, world, run_dir, resume: bool, resumed: dict, ori
         # each rank read its own --out's key (paths may differ per rank): the same key, or different batches and noise
         distributed.check_ranks_agree({"the run's key (RUN/secret.key or --secret-key-file)":
                                        key.generator("rank-check").bytes(16).hex()}, world)  # a PRF value, not the key
+        if world.parallel:  # the data's contents by digests keyed by the run's key and nonce (never a plain digest:
+            distributed.check_ranks_agree({f"the contents of {flag}": fingerprint.data_digest(path, key, str(nonce))
+                                           for flag, path in (("--data", config.train_data),
+                                                              ("--eval-data", config.eval_data)) if path},
+                                          world)  # it would travel between machines)
         objective.warn_per_batch = False  # nothing said per private batch (see check_data for the one notice)
         keyed_noise = KeyedNoise(key, attempt, nonce)
         private = (config.privacy, accountant.noise, config.batch_size, keyed_noise, accountant.quantile_noise)
