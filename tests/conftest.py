@@ -39,3 +39,38 @@ def shared_data():
     if not SHARED.exists():
         pytest.skip(f"shared data not found at {SHARED} (../shared/data is provided beside the repo in CI)")
     return SHARED
+
+
+@pytest.fixture
+def hf_offline(monkeypatch):
+    """Hugging Face libraries told not to reach the hub (tests of the trainer integration)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def hf_args(tmp_path, **kwargs):
+    """transformers TrainingArguments for a two-step CPU run writing under tmp_path (kwargs override)."""
+    from transformers import TrainingArguments
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to=[], logging_steps=1,
+                save_strategy="no", use_cpu=True, disable_tqdm=True, seed=7, max_steps=2)
+    return TrainingArguments(**{**base, **kwargs})
+
+
+def cli(*args):
+    """`slimtune ARGS...` in this process (typer's CliRunner), warnings silenced; arguments may be paths or numbers."""
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(res) -> str:
+    """The one `error:` line of a refused command (exit code 2, nothing else on stderr), whitespace collapsed."""
+    assert res.exit_code == 2, (res.exit_code, res.output[-800:])
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    return " ".join(lines[0].split())

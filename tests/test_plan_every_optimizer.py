@@ -1,10 +1,6 @@
 """The planner covers every optimizer `slimtune train` takes, and a private run's refusal proposes only private
 methods (a user told "best that fits: --optimizer adamw" for a DPZero run is told to drop its privacy)."""
 
-import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -14,8 +10,6 @@ from slimtune.cli import app
 from slimtune.optim.methods import METHODS, OPTIMIZERS
 from slimtune.report import memory_model
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEMO = ROOT / "slimtune" / "data" / "demo" / "sst2_demo_train.tsv"
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +56,12 @@ def test_plan_private_ranks_only_private_methods(monkeypatch):
     assert "dpzero" in optimizers
 
 
-MEASURE = (ROOT / "tests" / "test_review_findings_44.py").read_text().split('MEASURE = """', 1)[1].split('"""', 1)[0]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer,peft,extra", [("dp-sgd", "none", ["--epsilon", "8"]),
                                                   ("lozo-m", "none", [])])
 def test_a_newly_planned_rows_prediction_bounds_its_measured_peak(tmp_path, optimizer, peft, extra):
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "-c", MEASURE, "train", "--model", "tiny-llama", "--data", str(DEMO),
-                          "--optimizer", optimizer, "--peft", peft, "--steps", "2", "--batch-size", "16",
-                          "--eval-every", "0", "--quiet", "--out", str(tmp_path / "run"), *extra],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    line = [l for l in res.stdout.splitlines() if l.startswith("RESULT")]
-    assert line, res.stdout[-2000:] + res.stderr[-2000:]
-    got = json.loads(line[0].split(" ", 1)[1])
+    from test_review_findings_44 import planned_and_measured
+    got = planned_and_measured(tmp_path, "--optimizer", optimizer, "--peft", peft, *extra)
     assert got["predicted_mb"] >= got["peak_mb"], got
 
 

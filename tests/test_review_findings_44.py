@@ -48,15 +48,21 @@ def test_the_planned_peak_of_a_zo_run_is_an_upper_bound_of_its_measured_peak(tmp
     measures) ~493 MB. Every run imports peft (peft/registry.adapter_kind, peft_summary), and peft imports
     bitsandbytes when the extra "quant" is installed (+117 MB, RUNTIME_MB_BNB), but imports_bitsandbytes() counts that
     only for LoRA / PiSSA / a quantized base: full-parameter, SVFit and adapter rows under-predict by the library."""
+    got = planned_and_measured(tmp_path, "--optimizer", "mezo", "--peft", peft)
+    assert got["predicted_mb"] >= got["peak_mb"], got
+
+
+def planned_and_measured(tmp_path, *flags) -> dict:
+    """{predicted_mb, peak_mb, bitsandbytes} of a 2-step `slimtune train` on tiny-llama with `flags`, in a child
+    process: train's own prediction (check_fits -> predict_run_mb) and the child's own peak RSS."""
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", MEASURE, "train", "--model", "tiny-llama", "--data", str(DEMO),
-                          "--optimizer", "mezo", "--peft", peft, "--steps", "2", "--batch-size", "16",
-                          "--eval-every", "0", "--quiet", "--out", str(tmp_path / "run")],
+                          "--steps", "2", "--batch-size", "16", "--eval-every", "0", "--quiet", "--out",
+                          str(tmp_path / "run"), *flags],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT")]
     assert line, res.stdout[-2000:] + res.stderr[-2000:]
-    got = json.loads(line[0].split(" ", 1)[1])
-    assert got["predicted_mb"] >= got["peak_mb"], got
+    return json.loads(line[0].split(" ", 1)[1])
 
 
 def test_a_hizoo_checkpoint_does_not_copy_the_hessian_the_planner_never_counted(tmp_path):

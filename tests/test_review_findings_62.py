@@ -5,33 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from slimtune import SlimtuneError
-from slimtune.cli import app
+
+from conftest import cli, one_line_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "slimtune" / "data" / "demo"
 TRAIN, DEV = str(DEMO / "sst2_demo_train.tsv"), str(DEMO / "sst2_demo_dev.tsv")
 TINY = ["--model", "tiny-llama"]
-runner = CliRunner()
-
-
-def cli(*args):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res) -> str:
-    assert res.exit_code == 2, res.output[-800:]
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    return " ".join(lines[0].split())
 
 
 def resolved(res) -> dict:

@@ -15,35 +15,26 @@ import torch
 
 datasets = pytest.importorskip("datasets")
 from transformers import (DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, LlamaConfig,  # noqa: E402
-                          LlamaForSequenceClassification, T5Config, T5ForConditionalGeneration, TrainingArguments,
+                          LlamaForSequenceClassification, T5Config, T5ForConditionalGeneration,
                           default_data_collator)
 
 from slimtune import SlimtuneError  # noqa: E402
 from slimtune.hf import ZOArguments, ZOTrainer  # noqa: E402
 from slimtune.models.loading import tiny_model, tiny_tokenizer  # noqa: E402
 
-from conftest import DEMO  # noqa: E402
+from conftest import DEMO, hf_args  # noqa: E402
 
 ROWS = [line.split("\t")[0] for line in (DEMO / "sst2_demo_train.tsv").read_text().splitlines()[1:]]
 DEV = [line.split("\t")[0] for line in (DEMO / "sst2_demo_dev.tsv").read_text().splitlines()[1:]]
 PRIVATE = dict(optimizer="dpzero", epsilon=2.0, lr=1e-3, eps=1e-2)
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer(ROWS)
-
-
-def hf_args(tmp_path, **kwargs):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to=[], logging_steps=1,
-                save_strategy="no", use_cpu=True, disable_tqdm=True, seed=7, max_steps=2)
-    return TrainingArguments(**{**base, **kwargs})
 
 
 def classifier(tok, problem_type: str, num_labels: int):

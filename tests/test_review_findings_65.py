@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -18,23 +17,13 @@ from typer.testing import CliRunner
 
 from slimtune.cli import app
 
+from conftest import cli, one_line_error  # noqa: E402
+
+runner = CliRunner()  # (one test reads the warnings cli() silences)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "slimtune" / "data" / "demo"
 ROWS = (DEMO / "sst2_demo_train.tsv").read_text().splitlines()
-runner = CliRunner()
-
-
-def cli(*args):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.output[-800:])
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    return " ".join(lines[0].split())
 
 
 def start(run: Path, data: Path, *flags, model="tiny-llama") -> None:

@@ -8,34 +8,25 @@ import pytest
 import torch
 
 datasets = pytest.importorskip("datasets")
-from transformers import LlamaConfig, LlamaForTokenClassification, TrainingArguments, default_data_collator  # noqa: E402,E501
+from transformers import LlamaConfig, LlamaForTokenClassification, default_data_collator  # noqa: E402,E501
 
 from slimtune import SlimtuneError  # noqa: E402
 from slimtune.hf import ZOArguments, ZOTrainer  # noqa: E402
 from slimtune.models.loading import tiny_tokenizer  # noqa: E402
 
-from conftest import DEMO  # noqa: E402
+from conftest import DEMO, hf_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [line.split("\t")[0] for line in (DEMO / "sst2_demo_train.tsv").read_text().splitlines()[1:]]
 PRIVATE = dict(optimizer="dpzero", epsilon=2.0, lr=1e-3, eps=1e-2)
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer(ROWS)
-
-
-def hf_args(tmp_path, **kwargs):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to=[], logging_steps=1,
-                save_strategy="no", use_cpu=True, disable_tqdm=True, seed=7, max_steps=2)
-    return TrainingArguments(**{**base, **kwargs})
 
 
 # -- hf.py per_example_losses ---------------------------------------------------------------------------------------

@@ -5,30 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
-from typer.testing import CliRunner
-
-from slimtune.cli import app
+from conftest import cli, one_line_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "slimtune" / "data" / "demo"
 ROWS = (DEMO / "sst2_demo_train.tsv").read_text().splitlines()
-runner = CliRunner()
-
-
-def cli(*args):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.output[-800:])
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    return " ".join(lines[0].split())
 
 
 def start(run: Path, data, *flags, model="tiny-llama", steps: int = 2) -> None:
@@ -39,6 +22,22 @@ def start(run: Path, data, *flags, model="tiny-llama", steps: int = 2) -> None:
 
 def fingerprint_of(run: Path) -> dict:
     return json.loads((run / "checkpoint" / "trainer_state.json").read_text())["fingerprint"]
+
+
+def start_on_a_saved_model(tmp_path: Path) -> Path:
+    """(lead) A run started on a tiny model saved as a checkpoint directory (tokenizer included): that directory."""
+    import torch
+
+    from slimtune.models import load_model_and_tokenizer
+    data = tmp_path / "train.tsv"
+    data.write_text("\n".join(ROWS[:41]) + "\n")
+    model_dir = tmp_path / "base-model"
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer("tiny-llama", texts=ROWS[1:41])
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    start(tmp_path / "run", data, model=model_dir)
+    return model_dir
 
 
 # -- privacy -----------------------------------------------------------------------------------------------------------
@@ -111,17 +110,7 @@ def test_resume_refuses_a_model_directory_whose_tokenizer_changed(tmp_path):
     """model_digest covers config.json and the weights only: the tokenizer saved with the model (tokenizer.json)
     replaced by another one (same vocabulary size, other ids) changes every example's token ids, and so the rest of
     the trajectory, with no word."""
-    import torch
-
-    from slimtune.models import load_model_and_tokenizer
-    data = tmp_path / "train.tsv"
-    data.write_text("\n".join(ROWS[:41]) + "\n")
-    model_dir = tmp_path / "base-model"
-    torch.manual_seed(0)
-    model, tok = load_model_and_tokenizer("tiny-llama", texts=ROWS[1:41])
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    start(tmp_path / "run", data, model=model_dir)
+    model_dir = start_on_a_saved_model(tmp_path)
     spec = json.loads((model_dir / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
     a, b = "film", "little"  # two words of the data: their ids swapped
@@ -137,17 +126,7 @@ def test_a_model_directory_gone_at_resume_is_not_called_changed_weights(tmp_path
     model_digest returns None and check() says 'the model's weights differ from those the run started with (another
     checkpoint saved there?)', sending the user after a change that never happened; the data files get 'no such
     file here ... resume from the directory the run was started in'."""
-    import torch
-
-    from slimtune.models import load_model_and_tokenizer
-    data = tmp_path / "train.tsv"
-    data.write_text("\n".join(ROWS[:41]) + "\n")
-    model_dir = tmp_path / "base-model"
-    torch.manual_seed(0)
-    model, tok = load_model_and_tokenizer("tiny-llama", texts=ROWS[1:41])
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    start(tmp_path / "run", data, model=model_dir)
+    model_dir = start_on_a_saved_model(tmp_path)
     model_dir.rename(tmp_path / "moved-model")
     message = one_line_error(cli("train", "--resume", "--out", tmp_path / "run", "--steps", "3", "--quiet"))
     assert "differ" not in message and "base-model" in message, message
