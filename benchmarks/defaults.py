@@ -106,8 +106,9 @@ def verdict(name: str, results: dict) -> tuple[bool | None, str]:
     if ref == "compare":  # a comparison row: no target, the numbers side by side
         if other is None:
             return None, f"{value} has not run"
-        return None, (f"{own:.3f} vs {other['final_accuracy']:.3f} ({value}), peak {r['peak_mem_mb']:,.0f} vs "
-                      f"{other['peak_mem_mb']:,.0f} MB, epsilon {r['epsilon']:.2f}")
+        mb = lambda row: "withheld" if row.get("peak_mem_mb") is None else f"{row['peak_mem_mb']:,.0f} MB"  # noqa: E731
+        return None, (f"{own:.3f} vs {other['final_accuracy']:.3f} ({value}), peak {mb(r)} vs {mb(other)}, "
+                      f"epsilon {r['epsilon']:.2f}")
     if ref is None:
         met, why = own >= value, f"{own:.3f} vs {value:.3f}"
     else:
@@ -129,6 +130,33 @@ def verdict(name: str, results: dict) -> tuple[bool | None, str]:
     if zero is not None and own < zero:
         met, why = False, f"{why}; below zero-shot ({zero:.3f})"
     return met, why
+
+
+ARCHIVE = OUT.parent / "before-prompt-change" / "defaults"  # launch.archive_stale's place for rows of older prompts
+
+
+def withheld(name: str, row: dict) -> bool:
+    """Whether a private row's peak memory and wall time are withheld: its run did not log private stats (they are
+    measured on private batches, released only with --log-private-stats; runs written before trainer.write_summary
+    withheld them kept them). A row that predates recording the flag is looked up in its run's summary.json (here or
+    archived under before-prompt-change/, the run with the row's final accuracy); not found: withheld."""
+    if row.get("epsilon") is None:
+        return False
+    if "private_stats_logged" in row:
+        return row["private_stats_logged"] is not True
+    runs = [OUT / name, *sorted(p for p in ARCHIVE.glob(f"{name}*") if p.name == name or
+                                p.name.startswith(f"{name}-again"))]
+    for run in runs:
+        path = run / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        if summary and summary.get("final_accuracy") == row.get("final_accuracy"):
+            return summary.get("private_stats_logged") is not True
+    return True
+
+
+def released(name: str, row: dict) -> dict:
+    """The row as the tables may show it: peak memory, step time and wall time null where `withheld`."""
+    return {**row, "peak_mem_mb": None, "time_per_step_s": None, "wall_time_s": None} if withheld(name, row) else row
 
 
 def progress(run_dir: Path) -> str:
@@ -154,9 +182,10 @@ def run(name: str, flags: list[str], threads: int, gpu: bool) -> dict:
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "eval_accuracy" in m]
     keep = ("method", "peft", "model", "trainable_params", "steps", "final_accuracy", "best_accuracy", "best_step",
-            "best_eval_loss", "saved_adapter", "epsilon", "peak_mem_mb", "time_per_step_s")
+            "best_eval_loss", "saved_adapter", "epsilon", "peak_mem_mb", "time_per_step_s", "private_stats_logged")
+    step_s = summary.get("time_per_step_s")  # null: withheld by a private run (no --log-private-stats)
     return {**{k: summary.get(k) for k in keep}, "zero_shot_accuracy": evals[0]["eval_accuracy"] if evals else None,
-            "wall_time_s": (summary.get("time_per_step_s") or 0) * summary["steps"], "prompt": run_prompt(run_dir)}
+            "wall_time_s": None if step_s is None else step_s * summary["steps"], "prompt": run_prompt(run_dir)}
 
 
 def main() -> None:

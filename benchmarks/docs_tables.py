@@ -1,10 +1,10 @@
-"""Write the docs' benchmark pages (docs/benchmarks/*.md) from benchmarks/results/: every `<!-- NAME:start -->` /
-`<!-- NAME:end -->` block a table function of tables.py generates is replaced by its current table (the same code as
-benchmarks/readme_tables.py), and the plots the pages show are copied to docs/benchmarks/img/. Run it after a
-benchmark writes new results; `mkdocs build` then publishes them.
+"""Write the docs' benchmark pages (docs/benchmarks/*.md) and the README beside the docs directory from
+benchmarks/results/: every `<!-- NAME:start -->` / `<!-- NAME:end -->` block a table function of tables.py generates is
+replaced by its current table (the same code as benchmarks/readme_tables.py), and the plots the pages show are copied
+to docs/benchmarks/img/. Run it after a benchmark writes new results; `mkdocs build` then publishes them.
 Usage: python benchmarks/docs_tables.py [--docs DIR] [--check]
-  --docs DIR  the docs directory (default: docs/ of this repository)
-  --check     write nothing; exit 1 if a page or plot is out of date"""
+  --docs DIR  the docs directory (default: docs/ of this repository; its parent's README.md is filled too)
+  --check     write nothing; exit 1 if a page (README.md included) or plot is out of date"""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ PLOTS = {"zo_convergence.png": RESULTS / "zo_convergence.png",
 
 
 def update(docs: Path, check: bool = False) -> list[str]:
-    """Regenerate the pages under docs/benchmarks; returns the files that changed (or would, with check)."""
+    """Regenerate the pages under docs/benchmarks and the README.md beside `docs` (where there is one); returns the
+    files that changed (or would, with check)."""
     pages = docs / "benchmarks"
     changed = []
-    for page in sorted(pages.glob("*.md")):
+    readme = docs.parent / "README.md"
+    for page in [*([readme] if readme.exists() else []), *sorted(pages.glob("*.md"))]:
         text = page.read_text(encoding="utf-8")
         new = fill(text)
         if new != text:

@@ -15,12 +15,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 def time_to(metrics: list[dict], target: float, mean_step_s: float | None = None) -> str:
     """Wall-clock training seconds until the first evaluation at or above `target`.
 
-    Private runs log no per-step time (it depends on the private batch size): steps x the run's mean step time."""
+    Private runs log no per-step time (it depends on the private batch size): steps x the run's mean step time, and a
+    run that withheld that too (no --log-private-stats: mean_step_s None) shows only the step, never a made-up time."""
     per_step = any("step_time_s" in m for m in metrics)
     elapsed = 0.0
     for m in metrics:
         elapsed = elapsed + (m.get("step_time_s") or 0.0) if per_step else m["step"] * (mean_step_s or 0.0)
         if (m.get("eval_accuracy") or 0) >= target:
+            if not per_step and mean_step_s is None:
+                return f"withheld (step {m['step']})"
             return f"{'' if per_step else '~'}{elapsed:.0f} s (step {m['step']})"
     return "not reached"
 
@@ -189,11 +192,16 @@ def threads(row: dict) -> str:
     return "" if value is None else " (GPU)" if value == "cuda" else f" ({value} thr)"
 
 
+def wall_time(row: dict) -> str:
+    """A defaults row's wall time in minutes with its thread setting; '-' where a private run withheld it."""
+    return "-" if row.get("wall_time_s") is None else f"{row['wall_time_s'] / 60:.0f} min{threads(row)}"
+
+
 def defaults_table() -> str:
     """benchmarks/defaults.py: every method at its defaults on the full SST-2 dev set, with its target."""
     import defaults as bench
 
-    d = read_results("defaults.json") or {}
+    d = {name: bench.released(name, r) for name, r in (read_results("defaults.json") or {}).items()}
     rows = ["| run | trainable params | steps | dev acc (best = saved) | best step | final acc | epsilon | peak MB "
             "| wall time | target | met (final acc) |", "|" + "---|" * 11]
     for name, (_, target) in bench.RUNS.items():
@@ -204,7 +212,7 @@ def defaults_table() -> str:
         met, why = bench.verdict(name, d)
         rows.append(f"| {name}{mark(r)} | {r['trainable_params']:,} | {r['steps']} | {fmt(r['best_accuracy'])} | "
                     f"{r['best_step']} | {fmt(r['final_accuracy'])} | {fmt(r['epsilon'], '.2f')} | "
-                    f"{r['peak_mem_mb']:,.0f} | {r['wall_time_s'] / 60:.0f} min{threads(r)} | {target} | "
+                    f"{fmt(r['peak_mem_mb'], ',.0f')} | {wall_time(r)} | {target} | "
                     f"{({True: 'yes', False: '**no**', None: 'comparison' if bench.TARGETS[name][0] == 'compare' else 'not yet'}[met])}: {why} |")
     zeros = {}  # each row's zero-shot: per model and prompt (one number under rows of two prompts misled)
     for name, r in d.items():
@@ -218,6 +226,9 @@ def defaults_table() -> str:
                               "1-thread run had one other 1-thread run beside it); rows without a count predate its "
                               "recording: the Gemma and bf16 rows ran at 1 thread beside one other run, the others at "
                               "2 threads, often beside other runs." +
+                              (" Peak MB and wall time '-': a private run that did not log private stats (both are "
+                               "measured on its private batches; its epsilon does not cover them)."
+                               if any(bench.withheld(n, r) for n, r in d.items()) else "") +
                               (f" Zero-shot dev accuracy: {zero_text}." if zeros else "") + " " +
                               EARLIER_NOTE)
 
@@ -290,6 +301,7 @@ def zo_convergence_table() -> str:
     import zo_convergence as bench
 
     d = read_results("zo_convergence.json") or {"runs": {}, "targets": {}}
+    d = bench.judged(d)  # verdicts weighed as bounds, whatever code wrote the file
     clock = d.get("wall_clock_to_target") or {}
     rows = ["| run | forwards / step | dev acc at each evaluation (every ~500 forwards, from 0) | final acc "
             "| forwards to 80% | seconds to 80% (x AdamW + LoRA) | s/step | status |", "|" + "---|" * 8]
@@ -313,9 +325,8 @@ def zo_convergence_table() -> str:
                     f"| {status} |")
     notes = []
     for name, c in clock.items():
-        if c.get("le_2x") is not None:
-            verdict = "met" if c["le_2x"] else "**not met**"
-            notes.append(f"{name}: wall-clock to 80% {verdict} (target <= {bench.WALL_CLOCK_RATIO:g}x "
+        if c.get("le_2x") is not None or c.get("ratio") is not None:
+            notes.append(f"{name}: wall-clock to 80% {clock_verdict(c)} (target <= {bench.WALL_CLOCK_RATIO:g}x "
                          f"{bench.REFERENCE}), in the runs' own seconds (their thread settings differ)")
     harder = d.get("harder_level")
     for name, c in (d.get("wall_clock_to_harder_level") or {}).items():
@@ -330,8 +341,7 @@ def zo_convergence_table() -> str:
         (steps, ref_steps), (cost, ref_cost) = c["steps_to_target"], c["step_cost_in_two_forwards"]
         notes.append(f"{name}, same setting: {steps} steps x {cost:.2f} two-forward costs against {bench.REFERENCE}'s "
                      f"{ref_steps} x {ref_cost:.2f} = **{c['ratio']:.2f}x** (step costs from one zo_step.py run, "
-                     f"{c.get('threads')} thread; target <= {bench.WALL_CLOCK_RATIO:g}x: "
-                     f"{'met' if c['le_2x'] else '**not met**'})")
+                     f"{c.get('threads')} thread; target <= {bench.WALL_CLOCK_RATIO:g}x: {clock_verdict(c)})")
     for key, t in d["targets"].items():
         if "gap_at_last_common_step" in t and t["gap_at_last_common_step"] is not None:
             verdict = {True: "met", False: "**not met**", None: "runs not finished"}[t["within_1_point"]]
@@ -362,6 +372,29 @@ def zo_convergence_table() -> str:
     return "\n".join(rows) + ("\n\n" + "\n".join(f"- {n}." for n in notes) if notes else "")
 
 
+def clock_verdict(c: dict) -> str:
+    """A wall-clock comparison's verdict (zo_convergence.wall_clock / same_setting_clock): met, **not met**, or
+    unresolved with why (`clock_why`)."""
+    if c.get("le_2x") is not None:
+        return "met" if c["le_2x"] else "**not met**"
+    why = clock_why(c)
+    return f"unresolved ({why})" if why else "unresolved"
+
+
+def clock_why(c: dict, level: float = 0.8) -> str:
+    """Why a wall-clock comparison to `level` has no verdict: the runs that reached it at their first evaluation (an
+    upper bound only) and the bounds the evaluations allow on the ratio; '' when nothing is known."""
+    low, high = c.get("ratio_bounds") or (None, None)
+    first = c.get("first_evaluation") or []
+    why = [f"{' and '.join(first)} reached {level:.0%} at {'their' if len(first) > 1 else 'its'} first evaluation: "
+           "an upper bound only"] if first else []
+    if low is not None or high is not None:
+        why.append("the ratio is " + ("bounded neither way" if not low and high is None else
+                                      f"only known to be above {low:.2f}x" if high is None else
+                                      f"between {low or 0:.2f}x and {high:.2f}x"))
+    return "; ".join(why)
+
+
 ZO_STEP_LABELS = {
     "inference": "inference (2 forwards)", "inference_lora": "inference + LoRA (2 forwards)",
     "adamw_full": "AdamW, full backprop", "naive_mezo_full": "naive MeZO (out-of-place, 4 sweeps)",
@@ -375,6 +408,8 @@ ZO_STEP_LABELS = {
 
 def zo_step_table() -> str:
     """benchmarks/zo_step.py. The time ratio divides by two forward passes timed alternately in the same process."""
+    from zo_step import same_run_as_floor
+
     d = read_results("zo_step.json")
     if d is None:
         return "not run yet"
@@ -386,14 +421,19 @@ def zo_step_table() -> str:
         n = r["trainable_params"]
         params = f"{n / 1e6:.1f}M" if n >= 1e6 else (f"{n / 1e3:.1f}K" if n else "0")
         other_threads = r.get("threads") not in (None, d["threads"])  # run later, alone in its process pool
-        label = ZO_STEP_LABELS.get(name, name) + (f" ({r['threads']} thread, run later)" if other_threads else "")
-        floor_process = "-" if other_threads else f"{q['time_vs_floor_process']:.2f}"  # other threads: not comparable
+        later = not same_run_as_floor(d, name)  # another invocation than the inference row it would divide by
+        label = ZO_STEP_LABELS.get(name, name) + (f" ({r['threads']} thread, run later)" if other_threads else
+                                                  " (run later)" if later else "")
+        floor_process = "-" if later else f"{q['time_vs_floor_process']:.2f}"  # another run's inference: not comparable
+        memory = "-" if later else f"{q['memory_vs_inference']:.3f}"
         rows.append(f"| {label} | {params} | {r['step_time_s']:.2f} | {r['two_forwards_s']:.2f} | "
-                    f"{q['time_vs_two_forwards']:.2f} | {floor_process} | {r['peak_mem_mb']:,.0f} | "
-                    f"{q['memory_vs_inference']:.3f} |")
+                    f"{q['time_vs_two_forwards']:.2f} | {floor_process} | {r['peak_mem_mb']:,.0f} | {memory} |")
     met = ", ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in d["targets_met"].items())
+    later = not all(same_run_as_floor(d, name) for name in d["results"])
     return "\n".join(rows) + (f"\n\nTargets in the script: {met}. torch {d['torch']}, {d['threads']} threads, "
-                              f"medians of {d.get('steps', '?')} timed steps per configuration.")
+                              f"medians of {d.get('steps', '?')} timed steps per configuration." +
+                              (" A row timed later (another invocation and thread setting) shows no ratio against the "
+                               "inference rows' time or peak, which are another run's: '-'." if later else ""))
 
 
 def gguf_table() -> str:

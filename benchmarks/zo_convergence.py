@@ -167,7 +167,8 @@ HARDER_LEVEL = 0.85  # also reported: from SST-2's new prompt, 80% is near the z
 def wall_clock(results: dict, level: float = TARGET_ACC) -> dict:
     """Seconds to `level` (TARGET_ACC: issue 36's <= 2x AdamW + LoRA) of every run against the reference's, among runs
     of the reference's prompt. A run that never got there is None (not met once it has finished); so is every ratio
-    while the reference has not got there."""
+    while the reference has not got there. le_2x here compares the first evaluations at the level as points; `judged`
+    weighs them as what they are, bounds (`ratio_verdict`)."""
     ref = results.get(REFERENCE)
     ref_s = seconds_to(ref, level) if ref else None
     out = {}
@@ -182,6 +183,32 @@ def wall_clock(results: dict, level: float = TARGET_ACC) -> dict:
             met = False if r["finished"] and ref_s is not None else None
         out[name] = {"seconds_to_target": s, "reference_seconds": ref_s, "ratio": ratio, "le_2x": met}
     return out
+
+
+def bounds(run: dict, axis: str, level: float) -> tuple[float, float | None] | None:
+    """Where on `axis` the run first reached `level`, as (lower, upper): the evaluation before the first one at or
+    above it and that one (an evaluation shows only that the level was reached since the one before). A run that
+    never got there: (its last evaluation, None) once finished, None while it runs or before anything is evaluated."""
+    xs = run.get(axis) or []
+    for i, (x, a) in enumerate(zip(xs, run["accuracy"])):
+        if a >= level:
+            return (xs[i - 1] if i else x), x
+    return (xs[-1], None) if xs and run.get("finished") else None
+
+
+def ratio_verdict(run: dict, own, ref, cost: float, ref_cost: float) -> dict:
+    """The ratio's bounds from the two runs' `bounds` (each x its step cost) and the verdict on <= WALL_CLOCK_RATIO:
+    True when even the largest ratio the evaluations allow is within it, False when even the smallest is above it,
+    None (unresolved) otherwise or while either run has not got there and is not finished; `first_evaluation` names
+    the runs that got there at their first evaluation (only an upper bound)."""
+    if own is None or ref is None or ref[1] is None:
+        return {"ratio_bounds": None, "le_2x": None, "first_evaluation": []}
+    low = own[0] * cost / (ref[1] * ref_cost) if ref[1] else None
+    high = None if own[1] is None or not ref[0] else own[1] * cost / (ref[0] * ref_cost)  # None: unbounded
+    met = True if high is not None and high <= WALL_CLOCK_RATIO else \
+        False if low is not None and low > WALL_CLOCK_RATIO else None
+    first = [n for n, b in ((run.get("name"), own), (REFERENCE, ref)) if b[1] is not None and b[0] == 0 != b[1]]
+    return {"ratio_bounds": [low, high], "le_2x": met, "first_evaluation": first}
 
 
 # run -> its step's configuration in benchmarks/zo_step.py (the same method on the same model, timed in one run)
@@ -211,8 +238,30 @@ def same_setting_clock(results: dict, zo_step: dict | None) -> dict:
         steps = first_at(r, "steps", TARGET_ACC)
         ratio = None if steps is None else (steps * costs[name]) / (ref_steps * ref_cost)
         out[name] = {"steps_to_target": [steps, ref_steps], "step_cost_in_two_forwards": [costs[name], ref_cost],
-                     "threads": threads(name), "ratio": ratio, "le_2x": None if ratio is None and not r["finished"]
-                     else (ratio is not None and ratio <= WALL_CLOCK_RATIO)}
+                     "threads": threads(name), "ratio": ratio,
+                     **ratio_verdict({**r, "name": name}, bounds(r, "steps", TARGET_ACC),
+                                     bounds(ref, "steps", TARGET_ACC), costs[name], ref_cost)}
+    return out
+
+
+def judged(doc: dict) -> dict:
+    """zo_convergence.json's document with every wall-clock verdict judged from its runs' evaluations as bounds
+    (`ratio_verdict`: unresolved where a run got there at its first evaluation and the bounds straddle the target),
+    so a file written by older code, or by a run started before this rule, is read by it; an entry whose runs lack
+    the axis is left as it is."""
+    runs, out = doc.get("runs") or {}, dict(doc)
+    ref = runs.get(REFERENCE) or {}
+    for key, axis, level in (("wall_clock_to_target", "seconds", doc.get("target_accuracy", TARGET_ACC)),
+                             ("wall_clock_to_harder_level", "seconds", doc.get("harder_level")),
+                             ("wall_clock_same_setting", "steps", doc.get("target_accuracy", TARGET_ACC))):
+        if not doc.get(key) or level is None or not ref.get(axis):
+            continue
+        out[key] = {}
+        for name, c in doc[key].items():
+            r = runs.get(name) or {}
+            costs = (c.get("step_cost_in_two_forwards") or [1.0, 1.0]) if axis == "steps" else [1.0, 1.0]
+            out[key][name] = c if not r.get(axis) else \
+                {**c, **ratio_verdict({**r, "name": name}, bounds(r, axis, level), bounds(ref, axis, level), *costs)}
     return out
 
 
@@ -273,6 +322,7 @@ def collect() -> dict:
            "targets": compare(results), "wall_clock_to_target": wall_clock(results),
            "harder_level": HARDER_LEVEL, "wall_clock_to_harder_level": wall_clock(results, HARDER_LEVEL),
            "wall_clock_same_setting": same_setting_clock(results, zo_step)}
+    doc = judged(doc)
     path = OUT.with_suffix(".json")
     path.write_text(json.dumps(doc, indent=2))
     if results:

@@ -110,10 +110,26 @@ def run_one(name: str, batch_size: int, steps: int, device: str) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def floor_of(name: str) -> str:
+    """The inference row a configuration's process ratios divide by."""
+    return "inference_lora" if name.endswith("_lora") else "inference"
+
+
+def same_run_as_floor(doc: dict, name: str) -> bool:
+    """Whether row `name` of a zo_step.json was measured in the same invocation and thread setting as its inference
+    row (`floor_of`): a row merged in later with --only was not, so its time and memory over that row's mix two runs.
+    Rows record their threads and (since --only) their invocation; rows without them are the file's first run."""
+    rows = doc.get("results", {})
+    row, floor = rows.get(name, {}), rows.get(floor_of(name), {})
+    threads = lambda r: r.get("threads") or doc.get("threads")  # noqa: E731
+    return threads(row) == threads(floor) and row.get("invocation") == floor.get("invocation")
+
+
 def ratios_from(results: dict) -> dict:
     """Time: the step over two forwards timed in the same process (issue 13's measure); `time_vs_floor_process`
-    divides by the separate inference process instead. Memory: peak over the inference process's peak."""
-    floor = lambda name: results["inference_lora"] if name.endswith("_lora") else results["inference"]
+    divides by the separate inference process instead. Memory: peak over the inference process's peak (both process
+    ratios mean something only for rows of one invocation: `same_run_as_floor`)."""
+    floor = lambda name: results[floor_of(name)]  # noqa: E731
     return {name: {"time_vs_two_forwards": r["step_time_s"] / r["two_forwards_s"],
                    "time_vs_floor_process": r["step_time_s"] / floor(name)["step_time_s"],
                    "memory_vs_inference": r["peak_mem_mb"] / floor(name)["peak_mem_mb"]}
@@ -146,13 +162,15 @@ def main() -> None:
         return
     previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).exists() else {}
     results = dict(previous.get("results", {}))
+    invocation = time.strftime("%Y-%m-%dT%H:%M:%S") if args.only else None  # rows merged in later say so
     for name in args.only or CONFIGS:
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--steps",
                                str(args.steps), "--device", args.device], capture_output=True, text=True)
         if proc.returncode:
             print(proc.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"{name} failed")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[name] = {**json.loads(proc.stdout.strip().splitlines()[-1]),
+                         **({"invocation": invocation} if invocation else {})}
         print(json.dumps(results[name]))
     ratios = ratios_from(results)
     targets = targets_met(ratios)

@@ -48,7 +48,8 @@ def test_report_table_and_plots(tmp_path):
     paths = render_report(load_runs(runs), tmp_path / "report")
     md = paths["markdown"].read_text()
     assert "| zo | mezo | lora | 1,234 | 512 | 0.250 | 20 | 0.810 | - | - | 2.0 KB |" in md  # empty columns dropped
-    assert "| dp | dpzero | lora | 1,234 | 512 | 0.250 | 20 | 0.740 | 2.00 | 1e-05 | 2.0 KB |" in md
+    # a private run that did not log private stats (no private_stats_logged: true) withholds its memory and time
+    assert "| dp | dpzero | lora | 1,234 | - | - | 20 | 0.740 | 2.00 | 1e-05 | 2.0 KB |" in md
     assert "best dev acc" not in md and "BLEU" not in md
     html = paths["html"].read_text()
     assert html.count("<tr>") == 3 and "accuracy_vs_epsilon.png" in html

@@ -34,6 +34,8 @@ COLUMNS = [
 IDENTITY = ("run", "method", "PEFT")  # shown for every run, even empty
 TEXT = ("run", "method", "PEFT", "task", "model")  # left-aligned; task and model shown when some run has them
 FOOTNOTE = "*: --log-private-stats: its logs are outside the (epsilon, delta) guarantee"
+# measured on a private run's batches: released only with --log-private-stats (trainer.write_summary withholds them)
+WITHHELD = ("peak_mem_mb", "time_per_step_s")
 REQUIRED = ("method", "steps")  # every slimtune run's summary.json has them (train's and federate's)
 
 
@@ -54,8 +56,44 @@ def load_runs(directories: list[str]) -> list[RunData]:
     for d, (summary, _, state), name in zip(directories, loaded, names):
         if state not in (None, "completed"):  # e.g. a resumed run that failed: its summary is the earlier one
             name = f"{name} ({state}; summary of an earlier completion)"
-        runs.append(RunData(name, {**summary, "name": name}, _checked_metrics(Path(d) / "metrics.jsonl")))
+        metrics = _checked_metrics(Path(d) / "metrics.jsonl")
+        extra = {"name": name, "last_eval_step": _last_eval_step(metrics), "prompt": _prompt(d)}
+        runs.append(RunData(name, released({**summary, **extra}), metrics))
     return runs
+
+
+def _last_eval_step(metrics: list[dict]):
+    """The step of the run's last evaluation (the one summary.json's final_accuracy is; trainer.write_summary), or
+    None when metrics.jsonl has none."""
+    evals = [m for m in metrics if m.get("eval_loss") is not None or m.get("eval_accuracy") is not None]
+    return evals[-1].get("step") if evals else None
+
+
+def _prompt(d: str) -> list | None:
+    """[template, label words] the run trained with, read as `--resume` reads it (train/resume.read_stored: runs that
+    recorded null used the prompt of their time); None where config.json is missing, unreadable or has none."""
+    from slimtune.train.resume import read_stored
+    try:
+        stored = read_stored(Path(d))
+    except SlimtuneError:  # the report does not need config.json; a damaged one leaves the prompt unknown
+        return None
+    if not stored or stored.get("template") is None:
+        return None
+    return [stored["template"], stored.get("label_words")]
+
+
+def withholds_stats(summary: dict) -> bool:
+    """Whether the summary is a private training run's that did not log private stats (private_stats_logged not
+    true): its peak memory and step time are measured on private batches, released only with --log-private-stats.
+    Runs written before trainer.write_summary withheld them still hold them. (A federated run, which has "rounds",
+    withholds its own.)"""
+    return summary.get("epsilon") is not None and summary.get("private_stats_logged") is not True \
+        and "rounds" not in summary
+
+
+def released(summary: dict) -> dict:
+    """The summary as it may be shown: WITHHELD values null for a run that withholds them (withholds_stats)."""
+    return {**summary, **{k: None for k in WITHHELD}} if withholds_stats(summary) else summary
 
 
 def _refuse_repeats(directories: list[str]) -> None:
@@ -146,14 +184,19 @@ def _checked_metrics(path: Path) -> list[dict]:
 
 
 def table_rows(summaries: list[dict]) -> list[list[str]]:
-    """Returns one row of formatted cells per summary, in COLUMNS order ('-' for a missing value; the epsilon of a
-    --log-private-stats run marked '*', see FOOTNOTE)."""
-    return [[_cell(s, key, fmt) for _, key, fmt in COLUMNS] for s in summaries]
+    """Returns one row of formatted cells per summary, in COLUMNS order ('-' for a missing value or one a private run
+    withholds, see `released`; the epsilon of a --log-private-stats run marked '*', see FOOTNOTE; a final accuracy
+    evaluated before the run's last step followed by that step)."""
+    return [[_cell(released(s), key, fmt) for _, key, fmt in COLUMNS] for s in summaries]
 
 
 def _cell(summary: dict, key: str, fmt) -> str:
-    """Returns the summary's value for key as shown, the epsilon of a run whose logs are outside it marked '*'."""
+    """Returns the summary's value for key as shown, the epsilon of a run whose logs are outside it marked '*', the
+    final accuracy of a run last evaluated before its last step (stopped early) with the step it is from."""
     text = _fmt(summary.get(key), fmt)
+    if key == "final_accuracy" and text != "-" and _number(summary.get("last_eval_step")) \
+            and _number(summary.get("steps")) and summary["last_eval_step"] != summary["steps"]:
+        return f"{text} (step {summary['last_eval_step']})"
     return f"{text}*" if key == "epsilon" and text != "-" and logs_outside_guarantee(summary) else text
 
 
@@ -197,6 +240,32 @@ def print_summary(summaries: list[dict], console) -> None:
         console.print(_terminal_table(group, _title(task, model)))
     if any(logs_outside_guarantee(s) for s in summaries):
         console.print(escape(FOOTNOTE))
+    note = prompt_note(summaries)
+    if note:
+        console.print(escape(note))
+
+
+def prompt_note(summaries: list[dict]) -> str | None:
+    """A note naming each prompt and its runs when the runs trained with different prompts (their accuracies are
+    not comparable: SST-2's prompt alone moved zero-shot accuracy by 26 points); None when they share one or the
+    prompts are unknown."""
+    groups: dict[tuple, list[str]] = {}
+    for s in summaries:
+        if s.get("prompt"):
+            groups.setdefault(tuple(s["prompt"]), []).append(str(s.get("name", s.get("method"))))
+    if len(groups) < 2:
+        return None
+    shown = "; ".join(f"{_prompt_text(p)}: {', '.join(names)}" for p, names in groups.items())
+    unknown = [str(s.get("name", s.get("method"))) for s in summaries if not s.get("prompt")]
+    return ("Runs trained with different prompts (their accuracies are not comparable): " + shown +
+            (f"; prompt not recorded: {', '.join(unknown)}" if unknown else "") + ".")
+
+
+def _prompt_text(prompt: tuple) -> str:
+    """A prompt as one line: the template (line ends as \\n) and its label words."""
+    template, words = prompt
+    text = json.dumps(template, ensure_ascii=False)[1:-1]  # \n, not a line break
+    return f"prompt `{text}`" + (f" ({words})" if words else "")
 
 
 def _title(task, model) -> str:
@@ -241,9 +310,10 @@ def render_report(runs: list[RunData], out_dir: str | Path) -> dict:
     plots = _plots(runs, out)
     rows = table_rows([r.summary for r in runs])
     marked = any(logs_outside_guarantee(r.summary) for r in runs)
-    (out / "report.md").write_text(_markdown(rows, plots, marked))
-    (out / "report.html").write_text(_html(rows, plots, marked))
-    (out / "report.json").write_text(json.dumps([r.summary for r in runs], indent=2))
+    note = prompt_note([r.summary for r in runs])
+    (out / "report.md").write_text(_markdown(rows, plots, marked, note))
+    (out / "report.html").write_text(_html(rows, plots, marked, note))
+    (out / "report.json").write_text(json.dumps([released(r.summary) for r in runs], indent=2))
     return {"html": out / "report.html", "markdown": out / "report.md", "plots": plots}
 
 
@@ -265,7 +335,7 @@ def _plots(runs: list[RunData], out: Path) -> list[Path]:
     labels = _labels(runs)
     paths = [_curves(runs, labels, key, label, title, out / name) for key, label, title, name in CURVES
              if any(m.get(key) is not None for r in runs for m in r.metrics)]
-    if any(_has(r, "peak_mem_mb", "final_accuracy") for r in runs):
+    if any(_has(r, "peak_mem_mb", "final_accuracy") for r in runs):  # _has: a value withheld is not there
         paths.append(_memory_plot(runs, labels, out / "accuracy_vs_memory.png"))
     if any(_has(r, "epsilon", "final_accuracy") or _has(r, "local_epsilon", "final_accuracy") for r in runs):
         paths.append(_epsilon_plot(runs, labels, out / "accuracy_vs_epsilon.png"))
@@ -280,8 +350,8 @@ def _labels(runs: list[RunData]) -> list[str]:
 
 
 def _has(run: RunData, *keys: str) -> bool:
-    """Returns whether the run's summary has a value for every key."""
-    return all(run.summary.get(key) is not None for key in keys)
+    """Returns whether the run's summary has a value for every key (one a private run withholds: no)."""
+    return all(released(run.summary).get(key) is not None for key in keys)
 
 
 def _curves(runs, labels, key, label, title, path: Path) -> Path:
@@ -367,13 +437,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _markdown(rows, plots, marked: bool = False) -> str:
-    """Returns report.md: the table (FOOTNOTE under it when a run is marked) and the plots."""
+def _markdown(rows, plots, marked: bool = False, note: str | None = None) -> str:
+    """Returns report.md: the table (FOOTNOTE under it when a run is marked, the prompt note when prompts differ) and
+    the plots."""
     keep = _kept_columns(rows)
     headers = [COLUMNS[i][0] for i in keep]
     lines = ["# slimtune report", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_md_cell(row[i]) for i in keep) + " |" for row in rows]
     lines += ["", FOOTNOTE] if marked else []
+    lines += ["", note] if note else []
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -383,13 +455,14 @@ def _md_cell(text: str) -> str:
     return " ".join(text.splitlines()).replace("|", "\\|")
 
 
-def _html(rows, plots, marked: bool = False) -> str:
-    """Returns report.html: the table (FOOTNOTE under it when a run is marked) and the plots."""
+def _html(rows, plots, marked: bool = False, note: str | None = None) -> str:
+    """Returns report.html: the table (FOOTNOTE under it when a run is marked, the prompt note when prompts differ)
+    and the plots."""
     keep = _kept_columns(rows)
     text = sum(COLUMNS[i][0] in TEXT for i in keep)  # the leading text columns, left-aligned
     headers = "".join(f"<th>{html.escape(COLUMNS[i][0])}</th>" for i in keep)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(row[i])}</td>" for i in keep) + "</tr>" for row in rows)
-    note = f"<p>{html.escape(FOOTNOTE)}</p>" if marked else ""
+    note = (f"<p>{html.escape(FOOTNOTE)}</p>" if marked else "") + (f"<p>{html.escape(note)}</p>" if note else "")
     images = "".join(f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem.replace("_", " ")}'
                      "</figcaption></figure>" for p in plots)
     return f"""<!doctype html>
