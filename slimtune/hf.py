@@ -192,6 +192,15 @@ def classification_loss_kind(config, labels: torch.Tensor) -> str:
 CAUSAL_HEADS = ("ForCausalLM", "ForConditionalGeneration")  # loss_type of heads whose loss shifts the labels
 ALIGNED_HEADS = ("ForTokenClassification", "ForMaskedLM")  # one label per position, compared where it stands
 SEQUENCE_HEADS = ("ForSequenceClassification",)
+# decoder LM heads whose class names no head transformers' loss mapping knows, and whose own loss shifts the labels
+SHIFTING_LM_HEADS = ("GPT2LMHeadModel", "OpenAIGPTLMHeadModel", "CTRLLMHeadModel", "GPTNeoForCausalLM")
+
+
+def prompt_learning(model) -> bool:
+    """A peft prompt-learning model (prompt tuning, P-tuning, prefix tuning): its logits start with its virtual
+    tokens' positions, which carry no label."""
+    configs = getattr(model, "peft_config", None)
+    return isinstance(configs, dict) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
 
 
 def loss_alignment(model) -> str | None:
@@ -208,10 +217,9 @@ def loss_alignment(model) -> str | None:
         return "aligned"
     if loss_type in SEQUENCE_HEADS:
         return "sequence"
-    can_generate = getattr(base, "can_generate", None)
-    if loss_type in CAUSAL_HEADS or loss_type is None and callable(can_generate) and can_generate():
-        return "causal"  # (GPT-2's LMHeadModel names no head: a model that generates token by token shifts)
-    return None
+    if loss_type in CAUSAL_HEADS or type(base).__name__ in SHIFTING_LM_HEADS:
+        return "causal"
+    return None  # (XLNet's and XLM's LM heads generate but compare labels in place: not assumed either way)
 
 
 class ZOTrainerMixin:
@@ -571,6 +579,11 @@ class ZOTrainerMixin:
                 bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
                 return bce.mean(dim=1)
             return F.cross_entropy(logits, labels, reduction="none")
+        if logits.ndim == 3 and logits.shape[1] > labels.shape[1] and prompt_learning(model):
+            # peft's virtual tokens come first and carry no label (as peft's own loss: the last one predicts the
+            # first real token)
+            unlabelled = labels.new_full((labels.shape[0], logits.shape[1] - labels.shape[1]), -100)
+            labels = torch.cat([unlabelled, labels], dim=1)
         if loss_alignment(model) == "causal":
             logits, labels = logits[:, :-1], labels[:, 1:]
         nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")

@@ -39,14 +39,15 @@ def run_merge(s: MergeSettings):
 
     from slimtune.cli import console, fail
     from slimtune.peft import merge_peft, read_adapter
-    from slimtune.peft.registry import read_adapter_meta
+    from slimtune.peft.registry import read_adapter_meta, recorded_scoring
 
     try:
         note_quantized_base(s.adapter)
         adapted, tok = read_adapter(s.adapter, s.model, dense=True)
         dtype = read_adapter_meta(s.adapter).get("dtype") or "float32"
         merged = merge_peft(adapted).to(getattr(torch, dtype))  # merged in float32, saved in the run's dtype
-        save_checkpoint_dir(merged, tok, s.out, {**prompt_meta(s.adapter), "dtype": dtype})
+        save_checkpoint_dir(merged, tok, s.out, {**prompt_meta(s.adapter), **recorded_scoring(s.adapter),
+                                                 "dtype": dtype})  # scored as its run scored the adapter
     except SlimtuneError as exc:
         fail(exc)
     console.print(f"merged checkpoint written to [bold]{escape(str(s.out))}[/]")

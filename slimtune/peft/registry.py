@@ -253,7 +253,7 @@ def recorded_scoring(directory: str | Path) -> dict:
     from slimtune.settings.train import is_run_config
 
     directory = Path(directory)
-    meta = read_adapter_meta(directory)
+    meta = read_adapter_meta(directory)  # (its values checked there)
     if any(k in meta for k in SCORING_KEYS):
         return {k: meta[k] for k in SCORING_KEYS if meta.get(k) is not None}
     if directory.resolve().name != "adapter":
@@ -435,6 +435,10 @@ def read_adapter_meta(directory: str | Path) -> dict:
     if not isinstance(meta.get("base_fingerprint"), (str, type(None))):
         raise SlimtuneError(f"{path}: base_fingerprint {meta['base_fingerprint']!r} is not a string (what "
                             "models.loading.base_fingerprint records)")
+    for key, low in zip(SCORING_KEYS, (8, 1, 1)):  # checked as eval checks the flag (max_length: at least 8)
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise SlimtuneError(f"{path}: {key} {value!r} is not a whole number >= {low}")
     return meta
 
 

@@ -95,11 +95,14 @@ def _record(s: EvalSettings):
 
 def adopt_recorded_scoring(s: EvalSettings) -> None:
     """--max-length (and a generation adapter's --max-new-tokens, --num-beams) left out are those the run scored the
-    adapter with (peft.registry.recorded_scoring), so that eval reproduces the run's numbers on the same data."""
-    if s.adapter is None or not Path(s.adapter).is_dir():
+    adapter (or the saved model given as --model: a --peft none run's, a merge) with (peft.registry.recorded_scoring),
+    so that eval reproduces the run's numbers on the same data."""
+    from slimtune.models.loading import BUILTIN_MODELS
+    carrier = s.adapter if s.adapter is not None else s.model if s.model not in BUILTIN_MODELS else None
+    if carrier is None or not Path(carrier).is_dir():  # the adapter, else a saved model (a --peft none run, a merge)
         return
     from slimtune.peft.registry import recorded_scoring
-    for name, value in recorded_scoring(s.adapter).items():
+    for name, value in recorded_scoring(carrier).items():
         if name != "max_length" and s.task != "generation":
             continue
         if not s.given(name):

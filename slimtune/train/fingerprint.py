@@ -55,9 +55,24 @@ def source_sha256(path: str | Path) -> str:
         return file_sha256(path)
     root = Path(path[3:])
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(root).as_posix()}:{file_sha256(file)}\n".encode())
+    for relative, file in sorted(_files_under(root)):
+        digest.update(f"{relative}:{file_sha256(file)}\n".encode())
     return digest.hexdigest()
+
+
+def _files_under(root: Path) -> list[tuple[str, Path]]:
+    """(relative path, file) of every file under `root`, through symbolic links to directories (a saved dataset's
+    split may be one), each real directory once."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [(Path(folder, f).relative_to(root).as_posix(), Path(folder, f)) for f in files
+                  if Path(folder, f).is_file()]
+    return found
 
 
 def source_exists(path: str | Path) -> bool:
