@@ -59,11 +59,14 @@ class Segment:
     noise_multiplier: float
     releases: int = 1
     quantile_noise: float = 0.0  # sigma_b of the adaptive-clipping count released with each scalar (0: fixed C)
+    mechanism: str = "gaussian"  # the noise its releases had (ledgers written before this field: Gaussian)
+    sampling: str = "poisson"  # its batches' sampling, which fixes the neighbouring relation it was accounted under
 
     @classmethod
     def from_dict(cls, d: dict) -> "Segment":
         return cls(int(d["steps"]), int(d["num_examples"]), int(d["batch_size"]), float(d["noise_multiplier"]),
-                   int(d.get("releases", 1)), float(d.get("quantile_noise", 0.0)))
+                   int(d.get("releases", 1)), float(d.get("quantile_noise", 0.0)), str(d.get("mechanism", "gaussian")),
+                   str(d.get("sampling", "poisson")))
 
 
 class PrivacyAccountant:
@@ -83,7 +86,7 @@ class PrivacyAccountant:
             warnings.warn("fixed-size shuffled batches: accounted as sampling without replacement per step "
                           "(replace-one neighbours, sensitivity 2C); Poisson sampling is the exact assumption",
                           stacklevel=2)
-        self._cache: dict[int, float] = {0: 0.0}
+        self._cache: dict[int, float] = {} if self.extra else {0: 0.0}  # carried releases count from step 0
 
     @property
     def past_steps(self) -> int:
@@ -97,7 +100,7 @@ class PrivacyAccountant:
         """The segments that make up the first `steps` steps (what a checkpoint at `steps` stores)."""
         out, left = [], steps
         for seg in self.past + [Segment(max(steps - self.past_steps, 0), self.n, self.batch_size, self.noise,
-                                        self.releases, self.quantile_noise)]:
+                                        self.releases, self.quantile_noise, self.spec.mechanism, self.spec.sampling)]:
             take = min(seg.steps, left)
             if take > 0:
                 out.append(replace(seg, steps=take))
@@ -113,10 +116,17 @@ class PrivacyAccountant:
 
     def _epsilon(self, steps: int) -> float:
         if steps not in self._cache:
-            acc = make_accountant(self.spec)
-            for seg in self.extra + self.history(steps):
-                acc.compose(step_event(self.spec, seg.num_examples, seg.batch_size, seg.noise_multiplier,
-                                       seg.releases, seg.quantile_noise), seg.steps)
+            segments = self.extra + self.history(steps)
+            laplace = any(seg.mechanism == "laplace" for seg in segments)  # only PLD composes Laplace releases
+            acc = make_accountant(replace(self.spec, accountant="pld") if laplace else self.spec)
+            for seg in segments:
+                if seg.sampling != self.spec.sampling:  # add/remove and replace-one neighbours do not compose
+                    raise SlimtuneError(f"releases made with --sampling {seg.sampling} (a run --restart replaced) "
+                                        f"cannot be composed with --sampling {self.spec.sampling}'s accounting (their "
+                                        f"neighbouring relations differ): restart with --sampling {seg.sampling}")
+                acc.compose(step_event(replace(self.spec, mechanism=seg.mechanism), seg.num_examples,
+                                       seg.batch_size, seg.noise_multiplier, seg.releases, seg.quantile_noise),
+                            seg.steps)  # each segment priced as the noise it had
             self._cache[steps] = _epsilon_of(acc, self.spec.delta)
         return self._cache[steps]
 
@@ -202,8 +212,9 @@ def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps
     """Smallest noise multiplier sigma (per released scalar) whose epsilon after `steps` (plus the `extra` releases
     already made on this data, e.g. by a failed run that --restart replaced) is <= target.
 
-    Bisection on log sigma (to a relative 1e-5; 1e-4 with PLD, started from the RDP answer), between a floor where even one unsubsampled release would spend more
-    than the budget and a ceiling found by doubling. Each probe is a fresh dp-accounting composition; probes whose
+    Bisection on log sigma (to a relative 1e-5; 1e-4 with PLD, started from the RDP answer, probed: doubled while
+    over the budget), between a floor where even one unsubsampled release would spend more than the budget and a
+    ceiling found by doubling. Each probe is a fresh dp-accounting composition; probes whose
     privacy-loss distribution is too large to represent (PLD at tiny sigma) count as over budget instead of raising.
     """
     check_spec(spec, num_examples)
@@ -218,6 +229,13 @@ def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps
     floor = _noise_floor(spec, num_examples, batch_size, releases)
     if spec.accountant == "pld" and spec.mechanism == "gaussian":  # RDP is looser: its sigma bounds PLD's from above
         high = calibrate_noise(replace(spec, accountant="rdp"), num_examples, batch_size, steps, releases, extra)
+        while over(high):  # a coarse --pld-discretization can make PLD the looser one: the answer must be probed
+            high *= 2
+            if high > 1e4:
+                raise SlimtuneError(f"privacy budget epsilon={target}, delta={spec.delta} cannot be met with "
+                                    f"{steps} steps by the PLD accountant at --pld-discretization "
+                                    f"{spec.pld_discretization} (noise multiplier > 1e4 needed); use a finer "
+                                    "discretization, fewer steps or a larger epsilon")
         low = max(high / 2, floor)
         while low > floor and not over(low):
             high, low = low, max(low / 2, floor)

@@ -156,7 +156,7 @@ class TrainSettings(Settings):
                              low_open=True, applies=adaptive)
     clip_multiplier: float = setting(2.0, "DP, adaptive clipping: clip at C = clip_multiplier x Q", low=0,
                                      low_open=True, applies=adaptive)
-    sampling: str = setting("poisson", "DP: poisson (default, exact) or shuffle", choices=("poisson", "shuffle"),
+    sampling: str = setting("poisson", "DP: poisson (default, exact) or shuffle (an approximation, not a proven guarantee)", choices=("poisson", "shuffle"),
                             applies=private)
     mechanism: str = setting("gaussian", "DP: gaussian or laplace", choices=("gaussian", "laplace"), applies=private)
     accountant: str = setting("rdp", "DP: rdp (fast) or pld (tighter: less noise for the same epsilon)",
