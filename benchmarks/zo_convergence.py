@@ -198,15 +198,15 @@ def bounds(run: dict, axis: str, level: float) -> tuple[float, float | None] | N
 
 def ratio_verdict(run: dict, own, ref, cost: float, ref_cost: float) -> dict:
     """The ratio's bounds from the two runs' `bounds` (each x its step cost) and the verdict on <= WALL_CLOCK_RATIO:
-    True when even the largest ratio the evaluations allow is within it, False when even the smallest is above it,
-    None (unresolved) otherwise or while either run has not got there and is not finished; `first_evaluation` names
+    True when even the largest ratio the evaluations allow is within it, False when even the smallest is above it or
+    the run finished without getting there, None (unresolved) otherwise or while either run has not got there and is not finished; `first_evaluation` names
     the runs that got there at their first evaluation (only an upper bound)."""
     if own is None or ref is None or ref[1] is None:
         return {"ratio_bounds": None, "le_2x": None, "first_evaluation": []}
     low = own[0] * cost / (ref[1] * ref_cost) if ref[1] else None
     high = None if own[1] is None or not ref[0] else own[1] * cost / (ref[0] * ref_cost)  # None: unbounded
     met = True if high is not None and high <= WALL_CLOCK_RATIO else \
-        False if low is not None and low > WALL_CLOCK_RATIO else None
+        False if own[1] is None or low is not None and low > WALL_CLOCK_RATIO else None  # (finished, never got there)
     first = [n for n, b in ((run.get("name"), own), (REFERENCE, ref)) if b[1] is not None and b[0] == 0 != b[1]]
     return {"ratio_bounds": [low, high], "le_2x": met, "first_evaluation": first}
 

@@ -193,7 +193,8 @@ CAUSAL_HEADS = ("ForCausalLM", "ForConditionalGeneration")  # loss_type of heads
 ALIGNED_HEADS = ("ForTokenClassification", "ForMaskedLM")  # one label per position, compared where it stands
 SEQUENCE_HEADS = ("ForSequenceClassification",)
 # decoder LM heads whose class names no head transformers' loss mapping knows, and whose own loss shifts the labels
-SHIFTING_LM_HEADS = ("GPT2LMHeadModel", "OpenAIGPTLMHeadModel", "CTRLLMHeadModel", "GPTNeoForCausalLM")
+SHIFTING_LM_HEADS = ("GPT2LMHeadModel", "GPT2DoubleHeadsModel", "OpenAIGPTLMHeadModel", "OpenAIGPTDoubleHeadsModel",
+                     "CTRLLMHeadModel", "ReformerModelWithLMHead", "ImageGPTForCausalImageModeling")
 
 
 def prompt_learning(model) -> bool:

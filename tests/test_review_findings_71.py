@@ -35,6 +35,10 @@ def _carried(tmp_path, segment: A.Segment) -> list[A.Segment]:
     from slimtune.train.trainer import releases_of
     old = tmp_path / "replaced"
     old.mkdir()
+    # (lead) as a Gaussian, Poisson run writes it now: its segments record their mechanism and sampling (a ledger
+    # written before they did is read at the reading run's own, as the accounting of the time assumed)
+    segment = A.Segment(**{**asdict(segment), "mechanism": segment.mechanism or "gaussian",
+                           "sampling": segment.sampling or "poisson"})
     (old / "status.json").write_text(json.dumps({"nonce": 7, "state": "failed", "released_through": segment.steps,
                                                  "privacy_segment": asdict(segment)}))
     return [A.Segment.from_dict(d) for d in releases_of(old)]

@@ -268,8 +268,13 @@ def _checked_segment(index: int, key: str, segment) -> dict:
     from slimtune.privacy.accountant import Segment
 
     fields = {"steps": 0, "num_examples": 1, "batch_size": 1, "releases": 1}
-    if not isinstance(segment, dict) or set(segment) != {*fields, "noise_multiplier", "quantile_noise"}:
+    optional = {"mechanism": ("gaussian", "laplace"), "sampling": ("poisson", "shuffle")}  # (older ledgers: absent)
+    if not isinstance(segment, dict) or not {*fields, "noise_multiplier", "quantile_noise"} <= set(segment) \
+            <= {*fields, "noise_multiplier", "quantile_noise", *optional}:
         raise ValueError(f"round {index}: {key} is not an accountant segment")
+    for name, allowed in optional.items():
+        if segment.get(name) is not None and segment[name] not in allowed:
+            raise ValueError(f"round {index}: {key}.{name} {segment[name]!r} is none of {', '.join(allowed)}")
     for name, least in fields.items():
         value = segment[name]
         if type(value) is not int or value < least:

@@ -435,10 +435,10 @@ def read_adapter_meta(directory: str | Path) -> dict:
     if not isinstance(meta.get("base_fingerprint"), (str, type(None))):
         raise SlimtuneError(f"{path}: base_fingerprint {meta['base_fingerprint']!r} is not a string (what "
                             "models.loading.base_fingerprint records)")
-    for key, low in zip(SCORING_KEYS, (8, 1, 1)):  # checked as eval checks the flag (max_length: at least 8)
+    for key in SCORING_KEYS:  # whole numbers >= 1 (a Python run may train at --max-length below the CLI's 8)
         value = meta.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise SlimtuneError(f"{path}: {key} {value!r} is not a whole number >= {low}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SlimtuneError(f"{path}: {key} {value!r} is not a whole number >= 1")
     return meta
 
 

@@ -59,14 +59,14 @@ class Segment:
     noise_multiplier: float
     releases: int = 1
     quantile_noise: float = 0.0  # sigma_b of the adaptive-clipping count released with each scalar (0: fixed C)
-    mechanism: str = "gaussian"  # the noise its releases had (ledgers written before this field: Gaussian)
-    sampling: str = "poisson"  # its batches' sampling, which fixes the neighbouring relation it was accounted under
+    mechanism: str | None = None  # the noise its releases had; None (ledgers written before it was recorded): the
+    sampling: str | None = None  # accounting run's own, as it was then. Sampling fixes the neighbouring relation.
 
     @classmethod
     def from_dict(cls, d: dict) -> "Segment":
         return cls(int(d["steps"]), int(d["num_examples"]), int(d["batch_size"]), float(d["noise_multiplier"]),
-                   int(d.get("releases", 1)), float(d.get("quantile_noise", 0.0)), str(d.get("mechanism", "gaussian")),
-                   str(d.get("sampling", "poisson")))
+                   int(d.get("releases", 1)), float(d.get("quantile_noise", 0.0)), d.get("mechanism"),
+                   d.get("sampling"))
 
 
 class PrivacyAccountant:
@@ -116,7 +116,8 @@ class PrivacyAccountant:
 
     def _epsilon(self, steps: int) -> float:
         if steps not in self._cache:
-            segments = self.extra + self.history(steps)
+            segments = [replace(seg, mechanism=seg.mechanism or self.spec.mechanism,
+                                sampling=seg.sampling or self.spec.sampling) for seg in self.extra + self.history(steps)]
             laplace = any(seg.mechanism == "laplace" for seg in segments)  # only PLD composes Laplace releases
             acc = make_accountant(replace(self.spec, accountant="pld") if laplace else self.spec)
             for seg in segments:

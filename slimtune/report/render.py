@@ -57,15 +57,17 @@ def load_runs(directories: list[str]) -> list[RunData]:
         if state not in (None, "completed"):  # e.g. a resumed run that failed: its summary is the earlier one
             name = f"{name} ({state}; summary of an earlier completion)"
         metrics = _checked_metrics(Path(d) / "metrics.jsonl")
-        extra = {"name": name, "last_eval_step": _last_eval_step(metrics), "prompt": _prompt(d)}
+        through = summary.get("steps") if isinstance(summary.get("steps"), int) else None
+        extra = {"name": name, "last_eval_step": _last_eval_step(metrics, through), "prompt": _prompt(d)}
         runs.append(RunData(name, released({**summary, **extra}), metrics))
     return runs
 
 
-def _last_eval_step(metrics: list[dict]):
-    """The step of the run's last evaluation (the one summary.json's final_accuracy is; trainer.write_summary), or
-    None when metrics.jsonl has none."""
-    evals = [m for m in metrics if m.get("eval_loss") is not None or m.get("eval_accuracy") is not None]
+def _last_eval_step(metrics: list[dict], through: int | None = None):
+    """The step of the run's last evaluation at or before step `through` (summary.json's steps: a later, failed
+    attempt's evaluations are not its final_accuracy's; trainer.write_summary), or None when metrics.jsonl has none."""
+    evals = [m for m in metrics if (m.get("eval_loss") is not None or m.get("eval_accuracy") is not None)
+             and (through is None or not isinstance(m.get("step"), int) or m["step"] <= through)]
     return evals[-1].get("step") if evals else None
 
 
@@ -77,8 +79,9 @@ def _prompt(d: str) -> list | None:
         stored = read_stored(Path(d))
     except SlimtuneError:  # the report does not need config.json; a damaged one leaves the prompt unknown
         return None
-    if not stored or stored.get("template") is None:
-        return None
+    if not stored or not isinstance(stored.get("template"), str) \
+            or not isinstance(stored.get("label_words"), (str, type(None))):
+        return None  # none, or not text (a damaged record): unknown
     return [stored["template"], stored.get("label_words")]
 
 

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -608,8 +608,8 @@ def _private_setup(config: TrainConfig, run_dir: RunDirectory | None, num_exampl
         attempt = max(int(status.get("attempt", 0)), int(state.get("attempt", 0)))
         released = max(int(status.get("released_through", 0)), last_logged_step(out / "metrics.jsonl", "epsilon"))
         if released > state["step"]:  # written, then the process died before the checkpoint: those releases count
-            seg = Segment(released - state["step"], num_examples, past[-1].batch_size, noise, past[-1].releases,
-                          past[-1].quantile_noise)
+            seg = replace(past[-1], steps=released - state["step"], num_examples=num_examples,
+                          noise_multiplier=noise)  # at the run's own mechanism and sampling
             abandoned[(nonce, attempt, state["step"])] = {**asdict(seg), "attempt": attempt,
                                                            "from_step": state["step"], "run": nonce}
             attempt += 1
