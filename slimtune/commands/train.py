@@ -53,20 +53,25 @@ def run_train(s: TrainSettings):
     from slimtune.cli import console, fail
     from slimtune.optim.defaults import describe, resolve
     from slimtune.train import prepare, train
-    from slimtune.train.trainer import TrainingInterrupted
+    from slimtune.train.trainer import TrainingInterrupted, _stop_on_interrupt, stopped_message
 
+    config = None
     try:
-        config = s.to_config()
-        if s.dry_run:
-            dry_run(s, config)
-            return
-        run = prepare(config, resume=s.resume, restart=s.restart)
-        main = run.world.main  # under torchrun only rank 0 reports (the others hold no summary)
-        if main:
-            console.print(f"hyper-parameters: {describe(config, run.defaults_origin)}", highlight=False, markup=False)
-        summary = train(run)
+        with _stop_on_interrupt(defer_first=False):  # SIGTERM/SIGHUP while loading; train() handles them after
+            config = s.to_config()
+            if s.dry_run:
+                dry_run(s, config)
+                return
+            run = prepare(config, resume=s.resume, restart=s.restart)
+            main = run.world.main  # under torchrun only rank 0 reports (the others hold no summary)
+            if main:
+                console.print(f"hyper-parameters: {describe(config, run.defaults_origin)}", highlight=False,
+                              markup=False)
+            summary = train(run)
     except TrainingInterrupted as exc:
-        fail(exc, 130)
+        fail(exc, exc.code)
+    except KeyboardInterrupt as exc:  # loading, the final saves, a second Ctrl-C, SIGTERM: one line, resumable
+        fail(stopped_message(config.out_dir if config is not None else None, exc), 128 + getattr(exc, "signum", 2))
     except SlimtuneError as exc:
         fail(exc)
     if not main:

@@ -361,7 +361,11 @@ def write_adapter(model: nn.Module, tokenizer, directory: str | Path, work_dir: 
     from slimtune.train.run_dir import _partial_name
 
     final = Path(os.path.abspath(directory))  # "." and "out/" have a name to build the temporary one from
-    tmp, old = _partial_name(final), _partial_name(final)  # names no user file has (a fixed X.tmp was rmtree'd)
+    if not keep_others and final.is_symlink():  # the swap would move files out of the link's target (someone else's)
+        raise SlimtuneError(f"{directory}: is a symbolic link (to {os.readlink(final)}); the adapter is written as a "
+                            "directory of its own: move the link away (nothing was changed)")
+    tmp = _partial_name(final)  # names no user file has (a fixed X.tmp was rmtree'd); the previous adapter's
+    old = tmp.with_name(tmp.name[:-len(".partial")] + ".old.partial")  # says so (run_dir.recover_adapter)
     try:
         save_peft(model, tmp, work_dir=work_dir)
         if tokenizer is not None:

@@ -6,6 +6,7 @@ mix; a checkpoint damaged anyway (a failing disk, a partial copy) is refused in 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -32,7 +33,11 @@ def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
     tmp.mkdir(parents=True)
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / WEIGHTS))
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    try:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    except RuntimeError as exc:  # torch's writer reports a full disk as "unexpected pos ...", not as an OSError
+        raise OSError(errno.EIO, f"could not write ({str(exc).splitlines()[0]}; is the disk full?)",
+                      str(tmp / OPTIMIZER)) from None
     (tmp / STATE).write_text(json.dumps(state, indent=2))
     for name in (WEIGHTS, OPTIMIZER, STATE):
         sync_to_disk(tmp / name)

@@ -30,6 +30,18 @@ LOCK_TRIES, LOCK_WAIT_S = 20, 0.05  # a held lock is reported after ~1 s of tryi
 UNFINISHED = ("failed", "interrupted", "running")
 
 
+class RunFileError(SlimtuneError, OSError):
+    """An OS error on a run's files while it trains (a full disk, a quota, a read-only remount): one line naming the
+    file for the CLI (exit code 2), and still the OSError it was (errno, filename) for a Python caller."""
+
+    def __init__(self, message: str, errno: int | None = None, filename: str | None = None):
+        OSError.__init__(self, errno, message, filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -43,23 +55,36 @@ class RunDirectory:
 
     # -- ownership --------------------------------------------------------------------------------------------------
     def acquire(self) -> None:
+        """Take the directory's lock (tried for ~1 s). The lock file is checked to be RUN/.lock still once locked: a
+        concurrent --restart may have moved the directory (and the file this process waited on) aside meanwhile."""
         import fcntl
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+        lock = self.path / LOCK_FILE
         for attempt in range(LOCK_TRIES):  # a moment's probe (lock_held: export, merge) must not refuse a start
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except OSError:
-                if attempt + 1 < LOCK_TRIES:
-                    time.sleep(LOCK_WAIT_S)
-        else:
-            os.close(fd)
-            owner = self.status().get("pid")
-            raise SlimtuneError(f"{self.path}: another slimtune process{f' (pid {owner})' if owner else ''} is "
-                                "training into this directory; wait for it or choose another --out") from None
-        self._lock_fd = fd
+                os.close(fd)
+            else:
+                if _same_file(fd, lock):
+                    self._lock_fd = fd
+                    return
+                os.close(fd)  # the lock of a directory moved aside: try RUN/.lock as it is now
+            if attempt + 1 < LOCK_TRIES:
+                time.sleep(LOCK_WAIT_S)
+        raise self._held() from None
+
+    def check_not_held(self) -> None:
+        """Refuse, before any work, a directory another process holds (it is training into it)."""
+        if lock_held(self.path):
+            raise self._held()
+
+    def _held(self) -> SlimtuneError:
+        owner = self.status().get("pid")
+        return SlimtuneError(f"{self.path}: another slimtune process{f' (pid {owner})' if owner else ''} is "
+                             "training into this directory; wait for it or choose another --out")
 
     def release(self) -> None:
         if self._lock_fd is not None:
@@ -82,6 +107,42 @@ class RunDirectory:
             n += 1
         os.replace(self.path, target)
         return target
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_ino, held.st_dev) == (now.st_ino, now.st_dev)
+
+
+def recover_adapter(out: str | Path) -> None:
+    """Finish what a kill between write_adapter's two renames left (checkpoint.recover's twin): adapter/ missing, the
+    previous one renamed aside (.adapter.*.old.partial) and the new one complete beside it (.adapter.*.partial,
+    holding the user's files it carried). The previous adapter/ is put back with the user's files, as write_adapter's
+    own rollback would have; a lone complete new adapter becomes adapter/. Called by the directory's owner."""
+    import shutil
+
+    from slimtune.peft.registry import ADAPTER_KIND_FILES, ADAPTER_META
+
+    final = Path(out) / "adapter"
+    if final.exists() or final.is_symlink():
+        return
+    parts = [p for p in final.parent.glob(".adapter.*.partial") if p.is_dir() and not p.is_symlink()]
+    old = [p for p in parts if p.name.endswith(".old.partial")]
+    new = [p for p in parts if p not in old and any((p / name).exists() for name in ADAPTER_KIND_FILES)]
+    if len(old) == 1:
+        for tmp in new:  # the user's files carried into the new adapter: the names the previous one lacks
+            for path in list(tmp.iterdir()):
+                if not (old[0] / path.name).exists():
+                    os.replace(path, old[0] / path.name)
+        os.replace(old[0], final)
+        for tmp in new:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif not old and len(new) == 1 and (new[0] / ADAPTER_META).exists():  # written last: complete
+        os.replace(new[0], final)
 
 
 def lock_held(path: str | Path) -> bool:
@@ -190,6 +251,10 @@ def sync_to_disk(path: str | Path) -> None:
 
 def check_output_dir(path: Path, flag: str) -> None:
     path = Path(path)
+    for link in (path, *path.parents):  # exists() follows a link: a dangling one passed, and mkdir failed after
+        if link.is_symlink() and not link.exists():  # all the work
+            raise SlimtuneError(f"{flag} {path}: {link} is a symbolic link to {os.readlink(link)}, which does not "
+                                "exist (or the links loop); give a directory, or create its target")
     if path.exists() and not path.is_dir():
         raise SlimtuneError(f"{flag} {path}: is a file, not a directory")
     parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))

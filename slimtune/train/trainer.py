@@ -46,8 +46,8 @@ from slimtune.train import fingerprint
 from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, peek_state, read_state, save_checkpoint
 from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb, reset_peak_memory
 from slimtune.train.resume import adopt_unset, check_resume, read_stored
-from slimtune.train.run_dir import (LOCK_FILE, STATUS_FILE, RunDirectory, is_writing_temporary, read_status,
-                                    replace_file)
+from slimtune.train.run_dir import (LOCK_FILE, STATUS_FILE, RunDirectory, RunFileError, is_writing_temporary,
+                                    read_status, recover_adapter, replace_file)
 from slimtune.train.objectives import (GenerationSettings, build_objective, check_best_metric, is_better,
                                        load_model_and_data, overlap_key)
 
@@ -172,10 +172,12 @@ def prepare(config: TrainConfig, resume: bool = False, restart: bool = False) ->
     distributed.barrier(world)  # every rank has checked before rank 0 writes anything
     try:
         return _build(config, world, run_dir, resume, resumed, origin, multiplier, *loaded)
-    except BaseException:
+    except BaseException as exc:
         if run_dir is not None:
-            run_dir.update(state="failed")
-            run_dir.release()
+            try:
+                run_dir.update(state="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            finally:
+                run_dir.release()
         raise
 
 
@@ -271,9 +273,15 @@ def _claim(config: TrainConfig, resume: bool, restart: bool, holder: list,
     run_dir.check_writable()
     if resume and restart:
         raise SlimtuneError("--resume and --restart exclude each other")
-    if not dry:
+    if dry:
+        run_dir.check_not_held()  # another process trains into it: refused before the model and data are loaded
+    else:
         run_dir.acquire()
         holder.append(run_dir)
+        recover_adapter(out)  # a kill between write_adapter's two renames: adapter/ (and the user's files) back
+    if not restart and (out / "adapter").is_symlink():  # write_adapter would swap the link, not a run's directory
+        raise SlimtuneError(f"{out / 'adapter'}: is a symbolic link (to {os.readlink(out / 'adapter')}); a run writes "
+                            "its own adapter/ there: move the link away (nothing was changed)")
     state = run_dir.status().get("state")
     holds_run = any((out / name).exists() for name in ("checkpoint", "config.json", "summary.json", "metrics.jsonl"))
     if restart and holds_run:
@@ -697,59 +705,120 @@ def _rebuilt_releases(run: Path, status: dict, seen: frozenset) -> list[dict]:
 class TrainingInterrupted(SlimtuneError):
     """Ctrl-C: the run stopped after a whole step and saved its checkpoint (exit code 130)."""
 
+    code = 130
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`timeout`, `kill`, a scheduler, `docker stop`, a closed terminal) while `slimtune train`
+    runs: it stops at once, as at a second Ctrl-C (the last checkpoint is kept; a save under way finishes its rollback,
+    e.g. write_adapter puts the previous adapter/ back); exit code 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        import signal
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def resume_command(out: str | Path) -> str:
+    """The command that resumes the run in `out`, quoted for the shell (a path with spaces can be pasted)."""
+    import shlex
+    return f"slimtune train --out {shlex.quote(str(out))} --resume"
+
+
+def stopped_message(out: str | Path | None, exc: BaseException | None = None, what: str | None = None) -> str:
+    """One line for a run stopped outside a whole step (a second Ctrl-C, SIGTERM, an OS error on its files): what
+    stopped it, and the command that resumes it when its directory holds an unfinished run with a checkpoint."""
+    if what is None:
+        what = f"stopped by {exc.args[0]}" if isinstance(exc, Stopped) else "interrupted"
+    if out is None:
+        return what
+    from slimtune.train.checkpoint import peek_state
+    out = Path(out)
+    has_checkpoint = (out / "checkpoint").is_dir() or (out / "checkpoint.old").is_dir()
+    if not has_checkpoint or read_status(out).get("state") not in ("interrupted", "failed", "running"):
+        return f"{what}; {out} holds no checkpoint of this run to resume from (run the command again)"
+    step = peek_state(out).get("step")
+    return (f"{what}; the last checkpoint{f' (step {step})' if step is not None else ''} is in {out / 'checkpoint'}; "
+            f"resume with: {resume_command(out)}")
+
+
+def _os_error(exc: OSError, out: Path) -> RunFileError:
+    """An OS error on the run's files (a full disk, a quota, a read-only remount) as one line naming the file."""
+    import errno as errnos
+    if isinstance(exc, RunFileError):
+        return exc
+    name = errnos.errorcode.get(exc.errno or 0, "")
+    reason = f"{exc.strerror or exc}{f' ({name})' if name else ''}"
+    return RunFileError(stopped_message(out, what=f"{exc.filename or out}: {reason}; the run stopped (nothing it "
+                                                  "had saved was lost)"), exc.errno, exc.filename)
+
+
+def _mark_stopped(run: Run, exc: BaseException) -> None:
+    if run.run_dir is not None:
+        try:
+            run.run_dir.update(state="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        finally:
+            run.run_dir.release()
+    if isinstance(exc, OSError):
+        raise _os_error(exc, Path(run.config.out_dir)) from None
+
 
 def train(run: Run) -> dict:
     """Run from `run.start_step` to `config.steps`; returns the summary (also written to summary.json).
 
     Ctrl-C stops after the current step, checkpoints, and raises TrainingInterrupted with the command that resumes;
-    a second Ctrl-C stops at once (the last checkpoint is kept). Any failure marks the run failed in status.json."""
+    a second Ctrl-C, SIGTERM or SIGHUP stops at once (KeyboardInterrupt, `Stopped`; the last checkpoint is kept),
+    also during the final saves. Any failure marks the run failed in status.json; an OS error on the run's files (a
+    full disk) is one line naming the file."""
+    with _stop_on_interrupt() as interrupted:
+        return _train(run, interrupted)
+
+
+def _train(run: Run, interrupted) -> dict:
     cfg, out = run.config, Path(run.config.out_dir)
     log = MetricsLog(out / "metrics.jsonl") if run.world.main else _NoLog()
     run.model.train(not run.optimizer.zeroth_order)  # ZO: dropout off
     stop_reason, step = "completed", run.start_step
     progress = _progress(cfg, step) if run.world.main else None
     try:
-        with _stop_on_interrupt() as interrupted:
+        if progress:
+            progress.start()
+        if step == 0 and run.eval_examples and cfg.eval_every:
+            record = {"step": 0, **_evaluate(run)}  # the starting point (zero-shot accuracy)
+            _track_best(run, 0, record)
+            log.write(record)
+        if cfg.patience and run.evals_without_improvement >= cfg.patience:
+            stop_reason = "early stopping"  # a resumed run that had stopped there: its trajectory ends here
+        while step < cfg.steps and stop_reason == "completed":
+            if not budget_allows(run.accountant, step + 1):
+                stop_reason = "privacy budget exhausted"
+                break
+            if interrupted():
+                stop_reason = "interrupted"
+                break
+            record = _train_step(run, step)
+            step += 1
+            if run.key is not None and run.run_dir is not None:  # the ledger first, then anything holding the
+                run.run_dir.update(released_through=step)  # step's release (its log line, the best adapter)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and run.eval_examples:
+                record.update(_evaluate(run))
+                if _track_best(run, step, record):
+                    stop_reason = "early stopping"
+            log.write(record)
             if progress:
-                progress.start()
-            if step == 0 and run.eval_examples and cfg.eval_every:
-                record = {"step": 0, **_evaluate(run)}  # the starting point (zero-shot accuracy)
-                _track_best(run, 0, record)
-                log.write(record)
-            if cfg.patience and run.evals_without_improvement >= cfg.patience:
-                stop_reason = "early stopping"  # a resumed run that had stopped there: its trajectory ends here
-            while step < cfg.steps and stop_reason == "completed":
-                if not budget_allows(run.accountant, step + 1):
-                    stop_reason = "privacy budget exhausted"
-                    break
-                if interrupted():
-                    stop_reason = "interrupted"
-                    break
-                record = _train_step(run, step)
-                step += 1
-                if run.key is not None and run.run_dir is not None:  # the ledger first, then anything holding the
-                    run.run_dir.update(released_through=step)  # step's release (its log line, the best adapter)
-                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and run.eval_examples:
-                    record.update(_evaluate(run))
-                    if _track_best(run, step, record):
-                        stop_reason = "early stopping"
-                log.write(record)
-                if progress:
-                    progress.update(step, record)
-                saved_best = cfg.save == "best" and run.best_step == step  # adapter/ now holds this step's model:
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason != "completed" or saved_best:
-                    _checkpoint(run, step)  # a resume never starts before it (adapter/ of a lost trajectory)
-                if stop_reason != "completed":
-                    break
+                progress.update(step, record)
+            saved_best = cfg.save == "best" and run.best_step == step  # adapter/ now holds this step's model:
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_reason != "completed" or saved_best:
+                _checkpoint(run, step)  # a resume never starts before it (adapter/ of a lost trajectory)
+            if stop_reason != "completed":
+                break
     except BaseException as exc:
         if progress:
             progress.stop()
         taken = getattr(run.optimizer, "step_count", None)  # a ZO step counts once its update began
         if run.key is not None and run.run_dir is not None and taken is not None and taken > step:
             run.run_dir.update(released_through=taken)  # it failed there: its releases are priced all the same
-        if run.run_dir is not None:
-            run.run_dir.update(state="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
-            run.run_dir.release()
+        _mark_stopped(run, exc)
         raise
     if progress:
         progress.stop()
@@ -760,32 +829,43 @@ def train(run: Run) -> dict:
                 _save_adapter(run)
             summary = write_summary(run, step, stop_reason)
     except BaseException as exc:
-        if run.run_dir is not None:
-            run.run_dir.update(state="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
-            run.run_dir.release()
+        _mark_stopped(run, exc)
         raise
     if stop_reason == "interrupted":
         if run.run_dir is not None:
             run.run_dir.update(state="interrupted", step=step)
             run.run_dir.release()
         raise TrainingInterrupted(f"interrupted after step {step}; checkpoint in {out / 'checkpoint'}; resume with: "
-                                  f"slimtune train --out {out} --resume")
+                                  f"{resume_command(out)}")
     if run.run_dir is not None:
         run.run_dir.update(state="completed", step=step, stop_reason=stop_reason)
         run.run_dir.release()
     return summary
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # stop at once (Stopped), as a second Ctrl-C does
+
+
 class _stop_on_interrupt:
     """Within the block, the first SIGINT only sets a flag (the loop stops after the current step, whose in-place
-    perturbations must be undone before anything is saved); the second one interrupts at once."""
+    perturbations must be undone before anything is saved); the second one interrupts at once. SIGTERM and SIGHUP
+    raise `Stopped` at once (their sender may follow with SIGKILL); a repeat of them is then ignored, so the clean-up
+    (a rollback, status.json) is not cut. `defer_first=False` handles SIGTERM and SIGHUP only (`slimtune train` while
+    it loads and claims: a Ctrl-C there is Python's KeyboardInterrupt)."""
+
+    def __init__(self, defer_first: bool = True):
+        self.defer_first = defer_first
 
     def __enter__(self):
         import signal
         import threading
-        self.hits, self.previous = 0, None
+        self.hits, self.stopping, self.previous = 0, False, {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            if self.defer_first:
+                self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+            for name in STOP_SIGNALS:
+                if hasattr(signal, name):
+                    self.previous[getattr(signal, name)] = signal.signal(getattr(signal, name), self._terminate)
         return lambda: self.hits > 0
 
     def _handle(self, signum, frame):
@@ -795,10 +875,17 @@ class _stop_on_interrupt:
         from slimtune.privacy.withhold import unsilenced  # acknowledged also from inside a private step
         print("\nstopping after this step (Ctrl-C again to stop at once)", file=unsilenced(sys.stderr), flush=True)
 
+    def _terminate(self, signum, frame):
+        if self.stopping:
+            return
+        self.stopping = True
+        raise Stopped(signum)
+
     def __exit__(self, *exc):
         import signal
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
         return False
 
 
