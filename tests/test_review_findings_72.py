@@ -35,6 +35,25 @@ def scored(res) -> dict:
     return json.loads(res.output[res.output.index("{"):])
 
 
+def private_trainer(model, tok, tmp_path):
+    """(lead) (a private ZOTrainer of `model` on 8 demo rows labelled with their own ids, those rows), or (None, None)
+    when the trainer refuses the model in one line before any work."""
+    import datasets
+
+    from transformers import default_data_collator
+
+    from slimtune.hf import ZOArguments, ZOTrainer
+
+    from conftest import hf_args
+    enc = tok(ROWS[:8], padding="max_length", max_length=10, truncation=True)
+    data = datasets.Dataset.from_dict({**enc, "labels": [list(ids) for ids in enc["input_ids"]]})
+    try:
+        return ZOTrainer(model=model, args=hf_args(tmp_path), train_dataset=data, data_collator=default_data_collator,
+                         zo_args=ZOArguments(**PRIVATE)), data
+    except SlimtuneError:
+        return None, None
+
+
 # -- hf.py loss_alignment: "a model that generates shifts" ------------------------------------------------------------
 def _xlnet(vocab):
     from transformers import XLNetConfig, XLNetLMHeadModel
@@ -64,12 +83,8 @@ def test_private_loss_of_a_generating_head_whose_own_loss_is_unshifted(tmp_path,
     tok = tiny_tokenizer(ROWS)
     torch.manual_seed(0)
     model = build(len(tok))
-    enc = tok(ROWS[:8], padding="max_length", max_length=10, truncation=True)
-    data = datasets.Dataset.from_dict({**enc, "labels": [list(ids) for ids in enc["input_ids"]]})
-    try:
-        trainer = ZOTrainer(model=model, args=hf_args(tmp_path), train_dataset=data,
-                            data_collator=default_data_collator, zo_args=ZOArguments(**PRIVATE))
-    except SlimtuneError:
+    trainer, data = private_trainer(model, tok, tmp_path)
+    if trainer is None:
         return  # refused clearly, before any work
     batch = {k: v for k, v in default_data_collator([data[0]]).items() if k in ("input_ids", "labels")}
     batch["labels"] = batch["labels"].masked_fill(batch["labels"] == tok.pad_token_id, -100)
@@ -166,12 +181,8 @@ def test_private_loss_of_a_peft_prompt_tuning_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base, tok = load_model_and_tokenizer("tiny-llama", texts=ROWS)
     model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
-    enc = tok(ROWS[:8], padding="max_length", max_length=10, truncation=True)
-    data = datasets.Dataset.from_dict({**enc, "labels": [list(ids) for ids in enc["input_ids"]]})
-    try:
-        trainer = ZOTrainer(model=model, args=hf_args(tmp_path), train_dataset=data,
-                            data_collator=default_data_collator, zo_args=ZOArguments(**PRIVATE))
-    except SlimtuneError:
+    trainer, data = private_trainer(model, tok, tmp_path)
+    if trainer is None:
         return  # refused clearly, before any work
     batch = default_data_collator([data[0]])
     model.eval()
