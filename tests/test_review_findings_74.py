@@ -256,14 +256,18 @@ def test_a_resume_does_not_move_files_out_of_the_directory_adapter_links_to(tmp_
 
 
 def test_a_kill_between_the_adapter_renames_is_recovered_with_the_users_files(tmp_path):
-    """(lead) SIGKILL between write_adapter's two renames leaves no adapter/, the previous one renamed aside
-    (.adapter.*.old.partial, holding the user's notes): the next claim of the directory puts it back, notes included,
-    before the resumed run writes its own adapter over it (carrying the notes again)."""
+    """(lead) SIGKILL between write_adapter's two renames leaves no adapter/: the previous one renamed aside
+    (.adapter.ID.old.partial) and the new one (.adapter.ID.partial, holding the user's notes it carried). The next
+    claim of the directory puts the previous one back with the notes, before the resumed run writes its own adapter
+    over it (carrying the notes again)."""
     run = tmp_path / "run"
     res = cli("train", *TRAIN, "--steps", 2, "--out", run)
     assert res.exit_code == 0, res.output[-800:]
     (run / "adapter" / "notes.txt").write_text("mine")
-    os.replace(run / "adapter", run / ".adapter.k1ll3d.old.partial")  # the state the kill left
+    # the state the kill left: the new adapter (the user's notes carried into it) beside the previous one, renamed
+    shutil.copytree(run / "adapter", run / ".adapter.k1ll3d.partial")
+    (run / "adapter" / "notes.txt").unlink()
+    os.replace(run / "adapter", run / ".adapter.k1ll3d.old.partial")
     res = cli("train", "--resume", "--out", run, "--steps", 3, "--quiet")
     assert res.exit_code == 0, res.output[-800:]
     assert (run / "adapter" / "notes.txt").read_text() == "mine"

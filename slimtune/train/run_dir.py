@@ -41,6 +41,9 @@ class RunFileError(SlimtuneError, OSError):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self):  # OSError's would rebuild it as (errno, strerror, filename): the message as its errno
+        return (type(self), (self.message, self.errno, self.filename))
+
 
 class RunDirectory:
     def __init__(self, path: str | Path):
@@ -121,28 +124,27 @@ def _same_file(fd: int, path: Path) -> bool:
 def recover_adapter(out: str | Path) -> None:
     """Finish what a kill between write_adapter's two renames left (checkpoint.recover's twin): adapter/ missing, the
     previous one renamed aside (.adapter.*.old.partial) and the new one complete beside it (.adapter.*.partial,
-    holding the user's files it carried). The previous adapter/ is put back with the user's files, as write_adapter's
-    own rollback would have; a lone complete new adapter becomes adapter/. Called by the directory's owner."""
+    holding the user's files it carried), the two named alike. The previous adapter/ is put back with the user's
+    files, as write_adapter's own rollback would have; anything else (a lone .old.partial: a successful write's
+    clean-up cut short) is not restored. Called by the directory's owner."""
     import shutil
 
-    from slimtune.peft.registry import ADAPTER_KIND_FILES, ADAPTER_META
+    from slimtune.peft.registry import ADAPTER_KIND_FILES
 
     final = Path(out) / "adapter"
     if final.exists() or final.is_symlink():
         return
-    parts = [p for p in final.parent.glob(".adapter.*.partial") if p.is_dir() and not p.is_symlink()]
-    old = [p for p in parts if p.name.endswith(".old.partial")]
-    new = [p for p in parts if p not in old and any((p / name).exists() for name in ADAPTER_KIND_FILES)]
-    if len(old) == 1:
-        for tmp in new:  # the user's files carried into the new adapter: the names the previous one lacks
-            for path in list(tmp.iterdir()):
-                if not (old[0] / path.name).exists():
-                    os.replace(path, old[0] / path.name)
-        os.replace(old[0], final)
-        for tmp in new:
-            shutil.rmtree(tmp, ignore_errors=True)
-    elif not old and len(new) == 1 and (new[0] / ADAPTER_META).exists():  # written last: complete
-        os.replace(new[0], final)
+    olds = [p for p in final.parent.glob(".adapter.*.old.partial") if p.is_dir() and not p.is_symlink()]
+    pairs = [(old, old.with_name(old.name[:-len(".old.partial")] + ".partial")) for old in olds]
+    pairs = [(old, new) for old, new in pairs if new.is_dir() and not new.is_symlink()]  # one write_adapter's two
+    if len(pairs) != 1:  # a lone .old.partial is a successful write's unfinished clean-up: never restored
+        return
+    old, new = pairs[0]
+    for path in list(new.iterdir()) if any((new / n).exists() for n in ADAPTER_KIND_FILES) else []:
+        if not (old / path.name).exists():  # the user's files carried into the new adapter, the names old lacks
+            os.replace(path, old / path.name)
+    os.replace(old, final)
+    shutil.rmtree(new, ignore_errors=True)
 
 
 def lock_held(path: str | Path) -> bool:

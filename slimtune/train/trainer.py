@@ -863,8 +863,8 @@ class _stop_on_interrupt:
         if threading.current_thread() is threading.main_thread():
             if self.defer_first:
                 self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
-            for name in STOP_SIGNALS:
-                if hasattr(signal, name):
+            for name in STOP_SIGNALS:  # one the parent set to be ignored (nohup: SIGHUP) stays ignored
+                if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:
                     self.previous[getattr(signal, name)] = signal.signal(getattr(signal, name), self._terminate)
         return lambda: self.hits > 0
 
