@@ -8,7 +8,8 @@ from pathlib import Path
 from slimtune import SlimtuneError
 from slimtune.optim.methods import METHOD_CONSTANTS
 from slimtune.settings.base import Settings, setting, when
-from slimtune.settings.rules import (check_adapter_and_model, check_device, check_model, check_new_directory,
+from slimtune.settings.rules import (adopt_recorded_base, check_adapter_and_model, check_device, check_model,
+                                     check_new_directory,
                                      check_output_file, check_outside, check_task_text, check_template,
                                      require_input_file)
 from slimtune.settings.train import CLASSIFICATION, TASKS
@@ -39,7 +40,8 @@ class EvalSettings(UsesRecordedPrompt, Settings):
     command = "eval"
 
     data: str | None = setting(None, "evaluation data (required, here or in --config)")
-    model: str = setting("smollm2", "the base model (smollm2, gemma3-270m, tiny-llama, tiny-gpt2 or a directory)")
+    model: str = setting("smollm2", "the base model (smollm2, gemma3-270m, tiny-llama, tiny-gpt2 or a directory; "
+                         "left out with --adapter: the one the adapter records)")
     adapter: str | None = setting(None, "a saved adapter directory (run_dir/adapter)")
     task: str = setting("sst2", "sst2, rte, custom or generation (left out: the adapter's, where recorded)",
                         choices=TASKS)
@@ -70,6 +72,7 @@ class EvalSettings(UsesRecordedPrompt, Settings):
         if not self.data:
             raise SlimtuneError("--data is required (on the command line or in --config)")
         require_input_file(self.data, self.where("data"))
+        adopt_recorded_base(self)
         check_model(self.model)
         if self.adapter is not None:
             check_adapter_and_model(self.adapter, self.model, self.given("model"))
@@ -169,7 +172,8 @@ class GenerateSettings(UsesRecordedPrompt, Settings):
     input: str | None = setting(None, "a file of prompts (.jsonl with prompt or messages, .tsv/.csv with "
                                 "--input-column, .txt one per line)")
     output: str | None = setting(None, "write {prompt, completion} JSONL here (default: print)")
-    model: str = setting("smollm2", "the base model the adapter was trained on")
+    model: str = setting("smollm2", "the base model the adapter was trained on (left out: the one its slimtune.json "
+                         "records, else smollm2)")
     adapter: str | None = setting(None, "a saved adapter directory (run_dir/adapter)")
     chat: bool = setting(False, "wrap each prompt as a user message in the model's chat template")
     template: str | None = setting(None, "prompt template over the input column, e.g. '{input}\\n'", escapes=True)
@@ -192,6 +196,7 @@ class GenerateSettings(UsesRecordedPrompt, Settings):
         if self.given("input_column") and Path(self.input).suffix.lower() == ".txt":
             raise SlimtuneError(f"--input-column applies to tables (.tsv, .csv, .jsonl); {self.input} holds one "
                                 "prompt per line")
+        adopt_recorded_base(self)
         check_model(self.model)
         if self.adapter is not None:
             check_adapter_and_model(self.adapter, self.model, self.given("model"))
@@ -217,11 +222,13 @@ class MergeSettings(Settings):
 
     adapter: str = setting("", "adapter directory (run_dir/adapter)", cli=False, name="ADAPTER")
     out: str = setting("", "directory for the merged checkpoint (new or empty)")
-    model: str = setting("smollm2", "the base model the adapter was trained on")
+    model: str = setting("smollm2", "the base model the adapter was trained on (left out: the one its slimtune.json "
+                         "records, else smollm2)")
 
     def check(self) -> None:
         if not self.out:
             raise SlimtuneError("--out is required: the directory for the merged checkpoint")
+        adopt_recorded_base(self)
         check_model(self.model)
         check_adapter_and_model(self.adapter, self.model, self.given("model"), "ADAPTER")
         from slimtune.peft.registry import check_mergeable
@@ -241,13 +248,15 @@ class ExportSettings(Settings):
     out: str = setting("", "the .gguf file to write (never overwritten)")
     format: str = setting("gguf", "gguf (llama.cpp, Ollama)", choices=("gguf",))
     quant: str = setting("f16", "f32, f16, bf16 or q8_0", choices=("f32", "f16", "bf16", "q8_0"))
-    model: str = setting("smollm2", "the base model the adapter was trained on")
+    model: str = setting("smollm2", "the base model the adapter was trained on (left out: the one its slimtune.json "
+                         "records, else smollm2)")
     verify: bool = setting(True, "reload the file with transformers and compare logits with the merged model",
                            bool_flags="--verify/--no-verify")
 
     def check(self) -> None:
         if not self.out:
             raise SlimtuneError("--out is required: the .gguf file to write")
+        adopt_recorded_base(self)
         check_model(self.model)
         check_adapter_and_model(self.adapter, self.model, self.given("model"), "ADAPTER")
         from slimtune.peft.registry import check_mergeable

@@ -175,6 +175,19 @@ def check_model(model: str, flag: str = "--model") -> None:
         raise SlimtuneError(f"{flag} {model}: no config.json and no .gguf file in the directory")
 
 
+def adopt_recorded_base(s) -> None:
+    """--model left out for an adapter (eval, generate, merge, export): the base its slimtune.json records (a built-in
+    name, or a checkpoint directory that is still there), as peft's adapter_config names its base; else the default.
+    (A recorded base that is gone leaves the default, which check_adapter refuses naming both.)"""
+    if not s.adapter or s.given("model") or not Path(s.adapter).is_dir():
+        return
+    from slimtune.models.loading import BUILTIN_MODELS
+    from slimtune.peft.registry import read_adapter_meta
+    base = read_adapter_meta(s.adapter).get("base_model")
+    if isinstance(base, str) and (base in BUILTIN_MODELS or Path(base).is_dir()):
+        s.model = base
+
+
 def check_adapter_and_model(adapter: str, model: str, model_given: bool, flag: str = "--adapter") -> None:
     """The adapter directory of eval, generate, merge and export against --model, before any model is loaded:
     a run directory given for its adapter (RUN for RUN/adapter) is named as such, and an explicit --model with a
