@@ -72,15 +72,20 @@ def quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
             if type(m) is nn.Linear and name.split(".")[-1] not in SKIPPED]
 
 
-def quantize_base(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace the blocks' linear layers by bitsandbytes' int8 / NF4 layers, one at a time, and freeze the model."""
-    bnb = import_bitsandbytes()
-    layers = quantizable(model)
-    if not layers:  # GPT-2's blocks are transformers' Conv1D: nothing would be quantized, the base stay dense
+def check_quantizable(model: nn.Module, kind: str) -> None:
+    """Refuse --base-quant for a model with no layer it would quantize (GPT-2's blocks are transformers' Conv1D): the
+    base would stay dense while the run recorded it quantized (train, and the planner's --base-quant table)."""
+    if not quantizable(model):
         raise SlimtuneError(f"--base-quant {kind}: {type(model).__name__} has no nn.Linear layers in its blocks to "
                             "quantize (GPT-2-family blocks are Conv1D); the base would stay dense: leave --base-quant "
                             "out")
-    for name, layer in layers:
+
+
+def quantize_base(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace the blocks' linear layers by bitsandbytes' int8 / NF4 layers, one at a time, and freeze the model."""
+    bnb = import_bitsandbytes()
+    check_quantizable(model, kind)
+    for name, layer in quantizable(model):
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         setattr(parent, name.rpartition(".")[2], quantized_linear(bnb, layer, kind, compute_dtype))
         release_freed_memory()

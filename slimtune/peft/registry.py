@@ -113,9 +113,8 @@ def apply_peft(model: nn.Module, settings: PeftSettings, work_dir: str | Path | 
 def shared_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters more than one module holds (tied weights: an LM head that is the input embeddings, as
     in SmolLM2, Gemma and GPT-2)."""
-    from collections import Counter
-    held = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
-    return {i for i, n in held.items() if n > 1}
+    from slimtune.optim.hybrid import parameter_users
+    return {pid for pid, users in parameter_users(model).items() if len(users) > 1}
 
 
 TIED = ("shares its weight with another layer (tied to the input embeddings, as SmolLM2's, Gemma's and GPT-2's LM "

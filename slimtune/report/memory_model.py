@@ -352,11 +352,10 @@ def plan_rows(model, batch: int, seq_len: int, device: str, r: int = 8, dtype: s
               held: float | None = None) -> list[dict]:
     """Predicted peak (MB) for every optimizer x PEFT pair of the planner, and whether it fits here (a quantized base
     takes LoRA only: the other PEFT methods are left out then). `held`: runtime_mb's measured part, if read."""
-    from slimtune import SlimtuneError
+    from slimtune.models.quantize import check_quantizable
     from slimtune.optim.first_order import dtype_refusal  # train's refusal of backprop on 16-bit weights
-    if base_quant is not None and ModelShape.from_model(model).quantizable == 0:
-        raise SlimtuneError(f"--base-quant {base_quant}: {type(model).__name__} has no nn.Linear layers in its blocks "
-                            "to quantize (GPT-2-family blocks are Conv1D); train refuses it too")
+    if base_quant is not None:
+        check_quantizable(model, base_quant)  # train refuses it too
     budget = budget_mb(device)
     runtime = runtime_mb(model, device, base_quant, held)  # read once: every row from the same process baseline
     rows = []
@@ -418,10 +417,10 @@ def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dty
     budget = budget_mb(device)
     held = held_mb(model, device) if held is None else held
     dtypes = [dtype] + (["bfloat16"] if dtype == "float32" else [])
-    if ModelShape.from_model(model).quantizable == 0:  # nothing a quantized base would quantize (GPT-2's Conv1D)
-        order = tuple(row for row in quality_order(private) if row[2] is None)
-    else:
-        order = quality_order(private)
+    from slimtune.models.quantize import quantizable
+    order = quality_order(private)
+    if not quantizable(model):  # nothing a quantized base would quantize (GPT-2's Conv1D): dense rows only
+        order = tuple(row for row in order if row[2] is None)
     runtimes = {quant: runtime_mb(model, device, quant, held) for quant in {q for _, _, q in order}}
     rows = []
     for optimizer, method, quant in order:
