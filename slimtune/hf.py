@@ -204,12 +204,17 @@ def prompt_learning(model) -> bool:
     return isinstance(configs, dict) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
 
 
+def base_of(model):
+    """The transformers model under a peft wrapper (get_base_model) or a DDP one (module)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+
+
 def loss_alignment(model) -> str | None:
     """How the model's own loss pairs its logits with its labels, for its per-example form: "causal" (logits at t
     against labels at t + 1: a decoder LM), "aligned" (labels where they stand: an encoder-decoder, whose collator
     shifts the decoder's inputs, a token classifier, a masked LM), "sequence" (one label per example), or None (a head
     whose loss per_example_losses does not know: override it)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+    base = base_of(model)
     config = getattr(base, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         return "aligned"
@@ -315,8 +320,7 @@ class ZOTrainerMixin:
             raise SlimtuneError(f"ZOTrainer: {owner.__name__}.compute_loss: a private step clips one loss per "
                                 f"example, from per_example_losses, and would not call it: {override}")
         if type(self).per_example_losses is ZOTrainerMixin.per_example_losses and loss_alignment(self.model) is None:
-            name = type(getattr(self.model, "get_base_model", lambda: self.model)()).__name__
-            raise SlimtuneError(f"ZOTrainer: {name}: a private step clips one loss per example and per_example_losses "
+            raise SlimtuneError(f"ZOTrainer: {type(base_of(self.model)).__name__}: a private step clips one loss per example and per_example_losses "
                                 "knows causal LMs, encoder-decoders, token and sequence classifiers and masked LMs, "
                                 f"not this model's head: {override}")
         loss_type = getattr(self.args, "loss_type", None)  # TRL: "nll" (the default) or another objective
@@ -571,7 +575,7 @@ class ZOTrainerMixin:
                                 "(use a collator that sets them, e.g. DataCollatorForLanguageModeling)")
         with self.compute_loss_context_manager():
             logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
-        config = getattr(getattr(model, "module", model), "config", None)
+        config = getattr(base_of(model), "config", None)
         if logits.ndim == 2:  # sequence classification: one label (or one vector of labels) per example
             kind = classification_loss_kind(config, labels)
             if kind == "regression":  # MSE over the example's outputs (one, for num_labels == 1)
