@@ -292,8 +292,6 @@ RUN_CONFIG_NAMES = {
 PER_INVOCATION = ("force", "resume", "restart")  # recorded in config.json, never adopted from it
 # Keys older versions recorded that no setting reads any more (read as nothing, never refused)
 RETIRED_RECORD_KEYS = ("peft.extra", "generation.learned")
-DP_SETTINGS = ("epsilon", "delta", "noise_multiplier", "clip", "clipping", "target_quantile", "clip_lr",
-               "clip_multiplier", "sampling", "mechanism", "accountant", "pld_discretization")
 
 
 def from_run_config(stored: dict, where: str = "config.json") -> dict:
@@ -335,11 +333,8 @@ def from_run_config(stored: dict, where: str = "config.json") -> dict:
         flat["target_modules"] = ",".join(flat["target_modules"])
     for name in PER_INVOCATION:  # an override given once (--force past a refusal) is not the next invocation's
         flat.pop(name, None)
-    if stored.get("privacy") is None:  # a non-private run: DP values recorded inside a group stay at their defaults
-        for name in DP_SETTINGS:  # (a top-level key is the user's own edit: kept, and checked as any setting)
-            if name in flat and "." in origin[name]:
-                flat.pop(name)
-    return flat
+    return flat  # (a non-private run records privacy as null: no DP value comes from a group; a DP key a user added
+    #               at the top level is kept and checked as any setting)
 
 
 def run_identity(values: dict) -> tuple:
