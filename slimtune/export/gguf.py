@@ -14,6 +14,7 @@ and the agreement of the top-1 token. Each output type has a tolerance (f32 exac
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -85,7 +86,9 @@ def convert(model_dir: Path, out: Path, out_type: str, description: str | None =
 
 @torch.inference_mode()
 def compare_logits(model, tokenizer, gguf_path: Path) -> dict:
-    """Logits of `model` against the GGUF file reloaded by transformers, on PROMPTS."""
+    """Logits of `model` against the GGUF file reloaded by transformers, on PROMPTS. Logits that are not finite
+    (NaN or inf, in either) fail every comparison: "finite" false, the difference inf and their tokens disagreeing
+    (max() and == would pass NaN: every comparison with it is false, and argmax of all-NaN rows agrees)."""
     from transformers import AutoModelForCausalLM
 
     from slimtune.models.loading import prompt_ids
@@ -94,13 +97,20 @@ def compare_logits(model, tokenizer, gguf_path: Path) -> dict:
                                                     dtype=torch.float32)
     model.eval()
     worst, agree, total = 0.0, 0, 0
+    finite = {"model": True, "gguf": True}
     for prompt in PROMPTS:
         ids = torch.tensor([prompt_ids(tokenizer, prompt)])
         a, b = model(input_ids=ids).logits.float(), reloaded(input_ids=ids).logits.float()
-        worst = max(worst, ((a - b).abs().max() / a.std().clamp(min=1e-12)).item())
-        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        rows = torch.isfinite(a).all(-1) & torch.isfinite(b).all(-1)
+        finite["model"] &= bool(torch.isfinite(a).all())
+        finite["gguf"] &= bool(torch.isfinite(b).all())
+        diff = ((a - b).abs().max() / a.std().clamp(min=1e-12)).item()
+        worst = max(worst, diff) if math.isfinite(diff) and bool(rows.all()) else math.inf
+        agree += ((a.argmax(-1) == b.argmax(-1)) & rows).sum().item()
         total += ids.numel()
-    return {"max_abs_diff_over_std": worst, "top1_agreement": agree / max(total, 1)}
+    not_finite = [k for k, ok in finite.items() if not ok]
+    return {"max_abs_diff_over_std": worst, "top1_agreement": agree / max(total, 1), "finite": not not_finite,
+            **({"not_finite": not_finite} if not_finite else {})}
 
 
 def prompt_description(prompt: dict | None) -> str | None:
@@ -132,7 +142,13 @@ def export_gguf(model, tokenizer, out: Path, out_type: str = "f16", verify: bool
         if verify:
             report.update(compare_logits(model, tokenizer, partial))
             max_diff, min_agree = TOLERANCE[out_type]
-            report["verified"] = report["max_abs_diff_over_std"] <= max_diff and report["top1_agreement"] >= min_agree
+            report["verified"] = report["finite"] and report["max_abs_diff_over_std"] <= max_diff \
+                and report["top1_agreement"] >= min_agree
+            if not report["finite"]:
+                which = " and ".join({"model": "the merged model's", "gguf": "the GGUF file's"}[k]
+                                     for k in report["not_finite"])
+                raise SlimtuneError(f"the GGUF file cannot be verified: {which} logits are not finite (NaN or inf: "
+                                    "a damaged or diverged model); nothing was written")
             if not report["verified"]:
                 raise SlimtuneError(f"the GGUF file does not reproduce the model: max |logit diff| = "
                                     f"{report['max_abs_diff_over_std']:.3g} x std (tolerance {max_diff}), top-1 "

@@ -537,9 +537,47 @@ def load_peft(base_model: nn.Module, directory: str | Path) -> nn.Module:
     raise SlimtuneError(f"{directory}: no adapter_config.json, {tuner.CONFIG} or config.json (not a saved adapter)")
 
 
+LORA_CONFIG = "adapter_config.json"  # peft's record of a LoRA adapter (its type, rank, target layers)
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+              type(None): "null"}
+
+
+def read_lora_config(directory: str | Path):
+    """peft's config of the LoRA adapter in `directory` (its LORA_CONFIG), checked: the one place it is read, so
+    that a damaged file is named as such (not blamed on the base model its layers are then looked for in)."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    path = Path(directory) / LORA_CONFIG
+    bad = f"{path}: not a valid adapter config"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SlimtuneError(f"{bad} (not JSON: {exc})") from None
+    except OSError as exc:
+        raise SlimtuneError(f"{path}: could not be read ({exc.strerror or exc})") from None
+    if not isinstance(raw, dict):
+        raise SlimtuneError(f"{bad} (the file holds {JSON_TYPES.get(type(raw), 'a value')}, not a JSON object of "
+                            "peft's adapter settings)")
+    kind = raw.get("peft_type")
+    if not isinstance(kind, str) or kind not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise SlimtuneError(f"{bad} (peft_type {kind!r} is no peft method; a LoRA adapter records \"LORA\")")
+    try:
+        return PEFT_TYPE_TO_CONFIG_MAPPING[kind].from_pretrained(str(directory))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SlimtuneError(f"{bad} ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc!r})") \
+            from None
+
+
+def lora_weights_file(directory: Path) -> Path:
+    """The weights file peft reads from a LoRA adapter directory (safetensors first, as peft does)."""
+    weights = directory / "adapter_model.safetensors"
+    return weights if weights.exists() else directory / "adapter_model.bin"
+
+
 def _load_lora(base_model: nn.Module, directory: Path) -> nn.Module:
     from peft import PeftModel
     from safetensors import SafetensorError, safe_open
+    config = read_lora_config(directory)
     weights = directory / "adapter_model.safetensors"
     if not weights.exists() and not (directory / "adapter_model.bin").exists():
         raise SlimtuneError(f"{directory}: adapter_config.json but no adapter_model.safetensors (an incomplete "
@@ -550,12 +588,47 @@ def _load_lora(base_model: nn.Module, directory: Path) -> nn.Module:
                 pass
         except (SafetensorError, OSError) as exc:
             raise SlimtuneError(f"{weights}: not a readable safetensors file ({exc})") from None
+    key_mapping = dict(getattr(base_model, "_checkpoint_conversion_mapping", None) or {})  # as from_pretrained's
     try:
-        model = PeftModel.from_pretrained(base_model, str(directory))
+        with warnings.catch_warnings():  # check_lora_loaded names them, and refuses the adapter
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(base_model, str(directory), config=config)
     except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
         raise SlimtuneError(f"{directory}: this LoRA adapter does not fit the model "
                             f"({str(exc).strip().splitlines()[0][:200]}); use the base model it was trained on") from None
+    check_lora_loaded(model, directory, key_mapping)
     return model
+
+
+def check_lora_loaded(model: nn.Module, directory: Path, key_mapping: dict | None = None,
+                      adapter: str = "default") -> None:
+    """As slimtune's own adapters (tuner.load) and whole checkpoints (load_local): every saved tensor must have found
+    its layer and every adapter layer its tensors. peft only warns (missing keys) or says nothing (unexpected keys),
+    and a LoRA pair left at its initialisation (B = 0) is the base model. The file is read again and loaded into the
+    model (the same values) for torch's account of what matched; its tensors must be finite."""
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    path = lora_weights_file(directory)
+    state = load_peft_weights(str(directory), device="cpu", key_mapping=key_mapping or None)
+    tuner.check_finite(state, path)
+    config = model.peft_config[adapter]
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(config.peft_type, "lora_")
+    with torch.no_grad():
+        result = set_peft_model_state_dict(model, dict(state), adapter_name=adapter)
+    tag = f".{adapter}"
+    missing = [k for k in result.missing_keys if prefix in k and (tag + "." in k or k.endswith(tag))]
+    unused = list(result.unexpected_keys)
+    if missing or unused:
+        show = lambda key: key.replace(tag + ".", ".").removesuffix(tag)  # the file's spelling
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} adapter weight(s) the file lacks (e.g. {show(missing[0])})")
+        if unused:
+            parts.append(f"{len(unused)} tensor(s) no adapter layer takes (e.g. {show(unused[0])})")
+        raise SlimtuneError(f"{path}: does not match the adapter layers its {LORA_CONFIG} creates on this model: "
+                            f"{'; '.join(parts)}; the adapter is refused (it would run as the base model, or part "
+                            "of the adapter)")
 
 
 def merge_peft(model: nn.Module) -> nn.Module:

@@ -78,6 +78,16 @@ def save(model, wrapper_cls, directory: str | Path) -> None:
     _atomic(directory / CONFIG, lambda p: p.write_text(json.dumps(asdict(model.slimtune_tuner), indent=2)))
 
 
+def check_finite(tensors: dict, path: str | Path) -> None:
+    """Refuse adapter tensors holding NaN or inf (a damaged file, or a run that diverged): merged, evaluated or
+    exported they make every output NaN, which nothing downstream reports."""
+    for key, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()) \
+                and not bool(torch.isfinite(tensor).all()):
+            raise SlimtuneError(f"{path}: tensor {key} holds NaN or inf (a damaged adapter, or a run that diverged); "
+                                "it is not loaded")
+
+
 def load(model, config, wrapper_cls, kinds, directory: str | Path) -> torch.nn.Module:
     """Rebuild the wrapped layers from a saved adapter; every saved tensor must find its layer and vice versa."""
     weights = Path(directory) / WEIGHTS
@@ -87,6 +97,7 @@ def load(model, config, wrapper_cls, kinds, directory: str | Path) -> torch.nn.M
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise SlimtuneError(f"{weights}: not a readable safetensors file ({exc})") from None
+    check_finite(state, weights)
     found = matching_modules(model, list(config.target_modules), kinds)
     per_layer = {name: {k for k in state if k.startswith(name + ".")} for name, _ in found}
     unused = sorted(set(state) - set().union(*per_layer.values()))  # tensors no layer of this model takes
