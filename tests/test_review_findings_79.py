@@ -112,3 +112,17 @@ def test_export_verification_does_not_pass_a_model_whose_logits_are_nan(tmp_path
     res = cli("export", directory, "--model", "tiny-llama", "--quant", "f32", "--out", out)
     assert res.exit_code == 2, res.output[-600:]
     assert not out.exists()
+
+
+def test_a_merged_checkpoint_holding_nan_is_refused_at_load(tmp_path, tiny, demo_paths):
+    """(lead) The fixer's note: whole checkpoints (a --peft none run, a merge) loaded through models/loading.load_local
+    got no finite check, so `eval` printed an accuracy of a NaN model (argmax of NaN rows) and generate produced
+    garbage without a word. Every checkpoint directory read as a model is refused the way adapters are."""
+    model, tok, _ = tiny
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "mlp" in n).fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan-model")
+    tok.save_pretrained(tmp_path / "nan-model")
+    res = cli("eval", "--model", tmp_path / "nan-model", "--data", demo_paths[1])
+    line = one_line_error(res)
+    assert "NaN or inf" in line and "nan-model" in line, line

@@ -268,7 +268,18 @@ def load_local(path: str, dtype: torch.dtype):
                             f"in the checkpoint (e.g. {sorted(unfit)[0]!r}); not a plain transformers checkpoint "
                             "(a model with slimtune's SVFit or adapter layers is saved with save_peft / write_adapter "
                             "and read back with read_adapter)")
+    check_finite_weights(model, path)
     return model, saved_tokenizer(p)
+
+
+def check_finite_weights(model: torch.nn.Module, path: str) -> None:
+    """Refuse a checkpoint holding NaN or inf (a damaged file, or a run that diverged, merged): every output would be
+    NaN, and an evaluation would still print an accuracy (argmax of NaN). Adapters get the same check
+    (peft/tuner.check_finite)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SlimtuneError(f"model {path}: weight {name} holds NaN or inf (a damaged checkpoint, or a run that "
+                                "diverged); it is not loaded")
 
 
 def saved_tokenizer(directory) -> PreTrainedTokenizerFast:
