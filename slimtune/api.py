@@ -42,7 +42,9 @@ def apply_peft(model: torch.nn.Module, method: str = "lora", *, r: int = 8, lora
     require_model("slimtune.apply_peft", model)
     given = dict(peft=method, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                  pissa_niter=pissa_niter, learn_scale=learn_scale, svfit_relative=svfit_relative)
-    checked = check_keywords("slimtune.apply_peft", given, {"peft": method})
+    # no optimizer here (the caller trains with their own, torch's AdamW as well as slimtune's): a setting that applies
+    # to some optimizer (lora_dropout: the backprop ones) is the caller's to use
+    checked = check_keywords("slimtune.apply_peft", given, {"peft": method}, unknown=("optimizer",))
     targets = [t.strip() for t in checked["target_modules"].split(",")] if checked["target_modules"] else None
     try:
         return apply(model, PeftSettings(method, checked["r"], checked["lora_alpha"], checked["lora_dropout"],

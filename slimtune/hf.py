@@ -85,6 +85,8 @@ NOT_HONOURED = (
      "step's (an empty or small one included) as drawn"),
     ("train_sampling_strategy", "private", "private batches are Poisson samples drawn from the run's secret key, not "
      "by transformers' sampler"),
+    ("dataloader_in_order", "private", "each Poisson batch is drawn for its step and checked against that step's "
+     "draw: batches must reach the steps in the order they were drawn"),
     ("auto_find_batch_size", "private", "the noise is calibrated for one sampling rate (batch size / dataset size); "
      "a batch halved after an out-of-memory error would be priced at the first"),
 )
@@ -92,6 +94,9 @@ OFF_WHEN_FALSY = ("max_grad_norm",)  # 0 or None: no clipping, which is what a z
 
 EMPTY_BATCH = "slimtune_empty_batch"  # the collated form of an empty Poisson batch
 EXAMPLES = "slimtune_examples"  # how many examples a private batch was collated from (checked, then dropped)
+
+
+ZO_ALIASES = {"rank": "lozo_rank", "nu": "lozo_nu", "n_perturbations": "n_spsa"}  # field -> the train setting it is
 
 
 @dataclass
@@ -134,6 +139,8 @@ class ZOArguments:
         if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or
                                               not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise SlimtuneError(f"ZOArguments: warmup_steps={self.warmup_steps!r}: a whole number of steps, 0 or more")
+        from slimtune.settings.python import check_types
+        check_types("ZOArguments", {f.name: getattr(self, f.name) for f in fields(self)}, ZO_ALIASES)
         if self.optimizer not in OPTIMIZERS:
             raise SlimtuneError(f"ZOArguments: optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)} "
                                 "(first-order optimizers are transformers' own: use Trainer)")
@@ -145,6 +152,9 @@ class ZOArguments:
             if name not in accepted:
                 raise SlimtuneError(f"ZOArguments: {name} is not a setting of optimizer {self.optimizer} (its "
                                     f"settings: {', '.join(sorted(accepted))})")
+        if self.optimizer == "fzoo" and self.n_perturbations is not None:  # the rule slimtune.FZOO applies
+            from slimtune.optimizers import FZOO
+            FZOO.check_directions("ZOArguments: n_perturbations", self.n_perturbations)
 
     @property
     def cls(self) -> type[ZerothOrderOptimizer]:
@@ -270,9 +280,15 @@ class ZOTrainerMixin:
             raise SlimtuneError(f"two learning rates: TrainingArguments.learning_rate={args.learning_rate} and "
                                 f"ZOArguments.lr={zo.lr}; set one")
         self._check_not_honoured()
+        # the values the optimizer takes from TrainingArguments, by the rules of `--lr` and `--weight-decay`, named as
+        # the user set them (the optimizer built at train() would name its own keywords: "slimtune.MeZO: lr -1")
+        check_keywords("ZOTrainer", {"TrainingArguments.learning_rate": args.learning_rate,
+                                     "TrainingArguments.weight_decay": args.weight_decay},
+                       {"optimizer": zo.optimizer}, {"TrainingArguments.learning_rate": "lr",
+                                                     "TrainingArguments.weight_decay": "weight_decay"})
         table_row("ZOArguments", self.model, {"lr": zo.lr if zo.lr is not None else self._trainer_lr(), "eps": zo.eps})
         given = {k: v for k, v in zo.given().items() if k != "n_perturbations"}
-        aliases = {"rank": "lozo_rank", "nu": "lozo_nu"}
+        aliases = ZO_ALIASES
         check_keywords("ZOArguments", given, {"optimizer": zo.optimizer, "peft": peft_kind(self.model),
                                               "clipping": zo.clipping or "auto", "accountant": zo.accountant or "rdp"},
                        aliases, explicit=True)
@@ -466,6 +482,12 @@ class ZOTrainerMixin:
             if ratio or self.args.warmup_steps not in (0, self.zo_args.warmup_steps):
                 raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={self.zo_args.warmup_steps} and "
                                     "TrainingArguments' warmup_steps / warmup_ratio are both set: give one")
+            if self.zo_args.warmup_steps and self.zo_args.warmup_steps >= num_training_steps:  # as --warmup-steps
+                max_steps = f"TrainingArguments.max_steps={self.args.max_steps}" if self.args.max_steps > 0 else \
+                    "from TrainingArguments.num_train_epochs"
+                raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={self.zo_args.warmup_steps}: must be below "
+                                    f"the run's {num_training_steps} training steps ({max_steps}): the whole run "
+                                    "would train inside the warm-up")
             if self.zo_args.warmup_steps and no_warmup:
                 raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={self.zo_args.warmup_steps}: "
                                     f"lr_scheduler_type={self.args.lr_scheduler_type!r} takes no warm-up (use "
@@ -627,7 +649,9 @@ class ZOTrainerMixin:
         loader = DataLoader(range(len(dataset)), batch_sampler=batches, collate_fn=EmptyAware(collator, dataset),
                             num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
                             prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
-                            persistent_workers=bool(self.args.dataloader_persistent_workers and workers))
+                            persistent_workers=bool(self.args.dataloader_persistent_workers and workers),
+                            multiprocessing_context=self.args.dataloader_multiprocessing_context if workers else None)
+        # (dataloader_in_order=False is refused for private runs: NOT_HONOURED)
         return self.accelerator.prepare(loader)
 
     def _save_rng_state(self, output_dir: str) -> None:

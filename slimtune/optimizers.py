@@ -37,7 +37,7 @@ from slimtune import SlimtuneError
 from slimtune.optim import OptimizerArgs
 from slimtune.optim.base import StepOutput
 from slimtune.optim.methods import METHODS, mechanism_refusal
-from slimtune.settings.python import check_keywords, default, in_python_terms, require_model
+from slimtune.settings.python import check_keywords, default, in_python_terms, python_terms, require_model
 
 Loss = Union[torch.Tensor, float]
 Closure = Callable[[], Loss]
@@ -333,11 +333,18 @@ class FZOO(ZerothOrderOptimizer):
     def __init__(self, model: torch.nn.Module, *, lr: float | None = None, eps: float | None = None,
                  weight_decay: float = 0.0, n_perturbations: int = 8, perturbation: str | None = None,
                  seed: int = 0):
-        if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 2:
-            raise SlimtuneError(f"slimtune.FZOO: n_perturbations={n_perturbations!r}: must be an integer >= 2 (the "
-                                "step is divided by the spread of their losses)")
+        FZOO.check_directions("slimtune.FZOO: n_perturbations", n_perturbations)
         super().__init__(model, dict(lr=lr, eps=eps, weight_decay=weight_decay, n_spsa=n_perturbations,
                                      perturbation=perturbation, seed=seed))
+
+
+    @staticmethod
+    def check_directions(named: str, n_perturbations) -> None:
+        """FZOO's N (`named`: how the caller wrote it, "slimtune.FZOO: n_perturbations"), refused where it is given
+        (slimtune.FZOO, ZOArguments): the step is divided by the spread of N losses."""
+        if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 2:
+            raise SlimtuneError(f"{named}={n_perturbations!r}: must be an integer >= 2 (the step is divided by the "
+                                "spread of their losses)")
 
 
 class HiZOO(ZerothOrderOptimizer):
@@ -488,8 +495,9 @@ class PrivateOptimizer(ZerothOrderOptimizer):
             raise SlimtuneError(in_python_terms(owner, refusal, self.aliases))
         releases = private_releases(self.method, given.get("n_spsa", 1))
         adaptive = adaptive_clipping(SimpleNamespace(privacy=spec, optimizer=self.method))
-        self.accountant = plan(spec, dataset_size, batch_size, steps, releases, adaptive)
-        spends = self.accountant.epsilon(steps)
+        with python_terms(owner, self.aliases):  # the accountant's refusals are the CLI's ("omit --noise-multiplier")
+            self.accountant = plan(spec, dataset_size, batch_size, steps, releases, adaptive)
+            spends = self.accountant.epsilon(steps)
         if target is not None and spends > target * (1 + 1e-9):  # plan() tolerates 0.1%; the budget is strict
             raise SlimtuneError(f"{owner}: noise_multiplier={self.accountant.noise:g} spends epsilon {spends:.6g} in "
                                 f"{steps} steps, over epsilon={target:g}: raise it, or leave it out to calibrate")
@@ -538,7 +546,8 @@ class PrivateOptimizer(ZerothOrderOptimizer):
     @property
     def epsilon_spent(self) -> float:
         """Epsilon after the steps taken so far (at the accountant's delta)."""
-        return self.accountant.epsilon(self.impl.step_count)
+        with python_terms(f"slimtune.{type(self).__name__}", self.aliases):
+            return self.accountant.epsilon(self.impl.step_count)
 
     @property
     def delta(self) -> float:

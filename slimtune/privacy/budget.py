@@ -13,15 +13,31 @@ joins each scalar as 1/sigma_pair^2 = 1/sigma^2 + 1/sigma_b^2.
 
 from __future__ import annotations
 
+from slimtune import SlimtuneError
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, calibrate_noise, check_releases, check_spec
+
+CONTEXT = {"optimizer": "dpzero"}  # the settings' applicability rules: these are a private run's settings
+ALIASES = {"releases": "n_spsa"}  # keyword -> the train setting it is checked as (its rule, its CLI flag's name)
+
+
+def _arguments(owner: str, values: dict, extra: tuple) -> dict:
+    """Every argument checked up front, by the rules of the train setting it is (settings/python.py: type, range,
+    choices), or by its own (`extra`); then B <= N. One line naming the keyword, never an answer for nonsense (a NaN
+    sigma priced as epsilon 0) or a library's traceback."""
+    from slimtune.settings.python import argument, check_keywords
+
+    extra = dict((argument("dataset_size", "int", low=1), argument("batch_size", "int", low=1),
+                  argument("steps", "int", low=1), *extra))
+    checked = check_keywords(owner, values, CONTEXT, ALIASES, extra=extra)
+    if checked["batch_size"] > checked["dataset_size"]:  # as slimtune.DPZero: a sampling rate above 1 is no rate
+        raise SlimtuneError(f"{owner}: batch_size={checked['batch_size']} is larger than dataset_size="
+                            f"{checked['dataset_size']}: the sampling rate is batch_size / dataset_size")
+    return checked
 
 
 def _spec(target: float | None, delta: float, sampling: str, mechanism: str, accountant: str) -> PrivacySpec:
-    from slimtune.privacy.accountant import check_names
-    spec = PrivacySpec(target_epsilon=target, delta=delta, sampling=sampling, mechanism=mechanism,
+    return PrivacySpec(target_epsilon=target, delta=delta, sampling=sampling, mechanism=mechanism,
                        accountant=accountant)
-    check_names(spec)
-    return spec
 
 
 def epsilon(*, noise_multiplier: float, dataset_size: int, batch_size: int, steps: int, delta: float = 1e-5,
@@ -43,11 +59,20 @@ def epsilon(*, noise_multiplier: float, dataset_size: int, batch_size: int, step
         mechanism: `gaussian` or `laplace` (Laplace: accounted with PLD).
         accountant: `rdp` or `pld` (tighter).
     """
-    spec = _spec(None, delta, sampling, mechanism, accountant)
-    check_spec(spec, dataset_size)
-    check_releases(spec, releases)
-    return PrivacyAccountant(spec, dataset_size, batch_size, noise_multiplier, releases,
-                             quantile_noise=quantile_noise).epsilon(steps)
+    from slimtune.settings.python import argument, python_terms
+
+    owner = "slimtune.privacy.epsilon"
+    a = _arguments(owner, dict(noise_multiplier=noise_multiplier, dataset_size=dataset_size, batch_size=batch_size,
+                               steps=steps, delta=delta, releases=releases, quantile_noise=quantile_noise,
+                               sampling=sampling, mechanism=mechanism, accountant=accountant),
+                   (argument("noise_multiplier", "float", low=0, low_open=True),
+                    argument("quantile_noise", "float", low=0)))
+    with python_terms(owner, ALIASES):  # the accountant's own checks (delta < 1/N, Laplace) speak the CLI's flags
+        spec = _spec(None, a["delta"], a["sampling"], a["mechanism"], a["accountant"])
+        check_spec(spec, a["dataset_size"])
+        check_releases(spec, a["releases"])
+        return PrivacyAccountant(spec, a["dataset_size"], a["batch_size"], a["noise_multiplier"], a["releases"],
+                                 quantile_noise=a["quantile_noise"]).epsilon(a["steps"])
 
 
 def noise_multiplier(*, epsilon: float, dataset_size: int, batch_size: int, steps: int, delta: float = 1e-5,
@@ -55,8 +80,16 @@ def noise_multiplier(*, epsilon: float, dataset_size: int, batch_size: int, step
                      accountant: str = "rdp") -> float:
     """The smallest noise multiplier sigma whose epsilon after `steps` steps is at most `epsilon` (bisection on the
     accountant; arguments as `epsilon()`)."""
-    spec = _spec(epsilon, delta, sampling, mechanism, accountant)
-    return calibrate_noise(spec, dataset_size, batch_size, steps, releases)
+    from slimtune.settings.python import argument, python_terms
+
+    owner = "slimtune.privacy.noise_multiplier"
+    a = _arguments(owner, dict(epsilon=epsilon, dataset_size=dataset_size, batch_size=batch_size, steps=steps,
+                               delta=delta, releases=releases, sampling=sampling, mechanism=mechanism,
+                               accountant=accountant),
+                   (argument("epsilon", "float", low=0, low_open=True),))
+    with python_terms(owner, ALIASES):
+        spec = _spec(a["epsilon"], a["delta"], a["sampling"], a["mechanism"], a["accountant"])
+        return calibrate_noise(spec, a["dataset_size"], a["batch_size"], a["steps"], a["releases"])
 
 
 __all__ = ["epsilon", "noise_multiplier"]
