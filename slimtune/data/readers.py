@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import stat
 import sys
 from pathlib import Path
 
@@ -42,8 +44,52 @@ def read_text(path: str | Path, newline: str | None = None) -> str:
     try:
         with open(path, encoding=ENCODING, newline=newline) as f:
             return f.read()
-    except UnicodeDecodeError as exc:
-        raise SlimtuneError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except UnicodeDecodeError:
+        raise SlimtuneError(not_utf8(path)) from None
+
+
+def not_utf8(path: str | Path) -> str:
+    """The message for a file that is not UTF-8: its first undecodable line and that byte's offset in the file (a
+    decoding error's own offset is into the reader's internal buffer, neither the file nor a line)."""
+    try:
+        with open(path, "rb") as f:
+            offset = 0
+            for number, line in enumerate(f, start=1):
+                try:
+                    line.decode(ENCODING if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    skipped = 3 if number == 1 and line.startswith(b"\xef\xbb\xbf") else 0  # utf-8-sig's mark
+                    return (f"{path}:{number}: not UTF-8 text (byte {offset + exc.start + skipped} of the file); "
+                            "save it as UTF-8")
+                offset += len(line)
+    except OSError:
+        pass
+    return f"{path}: not UTF-8 text; save it as UTF-8"
+
+
+FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISSOCK, "a socket"))
+
+
+def require_data_file(source: str) -> Path:
+    """`source` as the regular file a data reader reads (symbolic links followed): a missing file, a directory, or
+    anything else that is no regular file is a one-line error before it is opened. A named pipe (mkfifo, a shell's
+    process substitution) would block until a writer appears, and a device such as /dev/zero is an endless stream:
+    a data file is read whole, more than once (its rows, its digest), so it must be a file."""
+    path = Path(source)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SlimtuneError(f"{source}: file not found") from None
+    except OSError as exc:
+        raise SlimtuneError(f"{source}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise SlimtuneError(f"{source}: is a directory (a dataset saved with save_to_disk is read as hf:{source})")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "not a file")
+        raise SlimtuneError(f"{source}: not a regular file ({kind}); a data file must be a file (save the stream "
+                            "to one first)")
+    return path
 
 
 def read_examples(source: str, task: Task, split: str = "train", column_flags: bool = True) -> list[Example]:
@@ -70,21 +116,17 @@ def read_rows(source: str, split: str = "train", task: Task | None = None) -> tu
     classification task whose label names a saved dataset's ClassLabel may use (_hf_rows)."""
     if source.startswith("hf:"):
         return _hf_rows(source[3:], split, task)
-    path = Path(source)
-    if not path.exists():
-        raise SlimtuneError(f"{source}: file not found")
-    if path.is_dir():
-        raise SlimtuneError(f"{source}: is a directory (a dataset saved with save_to_disk is read as hf:{source})")
+    path = require_data_file(source)
     suffix = path.suffix.lower()
+    if suffix not in (".tsv", ".csv", ".jsonl", ".json"):
+        raise SlimtuneError(f"{source}: unsupported file type {suffix!r} (use .tsv, .csv, .jsonl or hf:DIR)")
     try:
         if suffix in (".tsv", ".csv"):
             return _read_delimited(path, "\t" if suffix == ".tsv" else ","), str(path)
         if suffix in (".jsonl", ".json"):
             return _read_jsonl(path), str(path)
-    except UnicodeDecodeError as exc:
-        raise SlimtuneError(f"{source}: not UTF-8 text (byte {exc.start} of its first undecodable line's block); "
-                            "save it as UTF-8") from None
-    raise SlimtuneError(f"{source}: unsupported file type {suffix!r} (use .tsv, .csv, .jsonl or hf:DIR)")
+    except UnicodeDecodeError:
+        raise SlimtuneError(not_utf8(source)) from None
 
 
 EVAL_IS_TRAINING = ("--eval-data is the training data: a private run's evaluations (and the best-model choice) "
@@ -205,10 +247,56 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
                 raise SlimtuneError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
             except DuplicateKey as exc:
                 raise SlimtuneError(f"{path}:{line_no}: {exc} (JSON would keep its last value); keep one") from None
+            except RecursionError:  # json's own depth limit (the interpreter's recursion limit)
+                raise SlimtuneError(f"{path}:{line_no}: not valid JSON (values nested too deeply to read)") from None
+            except ValueError as exc:  # Python's limit on a number's digits (sys.get_int_max_str_digits)
+                what = (f"a number of more than {sys.get_int_max_str_digits()} digits"
+                        if "integer string conversion" in str(exc) else "a value that cannot be read")
+                raise SlimtuneError(f"{path}:{line_no}: not valid JSON ({what})") from None
             if not isinstance(row, dict):
                 raise SlimtuneError(f"{path}:{line_no}: expected a JSON object per line")
+            if _ESCAPED_SURROGATE.search(line):  # only a \uD800-\uDFFF escape makes a str that is no Unicode text
+                _check_unicode(row, f"{path}:{line_no}", rows[0][1] if rows else row)
             rows.append((line_no, row))
     return rows
+
+
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(row: dict, where: str, first: dict) -> None:
+    """Every text of a JSONL row (its values and keys, at any depth) is Unicode text: JSON's escapes can spell a lone
+    surrogate ("\\ud800" without its pair), which json.loads returns in a str that no UTF-8 encoder takes (a
+    tokenizer, a file written, a digest would fail far from the file and line). Named: the row's field; in a private
+    run only where the first row has it too (a column of the file, not a key only this row holds)."""
+    def bad(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+
+    for key, value in row.items():
+        if isinstance(key, str) and bad(key):
+            raise SlimtuneError(f"{where}: a field name is not valid Unicode text (a lone surrogate escape, "
+                                "\\uD800-\\uDFFF without its pair)")
+        stack = [value]
+        while stack:  # iterative: a value json.loads accepted may be nested near the recursion limit
+            item = stack.pop()
+            if isinstance(item, str):
+                found = bad(item)
+            elif isinstance(item, dict):
+                found = any(isinstance(k, str) and bad(k) for k in item)
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                found = False
+                stack.extend(item)
+            else:
+                found = False
+            if found:
+                field = f"field {key!r}" if quoting_rows() or key in first else "a field (name withheld: private run)"
+                raise SlimtuneError(f"{where}: {field} is not valid Unicode text (a lone surrogate escape, "
+                                    "\\uD800-\\uDFFF without its pair); write the character itself or its pair")
 
 
 def _hf_rows(directory: str, split: str, task: Task | None = None) -> tuple[list[tuple[int, dict]], str]:

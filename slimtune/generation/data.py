@@ -127,18 +127,31 @@ def _chat_example(row: dict, where: str, tokenizer) -> GenerationExample:
     messages = check_conversation(row, where)
     if tokenizer is None:
         raise SlimtuneError(f"{where}: chat rows need the model's tokenizer to render")
-    prompt = render_chat(tokenizer, messages[:-1])
+    prompt = render_chat(tokenizer, messages[:-1], where)
     return GenerationExample(prompt, messages[-1]["content"].strip(), source=where)
 
 
-def render_chat(tokenizer, messages: list[dict]) -> str:
-    """The conversation so far plus the assistant's turn header, in the model's own chat format."""
+def render_chat(tokenizer, messages: list[dict], where: str | None = None) -> str:
+    """The conversation so far plus the assistant's turn header, in the model's own chat format. `where` ("file:line"):
+    a conversation the template refuses (its raise_exception: roles that do not alternate, a system turn it does not
+    take, ...) is a one-line error naming it, with the template's own message where rows may be quoted (a template
+    may quote the row); without `where` (a prompt given on the command line) the template's message alone."""
+    from jinja2 import TemplateError
+
+    from slimtune.data.tasks import quoting_rows
+
     template = tokenizer.chat_template
     if not template:
         warnings.warn("the tokenizer has no chat template; rendering chat data as ChatML", stacklevel=2)
         template = CHATML
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+    except TemplateError as exc:
+        said = f" ({' '.join(str(exc).split())})" if quoting_rows() and str(exc).strip() else \
+            ("" if quoting_rows() else " (its message withheld: private run)")
+        raise SlimtuneError(f"{where + ': ' if where else ''}the model's chat template refuses this conversation"
+                            f"{said}") from None
 
 
 def group_references(examples: list[GenerationExample]) -> list[GenerationExample]:

@@ -9,10 +9,30 @@ from pathlib import Path
 from slimtune import SlimtuneError
 
 
-class WrittenPrompt(str):
+class FilePrompt(str):
+    """A prompt read from a file, with the "file:line" it came from (`source`): what an error rendering it names."""
+
+    source = ""
+
+    def __new__(cls, text: str, source: str = ""):
+        self = super().__new__(cls, text)
+        self.source = source
+        return self
+
+
+class WrittenPrompt(FilePrompt):
     """A row's `prompt` field (JSONL, or a table's column) where it is not the column the model learned from: a whole
     prompt its writer composed, which the learned template does not wrap (as eval uses prompt/completion rows as they
     are); a --template given still does."""
+
+
+class Conversation(list):
+    """A row's `messages` (a list of {role, content}), with the "file:line" it came from: rendering it with the
+    model's chat template happens once the model is loaded, and a conversation the template refuses is named by it."""
+
+    def __init__(self, messages: list, source: str = ""):
+        super().__init__(messages)
+        self.source = source
 
 
 def read_prompt_items(source: str, input_column: str | None = None, learned_column: str | None = None) -> list:
@@ -36,24 +56,24 @@ def render_prompts(items: list, tokenizer, template: str | None = None, input_co
     column = input_column or "input"
     out = []
     for item in items:
+        where = getattr(item, "source", None) or None
         if isinstance(item, list):  # a conversation: everything up to the assistant's next turn
-            out.append(render_chat(tokenizer, item[:-1] if item[-1]["role"] == "assistant" else item))
+            out.append(render_chat(tokenizer, item[:-1] if item[-1]["role"] == "assistant" else list(item), where))
             continue
         fill = template or (None if isinstance(item, WrittenPrompt) else learned)
-        text = fill.format(**{column: item}) if fill else item
-        out.append(render_chat(tokenizer, [{"role": "user", "content": text}]) if chat else text)
+        text = fill.format(**{column: item}) if fill else str(item)
+        out.append(render_chat(tokenizer, [{"role": "user", "content": text}], where) if chat else text)
     return out
 
 
 def _read(source: str, column: str | None, learned_column: str | None = None) -> list:
     """`column` None: a JSONL row's `prompt`, else the learned column or `input`; a column given is used as given."""
-    from slimtune.data.readers import read_rows, read_text
+    from slimtune.data.readers import read_rows, read_text, require_data_file
     from slimtune.data.tasks import text_field
 
     path = Path(source)
     if path.suffix.lower() == ".txt":
-        if not path.exists():
-            raise SlimtuneError(f"{source}: file not found")
+        require_data_file(source)  # a regular file (not a pipe or a device, which would block or never end)
         # one prompt a line: only \n (and \r\n) end one; str.splitlines would also split at a form feed, U+2028, ...
         lines = []
         for number, line in enumerate(read_text(path, newline="").split("\n"), 1):
@@ -64,7 +84,7 @@ def _read(source: str, column: str | None, learned_column: str | None = None) ->
                 raise SlimtuneError(f"{source}:{number}: a carriage return inside the line; prompts end at \\n "
                                     "(save the file with Unix or Windows line ends)")
             if line.strip():
-                lines.append(line)
+                lines.append(FilePrompt(line, f"{source}:{number}"))
         if not lines:
             raise SlimtuneError(f"{source}: no prompts (file is empty)")
         return lines
@@ -76,13 +96,13 @@ def _read(source: str, column: str | None, learned_column: str | None = None) ->
         where = f"{name}:{line}"
         if "messages" in row:
             from slimtune.generation.data import check_conversation
-            items.append(check_conversation(row, where, target=False))  # the rules train and eval apply
+            items.append(Conversation(check_conversation(row, where, target=False), where))  # as train and eval
             continue
         written = "prompt" in row and column is None and (learned_column is None or learned_column not in row)
         key = "prompt" if written else (column or learned_column or "input")
         try:
             text = text_field(row, key, where)
-            items.append(WrittenPrompt(text) if written else text)
+            items.append(WrittenPrompt(text, where) if written else FilePrompt(text, where))
         except SlimtuneError as exc:
             raise SlimtuneError(f"{exc} (choose the column with --input-column)") from None
     return items
