@@ -177,3 +177,22 @@ def test_not_utf8_names_the_line(tmp_path, suffix):
     line = one_line_error(cli("train", "--data", path, *FAST, "--out", tmp_path / "out"))
     position = text.encode("latin-1").index(b"\xe9")
     assert f"{path}:3002" in line or f"byte {position}" in line, line
+
+
+def test_a_fifo_given_as_data_is_refused_by_a_dry_run_too(tmp_path):
+    """(lead) The fixer's note: --dry-run reads no data, so a named pipe passed the input check there (the reader
+    refuses it when it reads). The flag check refuses anything that is not a regular file, naming the flag; a key file
+    may still come through a pipe (--secret-key-file <(...))."""
+    import os
+
+    from conftest import DEMO, cli, one_line_error
+    fifo = tmp_path / "p.tsv"
+    os.mkfifo(fifo)
+    res = cli("train", "--data", fifo, "--model", "tiny-llama", "--out", tmp_path / "o", "--dry-run")
+    line = one_line_error(res)
+    assert "--data" in line and "named pipe" in line, line
+    res = cli("train", "--data", DEMO / "sst2_demo_train.tsv", "--eval-data", fifo, "--model", "tiny-llama",
+              "--out", tmp_path / "o", "--dry-run")
+    line = one_line_error(res)
+    assert "--eval-data" in line and "named pipe" in line, line
+    assert not (tmp_path / "o").exists()

@@ -107,13 +107,21 @@ def check_task_text(s) -> None:
                        hint="" if s.input_column else " (name another column with --input-column)")
 
 
-def require_input_file(path: str, flag: str) -> None:
-    """An input that must exist (files, or hf:DIR datasets saved with save_to_disk)."""
+def require_input_file(path: str, flag: str, regular: bool = True) -> None:
+    """An input that must exist (files, or hf:DIR datasets saved with save_to_disk). `regular`: a data file, never a
+    pipe or a device (one would hang or fill memory: data/readers.require_data_file refuses them when read, and
+    --dry-run reads nothing); a key file may come through a pipe (`--secret-key-file <(...)`)."""
+    import stat
     target = Path(path[3:]) if path.startswith("hf:") else Path(path)
     if not target.exists():
         raise SlimtuneError(f"{flag} {path}: no such file")
     if not path.startswith("hf:") and target.is_dir():
         raise SlimtuneError(f"{flag} {path}: is a directory (for a saved dataset write hf:{path})")
+    if regular and not path.startswith("hf:") and not stat.S_ISREG(mode := target.stat().st_mode):
+        from slimtune.data.readers import FILE_KINDS
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "not a file")
+        raise SlimtuneError(f"{flag} {path}: not a regular file ({kind}); a data file must be a file (save the "
+                            "stream to one first)")
     if not os.access(target, os.R_OK):
         raise SlimtuneError(f"{flag} {path}: not readable")
 

@@ -195,7 +195,7 @@ class TrainSettings(Settings):
         if self.optimizer == "lozo-m" and self.given("momentum") and self.momentum == 0:  # a run's record: not given
             raise SlimtuneError(LOZO_M_MOMENTUM.format(given=f"{self.where('momentum')} 0"))
         if self.secret_key_file is not None:  # before any work: the run reads it only after loading model and data
-            require_input_file(self.secret_key_file, self.where("secret_key_file"))
+            require_input_file(self.secret_key_file, self.where("secret_key_file"), regular=False)
             from slimtune.privacy.secret import read_key_file
             try:  # what the run will refuse (readable by others, not a key), refused now
                 read_key_file(self.secret_key_file)
