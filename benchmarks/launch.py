@@ -73,10 +73,13 @@ def archive_stale(run_dir: Path) -> Path:
     return target
 
 
-def train_run(run_dir: Path, data: Path, eval_data: Path, flags: list[str], threads: int) -> None:
+def train_run(run_dir: Path, data: Path, eval_data: Path, flags: list[str], threads: int,
+              stop_when=None) -> None:
     """`slimtune train --data data --eval-data eval_data --out run_dir --quiet *flags` (+ --resume when a checkpoint
     is there); nothing if the run has finished. A private run gets --log-private-stats (`private_stats`). With
-    SLIMTUNE_RERUN_STALE_PROMPT=1 a run of an earlier prompt is archived first (`archive_stale`) and trained again."""
+    SLIMTUNE_RERUN_STALE_PROMPT=1 a run of an earlier prompt is archived first (`archive_stale`) and trained again.
+    `stop_when(run_dir)`, polled every few seconds while it runs: once true, the run gets one Ctrl-C (SIGINT: it
+    stops after the step in hand and checkpoints, status "interrupted"), which is then not an error."""
     if os.environ.get("SLIMTUNE_RERUN_STALE_PROMPT") == "1" and stale_prompt(run_dir, flags):
         archive_stale(run_dir)
     if (run_dir / "summary.json").exists():
@@ -85,7 +88,19 @@ def train_run(run_dir: Path, data: Path, eval_data: Path, flags: list[str], thre
     cmd = [sys.executable, "-m", "slimtune.cli", "train", "--data", str(data), "--eval-data", str(eval_data),
            "--out", str(run_dir), "--quiet", *flags, *private_stats(flags), *resume]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=thread_env(threads))
+    if stop_when is None:
+        subprocess.run(cmd, check=True, env=thread_env(threads))
+        return
+    import signal
+    import time
+    proc, asked = subprocess.Popen(cmd, env=thread_env(threads)), False
+    while proc.poll() is None:
+        time.sleep(2)
+        if not asked and stop_when(run_dir):
+            proc.send_signal(signal.SIGINT)
+            asked = True
+    if proc.returncode and not (asked and stop_when(run_dir)):
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
 def merged(path: Path, entries: dict) -> dict:

@@ -313,6 +313,16 @@ def zo_convergence_table() -> str:
         to = r["forwards_to_target"]
         budget = flags[flags.index("--steps") + 1]
         status = "finished" if r["finished"] else f"unfinished, resumable (evaluated to step {r['steps'][-1]} of {budget})"
+        if name in bench.REFINE:  # stopped on purpose: after its one evaluation
+            status = (f"{bench.REFINE[name]} again, evaluated only at step {r['steps'][-1]} (between its last two "
+                      "evaluations); stopped there")
+        elif name in bench.DENSE:  # stopped on purpose: at its first evaluation at 80%, or DENSE_MAX_STEPS without it
+            reached = max(r["accuracy"]) >= bench.TARGET_ACC
+            status = (f"{bench.DENSE[name]} again, evaluated every {bench.DENSE_EVAL_EVERY} steps: stopped at its "
+                      f"first evaluation at 80% (step {r['steps'][-1]} of {budget})" if reached else
+                      f"{bench.DENSE[name]} again, evaluated every {bench.DENSE_EVAL_EVERY} steps: "
+                      + (f"not at 80% by step {r['steps'][-1]}" if r["steps"][-1] >= bench.DENSE_MAX_STEPS
+                         else f"running (evaluated to step {r['steps'][-1]})"))
         if r["finished"] and r.get("stop_reason") not in (None, "completed"):  # final_accuracy: its last evaluation's
             status = (f"stopped at step {r.get('stopped_at')} of {budget}: {r['stop_reason']} (last evaluated at step "
                       f"{r['steps'][-1]})")
@@ -342,6 +352,30 @@ def zo_convergence_table() -> str:
         notes.append(f"{name}, same setting: {steps} steps x {cost:.2f} two-forward costs against {bench.REFERENCE}'s "
                      f"{ref_steps} x {ref_cost:.2f} = **{c['ratio']:.2f}x** (step costs from one zo_step.py run, "
                      f"{c.get('threads')} thread; target <= {bench.WALL_CLOCK_RATIO:g}x: {clock_verdict(c)})")
+    for name, c in (d.get("wall_clock_dense") or {}).items():
+        if c.get("ratio") is None and c.get("le_2x") is None and not c.get("ratio_bounds"):
+            continue
+        steps, ref_steps = c["steps_to_target"]
+        threads = ", ".join(sorted({f"{s['threads']} thread{'s' if s['threads'] != 1 else ''} on {s['device']}"
+                                    for s in c.get("settings") or [] if s})) or "setting not recorded"
+        refined = " and once between the last two (its -refine run)" if all(c.get("refined") or [False]) else ""
+        notes.append(f"{name} vs {c['reference']} (both evaluated every {c['eval_every']} steps{refined}, one after "
+                     f"the other, {threads}): 80% at step {steps if steps is not None else 'never'} vs {ref_steps}, "
+                     + ("" if c["ratio"] is None else f"{c['seconds_to_target']:,.0f} vs {c['reference_seconds']:,.0f} "
+                        f"training seconds = **{c['ratio']:.2f}x**; ")
+                     + f"target <= {bench.WALL_CLOCK_RATIO:g}x: {clock_verdict(c)}")
+    for name, c in (d.get("wall_clock_dense_same_setting") or {}).items():
+        if c.get("ratio") is None and c.get("le_2x") is None:
+            continue
+        (steps, ref_steps), (cost, ref_cost) = c["steps_to_target"], c["step_cost_in_two_forwards"]
+        low, high = c.get("ratio_bounds") or (None, None)
+        span = "" if low is None or high is None else f", between {low:.2f}x and {high:.2f}x"
+        every = f"every {c['eval_every']} steps" + (", then at the step between the last two" if all(
+            c.get("refined") or [False]) else "")
+        notes.append(f"{name}, same setting: {steps} steps x {cost:.2f} two-forward costs against {c['reference']}'s "
+                     f"{ref_steps} x {ref_cost:.2f} = **{c['ratio']:.2f}x**{span} (evaluations {every}; step costs "
+                     f"from one zo_step.py run, {c.get('threads')} thread; "
+                     f"target <= {bench.WALL_CLOCK_RATIO:g}x: {clock_verdict(c)})")
     for key, t in d["targets"].items():
         if "gap_at_last_common_step" in t and t["gap_at_last_common_step"] is not None:
             verdict = {True: "met", False: "**not met**", None: "runs not finished"}[t["within_1_point"]]

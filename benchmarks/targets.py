@@ -116,6 +116,21 @@ def clock_row(c: dict, value: str, tail: str = "") -> str:
     return f"unresolved ({value}" + (f"; {why}" if why else "") + f"{tail})"
 
 
+def dense_row(key: str, dense: dict) -> str:
+    """The wall-clock row from the dense pair (zo_convergence.DENSE): the hybrid's ratio, its bounds, the setting."""
+    name, c = next(iter(dense.items()))
+    low, high = c.get("ratio_bounds") or (None, None)
+    span = "" if low is None or high is None else f" (bounds {low:.2f}x-{high:.2f}x)"
+    how = (f"step costs in one setting, {c.get('threads')} thread" if key == "wall_clock_dense_same_setting"
+           else "the runs' own seconds")
+    steps, ref_steps = c["steps_to_target"][:2]
+    every = f"every {c['eval_every']} steps" + (" and at the step between the last two" if all(
+        c.get("refined") or [False]) else "")
+    span = "" if span and low == high else span  # exact: evaluations one step apart at the level
+    return clock_row(c, f"{c['ratio']:.2f}x{span}, {name}: 80% at step {steps} vs AdamW + LoRA's {ref_steps}, both "
+                        f"evaluated {every}, {how}")
+
+
 def zo_rows() -> list[list[str]]:
     conv = (read_results("zo_convergence.json") or {}).get("runs", {})
     defaults = read_results("defaults.json") or {}
@@ -141,6 +156,12 @@ def zo_rows() -> list[list[str]]:
     clock = same or {n: c for n, c in (conv_doc.get("wall_clock_to_target") or {}).items() if c.get("ratio")}
     # step costs from one setting when measured, else the runs' own seconds; a run that met it beats an unresolved
     # one (the evaluations allow no verdict: clock_verdict), which beats one that did not
+    # the dense pair (zo_convergence.DENSE: both runs evaluated every 2 steps), where it has measured the ratio,
+    # decides the row: step costs from one setting first, its own seconds otherwise
+    dense, dense_key = {}, next((key for key in ("wall_clock_dense_same_setting", "wall_clock_dense")
+                      if any(c.get("ratio") is not None for c in (conv_doc.get(key) or {}).values())), None)
+    if dense_key:
+        dense = {n: c for n, c in conv_doc[dense_key].items() if c.get("ratio") is not None}
     rank = {True: 0, None: 1, False: 2}
     fastest = min(((n, c["ratio"]) for n, c in clock.items()), key=lambda kv: (rank[clock[kv[0]]["le_2x"]], kv[1]),
                   default=None)
@@ -181,6 +202,7 @@ def zo_rows() -> list[list[str]]:
         ["36", "hybrid (backprop through <= 2 blocks), 2,000 steps", ">= 0.87 at <= 1.5x inference memory",
          hybrid_verdict(hybrid, hybrid_memory, running("hybrid-lora"), old("hybrid-lora"))],
         ["36", "wall-clock to 80% dev, best ZO or hybrid / AdamW + LoRA", "<= 2x",
+         dense_row(dense_key, dense) if dense else
          "not measured yet: no ZO or hybrid run of the reference's prompt has reached 80%" if fastest is None else
          clock_row(clock[fastest[0]], f"{fastest[1]:.2f}x, {fastest[0]}{old(fastest[0])}{clock_note}",
                    harder_note(fastest[0]))],

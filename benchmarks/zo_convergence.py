@@ -72,6 +72,20 @@ RUNS = {
     # them); resumable over several sessions
     "mezo-lora-10k": (["--optimizer", "mezo", "--peft", "lora", "--steps", "10000"], 2),
 }
+# Issue 36's wall-clock target where it is decided: from SST-2's new prompt both the reference and the hybrid were
+# at 80% by their first evaluation (step 37 and 40), so those runs bound the ratio neither way. The same two
+# commands again, evaluated every DENSE_EVAL_EVERY steps from step 0 and stopped (one Ctrl-C: a clean, resumable stop)
+# at their first evaluation at TARGET_ACC, or at DENSE_MAX_STEPS without it. Then each once more (REFINE), evaluated
+# only at the step between its last two evaluations: the weights change only at a step, so evaluations one step apart
+# give the exact first step at the level (`dense_view`; used only where the refining run's losses equal the dense
+# run's at every step, i.e. the same trajectory). Run them one after the other with the same --threads on an
+# otherwise equal load: their own seconds are then one setting (`dense_clock`).
+DENSE = {"adamw-lora-dense": "adamw-lora", "hybrid-lora-dense": "hybrid-lora"}  # dense run -> the run it repeats
+REFINE = {"adamw-lora-dense-refine": "adamw-lora-dense", "hybrid-lora-dense-refine": "hybrid-lora-dense"}
+DENSE_EVAL_EVERY = 2
+DENSE_MAX_STEPS = 120
+for _name, _of in {**DENSE, **REFINE}.items():
+    RUNS[_name] = RUNS[DENSE.get(_of, _of)]
 # Runs whose wall-clock to TARGET_ACC is the contest: evaluated every 40 steps, as the reference every 37, so the
 # first evaluation at 80% is not 250 steps late (evaluations are not counted in the seconds)
 EVAL_EVERY = {"hybrid-lora": 40}
@@ -93,9 +107,94 @@ def train(name: str, threads: int, gpu: bool) -> None:
         defaults.run(SHARED[name], defaults.RUNS[SHARED[name]][0], threads, gpu)
         return
     flags, fps = RUNS[name]
+    every = DENSE_EVAL_EVERY if name in DENSE else EVAL_EVERY.get(name, round(EVAL_FORWARDS / fps))
+    if name in REFINE:
+        every = refine_step(REFINE[name])
+        if every is None or dense_decided(name):
+            return  # nothing to refine (yet), or done
+    if name in DENSE or name in REFINE:
+        if name in DENSE and dense_decided(name):
+            return
+        settings = OUT / "dense_settings.json"  # what the pair ran with: its seconds compare only in one setting
+        recorded = json.loads(settings.read_text()) if settings.exists() else {}
+        recorded[name] = {"threads": threads, "device": "cuda" if gpu else "cpu"}
+        settings.write_text(json.dumps(recorded, indent=2))
     train_run(run_dir(name), defaults.SST2 / "train.tsv", defaults.SST2 / "dev.tsv",
-              ["--model", "smollm2", "--eval-every", str(EVAL_EVERY.get(name, round(EVAL_FORWARDS / fps))), "--checkpoint-every", "25",
-               "--device", "cuda" if gpu else "cpu", *flags], threads)
+              ["--model", "smollm2", "--eval-every", str(every), "--checkpoint-every", "25",
+               "--device", "cuda" if gpu else "cpu", *flags], threads,
+              stop_when=(lambda _: dense_decided(name)) if name in DENSE or name in REFINE else None)
+
+
+def dense_decided(name: str) -> bool:
+    """Whether a dense run (DENSE) has what it is for: an evaluation at TARGET_ACC, or DENSE_MAX_STEPS evaluated; a
+    refining run (REFINE): its one evaluation after step 0."""
+    r = curve(name)
+    if name in REFINE:
+        return bool(r and refine_step(REFINE[name]) in r["steps"])
+    return bool(r and r["steps"] and (max(r["accuracy"]) >= TARGET_ACC or r["steps"][-1] >= DENSE_MAX_STEPS))
+
+
+def refine_step(dense: str) -> int | None:
+    """The step a refining run evaluates for the dense run `dense`: the one between its first evaluation at
+    TARGET_ACC and the evaluation before (None: not reached yet, or nothing between)."""
+    r = curve(dense)
+    if not r or not r["steps"]:
+        return None
+    first = next((i for i, a in enumerate(r["accuracy"]) if a >= TARGET_ACC), None)
+    if not first or r["steps"][first] - r["steps"][first - 1] != 2:
+        return None
+    return r["steps"][first] - 1
+
+
+def step_records(name: str) -> dict:
+    """{step: its training record (loss, step_time_s)} of a run's metrics.jsonl (a resume's re-logged step: the last)."""
+    path = run_dir(name) / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    records = (json.loads(line) for line in path.read_text().splitlines())
+    return {m["step"]: m for m in records if "loss" in m}
+
+
+def same_trajectory(a: dict, b: dict, upto: int) -> bool:
+    """Whether two runs' logged losses agree at every step up to `upto` (to float32 rounding): one trajectory."""
+    return all(k in a and k in b and math.isclose(a[k]["loss"], b[k]["loss"], rel_tol=1e-5, abs_tol=1e-7)
+               for k in range(1, upto + 1))
+
+
+def dense_view(results: dict, name: str) -> dict | None:
+    """The dense run `name` with its refining run's evaluation added (at the dense run's own seconds at that step)
+    where both followed one trajectory; "refined": whether it was, "refine_mismatch": a refining run that diverged."""
+    r = results.get(name)
+    if r is None:
+        return None
+    refine = next((k for k, v in REFINE.items() if v == name), None)
+    ref_run = results.get(refine)
+    step = refine_step(name) if ref_run else None
+    out = {**r, "refined": False}
+    if step is None or step not in ref_run["steps"]:
+        return out
+    own, other = step_records(name), step_records(refine)
+    if not same_trajectory(own, other, step):
+        return {**out, "refine_mismatch": True}
+    i = r["steps"].index(step + 1)
+    seconds = None if r.get("seconds") is None else sum(own[k]["step_time_s"] for k in range(1, step + 1))
+    out["steps"] = r["steps"][:i] + [step] + r["steps"][i:]
+    out["accuracy"] = r["accuracy"][:i] + [ref_run["accuracy"][ref_run["steps"].index(step)]] + r["accuracy"][i:]
+    if seconds is not None:
+        out["seconds"] = r["seconds"][:i] + [seconds] + r["seconds"][i:]
+    out["forward_passes"] = [k * r["forwards_per_step"] for k in out["steps"]] if "forwards_per_step" in r else None
+    out["refined"] = True
+    return out
+
+
+def step_bounds(run: dict, axis: str, level: float):
+    """`bounds`, exact where the evaluation before the first one at `level` is one step earlier: the weights change
+    only at a step, so the level was first reached at that step (lower = upper)."""
+    b = bounds(run, axis, level)
+    if b is None or b[1] is None:
+        return b
+    i = next(i for i, a in enumerate(run["accuracy"]) if a >= level)
+    return (b[1], b[1]) if i and run["steps"][i] - run["steps"][i - 1] == 1 else b
 
 
 def curve(name: str) -> dict | None:
@@ -173,7 +272,7 @@ def wall_clock(results: dict, level: float = TARGET_ACC) -> dict:
     ref_s = seconds_to(ref, level) if ref else None
     out = {}
     for name, r in results.items():
-        if name == REFERENCE or r.get("seconds") is None or not same_prompt(r, ref or {}):
+        if name == REFERENCE or name in DENSE or name in REFINE or r.get("seconds") is None or not same_prompt(r, ref or {}):
             continue
         s = seconds_to(r, level)
         ratio = s / ref_s if s is not None and ref_s else None
@@ -196,7 +295,7 @@ def bounds(run: dict, axis: str, level: float) -> tuple[float, float | None] | N
     return (xs[-1], None) if xs and run.get("finished") else None
 
 
-def ratio_verdict(run: dict, own, ref, cost: float, ref_cost: float) -> dict:
+def ratio_verdict(run: dict, own, ref, cost: float, ref_cost: float, ref_name: str = REFERENCE) -> dict:
     """The ratio's bounds from the two runs' `bounds` (each x its step cost) and the verdict on <= WALL_CLOCK_RATIO:
     True when even the largest ratio the evaluations allow is within it, False when even the smallest is above it or
     the run finished without getting there, None (unresolved) otherwise or while either run has not got there and is not finished; `first_evaluation` names
@@ -207,8 +306,56 @@ def ratio_verdict(run: dict, own, ref, cost: float, ref_cost: float) -> dict:
     high = None if own[1] is None or not ref[0] else own[1] * cost / (ref[0] * ref_cost)  # None: unbounded
     met = True if high is not None and high <= WALL_CLOCK_RATIO else \
         False if own[1] is None or low is not None and low > WALL_CLOCK_RATIO else None  # (finished, never got there)
-    first = [n for n, b in ((run.get("name"), own), (REFERENCE, ref)) if b[1] is not None and b[0] == 0 != b[1]]
+    first = [n for n, b in ((run.get("name"), own), (ref_name, ref)) if b[1] is not None and b[0] == 0 != b[1]]
     return {"ratio_bounds": [low, high], "le_2x": met, "first_evaluation": first}
+
+
+def dense_clock(results: dict) -> dict:
+    """Issue 36's wall-clock ratio from the dense pair (DENSE): the hybrid's training seconds to TARGET_ACC over AdamW +
+    LoRA's, each run's own logged step times, weighed as bounds (`ratio_verdict`: the first evaluation at the level
+    and the one before it, DENSE_EVAL_EVERY steps apart). A run stopped at DENSE_MAX_STEPS without the level counts
+    as finished without it. Runs of different prompts or settings (dense_settings.json) get no verdict."""
+    run, ref = "hybrid-lora-dense", "adamw-lora-dense"
+    a, b = dense_view(results, run), dense_view(results, ref)
+    if not a or not b or not a.get("seconds") or not b.get("seconds") or not same_prompt(a, b):
+        return {}
+    settings_path = OUT / "dense_settings.json"
+    settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+    capped = lambda r: {**r, "finished": r["finished"] or r["steps"][-1] >= DENSE_MAX_STEPS}  # noqa: E731
+    s, rs = seconds_to(a, TARGET_ACC), seconds_to(b, TARGET_ACC)
+    entry = {"reference": ref, "eval_every": DENSE_EVAL_EVERY, "max_steps": DENSE_MAX_STEPS,
+             "settings": [settings.get(run), settings.get(ref)],
+             "steps_to_target": [first_at(a, "steps", TARGET_ACC), first_at(b, "steps", TARGET_ACC)],
+             "seconds_to_target": s, "reference_seconds": rs, "ratio": s / rs if s is not None and rs else None,
+             "time_per_step_s": [a["time_per_step_s"], b["time_per_step_s"]], "refined": [a["refined"], b["refined"]],
+             **ratio_verdict({**a, "name": run}, step_bounds(capped(a), "seconds", TARGET_ACC),
+                             step_bounds(capped(b), "seconds", TARGET_ACC), 1.0, 1.0, ref_name=ref)}
+    if settings.get(run) is None or settings.get(run) != settings.get(ref):
+        entry["le_2x"] = None  # their seconds are not one setting's
+    return {run: entry}
+
+
+def dense_same_setting(results: dict, zo_step: dict | None) -> dict:
+    """The dense pair's steps to TARGET_ACC (bounds DENSE_EVAL_EVERY apart) x each step's cost from one
+    benchmarks/zo_step.py run (`same_setting_clock`'s costs): a ratio that the load beside either run cannot move."""
+    pair = {"hybrid-lora-dense": "hybrid-lora", "adamw-lora-dense": REFERENCE}
+    views = {n: dense_view(results, n) for n in pair}
+    if not all(views.values()):
+        return {}
+    renamed = {pair[n]: views[n] for n in pair}  # zo_step's configurations are named after the runs repeated
+    out = same_setting_clock(renamed, zo_step)
+    if "hybrid-lora" not in out:
+        return {}
+    a, b = views["hybrid-lora-dense"], views["adamw-lora-dense"]
+    capped = lambda r: {**r, "finished": r["finished"] or r["steps"][-1] >= DENSE_MAX_STEPS}  # noqa: E731
+    c = out["hybrid-lora"]
+    costs = c["step_cost_in_two_forwards"]
+    return {"hybrid-lora-dense": {**c, "reference": "adamw-lora-dense", "eval_every": DENSE_EVAL_EVERY,
+                                  "refined": [a["refined"], b["refined"]],
+                                  **ratio_verdict({**a, "name": "hybrid-lora-dense"},
+                                                  step_bounds(capped(a), "steps", TARGET_ACC),
+                                                  step_bounds(capped(b), "steps", TARGET_ACC), *costs,
+                                                  ref_name="adamw-lora-dense")}}
 
 
 # run -> its step's configuration in benchmarks/zo_step.py (the same method on the same model, timed in one run)
@@ -297,6 +444,8 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (by_forwards, by_seconds) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name, r in results.items():
+        if name in DENSE or name in REFINE:  # a few early steps each: the table's notes give them
+            continue
         label = name + ("" if r["finished"] else " (running)")
         style = dict(color="black", ls="--") if name == REFERENCE else {}
         by_forwards.plot(r["forward_passes"], r["accuracy"], marker="o", ms=3, label=label, **style)
@@ -321,7 +470,8 @@ def collect() -> dict:
     doc = {"target_accuracy": TARGET_ACC, "eval_every_forwards": EVAL_FORWARDS, "runs": results,
            "targets": compare(results), "wall_clock_to_target": wall_clock(results),
            "harder_level": HARDER_LEVEL, "wall_clock_to_harder_level": wall_clock(results, HARDER_LEVEL),
-           "wall_clock_same_setting": same_setting_clock(results, zo_step)}
+           "wall_clock_same_setting": same_setting_clock(results, zo_step), "wall_clock_dense": dense_clock(results),
+           "wall_clock_dense_same_setting": dense_same_setting(results, zo_step)}
     doc = judged(doc)
     path = OUT.with_suffix(".json")
     path.write_text(json.dumps(doc, indent=2))

@@ -123,7 +123,7 @@ def test_zo_step_memory_ratio_of_a_row_run_later_is_not_shown_as_one_run_ratio()
         assert line.rstrip(" |").rsplit("|", 1)[1].strip() == "-", line
 
 
-def test_wall_clock_target_is_not_met_on_two_first_evaluation_upper_bounds():
+def test_wall_clock_target_is_not_met_on_two_first_evaluation_upper_bounds(monkeypatch):
     """The wall-clock row says 'met (1.09x, hybrid-lora, ...)' from steps_to_target [40, 37]: AdamW + LoRA reached
     80% at its first evaluation (step 37) and the hybrid at its first (step 40). Both are only upper bounds (zero-shot
     is 0.78, 80% is 2 points above): the true ratio lies anywhere in [1/37, 40]. No verdict follows."""
@@ -133,6 +133,12 @@ def test_wall_clock_target_is_not_met_on_two_first_evaluation_upper_bounds():
     ref = conv["adamw-lora"]
     first = next(i for i, a in enumerate(ref["accuracy"]) if a >= 0.8)
     assert first == 1  # precondition: the reference got there at its first evaluation after step 0
+    # (lead) the dense pair (zo_convergence.DENSE, both runs evaluated every 2 steps) may settle the row since: this
+    # finding is about the first-evaluation bounds, so the row is judged here without the dense pair's entries
+    real = targets.read_results
+    without_dense = lambda name: {k: v for k, v in (real(name) or {}).items() if not k.startswith("wall_clock_dense")} \
+        if name == "zo_convergence.json" else real(name)  # noqa: E731
+    monkeypatch.setattr(targets, "read_results", without_dense)
     row = next(r for r in targets.zo_rows() if r[1].startswith("wall-clock"))
     assert not row[3].startswith("met"), row[3]
 
