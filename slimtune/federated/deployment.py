@@ -270,6 +270,9 @@ def finished_summary(out: Path, logs: Path, submit: subprocess.CompletedProcess)
                             f"{(submit.stderr or submit.stdout).strip().splitlines()[-1:]}")
     summary = json.loads(summary_path.read_text())
     if summary.get("stop_reason") != "completed":
+        if summary.get("rounds_done") and (out / "adapter").is_dir():  # stopped after some rounds: those are kept
+            raise SlimtuneError(f"federated run stopped early: {summary.get('stop_reason')}; the "
+                                f"{summary['rounds_done']} round(s) done are saved in {out} (logs in {logs})")
         raise SlimtuneError(f"federated run trained nothing: {summary.get('stop_reason')}; no adapter was saved "
                             f"(logs in {logs})")
     return summary

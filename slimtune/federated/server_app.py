@@ -18,7 +18,7 @@ from slimtune.federated.config import FederatedConfig, check_run, settings_path
 from slimtune.federated.local_privacy import private_clients
 from slimtune.federated.model import build_model, build_model_and_split, load_lora_state, lora_state
 from slimtune.federated.wire import FP32
-from slimtune.federated.strategy import FedLPP
+from slimtune.federated.strategy import FedLPP, NodesMissing
 from slimtune.peft import peft_summary
 from slimtune.peft.registry import adapter_meta, write_adapter
 from slimtune.train.metrics import MetricsLog, peak_memory_mb, reset_peak_memory
@@ -100,13 +100,20 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
             "aggregated, including a node registered by anyone who reaches Flower's Control API; list the run's node "
             "ids in allowed-nodes (python -m slimtune.federated.deployment does)")
     wait_for_nodes(grid, cfg.num_clients, cfg.node_timeout)
-    strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, timeout=cfg.round_timeout,
-                   evaluate_fn=evaluate_fn)
+    stopped = None  # NodesMissing: a later round found too few SuperNodes within node-timeout (strategy.py)
+    try:
+        strategy.start(grid, strategy.broadcast()[0], num_rounds=cfg.rounds, timeout=cfg.round_timeout,
+                       evaluate_fn=evaluate_fn)
+    except NodesMissing as exc:  # the rounds done are kept: adapter, metrics.jsonl, summary.json as for a full run
+        stopped = exc
+    done = cfg.rounds if stopped is None else stopped.server_round - 1
+    seconds = lambda: None if withheld else time.perf_counter() - started  # noqa: E731
     if not strategy.accepted_total and not cfg.client_level_dp:  # client-level DP: the noised rounds are the release
-        _write_summary(cfg, out, model, accountant, None if withheld else time.perf_counter() - started,
-                       nodes=len(strategy.nodes_replied))
+        _write_summary(cfg, out, model, accountant, seconds(), nodes=len(strategy.nodes_replied), rounds_done=done,
+                       stopped=stopped)
         raise SlimtuneError(f"federated run trained nothing: no client update was accepted in any round (see the "
-                            f"client errors in the log); no adapter was saved (summary in {out})")
+                            f"client errors in the log){f' ({stopped})' if stopped else ''}; no adapter was saved "
+                            f"(summary in {out})")
     load_lora_state(model, strategy.server_model())
     # the private fp32 result stays here; a tiny model's tokenizer is fitted to the clients' training texts, so a
     # private run saves none (its adapter then cannot be evaluated on that tiny base, and eval says so)
@@ -121,8 +128,12 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         scratch = lora_state(build_model(cfg)[0])  # a fresh LoRA the coalition builds from the public settings
         attacks = attack_report(score, metric == "accuracy", strategy.server_model(), history, model, objective,
                                 coalition_data(cfg, train, split), cfg, scratch)
-    return _write_summary(cfg, out, model, accountant, None if withheld else time.perf_counter() - started, attacks,
-                          nodes=len(strategy.nodes_replied))
+    summary = _write_summary(cfg, out, model, accountant, seconds(), attacks, nodes=len(strategy.nodes_replied),
+                             rounds_done=done, stopped=stopped)
+    if stopped is not None:
+        raise SlimtuneError(f"federated run stopped early: {stopped}; the {done} round(s) done are saved in {out} "
+                            f"(adapter, metrics.jsonl, summary.json)")
+    return summary
 
 
 def root_reference(cfg: FederatedConfig, model, tok, objective):
@@ -172,9 +183,12 @@ def _client_dp_accountant(cfg: FederatedConfig):
     return PrivacyAccountant(spec, cfg.num_clients, cfg.num_clients, cfg.client_dp_noise)  # all clients every round
 
 
-def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=None, nodes=None) -> dict:
-    """summary.json; `seconds` None: the run's time is withheld (private_clients), and so is its peak memory."""
+def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=None, nodes=None,
+                   rounds_done: int | None = None, stopped=None) -> dict:
+    """summary.json; `seconds` None: the run's time is withheld (private_clients), and so is its peak memory.
+    `rounds_done` < cfg.rounds with `stopped` (NodesMissing): the run stopped early, and says why."""
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    done = cfg.rounds if rounds_done is None else rounds_done
     dp = cfg.client_level_dp  # released every round; how many replies were accepted is not written (strategy.py)
     trained = sum(r.get("replies", 0) for r in rounds)
     from slimtune.federated.local_privacy import public_bound
@@ -186,8 +200,8 @@ def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=N
     summary = {"method": f"fedlpp-{cfg.mode}", "peft": f"lora ({'fp32' if cfg.bits == FP32 else f'{cfg.bits}-bit'})",
                "name": Path(cfg.out_dir).name, **peft_summary(model),
                "peak_mem_mb": max((r["peak_mem_mb"] for r in rounds if "peak_mem_mb" in r), default=None),
-               "time_per_step_s": None if seconds is None else seconds / max(cfg.rounds, 1),
-               "steps": cfg.rounds, "rounds": cfg.rounds,
+               "time_per_step_s": None if seconds is None else seconds / max(done, 1),
+               "steps": done, "rounds": cfg.rounds, "rounds_done": done,
                "clients": cfg.num_clients, "nodes_replied": None if dp else nodes, "bits": cfg.bits,
                "aggregation": cfg.aggregation,
                "weighting": cfg.weighting, "norm_bound": cfg.norm_bound, "robust": cfg.robust,
@@ -205,9 +219,10 @@ def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=N
                "payload_bytes_down_per_client_per_round": last.get("payload_bytes_down_per_client"),
                "payload_bytes_up_per_client_per_round": last.get("payload_bytes_up_per_client"),
                "bytes_communicated": bytes_total,
-               "epsilon": accountant.epsilon(cfg.rounds) if accountant and (trained or dp) else None,
+               "epsilon": (accountant.epsilon(done) if done else 0.0) if accountant and (trained or dp) else None,
                "delta": cfg.client_dp_delta if accountant and (trained or dp) else None,
-               "stop_reason": "completed" if trained or dp else "no client update was accepted in any round",
+               "stop_reason": (str(stopped) if stopped is not None and (trained or dp) else "completed" if trained or dp
+                               else "no client update was accepted in any round"),
                "accepted_updates": None if dp else trained,
                "rounds_with_lost_updates": short,  # a sampled client's update was rejected, failed or came too late
                "local_epsilon": local_epsilon, "local_delta": cfg.local_dp_delta if local_epsilon else None,

@@ -36,6 +36,10 @@ def simulate(cfg: FederatedConfig, cpus_per_client: float = 1.0, client_app=None
     if not path.exists():
         raise SlimtuneError(f"federated run did not finish (no {path}); see the log above")
     summary = json.loads(path.read_text())
+    if summary.get("stop_reason", "completed") != "completed" and summary.get("accepted_updates") != 0 and \
+            summary.get("rounds_done", summary.get("rounds")) != summary.get("rounds"):  # server_app: NodesMissing
+        raise SlimtuneError(f"federated run stopped early: {summary['stop_reason']}; the rounds done are saved in "
+                            f"{cfg.out_dir}")
     if summary.get("stop_reason", "completed") != "completed":
         raise SlimtuneError(f"federated run trained nothing: {summary['stop_reason']} (see the client errors above); "
                             f"no adapter was saved in {cfg.out_dir}")

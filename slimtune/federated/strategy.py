@@ -12,13 +12,16 @@ scales are fp16) is not taken and the optimizer state is reset: no reply can loc
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from slimtune import SlimtuneError
 from slimtune.federated.bounds import InfluenceBound, aggregate, client_weights
 from slimtune.federated.config import FederatedConfig
 from slimtune.federated.local_privacy import private_clients, public_bound
@@ -31,6 +34,18 @@ CLIENT_TEXT_CHARS = 300  # of a client's error text in the server's log
 log = logging.getLogger("slimtune.federated")
 
 FP16_MAX = 6.0e4  # just under float16's 65504: Q(theta)'s scales are fp16
+NODE_POLL_S = 1.0  # how often a round waiting for SuperNodes counts them
+
+
+class NodesMissing(SlimtuneError):
+    """Fewer SuperNodes connected than a round samples, after waiting --node-timeout: the run stops, keeping the rounds
+    done (run_server)."""
+
+    def __init__(self, server_round: int, connected: int, wanted: int, needed: int, timeout: float):
+        self.server_round, self.connected, self.wanted, self.needed = server_round, connected, wanted, needed
+        super().__init__(f"round {server_round}: {wanted - connected} of num-clients={wanted} SuperNodes missing "
+                         f"({connected} connected after waiting {timeout:.0f} s, node-timeout; a round samples "
+                         f"{needed})")
 
 
 class FedLPP(FedAvg):
@@ -55,6 +70,7 @@ class FedLPP(FedAvg):
         self.bound = InfluenceBound(cfg.norm_bound)
         self.nodes_replied: set[int] = set()  # every node a reply came from (the summary says how many)
         self.accepted_total = 0  # replies accepted in all rounds (not written under client-level DP)
+        self.nodes_short = False  # the last round went on with fewer than min_available_nodes (sample_train_nodes)
 
     def server_model(self) -> dict[str, torch.Tensor]:
         """The model the server keeps: the average of its iterates with --server-average, else theta itself.
@@ -82,12 +98,39 @@ class FedLPP(FedAvg):
         payload, nbytes = self.broadcast()  # the `arrays` argument is ignored: theta itself is never sent
         config = ConfigRecord({**dict(config), "server-round": server_round,
                                "slimtune-config": self.cfg.client_json()})
-        messages = list(super().configure_train(server_round, payload, config, grid))
+        # Flower's FedAvg.configure_train samples through sample_nodes, which waits without end for
+        # min_available_nodes: a node that left after round 1 stalled the server forever. Sampled here instead.
+        record = RecordDict({self.arrayrecord_key: payload, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, self.sample_train_nodes(grid, server_round),
+                                                 MessageType.TRAIN))
         down = wire_bytes(messages[0]) if messages else 0
         self.round_log[server_round] = {"round": server_round, "sampled": len(messages),
                                         "payload_bytes_down_per_client": nbytes,
                                         "bytes_down_per_client": down, "bytes_down_total": down * len(messages)}
         return messages
+
+    def sample_train_nodes(self, grid, server_round: int) -> list[int]:
+        """The nodes a round trains on. The round waits at most --node-timeout (node_timeout) for every client
+        (min_available_nodes; run_server: --clients), then goes on with the nodes connected if there are at least
+        the clients a round samples (min_train_nodes: --clients-per-round, else every client), else raises
+        NodesMissing (run_server keeps the rounds done). After a round that went on short, the next ones wait only
+        for the clients a round samples (a node that comes back is sampled again)."""
+        wanted = max(self.min_available_nodes, self.min_train_nodes)
+        needed = self.min_train_nodes
+        deadline = time.monotonic() + self.cfg.node_timeout
+        while True:
+            nodes = list(grid.get_node_ids())
+            if len(nodes) >= (needed if self.nodes_short else wanted) or time.monotonic() >= deadline:
+                break
+            time.sleep(NODE_POLL_S)
+        if len(nodes) < needed:
+            raise NodesMissing(server_round, len(nodes), wanted, needed, self.cfg.node_timeout)
+        if len(nodes) < wanted and not self.nodes_short:
+            log.warning("round %d: %d of %d SuperNodes connected after waiting %.0f s (node-timeout); the round samples "
+                        "%d of them", server_round, len(nodes), wanted, self.cfg.node_timeout, needed)
+        self.nodes_short = len(nodes) < wanted
+        size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+        return random.sample(nodes, size)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         payload, _ = self.broadcast()
@@ -101,7 +144,7 @@ class FedLPP(FedAvg):
         # returned metrics and the log (debug level only)
         dp = self.cfg.client_level_dp
         say = log.debug if dp else log.warning
-        accepted, rejected, bytes_up = [], 0, 0
+        accepted, rejected = [], 0
         for msg in replies:
             node = msg.metadata.src_node_id
             self.nodes_replied.add(node)
@@ -109,18 +152,17 @@ class FedLPP(FedAvg):
                 say("round %d: client %s failed (%s); skipped", server_round, node, self.client_text(msg.error.reason))
                 rejected += 1
                 continue
-            size = wire_bytes(msg)  # on the wire whether or not it is accepted
-            bytes_up += size
-            try:
-                accepted.append({**parse_reply(msg.content, self.cfg, self.shapes), "wire_bytes": size, "node": node})
+            try:  # sized only once accepted: what a rejected reply carried is not counted as a client's upload
+                parsed = parse_reply(msg.content, self.cfg, self.shapes)
+                accepted.append({**parsed, "wire_bytes": wire_bytes(msg), "node": node})
             except Exception as exc:  # noqa: BLE001 - whatever a reply holds, it can only be rejected
                 say("round %d: rejected reply from client %s: %s", server_round, node,
                     self.client_text(str(exc)) if isinstance(exc, ValueError) else f"malformed ({type(exc).__name__})")
                 rejected += 1
         self.accepted_total += len(accepted)
         info = self.round_log.setdefault(server_round, {"round": server_round})
-        counts = {} if dp else {"replies": len(accepted), "rejected": rejected}
-        info.update(counts, **({} if dp else {"bytes_up_total": bytes_up}))
+        if not dp:
+            info.update(replies=len(accepted), rejected=rejected)
         if (bound := public_bound(self.cfg, server_round)) is not None:  # private clients under a public M
             info["local_epsilon"] = bound  # of a client that trained in every round so far, from public settings
         missing = info.get("sampled", len(replies)) - len(replies)  # no reply within the round timeout
@@ -132,6 +174,9 @@ class FedLPP(FedAvg):
             self.theta = self.apply_updates(accepted, info, server_round)
             if self.average is not None:
                 self.average.update(self.theta)
+        counts = {} if dp else {"replies": info["replies"], "rejected": info["rejected"]}
+        if not dp:  # the accepted replies' bytes only (a rejected one's padding is no client's upload)
+            info["bytes_up_total"] = int(sum(a["wire_bytes"] for a in accepted))
         if accepted and not dp:
             info["payload_bytes_up_per_client"] = float(np.mean([a["bytes_up"] for a in accepted]))
             info["bytes_up_per_client"] = float(np.mean([a["wire_bytes"] for a in accepted]))
@@ -168,6 +213,20 @@ class FedLPP(FedAvg):
             deltas, cap = [clip_update(d, self.cfg.client_dp_clip) for d in deltas], self.cfg.client_dp_clip
         else:
             deltas, cap = self.bound.bound_deltas(deltas, [a["node"] for a in accepted])  # one window entry per node
+        if any(d is None for d in deltas):  # its scaled update measured above the bound (bounds.clip_update): rejected
+            dropped = sum(d is None for d in deltas)
+            (log.debug if self.cfg.client_level_dp else log.warning)(
+                "round %d: %d reply(ies) could not be scaled within the update bound %.3g; rejected", server_round,
+                dropped, cap)
+            accepted[:] = [a for a, d in zip(accepted, deltas) if d is not None]  # the caller's list too (bytes)
+            deltas = [d for d in deltas if d is not None]
+            self.accepted_total -= dropped
+            if info is not None and not self.cfg.client_level_dp:
+                info["replies"], info["rejected"] = info["replies"] - dropped, info["rejected"] + dropped
+            if not deltas and not self.cfg.client_level_dp:  # client-level DP still releases the noised zero sum
+                if info is not None:
+                    info["update_bound"] = cap
+                return self.theta
         weights = client_weights([a["claimed"] for a in accepted], self.cfg.weighting)
         update = aggregate(self.theta, deltas, weights, self.cfg, self.noise, info, reference)
         if info is not None:

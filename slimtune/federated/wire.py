@@ -64,6 +64,19 @@ def expected_keys(shapes: dict, bits: int) -> dict[str, type]:
     return {f"{name}::{part}": dtype for name in shapes for part, dtype in (("codes", np.uint8), ("scales", np.float16))}
 
 
+def expected_arrays(shapes: dict, bits: int, block_size: int) -> dict[str, tuple[type, tuple]]:
+    """The exact arrays an upload of `bits` carries: {key: (dtype, shape)}, the shapes decode_state checks (a reply's
+    declared arrays are compared with these before any is decoded)."""
+    if bits == FP32:
+        return {name: (np.float32, tuple(int(d) for d in shape)) for name, shape in shapes.items()}
+    out = {}
+    for name, shape in shapes.items():
+        n = int(np.prod(shape, dtype=np.int64))
+        out[f"{name}::codes"] = (np.uint8, (-(-n * bits // 8),))
+        out[f"{name}::scales"] = (np.float16, (-(-n // block_size),))
+    return out
+
+
 def as_array(value):
     from flwr.app import Array
     return Array(np.ascontiguousarray(value))
