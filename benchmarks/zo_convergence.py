@@ -189,7 +189,10 @@ def dense_view(results: dict, name: str) -> dict | None:
 
 def step_bounds(run: dict, axis: str, level: float):
     """`bounds`, exact where the evaluation before the first one at `level` is one step earlier: the weights change
-    only at a step, so the level was first reached at that step (lower = upper)."""
+    only at a step, so the level was first reached at that step (lower = upper). A run still going that has not got
+    there: (its last evaluation, None), a lower bound all the same (`dense_verdict` reads it as such)."""
+    if not run.get("finished") and run.get(axis) and max(run["accuracy"]) < level:
+        return run[axis][-1], None
     b = bounds(run, axis, level)
     if b is None or b[1] is None:
         return b
@@ -310,6 +313,18 @@ def ratio_verdict(run: dict, own, ref, cost: float, ref_cost: float, ref_name: s
     return {"ratio_bounds": [low, high], "le_2x": met, "first_evaluation": first}
 
 
+def dense_verdict(run: dict, ref: dict, axis: str, cost: float, ref_cost: float, name: str, ref_name: str) -> dict:
+    """`ratio_verdict` on the dense pair's `step_bounds`: a run still going that has not reached the level is not
+    met only once even its lower bound is over the target (ratio_verdict reads a missing upper bound as never)."""
+    own, other = step_bounds(run, axis, TARGET_ACC), step_bounds(ref, axis, TARGET_ACC)
+    out = ratio_verdict({**run, "name": name}, own, other, cost, ref_cost, ref_name=ref_name)
+    going = own is not None and own[1] is None and not run.get("finished")
+    if going and other is not None and other[1] is not None:
+        low = out["ratio_bounds"][0]
+        out["le_2x"] = False if low is not None and low > WALL_CLOCK_RATIO else None
+    return out
+
+
 def dense_clock(results: dict) -> dict:
     """Issue 36's wall-clock ratio from the dense pair (DENSE): the hybrid's training seconds to TARGET_ACC over AdamW +
     LoRA's, each run's own logged step times, weighed as bounds (`ratio_verdict`: the first evaluation at the level
@@ -328,8 +343,7 @@ def dense_clock(results: dict) -> dict:
              "steps_to_target": [first_at(a, "steps", TARGET_ACC), first_at(b, "steps", TARGET_ACC)],
              "seconds_to_target": s, "reference_seconds": rs, "ratio": s / rs if s is not None and rs else None,
              "time_per_step_s": [a["time_per_step_s"], b["time_per_step_s"]], "refined": [a["refined"], b["refined"]],
-             **ratio_verdict({**a, "name": run}, step_bounds(capped(a), "seconds", TARGET_ACC),
-                             step_bounds(capped(b), "seconds", TARGET_ACC), 1.0, 1.0, ref_name=ref)}
+             **dense_verdict(capped(a), capped(b), "seconds", 1.0, 1.0, run, ref)}
     if settings.get(run) is None or settings.get(run) != settings.get(ref):
         entry["le_2x"] = None  # their seconds are not one setting's
     return {run: entry}
@@ -352,10 +366,8 @@ def dense_same_setting(results: dict, zo_step: dict | None) -> dict:
     costs = c["step_cost_in_two_forwards"]
     return {"hybrid-lora-dense": {**c, "reference": "adamw-lora-dense", "eval_every": DENSE_EVAL_EVERY,
                                   "refined": [a["refined"], b["refined"]],
-                                  **ratio_verdict({**a, "name": "hybrid-lora-dense"},
-                                                  step_bounds(capped(a), "steps", TARGET_ACC),
-                                                  step_bounds(capped(b), "steps", TARGET_ACC), *costs,
-                                                  ref_name="adamw-lora-dense")}}
+                                  **dense_verdict(capped(a), capped(b), "steps", *costs, "hybrid-lora-dense",
+                                                  "adamw-lora-dense")}}
 
 
 # run -> its step's configuration in benchmarks/zo_step.py (the same method on the same model, timed in one run)

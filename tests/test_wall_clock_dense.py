@@ -157,3 +157,14 @@ def test_exact_first_steps_decide_a_ratio_the_two_step_bounds_left_open(tmp_path
     hybrid = _run([0, 2, 4, 6, 8, 10, 12, 13], [0.78, 0.78, 0.78, 0.78, 0.79, 0.797, 0.799, 0.801], 3.0)  # step 13
     c = z.dense_same_setting({"adamw-lora-dense": adamw, "hybrid-lora-dense": hybrid}, zo_step)["hybrid-lora-dense"]
     assert c["ratio_bounds"] == pytest.approx([13 / 6, 13 / 6]) and c["le_2x"] is False
+
+
+def test_a_dense_run_still_short_of_80_is_not_met_once_its_lower_bound_is_over_2x(tmp_path, monkeypatch):
+    z = _settings(tmp_path, monkeypatch)
+    adamw = _run([0, 2, 4, 6], [0.78, 0.786, 0.796, 0.801], 3.0)  # (4, 6]
+    early = _run([0, 2, 4, 6, 8, 10], [0.78, 0.78, 0.78, 0.79, 0.79, 0.797], 3.0)  # > 10 steps: 10/6 < 2
+    c = z.dense_clock({"adamw-lora-dense": adamw, "hybrid-lora-dense": early})["hybrid-lora-dense"]
+    assert c["le_2x"] is None and c["ratio_bounds"][0] == pytest.approx(10 / 6)
+    late = _run(list(range(0, 18, 2)), [0.78] * 9, 3.0)  # > 16 steps: 16/6 > 2, whatever comes next
+    c = z.dense_clock({"adamw-lora-dense": adamw, "hybrid-lora-dense": late})["hybrid-lora-dense"]
+    assert c["le_2x"] is False and c["ratio_bounds"][0] == pytest.approx(16 / 6)
