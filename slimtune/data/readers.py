@@ -16,9 +16,14 @@ from slimtune.data.tasks import Example, Task, quoting_rows, shown_columns
 # UTF-8, and a leading byte order mark is no part of the text: Excel and Notepad write one, which made a table's first
 # column '\ufeffsentence' and a JSONL file's first line invalid JSON
 ENCODING = "utf-8-sig"
-# csv's own limit (131,072 characters a field) ended a table holding one long document in 'internal error (Error: field
-# larger than field limit)'; a field is now bounded by memory (the largest limit a C long holds on every platform)
-FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+# The longest line (its line end included) a data or prompt file may hold: 64 Mi characters, thousands of times any
+# real example (a whole book is a few MB), so that a file that is no text (a binary file, a crash-zeroed or sparse file
+# named .jsonl: one "line" of gigabytes) is one line naming FILE:LINE, read in pieces of this size, never a
+# MemoryError from reading it whole. A CSV/TSV field (a quoted one may run over lines) is bounded alike: csv's own
+# limit (131,072 characters) ended a table holding one long document in 'internal error (Error: field larger than
+# field limit)'.
+MAX_LINE_CHARS = 64 * 2**20
+FIELD_LIMIT = MAX_LINE_CHARS
 
 
 class DuplicateKey(Exception):
@@ -48,23 +53,73 @@ def read_text(path: str | Path, newline: str | None = None) -> str:
         raise SlimtuneError(not_utf8(path)) from None
 
 
-def not_utf8(path: str | Path) -> str:
-    """The message for a file that is not UTF-8: its first undecodable line and that byte's offset in the file (a
-    decoding error's own offset is into the reader's internal buffer, neither the file nor a line)."""
+def not_utf8(path: str | Path, newline: str | None = None) -> str:
+    """The message for a file that is not UTF-8: the line of its first undecodable byte, counted as the reader that
+    failed counts lines (`newline`: as its open(); None and "" end a line at \r\n, a lone \r or \n, as the table
+    and JSONL readers do, a quoted CSV field's lines included; "\n" at \n only, as a prompt list), and that byte's
+    offset in the file (a decoding error's own offset is into the reader's internal buffer, neither the file nor a
+    line). Read in pieces of at most MAX_LINE_CHARS bytes: a file with no line end is never read whole."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        with open(path, "rb") as f:
-            offset = 0
-            for number, line in enumerate(f, start=1):
+        # latin-1 maps each byte to one character: the pieces are the file's bytes, split where the reader splits
+        with open_data_file(path, encoding="latin-1", newline="" if newline is None else newline) as f:
+            number, offset, after_cr = 1, 0, False
+            while piece := f.readline(MAX_LINE_CHARS):
+                data = piece.encode("latin-1")
+                if offset == 0 and data.startswith(b"\xef\xbb\xbf"):  # utf-8-sig's mark: no part of the text
+                    data, offset = data[3:], 3
+                pending = len(decoder.getstate()[0])  # a character's first bytes, held from the last piece
                 try:
-                    line.decode(ENCODING if number == 1 else "utf-8")
+                    decoder.decode(data)
                 except UnicodeDecodeError as exc:
-                    skipped = 3 if number == 1 and line.startswith(b"\xef\xbb\xbf") else 0  # utf-8-sig's mark
-                    return (f"{path}:{number}: not UTF-8 text (byte {offset + exc.start + skipped} of the file); "
+                    return (f"{path}:{number}: not UTF-8 text (byte {offset - pending + exc.start} of the file); "
                             "save it as UTF-8")
-                offset += len(line)
-    except OSError:
+                offset += len(data)
+                # a line end: a piece cut at MAX_LINE_CHARS may end between the \r and \n of one line end
+                if piece.endswith("\r") or (piece.endswith("\n") and not (after_cr and piece == "\n")):
+                    number += 1
+                after_cr = piece.endswith("\r")
+    except (OSError, SlimtuneError):
         pass
     return f"{path}: not UTF-8 text; save it as UTF-8"
+
+
+def lines_of(f, name: str | Path):
+    """The lines of an open text file as iterating it yields them (split as its `newline` says), each read with a
+    bound: a line longer than MAX_LINE_CHARS (its line end included) is a one-line error naming FILE:LINE before more
+    of it is read (a file with no line ends would otherwise be read whole: a MemoryError, or the machine's memory)."""
+    number = 0
+    while line := f.readline(MAX_LINE_CHARS + 1):
+        number += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise SlimtuneError(f"{name}:{number}: a line of more than {MAX_LINE_CHARS:,} characters: not a data "
+                                "row (a binary file, or a file with no line ends?)")
+        yield line
+
+
+def open_data_file(path: str | Path, mode: str = "r", encoding: str | None = None, newline: str | None = None):
+    """`path` opened for reading, as the regular file it must be: the path is opened first (not blocking: a named
+    pipe put in its place after require_data_file looked would wait for a writer) and the open file's own status
+    checked, so a path that stopped being a regular file between the check and the open is refused in one line (a
+    device such as /dev/zero never ends). Text (`mode` "r") in `encoding` (default UTF-8, a byte order mark
+    skipped); an OSError as open() raises it."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode_bits = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode_bits):
+            raise SlimtuneError(not_a_file(str(path), mode_bits))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        if "b" in mode:
+            return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "r", encoding=encoding or ENCODING, newline=newline)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -83,13 +138,17 @@ def require_data_file(source: str) -> Path:
         raise SlimtuneError(f"{source}: file not found") from None
     except OSError as exc:
         raise SlimtuneError(f"{source}: cannot be read ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(mode):
-        raise SlimtuneError(f"{source}: is a directory (a dataset saved with save_to_disk is read as hf:{source})")
     if not stat.S_ISREG(mode):
-        kind = next((name for test, name in FILE_KINDS if test(mode)), "not a file")
-        raise SlimtuneError(f"{source}: not a regular file ({kind}); a data file must be a file (save the stream "
-                            "to one first)")
+        raise SlimtuneError(not_a_file(source, mode))
     return path
+
+
+def not_a_file(source: str, mode: int) -> str:
+    """The message for a data path that is no regular file (its st_mode)."""
+    if stat.S_ISDIR(mode):
+        return f"{source}: is a directory (a dataset saved with save_to_disk is read as hf:{source})"
+    kind = next((name for test, name in FILE_KINDS if test(mode)), "not a file")
+    return f"{source}: not a regular file ({kind}); a data file must be a file (save the stream to one first)"
 
 
 def read_examples(source: str, task: Task, split: str = "train", column_flags: bool = True) -> list[Example]:
@@ -127,6 +186,8 @@ def read_rows(source: str, split: str = "train", task: Task | None = None) -> tu
             return _read_jsonl(path), str(path)
     except UnicodeDecodeError:
         raise SlimtuneError(not_utf8(source)) from None
+    except OSError as exc:  # the file went away (or became unreadable) since require_data_file looked
+        raise SlimtuneError(f"{source}: cannot be read ({exc.strerror or exc})") from None
 
 
 EVAL_IS_TRAINING = ("--eval-data is the training data: a private run's evaluations (and the best-model choice) "
@@ -188,8 +249,11 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
 
 def _opening_line(path: Path, start: int) -> int:
     """The first non-blank line from `start` on (csv skips blank lines before a row)."""
-    lines = path.read_text(encoding=ENCODING).splitlines()
-    return next((n for n in range(start, len(lines) + 1) if lines[n - 1].strip()), start)
+    with open_data_file(path, newline="") as f:
+        for number, line in enumerate(lines_of(f, path), start=1):
+            if number >= start and line.strip():
+                return number
+    return start
 
 
 class _NotQuoted(Exception):  # noqa: N818
@@ -200,8 +264,8 @@ def _parse_delimited(path: Path, delimiter: str, quoting: int) -> list[tuple[int
     kind, separator = ("TSV", "tab") if delimiter == "\t" else ("CSV", "comma")
     csv.field_size_limit(FIELD_LIMIT)
     raw_tsv = quoting == csv.QUOTE_NONE
-    with path.open(newline="", encoding=ENCODING) as f:
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting, strict=True,
+    with open_data_file(path, newline="") as f:
+        reader = csv.DictReader(lines_of(f, path), delimiter=delimiter, quoting=quoting, strict=True,
                                 **({"quotechar": None} if raw_tsv else {}))
         try:
             if reader.fieldnames is None:
@@ -227,6 +291,9 @@ def _parse_delimited(path: Path, delimiter: str, quoting: int) -> list[tuple[int
             if not rows:
                 raise SlimtuneError(f"{path}: only a header line, no rows")
         except csv.Error as exc:  # a stray quote, an unterminated quote at the end of the file, ...
+            if "field larger than field limit" in str(exc):  # a quoted field over many lines (an unclosed quote?)
+                raise SlimtuneError(f"{path}:{reader.reader.line_num}: a field of more than {FIELD_LIMIT:,} "
+                                    "characters (a quote that is never closed?)") from None
             if delimiter == "\t" and not raw_tsv:
                 raise _NotQuoted from None
             raise SlimtuneError(f"{path}:{reader.reader.line_num}: not a valid {kind} line ({exc})") from None
@@ -235,8 +302,8 @@ def _parse_delimited(path: Path, delimiter: str, quoting: int) -> list[tuple[int
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
-    with path.open(encoding=ENCODING) as f:
-        for line_no, line in enumerate(f, start=1):
+    with open_data_file(path) as f:
+        for line_no, line in enumerate(lines_of(f, path), start=1):
             if not line.strip():
                 continue
             if not rows and line.lstrip().startswith("["):

@@ -70,23 +70,27 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         load_lora_state(model, state)
         return objective.evaluate(model, evals, "cpu")[metric]
 
+    def scores(server_round: int) -> dict:
+        """The scores of a round's models, as every scored round (and a stopped run's last round) records them: the
+        server's model, what clients received, the iterate (--server-average) and the coalition's mean. Only the
+        released models (under client-level DP the noised aggregates), on the server's own evaluation data."""
+        record = {f"server_{metric}": score(strategy.server_model()),
+                  f"client_visible_{metric}": score(strategy.client_view())}
+        if cfg.server_average:  # the iterate clients train from, next to the average the server keeps
+            record[f"iterate_{metric}"] = score(strategy.theta)
+        record[f"eval_{metric}"] = record[f"server_{metric}"]
+        if history is not None and server_round:
+            record[f"multi_round_{metric}"] = score(history.mean())
+        return record
+
     def evaluate_fn(server_round: int, _arrays) -> MetricRecord:
-        received = strategy.client_view()
-        scored = cfg.evaluates(server_round)  # --eval-every: the other rounds are logged, not scored
+        if history is not None and server_round:  # what colluding clients have received so far
+            history.add(strategy.client_view())
         record = {**strategy.round_log.get(server_round, {"round": server_round}), "step": server_round}
-        if scored:
-            record.update({f"server_{metric}": score(strategy.server_model()),
-                           f"client_visible_{metric}": score(received)})
+        if cfg.evaluates(server_round):  # --eval-every: the other rounds are logged, not scored
+            record.update(scores(server_round))
         if not withheld:
             record.update(elapsed_s=time.perf_counter() - started, peak_mem_mb=peak_memory_mb("cpu"))
-        if scored:
-            if cfg.server_average:  # the iterate clients train from, next to the average the server keeps
-                record[f"iterate_{metric}"] = score(strategy.theta)
-            record[f"eval_{metric}"] = record[f"server_{metric}"]
-        if history is not None and server_round:  # what colluding clients have received so far
-            history.add(received)
-            if scored:
-                record[f"multi_round_{metric}"] = score(history.mean())
         if accountant and server_round:
             record.update(epsilon=accountant.epsilon(server_round), delta=cfg.client_dp_delta)
         log.write(record)
@@ -108,12 +112,17 @@ def run_server(grid: Grid, cfg: FederatedConfig) -> dict:
         stopped = exc
     done = cfg.rounds if stopped is None else stopped.server_round - 1
     seconds = lambda: None if withheld else time.perf_counter() - started  # noqa: E731
-    if not strategy.accepted_total and not cfg.client_level_dp:  # client-level DP: the noised rounds are the release
+    # nothing trained: no round completed (a stop in round 1, DP or not: no noised aggregate was released either),
+    # or no client update was accepted (client-level DP: every completed round released its noised aggregate)
+    if not done or (not strategy.accepted_total and not cfg.client_level_dp):
         _write_summary(cfg, out, model, accountant, seconds(), nodes=len(strategy.nodes_replied), rounds_done=done,
                        stopped=stopped)
-        raise SlimtuneError(f"federated run trained nothing: no client update was accepted in any round (see the "
-                            f"client errors in the log){f' ({stopped})' if stopped else ''}; no adapter was saved "
-                            f"(summary in {out})")
+        why = (f"no round was completed ({stopped})" if not done else
+               "no client update was accepted in any round (see the client errors in the log)"
+               f"{f' ({stopped})' if stopped else ''}")
+        raise SlimtuneError(f"federated run trained nothing: {why}; no adapter was saved (summary in {out})")
+    if stopped is not None and not cfg.evaluates(done) and evals:  # scored as a full run's last round is
+        _score_last_round(log.path, scores(done))
     load_lora_state(model, strategy.server_model())
     # the private fp32 result stays here; a tiny model's tokenizer is fitted to the clients' training texts, so a
     # private run saves none (its adapter then cannot be evaluated on that tiny base, and eval says so)
@@ -175,6 +184,17 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -
         time.sleep(poll)
 
 
+def _score_last_round(path: Path, scores: dict) -> None:
+    """A stopped run's last completed round, whose record --eval-every left unscored, with the scores of the model
+    saved (metrics.jsonl's last line: the summary's final_* read it, as a full run's last round is always scored)."""
+    from slimtune.train.metrics import _clean
+    from slimtune.train.run_dir import replace_file
+    lines = path.read_text().splitlines()
+    last = json.loads(lines[-1])
+    last.update({k: _clean(v) for k, v in scores.items()})
+    replace_file(path, "".join(line + "\n" for line in [*lines[:-1], json.dumps(last)]))
+
+
 def _client_dp_accountant(cfg: FederatedConfig):
     if not cfg.client_level_dp:
         return None
@@ -219,10 +239,12 @@ def _write_summary(cfg, out, model, accountant, seconds: float | None, attacks=N
                "payload_bytes_down_per_client_per_round": last.get("payload_bytes_down_per_client"),
                "payload_bytes_up_per_client_per_round": last.get("payload_bytes_up_per_client"),
                "bytes_communicated": bytes_total,
+               # what was released: every completed round's noised aggregate; none before round 1 completed
                "epsilon": (accountant.epsilon(done) if done else 0.0) if accountant and (trained or dp) else None,
-               "delta": cfg.client_dp_delta if accountant and (trained or dp) else None,
-               "stop_reason": (str(stopped) if stopped is not None and (trained or dp) else "completed" if trained or dp
-                               else "no client update was accepted in any round"),
+               "delta": (cfg.client_dp_delta if done else 0.0) if accountant and (trained or dp) else None,
+               "stop_reason": (f"no round was completed ({stopped})" if not done and stopped is not None else
+                               str(stopped) if stopped is not None and (trained or dp) else
+                               "completed" if trained or dp else "no client update was accepted in any round"),
                "accepted_updates": None if dp else trained,
                "rounds_with_lost_updates": short,  # a sampled client's update was rejected, failed or came too late
                "local_epsilon": local_epsilon, "local_delta": cfg.local_dp_delta if local_epsilon else None,

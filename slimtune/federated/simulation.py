@@ -36,8 +36,9 @@ def simulate(cfg: FederatedConfig, cpus_per_client: float = 1.0, client_app=None
     if not path.exists():
         raise SlimtuneError(f"federated run did not finish (no {path}); see the log above")
     summary = json.loads(path.read_text())
-    if summary.get("stop_reason", "completed") != "completed" and summary.get("accepted_updates") != 0 and \
-            summary.get("rounds_done", summary.get("rounds")) != summary.get("rounds"):  # server_app: NodesMissing
+    done = summary.get("rounds_done", summary.get("rounds"))  # 0: stopped in round 1, nothing saved (server_app)
+    if summary.get("stop_reason", "completed") != "completed" and summary.get("accepted_updates") != 0 and done and \
+            done != summary.get("rounds"):  # server_app: NodesMissing after some rounds, which are kept
         raise SlimtuneError(f"federated run stopped early: {summary['stop_reason']}; the rounds done are saved in "
                             f"{cfg.out_dir}")
     if summary.get("stop_reason", "completed") != "completed":

@@ -147,8 +147,16 @@ def render_chat(tokenizer, messages: list[dict], where: str | None = None) -> st
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=True)
-    except TemplateError as exc:
-        said = f" ({' '.join(str(exc).split())})" if quoting_rows() and str(exc).strip() else \
+    except Exception as exc:  # noqa: BLE001 - whatever the template's code raises on this conversation
+        # jinja's TemplateError (raise_exception, an undefined name, ...) or an error the template's expressions raise
+        # on this row (a TypeError, ZeroDivisionError, OverflowError, KeyError, a RecursionError or MemoryError, ...):
+        # the template failed on this conversation, which is named; never an internal error
+        if isinstance(exc, ImportError):  # jinja2 itself missing: no error of the template's
+            raise
+        text = " ".join(str(exc).split())
+        if not isinstance(exc, TemplateError):
+            text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        said = f" ({text})" if quoting_rows() and text else \
             ("" if quoting_rows() else " (its message withheld: private run)")
         raise SlimtuneError(f"{where + ': ' if where else ''}the model's chat template refuses this conversation"
                             f"{said}") from None

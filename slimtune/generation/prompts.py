@@ -68,15 +68,23 @@ def render_prompts(items: list, tokenizer, template: str | None = None, input_co
 
 def _read(source: str, column: str | None, learned_column: str | None = None) -> list:
     """`column` None: a JSONL row's `prompt`, else the learned column or `input`; a column given is used as given."""
-    from slimtune.data.readers import read_rows, read_text, require_data_file
+    from slimtune.data.readers import lines_of, not_utf8, open_data_file, read_rows, require_data_file
     from slimtune.data.tasks import text_field
 
     path = Path(source)
     if path.suffix.lower() == ".txt":
         require_data_file(source)  # a regular file (not a pipe or a device, which would block or never end)
-        # one prompt a line: only \n (and \r\n) end one; str.splitlines would also split at a form feed, U+2028, ...
+        try:
+            with open_data_file(path, newline="\n") as f:  # each line read with the readers' bound on its length
+                # one prompt a line: only \n (and \r\n) end one; str.splitlines would also split at a form feed,
+                # U+2028, ...
+                read = [line.removesuffix("\n") for line in lines_of(f, source)]
+        except UnicodeDecodeError:
+            raise SlimtuneError(not_utf8(source, newline="\n")) from None
+        except OSError as exc:  # the file went away (or became unreadable) since require_data_file looked
+            raise SlimtuneError(f"{source}: cannot be read ({exc.strerror or exc})") from None
         lines = []
-        for number, line in enumerate(read_text(path, newline="").split("\n"), 1):
+        for number, line in enumerate(read, 1):
             line = line.removesuffix("\r")
             if "\x00" in line:
                 raise SlimtuneError(f"{source}:{number}: a NUL byte (a damaged file, or UTF-16 saved as text?)")

@@ -37,12 +37,16 @@ _SHA256: dict[tuple, str] = {}  # (path, dev, inode, size, mtime, ctime) -> sha2
 
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's contents (hex): the one hasher of data and model files (rank_facts, the fingerprint). Kept
-    per process while the file's inode, size, mtime and ctime stay the same (any write changes its ctime)."""
+    per process while the file's inode, size, mtime and ctime stay the same (any write changes its ctime). Opened as
+    the readers open data (readers.open_data_file): what is hashed is the regular file opened, never a named pipe or
+    a device put in its place after a check (one would block or never end); read in chunks."""
+    from slimtune.data.readers import open_data_file
+
     path = Path(path)
-    st = path.stat()
-    cached = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if cached not in _SHA256:
-        with open(path, "rb") as f:
+    with open_data_file(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        cached = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if cached not in _SHA256:
             _SHA256[cached] = hashlib.file_digest(f, "sha256").hexdigest()
     return _SHA256[cached]
 
