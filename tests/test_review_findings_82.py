@@ -74,3 +74,27 @@ def test_a_sparse_file_of_zero_bytes_is_a_one_line_error_not_a_memory_error(tmp_
     code, err = slimtune("train", "--data", path, *FAST, "--out", tmp_path / "out", timeout=240, memory=4 << 30)
     line = assert_one_line_child(code, err, str(path))
     assert "internal error" not in line
+
+
+def test_a_chat_template_raising_any_error_on_a_row_is_one_line_naming_it():
+    """(lead) The fixer's change checked by hand only: a template whose expression raises on a row (here a division
+    by zero when a message is empty) is the same one line as jinja's TemplateError, naming the row; in a private run
+    its message (which could quote the row) is withheld."""
+    from types import SimpleNamespace
+
+    from slimtune import SlimtuneError
+    from slimtune.data.tasks import rows_unquoted
+    from slimtune.generation.data import render_chat
+
+    def apply_chat_template(messages, **kw):
+        return str(1 // len(messages[0]["content"]))  # ZeroDivisionError on an empty message
+
+    tok = SimpleNamespace(chat_template="{{ x }}", apply_chat_template=apply_chat_template)
+    assert render_chat(tok, [{"role": "user", "content": "hi"}], "d.jsonl:3") == "0"
+    with pytest.raises(SlimtuneError, match=r"d.jsonl:3: the model's chat template refuses this conversation "
+                                            r"\(ZeroDivisionError"):
+        render_chat(tok, [{"role": "user", "content": ""}], "d.jsonl:3")
+    with rows_unquoted():
+        with pytest.raises(SlimtuneError) as err:
+            render_chat(tok, [{"role": "user", "content": ""}], "d.jsonl:3")
+    assert "withheld" in str(err.value) and "ZeroDivision" not in str(err.value)
