@@ -136,11 +136,14 @@ class ZOArguments:
     warmup_steps: int | None = None  # None: TrainingArguments' warm-up if set, else the defaults table's; 0: none
 
     def __post_init__(self) -> None:
+        from slimtune.settings.python import check_types, python_number
+        self.warmup_steps = python_number(self.warmup_steps, "int")  # np.int64(100): the int it stands for
         if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or
                                               not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise SlimtuneError(f"ZOArguments: warmup_steps={self.warmup_steps!r}: a whole number of steps, 0 or more")
-        from slimtune.settings.python import check_types
-        check_types("ZOArguments", {f.name: getattr(self, f.name) for f in fields(self)}, ZO_ALIASES)
+        checked = check_types("ZOArguments", {f.name: getattr(self, f.name) for f in fields(self)}, ZO_ALIASES)
+        for name, value in checked.items():  # the Python values (np.float32(1e-3) -> 1e-3), as the settings take them
+            setattr(self, name, value)
         if self.optimizer not in OPTIMIZERS:
             raise SlimtuneError(f"ZOArguments: optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)} "
                                 "(first-order optimizers are transformers' own: use Trainer)")

@@ -37,7 +37,8 @@ from slimtune import SlimtuneError
 from slimtune.optim import OptimizerArgs
 from slimtune.optim.base import StepOutput
 from slimtune.optim.methods import METHODS, mechanism_refusal
-from slimtune.settings.python import check_keywords, default, in_python_terms, python_terms, require_model
+from slimtune.settings.python import (check_keywords, default, in_python_terms, python_number, python_terms,
+                                      require_model)
 
 Loss = Union[torch.Tensor, float]
 Closure = Callable[[], Loss]
@@ -342,6 +343,7 @@ class FZOO(ZerothOrderOptimizer):
     def check_directions(named: str, n_perturbations) -> None:
         """FZOO's N (`named`: how the caller wrote it, "slimtune.FZOO: n_perturbations"), refused where it is given
         (slimtune.FZOO, ZOArguments): the step is divided by the spread of N losses."""
+        n_perturbations = python_number(n_perturbations, "int")  # np.int64(8): the int it stands for
         if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 2:
             raise SlimtuneError(f"{named}={n_perturbations!r}: must be an integer >= 2 (the step is divided by the "
                                 "spread of their losses)")
@@ -471,6 +473,7 @@ class PrivateOptimizer(ZerothOrderOptimizer):
 
         owner = f"slimtune.{type(self).__name__}"
         require_model(owner, model)
+        dataset_size, batch_size = python_number(dataset_size, "int"), python_number(batch_size, "int")
         for name, value in (("dataset_size", dataset_size), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SlimtuneError(f"{owner}: {name}={value!r}: must be an integer >= 1 (the number of training "

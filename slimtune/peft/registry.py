@@ -588,7 +588,11 @@ def _load_lora(base_model: nn.Module, directory: Path) -> nn.Module:
                 pass
         except (SafetensorError, OSError) as exc:
             raise SlimtuneError(f"{weights}: not a readable safetensors file ({exc})") from None
-    key_mapping = dict(getattr(base_model, "_checkpoint_conversion_mapping", None) or {})  # as from_pretrained's
+    else:  # peft falls back to adapter_model.bin: read it first too, so that a damaged file is named as such
+        check_torch_weights(directory / "adapter_model.bin")
+    # as from_pretrained's; prompt-learning adapters' keys (prompt_embeddings) are not the model's: peft maps none
+    key_mapping = {} if getattr(config, "is_prompt_learning", False) else \
+        dict(getattr(base_model, "_checkpoint_conversion_mapping", None) or {})
     try:
         with warnings.catch_warnings():  # check_lora_loaded names them, and refuses the adapter
             warnings.filterwarnings("ignore", message="Found missing adapter keys")
@@ -598,6 +602,24 @@ def _load_lora(base_model: nn.Module, directory: Path) -> nn.Module:
                             f"({str(exc).strip().splitlines()[0][:200]}); use the base model it was trained on") from None
     check_lora_loaded(model, directory, key_mapping)
     return model
+
+
+def check_torch_weights(path: Path) -> None:
+    """`path` (a peft adapter_model.bin) is a readable torch file of named tensors, or one line naming it: torch's
+    UnpicklingError (not a torch file) or a truncated archive's RuntimeError would otherwise surface from peft as an
+    internal error, or as an adapter that does not fit the base model."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise SlimtuneError(f"{path}: could not be read ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged pickle or zip raises, the file is not readable
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise SlimtuneError(f"{path}: not a readable PyTorch weights file ({detail}); save the adapter again, or "
+                            "copy it again if the copy was interrupted") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise SlimtuneError(f"{path}: not an adapter's weights (expected named tensors, found "
+                            f"{type(state).__name__})")
 
 
 def check_lora_loaded(model: nn.Module, directory: Path, key_mapping: dict | None = None,
@@ -610,9 +632,13 @@ def check_lora_loaded(model: nn.Module, directory: Path, key_mapping: dict | Non
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
     path = lora_weights_file(directory)
+    config = model.peft_config[adapter]
+    if getattr(config, "is_prompt_learning", False):
+        key_mapping = None  # as peft: a prompt encoder's keys are not the base model's
     state = load_peft_weights(str(directory), device="cpu", key_mapping=key_mapping or None)
     tuner.check_finite(state, path)
-    config = model.peft_config[adapter]
+    if getattr(config, "is_prompt_learning", False):
+        return check_prompt_loaded(model, state, path, adapter)
     prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(config.peft_type, "lora_")
     with torch.no_grad():
         result = set_peft_model_state_dict(model, dict(state), adapter_name=adapter)
@@ -629,6 +655,41 @@ def check_lora_loaded(model: nn.Module, directory: Path, key_mapping: dict | Non
         raise SlimtuneError(f"{path}: does not match the adapter layers its {LORA_CONFIG} creates on this model: "
                             f"{'; '.join(parts)}; the adapter is refused (it would run as the base model, or part "
                             "of the adapter)")
+
+
+def check_prompt_loaded(model: nn.Module, state: dict, path: Path, adapter: str) -> None:
+    """check_lora_loaded for a prompt-learning adapter (prompt / prefix / p-tuning): its state lives on the prompt
+    encoder, which peft loads from the file's tensors by name (`prompt_embeddings`), not through the model's
+    state_dict, so torch's missing/unexpected keys say nothing. The file must hold exactly the tensors peft saves for
+    this adapter on this model (get_peft_model_state_dict: the names and shapes), and loading them again (peft's own
+    path, set_peft_model_state_dict) must leave the encoder holding them."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(model, adapter_name=adapter)
+    missing = sorted(set(expected) - set(state))
+    unused = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+             for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} prompt weight(s) the file lacks (e.g. {missing[0]})")
+    if unused:
+        parts.append(f"{len(unused)} tensor(s) the prompt encoder does not take (e.g. {unused[0]})")
+    if wrong:
+        parts.append(f"{len(wrong)} tensor(s) of another shape (e.g. {wrong[0]})")
+    if not parts:
+        try:
+            with torch.no_grad():
+                set_peft_model_state_dict(model, dict(state), adapter_name=adapter)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            parts.append(str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+        else:
+            loaded = get_peft_model_state_dict(model, adapter_name=adapter)
+            if any(not torch.equal(loaded[k].detach().cpu(), state[k].to(loaded[k].dtype).cpu()) for k in state):
+                parts.append("the prompt encoder does not hold the file's values after loading")
+    if parts:
+        raise SlimtuneError(f"{path}: does not match the prompt encoder its {LORA_CONFIG} creates on this model: "
+                            f"{'; '.join(parts)}; the adapter is refused")
 
 
 def merge_peft(model: nn.Module) -> nn.Module:

@@ -28,9 +28,65 @@ import dp_accounting
 from dp_accounting import pld, rdp
 
 from slimtune import SlimtuneError
+from slimtune.settings.train import MIN_NOISE_MULTIPLIER
+
+# The least noise the PLD accountant prices at its default --pld-discretization (1e-3): a Gaussian step's privacy-loss
+# distribution has ~1 / (sigma^2 * discretisation) points, and composing steps widens it. Measured (one thread,
+# dp-accounting 0.4): sigma 0.1, 100 steps at q 0.016: 1.3 s, 190 MB; 10,000 steps at q 1: 9.5 s, 1.3 GB. Sigma 0.05:
+# 10,000 steps at q 0.016 need more than 3 GB; 0.02: 19 s for one step; 1e-3: a 3.8 GiB array; 1e-4: 373 GiB.
+# A finer discretisation raises the floor as 1 / sqrt(discretisation) (sigma 0.316 at 1e-4 costs what 0.1 does at 1e-3).
+PLD_MIN_NOISE = 0.1
+# Noise above this is priced as this (dp-accounting squares sigma: 1e155 overflows). Less noise than the step had,
+# so the epsilon is an upper bound; at this level it is 0 to double precision.
+PRICED_NOISE_CEILING = 1e100
 
 # RDP orders that fail to converge are excluded by dp-accounting itself; its per-order warnings are noise.
 logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class Unaccountable(SlimtuneError):
+    """dp-accounting cannot price these releases (a privacy-loss distribution too large for memory, an epsilon that
+    overflows or is not a number): never an epsilon. Noise calibration counts such a probe as over budget."""
+
+
+def pld_noise_floor(discretization: float) -> float:
+    """The least effective Gaussian noise multiplier the PLD accountant prices within reasonable memory and time at
+    this --pld-discretization (PLD_MIN_NOISE at the default 1e-3), never below MIN_NOISE_MULTIPLIER."""
+    return max(MIN_NOISE_MULTIPLIER, PLD_MIN_NOISE * math.sqrt(1e-3 / discretization))
+
+
+def uses_pld(spec: "PrivacySpec") -> bool:
+    return spec.accountant == "pld" or spec.mechanism == "laplace"
+
+
+def check_noise(spec: "PrivacySpec", noise: float, releases: int = 1, quantile_noise: float = 0.0,
+                pld_used: bool | None = None) -> None:
+    """The noise of a step, refused (one line) where no accountant here can price it: a noise multiplier (or
+    adaptive clipping's count noise) below MIN_NOISE_MULTIPLIER, whatever the accountant (RDP prices sigma ~1e-152
+    at epsilon 0: its arithmetic gives NaN); with PLD, an effective multiplier below `pld_noise_floor`."""
+    if not math.isfinite(noise) or noise < MIN_NOISE_MULTIPLIER:
+        raise SlimtuneError(f"noise multiplier {noise:g} is below {MIN_NOISE_MULTIPLIER:g}, the least noise the "
+                            "privacy accountant prices (so little noise leaves nothing private to account); use "
+                            f"--noise-multiplier >= {MIN_NOISE_MULTIPLIER:g}, or a target --epsilon")
+    if quantile_noise and (not math.isfinite(quantile_noise) or quantile_noise < MIN_NOISE_MULTIPLIER):
+        raise SlimtuneError(f"adaptive clipping's count noise (quantile noise) {quantile_noise:g} is below "
+                            f"{MIN_NOISE_MULTIPLIER:g}, the least noise the privacy accountant prices; use a larger "
+                            "quantile noise, or 0 (fixed clipping)")
+    if (uses_pld(spec) if pld_used is None else pld_used) and spec.mechanism == "gaussian":
+        effective, floor = effective_noise(noise, releases, quantile_noise), pld_noise_floor(spec.pld_discretization)
+        if effective < floor:
+            why = [f"{releases} releases a step"] * (releases > 1) + \
+                ["adaptive clipping's counts"] * bool(quantile_noise)
+            detail = f" ({effective:.3g} for the step as a whole, with {' and '.join(why)})" if why else ""
+            raise SlimtuneError(f"noise multiplier {noise:g}{detail}: the PLD accountant at --pld-discretization "
+                                f"{spec.pld_discretization:g} cannot price noise below {floor:.3g} (its privacy-loss "
+                                "distribution outgrows memory); use --accountant rdp, or a larger --noise-multiplier")
+
+
+def pld_memory_message(spec: "PrivacySpec", noise: float) -> str:
+    return (f"noise multiplier {noise:g}: the PLD accountant at --pld-discretization {spec.pld_discretization:g} ran "
+            "out of memory pricing these steps (too little noise, or too many steps, for its privacy-loss "
+            "distribution); use --accountant rdp, or a larger --noise-multiplier")
 
 
 @dataclass
@@ -78,6 +134,7 @@ class PrivacyAccountant:
         """`past`: the trajectory's earlier segments (resume); `extra`: releases off the trajectory (steps released,
         then recomputed with fresh noise after a resume from an earlier checkpoint), composed into every epsilon."""
         check_releases(spec, releases)
+        check_noise(spec, noise_multiplier, releases, quantile_noise)  # before any work: what can be priced
         self.spec, self.n, self.batch_size, self.noise, self.releases = (spec, num_examples, batch_size,
                                                                          noise_multiplier, releases)
         self.quantile_noise = quantile_noise
@@ -108,11 +165,14 @@ class PrivacyAccountant:
         return out
 
     def epsilon(self, steps: int) -> float:
+        """Epsilon spent after `steps` steps: a finite number >= 0, or an Unaccountable error (one line)."""
         try:
             return self._epsilon(steps)
-        except (ZeroDivisionError, OverflowError, FloatingPointError):
-            raise SlimtuneError(f"noise multiplier {self.noise:g}: too small to account (epsilon overflows); use a "
-                                "larger --noise-multiplier or a target --epsilon") from None
+        except MemoryError:  # dp-accounting's PLD arrays (a numpy MemoryError, or C++'s std::bad_alloc)
+            raise Unaccountable(pld_memory_message(self.spec, self.noise)) from None
+        except (ZeroDivisionError, OverflowError, FloatingPointError):  # huge noise is priced at the ceiling: small
+            raise Unaccountable(f"noise multiplier {self.noise:g}: too little noise to account (epsilon overflows); "
+                                "use a larger --noise-multiplier, fewer steps or a target --epsilon") from None
 
     def _epsilon(self, steps: int) -> float:
         if steps not in self._cache:
@@ -121,6 +181,8 @@ class PrivacyAccountant:
             laplace = any(seg.mechanism == "laplace" for seg in segments)  # only PLD composes Laplace releases
             acc = make_accountant(replace(self.spec, accountant="pld") if laplace else self.spec)
             for seg in segments:
+                check_noise(replace(self.spec, mechanism=seg.mechanism), seg.noise_multiplier, seg.releases,
+                            seg.quantile_noise, pld_used=laplace or self.spec.accountant == "pld")
                 if seg.sampling != self.spec.sampling:  # add/remove and replace-one neighbours do not compose
                     raise SlimtuneError(f"releases made with --sampling {seg.sampling} (a run --restart replaced) "
                                         f"cannot be composed with --sampling {self.spec.sampling}'s accounting (their "
@@ -128,15 +190,13 @@ class PrivacyAccountant:
                 acc.compose(step_event(replace(self.spec, mechanism=seg.mechanism), seg.num_examples,
                                        seg.batch_size, seg.noise_multiplier, seg.releases, seg.quantile_noise),
                             seg.steps)  # each segment priced as the noise it had
-            self._cache[steps] = _epsilon_of(acc, self.spec.delta)
+            value = float(acc.get_epsilon(self.spec.delta))
+            if not math.isfinite(value) or value < 0:  # never a number: NaN, inf or < 0 is no guarantee
+                raise Unaccountable(f"noise multiplier {self.noise:g}: dp-accounting priced {steps} steps at epsilon "
+                                    f"{value}, which is no privacy guarantee (too little noise or too many steps to "
+                                    "account); use a larger --noise-multiplier, fewer steps or a target --epsilon")
+            self._cache[steps] = value
         return self._cache[steps]
-
-
-def _epsilon_of(acc, delta: float) -> float:
-    try:
-        return float(acc.get_epsilon(delta))
-    except (MemoryError, OverflowError, ValueError):
-        return math.inf  # too little noise to represent: certainly over any budget
 
 
 def check_releases(spec: PrivacySpec, releases: int) -> None:
@@ -149,9 +209,11 @@ def check_releases(spec: PrivacySpec, releases: int) -> None:
 
 
 def effective_noise(noise: float, releases: int = 1, quantile_noise: float = 0.0) -> float:
-    """Noise multiplier of the one Gaussian mechanism a step is: k scalars (sigma each), each with its count (sigma_b)."""
-    inverse_square = 1 / noise**2 + (1 / quantile_noise**2 if quantile_noise else 0.0)
-    return 1 / math.sqrt(releases * inverse_square)
+    """Noise multiplier of the one Gaussian mechanism a step is: k scalars (sigma each), each with its count (sigma_b):
+    1 / sqrt(k (1/sigma^2 + 1/sigma_b^2)), written so that no square overflows or underflows (sigma 1e300)."""
+    if not quantile_noise:
+        return noise / math.sqrt(releases)
+    return noise / math.hypot(noise, quantile_noise) * quantile_noise / math.sqrt(releases)
 
 
 def split_noise(effective: float, releases: int, quantile_noise: float) -> float:
@@ -175,9 +237,10 @@ def base_mechanism(spec: PrivacySpec, noise: float, releases: int = 1,
         if quantile_noise:
             raise SlimtuneError("adaptive clipping is accounted for Gaussian noise only: use --clipping fixed with "
                                 "--mechanism laplace")
-        return dp_accounting.LaplaceDpEvent(noise)
+        return dp_accounting.LaplaceDpEvent(min(noise, PRICED_NOISE_CEILING))
     if spec.mechanism == "gaussian":
-        return dp_accounting.GaussianDpEvent(effective_noise(noise, releases, quantile_noise))
+        return dp_accounting.GaussianDpEvent(min(effective_noise(noise, releases, quantile_noise),
+                                                 PRICED_NOISE_CEILING))
     raise SlimtuneError(f"unknown DP mechanism {spec.mechanism!r} (gaussian or laplace)")
 
 
@@ -224,12 +287,23 @@ def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps
         raise SlimtuneError("calibration needs a target epsilon")
     target = spec.target_epsilon
 
-    def over(noise: float) -> bool:
-        return PrivacyAccountant(spec, num_examples, batch_size, noise, releases, extra=extra).epsilon(steps) > target
+    def priced(noise: float) -> float:
+        return PrivacyAccountant(spec, num_examples, batch_size, noise, releases, extra=extra).epsilon(steps)
 
-    floor = _noise_floor(spec, num_examples, batch_size, releases)
+    def over(noise: float) -> bool:
+        try:
+            return priced(noise) > target
+        except Unaccountable:  # too little noise to price (PLD's memory, an overflow): certainly over any budget
+            return True
+
+    lowest = least_noise(spec, releases)  # the search never leaves what the accountant prices
+    floor = max(_noise_floor(spec, num_examples, batch_size, releases), lowest)
     if spec.accountant == "pld" and spec.mechanism == "gaussian":  # RDP is looser: its sigma bounds PLD's from above
-        high = calibrate_noise(replace(spec, accountant="rdp"), num_examples, batch_size, steps, releases, extra)
+        try:
+            high = max(calibrate_noise(replace(spec, accountant="rdp"), num_examples, batch_size, steps, releases,
+                                       extra), lowest)
+        except BeyondAccounting:  # RDP meets the target even at its least noise: start PLD's search at its own
+            high = lowest
         while over(high):  # a coarse --pld-discretization can make PLD the looser one: the answer must be probed
             high *= 2
             if high > 1e4:
@@ -242,7 +316,7 @@ def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps
             high, low = low, max(low / 2, floor)
         tol = 1e-4  # each PLD probe costs ~0.1 s
     else:
-        low, high, tol = floor, 1.0, 1e-5
+        low, high, tol = floor, max(1.0, floor), 1e-5
         while over(high):
             low, high = high, high * 2
             if high > 1e4:
@@ -250,11 +324,37 @@ def calibrate_noise(spec: PrivacySpec, num_examples: int, batch_size: int, steps
                                     f"steps at sampling rate {batch_size / num_examples:.4g} (noise multiplier > 1e4 "
                                     "needed); use fewer steps, a smaller batch or a larger epsilon")
     if not over(low):
+        if low <= lowest:  # the answer lies below the least noise priced: no run of this budget can be accounted
+            largest = _round_down(priced(lowest))
+            raise BeyondAccounting(f"--epsilon {target:g} is beyond what can be accounted: the least noise the "
+                                   f"{'PLD' if uses_pld(spec) else 'RDP'} accountant prices (noise multiplier "
+                                   f"{lowest:.3g}) spends epsilon {largest:.4g} in {steps} steps, the largest "
+                                   f"epsilon a run here can be calibrated to; use --epsilon <= {largest:.4g}")
         return low
     while high / low > 1 + tol:
         mid = math.sqrt(low * high)
         low, high = (mid, high) if over(mid) else (low, mid)
     return high
+
+
+class BeyondAccounting(SlimtuneError):
+    """A target epsilon so large that the noise it needs lies below the least noise the accountant prices."""
+
+
+def least_noise(spec: PrivacySpec, releases: int = 1) -> float:
+    """The least per-release noise multiplier calibration may answer: MIN_NOISE_MULTIPLIER, and with the PLD
+    accountant on Gaussian noise, the one whose effective multiplier (sigma / sqrt(releases)) is `pld_noise_floor`."""
+    if spec.accountant == "pld" and spec.mechanism == "gaussian":
+        return max(MIN_NOISE_MULTIPLIER, pld_noise_floor(spec.pld_discretization) * math.sqrt(releases))
+    return MIN_NOISE_MULTIPLIER
+
+
+def _round_down(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant digits, never above it (a bound the user may copy)."""
+    if value <= 0:
+        return value
+    scale = 10 ** (math.floor(math.log10(value)) - digits + 1)
+    return math.floor(value / scale) * scale
 
 
 def _noise_floor(spec: PrivacySpec, n: int, batch_size: int, releases: int) -> float:

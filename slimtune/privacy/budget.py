@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from slimtune import SlimtuneError
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, calibrate_noise, check_releases, check_spec
+from slimtune.settings.train import MIN_NOISE_MULTIPLIER
 
 CONTEXT = {"optimizer": "dpzero"}  # the settings' applicability rules: these are a private run's settings
 ALIASES = {"releases": "n_spsa"}  # keyword -> the train setting it is checked as (its rule, its CLI flag's name)
@@ -48,7 +49,7 @@ def epsilon(*, noise_multiplier: float, dataset_size: int, batch_size: int, step
 
     Args:
         noise_multiplier: sigma, the noise standard deviation on one released scalar (or gradient) divided by the
-            clipped sum's sensitivity.
+            clipped sum's sensitivity; at least 1e-3 (with the PLD accountant, 0.1 on the step's effective noise).
         dataset_size: N, the number of training examples.
         batch_size: the (expected, for Poisson sampling) batch size B; the sampling rate is B / N.
         steps: the number of steps composed.
@@ -65,8 +66,11 @@ def epsilon(*, noise_multiplier: float, dataset_size: int, batch_size: int, step
     a = _arguments(owner, dict(noise_multiplier=noise_multiplier, dataset_size=dataset_size, batch_size=batch_size,
                                steps=steps, delta=delta, releases=releases, quantile_noise=quantile_noise,
                                sampling=sampling, mechanism=mechanism, accountant=accountant),
-                   (argument("noise_multiplier", "float", low=0, low_open=True),
+                   (argument("noise_multiplier", "float", low=MIN_NOISE_MULTIPLIER),
                     argument("quantile_noise", "float", low=0)))
+    if 0 < a["quantile_noise"] < MIN_NOISE_MULTIPLIER:  # 0: fixed clipping, no count released
+        raise SlimtuneError(f"{owner}: quantile_noise={quantile_noise!r}: below {MIN_NOISE_MULTIPLIER:g}, the least "
+                            "noise the accountant prices; use a larger quantile_noise, or 0 (fixed clipping)")
     with python_terms(owner, ALIASES):  # the accountant's own checks (delta < 1/N, Laplace) speak the CLI's flags
         spec = _spec(None, a["delta"], a["sampling"], a["mechanism"], a["accountant"])
         check_spec(spec, a["dataset_size"])

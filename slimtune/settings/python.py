@@ -9,6 +9,8 @@ is read from the `TrainSettings` field that declares it.
 from __future__ import annotations
 
 import itertools
+import numbers
+import operator
 import re
 from contextlib import contextmanager
 from dataclasses import fields
@@ -42,10 +44,51 @@ def typed(owner: str, keyword: str, value, f):
     if base in ("int", "float") and isinstance(value, str):
         raise SlimtuneError(f"{owner}: {keyword}={value!r}: expected {'an integer' if base == 'int' else 'a number'}, "
                             "got a string")
+    if base in ("int", "float"):
+        value = python_number(value, base)
+    elif isinstance(value, tuple) and spec_of(f).list_of_str:  # target_modules=("q_proj", "v_proj"), as peft takes
+        value = list(value)
     try:
         return coerce(SimpleNamespace(name=keyword, type=f.type, metadata=f.metadata), value, None)
     except SlimtuneError as exc:  # coerce names the flag (--keyword): name the keyword
         raise SlimtuneError(in_python_terms(owner, str(exc))) from None
+
+
+def python_number(value, base: str):
+    """A number as numpy and torch hand it out, as the Python int or float it stands for (coerce then checks the
+    type and the range as for any Python number): an integer through operator.index (np.int64, a 0-d integer
+    tensor), a real through numbers.Real (np.float32) or a 0-d array's / tensor's .item(). Booleans (np.bool_, a
+    bool tensor), complex numbers, strings and anything else are returned as they are, for coerce to refuse."""
+    if value is None or isinstance(value, (bool, int, float, str)) or getattr(value, "ndim", 0) != 0:
+        return value  # a 1-element array or tensor is a list of one, not a number
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)) and \
+            not isinstance(value, numbers.Number):  # a 0-d torch tensor or numpy array: its one element
+        try:
+            value = value.item()
+        except Exception:  # noqa: BLE001 - not a number after all: coerce names it
+            return value
+        if isinstance(value, (bool, int, float)):
+            return value
+    if _is_bool(value) or isinstance(value, complex) or (isinstance(value, numbers.Complex)
+                                                        and not isinstance(value, numbers.Real)):
+        return value
+    if base == "int":
+        try:
+            return operator.index(value)
+        except TypeError:
+            return value
+    if isinstance(value, numbers.Real):
+        try:
+            return float(value)
+        except (TypeError, ValueError, OverflowError):
+            return value
+    return value
+
+
+def _is_bool(value) -> bool:
+    """np.bool_ and the like: never a number here, whatever __index__ they have."""
+    dtype = getattr(value, "dtype", None)
+    return isinstance(value, bool) or type(value).__name__ in ("bool_", "bool") or "bool" in str(dtype or "")
 
 
 def check_types(owner: str, values: dict, aliases: dict | None = None) -> dict:

@@ -12,6 +12,11 @@ from slimtune.optim.methods import (ADAPTIVE_CLIPPING, FIRST_ORDER, HYBRID, N_SP
 from slimtune.settings.base import Settings, condition, setting, unless, when
 from slimtune.settings.rules import DTYPES, check_device, check_task_text, normalise_dtype, require_input_file
 
+# The smallest noise multiplier (sigma, and adaptive clipping's count noise sigma_b) any path prices: the flag, the
+# Python API, noise calibration's search range and the accountant itself (privacy/accountant.py). Below it a run has
+# no privacy worth the name, and dp-accounting's arithmetic breaks down (RDP: epsilon NaN, priced as 0, near 1e-152).
+MIN_NOISE_MULTIPLIER = 1e-3
+
 LOZO = names(family="lozo")
 PEFT = ("none", "lora", "pissa", "adapter", "svfit")
 TASKS = ("sst2", "rte", "custom", "generation")
@@ -143,7 +148,8 @@ class TrainSettings(Settings):
                                     low_open=True, applies=private)
     delta: float = setting(1e-5, "DP: target delta (< 1/N)", low=0, high=1, low_open=True, high_open=True,
                            applies=private)
-    noise_multiplier: float | None = setting(None, "DP: fixed noise multiplier instead of calibrating", low=1e-3,
+    noise_multiplier: float | None = setting(None, "DP: fixed noise multiplier instead of calibrating",
+                                             low=MIN_NOISE_MULTIPLIER,
                                              applies=private)
     clip: float = setting(1.0, "DP: clipping threshold C (the starting C with adaptive clipping)", low=0,
                           low_open=True, applies=private)
