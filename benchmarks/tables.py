@@ -369,7 +369,8 @@ def zo_convergence_table() -> str:
             continue
         (steps, ref_steps), (cost, ref_cost) = c["steps_to_target"], c["step_cost_in_two_forwards"]
         low, high = c.get("ratio_bounds") or (None, None)
-        span = "" if low is None or high is None else f", between {low:.2f}x and {high:.2f}x"
+        span = "" if low is None or high is None else \
+            " (exact: evaluations one step apart at 80%)" if low == high else f", between {low:.2f}x and {high:.2f}x"
         every = f"every {c['eval_every']} steps" + (", then at the step between the last two" if all(
             c.get("refined") or [False]) else "")
         notes.append(f"{name}, same setting: {steps} steps x {cost:.2f} two-forward costs against {c['reference']}'s "
