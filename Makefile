@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 VPY = $(VENV)/bin/python
 PIP = $(VPY) -m pip --disable-pip-version-check
-PYTEST_ARGS ?= -q
+PYTEST_ARGS ?= -q -n auto --maxprocesses 4  # pytest-xdist: one worker per core, at most 4 (each test process uses 1 torch thread)
 
 .PHONY: install demo test test-latest lock bench docs clean-venv
 

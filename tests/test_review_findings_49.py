@@ -66,6 +66,9 @@ def _fake_machine(monkeypatch, mem_available_mb: float, own_rss_mb: float) -> No
 
     monkeypatch.setattr(memory_model, "open", fake_open, raising=False)
     monkeypatch.setattr(metrics, "process_memory_mb", lambda field: own_rss_mb)
+    # (lead) and its sibling ranks as holding as much: ranks_rss_mb reads the real siblings where this process's
+    # parent has exactly `processes` children (pytest-xdist's workers under their controller: 2 on 2 cores)
+    monkeypatch.setattr(memory_model, "ranks_rss_mb", lambda processes, own: processes * own)
 
 
 def test_data_parallel_ranks_do_not_count_the_other_ranks_memory_twice(tiny, monkeypatch):
