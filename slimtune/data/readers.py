@@ -261,8 +261,17 @@ class _NotQuoted(Exception):  # noqa: N818
 
 
 def _parse_delimited(path: Path, delimiter: str, quoting: int) -> list[tuple[int, dict]]:
+    """The rows of a table with csv's field limit at FIELD_LIMIT while it is read; the process's own limit (a caller
+    of the library may have raised it for its own files) is put back after."""
+    previous = csv.field_size_limit(FIELD_LIMIT)
+    try:
+        return _parse_bounded(path, delimiter, quoting)
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _parse_bounded(path: Path, delimiter: str, quoting: int) -> list[tuple[int, dict]]:
     kind, separator = ("TSV", "tab") if delimiter == "\t" else ("CSV", "comma")
-    csv.field_size_limit(FIELD_LIMIT)
     raw_tsv = quoting == csv.QUOTE_NONE
     with open_data_file(path, newline="") as f:
         reader = csv.DictReader(lines_of(f, path), delimiter=delimiter, quoting=quoting, strict=True,

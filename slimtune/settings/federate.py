@@ -59,6 +59,12 @@ def check_config_values(cfg, origin: str | None = None) -> None:
     settings._given = {CONFIG_NAMES.get(name, name) for name in cfg.changed()}
     settings._origin = dict.fromkeys(settings._given, origin) if origin else {}
     settings.check_applicable()
+    from slimtune.settings.train import MIN_NOISE_MULTIPLIER
+    for name in ("client_dp_noise", "local_dp_noise"):  # the accountant's one floor (privacy/accountant.check_noise)
+        value = getattr(settings, name)
+        if value and value < MIN_NOISE_MULTIPLIER:
+            raise SlimtuneError(f"{settings.where(name)} {value:g}: below {MIN_NOISE_MULTIPLIER:g}, the least noise the "
+                                "privacy accountant prices (so little noise leaves nothing private to account)")
     if cfg.bits not in (*range(1, 9), 32) or cfg.upload_bits not in (*range(1, 9), 32):
         raise SlimtuneError(f"--bits {cfg.bits} / --upload-bits {cfg.upload_bits}: each must be 1..8 or 32")
 
