@@ -74,3 +74,25 @@ def test_pld_fine_discretization_calibrates_a_common_budget():
     spec = PrivacySpec(accountant="pld", pld_discretization=1e-5, delta=1e-5, target_epsilon=0.5)
     sigma = calibrate_noise(spec, 67349, 64, 1000)
     assert 0.3 < sigma < 1.0, sigma
+
+
+def test_the_python_pricing_functions_take_the_pld_discretization_their_messages_name():
+    """(lead) Review 83's suspicion, confirmed: the PLD floor's message in slimtune.privacy.epsilon names
+    pld_discretization, which the function did not take, so a caller could neither follow the advice nor price PLD
+    at any other grid than 1e-3. Both pricing functions take it, and a coarser grid prices a sigma the default
+    refuses."""
+    import slimtune
+    from slimtune import SlimtuneError
+
+    kw = dict(dataset_size=1000, batch_size=16, steps=10, accountant="pld")
+    with pytest.raises(SlimtuneError, match="pld_discretization"):
+        slimtune.privacy.epsilon(noise_multiplier=0.05, **kw)
+    coarse = slimtune.privacy.epsilon(noise_multiplier=0.05, pld_discretization=1e-2, **kw)
+    assert coarse > 0
+    fine = slimtune.privacy.epsilon(noise_multiplier=1.0, pld_discretization=1e-4, **kw)
+    default = slimtune.privacy.epsilon(noise_multiplier=1.0, **kw)
+    assert fine <= default  # a finer grid is less pessimistic
+    sigma = slimtune.privacy.noise_multiplier(epsilon=default, pld_discretization=1e-4, **kw)
+    assert sigma <= 1.0 + 1e-3
+    with pytest.raises(SlimtuneError, match="pld_discretization"):
+        slimtune.privacy.epsilon(noise_multiplier=1.0, pld_discretization=-1.0, **kw)

@@ -36,14 +36,15 @@ def _arguments(owner: str, values: dict, extra: tuple) -> dict:
     return checked
 
 
-def _spec(target: float | None, delta: float, sampling: str, mechanism: str, accountant: str) -> PrivacySpec:
+def _spec(target: float | None, delta: float, sampling: str, mechanism: str, accountant: str,
+          pld_discretization: float) -> PrivacySpec:
     return PrivacySpec(target_epsilon=target, delta=delta, sampling=sampling, mechanism=mechanism,
-                       accountant=accountant)
+                       accountant=accountant, pld_discretization=pld_discretization)
 
 
 def epsilon(*, noise_multiplier: float, dataset_size: int, batch_size: int, steps: int, delta: float = 1e-5,
             releases: int = 1, quantile_noise: float = 0.0, sampling: str = "poisson", mechanism: str = "gaussian",
-            accountant: str = "rdp") -> float:
+            accountant: str = "rdp", pld_discretization: float = 1e-3) -> float:
     """Epsilon (at `delta`) after `steps` steps with noise multiplier sigma = `noise_multiplier`, on batches of
     expected size `batch_size` out of `dataset_size` examples.
 
@@ -59,20 +60,22 @@ def epsilon(*, noise_multiplier: float, dataset_size: int, batch_size: int, step
         sampling: `poisson` (exact) or `shuffle` (fixed-size batches, accounted as sampling without replacement).
         mechanism: `gaussian` or `laplace` (Laplace: accounted with PLD).
         accountant: `rdp` or `pld` (tighter).
+        pld_discretization: the PLD accountant's value discretisation (pessimistic; finer is tighter and slower).
     """
     from slimtune.settings.python import argument, python_terms
 
     owner = "slimtune.privacy.epsilon"
     a = _arguments(owner, dict(noise_multiplier=noise_multiplier, dataset_size=dataset_size, batch_size=batch_size,
                                steps=steps, delta=delta, releases=releases, quantile_noise=quantile_noise,
-                               sampling=sampling, mechanism=mechanism, accountant=accountant),
+                               sampling=sampling, mechanism=mechanism, accountant=accountant,
+                               pld_discretization=pld_discretization),
                    (argument("noise_multiplier", "float", low=MIN_NOISE_MULTIPLIER),
                     argument("quantile_noise", "float", low=0)))
     if 0 < a["quantile_noise"] < MIN_NOISE_MULTIPLIER:  # 0: fixed clipping, no count released
         raise SlimtuneError(f"{owner}: quantile_noise={quantile_noise!r}: below {MIN_NOISE_MULTIPLIER:g}, the least "
                             "noise the accountant prices; use a larger quantile_noise, or 0 (fixed clipping)")
     with python_terms(owner, ALIASES):  # the accountant's own checks (delta < 1/N, Laplace) speak the CLI's flags
-        spec = _spec(None, a["delta"], a["sampling"], a["mechanism"], a["accountant"])
+        spec = _spec(None, a["delta"], a["sampling"], a["mechanism"], a["accountant"], a["pld_discretization"])
         check_spec(spec, a["dataset_size"])
         check_releases(spec, a["releases"])
         return PrivacyAccountant(spec, a["dataset_size"], a["batch_size"], a["noise_multiplier"], a["releases"],
@@ -81,7 +84,7 @@ def epsilon(*, noise_multiplier: float, dataset_size: int, batch_size: int, step
 
 def noise_multiplier(*, epsilon: float, dataset_size: int, batch_size: int, steps: int, delta: float = 1e-5,
                      releases: int = 1, sampling: str = "poisson", mechanism: str = "gaussian",
-                     accountant: str = "rdp") -> float:
+                     accountant: str = "rdp", pld_discretization: float = 1e-3) -> float:
     """The smallest noise multiplier sigma whose epsilon after `steps` steps is at most `epsilon` (bisection on the
     accountant; arguments as `epsilon()`)."""
     from slimtune.settings.python import argument, python_terms
@@ -89,10 +92,10 @@ def noise_multiplier(*, epsilon: float, dataset_size: int, batch_size: int, step
     owner = "slimtune.privacy.noise_multiplier"
     a = _arguments(owner, dict(epsilon=epsilon, dataset_size=dataset_size, batch_size=batch_size, steps=steps,
                                delta=delta, releases=releases, sampling=sampling, mechanism=mechanism,
-                               accountant=accountant),
+                               accountant=accountant, pld_discretization=pld_discretization),
                    (argument("epsilon", "float", low=0, low_open=True),))
     with python_terms(owner, ALIASES):
-        spec = _spec(a["epsilon"], a["delta"], a["sampling"], a["mechanism"], a["accountant"])
+        spec = _spec(a["epsilon"], a["delta"], a["sampling"], a["mechanism"], a["accountant"], a["pld_discretization"])
         return calibrate_noise(spec, a["dataset_size"], a["batch_size"], a["steps"], a["releases"])
 
 
