@@ -313,6 +313,11 @@ def ratio_verdict(run: dict, own, ref, cost: float, ref_cost: float, ref_name: s
     return {"ratio_bounds": [low, high], "le_2x": met, "first_evaluation": first}
 
 
+def capped(run: dict) -> dict:
+    """A dense run stopped at DENSE_MAX_STEPS without the level counts as finished without it."""
+    return {**run, "finished": run["finished"] or run["steps"][-1] >= DENSE_MAX_STEPS}
+
+
 def dense_verdict(run: dict, ref: dict, axis: str, cost: float, ref_cost: float, name: str, ref_name: str) -> dict:
     """`ratio_verdict` on the dense pair's `step_bounds`: a run still going that has not reached the level is not
     met only once even its lower bound is over the target (ratio_verdict reads a missing upper bound as never)."""
@@ -336,7 +341,6 @@ def dense_clock(results: dict) -> dict:
         return {}
     settings_path = OUT / "dense_settings.json"
     settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
-    capped = lambda r: {**r, "finished": r["finished"] or r["steps"][-1] >= DENSE_MAX_STEPS}  # noqa: E731
     s, rs = seconds_to(a, TARGET_ACC), seconds_to(b, TARGET_ACC)
     entry = {"reference": ref, "eval_every": DENSE_EVAL_EVERY, "max_steps": DENSE_MAX_STEPS,
              "settings": [settings.get(run), settings.get(ref)],
@@ -361,7 +365,6 @@ def dense_same_setting(results: dict, zo_step: dict | None) -> dict:
     if "hybrid-lora" not in out:
         return {}
     a, b = views["hybrid-lora-dense"], views["adamw-lora-dense"]
-    capped = lambda r: {**r, "finished": r["finished"] or r["steps"][-1] >= DENSE_MAX_STEPS}  # noqa: E731
     c = out["hybrid-lora"]
     costs = c["step_cost_in_two_forwards"]
     return {"hybrid-lora-dense": {**c, "reference": "adamw-lora-dense", "eval_every": DENSE_EVAL_EVERY,

@@ -118,10 +118,8 @@ def require_input_file(path: str, flag: str, regular: bool = True) -> None:
     if not path.startswith("hf:") and target.is_dir():
         raise SlimtuneError(f"{flag} {path}: is a directory (for a saved dataset write hf:{path})")
     if regular and not path.startswith("hf:") and not stat.S_ISREG(mode := target.stat().st_mode):
-        from slimtune.data.readers import FILE_KINDS
-        kind = next((name for test, name in FILE_KINDS if test(mode)), "not a file")
-        raise SlimtuneError(f"{flag} {path}: not a regular file ({kind}); a data file must be a file (save the "
-                            "stream to one first)")
+        from slimtune.data.readers import not_a_file
+        raise SlimtuneError(f"{flag} {not_a_file(path, mode)}")
     if not os.access(target, os.R_OK):
         raise SlimtuneError(f"{flag} {path}: not readable")
 
