@@ -64,6 +64,7 @@ def test_pld_fine_discretization_prices_a_common_sigma():
     assert 0.1 < eps < 0.3, eps
 
 
+@pytest.mark.slow  # ~100 s of real PLD probes at 1e-5; the fast test below covers the same path with cheap pricing
 def test_pld_fine_discretization_calibrates_a_common_budget():
     """The same floor in calibration: --epsilon 0.5 at --pld-discretization 1e-5 (67,349 rows, batch 64, 1,000 steps)
     is refused as 'beyond what can be accounted ... use --epsilon <= 0.1407': the user is told to ask for a smaller
@@ -73,6 +74,31 @@ def test_pld_fine_discretization_calibrates_a_common_budget():
 
     spec = PrivacySpec(accountant="pld", pld_discretization=1e-5, delta=1e-5, target_epsilon=0.5)
     sigma = calibrate_noise(spec, 67349, 64, 1000)
+    assert 0.3 < sigma < 1.0, sigma
+
+
+def test_pld_fine_discretization_calibration_is_not_floored_above_a_common_answer(monkeypatch):
+    """(lead) The test above, within the suite's time: the same calibration (PLD at --pld-discretization 1e-5, SST-2's
+    67,349 rows, batch 64, 1,000 steps, epsilon 1) with each probe priced by RDP at the probe's own sigma (cheap,
+    monotone, the same order of answer) instead of a 1e-5 PLD grid. What is under test is the search's floor: before
+    review 83's fix it was 1.0 at this grid, and every budget whose answer lies below 1 was refused as 'beyond what
+    can be accounted'."""
+    from dataclasses import replace
+
+    from slimtune.privacy import accountant as acc
+
+    real_epsilon = acc.PrivacyAccountant.epsilon
+
+    def rdp_priced(self, steps):
+        if self.spec.accountant != "pld":
+            return real_epsilon(self, steps)
+        cheap = acc.PrivacyAccountant(replace(self.spec, accountant="rdp"), self.n, self.batch_size, self.noise,
+                                      self.releases)
+        return real_epsilon(cheap, steps)
+
+    monkeypatch.setattr(acc.PrivacyAccountant, "epsilon", rdp_priced)
+    spec = acc.PrivacySpec(accountant="pld", pld_discretization=1e-5, delta=1e-5, target_epsilon=1.0)
+    sigma = acc.calibrate_noise(spec, 67349, 64, 1000)
     assert 0.3 < sigma < 1.0, sigma
 
 
