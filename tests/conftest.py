@@ -74,3 +74,24 @@ def one_line_error(res) -> str:
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
     return " ".join(lines[0].split())
+
+
+@pytest.fixture
+def retired_keys(monkeypatch):
+    """{key file path: its JSON text}, read just before a completed private run retires its key (an attacker's
+    test needs the key the run used; the run directory no longer holds it)."""
+    from slimtune.privacy import secret
+    from slimtune.train import trainer
+
+    seen: dict = {}
+    real = secret.retire_key_file
+
+    def spy(path):
+        from pathlib import Path
+        path = Path(path)
+        if path.is_file():
+            seen[path] = path.read_text()
+        real(path)
+
+    monkeypatch.setattr(trainer, "retire_key_file", spy)
+    return seen

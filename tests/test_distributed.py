@@ -70,7 +70,10 @@ def test_dpzero_ranks_share_the_secret_noise(tmp_path, demo_paths):
     """Same secret (from the checkpoint) -> the 2-rank and 1-process continuations agree, noise included. A fixed
     noise multiplier: a budget planned for the first 3 steps stopped both continuations at once ('privacy budget
     exhausted'), and the test compared two copies of the step-3 checkpoint (data-parallel review)."""
-    private = ("--noise-multiplier", "1.0", "--delta", "1e-3")
+    from slimtune.privacy.secret import create_key_file
+    create_key_file(tmp_path / "run.key")  # (lead) a completed run retires its own key: one extended later keeps its
+    # own --secret-key-file
+    private = ("--noise-multiplier", "1.0", "--delta", "1e-3", "--secret-key-file", str(tmp_path / "run.key"))
     launch(args(demo_paths, tmp_path / "two", "dpzero", 3, *private), 2)
     shutil.copytree(tmp_path / "two", tmp_path / "one")
     start = weights(tmp_path / "one")

@@ -69,12 +69,12 @@ def key_encodings(key: bytes) -> list[bytes]:
 
 
 # -- (a) nothing outside the key file determines the noise --------------------------------------------------------
-def test_no_run_file_but_the_key_file_holds_the_key_or_a_generator_state(tmp_path):
+def test_no_run_file_but_the_key_file_holds_the_key_or_a_generator_state(tmp_path, retired_keys):
     run = tmp_path / "run"
     train(prepare(private_config(run)))
     key_path = run / KEY_FILE
-    assert key_path.exists(), f"a private run keeps its key in {KEY_FILE}"
-    key = bytes.fromhex(json.loads(key_path.read_text())["key"])
+    assert not key_path.exists() and key_path in retired_keys, "a completed run retires its key file"  # (lead)
+    key = bytes.fromhex(json.loads(retired_keys[key_path])["key"])
     assert len(key) >= 16, "the key has at least 128 bits"
     for path in run_files(run):
         if path == key_path:
@@ -106,10 +106,12 @@ def generator_states(obj, found=None) -> list:
 def test_the_checkpoint_does_not_predict_the_next_noise(tmp_path):
     """The attack of the review: load the noise generator from checkpoint/optimizer.pt (step 3) and predict the noisy
     counts of steps 4..6 that adaptive clipping's logged C reveals."""
-    run = tmp_path / "run"
-    train(prepare(private_config(run, steps=3)))
+    from slimtune.privacy.secret import create_key_file
+    run, key = tmp_path / "run", str(tmp_path / "run.key")
+    create_key_file(Path(key))  # (lead) a completed run is extended only with a key file of the user's
+    train(prepare(private_config(run, steps=3, secret_key_file=key)))
     state = torch.load(run / "checkpoint" / "optimizer.pt", weights_only=False)
-    train(prepare(private_config(run, steps=6), resume=True))
+    train(prepare(private_config(run, steps=6, secret_key_file=key), resume=True))
     stolen = generator_states(state)
     if not stolen:
         return  # nothing to steal: the attack has no generator to start from
@@ -169,7 +171,7 @@ def search_seed(noisy: dict[int, float], sigma_b: float, candidates) -> list[int
     return hits
 
 
-def test_the_seed_search_finds_a_32_bit_seed_and_nothing_for_a_real_run(tmp_path):
+def test_the_seed_search_finds_a_32_bit_seed_and_nothing_for_a_real_run(tmp_path, retired_keys):
     sigma_b = 2.0
     # 1. the attack works: releases made with a 32-bit seed are found within the searched space
     true_seed = 0x5EED_0B57
@@ -184,16 +186,21 @@ def test_the_seed_search_finds_a_32_bit_seed_and_nothing_for_a_real_run(tmp_path
     train(prepare(private_config(run)))
     noisy, sigma = noisy_counts(run), quantile_noise(run)
     assert noisy and sigma > 0
-    space = sorted({w + d for w in seed_words(run) for d in range(-20, 21)})
+    words = seed_words(run, retired_keys.get(run / KEY_FILE))  # (lead) the key as the run retired it
+    assert len(words) >= 16
+    space = sorted({w + d for w in words for d in range(-20, 21)})
     assert search_seed(noisy, sigma, space) == []
 
 
-def seed_words(run: Path) -> set[int]:
-    """The 32-bit words an implementation could have keyed torch's generator with: every word of the key file, and
-    for the pre-issue-33 format (a 63-bit secret in checkpoint/secret.json) the low word of its noise seed."""
+def seed_words(run: Path, key_text: str | None = None) -> set[int]:
+    """The 32-bit words an implementation could have keyed torch's generator with: every word of the key file (its
+    text as read before a completed run retired it, or the file), and for the pre-issue-33 format (a 63-bit secret in
+    checkpoint/secret.json) the low word of its noise seed."""
     words = set()
-    if (run / KEY_FILE).exists():
-        key = bytes.fromhex(json.loads((run / KEY_FILE).read_text())["key"])
+    if key_text is None and (run / KEY_FILE).exists():
+        key_text = (run / KEY_FILE).read_text()
+    if key_text is not None:
+        key = bytes.fromhex(json.loads(key_text)["key"])
         words |= {int.from_bytes(key[i:i + 4], order) for i in range(0, len(key), 4) for order in ("little", "big")}
     legacy = run / "checkpoint" / "secret.json"
     if legacy.exists():
@@ -342,9 +349,17 @@ def test_shuffle_with_a_batch_larger_than_the_data_is_one_error(tmp_path):
 
 
 # -- file modes --------------------------------------------------------------------------------------------------
-def test_the_key_file_is_owner_only_and_every_other_file_is_as_documented(tmp_path):
+def test_the_key_file_is_owner_only_and_every_other_file_is_as_documented(tmp_path, monkeypatch):
+    from slimtune.train import trainer
+    modes, retire = {}, trainer.retire_key_file
+
+    def mode_then_retire(path):  # (lead) a completed run retires its key: its mode is read as it goes
+        modes[path.name] = stat.S_IMODE(path.stat().st_mode)
+        retire(path)
+    monkeypatch.setattr(trainer, "retire_key_file", mode_then_retire)
     run = tmp_path / "run"
     train(prepare(private_config(run)))
+    assert modes == {KEY_FILE: 0o600}, modes
     for path in run_files(run):
         mode = stat.S_IMODE(path.stat().st_mode)
         if path.name == KEY_FILE:

@@ -63,12 +63,22 @@ def test_identical_private_runs_draw_different_noise_and_batches(tmp_path, demo_
                [r["projected_grad"] for r in metrics(tmp_path / "b") if r["step"] > 0]
 
 
-def test_the_key_lives_only_in_its_key_file(tmp_path, demo_paths):
+def test_the_key_lives_only_in_its_key_file(tmp_path, demo_paths, retired_keys, monkeypatch):
+    from slimtune.privacy import secret
+    from slimtune.train import trainer
+    modes = {}
+    spy = trainer.retire_key_file  # (lead) the key is read as the run retires it (a completed run keeps none)
+
+    def mode_then_retire(path):
+        modes[path] = path.stat().st_mode
+        spy(path)
+    monkeypatch.setattr(trainer, "retire_key_file", mode_then_retire)
     train(prepare(config(tmp_path, demo_paths)))
     run = tmp_path / "run"
     key_file = run / "secret.key"
-    key = json.loads(key_file.read_text())["key"]
-    assert key_file.stat().st_mode & 0o077 == 0 and len(bytes.fromhex(key)) == 32  # owner-only, 256 bits
+    assert not key_file.exists() and secret.KEY_FILE == key_file.name
+    key = json.loads(retired_keys[key_file])["key"]
+    assert modes[key_file] & 0o077 == 0 and len(bytes.fromhex(key)) == 32  # owner-only, 256 bits
     for path in run.rglob("*"):
         if path.is_file() and path != key_file:
             assert key.encode() not in path.read_bytes(), path
@@ -179,7 +189,10 @@ def test_resume_cannot_change_the_sampling_scheme(tmp_path, demo_paths):
 
 
 def test_the_default_budget_is_enforced_on_resume(tmp_path, demo_paths):
-    kw = dict(privacy=None, steps=4)  # Python API: privacy=None means the default budget, epsilon = 6
+    from slimtune.privacy.secret import create_key_file
+    create_key_file(tmp_path / "run.key")  # (lead) a completed run is extended only with a key file of the user's
+    kw = dict(privacy=None, steps=4,  # Python API: privacy=None means the default budget, epsilon = 6
+              secret_key_file=str(tmp_path / "run.key"))
     train(prepare(config(tmp_path, demo_paths, **kw)))
     summary = train(prepare(config(tmp_path, demo_paths, **{**kw, "steps": 40}), resume=True))
     assert summary["stop_reason"] == "privacy budget exhausted"

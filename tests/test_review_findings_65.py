@@ -95,7 +95,11 @@ def test_resume_refuses_a_private_run_whose_secret_key_was_replaced(tmp_path):
     data.write_text("\n".join(ROWS[:41]) + "\n")
     run = tmp_path / "run"
     start(run, data, "--optimizer", "dpzero", "--delta", "1e-3")
-    (run / "secret.key").unlink()
+    # (lead) a completed run retires its key: the run is made one that stopped before completing (its status.json
+    # as an interrupted run's), whose key file is then replaced
+    status = json.loads((run / "status.json").read_text())
+    status.pop("key")
+    (run / "status.json").write_text(json.dumps({**status, "state": "interrupted"}))
     create_key_file(run / "secret.key")
     message = one_line_error(cli("train", "--resume", "--out", run, "--steps", "3", "--quiet"))
     assert "key" in message, message

@@ -79,7 +79,10 @@ def test_refuses_to_overwrite_an_existing_run(tmp_path, demo_paths):
 
 
 def test_privacy_budget_exhaustion_stops_with_a_checkpoint(tmp_path, demo_paths):
-    kw = dict(optimizer="dpzero", privacy=PrivacySpec(target_epsilon=3.0, delta=1e-3))
+    from slimtune.privacy.secret import create_key_file
+    create_key_file(tmp_path / "run.key")  # (lead) a completed run is extended only with a key file of the user's
+    kw = dict(optimizer="dpzero", privacy=PrivacySpec(target_epsilon=3.0, delta=1e-3),
+              secret_key_file=str(tmp_path / "run.key"))
     train(prepare(config(tmp_path, demo_paths, steps=4, **kw)))  # noise calibrated for 4 steps
     summary = train(prepare(config(tmp_path, demo_paths, steps=20, **kw), resume=True))
     assert summary["stop_reason"] == "privacy budget exhausted"

@@ -16,7 +16,8 @@ so two runs never share noise or batches even when they share a key file. The sa
 different computations.
 
 Where the key lives: exactly one file, `RUN/secret.key` (JSON {"key": hex}), created with mode 0600 before any byte
-is written to it (O_CREAT | O_EXCL). The checkpoint, the optimizer state, the logs, the adapter, reports and federated
+is written to it (O_CREAT | O_EXCL), and retired (overwritten, removed) when the run completes (`retire_key_file`):
+a completed run's directory holds nothing that undoes its noise. The checkpoint, the optimizer state, the logs, the adapter, reports and federated
 app bundles hold neither the key nor anything computed from it except the accounted, noised releases, and the
 checkpoint's fingerprint (train/fingerprint.py): PRF outputs under the key (a check value, and HMACs of the data
 files' digests), which reveal nothing about the key or the rows. Data-parallel
@@ -65,6 +66,35 @@ def create_key_file(path: Path) -> "RunKey":
     finally:
         tmp.unlink(missing_ok=True)
     return RunKey(key)
+
+
+def retire_key_file(path: Path) -> None:
+    """A completed run's key, destroyed: its bytes overwritten with zeros and synced, then the file removed (and the
+    removal synced), so that the run directory may be shared whole. The key reproduces every noise value and batch of
+    the run: with it and the released values anyone recovers the unnoised sums. A completed run is never continued
+    from this key (a run that wants to be extended later keeps its own `--secret-key-file`, which is never retired)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        os.write(fd, b"\0" * size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.unlink(missing_ok=True)
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def is_temporary_of(name: str, target: str) -> bool:

@@ -183,6 +183,11 @@ def check(config, run_dir: Path, stored: dict, status: dict) -> dict:
     if stored.get("key"):
         from slimtune.privacy.secret import KEY_FILE, read_key_file
         key_path = Path(config.secret_key_file) if config.secret_key_file else Path(run_dir) / KEY_FILE
+        if status.get("key") == "retired" and not config.secret_key_file:
+            raise SlimtuneError(f"{where}: this private run completed and retired its key ({key_path}), so that its "
+                                "directory holds nothing that undoes its noise; a completed private run is not "
+                                "continued: start a new run (a run meant to be extended later keeps its own "
+                                "--secret-key-file)")
         key = read_key_file(key_path)
         if key_check(key) != stored["key"]:
             raise SlimtuneError(f"{where}: the secret key ({key_path}) is not the one the run started with (replaced "

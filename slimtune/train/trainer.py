@@ -41,7 +41,7 @@ from slimtune.peft import PeftSettings, apply_peft, peft_summary
 from slimtune.peft.registry import PISSA_INIT_DIR, adapted_modules, adapter_meta, check_rank_fits, write_adapter
 from slimtune.privacy.accountant import PrivacyAccountant, PrivacySpec, Segment, check_spec, plan
 from slimtune.privacy.secret import (KEY_FILE, KeyedNoise, RunKey, create_key_file, fresh_nonce, is_temporary_of,
-                                     read_key_file)
+                                     read_key_file, retire_key_file)
 from slimtune.train import fingerprint
 from slimtune.train.checkpoint import LEGACY_SECRET_FILE, load_checkpoint, peek_state, read_state, save_checkpoint
 from slimtune.train.metrics import MetricsLog, last_logged_step, peak_memory_mb, reset_peak_memory
@@ -838,7 +838,11 @@ def _train(run: Run, interrupted) -> dict:
         raise TrainingInterrupted(f"interrupted after step {step}; checkpoint in {out / 'checkpoint'}; resume with: "
                                   f"{resume_command(out)}")
     if run.run_dir is not None:
-        run.run_dir.update(state="completed", step=step, stop_reason=stop_reason)
+        retire = run.key is not None and not cfg.secret_key_file  # the run's own key; never a file the user gave
+        run.run_dir.update(state="completed", step=step, stop_reason=stop_reason, **({"key": "retired"} if retire
+                                                                                     else {}))
+        if retire:  # after status.json says so (a resume is then refused as a completed private run's)
+            retire_key_file(out / KEY_FILE)
         run.run_dir.release()
     return summary
 
