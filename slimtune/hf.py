@@ -638,13 +638,7 @@ class ZOTrainerMixin:
         them); otherwise transformers' own loader."""
         if not self.zo_args.private:
             return super().get_train_dataloader()
-        import datasets
-
-        dataset, collator = self.train_dataset, self.data_collator
-        if isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description="training")
-        else:
-            collator = self._get_collator_with_removed_columns(collator, description="training")
+        dataset, collator = self._private_training_data()
         batches = PoissonBatches(len(dataset), self._train_batch_size, self)
         # the loader yields indices; EmptyAware reads the rows (a set_transform tokenizer, a Dataset's __getitem__)
         # and collates them inside `withheld`
@@ -656,6 +650,37 @@ class ZOTrainerMixin:
                             multiprocessing_context=self.args.dataloader_multiprocessing_context if workers else None)
         # (dataloader_in_order=False is refused for private runs: NOT_HONOURED)
         return self.accelerator.prepare(loader)
+
+    def _private_training_data(self):
+        """(dataset, collator) as the private loader reads them: unused columns removed as transformers' loader does."""
+        import datasets
+
+        dataset, collator = self.train_dataset, self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        return dataset, collator
+
+    def _check_private_rows(self, chunk: int = 64) -> None:
+        """Every training row read and collated once before the first step, as `slimtune train` checks its rows: a row
+        that cannot be read or collated, or that the collator turns into several rows (an overflowing tokenizer), is
+        refused here, with no detail, instead of failing the run at the secret step whose Poisson batch drew it (that
+        step, and the failure itself, would say the row exists and which batch held it)."""
+        from slimtune.privacy.withhold import withheld
+        dataset, collator = self._private_training_data()
+        n = len(dataset)
+        with withheld("a training row cannot be read or collated as the private batches read them (checked before "
+                      "the first step)", "read and collate the training rows outside the trainer to see which"):
+            for start in range(0, n, chunk):
+                batch = EmptyAware(collator, dataset)(list(range(start, min(n, start + chunk))))
+                examples = batch.pop(EXAMPLES)
+                rows = next((len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim), examples)
+                if rows != examples:
+                    raise SlimtuneError("private training clips one loss per example, but the data collator does not "
+                                        "give one row per example (an overflowing tokenizer, a padding-free or "
+                                        "flattening collator): checked before the first step; use a collator and "
+                                        "transform that give one row per example")
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Not in private runs: the generator state after a collator's random draws (masking, augmentation: one per
@@ -672,6 +697,8 @@ class ZOTrainerMixin:
             raise SlimtuneError("a private ZOTrainer trains once: its optimizer has already taken steps under its key, "
                                 "and a second train() would start its Poisson batches from the first step's again "
                                 "(released already); build a new trainer for a new run")
+        if self.zo_args.private:
+            self._check_private_rows()
         out = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.zo_args.private:  # no loss is released: transformers' NaN filter would report the mean of none, 0.0
             from transformers.trainer_utils import TrainOutput

@@ -94,6 +94,51 @@ def _install_stream_filters() -> None:
             from concurrent.futures import ThreadPoolExecutor
             _silence["submit"] = ThreadPoolExecutor.submit
             ThreadPoolExecutor.submit = _submit
+            _guard_said_once_state()
+
+
+def _guard_said_once_state() -> None:
+    """What is said only once is remembered process-wide, whether or not it was printed: transformers'
+    `logger.warning_once` / `info_once` (an lru_cache of the messages) and each tokenizer's `deprecation_warnings`
+    (its "sequence length is longer than the specified maximum" and "Asking to pad" flags). Set inside a private
+    block, they would silence a later public warning, whose absence then says a training row triggered it. Inside any
+    block, `*_once` calls do nothing (nothing cached) and a tokenizer's flags are a throwaway copy (`_OnceFlags`)."""
+    try:
+        import transformers.utils.logging  # noqa: F401  (it puts warning_once / info_once on logging.Logger)
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    for name in ("warning_once", "info_once"):
+        said_once = getattr(logging.Logger, name, None)
+        if said_once is not None and not getattr(said_once, "_slimtune_guarded", False):
+            setattr(logging.Logger, name, _outside_blocks_only(said_once))
+    if not isinstance(PreTrainedTokenizerBase.__dict__.get("deprecation_warnings"), _OnceFlags):
+        PreTrainedTokenizerBase.deprecation_warnings = _OnceFlags()
+
+
+def _outside_blocks_only(said_once):
+    @functools.wraps(said_once)
+    def guarded(self, *args, **kwargs):
+        if _silence["depth"]:
+            return None
+        return said_once(self, *args, **kwargs)
+    guarded._slimtune_guarded = True
+    return guarded
+
+
+class _OnceFlags:
+    """A tokenizer's `deprecation_warnings` (said-once flags): its own dict outside private blocks, a copy inside
+    (what a private block sets is forgotten when it reads them next). A data descriptor, so it also serves tokenizers
+    built before it was installed (their dict stays in the instance's __dict__ under the same name)."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        flags = obj.__dict__.setdefault("deprecation_warnings", {})
+        return dict(flags) if _silence["depth"] else flags
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__["deprecation_warnings"] = value
 
 
 def _filter_streams() -> None:
