@@ -9,6 +9,7 @@ from pathlib import Path
 
 from slimtune import SlimtuneError
 from slimtune.train.metrics import numbered_records
+from slimtune.train.run_dir import read_record
 
 # (header, summary key, formatter)
 COLUMNS = [
@@ -115,7 +116,7 @@ def _load_summary(d: str) -> tuple[dict, str, str | None]:
     if not path.exists():
         raise SlimtuneError(f"{d}: no summary.json (not a finished slimtune run)")
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        summary = json.loads(read_record(path))
     except json.JSONDecodeError as exc:
         raise SlimtuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except UnicodeDecodeError:
@@ -176,8 +177,16 @@ def _check_summary(path: Path, summary: dict) -> None:
 def _checked_metrics(path: Path) -> list[dict]:
     """metrics.jsonl's records (train.metrics.read_jsonl's); a record with a plotted value must carry a numeric step
     and numeric values, named by file and line otherwise."""
-    records = []
-    for number, record in numbered_records(path):
+    records, skipped = [], []
+    numbered = numbered_records(path, skipped)
+    last = max([n for n, _ in numbered] + skipped, default=0)
+    damaged = [n for n in skipped if n != last]  # a partial last line is what a kill leaves: skipped in silence
+    if damaged:
+        import warnings
+        more = f" (and {len(damaged) - 1} more lines)" if len(damaged) > 1 else ""
+        warnings.warn(f"{path}:{damaged[0]}: not a JSON record (damaged){more}; skipped, so the report's curves miss "
+                      "it", stacklevel=2)
+    for number, record in numbered:
         plotted = [k for k in PLOTTED if record.get(k) is not None]
         bad = next((k for k in ("step", *plotted) if not _number(record.get(k))), None) if plotted else None
         if bad is not None:

@@ -12,7 +12,7 @@ from slimtune.settings.rules import (adopt_recorded_base, check_adapter_and_mode
                                      check_new_directory,
                                      check_output_file, check_outside, check_task_text, check_template,
                                      require_input_file)
-from slimtune.settings.train import CLASSIFICATION, TASKS
+from slimtune.settings.train import CLASSIFICATION, MAX_NUM_BEAMS, TASKS
 
 generation = when(task=("generation",))
 
@@ -55,7 +55,8 @@ class EvalSettings(UsesRecordedPrompt, Settings):
     input_column: str | None = setting(None, "generation, tables: prompt column", applies=generation)
     target_column: str | None = setting(None, "generation, tables: reference column", applies=generation)
     max_new_tokens: int = setting(64, "generation: tokens generated per prompt", low=1, applies=generation)
-    num_beams: int = setting(1, "generation: beam search width (1: greedy)", low=1, applies=generation)
+    num_beams: int = setting(1, "generation: beam search width (1: greedy)", low=1, high=MAX_NUM_BEAMS,
+                             applies=generation)
     max_length: int = setting(256, "tokens kept per example (prompts truncated from the left; left out: the "
                               "adapter's run's, where recorded)", low=8)
     predictions: str | None = setting(None, "generation: write each prompt's output and references to this JSONL "
@@ -179,7 +180,7 @@ class GenerateSettings(UsesRecordedPrompt, Settings):
     template: str | None = setting(None, "prompt template over the input column, e.g. '{input}\\n'", escapes=True)
     input_column: str | None = setting(None, "tables: the prompt column (default input)")
     max_new_tokens: int = setting(128, "tokens generated per prompt", low=1)
-    num_beams: int = setting(1, "beam search width (1: greedy; streaming needs 1)", low=1)
+    num_beams: int = setting(1, "beam search width (1: greedy; streaming needs 1)", low=1, high=MAX_NUM_BEAMS)
     max_length: int = setting(1024, "prompt tokens kept (from the left)", low=1)
     batch_size: int = setting(8, "prompts per batch", low=1)
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")

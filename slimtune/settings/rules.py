@@ -148,6 +148,8 @@ def check_new_directory(path: str, flag: str, renamed_onto: bool = True) -> None
     parent = next((q for q in (p, *p.parents) if q.exists()), Path("."))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SlimtuneError(f"{flag} {path}: {parent} is not writable")
+    from slimtune.train.run_dir import check_not_in_a_run
+    check_not_in_a_run(path, flag)
 
 
 def is_whole(value, low: int = 1) -> bool:

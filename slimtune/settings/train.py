@@ -41,6 +41,11 @@ evaluates = condition(lambda s: bool(s.eval_data) and s.eval_every > 0, "runs th
                       "--eval-every > 0)", lambda s: "--eval-every 0" if s.eval_data else "no --eval-data")
 
 
+# The widest beam search a command runs: each beam is a copy of the batch's cache, so memory and time grow with the
+# width; widths past a few dozen buy nothing (a typo, 10**8 for 10, tried to allocate gigabytes after loading the model)
+MAX_NUM_BEAMS = 64
+
+
 @dataclass
 class TrainSettings(Settings):
     command = "train"
@@ -67,7 +72,8 @@ class TrainSettings(Settings):
                                         applies=generation)
     max_new_tokens: int = setting(64, "generation: tokens generated per prompt at evaluation", low=1,
                                   applies=generation)
-    num_beams: int = setting(1, "generation: beam search width at evaluation (1: greedy)", low=1, applies=generation)
+    num_beams: int = setting(1, "generation: beam search width at evaluation (1: greedy)", low=1, high=MAX_NUM_BEAMS,
+                             applies=generation)
     eval_generate: bool = setting(True, "generation: decode at each evaluation (BLEU, ROUGE-L, EM, F1) or only "
                                   "compute loss/perplexity", bool_flags="--eval-generate/--no-eval-generate",
                                   applies=generation)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimtune import SlimtuneError
-from slimtune.train.run_dir import sync_to_disk
+from slimtune.train.run_dir import read_record, sync_to_disk
 
 WEIGHTS, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.pt", "trainer_state.json"
 LEGACY_SECRET_FILE = "secret.json"  # checkpoints before issue 33 kept a 63-bit noise seed here; never written now
@@ -71,7 +71,7 @@ def read_state(directory: Path) -> tuple[dict, dict | None]:
     state_path, secret_path = directory / STATE, directory / LEGACY_SECRET_FILE
     state = checked_state(state_path) if state_path.exists() else {}
     try:
-        return state, (json.loads(secret_path.read_text()) if secret_path.exists() else None)
+        return state, (json.loads(read_record(secret_path)) if secret_path.exists() else None)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SlimtuneError(f"{secret_path}: damaged and cannot be read ({type(exc).__name__}); the run cannot be "
                             "resumed from this checkpoint") from None
@@ -81,7 +81,7 @@ def checked_state(path: Path) -> dict:
     """A checkpoint's trainer_state.json, refused in one line naming it when it is not a trainer state (unreadable,
     not an object, no whole step)."""
     try:
-        state = json.loads(Path(path).read_text())
+        state = json.loads(read_record(path))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise SlimtuneError(f"{path}: damaged and cannot be read ({type(exc).__name__}); the run cannot be resumed "
                             "from this checkpoint") from None
@@ -109,9 +109,12 @@ def peek_state(run_dir: Path) -> dict:
     """A run's last trainer state, read only (no recovering rename, unlike read_state): its checkpoint's, else that of
     the checkpoint.old a save was replacing; {} when neither is there or readable."""
     for name in ("checkpoint", "checkpoint.old"):
+        path = Path(run_dir) / name / "trainer_state.json"
+        if not path.exists():
+            continue
         try:
-            state = json.loads((Path(run_dir) / name / "trainer_state.json").read_text())
-        except (OSError, ValueError):
+            state = json.loads(read_record(path))
+        except (SlimtuneError, ValueError):
             continue
         if isinstance(state, dict):
             return state

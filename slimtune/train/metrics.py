@@ -72,21 +72,24 @@ def read_jsonl(path: Path) -> list[dict]:
     return [record for _, record in numbered_records(path)]
 
 
-def numbered_records(path: Path) -> list[tuple[int, dict]]:
+def numbered_records(path: Path, skipped: list[int] | None = None) -> list[tuple[int, dict]]:
     """(line number, record) of each object line of a JSON-lines file, as read_jsonl reads them (for messages that
-    name the line)."""
+    name the line); the numbers of the lines skipped (not JSON, or not an object) are appended to `skipped`."""
+    from slimtune.train.run_dir import read_record
     path = Path(path)
     if not path.exists():
         return []
     out = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(read_record(path, errors="replace").splitlines(), 1):
         if line.strip():
             try:
                 record = json.loads(line)
             except ValueError:
-                continue
+                record = None
             if isinstance(record, dict):
                 out.append((number, record))
+            elif skipped is not None:
+                skipped.append(number)
     return out
 
 

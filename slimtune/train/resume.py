@@ -46,11 +46,12 @@ def as_json(config) -> dict:
 
 
 def read_stored(run_dir: Path) -> dict | None:
+    from slimtune.train.run_dir import read_record
     path = Path(run_dir) / "config.json"
     if not path.exists():
         return None
     try:
-        stored = json.loads(path.read_text())
+        stored = json.loads(read_record(path))
     except (ValueError, UnicodeDecodeError):
         raise SlimtuneError(f"{path}: not valid JSON; cannot check what the run was trained with") from None
     if not isinstance(stored, dict):

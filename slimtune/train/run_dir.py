@@ -187,12 +187,44 @@ def check_finished_run(adapter: str | Path, flag: str) -> None:
                             f"--resume), or {keep}")
 
 
+def read_record(path: str | Path, errors: str = "strict") -> str:
+    """The text (UTF-8) of one of a run's record files (config.json, status.json, summary.json, metrics.jsonl, a
+    checkpoint's trainer_state.json), read as the regular file it must be: the path is opened without blocking and
+    the open file's own status checked, so a directory, a named pipe (which would wait forever for a writer) or a
+    device in its place is one line naming it, as is a file that cannot be read. A UnicodeDecodeError passes to the
+    caller, which names the damage (unless `errors` is "replace")."""
+    import stat
+
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise SlimtuneError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            from slimtune.data.readers import FILE_KINDS
+            kind = "a directory" if stat.S_ISDIR(mode) else next((name for test, name in FILE_KINDS if test(mode)),
+                                                                  "not a file")
+            raise SlimtuneError(f"{path}: is {kind}, not a run's record file (a file slimtune writes); move it "
+                                "aside")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "r", encoding="utf-8", errors=errors) as f:
+            fd = None
+            return f.read()
+    except OSError as exc:
+        raise SlimtuneError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def read_status(path: str | Path) -> dict:
     file = Path(path) / STATUS_FILE
-    if not file.exists():
+    if not file.exists() and not file.is_symlink():
         return {}
     try:
-        status = json.loads(file.read_text())
+        status = json.loads(read_record(file))
     except (ValueError, UnicodeDecodeError):
         status = None
     if not isinstance(status, dict):  # unreadable, or valid JSON that is not an object (null, [])
@@ -279,7 +311,22 @@ def check_output_file(path: str | Path, flag: str, overwrite: bool = False) -> P
         raise SlimtuneError(f"{flag} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SlimtuneError(f"{flag} {path}: directory {parent} is not writable")
+    check_not_in_a_run(path, flag)
     return path
+
+
+REPLACED_WHOLE = ("checkpoint", "checkpoint.old", "adapter", "pissa_init")  # what a run's saves swap in whole
+
+
+def check_not_in_a_run(path: str | Path, flag: str) -> None:
+    """An output (file or directory) never inside a directory a training run replaces whole at each save
+    (RUN/checkpoint, RUN/adapter, ...: REPLACED_WHOLE): the next `train --resume` of that run would delete it with
+    the directory, without a word. RUN is recognised by its status.json."""
+    resolved = Path(os.path.abspath(path)).resolve()
+    for directory in (resolved, *resolved.parents):
+        if directory.name in REPLACED_WHOLE and (directory.parent / STATUS_FILE).exists():
+            raise SlimtuneError(f"{flag} {path}: inside {directory}, which each save of the run in {directory.parent} "
+                                "replaces whole (a `train --resume` would delete it with it): write it elsewhere")
 
 
 def _partial_name(target: Path) -> Path:
