@@ -72,11 +72,12 @@ def test_a_7b_config_is_planned_on_the_meta_device(tmp_path):
 def test_plan_ranks_what_fits_by_expected_quality(tmp_path, monkeypatch):
     monkeypatch.setattr(memory_model, "available_mb", lambda device: 16 * 1024 / memory_model.HEADROOM)
     res = CliRunner().invoke(app, ["plan", "--model", str(llama_7b_config(tmp_path)), "--batch-size", "2",
-                                   "--max-length", "64"])
+                                   "--max-length", "64"], env={"COLUMNS": "200"})  # (lead) rows unwrapped
     assert res.exit_code == 0, res.output
     ranked = res.stdout[res.stdout.index("what fits, best"):].splitlines()
     methods = [line for line in ranked if "--optimizer" in line]
-    assert "--optimizer adamw --peft lora --dtype bfloat16" in methods[0]  # 14 GB: the best that fits in 16 GB
+    # (lead) the flags carry the planned shape (review 84); 14 GB: the best that fits in 16 GB
+    assert "--optimizer adamw --peft lora --r 8 --batch-size 2 --max-length 64 --dtype bfloat16" in methods[0]
     assert not any("--peft none" in line and "adamw" in line for line in methods)
     assert any("--base-quant int4" in line for line in methods)
 

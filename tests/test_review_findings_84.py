@@ -170,3 +170,43 @@ def test_report_does_not_silently_drop_a_damaged_line_inside_metrics(tmp_path):
         res = CliRunner().invoke(app, ["report", str(run), "--out", str(out)])
     said = " ".join(str(w.message) for w in caught) if res.exit_code == 0 else one_line_error(res)
     assert "metrics.jsonl:2" in " ".join(said.split()), (res.exit_code, res.output)
+
+
+# -- (lead) review 84's suspicions, confirmed --------------------------------------------------------------------------
+def test_plans_suggested_train_flags_carry_the_shape_it_planned(tmp_path):
+    """(lead) `plan --r 4 --max-length 64` sized its rows at rank 4 and 64 tokens, but the train flags it printed
+    held neither: copied, they trained at train's defaults (rank 8, 256 tokens: more memory than was found to fit)."""
+    res = cli("plan", *TINY, "--r", 4, "--max-length", 64, "--batch-size", 4)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "--optimizer mezo --peft lora --r 4 --batch-size 4 --max-length 64" in text, res.output[-2000:]
+
+
+def test_a_stray_comma_in_target_modules_is_refused_before_any_work(tmp_path):
+    """(lead) `--target-modules "q_proj,"` passed --dry-run and was refused by the real run after the model loaded,
+    as a layer named '' ("--target-modules : no such layer")."""
+    line = one_line_error(cli("train", "--data", TRAIN, *TINY, "--target-modules", "q_proj,", "--out", tmp_path / "o",
+                              "--dry-run"))
+    assert "--target-modules" in line and "empty" in line, line
+
+
+@pytest.mark.parametrize("row", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                     "content": "yo"}],
+                                  "prompt": "other", "completion": "other"}],
+                         ids=["messages-and-pair"])
+def test_a_row_with_both_a_conversation_and_a_pair_is_refused_naming_its_line(tmp_path, row):
+    """(lead) A JSONL row holding `messages` and `prompt`/`completion` used the conversation and dropped the pair
+    without a word (train, eval, generate)."""
+    data = tmp_path / "rows.jsonl"
+    ok = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    data.write_text(json.dumps(ok) + "\n" + json.dumps(row) + "\n")
+    line = one_line_error(cli("eval", *TINY, "--task", "generation", "--data", data, "--max-new-tokens", 2))
+    assert f"{data}:2" in line and "both" in line, line
+    line = one_line_error(cli("generate", *TINY, "--input", data, "--max-new-tokens", 2, "--output",
+                              tmp_path / "out.jsonl"))
+    assert f"{data}:2" in line and "both" in line, line
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n" + json.dumps({**ok, "prompt": "p",
+                                                                                        "completion": "c"}) + "\n")
+    line = one_line_error(cli("eval", *TINY, "--task", "generation", "--data", pairs, "--max-new-tokens", 2))
+    assert f"{pairs}:2" in line and "messages" in line, line

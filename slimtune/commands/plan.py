@@ -50,10 +50,8 @@ def run_plan(s: PlanSettings):
     if not ranked:
         console.print("[red]nothing fits[/]: lower --batch-size or --max-length")
         return
-    best = Table(title="what fits" + (" a private run" if s.private else "") +
-                       ", best expected quality first (slimtune train flags)")
-    for col in ("rank", "method", "peak MB"):
-        best.add_column(col, justify="right" if col != "method" else "left")
-    for i, row in enumerate(ranked, 1):
-        best.add_row(str(i), as_flags(row), f"{row['peak_mb']:,.0f}")
-    console.print(best)
+    console.print("what fits" + (" a private run" if s.private else "") +
+                  ", best expected quality first (slimtune train flags, predicted peak):")
+    for i, row in enumerate(ranked, 1):  # one unwrapped line each: flags to copy
+        console.print(f"{i:>3}. {as_flags(row, s.batch_size, s.max_length, s.r)}  ({row['peak_mb']:,.0f} MB)",
+                      soft_wrap=True, highlight=False, markup=False)

@@ -97,6 +97,9 @@ def _refuse_unused(given: list[str], name: str, what: str) -> None:
 
 
 def _pair(row: dict, inp: str, target: str, where: str, template: str) -> GenerationExample:
+    if "messages" in row:  # a later row of a file whose first row is a pair: its conversation would be dropped
+        raise SlimtuneError(f"{where}: holds 'messages' in a file of {inp}/{target} rows (its first row's kind): a "
+                            "file holds conversations or pairs, not both")
     prompt = template.format(**{inp: text_field(row, inp, where).strip()}) if template != "{prompt}" else \
         text_field(row, inp, where)
     return GenerationExample(prompt, text_field(row, target, where).strip(), source=where)
@@ -106,6 +109,10 @@ def check_conversation(row: dict, where: str, target: bool = True) -> list[dict]
     """A row's `messages`, checked without the tokenizer (so before the model loads): a non-empty list of {role,
     content} objects with a known role and text; `target`: the last is the assistant's (training and scoring);
     either way a turn comes before an assistant's last one (it is what the model is prompted with)."""
+    both = [k for k in ("prompt", "completion") if k in row]
+    if both:  # one of the two would be dropped without a word
+        raise SlimtuneError(f"{where}: holds both 'messages' and {' and '.join(map(repr, both))}: a row is one "
+                            "conversation or one prompt/completion pair, not both")
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise SlimtuneError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")

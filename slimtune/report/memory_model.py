@@ -435,9 +435,17 @@ def ranked_methods(model, batch: int, seq_len: int, device: str, r: int = 8, dty
     return rows
 
 
-def as_flags(row: dict) -> str:
-    """The `slimtune train` flags of a planner row."""
+def as_flags(row: dict, batch_size: int | None = None, max_length: int | None = None, r: int | None = None) -> str:
+    """The `slimtune train` flags of a planner row; with the shape it was planned at (`slimtune plan`'s --batch-size,
+    --max-length, --r), those too: train's own defaults differ (--max-length 256 against plan's 128), and a row
+    copied without them trains another shape than the one that was found to fit."""
     flags = f"--optimizer {row['optimizer']} --peft {row['peft']}"
+    if r is not None and row["peft"] != "none":  # train takes --r for every PEFT method but none
+        flags += f" --r {r}"
+    if batch_size is not None:
+        flags += f" --batch-size {batch_size}"
+    if max_length is not None:
+        flags += f" --max-length {max_length}"
     if row.get("dtype", "float32") != "float32":
         flags += f" --dtype {row['dtype']}"
     if row.get("base_quant"):

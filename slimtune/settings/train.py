@@ -200,6 +200,11 @@ class TrainSettings(Settings):
         self.dtype = normalise_dtype(self.dtype)
         if not self.data:
             raise SlimtuneError("--data is required (on the command line or in --config)")
+        if self.target_modules:  # a stray comma named a layer "" that no model has: refused after loading the model
+            names = [t.strip() for t in self.target_modules.split(",")]
+            if "" in names:
+                raise SlimtuneError(f"{self.where('target_modules')} {self.target_modules!r}: layer {names.index('') + 1} "
+                                    "of the list is empty (a stray comma?); name each layer")
         if not self.resume:
             require_input_file(self.data, self.where("data"))
             if self.eval_data:
