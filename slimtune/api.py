@@ -90,11 +90,9 @@ def train(config: str | None = None, **settings: Any) -> dict:
     base, base_given, base_origin = resumed_settings(settings, None, config)
     s = build_settings(TrainSettings, None, settings, config, base, base_given, base_origin)
     run_config = s.to_config()
-    if s.dry_run:
-        from slimtune.optim.defaults import resolve
-        from slimtune.train.trainer import validate
-        resolve(run_config)
-        validate(run_config)
+    if s.dry_run:  # the command line's checks (a --resume's run, the output directory), as `slimtune train --dry-run`
+        from slimtune.commands.train import checked_dry_run
+        checked_dry_run(s, run_config)
         return asdict(run_config)
     return run_training(prepare(run_config, resume=s.resume, restart=s.restart))
 

@@ -643,7 +643,8 @@ class ZOTrainerMixin:
         # the loader yields indices; EmptyAware reads the rows (a set_transform tokenizer, a Dataset's __getitem__)
         # and collates them inside `withheld`
         workers = self.args.dataloader_num_workers  # the trainer's loader settings, as transformers' own loader
-        loader = DataLoader(range(len(dataset)), batch_sampler=batches, collate_fn=EmptyAware(collator, dataset),
+        loader = DataLoader(range(len(dataset)), batch_sampler=batches,
+                            collate_fn=EmptyAware(collator, dataset, self.args.seed),
                             num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
                             prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
                             persistent_workers=bool(self.args.dataloader_persistent_workers and workers),
@@ -667,11 +668,12 @@ class ZOTrainerMixin:
         that cannot be read or collated, or that the collator turns into several rows (an overflowing tokenizer), is
         refused here, with no detail, instead of failing the run at the secret step whose Poisson batch drew it (that
         step, and the failure itself, would say the row exists and which batch held it)."""
-        from slimtune.privacy.withhold import withheld
+        from slimtune.privacy.withhold import kept_random_state, withheld
         dataset, collator = self._private_training_data()
-        n = len(dataset)
+        n, limits = len(dataset), self._model_limits()
         with withheld("a training row cannot be read or collated as the private batches read them (checked before "
-                      "the first step)", "read and collate the training rows outside the trainer to see which"):
+                      "the first step)", "read and collate the training rows outside the trainer to see which"), \
+                kept_random_state(self.args.seed):
             for start in range(0, n, chunk):
                 batch = EmptyAware(collator, dataset)(list(range(start, min(n, start + chunk))))
                 examples = batch.pop(EXAMPLES)
@@ -681,6 +683,15 @@ class ZOTrainerMixin:
                                         "give one row per example (an overflowing tokenizer, a padding-free or "
                                         "flattening collator): checked before the first step; use a collator and "
                                         "transform that give one row per example")
+                _check_fits_the_model(batch, limits)
+
+    def _model_limits(self) -> tuple[int | None, int | None]:
+        """(input embedding rows, positions) of the model, where it has them: what its forward refuses."""
+        model = base_of(self.model)
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+        vocab = getattr(embeddings, "num_embeddings", None)
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        return vocab, positions if isinstance(positions, int) else None
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Not in private runs: the generator state after a collator's random draws (masking, augmentation: one per
@@ -890,21 +901,43 @@ class PoissonBatches:
             yield opt._draw(self.epoch * self.batches_per_epoch + i)
 
 
+def _check_fits_the_model(batch: dict, limits: tuple[int | None, int | None]) -> None:
+    """A collated chunk of training rows against what the model's forward refuses (an index past its embedding, a
+    sequence past its positions): such a row would fail the run only at the secret step whose Poisson batch drew it.
+    The message names no row."""
+    vocab, positions = limits
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or not ids.numel():
+        return
+    if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise SlimtuneError(f"a training row holds token ids outside the model's embedding of {vocab} rows (a "
+                            "tokenizer with added tokens and the model not resized?): checked before the first step; "
+                            "call model.resize_token_embeddings(len(tokenizer))")
+    if positions is not None and ids.ndim == 2 and ids.shape[1] > positions:
+        raise SlimtuneError(f"a training row is longer than the model's {positions} positions: checked before the "
+                            "first step; truncate the rows (the tokenizer's truncation=True, max_length)")
+
+
 class EmptyAware:
     """The collator of private Poisson batches: an empty batch passes on as {EMPTY_BATCH: tensor([])} (collators fail
     on []); any other carries its number of examples (EXAMPLES) and is collated inside `withheld`, as the step itself
     is (transformers fetches a batch before `training_step`): a collator's warnings and log lines (a tokenizer's
     "sequence length ... (36 > 5)") and the text of its errors name the rows of a secret batch."""
 
-    def __init__(self, collator, dataset):
-        self.collator, self.dataset = collator, dataset
+    def __init__(self, collator, dataset, seed: int | None = None):
+        """`seed`: the trainer's (public); each batch's collation draws its randomness from (seed, worker, call) and
+        leaves the process's global generators as they were (`kept_random_state`)."""
+        self.collator, self.dataset, self.seed, self.calls = collator, dataset, seed, 0
 
     def __call__(self, indices: list):
         if not indices:
             return {EMPTY_BATCH: torch.zeros(0)}
-        from slimtune.privacy.withhold import withheld
+        from slimtune.privacy.withhold import kept_random_state, withheld
+        self.calls += 1
+        worker = getattr(torch.utils.data.get_worker_info(), "id", -1)
+        seed = None if self.seed is None else hash((self.seed, worker, self.calls)) & (2**63 - 1)
         with withheld("reading or collating a private training batch failed",
-                      "read and collate public rows the same way to see why"):
+                      "read and collate public rows the same way to see why"), kept_random_state(seed):
             reader = getattr(self.dataset, "__getitems__", None)
             examples = reader(list(indices)) if reader is not None else [self.dataset[i] for i in indices]
             batch = self.collator(examples)

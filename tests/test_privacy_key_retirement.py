@@ -90,15 +90,33 @@ def test_a_run_stopped_part_way_keeps_its_key_and_resumes(tmp_path, monkeypatch)
 
 
 def test_retire_key_file_overwrites_the_bytes_before_removing_the_name(tmp_path):
-    """Removing the name alone leaves the key's bytes in any other link to the file (a backup by hard link, a
-    snapshot tool): they are zeroed first."""
+    """Removing the name alone leaves the key's bytes on the disk: they are zeroed first. (Review 86: a file with
+    another hard link is only unlinked: the other name is the user's, and its copy of the key stays theirs.)"""
+    import stat
+
     from slimtune.privacy.secret import create_key_file, retire_key_file
     path = tmp_path / "secret.key"
     create_key_file(path)
-    other = tmp_path / "other-link"
-    os.link(path, other)
-    size = other.stat().st_size
-    retire_key_file(path)
-    assert not path.exists()
-    assert other.read_bytes() == b"\0" * size
+    fd = os.open(path, os.O_RDONLY)  # the file's bytes, seen after the name is gone
+    try:
+        size = os.fstat(fd).st_size
+        retire_key_file(path)
+        assert not path.exists()
+        assert os.pread(fd, size, 0) == b"\0" * size
+    finally:
+        os.close(fd)
     retire_key_file(path)  # a second call (nothing there) is harmless
+    create_key_file(path)
+    other = tmp_path / "my-copy"
+    os.link(path, other)
+    content = other.read_bytes()
+    retire_key_file(path)
+    assert not path.exists() and other.read_bytes() == content  # the user's link keeps the key
+    os.symlink(other, path)
+    try:
+        retire_key_file(path)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("a symbolic link was retired")
+    assert path.is_symlink() and stat.S_ISREG(other.stat().st_mode) and other.read_bytes() == content

@@ -81,13 +81,11 @@ def run_train(s: TrainSettings):
     console.print(f"run written to [bold]{escape(str(config.out_dir))}[/] (summary.json, metrics.jsonl, adapter/)")
 
 
-def dry_run(s: TrainSettings, config) -> None:
-    """Resolve the defaults and check what can be checked without loading anything; print the settings."""
-    import json
-    from dataclasses import asdict
-
-    from slimtune.cli import console
-    from slimtune.optim.defaults import describe, resolve
+def checked_dry_run(s: TrainSettings, config) -> dict:
+    """What a dry run checks, for the command line and the Python API alike: the defaults resolved (returns where
+    each came from), the settings validated, the output directory and, for --resume, the run it continues, all without
+    loading anything."""
+    from slimtune.optim.defaults import resolve
     from slimtune.train.resume import check_resume
     from slimtune.train.run_dir import check_output_dir
     from slimtune.train.trainer import validate
@@ -97,6 +95,18 @@ def dry_run(s: TrainSettings, config) -> None:
     check_output_dir(Path(config.out_dir), "--out")
     if s.resume:
         check_resume(config, Path(config.out_dir))
+    return origin
+
+
+def dry_run(s: TrainSettings, config) -> None:
+    """Resolve the defaults and check what can be checked without loading anything; print the settings."""
+    import json
+    from dataclasses import asdict
+
+    from slimtune.cli import console
+    from slimtune.optim.defaults import describe
+
+    origin = checked_dry_run(s, config)
     console.print(f"hyper-parameters: {describe(config, origin)}", highlight=False, markup=False)
     console.print_json(json.dumps(asdict(config), default=str))
 

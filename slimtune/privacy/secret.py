@@ -27,12 +27,14 @@ never crosses the network.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
 import math
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 
@@ -72,18 +74,23 @@ def retire_key_file(path: Path) -> None:
     """A completed run's key, destroyed: its bytes overwritten with zeros and synced, then the file removed (and the
     removal synced), so that the run directory may be shared whole. The key reproduces every noise value and batch of
     the run: with it and the released values anyone recovers the unnoised sums. A completed run is never continued
-    from this key (a run that wants to be extended later keeps its own `--secret-key-file`, which is never retired)."""
+    from this key (a run that wants to be extended later keeps its own `--secret-key-file`, which is never retired).
+    Only a regular file is retired (a symbolic link there raises OSError, and nothing is touched); one with other
+    hard links is only unlinked: the other names are the user's, and their copy of the key stays theirs."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        info = os.lstat(path)
     except FileNotFoundError:
         return
-    try:
-        size = os.fstat(fd).st_size
-        os.write(fd, b"\0" * size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a symbolic link?)", str(path))
+    if info.st_nlink == 1:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.write(fd, b"\0" * info.st_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     path.unlink(missing_ok=True)
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)

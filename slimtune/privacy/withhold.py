@@ -68,6 +68,31 @@ def silenced():
                 warnings._filters_mutated()
 
 
+@contextmanager
+def kept_random_state(seed: int | None = None):
+    """The process's global random generators (torch's CPU generator, numpy's legacy one, Python's `random`) left as
+    they were before the block, and, with `seed`, seeded from it inside (a public value: a collator's masking or
+    augmentation is part of the loss, not of the privacy mechanism). Code touching private rows (a random collator
+    over a Poisson batch, which draws once per token) moves them by an amount that depends on the rows; a later public
+    step drawing from them (an evaluation's masking) would then depend on the rows too."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        if seed is not None:
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+        yield
+    finally:
+        torch.random.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+
+
 def unsilenced(stream):
     """The stream under this module's filter (and under a progress display's proxy over it): sys.stderr for a
     message that must reach the user even from inside a private block, such as the Ctrl-C handler's

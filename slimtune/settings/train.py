@@ -218,6 +218,24 @@ class TrainSettings(Settings):
                 read_key_file(self.secret_key_file)
             except SlimtuneError as exc:
                 raise SlimtuneError(f"--secret-key-file {exc}") from None
+            from pathlib import Path
+
+            from slimtune.privacy.secret import KEY_FILE
+            from slimtune.train.run_dir import STATUS_FILE
+            given = Path(self.secret_key_file).resolve()
+            owner = given.parent
+            if given.name == KEY_FILE and (owner / STATUS_FILE).exists() and owner != Path(self.out).resolve():
+                raise SlimtuneError(f"{self.where('secret_key_file')} {self.secret_key_file}: the key of the run in "
+                                    f"{owner}, which retires (deletes) it when that run completes; copy it outside "
+                                    "any run directory and give the copy")
+        elif self.optimizer in PRIVATE and self.out:
+            from pathlib import Path
+
+            from slimtune.privacy.secret import KEY_FILE
+            linked = Path(self.out) / KEY_FILE
+            if linked.is_symlink():  # the run's own key is retired when it completes: never through a link
+                raise SlimtuneError(f"{linked}: is a symbolic link; a run keeps its own key file there (and destroys "
+                                    "it when it completes): give the key with --secret-key-file instead")
         if self.optimizer == "fzoo" and self.n_spsa is not None and self.n_spsa < 2:
             raise SlimtuneError(f"--n-spsa {self.n_spsa}: FZOO estimates from N >= 2 one-sided directions (default 8)")
         refusal = mechanism_refusal(self.optimizer, self.mechanism, self.n_spsa, self.clipping)

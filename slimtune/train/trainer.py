@@ -838,13 +838,24 @@ def _train(run: Run, interrupted) -> dict:
         raise TrainingInterrupted(f"interrupted after step {step}; checkpoint in {out / 'checkpoint'}; resume with: "
                                   f"{resume_command(out)}")
     if run.run_dir is not None:
-        retire = run.key is not None and not cfg.secret_key_file  # the run's own key; never a file the user gave
-        run.run_dir.update(state="completed", step=step, stop_reason=stop_reason, **({"key": "retired"} if retire
+        retired = run.key is not None and not cfg.secret_key_file and _retired(out / KEY_FILE)  # the run's own key;
+        # never a file the user gave
+        run.run_dir.update(state="completed", step=step, stop_reason=stop_reason, **({"key": "retired"} if retired
                                                                                      else {}))
-        if retire:  # after status.json says so (a resume is then refused as a completed private run's)
-            retire_key_file(out / KEY_FILE)
         run.run_dir.release()
     return summary
+
+
+def _retired(key_path: Path) -> bool:
+    """A completed run's own key retired (privacy/secret.py retire_key_file); one that cannot be is said in one
+    warning line, and status.json does not claim it was."""
+    try:
+        retire_key_file(key_path)
+    except OSError as exc:
+        warnings.warn(f"{key_path}: the completed run's key could not be retired ({exc.strerror or exc}); delete it "
+                      "before sharing the run directory", stacklevel=2)
+        return False
+    return True
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # stop at once (Stopped), as a second Ctrl-C does
