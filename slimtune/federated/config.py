@@ -361,6 +361,7 @@ class FederatedConfig:
                 raise SlimtuneError(f"run config key {key!r}: not a slimtune federated setting")
             values[name] = value
         if settings is not None:
+            check_not_writable_by_others(Path(settings))
             for name, value in read_settings(settings).items():
                 if name in values and values[name] != value:
                     log.warning("%s sets %s = %r over the run config's %r", settings, name, value, values[name])
@@ -392,6 +393,20 @@ def settings_path() -> Path | None:
     from flwr.supercore.utils import get_flwr_home
     default = get_flwr_home() / SETTINGS_FILE
     return default if default.is_file() else None
+
+
+def check_not_writable_by_others(path: Path) -> None:
+    """The server's settings file decides who joins the federation (allowed-nodes), its privacy (client-level DP) and
+    its bounds: one that every user may write (a careless chmod, a shared $FLWR_HOME) would let any of them admit a
+    node or turn the privacy off for the next run. Refused in one line, as key files readable by others are."""
+    import stat
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # read_settings names a missing file
+    if mode & stat.S_IWOTH:  # (group-writable is a umask 002 system's default, its group the user's own)
+        raise SlimtuneError(f"{path}: writable by every user (mode {oct(stat.S_IMODE(mode))}); it decides who joins "
+                            f"the federation and its privacy: run `chmod o-w {path}` first")
 
 
 def read_settings(path: Path) -> dict:

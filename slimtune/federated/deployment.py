@@ -182,6 +182,7 @@ class LocalFederation:
                                                f'address = "127.0.0.1:{self.link_port}"\n{security}\n')
         self.settings = self.work / "server-settings.json"  # only the SuperLink's environment points here
         self.settings.write_text(json.dumps(asdict(cfg)))
+        self.settings.chmod(0o600)  # the server refuses a settings file every user may write (whatever the umask)
         # Flower's processes start more of Flower's executables by name (flower-superexec, flwr-serverapp...): the
         # environment's own come first on their PATH, and before them slimtune's flower-superexec, which hands each
         # app its run token in a private file instead of on its command line (federated/superexec.py)

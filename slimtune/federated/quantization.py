@@ -76,9 +76,12 @@ def coarse_scales(absmax: torch.Tensor, bits: int) -> torch.Tensor:
     u = 2^(floor(log2 a) - bits), so a <= s < a (1 + 2^-bits). An fp16 absmax (11 bits) told the receiver the block's
     largest value, whose code is the top level, at fp16 precision: one coordinate per block far beyond the broadcast's
     bit width (all of theta at --block-size 1). Now no scale says more than a code does; the price is a step up to
-    2^-bits larger."""
+    2^-bits larger. A block whose absmax fits float16 keeps a scale that fits it too: rounding up past 65504 (58000
+    at 1 or 2 bits rounds to 65536) sent the scale as inf, and every receiver decoded the block as NaN or -inf."""
     unit = torch.exp2(torch.floor(torch.log2(absmax)) - bits)
-    return torch.ceil(absmax / unit) * unit
+    scales = torch.ceil(absmax / unit) * unit
+    top = torch.finfo(torch.float16).max
+    return torch.where(absmax <= top, scales.clamp(max=top), scales)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:

@@ -76,11 +76,25 @@ def decode_arrays(arrays: ArrayRecord, expected: dict[str, tuple[tuple, tuple | 
         size = int(np.prod(declared, dtype=np.int64)) * header[1].itemsize
         if len(arr.data) != header[3] + size:
             raise ValueError(f"array {key!r} carries {len(arr.data) - header[3]} bytes for {size} bytes of values")
+        if header[3] > _canonical_header_bytes(declared, header[1], header[4]):  # padding a client's upload counts
+            raise ValueError(f"array {key!r}: its .npy header is padded beyond what numpy writes")
     return {key: arrays[key].numpy() for key in expected}
 
 
-def _npy_header(data: bytes) -> tuple[tuple, np.dtype, bool, int] | None:
-    """(shape, dtype, fortran order, header length) of .npy bytes as numpy writes them (format 1.0 or 2.0), or None."""
+def _canonical_header_bytes(shape: tuple, dtype: np.dtype, version: tuple) -> int:
+    """The length of the .npy header (magic included) numpy writes for an array of this dtype and shape."""
+    from io import BytesIO
+
+    from numpy.lib import format as npy
+    header = {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    stream = BytesIO()
+    (npy.write_array_header_1_0 if version == (1, 0) else npy.write_array_header_2_0)(stream, header)
+    return stream.tell()
+
+
+def _npy_header(data: bytes) -> tuple[tuple, np.dtype, bool, int, tuple] | None:
+    """(shape, dtype, fortran order, header length, format version) of .npy bytes as numpy writes them (format 1.0 or
+    2.0), or None."""
     from io import BytesIO
 
     from numpy.lib import format as npy
@@ -93,7 +107,7 @@ def _npy_header(data: bytes) -> tuple[tuple, np.dtype, bool, int] | None:
         shape, fortran, dtype = read(stream)
     except (ValueError, TypeError, SyntaxError, OverflowError):
         return None
-    return tuple(shape), dtype, bool(fortran), stream.tell()
+    return tuple(shape), dtype, bool(fortran), stream.tell(), version
 
 
 def parse_reply(content: RecordDict, cfg, shapes: dict[str, tuple]) -> dict:

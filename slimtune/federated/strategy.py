@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import FedAvg
 
 from slimtune import SlimtuneError
-from slimtune.federated.bounds import InfluenceBound, aggregate, client_weights
+from slimtune.federated.bounds import InfluenceBound, aggregate, client_weights, lower_median
 from slimtune.federated.config import FederatedConfig
 from slimtune.federated.local_privacy import private_clients, public_bound
 from slimtune.privacy.secret import KeyedNoise, RunKey, secret_tensor
@@ -71,6 +71,7 @@ class FedLPP(FedAvg):
         self.nodes_replied: set[int] = set()  # every node a reply came from (the summary says how many)
         self.accepted_total = 0  # replies accepted in all rounds (not written under client-level DP)
         self.nodes_short = False  # the last round went on with fewer than min_available_nodes (sample_train_nodes)
+        self.instructions: dict[int, list[Message]] = {}  # each round's train instructions, until its replies come
 
     def server_model(self) -> dict[str, torch.Tensor]:
         """The model the server keeps: the average of its iterates with --server-average, else theta itself.
@@ -103,6 +104,9 @@ class FedLPP(FedAvg):
         record = RecordDict({self.arrayrecord_key: payload, self.configrecord_key: config})
         messages = list(self._construct_messages(record, self.sample_train_nodes(grid, server_round),
                                                  MessageType.TRAIN))
+        for message in messages:  # a reply carries its instruction's group id: a replay from another round does not
+            message.metadata.group_id = str(server_round)
+        self.instructions[server_round] = messages  # their ids are set when the grid sends them (in place)
         down = wire_bytes(messages[0]) if messages else 0
         self.round_log[server_round] = {"round": server_round, "sampled": len(messages),
                                         "payload_bytes_down_per_client": nbytes,
@@ -145,8 +149,15 @@ class FedLPP(FedAvg):
         dp = self.cfg.client_level_dp
         say = log.debug if dp else log.warning
         accepted, rejected = [], 0
+        sent = self.instructions.pop(server_round, None)
+        answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            unasked = self.unasked(msg, server_round, sent, answered)
+            if unasked:  # Flower's SuperLink refuses these already; the strategy does not rely on it
+                say("round %d: rejected a reply from client %s: %s", server_round, node, unasked)
+                rejected += 1
+                continue
             self.nodes_replied.add(node)
             if msg.has_error():  # Flower's reason is the client's exception text: a row of its data, say
                 say("round %d: client %s failed (%s); skipped", server_round, node, self.client_text(msg.error.reason))
@@ -155,6 +166,7 @@ class FedLPP(FedAvg):
             try:  # sized only once accepted: what a rejected reply carried is not counted as a client's upload
                 parsed = parse_reply(msg.content, self.cfg, self.shapes)
                 accepted.append({**parsed, "wire_bytes": wire_bytes(msg), "node": node})
+                answered.add(node)  # its one reply this round (a rejected one does not use it up)
             except Exception as exc:  # noqa: BLE001 - whatever a reply holds, it can only be rejected
                 say("round %d: rejected reply from client %s: %s", server_round, node,
                     self.client_text(str(exc)) if isinstance(exc, ValueError) else f"malformed ({type(exc).__name__})")
@@ -182,9 +194,28 @@ class FedLPP(FedAvg):
             info["bytes_up_per_client"] = float(np.mean([a["wire_bytes"] for a in accepted]))
             losses = [a["loss"] for a in accepted if a["loss"] is not None]  # private clients send none
             if losses and not private_clients(self.cfg):  # private: only the DP releases; none from a claim
-                info["train_loss"] = float(np.median(losses))  # the claims' median: no one client sets it
+                info["train_loss"] = lower_median(losses)  # the claims' lower median: no one client sets it (of
+                # two, np.median's mean of the middle pair was the hostile one's to choose)
         payload, _ = self.broadcast()
         return payload, MetricRecord(counts)
+
+    @staticmethod
+    def unasked(msg: Message, server_round: int, sent: list[Message] | None, answered: set[int]) -> str | None:
+        """Why a reply is no answer to this round's instructions, or None: one accepted reply per sampled node, to an
+        instruction of this round (its group id; its message id where the grid has set the instructions' ids)."""
+        if sent is None:  # aggregate_train without configure_train (a caller of its own): nothing to match against
+            return None
+        node, meta = msg.metadata.src_node_id, msg.metadata
+        if node not in {m.metadata.dst_node_id for m in sent}:
+            return "its node was not sampled this round"
+        if node in answered:
+            return "its node has already answered this round"
+        if meta.group_id != str(server_round):
+            return "it answers another round's instruction"
+        ids = {m.metadata.message_id for m in sent if m.metadata.message_id}
+        if ids and meta.reply_to_message_id not in ids:
+            return "it answers no instruction of this round"
+        return None
 
     def client_text(self, text: str) -> str:
         """What the server's log says of a text that came from a client (its error, or what was wrong with its
