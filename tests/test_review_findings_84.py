@@ -210,3 +210,38 @@ def test_a_row_with_both_a_conversation_and_a_pair_is_refused_naming_its_line(tm
                                                                                         "completion": "c"}) + "\n")
     line = one_line_error(cli("eval", *TINY, "--task", "generation", "--data", pairs, "--max-new-tokens", 2))
     assert f"{pairs}:2" in line and "messages" in line, line
+
+
+def test_train_resume_through_a_copied_runs_config_json_is_refused_not_the_original_resumed(tmp_path):
+    """(lead) `train --config COPY/config.json --resume` took out_dir from that record (the run's original directory)
+    and resumed the original, not the copy the user pointed at. Without --out it is refused in one line naming both;
+    with --out COPY it resumes the copy."""
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    res = cli("train", "--data", TRAIN, *TINY, "--steps", 2, "--batch-size", 4, "--out", orig, "--quiet")
+    assert res.exit_code == 0, res.output
+    shutil.copytree(orig, copy)
+    before = (orig / "metrics.jsonl").read_text()
+    line = one_line_error(cli("train", "--config", copy / "config.json", "--resume", "--steps", 3, "--quiet"))
+    assert "--config" in line and "--out" in line, line
+    assert (orig / "metrics.jsonl").read_text() == before
+    res = cli("train", "--config", copy / "config.json", "--resume", "--out", copy, "--steps", 3, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert (orig / "metrics.jsonl").read_text() == before
+
+
+def test_generate_says_when_a_prompt_lost_its_beginning(tmp_path):
+    """(lead) A prompt longer than --max-length (or than the room --max-new-tokens leaves in the model's positions)
+    was cut from the left without a word: the completion was of another prompt than the one written."""
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+    long_prompt = " ".join(["great movie"] * 40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = CliRunner().invoke(app, ["generate", *TINY, "--prompt", long_prompt, "--max-length", "8",
+                                       "--max-new-tokens", "2", "--output", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 0, res.output
+    said = " ".join(str(w.message) for w in caught)
+    assert "1 of 1 prompts" in said and "cut" in said, said

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimtune.models.loading import left_padded, pad_id, prompt_ids, prompt_room
+from slimtune.models.loading import keep_last, left_padded, pad_id, prompt_ids, prompt_room
 
 
 @dataclass
@@ -18,12 +18,27 @@ class DecodeSettings:
     max_length: int = 256  # prompt tokens kept (from the left)
 
 
-def _encode(tokenizer, prompts: list[str], settings: DecodeSettings, device: str, model=None):
+def _encode(tokenizer, prompts: list[str], settings: DecodeSettings, device: str, model=None, cut: list | None = None):
     """Left-padded, left-truncated prompts (BOS first where the model expects it): at most --max-length tokens, and
-    no more than leave room for the new tokens within `model`'s positions."""
+    no more than leave room for the new tokens within `model`'s positions. `cut` gets one (tokens, kept) per prompt
+    that was cut."""
     keep = settings.max_length if model is None else prompt_room(model, settings.max_length, settings.max_new_tokens)
-    ids, mask = left_padded([prompt_ids(tokenizer, p, keep) for p in prompts], pad_id(tokenizer))
+    whole = [prompt_ids(tokenizer, p) for p in prompts]
+    if cut is not None:
+        cut += [(len(w), keep) for w in whole if len(w) > keep]
+    ids, mask = left_padded([keep_last(tokenizer, w, keep) for w in whole], pad_id(tokenizer))
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def say_cut(cut: list, total: int) -> None:
+    """One warning line when prompts lost their beginning to --max-length (or to the room --max-new-tokens leaves
+    within the model's positions): the completions are of the cut prompts."""
+    if cut:
+        import warnings
+        longest, keep = max(cut)
+        warnings.warn(f"{len(cut)} of {total} prompts are longer than the {keep} tokens kept (--max-length, and room "
+                      f"for --max-new-tokens within the model's positions; the longest has {longest}): their "
+                      "beginnings were cut", stacklevel=3)
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -48,12 +63,13 @@ def generate_texts(model, tokenizer, prompts: list[str], settings: DecodeSetting
     """The completion of each prompt (new tokens only, special tokens removed, whitespace stripped)."""
     was_training = model.training
     model.eval()
-    outputs = []
+    outputs, cut = [], []
     for i in range(0, len(prompts), settings.batch_size):
-        new = _generate(model, tokenizer, _encode(tokenizer, prompts[i:i + settings.batch_size], settings, device, model),
-                        settings)
+        enc = _encode(tokenizer, prompts[i:i + settings.batch_size], settings, device, model, cut)
+        new = _generate(model, tokenizer, enc, settings)
         outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     model.train(was_training)
+    say_cut(cut, len(prompts))
     return outputs
 
 
@@ -63,6 +79,9 @@ def stream_generate(model, tokenizer, prompt: str, settings: DecodeSettings, dev
 
     model.eval()
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    cut = []
+    enc = _encode(tokenizer, [prompt], settings, device, model, cut)
+    say_cut(cut, 1)
     with torch.inference_mode():
-        new = _generate(model, tokenizer, _encode(tokenizer, [prompt], settings, device, model), settings, streamer=streamer)
+        new = _generate(model, tokenizer, enc, settings, streamer=streamer)
     return tokenizer.decode(new[0], skip_special_tokens=True).strip()
