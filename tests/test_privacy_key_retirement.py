@@ -68,8 +68,8 @@ def test_a_users_own_key_file_is_never_retired_and_extends_the_run(tmp_path):
     assert key.read_bytes() == content
 
 
-def test_a_run_stopped_part_way_keeps_its_key_and_resumes(tmp_path, monkeypatch):
-    """Only completion retires the key: a run that failed part-way needs it for its next steps (and its resume)."""
+def failing_second_step(monkeypatch):
+    """slimtune train's second step fails (a full disk); returns the real step function, to put back."""
     from slimtune.train import trainer
     real_step, calls = trainer._train_step, []
 
@@ -80,6 +80,13 @@ def test_a_run_stopped_part_way_keeps_its_key_and_resumes(tmp_path, monkeypatch)
         return real_step(run, step)
 
     monkeypatch.setattr(trainer, "_train_step", failing_step)
+    return real_step
+
+
+def test_a_run_stopped_part_way_keeps_its_key_and_resumes(tmp_path, monkeypatch):
+    """Only completion retires the key: a run that failed part-way needs it for its next steps (and its resume)."""
+    from slimtune.train import trainer
+    real_step = failing_second_step(monkeypatch)
     run, data = tmp_path / "run", data_file(tmp_path)
     assert train(run, data, steps=3).exit_code != 0
     assert (run / "secret.key").is_file()

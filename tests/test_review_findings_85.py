@@ -34,12 +34,7 @@ def _private_trainer(tmp_path, train_rows, eval_rows, transform_kwargs=None, **a
     def tokenize(batch):
         return tok(batch["text"], **kwargs)
 
-    train = datasets.Dataset.from_dict({"text": train_rows})
-    train.set_transform(tokenize)
-    evaluation = None
-    if eval_rows:
-        evaluation = datasets.Dataset.from_dict({"text": eval_rows})
-        evaluation.set_transform(tokenize)
+    train, evaluation = tokenized_when_read(train_rows, tokenize), tokenized_when_read(eval_rows, tokenize)
     model = tiny_model("tiny-llama", len(tok), tok.pad_token_id, tok.eos_token_id, seed=0)
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to=[], logging_steps=1,
                 save_strategy="no", use_cpu=True, disable_tqdm=True, seed=7, max_steps=2,
@@ -48,6 +43,15 @@ def _private_trainer(tmp_path, train_rows, eval_rows, transform_kwargs=None, **a
                         eval_dataset=evaluation, data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
                         zo_args=ZOArguments(optimizer="dpzero", epsilon=8.0, delta=1e-3, lr=1e-2, eps=1e-2))
     return trainer
+
+
+def tokenized_when_read(rows, tokenize):
+    """A datasets.Dataset of `rows` (a "text" column) tokenized when read (set_transform); None for no rows."""
+    if not rows:
+        return None
+    dataset = datasets.Dataset.from_dict({"text": rows})
+    dataset.set_transform(tokenize)
+    return dataset
 
 
 def _transformers_log(run) -> str:
@@ -122,15 +126,8 @@ def test_a_row_that_reads_as_several_rows_is_refused_before_any_step_not_at_the_
             out.pop("overflow_to_sample_mapping", None)
             return out
         trainer.train_dataset.set_transform(without_mapping)
-        try:
-            trainer.train()
-            outcome.append(("completed", trainer.state.global_step))
-        except SlimtuneError:
-            outcome.append(("refused", trainer.state.global_step))
-    assert outcome[0] == ("completed", 3)
-    assert outcome[1] in (("completed", 3), ("refused", 0)), (
-        f"with the canary row the private run {outcome[1][0]} after {outcome[1][1]} released step(s): the step the "
-        "refusal comes at is the secret step whose Poisson batch drew the canary")
+        outcome.append(trained_or_refused(trainer))
+    assert_refused_before_any_step(outcome)
 
 
 def test_a_training_row_the_collator_cannot_read_is_refused_before_any_step_not_at_the_step_that_drew_it(
@@ -148,11 +145,22 @@ def test_a_training_row_the_collator_cannot_read_is_refused_before_any_step_not_
         if canary:
             rows[3] = None  # the canary: a row the tokenizer cannot read
         trainer = _private_trainer(tmp_path / str(canary), rows, [], max_steps=3)
-        try:
-            trainer.train()
-            outcome.append(("completed", trainer.state.global_step))
-        except SlimtuneError:
-            outcome.append(("refused", trainer.state.global_step))
+        outcome.append(trained_or_refused(trainer))
+    assert_refused_before_any_step(outcome)
+
+
+def trained_or_refused(trainer) -> tuple[str, int]:
+    """("completed" or "refused", the steps released) of a private trainer's train()."""
+    try:
+        trainer.train()
+        return "completed", trainer.state.global_step
+    except SlimtuneError:
+        return "refused", trainer.state.global_step
+
+
+def assert_refused_before_any_step(outcome: list) -> None:
+    """Without the canary the 3-step run completes; with it, it completes too or is refused before any release (not
+    at the secret step whose Poisson batch drew the canary)."""
     assert outcome[0] == ("completed", 3)
     assert outcome[1] in (("completed", 3), ("refused", 0)), (
         f"with the canary row the private run {outcome[1][0]} after {outcome[1][1]} released step(s): the step the "

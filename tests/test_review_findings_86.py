@@ -11,21 +11,11 @@ import pytest
 
 from conftest import cli, one_line_error  # noqa: E402
 
-DEMO = Path(__file__).resolve().parents[1] / "slimtune" / "data" / "demo"
-ROWS = (DEMO / "sst2_demo_train.tsv").read_text().splitlines()
-PRIVATE = ("--optimizer", "dpzero", "--delta", "1e-3")
-
-
-def _train(run: Path, data: Path, *flags, steps: int = 2):
-    return cli("train", "--data", data, "--model", "tiny-llama", "--steps", str(steps), "--batch-size", "2",
-               "--eval-every", "0", "--save", "last", "--checkpoint-every", "1", "--out", run, "--quiet", "--r", "2",
-               *PRIVATE, *flags)
-
-
-def _data(tmp_path: Path) -> Path:
-    data = tmp_path / "train.tsv"
-    data.write_text("\n".join(ROWS[:41]) + "\n")
-    return data
+from test_privacy_key_retirement import data_file as _data  # noqa: E402
+from test_privacy_key_retirement import failing_second_step  # noqa: E402
+from test_privacy_key_retirement import train as _train  # noqa: E402
+from test_review_findings_85 import (assert_refused_before_any_step, tokenized_when_read,  # noqa: E402
+                                     trained_or_refused)
 
 
 # -- 1. key retirement: a RUN/secret.key that is a symbolic link ----------------------------------------------------
@@ -61,17 +51,9 @@ def test_a_completed_run_does_not_retire_a_key_file_another_run_was_given(tmp_pa
     each run's nonce keeps its noise its own) so that B can be extended later. When A completes it retires
     A/secret.key, and B, never told, can no longer be resumed: its --secret-key-file was touched (destroyed)."""
     from slimtune.train import trainer
-    real_step, calls = trainer._train_step, []
-
-    def failing_step(run, step):
-        calls.append(step)
-        if len(calls) == 2:
-            raise OSError("disk full")
-        return real_step(run, step)
-
     data = _data(tmp_path)
     a, b = tmp_path / "a", tmp_path / "b"
-    monkeypatch.setattr(trainer, "_train_step", failing_step)
+    real_step = failing_second_step(monkeypatch)
     assert _train(a, data, steps=3).exit_code != 0  # A stopped part-way: its key is there
     monkeypatch.setattr(trainer, "_train_step", real_step)
     key = a / "secret.key"
@@ -133,12 +115,7 @@ def _trainer(tmp_path, rows, tok, model, collator, eval_rows=None, **args):
     def tokenize(batch):
         return tok(batch["text"])
 
-    train = datasets.Dataset.from_dict({"text": rows})
-    train.set_transform(tokenize)
-    evaluation = None
-    if eval_rows:
-        evaluation = datasets.Dataset.from_dict({"text": eval_rows})
-        evaluation.set_transform(tokenize)
+    train, evaluation = tokenized_when_read(rows, tokenize), tokenized_when_read(eval_rows, tokenize)
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to=[], logging_steps=1,
                 save_strategy="no", use_cpu=True, disable_tqdm=True, seed=7, max_steps=3, remove_unused_columns=False)
     return ZOTrainer(model=model, args=TrainingArguments(**{**base, **args}), train_dataset=train,
@@ -170,15 +147,8 @@ def test_a_training_row_the_model_cannot_embed_is_refused_before_any_step_not_at
             rows[3] = "w1 newword w2 w3"
         model = tiny_model("tiny-llama", vocab, tok.pad_token_id, tok.eos_token_id, seed=0)
         trainer = _trainer(tmp_path / str(canary), rows, tok, model, DataCollatorForLanguageModeling(tok, mlm=False))
-        try:
-            trainer.train()
-            outcome.append(("completed", trainer.state.global_step))
-        except SlimtuneError:
-            outcome.append(("refused", trainer.state.global_step))
-    assert outcome[0] == ("completed", 3)
-    assert outcome[1] in (("completed", 3), ("refused", 0)), (
-        f"with the canary row the private run {outcome[1][0]} after {outcome[1][1]} released step(s): the step the "
-        "failure comes at is the secret step whose Poisson batch drew the canary")
+        outcome.append(trained_or_refused(trainer))
+    assert_refused_before_any_step(outcome)
 
 
 def test_a_random_collator_in_the_private_row_check_does_not_carry_a_training_row_into_public_evaluation(
