@@ -99,24 +99,26 @@ def lines_of(f, name: str | Path):
         yield line
 
 
-def open_data_file(path: str | Path, mode: str = "r", encoding: str | None = None, newline: str | None = None):
+def open_data_file(path: str | Path, mode: str = "r", encoding: str | None = None, newline: str | None = None,
+                   errors: str = "strict", refusal=None):
     """`path` opened for reading, as the regular file it must be: the path is opened first (not blocking: a named
     pipe put in its place after require_data_file looked would wait for a writer) and the open file's own status
     checked, so a path that stopped being a regular file between the check and the open is refused in one line (a
     device such as /dev/zero never ends). Text (`mode` "r") in `encoding` (default UTF-8, a byte order mark
-    skipped); an OSError as open() raises it."""
+    skipped); an OSError as open() raises it. `refusal(path, st_mode)`: the message for a path that is no regular
+    file (default: a data file's, `not_a_file`)."""
     import os
 
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     try:
         mode_bits = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode_bits):
-            raise SlimtuneError(not_a_file(str(path), mode_bits))
+            raise SlimtuneError((refusal or not_a_file)(str(path), mode_bits))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         if "b" in mode:
             return os.fdopen(fd, "rb")
-        return os.fdopen(fd, "r", encoding=encoding or ENCODING, newline=newline)
+        return os.fdopen(fd, "r", encoding=encoding or ENCODING, newline=newline, errors=errors)
     except BaseException:
         os.close(fd)
         raise
@@ -147,8 +149,14 @@ def not_a_file(source: str, mode: int) -> str:
     """The message for a data path that is no regular file (its st_mode)."""
     if stat.S_ISDIR(mode):
         return f"{source}: is a directory (a dataset saved with save_to_disk is read as hf:{source})"
-    kind = next((name for test, name in FILE_KINDS if test(mode)), "not a file")
-    return f"{source}: not a regular file ({kind}); a data file must be a file (save the stream to one first)"
+    return f"{source}: not a regular file ({file_kind(mode)}); a data file must be a file (save the stream to one first)"
+
+
+def file_kind(mode: int) -> str:
+    """What a path that is no regular file is, by its st_mode: "a directory", "a named pipe", ..."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return next((name for test, name in FILE_KINDS if test(mode)), "not a file")
 
 
 def read_examples(source: str, task: Task, split: str = "train", column_flags: bool = True) -> list[Example]:

@@ -189,34 +189,19 @@ def check_finished_run(adapter: str | Path, flag: str) -> None:
 
 def read_record(path: str | Path, errors: str = "strict") -> str:
     """The text (UTF-8) of one of a run's record files (config.json, status.json, summary.json, metrics.jsonl, a
-    checkpoint's trainer_state.json), read as the regular file it must be: the path is opened without blocking and
-    the open file's own status checked, so a directory, a named pipe (which would wait forever for a writer) or a
-    device in its place is one line naming it, as is a file that cannot be read. A UnicodeDecodeError passes to the
-    caller, which names the damage (unless `errors` is "replace")."""
-    import stat
+    checkpoint's trainer_state.json), read as the regular file it must be (readers.open_data_file: opened without
+    blocking, then its own status checked), so a directory, a named pipe (which would wait forever for a writer) or
+    a device in its place is one line naming it, as is a file that cannot be read. A UnicodeDecodeError passes to
+    the caller, which names the damage (unless `errors` is "replace")."""
+    from slimtune.data.readers import file_kind, open_data_file
 
-    path = Path(path)
+    def refusal(name: str, mode: int) -> str:
+        return f"{name}: is {file_kind(mode)}, not a run's record file (a file slimtune writes); move it aside"
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise SlimtuneError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            from slimtune.data.readers import FILE_KINDS
-            kind = "a directory" if stat.S_ISDIR(mode) else next((name for test, name in FILE_KINDS if test(mode)),
-                                                                  "not a file")
-            raise SlimtuneError(f"{path}: is {kind}, not a run's record file (a file slimtune writes); move it "
-                                "aside")
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "r", encoding="utf-8", errors=errors) as f:
-            fd = None
+        with open_data_file(path, encoding="utf-8", errors=errors, refusal=refusal) as f:
             return f.read()
     except OSError as exc:
         raise SlimtuneError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def read_status(path: str | Path) -> dict:
