@@ -50,12 +50,14 @@ _LAZY = {
                                                   "DPZero", "DPLOZO", "DPHiZOO", "DPHybrid",
                                                   "ZerothOrderOptimizer", "PrivateOptimizer", "StepOutput")},
     "apply_peft": "slimtune.api",
+    **{name: "slimtune.peft" for name in ("read_adapter", "write_adapter")},
+    "peft_kind": "slimtune.optimizers",
 }
 _SUBMODULES = ("privacy", "hf", "train", "optimizers", "api", "peft", "models", "data", "optim", "zo", "settings")
 
 __all__ = ["SlimtuneError", "__version__", "MeZO", "LOZO", "FZOO", "HiZOO", "HiZOOL", "SparseMeZO", "Hybrid",
            "DPZero", "DPLOZO", "DPHiZOO", "DPHybrid", "ZerothOrderOptimizer", "PrivateOptimizer", "StepOutput",
-           "apply_peft",
+           "apply_peft", "read_adapter", "write_adapter", "peft_kind",
            "train", "privacy", "hf"]
 
 
@@ -76,5 +78,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from slimtune import hf, privacy, train
     from slimtune.api import apply_peft
+    from slimtune.optimizers import peft_kind
+    from slimtune.peft import read_adapter, write_adapter
     from slimtune.optimizers import (DPHiZOO, DPHybrid, DPLOZO, DPZero, FZOO, HiZOO, HiZOOL, LOZO, Hybrid, MeZO,
                                      PrivateOptimizer, SparseMeZO, StepOutput, ZerothOrderOptimizer)

@@ -283,6 +283,7 @@ class ZOTrainerMixin:
             raise SlimtuneError(f"two learning rates: TrainingArguments.learning_rate={args.learning_rate} and "
                                 f"ZOArguments.lr={zo.lr}; set one")
         self._check_not_honoured()
+        self._check_warmup_settings()
         # the values the optimizer takes from TrainingArguments, by the rules of `--lr` and `--weight-decay`, named as
         # the user set them (the optimizer built at train() would name its own keywords: "slimtune.MeZO: lr -1")
         check_keywords("ZOTrainer", {"TrainingArguments.learning_rate": args.learning_rate,
@@ -475,26 +476,32 @@ class ZOTrainerMixin:
             warnings.warn(f"ZOTrainer: {self.zo_args.optimizer}+{settings['peft']} takes {', '.join(table)} from "
                           "slimtune's defaults table", stacklevel=3)
 
+    def _check_warmup_settings(self) -> bool:
+        """ZOArguments.warmup_steps against TrainingArguments' warm-up and schedule (when the trainer is built and
+        again at train()); returns whether the schedule takes no warm-up."""
+        schedule = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
+        warmup = self.zo_args.warmup_steps
+        if warmup is not None:
+            if getattr(self.args, "warmup_ratio", 0) or self.args.warmup_steps not in (0, warmup):
+                raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={warmup} and TrainingArguments' "
+                                    "warmup_steps / warmup_ratio are both set: give one")
+            if warmup and schedule in NO_WARMUP:
+                raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={warmup}: lr_scheduler_type={schedule!r} "
+                                    "takes no warm-up (use constant_with_warmup, linear or cosine)")
+        return schedule in NO_WARMUP
+
     def _warmup_steps(self, num_training_steps: int) -> tuple[int | None, bool]:
         """(warm-up steps, taken from the defaults table): ZOArguments.warmup_steps if given (0: none); else None (the
         trainer's own) where TrainingArguments sets warmup_steps or warmup_ratio; else the table's, as the CLI takes
         it: int(warmup_ratio x steps) (the hybrids warm up their AdamW part)."""
-        no_warmup = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)) in NO_WARMUP
+        no_warmup = self._check_warmup_settings()
         if self.zo_args.warmup_steps is not None:
-            ratio = getattr(self.args, "warmup_ratio", 0)
-            if ratio or self.args.warmup_steps not in (0, self.zo_args.warmup_steps):
-                raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={self.zo_args.warmup_steps} and "
-                                    "TrainingArguments' warmup_steps / warmup_ratio are both set: give one")
             if self.zo_args.warmup_steps and self.zo_args.warmup_steps >= num_training_steps:  # as --warmup-steps
                 max_steps = f"TrainingArguments.max_steps={self.args.max_steps}" if self.args.max_steps > 0 else \
                     "from TrainingArguments.num_train_epochs"
                 raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={self.zo_args.warmup_steps}: must be below "
                                     f"the run's {num_training_steps} training steps ({max_steps}): the whole run "
                                     "would train inside the warm-up")
-            if self.zo_args.warmup_steps and no_warmup:
-                raise SlimtuneError(f"ZOTrainer: ZOArguments.warmup_steps={self.zo_args.warmup_steps}: "
-                                    f"lr_scheduler_type={self.args.lr_scheduler_type!r} takes no warm-up (use "
-                                    "constant_with_warmup, linear or cosine)")
             return self.zo_args.warmup_steps, False
         if self.args.warmup_steps or getattr(self.args, "warmup_ratio", 0) or self.optimizer is None or no_warmup:
             return None, False

@@ -127,3 +127,24 @@ def test_retire_key_file_overwrites_the_bytes_before_removing_the_name(tmp_path)
     else:
         raise AssertionError("a symbolic link was retired")
     assert path.is_symlink() and stat.S_ISREG(other.stat().st_mode) and other.read_bytes() == content
+
+
+def test_a_key_file_made_with_openssl_is_a_key_file_and_a_wrong_one_says_how_to_make_one(tmp_path):
+    """(Review 89) The docs tell a user who wants to extend a run to give their own --secret-key-file; a key written
+    the usual way (`openssl rand -hex 32 > my.key`) was refused as 'not a slimtune key file' (only the JSON a run
+    writes was read), and the refusal did not say what a key file is."""
+    import secrets
+
+    from slimtune.privacy.secret import read_key_file
+    key = tmp_path / "my.key"
+    key.write_text(secrets.token_hex(32) + "\n")
+    key.chmod(0o600)
+    run = tmp_path / "run"
+    res = train(run, data_file(tmp_path), "--secret-key-file", key, "--noise-multiplier", "1")
+    assert res.exit_code == 0, res.output[-800:]
+    assert read_key_file(key).generator("x").bytes(4) is not None
+    raw = tmp_path / "raw.key"
+    raw.write_bytes(secrets.token_bytes(32) + b"\xff")
+    raw.chmod(0o600)
+    line = one_line_error(train(tmp_path / "run2", data_file(tmp_path), "--secret-key-file", raw, "--dry-run"))
+    assert "--secret-key-file" in line and "openssl rand -hex 32" in line, line

@@ -133,12 +133,25 @@ def read_key_file(path: Path) -> "RunKey":
         raise SlimtuneError(f"{path}: readable by other users (mode {oct(path.stat().st_mode & 0o777)}); "
                             f"run `chmod 600 {path}` first")
     try:
-        key = bytes.fromhex(json.loads(path.read_text())["key"])
-    except (ValueError, KeyError, TypeError):
-        raise SlimtuneError(f"{path}: not a slimtune key file") from None
+        key = parse_key(path.read_text())
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise SlimtuneError(f"{path}: not a key file: a key file holds the key in hex, alone (make one with "
+                            f"`openssl rand -hex 32 > {path.name}` and `chmod 600 {path.name}`) or as JSON "
+                            '{"key": "<hex>"} (what a run writes)') from None
     if len(key) < 16:
         raise SlimtuneError(f"{path}: the key has {8 * len(key)} bits; at least 128 are needed")
     return RunKey(key)
+
+
+def parse_key(text: str) -> bytes:
+    """A key file's key: JSON {"key": hex} (what a run writes), or the hex digits alone (`openssl rand -hex 32`).
+    ValueError (or KeyError, TypeError) for anything else."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        return bytes.fromhex(json.loads(stripped)["key"])
+    if not re.fullmatch(r"[0-9a-fA-F]+", stripped):
+        raise ValueError("not hex")
+    return bytes.fromhex(stripped)
 
 
 class RunKey:
