@@ -54,6 +54,28 @@ def apply_peft(model: torch.nn.Module, method: str = "lora", *, r: int = 8, lora
         raise SlimtuneError(in_python_terms("slimtune.apply_peft", str(exc), {"method": "peft"})) from None
 
 
+def python_values(settings: dict, cls) -> dict:
+    """A Python caller's keywords as the settings take them: None left out (as ZOArguments' None: not "null", which
+    a setting that applies only to some optimizers refused for the others), numpy / torch scalars as the int or
+    float they stand for, a tuple of names as a list."""
+    from dataclasses import fields
+
+    from slimtune.settings.base import kind_of, spec_of
+    from slimtune.settings.python import python_number
+    kinds = {f.name: f for f in fields(cls)}
+    out = {}
+    for name, value in settings.items():
+        if value is None:
+            continue
+        base, _ = kind_of(kinds[name])
+        if base in ("int", "float"):
+            value = python_number(value, base)
+        elif isinstance(value, tuple) and spec_of(kinds[name]).list_of_str:
+            value = list(value)
+        out[name] = value
+    return out
+
+
 def train(config: str | None = None, **settings: Any) -> dict:
     """Run `slimtune train` from Python: the same settings (flag names with underscores), the same checks and the
     same run directory (`out`: metrics.jsonl, summary.json, checkpoint/, adapter/). Returns the run's summary.
@@ -66,7 +88,9 @@ def train(config: str | None = None, **settings: Any) -> dict:
             arguments override it.
         **settings: any `slimtune train` setting (`slimtune train --help` lists them): data, eval_data, out, model,
             task, optimizer, peft, r, lr, eps, steps, batch_size, epsilon, delta, resume, ...; `dry_run=True`
-            resolves and checks them and returns the resolved configuration without training.
+            resolves and checks them and returns the resolved configuration without training. As in the rest of
+            the Python API, None means left out (the default, or the config file's value) whatever the optimizer,
+            numbers may be numpy or torch scalars, and lists may be tuples.
     """
     from dataclasses import asdict, fields
 
@@ -83,6 +107,7 @@ def train(config: str | None = None, **settings: Any) -> dict:
     unknown = sorted(set(settings) - names)
     if unknown:
         raise SlimtuneError(f"unknown setting {unknown[0]!r} for `slimtune train`")
+    settings = python_values(settings, TrainSettings)
     # the command line's own path (commands/train.py): defaults < a resumed run's config.json < config < keywords
     from slimtune.commands.train import resumed_settings
     from slimtune.settings.cli import build_settings

@@ -91,6 +91,7 @@ NOT_HONOURED = (
      "a batch halved after an out-of-memory error would be priced at the first"),
 )
 OFF_WHEN_FALSY = ("max_grad_norm",)  # 0 or None: no clipping, which is what a zeroth-order step does
+ACT_WHEN_ON = ("fp16", "gradient_checkpointing", "neftune_noise_alpha", "debug")  # whatever class made them the default
 
 EMPTY_BATCH = "slimtune_empty_batch"  # the collated form of an empty Poisson batch
 EXAMPLES = "slimtune_examples"  # how many examples a private batch was collated from (checked, then dropped)
@@ -153,8 +154,10 @@ class ZOArguments:
         accepted = self.accepted()
         for name, value in self.given().items():
             if name not in accepted:
+                takes = sorted(accepted & {f.name for f in fields(self)})  # ZOArguments' own fields only (weight
+                # decay comes from TrainingArguments)
                 raise SlimtuneError(f"ZOArguments: {name} is not a setting of optimizer {self.optimizer} (its "
-                                    f"settings: {', '.join(sorted(accepted))})")
+                                    f"settings: {', '.join(takes)})")
         if self.optimizer == "fzoo" and self.n_perturbations is not None:  # the rule slimtune.FZOO applies
             from slimtune.optimizers import FZOO
             FZOO.check_directions("ZOArguments: n_perturbations", self.n_perturbations)
@@ -284,6 +287,7 @@ class ZOTrainerMixin:
                                 f"ZOArguments.lr={zo.lr}; set one")
         self._check_not_honoured()
         self._check_warmup_settings()
+        self._check_no_lora_dropout()
         # the values the optimizer takes from TrainingArguments, by the rules of `--lr` and `--weight-decay`, named as
         # the user set them (the optimizer built at train() would name its own keywords: "slimtune.MeZO: lr -1")
         check_keywords("ZOTrainer", {"TrainingArguments.learning_rate": args.learning_rate,
@@ -303,10 +307,12 @@ class ZOTrainerMixin:
                                   if getattr(zo, k) is not None)
                 raise SlimtuneError(in_python_terms(f"ZOArguments({named})", refusal))
             self._check_private_loss()
-            if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
+            dataset = self.train_dataset
+            if dataset is not None and (isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__")):
                 raise SlimtuneError(f"ZOArguments(optimizer={zo.optimizer!r}): private training samples Poisson "
                                     "batches from a dataset of known size; an iterable dataset cannot be sampled")
-            if not 1 <= self._train_batch_size <= len(self.train_dataset):
+            if dataset is not None and not 1 <= self._train_batch_size <= len(dataset):  # (none yet: set before
+                # train(), which checks again)
                 raise SlimtuneError(f"per_device_train_batch_size={args.per_device_train_batch_size}: a private run's "
                                     "Poisson batches hold each example with probability batch size / dataset size, "
                                     f"so it must be from 1 to the {len(self.train_dataset)} training rows")
@@ -349,8 +355,13 @@ class ZOTrainerMixin:
                                 f"cross-entropy: {override}")
 
     def _check_not_honoured(self) -> None:
-        """One line naming the first setting of NOT_HONOURED that is set for a run it concerns."""
-        defaults = {f.name: f.default for f in fields(type(self.args))}
+        """One line naming the first setting of NOT_HONOURED that is set for a run it concerns. Those that act whoever
+        set them (ACT_WHEN_ON: TRL's SFTConfig turns gradient checkpointing on by default) are judged against
+        transformers' own TrainingArguments defaults, the others against the args class's."""
+        from transformers import TrainingArguments
+        base = {f.name: f.default for f in fields(TrainingArguments)}
+        defaults = {f.name: (base[f.name] if f.name in ACT_WHEN_ON and f.name in base else f.default)
+                    for f in fields(type(self.args))}
         kind = METHODS[self.zo_args.optimizer].kind
         for name, runs, why in NOT_HONOURED:
             if runs == "private" and not self.zo_args.private or runs == "zeroth-order" and kind != "zeroth-order":
@@ -475,6 +486,15 @@ class ZOTrainerMixin:
             import warnings
             warnings.warn(f"ZOTrainer: {self.zo_args.optimizer}+{settings['peft']} takes {', '.join(table)} from "
                           "slimtune's defaults table", stacklevel=3)
+
+    def _check_no_lora_dropout(self) -> None:
+        """A LoRA dropout on the model (peft's LoraConfig(lora_dropout=...), apply_peft's) is refused, as `slimtune
+        train --lora-dropout` is for these optimizers: their steps run the model in eval() mode, where it is off."""
+        for name, module in self.model.named_modules():
+            if name.rsplit(".", 2)[-2:-1] == ["lora_dropout"] and isinstance(module, torch.nn.Dropout) and module.p:
+                raise SlimtuneError(f"ZOTrainer: the model's LoRA layers have lora_dropout={module.p}: a "
+                                    f"{self.zo_args.optimizer} step runs the model in eval() mode, where dropout is "
+                                    "off; build the adapter with lora_dropout=0")
 
     def _check_warmup_settings(self) -> bool:
         """ZOArguments.warmup_steps against TrainingArguments' warm-up and schedule (when the trainer is built and
@@ -716,6 +736,9 @@ class ZOTrainerMixin:
                                 "and a second train() would start its Poisson batches from the first step's again "
                                 "(released already); build a new trainer for a new run")
         if self.zo_args.private:
+            if self.train_dataset is None:
+                raise SlimtuneError("ZOTrainer: train() needs a train_dataset (set it when building the trainer, or "
+                                    "as trainer.train_dataset before train())")
             self._check_private_rows()
         out = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.zo_args.private:  # no loss is released: transformers' NaN filter would report the mean of none, 0.0
@@ -775,6 +798,8 @@ class ZOTrainerMixin:
                 logs["projected_grad"] = self._zo_last["projected_grad"]
             if opt.method != "hybrid":
                 logs.pop("grad_norm", None)
+            elif "grad_norm" in logs and getattr(getattr(opt, "impl", None), "last_grad_norm", None) is not None:
+                logs["grad_norm"] = opt.impl.last_grad_norm  # before the hybrid's own clip, as transformers reports
             if opt.private:  # the loss and the speed of training steps are measured on the private batches
                 for key in [k for k in logs if k in ("loss", "total_flos") or k.startswith("train_")]:
                     logs.pop(key, None)

@@ -139,11 +139,12 @@ def test_zoarguments_warmup_steps_is_not_silently_dropped_by_a_constant_schedule
     from test_hf import hf_args, lm_dataset, model_for, tokenizer
 
     tok = tokenizer()
-    trainer = ZOTrainer(model=model_for(tok, "lora"), args=hf_args(tmp_path, max_steps=400,
-                                                                  lr_scheduler_type="constant"),
-                        train_dataset=lm_dataset(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-                        zo_args=ZOArguments(optimizer="mezo", warmup_steps=50))
-    try:
+    try:  # (lead) refused when the trainer is built (review 89), or at the scheduler
+        trainer = ZOTrainer(model=model_for(tok, "lora"), args=hf_args(tmp_path, max_steps=400,
+                                                                      lr_scheduler_type="constant"),
+                            train_dataset=lm_dataset(tok),
+                            data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                            zo_args=ZOArguments(optimizer="mezo", warmup_steps=50))
         trainer.create_optimizer_and_scheduler(num_training_steps=400)
     except SlimtuneError:
         return  # refused in one line: fine

@@ -116,8 +116,11 @@ class Hybrid(ZOOptimizer):
         self.fo.step()
 
     def _clip_top(self) -> None:
+        """max_grad_norm on the top part's gradient; `last_grad_norm` keeps its norm before the clip (what
+        transformers' Trainer logs as grad_norm: an exploding gradient shows there)."""
         if self.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.top], self.config.max_grad_norm)
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.top],
+                                                                       self.config.max_grad_norm))
 
     # hooks for DPHybrid: per-example gradients of the top part, and the end of a step's noise
     def _recording(self):
