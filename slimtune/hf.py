@@ -712,13 +712,23 @@ class ZOTrainerMixin:
                                         "transform that give one row per example")
                 _check_fits_the_model(batch, limits)
 
-    def _model_limits(self) -> tuple[int | None, int | None]:
-        """(input embedding rows, positions) of the model, where it has them: what its forward refuses."""
+    def _model_limits(self) -> dict:
+        """What the model's forward and per_example_losses refuse, where it says: its input embedding rows
+        (`vocab`), positions, and the labels its loss takes (`labels`: (low, high) of the class or token ids, -100
+        ignored; None: not checked, e.g. float labels of a regression)."""
         model = base_of(self.model)
+        config = getattr(model, "config", None)
         embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-        vocab = getattr(embeddings, "num_embeddings", None)
-        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        return vocab, positions if isinstance(positions, int) else None
+        positions = getattr(config, "max_position_embeddings", None)
+        output = getattr(model, "get_output_embeddings", lambda: None)()
+        weight = getattr(output, "weight", None)
+        if type(model).__name__.endswith("ForSequenceClassification"):
+            labels = getattr(config, "num_labels", None)
+        else:
+            labels = weight.shape[0] if isinstance(weight, torch.Tensor) else None
+        return {"vocab": getattr(embeddings, "num_embeddings", None),
+                "positions": positions if isinstance(positions, int) else None,
+                "labels": labels if isinstance(labels, int) and labels > 1 else None}
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Not in private runs: the generator state after a collator's random draws (masking, augmentation: one per
@@ -933,11 +943,18 @@ class PoissonBatches:
             yield opt._draw(self.epoch * self.batches_per_epoch + i)
 
 
-def _check_fits_the_model(batch: dict, limits: tuple[int | None, int | None]) -> None:
-    """A collated chunk of training rows against what the model's forward refuses (an index past its embedding, a
-    sequence past its positions): such a row would fail the run only at the secret step whose Poisson batch drew it.
-    The message names no row."""
-    vocab, positions = limits
+def _check_fits_the_model(batch: dict, limits: dict) -> None:
+    """A collated chunk of training rows against what the model's forward and loss refuse (an index past its
+    embedding, a sequence past its positions, a label its loss cannot take): such a row would fail the run only at
+    the secret step whose Poisson batch drew it. The message names no row."""
+    vocab, positions, classes = limits["vocab"], limits["positions"], limits["labels"]
+    labels = batch.get("labels")
+    if classes is not None and isinstance(labels, torch.Tensor) and not labels.dtype.is_floating_point \
+            and labels.numel():
+        taken = labels[labels != -100]
+        if taken.numel() and (int(taken.min()) < 0 or int(taken.max()) >= classes):
+            raise SlimtuneError(f"a training row's label is outside the {classes} the model's loss takes (0 to "
+                                f"{classes - 1}; -100 marks a position without one): checked before the first step")
     ids = batch.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or not ids.numel():
         return

@@ -152,6 +152,20 @@ def not_a_file(source: str, mode: int) -> str:
     return f"{source}: not a regular file ({file_kind(mode)}); a data file must be a file (save the stream to one first)"
 
 
+def read_regular_text(path: str | Path, what: str, errors: str = "strict") -> str:
+    """The UTF-8 text of a file slimtune reads whole (a run's records, an adapter's settings), opened as the regular
+    file it must be (`open_data_file`): a directory, a named pipe (which would wait forever for a writer) or a device
+    in its place is one line naming it and saying it is not `what`, as is a file that cannot be read. A
+    UnicodeDecodeError passes to the caller (unless `errors` is "replace")."""
+    def refusal(name: str, mode: int) -> str:
+        return f"{name}: is {file_kind(mode)}, not {what}"
+    try:
+        with open_data_file(path, encoding="utf-8", errors=errors, refusal=refusal) as f:
+            return f.read()
+    except OSError as exc:
+        raise SlimtuneError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
 def file_kind(mode: int) -> str:
     """What a path that is no regular file is, by its st_mode: "a directory", "a named pipe", ..."""
     if stat.S_ISDIR(mode):

@@ -397,16 +397,33 @@ def settings_path() -> Path | None:
 
 def check_not_writable_by_others(path: Path) -> None:
     """The server's settings file decides who joins the federation (allowed-nodes), its privacy (client-level DP) and
-    its bounds: one that every user may write (a careless chmod, a shared $FLWR_HOME) would let any of them admit a
-    node or turn the privacy off for the next run. Refused in one line, as key files readable by others are."""
+    its bounds: one that every user may change would let any of them admit a node or turn the privacy off for the
+    next run. Refused in one line, as key files readable by others are: a file every user may write, one in a
+    directory every user may write (without the sticky bit: anyone may replace it there), and a symbolic link in
+    such a directory (anyone may point it elsewhere), the link's target judged the same way. (Group-writable is a
+    umask 002 system's default, its group the user's own: not refused.)"""
     import stat
+
+    def shared(directory: Path) -> bool:
+        try:
+            mode = directory.stat().st_mode
+        except OSError:
+            return False
+        return bool(mode & stat.S_IWOTH) and not mode & stat.S_ISVTX
+
+    def refuse(why: str) -> SlimtuneError:
+        return SlimtuneError(f"{path}: {why}; it decides who joins the federation and its privacy: keep it where "
+                             "only you can change it")
+    path = Path(path)
     try:
         mode = path.stat().st_mode
     except OSError:
         return  # read_settings names a missing file
-    if mode & stat.S_IWOTH:  # (group-writable is a umask 002 system's default, its group the user's own)
-        raise SlimtuneError(f"{path}: writable by every user (mode {oct(stat.S_IMODE(mode))}); it decides who joins "
-                            f"the federation and its privacy: run `chmod o-w {path}` first")
+    if mode & stat.S_IWOTH:
+        raise refuse(f"writable by every user (mode {oct(stat.S_IMODE(mode))}; `chmod o-w {path}`)")
+    for directory in dict.fromkeys((Path(os.path.abspath(path)).parent, path.resolve().parent)):
+        if shared(directory):
+            raise refuse(f"in {directory}, a directory every user may write (anyone may replace the file there)")
 
 
 def read_settings(path: Path) -> dict:
@@ -515,6 +532,8 @@ def check_output(out_dir: str) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SlimtuneError(f"{out}: already holds a run or other files (nothing was overwritten); choose another "
                             f"output directory")
+    from slimtune.train.run_dir import check_not_in_a_run
+    check_not_in_a_run(out, "--out")
 
 
 def check_run(cfg: FederatedConfig, dirichlet: bool = True) -> FederatedConfig:

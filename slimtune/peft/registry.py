@@ -418,8 +418,9 @@ def read_adapter_meta(directory: str | Path) -> dict:
     path = Path(directory) / ADAPTER_META
     if not path.exists():
         return {}
+    from slimtune.data.readers import read_regular_text
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_regular_text(path, "an adapter's settings file"))
     except (ValueError, UnicodeDecodeError):
         raise SlimtuneError(f"{path}: not valid JSON") from None
     if not isinstance(meta, dict):
@@ -442,6 +443,10 @@ def read_adapter_meta(directory: str | Path) -> dict:
         value = meta.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise SlimtuneError(f"{path}: {key} {value!r} is not a whole number >= 1")
+    from slimtune.settings.train import MAX_NUM_BEAMS
+    if isinstance(meta.get("num_beams"), int) and meta["num_beams"] > MAX_NUM_BEAMS:  # as --num-beams
+        raise SlimtuneError(f"{path}: num_beams {meta['num_beams']} is above {MAX_NUM_BEAMS}, the widest beam search "
+                            "slimtune runs")
     return meta
 
 
@@ -524,8 +529,9 @@ def load_peft(base_model: nn.Module, directory: str | Path) -> nn.Module:
     if (directory / "adapter_config.json").exists():
         return _load_lora(base_model, directory)
     if (directory / tuner.CONFIG).exists():
+        from slimtune.data.readers import read_regular_text
         try:
-            raw = json.loads((directory / tuner.CONFIG).read_text())
+            raw = json.loads(read_regular_text(directory / tuner.CONFIG, "an adapter's settings file"))
             config = (SVFitConfig if raw["method"] == "svfit" else AdapterConfig)(**raw)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise SlimtuneError(f"{directory / tuner.CONFIG}: not a valid slimtune adapter config ({exc})") from None
@@ -549,12 +555,11 @@ def read_lora_config(directory: str | Path):
 
     path = Path(directory) / LORA_CONFIG
     bad = f"{path}: not a valid adapter config"
+    from slimtune.data.readers import read_regular_text
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_regular_text(path, "an adapter's settings file"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise SlimtuneError(f"{bad} (not JSON: {exc})") from None
-    except OSError as exc:
-        raise SlimtuneError(f"{path}: could not be read ({exc.strerror or exc})") from None
     if not isinstance(raw, dict):
         raise SlimtuneError(f"{bad} (the file holds {JSON_TYPES.get(type(raw), 'a value')}, not a JSON object of "
                             "peft's adapter settings)")

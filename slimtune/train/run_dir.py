@@ -189,19 +189,10 @@ def check_finished_run(adapter: str | Path, flag: str) -> None:
 
 def read_record(path: str | Path, errors: str = "strict") -> str:
     """The text (UTF-8) of one of a run's record files (config.json, status.json, summary.json, metrics.jsonl, a
-    checkpoint's trainer_state.json), read as the regular file it must be (readers.open_data_file: opened without
-    blocking, then its own status checked), so a directory, a named pipe (which would wait forever for a writer) or
-    a device in its place is one line naming it, as is a file that cannot be read. A UnicodeDecodeError passes to
-    the caller, which names the damage (unless `errors` is "replace")."""
-    from slimtune.data.readers import file_kind, open_data_file
-
-    def refusal(name: str, mode: int) -> str:
-        return f"{name}: is {file_kind(mode)}, not a run's record file (a file slimtune writes); move it aside"
-    try:
-        with open_data_file(path, encoding="utf-8", errors=errors, refusal=refusal) as f:
-            return f.read()
-    except OSError as exc:
-        raise SlimtuneError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    checkpoint's trainer_state.json): readers.read_regular_text (a directory, named pipe or device in its place is
+    one line naming it, never a hang); a UnicodeDecodeError passes to the caller, which names the damage."""
+    from slimtune.data.readers import read_regular_text
+    return read_regular_text(path, "a run's record file (a file slimtune writes); move it aside", errors)
 
 
 def read_status(path: str | Path) -> dict:
@@ -279,6 +270,7 @@ def check_output_dir(path: Path, flag: str) -> None:
     parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SlimtuneError(f"{flag} {path}: {parent} is not writable")
+    check_not_in_a_run(path, flag)
 
 
 def check_output_file(path: str | Path, flag: str, overwrite: bool = False) -> Path:
@@ -300,18 +292,35 @@ def check_output_file(path: str | Path, flag: str, overwrite: bool = False) -> P
     return path
 
 
-REPLACED_WHOLE = ("checkpoint", "checkpoint.old", "adapter", "pissa_init")  # what a run's saves swap in whole
+REPLACED_WHOLE = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "adapter", "pissa_init")  # a run's saves swap
+# these in whole (or delete them first)
+RUN_FILES = ("summary.json", "metrics.jsonl", "config.json", STATUS_FILE, STATUS_FILE + ".tmp", LOCK_FILE,
+             "secret.key")  # what a run writes (or replaces) at its top level
+
+
+def is_run_directory(directory: Path) -> bool:
+    """A training run's directory: its status.json, or (a run made before status.json, or one whose status.json
+    is gone, still resumes) its config.json beside a checkpoint or metrics."""
+    return (directory / STATUS_FILE).exists() or (directory / "config.json").is_file() and any(
+        (directory / name).exists() for name in ("checkpoint", "checkpoint.old", "metrics.jsonl"))
 
 
 def check_not_in_a_run(path: str | Path, flag: str) -> None:
-    """An output (file or directory) never inside a directory a training run replaces whole at each save
-    (RUN/checkpoint, RUN/adapter, ...: REPLACED_WHOLE): the next `train --resume` of that run would delete it with
-    the directory, without a word. RUN is recognised by its status.json."""
+    """An output (file or directory) never where a training run's next save or resume would replace or delete it:
+    inside a directory its saves replace whole (RUN/checkpoint, RUN/adapter, ...: REPLACED_WHOLE), nor at one of
+    the names it writes at its top (its records, RUN_FILES, and its hidden temporaries)."""
     resolved = Path(os.path.abspath(path)).resolve()
     for directory in (resolved, *resolved.parents):
-        if directory.name in REPLACED_WHOLE and (directory.parent / STATUS_FILE).exists():
-            raise SlimtuneError(f"{flag} {path}: inside {directory}, which each save of the run in {directory.parent} "
-                                "replaces whole (a `train --resume` would delete it with it): write it elsewhere")
+        run = directory.parent
+        if run == directory or not is_run_directory(run):
+            continue
+        name = directory.name
+        if name in REPLACED_WHOLE:
+            raise SlimtuneError(f"{flag} {path}: inside {directory}, which each save of the run in {run} replaces "
+                                "whole (a `train --resume` would delete it with it): write it elsewhere")
+        if directory == resolved and (name in RUN_FILES or name.startswith(".")):
+            raise SlimtuneError(f"{flag} {path}: a name the run in {run} writes ({name}); a `train --resume` would "
+                                "replace it: write it elsewhere")
 
 
 def _partial_name(target: Path) -> Path:
