@@ -149,7 +149,8 @@ def not_a_file(source: str, mode: int) -> str:
     """The message for a data path that is no regular file (its st_mode)."""
     if stat.S_ISDIR(mode):
         return f"{source}: is a directory (a dataset saved with save_to_disk is read as hf:{source})"
-    return f"{source}: not a regular file ({file_kind(mode)}); a data file must be a file (save the stream to one first)"
+    return (f"{source}: not a regular file ({file_kind(mode)}); a data file must be a file (save the stream to one "
+            "first)")
 
 
 def read_regular_text(path: str | Path, what: str, errors: str = "strict") -> str:
