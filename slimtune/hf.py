@@ -488,13 +488,23 @@ class ZOTrainerMixin:
                           "slimtune's defaults table", stacklevel=3)
 
     def _check_no_lora_dropout(self) -> None:
-        """A LoRA dropout on the model (peft's LoraConfig(lora_dropout=...), apply_peft's) is refused, as `slimtune
-        train --lora-dropout` is for these optimizers: their steps run the model in eval() mode, where it is off."""
-        for name, module in self.model.named_modules():
-            if name.rsplit(".", 2)[-2:-1] == ["lora_dropout"] and isinstance(module, torch.nn.Dropout) and module.p:
-                raise SlimtuneError(f"ZOTrainer: the model's LoRA layers have lora_dropout={module.p}: a "
-                                    f"{self.zo_args.optimizer} step runs the model in eval() mode, where dropout is "
-                                    "off; build the adapter with lora_dropout=0")
+        """A dropout of the adapter's own (peft's lora_dropout, vera_dropout, LoHa/LoKr's module_dropout and
+        rank_dropout, apply_peft's) is refused, as `slimtune train --lora-dropout` is for these optimizers: their
+        steps run the model in eval() mode, where it is off."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        for layer in self.model.modules():
+            if not isinstance(layer, BaseTunerLayer):
+                continue
+            rates = {name: sub.p for name, sub in layer.named_modules()
+                     if isinstance(sub, torch.nn.Dropout) and sub.p and not name.startswith("base_layer")}
+            for attr in ("module_dropout", "rank_dropout"):  # LoHa / LoKr: rates, not modules
+                rates.update({attr: rate for rate in (getattr(layer, attr, None) or {}).values()
+                              if isinstance(rate, (int, float)) and rate})
+            if rates:
+                name, rate = next(iter(rates.items()))
+                raise SlimtuneError(f"ZOTrainer: the model's adapter layers have a dropout ({name.split('.')[0]}="
+                                    f"{rate}): a {self.zo_args.optimizer} step runs the model in eval() mode, where "
+                                    "dropout is off; build the adapter without it (0)")
 
     def _check_warmup_settings(self) -> bool:
         """ZOArguments.warmup_steps against TrainingArguments' warm-up and schedule (when the trainer is built and
@@ -722,7 +732,7 @@ class ZOTrainerMixin:
         positions = getattr(config, "max_position_embeddings", None)
         output = getattr(model, "get_output_embeddings", lambda: None)()
         weight = getattr(output, "weight", None)
-        if type(model).__name__.endswith("ForSequenceClassification"):
+        if type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
             labels = getattr(config, "num_labels", None)
         else:
             labels = weight.shape[0] if isinstance(weight, torch.Tensor) else None

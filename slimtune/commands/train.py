@@ -43,7 +43,8 @@ def resumed_settings(values: dict, ctx, config_path: str | None):
     out = chosen("out")
     given_out = "out" in values and (ctx is None or ctx.get_parameter_source("out") == ParameterSource.COMMANDLINE)
     record_dir = Path(config_path).resolve().parent if config_path else None
-    if (record_dir is not None and not given_out and (record_dir / "status.json").exists()
+    from slimtune.train.run_dir import is_run_directory
+    if (record_dir is not None and not given_out and is_run_directory(record_dir)
             and record_dir != Path(out).resolve()):  # a copied or moved run's own record names where it was made
         raise SlimtuneError(f"--config {config_path}: a run's record naming out {out!r}, another directory: --resume "
                             f"would continue the run there, not the one in {Path(config_path).parent}; give --out")

@@ -392,6 +392,9 @@ def settings_path() -> Path | None:
         return Path(os.environ[SETTINGS_ENV])
     from flwr.supercore.utils import get_flwr_home
     default = get_flwr_home() / SETTINGS_FILE
+    if os.path.lexists(default) and not default.is_file():  # a broken link or a directory: never "no settings"
+        raise SlimtuneError(f"{default}: the server's settings file is not a file (a broken link or a directory); "
+                            "the server would run without its allowed-nodes and privacy settings")
     return default if default.is_file() else None
 
 
@@ -421,9 +424,12 @@ def check_not_writable_by_others(path: Path) -> None:
         return  # read_settings names a missing file
     if mode & stat.S_IWOTH:
         raise refuse(f"writable by every user (mode {oct(stat.S_IMODE(mode))}; `chmod o-w {path}`)")
-    for directory in dict.fromkeys((Path(os.path.abspath(path)).parent, path.resolve().parent)):
+    chains = (Path(os.path.abspath(path)).parents, path.resolve().parents)  # as written (links: anyone in a shared
+    # directory may re-point them) and as resolved; any directory above it that every user may write lets anyone
+    # move the one below aside and put their own in its place
+    for directory in dict.fromkeys(d for chain in chains for d in chain):
         if shared(directory):
-            raise refuse(f"in {directory}, a directory every user may write (anyone may replace the file there)")
+            raise refuse(f"below {directory}, a directory every user may write (anyone may replace what is under it)")
 
 
 def read_settings(path: Path) -> dict:

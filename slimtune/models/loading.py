@@ -282,12 +282,34 @@ def check_finite_weights(model: torch.nn.Module, path: str) -> None:
                                 "diverged); it is not loaded")
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "chat_template.jinja")
+
+
 def saved_tokenizer(directory) -> PreTrainedTokenizerFast:
-    """The tokenizer saved in `directory`, or a one-line error naming it (missing or unreadable files)."""
+    """The tokenizer saved in `directory`, or a one-line error naming it (missing or unreadable files: transformers
+    skips a tokenizer file that is a directory or a named pipe, and one without its settings loads with no end or
+    padding token, which generation and padding then fail on)."""
+    import stat
+    for name in TOKENIZER_FILES:
+        path = Path(directory) / name
+        if os.path.lexists(path):
+            try:
+                mode = path.stat().st_mode
+            except OSError as exc:
+                raise SlimtuneError(f"{path}: cannot be read ({exc.strerror or exc}); the tokenizer saved there is "
+                                    "damaged") from None
+            if not stat.S_ISREG(mode):
+                from slimtune.data.readers import file_kind
+                raise SlimtuneError(f"{path}: is {file_kind(mode)}, not a tokenizer file; the tokenizer saved there "
+                                    "is damaged")
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exceptions for a malformed tokenizer.json
         raise SlimtuneError(f"{directory}: could not load the tokenizer saved there ({first_line(exc)})") from None
+    if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+        raise SlimtuneError(f"{directory}: the tokenizer saved there has no end-of-text or padding token "
+                            "(tokenizer_config.json missing or damaged?)")
+    return tokenizer
 
 
 def first_line(exc: Exception) -> str:
