@@ -472,7 +472,8 @@ def model_for_planning(name_or_path: str):
 
         from slimtune import SlimtuneError
         from slimtune.models.loading import first_line
-        from slimtune.settings.rules import is_whole
+        from slimtune.settings.rules import check_not_prequantized, is_whole
+        check_not_prequantized(config_file, f"--model {name_or_path}")
         try:
             config = AutoConfig.from_pretrained(str(config_file))
         except Exception as exc:  # unreadable, unknown model_type, or refused by transformers' validators

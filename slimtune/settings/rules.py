@@ -181,6 +181,24 @@ def check_model(model: str, flag: str = "--model") -> None:
                             "downloads from a hub: pass a local checkpoint directory)")
     if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
         raise SlimtuneError(f"{flag} {model}: no config.json and no .gguf file in the directory")
+    check_not_prequantized(path / "config.json", f"{flag} {model}")
+
+
+def check_not_prequantized(config_file: Path, where: str) -> None:
+    """A checkpoint saved already quantized (its config.json records a `quantization_config`: a "-bnb-4bit"
+    download, GPTQ, AWQ) is refused in one line: slimtune casts and quantizes its own bases (--dtype, --base-quant),
+    which transformers refuses to do to such a model (an internal error after it was loaded)."""
+    import json
+    try:
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the loader names a damaged config
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if quant:
+        method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
+        raise SlimtuneError(f"{where}: a checkpoint saved quantized ({method}: quantization_config in its "
+                            "config.json); slimtune quantizes its own bases: give the full-precision checkpoint, "
+                            "with --base-quant int4 or int8 to train LoRA on a quantized base")
 
 
 def adopt_recorded_base(s) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from slimtune import SlimtuneError
 # what each optimizer is: slimtune/optim/methods.py (one table, torch-free)
@@ -10,7 +11,8 @@ from slimtune.optim.methods import (ADAPTIVE_CLIPPING, FIRST_ORDER, HYBRID, N_SP
                                     PRIVATE, WITH_SOURCES, ZEROTH_ORDER, SOURCES, mechanism_refusal,
                                     names, perturbation_refusal)
 from slimtune.settings.base import Settings, condition, setting, unless, when
-from slimtune.settings.rules import DTYPES, check_device, check_task_text, normalise_dtype, require_input_file
+from slimtune.settings.rules import (DTYPES, check_device, check_not_prequantized, check_task_text, normalise_dtype,
+                                     require_input_file)
 
 # The smallest noise multiplier (sigma, and adaptive clipping's count noise sigma_b) any path prices: the flag, the
 # Python API, noise calibration's search range and the accountant itself (privacy/accountant.py). Below it a run has
@@ -200,6 +202,8 @@ class TrainSettings(Settings):
         self.dtype = normalise_dtype(self.dtype)
         if not self.data:
             raise SlimtuneError("--data is required (on the command line or in --config)")
+        if self.model and Path(self.model).is_dir():  # before the model is loaded
+            check_not_prequantized(Path(self.model) / "config.json", self.where("model") + f" {self.model}")
         if self.target_modules:  # a stray comma named a layer "" that no model has: refused after loading the model
             names = [t.strip() for t in self.target_modules.split(",")]
             if "" in names:
@@ -218,8 +222,6 @@ class TrainSettings(Settings):
                 read_key_file(self.secret_key_file)
             except SlimtuneError as exc:
                 raise SlimtuneError(f"--secret-key-file {exc}") from None
-            from pathlib import Path
-
             from slimtune.privacy.secret import KEY_FILE
             from slimtune.train.run_dir import STATUS_FILE
             given = Path(self.secret_key_file).resolve()
@@ -229,8 +231,6 @@ class TrainSettings(Settings):
                                     f"{owner}, which retires (deletes) it when that run completes; copy it outside "
                                     "any run directory and give the copy")
         elif self.optimizer in PRIVATE and self.out:
-            from pathlib import Path
-
             from slimtune.privacy.secret import KEY_FILE
             linked = Path(self.out) / KEY_FILE
             if linked.is_symlink():  # the run's own key is retired when it completes: never through a link

@@ -104,6 +104,9 @@ def adopt_unset(config, stored: dict, groups: dict | None = None) -> None:
             known = {f.name for f in fields(cls)}
             setattr(config, name, cls(**{k: v for k, v in stored[name].items() if k in known}))
     _adopt(config, stored)
+    if getattr(config, "optimizer", None) == "fzoo" and getattr(config.optim, "n_spsa", None) == 1:
+        config.optim.n_spsa = (stored.get("optim") or {}).get("n_spsa", 1)  # 1 is FZOO's "unset" (defaults.resolve
+        # makes it 8 and records the 8): the run's own N, as a None would take it
 
 
 def _adopt(obj, stored: dict) -> None:
