@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         args=SFTConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=8, max_length=128,
                        eval_strategy="steps", eval_steps=max(args.steps // 4, 1), logging_steps=10,
-                       save_strategy="no", report_to=[], use_cpu=True),
+                       save_strategy="no", report_to=[], use_cpu=True,
+                       gradient_checkpointing=False),  # SFTConfig turns it on; a ZO step keeps no activations
         train_dataset=train,
         eval_dataset=dev,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),

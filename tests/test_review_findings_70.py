@@ -117,7 +117,16 @@ def test_zo_step_memory_ratio_of_a_row_run_later_is_not_shown_as_one_run_ratio()
     unmarked, and the hybrid targets row uses it ('memory 1.04x (zo_step.json)')."""
     import tables
 
-    later = [line for line in tables.zo_step_table().splitlines() if "run later" in line]
+    # (lead) the results file was re-measured in one invocation: a row merged in later is made here, as --only would
+    doc = json.loads((Path(tables.__file__).parent / "results" / "zo_step.json").read_text())
+    row = dict(doc["results"]["hybrid_lora"], invocation="2026-01-01T00:00:00", threads=1)
+    doc["results"]["hybrid_lora"] = row
+    original = tables.read_results
+    tables.read_results = lambda name: doc if name == "zo_step.json" else original(name)
+    try:
+        later = [line for line in tables.zo_step_table().splitlines() if "run later" in line]
+    finally:
+        tables.read_results = original
     assert later  # precondition
     for line in later:
         assert line.rstrip(" |").rsplit("|", 1)[1].strip() == "-", line
