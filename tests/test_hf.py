@@ -78,6 +78,12 @@ def test_transformers_trainer_with_mezo_lowers_the_loss(tmp_path):
     assert logged and all("projected_grad" in r and "grad_norm" not in r for r in logged)
 
 
+def prompt_completion_rows():
+    """The demo rows as TRL's prompt/completion pairs (first word, the rest)."""
+    return datasets.Dataset.from_dict({"prompt": [r.split()[0] + " " for r in ROWS],
+                                       "completion": [" ".join(r.split()[1:]) for r in ROWS]})
+
+
 def test_trl_sft_trainer_with_zo_lowers_the_loss(tmp_path):
     trl = pytest.importorskip("trl")
     from peft import LoraConfig
@@ -86,8 +92,7 @@ def test_trl_sft_trainer_with_zo_lowers_the_loss(tmp_path):
         pass
 
     tok = tokenizer()
-    data = datasets.Dataset.from_dict({"prompt": [r.split()[0] + " " for r in ROWS],
-                                       "completion": [" ".join(r.split()[1:]) for r in ROWS]})
+    data = prompt_completion_rows()
     config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=100, per_device_train_batch_size=8,
                            report_to=[], logging_steps=25, save_strategy="no", use_cpu=True, disable_tqdm=True,
                            max_length=64, gradient_checkpointing=False)  # (lead) SFTConfig's default is on: refused

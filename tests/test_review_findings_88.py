@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import DEMO, cli, one_line_error
+from test_review_findings_84 import copy_run, finished_run  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny-llama"]
@@ -25,15 +26,39 @@ TRAIN, DEV = DEMO / "sst2_demo_train.tsv", DEMO / "sst2_demo_dev.tsv"
 E2E_TRAIN, E2E_DEV = DEMO / "e2e_demo_train.csv", DEMO / "e2e_demo_dev.csv"
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A completed 4-step AdamW + LoRA run on tiny-llama (checkpoint/, adapter/, config.json, status.json)."""
-    run = tmp_path_factory.mktemp("r88") / "run"
-    res = cli("train", "--data", TRAIN, "--eval-data", DEV, *TINY, "--optimizer", "adamw", "--peft", "lora",
-              "--steps", 4, "--eval-every", 2, "--batch-size", 8, "--out", run, "--quiet")
+def private_trainer(out: Path, model, rows, collator):
+    """A 3-step DPZero ZOTrainer (batch 4, seed 7) on `rows`."""
+    from transformers import TrainingArguments
+
+    from slimtune.hf import ZOArguments, ZOTrainer
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, report_to=[], logging_steps=1,
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=7, max_steps=3)
+    return ZOTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                     zo_args=ZOArguments(optimizer="dpzero", epsilon=8.0, delta=1e-3, lr=1e-2, eps=1e-2))
+
+
+def assert_report_refused_or_kept(source: Path, run: Path, rep: Path) -> None:
+    """`report SOURCE --out REP` is refused in one line naming --out, or REP survives RUN's next `train --resume`."""
+    res = cli("report", source, "--out", rep)
+    if res.exit_code == 2:
+        assert "--out" in one_line_error(res)
+        return
+    assert res.exit_code == 0 and (rep / "report.md").is_file(), res.output
+    res = cli("train", "--resume", "--out", run, "--steps", 6, "--quiet")
     assert res.exit_code == 0, res.output
-    assert (run / "checkpoint").is_dir() and (run / "adapter").is_dir()
-    return run
+    assert (rep / "report.md").is_file(), f"the report written to {rep} was deleted by RUN's resume"
+
+
+def generated_into(run: Path, out: Path) -> str | None:
+    """`generate --adapter RUN/adapter --output OUT`: None when refused in one line naming --output, else the text
+    it wrote."""
+    res = cli("generate", "--adapter", run / "adapter", "--prompt", "great movie", "--max-new-tokens", 2,
+              "--output", out)
+    if res.exit_code == 2:
+        assert "--output" in one_line_error(res)
+        return None
+    assert res.exit_code == 0 and out.is_file(), res.output
+    return out.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +70,6 @@ def generation_run(tmp_path_factory):
               "--batch-size", 4, "--eval-every", 0, "--max-new-tokens", 2, "--out", run, "--quiet")
     assert res.exit_code == 0, res.output
     return run
-
-
-def copy_run(run: Path, where: Path) -> Path:
-    shutil.copytree(run, where)
-    return where
 
 
 def slimtune_in_child(*args, timeout: int = 60) -> subprocess.CompletedProcess | None:
@@ -136,15 +156,7 @@ def test_an_output_named_checkpoint_tmp_in_a_run_is_refused_or_survives_its_resu
     fixed name that REPLACED_WHOLE (checkpoint, checkpoint.old, adapter, pissa_init) does not list. `report RUN --out
     RUN/checkpoint.tmp` was accepted and the next `train --resume` deleted the report without a word."""
     run = copy_run(finished_run, tmp_path / "run")
-    rep = run / "checkpoint.tmp"
-    res = cli("report", finished_run, "--out", rep)
-    if res.exit_code == 2:
-        assert "--out" in one_line_error(res)
-        return
-    assert res.exit_code == 0 and (rep / "report.md").is_file(), res.output
-    res = cli("train", "--resume", "--out", run, "--steps", 6, "--quiet")
-    assert res.exit_code == 0, res.output
-    assert (rep / "report.md").is_file(), "the report written to RUN/checkpoint.tmp was deleted by RUN's resume"
+    assert_report_refused_or_kept(finished_run, run, run / "checkpoint.tmp")
 
 
 def test_a_generate_output_file_named_checkpoint_tmp_does_not_fail_the_runs_resume(tmp_path, finished_run):
@@ -154,13 +166,9 @@ def test_a_generate_output_file_named_checkpoint_tmp_does_not_fail_the_runs_resu
     should resume (and keep the user's file)."""
     run = copy_run(finished_run, tmp_path / "run")
     out = run / "checkpoint.tmp"
-    res = cli("generate", "--adapter", run / "adapter", "--prompt", "great movie", "--max-new-tokens", 2,
-              "--output", out)
-    if res.exit_code == 2:
-        assert "--output" in one_line_error(res)
-        return
-    assert res.exit_code == 0 and out.is_file(), res.output
-    written = out.read_text()
+    written = generated_into(run, out)
+    if written is None:
+        return  # refused in one line naming --output
     res = cli("train", "--resume", "--out", run, "--steps", 6, "--quiet")
     assert res.exit_code == 0, res.output[-600:]
     assert out.is_file() and out.read_text() == written
@@ -174,15 +182,7 @@ def test_an_output_inside_the_checkpoint_of_a_run_without_status_json_is_refused
     checkpoint/trainer_state.json) say as well that RUN is a run."""
     run = copy_run(finished_run, tmp_path / "run")
     (run / "status.json").unlink()
-    rep = run / "checkpoint" / "report"
-    res = cli("report", finished_run, "--out", rep)
-    if res.exit_code == 2:
-        assert "--out" in one_line_error(res)
-        return
-    assert res.exit_code == 0 and (rep / "report.md").is_file(), res.output
-    res = cli("train", "--resume", "--out", run, "--steps", 6, "--quiet")
-    assert res.exit_code == 0, res.output
-    assert (rep / "report.md").is_file(), "the report inside RUN/checkpoint was deleted by RUN's resume"
+    assert_report_refused_or_kept(finished_run, run, run / "checkpoint" / "report")
 
 
 def test_a_generate_output_named_like_a_record_of_an_interrupted_run_is_not_overwritten_by_its_resume(
@@ -195,13 +195,9 @@ def test_a_generate_output_named_like_a_record_of_an_interrupted_run_is_not_over
     status = json.loads((run / "status.json").read_text())
     (run / "status.json").write_text(json.dumps({**status, "state": "interrupted"}))
     out = run / "summary.json"
-    res = cli("generate", "--adapter", run / "adapter", "--prompt", "great movie", "--max-new-tokens", 2,
-              "--output", out)
-    if res.exit_code == 2:
-        assert "--output" in one_line_error(res)
-        return
-    assert res.exit_code == 0 and out.is_file(), res.output
-    written = out.read_text()
+    written = generated_into(run, out)
+    if written is None:
+        return  # refused in one line naming --output
     res = cli("train", "--resume", "--out", run, "--steps", 6, "--quiet")
     if res.exit_code == 2:  # the resume refuses to overwrite the user's file: acceptable
         one_line_error(res)
@@ -249,11 +245,10 @@ def test_a_training_label_the_loss_refuses_is_refused_before_any_step_not_at_the
     drew it ('refused' after 2 released steps): whether and when the run fails is a function of that row and the
     secret batches."""
     import slimtune.data as data
-    from transformers import DataCollatorWithPadding, TrainingArguments
+    from transformers import DataCollatorWithPadding
 
     from test_review_findings_85 import TRAIN_ROWS, _FixedBatches, assert_refused_before_any_step, trained_or_refused
 
-    from slimtune.hf import ZOArguments, ZOTrainer
     from slimtune.models.loading import tiny_tokenizer
     monkeypatch.setattr(data, "PoissonSampler", _FixedBatches)  # row 3 is drawn at step 3 only
     outcome = []
@@ -264,12 +259,7 @@ def test_a_training_label_the_loss_refuses_is_refused_before_any_step_not_at_the
         tok = tiny_tokenizer(TRAIN_ROWS)
         rows = datasets.Dataset.from_dict({"text": TRAIN_ROWS, "label": labels})
         rows = rows.map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
-        args = TrainingArguments(output_dir=str(tmp_path / str(canary)), per_device_train_batch_size=4,
-                                 report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True,
-                                 seed=7, max_steps=3)
-        trainer = ZOTrainer(model=_classifier(tok), args=args, train_dataset=rows,
-                            data_collator=DataCollatorWithPadding(tok),
-                            zo_args=ZOArguments(optimizer="dpzero", epsilon=8.0, delta=1e-3, lr=1e-2, eps=1e-2))
+        trainer = private_trainer(tmp_path / str(canary), _classifier(tok), rows, DataCollatorWithPadding(tok))
         outcome.append(trained_or_refused(trainer))
     assert_refused_before_any_step(outcome)
 

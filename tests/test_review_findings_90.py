@@ -83,9 +83,9 @@ def test_zo_sft_trainer_with_sftconfigs_defaults_does_not_backprop_through_the_l
     class ZOSFTTrainer(ZOTrainerMixin, trl.SFTTrainer):
         pass
 
+    from test_hf import prompt_completion_rows
     tok = tokenizer()
-    data = datasets.Dataset.from_dict({"prompt": [r.split()[0] + " " for r in ROWS],
-                                       "completion": [" ".join(r.split()[1:]) for r in ROWS]})
+    data = prompt_completion_rows()
     config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=8, report_to=[],
                            save_strategy="no", use_cpu=True, disable_tqdm=True, max_length=64)
     calls = []

@@ -29,12 +29,11 @@ def test_a_token_classifiers_label_the_loss_refuses_is_refused_before_any_step(t
     num_labels 2 collates, and the run fails only at the secret step whose Poisson batch drew it (after released
     steps). Expected, as for the sequence classifier: refused before any step."""
     import slimtune.data as data
-    from transformers import DataCollatorForTokenClassification, LlamaConfig, LlamaForTokenClassification, \
-        TrainingArguments
+    from transformers import DataCollatorForTokenClassification, LlamaConfig, LlamaForTokenClassification
 
     from test_review_findings_85 import TRAIN_ROWS, _FixedBatches, assert_refused_before_any_step, trained_or_refused
+    from test_review_findings_88 import private_trainer
 
-    from slimtune.hf import ZOArguments, ZOTrainer
     from slimtune.models.loading import tiny_tokenizer
     monkeypatch.setattr(data, "PoissonSampler", _FixedBatches)  # row 3 is drawn at step 3 only
     outcome = []
@@ -48,12 +47,8 @@ def test_a_token_classifiers_label_the_loss_refuses_is_refused_before_any_step(t
         config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                              pad_token_id=tok.pad_token_id, num_labels=2)
-        args = TrainingArguments(output_dir=str(tmp_path / str(canary)), per_device_train_batch_size=4,
-                                 report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True,
-                                 seed=7, max_steps=3)
-        trainer = ZOTrainer(model=LlamaForTokenClassification(config), args=args, train_dataset=rows,
-                            data_collator=DataCollatorForTokenClassification(tok),
-                            zo_args=ZOArguments(optimizer="dpzero", epsilon=8.0, delta=1e-3, lr=1e-2, eps=1e-2))
+        trainer = private_trainer(tmp_path / str(canary), LlamaForTokenClassification(config), rows,
+                                  DataCollatorForTokenClassification(tok))
         outcome.append(trained_or_refused(trainer))
     assert_refused_before_any_step(outcome)
 
