@@ -488,15 +488,16 @@ class ZOTrainerMixin:
                           "slimtune's defaults table", stacklevel=3)
 
     def _check_no_lora_dropout(self) -> None:
-        """A dropout of the adapter's own (peft's lora_dropout, vera_dropout, LoHa/LoKr's module_dropout and
-        rank_dropout, apply_peft's) is refused, as `slimtune train --lora-dropout` is for these optimizers: their
+        """A dropout of the adapter's own (peft's lora_dropout, vera_dropout, OFT/BOFT's, LoHa/LoKr's module_dropout
+        and rank_dropout, apply_peft's) is refused, as `slimtune train --lora-dropout` is for these optimizers: their
         steps run the model in eval() mode, where it is off."""
         from peft.tuners.tuners_utils import BaseTunerLayer
         for layer in self.model.modules():
             if not isinstance(layer, BaseTunerLayer):
                 continue
-            rates = {name: sub.p for name, sub in layer.named_modules()
-                     if isinstance(sub, torch.nn.Dropout) and sub.p and not name.startswith("base_layer")}
+            rates = {name: sub.p for name, sub in layer.named_modules()  # nn.Dropout, OFT/BOFT's multiplicative one
+                     if "Dropout" in type(sub).__name__ and isinstance(getattr(sub, "p", None), (int, float))
+                     and sub.p and not name.startswith("base_layer")}
             for attr in ("module_dropout", "rank_dropout"):  # LoHa / LoKr: rates, not modules
                 rates.update({attr: rate for rate in (getattr(layer, attr, None) or {}).values()
                               if isinstance(rate, (int, float)) and rate})
