@@ -215,12 +215,22 @@ class FederatedConfig:
         if self.client_dp_noise > 0 and not self.client_dp_clip > 0:
             raise SlimtuneError("--client-dp-noise needs --client-dp-clip > 0 (noise is calibrated to the clip; "
                                 "without it there is no client-level DP)")
+        if self.client_dp_clip > 0 and is_whole(self.num_clients) and self.client_dp_delta >= 1 / self.num_clients:
+            raise SlimtuneError(f"--client-dp-delta {self.client_dp_delta:g} >= 1/clients = {1 / self.num_clients:.3g}:"
+                                " such a delta allows leaking a whole client; choose a delta below 1/clients (as "
+                                "train's --delta < 1/N)")
         from slimtune.optim import PRIVATE_OPTIMIZERS
         if self.mode == "zo-seeds" and self.local_optimizer not in ("mezo", "adamw"):  # adamw: the default, unused
             raise SlimtuneError(f"--mode zo-seeds clients run MeZO and release (seed, scalar) pairs: --local-optimizer "
                                 f"{self.local_optimizer} would not be used (no local DP there); use --mode lora, or "
                                 f"drop --local-optimizer")
         from slimtune.federated.local_privacy import is_private
+        if is_private(self) and isinstance(self.local_dp_min_examples, int) and self.local_dp_min_examples >= 1 \
+                and self.local_dp_delta >= 1 / self.local_dp_min_examples:  # the public bound's delta, as a node's own
+            raise SlimtuneError(f"--local-dp-delta {self.local_dp_delta:g} >= 1/--local-dp-min-examples = "
+                                f"{1 / self.local_dp_min_examples:.3g}: such a delta allows leaking a whole example of "
+                                "the smallest client, and the server's public epsilon bound would understate; choose a "
+                                "smaller delta")
         if self.local_dp_min_examples is not None and not is_private(self):
             raise SlimtuneError(f"--local-dp-min-examples caps the sampling rate of private local optimizers "
                                 f"({', '.join(PRIVATE_OPTIMIZERS)}; --mode lora); these clients (--local-optimizer "
@@ -474,6 +484,7 @@ def check_inputs(cfg: FederatedConfig) -> tuple[list[int], list[str]] | None:
 
 
 def _check_inputs(cfg: FederatedConfig) -> tuple[list[int], list[str]] | None:
+    from slimtune.federated.local_privacy import private_clients
     from slimtune.federated.model import federated_objective
     objective = federated_objective(cfg)
     keys, data_rows = {}, None
@@ -488,7 +499,17 @@ def _check_inputs(cfg: FederatedConfig) -> tuple[list[int], list[str]] | None:
                 data_rows = partition_rows(objective, raw)
             if flag == "--root-data" and objective.kind == "classification":
                 check_root_labels(cfg.root_data, {e.label for e in raw}, len(objective.task.label_words))
-            keys[flag] = data_rows[1] if flag == "--data" else objective.row_keys(raw) if cfg.root_data else []
+            keys[flag] = data_rows[1] if flag == "--data" else objective.row_keys(raw) if cfg.root_data or (
+                flag == "--eval-data" and private_clients(cfg)) else []
+    if private_clients(cfg) and cfg.eval_data:  # as a private `slimtune train`: scores on the clients' rows are no
+        # release the accountant prices (a new query of their data, not post-processing)
+        from slimtune.data.readers import EVAL_IS_TRAINING, same_source
+        if same_source(cfg.data, cfg.eval_data):
+            raise SlimtuneError(EVAL_IS_TRAINING)
+        theirs = set(keys.get("--data", ()))
+        if any(key in theirs for key in keys.get("--eval-data", ())):
+            raise SlimtuneError("--eval-data shares rows with the clients' training data: a private run's scores would "
+                                "be computed on their rows without noise; remove them from the evaluation data")
     if cfg.root_data:  # the server's own examples: none of the clients' and none it evaluates on (_check_trust)
         for flag in ("--data", "--eval-data"):
             theirs = set(keys.get(flag, ()))

@@ -73,6 +73,20 @@ class FedLPP(FedAvg):
         self.nodes_short = False  # the last round went on with fewer than min_available_nodes (sample_train_nodes)
         self.instructions: dict[int, list[Message]] = {}  # each round's train instructions, until its replies come
 
+    def start(self, *args, **kwargs):
+        """Flower's Strategy.start. A run that protects its clients' data runs it with Flower's own INFO lines off:
+        they time the run ("Strategy execution finished in 12.3s": the rounds last as long as the clients' private
+        batches take) and dump every round's metrics."""
+        if not private_clients(self.cfg):
+            return super().start(*args, **kwargs)
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(logging.WARNING)
+        try:
+            return super().start(*args, **kwargs)
+        finally:
+            flwr_log.setLevel(level)
+
     def server_model(self) -> dict[str, torch.Tensor]:
         """The model the server keeps: the average of its iterates with --server-average, else theta itself.
         Never broadcast: clients receive Q(theta) of the current iterate."""
@@ -153,16 +167,18 @@ class FedLPP(FedAvg):
         answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            if msg.has_error():  # Flower's reason is the client's exception text: a row of its data, say (an error
+                # carries nothing to aggregate: only said and counted)
+                self.nodes_replied.add(node)
+                say("round %d: client %s failed (%s); skipped", server_round, node, self.client_text(msg.error.reason))
+                rejected += 1
+                continue
             unasked = self.unasked(msg, server_round, sent, answered)
             if unasked:  # Flower's SuperLink refuses these already; the strategy does not rely on it
                 say("round %d: rejected a reply from client %s: %s", server_round, node, unasked)
                 rejected += 1
                 continue
             self.nodes_replied.add(node)
-            if msg.has_error():  # Flower's reason is the client's exception text: a row of its data, say
-                say("round %d: client %s failed (%s); skipped", server_round, node, self.client_text(msg.error.reason))
-                rejected += 1
-                continue
             try:  # sized only once accepted: what a rejected reply carried is not counted as a client's upload
                 parsed = parse_reply(msg.content, self.cfg, self.shapes)
                 accepted.append({**parsed, "wire_bytes": wire_bytes(msg), "node": node})

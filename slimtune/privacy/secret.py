@@ -17,8 +17,8 @@ different computations.
 
 Where the key lives: exactly one file, `RUN/secret.key` (JSON {"key": hex}), created with mode 0600 before any byte
 is written to it (O_CREAT | O_EXCL), and retired (overwritten, removed) when the run completes (`retire_key_file`):
-a completed run's directory holds nothing that undoes its noise. The checkpoint, the optimizer state, the logs, the adapter, reports and federated
-app bundles hold neither the key nor anything computed from it except the accounted, noised releases, and the
+a completed run's directory holds nothing that undoes its noise. The checkpoint, the optimizer state, the logs, the
+adapter, reports and federated app bundles hold neither the key nor anything computed from it except the accounted, noised releases, and the
 checkpoint's fingerprint (train/fingerprint.py): PRF outputs under the key (a check value, and HMACs of the data
 files' digests), which reveal nothing about the key or the rows. Data-parallel
 ranks read the key from that file (same machine) or from `secret_key_file` given to each rank out of band; the key

@@ -207,8 +207,8 @@ class TrainSettings(Settings):
         if self.target_modules:  # a stray comma named a layer "" that no model has: refused after loading the model
             names = [t.strip() for t in self.target_modules.split(",")]
             if "" in names:
-                raise SlimtuneError(f"{self.where('target_modules')} {self.target_modules!r}: layer {names.index('') + 1} "
-                                    "of the list is empty (a stray comma?); name each layer")
+                raise SlimtuneError(f"{self.where('target_modules')} {self.target_modules!r}: layer "
+                                    f"{names.index('') + 1} of the list is empty (a stray comma?); name each layer")
         if not self.resume:
             require_input_file(self.data, self.where("data"))
             if self.eval_data:
@@ -223,10 +223,10 @@ class TrainSettings(Settings):
             except SlimtuneError as exc:
                 raise SlimtuneError(f"--secret-key-file {exc}") from None
             from slimtune.privacy.secret import KEY_FILE
-            from slimtune.train.run_dir import STATUS_FILE
+            from slimtune.train.run_dir import is_run_directory
             given = Path(self.secret_key_file).resolve()
             owner = given.parent
-            if given.name == KEY_FILE and (owner / STATUS_FILE).exists() and owner != Path(self.out).resolve():
+            if given.name == KEY_FILE and is_run_directory(owner) and owner != Path(self.out).resolve():
                 raise SlimtuneError(f"{self.where('secret_key_file')} {self.secret_key_file}: the key of the run in "
                                     f"{owner}, which retires (deletes) it when that run completes; copy it outside "
                                     "any run directory and give the copy")
