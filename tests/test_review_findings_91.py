@@ -64,12 +64,18 @@ def test_zotrainer_refuses_a_peft_dropout_its_steps_do_not_apply_whatever_the_me
     line, as for LoRA."""
     from peft import LoHaConfig, VeraConfig, get_peft_model
 
-    from slimtune.hf import ZOArguments
-    from test_hf import model_for, tokenizer, trainer_for
+    from test_hf import model_for, tokenizer
     tok = tokenizer()
     config = (VeraConfig(r=4, vera_dropout=0.1, target_modules=["q_proj", "v_proj"]) if method == "vera" else
               LoHaConfig(r=4, module_dropout=0.1, rank_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     model = get_peft_model(model_for(tok), config)
+    assert_mezo_refuses_the_dropout(tmp_path, model, tok)
+
+
+def assert_mezo_refuses_the_dropout(tmp_path, model, tok) -> None:
+    """A 1-step MeZO ZOTrainer on `model` is refused in one SlimtuneError naming the dropout."""
+    from slimtune.hf import ZOArguments
+    from test_hf import trainer_for
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(SlimtuneError, match="dropout"):
