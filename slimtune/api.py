@@ -60,20 +60,9 @@ def python_values(settings: dict, cls) -> dict:
     float they stand for, a tuple of names as a list."""
     from dataclasses import fields
 
-    from slimtune.settings.base import kind_of, spec_of
-    from slimtune.settings.python import python_number
+    from slimtune.settings.python import python_value
     kinds = {f.name: f for f in fields(cls)}
-    out = {}
-    for name, value in settings.items():
-        if value is None:
-            continue
-        base, _ = kind_of(kinds[name])
-        if base in ("int", "float"):
-            value = python_number(value, base)
-        elif isinstance(value, tuple) and spec_of(kinds[name]).list_of_str:
-            value = list(value)
-        out[name] = value
-    return out
+    return {name: python_value(value, kinds[name]) for name, value in settings.items() if value is not None}
 
 
 def train(config: str | None = None, **settings: Any) -> dict:

@@ -589,12 +589,9 @@ class ZOTrainerMixin:
         exception's text or a warning may hold training rows, their lengths or the realised batch size."""
         from slimtune.privacy.withhold import withheld
         examples = inputs.pop(EXAMPLES, None)
-        rows = next((len(v) for k, v in inputs.items() if k != EMPTY_BATCH and isinstance(v, torch.Tensor) and v.ndim),
-                    0)
+        rows = batch_rows(inputs, 0)
         if examples is not None and rows != examples:  # no count in the message: the batch size is private
-            raise SlimtuneError("private training clips one loss per example, but the data collator does not give "
-                                "one row per example (a padding-free or flattening collator packs several into one, "
-                                "so one example could move a release by more than the clip): use a padding collator")
+            raise SlimtuneError(f"{NOT_ONE_ROW_PER_EXAMPLE}: use a padding collator")
         with withheld(f"a private training step failed at step {opt.steps_taken + 1}"):
             return opt.step(self._zo_closure(model, inputs, True, rows))
 
@@ -706,21 +703,19 @@ class ZOTrainerMixin:
         that cannot be read or collated, or that the collator turns into several rows (an overflowing tokenizer), is
         refused here, with no detail, instead of failing the run at the secret step whose Poisson batch drew it (that
         step, and the failure itself, would say the row exists and which batch held it)."""
-        from slimtune.privacy.withhold import kept_random_state, withheld
+        from slimtune.privacy.withhold import withheld
         dataset, collator = self._private_training_data()
         n, limits = len(dataset), self._model_limits()
+        read = EmptyAware(collator, dataset, self.args.seed)  # as the Poisson batches are read: each collation's
+        # randomness seeded, the process's global generators left as they were
         with withheld("a training row cannot be read or collated as the private batches read them (checked before "
-                      "the first step)", "read and collate the training rows outside the trainer to see which"), \
-                kept_random_state(self.args.seed):
+                      "the first step)", "read and collate the training rows outside the trainer to see which"):
             for start in range(0, n, chunk):
-                batch = EmptyAware(collator, dataset)(list(range(start, min(n, start + chunk))))
+                batch = read(list(range(start, min(n, start + chunk))))
                 examples = batch.pop(EXAMPLES)
-                rows = next((len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim), examples)
-                if rows != examples:
-                    raise SlimtuneError("private training clips one loss per example, but the data collator does not "
-                                        "give one row per example (an overflowing tokenizer, a padding-free or "
-                                        "flattening collator): checked before the first step; use a collator and "
-                                        "transform that give one row per example")
+                if batch_rows(batch, examples) != examples:
+                    raise SlimtuneError(f"{NOT_ONE_ROW_PER_EXAMPLE}: checked before the first step; use a collator "
+                                        "and transform that give one row per example")
                 _check_fits_the_model(batch, limits)
 
     def _model_limits(self) -> dict:
@@ -952,6 +947,17 @@ class PoissonBatches:
         opt = self.trainer.zo_optimizer()
         for i in range(self.batches_per_epoch):  # each draw is registered: the step checks its batch against it
             yield opt._draw(self.epoch * self.batches_per_epoch + i)
+
+
+NOT_ONE_ROW_PER_EXAMPLE = ("private training clips one loss per example, but the data collator does not give one row "
+                           "per example (an overflowing tokenizer, a padding-free or flattening collator packs several "
+                           "into one, so one example could move a release by more than the clip)")
+
+
+def batch_rows(batch: dict, default: int) -> int:
+    """The rows of a collated batch (its first tensor of one or more dimensions), `default` when it holds none."""
+    return next((len(v) for k, v in batch.items() if k != EMPTY_BATCH and isinstance(v, torch.Tensor) and v.ndim),
+                default)
 
 
 def _check_fits_the_model(batch: dict, limits: dict) -> None:

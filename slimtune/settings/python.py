@@ -36,6 +36,18 @@ def argument(keyword: str, kind: str, **rules) -> tuple[str, object]:
     return keyword, SimpleNamespace(name=keyword, type=kind, metadata={"spec": Spec("", **rules)})
 
 
+def python_value(value, f):
+    """A Python caller's value for field `f` as the settings take it: a numpy / torch scalar as the int or float it
+    stands for (`python_number`), a tuple of names as a list (target_modules=("q_proj", "v_proj"), as peft takes);
+    anything else as it is, for coerce to judge."""
+    base, _ = kind_of(f)
+    if base in ("int", "float"):
+        return python_number(value, base)
+    if isinstance(value, tuple) and spec_of(f).list_of_str:
+        return list(value)
+    return value
+
+
 def typed(owner: str, keyword: str, value, f):
     """`value` with exactly the type of field `f` (a train setting, or an `argument`), or a one-line error naming the
     keyword. Python callers pass typed values: a string for a number (lr="1e-3", noise_multiplier="1") is refused,
@@ -44,10 +56,7 @@ def typed(owner: str, keyword: str, value, f):
     if base in ("int", "float") and isinstance(value, str):
         raise SlimtuneError(f"{owner}: {keyword}={value!r}: expected {'an integer' if base == 'int' else 'a number'}, "
                             "got a string")
-    if base in ("int", "float"):
-        value = python_number(value, base)
-    elif isinstance(value, tuple) and spec_of(f).list_of_str:  # target_modules=("q_proj", "v_proj"), as peft takes
-        value = list(value)
+    value = python_value(value, f)
     try:
         return coerce(SimpleNamespace(name=keyword, type=f.type, metadata=f.metadata), value, None)
     except SlimtuneError as exc:  # coerce names the flag (--keyword): name the keyword
