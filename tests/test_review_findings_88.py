@@ -39,14 +39,19 @@ def private_trainer(out: Path, model, rows, collator):
 
 def assert_report_refused_or_kept(source: Path, run: Path, rep: Path) -> None:
     """`report SOURCE --out REP` is refused in one line naming --out, or REP survives RUN's next `train --resume`."""
-    res = cli("report", source, "--out", rep)
+    assert_out_refused_or_kept(cli("report", source, "--out", rep), run, rep / "report.md")
+
+
+def assert_out_refused_or_kept(res, run: Path, kept: Path) -> None:
+    """A command writing into RUN (its result `res`) is refused in one line naming --out, or what it wrote (`kept`)
+    survives RUN's next `train --resume`."""
     if res.exit_code == 2:
         assert "--out" in one_line_error(res)
         return
-    assert res.exit_code == 0 and (rep / "report.md").is_file(), res.output
+    assert res.exit_code == 0 and kept.is_file(), res.output
     res = cli("train", "--resume", "--out", run, "--steps", 6, "--quiet")
     assert res.exit_code == 0, res.output
-    assert (rep / "report.md").is_file(), f"the report written to {rep} was deleted by RUN's resume"
+    assert kept.is_file(), f"{kept} was deleted by RUN's resume"
 
 
 def generated_into(run: Path, out: Path) -> str | None:
@@ -129,13 +134,7 @@ def test_train_out_inside_another_runs_checkpoint_is_refused_or_survives_its_res
     inner = run / "checkpoint" / "inner"
     res = cli("train", "--data", TRAIN, *TINY, "--optimizer", "adamw", "--peft", "lora", "--steps", 1,
               "--batch-size", 8, "--out", inner, "--quiet")
-    if res.exit_code == 2:
-        assert "--out" in one_line_error(res)
-        return
-    assert res.exit_code == 0 and (inner / "summary.json").is_file(), res.output
-    res = cli("train", "--resume", "--out", run, "--steps", 6, "--quiet")
-    assert res.exit_code == 0, res.output
-    assert (inner / "summary.json").is_file(), "the run trained inside RUN/checkpoint was deleted by RUN's resume"
+    assert_out_refused_or_kept(res, run, inner / "summary.json")
 
 
 def test_federate_out_inside_a_runs_checkpoint_is_refused_before_any_work(tmp_path, finished_run, monkeypatch):
@@ -273,9 +272,7 @@ def test_a_server_settings_file_in_a_directory_every_user_may_write_is_refused(t
     mode bits were checked."""
     from slimtune import SlimtuneError
     from slimtune.federated.config import FederatedConfig
-    shared = tmp_path / "flwr-home"
-    shared.mkdir()
-    os.chmod(shared, 0o777)
+    shared = every_users_directory(tmp_path / "flwr-home")
     settings = shared / "slimtune-server.toml"
     settings.write_text('allowed-nodes = "11,12,13,14"\nclient-dp-clip = 0.0\n')
     os.chmod(settings, 0o644)
@@ -283,14 +280,19 @@ def test_a_server_settings_file_in_a_directory_every_user_may_write_is_refused(t
         FederatedConfig.from_flower({}, settings)
 
 
+def every_users_directory(path: Path) -> Path:
+    """A new directory every user may write (mode 0777, no sticky bit): a shared $FLWR_HOME."""
+    path.mkdir()
+    os.chmod(path, 0o777)
+    return path
+
+
 def test_a_server_settings_path_that_is_a_symbolic_link_in_a_shared_directory_is_refused(tmp_path):
     """The same through a symbolic link: check_not_writable_by_others stats the link's target (path.stat()), so a
     link any user could place (or re-point) in a shared directory to a 0644 file of theirs is read silently."""
     from slimtune import SlimtuneError
     from slimtune.federated.config import FederatedConfig
-    shared = tmp_path / "flwr-home"
-    shared.mkdir()
-    os.chmod(shared, 0o777)
+    shared = every_users_directory(tmp_path / "flwr-home")
     theirs = tmp_path / "elsewhere.toml"
     theirs.write_text('allowed-nodes = "11,12,13,14"\n')
     os.chmod(theirs, 0o644)
